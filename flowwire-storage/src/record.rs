@@ -1,0 +1,256 @@
+//! What the stores persist: instance records, history entries and the step writes that
+//! carry them.
+//!
+//! A step of an instance is one [`StepWrite`]: the new record (compare-and-swap on its
+//! version), the impulse id it applied (insert-if-absent, which is what makes impulses
+//! exactly-once), and its history entry. A store commits a whole batch of step writes in
+//! one durable transaction (group commit) and reports a [`StepResult`] for each.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Kind};
+use crate::error::CodecError;
+
+/// Identifies an instance: its flow's name and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceKey {
+    /// The flow's name (its type name unless renamed).
+    pub flow: Arc<str>,
+    /// The instance id given at start.
+    pub id: Arc<str>,
+}
+
+impl InstanceKey {
+    /// Builds a key.
+    pub fn new(flow: impl Into<Arc<str>>, id: impl Into<Arc<str>>) -> Self {
+        Self {
+            flow: flow.into(),
+            id: id.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for InstanceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.flow, self.id)
+    }
+}
+
+/// Where an instance stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// A driver call is in flight (see [`Record::pending`]).
+    Running,
+    /// Waiting for an impulse.
+    Waiting,
+    /// The wire returned `Command::finish()`.
+    Finished,
+    /// The wire returned `Command::fail(..)` or a continuation returned an error.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Parked for an operator: a wire panicked, or the instance cannot run on this code.
+    Quarantined {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Status {
+    /// Whether the instance will never run again by itself.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Status::Finished | Status::Failed { .. })
+    }
+
+    /// Whether the engine loads the instance at start-up to keep it going.
+    pub fn is_active(&self) -> bool {
+        matches!(self, Status::Running | Status::Waiting)
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Waiting => "waiting",
+            Status::Finished => "finished",
+            Status::Failed { .. } => "failed",
+            Status::Quarantined { .. } => "quarantined",
+        }
+    }
+}
+
+/// The driver call an instance is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCall {
+    /// The step that issued the call; with the instance key it is the idempotency key.
+    pub seq: u64,
+    /// Which linked driver serves it (index in the flow's links).
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (the driver's call enum, postcard).
+    pub call: Bytes,
+}
+
+/// The persisted record of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The flow version the instance runs under.
+    pub flow_version: u32,
+    /// Steps taken so far; the last step's number.
+    pub seq: u64,
+    /// Where the instance stands.
+    pub status: Status,
+    /// The flow state, encoded with postcard.
+    pub state: Bytes,
+    /// The call in flight, when [`Status::Running`].
+    pub pending: Option<PendingCall>,
+}
+
+impl Record {
+    /// Encodes the record in its envelope, appending to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode(Kind::Record, self, out)
+    }
+
+    /// Decodes a record from its envelope, refusing more than `limit` bytes.
+    pub fn decode(bytes: &[u8], limit: usize) -> Result<Record, CodecError> {
+        codec::decode(Kind::Record, bytes, limit)
+    }
+}
+
+/// What came into a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepInput {
+    /// The instance was started.
+    Start,
+    /// An impulse was applied.
+    Impulse {
+        /// Its id (the caller's or a generated one).
+        id: String,
+        /// The impulse method's name.
+        name: String,
+    },
+    /// A driver call's outcome was applied.
+    Outcome {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// Whether the driver's call succeeded (`false` for a driver error or a runtime error).
+        ok: bool,
+    },
+    /// The instance was parked (the step's output says why).
+    Park,
+}
+
+/// What went out of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepOutput {
+    /// A driver call was issued, or the one in flight was kept.
+    Drive {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
+    },
+    /// The instance waits for an impulse.
+    Wait,
+    /// The instance finished.
+    Finish,
+    /// The instance failed.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+    /// The instance was quarantined.
+    Quarantine {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One entry of an instance's history: one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The step's number.
+    pub seq: u64,
+    /// What came in.
+    pub input: StepInput,
+    /// What went out.
+    pub output: StepOutput,
+    /// The record version the step wrote.
+    pub version: u64,
+}
+
+impl HistoryEntry {
+    /// Encodes the entry in its envelope, appending to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode(Kind::History, self, out)
+    }
+
+    /// Decodes an entry from its envelope.
+    pub fn decode(bytes: &[u8], limit: usize) -> Result<HistoryEntry, CodecError> {
+        codec::decode(Kind::History, bytes, limit)
+    }
+}
+
+/// The condition a step write puts on the stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No record may exist (a start).
+    Absent,
+    /// The stored record must have this version.
+    Version(u64),
+}
+
+/// One step of one instance, as handed to [`InstanceStore::commit`](crate::InstanceStore::commit).
+#[derive(Debug, Clone)]
+pub struct StepWrite {
+    /// The instance.
+    pub key: InstanceKey,
+    /// Compare-and-swap condition on the stored record.
+    pub expect: Expect,
+    /// The version the new record gets.
+    pub version: u64,
+    /// The encoded [`Record`] (in its envelope).
+    pub record: Bytes,
+    /// Whether the instance is still active (the store keeps an index of active instances
+    /// so that start-up recovery reads only those).
+    pub active: bool,
+    /// The impulse id this step applied: the step commits only if the id was never
+    /// applied to this instance before.
+    pub impulse: Option<Arc<str>>,
+    /// The step's history entry: its number and encoded [`HistoryEntry`].
+    pub history: Option<(u64, Bytes)>,
+}
+
+/// The fate of one [`StepWrite`] in a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepResult {
+    /// Durably written.
+    Committed,
+    /// Not written: the stored record's version differs from the expectation.
+    Conflict {
+        /// The version found (`None`: no record).
+        found: Option<u64>,
+    },
+    /// Not written: the impulse id was already applied, at the given step.
+    ImpulseSeen {
+        /// The step that applied it.
+        seq: u64,
+    },
+}
+
+/// A record as read back from a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its version (for compare-and-swap).
+    pub version: u64,
+    /// The encoded [`Record`].
+    pub bytes: Bytes,
+}

@@ -1,0 +1,139 @@
+//! The in-memory store: the reference backend, for tests and for in-memory engines.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use super::{BoxFuture, InstanceStore};
+use crate::error::StoreError;
+use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
+
+/// An instance store that keeps everything in memory. Nothing survives the process.
+///
+/// ```
+/// use flowwire_storage::{InstanceStore, MemoryStore};
+/// let store = MemoryStore::new();
+/// # let _: &dyn InstanceStore = &store;
+/// ```
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    records: HashMap<InstanceKey, Stored>,
+    active: BTreeMap<(Arc<str>, Arc<str>), ()>,
+    impulses: HashMap<(InstanceKey, Arc<str>), u64>,
+    history: BTreeMap<(InstanceKey, u64), Bytes>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied batch: every batch is
+        // checked before any of it is applied.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl InstanceStore for MemoryStore {
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+        let mut inner = self.lock();
+        let mut results = Vec::with_capacity(batch.len());
+        for step in batch {
+            let found = inner.records.get(&step.key).map(|s| s.version);
+            let ok = match step.expect {
+                Expect::Absent => found.is_none(),
+                Expect::Version(v) => found == Some(v),
+            };
+            if !ok {
+                results.push(StepResult::Conflict { found });
+                continue;
+            }
+            if let Some(impulse) = &step.impulse {
+                let k = (step.key.clone(), impulse.clone());
+                if let Some(seq) = inner.impulses.get(&k) {
+                    results.push(StepResult::ImpulseSeen { seq: *seq });
+                    continue;
+                }
+                let seq = step.history.as_ref().map_or(0, |h| h.0);
+                inner.impulses.insert(k, seq);
+            }
+            let ak = (step.key.flow.clone(), step.key.id.clone());
+            if step.active {
+                inner.active.insert(ak, ());
+            } else {
+                inner.active.remove(&ak);
+            }
+            if let Some((seq, entry)) = step.history {
+                inner.history.insert((step.key.clone(), seq), entry);
+            }
+            inner.records.insert(
+                step.key,
+                Stored {
+                    version: step.version,
+                    bytes: step.record,
+                },
+            );
+            results.push(StepResult::Committed);
+        }
+        Box::pin(std::future::ready(Ok(results)))
+    }
+
+    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        let found = self.lock().records.get(key).cloned();
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn active<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .active
+            .keys()
+            .filter(|(f, _)| &**f == flow)
+            .filter_map(|(f, id)| {
+                let key = InstanceKey::new(f.clone(), id.clone());
+                inner.records.get(&key).map(|s| (id.clone(), s.clone()))
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .history
+            .range((key.clone(), from)..=(key.clone(), u64::MAX))
+            .take(limit)
+            .map(|((_, seq), b)| (*seq, b.clone()))
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let found = self
+            .lock()
+            .impulses
+            .get(&(key.clone(), Arc::from(impulse_id)))
+            .copied();
+        Box::pin(std::future::ready(Ok(found)))
+    }
+}

@@ -1,0 +1,94 @@
+//! The instance store: one trait, several backends, one conformance suite.
+//!
+//! A store holds, per instance, the record (with a version for compare-and-swap), the ids
+//! of the impulses applied to it, an index of active instances, and the history entries.
+//! [`InstanceStore::commit`] writes a whole batch of steps — of many instances — in one
+//! durable transaction, checking each step's conditions inside it; that is what lets the
+//! runtime turn many steps into one fsync (group commit).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
+
+mod memory;
+mod redb;
+
+pub use self::memory::MemoryStore;
+pub use self::redb::RedbStore;
+
+/// A boxed, sendable future: the stores are used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Durable storage of instance records, applied impulse ids and history.
+///
+/// Every method is cancel-safe in the sense that matters: a dropped future either commits
+/// the whole batch or nothing, never part of it.
+pub trait InstanceStore: Send + Sync + 'static {
+    /// Commits a batch of steps atomically and durably: either every step whose conditions
+    /// hold is written (and the others are reported and skipped), or the call fails and
+    /// nothing is written. Results are in batch order.
+    ///
+    /// A batch holds at most one step per instance.
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>>;
+
+    /// Reads an instance's record.
+    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
+
+    /// Lists the active instances of a flow (running or waiting), with their records.
+    fn active<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>>;
+
+    /// Reads up to `limit` history entries of an instance, starting at step `from`.
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>>;
+
+    /// The step that applied an impulse id to an instance, if it was applied.
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+}
+
+impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+        (**self).commit(batch)
+    }
+    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        (**self).load(key)
+    }
+    fn active<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+        (**self).active(flow)
+    }
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        (**self).history(key, from, limit)
+    }
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        (**self).impulse_applied(key, impulse_id)
+    }
+}
+
+pub mod conformance;

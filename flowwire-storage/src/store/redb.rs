@@ -1,0 +1,276 @@
+//! The embedded, crash-safe default store, on redb.
+//!
+//! Tables (keys are tuples, so one instance's rows are adjacent):
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `records` | (flow, id) | (version, enveloped record) |
+//! | `active` | (flow, id) | () — the instances start-up recovery loads |
+//! | `impulses` | (flow, id, impulse id) | step that applied it |
+//! | `history` | (flow, id, step) | enveloped history entry |
+//!
+//! One [`InstanceStore::commit`] is one redb write transaction with immediate durability:
+//! one fsync for the whole batch. Blocking calls run on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{BoxFuture, InstanceStore};
+use crate::error::StoreError;
+use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
+
+const RECORDS: TableDefinition<'_, (&str, &str), (u64, &[u8])> = TableDefinition::new("records");
+const ACTIVE: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("active");
+const IMPULSES: TableDefinition<'_, (&str, &str, &str), u64> = TableDefinition::new("impulses");
+const HISTORY: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("history");
+
+/// The embedded store: one redb file, crash-safe, one fsync per committed batch.
+///
+/// ```no_run
+/// use flowwire_storage::RedbStore;
+/// let store = RedbStore::open("./flowwire-data/instances.redb")?;
+/// # Ok::<(), flowwire_storage::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+}
+
+impl RedbStore {
+    /// Opens the store file at `path`, creating it (and its tables) if it does not exist.
+    ///
+    /// A file left by a crash is recovered by redb; a damaged file is
+    /// [`StoreError::Corrupted`]; a file open in another process is [`StoreError::Locked`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let err_path = path.clone();
+        let opened = std::panic::catch_unwind(move || Database::create(&err_path));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(map_err(&path, e)),
+            Err(_) => {
+                return Err(StoreError::Corrupted {
+                    path,
+                    detail: "the store could not be opened (its structure is damaged)".into(),
+                });
+            }
+        };
+        let store = Self {
+            db: Arc::new(db),
+            path: Arc::new(path),
+        };
+        store.create_tables()?;
+        Ok(store)
+    }
+
+    /// Where the store file lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn create_tables(&self) -> Result<(), StoreError> {
+        let p = &*self.path;
+        let txn = self.db.begin_write().map_err(|e| map_err(p, e))?;
+        txn.open_table(RECORDS).map_err(|e| map_err(p, e))?;
+        txn.open_table(ACTIVE).map_err(|e| map_err(p, e))?;
+        txn.open_table(IMPULSES).map_err(|e| map_err(p, e))?;
+        txn.open_table(HISTORY).map_err(|e| map_err(p, e))?;
+        txn.commit().map_err(|e| map_err(p, e))
+    }
+
+    /// Runs a blocking closure over the database off the async workers.
+    fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let path = self.path.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || f(&db, &path)).await {
+                Ok(r) => r,
+                Err(e) => Err(StoreError::Backend(format!("store task failed: {e}"))),
+            }
+        })
+    }
+}
+
+fn map_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Corrupted(detail) => StoreError::Corrupted {
+            path: path.to_path_buf(),
+            detail,
+        },
+        redb::Error::DatabaseAlreadyOpen => StoreError::Locked {
+            path: path.to_path_buf(),
+        },
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail: io.to_string(),
+            }
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn commit_blocking(
+    db: &Database,
+    path: &Path,
+    batch: &[StepWrite],
+) -> Result<Vec<StepResult>, StoreError> {
+    let e = |err: redb::Error| map_err(path, err);
+    let txn = db.begin_write().map_err(|x| e(x.into()))?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+        let mut active = txn.open_table(ACTIVE).map_err(|x| e(x.into()))?;
+        let mut impulses = txn.open_table(IMPULSES).map_err(|x| e(x.into()))?;
+        let mut history = txn.open_table(HISTORY).map_err(|x| e(x.into()))?;
+        for step in batch {
+            let key = (&*step.key.flow, &*step.key.id);
+            let found = records
+                .get(key)
+                .map_err(|x| e(x.into()))?
+                .map(|g| g.value().0);
+            let holds = match step.expect {
+                Expect::Absent => found.is_none(),
+                Expect::Version(v) => found == Some(v),
+            };
+            if !holds {
+                results.push(StepResult::Conflict { found });
+                continue;
+            }
+            if let Some(impulse) = &step.impulse {
+                let ikey = (key.0, key.1, &**impulse);
+                if let Some(seq) = impulses.get(ikey).map_err(|x| e(x.into()))? {
+                    results.push(StepResult::ImpulseSeen { seq: seq.value() });
+                    continue;
+                }
+                let seq = step.history.as_ref().map_or(0, |h| h.0);
+                impulses.insert(ikey, seq).map_err(|x| e(x.into()))?;
+            }
+            records
+                .insert(key, (step.version, &step.record[..]))
+                .map_err(|x| e(x.into()))?;
+            if step.active {
+                active.insert(key, ()).map_err(|x| e(x.into()))?;
+            } else {
+                active.remove(key).map_err(|x| e(x.into()))?;
+            }
+            if let Some((seq, entry)) = &step.history {
+                history
+                    .insert((key.0, key.1, *seq), &entry[..])
+                    .map_err(|x| e(x.into()))?;
+            }
+            results.push(StepResult::Committed);
+        }
+    }
+    txn.commit().map_err(|x| e(x.into()))?;
+    Ok(results)
+}
+
+impl InstanceStore for RedbStore {
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+        self.blocking(move |db, path| commit_blocking(db, path, &batch))
+    }
+
+    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let found = table
+                .get((&*key.flow, &*key.id))
+                .map_err(|x| e(x.into()))?
+                .map(|g| {
+                    let (version, bytes) = g.value();
+                    Stored {
+                        version,
+                        bytes: Bytes::copy_from_slice(bytes),
+                    }
+                });
+            Ok(found)
+        })
+    }
+
+    fn active<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let active = txn.open_table(ACTIVE).map_err(|x| e(x.into()))?;
+            let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in active.range((&*flow, "")..).map_err(|x| e(x.into()))? {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, id) = k.value();
+                if f != &*flow {
+                    break;
+                }
+                if let Some(g) = records.get((f, id)).map_err(|x| e(x.into()))? {
+                    let (version, bytes) = g.value();
+                    out.push((
+                        Arc::from(id),
+                        Stored {
+                            version,
+                            bytes: Bytes::copy_from_slice(bytes),
+                        },
+                    ));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(HISTORY).map_err(|x| e(x.into()))?;
+            let (f, id) = (&*key.flow, &*key.id);
+            let mut out = Vec::new();
+            for row in table
+                .range((f, id, from)..=(f, id, u64::MAX))
+                .map_err(|x| e(x.into()))?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(|x| e(x.into()))?;
+                out.push((k.value().2, Bytes::copy_from_slice(v.value())));
+            }
+            Ok(out)
+        })
+    }
+
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let key = key.clone();
+        let impulse: Arc<str> = impulse_id.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(IMPULSES).map_err(|x| e(x.into()))?;
+            Ok(table
+                .get((&*key.flow, &*key.id, &*impulse))
+                .map_err(|x| e(x.into()))?
+                .map(|g| g.value()))
+        })
+    }
+}
