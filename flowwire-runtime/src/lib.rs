@@ -1,1 +1,34 @@
-//! placeholder
+//! The flowwire runtime.
+//!
+//! * [`flow`] — the traits `#[flow]` implements ([`Board`], [`Flow`]) and the static metadata.
+//! * [`driver`] — the traits `#[driver]` implements: [`Driver`] and [`Dispatch`] on the proxy,
+//!   [`Implements`] on every implementation, the typed [`Call`] a proxy builds, [`DriveError`].
+//! * [`command`] — [`Command`], what a wire returns, with its `fn`-pointer continuation.
+//! * [`core`] — the sans-IO step core: an [`core::Instance`] takes an input (start, impulse,
+//!   outcome) and returns the step to persist and the effects to perform after it commits.
+//! * [`engine`] — the tokio shell: one runner per flow type owning its instances, group
+//!   commits to the store, driver workers, [`Handle`]s.
+//!
+//! Users reach all of this through the `flowwire` facade.
+
+pub mod clock;
+pub mod command;
+pub mod context;
+pub mod core;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod failure;
+pub mod flow;
+pub mod handle;
+pub mod meta;
+
+pub use command::{Command, Drive};
+pub use context::CallContext;
+pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
+pub use engine::{Engine, EngineBuilder};
+pub use error::{Error, Result};
+pub use failure::Failure;
+pub use flow::{Board, CallSet, Flow, ImpulseSet};
+pub use handle::{Ended, Handle, ImpulseRequest};
+pub use meta::{ArgMeta, DriverMeta, FlowMeta, ImpulseMeta, LinkMeta, MethodMeta, ProbeMeta};

@@ -1,1 +1,131 @@
-//! placeholder
+//! # flowwire
+//!
+//! Durable, long-running business processes written as circuits.
+//!
+//! A **flow** is a struct (the board) whose fields are `#[link]`s: its persisted state and
+//! the **drivers** it calls (traits for external services, marked `#[driver]`). Its `impl`
+//! block has one `#[wire]` — a deterministic function the runtime loops, returning a
+//! [`Command`] — plus `#[impulse]` methods (inputs applied exactly once) and `#[probe]`
+//! methods (read-only queries). The [`Engine`] persists every step, survives crashes, and
+//! runs driver calls on workers, at least once, with an idempotency key.
+//!
+//! ```
+//! use flowwire::prelude::*;
+//!
+//! #[driver]
+//! pub trait Greeter {
+//!     async fn greet(&self, n: u32) -> Result<u32, GreetError>;
+//! }
+//!
+//! #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+//! #[error("greeting failed")]
+//! pub struct GreetError;
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Count { greeted: Option<u32>, approved: bool }
+//!
+//! #[flow]
+//! pub struct Hello {
+//!     #[link] state: Count,
+//!     #[link] greeter: impl Greeter,
+//! }
+//!
+//! #[flow]
+//! impl Hello {
+//!     #[impulse]
+//!     fn approve(&mut self) { self.state.approved = true; }
+//!
+//!     #[probe]
+//!     fn greeted(&self) -> Option<u32> { self.state.greeted }
+//!
+//!     #[wire]
+//!     fn step(&mut self) -> Command<Self> {
+//!         match (self.state.approved, self.state.greeted) {
+//!             (false, _) => Command::wait(),
+//!             (true, None) => Command::drive(self.greeter.greet(7))
+//!                 .then(|f, r| { f.state.greeted = Some(r?); Ok(()) }),
+//!             (true, Some(_)) => Command::finish(),
+//!         }
+//!     }
+//! }
+//!
+//! struct Polite;
+//!
+//! #[driver]
+//! impl Greeter for Polite {
+//!     async fn greet(&self, n: u32) -> Result<u32, GreetError> { Ok(n * 6) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), flowwire::Error> {
+//! let engine = Engine::builder().in_memory().flow::<Hello>().driver(Polite).start().await?;
+//! let hello = engine.start::<Hello>("h-1", Count::default()).await?;
+//! hello.approve().await?;
+//! assert_eq!(hello.finished().await?, Ended::Finished);
+//! assert_eq!(hello.greeted().await?, Some(42));
+//! # Ok(()) }
+//! ```
+
+pub use flowwire_macros::{driver, flow, impulse, probe, wire};
+pub use flowwire_runtime::{
+    ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta, Ended,
+    Engine, EngineBuilder, Error, Failure, Fault, Flow, FlowMeta, Handle, ImpulseMeta,
+    ImpulseRequest, LinkMeta, MethodMeta, ProbeMeta, Result,
+};
+
+/// The sans-IO step core, for tests and tools that drive instances without an engine.
+pub use flowwire_runtime::core;
+
+/// Storage: records, the persisted encoding, the instance stores and their conformance suite.
+pub mod storage {
+    pub use flowwire_storage::*;
+}
+
+/// Everything a flow author needs: `use flowwire::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        CallContext, Command, DriveError, Ended, Engine, Failure, Handle, driver, flow, impulse,
+        probe, wire,
+    };
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Items the macros' generated code names. Not a public API: it changes without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use ::core::any::TypeId;
+    pub use ::std::vec::Vec;
+    pub use flowwire_runtime::command::Command;
+    pub use flowwire_runtime::error::Error;
+    pub use flowwire_runtime::{
+        ArgMeta, Board, Call, CallSet, Driver, DriverCall, DriverMeta, Flow, FlowMeta, Handle,
+        Dispatch, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta, MethodMeta, ProbeMeta, Reply,
+    };
+    pub use flowwire_storage::CodecError;
+    pub use flowwire_storage::codec::encode_raw;
+    pub use serde;
+
+    /// The state of a flow crosses crashes: it must serialize.
+    #[diagnostic::on_unimplemented(
+        message = "the state `{Self}` of a flow must implement `Serialize` and `Deserialize`",
+        label = "add `#[derive(Serialize, Deserialize)]` to this type",
+        note = "the state is persisted after every step"
+    )]
+    pub trait FlowState: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> FlowState for T {}
+
+    /// A probe's result may cross a process boundary: it must serialize.
+    #[diagnostic::on_unimplemented(
+        message = "the probe result `{Self}` must implement `Serialize`",
+        label = "probe results are answered as data"
+    )]
+    pub trait ProbeResult: serde::Serialize {}
+    impl<T: serde::Serialize> ProbeResult for T {}
+
+    /// Spanned assertion on a flow's state type.
+    pub const fn assert_state<T: FlowState>() {}
+    /// Spanned assertion on a driver method's result type.
+    pub const fn assert_reply<T: Reply>() {}
+    /// Spanned assertion on a probe's result type.
+    pub const fn assert_probe<T: ProbeResult>() {}
+}

@@ -1,0 +1,85 @@
+//! `#[flow]`: on the struct (the board and its links) and on its `impl` block (wire,
+//! impulses, probes). The two halves meet through the runtime's `Board` and `Flow` traits.
+
+mod expand;
+mod parse;
+
+pub use parse::with_suffix;
+
+use proc_macro2::TokenStream;
+
+use crate::ctxt::Ctxt;
+
+pub fn flow(args: TokenStream, input: TokenStream) -> TokenStream {
+    let mut cx = Ctxt::default();
+    match syn::parse2::<syn::Item>(input.clone()) {
+        Ok(syn::Item::Struct(item)) => {
+            let opts = crate::options::parse("flow", args, &["version", "name", "crate"], &mut cx);
+            let model = parse::parse_struct(&item, opts, &mut cx);
+            match (cx.check(), model) {
+                (Ok(()), Some(model)) => expand::expand_struct(&model),
+                (Ok(()), None) => unreachable!("parse_struct reports why it returns None"),
+                (Err(errors), _) => {
+                    let fallback = parse::strip_struct(&item);
+                    quote::quote!(#errors #fallback)
+                }
+            }
+        }
+        Ok(syn::Item::Impl(item)) => {
+            let opts = crate::options::parse("flow", args, &["crate"], &mut cx);
+            let model = parse::parse_impl(&item, opts, &mut cx);
+            match (cx.check(), model) {
+                (Ok(()), Some(model)) => expand::expand_impl(&model),
+                (Ok(()), None) => unreachable!("parse_impl reports why it returns None"),
+                (Err(errors), _) => {
+                    let fallback = parse::strip_impl(&item);
+                    quote::quote!(#errors #fallback)
+                }
+            }
+        }
+        _ => {
+            let e = syn::Error::new_spanned(
+                &input,
+                "`#[flow]` goes on a struct (the board) and on its `impl` block (the wire, impulses and probes)",
+            )
+            .to_compile_error();
+            quote::quote!(#e #input)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    fn out(args: proc_macro2::TokenStream, input: proc_macro2::TokenStream) -> String {
+        super::flow(args, input).to_string()
+    }
+
+    #[test]
+    fn an_impl_without_a_wire_is_refused() {
+        let o = out(quote!(), quote!(impl Order { #[impulse] fn cancel(&mut self) {} }));
+        assert!(o.contains("a flow needs one `#[wire]` method"), "{o}");
+    }
+
+    #[test]
+    fn two_wires_are_refused_at_the_second() {
+        let o = out(
+            quote!(),
+            quote!(impl Order {
+                #[wire] fn a(&mut self) -> Command<Self> { todo!() }
+                #[wire] fn b(&mut self) -> Command<Self> { todo!() }
+            }),
+        );
+        assert!(o.contains("a flow has one `#[wire]`; `a` is already the wire"), "{o}");
+    }
+
+    #[test]
+    fn a_struct_expands_to_its_board() {
+        let o = out(quote!(version = 2), quote!(pub struct Order { #[link] state: S, #[link] pay: impl Payment }));
+        assert!(o.contains("pay : PaymentProxy"), "{o}");
+        assert!(o.contains("pub enum OrderCall"), "{o}");
+        assert!(o.contains("const VERSION : u32 = 2u32"), "{o}");
+        assert!(!o.contains("compile_error"), "{o}");
+    }
+}

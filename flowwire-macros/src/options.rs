@@ -1,0 +1,163 @@
+//! One option parser for every attribute. Each attribute says which options it accepts, so
+//! a misplaced option reads "`timeout` is not allowed on `#[flow]`".
+
+use proc_macro2::{Span, TokenStream};
+use syn::parse::Parser;
+
+use crate::ctxt::Ctxt;
+
+/// Every option any attribute knows.
+const ALL: &[&str] = &["timeout", "retries", "version", "name", "crate"];
+
+/// Options of one attribute, parsed at expansion time into plain values.
+#[derive(Default)]
+pub struct Options {
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+    pub version: Option<u32>,
+    pub name: Option<String>,
+    pub krate: Option<syn::Path>,
+}
+
+/// Parses `a = "x", b = 3` for `#[attr]`, accepting only `allowed`.
+pub fn parse(attr: &str, tokens: TokenStream, allowed: &[&str], cx: &mut Ctxt) -> Options {
+    let mut out = Options::default();
+    let mut seen: Vec<String> = Vec::new();
+    let accepts = if allowed.is_empty() {
+        format!("`#[{attr}]` takes no options")
+    } else {
+        format!(
+            "`#[{attr}]` accepts {}",
+            allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let parser = syn::meta::parser(|meta| {
+        let name = meta
+            .path
+            .get_ident()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| {
+                let path = &meta.path;
+                quote::quote!(#path).to_string()
+            });
+        if !ALL.contains(&name.as_str()) {
+            return Err(meta.error(format!("unknown option `{name}`; {accepts}")));
+        }
+        if !allowed.contains(&name.as_str()) {
+            return Err(meta.error(format!("`{name}` is not allowed on `#[{attr}]`; {accepts}")));
+        }
+        if seen.contains(&name) {
+            return Err(meta.error(format!("`{name}` is set twice")));
+        }
+        seen.push(name.clone());
+        match name.as_str() {
+            "timeout" => {
+                let lit: syn::LitStr = meta.value()?.parse()?;
+                out.timeout_ms = Some(parse_duration(&lit.value()).ok_or_else(|| {
+                    syn::Error::new(
+                        lit.span(),
+                        format!(
+                            "invalid duration `{}`; write a number and a unit: \"500ms\", \"30s\", \"2m\", \"1h\"",
+                            lit.value()
+                        ),
+                    )
+                })?);
+            }
+            "retries" => {
+                let lit: syn::LitInt = meta.value()?.parse()?;
+                out.retries = Some(lit.base10_parse()?);
+            }
+            "version" => {
+                let lit: syn::LitInt = meta.value()?.parse()?;
+                let v: u32 = lit.base10_parse()?;
+                if v == 0 {
+                    return Err(syn::Error::new(lit.span(), "flow versions start at 1"));
+                }
+                out.version = Some(v);
+            }
+            "name" => {
+                let lit: syn::LitStr = meta.value()?.parse()?;
+                if lit.value().is_empty() {
+                    return Err(syn::Error::new(lit.span(), "a flow name cannot be empty"));
+                }
+                out.name = Some(lit.value());
+            }
+            "crate" => {
+                let lit: syn::LitStr = meta.value()?.parse()?;
+                out.krate = Some(lit.parse()?);
+            }
+            _ => unreachable!("every name in ALL is handled"),
+        }
+        Ok(())
+    });
+    if let Err(e) = parser.parse2(tokens) {
+        cx.syn(e);
+    }
+    out
+}
+
+/// `"500ms"`, `"30s"`, `"2m"`, `"1h"` → milliseconds.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let factor = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    let ms = n.checked_mul(factor)?;
+    (ms > 0).then_some(ms)
+}
+
+/// The path generated code uses to reach flowwire.
+pub fn krate(opts: &Options) -> TokenStream {
+    match &opts.krate {
+        Some(p) => quote::quote!(#p),
+        None => quote::quote_spanned!(Span::call_site()=> ::flowwire),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_at_expansion_time() {
+        assert_eq!(parse_duration("500ms"), Some(500));
+        assert_eq!(parse_duration("30s"), Some(30_000));
+        assert_eq!(parse_duration("2m"), Some(120_000));
+        assert_eq!(parse_duration("1h"), Some(3_600_000));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("10d"), None);
+    }
+
+    #[test]
+    fn a_misplaced_option_names_the_attribute_and_the_valid_ones() {
+        let mut cx = Ctxt::default();
+        parse("flow", quote::quote!(timeout = "1s"), &["version", "name", "crate"], &mut cx);
+        let err = cx.check().unwrap_err().to_string();
+        assert!(err.contains("`timeout` is not allowed on `#[flow]`; `#[flow]` accepts `version`, `name`, `crate`"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_option_lists_the_valid_ones() {
+        let mut cx = Ctxt::default();
+        parse("driver", quote::quote!(timout = "1s"), &["timeout", "retries"], &mut cx);
+        let err = cx.check().unwrap_err().to_string();
+        assert!(err.contains("unknown option `timout`"), "{err}");
+    }
+
+    #[test]
+    fn an_option_set_twice_is_an_error() {
+        let mut cx = Ctxt::default();
+        let o = parse("driver", quote::quote!(retries = 1, retries = 2), &["retries"], &mut cx);
+        assert_eq!(o.retries, Some(1));
+        assert!(cx.check().unwrap_err().to_string().contains("set twice"));
+    }
+}

@@ -1,0 +1,72 @@
+//! [`CallContext`]: what a driver can know about the call it serves.
+
+use std::sync::Arc;
+
+tokio::task_local! {
+    static CONTEXT: CallContext;
+}
+
+/// The context of the driver call being served: which instance, which step, which attempt.
+///
+/// Available inside a driver method through [`CallContext::current`]. Pass
+/// [`idempotency_key`](CallContext::idempotency_key) to the external service so that a call
+/// executed twice (drivers run at least once) has its effect once.
+///
+/// ```
+/// use flowwire_runtime::CallContext;
+/// // Outside a driver call there is no context.
+/// assert!(CallContext::current().is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallContext {
+    flow: Arc<str>,
+    instance: Arc<str>,
+    seq: u64,
+    attempt: u32,
+}
+
+impl CallContext {
+    /// The context of the call this task is serving, if it is serving one.
+    pub fn current() -> Option<CallContext> {
+        CONTEXT.try_with(Clone::clone).ok()
+    }
+
+    /// The flow's name.
+    pub fn flow(&self) -> &str {
+        &self.flow
+    }
+
+    /// The instance id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The step that issued the call.
+    pub fn step(&self) -> u64 {
+        self.seq
+    }
+
+    /// The attempt within this process, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// `flow/instance/step`: the same for every execution of this call, across retries and
+    /// crashes, and different for every other call.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}/{}/{}", self.flow, self.instance, self.seq)
+    }
+
+    pub(crate) fn new(flow: Arc<str>, instance: Arc<str>, seq: u64, attempt: u32) -> Self {
+        Self {
+            flow,
+            instance,
+            seq,
+            attempt,
+        }
+    }
+
+    pub(crate) async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        CONTEXT.scope(self, f).await
+    }
+}

@@ -1,0 +1,451 @@
+//! The sans-IO step core.
+//!
+//! An [`Instance`] holds a flow and its last committed record. Each input — a start, an
+//! impulse, a driver outcome — runs user code (impulse, continuation, wire) and returns a
+//! [`Step`]: the write to persist and the call to dispatch once it is durable. Nothing here
+//! touches a socket, a file, a clock or a task; the engine shell moves the bytes.
+//!
+//! Invariants:
+//! * one input is one step is one atomic write of {state, status, pending call, applied
+//!   impulse id, history entry};
+//! * a step is adopted ([`Instance::commit`]) only after the store committed it; until then
+//!   the committed record is the truth and [`Instance::revert`] returns to it;
+//! * user code that panics never leaves a half-changed state behind: the instance is parked
+//!   with its committed state.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::codec;
+use flowwire_storage::{
+    CodecError, Expect, HistoryEntry, InstanceKey, PendingCall, Record, Status, StepInput,
+    StepOutput, StepWrite, Stored,
+};
+
+use crate::command::{CommandKind, Delivered, Then, ThenError};
+use crate::driver::Fault;
+use crate::flow::{CallSet, Flow, ImpulseSet};
+
+/// Reusable encode buffers, one set per runner.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    call: Vec<u8>,
+    state: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// One step, ready to persist.
+#[derive(Debug)]
+pub struct Step {
+    /// What the store must write.
+    pub write: StepWrite,
+    /// The record the instance adopts once the write is committed.
+    pub record: Record,
+    /// A new driver call to dispatch once the write is committed.
+    pub dispatch: Option<PendingCall>,
+    /// What the step did, for traces.
+    pub output: StepOutput,
+}
+
+/// Why an impulse was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    /// The instance ended.
+    Ended(&'static str),
+    /// The instance is parked.
+    Quarantined(String),
+}
+
+/// A flow instance and its last committed record.
+pub struct Instance<F: Flow> {
+    key: InstanceKey,
+    flow: F,
+    version: u64,
+    record: Record,
+    then: Option<(u64, Then<F>)>,
+    limit: usize,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_string()
+    }
+}
+
+impl<F: Flow> Instance<F> {
+    /// Starts an instance: runs the wire on the initial state and returns the first step.
+    pub fn start(
+        key: InstanceKey,
+        state: F::State,
+        limit: usize,
+        scratch: &mut Scratch,
+    ) -> (Self, Step) {
+        let mut inst = Self {
+            key,
+            flow: F::from_state(state),
+            version: 0,
+            record: Record {
+                flow_version: F::VERSION,
+                seq: 0,
+                status: Status::Waiting,
+                state: Bytes::new(),
+                pending: None,
+            },
+            then: None,
+            limit,
+        };
+        let step = inst.advance(StepInput::Start, None, false, scratch);
+        (inst, step)
+    }
+
+    /// Rebuilds an instance from its stored record (after a restart).
+    ///
+    /// Returns a parking step when the record was written by another flow version: the
+    /// instance must not run on code it was not written for.
+    pub fn recover(
+        key: InstanceKey,
+        stored: &Stored,
+        limit: usize,
+        scratch: &mut Scratch,
+    ) -> Result<(Self, Option<Step>), CodecError> {
+        let record = Record::decode(&stored.bytes, limit)?;
+        let state: F::State = codec::decode_raw(&record.state, limit)?;
+        let mut inst = Self {
+            key,
+            flow: F::from_state(state),
+            version: stored.version,
+            record,
+            then: None,
+            limit,
+        };
+        if inst.record.flow_version != F::VERSION && !inst.record.status.is_terminal() {
+            let reason = format!(
+                "the instance was written by {} version {}, this engine runs version {}",
+                F::NAME,
+                inst.record.flow_version,
+                F::VERSION
+            );
+            let step = inst.park(StepInput::Park, reason, scratch);
+            return Ok((inst, Some(step)));
+        }
+        Ok((inst, None))
+    }
+
+    /// The instance key.
+    pub fn key(&self) -> &InstanceKey {
+        &self.key
+    }
+
+    /// The committed status.
+    pub fn status(&self) -> &Status {
+        &self.record.status
+    }
+
+    /// The committed record.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The committed state, encoded (what probes read).
+    pub fn state_bytes(&self) -> Bytes {
+        self.record.state.clone()
+    }
+
+    /// The call in flight, if any.
+    pub fn pending(&self) -> Option<&PendingCall> {
+        self.record.pending.as_ref()
+    }
+
+    /// Applies an impulse and runs the wire.
+    pub fn impulse(
+        &mut self,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        scratch: &mut Scratch,
+    ) -> Result<Step, Rejected> {
+        match &self.record.status {
+            Status::Finished => return Err(Rejected::Ended("finished")),
+            Status::Failed { .. } => return Err(Rejected::Ended("failed")),
+            Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
+            Status::Running | Status::Waiting => {}
+        }
+        let name = impulse.name();
+        let input = StepInput::Impulse {
+            id: impulse_id.to_string(),
+            name: name.to_string(),
+        };
+        let applied = catch_unwind(AssertUnwindSafe(|| self.flow.apply_impulse(impulse)));
+        if let Err(p) = applied {
+            let reason = format!("impulse `{name}` panicked: {}", panic_message(&*p));
+            return Ok(self.park(input, reason, scratch));
+        }
+        Ok(self.advance(input, Some(impulse_id), true, scratch))
+    }
+
+    /// Applies a driver outcome for the call issued at step `seq` and runs the wire.
+    ///
+    /// Returns `None` for an outcome that is no longer awaited (a duplicate, or a call the
+    /// wire abandoned after an impulse).
+    pub fn outcome(
+        &mut self,
+        seq: u64,
+        outcome: Result<&[u8], &Fault>,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
+        let pending = self.record.pending.clone()?;
+        if pending.seq != seq || self.record.status != Status::Running {
+            return None;
+        }
+        let then = match self.then {
+            Some((s, then)) if s == seq => then,
+            _ => match self.rederive(&pending, scratch) {
+                Ok(then) => then,
+                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+            },
+        };
+        let ok = outcome.is_ok();
+        let delivered = match outcome {
+            Ok(bytes) => Delivered::Reply(bytes),
+            Err(fault) => Delivered::Fault(fault),
+        };
+        let input = StepInput::Outcome { call_seq: seq, ok };
+        let limit = self.limit;
+        let ran = catch_unwind(AssertUnwindSafe(|| then.call(&mut self.flow, delivered, limit)));
+        match ran {
+            Ok(Ok(())) => Some(self.advance(input, None, false, scratch)),
+            Ok(Err(ThenError::Failed(failure))) => {
+                Some(self.end(input, Status::Failed { reason: failure.to_string() }, scratch))
+            }
+            Ok(Err(ThenError::Decode(e))) => {
+                let reason = format!("the reply of the call at step {seq} does not decode: {e}");
+                Some(self.park(input, reason, scratch))
+            }
+            Err(p) => {
+                let reason = format!("the continuation panicked: {}", panic_message(&*p));
+                Some(self.park(input, reason, scratch))
+            }
+        }
+    }
+
+    /// Adopts a step after the store committed it.
+    pub fn commit(&mut self, step: &Step) {
+        self.version = step.write.version;
+        self.record = step.record.clone();
+    }
+
+    /// Returns to the committed record after a step was not committed.
+    pub fn revert(&mut self) -> Result<(), CodecError> {
+        let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
+        self.flow = F::from_state(state);
+        self.then = None;
+        Ok(())
+    }
+
+    /// Runs the wire again to find the continuation of the call in flight (after a restart).
+    fn rederive(&mut self, pending: &PendingCall, scratch: &mut Scratch) -> Result<Then<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let CommandKind::Drive { call, then } = cmd.kind else {
+            return Err(format!(
+                "non-deterministic wire: the call at step {} is in flight, but the wire now returns `{}`",
+                pending.seq,
+                cmd.name()
+            ));
+        };
+        scratch.call.clear();
+        call.encode(&mut scratch.call)
+            .map_err(|e| format!("the call could not be encoded: {e}"))?;
+        if call.link() != pending.link || call.method() != pending.method || scratch.call != pending.call {
+            return Err(format!(
+                "non-deterministic wire: the call at step {} differs from the one the wire returns now",
+                pending.seq
+            ));
+        }
+        Ok(then)
+    }
+
+    /// Runs the wire and builds the step that follows `input`.
+    fn advance(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        keep_pending: bool,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let seq = self.record.seq + 1;
+        let cmd = match catch_unwind(AssertUnwindSafe(|| self.flow.wire())) {
+            Ok(cmd) => cmd,
+            Err(p) => {
+                let reason = format!("the wire panicked: {}", panic_message(&*p));
+                return self.park(input, reason, scratch);
+            }
+        };
+        let (status, pending, dispatch, output) = match cmd.kind {
+            CommandKind::Drive { call, then } => {
+                scratch.call.clear();
+                if let Err(e) = call.encode(&mut scratch.call) {
+                    let reason = format!("the wire's call could not be encoded: {e}");
+                    return self.park(input, reason, scratch);
+                }
+                let (link, method) = (call.link(), call.method());
+                let kept = self.record.pending.as_ref().filter(|p| {
+                    keep_pending && p.link == link && p.method == method && p.call == scratch.call
+                });
+                let (pending, dispatch) = match kept {
+                    Some(p) => (p.clone(), None),
+                    None => {
+                        let p = PendingCall {
+                            seq,
+                            link,
+                            method,
+                            call: Bytes::copy_from_slice(&scratch.call),
+                        };
+                        (p.clone(), Some(p))
+                    }
+                };
+                self.then = Some((pending.seq, then));
+                let output = StepOutput::Drive {
+                    call_seq: pending.seq,
+                    link,
+                    method,
+                };
+                (Status::Running, Some(pending), dispatch, output)
+            }
+            CommandKind::Wait => (Status::Waiting, None, None, StepOutput::Wait),
+            CommandKind::Finish => (Status::Finished, None, None, StepOutput::Finish),
+            CommandKind::Fail(f) => {
+                let reason = f.to_string();
+                (
+                    Status::Failed {
+                        reason: reason.clone(),
+                    },
+                    None,
+                    None,
+                    StepOutput::Fail { reason },
+                )
+            }
+        };
+        scratch.state.clear();
+        if let Err(e) = codec::encode_raw(self.flow.state(), &mut scratch.state) {
+            let reason = format!("the state could not be encoded: {e}");
+            return self.park(input, reason, scratch);
+        }
+        let state = Bytes::copy_from_slice(&scratch.state);
+        self.build(input, impulse, status, state, pending, dispatch, output, scratch)
+    }
+
+    /// A terminal step after a continuation failed the flow.
+    fn end(&mut self, input: StepInput, status: Status, scratch: &mut Scratch) -> Step {
+        let Status::Failed { reason } = &status else {
+            unreachable!("end() is only called with Failed")
+        };
+        let output = StepOutput::Fail {
+            reason: reason.clone(),
+        };
+        scratch.state.clear();
+        let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
+            Ok(()) => Bytes::copy_from_slice(&scratch.state),
+            Err(_) => self.record.state.clone(),
+        };
+        self.then = None;
+        self.build(input, None, status, state, None, None, output, scratch)
+    }
+
+    /// A parking step: the committed state, quarantined with a reason.
+    fn park(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
+        // User code may have changed the state before it panicked: park the committed one.
+        let state = self.record.state.clone();
+        if !state.is_empty() {
+            if let Ok(s) = codec::decode_raw::<F::State>(&state, self.limit) {
+                self.flow = F::from_state(s);
+            }
+        } else {
+            // A start that panicked: park the initial state as given.
+            scratch.state.clear();
+            let _ = codec::encode_raw(self.flow.state(), &mut scratch.state);
+        }
+        let state = if state.is_empty() {
+            Bytes::copy_from_slice(&scratch.state)
+        } else {
+            state
+        };
+        self.then = None;
+        let output = StepOutput::Quarantine {
+            reason: reason.clone(),
+        };
+        let pending = self.record.pending.clone();
+        self.build(
+            input,
+            None,
+            Status::Quarantined { reason },
+            state,
+            pending,
+            None,
+            output,
+            scratch,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        status: Status,
+        state: Bytes,
+        pending: Option<PendingCall>,
+        dispatch: Option<PendingCall>,
+        output: StepOutput,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let seq = self.record.seq + 1;
+        let version = self.version + 1;
+        let active = status.is_active();
+        let record = Record {
+            flow_version: F::VERSION,
+            seq,
+            status,
+            state,
+            pending,
+        };
+        scratch.out.clear();
+        record
+            .encode(&mut scratch.out)
+            .expect("records of plain data always encode");
+        let record_bytes = Bytes::copy_from_slice(&scratch.out);
+        let entry = HistoryEntry {
+            seq,
+            input,
+            output: output.clone(),
+            version,
+        };
+        scratch.out.clear();
+        entry
+            .encode(&mut scratch.out)
+            .expect("history entries of plain data always encode");
+        let expect = if self.version == 0 {
+            Expect::Absent
+        } else {
+            Expect::Version(self.version)
+        };
+        Step {
+            write: StepWrite {
+                key: self.key.clone(),
+                expect,
+                version,
+                record: record_bytes,
+                active,
+                impulse,
+                history: Some((seq, Bytes::copy_from_slice(&scratch.out))),
+            },
+            record,
+            dispatch,
+            output,
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The engine: the tokio shell around the sans-IO core.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flowwire_storage::{InstanceStore, MemoryStore, RedbStore};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::driver::{Dispatch, Implements};
+use crate::error::{Error, Result};
+use crate::flow::{Board, Flow};
+use crate::handle::Handle;
+
+pub(crate) mod runner;
+pub(crate) mod worker;
+
+use runner::{Msg, Runner};
+use worker::Job;
+
+/// Tunables shared by the runners and the workers.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub request_timeout: Duration,
+    pub store_timeout: Duration,
+    pub call_timeout: Duration,
+    pub call_retries: u32,
+    pub driver_concurrency: usize,
+    pub driver_queue: usize,
+    pub max_batch: usize,
+    pub decode_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(30),
+            call_retries: 3,
+            driver_concurrency: 64,
+            driver_queue: 4096,
+            max_batch: 512,
+            decode_limit: flowwire_storage::DEFAULT_DECODE_LIMIT,
+        }
+    }
+}
+
+enum StoreChoice {
+    DataDir(PathBuf),
+    Memory,
+    Custom(Arc<dyn InstanceStore>),
+}
+
+type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+struct FlowCtx {
+    store: Arc<dyn InstanceStore>,
+    ports: HashMap<TypeId, mpsc::Sender<Job>>,
+    limits: Limits,
+}
+
+type FlowStart = fn(&FlowCtx) -> Result<BoxFut<Result<FlowEntry>>>;
+
+struct FlowEntry {
+    sender: Box<dyn Any + Send + Sync>,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: Box<dyn Fn() -> BoxFut<()> + Send + Sync>,
+}
+
+struct DriverReg {
+    driver: TypeId,
+    spawn: Box<dyn FnOnce(&Limits) -> mpsc::Sender<Job> + Send>,
+}
+
+/// Builds an [`Engine`]: where it stores instances, which flows it runs, which drivers
+/// serve their calls.
+///
+/// Get one with [`Engine::builder`].
+///
+/// ```ignore
+/// let engine = Engine::builder()
+///     .data_dir("./flowwire-data")
+///     .flow::<OrderCircuit>()
+///     .driver(Warehouse::new())
+///     .driver(Stripe::new())
+///     .start()
+///     .await?;
+/// ```
+#[must_use = "a builder does nothing until `.start().await`"]
+pub struct EngineBuilder {
+    store: Option<StoreChoice>,
+    flows: Vec<(TypeId, &'static str, FlowStart)>,
+    drivers: Vec<DriverReg>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("flows", &self.flows.iter().map(|f| f.1).collect::<Vec<_>>())
+            .field("drivers", &self.drivers.len())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// Persists instances in an embedded, crash-safe store under `path` (created if
+    /// missing). This is the durable default.
+    pub fn data_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.store = Some(StoreChoice::DataDir(path.into()));
+        self
+    }
+
+    /// Keeps instances in memory only: nothing survives the process. For tests.
+    pub fn in_memory(mut self) -> Self {
+        self.store = Some(StoreChoice::Memory);
+        self
+    }
+
+    /// Uses the given instance store.
+    pub fn store(mut self, store: impl InstanceStore) -> Self {
+        self.store = Some(StoreChoice::Custom(Arc::new(store)));
+        self
+    }
+
+    /// Registers a flow type: its instances can be started, and active ones are resumed.
+    pub fn flow<F: Flow>(mut self) -> Self {
+        self.flows.push((TypeId::of::<F>(), F::NAME, start_flow::<F>));
+        self
+    }
+
+    /// Registers a driver implementation: it serves the calls of the driver trait it
+    /// implements (its `impl Trait for Type` block carries `#[driver]`), on a pool of
+    /// worker tasks.
+    ///
+    /// If the type implements several driver traits, name the one meant:
+    /// `.driver::<PaymentProxy, _>(svc)`, once per trait.
+    pub fn driver<D, S>(mut self, svc: S) -> Self
+    where
+        D: Dispatch<S>,
+        S: Implements<D> + Send + Sync + 'static,
+    {
+        let svc = Arc::new(svc);
+        self.drivers.push(DriverReg {
+            driver: TypeId::of::<D>(),
+            spawn: Box::new(move |limits| worker::spawn_pool::<D, S>(svc, limits)),
+        });
+        self
+    }
+
+    /// How long a client request (start, impulse, probe) may wait for the engine.
+    /// Default 30 s.
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.limits.request_timeout = d;
+        self
+    }
+
+    /// How long one store commit may take before it is reported as failed. Default 30 s.
+    pub fn store_timeout(mut self, d: Duration) -> Self {
+        self.limits.store_timeout = d;
+        self
+    }
+
+    /// Per-attempt timeout of driver calls whose trait sets none. Default 30 s.
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.limits.call_timeout = d;
+        self
+    }
+
+    /// Retries of timed-out or panicking driver calls whose trait sets none. Default 3.
+    pub fn call_retries(mut self, n: u32) -> Self {
+        self.limits.call_retries = n;
+        self
+    }
+
+    /// Worker tasks per registered driver (calls served at once). Default 64.
+    pub fn driver_concurrency(mut self, n: usize) -> Self {
+        self.limits.driver_concurrency = n.max(1);
+        self
+    }
+
+    /// Most steps committed together in one store transaction. Default 512.
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.limits.max_batch = n.max(1);
+        self
+    }
+
+    /// Largest record or state the engine decodes. Default 64 MiB.
+    pub fn decode_limit(mut self, bytes: usize) -> Self {
+        self.limits.decode_limit = bytes;
+        self
+    }
+
+    /// Opens the store, starts the driver workers, resumes every active instance, and
+    /// returns the running engine. Must be called inside a tokio runtime.
+    pub async fn start(self) -> Result<Engine> {
+        let mut data_dir = None;
+        let store: Arc<dyn InstanceStore> = match self.store.ok_or(Error::NoStore)? {
+            StoreChoice::DataDir(dir) => {
+                std::fs::create_dir_all(&dir).map_err(|source| Error::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let file = dir.join("instances.redb");
+                let store = tokio::task::spawn_blocking(move || RedbStore::open(file))
+                    .await
+                    .map_err(|e| Error::Store(flowwire_storage::StoreError::Backend(e.to_string())))??;
+                data_dir = Some(dir);
+                Arc::new(store)
+            }
+            StoreChoice::Memory => Arc::new(MemoryStore::new()),
+            StoreChoice::Custom(s) => s,
+        };
+        let mut names = std::collections::HashSet::new();
+        for (_, name, _) in &self.flows {
+            if !names.insert(*name) {
+                return Err(Error::DuplicateFlow { flow: name });
+            }
+        }
+        let mut ports = HashMap::new();
+        for d in self.drivers {
+            ports.insert(d.driver, (d.spawn)(&self.limits));
+        }
+        let ctx = FlowCtx {
+            store,
+            ports,
+            limits: self.limits.clone(),
+        };
+        let mut flows = HashMap::new();
+        let mut pending = Vec::new();
+        for (tid, _, start) in &self.flows {
+            pending.push((*tid, start(&ctx)?));
+        }
+        for (tid, fut) in pending {
+            flows.insert(tid, fut.await?);
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                flows,
+                data_dir,
+                limits: self.limits,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEntry>>> {
+    let mut ports = Vec::new();
+    for (i, link) in F::LINKS.iter().enumerate() {
+        let tid = F::link_types()[i]();
+        let port = ctx.ports.get(&tid).ok_or(Error::MissingDriver {
+            flow: F::NAME,
+            field: link.field,
+            driver: link.driver.name,
+        })?;
+        ports.push(port.clone());
+    }
+    let (mut runner, orx) = Runner::<F>::new(ctx.store.clone(), ports, ctx.limits.clone());
+    Ok(Box::pin(async move {
+        runner.recover().await?;
+        let (tx, rx) = mpsc::channel::<Msg<F>>(4096);
+        let task = tokio::spawn(runner.run(rx, orx));
+        let stx = tx.clone();
+        let shutdown: Box<dyn Fn() -> BoxFut<()> + Send + Sync> = Box::new(move || {
+            let stx = stx.clone();
+            Box::pin(async move {
+                let (reply, done) = oneshot::channel();
+                if stx.send(Msg::Shutdown { reply }).await.is_ok() {
+                    let _ = done.await;
+                }
+            })
+        });
+        Ok(FlowEntry {
+            sender: Box::new(tx),
+            task,
+            shutdown,
+        })
+    }))
+}
+
+struct Inner {
+    flows: HashMap<TypeId, FlowEntry>,
+    data_dir: Option<PathBuf>,
+    limits: Limits,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A running engine: start instances, reach existing ones, shut down.
+///
+/// Get one from [`Engine::builder`]. Cloning is cheap; all clones drive the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("data_dir", &self.inner.data_dir)
+            .field("flows", &self.inner.flows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A builder with default limits and no store chosen yet.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder {
+            store: None,
+            flows: Vec::new(),
+            drivers: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// The data directory of the embedded store, if the engine uses one.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.inner.data_dir.as_deref()
+    }
+
+    fn sender<F: Flow>(&self) -> Result<&mpsc::Sender<Msg<F>>> {
+        self.inner
+            .flows
+            .get(&TypeId::of::<F>())
+            .and_then(|e| e.sender.downcast_ref::<mpsc::Sender<Msg<F>>>())
+            .ok_or(Error::UnknownFlow { flow: F::NAME })
+    }
+
+    fn raw_handle<F: Flow>(&self, id: Arc<str>) -> Result<Handle<F>> {
+        Ok(Handle::new(id, self.sender::<F>()?.clone(), self.inner.limits.request_timeout))
+    }
+
+    /// Starts an instance with an initial state. The instance runs its first step (the
+    /// wire's first command) durably before this returns.
+    ///
+    /// Starting an id that exists (running or ended) is [`Error::AlreadyExists`]; use
+    /// [`Engine::handle`] to reach it. Dropping the returned future after the request was
+    /// sent does not cancel the start.
+    pub async fn start<F: Flow>(&self, id: impl Into<Arc<str>>, state: F::State) -> Result<F::Handle> {
+        let handle = self.raw_handle::<F>(id.into())?;
+        let id = handle.id().into();
+        handle
+            .request("start", |reply| Msg::Start { id, state, reply })
+            .await?;
+        Ok(F::Handle::from(handle))
+    }
+
+    /// A handle to an existing instance (running, ended or parked); [`Error::NotFound`] if
+    /// no instance has this id.
+    pub async fn handle<F: Flow>(&self, id: impl Into<Arc<str>>) -> Result<F::Handle> {
+        let handle = self.raw_handle::<F>(id.into())?;
+        let id = handle.id().into();
+        handle.request("handle", |reply| Msg::Exists { id, reply }).await?;
+        Ok(F::Handle::from(handle))
+    }
+
+    /// The metadata of a registered flow.
+    pub fn flow_meta<F: Flow>(&self) -> &'static crate::meta::FlowMeta {
+        F::META
+    }
+
+    /// Stops every runner after its current batch commits. Calls in flight are not
+    /// waited for: they run again (same idempotency key) when the engine restarts.
+    pub async fn shutdown(&self) {
+        for entry in self.inner.flows.values() {
+            (entry.shutdown)().await;
+        }
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for t in tasks {
+            t.abort();
+        }
+        for entry in self.inner.flows.values() {
+            entry.task.abort();
+        }
+    }
+}
+
+/// The state type of a flow.
+pub type StateOf<F> = <F as Board>::State;

@@ -1,0 +1,624 @@
+//! The runner: one task per flow type, owning its instances.
+//!
+//! Each round it takes the messages waiting (outcomes first, then requests, at most
+//! `max_batch`), runs the steps through the sans-IO [`Instance`] core, commits all their
+//! writes in one store transaction (group commit), and only then acts: replies to callers,
+//! dispatches new calls, wakes waiters. A batch holds at most one step per instance;
+//! a second message for the same instance waits for the next round.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::{InstanceKey, InstanceStore, PendingCall, Record, Status, StepResult, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{Instance, Rejected, Scratch, Step};
+use crate::engine::Limits;
+use crate::engine::worker::{Job, OutcomeMsg};
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+use crate::handle::Ended;
+
+/// A request to a runner.
+pub(crate) enum Msg<F: Flow> {
+    Start {
+        id: Arc<str>,
+        state: F::State,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Impulse {
+        id: Arc<str>,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Probe {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Bytes>>,
+    },
+    Finished {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Ended>>,
+    },
+    Exists {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+enum Input<F: Flow> {
+    Msg(Msg<F>),
+    Outcome(OutcomeMsg),
+}
+
+impl<F: Flow> Input<F> {
+    /// The instance a message would write to, if it writes.
+    fn writes_to(&self) -> Option<&Arc<str>> {
+        match self {
+            Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. }) => Some(id),
+            Input::Outcome(o) => Some(&o.id),
+            Input::Msg(_) => None,
+        }
+    }
+}
+
+enum Ack {
+    Start(oneshot::Sender<Result<()>>),
+    Impulse(oneshot::Sender<Result<()>>, Arc<str>),
+    Quiet,
+}
+
+struct Staged {
+    id: Arc<str>,
+    step: Step,
+    ack: Ack,
+}
+
+struct Slot<F: Flow> {
+    inst: Instance<F>,
+    waiters: Vec<oneshot::Sender<Result<Ended>>>,
+}
+
+pub(crate) struct Runner<F: Flow> {
+    flow: Arc<str>,
+    slots: HashMap<Arc<str>, Slot<F>>,
+    store: Arc<dyn InstanceStore>,
+    ports: Vec<mpsc::Sender<Job>>,
+    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    limits: Limits,
+    scratch: Scratch,
+}
+
+fn ended_of(status: &Status) -> Option<Ended> {
+    match status {
+        Status::Finished => Some(Ended::Finished),
+        Status::Failed { reason } => Some(Ended::Failed {
+            reason: reason.clone(),
+        }),
+        _ => None,
+    }
+}
+
+impl<F: Flow> Runner<F> {
+    pub(crate) fn new(
+        store: Arc<dyn InstanceStore>,
+        ports: Vec<mpsc::Sender<Job>>,
+        limits: Limits,
+    ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
+        let (outcomes, orx) = mpsc::unbounded_channel();
+        let runner = Self {
+            flow: F::NAME.into(),
+            slots: HashMap::new(),
+            store,
+            ports,
+            outcomes,
+            limits,
+            scratch: Scratch::default(),
+        };
+        (runner, orx)
+    }
+
+    fn key(&self, id: &Arc<str>) -> InstanceKey {
+        InstanceKey {
+            flow: self.flow.clone(),
+            id: id.clone(),
+        }
+    }
+
+    fn quarantined(id: &str, reason: String) -> Error {
+        Error::Quarantined {
+            flow: F::NAME,
+            id: id.to_string(),
+            reason,
+        }
+    }
+
+    /// Loads the active instances, parks those of another version, re-dispatches calls in
+    /// flight. Runs before the runner takes any request.
+    pub(crate) async fn recover(&mut self) -> Result<usize> {
+        let active = self.store.active(F::NAME).await?;
+        let mut staged = Vec::new();
+        let n = active.len();
+        for (id, stored) in active {
+            let key = self.key(&id);
+            match Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch) {
+                Ok((inst, park)) => {
+                    if let Some(step) = park {
+                        staged.push(Staged {
+                            id: id.clone(),
+                            step,
+                            ack: Ack::Quiet,
+                        });
+                    } else if let Some(p) = inst.pending() {
+                        self.dispatch(&id, p);
+                    }
+                    self.slots.insert(
+                        id,
+                        Slot {
+                            inst,
+                            waiters: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    // Left as stored: nothing is lost, an operator can inspect it.
+                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance record cannot be decoded; left untouched");
+                }
+            }
+        }
+        if !staged.is_empty() {
+            self.commit(staged).await;
+        }
+        tracing::info!(flow = F::NAME, instances = n, "recovered");
+        Ok(n)
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg<F>>,
+        mut orx: mpsc::UnboundedReceiver<OutcomeMsg>,
+    ) {
+        let mut backlog: VecDeque<Input<F>> = VecDeque::new();
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        loop {
+            if backlog.is_empty() {
+                let first = tokio::select! {
+                    biased;
+                    Some(o) = orx.recv() => Input::Outcome(o),
+                    m = rx.recv() => match m {
+                        Some(m) => Input::Msg(m),
+                        None => break,
+                    },
+                };
+                backlog.push_back(first);
+            }
+            let max = self.limits.max_batch;
+            while backlog.len() < max {
+                match orx.try_recv() {
+                    Ok(o) => backlog.push_back(Input::Outcome(o)),
+                    Err(_) => break,
+                }
+            }
+            while backlog.len() < max {
+                match rx.try_recv() {
+                    Ok(m) => backlog.push_back(Input::Msg(m)),
+                    Err(_) => break,
+                }
+            }
+            let mut staged: Vec<Staged> = Vec::new();
+            let mut busy: HashSet<Arc<str>> = HashSet::new();
+            let mut deferred: VecDeque<Input<F>> = VecDeque::new();
+            while staged.len() < max {
+                let Some(input) = backlog.pop_front() else { break };
+                if let Some(id) = input.writes_to() {
+                    if busy.contains(id) {
+                        deferred.push_back(input);
+                        continue;
+                    }
+                }
+                if let Input::Msg(Msg::Shutdown { reply }) = input {
+                    shutdown = Some(reply);
+                    break;
+                }
+                if let Some(s) = self.handle(input).await {
+                    busy.insert(s.id.clone());
+                    staged.push(s);
+                }
+            }
+            while let Some(d) = deferred.pop_back() {
+                backlog.push_front(d);
+            }
+            if !staged.is_empty() {
+                self.commit(staged).await;
+            }
+            if let Some(reply) = shutdown.take() {
+                let _ = reply.send(());
+                break;
+            }
+        }
+    }
+
+    /// Brings an instance that is not in memory into memory if it is active.
+    /// Returns its record when it is not active (ended or parked), `None` if unknown.
+    async fn fault_in(&mut self, id: &Arc<str>) -> Result<Option<Record>> {
+        let key = self.key(id);
+        let Some(stored) = self.store.load(&key).await? else {
+            return Ok(None);
+        };
+        let record = Record::decode(&stored.bytes, self.limits.decode_limit).map_err(|source| {
+            Error::Codec {
+                flow: F::NAME,
+                id: id.to_string(),
+                what: "the record",
+                source,
+            }
+        })?;
+        if record.status.is_active() {
+            let (inst, park) = Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
+                .map_err(|source| Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the record",
+                    source,
+                })?;
+            if park.is_none() {
+                if let Some(p) = inst.pending() {
+                    self.dispatch(id, p);
+                }
+            }
+            self.slots.insert(
+                id.clone(),
+                Slot {
+                    inst,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        Ok(Some(record))
+    }
+
+    async fn handle(&mut self, input: Input<F>) -> Option<Staged> {
+        match input {
+            Input::Outcome(o) => {
+                let slot = self.slots.get_mut(&o.id)?;
+                let step = slot
+                    .inst
+                    .outcome(o.seq, o.result.as_ref().map(|b| &b[..]), &mut self.scratch)?;
+                Some(Staged {
+                    id: o.id,
+                    step,
+                    ack: Ack::Quiet,
+                })
+            }
+            Input::Msg(Msg::Start { id, state, reply }) => {
+                if self.slots.contains_key(&id) {
+                    let _ = reply.send(Err(Error::AlreadyExists {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                    }));
+                    return None;
+                }
+                let key = self.key(&id);
+                let (inst, step) = Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
+                self.slots.insert(
+                    id.clone(),
+                    Slot {
+                        inst,
+                        waiters: Vec::new(),
+                    },
+                );
+                Some(Staged {
+                    id,
+                    step,
+                    ack: Ack::Start(reply),
+                })
+            }
+            Input::Msg(Msg::Impulse {
+                id,
+                impulse_id,
+                impulse,
+                reply,
+            }) => {
+                if !self.slots.contains_key(&id) {
+                    let key = self.key(&id);
+                    match self.store.impulse_applied(&key, &impulse_id).await {
+                        Ok(Some(step)) => {
+                            let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
+                                flow: F::NAME,
+                                id: id.to_string(),
+                                impulse_id: impulse_id.to_string(),
+                                step,
+                            }));
+                            return None;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return None;
+                        }
+                    }
+                    match self.fault_in(&id).await {
+                        Ok(Some(record)) if !record.status.is_active() => {
+                            let err = match record.status {
+                                Status::Quarantined { reason } => Self::quarantined(&id, reason),
+                                other => Error::Ended {
+                                    flow: F::NAME,
+                                    id: id.to_string(),
+                                    status: other.name(),
+                                },
+                            };
+                            let _ = reply.send(Err(err));
+                            return None;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            let _ = reply.send(Err(Error::NotFound {
+                                flow: F::NAME,
+                                id: id.to_string(),
+                            }));
+                            return None;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return None;
+                        }
+                    }
+                }
+                let slot = self.slots.get_mut(&id)?;
+                match slot.inst.impulse(impulse_id.clone(), impulse, &mut self.scratch) {
+                    Ok(step) => Some(Staged {
+                        id,
+                        step,
+                        ack: Ack::Impulse(reply, impulse_id),
+                    }),
+                    Err(Rejected::Ended(status)) => {
+                        let _ = reply.send(Err(Error::Ended {
+                            flow: F::NAME,
+                            id: id.to_string(),
+                            status,
+                        }));
+                        None
+                    }
+                    Err(Rejected::Quarantined(reason)) => {
+                        let _ = reply.send(Err(Self::quarantined(&id, reason)));
+                        None
+                    }
+                }
+            }
+            Input::Msg(Msg::Probe { id, reply }) => {
+                let here = self.slots.get(&id).map(|slot| slot.inst.state_bytes());
+                let answer = match here {
+                    Some(state) if !state.is_empty() => Ok(state),
+                    Some(_) => Err(Error::NotFound {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                    }),
+                    None => match self.fault_in(&id).await {
+                        Ok(Some(record)) => Ok(record.state),
+                        Ok(None) => Err(Error::NotFound {
+                            flow: F::NAME,
+                            id: id.to_string(),
+                        }),
+                        Err(e) => Err(e),
+                    },
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Input::Msg(Msg::Exists { id, reply }) => {
+                let answer = if self.slots.contains_key(&id) {
+                    Ok(())
+                } else {
+                    match self.fault_in(&id).await {
+                        Ok(Some(_)) => Ok(()),
+                        Ok(None) => Err(Error::NotFound {
+                            flow: F::NAME,
+                            id: id.to_string(),
+                        }),
+                        Err(e) => Err(e),
+                    }
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Input::Msg(Msg::Finished { id, reply }) => {
+                if !self.slots.contains_key(&id) {
+                    match self.fault_in(&id).await {
+                        Ok(Some(record)) if !record.status.is_active() => {
+                            let answer = match record.status {
+                                Status::Quarantined { reason } => Err(Self::quarantined(&id, reason)),
+                                other => Ok(ended_of(&other).unwrap_or(Ended::Finished)),
+                            };
+                            let _ = reply.send(answer);
+                            return None;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            let _ = reply.send(Err(Error::NotFound {
+                                flow: F::NAME,
+                                id: id.to_string(),
+                            }));
+                            return None;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return None;
+                        }
+                    }
+                }
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    match slot.inst.status() {
+                        Status::Quarantined { reason } => {
+                            let _ = reply.send(Err(Self::quarantined(&id, reason.clone())));
+                        }
+                        _ => slot.waiters.push(reply),
+                    }
+                }
+                None
+            }
+            Input::Msg(Msg::Shutdown { .. }) => None,
+        }
+    }
+
+    async fn commit(&mut self, staged: Vec<Staged>) {
+        let writes = staged.iter().map(|s| s.step.write.clone()).collect();
+        let limit = self.limits.store_timeout;
+        let result = match tokio::time::timeout(limit, self.store.commit(writes)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        match result {
+            Ok(results) => {
+                for (s, r) in staged.into_iter().zip(results) {
+                    match r {
+                        StepResult::Committed => self.committed(s),
+                        StepResult::Conflict { .. } => self.conflicted(s).await,
+                        StepResult::ImpulseSeen { seq } => self.seen(s, seq),
+                    }
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(flow = F::NAME, error = %message, "commit failed");
+                for s in staged {
+                    self.failed(s, &message);
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, s: Staged) {
+        let Some(slot) = self.slots.get_mut(&s.id) else { return };
+        slot.inst.commit(&s.step);
+        tracing::debug!(flow = F::NAME, id = %s.id, step = s.step.record.seq, output = ?s.step.output, "step");
+        match s.ack {
+            Ack::Start(reply) | Ack::Impulse(reply, _) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ack::Quiet => {}
+        }
+        if let Some(p) = &s.step.dispatch {
+            let p = p.clone();
+            self.dispatch(&s.id, &p);
+        }
+        let status = s.step.record.status;
+        if let Some(ended) = ended_of(&status) {
+            if let Some(slot) = self.slots.remove(&s.id) {
+                for w in slot.waiters {
+                    let _ = w.send(Ok(ended.clone()));
+                }
+            }
+        } else if let Status::Quarantined { reason } = status {
+            tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
+            if let Some(slot) = self.slots.get_mut(&s.id) {
+                for w in slot.waiters.drain(..) {
+                    let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
+                }
+            }
+        }
+    }
+
+    async fn conflicted(&mut self, s: Staged) {
+        match s.ack {
+            Ack::Start(reply) => {
+                self.slots.remove(&s.id);
+                let _ = reply.send(Err(Error::AlreadyExists {
+                    flow: F::NAME,
+                    id: s.id.to_string(),
+                }));
+            }
+            ack => {
+                // Someone else wrote the record: the store is the truth, reload it.
+                let waiters = self
+                    .slots
+                    .remove(&s.id)
+                    .map(|slot| slot.waiters)
+                    .unwrap_or_default();
+                let _ = self.fault_in(&s.id).await;
+                if let Some(slot) = self.slots.get_mut(&s.id) {
+                    slot.waiters = waiters;
+                }
+                if let Ack::Impulse(reply, _) = ack {
+                    let _ = reply.send(Err(Error::Conflict {
+                        flow: F::NAME,
+                        id: s.id.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn seen(&mut self, s: Staged, step: u64) {
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            if slot.inst.revert().is_err() {
+                tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
+            }
+        }
+        if let Ack::Impulse(reply, impulse_id) = s.ack {
+            let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
+                flow: F::NAME,
+                id: s.id.to_string(),
+                impulse_id: impulse_id.to_string(),
+                step,
+            }));
+        }
+    }
+
+    fn failed(&mut self, s: Staged, message: &str) {
+        let err = || Error::Store(StoreError::Backend(message.to_string()));
+        match s.ack {
+            Ack::Start(reply) => {
+                self.slots.remove(&s.id);
+                let _ = reply.send(Err(err()));
+            }
+            ack => {
+                let Some(slot) = self.slots.get_mut(&s.id) else { return };
+                let _ = slot.inst.revert();
+                if let Ack::Impulse(reply, _) = ack {
+                    let _ = reply.send(Err(err()));
+                } else if let Some(p) = slot.inst.pending().cloned() {
+                    // The outcome was not persisted: run the call again after a pause
+                    // (drivers run at least once).
+                    let job = self.job(&s.id, &p);
+                    let port = self.ports[p.link as usize].clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        let _ = port.send(job).await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn job(&self, id: &Arc<str>, p: &PendingCall) -> Job {
+        Job {
+            flow: self.flow.clone(),
+            id: id.clone(),
+            seq: p.seq,
+            method: p.method,
+            call: p.call.clone(),
+            reply: self.outcomes.clone(),
+        }
+    }
+
+    fn dispatch(&self, id: &Arc<str>, p: &PendingCall) {
+        let Some(port) = self.ports.get(p.link as usize) else {
+            tracing::error!(flow = F::NAME, id = %id, link = p.link, "call for an unknown link");
+            return;
+        };
+        match port.try_send(self.job(id, p)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let port = port.clone();
+                tokio::spawn(async move {
+                    let _ = port.send(job).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}

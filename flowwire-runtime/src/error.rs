@@ -1,0 +1,140 @@
+//! The engine's error type.
+
+use std::time::Duration;
+
+use flowwire_storage::{CodecError, StoreError};
+
+/// `Result` with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No instance has this id.
+    #[error("no {flow} instance has the id {id:?}; check the id, or start it first")]
+    NotFound {
+        /// The flow.
+        flow: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// An instance with this id exists already (running or ended). Starting is not
+    /// idempotent: use `Engine::handle` to reach the existing instance.
+    #[error(
+        "a {flow} instance with the id {id:?} exists already; use `engine.handle::<{flow}>(id)` to reach it"
+    )]
+    AlreadyExists {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The instance finished or failed; it takes no more impulses.
+    #[error("the {flow} instance {id:?} has {status}; it takes no more impulses")]
+    Ended {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// `finished` or `failed`.
+        status: &'static str,
+    },
+    /// The impulse id was applied to this instance before; it was not applied again.
+    #[error(
+        "impulse {impulse_id:?} was already applied to the {flow} instance {id:?} (at step {step}); it was not applied again"
+    )]
+    ImpulseAlreadyApplied {
+        /// The flow.
+        flow: &'static str,
+        /// The instance id.
+        id: String,
+        /// The impulse id.
+        impulse_id: String,
+        /// The step that applied it.
+        step: u64,
+    },
+    /// The instance is parked for an operator.
+    #[error("the {flow} instance {id:?} is quarantined: {reason}")]
+    Quarantined {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// Why it was parked.
+        reason: String,
+    },
+    /// The flow type was not registered on this engine.
+    #[error("the flow {flow} is not registered on this engine; add `.flow::<{flow}>()` to the builder")]
+    UnknownFlow {
+        /// The flow.
+        flow: &'static str,
+    },
+    /// A flow links a driver that no registered implementation serves.
+    #[error(
+        "the flow {flow} links the driver {driver} (field `{field}`), but no implementation was registered; add `.driver(..)` with a type implementing {driver}"
+    )]
+    MissingDriver {
+        /// The flow.
+        flow: &'static str,
+        /// The field.
+        field: &'static str,
+        /// The driver trait.
+        driver: &'static str,
+    },
+    /// The same flow name was registered twice.
+    #[error("the flow name {flow} is registered twice; rename one with `#[flow(name = \"..\")]`")]
+    DuplicateFlow {
+        /// The flow.
+        flow: &'static str,
+    },
+    /// The builder has no store.
+    #[error(
+        "no store configured: call `.data_dir(path)` for the durable embedded store or `.in_memory()` for tests"
+    )]
+    NoStore,
+    /// A value could not be encoded or decoded.
+    #[error("{what} of the {flow} instance {id:?} could not be encoded or decoded: {source}")]
+    Codec {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: CodecError,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The data directory could not be prepared.
+    #[error("the data directory {path} cannot be used: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine did not answer in time.
+    #[error("{op} did not complete within {after:?}; the engine may be overloaded")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// Another writer changed the instance; the step was not applied. Retry the request.
+    #[error("the {flow} instance {id:?} was changed concurrently; the request was not applied, retry it")]
+    Conflict {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The engine is shut down.
+    #[error("the engine is shut down")]
+    Shutdown,
+}

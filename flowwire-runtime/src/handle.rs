@@ -1,0 +1,192 @@
+//! [`Handle`]: a client's grip on one instance.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::runner::Msg;
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+
+/// How an instance ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The wire returned `Command::finish()`.
+    Finished,
+    /// The wire returned `Command::fail(..)`, or a continuation returned `Err`.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A handle to one instance of flow `F`: send impulses, read probes, wait for the end.
+///
+/// Get one from `Engine::start` or `Engine::handle`; users normally hold the flow's
+/// generated handle (`OrderCircuitHandle`), which has a typed method per impulse and probe
+/// and dereferences to this one. Cloning is cheap.
+pub struct Handle<F: Flow> {
+    id: Arc<str>,
+    tx: mpsc::Sender<Msg<F>>,
+    timeout: Duration,
+}
+
+impl<F: Flow> Clone for Handle<F> {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            tx: self.tx.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<F: Flow> std::fmt::Debug for Handle<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handle<{}>({:?})", F::NAME, self.id)
+    }
+}
+
+impl<F: Flow> Handle<F> {
+    pub(crate) fn new(id: Arc<str>, tx: mpsc::Sender<Msg<F>>, timeout: Duration) -> Self {
+        Self { id, tx, timeout }
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) async fn request<T>(
+        &self,
+        op: &'static str,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Msg<F>,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let msg = make(tx);
+        let fut = async {
+            self.tx.send(msg).await.map_err(|_| Error::Shutdown)?;
+            rx.await.map_err(|_| Error::Shutdown)?
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| Error::Timeout {
+                op,
+                after: self.timeout,
+            })?
+    }
+
+    /// Waits until the instance finishes or fails.
+    ///
+    /// A flow may run for months, so this wait has no timeout of its own: wrap it in
+    /// `tokio::time::timeout` to bound it. Dropping the future only stops waiting.
+    /// A quarantined instance is reported as [`Error::Quarantined`] at once.
+    pub async fn finished(&self) -> Result<Ended> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Finished {
+            id: self.id.clone(),
+            reply: tx,
+        };
+        tokio::time::timeout(self.timeout, self.tx.send(msg))
+            .await
+            .map_err(|_| Error::Timeout {
+                op: "finished",
+                after: self.timeout,
+            })?
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// The last persisted state.
+    pub async fn state(&self) -> Result<F::State> {
+        let bytes = self.state_bytes().await?;
+        self.decode(&bytes)
+    }
+
+    /// Runs a read-only function on the flow as of its last persisted state; generated
+    /// probe methods call this.
+    pub async fn probe<T>(&self, f: impl FnOnce(&F) -> T) -> Result<T> {
+        let bytes = self.state_bytes().await?;
+        let flow = F::from_state(self.decode(&bytes)?);
+        Ok(f(&flow))
+    }
+
+    /// Sends an impulse; await the returned request to have it applied (durably) once.
+    pub fn impulse(&self, impulse: F::Impulse) -> ImpulseRequest<'_, F> {
+        ImpulseRequest {
+            handle: self,
+            impulse,
+            id: None,
+        }
+    }
+
+    async fn state_bytes(&self) -> Result<Bytes> {
+        let id = self.id.clone();
+        self.request("probe", |reply| Msg::Probe { id, reply }).await
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<F::State> {
+        flowwire_storage::codec::decode_raw(bytes, usize::MAX).map_err(|source| Error::Codec {
+            flow: F::NAME,
+            id: self.id.to_string(),
+            what: "the state",
+            source,
+        })
+    }
+}
+
+/// An impulse on its way: `.await` it to apply it; set its id first with
+/// [`id`](ImpulseRequest::id) to make retries safe.
+///
+/// Without an id, a fresh one is generated, so awaiting the same impulse twice applies it
+/// twice. With an id, an instance applies the id once: a second delivery is reported as
+/// [`Error::ImpulseAlreadyApplied`] and changes nothing.
+#[must_use = "an impulse is sent when it is awaited"]
+pub struct ImpulseRequest<'a, F: Flow> {
+    handle: &'a Handle<F>,
+    impulse: F::Impulse,
+    id: Option<Arc<str>>,
+}
+
+impl<F: Flow> ImpulseRequest<'_, F> {
+    /// Sets the impulse id (for example the id of the request that caused it).
+    pub fn id(mut self, id: impl Into<Arc<str>>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+}
+
+fn generated_id() -> Arc<str> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("fw-{:x}-{n:x}", crate::clock::unix_nanos()).into()
+}
+
+impl<'a, F: Flow> IntoFuture for ImpulseRequest<'a, F>
+where
+    F::Impulse: Sync,
+{
+    type Output = Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let impulse_id = self.id.unwrap_or_else(generated_id);
+            let id = self.handle.id.clone();
+            let impulse = self.impulse;
+            self.handle
+                .request("impulse", |reply| Msg::Impulse {
+                    id,
+                    impulse_id,
+                    impulse,
+                    reply,
+                })
+                .await
+        })
+    }
+}
