@@ -52,7 +52,9 @@ pub fn expand(m: &Model<'_>) -> TokenStream {
             fn #ident(&self #(, #names: #tys)*)
                 -> impl ::core::future::Future<Output = #out> + ::core::marker::Send;
         });
-        variants.push(quote! { #variant { #(#names: #tys),* } });
+        let vdoc = format!("A `{ident}` call.");
+        let fdocs: Vec<String> = names.iter().map(|n| format!("The `{n}` argument.")).collect();
+        variants.push(quote! { #[doc = #vdoc] #variant { #(#[doc = #fdocs] #names: #tys),* } });
         let doc = format!("Builds a `{ident}` call for the wire to drive; runs nothing and allocates nothing.");
         proxy_methods.push(quote! {
             #[doc = #doc]

@@ -49,7 +49,8 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
         let idx = i as u16;
         let field = d.field;
         let fname = field.to_string();
-        variants.push(quote!(#variant(#dcall)));
+        let vdoc = format!("A call of the `{fname}` link.");
+        variants.push(quote!(#[doc = #vdoc] #variant(#dcall)));
         froms.push(quote! {
             impl ::core::convert::From<#dcall> for #call {
                 #[inline]
@@ -183,7 +184,9 @@ pub fn expand_impl(m: &ImplModel<'_>) -> TokenStream {
         let args: Vec<_> = imp.args.iter().map(|a| &a.name).collect();
         let tys: Vec<_> = imp.args.iter().map(|a| a.ty).collect();
         let sname = ident.to_string();
-        variants.push(quote!(#variant { #(#args: #tys),* }));
+        let vdoc = format!("The `{sname}` impulse.");
+        let fdocs: Vec<String> = args.iter().map(|n| format!("The `{n}` argument.")).collect();
+        variants.push(quote!(#[doc = #vdoc] #variant { #(#[doc = #fdocs] #args: #tys),* }));
         names.push(quote!(#impulse_ident::#variant { .. } => #sname));
         applies.push(quote!(#impulse_ident::#variant { #(#args),* } => self.#ident(#(#args),*)));
         let doc = format!("Sends the `{ident}` impulse; `.await` it to apply it durably, once. Set `.id(..)` to make retries safe.");
