@@ -76,7 +76,7 @@ pub fn parse_struct<'a>(item: &'a syn::ItemStruct, opts: Options, cx: &mut Ctxt)
             }
             Some(Err(ty)) => cx.error(ty, "a driver link is `impl DriverTrait`: one trait, no generics, no extra bounds"),
             None => match &f.ty {
-                Type::Path(tp) if tp.qself.is_none() => {
+                Type::Path(syn::TypePath { qself: None, .. }) | Type::Tuple(_) | Type::Array(_) => {
                     if let Some((first, _)) = state {
                         cx.error(f, format!("a flow has one state link; `{first}` is already the state. Put both in one struct"));
                     } else {

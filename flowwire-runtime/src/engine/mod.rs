@@ -67,7 +67,7 @@ type FlowStart = fn(&FlowCtx) -> Result<BoxFut<Result<FlowEntry>>>;
 
 struct FlowEntry {
     sender: Box<dyn Any + Send + Sync>,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown: Box<dyn Fn() -> BoxFut<()> + Send + Sync>,
 }
 
@@ -244,7 +244,6 @@ impl EngineBuilder {
                 flows,
                 data_dir,
                 limits: self.limits,
-                tasks: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -278,7 +277,7 @@ fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEntry>>> {
         });
         Ok(FlowEntry {
             sender: Box::new(tx),
-            task,
+            task: Mutex::new(Some(task)),
             shutdown,
         })
     }))
@@ -288,7 +287,6 @@ struct Inner {
     flows: HashMap<TypeId, FlowEntry>,
     data_dir: Option<PathBuf>,
     limits: Limits,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running engine: start instances, reach existing ones, shut down.
@@ -365,19 +363,25 @@ impl Engine {
         F::META
     }
 
-    /// Stops every runner after its current batch commits. Calls in flight are not
-    /// waited for: they run again (same idempotency key) when the engine restarts.
+    /// Stops every runner after its current batch commits and releases the store (the
+    /// data directory can be opened again once this returns). Calls in flight are not
+    /// waited for: they run again, with the same idempotency key, when the engine restarts.
+    /// Later requests on this engine or its handles fail with [`Error::Shutdown`].
     pub async fn shutdown(&self) {
         for entry in self.inner.flows.values() {
             (entry.shutdown)().await;
+            let task = entry
+                .task
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
         }
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for t in tasks {
-            t.abort();
-        }
-        for entry in self.inner.flows.values() {
-            entry.task.abort();
-        }
+        // Blocking store calls already handed to tokio's pool finish on their own; wait
+        // for the last of them to drop its share of the store.
+        tokio::task::yield_now().await;
     }
 }
 
