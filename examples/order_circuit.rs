@@ -24,7 +24,10 @@ impl Sku {
         }
         let mut bytes = [0; 23];
         bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self { len: end as u8, bytes }
+        Self {
+            len: end as u8,
+            bytes,
+        }
     }
 
     /// The SKU as text.
@@ -49,7 +52,10 @@ impl<'de> Deserialize<'de> for Sku {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <&str>::deserialize(d)?;
         if s.len() > 23 {
-            return Err(serde::de::Error::invalid_length(s.len(), &"at most 23 bytes"));
+            return Err(serde::de::Error::invalid_length(
+                s.len(),
+                &"at most 23 bytes",
+            ));
         }
         Ok(Sku::new(s))
     }
@@ -144,10 +150,12 @@ impl OrderCircuit {
             return Command::finish();
         }
         match (self.state.reservation, self.state.charge) {
-            (None, _) => Command::drive(self.inventory.reserve(Sku::new("SKU-123"), 1)).then(|f, r| {
-                f.state.reservation = Some(r?);
-                Ok(())
-            }),
+            (None, _) => {
+                Command::drive(self.inventory.reserve(Sku::new("SKU-123"), 1)).then(|f, r| {
+                    f.state.reservation = Some(r?);
+                    Ok(())
+                })
+            }
             (Some(_), None) => Command::drive(self.payment.charge(9_995)).then(|f, r| {
                 f.state.charge = Some(r?);
                 Ok(())
@@ -168,7 +176,10 @@ struct Warehouse;
 impl Inventory for Warehouse {
     async fn reserve(&self, sku: Sku, qty: u32) -> Result<ReservationId, InventoryError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        println!("  drive    Inventory::reserve({sku:?}, {qty})   key {}", key());
+        println!(
+            "  drive    Inventory::reserve({sku:?}, {qty})   key {}",
+            key()
+        );
         Ok(ReservationId(7))
     }
 
@@ -191,7 +202,10 @@ impl Payment for Stripe {
 }
 
 async fn order(engine: &Engine, id: &str, cancel: bool) -> Result<(), flowwire::Error> {
-    let order = match engine.start::<OrderCircuit>(id, OrderState::default()).await {
+    let order = match engine
+        .start::<OrderCircuit>(id, OrderState::default())
+        .await
+    {
         Ok(order) => {
             println!("started  {id}");
             order
@@ -236,7 +250,9 @@ async fn main() -> Result<(), flowwire::Error> {
     order(&engine, "order-42", false).await?;
     order(&engine, "order-43", true).await?;
 
-    let dir = engine.data_dir().expect("the embedded store has a directory");
+    let dir = engine
+        .data_dir()
+        .expect("the embedded store has a directory");
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     println!("data     {}", dir.join("instances.redb").display());
     engine.shutdown().await;

@@ -86,7 +86,6 @@ impl Pay {
 
 #[test]
 fn building_a_call_and_a_command_allocates_nothing() {
-    let flow_state = PayState::default();
     let proxy = PaymentProxy;
     let (cmd, n) = allocations(|| {
         let call = proxy.charge(9_995, [7; 16]);
@@ -99,7 +98,6 @@ fn building_a_call_and_a_command_allocates_nothing() {
     assert_eq!(n, 0, "building a call and a command allocated {n} times");
     let (_, n) = allocations(|| (Command::<Pay>::finish(), Command::<Pay>::wait()));
     assert_eq!(n, 0);
-    drop(flow_state);
 }
 
 #[test]
@@ -117,6 +115,11 @@ fn one_in_memory_step_allocates_a_small_fixed_number_of_times() {
     let seq = inst.pending().unwrap().seq;
     let (step, n) = allocations(|| inst.outcome(seq, Ok(&reply), &mut scratch).unwrap());
     inst.commit(&step);
-    eprintln!("allocations in one in-memory step (outcome → continuation → wire → encoded record + history): {n}");
-    assert!(n <= 5, "one step allocated {n} times (5 when this test was written: call, state, record, history bytes and the history entry input)");
+    eprintln!(
+        "allocations in one in-memory step (outcome → continuation → wire → encoded record + history): {n}"
+    );
+    assert!(
+        n <= 5,
+        "one step allocated {n} times (5 when this test was written: call, state, record, history bytes and the history entry input)"
+    );
 }

@@ -1,4 +1,4 @@
-//! Crash safety with real kills: an engine process over 500 order flows is SIGKILLed at
+//! Crash safety with real kills: an engine process over 500 order flows is `SIGKILLed` at
 //! random moments at least 20 times and restarted on the same data directory; at the end
 //! every flow must have finished with each outcome and impulse applied exactly once, and
 //! every driver call executed at least once, with duplicates only across killed runs.
@@ -57,7 +57,10 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
     let mut run = 0;
     while kills < KILLS {
         run += 1;
-        assert!(run < 200, "the harness kept finishing before it could be killed");
+        assert!(
+            run < 200,
+            "the harness kept finishing before it could be killed"
+        );
         let tag = format!("run{run}");
         let mut child = spawn(dir.path(), &ledger, &tag);
         std::thread::sleep(Duration::from_millis(60 + rng.next() % 340));
@@ -69,8 +72,16 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
         } else {
             let status = child.wait().unwrap();
             let mut out = String::new();
-            child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-            assert!(status.success() && out.contains("DONE"), "run {run} failed: {status}");
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            assert!(
+                status.success() && out.contains("DONE"),
+                "run {run} failed: {status}"
+            );
             break;
         }
     }
@@ -78,8 +89,16 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
     let mut child = spawn(dir.path(), &ledger, "final");
     let status = child.wait().unwrap();
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(status.success() && out.contains("DONE"), "the final run failed: {status}\n{out}");
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        status.success() && out.contains("DONE"),
+        "the final run failed: {status}\n{out}"
+    );
 
     // Every flow finished, each outcome and impulse applied exactly once.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,8 +119,16 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
             .unwrap();
         for n in 0..FLOWS {
             let h = engine.handle::<CrashOrder>(order_id(n)).await.unwrap();
-            assert_eq!(h.finished().await.unwrap(), flowwire::Ended::Finished, "order {n}");
-            assert_eq!(h.counts().await.unwrap(), (1, 1, 1), "order {n}: (reserve, charge, approve) applied");
+            assert_eq!(
+                h.finished().await.unwrap(),
+                flowwire::Ended::Finished,
+                "order {n}"
+            );
+            assert_eq!(
+                h.counts().await.unwrap(),
+                (1, 1, 1),
+                "order {n}: (reserve, charge, approve) applied"
+            );
         }
         engine.shutdown().await;
     });
@@ -112,22 +139,40 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
     let mut per_flow: HashMap<String, (u32, u32)> = HashMap::new();
     for line in text.lines() {
         let mut parts = line.split(' ');
-        let (run, method, key) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let (run, method, key) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
         assert_ne!(run, "verify", "no call runs once every flow has finished");
         let flow = key.split('/').nth(1).unwrap().to_string();
         let e = per_flow.entry(flow).or_default();
-        if method == "reserve" { e.0 += 1 } else { e.1 += 1 }
-        by_key.entry(key.to_string()).or_default().push(run.to_string());
+        if method == "reserve" {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+        by_key
+            .entry(key.to_string())
+            .or_default()
+            .push(run.to_string());
     }
     for n in 0..FLOWS {
         let (r, c) = per_flow.get(&order_id(n)).copied().unwrap_or_default();
-        assert!(r >= 1 && c >= 1, "order {n}: reserve ran {r} times, charge {c} times");
+        assert!(
+            r >= 1 && c >= 1,
+            "order {n}: reserve ran {r} times, charge {c} times"
+        );
     }
     let mut duplicates = 0;
     for (key, runs) in &by_key {
         for w in runs.windows(2) {
             assert_ne!(w[0], w[1], "{key} ran twice in one process life ({})", w[0]);
-            assert!(killed_runs.contains(&w[0]), "{key} ran again after {}, which was not killed", w[0]);
+            assert!(
+                killed_runs.contains(&w[0]),
+                "{key} ran again after {}, which was not killed",
+                w[0]
+            );
         }
         duplicates += runs.len() - 1;
     }

@@ -91,7 +91,11 @@ impl Clerk for Desk {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let ctx = CallContext::current().expect("a driver call has a context");
         self.keys.lock().unwrap().push(ctx.idempotency_key());
-        if seats == 0 { Err(NoSeats) } else { Ok(seats * 100) }
+        if seats == 0 {
+            Err(NoSeats)
+        } else {
+            Ok(seats * 100)
+        }
     }
 }
 
@@ -107,15 +111,25 @@ async fn engine_with(desk: Desk) -> Engine {
 }
 
 async fn finished(h: &TripHandle) -> Ended {
-    tokio::time::timeout(Duration::from_secs(10), h.finished()).await.expect("ends in time").unwrap()
+    tokio::time::timeout(Duration::from_secs(10), h.finished())
+        .await
+        .expect("ends in time")
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_waits_drives_and_finishes_with_probes_from_persisted_state() {
     let desk = Desk::default();
     let engine = engine_with(desk.clone()).await;
-    let trip = engine.start::<Trip>("t-1", TripState::default()).await.unwrap();
-    assert_eq!(trip.booked().await.unwrap(), None, "a started flow waits for `want`");
+    let trip = engine
+        .start::<Trip>("t-1", TripState::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        trip.booked().await.unwrap(),
+        None,
+        "a started flow waits for `want`"
+    );
     trip.want(2).await.unwrap();
     for _ in 0..200 {
         if trip.booked().await.unwrap().is_some() {
@@ -126,15 +140,26 @@ async fn a_flow_waits_drives_and_finishes_with_probes_from_persisted_state() {
     assert_eq!(trip.booked().await.unwrap(), Some(200));
     trip.note("window seat".into()).await.unwrap();
     assert_eq!(finished(&trip).await, Ended::Finished);
-    assert_eq!(trip.notes().await.unwrap(), 1, "probes answer for ended instances too");
+    assert_eq!(
+        trip.notes().await.unwrap(),
+        1,
+        "probes answer for ended instances too"
+    );
     assert_eq!(desk.calls.load(Ordering::SeqCst), 1);
-    assert_eq!(*desk.keys.lock().unwrap(), vec!["Trip/t-1/2".to_string()], "key = flow/instance/step");
+    assert_eq!(
+        *desk.keys.lock().unwrap(),
+        vec!["Trip/t-1/2".to_string()],
+        "key = flow/instance/step"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impulse_id_is_applied_once_and_a_reuse_is_named() {
     let engine = engine_with(Desk::default()).await;
-    let trip = engine.start::<Trip>("t-2", TripState::default()).await.unwrap();
+    let trip = engine
+        .start::<Trip>("t-2", TripState::default())
+        .await
+        .unwrap();
     trip.note("a".into()).id("n-1").await.unwrap();
     let err = trip.note("a".into()).id("n-1").await.unwrap_err();
     assert!(
@@ -143,7 +168,11 @@ async fn an_impulse_id_is_applied_once_and_a_reuse_is_named() {
     );
     trip.note("b".into()).await.unwrap();
     trip.note("b".into()).await.unwrap();
-    assert_eq!(trip.notes().await.unwrap(), 3, "impulses without an id are distinct");
+    assert_eq!(
+        trip.notes().await.unwrap(),
+        3,
+        "impulses without an id are distinct"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,24 +181,51 @@ async fn bad_requests_are_typed_errors() {
     let err = engine.handle::<Trip>("nobody").await.unwrap_err();
     assert!(matches!(err, Error::NotFound { flow: "Trip", .. }), "{err}");
 
-    let trip = engine.start::<Trip>("t-3", TripState::default()).await.unwrap();
-    let err = engine.start::<Trip>("t-3", TripState::default()).await.unwrap_err();
+    let trip = engine
+        .start::<Trip>("t-3", TripState::default())
+        .await
+        .unwrap();
+    let err = engine
+        .start::<Trip>("t-3", TripState::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
-    assert!(err.to_string().contains("engine.handle"), "the message says what to do: {err}");
+    assert!(
+        err.to_string().contains("engine.handle"),
+        "the message says what to do: {err}"
+    );
 
     trip.want(1).await.unwrap();
     trip.note("x".into()).await.unwrap();
     assert_eq!(finished(&trip).await, Ended::Finished);
     let err = trip.note("late".into()).await.unwrap_err();
-    assert!(matches!(err, Error::Ended { status: "finished", .. }), "{err}");
-    let err = engine.start::<Trip>("t-3", TripState::default()).await.unwrap_err();
-    assert!(matches!(err, Error::AlreadyExists { .. }), "an ended id stays taken: {err}");
+    assert!(
+        matches!(
+            err,
+            Error::Ended {
+                status: "finished",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = engine
+        .start::<Trip>("t-3", TripState::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::AlreadyExists { .. }),
+        "an ended id stays taken: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_error_reaches_the_continuation_and_fails_the_flow() {
     let engine = engine_with(Desk::default()).await;
-    let trip = engine.start::<Trip>("t-4", TripState::default()).await.unwrap();
+    let trip = engine
+        .start::<Trip>("t-4", TripState::default())
+        .await
+        .unwrap();
     trip.want(0).await.unwrap();
     assert_eq!(
         finished(&trip).await,
@@ -182,8 +238,14 @@ async fn a_driver_error_reaches_the_continuation_and_fails_the_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_wire_parks_its_instance_and_the_engine_keeps_running() {
     let engine = engine_with(Desk::default()).await;
-    let bad = engine.start::<Trip>("bad", TripState::default()).await.unwrap();
-    let good = engine.start::<Trip>("good", TripState::default()).await.unwrap();
+    let bad = engine
+        .start::<Trip>("bad", TripState::default())
+        .await
+        .unwrap();
+    let good = engine
+        .start::<Trip>("good", TripState::default())
+        .await
+        .unwrap();
     bad.explode().await.unwrap();
     let err = bad.finished().await.unwrap_err();
     assert!(
@@ -192,7 +254,10 @@ async fn a_panicking_wire_parks_its_instance_and_the_engine_keeps_running() {
     );
     let err = bad.note("x".into()).await.unwrap_err();
     assert!(matches!(err, Error::Quarantined { .. }), "{err}");
-    assert!(!bad.state().await.unwrap().boom, "the parked state is the last committed one");
+    assert!(
+        !bad.state().await.unwrap().boom,
+        "the parked state is the last committed one"
+    );
     good.want(1).await.unwrap();
     good.note("ok".into()).await.unwrap();
     assert_eq!(finished(&good).await, Ended::Finished);
@@ -203,8 +268,17 @@ async fn an_engine_resumes_instances_from_its_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let desk = Desk::default();
     {
-        let engine = Engine::builder().data_dir(dir.path()).flow::<Trip>().driver(desk.clone()).start().await.unwrap();
-        let trip = engine.start::<Trip>("r-1", TripState::default()).await.unwrap();
+        let engine = Engine::builder()
+            .data_dir(dir.path())
+            .flow::<Trip>()
+            .driver(desk.clone())
+            .start()
+            .await
+            .unwrap();
+        let trip = engine
+            .start::<Trip>("r-1", TripState::default())
+            .await
+            .unwrap();
         trip.want(3).await.unwrap();
         for _ in 0..200 {
             if trip.booked().await.unwrap().is_some() {
@@ -214,9 +288,19 @@ async fn an_engine_resumes_instances_from_its_data_dir() {
         }
         engine.shutdown().await;
     }
-    let engine = Engine::builder().data_dir(dir.path()).flow::<Trip>().driver(desk.clone()).start().await.unwrap();
+    let engine = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<Trip>()
+        .driver(desk.clone())
+        .start()
+        .await
+        .unwrap();
     let trip = engine.handle::<Trip>("r-1").await.unwrap();
-    assert_eq!(trip.booked().await.unwrap(), Some(300), "state survives the restart");
+    assert_eq!(
+        trip.booked().await.unwrap(),
+        Some(300),
+        "state survives the restart"
+    );
     trip.note("after restart".into()).await.unwrap();
     assert_eq!(finished(&trip).await, Ended::Finished);
 }
@@ -225,12 +309,31 @@ async fn an_engine_resumes_instances_from_its_data_dir() {
 async fn building_an_engine_names_what_is_missing() {
     let err = Engine::builder().flow::<Trip>().start().await.unwrap_err();
     assert!(matches!(err, Error::NoStore), "{err}");
-    let err = Engine::builder().in_memory().flow::<Trip>().start().await.unwrap_err();
+    let err = Engine::builder()
+        .in_memory()
+        .flow::<Trip>()
+        .start()
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, Error::MissingDriver { flow: "Trip", field: "clerk", driver: "Clerk" }),
+        matches!(
+            err,
+            Error::MissingDriver {
+                flow: "Trip",
+                field: "clerk",
+                driver: "Clerk"
+            }
+        ),
         "{err}"
     );
-    let err = Engine::builder().in_memory().flow::<Trip>().flow::<Trip>().driver(Desk::default()).start().await.unwrap_err();
+    let err = Engine::builder()
+        .in_memory()
+        .flow::<Trip>()
+        .flow::<Trip>()
+        .driver(Desk::default())
+        .start()
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::DuplicateFlow { .. }), "{err}");
     let engine = engine_with(Desk::default()).await;
     let err = engine.start::<Other>("x", ()).await.unwrap_err();
@@ -246,6 +349,7 @@ pub struct Other {
 #[flow]
 impl Other {
     #[wire]
+    #[allow(clippy::unused_self)] // the wire's signature is fixed; this flow ends at once
     fn run(&mut self) -> Command<Self> {
         Command::finish()
     }
@@ -269,10 +373,17 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
         }])
         .await
         .unwrap();
-    let engine = Engine::builder().store(store.clone()).flow::<Trip>().driver(Desk::default()).start().await.unwrap();
+    let engine = Engine::builder()
+        .store(store.clone())
+        .flow::<Trip>()
+        .driver(Desk::default())
+        .start()
+        .await
+        .unwrap();
     let err = engine.handle::<Trip>("future").await.unwrap_err();
     assert!(
-        err.to_string().contains("unknown format version 99 for record"),
+        err.to_string()
+            .contains("unknown format version 99 for record"),
         "the error names the version: {err}"
     );
     let kept = store.load(&key).await.unwrap().unwrap();
@@ -283,7 +394,13 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
 async fn a_corrupted_store_file_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("instances.redb"), vec![0x5A; 8192]).unwrap();
-    let err = Engine::builder().data_dir(dir.path()).flow::<Trip>().driver(Desk::default()).start().await.unwrap_err();
+    let err = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<Trip>()
+        .driver(Desk::default())
+        .start()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("corrupted"), "{err}");
 }
 

@@ -12,7 +12,8 @@ pub struct Ctxt {
 impl Ctxt {
     /// Records an error spanning `tokens`.
     pub fn error(&mut self, tokens: impl ToTokens, msg: impl std::fmt::Display) {
-        self.errors.push(syn::Error::new_spanned(tokens.into_token_stream(), msg));
+        self.errors
+            .push(syn::Error::new_spanned(tokens.into_token_stream(), msg));
     }
 
     /// Records a parse error.
@@ -25,6 +26,10 @@ impl Ctxt {
         if self.errors.is_empty() {
             return Ok(());
         }
-        Err(self.errors.iter().map(syn::Error::to_compile_error).collect())
+        Err(self
+            .errors
+            .iter()
+            .map(syn::Error::to_compile_error)
+            .collect())
     }
 }

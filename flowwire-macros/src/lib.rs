@@ -30,18 +30,20 @@ fn debug(name: &str, out: proc_macro2::TokenStream) -> TokenStream {
 /// Turns a trait of `async fn` methods into a driver. See the crate docs.
 #[proc_macro_attribute]
 pub fn driver(args: TokenStream, input: TokenStream) -> TokenStream {
-    debug("driver", driver::driver(args.into(), input.into()))
+    debug("driver", driver::driver(args.into(), &input.into()))
 }
 
 /// Turns a struct into a flow board, or its `impl` block into the flow's behaviour.
 #[proc_macro_attribute]
 pub fn flow(args: TokenStream, input: TokenStream) -> TokenStream {
-    debug("flow", flow::flow(args.into(), input.into()))
+    debug("flow", flow::flow(args.into(), &input.into()))
 }
 
 fn stray(marker: &str, input: TokenStream) -> TokenStream {
     let input = proc_macro2::TokenStream::from(input);
-    let msg = format!("`#[{marker}]` is only valid on a method of a `#[flow]` impl block; add `#[flow]` to the impl");
+    let msg = format!(
+        "`#[{marker}]` is only valid on a method of a `#[flow]` impl block; add `#[flow]` to the impl"
+    );
     let e = syn::Error::new(proc_macro2::Span::call_site(), msg).to_compile_error();
     quote::quote!(#e #input).into()
 }

@@ -28,18 +28,18 @@ pub fn parse(attr: &str, tokens: TokenStream, allowed: &[&str], cx: &mut Ctxt) -
     } else {
         format!(
             "`#[{attr}]` accepts {}",
-            allowed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+            allowed
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     };
     let parser = syn::meta::parser(|meta| {
-        let name = meta
-            .path
+        let path = &meta.path;
+        let name = path
             .get_ident()
-            .map(ToString::to_string)
-            .unwrap_or_else(|| {
-                let path = &meta.path;
-                quote::quote!(#path).to_string()
-            });
+            .map_or_else(|| quote::quote!(#path).to_string(), ToString::to_string);
         if !ALL.contains(&name.as_str()) {
             return Err(meta.error(format!("unknown option `{name}`; {accepts}")));
         }
@@ -140,7 +140,12 @@ mod tests {
     #[test]
     fn a_misplaced_option_names_the_attribute_and_the_valid_ones() {
         let mut cx = Ctxt::default();
-        parse("flow", quote::quote!(timeout = "1s"), &["version", "name", "crate"], &mut cx);
+        parse(
+            "flow",
+            quote::quote!(timeout = "1s"),
+            &["version", "name", "crate"],
+            &mut cx,
+        );
         let err = cx.check().unwrap_err().to_string();
         assert!(err.contains("`timeout` is not allowed on `#[flow]`; `#[flow]` accepts `version`, `name`, `crate`"), "{err}");
     }
@@ -148,7 +153,12 @@ mod tests {
     #[test]
     fn an_unknown_option_lists_the_valid_ones() {
         let mut cx = Ctxt::default();
-        parse("driver", quote::quote!(timout = "1s"), &["timeout", "retries"], &mut cx);
+        parse(
+            "driver",
+            quote::quote!(timout = "1s"),
+            &["timeout", "retries"],
+            &mut cx,
+        );
         let err = cx.check().unwrap_err().to_string();
         assert!(err.contains("unknown option `timout`"), "{err}");
     }
@@ -156,7 +166,12 @@ mod tests {
     #[test]
     fn an_option_set_twice_is_an_error() {
         let mut cx = Ctxt::default();
-        let o = parse("driver", quote::quote!(retries = 1, retries = 2), &["retries"], &mut cx);
+        let o = parse(
+            "driver",
+            quote::quote!(retries = 1, retries = 2),
+            &["retries"],
+            &mut cx,
+        );
         assert_eq!(o.retries, Some(1));
         assert!(cx.check().unwrap_err().to_string().contains("set twice"));
     }

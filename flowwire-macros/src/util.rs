@@ -24,8 +24,10 @@ pub fn type_name(ty: &impl ToTokens) -> String {
     for (i, &c) in chars.iter().enumerate() {
         if c == ' ' {
             let next = chars.get(i + 1).copied().unwrap_or(' ');
-            let glue = |x: char| matches!(x, '<' | '>' | ':' | '&' | '(' | ')' | '[' | ']' | ',' | ';');
-            if glue(prev) && prev != ',' && prev != ';' || glue(next) && next != '&' || next == ',' {
+            let glue =
+                |x: char| matches!(x, '<' | '>' | ':' | '&' | '(' | ')' | '[' | ']' | ',' | ';');
+            if glue(prev) && prev != ',' && prev != ';' || glue(next) && next != '&' || next == ','
+            {
                 continue;
             }
         }

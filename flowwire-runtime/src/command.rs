@@ -123,6 +123,7 @@ pub(crate) enum ThenError {
 }
 
 /// A continuation with its result type erased, so every drive of a flow fits one type.
+#[allow(clippy::type_complexity)] // a fn pointer signature, named once here
 pub(crate) struct Then<F> {
     raw: fn(),
     run: fn(fn(), &mut F, Delivered<'_>, usize) -> Result<(), ThenError>,

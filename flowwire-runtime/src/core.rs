@@ -215,12 +215,18 @@ impl<F: Flow> Instance<F> {
         };
         let input = StepInput::Outcome { call_seq: seq, ok };
         let limit = self.limit;
-        let ran = catch_unwind(AssertUnwindSafe(|| then.call(&mut self.flow, delivered, limit)));
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            then.call(&mut self.flow, delivered, limit)
+        }));
         match ran {
             Ok(Ok(())) => Some(self.advance(input, None, false, scratch)),
-            Ok(Err(ThenError::Failed(failure))) => {
-                Some(self.end(input, Status::Failed { reason: failure.to_string() }, scratch))
-            }
+            Ok(Err(ThenError::Failed(failure))) => Some(self.end(
+                input,
+                Status::Failed {
+                    reason: failure.to_string(),
+                },
+                scratch,
+            )),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
                 Some(self.park(input, reason, scratch))
@@ -247,7 +253,11 @@ impl<F: Flow> Instance<F> {
     }
 
     /// Runs the wire again to find the continuation of the call in flight (after a restart).
-    fn rederive(&mut self, pending: &PendingCall, scratch: &mut Scratch) -> Result<Then<F>, String> {
+    fn rederive(
+        &mut self,
+        pending: &PendingCall,
+        scratch: &mut Scratch,
+    ) -> Result<Then<F>, String> {
         let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
             .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
         let CommandKind::Drive { call, then } = cmd.kind else {
@@ -260,7 +270,10 @@ impl<F: Flow> Instance<F> {
         scratch.call.clear();
         call.encode(&mut scratch.call)
             .map_err(|e| format!("the call could not be encoded: {e}"))?;
-        if call.link() != pending.link || call.method() != pending.method || scratch.call != pending.call {
+        if call.link() != pending.link
+            || call.method() != pending.method
+            || scratch.call != pending.call
+        {
             return Err(format!(
                 "non-deterministic wire: the call at step {} differs from the one the wire returns now",
                 pending.seq
@@ -336,7 +349,9 @@ impl<F: Flow> Instance<F> {
             return self.park(input, reason, scratch);
         }
         let state = Bytes::copy_from_slice(&scratch.state);
-        self.build(input, impulse, status, state, pending, dispatch, output, scratch)
+        self.build(
+            input, impulse, status, state, pending, dispatch, output, scratch,
+        )
     }
 
     /// A terminal step after a continuation failed the flow.
@@ -360,14 +375,12 @@ impl<F: Flow> Instance<F> {
     fn park(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
         // User code may have changed the state before it panicked: park the committed one.
         let state = self.record.state.clone();
-        if !state.is_empty() {
-            if let Ok(s) = codec::decode_raw::<F::State>(&state, self.limit) {
-                self.flow = F::from_state(s);
-            }
-        } else {
+        if state.is_empty() {
             // A start that panicked: park the initial state as given.
             scratch.state.clear();
             let _ = codec::encode_raw(self.flow.state(), &mut scratch.state);
+        } else if let Ok(s) = codec::decode_raw::<F::State>(&state, self.limit) {
+            self.flow = F::from_state(s);
         }
         let state = if state.is_empty() {
             Bytes::copy_from_slice(&scratch.state)

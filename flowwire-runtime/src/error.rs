@@ -65,7 +65,9 @@ pub enum Error {
         reason: String,
     },
     /// The flow type was not registered on this engine.
-    #[error("the flow {flow} is not registered on this engine; add `.flow::<{flow}>()` to the builder")]
+    #[error(
+        "the flow {flow} is not registered on this engine; add `.flow::<{flow}>()` to the builder"
+    )]
     UnknownFlow {
         /// The flow.
         flow: &'static str,
@@ -127,7 +129,9 @@ pub enum Error {
         after: Duration,
     },
     /// Another writer changed the instance; the step was not applied. Retry the request.
-    #[error("the {flow} instance {id:?} was changed concurrently; the request was not applied, retry it")]
+    #[error(
+        "the {flow} instance {id:?} was changed concurrently; the request was not applied, retry it"
+    )]
     Conflict {
         /// The flow.
         flow: &'static str,

@@ -127,7 +127,8 @@ impl<F: Flow> Handle<F> {
 
     async fn state_bytes(&self) -> Result<Bytes> {
         let id = self.id.clone();
-        self.request("probe", |reply| Msg::Probe { id, reply }).await
+        self.request("probe", |reply| Msg::Probe { id, reply })
+            .await
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<F::State> {

@@ -199,7 +199,10 @@ pub fn encode_raw<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result
 }
 
 /// Decodes a value written by [`encode_raw`]; the whole input must be consumed.
-pub fn decode_raw<'de, T: Deserialize<'de>>(bytes: &'de [u8], limit: usize) -> Result<T, CodecError> {
+pub fn decode_raw<'de, T: Deserialize<'de>>(
+    bytes: &'de [u8],
+    limit: usize,
+) -> Result<T, CodecError> {
     if bytes.len() > limit {
         return Err(CodecError::TooLarge {
             size: bytes.len(),
@@ -237,8 +240,12 @@ mod tests {
     fn every_truncation_is_a_typed_error() {
         let buf = sample();
         for cut in 0..buf.len() {
-            let err = decode::<(u64, Vec<u8>, String)>(Kind::Record, &buf[..cut], 1024).unwrap_err();
-            assert!(matches!(err, CodecError::Truncated { .. }), "cut at {cut}: {err}");
+            let err =
+                decode::<(u64, Vec<u8>, String)>(Kind::Record, &buf[..cut], 1024).unwrap_err();
+            assert!(
+                matches!(err, CodecError::Truncated { .. }),
+                "cut at {cut}: {err}"
+            );
         }
     }
 
@@ -268,7 +275,10 @@ mod tests {
                 supported: 1
             }
         );
-        assert!(err.to_string().contains("unknown format version 99 for record"));
+        assert!(
+            err.to_string()
+                .contains("unknown format version 99 for record")
+        );
     }
 
     #[test]
@@ -276,7 +286,16 @@ mod tests {
         let mut buf = Vec::new();
         encode(Kind::State, &vec![0u8; 100], &mut buf).unwrap();
         let err = decode::<Vec<u8>>(Kind::State, &buf, 50).unwrap_err();
-        assert!(matches!(err, CodecError::TooLarge { size: 101, limit: 50 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CodecError::TooLarge {
+                    size: 101,
+                    limit: 50
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ pub enum CodecError {
         found: &'static str,
     },
     /// The checksum does not match: the bytes were changed after they were written.
-    #[error("checksum mismatch (stored {stored:08x}, computed {computed:08x}): the value is corrupted")]
+    #[error(
+        "checksum mismatch (stored {stored:08x}, computed {computed:08x}): the value is corrupted"
+    )]
     Checksum {
         /// Checksum in the envelope.
         stored: u32,

@@ -14,7 +14,8 @@ async fn redb_store_conforms() {
     let n = std::sync::atomic::AtomicUsize::new(0);
     conformance::run_all(|| {
         let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Box::new(RedbStore::open(dir.path().join(format!("s{i}.redb"))).unwrap()) as Box<dyn InstanceStore>
+        Box::new(RedbStore::open(dir.path().join(format!("s{i}.redb"))).unwrap())
+            as Box<dyn InstanceStore>
     })
     .await;
 }

@@ -98,8 +98,9 @@ pub mod __private {
     pub use flowwire_runtime::command::Command;
     pub use flowwire_runtime::error::Error;
     pub use flowwire_runtime::{
-        ArgMeta, Board, Call, CallSet, Driver, DriverCall, DriverMeta, Flow, FlowMeta, Handle,
-        Dispatch, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta, MethodMeta, ProbeMeta, Reply,
+        ArgMeta, Board, Call, CallSet, Dispatch, Driver, DriverCall, DriverMeta, Flow, FlowMeta,
+        Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta, MethodMeta,
+        ProbeMeta, Reply,
     };
     pub use flowwire_storage::CodecError;
     pub use flowwire_storage::codec::encode_raw;

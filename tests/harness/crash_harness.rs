@@ -21,16 +21,18 @@ async fn drive_one(engine: Engine, n: u32) -> Result<(), String> {
     };
     let handle = match engine.start::<CrashOrder>(id.as_str(), state).await {
         Ok(h) => h,
-        Err(flowwire::Error::AlreadyExists { .. }) => {
-            engine.handle::<CrashOrder>(id.as_str()).await.map_err(|e| e.to_string())?
-        }
+        Err(flowwire::Error::AlreadyExists { .. }) => engine
+            .handle::<CrashOrder>(id.as_str())
+            .await
+            .map_err(|e| e.to_string())?,
         Err(e) => return Err(e.to_string()),
     };
     match handle.approve().id(format!("approve-{n}")).await {
-        Ok(()) | Err(flowwire::Error::ImpulseAlreadyApplied { .. } | flowwire::Error::Ended { .. }) => {}
+        Ok(())
+        | Err(flowwire::Error::ImpulseAlreadyApplied { .. } | flowwire::Error::Ended { .. }) => {}
         Err(e) => return Err(e.to_string()),
     }
-    match tokio::time::timeout(Duration::from_secs(120), handle.finished()).await {
+    match tokio::time::timeout(Duration::from_mins(2), handle.finished()).await {
         Ok(Ok(flowwire::Ended::Finished)) => Ok(()),
         other => Err(format!("{id}: {other:?}")),
     }

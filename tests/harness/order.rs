@@ -60,7 +60,11 @@ impl CrashOrder {
 
     #[probe]
     fn counts(&self) -> (u32, u32, u32) {
-        (self.state.reserve_applied, self.state.charge_applied, self.state.approvals)
+        (
+            self.state.reserve_applied,
+            self.state.charge_applied,
+            self.state.approvals,
+        )
     }
 
     #[wire]

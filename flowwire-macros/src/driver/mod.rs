@@ -8,7 +8,7 @@ use proc_macro2::TokenStream;
 use crate::ctxt::Ctxt;
 
 /// parse → validate → expand. On error the trait is still emitted, so tools keep working.
-pub fn driver(args: TokenStream, input: TokenStream) -> TokenStream {
+pub fn driver(args: TokenStream, input: &TokenStream) -> TokenStream {
     let mut cx = Ctxt::default();
     let opts = crate::options::parse("driver", args, &["timeout", "retries", "crate"], &mut cx);
     let item: syn::ItemTrait = match syn::parse2::<syn::Item>(input.clone()) {
@@ -22,7 +22,7 @@ pub fn driver(args: TokenStream, input: TokenStream) -> TokenStream {
         }
         _ => {
             let e = syn::Error::new_spanned(
-                &input,
+                input,
                 "`#[driver]` goes on a trait whose methods are `async fn name(&self, ..) -> Result<T, E>`, or on an `impl DriverTrait for Type` block",
             );
             let e = e.to_compile_error();
@@ -41,24 +41,36 @@ mod tests {
     use quote::quote;
 
     fn errors(input: proc_macro2::TokenStream) -> String {
-        super::driver(quote!(), input).to_string()
+        super::driver(quote!(), &input).to_string()
     }
 
     #[test]
     fn a_method_that_is_not_async_is_refused() {
-        let out = errors(quote!(trait P { fn charge(&self, c: u64) -> Result<u8, u8>; }));
+        let out = errors(quote!(
+            trait P {
+                fn charge(&self, c: u64) -> Result<u8, u8>;
+            }
+        ));
         assert!(out.contains("driver methods are `async fn`"), "{out}");
     }
 
     #[test]
     fn self_by_value_is_refused() {
-        let out = errors(quote!(trait P { async fn charge(self, c: u64) -> Result<u8, u8>; }));
+        let out = errors(quote!(
+            trait P {
+                async fn charge(self, c: u64) -> Result<u8, u8>;
+            }
+        ));
         assert!(out.contains("take `&self`"), "{out}");
     }
 
     #[test]
     fn a_valid_driver_expands_to_its_call_enum_and_proxy() {
-        let out = errors(quote!(pub trait Payment { async fn charge(&self, cents: u64) -> Result<u8, u8>; }));
+        let out = errors(quote!(
+            pub trait Payment {
+                async fn charge(&self, cents: u64) -> Result<u8, u8>;
+            }
+        ));
         assert!(out.contains("pub enum PaymentCall"), "{out}");
         assert!(out.contains("pub struct PaymentProxy"), "{out}");
         assert!(!out.contains("compile_error"), "{out}");

@@ -26,7 +26,10 @@ const SHAPE: &str = "write `async fn name(&self, ..) -> Result<T, E>;`";
 
 pub fn parse<'a>(item: &'a syn::ItemTrait, opts: Options, cx: &mut Ctxt) -> Model<'a> {
     if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
-        cx.error(&item.generics, "a driver trait cannot be generic: its calls cross process boundaries as plain data");
+        cx.error(
+            &item.generics,
+            "a driver trait cannot be generic: its calls cross process boundaries as plain data",
+        );
     }
     let mut methods = Vec::new();
     for it in &item.items {
@@ -39,7 +42,10 @@ pub fn parse<'a>(item: &'a syn::ItemTrait, opts: Options, cx: &mut Ctxt) -> Mode
         }
     }
     if item.items.is_empty() {
-        cx.error(&item.ident, format!("a driver needs at least one method; {SHAPE}"));
+        cx.error(
+            &item.ident,
+            format!("a driver needs at least one method; {SHAPE}"),
+        );
     }
     if methods.len() > usize::from(u16::MAX) {
         cx.error(&item.ident, "a driver has at most 65535 methods");
@@ -55,15 +61,26 @@ fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>
     let sig = &f.sig;
     let mut ok = true;
     if sig.asyncness.is_none() {
-        cx.error(sig.fn_token, format!("driver methods are `async fn`: a call runs on a worker and is awaited; {SHAPE}"));
+        cx.error(
+            sig.fn_token,
+            format!(
+                "driver methods are `async fn`: a call runs on a worker and is awaited; {SHAPE}"
+            ),
+        );
         ok = false;
     }
     if !sig.generics.params.is_empty() {
-        cx.error(&sig.generics, "driver methods cannot be generic: their arguments cross to a worker as plain data");
+        cx.error(
+            &sig.generics,
+            "driver methods cannot be generic: their arguments cross to a worker as plain data",
+        );
         ok = false;
     }
     if let Some(body) = &f.default {
-        cx.error(body, "driver methods have no default body: implementations provide them");
+        cx.error(
+            body,
+            "driver methods have no default body: implementations provide them",
+        );
         ok = false;
     }
     match sig.inputs.first() {
@@ -101,7 +118,10 @@ fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>
     let output = match &sig.output {
         ReturnType::Type(_, ty) => &**ty,
         ReturnType::Default => {
-            cx.error(&sig.ident, format!("driver methods return `Result<T, E>`; {SHAPE}"));
+            cx.error(
+                &sig.ident,
+                format!("driver methods return `Result<T, E>`; {SHAPE}"),
+            );
             return None;
         }
     };

@@ -10,7 +10,7 @@ use proc_macro2::TokenStream;
 
 use crate::ctxt::Ctxt;
 
-pub fn flow(args: TokenStream, input: TokenStream) -> TokenStream {
+pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
     let mut cx = Ctxt::default();
     match syn::parse2::<syn::Item>(input.clone()) {
         Ok(syn::Item::Struct(item)) => {
@@ -39,7 +39,7 @@ pub fn flow(args: TokenStream, input: TokenStream) -> TokenStream {
         }
         _ => {
             let e = syn::Error::new_spanned(
-                &input,
+                input,
                 "`#[flow]` goes on a struct (the board) and on its `impl` block (the wire, impulses and probes)",
             )
             .to_compile_error();
@@ -53,12 +53,15 @@ mod tests {
     use quote::quote;
 
     fn out(args: proc_macro2::TokenStream, input: proc_macro2::TokenStream) -> String {
-        super::flow(args, input).to_string()
+        super::flow(args, &input).to_string()
     }
 
     #[test]
     fn an_impl_without_a_wire_is_refused() {
-        let o = out(quote!(), quote!(impl Order { #[impulse] fn cancel(&mut self) {} }));
+        let o = out(
+            quote!(),
+            quote!(impl Order { #[impulse] fn cancel(&mut self) {} }),
+        );
         assert!(o.contains("a flow needs one `#[wire]` method"), "{o}");
     }
 
@@ -71,12 +74,25 @@ mod tests {
                 #[wire] fn b(&mut self) -> Command<Self> { todo!() }
             }),
         );
-        assert!(o.contains("a flow has one `#[wire]`; `a` is already the wire"), "{o}");
+        assert!(
+            o.contains("a flow has one `#[wire]`; `a` is already the wire"),
+            "{o}"
+        );
     }
 
     #[test]
     fn a_struct_expands_to_its_board() {
-        let o = out(quote!(version = 2), quote!(pub struct Order { #[link] state: S, #[link] pay: impl Payment }));
+        let o = out(
+            quote!(version = 2),
+            quote!(
+                pub struct Order {
+                    #[link]
+                    state: S,
+                    #[link]
+                    pay: impl Payment,
+                }
+            ),
+        );
         assert!(o.contains("pay : PaymentProxy"), "{o}");
         assert!(o.contains("pub enum OrderCall"), "{o}");
         assert!(o.contains("const VERSION : u32 = 2u32"), "{o}");

@@ -7,7 +7,8 @@ use crate::ctxt::Ctxt;
 use crate::options::Options;
 use crate::util::is_marker;
 
-const LINK_SHAPE: &str = "a `#[link]` is the flow's state (`state: OrderState`) or a driver (`payment: impl Payment`)";
+const LINK_SHAPE: &str =
+    "a `#[link]` is the flow's state (`state: OrderState`) or a driver (`payment: impl Payment`)";
 
 pub struct DriverLink<'a> {
     pub field: &'a syn::Ident,
@@ -45,21 +46,34 @@ pub fn with_suffix(path: &syn::Path, suffix: &str) -> syn::Path {
     p
 }
 
-pub fn parse_struct<'a>(item: &'a syn::ItemStruct, opts: Options, cx: &mut Ctxt) -> Option<StructModel<'a>> {
+pub fn parse_struct<'a>(
+    item: &'a syn::ItemStruct,
+    opts: Options,
+    cx: &mut Ctxt,
+) -> Option<StructModel<'a>> {
     if !item.generics.params.is_empty() {
-        cx.error(&item.generics, "a flow cannot be generic: its instances are stored and resumed by name");
+        cx.error(
+            &item.generics,
+            "a flow cannot be generic: its instances are stored and resumed by name",
+        );
     }
     let mut state: Option<(&syn::Ident, &Type)> = None;
     let mut drivers: Vec<DriverLink<'a>> = Vec::new();
     let syn::Fields::Named(fields) = &item.fields else {
-        cx.error(&item.ident, format!("a flow board has named fields, each a `#[link]`; {LINK_SHAPE}"));
+        cx.error(
+            &item.ident,
+            format!("a flow board has named fields, each a `#[link]`; {LINK_SHAPE}"),
+        );
         return None;
     };
     for f in &fields.named {
         let ident = f.ident.as_ref().expect("named fields have names");
         let links: Vec<_> = f.attrs.iter().filter(|a| is_marker(a, "link")).collect();
         if links.is_empty() {
-            cx.error(f, format!("every field of a flow board is a `#[link]`; {LINK_SHAPE}"));
+            cx.error(
+                f,
+                format!("every field of a flow board is a `#[link]`; {LINK_SHAPE}"),
+            );
             continue;
         }
         for l in &links {
@@ -70,11 +84,20 @@ pub fn parse_struct<'a>(item: &'a syn::ItemStruct, opts: Options, cx: &mut Ctxt)
         match driver_path(&f.ty) {
             Some(Ok(path)) => {
                 if let Some(dup) = drivers.iter().find(|d| d.path == path) {
-                    cx.error(&f.ty, format!("this driver is already linked as `{}`; link each driver once", dup.field));
+                    cx.error(
+                        &f.ty,
+                        format!(
+                            "this driver is already linked as `{}`; link each driver once",
+                            dup.field
+                        ),
+                    );
                 }
                 drivers.push(DriverLink { field: ident, path });
             }
-            Some(Err(ty)) => cx.error(ty, "a driver link is `impl DriverTrait`: one trait, no generics, no extra bounds"),
+            Some(Err(ty)) => cx.error(
+                ty,
+                "a driver link is `impl DriverTrait`: one trait, no generics, no extra bounds",
+            ),
             None => match &f.ty {
                 Type::Path(syn::TypePath { qself: None, .. }) | Type::Tuple(_) | Type::Array(_) => {
                     if let Some((first, _)) = state {
@@ -83,7 +106,10 @@ pub fn parse_struct<'a>(item: &'a syn::ItemStruct, opts: Options, cx: &mut Ctxt)
                         state = Some((ident, &f.ty));
                     }
                 }
-                other => cx.error(other, format!("this field is neither state nor driver; {LINK_SHAPE}")),
+                other => cx.error(
+                    other,
+                    format!("this field is neither state nor driver; {LINK_SHAPE}"),
+                ),
             },
         }
     }
@@ -91,7 +117,10 @@ pub fn parse_struct<'a>(item: &'a syn::ItemStruct, opts: Options, cx: &mut Ctxt)
         cx.error(&item.ident, "a flow links at most 65535 drivers");
     }
     let Some((state_field, state_ty)) = state else {
-        cx.error(&item.ident, format!("a flow needs a state link, e.g. `#[link] state: OrderState`; {LINK_SHAPE}"));
+        cx.error(
+            &item.ident,
+            format!("a flow needs a state link, e.g. `#[link] state: OrderState`; {LINK_SHAPE}"),
+        );
         return None;
     };
     Some(StructModel {
@@ -152,7 +181,10 @@ fn plain_args<'a>(f: &'a syn::ImplItemFn, what: &str, cx: &mut Ctxt) -> Vec<Arg<
                     name: pi.ident.clone(),
                     ty: &pt.ty,
                 }),
-                other => cx.error(other, format!("{what} arguments are plain names (`reason: String`)")),
+                other => cx.error(
+                    other,
+                    format!("{what} arguments are plain names (`reason: String`)"),
+                ),
             }
         }
     }
@@ -161,25 +193,42 @@ fn plain_args<'a>(f: &'a syn::ImplItemFn, what: &str, cx: &mut Ctxt) -> Vec<Arg<
 
 fn common_checks(f: &syn::ImplItemFn, what: &str, cx: &mut Ctxt) {
     if let Some(a) = &f.sig.asyncness {
-        cx.error(a, format!("{what} methods are not `async`: flow code is deterministic and never waits"));
+        cx.error(
+            a,
+            format!("{what} methods are not `async`: flow code is deterministic and never waits"),
+        );
     }
     if !f.sig.generics.params.is_empty() {
         cx.error(&f.sig.generics, format!("{what} methods cannot be generic"));
     }
 }
 
-pub fn parse_impl<'a>(item: &'a syn::ItemImpl, opts: Options, cx: &mut Ctxt) -> Option<ImplModel<'a>> {
+pub fn parse_impl<'a>(
+    item: &'a syn::ItemImpl,
+    opts: Options,
+    cx: &mut Ctxt,
+) -> Option<ImplModel<'a>> {
     if let Some((path, _)) = &item.trait_ {
-        cx.error(path, "`#[flow]` goes on the flow's inherent `impl` block, not on a trait impl");
+        cx.error(
+            path,
+            "`#[flow]` goes on the flow's inherent `impl` block, not on a trait impl",
+        );
         return None;
     }
     if !item.generics.params.is_empty() {
         cx.error(&item.generics, "a flow cannot be generic");
     }
     let self_path = match &*item.self_ty {
-        Type::Path(tp) if tp.qself.is_none() && tp.path.segments.iter().all(|s| s.arguments.is_none()) => &tp.path,
+        Type::Path(tp)
+            if tp.qself.is_none() && tp.path.segments.iter().all(|s| s.arguments.is_none()) =>
+        {
+            &tp.path
+        }
         other => {
-            cx.error(other, "`#[flow]` goes on `impl YourFlow { .. }` for a `#[flow]` struct");
+            cx.error(
+                other,
+                "`#[flow]` goes on `impl YourFlow { .. }` for a `#[flow]` struct",
+            );
             return None;
         }
     };
@@ -194,18 +243,32 @@ pub fn parse_impl<'a>(item: &'a syn::ItemImpl, opts: Options, cx: &mut Ctxt) -> 
             .filter(|a| ["wire", "impulse", "probe"].iter().any(|m| is_marker(a, m)))
             .collect();
         if marks.len() > 1 {
-            cx.error(marks[1], "a method takes one of `#[wire]`, `#[impulse]`, `#[probe]`");
+            cx.error(
+                marks[1],
+                "a method takes one of `#[wire]`, `#[impulse]`, `#[probe]`",
+            );
             continue;
         }
         let Some(mark) = marks.first() else { continue };
         if !matches!(mark.meta, syn::Meta::Path(_)) {
-            let name = mark.path().segments.last().map(|s| s.ident.to_string()).unwrap_or_default();
+            let name = mark
+                .path()
+                .segments
+                .last()
+                .map(|s| s.ident.to_string())
+                .unwrap_or_default();
             cx.error(mark, format!("`#[{name}]` takes no options"));
             continue;
         }
         if is_marker(mark, "wire") {
             if let Some(first) = wire {
-                cx.error(&f.sig.ident, format!("a flow has one `#[wire]`; `{}` is already the wire", first.sig.ident));
+                cx.error(
+                    &f.sig.ident,
+                    format!(
+                        "a flow has one `#[wire]`; `{}` is already the wire",
+                        first.sig.ident
+                    ),
+                );
                 continue;
             }
             common_checks(f, "wire", cx);
@@ -214,13 +277,19 @@ pub fn parse_impl<'a>(item: &'a syn::ItemImpl, opts: Options, cx: &mut Ctxt) -> 
                 cx.error(&f.sig.inputs, "the wire is `fn(&mut self) -> Command<Self>`: it takes `&mut self` and nothing else");
             }
             if matches!(f.sig.output, ReturnType::Default) {
-                cx.error(&f.sig.ident, "the wire returns `Command<Self>`: what the runtime does next");
+                cx.error(
+                    &f.sig.ident,
+                    "the wire returns `Command<Self>`: what the runtime does next",
+                );
             }
             wire = Some(f);
         } else if is_marker(mark, "impulse") {
             common_checks(f, "impulse", cx);
             if !receiver_is(f, true) {
-                cx.error(&f.sig.ident, "an impulse takes `&mut self`: it changes the state");
+                cx.error(
+                    &f.sig.ident,
+                    "an impulse takes `&mut self`: it changes the state",
+                );
             }
             if let ReturnType::Type(_, ty) = &f.sig.output {
                 cx.error(ty, "an impulse returns nothing: it changes the state, and the wire decides what follows; read values with a `#[probe]`");
@@ -245,7 +314,10 @@ pub fn parse_impl<'a>(item: &'a syn::ItemImpl, opts: Options, cx: &mut Ctxt) -> 
         }
     }
     let Some(wire) = wire else {
-        cx.error(&item.self_ty, "a flow needs one `#[wire]` method: `#[wire] fn step(&mut self) -> Command<Self>`");
+        cx.error(
+            &item.self_ty,
+            "a flow needs one `#[wire]` method: `#[wire] fn step(&mut self) -> Command<Self>`",
+        );
         return None;
     };
     Some(ImplModel {

@@ -71,6 +71,7 @@ struct FlowEntry {
     shutdown: Box<dyn Fn() -> BoxFut<()> + Send + Sync>,
 }
 
+#[allow(clippy::type_complexity)] // a boxed spawn closure, named once here
 struct DriverReg {
     driver: TypeId,
     spawn: Box<dyn FnOnce(&Limits) -> mpsc::Sender<Job> + Send>,
@@ -130,7 +131,8 @@ impl EngineBuilder {
 
     /// Registers a flow type: its instances can be started, and active ones are resumed.
     pub fn flow<F: Flow>(mut self) -> Self {
-        self.flows.push((TypeId::of::<F>(), F::NAME, start_flow::<F>));
+        self.flows
+            .push((TypeId::of::<F>(), F::NAME, start_flow::<F>));
         self
     }
 
@@ -209,7 +211,9 @@ impl EngineBuilder {
                 let file = dir.join("instances.redb");
                 let store = tokio::task::spawn_blocking(move || RedbStore::open(file))
                     .await
-                    .map_err(|e| Error::Store(flowwire_storage::StoreError::Backend(e.to_string())))??;
+                    .map_err(|e| {
+                        Error::Store(flowwire_storage::StoreError::Backend(e.to_string()))
+                    })??;
                 data_dir = Some(dir);
                 Arc::new(store)
             }
@@ -331,7 +335,11 @@ impl Engine {
     }
 
     fn raw_handle<F: Flow>(&self, id: Arc<str>) -> Result<Handle<F>> {
-        Ok(Handle::new(id, self.sender::<F>()?.clone(), self.inner.limits.request_timeout))
+        Ok(Handle::new(
+            id,
+            self.sender::<F>()?.clone(),
+            self.inner.limits.request_timeout,
+        ))
     }
 
     /// Starts an instance with an initial state. The instance runs its first step (the
@@ -340,7 +348,11 @@ impl Engine {
     /// Starting an id that exists (running or ended) is [`Error::AlreadyExists`]; use
     /// [`Engine::handle`] to reach it. Dropping the returned future after the request was
     /// sent does not cancel the start.
-    pub async fn start<F: Flow>(&self, id: impl Into<Arc<str>>, state: F::State) -> Result<F::Handle> {
+    pub async fn start<F: Flow>(
+        &self,
+        id: impl Into<Arc<str>>,
+        state: F::State,
+    ) -> Result<F::Handle> {
         let handle = self.raw_handle::<F>(id.into())?;
         let id = handle.id().into();
         handle
@@ -354,7 +366,9 @@ impl Engine {
     pub async fn handle<F: Flow>(&self, id: impl Into<Arc<str>>) -> Result<F::Handle> {
         let handle = self.raw_handle::<F>(id.into())?;
         let id = handle.id().into();
-        handle.request("handle", |reply| Msg::Exists { id, reply }).await?;
+        handle
+            .request("handle", |reply| Msg::Exists { id, reply })
+            .await?;
         Ok(F::Handle::from(handle))
     }
 

@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flowwire_storage::{InstanceKey, InstanceStore, PendingCall, Record, Status, StepResult, StoreError};
+use flowwire_storage::{
+    InstanceKey, InstanceStore, PendingCall, Record, Status, StepResult, StoreError,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Rejected, Scratch, Step};
@@ -145,7 +147,8 @@ impl<F: Flow> Runner<F> {
         let n = active.len();
         for (id, stored) in active {
             let key = self.key(&id);
-            match Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch) {
+            match Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
+            {
                 Ok((inst, park)) => {
                     if let Some(step) = park {
                         staged.push(Staged {
@@ -213,12 +216,14 @@ impl<F: Flow> Runner<F> {
             let mut busy: HashSet<Arc<str>> = HashSet::new();
             let mut deferred: VecDeque<Input<F>> = VecDeque::new();
             while staged.len() < max {
-                let Some(input) = backlog.pop_front() else { break };
-                if let Some(id) = input.writes_to() {
-                    if busy.contains(id) {
-                        deferred.push_back(input);
-                        continue;
-                    }
+                let Some(input) = backlog.pop_front() else {
+                    break;
+                };
+                if let Some(id) = input.writes_to()
+                    && busy.contains(id)
+                {
+                    deferred.push_back(input);
+                    continue;
                 }
                 if let Input::Msg(Msg::Shutdown { reply }) = input {
                     shutdown = Some(reply);
@@ -258,17 +263,18 @@ impl<F: Flow> Runner<F> {
             }
         })?;
         if record.status.is_active() {
-            let (inst, park) = Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
-                .map_err(|source| Error::Codec {
+            let (inst, park) =
+                Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
+                    .map_err(|source| Error::Codec {
                     flow: F::NAME,
                     id: id.to_string(),
                     what: "the record",
                     source,
                 })?;
-            if park.is_none() {
-                if let Some(p) = inst.pending() {
-                    self.dispatch(id, p);
-                }
+            if park.is_none()
+                && let Some(p) = inst.pending()
+            {
+                self.dispatch(id, p);
             }
             self.slots.insert(
                 id.clone(),
@@ -285,9 +291,11 @@ impl<F: Flow> Runner<F> {
         match input {
             Input::Outcome(o) => {
                 let slot = self.slots.get_mut(&o.id)?;
-                let step = slot
-                    .inst
-                    .outcome(o.seq, o.result.as_ref().map(|b| &b[..]), &mut self.scratch)?;
+                let step = slot.inst.outcome(
+                    o.seq,
+                    o.result.as_ref().map(|b| &b[..]),
+                    &mut self.scratch,
+                )?;
                 Some(Staged {
                     id: o.id,
                     step,
@@ -303,7 +311,8 @@ impl<F: Flow> Runner<F> {
                     return None;
                 }
                 let key = self.key(&id);
-                let (inst, step) = Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
+                let (inst, step) =
+                    Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
                 self.slots.insert(
                     id.clone(),
                     Slot {
@@ -369,7 +378,10 @@ impl<F: Flow> Runner<F> {
                     }
                 }
                 let slot = self.slots.get_mut(&id)?;
-                match slot.inst.impulse(impulse_id.clone(), impulse, &mut self.scratch) {
+                match slot
+                    .inst
+                    .impulse(impulse_id.clone(), impulse, &mut self.scratch)
+                {
                     Ok(step) => Some(Staged {
                         id,
                         step,
@@ -430,7 +442,9 @@ impl<F: Flow> Runner<F> {
                     match self.fault_in(&id).await {
                         Ok(Some(record)) if !record.status.is_active() => {
                             let answer = match record.status {
-                                Status::Quarantined { reason } => Err(Self::quarantined(&id, reason)),
+                                Status::Quarantined { reason } => {
+                                    Err(Self::quarantined(&id, reason))
+                                }
                                 other => Ok(ended_of(&other).unwrap_or(Ended::Finished)),
                             };
                             let _ = reply.send(answer);
@@ -492,7 +506,9 @@ impl<F: Flow> Runner<F> {
     }
 
     fn committed(&mut self, s: Staged) {
-        let Some(slot) = self.slots.get_mut(&s.id) else { return };
+        let Some(slot) = self.slots.get_mut(&s.id) else {
+            return;
+        };
         slot.inst.commit(&s.step);
         tracing::debug!(flow = F::NAME, id = %s.id, step = s.step.record.seq, output = ?s.step.output, "step");
         match s.ack {
@@ -553,10 +569,10 @@ impl<F: Flow> Runner<F> {
     }
 
     fn seen(&mut self, s: Staged, step: u64) {
-        if let Some(slot) = self.slots.get_mut(&s.id) {
-            if slot.inst.revert().is_err() {
-                tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
-            }
+        if let Some(slot) = self.slots.get_mut(&s.id)
+            && slot.inst.revert().is_err()
+        {
+            tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
         }
         if let Ack::Impulse(reply, impulse_id) = s.ack {
             let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
@@ -576,7 +592,9 @@ impl<F: Flow> Runner<F> {
                 let _ = reply.send(Err(err()));
             }
             ack => {
-                let Some(slot) = self.slots.get_mut(&s.id) else { return };
+                let Some(slot) = self.slots.get_mut(&s.id) else {
+                    return;
+                };
                 let _ = slot.inst.revert();
                 if let Ack::Impulse(reply, _) = ack {
                     let _ = reply.send(Err(err()));
@@ -610,15 +628,13 @@ impl<F: Flow> Runner<F> {
             tracing::error!(flow = F::NAME, id = %id, link = p.link, "call for an unknown link");
             return;
         };
-        match port.try_send(self.job(id, p)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(job)) => {
-                let port = port.clone();
-                tokio::spawn(async move {
-                    let _ = port.send(job).await;
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        // A full queue must not stall the runner: hand the job to a task that waits.
+        // A closed queue means the engine is shutting down; the call runs after restart.
+        if let Err(mpsc::error::TrySendError::Full(job)) = port.try_send(self.job(id, p)) {
+            let port = port.clone();
+            tokio::spawn(async move {
+                let _ = port.send(job).await;
+            });
         }
     }
 }

@@ -34,7 +34,10 @@ pub(crate) struct OutcomeMsg {
 }
 
 /// Spawns the pool for one driver implementation and returns its queue.
-pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(svc: Arc<S>, limits: &Limits) -> mpsc::Sender<Job> {
+pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
+    svc: Arc<S>,
+    limits: &Limits,
+) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel(limits.driver_queue);
     let rx = Arc::new(Mutex::new(rx));
     for _ in 0..limits.driver_concurrency.max(1) {
@@ -62,8 +65,8 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(svc: Arc<S>, 
 /// Polls a future, turning a panic into an error; no allocation, no extra task.
 async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     let mut fut = pin!(fut);
-    std::future::poll_fn(move |cx| {
-        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+    std::future::poll_fn(
+        move |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Ok(Poll::Pending) => Poll::Pending,
             Err(p) => {
@@ -74,8 +77,8 @@ async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
                     .unwrap_or_else(|| "a non-string panic payload".into());
                 Poll::Ready(Err(msg))
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -93,7 +96,9 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     buf: &mut Vec<u8>,
     limits: &Limits,
 ) -> Result<Bytes, Fault> {
-    let timeout_ms = D::META.timeout_ms.unwrap_or(limits.call_timeout.as_millis() as u64);
+    let timeout_ms = D::META
+        .timeout_ms
+        .unwrap_or(limits.call_timeout.as_millis() as u64);
     let retries = D::META.retries.unwrap_or(limits.call_retries);
     let mut attempt = 0u32;
     loop {

@@ -42,13 +42,38 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
 /// A start writes a record that did not exist; later steps swap it by version.
 pub async fn create_then_compare_and_swap(store: &dyn InstanceStore) {
     let k = InstanceKey::new("flow", "a");
-    assert_eq!(store.load(&k).await.unwrap(), None, "a new store holds no record");
-    let r = store.commit(vec![step(&k, Expect::Absent, 1, b"one")]).await.unwrap();
-    assert_eq!(r, vec![StepResult::Committed], "a start on an absent key commits");
-    let r = store.commit(vec![step(&k, Expect::Absent, 1, b"again")]).await.unwrap();
-    assert_eq!(r, vec![StepResult::Conflict { found: Some(1) }], "a second start conflicts");
-    let r = store.commit(vec![step(&k, Expect::Version(1), 2, b"two")]).await.unwrap();
-    assert_eq!(r, vec![StepResult::Committed], "a swap on the stored version commits");
+    assert_eq!(
+        store.load(&k).await.unwrap(),
+        None,
+        "a new store holds no record"
+    );
+    let r = store
+        .commit(vec![step(&k, Expect::Absent, 1, b"one")])
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![StepResult::Committed],
+        "a start on an absent key commits"
+    );
+    let r = store
+        .commit(vec![step(&k, Expect::Absent, 1, b"again")])
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![StepResult::Conflict { found: Some(1) }],
+        "a second start conflicts"
+    );
+    let r = store
+        .commit(vec![step(&k, Expect::Version(1), 2, b"two")])
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![StepResult::Committed],
+        "a swap on the stored version commits"
+    );
     let got = store.load(&k).await.unwrap().expect("record present");
     assert_eq!((got.version, &got.bytes[..]), (2, &b"two"[..]));
 }
@@ -56,25 +81,49 @@ pub async fn create_then_compare_and_swap(store: &dyn InstanceStore) {
 /// A step that expects an older version is refused and changes nothing.
 pub async fn a_stale_version_is_a_conflict(store: &dyn InstanceStore) {
     let k = InstanceKey::new("flow", "b");
-    store.commit(vec![step(&k, Expect::Absent, 1, b"one")]).await.unwrap();
-    store.commit(vec![step(&k, Expect::Version(1), 2, b"two")]).await.unwrap();
-    let r = store.commit(vec![step(&k, Expect::Version(1), 2, b"stale")]).await.unwrap();
-    assert_eq!(r, vec![StepResult::Conflict { found: Some(2) }]);
-    let r = store
-        .commit(vec![step(&InstanceKey::new("flow", "none"), Expect::Version(1), 2, b"x")])
+    store
+        .commit(vec![step(&k, Expect::Absent, 1, b"one")])
         .await
         .unwrap();
-    assert_eq!(r, vec![StepResult::Conflict { found: None }], "a swap on a missing record conflicts");
+    store
+        .commit(vec![step(&k, Expect::Version(1), 2, b"two")])
+        .await
+        .unwrap();
+    let r = store
+        .commit(vec![step(&k, Expect::Version(1), 2, b"stale")])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Conflict { found: Some(2) }]);
+    let r = store
+        .commit(vec![step(
+            &InstanceKey::new("flow", "none"),
+            Expect::Version(1),
+            2,
+            b"x",
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![StepResult::Conflict { found: None }],
+        "a swap on a missing record conflicts"
+    );
     assert_eq!(&store.load(&k).await.unwrap().unwrap().bytes[..], b"two");
 }
 
 /// An impulse id is applied once per instance; the same id on another instance is distinct.
 pub async fn an_impulse_id_applies_once(store: &dyn InstanceStore) {
     let k = InstanceKey::new("flow", "c");
-    store.commit(vec![step(&k, Expect::Absent, 1, b"one")]).await.unwrap();
+    store
+        .commit(vec![step(&k, Expect::Absent, 1, b"one")])
+        .await
+        .unwrap();
     let mut s = step(&k, Expect::Version(1), 2, b"two");
     s.impulse = Some(Arc::from("imp-1"));
-    assert_eq!(store.commit(vec![s]).await.unwrap(), vec![StepResult::Committed]);
+    assert_eq!(
+        store.commit(vec![s]).await.unwrap(),
+        vec![StepResult::Committed]
+    );
     let mut s = step(&k, Expect::Version(2), 3, b"three");
     s.impulse = Some(Arc::from("imp-1"));
     assert_eq!(
@@ -82,7 +131,11 @@ pub async fn an_impulse_id_applies_once(store: &dyn InstanceStore) {
         vec![StepResult::ImpulseSeen { seq: 2 }],
         "a reused impulse id is refused and names the step that applied it"
     );
-    assert_eq!(store.load(&k).await.unwrap().unwrap().version, 2, "a refused step writes nothing");
+    assert_eq!(
+        store.load(&k).await.unwrap().unwrap().version,
+        2,
+        "a refused step writes nothing"
+    );
     assert_eq!(store.impulse_applied(&k, "imp-1").await.unwrap(), Some(2));
     assert_eq!(store.impulse_applied(&k, "imp-2").await.unwrap(), None);
     let other = InstanceKey::new("flow", "c2");
@@ -114,20 +167,32 @@ pub async fn the_active_index_follows_the_records(store: &dyn InstanceStore) {
         .collect();
     assert_eq!(ids, vec![("2".to_string(), Bytes::from_static(b"b"))]);
     assert_eq!(store.active("other").await.unwrap().len(), 1);
-    assert!(store.active("ord").await.unwrap().is_empty(), "a flow name prefix is not a match");
+    assert!(
+        store.active("ord").await.unwrap().is_empty(),
+        "a flow name prefix is not a match"
+    );
 }
 
 /// History entries come back in step order, from a given step, at most `limit` of them.
 pub async fn history_pages_in_step_order(store: &dyn InstanceStore) {
     let k = InstanceKey::new("flow", "h");
-    store.commit(vec![step(&k, Expect::Absent, 1, b"1")]).await.unwrap();
+    store
+        .commit(vec![step(&k, Expect::Absent, 1, b"1")])
+        .await
+        .unwrap();
     for v in 2..=12u64 {
         store
             .commit(vec![step(&k, Expect::Version(v - 1), v, b"n")])
             .await
             .unwrap();
     }
-    let page: Vec<u64> = store.history(&k, 5, 4).await.unwrap().into_iter().map(|h| h.0).collect();
+    let page: Vec<u64> = store
+        .history(&k, 5, 4)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.0)
+        .collect();
     assert_eq!(page, vec![5, 6, 7, 8]);
     let tail = store.history(&k, 11, 100).await.unwrap();
     assert_eq!(tail.len(), 2);
@@ -139,7 +204,10 @@ pub async fn history_pages_in_step_order(store: &dyn InstanceStore) {
 pub async fn one_batch_commits_many_instances_and_reports_each(store: &dyn InstanceStore) {
     let a = InstanceKey::new("flow", "x");
     let b = InstanceKey::new("flow", "y");
-    store.commit(vec![step(&a, Expect::Absent, 1, b"a")]).await.unwrap();
+    store
+        .commit(vec![step(&a, Expect::Absent, 1, b"a")])
+        .await
+        .unwrap();
     let r = store
         .commit(vec![
             step(&a, Expect::Absent, 1, b"dup"),

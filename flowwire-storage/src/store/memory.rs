@@ -1,6 +1,6 @@
 //! The in-memory store: the reference backend, for tests and for in-memory engines.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     records: HashMap<InstanceKey, Stored>,
-    active: BTreeMap<(Arc<str>, Arc<str>), ()>,
+    active: BTreeSet<(Arc<str>, Arc<str>)>,
     impulses: HashMap<(InstanceKey, Arc<str>), u64>,
     history: BTreeMap<(InstanceKey, u64), Bytes>,
 }
@@ -67,7 +67,7 @@ impl InstanceStore for MemoryStore {
             }
             let ak = (step.key.flow.clone(), step.key.id.clone());
             if step.active {
-                inner.active.insert(ak, ());
+                inner.active.insert(ak);
             } else {
                 inner.active.remove(&ak);
             }
@@ -86,19 +86,19 @@ impl InstanceStore for MemoryStore {
         Box::pin(std::future::ready(Ok(results)))
     }
 
-    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let found = self.lock().records.get(key).cloned();
         Box::pin(std::future::ready(Ok(found)))
     }
 
-    fn active<'a>(
-        &'a self,
-        flow: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let inner = self.lock();
         let out = inner
             .active
-            .keys()
+            .iter()
             .filter(|(f, _)| &**f == flow)
             .filter_map(|(f, id)| {
                 let key = InstanceKey::new(f.clone(), id.clone());

@@ -24,6 +24,9 @@ pub use self::redb::RedbStore;
 /// A boxed, sendable future: the stores are used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The active instances of a flow: ids with their records.
+pub type ActiveList = Vec<(Arc<str>, Stored)>;
+
 /// Durable storage of instance records, applied impulse ids and history.
 ///
 /// Every method is cancel-safe in the sense that matters: a dropped future either commits
@@ -37,13 +40,13 @@ pub trait InstanceStore: Send + Sync + 'static {
     fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>>;
 
     /// Reads an instance's record.
-    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 
     /// Lists the active instances of a flow (running or waiting), with their records.
-    fn active<'a>(
-        &'a self,
-        flow: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>>;
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>>;
 
     /// Reads up to `limit` history entries of an instance, starting at step `from`.
     fn history<'a>(
@@ -65,13 +68,13 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
         (**self).commit(batch)
     }
-    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         (**self).load(key)
     }
-    fn active<'a>(
-        &'a self,
-        flow: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
         (**self).active(flow)
     }
     fn history<'a>(

@@ -179,7 +179,10 @@ impl InstanceStore for RedbStore {
         self.blocking(move |db, path| commit_blocking(db, path, &batch))
     }
 
-    fn load<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let key = key.clone();
         self.blocking(move |db, path| {
             let e = |err: redb::Error| map_err(path, err);
@@ -199,10 +202,7 @@ impl InstanceStore for RedbStore {
         })
     }
 
-    fn active<'a>(
-        &'a self,
-        flow: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Stored)>, StoreError>> {
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let flow: Arc<str> = flow.into();
         self.blocking(move |db, path| {
             let e = |err: redb::Error| map_err(path, err);
