@@ -132,12 +132,14 @@ impl<F: Flow> Handle<F> {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<F::State> {
-        flowwire_storage::codec::decode_raw(bytes, usize::MAX).map_err(|source| Error::Codec {
-            flow: F::NAME,
-            id: self.id.to_string(),
-            what: "the state",
-            source,
-        })
+        flowwire_storage::codec::decode_raw(bytes, flowwire_storage::DEFAULT_DECODE_LIMIT).map_err(
+            |source| Error::Codec {
+                flow: F::NAME,
+                id: self.id.to_string(),
+                what: "the state",
+                source,
+            },
+        )
     }
 }
 

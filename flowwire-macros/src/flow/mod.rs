@@ -70,8 +70,8 @@ mod tests {
         let o = out(
             quote!(),
             quote!(impl Order {
-                #[wire] fn a(&mut self) -> Command<Self> { todo!() }
-                #[wire] fn b(&mut self) -> Command<Self> { todo!() }
+                #[wire] fn a(&mut self) -> Command<Self> { Command::finish() }
+                #[wire] fn b(&mut self) -> Command<Self> { Command::finish() }
             }),
         );
         assert!(
