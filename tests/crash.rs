@@ -40,6 +40,20 @@ fn spawn(dir: &Path, ledger: &Path, run: &str) -> std::process::Child {
         .expect("the harness starts")
 }
 
+/// Reads a harness's output to its end, then requires a successful exit.
+fn run_to_end(mut child: std::process::Child) -> String {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the harness failed: {status}\n{out}");
+    out
+}
+
 #[test]
 fn sigkilled_engine_finishes_every_flow_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,34 +84,19 @@ fn sigkilled_engine_finishes_every_flow_exactly_once() {
             kills += 1;
             killed_runs.push(tag);
         } else {
-            let status = child.wait().unwrap();
-            let mut out = String::new();
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut out)
-                .unwrap();
+            let out = run_to_end(child);
             assert!(
-                status.success() && out.contains("DONE"),
-                "run {run} failed: {status}"
+                out.contains("DONE"),
+                "run {run} ended without finishing:\n{out}"
             );
             break;
         }
     }
     // A last run with no kill must bring every flow to its end.
-    let mut child = spawn(dir.path(), &ledger, "final");
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = run_to_end(spawn(dir.path(), &ledger, "final"));
     assert!(
-        status.success() && out.contains("DONE"),
-        "the final run failed: {status}\n{out}"
+        out.contains("DONE"),
+        "the final run did not finish every flow:\n{out}"
     );
 
     // Every flow finished, each outcome and impulse applied exactly once.

@@ -110,6 +110,17 @@ async fn engine_with(desk: Desk) -> Engine {
         .unwrap()
 }
 
+/// Waits (polling the probe, at most 10 s) until the booking outcome is persisted.
+async fn booked(h: &TripHandle) -> u32 {
+    for _ in 0..2_000 {
+        if let Some(seats) = h.booked().await.unwrap() {
+            return seats;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the booking was not persisted within 10 s");
+}
+
 async fn finished(h: &TripHandle) -> Ended {
     tokio::time::timeout(Duration::from_secs(10), h.finished())
         .await
@@ -131,13 +142,7 @@ async fn a_flow_waits_drives_and_finishes_with_probes_from_persisted_state() {
         "a started flow waits for `want`"
     );
     trip.want(2).await.unwrap();
-    for _ in 0..200 {
-        if trip.booked().await.unwrap().is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(trip.booked().await.unwrap(), Some(200));
+    assert_eq!(booked(&trip).await, 200);
     trip.note("window seat".into()).await.unwrap();
     assert_eq!(finished(&trip).await, Ended::Finished);
     assert_eq!(
@@ -280,12 +285,7 @@ async fn an_engine_resumes_instances_from_its_data_dir() {
             .await
             .unwrap();
         trip.want(3).await.unwrap();
-        for _ in 0..200 {
-            if trip.booked().await.unwrap().is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        booked(&trip).await;
         engine.shutdown().await;
     }
     let engine = Engine::builder()
@@ -420,4 +420,47 @@ fn the_flow_metadata_serializes_to_json() {
     assert_eq!(clerk["timeout_ms"], 2000);
     assert_eq!(clerk["retries"], 1);
     assert_eq!(clerk["methods"][0]["result"], "Result<u32, NoSeats>");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_of_another_flow_version_is_never_run() {
+    let store = Arc::new(MemoryStore::new());
+    let engine = Engine::builder()
+        .store(store.clone())
+        .flow::<Trip>()
+        .driver(Desk::default())
+        .start()
+        .await
+        .unwrap();
+    // Another writer adds a live instance written by version 2 after this engine started.
+    let mut state = Vec::new();
+    codec::encode_raw(&TripState::default(), &mut state).unwrap();
+    let record = flowwire::storage::Record {
+        flow_version: 2,
+        seq: 1,
+        status: flowwire::storage::Status::Waiting,
+        state: state.into(),
+        pending: None,
+    };
+    let mut bytes = Vec::new();
+    record.encode(&mut bytes).unwrap();
+    store
+        .commit(vec![StepWrite {
+            key: InstanceKey::new("Trip", "old"),
+            expect: Expect::Absent,
+            version: 1,
+            record: bytes.into(),
+            active: true,
+            impulse: None,
+            history: None,
+        }])
+        .await
+        .unwrap();
+    let trip = engine.handle::<Trip>("old").await.unwrap();
+    let err = trip.want(1).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Quarantined { reason, .. }
+            if reason.contains("version 2") && reason.contains("version 3")),
+        "the error names both versions: {err}"
+    );
 }

@@ -247,44 +247,79 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    fn not_found(id: &str) -> Error {
+        Error::NotFound {
+            flow: F::NAME,
+            id: id.to_string(),
+        }
+    }
+
+    fn codec_error(id: &str, source: flowwire_storage::CodecError) -> Error {
+        Error::Codec {
+            flow: F::NAME,
+            id: id.to_string(),
+            what: "the record",
+            source,
+        }
+    }
+
+    /// Why a request that needs a live instance cannot have one.
+    fn not_live(id: &str, status: Status) -> Error {
+        match status {
+            Status::Quarantined { reason } => Self::quarantined(id, reason),
+            other => Error::Ended {
+                flow: F::NAME,
+                id: id.to_string(),
+                status: other.name(),
+            },
+        }
+    }
+
     /// Brings an instance that is not in memory into memory if it is active.
     /// Returns its record when it is not active (ended or parked), `None` if unknown.
+    ///
+    /// A record of another flow version is reported as parked and not loaded: start-up
+    /// recovery persists the parking, and the instance never runs on the wrong code.
     async fn fault_in(&mut self, id: &Arc<str>) -> Result<Option<Record>> {
         let key = self.key(id);
         let Some(stored) = self.store.load(&key).await? else {
             return Ok(None);
         };
-        let record = Record::decode(&stored.bytes, self.limits.decode_limit).map_err(|source| {
-            Error::Codec {
-                flow: F::NAME,
-                id: id.to_string(),
-                what: "the record",
-                source,
-            }
-        })?;
-        if record.status.is_active() {
-            let (inst, park) =
-                Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
-                    .map_err(|source| Error::Codec {
-                    flow: F::NAME,
-                    id: id.to_string(),
-                    what: "the record",
-                    source,
-                })?;
-            if park.is_none()
-                && let Some(p) = inst.pending()
-            {
-                self.dispatch(id, p);
-            }
-            self.slots.insert(
-                id.clone(),
-                Slot {
-                    inst,
-                    waiters: Vec::new(),
-                },
-            );
+        let record = Record::decode(&stored.bytes, self.limits.decode_limit)
+            .map_err(|e| Self::codec_error(id, e))?;
+        if !record.status.is_active() {
+            return Ok(Some(record));
         }
+        let (inst, park) =
+            Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
+                .map_err(|e| Self::codec_error(id, e))?;
+        if let Some(park) = park {
+            return Ok(Some(park.record));
+        }
+        if let Some(p) = inst.pending() {
+            self.dispatch(id, p);
+        }
+        self.slots.insert(
+            id.clone(),
+            Slot {
+                inst,
+                waiters: Vec::new(),
+            },
+        );
         Ok(Some(record))
+    }
+
+    /// Finds an instance for a request: `Ok(None)` when it is (now) in memory, its record
+    /// when it ended or is parked, [`Error::NotFound`] when no such instance exists.
+    async fn locate(&mut self, id: &Arc<str>) -> Result<Option<Record>> {
+        if self.slots.contains_key(id) {
+            return Ok(None);
+        }
+        match self.fault_in(id).await? {
+            None => Err(Self::not_found(id)),
+            Some(record) if record.status.is_active() => Ok(None),
+            Some(record) => Ok(Some(record)),
+        }
     }
 
     async fn handle(&mut self, input: Input<F>) -> Option<Staged> {
@@ -350,31 +385,16 @@ impl<F: Flow> Runner<F> {
                             return None;
                         }
                     }
-                    match self.fault_in(&id).await {
-                        Ok(Some(record)) if !record.status.is_active() => {
-                            let err = match record.status {
-                                Status::Quarantined { reason } => Self::quarantined(&id, reason),
-                                other => Error::Ended {
-                                    flow: F::NAME,
-                                    id: id.to_string(),
-                                    status: other.name(),
-                                },
-                            };
-                            let _ = reply.send(Err(err));
-                            return None;
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) => {
-                            let _ = reply.send(Err(Error::NotFound {
-                                flow: F::NAME,
-                                id: id.to_string(),
-                            }));
-                            return None;
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            return None;
-                        }
+                }
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    Ok(Some(record)) => {
+                        let _ = reply.send(Err(Self::not_live(&id, record.status)));
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return None;
                     }
                 }
                 let slot = self.slots.get_mut(&id)?;
@@ -402,66 +422,38 @@ impl<F: Flow> Runner<F> {
                 }
             }
             Input::Msg(Msg::Probe { id, reply }) => {
-                let here = self.slots.get(&id).map(|slot| slot.inst.state_bytes());
-                let answer = match here {
-                    Some(state) if !state.is_empty() => Ok(state),
-                    Some(_) => Err(Error::NotFound {
-                        flow: F::NAME,
-                        id: id.to_string(),
-                    }),
-                    None => match self.fault_in(&id).await {
-                        Ok(Some(record)) => Ok(record.state),
-                        Ok(None) => Err(Error::NotFound {
-                            flow: F::NAME,
-                            id: id.to_string(),
-                        }),
-                        Err(e) => Err(e),
-                    },
+                let answer = match self.locate(&id).await {
+                    // A start whose first step is not committed yet has no persisted state.
+                    Ok(None) => self
+                        .slots
+                        .get(&id)
+                        .map(|slot| slot.inst.state_bytes())
+                        .filter(|state| !state.is_empty())
+                        .ok_or_else(|| Self::not_found(&id)),
+                    Ok(Some(record)) => Ok(record.state),
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(answer);
                 None
             }
             Input::Msg(Msg::Exists { id, reply }) => {
-                let answer = if self.slots.contains_key(&id) {
-                    Ok(())
-                } else {
-                    match self.fault_in(&id).await {
-                        Ok(Some(_)) => Ok(()),
-                        Ok(None) => Err(Error::NotFound {
-                            flow: F::NAME,
-                            id: id.to_string(),
-                        }),
-                        Err(e) => Err(e),
-                    }
-                };
-                let _ = reply.send(answer);
+                let _ = reply.send(self.locate(&id).await.map(|_| ()));
                 None
             }
             Input::Msg(Msg::Finished { id, reply }) => {
-                if !self.slots.contains_key(&id) {
-                    match self.fault_in(&id).await {
-                        Ok(Some(record)) if !record.status.is_active() => {
-                            let answer = match record.status {
-                                Status::Quarantined { reason } => {
-                                    Err(Self::quarantined(&id, reason))
-                                }
-                                other => Ok(ended_of(&other).unwrap_or(Ended::Finished)),
-                            };
-                            let _ = reply.send(answer);
-                            return None;
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) => {
-                            let _ = reply.send(Err(Error::NotFound {
-                                flow: F::NAME,
-                                id: id.to_string(),
-                            }));
-                            return None;
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            return None;
-                        }
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    Ok(Some(record)) => {
+                        let answer = match ended_of(&record.status) {
+                            Some(ended) => Ok(ended),
+                            None => Err(Self::not_live(&id, record.status)),
+                        };
+                        let _ = reply.send(answer);
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return None;
                     }
                 }
                 if let Some(slot) = self.slots.get_mut(&id) {
