@@ -78,7 +78,10 @@ impl Kind {
     /// The newest format version of this kind that this build writes and reads.
     pub const fn current_version(self) -> u16 {
         match self {
-            Kind::Record | Kind::History | Kind::State => 1,
+            // Records and history entries: 1 = payloads always inline (flowwire 0.1 before the
+            // ladder), 2 = payloads placed on the ladder. Both are read.
+            Kind::Record | Kind::History => 2,
+            Kind::State => 1,
         }
     }
 }
@@ -130,6 +133,12 @@ pub fn encode_with_version<T: Serialize + ?Sized>(
 /// Fails with a typed error for a missing magic, an unknown codec or kind, a newer format
 /// version, a length above `limit` or beyond the bytes present, or a checksum mismatch.
 pub fn open(kind: Kind, bytes: &[u8], limit: usize) -> Result<&[u8], CodecError> {
+    open_versioned(kind, bytes, limit).map(|(_, payload)| payload)
+}
+
+/// Like [`open`], also returning the envelope's format version (for readers of older
+/// formats).
+pub fn open_versioned(kind: Kind, bytes: &[u8], limit: usize) -> Result<(u16, &[u8]), CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Truncated {
             needed: HEADER_LEN,
@@ -178,7 +187,7 @@ pub fn open(kind: Kind, bytes: &[u8], limit: usize) -> Result<&[u8], CodecError>
     if stored != computed {
         return Err(CodecError::Checksum { stored, computed });
     }
-    Ok(payload)
+    Ok((version, payload))
 }
 
 /// Decodes a value of the given kind from its envelope, refusing payloads above `limit`.

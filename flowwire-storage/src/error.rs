@@ -113,3 +113,97 @@ pub enum StoreError {
     #[error("store operation timed out after {0:?}")]
     Timeout(std::time::Duration),
 }
+
+/// A payload could not be placed on its tier or read back from it.
+///
+/// Every variant names the instance, the tier and the blob key, so an operator can find
+/// the blob. [`BlobError::is_transient`] tells whether retrying later can help (the engine
+/// does that by itself, with backoff).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlobError {
+    /// The record refers to a blob the tier does not have.
+    #[error(
+        "blob `{key}` of instance {instance} is missing from tier `{tier}`; restore it from a backup of that tier"
+    )]
+    Missing {
+        /// The instance (`flow/id`).
+        instance: String,
+        /// The tier's name.
+        tier: String,
+        /// The blob's key.
+        key: String,
+    },
+    /// The blob does not hold what the record says it holds.
+    #[error("blob `{key}` of instance {instance} on tier `{tier}` is corrupt: {detail}")]
+    Corrupt {
+        /// The instance.
+        instance: String,
+        /// The tier's name.
+        tier: String,
+        /// The blob's key.
+        key: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// The blob is shorter (or longer) than the record says.
+    #[error(
+        "blob `{key}` of instance {instance} on tier `{tier}` is truncated: {found} bytes where {expected} were written"
+    )]
+    Truncated {
+        /// The instance.
+        instance: String,
+        /// The tier's name.
+        tier: String,
+        /// The blob's key.
+        key: String,
+        /// Bytes written (header and body).
+        expected: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// The record refers to a tier this engine's ladder does not have.
+    #[error(
+        "instance {instance} refers to blob `{key}` on tier `{tier}`, which this engine's ladder does not have; add the tier back to the ladder"
+    )]
+    UnknownTier {
+        /// The instance.
+        instance: String,
+        /// The tier's name.
+        tier: String,
+        /// The blob's key.
+        key: String,
+    },
+    /// The tier failed.
+    #[error("tier `{tier}` failed on blob `{key}` of instance {instance}: {source}")]
+    Tier {
+        /// The instance.
+        instance: String,
+        /// The tier's name.
+        tier: String,
+        /// The blob's key.
+        key: String,
+        /// What the tier reported.
+        #[source]
+        source: crate::tier::TierError,
+    },
+    /// A payload is too large for the record and the ladder has no tier for it.
+    #[error(
+        "a payload of {len} bytes of instance {instance} does not fit in its record (limit {limit} bytes) and the ladder has no tier for it; add a tier with `default_to`"
+    )]
+    TooLarge {
+        /// The instance.
+        instance: String,
+        /// The payload's size.
+        len: u64,
+        /// The record limit.
+        limit: usize,
+    },
+}
+
+impl BlobError {
+    /// Whether retrying later may succeed (the tier was unavailable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BlobError::Tier { source, .. } if source.is_transient())
+    }
+}

@@ -1,23 +1,36 @@
-//! Storage for flowwire: the persisted encoding and the instance stores.
+//! Storage for flowwire: the persisted encoding, the instance stores and the blob ladder.
 //!
 //! * [`codec`] — the versioned envelope every persisted value travels in (magic, codec,
 //!   kind, format version, length, CRC-32), with `postcard` inside and a size limit on decode.
 //! * [`record`] — what an instance record, a history entry and a step write contain.
 //! * [`store`] — the [`InstanceStore`] trait (compare-and-swap on a record version, one
-//!   atomic commit for a whole batch of steps) and its backends: [`MemoryStore`] for tests and
-//!   [`RedbStore`], the crash-safe embedded default.
+//!   commit for a whole batch of steps) and its backends: [`MemoryStore`] for tests,
+//!   [`RedbStore`], the crash-safe embedded default, and `RedisStore` (feature `redis`).
+//! * [`tier`] — the [`BlobTier`] trait and its backends (memory, embedded, fs, Redis, S3).
+//! * [`ladder`] — the [`Ladder`]: which tier a payload goes to by its size, and the
+//!   placement, checking and garbage collection of the blobs of every record.
+//! * [`blob`] — payload references and the framing every blob carries.
 //!
 //! Users normally reach this crate through the `flowwire` facade.
 
+pub mod blob;
 pub mod codec;
 pub mod error;
+mod join;
+pub mod ladder;
 pub mod record;
+#[cfg(feature = "redis")]
+mod redis_link;
 pub mod store;
+pub mod tier;
 
+pub use blob::{BlobRef, Payload};
 pub use codec::{DEFAULT_DECODE_LIMIT, Kind};
-pub use error::{CodecError, StoreError};
+pub use error::{BlobError, CodecError, StoreError};
+pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
     Expect, HistoryEntry, InstanceKey, PendingCall, Record, Status, StepInput, StepOutput,
     StepResult, StepWrite, Stored,
 };
 pub use store::{BoxFuture, InstanceStore, MemoryStore, RedbStore};
+pub use tier::{BlobTier, Tier, TierError, TierExt};

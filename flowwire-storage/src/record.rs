@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::blob::{BlobRef, Payload};
 use crate::codec::{self, Kind};
 use crate::error::CodecError;
 
@@ -96,7 +97,10 @@ pub struct PendingCall {
     pub call: Bytes,
 }
 
-/// The persisted record of one instance.
+/// The record of one instance as the runtime sees it: every payload in memory.
+///
+/// What is persisted is its [`PlacedRecord`], where payloads above the ladder's inline
+/// threshold are references to blobs. (Format 1 of the persisted record had this shape.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The flow version the instance runs under.
@@ -111,15 +115,86 @@ pub struct Record {
     pub pending: Option<PendingCall>,
 }
 
-impl Record {
+/// The driver call in flight, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedCall {
+    /// The step that issued the call.
+    pub seq: u64,
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call.
+    pub call: Payload,
+}
+
+/// A blob the record no longer refers to but kept history may: it is deleted once every
+/// history entry before step `died` is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    /// The first step whose entry no longer refers to the blob.
+    pub died: u64,
+    /// The blob.
+    pub blob: BlobRef,
+}
+
+/// The persisted record of one instance: payloads placed on the ladder, and the blobs
+/// waiting for garbage collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedRecord {
+    /// The flow version the instance runs under.
+    pub flow_version: u32,
+    /// Steps taken so far.
+    pub seq: u64,
+    /// Where the instance stands.
+    pub status: Status,
+    /// The flow state.
+    pub state: Payload,
+    /// The call in flight.
+    pub pending: Option<PlacedCall>,
+    /// Blobs only kept history refers to (tracked unless history is kept whole).
+    pub retired: Vec<Retired>,
+    /// Blobs no record or kept history refers to any more, deleted after this record is
+    /// committed (deletes are idempotent, so recovery deletes them again).
+    pub trash: Vec<BlobRef>,
+}
+
+impl PlacedRecord {
     /// Encodes the record in its envelope, appending to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
         codec::encode(Kind::Record, self, out)
     }
 
-    /// Decodes a record from its envelope, refusing more than `limit` bytes.
-    pub fn decode(bytes: &[u8], limit: usize) -> Result<Record, CodecError> {
-        codec::decode(Kind::Record, bytes, limit)
+    /// Decodes a record from its envelope (current format or format 1), refusing more
+    /// than `limit` bytes.
+    pub fn decode(bytes: &[u8], limit: usize) -> Result<PlacedRecord, CodecError> {
+        let (version, payload) = codec::open_versioned(Kind::Record, bytes, limit)?;
+        if version == 1 {
+            let r: Record = codec::decode_raw(payload, limit)?;
+            return Ok(PlacedRecord {
+                flow_version: r.flow_version,
+                seq: r.seq,
+                status: r.status,
+                state: Payload::Inline(r.state),
+                pending: r.pending.map(|p| PlacedCall {
+                    seq: p.seq,
+                    link: p.link,
+                    method: p.method,
+                    call: Payload::Inline(p.call),
+                }),
+                retired: Vec::new(),
+                trash: Vec::new(),
+            });
+        }
+        codec::decode_raw(payload, limit)
+    }
+
+    /// The blobs the record itself refers to.
+    pub fn live_blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.state
+            .blob()
+            .into_iter()
+            .chain(self.pending.as_ref().and_then(|p| p.call.blob()))
     }
 }
 
@@ -185,6 +260,19 @@ pub struct HistoryEntry {
     pub output: StepOutput,
     /// The record version the step wrote.
     pub version: u64,
+    /// What came in with the input: the encoded impulse, or the driver's encoded reply.
+    pub payload: Option<Payload>,
+    /// The state after the step (a snapshot; shares its blob with the record when large).
+    pub state: Option<Payload>,
+}
+
+/// A history entry as flowwire 0.1 wrote it (format 1).
+#[derive(Deserialize)]
+struct HistoryEntryV1 {
+    seq: u64,
+    input: StepInput,
+    output: StepOutput,
+    version: u64,
 }
 
 impl HistoryEntry {
@@ -193,9 +281,29 @@ impl HistoryEntry {
         codec::encode(Kind::History, self, out)
     }
 
-    /// Decodes an entry from its envelope.
+    /// Decodes an entry from its envelope (current format or format 1).
     pub fn decode(bytes: &[u8], limit: usize) -> Result<HistoryEntry, CodecError> {
-        codec::decode(Kind::History, bytes, limit)
+        let (version, payload) = codec::open_versioned(Kind::History, bytes, limit)?;
+        if version == 1 {
+            let h: HistoryEntryV1 = codec::decode_raw(payload, limit)?;
+            return Ok(HistoryEntry {
+                seq: h.seq,
+                input: h.input,
+                output: h.output,
+                version: h.version,
+                payload: None,
+                state: None,
+            });
+        }
+        codec::decode_raw(payload, limit)
+    }
+
+    /// The blobs the entry refers to.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.payload
+            .iter()
+            .chain(self.state.iter())
+            .filter_map(Payload::blob)
     }
 }
 
@@ -208,6 +316,28 @@ pub enum Expect {
     Version(u64),
 }
 
+/// One step of one instance before its payloads are placed: what the runtime's core hands
+/// to [`Placement::seal`](crate::ladder::Placement::seal).
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// The instance.
+    pub key: InstanceKey,
+    /// Compare-and-swap condition on the stored record.
+    pub expect: Expect,
+    /// The version the new record gets.
+    pub version: u64,
+    /// The new record.
+    pub record: Record,
+    /// The impulse id this step applies.
+    pub impulse: Option<Arc<str>>,
+    /// What came in.
+    pub input: StepInput,
+    /// What went out.
+    pub output: StepOutput,
+    /// The input's payload (encoded impulse or reply), for history.
+    pub payload: Option<Bytes>,
+}
+
 /// One step of one instance, as handed to [`InstanceStore::commit`](crate::InstanceStore::commit).
 #[derive(Debug, Clone)]
 pub struct StepWrite {
@@ -217,7 +347,9 @@ pub struct StepWrite {
     pub expect: Expect,
     /// The version the new record gets.
     pub version: u64,
-    /// The encoded [`Record`] (in its envelope).
+    /// The step's number (recorded with an applied impulse id).
+    pub seq: u64,
+    /// The encoded [`PlacedRecord`] (in its envelope).
     pub record: Bytes,
     /// Whether the instance is still active (the store keeps an index of active instances
     /// so that start-up recovery reads only those).
@@ -227,6 +359,8 @@ pub struct StepWrite {
     pub impulse: Option<Arc<str>>,
     /// The step's history entry: its number and encoded [`HistoryEntry`].
     pub history: Option<(u64, Bytes)>,
+    /// Delete the instance's history entries before this step (history retention).
+    pub prune_below: Option<u64>,
 }
 
 /// The fate of one [`StepWrite`] in a committed batch.

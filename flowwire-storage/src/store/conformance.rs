@@ -22,10 +22,12 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         key: key.clone(),
         expect,
         version,
+        seq: version,
         record: Bytes::from_static(body),
         active: true,
         impulse: None,
         history: Some((version, Bytes::from_static(body))),
+        prune_below: None,
     }
 }
 
@@ -37,6 +39,8 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     the_active_index_follows_the_records(&*make()).await;
     history_pages_in_step_order(&*make()).await;
     one_batch_commits_many_instances_and_reports_each(&*make()).await;
+    history_is_pruned_below_a_step(&*make()).await;
+    an_impulse_without_history_records_its_step(&*make()).await;
 }
 
 /// A start writes a record that did not exist; later steps swap it by version.
@@ -225,4 +229,54 @@ pub async fn one_batch_commits_many_instances_and_reports_each(store: &dyn Insta
         ]
     );
     assert_eq!(&store.load(&a).await.unwrap().unwrap().bytes[..], b"a2");
+}
+
+/// A step with `prune_below` deletes the instance's earlier history entries, and only those.
+pub async fn history_is_pruned_below_a_step(store: &dyn InstanceStore) {
+    let k = InstanceKey::new("flow", "p");
+    let other = InstanceKey::new("flow", "p2");
+    store
+        .commit(vec![
+            step(&k, Expect::Absent, 1, b"1"),
+            step(&other, Expect::Absent, 1, b"1"),
+        ])
+        .await
+        .unwrap();
+    for v in 2..=6u64 {
+        store
+            .commit(vec![step(&k, Expect::Version(v - 1), v, b"n")])
+            .await
+            .unwrap();
+    }
+    let mut s = step(&k, Expect::Version(6), 7, b"n");
+    s.prune_below = Some(5);
+    assert_eq!(store.commit(vec![s]).await.unwrap(), vec![StepResult::Committed]);
+    let left: Vec<u64> = store
+        .history(&k, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.0)
+        .collect();
+    assert_eq!(left, vec![5, 6, 7], "entries before step 5 are pruned, the rest kept");
+    assert_eq!(
+        store.history(&other, 0, 100).await.unwrap().len(),
+        1,
+        "pruning one instance leaves the others alone"
+    );
+}
+
+/// A step that keeps no history still records which step applied an impulse.
+pub async fn an_impulse_without_history_records_its_step(store: &dyn InstanceStore) {
+    let k = InstanceKey::new("flow", "q");
+    let mut s = step(&k, Expect::Absent, 1, b"1");
+    s.history = None;
+    store.commit(vec![s]).await.unwrap();
+    let mut s = step(&k, Expect::Version(1), 2, b"2");
+    s.history = None;
+    s.seq = 9;
+    s.impulse = Some(Arc::from("i"));
+    store.commit(vec![s]).await.unwrap();
+    assert_eq!(store.impulse_applied(&k, "i").await.unwrap(), Some(9));
+    assert!(store.history(&k, 0, 10).await.unwrap().is_empty());
 }

@@ -62,8 +62,7 @@ impl InstanceStore for MemoryStore {
                     results.push(StepResult::ImpulseSeen { seq: *seq });
                     continue;
                 }
-                let seq = step.history.as_ref().map_or(0, |h| h.0);
-                inner.impulses.insert(k, seq);
+                inner.impulses.insert(k, step.seq);
             }
             let ak = (step.key.flow.clone(), step.key.id.clone());
             if step.active {
@@ -73,6 +72,16 @@ impl InstanceStore for MemoryStore {
             }
             if let Some((seq, entry)) = step.history {
                 inner.history.insert((step.key.clone(), seq), entry);
+            }
+            if let Some(below) = step.prune_below {
+                let old: Vec<_> = inner
+                    .history
+                    .range((step.key.clone(), 0)..(step.key.clone(), below))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in old {
+                    inner.history.remove(&k);
+                }
             }
             inner.records.insert(
                 step.key,

@@ -17,9 +17,13 @@ use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 
 mod memory;
 mod redb;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 
 /// A boxed, sendable future: the stores are used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -32,9 +36,11 @@ pub type ActiveList = Vec<(Arc<str>, Stored)>;
 /// Every method is cancel-safe in the sense that matters: a dropped future either commits
 /// the whole batch or nothing, never part of it.
 pub trait InstanceStore: Send + Sync + 'static {
-    /// Commits a batch of steps atomically and durably: either every step whose conditions
-    /// hold is written (and the others are reported and skipped), or the call fails and
-    /// nothing is written. Results are in batch order.
+    /// Commits a batch of steps durably. Each step is atomic: its conditions are checked and
+    /// its whole write (record, impulse id, history entry, pruning) is applied, or it is
+    /// reported and skipped. Results are in batch order. Embedded backends commit the whole
+    /// batch in one transaction; a shared backend may have applied some steps of a batch
+    /// whose call failed (their retry then reports a conflict, and the runtime reloads).
     ///
     /// A batch holds at most one step per instance.
     fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>>;

@@ -151,8 +151,7 @@ fn commit_blocking(
                     results.push(StepResult::ImpulseSeen { seq: seq.value() });
                     continue;
                 }
-                let seq = step.history.as_ref().map_or(0, |h| h.0);
-                impulses.insert(ikey, seq).map_err(|x| e(x.into()))?;
+                impulses.insert(ikey, step.seq).map_err(|x| e(x.into()))?;
             }
             records
                 .insert(key, (step.version, &step.record[..]))
@@ -165,6 +164,11 @@ fn commit_blocking(
             if let Some((seq, entry)) = &step.history {
                 history
                     .insert((key.0, key.1, *seq), &entry[..])
+                    .map_err(|x| e(x.into()))?;
+            }
+            if let Some(below) = step.prune_below {
+                history
+                    .retain_in((key.0, key.1, 0)..(key.0, key.1, below), |_, _| false)
                     .map_err(|x| e(x.into()))?;
             }
             results.push(StepResult::Committed);

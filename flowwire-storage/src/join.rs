@@ -1,0 +1,28 @@
+//! A tiny `join_all` (the crate does not pull in a futures library for one function).
+
+/// Polls all futures to completion, concurrently, on the current task.
+pub(crate) async fn join_all<T>(futs: impl IntoIterator<Item = crate::store::BoxFuture<'_, T>>) -> Vec<T> {
+    let mut futs: Vec<_> = futs.into_iter().map(Some).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, out) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|v| v.expect("every future completed")).collect()
+}

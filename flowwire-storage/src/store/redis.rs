@@ -1,0 +1,317 @@
+//! The Redis store: instance records shared by every process of a deployment.
+//!
+//! Keys, per instance (hash-tagged, so all of one instance's keys sit in one Redis Cluster
+//! slot and one Lua script can check and write them atomically):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag |
+//! | `P:{flow/id}:i` | hash | impulse id → step that applied it |
+//! | `P:{flow/id}:hz` | sorted set | history step numbers |
+//! | `P:{flow/id}:hh` | hash | step number → encoded history entry |
+//! | `P:active:{flow}` | set | ids of (possibly) active instances |
+//!
+//! A step is one `EVALSHA` of [`COMMIT`]: compare-and-swap on the version, insert-if-absent
+//! of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
+//! is one pipeline of those scripts (one round trip); each step is atomic on its own.
+//!
+//! The active set lives in another slot, so it cannot be in the script. It is kept
+//! *conservative*: an id is added before the step that makes it active is committed and
+//! removed after the step that ends it, so a crash in between leaves an extra id (filtered
+//! out by the record's own active flag and cleaned lazily), never a missing one.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+
+use super::{ActiveList, BoxFuture, InstanceStore};
+use crate::error::StoreError;
+use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
+use crate::redis_link::RedisLink;
+
+/// The commit script (one step of one instance).
+pub const COMMIT: &str = r"
+-- KEYS: record, impulses, history index, history entries
+-- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
+--       has history ('1'/'0'), history entry, prune below ('' = none)
+local found = redis.call('HGET', KEYS[1], 'v')
+if ARGV[1] == '' then
+  if found then return {1, tonumber(found)} end
+elseif found ~= ARGV[1] then
+  if found then return {1, tonumber(found)} end
+  return {1, -1}
+end
+if ARGV[6] ~= '' then
+  local seen = redis.call('HGET', KEYS[2], ARGV[6])
+  if seen then return {2, tonumber(seen)} end
+  redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5])
+if ARGV[7] == '1' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
+  redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
+end
+if ARGV[9] ~= '' then
+  local bound = '(' .. ARGV[9]
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', bound, 'LIMIT', 0, 500)
+    if #old == 0 then break end
+    redis.call('HDEL', KEYS[4], unpack(old))
+    redis.call('ZREM', KEYS[3], unpack(old))
+  end
+end
+return {0, 0}
+";
+
+/// Ids read per round trip when listing active instances.
+const PAGE: usize = 256;
+
+/// Instance records in Redis (or Redis Cluster: every instance's keys share a hash tag).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+/// use flowwire_storage::store::RedisStore;
+/// let store = RedisStore::open("redis://127.0.0.1:6379/", "fw")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    link: RedisLink,
+    prefix: String,
+    sha: String,
+}
+
+fn backend(e: &redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// A store on the Redis server at `url`, with every key under `prefix` (no `{` or `}`).
+    /// Connects on first use; reconnects by itself after the server comes back.
+    pub fn open(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError::Backend(format!(
+                "the Redis key prefix {prefix:?} must not contain `{{` or `}}` (they mark Redis Cluster hash tags)"
+            )));
+        }
+        let link = RedisLink::open(url, Duration::from_secs(10)).map_err(StoreError::Backend)?;
+        Ok(Self {
+            link,
+            prefix: prefix.to_string(),
+            sha: redis::Script::new(COMMIT).get_hash().to_string(),
+        })
+    }
+
+    fn keys(&self, key: &InstanceKey) -> [String; 4] {
+        let base = format!("{}:{{{}/{}}}", self.prefix, key.flow, key.id);
+        [
+            format!("{base}:r"),
+            format!("{base}:i"),
+            format!("{base}:hz"),
+            format!("{base}:hh"),
+        ]
+    }
+
+    fn active_key(&self, flow: &str) -> String {
+        format!("{}:active:{{{flow}}}", self.prefix)
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        self.link.conn().await.map_err(|e| backend(&e))
+    }
+
+    async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for s in batch.iter().filter(|s| s.active) {
+            pipe.sadd(self.active_key(&s.key.flow), &*s.key.id).ignore();
+        }
+        for s in batch {
+            let keys = self.keys(&s.key);
+            let expect = match s.expect {
+                Expect::Absent => String::new(),
+                Expect::Version(v) => v.to_string(),
+            };
+            let (has_hist, hist) = match &s.history {
+                Some((_, h)) => ("1", &h[..]),
+                None => ("0", &[][..]),
+            };
+            pipe.cmd("EVALSHA")
+                .arg(&self.sha)
+                .arg(4)
+                .arg(&keys[..])
+                .arg(expect)
+                .arg(s.version)
+                .arg(s.seq)
+                .arg(&s.record[..])
+                .arg(if s.active { "1" } else { "0" })
+                .arg(s.impulse.as_deref().unwrap_or(""))
+                .arg(has_hist)
+                .arg(hist)
+                .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default());
+        }
+        let replies: Vec<(i64, i64)> = match pipe.query_async(&mut c).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // The server restarted and lost its script cache; nothing ran (every call
+                // of the pipeline failed the same way). Load it and send again.
+                redis::Script::new(COMMIT)
+                    .prepare_invoke()
+                    .load_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                pipe.query_async(&mut c).await.map_err(|e| backend(&e))?
+            }
+            Err(e) => return Err(backend(&e)),
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        let mut removes = redis::pipe();
+        let mut any_remove = false;
+        for (s, (code, n)) in batch.iter().zip(replies) {
+            results.push(match code {
+                0 => {
+                    if !s.active {
+                        removes.srem(self.active_key(&s.key.flow), &*s.key.id).ignore();
+                        any_remove = true;
+                    }
+                    StepResult::Committed
+                }
+                1 => StepResult::Conflict {
+                    found: u64::try_from(n).ok(),
+                },
+                _ => StepResult::ImpulseSeen {
+                    seq: u64::try_from(n).unwrap_or(0),
+                },
+            });
+        }
+        if any_remove {
+            // Best effort: an id left behind is filtered by its record's flag.
+            let _ = removes.query_async::<()>(&mut c).await;
+        }
+        Ok(results)
+    }
+}
+
+impl InstanceStore for RedisStore {
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+        Box::pin(async move { self.commit_batch(&batch).await })
+    }
+
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [r, ..] = self.keys(key);
+            let (v, b): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(&r)
+                .arg("v")
+                .arg("b")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(v.zip(b).map(|(version, bytes)| Stored {
+                version,
+                bytes: Bytes::from(bytes),
+            }))
+        })
+    }
+
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.active_key(flow);
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            let mut out = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let mut pipe = redis::pipe();
+                for id in page {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    pipe.cmd("HMGET").arg(r).arg("v").arg("b").arg("a");
+                }
+                let rows: Vec<(Option<u64>, Option<Vec<u8>>, Option<String>)> =
+                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                for (id, row) in page.iter().zip(rows) {
+                    match row {
+                        (Some(version), Some(bytes), Some(a)) if a == "1" => out.push((
+                            id.as_str().into(),
+                            Stored {
+                                version,
+                                bytes: Bytes::from(bytes),
+                            },
+                        )),
+                        _ => stale.push(id.clone()),
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
+            }
+            Ok(out)
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [_, _, hz, hh] = self.keys(key);
+            let seqs: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&hz)
+                .arg(from)
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            if seqs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let entries: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                .arg(&hh)
+                .arg(&seqs)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(seqs
+                .into_iter()
+                .zip(entries)
+                .filter_map(|(s, e)| e.map(|e| (s, Bytes::from(e))))
+                .collect())
+        })
+    }
+
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [_, i, ..] = self.keys(key);
+            redis::cmd("HGET")
+                .arg(&i)
+                .arg(impulse_id)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))
+        })
+    }
+}

@@ -1,0 +1,155 @@
+//! The local-disk tier: one file per blob under a root directory.
+//!
+//! Layout: `root/<fan-out>/<key with '/' written as '@'>`, where the fan-out directory is
+//! two hex digits of the key's CRC-32 (256 directories, so no directory grows past what
+//! file systems list quickly). A put writes `<name>.tmp.<pid>.<n>`, fsyncs it, renames it
+//! over the final name and fsyncs the directory: a reader sees the old blob or the new one,
+//! and a crash leaves at most a stray temp file, whose name never collides with a blob's.
+//! All file I/O runs on tokio's blocking pool.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::{BlobTier, TierError, check_key};
+use crate::store::BoxFuture;
+
+/// Blobs as files in a directory on a local (fast) disk.
+///
+/// ```
+/// # tokio::runtime::Builder::new_multi_thread().build().unwrap().block_on(async {
+/// use flowwire_storage::tier::{BlobTier, FsTier, TierExt};
+/// let dir = tempfile::tempdir().unwrap();
+/// let tier = FsTier::new(dir.path());
+/// tier.put_bytes("order/o-1/2.s", "state".into()).await?;
+/// assert!(tier.exists("order/o-1/2.s").await?);
+/// # Ok::<(), flowwire_storage::tier::TierError>(()) }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct FsTier {
+    root: Arc<PathBuf>,
+    shared: bool,
+    seq: Arc<AtomicU64>,
+}
+
+impl FsTier {
+    /// A tier rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: Arc::new(root.into()),
+            shared: false,
+            seq: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Declares the directory a mount that every process of the deployment sees.
+    #[must_use]
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob under `key` lives.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        let fan = crc32fast::hash(key.as_bytes()) & 0xff;
+        self.root
+            .join(format!("{fan:02x}"))
+            .join(key.replace('/', "@"))
+    }
+
+    fn blocking<T: Send + 'static>(
+        &self,
+        key: &str,
+        f: impl FnOnce(PathBuf, &FsTier) -> io::Result<T> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, TierError>> {
+        let checked = check_key(key).map(|()| self.path_of(key));
+        let this = self.clone();
+        Box::pin(async move {
+            let path = checked?;
+            match tokio::task::spawn_blocking(move || f(path, &this)).await {
+                Ok(r) => r.map_err(io_error),
+                Err(e) => Err(TierError::unavailable("fs", format!("I/O task failed: {e}"))),
+            }
+        })
+    }
+}
+
+fn io_error(e: io::Error) -> TierError {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            TierError::rejected("fs", e)
+        }
+        _ => TierError::unavailable("fs", e),
+    }
+}
+
+fn write_blob(path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
+    let dir = path.parent().expect("blob paths have a fan-out directory");
+    fs::create_dir_all(dir)?;
+    let written = (|| {
+        let mut f = File::create(tmp)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        f.sync_all()?;
+        fs::rename(tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    written
+}
+
+impl BlobTier for FsTier {
+    fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>> {
+        let parts: Vec<Bytes> = parts.to_vec();
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.blocking(key, move |path, _| {
+            let mut tmp = path.clone().into_os_string();
+            tmp.push(format!(".tmp.{}.{n}", std::process::id()));
+            write_blob(&path, Path::new(&tmp), &parts)
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        self.blocking(key, move |path, _| {
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let size = f.metadata()?.len();
+            // Read at most one byte past what the caller expects: a longer file is damage,
+            // and reading it whole would trust a length the caller did not give.
+            let cap = expect.map_or(size, |e| size.min(e.saturating_add(1)));
+            let mut buf = Vec::with_capacity(usize::try_from(cap).unwrap_or(usize::MAX));
+            f.take(cap).read_to_end(&mut buf)?;
+            Ok(Some(Bytes::from(buf)))
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
+        self.blocking(key, |path, _| match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared
+    }
+}

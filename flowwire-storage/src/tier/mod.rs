@@ -1,0 +1,352 @@
+//! Blob tiers: where payloads too large for the record live.
+//!
+//! A tier is anything that can put, get and delete bytes by key — the [`BlobTier`] trait,
+//! three methods. [`Tier`] is a named, shareable handle on one, with a constructor per
+//! backend, which is what the [`Ladder`](crate::Ladder) builder takes:
+//!
+//! | constructor | backend | shared between processes |
+//! | --- | --- | --- |
+//! | [`Tier::memory`] | a map in this process (tests) | no |
+//! | [`Tier::embedded`] | a redb file | no |
+//! | [`Tier::fs`] | a directory on a local disk (fsync + rename) | only if declared |
+//! | `Tier::redis` (feature `redis`) | a Redis server or cluster | yes |
+//! | `Tier::s3` (feature `s3`) | an S3 bucket (or an S3-compatible server) | yes |
+//!
+//! Tiers store bytes and nothing else; framing, checksums and placement are the ladder's.
+//! The same conformance suite ([`conformance`]) runs against every one of them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::BoxFuture;
+
+pub mod conformance;
+mod embedded;
+mod fs;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "s3")]
+mod s3;
+
+pub use self::embedded::EmbeddedTier;
+pub use self::fs::FsTier;
+pub use self::memory::MemoryTier;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisTier;
+#[cfg(feature = "s3")]
+pub use self::s3::{S3Config, S3Tier};
+
+/// Longest key a tier must accept.
+pub const MAX_KEY_LEN: usize = 200;
+
+/// A blob tier operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TierError {
+    /// The backend cannot be reached or failed transiently (I/O error, connection refused,
+    /// timeout, server error). The engine retries with backoff.
+    #[error("tier `{tier}` is unavailable: {detail}")]
+    Unavailable {
+        /// The tier's name.
+        tier: String,
+        /// What the backend reported.
+        detail: String,
+    },
+    /// The backend refused the operation for good (permission denied, no such bucket);
+    /// fix the configuration.
+    #[error("tier `{tier}` refused the operation: {detail}; check its configuration")]
+    Rejected {
+        /// The tier's name.
+        tier: String,
+        /// What the backend reported.
+        detail: String,
+    },
+    /// The key is not one a tier accepts.
+    #[error(
+        "invalid blob key {key:?}: {reason} (keys are 1 to 200 bytes of A-Z a-z 0-9 . _ - % and /-separated non-empty segments)"
+    )]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+}
+
+impl TierError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TierError::Unavailable { .. })
+    }
+
+    pub(crate) fn unavailable(tier: &str, detail: impl fmt::Display) -> Self {
+        TierError::Unavailable {
+            tier: tier.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub(crate) fn rejected(tier: &str, detail: impl fmt::Display) -> Self {
+        TierError::Rejected {
+            tier: tier.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Checks a key against the rules every tier relies on (safe as a file name, an S3 key and a
+/// Redis key, no path traversal).
+pub fn check_key(key: &str) -> Result<(), TierError> {
+    let bad = |reason| {
+        Err(TierError::InvalidKey {
+            key: key.chars().take(MAX_KEY_LEN + 8).collect(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("it is empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return bad("it is longer than 200 bytes");
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%' | b'/'))
+    {
+        return bad("it holds a character outside the allowed set");
+    }
+    if key
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return bad("it has an empty, `.` or `..` segment");
+    }
+    Ok(())
+}
+
+/// A place that stores blobs by key.
+///
+/// Implementations must make a completed [`put`](BlobTier::put) durable (as far as the
+/// backend is durable) and atomic: a reader sees the old blob or the whole new one, never a
+/// part. `get` of a key that was never put (or was deleted) is `Ok(None)`; `delete` of a
+/// missing key is `Ok(())`. Every future is cancel-safe: dropping it leaves the key either
+/// as it was or fully written.
+pub trait BlobTier: Send + Sync + 'static {
+    /// Stores the concatenation of `parts` under `key`, replacing any blob there.
+    fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>>;
+
+    /// Reads the blob under `key`. `expect` is the length the caller expects, when it knows
+    /// it: a tier may use it to size buffers and stop reading one byte past it.
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>>;
+
+    /// Deletes the blob under `key`, if there is one.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>>;
+
+    /// Whether every process of a deployment sees the same blobs (S3, Redis, a mount that
+    /// every node shares). A node-local tier cannot serve several processes.
+    fn is_shared(&self) -> bool;
+}
+
+/// Conveniences on every tier.
+pub trait TierExt: BlobTier {
+    /// Stores one buffer.
+    fn put_bytes<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), TierError>> {
+        Box::pin(async move { self.put(key, std::slice::from_ref(&data)).await })
+    }
+
+    /// Reads a blob into a caller-provided buffer (cleared first); `false` if it is absent.
+    fn get_into<'a>(
+        &'a self,
+        key: &'a str,
+        buf: &'a mut Vec<u8>,
+    ) -> BoxFuture<'a, Result<bool, TierError>> {
+        Box::pin(async move {
+            buf.clear();
+            match self.get(key, None).await? {
+                Some(b) => {
+                    buf.extend_from_slice(&b);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        })
+    }
+
+    /// Whether a blob exists under `key`.
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, TierError>> {
+        Box::pin(async move { Ok(self.get(key, None).await?.is_some()) })
+    }
+}
+
+impl<T: BlobTier + ?Sized> TierExt for T {}
+
+/// A named tier, cheap to clone: what a [`Ladder`](crate::Ladder) is built from.
+///
+/// The name is recorded in every blob reference, so it must stay the same across restarts
+/// (the constructors give `memory`, `embedded`, `fs`, `redis` and `s3`; rename with
+/// [`Tier::named`] to use two tiers of one kind).
+///
+/// ```
+/// use flowwire_storage::{Ladder, Tier, KIB, MB};
+/// let dir = tempfile::tempdir().unwrap();
+/// let ladder = Ladder::new()
+///     .inline_below(4 * KIB)
+///     .below(MB, Tier::fs(dir.path().join("fast")))
+///     .default_to(Tier::fs(dir.path().join("slow")).named("slow"));
+/// assert!(ladder.validate(64 * MB).is_ok());
+/// ```
+#[derive(Clone)]
+pub struct Tier {
+    name: Arc<str>,
+    inner: Arc<dyn BlobTier>,
+    kind: &'static str,
+}
+
+impl fmt::Debug for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tier")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("shared", &self.inner.is_shared())
+            .finish()
+    }
+}
+
+impl Tier {
+    /// A tier in this process's memory (tests, caches).
+    pub fn memory() -> Tier {
+        Tier::new("memory", "memory", MemoryTier::new())
+    }
+
+    /// A directory on a local (fast) disk. Writes go to a temp file that is fsynced and
+    /// renamed into place; blobs are spread over 256 subdirectories.
+    pub fn fs(root: impl Into<std::path::PathBuf>) -> Tier {
+        Tier::new("fs", "fs", FsTier::new(root))
+    }
+
+    /// An embedded redb file holding blobs.
+    pub fn embedded(path: impl Into<std::path::PathBuf>) -> Tier {
+        Tier::new("embedded", "embedded", EmbeddedTier::new(path))
+    }
+
+    /// A Redis server (`redis://127.0.0.1:6379/`) holding blobs under `prefix`.
+    #[cfg(feature = "redis")]
+    pub fn redis(url: &str, prefix: &str) -> Result<Tier, TierError> {
+        Ok(Tier::new("redis", "redis", RedisTier::open(url, prefix)?))
+    }
+
+    /// An S3 bucket (or S3-compatible server).
+    #[cfg(feature = "s3")]
+    pub fn s3(config: S3Config) -> Tier {
+        Tier::new("s3", "s3", S3Tier::new(config))
+    }
+
+    /// A tier of your own.
+    pub fn custom(name: &str, tier: impl BlobTier) -> Tier {
+        Tier::new(name, "custom", tier)
+    }
+
+    fn new(name: &str, kind: &'static str, tier: impl BlobTier) -> Tier {
+        Tier {
+            name: name.into(),
+            inner: Arc::new(tier),
+            kind,
+        }
+    }
+
+    /// Renames the tier (the name is recorded in blob references).
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Tier {
+        self.name = name.into();
+        self
+    }
+
+    /// The tier's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Whether both handles share one backend.
+    pub fn same(&self, other: &Tier) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The backend's kind (`memory`, `embedded`, `fs`, `redis`, `s3`, `custom`).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The tier itself.
+    pub fn backend(&self) -> &dyn BlobTier {
+        &*self.inner
+    }
+}
+
+impl BlobTier for Tier {
+    fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>> {
+        self.inner.put(key, parts)
+    }
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        self.inner.get(key, expect)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
+        self.inner.delete(key)
+    }
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+}
+
+/// Concatenates parts (for backends that need one contiguous value).
+pub(crate) fn concat(parts: &[Bytes]) -> Bytes {
+    match parts {
+        [] => Bytes::new(),
+        [one] => one.clone(),
+        many => {
+            let mut v = Vec::with_capacity(many.iter().map(Bytes::len).sum());
+            for p in many {
+                v.extend_from_slice(p);
+            }
+            Bytes::from(v)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_key;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("order/o-1/3.s").is_ok());
+        assert!(check_key("a%2Fb").is_ok());
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "a/../b",
+            "a/./b",
+            "trailing/",
+            "sp ace",
+            "ü",
+        ] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_key(&"k".repeat(201)).is_err());
+    }
+}

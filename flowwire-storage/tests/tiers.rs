@@ -1,0 +1,123 @@
+//! The tier conformance suite on every tier — memory, embedded (redb), fs, Redis and S3 —
+//! with the sizes the ladder cares about: 0 B, 1 B, 4095, 4096, 4097, 1 MB − 1, 1 MB,
+//! 1 MB + 1 and 64 MB. Redis and S3 are real servers started by this test binary.
+
+use flowwire_storage::tier::{BlobTier, EmbeddedTier, FsTier, MemoryTier, conformance};
+
+#[cfg(any(feature = "redis", feature = "s3"))]
+#[path = "../../tests/support/servers.rs"]
+mod servers;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_memory_tier_conforms() {
+    conformance::run_all(&MemoryTier::new(), "mem", conformance::SIZES).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_tier_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = EmbeddedTier::new(dir.path().join("blobs.redb"));
+    conformance::run_all(&tier, "emb", conformance::SIZES).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fs_tier_conforms_and_leaves_no_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = FsTier::new(dir.path());
+    conformance::run_all(&tier, "fs", conformance::SIZES).await;
+    let mut left = Vec::new();
+    for fan in std::fs::read_dir(dir.path()).unwrap() {
+        for f in std::fs::read_dir(fan.unwrap().path()).unwrap() {
+            left.push(f.unwrap().file_name());
+        }
+    }
+    assert!(left.is_empty(), "files left behind after every delete: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fs_tier_reports_an_unwritable_root_as_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let tier = FsTier::new(&file);
+    let err = tier
+        .put(&"k", &[bytes::Bytes::from_static(b"v")])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tier `fs`"), "{err}");
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use std::sync::OnceLock;
+
+    use flowwire_storage::store::{RedisStore, conformance as store_conformance};
+    use flowwire_storage::tier::{RedisTier, conformance};
+
+    use super::servers::Redis;
+
+    fn server() -> &'static Redis {
+        static SERVER: OnceLock<Redis> = OnceLock::new();
+        SERVER.get_or_init(Redis::start)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_redis_tier_conforms() {
+        let tier = RedisTier::open(&server().url(), "fwtest").unwrap();
+        conformance::run_all(&tier, "redis", conformance::SIZES).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_redis_store_conforms() {
+        let url = server().url();
+        let n = std::sync::atomic::AtomicU32::new(0);
+        store_conformance::run_all(|| {
+            let prefix = format!("conf{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            Box::new(RedisStore::open(&url, &prefix).unwrap())
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_prefix_with_a_hash_tag_is_refused() {
+        let err = RedisStore::open(&server().url(), "a{b}").unwrap_err();
+        assert!(err.to_string().contains("hash tags"), "{err}");
+    }
+}
+
+#[cfg(feature = "s3")]
+mod s3 {
+    use std::sync::OnceLock;
+
+    use flowwire_storage::tier::{BlobTier, S3Config, S3Tier, TierError, conformance};
+
+    use super::servers::S3;
+
+    fn server() -> &'static S3 {
+        static SERVER: OnceLock<S3> = OnceLock::new();
+        SERVER.get_or_init(S3::start)
+    }
+
+    fn config(bucket: &str) -> S3Config {
+        S3Config::new(bucket)
+            .endpoint(&server().endpoint())
+            .path_style(true)
+            .credentials("test", "test")
+            .prefix("fw")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_s3_tier_conforms_with_single_and_multipart_uploads() {
+        // 5 MiB parts: the 64 MB case is a 13-part multipart upload.
+        let tier = S3Tier::new(config("conformance").part_size(5 << 20));
+        tier.create_bucket_if_missing().await.unwrap();
+        conformance::run_all(&tier, "s3", conformance::SIZES).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_missing_bucket_is_a_rejection_not_a_retry() {
+        let tier = S3Tier::new(config("no-such-bucket").max_attempts(1));
+        let err = tier.get("k", None).await.unwrap_err();
+        assert!(matches!(err, TierError::Rejected { .. }), "{err:?}");
+    }
+}
