@@ -370,6 +370,8 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             active: true,
             impulse: None,
             history: None,
+            seq: 1,
+            prune_below: None,
         }])
         .await
         .unwrap();
@@ -442,8 +444,9 @@ async fn an_instance_of_another_flow_version_is_never_run() {
         state: state.into(),
         pending: None,
     };
+    // Written in record format 1 (flowwire 0.1, before the ladder): still read.
     let mut bytes = Vec::new();
-    record.encode(&mut bytes).unwrap();
+    codec::encode_with_version(codec::Kind::Record, 1, &record, &mut bytes).unwrap();
     store
         .commit(vec![StepWrite {
             key: InstanceKey::new("Trip", "old"),
@@ -453,6 +456,8 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             active: true,
             impulse: None,
             history: None,
+            seq: 1,
+            prune_below: None,
         }])
         .await
         .unwrap();

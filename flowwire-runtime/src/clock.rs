@@ -9,3 +9,9 @@ pub fn unix_nanos() -> u128 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
+
+/// A few bits of entropy for backoff jitter (the clock's low bits; not for cryptography).
+pub fn jitter() -> u32 {
+    let n = unix_nanos();
+    (n ^ (n >> 32)) as u32
+}

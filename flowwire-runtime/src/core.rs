@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::codec;
+use flowwire_storage::record::Draft;
 use flowwire_storage::{
-    CodecError, Expect, HistoryEntry, InstanceKey, PendingCall, Record, Status, StepInput,
-    StepOutput, StepWrite, Stored,
+    CodecError, Expect, InstanceKey, PendingCall, Record, Status, StepInput, StepOutput,
 };
 
 use crate::command::{CommandKind, Delivered, Then, ThenError};
@@ -32,20 +32,27 @@ use crate::flow::{CallSet, Flow, ImpulseSet};
 pub struct Scratch {
     call: Vec<u8>,
     state: Vec<u8>,
-    out: Vec<u8>,
+    /// The runner's buffer for encoding records and history entries.
+    pub out: Vec<u8>,
 }
 
-/// One step, ready to persist.
+/// One step, ready to be placed on the ladder and persisted.
 #[derive(Debug)]
 pub struct Step {
-    /// What the store must write.
-    pub write: StepWrite,
-    /// The record the instance adopts once the write is committed.
-    pub record: Record,
+    /// The step with its payloads in memory (the record the instance adopts once the
+    /// step is committed is `draft.record`).
+    pub draft: Draft,
+    /// Whether the instance is still active after the step.
+    pub active: bool,
     /// A new driver call to dispatch once the write is committed.
     pub dispatch: Option<PendingCall>,
-    /// What the step did, for traces.
-    pub output: StepOutput,
+}
+
+impl Step {
+    /// The record the step writes.
+    pub fn record(&self) -> &Record {
+        &self.draft.record
+    }
 }
 
 /// Why an impulse was not applied.
@@ -109,16 +116,16 @@ impl<F: Flow> Instance<F> {
     /// instance must not run on code it was not written for.
     pub fn recover(
         key: InstanceKey,
-        stored: &Stored,
+        record: Record,
+        version: u64,
         limit: usize,
         scratch: &mut Scratch,
     ) -> Result<(Self, Option<Step>), CodecError> {
-        let record = Record::decode(&stored.bytes, limit)?;
         let state: F::State = codec::decode_raw(&record.state, limit)?;
         let mut inst = Self {
             key,
             flow: F::from_state(state),
-            version: stored.version,
+            version,
             record,
             then: None,
             limit,
@@ -175,6 +182,11 @@ impl<F: Flow> Instance<F> {
             Status::Running | Status::Waiting => {}
         }
         let name = impulse.name();
+        scratch.call.clear();
+        let payload = match codec::encode_raw(&impulse, &mut scratch.call) {
+            Ok(()) => Some(Bytes::copy_from_slice(&scratch.call)),
+            Err(_) => None,
+        };
         let input = StepInput::Impulse {
             id: impulse_id.to_string(),
             name: name.to_string(),
@@ -182,9 +194,13 @@ impl<F: Flow> Instance<F> {
         let applied = catch_unwind(AssertUnwindSafe(|| self.flow.apply_impulse(impulse)));
         if let Err(p) = applied {
             let reason = format!("impulse `{name}` panicked: {}", panic_message(&*p));
-            return Ok(self.park(input, reason, scratch));
+            let mut step = self.park(input, reason, scratch);
+            step.draft.payload = payload;
+            return Ok(step);
         }
-        Ok(self.advance(input, Some(impulse_id), true, scratch))
+        let mut step = self.advance(input, Some(impulse_id), true, scratch);
+        step.draft.payload = payload;
+        Ok(step)
     }
 
     /// Applies a driver outcome for the call issued at step `seq` and runs the wire.
@@ -209,6 +225,10 @@ impl<F: Flow> Instance<F> {
             },
         };
         let ok = outcome.is_ok();
+        let payload = Some(match outcome {
+            Ok(bytes) => Bytes::copy_from_slice(bytes),
+            Err(fault) => Bytes::from(fault.to_string()),
+        });
         let delivered = match outcome {
             Ok(bytes) => Delivered::Reply(bytes),
             Err(fault) => Delivered::Fault(fault),
@@ -218,30 +238,32 @@ impl<F: Flow> Instance<F> {
         let ran = catch_unwind(AssertUnwindSafe(|| {
             then.call(&mut self.flow, delivered, limit)
         }));
-        match ran {
-            Ok(Ok(())) => Some(self.advance(input, None, false, scratch)),
-            Ok(Err(ThenError::Failed(failure))) => Some(self.end(
+        let mut step = match ran {
+            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Err(ThenError::Failed(failure))) => self.end(
                 input,
                 Status::Failed {
                     reason: failure.to_string(),
                 },
                 scratch,
-            )),
+            ),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
-                Some(self.park(input, reason, scratch))
+                self.park(input, reason, scratch)
             }
             Err(p) => {
                 let reason = format!("the continuation panicked: {}", panic_message(&*p));
-                Some(self.park(input, reason, scratch))
+                self.park(input, reason, scratch)
             }
-        }
+        };
+        step.draft.payload = payload;
+        Some(step)
     }
 
     /// Adopts a step after the store committed it.
     pub fn commit(&mut self, step: &Step) {
-        self.version = step.write.version;
-        self.record = step.record.clone();
+        self.version = step.draft.version;
+        self.record = step.draft.record.clone();
     }
 
     /// Returns to the committed record after a step was not committed.
@@ -414,51 +436,34 @@ impl<F: Flow> Instance<F> {
         pending: Option<PendingCall>,
         dispatch: Option<PendingCall>,
         output: StepOutput,
-        scratch: &mut Scratch,
+        _scratch: &mut Scratch,
     ) -> Step {
-        let seq = self.record.seq + 1;
-        let version = self.version + 1;
         let active = status.is_active();
         let record = Record {
             flow_version: F::VERSION,
-            seq,
+            seq: self.record.seq + 1,
             status,
             state,
             pending,
         };
-        scratch.out.clear();
-        record
-            .encode(&mut scratch.out)
-            .expect("records of plain data always encode");
-        let record_bytes = Bytes::copy_from_slice(&scratch.out);
-        let entry = HistoryEntry {
-            seq,
-            input,
-            output: output.clone(),
-            version,
-        };
-        scratch.out.clear();
-        entry
-            .encode(&mut scratch.out)
-            .expect("history entries of plain data always encode");
         let expect = if self.version == 0 {
             Expect::Absent
         } else {
             Expect::Version(self.version)
         };
         Step {
-            write: StepWrite {
+            draft: Draft {
                 key: self.key.clone(),
                 expect,
-                version,
-                record: record_bytes,
-                active,
+                version: self.version + 1,
+                record,
                 impulse,
-                history: Some((seq, Bytes::copy_from_slice(&scratch.out))),
+                input,
+                output,
+                payload: None,
             },
-            record,
+            active,
             dispatch,
-            output,
         }
     }
 }

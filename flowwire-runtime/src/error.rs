@@ -111,6 +111,12 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A payload could not be placed on, or read back from, its tier.
+    #[error(transparent)]
+    Blob(#[from] flowwire_storage::BlobError),
+    /// The storage ladder breaks a rule.
+    #[error(transparent)]
+    Ladder(#[from] flowwire_storage::LadderError),
     /// The data directory could not be prepared.
     #[error("the data directory {path} cannot be used: {source}")]
     DataDir {
@@ -141,4 +147,15 @@ pub enum Error {
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,
+}
+
+impl Error {
+    /// The same failure, for a second caller (errors of I/O origin are not `Clone`).
+    pub(crate) fn clone_for_caller(&self) -> Error {
+        match self {
+            Error::Blob(e) => Error::Blob(e.clone()),
+            Error::Store(StoreError::Timeout(d)) => Error::Store(StoreError::Timeout(*d)),
+            other => Error::Store(StoreError::Backend(other.to_string())),
+        }
+    }
 }

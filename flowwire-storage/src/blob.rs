@@ -198,7 +198,10 @@ mod tests {
             key: "a/2.s".into(),
             ..r.clone()
         };
-        assert!(matches!(unframe(f.clone(), &other), Err(FrameFault::Corrupt(_))));
+        assert!(matches!(
+            unframe(f.clone(), &other),
+            Err(FrameFault::Corrupt(_))
+        ));
         let mut longer = f.to_vec();
         longer.push(0);
         assert!(unframe(Bytes::from(longer), &r).is_err());

@@ -281,7 +281,7 @@ mod tests {
             CodecError::UnknownFormat {
                 kind: "record",
                 found: 99,
-                supported: 1
+                supported: 2
             }
         );
         assert!(

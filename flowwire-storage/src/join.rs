@@ -1,7 +1,8 @@
-//! A tiny `join_all` (the crate does not pull in a futures library for one function).
+//! A tiny `join_all`: polls futures concurrently on the current task (the crate does not
+//! pull in a futures library for one function).
 
-/// Polls all futures to completion, concurrently, on the current task.
-pub(crate) async fn join_all<T>(futs: impl IntoIterator<Item = crate::store::BoxFuture<'_, T>>) -> Vec<T> {
+/// Runs all futures concurrently on the current task; results in input order.
+pub async fn join_all<T>(futs: impl IntoIterator<Item = crate::store::BoxFuture<'_, T>>) -> Vec<T> {
     let mut futs: Vec<_> = futs.into_iter().map(Some).collect();
     let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -24,5 +25,7 @@ pub(crate) async fn join_all<T>(futs: impl IntoIterator<Item = crate::store::Box
         }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every future completed")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every future completed"))
+        .collect()
 }

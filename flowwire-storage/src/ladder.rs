@@ -128,9 +128,7 @@ pub enum LadderError {
         name: String,
     },
     /// `inline_only` combined with tiers.
-    #[error(
-        "ladder rule broken: an inline-only ladder has no tiers, but `{tier}` was added"
-    )]
+    #[error("ladder rule broken: an inline-only ladder has no tiers, but `{tier}` was added")]
     InlineOnlyWithTier {
         /// The tier.
         tier: String,
@@ -212,13 +210,7 @@ impl Ladder {
     /// Checks the rules against the engine's record limit and returns the placement.
     pub fn validate(&self, record_limit: usize) -> Result<Placement, LadderError> {
         if self.inline_only {
-            if let Some(t) = self
-                .rungs
-                .iter()
-                .map(|r| &r.1)
-                .chain(&self.defaults)
-                .next()
-            {
+            if let Some(t) = self.rungs.iter().map(|r| &r.1).chain(&self.defaults).next() {
                 return Err(LadderError::InlineOnlyWithTier {
                     tier: t.name().to_string(),
                 });
@@ -341,7 +333,11 @@ pub fn blob_key(instance: &InstanceKey, seq: u64, role: char) -> String {
     escape_into(&mut key, &instance.id);
     if key.len() - mark > 120 || key.len() == mark {
         key.truncate(mark);
-        key.push_str(&format!("~{:016x}-{}", fnv64(&instance.id), instance.id.len()));
+        key.push_str(&format!(
+            "~{:016x}-{}",
+            fnv64(&instance.id),
+            instance.id.len()
+        ));
     }
     key.push_str(&format!("/{seq}.{role}"));
     key
@@ -447,7 +443,7 @@ impl Placement {
     /// start. `buf` is a reusable encode buffer.
     pub fn seal(
         &self,
-        draft: Draft,
+        draft: &Draft,
         prev: Option<(&PlacedRecord, &Bytes)>,
         retention: Retention,
         active: bool,
@@ -462,7 +458,7 @@ impl Placement {
             input,
             output,
             payload,
-        } = draft;
+        } = draft.clone();
         let seq = record.seq;
         let mut puts = Vec::new();
         let state = match prev {
@@ -534,14 +530,12 @@ impl Placement {
             trash: gone.into_iter().map(|r| r.blob).collect(),
         };
         buf.clear();
-        placed
-            .encode(buf)
-            .map_err(|e| BlobError::Corrupt {
-                instance: key.to_string(),
-                tier: "record".into(),
-                key: key.to_string(),
-                detail: e.to_string(),
-            })?;
+        placed.encode(buf).map_err(|e| BlobError::Corrupt {
+            instance: key.to_string(),
+            tier: "record".into(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        })?;
         let record_bytes = Bytes::copy_from_slice(buf);
         let history = if keep_history {
             let entry = HistoryEntry {
@@ -600,7 +594,11 @@ impl Placement {
     }
 
     /// Reads a payload back, checking it against its reference.
-    pub async fn fetch(&self, instance: &InstanceKey, payload: &Payload) -> Result<Bytes, BlobError> {
+    pub async fn fetch(
+        &self,
+        instance: &InstanceKey,
+        payload: &Payload,
+    ) -> Result<Bytes, BlobError> {
         let r = match payload {
             Payload::Inline(b) => return Ok(b.clone()),
             Payload::Blob(r) => r,
@@ -608,7 +606,11 @@ impl Placement {
         let names = || (instance.to_string(), r.tier.to_string(), r.key.to_string());
         let Some(tier) = self.by_name.get(&r.tier) else {
             let (instance, tier, key) = names();
-            return Err(BlobError::UnknownTier { instance, tier, key });
+            return Err(BlobError::UnknownTier {
+                instance,
+                tier,
+                key,
+            });
         };
         let framed_len = blob::header(&r.key, r.len, r.crc).len() as u64 + r.len;
         let got = tier.get(&r.key, Some(framed_len)).await.map_err(|source| {
@@ -622,7 +624,11 @@ impl Placement {
         })?;
         let Some(framed) = got else {
             let (instance, tier, key) = names();
-            return Err(BlobError::Missing { instance, tier, key });
+            return Err(BlobError::Missing {
+                instance,
+                tier,
+                key,
+            });
         };
         blob::unframe(framed, r).map_err(|fault| {
             let (instance, tier, key) = names();
@@ -750,7 +756,10 @@ mod tests {
             LadderError::NotIncreasing { previous, next, .. } if previous == MB && next == MB
         ));
         assert!(matches!(
-            v(Ladder::new().inline_below(8 * KIB).below(4 * KIB, t().named("a")).default_to(t())),
+            v(Ladder::new()
+                .inline_below(8 * KIB)
+                .below(4 * KIB, t().named("a"))
+                .default_to(t())),
             LadderError::NotIncreasing { .. }
         ));
         assert_eq!(v(Ladder::new()), LadderError::NoDefault);

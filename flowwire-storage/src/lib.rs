@@ -16,7 +16,7 @@
 pub mod blob;
 pub mod codec;
 pub mod error;
-mod join;
+pub mod join;
 pub mod ladder;
 pub mod record;
 #[cfg(feature = "redis")]

@@ -31,7 +31,10 @@ async fn the_fs_tier_conforms_and_leaves_no_temp_files() {
             left.push(f.unwrap().file_name());
         }
     }
-    assert!(left.is_empty(), "files left behind after every delete: {left:?}");
+    assert!(
+        left.is_empty(),
+        "files left behind after every delete: {left:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -72,7 +75,10 @@ mod redis {
         let url = server().url();
         let n = std::sync::atomic::AtomicU32::new(0);
         store_conformance::run_all(|| {
-            let prefix = format!("conf{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let prefix = format!(
+                "conf{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
             Box::new(RedisStore::open(&url, &prefix).unwrap())
         })
         .await;

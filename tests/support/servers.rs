@@ -27,7 +27,10 @@ pub fn free_port() -> u16 {
 fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < limit, "{what} did not become ready within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not become ready within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -7,7 +7,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flowwire_storage::{InstanceStore, MemoryStore, RedbStore};
+use flowwire_storage::{
+    InstanceStore, KIB, Ladder, MemoryStore, Placement, RedbStore, Retention, Tier,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{Dispatch, Implements};
@@ -59,6 +61,8 @@ type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 struct FlowCtx {
     store: Arc<dyn InstanceStore>,
+    placement: Arc<Placement>,
+    retention: Retention,
     ports: HashMap<TypeId, mpsc::Sender<Job>>,
     limits: Limits,
 }
@@ -94,6 +98,8 @@ struct DriverReg {
 #[must_use = "a builder does nothing until `.start().await`"]
 pub struct EngineBuilder {
     store: Option<StoreChoice>,
+    ladder: Option<Ladder>,
+    retention: Retention,
     flows: Vec<(TypeId, &'static str, FlowStart)>,
     drivers: Vec<DriverReg>,
     limits: Limits,
@@ -120,6 +126,35 @@ impl EngineBuilder {
     /// Keeps instances in memory only: nothing survives the process. For tests.
     pub fn in_memory(mut self) -> Self {
         self.store = Some(StoreChoice::Memory);
+        self
+    }
+
+    /// Places payloads (state, call arguments, replies, impulses, history snapshots) by
+    /// size on this ladder. Checked when the engine starts ([`Error::Ladder`] names the
+    /// rule a wrong ladder breaks).
+    ///
+    /// Without it: an engine with a data directory keeps payloads below 16 KiB inline and
+    /// the rest in files under `<data_dir>/blobs`; any other engine keeps everything inline.
+    ///
+    /// ```
+    /// use flowwire_runtime::Engine;
+    /// use flowwire_storage::{Ladder, Tier, KIB, MB};
+    /// let builder = Engine::builder().data_dir("./data").storage(
+    ///     Ladder::new()
+    ///         .inline_below(4 * KIB)
+    ///         .below(MB, Tier::fs("./data/fast"))
+    ///         .default_to(Tier::embedded("./data/large.redb")),
+    /// );
+    /// # drop(builder);
+    /// ```
+    pub fn storage(mut self, ladder: Ladder) -> Self {
+        self.ladder = Some(ladder);
+        self
+    }
+
+    /// How much history each instance keeps. Default: all of it.
+    pub fn history(mut self, retention: Retention) -> Self {
+        self.retention = retention;
         self
     }
 
@@ -220,6 +255,15 @@ impl EngineBuilder {
             StoreChoice::Memory => Arc::new(MemoryStore::new()),
             StoreChoice::Custom(s) => s,
         };
+        let ladder = match (self.ladder, &data_dir) {
+            (Some(l), _) => l,
+            (None, Some(dir)) => Ladder::new()
+                .inline_below(16 * KIB)
+                .default_to(Tier::fs(dir.join("blobs"))),
+            (None, None) => Ladder::inline_only(),
+        };
+        let placement = Arc::new(ladder.validate(self.limits.decode_limit)?);
+        tracing::info!(ladder = %placement.describe(), "storage");
         let mut names = std::collections::HashSet::new();
         for (_, name, _) in &self.flows {
             if !names.insert(*name) {
@@ -232,6 +276,8 @@ impl EngineBuilder {
         }
         let ctx = FlowCtx {
             store,
+            placement,
+            retention: self.retention,
             ports,
             limits: self.limits.clone(),
         };
@@ -264,7 +310,13 @@ fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEntry>>> {
         })?;
         ports.push(port.clone());
     }
-    let (mut runner, orx) = Runner::<F>::new(ctx.store.clone(), ports, ctx.limits.clone());
+    let (mut runner, orx) = Runner::<F>::new(
+        ctx.store.clone(),
+        ctx.placement.clone(),
+        ctx.retention,
+        ports,
+        ctx.limits.clone(),
+    );
     Ok(Box::pin(async move {
         runner.recover().await?;
         let (tx, rx) = mpsc::channel::<Msg<F>>(4096);
@@ -315,6 +367,8 @@ impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             store: None,
+            ladder: None,
+            retention: Retention::All,
             flows: Vec::new(),
             drivers: Vec::new(),
             limits: Limits::default(),

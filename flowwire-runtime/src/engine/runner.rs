@@ -10,8 +10,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flowwire_storage::ladder::Sealed;
+use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{
-    InstanceKey, InstanceStore, PendingCall, Record, Status, StepResult, StoreError,
+    BlobRef, InstanceKey, InstanceStore, PendingCall, Placement, Record, Retention, Status,
+    StepResult, StoreError, Stored,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,6 +74,8 @@ impl<F: Flow> Input<F> {
 enum Ack {
     Start(oneshot::Sender<Result<()>>),
     Impulse(oneshot::Sender<Result<()>>, Arc<str>),
+    /// An outcome: kept so that a step that could not be persisted is tried again.
+    Outcome(OutcomeMsg),
     Quiet,
 }
 
@@ -82,13 +87,30 @@ struct Staged {
 
 struct Slot<F: Flow> {
     inst: Instance<F>,
+    /// The committed record as persisted (`None` until the first step is committed).
+    placed: Option<PlacedRecord>,
     waiters: Vec<oneshot::Sender<Result<Ended>>>,
+    /// Consecutive steps that could not be persisted (for the retry backoff).
+    failures: u32,
+}
+
+impl<F: Flow> Slot<F> {
+    fn new(inst: Instance<F>, placed: Option<PlacedRecord>) -> Self {
+        Self {
+            inst,
+            placed,
+            waiters: Vec::new(),
+            failures: 0,
+        }
+    }
 }
 
 pub(crate) struct Runner<F: Flow> {
     flow: Arc<str>,
     slots: HashMap<Arc<str>, Slot<F>>,
     store: Arc<dyn InstanceStore>,
+    placement: Arc<Placement>,
+    retention: Retention,
     ports: Vec<mpsc::Sender<Job>>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limits: Limits,
@@ -108,6 +130,8 @@ fn ended_of(status: &Status) -> Option<Ended> {
 impl<F: Flow> Runner<F> {
     pub(crate) fn new(
         store: Arc<dyn InstanceStore>,
+        placement: Arc<Placement>,
+        retention: Retention,
         ports: Vec<mpsc::Sender<Job>>,
         limits: Limits,
     ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
@@ -116,6 +140,8 @@ impl<F: Flow> Runner<F> {
             flow: F::NAME.into(),
             slots: HashMap::new(),
             store,
+            placement,
+            retention,
             ports,
             outcomes,
             limits,
@@ -139,6 +165,39 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// Reads a stored record: its envelope, then its payloads from their tiers.
+    fn open(
+        &self,
+        id: &Arc<str>,
+        stored: &Stored,
+    ) -> impl std::future::Future<Output = Result<(Record, PlacedRecord)>> + Send + 'static {
+        let placed = PlacedRecord::decode(&stored.bytes, self.limits.decode_limit)
+            .map_err(|e| Self::codec_error(id, e));
+        let placement = self.placement.clone();
+        let key = self.key(id);
+        async move {
+            let placed = placed?;
+            let record = placement.resolve(&key, &placed).await?;
+            Ok((record, placed))
+        }
+    }
+
+    /// Deletes blobs no record refers to any more, off the runner's path.
+    fn collect(&self, trash: &[BlobRef]) {
+        if trash.is_empty() {
+            return;
+        }
+        let placement = self.placement.clone();
+        let trash = trash.to_vec();
+        tokio::spawn(async move {
+            for (blob, e) in placement.delete_all(&trash).await {
+                // Left for an operator: the record that dropped it is committed, so the
+                // blob is garbage, never data.
+                tracing::warn!(tier = %blob.tier, key = %blob.key, error = %e, "unreferenced blob not deleted");
+            }
+        });
+    }
+
     /// Loads the active instances, parks those of another version, re-dispatches calls in
     /// flight. Runs before the runner takes any request.
     pub(crate) async fn recover(&mut self) -> Result<usize> {
@@ -147,8 +206,23 @@ impl<F: Flow> Runner<F> {
         let n = active.len();
         for (id, stored) in active {
             let key = self.key(&id);
-            match Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
-            {
+            let opened = match self.open(&id, &stored).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // Left as stored: nothing is lost, an operator can inspect it.
+                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance record cannot be read; left untouched");
+                    continue;
+                }
+            };
+            let (record, placed) = opened;
+            self.collect(&placed.trash);
+            match Instance::<F>::recover(
+                key,
+                record,
+                stored.version,
+                self.limits.decode_limit,
+                &mut self.scratch,
+            ) {
                 Ok((inst, park)) => {
                     if let Some(step) = park {
                         staged.push(Staged {
@@ -159,17 +233,10 @@ impl<F: Flow> Runner<F> {
                     } else if let Some(p) = inst.pending() {
                         self.dispatch(&id, p);
                     }
-                    self.slots.insert(
-                        id,
-                        Slot {
-                            inst,
-                            waiters: Vec::new(),
-                        },
-                    );
+                    self.slots.insert(id, Slot::new(inst, Some(placed)));
                 }
                 Err(e) => {
-                    // Left as stored: nothing is lost, an operator can inspect it.
-                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance record cannot be decoded; left untouched");
+                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance state cannot be decoded; left untouched");
                 }
             }
         }
@@ -285,27 +352,25 @@ impl<F: Flow> Runner<F> {
         let Some(stored) = self.store.load(&key).await? else {
             return Ok(None);
         };
-        let record = Record::decode(&stored.bytes, self.limits.decode_limit)
-            .map_err(|e| Self::codec_error(id, e))?;
+        let (record, placed) = self.open(id, &stored).await?;
         if !record.status.is_active() {
             return Ok(Some(record));
         }
-        let (inst, park) =
-            Instance::<F>::recover(key, &stored, self.limits.decode_limit, &mut self.scratch)
-                .map_err(|e| Self::codec_error(id, e))?;
+        let (inst, park) = Instance::<F>::recover(
+            key,
+            record.clone(),
+            stored.version,
+            self.limits.decode_limit,
+            &mut self.scratch,
+        )
+        .map_err(|e| Self::codec_error(id, e))?;
         if let Some(park) = park {
-            return Ok(Some(park.record));
+            return Ok(Some(park.draft.record));
         }
         if let Some(p) = inst.pending() {
             self.dispatch(id, p);
         }
-        self.slots.insert(
-            id.clone(),
-            Slot {
-                inst,
-                waiters: Vec::new(),
-            },
-        );
+        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
         Ok(Some(record))
     }
 
@@ -332,9 +397,9 @@ impl<F: Flow> Runner<F> {
                     &mut self.scratch,
                 )?;
                 Some(Staged {
-                    id: o.id,
+                    id: o.id.clone(),
                     step,
-                    ack: Ack::Quiet,
+                    ack: Ack::Outcome(o),
                 })
             }
             Input::Msg(Msg::Start { id, state, reply }) => {
@@ -348,13 +413,7 @@ impl<F: Flow> Runner<F> {
                 let key = self.key(&id);
                 let (inst, step) =
                     Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
-                self.slots.insert(
-                    id.clone(),
-                    Slot {
-                        inst,
-                        waiters: Vec::new(),
-                    },
-                );
+                self.slots.insert(id.clone(), Slot::new(inst, None));
                 Some(Staged {
                     id,
                     step,
@@ -470,8 +529,54 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// Places the staged steps' payloads, writes their blobs, commits their records in one
+    /// store call, then acts on each result.
     async fn commit(&mut self, staged: Vec<Staged>) {
-        let writes = staged.iter().map(|s| s.step.write.clone()).collect();
+        let mut ready: Vec<(Staged, Sealed)> = Vec::with_capacity(staged.len());
+        for s in staged {
+            let prev = self
+                .slots
+                .get(&s.id)
+                .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
+            let sealed = self.placement.seal(
+                &s.step.draft,
+                prev,
+                self.retention,
+                s.step.active,
+                &mut self.scratch.out,
+            );
+            match sealed {
+                Ok(sealed) => ready.push((s, sealed)),
+                Err(e) => self.failed(s, &Error::Blob(e)),
+            }
+        }
+        if ready.iter().any(|(_, x)| !x.puts.is_empty()) {
+            let limit = self.limits.store_timeout;
+            let placement = &self.placement;
+            let puts = ready.iter().map(|(_, x)| {
+                let key = &x.write.key;
+                let fut: flowwire_storage::BoxFuture<'_, _> = Box::pin(async move {
+                    match tokio::time::timeout(limit, placement.put_all(key, &x.puts)).await {
+                        Ok(r) => r.map_err(Error::Blob),
+                        Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
+                    }
+                });
+                fut
+            });
+            let results = flowwire_storage::join::join_all(puts).await;
+            let mut kept = Vec::with_capacity(ready.len());
+            for (item, r) in ready.into_iter().zip(results) {
+                match r {
+                    Ok(()) => kept.push(item),
+                    Err(e) => self.failed(item.0, &e),
+                }
+            }
+            ready = kept;
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let writes = ready.iter().map(|(_, x)| x.write.clone()).collect();
         let limit = self.limits.store_timeout;
         let result = match tokio::time::timeout(limit, self.store.commit(writes)).await {
             Ok(r) => r,
@@ -479,41 +584,45 @@ impl<F: Flow> Runner<F> {
         };
         match result {
             Ok(results) => {
-                for (s, r) in staged.into_iter().zip(results) {
+                for ((s, sealed), r) in ready.into_iter().zip(results) {
                     match r {
-                        StepResult::Committed => self.committed(s),
+                        StepResult::Committed => self.committed(s, sealed.placed),
                         StepResult::Conflict { .. } => self.conflicted(s).await,
                         StepResult::ImpulseSeen { seq } => self.seen(s, seq),
                     }
                 }
             }
             Err(e) => {
-                let message = e.to_string();
-                tracing::error!(flow = F::NAME, error = %message, "commit failed");
-                for s in staged {
-                    self.failed(s, &message);
+                let e = Error::Store(e);
+                tracing::error!(flow = F::NAME, error = %e, "commit failed");
+                for (s, _) in ready {
+                    self.failed(s, &e);
                 }
             }
         }
     }
 
-    fn committed(&mut self, s: Staged) {
+    fn committed(&mut self, s: Staged, placed: PlacedRecord) {
         let Some(slot) = self.slots.get_mut(&s.id) else {
             return;
         };
         slot.inst.commit(&s.step);
-        tracing::debug!(flow = F::NAME, id = %s.id, step = s.step.record.seq, output = ?s.step.output, "step");
+        slot.failures = 0;
+        let trash = placed.trash.clone();
+        slot.placed = Some(placed);
+        self.collect(&trash);
+        tracing::debug!(flow = F::NAME, id = %s.id, step = s.step.record().seq, output = ?s.step.draft.output, "step");
         match s.ack {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 let _ = reply.send(Ok(()));
             }
-            Ack::Quiet => {}
+            Ack::Outcome(_) | Ack::Quiet => {}
         }
         if let Some(p) = &s.step.dispatch {
             let p = p.clone();
             self.dispatch(&s.id, &p);
         }
-        let status = s.step.record.status;
+        let status = s.step.draft.record.status;
         if let Some(ended) = ended_of(&status) {
             if let Some(slot) = self.slots.remove(&s.id) {
                 for w in slot.waiters {
@@ -576,29 +685,36 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    fn failed(&mut self, s: Staged, message: &str) {
-        let err = || Error::Store(StoreError::Backend(message.to_string()));
+    /// A step that could not be persisted (a tier or the store failed): nothing of it is
+    /// kept. A start or an impulse reports the error to its caller (who may retry with the
+    /// same id); an outcome is applied again after a backoff, until it sticks — the
+    /// instance waits, the others go on.
+    fn failed(&mut self, s: Staged, err: &Error) {
         match s.ack {
             Ack::Start(reply) => {
                 self.slots.remove(&s.id);
-                let _ = reply.send(Err(err()));
+                let _ = reply.send(Err(err.clone_for_caller()));
             }
             ack => {
                 let Some(slot) = self.slots.get_mut(&s.id) else {
                     return;
                 };
                 let _ = slot.inst.revert();
-                if let Ack::Impulse(reply, _) = ack {
-                    let _ = reply.send(Err(err()));
-                } else if let Some(p) = slot.inst.pending().cloned() {
-                    // The outcome was not persisted: run the call again after a pause
-                    // (drivers run at least once).
-                    let job = self.job(&s.id, &p);
-                    let port = self.ports[p.link as usize].clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        let _ = port.send(job).await;
-                    });
+                slot.failures = slot.failures.saturating_add(1);
+                let delay = backoff(slot.failures);
+                tracing::warn!(flow = F::NAME, id = %s.id, error = %err, retry_in = ?delay, "step not persisted");
+                match ack {
+                    Ack::Impulse(reply, _) => {
+                        let _ = reply.send(Err(err.clone_for_caller()));
+                    }
+                    Ack::Outcome(o) => {
+                        let outcomes = self.outcomes.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = outcomes.send(o);
+                        });
+                    }
+                    Ack::Start(_) | Ack::Quiet => {}
                 }
             }
         }
@@ -629,4 +745,12 @@ impl<F: Flow> Runner<F> {
             });
         }
     }
+}
+
+/// Exponential backoff with jitter for steps that could not be persisted: 50 ms doubling
+/// to 5 s, each delay between half and all of its step.
+fn backoff(failures: u32) -> std::time::Duration {
+    let base = 50u64.saturating_mul(1 << failures.min(7)).min(5_000);
+    let jitter = u64::from(crate::clock::jitter()) % (base / 2 + 1);
+    std::time::Duration::from_millis(base / 2 + jitter)
 }

@@ -250,7 +250,10 @@ pub async fn history_is_pruned_below_a_step(store: &dyn InstanceStore) {
     }
     let mut s = step(&k, Expect::Version(6), 7, b"n");
     s.prune_below = Some(5);
-    assert_eq!(store.commit(vec![s]).await.unwrap(), vec![StepResult::Committed]);
+    assert_eq!(
+        store.commit(vec![s]).await.unwrap(),
+        vec![StepResult::Committed]
+    );
     let left: Vec<u64> = store
         .history(&k, 0, 100)
         .await
@@ -258,7 +261,11 @@ pub async fn history_is_pruned_below_a_step(store: &dyn InstanceStore) {
         .into_iter()
         .map(|h| h.0)
         .collect();
-    assert_eq!(left, vec![5, 6, 7], "entries before step 5 are pruned, the rest kept");
+    assert_eq!(
+        left,
+        vec![5, 6, 7],
+        "entries before step 5 are pruned, the rest kept"
+    );
     assert_eq!(
         store.history(&other, 0, 100).await.unwrap().len(),
         1,

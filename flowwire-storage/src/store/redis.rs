@@ -172,7 +172,9 @@ impl RedisStore {
             results.push(match code {
                 0 => {
                     if !s.active {
-                        removes.srem(self.active_key(&s.key.flow), &*s.key.id).ignore();
+                        removes
+                            .srem(self.active_key(&s.key.flow), &*s.key.id)
+                            .ignore();
                         any_remove = true;
                     }
                     StepResult::Committed

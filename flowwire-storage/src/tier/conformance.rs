@@ -19,17 +19,7 @@ const MB: usize = 1_000_000;
 
 /// The sizes every tier must round-trip: empty, one byte, both sides of 4 KiB and of 1 MB,
 /// and 64 MB.
-pub const SIZES: &[usize] = &[
-    0,
-    1,
-    4095,
-    4096,
-    4097,
-    MB - 1,
-    MB,
-    MB + 1,
-    64 * MB,
-];
+pub const SIZES: &[usize] = &[0, 1, 4095, 4096, 4097, MB - 1, MB, MB + 1, 64 * MB];
 
 /// [`SIZES`] without the 64 MB case, for doc tests and quick runs.
 pub const SIZES_QUICK: &[usize] = &[0, 1, 4095, 4096, 4097, MB - 1, MB, MB + 1];
@@ -72,8 +62,15 @@ pub async fn every_size_round_trips(tier: &dyn BlobTier, prefix: &str, sizes: &[
             .await
             .unwrap_or_else(|e| panic!("get of {n} bytes failed: {e}"))
             .unwrap_or_else(|| panic!("a blob of {n} bytes was put but reads as absent"));
-        assert_eq!(got.len(), n, "a blob of {n} bytes read back with the wrong length");
-        assert!(got == data, "a blob of {n} bytes read back with different bytes");
+        assert_eq!(
+            got.len(),
+            n,
+            "a blob of {n} bytes read back with the wrong length"
+        );
+        assert!(
+            got == data,
+            "a blob of {n} bytes read back with different bytes"
+        );
         let mut buf = vec![7u8; 3];
         assert!(tier.get_into(&key, &mut buf).await.unwrap());
         assert!(buf == data, "get_into of {n} bytes differs");
@@ -106,10 +103,18 @@ pub async fn a_put_replaces_the_blob(tier: &dyn BlobTier, prefix: &str) {
 /// Delete removes a blob; deleting it again (or a key never written) succeeds.
 pub async fn delete_removes_and_is_idempotent(tier: &dyn BlobTier, prefix: &str) {
     let key = format!("{prefix}/delete");
-    tier.put_bytes(&key, Bytes::from_static(b"x")).await.unwrap();
+    tier.put_bytes(&key, Bytes::from_static(b"x"))
+        .await
+        .unwrap();
     tier.delete(&key).await.unwrap();
-    assert_eq!(tier.get(&key, None).await.unwrap(), None, "deleted blob still reads");
-    tier.delete(&key).await.expect("a second delete must succeed");
+    assert_eq!(
+        tier.get(&key, None).await.unwrap(),
+        None,
+        "deleted blob still reads"
+    );
+    tier.delete(&key)
+        .await
+        .expect("a second delete must succeed");
     tier.delete(&format!("{prefix}/never"))
         .await
         .expect("deleting a key never written must succeed");
@@ -146,7 +151,11 @@ pub async fn keys_that_share_a_prefix_are_distinct(tier: &dyn BlobTier, prefix: 
     }
     for (i, k) in keys.iter().enumerate() {
         let got = tier.get(k, None).await.unwrap().expect("present");
-        assert_eq!(&got[..], &vec![i as u8; i + 1][..], "key {k} read another blob");
+        assert_eq!(
+            &got[..],
+            &vec![i as u8; i + 1][..],
+            "key {k} read another blob"
+        );
         tier.delete(k).await.unwrap();
     }
 }
@@ -160,7 +169,10 @@ pub async fn bad_keys_are_refused_before_any_io(tier: &dyn BlobTier) {
             "put of key {bad:?} gave {r:?}, not InvalidKey"
         );
         let r = tier.get(bad, None).await;
-        assert!(matches!(r, Err(TierError::InvalidKey { .. })), "get of {bad:?}: {r:?}");
+        assert!(
+            matches!(r, Err(TierError::InvalidKey { .. })),
+            "get of {bad:?}: {r:?}"
+        );
     }
 }
 
@@ -176,7 +188,10 @@ pub async fn concurrent_puts_of_distinct_keys_all_land(tier: &dyn BlobTier, pref
     }
     for (i, k) in keys.iter().enumerate() {
         let got = tier.get(k, None).await.unwrap().expect("present");
-        assert!(got == pattern(3000 + i, i as u8), "concurrent put {k} lost or mixed");
+        assert!(
+            got == pattern(3000 + i, i as u8),
+            "concurrent put {k} lost or mixed"
+        );
         tier.delete(k).await.unwrap();
     }
 }

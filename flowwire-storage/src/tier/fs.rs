@@ -77,7 +77,10 @@ impl FsTier {
             let path = checked?;
             match tokio::task::spawn_blocking(move || f(path, &this)).await {
                 Ok(r) => r.map_err(io_error),
-                Err(e) => Err(TierError::unavailable("fs", format!("I/O task failed: {e}"))),
+                Err(e) => Err(TierError::unavailable(
+                    "fs",
+                    format!("I/O task failed: {e}"),
+                )),
             }
         })
     }

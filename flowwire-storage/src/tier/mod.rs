@@ -66,7 +66,7 @@ pub enum TierError {
     },
     /// The key is not one a tier accepts.
     #[error(
-        "invalid blob key {key:?}: {reason} (keys are 1 to 200 bytes of A-Z a-z 0-9 . _ - % and /-separated non-empty segments)"
+        "invalid blob key {key:?}: {reason} (keys are 1 to 200 bytes of A-Z a-z 0-9 . _ - % ~ in /-separated non-empty segments)"
     )]
     InvalidKey {
         /// The key.
@@ -114,7 +114,7 @@ pub fn check_key(key: &str) -> Result<(), TierError> {
     }
     if !key
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%' | b'/'))
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%' | b'~' | b'/'))
     {
         return bad("it holds a character outside the allowed set");
     }

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
@@ -486,6 +486,10 @@ mod tests {
         let mut want = a.to_vec();
         want.extend_from_slice(&b);
         assert_eq!(joined, want);
-        assert_eq!(split_parts(&[], 10).len(), 1, "an empty blob is one empty part");
+        assert_eq!(
+            split_parts(&[], 10).len(),
+            1,
+            "an empty blob is one empty part"
+        );
     }
 }
