@@ -289,7 +289,7 @@ async fn a_damaged_blob_is_a_typed_error_naming_instance_tier_and_key() {
         let Error::Blob(blob) = &err else {
             panic!("{name}: expected a blob error, got {err:?}");
         };
-        match (name, blob) {
+        match (name, &**blob) {
             (
                 "corrupt",
                 BlobError::Corrupt {

@@ -111,9 +111,10 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A payload could not be placed on, or read back from, its tier.
+    /// A payload could not be placed on, or read back from, its tier (boxed: it names
+    /// instance, tier and key, and keeps `Error` small).
     #[error(transparent)]
-    Blob(#[from] flowwire_storage::BlobError),
+    Blob(Box<flowwire_storage::BlobError>),
     /// The storage ladder breaks a rule.
     #[error(transparent)]
     Ladder(#[from] flowwire_storage::LadderError),
@@ -157,5 +158,11 @@ impl Error {
             Error::Store(StoreError::Timeout(d)) => Error::Store(StoreError::Timeout(*d)),
             other => Error::Store(StoreError::Backend(other.to_string())),
         }
+    }
+}
+
+impl From<flowwire_storage::BlobError> for Error {
+    fn from(e: flowwire_storage::BlobError) -> Self {
+        Error::Blob(Box::new(e))
     }
 }

@@ -44,7 +44,7 @@ async fn the_fs_tier_reports_an_unwritable_root_as_a_typed_error() {
     std::fs::write(&file, b"x").unwrap();
     let tier = FsTier::new(&file);
     let err = tier
-        .put(&"k", &[bytes::Bytes::from_static(b"v")])
+        .put("k", &[bytes::Bytes::from_static(b"v")])
         .await
         .unwrap_err();
     assert!(err.to_string().contains("tier `fs`"), "{err}");

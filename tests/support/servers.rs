@@ -2,7 +2,7 @@
 //! port, started by the test binary that needs them and stopped by PID.
 //!
 //! Both are installed by `./scripts/test` (redis-server from Debian's packages, moto from
-//! PyPI into `.venv-s3`). A missing server is a test failure that says how to install it —
+//! `PyPI` into `.venv-s3`). A missing server is a test failure that says how to install it —
 //! never a silent skip, never a mock.
 //!
 //! A watchdog process per server stops it (by its PID) when the test binary exits, so the

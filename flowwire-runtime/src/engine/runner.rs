@@ -547,7 +547,7 @@ impl<F: Flow> Runner<F> {
             );
             match sealed {
                 Ok(sealed) => ready.push((s, sealed)),
-                Err(e) => self.failed(s, &Error::Blob(e)),
+                Err(e) => self.failed(s, &Error::from(e)),
             }
         }
         if ready.iter().any(|(_, x)| !x.puts.is_empty()) {
@@ -557,7 +557,7 @@ impl<F: Flow> Runner<F> {
                 let key = &x.write.key;
                 let fut: flowwire_storage::BoxFuture<'_, _> = Box::pin(async move {
                     match tokio::time::timeout(limit, placement.put_all(key, &x.puts)).await {
-                        Ok(r) => r.map_err(Error::Blob),
+                        Ok(r) => r.map_err(Error::from),
                         Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
                     }
                 });

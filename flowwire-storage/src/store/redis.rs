@@ -64,6 +64,9 @@ end
 return {0, 0}
 ";
 
+/// A record hash as read back: version, bytes, active flag.
+type RecordRow = (Option<u64>, Option<Vec<u8>>, Option<String>);
+
 /// Ids read per round trip when listing active instances.
 const PAGE: usize = 256;
 
@@ -238,7 +241,7 @@ impl InstanceStore for RedisStore {
                     let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
                     pipe.cmd("HMGET").arg(r).arg("v").arg("b").arg("a");
                 }
-                let rows: Vec<(Option<u64>, Option<Vec<u8>>, Option<String>)> =
+                let rows: Vec<RecordRow> =
                     pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
                 for (id, row) in page.iter().zip(rows) {
                     match row {

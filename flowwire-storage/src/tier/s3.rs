@@ -68,7 +68,7 @@ impl S3Config {
             credentials: None,
             part_size: 8 << 20,
             max_attempts: 5,
-            attempt_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_mins(1),
         }
     }
 
@@ -342,7 +342,7 @@ impl S3Tier {
         while !running.is_empty() {
             done.push(join_part(&mut running).await?);
         }
-        done.sort_by_key(|p| p.part_number());
+        done.sort_by_key(CompletedPart::part_number);
         Ok(done)
     }
 }
@@ -423,7 +423,11 @@ impl BlobTier for S3Tier {
                 .await;
             let mut out = match got {
                 Ok(out) => out,
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(e)
+                    if e.as_service_error().is_some_and(
+                        aws_sdk_s3::operation::get_object::GetObjectError::is_no_such_key,
+                    ) =>
+                {
                     return Ok(None);
                 }
                 Err(e) => return Err(sdk_error(&e)),
