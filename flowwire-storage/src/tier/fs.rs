@@ -69,13 +69,12 @@ impl FsTier {
     fn blocking<T: Send + 'static>(
         &self,
         key: &str,
-        f: impl FnOnce(PathBuf, &FsTier) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(PathBuf) -> io::Result<T> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, TierError>> {
         let checked = check_key(key).map(|()| self.path_of(key));
-        let this = self.clone();
         Box::pin(async move {
             let path = checked?;
-            match tokio::task::spawn_blocking(move || f(path, &this)).await {
+            match tokio::task::spawn_blocking(move || f(path)).await {
                 Ok(r) => r.map_err(io_error),
                 Err(e) => Err(TierError::unavailable(
                     "fs",
@@ -117,7 +116,7 @@ impl BlobTier for FsTier {
     fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>> {
         let parts: Vec<Bytes> = parts.to_vec();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.blocking(key, move |path, _| {
+        self.blocking(key, move |path| {
             let mut tmp = path.clone().into_os_string();
             tmp.push(format!(".tmp.{}.{n}", std::process::id()));
             write_blob(&path, Path::new(&tmp), &parts)
@@ -129,7 +128,7 @@ impl BlobTier for FsTier {
         key: &'a str,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
-        self.blocking(key, move |path, _| {
+        self.blocking(key, move |path| {
             let f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -146,7 +145,7 @@ impl BlobTier for FsTier {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
-        self.blocking(key, |path, _| match fs::remove_file(&path) {
+        self.blocking(key, |path| match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         })

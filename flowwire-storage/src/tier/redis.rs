@@ -29,6 +29,10 @@ impl RedisTier {
         })
     }
 
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, TierError> {
+        self.link.conn().await.map_err(|e| redis_error(&e))
+    }
+
     fn key(&self, key: &str) -> Result<String, TierError> {
         check_key(key)?;
         Ok(format!("{}:blob:{key}", self.prefix))
@@ -46,7 +50,7 @@ impl BlobTier for RedisTier {
         Box::pin(async move {
             let key = self.key(key)?;
             let value = concat(parts);
-            let mut c = self.link.conn().await.map_err(|e| redis_error(&e))?;
+            let mut c = self.conn().await?;
             redis::cmd("SET")
                 .arg(&key)
                 .arg(&value[..])
@@ -63,7 +67,7 @@ impl BlobTier for RedisTier {
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
         Box::pin(async move {
             let key = self.key(key)?;
-            let mut c = self.link.conn().await.map_err(|e| redis_error(&e))?;
+            let mut c = self.conn().await?;
             let v: Option<Vec<u8>> = redis::cmd("GET")
                 .arg(&key)
                 .query_async(&mut c)
@@ -76,7 +80,7 @@ impl BlobTier for RedisTier {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         Box::pin(async move {
             let key = self.key(key)?;
-            let mut c = self.link.conn().await.map_err(|e| redis_error(&e))?;
+            let mut c = self.conn().await?;
             redis::cmd("DEL")
                 .arg(&key)
                 .query_async::<()>(&mut c)
