@@ -151,6 +151,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether trying again later can succeed: a store or tier that is unreachable or
+    /// timed out, as opposed to damaged data or a wrong request.
+    ///
+    /// ```
+    /// use flowwire_runtime::Error;
+    /// use flowwire_storage::StoreError;
+    /// use std::time::Duration;
+    /// assert!(Error::Store(StoreError::Timeout(Duration::from_secs(1))).is_transient());
+    /// assert!(!Error::Shutdown.is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_transient(),
+            Error::Blob(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
     /// The same failure, for a second caller (errors of I/O origin are not `Clone`).
     pub(crate) fn clone_for_caller(&self) -> Error {
         match self {

@@ -114,6 +114,19 @@ pub enum StoreError {
     Timeout(std::time::Duration),
 }
 
+impl StoreError {
+    /// Whether trying again later can succeed (a backend that is unreachable or slow), as
+    /// opposed to a damaged or locked store.
+    ///
+    /// ```
+    /// use flowwire_storage::StoreError;
+    /// assert!(StoreError::Backend("connection refused".into()).is_transient());
+    /// ```
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Timeout(_))
+    }
+}
+
 /// A payload could not be placed on its tier or read back from it.
 ///
 /// Every variant names the instance, the tier and the blob key, so an operator can find

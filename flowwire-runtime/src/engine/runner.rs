@@ -1,10 +1,15 @@
 //! The runner: one task per flow type, owning its instances.
 //!
-//! Each round it takes the messages waiting (outcomes first, then requests, at most
-//! `max_batch`), runs the steps through the sans-IO [`Instance`] core, commits all their
-//! writes in one store transaction (group commit), and only then acts: replies to callers,
-//! dispatches new calls, wakes waiters. A batch holds at most one step per instance;
-//! a second message for the same instance waits for the next round.
+//! Each round it takes the messages waiting (its own tasks' reports first, then outcomes,
+//! then requests, at most `max_batch`), runs the steps through the sans-IO [`Instance`]
+//! core, commits all their writes in one store transaction (group commit), and only then
+//! acts: replies to callers, dispatches new calls, wakes waiters. A batch holds at most one
+//! step per instance; a second message for the same instance waits for the next round.
+//!
+//! A step whose payloads go to a blob tier is not committed in its round: its blobs are
+//! written by a task of its own, and the step joins the commit of the round after they
+//! land. Until then its instance holds further inputs back, and every other instance goes
+//! on — a slow or unreachable tier stalls only the instances whose data lives there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use flowwire_storage::{
     BlobRef, InstanceKey, InstanceStore, PendingCall, Placement, Record, Retention, Status,
     StepResult, StoreError, Stored,
 };
+use std::mem;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Rejected, Scratch, Step};
@@ -58,6 +64,26 @@ pub(crate) enum Msg<F: Flow> {
 enum Input<F: Flow> {
     Msg(Msg<F>),
     Outcome(OutcomeMsg),
+    /// Load an active instance that could not be read before (its tier or the store was
+    /// unreachable).
+    Reload {
+        id: Arc<str>,
+        attempt: u32,
+    },
+}
+
+/// What the runner's own tasks report back.
+enum Internal {
+    /// A step's blobs are written (or could not be): commit it in the next round.
+    Uploaded(Box<Uploaded>),
+    /// Time to try loading an instance again.
+    Reload { id: Arc<str>, attempt: u32 },
+}
+
+struct Uploaded {
+    staged: Staged,
+    sealed: Sealed,
+    result: Result<()>,
 }
 
 impl<F: Flow> Input<F> {
@@ -66,6 +92,7 @@ impl<F: Flow> Input<F> {
         match self {
             Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. }) => Some(id),
             Input::Outcome(o) => Some(&o.id),
+            Input::Reload { id, .. } => Some(id),
             Input::Msg(_) => None,
         }
     }
@@ -92,6 +119,9 @@ struct Slot<F: Flow> {
     waiters: Vec<oneshot::Sender<Result<Ended>>>,
     /// Consecutive steps that could not be persisted (for the retry backoff).
     failures: u32,
+    /// A step's blobs are being written; inputs that would write wait in `held`.
+    uploading: bool,
+    held: VecDeque<Input<F>>,
 }
 
 impl<F: Flow> Slot<F> {
@@ -101,6 +131,8 @@ impl<F: Flow> Slot<F> {
             placed,
             waiters: Vec::new(),
             failures: 0,
+            uploading: false,
+            held: VecDeque::new(),
         }
     }
 }
@@ -115,6 +147,12 @@ pub(crate) struct Runner<F: Flow> {
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limits: Limits,
     scratch: Scratch,
+    inbox: mpsc::UnboundedSender<Internal>,
+    inbox_rx: Option<mpsc::UnboundedReceiver<Internal>>,
+    /// Steps whose blobs are being written.
+    uploading: usize,
+    /// Inputs released by a finished upload, for the front of the next round.
+    requeue: VecDeque<Input<F>>,
 }
 
 fn ended_of(status: &Status) -> Option<Ended> {
@@ -136,6 +174,7 @@ impl<F: Flow> Runner<F> {
         limits: Limits,
     ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
         let (outcomes, orx) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let runner = Self {
             flow: F::NAME.into(),
             slots: HashMap::new(),
@@ -146,6 +185,10 @@ impl<F: Flow> Runner<F> {
             outcomes,
             limits,
             scratch: Scratch::default(),
+            inbox,
+            inbox_rx: Some(inbox_rx),
+            uploading: 0,
+            requeue: VecDeque::new(),
         };
         (runner, orx)
     }
@@ -200,51 +243,88 @@ impl<F: Flow> Runner<F> {
 
     /// Loads the active instances, parks those of another version, re-dispatches calls in
     /// flight. Runs before the runner takes any request.
+    ///
+    /// An instance whose record or blobs cannot be read because the store or a tier is
+    /// unreachable is loaded again in the background, with backoff, until it can be; one
+    /// whose data is damaged is left as stored for an operator (and reported).
     pub(crate) async fn recover(&mut self) -> Result<usize> {
         let active = self.store.active(F::NAME).await?;
         let mut staged = Vec::new();
         let n = active.len();
         for (id, stored) in active {
-            let key = self.key(&id);
-            let opened = match self.open(&id, &stored).await {
-                Ok(opened) => opened,
-                Err(e) => {
-                    // Left as stored: nothing is lost, an operator can inspect it.
-                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance record cannot be read; left untouched");
-                    continue;
-                }
-            };
-            let (record, placed) = opened;
-            self.collect(&placed.trash);
-            match Instance::<F>::recover(
-                key,
-                record,
-                stored.version,
-                self.limits.decode_limit,
-                &mut self.scratch,
-            ) {
-                Ok((inst, park)) => {
-                    if let Some(step) = park {
-                        staged.push(Staged {
-                            id: id.clone(),
-                            step,
-                            ack: Ack::Quiet,
-                        });
-                    } else if let Some(p) = inst.pending() {
-                        self.dispatch(&id, p);
-                    }
-                    self.slots.insert(id, Slot::new(inst, Some(placed)));
-                }
-                Err(e) => {
-                    tracing::error!(flow = F::NAME, id = %id, error = %e, "instance state cannot be decoded; left untouched");
-                }
+            match self.adopt(&id, &stored).await {
+                Ok(Some(step)) => staged.push(Staged {
+                    id,
+                    step,
+                    ack: Ack::Quiet,
+                }),
+                Ok(None) => {}
+                Err(e) => self.reload_later(id, 1, &e),
             }
         }
         if !staged.is_empty() {
-            self.commit(staged).await;
+            self.commit(staged, Vec::new()).await;
         }
         tracing::info!(flow = F::NAME, instances = n, "recovered");
         Ok(n)
+    }
+
+    /// Brings a stored instance into memory if it is active: re-dispatches its call in
+    /// flight, or returns the step that parks it when another flow version wrote it.
+    async fn adopt(&mut self, id: &Arc<str>, stored: &Stored) -> Result<Option<Step>> {
+        let (record, placed) = self.open(id, stored).await?;
+        self.collect(&placed.trash);
+        if !record.status.is_active() {
+            return Ok(None);
+        }
+        let (inst, park) = Instance::<F>::recover(
+            self.key(id),
+            record,
+            stored.version,
+            self.limits.decode_limit,
+            &mut self.scratch,
+        )
+        .map_err(|source| Error::Codec {
+            flow: F::NAME,
+            id: id.to_string(),
+            what: "the state",
+            source,
+        })?;
+        if park.is_none()
+            && let Some(p) = inst.pending()
+        {
+            self.dispatch(id, p);
+        }
+        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        Ok(park)
+    }
+
+    /// Schedules another load of an instance that could not be read, if trying again can
+    /// help; otherwise leaves it as stored (nothing is lost; an operator can inspect it).
+    fn reload_later(&self, id: Arc<str>, attempt: u32, e: &Error) {
+        if !e.is_transient() {
+            tracing::error!(flow = F::NAME, id = %id, error = %e, "instance cannot be read; left as stored");
+            return;
+        }
+        let delay = backoff(attempt);
+        tracing::warn!(flow = F::NAME, id = %id, error = %e, retry_in = ?delay, "instance cannot be loaded yet");
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = inbox.send(Internal::Reload { id, attempt });
+        });
+    }
+
+    /// Sorts a report of the runner's own tasks into this round.
+    fn take_internal(
+        internal: Internal,
+        backlog: &mut VecDeque<Input<F>>,
+        uploaded: &mut Vec<Box<Uploaded>>,
+    ) {
+        match internal {
+            Internal::Uploaded(u) => uploaded.push(u),
+            Internal::Reload { id, attempt } => backlog.push_back(Input::Reload { id, attempt }),
+        }
     }
 
     pub(crate) async fn run(
@@ -252,19 +332,27 @@ impl<F: Flow> Runner<F> {
         mut rx: mpsc::Receiver<Msg<F>>,
         mut orx: mpsc::UnboundedReceiver<OutcomeMsg>,
     ) {
+        let Some(mut inbox) = self.inbox_rx.take() else {
+            return;
+        };
         let mut backlog: VecDeque<Input<F>> = VecDeque::new();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
+            let mut uploaded: Vec<Box<Uploaded>> = Vec::new();
             if backlog.is_empty() {
-                let first = tokio::select! {
+                tokio::select! {
                     biased;
-                    Some(o) = orx.recv() => Input::Outcome(o),
+                    Some(i) = inbox.recv() => Self::take_internal(i, &mut backlog, &mut uploaded),
+                    Some(o) = orx.recv() => backlog.push_back(Input::Outcome(o)),
                     m = rx.recv() => match m {
-                        Some(m) => Input::Msg(m),
+                        Some(m) => backlog.push_back(Input::Msg(m)),
                         None => break,
                     },
-                };
-                backlog.push_back(first);
+                }
+            }
+            // Bounded: one report per upload or reload this runner started.
+            while let Ok(i) = inbox.try_recv() {
+                Self::take_internal(i, &mut backlog, &mut uploaded);
             }
             let max = self.limits.max_batch;
             while backlog.len() < max {
@@ -286,11 +374,17 @@ impl<F: Flow> Runner<F> {
                 let Some(input) = backlog.pop_front() else {
                     break;
                 };
-                if let Some(id) = input.writes_to()
-                    && busy.contains(id)
-                {
-                    deferred.push_back(input);
-                    continue;
+                if let Some(id) = input.writes_to().cloned() {
+                    if let Some(slot) = self.slots.get_mut(&id)
+                        && slot.uploading
+                    {
+                        slot.held.push_back(input);
+                        continue;
+                    }
+                    if busy.contains(&id) {
+                        deferred.push_back(input);
+                        continue;
+                    }
                 }
                 if let Input::Msg(Msg::Shutdown { reply }) = input {
                     shutdown = Some(reply);
@@ -304,10 +398,23 @@ impl<F: Flow> Runner<F> {
             while let Some(d) = deferred.pop_back() {
                 backlog.push_front(d);
             }
-            if !staged.is_empty() {
-                self.commit(staged).await;
+            if !staged.is_empty() || !uploaded.is_empty() {
+                self.commit(staged, uploaded).await;
+            }
+            while let Some(i) = self.requeue.pop_back() {
+                backlog.push_front(i);
             }
             if let Some(reply) = shutdown.take() {
+                // Steps whose blobs are on their way are committed before the runner stops
+                // (each upload is bounded by the store timeout); inputs still waiting are
+                // dropped, so their callers see `Error::Shutdown`.
+                while self.uploading > 0 {
+                    match inbox.recv().await {
+                        Some(Internal::Uploaded(u)) => self.commit(Vec::new(), vec![u]).await,
+                        Some(Internal::Reload { .. }) => {}
+                        None => break,
+                    }
+                }
                 let _ = reply.send(());
                 break;
             }
@@ -525,14 +632,59 @@ impl<F: Flow> Runner<F> {
                 }
                 None
             }
+            Input::Reload { id, attempt } => {
+                if self.slots.contains_key(&id) {
+                    return None;
+                }
+                let key = self.key(&id);
+                let loaded = match self.store.load(&key).await {
+                    Ok(Some(stored)) => self.adopt(&id, &stored).await,
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e.into()),
+                };
+                match loaded {
+                    Ok(park) => {
+                        if self.slots.contains_key(&id) {
+                            tracing::info!(flow = F::NAME, id = %id, attempt, "instance loaded");
+                        }
+                        park.map(|step| Staged {
+                            id,
+                            step,
+                            ack: Ack::Quiet,
+                        })
+                    }
+                    Err(e) => {
+                        self.reload_later(id, attempt.saturating_add(1), &e);
+                        None
+                    }
+                }
+            }
             Input::Msg(Msg::Shutdown { .. }) => None,
         }
     }
 
-    /// Places the staged steps' payloads, writes their blobs, commits their records in one
-    /// store call, then acts on each result.
-    async fn commit(&mut self, staged: Vec<Staged>) {
-        let mut ready: Vec<(Staged, Sealed)> = Vec::with_capacity(staged.len());
+    /// Places the staged steps' payloads and commits, in one store call, those that need
+    /// no blob together with those whose blobs have landed (`uploaded`); steps that need
+    /// blobs start their upload and are committed in a later round. Then acts on each
+    /// result.
+    async fn commit(&mut self, staged: Vec<Staged>, uploaded: Vec<Box<Uploaded>>) {
+        let mut ready: Vec<(Staged, Sealed)> = Vec::with_capacity(staged.len() + uploaded.len());
+        for u in uploaded {
+            let Uploaded {
+                staged,
+                sealed,
+                result,
+            } = *u;
+            self.uploading = self.uploading.saturating_sub(1);
+            if let Some(slot) = self.slots.get_mut(&staged.id) {
+                slot.uploading = false;
+                self.requeue.extend(slot.held.drain(..));
+            }
+            match result {
+                Ok(()) => ready.push((staged, sealed)),
+                Err(e) => self.failed(staged, &e),
+            }
+        }
         for s in staged {
             let prev = self
                 .slots
@@ -546,32 +698,10 @@ impl<F: Flow> Runner<F> {
                 &mut self.scratch.out,
             );
             match sealed {
-                Ok(sealed) => ready.push((s, sealed)),
+                Ok(sealed) if sealed.puts.is_empty() => ready.push((s, sealed)),
+                Ok(sealed) => self.upload(s, sealed),
                 Err(e) => self.failed(s, &Error::from(e)),
             }
-        }
-        if ready.iter().any(|(_, x)| !x.puts.is_empty()) {
-            let limit = self.limits.store_timeout;
-            let placement = &self.placement;
-            let puts = ready.iter().map(|(_, x)| {
-                let key = &x.write.key;
-                let fut: flowwire_storage::BoxFuture<'_, _> = Box::pin(async move {
-                    match tokio::time::timeout(limit, placement.put_all(key, &x.puts)).await {
-                        Ok(r) => r.map_err(Error::from),
-                        Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
-                    }
-                });
-                fut
-            });
-            let results = flowwire_storage::join::join_all(puts).await;
-            let mut kept = Vec::with_capacity(ready.len());
-            for (item, r) in ready.into_iter().zip(results) {
-                match r {
-                    Ok(()) => kept.push(item),
-                    Err(e) => self.failed(item.0, &e),
-                }
-            }
-            ready = kept;
         }
         if ready.is_empty() {
             return;
@@ -600,6 +730,32 @@ impl<F: Flow> Runner<F> {
                 }
             }
         }
+    }
+
+    /// Writes a step's blobs on a task of its own (bounded by the store timeout) and
+    /// reports back through the inbox. The instance holds its next inputs until then.
+    fn upload(&mut self, s: Staged, mut sealed: Sealed) {
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            slot.uploading = true;
+        }
+        self.uploading += 1;
+        let placement = self.placement.clone();
+        let inbox = self.inbox.clone();
+        let limit = self.limits.store_timeout;
+        tokio::spawn(async move {
+            let put = placement.put_all(&sealed.write.key, &sealed.puts);
+            let result = match tokio::time::timeout(limit, put).await {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
+            };
+            // The bytes are on their tier (or not); the step needs only the record now.
+            drop(mem::take(&mut sealed.puts));
+            let _ = inbox.send(Internal::Uploaded(Box::new(Uploaded {
+                staged: s,
+                sealed,
+                result,
+            })));
+        });
     }
 
     fn committed(&mut self, s: Staged, placed: PlacedRecord) {
