@@ -1,0 +1,349 @@
+#![cfg(all(feature = "redis", feature = "s3"))]
+#![allow(missing_docs)] // test-local flows and drivers
+//! Server outages, with the real servers: `redis-server` killed (SIGKILL) and restarted
+//! with its append-only file, moto's S3 server frozen (SIGSTOP) and thawed.
+//!
+//! The promise: a step whose payload lives on a server that is away is retried with
+//! backoff; its instance waits; the engine keeps serving every other instance; when the
+//! server is back the instance goes on, and nothing is lost — including across an engine
+//! restart during the outage.
+
+#[path = "support/servers.rs"]
+mod servers;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flowwire::prelude::*;
+use flowwire::storage::store::RedisStore;
+use flowwire::storage::tier::{S3Config, S3Tier};
+use flowwire::storage::{KIB, Ladder, Tier};
+use flowwire::{Ended, Engine};
+use servers::{Redis, S3};
+use tokio::sync::watch;
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("lost in transit")]
+pub struct Lost;
+
+#[driver(timeout = "120s")]
+pub trait Courier {
+    /// Carries a parcel and hands it back, once its lane's gate is open.
+    async fn carry(&self, lane: usize, data: Vec<u8>) -> Result<Vec<u8>, Lost>;
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ParcelState {
+    lane: usize,
+    data: Vec<u8>,
+    rounds: u32,
+}
+
+/// Carries its data three times, each round a durable step of the data's size.
+#[flow]
+pub struct Parcel {
+    #[link]
+    state: ParcelState,
+    #[link]
+    courier: impl Courier,
+}
+
+const ROUNDS: u32 = 3;
+
+#[flow]
+impl Parcel {
+    #[probe]
+    fn rounds(&self) -> u32 {
+        self.state.rounds
+    }
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.rounds == ROUNDS {
+            return Command::finish();
+        }
+        Command::drive(self.courier.carry(self.state.lane, self.state.data.clone())).then(|f, r| {
+            f.state.data = r?;
+            f.state.rounds += 1;
+            Ok(())
+        })
+    }
+}
+
+/// Lane 0 is always open; the others open when the test says so.
+const FREE: usize = 0;
+const ON_REDIS: usize = 1;
+const ON_S3: usize = 2;
+
+#[derive(Clone)]
+struct Gated {
+    gates: Arc<[watch::Sender<bool>; 3]>,
+    /// Calls served, per lane.
+    carried: Arc<[AtomicUsize; 3]>,
+}
+
+impl Gated {
+    fn new() -> Self {
+        Self {
+            gates: Arc::new([
+                watch::Sender::new(true),
+                watch::Sender::new(false),
+                watch::Sender::new(false),
+            ]),
+            carried: Arc::default(),
+        }
+    }
+
+    fn carried(&self, lane: usize) -> usize {
+        self.carried[lane].load(Ordering::SeqCst)
+    }
+
+    fn open(&self, lane: usize) {
+        self.gates[lane].send_replace(true);
+    }
+}
+
+#[driver]
+impl Courier for Gated {
+    async fn carry(&self, lane: usize, data: Vec<u8>) -> Result<Vec<u8>, Lost> {
+        let mut gate = self.gates.get(lane).ok_or(Lost)?.subscribe();
+        gate.wait_for(|open| *open).await.map_err(|_| Lost)?;
+        self.carried[lane].fetch_add(1, Ordering::SeqCst);
+        Ok(data)
+    }
+}
+
+fn parcel(lane: usize, len: usize) -> ParcelState {
+    ParcelState {
+        lane,
+        data: (0..len).map(|i| (i % 251) as u8).collect(),
+        rounds: 0,
+    }
+}
+
+/// Waits (bounded) for an instance to finish after its three rounds.
+async fn finishes(engine: &Engine, id: &str, within: Duration) {
+    let handle = engine.handle::<Parcel>(id).await.unwrap();
+    let ended = tokio::time::timeout(within, handle.finished())
+        .await
+        .unwrap_or_else(|_| panic!("{id} did not finish within {within:?}"))
+        .unwrap();
+    assert_eq!(ended, Ended::Finished, "{id}");
+}
+
+/// Starts `n` instances on the always-open lane and checks they all finish — the engine
+/// serves them whatever the state of the servers.
+async fn small_ones_run(engine: &Engine, prefix: &str, n: usize) {
+    for i in 0..n {
+        engine
+            .start::<Parcel>(format!("{prefix}-{i}"), parcel(FREE, 100))
+            .await
+            .unwrap();
+    }
+    for i in 0..n {
+        finishes(engine, &format!("{prefix}-{i}"), Duration::from_secs(20)).await;
+    }
+}
+
+/// The rounds done, as the engine has them committed.
+async fn rounds(engine: &Engine, id: &str) -> u32 {
+    engine
+        .handle::<Parcel>(id)
+        .await
+        .unwrap()
+        .rounds()
+        .await
+        .unwrap()
+}
+
+fn s3_config(server: &S3, bucket: &str) -> S3Config {
+    S3Config::new(bucket)
+        .endpoint(&server.endpoint())
+        .path_style(true)
+        .credentials("test", "test")
+        .attempt_timeout(Duration::from_secs(1))
+        .max_attempts(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_outage_holds_only_the_instances_whose_payloads_live_there() {
+    let mut redis = Redis::start_durable();
+    let s3 = S3::start();
+    S3Tier::new(s3_config(&s3, "outage"))
+        .create_bucket_if_missing()
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let gated = Gated::new();
+    let engine = Engine::builder()
+        .data_dir(tmp.path())
+        .storage(
+            Ladder::new()
+                .inline_below(4 * KIB)
+                .below(
+                    256 * KIB,
+                    Tier::redis(&redis.url(), "blobs").unwrap().named("redis"),
+                )
+                .default_to(Tier::s3(s3_config(&s3, "outage")).named("s3")),
+        )
+        .store_timeout(Duration::from_secs(5))
+        .flow::<Parcel>()
+        .driver(gated.clone())
+        .start()
+        .await
+        .unwrap();
+
+    // 64 KB parcels live on Redis, 1 MB parcels on S3; their first step (and call
+    // argument) is durable there before `start` returns.
+    for i in 0..4 {
+        engine
+            .start::<Parcel>(format!("r{i}"), parcel(ON_REDIS, 64 * 1024))
+            .await
+            .unwrap();
+    }
+    for i in 0..2 {
+        engine
+            .start::<Parcel>(format!("s{i}"), parcel(ON_S3, 1 << 20))
+            .await
+            .unwrap();
+    }
+
+    // Redis goes away; the Redis parcels' replies arrive; their steps cannot be written.
+    redis.kill();
+    gated.open(ON_REDIS);
+    small_ones_run(&engine, "during-redis-outage", 20).await;
+    for i in 0..4 {
+        assert_eq!(
+            rounds(&engine, &format!("r{i}")).await,
+            0,
+            "r{i} advanced without Redis"
+        );
+    }
+    redis.restart();
+    for i in 0..4 {
+        finishes(&engine, &format!("r{i}"), Duration::from_secs(30)).await;
+    }
+
+    // S3 hangs (a frozen server: connections open, no answers); the same again.
+    s3.freeze();
+    gated.open(ON_S3);
+    small_ones_run(&engine, "during-s3-outage", 20).await;
+    for i in 0..2 {
+        assert_eq!(
+            rounds(&engine, &format!("s{i}")).await,
+            0,
+            "s{i} advanced without S3"
+        );
+    }
+    s3.thaw();
+    for i in 0..2 {
+        finishes(&engine, &format!("s{i}"), Duration::from_secs(30)).await;
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_unreadable_at_start_up_is_loaded_once_its_tier_is_back() {
+    let mut redis = Redis::start_durable();
+    let tmp = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let ladder = || {
+        Ladder::new()
+            .inline_below(4 * KIB)
+            .default_to(Tier::redis(&url, "blobs").unwrap().named("redis"))
+    };
+    let engine = Engine::builder()
+        .data_dir(tmp.path())
+        .storage(ladder())
+        .flow::<Parcel>()
+        .driver(Gated::new())
+        .start()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        engine
+            .start::<Parcel>(format!("big{i}"), parcel(ON_REDIS, 64 * 1024))
+            .await
+            .unwrap();
+    }
+    engine.shutdown().await;
+    drop(engine);
+
+    // The engine comes back while Redis is away: it starts, serves the instances it can
+    // read, and reports the others' reads as transient errors.
+    redis.kill();
+    let gated = Gated::new();
+    gated.open(ON_REDIS);
+    let engine = Engine::builder()
+        .data_dir(tmp.path())
+        .storage(ladder())
+        .flow::<Parcel>()
+        .driver(gated.clone())
+        .start()
+        .await
+        .unwrap();
+    small_ones_run(&engine, "meanwhile", 10).await;
+    let err = engine.handle::<Parcel>("big0").await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+
+    // Redis returns: the background reload finds the instances and re-sends their calls in
+    // flight — nothing asks for them meanwhile — and they run their rounds and finish.
+    redis.restart();
+    for _ in 0..300 {
+        if gated.carried(ON_REDIS) == 3 * ROUNDS as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gated.carried(ON_REDIS), 3 * ROUNDS as usize);
+    for i in 0..3 {
+        finishes(&engine, &format!("big{i}"), Duration::from_secs(30)).await;
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_going_away_pauses_steps_that_resume_when_it_returns() {
+    let mut redis = Redis::start_durable();
+    let gated = Gated::new();
+    let engine = Engine::builder()
+        .store(RedisStore::open(&redis.url(), "fw").unwrap())
+        .store_timeout(Duration::from_secs(5))
+        .flow::<Parcel>()
+        .driver(gated.clone())
+        .start()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        engine
+            .start::<Parcel>(format!("p{i}"), parcel(ON_REDIS, 100))
+            .await
+            .unwrap();
+    }
+
+    redis.kill();
+    gated.open(ON_REDIS);
+    // A new start cannot be made durable: its caller learns why, and may retry.
+    let err = engine
+        .start::<Parcel>("refused", parcel(FREE, 10))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    for i in 0..5 {
+        assert_eq!(rounds(&engine, &format!("p{i}")).await, 0);
+    }
+
+    // Back with everything it acknowledged (append-only file, fsync always).
+    redis.restart();
+    for i in 0..5 {
+        finishes(&engine, &format!("p{i}"), Duration::from_secs(30)).await;
+    }
+    assert_eq!(rounds(&engine, "p0").await, ROUNDS);
+    // The refused start left nothing behind: the id is free.
+    engine
+        .start::<Parcel>("refused", parcel(FREE, 10))
+        .await
+        .unwrap();
+    finishes(&engine, "refused", Duration::from_secs(20)).await;
+    engine.shutdown().await;
+}
