@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flowwire::prelude::*;
+use flowwire::storage::layout::Layout;
 use flowwire::storage::{BlobError, KIB, Ladder, MB, Retention, Tier};
 use flowwire::{Engine, Error};
 
@@ -167,6 +168,10 @@ async fn a_state_climbs_and_descends_the_ladder_and_old_blobs_are_collected() {
     // No record and no kept history entry refers to either blob any more.
     expect_blobs(dir, 0, 0).await;
     assert_eq!(album.size().await.unwrap(), 20);
+    let layout = engine.layout::<Album>("a1", 100).await.unwrap();
+    assert!(layout.state.is_inline());
+    assert_eq!(layout.steps.len(), 2, "Last(2) keeps two entries");
+    assert!(referenced(&layout, "fast").is_empty() && referenced(&layout, "slow").is_empty());
     engine.shutdown().await;
 }
 
@@ -214,17 +219,23 @@ async fn call_arguments_and_replies_ride_the_ladder_and_survive_a_restart() {
     album.resize(3_000_000).await.unwrap();
     album.mirror().await.unwrap();
     for _ in 0..500 {
-        if album.intact().await.unwrap() && blobs(&dir.join("slow")) >= 4 {
+        if album.intact().await.unwrap() && blobs(&dir.join("slow")) == 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // On `slow`: the state before the call, the call's argument, the reply (history) and
-    // the mirrored state.
-    assert!(
-        blobs(&dir.join("slow")) >= 4,
-        "{}",
-        blobs(&dir.join("slow"))
+    // On `slow`: the 3 MB state after `resize`, the state after `mirror` (the flag
+    // changed), the reply (history) and the mirrored state. The call's argument went when
+    // the reply's step dropped it: no history entry refers to a call argument.
+    let layout = engine.layout::<Album>("m", 100).await.unwrap();
+    assert!(layout.call.is_none());
+    let on_slow = referenced(&layout, "slow");
+    assert_eq!(on_slow.len(), 4, "{on_slow:?}");
+    assert!(on_slow.iter().all(|k| !k.ends_with(".c")), "{on_slow:?}");
+    assert_eq!(
+        blobs(&dir.join("slow")),
+        4,
+        "exactly the referenced blobs are on disk"
     );
     engine.shutdown().await;
 
@@ -237,6 +248,21 @@ async fn call_arguments_and_replies_ride_the_ladder_and_survive_a_restart() {
     );
     album.close().await.unwrap();
     engine.shutdown().await;
+}
+
+/// The distinct blob keys on `tier` that an instance's record and kept history refer to.
+fn referenced(layout: &Layout, tier: &str) -> std::collections::BTreeSet<String> {
+    std::iter::once(&layout.state)
+        .chain(&layout.call)
+        .chain(
+            layout
+                .steps
+                .iter()
+                .flat_map(|s| s.payload.iter().chain(&s.state)),
+        )
+        .filter(|p| &*p.tier == tier)
+        .filter_map(|p| p.key.as_deref().map(str::to_string))
+        .collect()
 }
 
 /// The single blob file of a tier.

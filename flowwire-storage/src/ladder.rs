@@ -489,24 +489,28 @@ impl Placement {
             _ => None,
         };
 
-        // Blob accounting: what the previous record referred to and this one does not is
-        // retired at this step; the input's blob only this step's entry refers to.
+        // Blob accounting. A call argument no history entry refers to: once the record
+        // drops it, it is garbage. A state the previous record referred to and this one does
+        // not is retired at this step (the previous step's snapshot shares it); the input's
+        // blob only this step's entry refers to.
+        let mut dead: Vec<BlobRef> = Vec::new();
+        if let Some((p, _)) = prev
+            && let Some(old) = p.pending.as_ref().and_then(|c| c.call.blob())
+            && pending.as_ref().and_then(|c| c.call.blob()) != Some(old)
+        {
+            dead.push(old.clone());
+        }
         let mut retired: Vec<Retired> = Vec::new();
         if retention != Retention::All {
             if let Some((p, _)) = prev {
                 retired.extend(p.retired.iter().cloned());
-                let now: Vec<&BlobRef> = state
-                    .blob()
-                    .into_iter()
-                    .chain(pending.as_ref().and_then(|c| c.call.blob()))
-                    .collect();
-                for b in p.live_blobs() {
-                    if !now.contains(&b) {
-                        retired.push(Retired {
-                            died: seq,
-                            blob: b.clone(),
-                        });
-                    }
+                if let Some(old) = p.state.blob()
+                    && state.blob() != Some(old)
+                {
+                    retired.push(Retired {
+                        died: seq,
+                        blob: old.clone(),
+                    });
                 }
             }
             if let Some(b) = payload.as_ref().and_then(Payload::blob) {
@@ -526,7 +530,10 @@ impl Placement {
             state,
             pending,
             retired: kept,
-            trash: gone.into_iter().map(|r| r.blob).collect(),
+            trash: dead
+                .into_iter()
+                .chain(gone.into_iter().map(|r| r.blob))
+                .collect(),
         };
         buf.clear();
         placed.encode(buf).map_err(|e| BlobError::Corrupt {

@@ -9,6 +9,7 @@
 //! * [`tier`] — the [`BlobTier`] trait and its backends (memory, embedded, fs, Redis, S3).
 //! * [`ladder`] — the [`Ladder`]: which tier a payload goes to by its size, and the
 //!   placement, checking and garbage collection of the blobs of every record.
+//! * [`layout`] — where an instance's payloads live, for operators.
 //! * [`blob`] — payload references and the framing every blob carries.
 //!
 //! Users normally reach this crate through the `flowwire` facade.
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod error;
 pub mod join;
 pub mod ladder;
+pub mod layout;
 pub mod record;
 #[cfg(feature = "redis")]
 mod redis_link;

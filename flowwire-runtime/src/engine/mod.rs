@@ -292,6 +292,7 @@ impl EngineBuilder {
         Ok(Engine {
             inner: Arc::new(Inner {
                 flows,
+                store: Mutex::new(Some(ctx.store)),
                 data_dir,
                 limits: self.limits,
             }),
@@ -341,6 +342,8 @@ fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEntry>>> {
 
 struct Inner {
     flows: HashMap<TypeId, FlowEntry>,
+    /// For reads outside the runners (layouts); released at shutdown with the runners'.
+    store: Mutex<Option<Arc<dyn InstanceStore>>>,
     data_dir: Option<PathBuf>,
     limits: Limits,
 }
@@ -426,6 +429,54 @@ impl Engine {
         Ok(F::Handle::from(handle))
     }
 
+    /// Where an instance's payloads live: its record's state and call argument, and the
+    /// first `history` entries of its history — each with its tier, size and key. Reads the
+    /// store only (no blob is fetched); [`Error::NotFound`] if no instance has this id.
+    ///
+    /// ```
+    /// # use flowwire_runtime::Engine;
+    /// # async fn show<F: flowwire_runtime::Flow>(engine: &Engine) -> flowwire_runtime::Result<()> {
+    /// let layout = engine.layout::<F>("order-1", 100).await?;
+    /// println!("state: {}", layout.state); // e.g. "tier `nvme`, 3.5 MiB at `Order/order-1/4.s`"
+    /// for step in &layout.steps {
+    ///     if let Some(reply) = &step.payload {
+    ///         println!("step {} came with {reply}", step.seq);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn layout<F: Flow>(
+        &self,
+        id: impl Into<Arc<str>>,
+        history: usize,
+    ) -> Result<flowwire_storage::layout::Layout> {
+        self.sender::<F>()?;
+        let store = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or(Error::Shutdown)?;
+        let key = flowwire_storage::InstanceKey::new(F::NAME, id.into());
+        let read = flowwire_storage::layout::Layout::read(
+            &*store,
+            &key,
+            history,
+            self.inner.limits.decode_limit,
+        );
+        let limit = self.inner.limits.store_timeout;
+        match tokio::time::timeout(limit, read).await {
+            Ok(Ok(Some(layout))) => Ok(layout),
+            Ok(Ok(None)) => Err(Error::NotFound {
+                flow: F::NAME,
+                id: key.id.to_string(),
+            }),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Error::Store(flowwire_storage::StoreError::Timeout(limit))),
+        }
+    }
+
     /// The metadata of a registered flow.
     pub fn flow_meta<F: Flow>(&self) -> &'static crate::meta::FlowMeta {
         F::META
@@ -436,6 +487,11 @@ impl Engine {
     /// waited for: they run again, with the same idempotency key, when the engine restarts.
     /// Later requests on this engine or its handles fail with [`Error::Shutdown`].
     pub async fn shutdown(&self) {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         for entry in self.inner.flows.values() {
             (entry.shutdown)().await;
             let task = entry
