@@ -108,6 +108,7 @@ fn one_in_memory_step_allocates_a_small_fixed_number_of_times() {
     inst.commit(&first);
     let mut reply = Vec::new();
     codec::encode_raw(&Ok::<u64, Declined>(42), &mut reply).unwrap();
+    let reply = bytes::Bytes::from(reply);
     // Warm the scratch buffers with one step, then measure the next.
     let seq = inst.pending().unwrap().seq;
     let step = inst.outcome(seq, Ok(&reply), &mut scratch).unwrap();

@@ -36,6 +36,21 @@ pub struct Scratch {
     pub out: Vec<u8>,
 }
 
+/// Encoded payloads at least this large leave the scratch buffer instead of being copied
+/// out of it: a large state costs its encoding once, not twice, and the runner does not
+/// keep a buffer of the largest state it ever saw.
+const HAND_OVER: usize = 64 * 1024;
+
+/// The bytes encoded in a scratch buffer, as `Bytes`: copied when small (the buffer keeps
+/// its capacity for the next step), handed over when large.
+fn freeze(buf: &mut Vec<u8>) -> Bytes {
+    if buf.len() >= HAND_OVER {
+        Bytes::from(std::mem::take(buf))
+    } else {
+        Bytes::copy_from_slice(buf)
+    }
+}
+
 /// One step, ready to be placed on the ladder and persisted.
 #[derive(Debug)]
 pub struct Step {
@@ -184,7 +199,7 @@ impl<F: Flow> Instance<F> {
         let name = impulse.name();
         scratch.call.clear();
         let payload = match codec::encode_raw(&impulse, &mut scratch.call) {
-            Ok(()) => Some(Bytes::copy_from_slice(&scratch.call)),
+            Ok(()) => Some(freeze(&mut scratch.call)),
             Err(_) => None,
         };
         let input = StepInput::Impulse {
@@ -210,7 +225,7 @@ impl<F: Flow> Instance<F> {
     pub fn outcome(
         &mut self,
         seq: u64,
-        outcome: Result<&[u8], &Fault>,
+        outcome: Result<&Bytes, &Fault>,
         scratch: &mut Scratch,
     ) -> Option<Step> {
         let pending = self.record.pending.clone()?;
@@ -226,11 +241,11 @@ impl<F: Flow> Instance<F> {
         };
         let ok = outcome.is_ok();
         let payload = Some(match outcome {
-            Ok(bytes) => Bytes::copy_from_slice(bytes),
+            Ok(bytes) => bytes.clone(),
             Err(fault) => Bytes::from(fault.to_string()),
         });
         let delivered = match outcome {
-            Ok(bytes) => Delivered::Reply(bytes),
+            Ok(bytes) => Delivered::Reply(&bytes[..]),
             Err(fault) => Delivered::Fault(fault),
         };
         let input = StepInput::Outcome { call_seq: seq, ok };
@@ -338,7 +353,7 @@ impl<F: Flow> Instance<F> {
                             seq,
                             link,
                             method,
-                            call: Bytes::copy_from_slice(&scratch.call),
+                            call: freeze(&mut scratch.call),
                         };
                         (p.clone(), Some(p))
                     }
@@ -370,7 +385,7 @@ impl<F: Flow> Instance<F> {
             let reason = format!("the state could not be encoded: {e}");
             return self.park(input, reason, scratch);
         }
-        let state = Bytes::copy_from_slice(&scratch.state);
+        let state = freeze(&mut scratch.state);
         self.build(
             input, impulse, status, state, pending, dispatch, output, scratch,
         )
@@ -386,7 +401,7 @@ impl<F: Flow> Instance<F> {
         };
         scratch.state.clear();
         let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
-            Ok(()) => Bytes::copy_from_slice(&scratch.state),
+            Ok(()) => freeze(&mut scratch.state),
             Err(_) => self.record.state.clone(),
         };
         self.then = None;
@@ -405,7 +420,7 @@ impl<F: Flow> Instance<F> {
             self.flow = F::from_state(s);
         }
         let state = if state.is_empty() {
-            Bytes::copy_from_slice(&scratch.state)
+            freeze(&mut scratch.state)
         } else {
             state
         };

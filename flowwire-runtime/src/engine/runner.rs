@@ -500,7 +500,7 @@ impl<F: Flow> Runner<F> {
                 let slot = self.slots.get_mut(&o.id)?;
                 let step = slot.inst.outcome(
                     o.seq,
-                    o.result.as_ref().map(|b| &b[..]),
+                    o.result.as_ref(),
                     &mut self.scratch,
                 )?;
                 Some(Staged {
