@@ -498,11 +498,9 @@ impl<F: Flow> Runner<F> {
         match input {
             Input::Outcome(o) => {
                 let slot = self.slots.get_mut(&o.id)?;
-                let step = slot.inst.outcome(
-                    o.seq,
-                    o.result.as_ref(),
-                    &mut self.scratch,
-                )?;
+                let step = slot
+                    .inst
+                    .outcome(o.seq, o.result.as_ref(), &mut self.scratch)?;
                 Some(Staged {
                     id: o.id.clone(),
                     step,

@@ -1,0 +1,210 @@
+//! What every flowwire bench binary shares: a counting allocator, latency samples with
+//! median and p99, the run mode, and a plain table.
+//!
+//! Modes:
+//! * `cargo bench` passes `--bench`: the full run.
+//! * `FLOWWIRE_BENCH_QUICK=1 cargo bench`: a smoke run with a tenth of the samples.
+//! * `cargo test --all-targets` runs the binary without `--bench`: one sample of each case
+//!   at small sizes, so the bench code is tested without the wait.
+
+#![allow(dead_code, unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counts allocations and allocated bytes on every thread (tier backends allocate on
+/// tokio's and the blocking pool's threads too, so a per-thread count would undercount).
+pub struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator; the counters are atomics, which
+// never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Allocations and bytes allocated so far, process-wide.
+pub fn allocated() -> (u64, u64) {
+    (
+        ALLOCS.load(Ordering::Relaxed),
+        BYTES.load(Ordering::Relaxed),
+    )
+}
+
+/// How thoroughly to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `cargo bench`.
+    Full,
+    /// `FLOWWIRE_BENCH_QUICK=1 cargo bench`.
+    Quick,
+    /// Run by `cargo test`: prove the code runs.
+    Test,
+}
+
+impl Mode {
+    /// The mode of this run, from the arguments and the environment.
+    pub fn current() -> Mode {
+        if !std::env::args().any(|a| a == "--bench") {
+            Mode::Test
+        } else if std::env::var_os("FLOWWIRE_BENCH_QUICK").is_some_and(|v| v != "0") {
+            Mode::Quick
+        } else {
+            Mode::Full
+        }
+    }
+
+    /// Samples to take for a case that takes `full` in a full run.
+    pub fn samples(self, full: usize) -> usize {
+        match self {
+            Mode::Full => full,
+            Mode::Quick => (full / 10).max(3),
+            Mode::Test => 1,
+        }
+    }
+}
+
+/// Latencies of one case, sorted, plus what the case allocated.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    sorted: Vec<Duration>,
+    /// Allocations per operation (all threads).
+    pub allocs: f64,
+    /// Bytes allocated per operation (all threads).
+    pub alloc_bytes: f64,
+    /// Wall time of the whole case.
+    pub wall: Duration,
+}
+
+impl Samples {
+    /// The operations measured.
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// The `q` quantile (nearest rank).
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+        let rank = ((q * self.sorted.len() as f64).ceil() as usize).clamp(1, self.sorted.len());
+        self.sorted[rank - 1]
+    }
+
+    /// The median.
+    pub fn median(&self) -> Duration {
+        self.quantile(0.5)
+    }
+
+    /// The 99th percentile.
+    pub fn p99(&self) -> Duration {
+        self.quantile(0.99)
+    }
+
+    /// Operations per second over the whole case.
+    pub fn per_second(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let n = self.sorted.len() as f64;
+        n / self.wall.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Runs `op` `n` times, one after the other, timing each and counting what they allocate.
+pub async fn sample<F, Fut>(n: usize, mut op: F) -> Samples
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut sorted = Vec::with_capacity(n);
+    let (a0, b0) = allocated();
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        op(i).await;
+        sorted.push(t.elapsed());
+    }
+    let wall = start.elapsed();
+    let (a1, b1) = allocated();
+    sorted.sort_unstable();
+    #[allow(clippy::cast_precision_loss)]
+    let per = |x: u64| x as f64 / n.max(1) as f64;
+    Samples {
+        sorted,
+        allocs: per(a1 - a0),
+        alloc_bytes: per(b1 - b0),
+        wall,
+    }
+}
+
+/// A duration for a table: µs below 10 ms, ms above.
+pub fn fmt_duration(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 10_000.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{:.1} ms", us / 1000.0)
+    }
+}
+
+/// A byte count for a table.
+pub fn fmt_bytes(n: f64) -> String {
+    if n < 1024.0 {
+        format!("{n:.0} B")
+    } else if n < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", n / 1024.0)
+    } else {
+        format!("{:.1} MiB", n / (1024.0 * 1024.0))
+    }
+}
+
+/// Peak resident set size of this process so far (`VmHWM`), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Current resident set size (`VmRSS`), in bytes.
+pub fn rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Prints the machine line every result table starts with.
+pub fn print_machine() {
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    println!("machine: {cores} cores, {cpu}");
+}
