@@ -469,3 +469,25 @@ async fn an_instance_of_another_flow_version_is_never_run() {
         "the error names both versions: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_probe_is_a_typed_error_and_the_instance_goes_on() {
+    let engine = engine_with(Desk::default()).await;
+    let trip = engine
+        .start::<Trip>("t-probe", TripState::default())
+        .await
+        .unwrap();
+    let boom = |_: &Trip| -> u32 { panic!("boom") };
+    // On the instance in memory, then on the state read back after it ended.
+    let err = trip.probe(boom).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ProbePanicked { flow: "Trip", reason, .. } if reason == "boom"),
+        "{err}"
+    );
+    trip.want(1).await.unwrap();
+    trip.note("aisle".into()).await.unwrap();
+    assert_eq!(finished(&trip).await, Ended::Finished);
+    let err = trip.probe(boom).await.unwrap_err();
+    assert!(matches!(err, Error::ProbePanicked { .. }), "{err}");
+    assert_eq!(trip.notes().await.unwrap(), 1);
+}

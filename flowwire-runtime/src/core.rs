@@ -89,7 +89,7 @@ pub struct Instance<F: Flow> {
     limit: usize,
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -173,7 +173,13 @@ impl<F: Flow> Instance<F> {
         &self.record
     }
 
-    /// The committed state, encoded (what probes read).
+    /// The flow as of its last applied input (its committed state unless a step is on its
+    /// way to the store).
+    pub fn flow(&self) -> &F {
+        &self.flow
+    }
+
+    /// The committed state, encoded.
     pub fn state_bytes(&self) -> Bytes {
         self.record.state.clone()
     }

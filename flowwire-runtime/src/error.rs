@@ -145,6 +145,16 @@ pub enum Error {
         /// The id.
         id: String,
     },
+    /// A probe panicked (the instance is unaffected).
+    #[error("the probe on {flow} instance {id:?} panicked: {reason}; fix the probe")]
+    ProbePanicked {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The panic message.
+        reason: String,
+    },
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,

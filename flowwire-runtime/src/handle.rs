@@ -34,6 +34,8 @@ pub struct Handle<F: Flow> {
     id: Arc<str>,
     tx: mpsc::Sender<Msg<F>>,
     timeout: Duration,
+    /// The engine's decode limit (largest state decoded).
+    limit: usize,
 }
 
 impl<F: Flow> Clone for Handle<F> {
@@ -42,6 +44,7 @@ impl<F: Flow> Clone for Handle<F> {
             id: self.id.clone(),
             tx: self.tx.clone(),
             timeout: self.timeout,
+            limit: self.limit,
         }
     }
 }
@@ -53,8 +56,18 @@ impl<F: Flow> std::fmt::Debug for Handle<F> {
 }
 
 impl<F: Flow> Handle<F> {
-    pub(crate) fn new(id: Arc<str>, tx: mpsc::Sender<Msg<F>>, timeout: Duration) -> Self {
-        Self { id, tx, timeout }
+    pub(crate) fn new(
+        id: Arc<str>,
+        tx: mpsc::Sender<Msg<F>>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Self {
+        Self {
+            id,
+            tx,
+            timeout,
+            limit,
+        }
     }
 
     /// The instance id.
@@ -110,10 +123,24 @@ impl<F: Flow> Handle<F> {
 
     /// Runs a read-only function on the flow as of its last persisted state; generated
     /// probe methods call this.
-    pub async fn probe<T>(&self, f: impl FnOnce(&F) -> T) -> Result<T> {
-        let bytes = self.state_bytes().await?;
-        let flow = F::from_state(self.decode(&bytes)?);
-        Ok(f(&flow))
+    ///
+    /// It runs in the engine, on the flow it holds in memory when the instance is loaded
+    /// (no copy of the state, however large), or on the blocking pool on a state decoded
+    /// from the store when the instance has ended or is parked. A probe that panics is
+    /// [`Error::ProbePanicked`]; the instance is unaffected.
+    pub async fn probe<T, P>(&self, f: P) -> Result<T>
+    where
+        T: Send + 'static,
+        P: FnOnce(&F) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let ask: Box<dyn FnOnce(&F) + Send> = Box::new(move |flow: &F| {
+            let _ = tx.send(f(flow));
+        });
+        let id = self.id.clone();
+        self.request("probe", |reply| Msg::Probe { id, ask, reply })
+            .await?;
+        rx.await.map_err(|_| Error::Shutdown)
     }
 
     /// Sends an impulse; await the returned request to have it applied (durably) once.
@@ -127,19 +154,17 @@ impl<F: Flow> Handle<F> {
 
     async fn state_bytes(&self) -> Result<Bytes> {
         let id = self.id.clone();
-        self.request("probe", |reply| Msg::Probe { id, reply })
+        self.request("state", |reply| Msg::State { id, reply })
             .await
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<F::State> {
-        flowwire_storage::codec::decode_raw(bytes, flowwire_storage::DEFAULT_DECODE_LIMIT).map_err(
-            |source| Error::Codec {
-                flow: F::NAME,
-                id: self.id.to_string(),
-                what: "the state",
-                source,
-            },
-        )
+        flowwire_storage::codec::decode_raw(bytes, self.limit).map_err(|source| Error::Codec {
+            flow: F::NAME,
+            id: self.id.to_string(),
+            what: "the state",
+            source,
+        })
     }
 }
 

@@ -396,6 +396,7 @@ impl Engine {
             id,
             self.sender::<F>()?.clone(),
             self.inner.limits.request_timeout,
+            self.inner.limits.decode_limit,
         ))
     }
 

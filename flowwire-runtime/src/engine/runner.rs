@@ -12,9 +12,11 @@
 //! on — a slow or unreachable tier stalls only the instances whose data lives there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flowwire_storage::codec;
 use flowwire_storage::ladder::Sealed;
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{
@@ -31,6 +33,9 @@ use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::handle::Ended;
 
+/// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
+pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
+
 /// A request to a runner.
 pub(crate) enum Msg<F: Flow> {
     Start {
@@ -44,7 +49,14 @@ pub(crate) enum Msg<F: Flow> {
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Runs a probe on the flow (which sends its own result) and then replies.
     Probe {
+        id: Arc<str>,
+        ask: Ask<F>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The committed state, encoded.
+    State {
         id: Arc<str>,
         reply: oneshot::Sender<Result<Bytes>>,
     },
@@ -87,10 +99,13 @@ struct Uploaded {
 }
 
 impl<F: Flow> Input<F> {
-    /// The instance a message would write to, if it writes.
+    /// The instance a message writes to or reads the committed flow of: at most one such
+    /// message per instance in a round, after the steps of the rounds before are committed.
     fn writes_to(&self) -> Option<&Arc<str>> {
         match self {
-            Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. }) => Some(id),
+            Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. } | Msg::Probe { id, .. }) => {
+                Some(id)
+            }
             Input::Outcome(o) => Some(&o.id),
             Input::Reload { id, .. } => Some(id),
             Input::Msg(_) => None,
@@ -375,8 +390,11 @@ impl<F: Flow> Runner<F> {
                     break;
                 };
                 if let Some(id) = input.writes_to().cloned() {
+                    // A probe need not wait for an upload: it reads the committed bytes.
+                    let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
                     if let Some(slot) = self.slots.get_mut(&id)
                         && slot.uploading
+                        && !probe
                     {
                         slot.held.push_back(input);
                         continue;
@@ -419,6 +437,41 @@ impl<F: Flow> Runner<F> {
                 break;
             }
         }
+    }
+
+    fn probe_panicked(id: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+        Error::ProbePanicked {
+            flow: F::NAME,
+            id: id.to_string(),
+            reason: crate::core::panic_message(payload),
+        }
+    }
+
+    /// Runs a probe on a state decoded from its committed bytes, on the blocking pool (a
+    /// large state must not stall the runner).
+    fn probe_bytes(
+        &self,
+        id: Arc<str>,
+        state: Bytes,
+        ask: Ask<F>,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        let limit = self.limits.decode_limit;
+        tokio::task::spawn_blocking(move || {
+            let answer = codec::decode_raw::<F::State>(&state, limit)
+                .map_err(|source| Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the state",
+                    source,
+                })
+                .and_then(|s| {
+                    let flow = F::from_state(s);
+                    catch_unwind(AssertUnwindSafe(|| ask(&flow)))
+                        .map_err(|p| Self::probe_panicked(&id, &*p))
+                });
+            let _ = reply.send(answer);
+        });
     }
 
     fn not_found(id: &str) -> Error {
@@ -585,14 +638,42 @@ impl<F: Flow> Runner<F> {
                     }
                 }
             }
-            Input::Msg(Msg::Probe { id, reply }) => {
+            Input::Msg(Msg::Probe { id, ask, reply }) => {
+                match self.locate(&id).await {
+                    Ok(None) => match self.slots.get(&id) {
+                        // The flow in memory is the committed one: no step of this round
+                        // touched it (one message per instance a round) and none is uploading.
+                        Some(slot) if !slot.uploading && slot.placed.is_some() => {
+                            let flow = slot.inst.flow();
+                            let ran = catch_unwind(AssertUnwindSafe(|| ask(flow)));
+                            let _ = reply.send(ran.map_err(|p| Self::probe_panicked(&id, &*p)));
+                        }
+                        // A start not committed yet has no persisted state.
+                        Some(slot) if slot.placed.is_none() => {
+                            let _ = reply.send(Err(Self::not_found(&id)));
+                        }
+                        Some(slot) => {
+                            self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply)
+                        }
+                        None => {
+                            let _ = reply.send(Err(Self::not_found(&id)));
+                        }
+                    },
+                    Ok(Some(record)) => self.probe_bytes(id, record.state, ask, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+                None
+            }
+            Input::Msg(Msg::State { id, reply }) => {
                 let answer = match self.locate(&id).await {
                     // A start whose first step is not committed yet has no persisted state.
                     Ok(None) => self
                         .slots
                         .get(&id)
+                        .filter(|slot| slot.placed.is_some())
                         .map(|slot| slot.inst.state_bytes())
-                        .filter(|state| !state.is_empty())
                         .ok_or_else(|| Self::not_found(&id)),
                     Ok(Some(record)) => Ok(record.state),
                     Err(e) => Err(e),
