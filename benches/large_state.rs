@@ -7,7 +7,9 @@
 //! `cargo bench --bench large_state --features flowwire-suite/s3`
 //! (`FLOWWIRE_BENCH_STATE_MIB=64` for another size). Under `cargo test --all-targets` it
 //! runs once with an 8 MiB state. Run it alone: the peak is the whole process's. To check
-//! the in-process figure from outside: `/usr/bin/time -v target/release/deps/large_state-* --bench`.
+//! the in-process figure from outside, give it a server of its own (`/usr/bin/time` counts
+//! child processes, moto included):
+//! `FLOWWIRE_S3_ENDPOINT=http://127.0.0.1:5000 /usr/bin/time -v target/release/deps/large_state-* --bench`.
 
 #![allow(missing_docs)] // bench-local flow
 
@@ -93,9 +95,18 @@ mod run {
             Mode::Test => 8 * MIB,
             _ => mib_env.unwrap_or(256) * MIB,
         };
-        let s3 = S3::start();
+        // An S3 server of the caller's (so that `/usr/bin/time -v` measures this process
+        // alone, not moto too), or moto started here.
+        let (_server, endpoint) = match std::env::var("FLOWWIRE_S3_ENDPOINT") {
+            Ok(endpoint) => (None, endpoint),
+            Err(_) => {
+                let s3 = S3::start();
+                let endpoint = s3.endpoint();
+                (Some(s3), endpoint)
+            }
+        };
         let config = S3Config::new("large")
-            .endpoint(&s3.endpoint())
+            .endpoint(&endpoint)
             .path_style(true)
             .credentials("bench", "bench")
             .part_size(8 * MIB);

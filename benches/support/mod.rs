@@ -157,10 +157,14 @@ where
     }
 }
 
-/// A duration for a table: µs below 10 ms, ms above.
+/// A duration for a table: ns below 1 µs, µs below 10 ms, ms above.
 pub fn fmt_duration(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
-    if us < 10_000.0 {
+    if us < 1.0 {
+        format!("{} ns", d.as_nanos())
+    } else if us < 100.0 {
+        format!("{us:.1} µs")
+    } else if us < 10_000.0 {
         format!("{us:.0} µs")
     } else {
         format!("{:.1} ms", us / 1000.0)
