@@ -8,7 +8,6 @@
 //! starts: the latencies are those of one caller; MB/s is the payload size over the median.
 
 #[path = "../tests/support/servers.rs"]
-#[allow(dead_code)]
 mod servers;
 mod support;
 
@@ -45,6 +44,7 @@ fn sizes(mode: Mode) -> Vec<(usize, usize)> {
 async fn run(mode: Mode) {
     support::print_machine();
     let tmp = tempfile::tempdir().expect("a temp dir");
+    #[cfg_attr(not(any(feature = "redis", feature = "s3")), allow(unused_mut))]
     let mut tiers: Vec<Tier> = vec![
         Tier::memory().named("memory"),
         Tier::embedded(tmp.path().join("embedded.redb")).named("embedded"),
@@ -90,7 +90,7 @@ async fn run(mode: Mode) {
 fn row(tier: &str, size: usize, op: &str, s: &Samples) {
     #[allow(clippy::cast_precision_loss)]
     let mbps = size as f64 / 1e6 / s.median().as_secs_f64().max(f64::MIN_POSITIVE);
-    let size = if size % MB == 0 {
+    let size = if size.is_multiple_of(MB) {
         format!("{} MB", size / MB)
     } else {
         format!("{} KB", size / KB)

@@ -8,6 +8,8 @@
 //!   at small sizes, so the bench code is tested without the wait.
 
 #![allow(dead_code, unsafe_code)]
+// A benchmark measures wall-clock time: that is its point.
+#![allow(clippy::disallowed_methods)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -334,10 +334,10 @@ impl<F: Flow> Runner<F> {
     fn take_internal(
         internal: Internal,
         backlog: &mut VecDeque<Input<F>>,
-        uploaded: &mut Vec<Box<Uploaded>>,
+        uploaded: &mut Vec<Uploaded>,
     ) {
         match internal {
-            Internal::Uploaded(u) => uploaded.push(u),
+            Internal::Uploaded(u) => uploaded.push(*u),
             Internal::Reload { id, attempt } => backlog.push_back(Input::Reload { id, attempt }),
         }
     }
@@ -353,7 +353,7 @@ impl<F: Flow> Runner<F> {
         let mut backlog: VecDeque<Input<F>> = VecDeque::new();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
-            let mut uploaded: Vec<Box<Uploaded>> = Vec::new();
+            let mut uploaded: Vec<Uploaded> = Vec::new();
             if backlog.is_empty() {
                 tokio::select! {
                     biased;
@@ -428,7 +428,7 @@ impl<F: Flow> Runner<F> {
                 // dropped, so their callers see `Error::Shutdown`.
                 while self.uploading > 0 {
                     match inbox.recv().await {
-                        Some(Internal::Uploaded(u)) => self.commit(Vec::new(), vec![u]).await,
+                        Some(Internal::Uploaded(u)) => self.commit(Vec::new(), vec![*u]).await,
                         Some(Internal::Reload { .. }) => {}
                         None => break,
                     }
@@ -653,7 +653,7 @@ impl<F: Flow> Runner<F> {
                             let _ = reply.send(Err(Self::not_found(&id)));
                         }
                         Some(slot) => {
-                            self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply)
+                            self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply);
                         }
                         None => {
                             let _ = reply.send(Err(Self::not_found(&id)));
@@ -746,14 +746,14 @@ impl<F: Flow> Runner<F> {
     /// no blob together with those whose blobs have landed (`uploaded`); steps that need
     /// blobs start their upload and are committed in a later round. Then acts on each
     /// result.
-    async fn commit(&mut self, staged: Vec<Staged>, uploaded: Vec<Box<Uploaded>>) {
+    async fn commit(&mut self, staged: Vec<Staged>, uploaded: Vec<Uploaded>) {
         let mut ready: Vec<(Staged, Sealed)> = Vec::with_capacity(staged.len() + uploaded.len());
         for u in uploaded {
             let Uploaded {
                 staged,
                 sealed,
                 result,
-            } = *u;
+            } = u;
             self.uploading = self.uploading.saturating_sub(1);
             if let Some(slot) = self.slots.get_mut(&staged.id) {
                 slot.uploading = false;
