@@ -1,5 +1,5 @@
+#![allow(missing_docs)] // test-local flows and drivers (and nothing without the features)
 #![cfg(all(feature = "redis", feature = "s3"))]
-#![allow(missing_docs)] // test-local flows and drivers
 //! Server outages, with the real servers: `redis-server` killed (SIGKILL) and restarted
 //! with its append-only file, moto's S3 server frozen (SIGSTOP) and thawed.
 //!
