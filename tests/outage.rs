@@ -156,6 +156,60 @@ async fn rounds(engine: &Engine, id: &str) -> u32 {
         .unwrap()
 }
 
+/// A server the test can take away and bring back.
+trait Outage {
+    fn begin(&mut self);
+    fn end(&mut self);
+}
+
+impl Outage for Redis {
+    fn begin(&mut self) {
+        self.kill();
+    }
+    fn end(&mut self) {
+        self.restart();
+    }
+}
+
+struct FrozenS3<'a>(&'a S3);
+
+impl Outage for FrozenS3<'_> {
+    fn begin(&mut self) {
+        self.0.freeze();
+    }
+    fn end(&mut self) {
+        self.0.thaw();
+    }
+}
+
+/// With the server away, the replies of lane `lane` arrive: those `n` instances (`{prefix}0`…)
+/// cannot write their steps and stay at round 0 while fresh instances on the free lane run
+/// to the end; with the server back, the held instances finish.
+async fn held_until_back(
+    engine: &Engine,
+    gated: &Gated,
+    lane: usize,
+    prefix: &str,
+    n: usize,
+    server: &mut dyn Outage,
+) {
+    server.begin();
+    gated.open(lane);
+    small_ones_run(engine, &format!("during-{prefix}-outage"), 20).await;
+    for i in 0..n {
+        let id = format!("{prefix}{i}");
+        assert_eq!(
+            rounds(engine, &id).await,
+            0,
+            "{id} advanced while its server was away"
+        );
+    }
+    server.end();
+    for i in 0..n {
+        finishes(engine, &format!("{prefix}{i}"), Duration::from_secs(30)).await;
+    }
+}
+
 fn s3_config(server: &S3, bucket: &str) -> S3Config {
     S3Config::new(bucket)
         .endpoint(&server.endpoint())
@@ -208,37 +262,11 @@ async fn a_tier_outage_holds_only_the_instances_whose_payloads_live_there() {
             .unwrap();
     }
 
-    // Redis goes away; the Redis parcels' replies arrive; their steps cannot be written.
-    redis.kill();
-    gated.open(ON_REDIS);
-    small_ones_run(&engine, "during-redis-outage", 20).await;
-    for i in 0..4 {
-        assert_eq!(
-            rounds(&engine, &format!("r{i}")).await,
-            0,
-            "r{i} advanced without Redis"
-        );
-    }
-    redis.restart();
-    for i in 0..4 {
-        finishes(&engine, &format!("r{i}"), Duration::from_secs(30)).await;
-    }
-
-    // S3 hangs (a frozen server: connections open, no answers); the same again.
-    s3.freeze();
-    gated.open(ON_S3);
-    small_ones_run(&engine, "during-s3-outage", 20).await;
-    for i in 0..2 {
-        assert_eq!(
-            rounds(&engine, &format!("s{i}")).await,
-            0,
-            "s{i} advanced without S3"
-        );
-    }
-    s3.thaw();
-    for i in 0..2 {
-        finishes(&engine, &format!("s{i}"), Duration::from_secs(30)).await;
-    }
+    // Redis goes away (SIGKILL; back with its append-only file), then S3 hangs (a frozen
+    // server: connections open, no answers). Each time the parcels on it wait, the others
+    // run, and the waiting ones finish once it is back.
+    held_until_back(&engine, &gated, ON_REDIS, "r", 4, &mut redis).await;
+    held_until_back(&engine, &gated, ON_S3, "s", 2, &mut FrozenS3(&s3)).await;
     engine.shutdown().await;
 }
 
