@@ -131,18 +131,29 @@ async fn finishes(engine: &Engine, id: &str, within: Duration) {
     assert_eq!(ended, Ended::Finished, "{id}");
 }
 
-/// Starts `n` instances on the always-open lane and checks they all finish — the engine
-/// serves them whatever the state of the servers.
-async fn small_ones_run(engine: &Engine, prefix: &str, n: usize) {
+/// Starts `{prefix}0` … `{prefix}{n-1}` on `lane` with `len` bytes each; each start is
+/// durable (its blobs on their tier) when this returns.
+async fn start_all(engine: &Engine, prefix: &str, n: usize, lane: usize, len: usize) {
     for i in 0..n {
         engine
-            .start::<Parcel>(format!("{prefix}-{i}"), parcel(FREE, 100))
+            .start::<Parcel>(format!("{prefix}{i}"), parcel(lane, len))
             .await
             .unwrap();
     }
+}
+
+/// Waits (bounded) for `{prefix}0` … `{prefix}{n-1}` to finish.
+async fn all_finish(engine: &Engine, prefix: &str, n: usize, within: Duration) {
     for i in 0..n {
-        finishes(engine, &format!("{prefix}-{i}"), Duration::from_secs(20)).await;
+        finishes(engine, &format!("{prefix}{i}"), within).await;
     }
+}
+
+/// Starts `n` instances on the always-open lane and checks they all finish — the engine
+/// serves them whatever the state of the servers.
+async fn small_ones_run(engine: &Engine, prefix: &str, n: usize) {
+    start_all(engine, prefix, n, FREE, 100).await;
+    all_finish(engine, prefix, n, Duration::from_secs(20)).await;
 }
 
 /// The rounds done, as the engine has them committed.
@@ -195,7 +206,7 @@ async fn held_until_back(
 ) {
     server.begin();
     gated.open(lane);
-    small_ones_run(engine, &format!("during-{prefix}-outage"), 20).await;
+    small_ones_run(engine, &format!("during-{prefix}-outage-"), 20).await;
     for i in 0..n {
         let id = format!("{prefix}{i}");
         assert_eq!(
@@ -205,9 +216,7 @@ async fn held_until_back(
         );
     }
     server.end();
-    for i in 0..n {
-        finishes(engine, &format!("{prefix}{i}"), Duration::from_secs(30)).await;
-    }
+    all_finish(engine, prefix, n, Duration::from_secs(30)).await;
 }
 
 fn s3_config(server: &S3, bucket: &str) -> S3Config {
@@ -249,18 +258,8 @@ async fn a_tier_outage_holds_only_the_instances_whose_payloads_live_there() {
 
     // 64 KB parcels live on Redis, 1 MB parcels on S3; their first step (and call
     // argument) is durable there before `start` returns.
-    for i in 0..4 {
-        engine
-            .start::<Parcel>(format!("r{i}"), parcel(ON_REDIS, 64 * 1024))
-            .await
-            .unwrap();
-    }
-    for i in 0..2 {
-        engine
-            .start::<Parcel>(format!("s{i}"), parcel(ON_S3, 1 << 20))
-            .await
-            .unwrap();
-    }
+    start_all(&engine, "r", 4, ON_REDIS, 64 * 1024).await;
+    start_all(&engine, "s", 2, ON_S3, 1 << 20).await;
 
     // Redis goes away (SIGKILL; back with its append-only file), then S3 hangs (a frozen
     // server: connections open, no answers). Each time the parcels on it wait, the others
@@ -288,12 +287,7 @@ async fn an_instance_unreadable_at_start_up_is_loaded_once_its_tier_is_back() {
         .start()
         .await
         .unwrap();
-    for i in 0..3 {
-        engine
-            .start::<Parcel>(format!("big{i}"), parcel(ON_REDIS, 64 * 1024))
-            .await
-            .unwrap();
-    }
+    start_all(&engine, "big", 3, ON_REDIS, 64 * 1024).await;
     engine.shutdown().await;
     drop(engine);
 
@@ -310,7 +304,7 @@ async fn an_instance_unreadable_at_start_up_is_loaded_once_its_tier_is_back() {
         .start()
         .await
         .unwrap();
-    small_ones_run(&engine, "meanwhile", 10).await;
+    small_ones_run(&engine, "meanwhile-", 10).await;
     let err = engine.handle::<Parcel>("big0").await.unwrap_err();
     assert!(err.is_transient(), "{err}");
 
@@ -324,9 +318,7 @@ async fn an_instance_unreadable_at_start_up_is_loaded_once_its_tier_is_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(gated.carried(ON_REDIS), 3 * ROUNDS as usize);
-    for i in 0..3 {
-        finishes(&engine, &format!("big{i}"), Duration::from_secs(30)).await;
-    }
+    all_finish(&engine, "big", 3, Duration::from_secs(30)).await;
     engine.shutdown().await;
 }
 
@@ -342,12 +334,7 @@ async fn the_redis_store_going_away_pauses_steps_that_resume_when_it_returns() {
         .start()
         .await
         .unwrap();
-    for i in 0..5 {
-        engine
-            .start::<Parcel>(format!("p{i}"), parcel(ON_REDIS, 100))
-            .await
-            .unwrap();
-    }
+    start_all(&engine, "p", 5, ON_REDIS, 100).await;
 
     redis.kill();
     gated.open(ON_REDIS);
@@ -363,9 +350,7 @@ async fn the_redis_store_going_away_pauses_steps_that_resume_when_it_returns() {
 
     // Back with everything it acknowledged (append-only file, fsync always).
     redis.restart();
-    for i in 0..5 {
-        finishes(&engine, &format!("p{i}"), Duration::from_secs(30)).await;
-    }
+    all_finish(&engine, "p", 5, Duration::from_secs(30)).await;
     assert_eq!(rounds(&engine, "p0").await, ROUNDS);
     // The refused start left nothing behind: the id is free.
     engine

@@ -12,6 +12,7 @@
 //! on — a slow or unreachable tier stalls only the instances whose data lives there.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::mem;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
@@ -23,7 +24,6 @@ use flowwire_storage::{
     BlobRef, InstanceKey, InstanceStore, PendingCall, Placement, Record, Retention, Status,
     StepResult, StoreError, Stored,
 };
-use std::mem;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Rejected, Scratch, Step};
@@ -101,7 +101,7 @@ struct Uploaded {
 impl<F: Flow> Input<F> {
     /// The instance a message writes to or reads the committed flow of: at most one such
     /// message per instance in a round, after the steps of the rounds before are committed.
-    fn writes_to(&self) -> Option<&Arc<str>> {
+    fn serial_on(&self) -> Option<&Arc<str>> {
         match self {
             Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. } | Msg::Probe { id, .. }) => {
                 Some(id)
@@ -292,10 +292,27 @@ impl<F: Flow> Runner<F> {
         if !record.status.is_active() {
             return Ok(None);
         }
-        let (inst, park) = Instance::<F>::recover(
+        let (inst, park) = self.rebuild(id, record, stored.version)?;
+        if park.is_some() {
+            self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        } else {
+            self.install(id, inst, placed);
+        }
+        Ok(park)
+    }
+
+    /// An instance from its read record, and the step that parks it if another flow
+    /// version wrote it.
+    fn rebuild(
+        &mut self,
+        id: &Arc<str>,
+        record: Record,
+        version: u64,
+    ) -> Result<(Instance<F>, Option<Step>)> {
+        Instance::<F>::recover(
             self.key(id),
             record,
-            stored.version,
+            version,
             self.limits.decode_limit,
             &mut self.scratch,
         )
@@ -304,14 +321,15 @@ impl<F: Flow> Runner<F> {
             id: id.to_string(),
             what: "the state",
             source,
-        })?;
-        if park.is_none()
-            && let Some(p) = inst.pending()
-        {
+        })
+    }
+
+    /// Puts a runnable instance in memory and re-sends its call in flight.
+    fn install(&mut self, id: &Arc<str>, inst: Instance<F>, placed: PlacedRecord) {
+        if let Some(p) = inst.pending() {
             self.dispatch(id, p);
         }
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
-        Ok(park)
     }
 
     /// Schedules another load of an instance that could not be read, if trying again can
@@ -389,7 +407,7 @@ impl<F: Flow> Runner<F> {
                 let Some(input) = backlog.pop_front() else {
                     break;
                 };
-                if let Some(id) = input.writes_to().cloned() {
+                if let Some(id) = input.serial_on().cloned() {
                     // A probe need not wait for an upload: it reads the committed bytes.
                     let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
                     if let Some(slot) = self.slots.get_mut(&id)
@@ -516,21 +534,11 @@ impl<F: Flow> Runner<F> {
         if !record.status.is_active() {
             return Ok(Some(record));
         }
-        let (inst, park) = Instance::<F>::recover(
-            key,
-            record.clone(),
-            stored.version,
-            self.limits.decode_limit,
-            &mut self.scratch,
-        )
-        .map_err(|e| Self::codec_error(id, e))?;
+        let (inst, park) = self.rebuild(id, record.clone(), stored.version)?;
         if let Some(park) = park {
             return Ok(Some(park.draft.record));
         }
-        if let Some(p) = inst.pending() {
-            self.dispatch(id, p);
-        }
-        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.install(id, inst, placed);
         Ok(Some(record))
     }
 
