@@ -368,6 +368,8 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             version: 1,
             record: bytes.clone().into(),
             active: true,
+            parked: false,
+            timer: None,
             impulse: None,
             history: None,
             seq: 1,
@@ -419,8 +421,8 @@ fn the_flow_metadata_serializes_to_json() {
     let clerk = &meta["links"][0]["driver"];
     assert_eq!(meta["links"][0]["field"], "clerk");
     assert_eq!(clerk["name"], "Clerk");
-    assert_eq!(clerk["timeout_ms"], 2000);
-    assert_eq!(clerk["retries"], 1);
+    assert_eq!(clerk["policy"]["timeout_ms"], 2000);
+    assert_eq!(clerk["policy"]["retries"], 1);
     assert_eq!(clerk["methods"][0]["result"], "Result<u32, NoSeats>");
 }
 
@@ -437,7 +439,16 @@ async fn an_instance_of_another_flow_version_is_never_run() {
     // Another writer adds a live instance written by version 2 after this engine started.
     let mut state = Vec::new();
     codec::encode_raw(&TripState::default(), &mut state).unwrap();
-    let record = flowwire::storage::Record {
+    /// The record as flowwire 0.1 wrote it.
+    #[derive(Serialize)]
+    struct RecordV1 {
+        flow_version: u32,
+        seq: u64,
+        status: flowwire::storage::Status,
+        state: bytes::Bytes,
+        pending: Option<()>,
+    }
+    let record = RecordV1 {
         flow_version: 2,
         seq: 1,
         status: flowwire::storage::Status::Waiting,
@@ -454,6 +465,8 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             version: 1,
             record: bytes.into(),
             active: true,
+            parked: false,
+            timer: None,
             impulse: None,
             history: None,
             seq: 1,

@@ -7,13 +7,29 @@ use syn::parse::Parser;
 use crate::ctxt::Ctxt;
 
 /// Every option any attribute knows.
-const ALL: &[&str] = &["timeout", "retries", "version", "name", "crate"];
+const ALL: &[&str] = &[
+    "timeout",
+    "retries",
+    "backoff",
+    "max_backoff",
+    "ambiguous",
+    "version",
+    "name",
+    "crate",
+];
+
+/// The options of a driver policy, on a trait or one of its methods.
+pub const POLICY: &[&str] = &["timeout", "retries", "backoff", "max_backoff", "ambiguous"];
 
 /// Options of one attribute, parsed at expansion time into plain values.
 #[derive(Default)]
 pub struct Options {
     pub timeout_ms: Option<u64>,
     pub retries: Option<u32>,
+    pub backoff_ms: Option<u64>,
+    pub max_backoff_ms: Option<u64>,
+    /// `true` for `ambiguous = "park"`, `false` for `"retry"`.
+    pub park: Option<bool>,
     pub version: Option<u32>,
     pub name: Option<String>,
     pub krate: Option<syn::Path>,
@@ -21,13 +37,26 @@ pub struct Options {
 
 /// Parses `a = "x", b = 3` for `#[attr]`, accepting only `allowed`.
 pub fn parse(attr: &str, tokens: TokenStream, allowed: &[&str], cx: &mut Ctxt) -> Options {
+    parse_on(attr, "", tokens, allowed, cx)
+}
+
+/// Like [`parse`], for an attribute in a place that changes what it accepts (`place` is
+/// appended to its name in messages: "`#[driver]` methods").
+pub fn parse_on(
+    attr: &str,
+    place: &str,
+    tokens: TokenStream,
+    allowed: &[&str],
+    cx: &mut Ctxt,
+) -> Options {
     let mut out = Options::default();
     let mut seen: Vec<String> = Vec::new();
     let accepts = if allowed.is_empty() {
-        format!("`#[{attr}]` takes no options")
+        let verb = if place.is_empty() { "takes" } else { "take" };
+        format!("`#[{attr}]`{place} {verb} no options")
     } else {
         format!(
-            "`#[{attr}]` accepts {}",
+            "`#[{attr}]`{place} accepts {}",
             allowed
                 .iter()
                 .map(|a| format!("`{a}`"))
@@ -44,24 +73,44 @@ pub fn parse(attr: &str, tokens: TokenStream, allowed: &[&str], cx: &mut Ctxt) -
             return Err(meta.error(format!("unknown option `{name}`; {accepts}")));
         }
         if !allowed.contains(&name.as_str()) {
-            return Err(meta.error(format!("`{name}` is not allowed on `#[{attr}]`; {accepts}")));
+            return Err(meta.error(format!(
+                "`{name}` is not allowed on `#[{attr}]`{place}; {accepts}"
+            )));
         }
         if seen.contains(&name) {
             return Err(meta.error(format!("`{name}` is set twice")));
         }
         seen.push(name.clone());
+        let duration = |meta: &syn::meta::ParseNestedMeta<'_>| -> syn::Result<u64> {
+            let lit: syn::LitStr = meta.value()?.parse()?;
+            parse_duration(&lit.value()).ok_or_else(|| {
+                syn::Error::new(
+                    lit.span(),
+                    format!(
+                        "invalid duration `{}`; write a number and a unit: \"500ms\", \"30s\", \"2m\", \"1h\"",
+                        lit.value()
+                    ),
+                )
+            })
+        };
         match name.as_str() {
-            "timeout" => {
+            "timeout" => out.timeout_ms = Some(duration(&meta)?),
+            "backoff" => out.backoff_ms = Some(duration(&meta)?),
+            "max_backoff" => out.max_backoff_ms = Some(duration(&meta)?),
+            "ambiguous" => {
                 let lit: syn::LitStr = meta.value()?.parse()?;
-                out.timeout_ms = Some(parse_duration(&lit.value()).ok_or_else(|| {
-                    syn::Error::new(
-                        lit.span(),
-                        format!(
-                            "invalid duration `{}`; write a number and a unit: \"500ms\", \"30s\", \"2m\", \"1h\"",
-                            lit.value()
-                        ),
-                    )
-                })?);
+                out.park = Some(match lit.value().as_str() {
+                    "retry" => false,
+                    "park" => true,
+                    other => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            format!(
+                                "`ambiguous` is \"retry\" (send the call again after a restart) or \"park\" (quarantine the instance for an operator), not {other:?}"
+                            ),
+                        ));
+                    }
+                });
             }
             "retries" => {
                 let lit: syn::LitInt = meta.value()?.parse()?;
@@ -111,6 +160,34 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     };
     let ms = n.checked_mul(factor)?;
     (ms > 0).then_some(ms)
+}
+
+/// A `Policy` literal of the options' policy fields, for generated metadata.
+pub fn policy(opts: &Options, p: &TokenStream) -> TokenStream {
+    fn opt<T: quote::ToTokens>(v: Option<T>) -> TokenStream {
+        match v {
+            Some(v) => quote::quote!(::core::option::Option::Some(#v)),
+            None => quote::quote!(::core::option::Option::None),
+        }
+    }
+    let timeout = opt(opts.timeout_ms);
+    let retries = opt(opts.retries);
+    let backoff = opt(opts.backoff_ms);
+    let max_backoff = opt(opts.max_backoff_ms);
+    let ambiguous = opt(opts.park.map(|park| {
+        if park {
+            quote::quote!(#p::Ambiguous::Park)
+        } else {
+            quote::quote!(#p::Ambiguous::Retry)
+        }
+    }));
+    quote::quote!(#p::Policy {
+        timeout_ms: #timeout,
+        retries: #retries,
+        backoff_ms: #backoff,
+        max_backoff_ms: #max_backoff,
+        ambiguous: #ambiguous,
+    })
 }
 
 /// The path generated code uses to reach flowwire.

@@ -15,3 +15,8 @@ pub fn jitter() -> u32 {
     let n = unix_nanos();
     (n ^ (n >> 32)) as u32
 }
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    u64::try_from(unix_nanos() / 1_000_000).unwrap_or(u64::MAX)
+}

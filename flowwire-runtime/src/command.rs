@@ -1,6 +1,9 @@
 //! [`Command`]: what a wire returns.
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flowwire_storage::TimeSpec;
 
 use crate::driver::{Call, DriveError, Fault, Reply};
 use crate::failure::Failure;
@@ -21,8 +24,16 @@ pub struct Command<F: Board> {
 }
 
 pub(crate) enum CommandKind<F: Board> {
-    Drive { call: F::Call, then: Then<F> },
+    Drive {
+        call: F::Call,
+        then: Then<F>,
+    },
     Wait,
+    Timer {
+        spec: TimeSpec,
+        wait: bool,
+        wake: Wake<F>,
+    },
     Finish,
     Fail(Failure),
 }
@@ -41,10 +52,48 @@ impl<F: Board> Command<F> {
     }
 
     /// Waits until an impulse arrives; the wire runs again after it is applied.
+    ///
+    /// A waiting instance costs only its record: it is not held in memory.
     pub fn wait() -> Self {
         Self {
             kind: CommandKind::Wait,
         }
+    }
+
+    /// Sleeps for `d`, durably: the timer survives restarts, and an engine that was down
+    /// when it was due fires it as soon as it is back. Continue with [`Timed::then`],
+    /// which runs when the timer fires; then the wire runs again.
+    ///
+    /// The time is counted from the step that arms the timer. If the wire returns the same
+    /// sleep again after an impulse, the timer keeps its time (it is not re-armed). A sleeping
+    /// instance costs only its record. Impulses are applied while it sleeps.
+    ///
+    /// ```ignore
+    /// Command::sleep(Duration::from_secs(24 * 3600)).then(|f| { f.state.reminded = true; Ok(()) })
+    /// ```
+    pub fn sleep(d: Duration) -> Timed<F> {
+        Timed::new(TimeSpec::After(millis(d)), false)
+    }
+
+    /// Sleeps until `t` (a time in the past fires at once). See [`Command::sleep`].
+    pub fn until(t: SystemTime) -> Timed<F> {
+        Timed::new(TimeSpec::At(unix_millis(t)), false)
+    }
+
+    /// Waits for an impulse for at most `d`. An impulse that arrives first is applied and
+    /// the wire runs again (the continuation does not run); when the time runs out first,
+    /// [`Timed::then`]'s continuation runs, then the wire.
+    ///
+    /// ```ignore
+    /// Command::wait_timeout(Duration::from_secs(3600)).then(|f| { f.state.expired = true; Ok(()) })
+    /// ```
+    pub fn wait_timeout(d: Duration) -> Timed<F> {
+        Timed::new(TimeSpec::After(millis(d)), true)
+    }
+
+    /// Waits for an impulse until `t`. See [`Command::wait_timeout`].
+    pub fn wait_until(t: SystemTime) -> Timed<F> {
+        Timed::new(TimeSpec::At(unix_millis(t)), true)
     }
 
     /// Finishes the flow.
@@ -66,6 +115,8 @@ impl<F: Board> Command<F> {
         match self.kind {
             CommandKind::Drive { .. } => "drive",
             CommandKind::Wait => "wait",
+            CommandKind::Timer { wait: false, .. } => "sleep",
+            CommandKind::Timer { wait: true, .. } => "wait with a timeout",
             CommandKind::Finish => "finish",
             CommandKind::Fail(_) => "fail",
         }
@@ -75,6 +126,51 @@ impl<F: Board> Command<F> {
 impl<F: Board> fmt::Debug for Command<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Milliseconds of a duration, rounded up (a timer never fires early), saturating.
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the Unix epoch (0 for earlier times: they fire at once).
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What runs when a timer fires: a non-capturing closure or a plain `fn`.
+pub type Wake<F> = fn(&mut F) -> Result<(), Failure>;
+
+/// A timer waiting for its continuation: `Command::sleep(d).then(..)`.
+#[must_use = "a timer needs its continuation: add `.then(|flow| ..)`"]
+pub struct Timed<F: Board> {
+    spec: TimeSpec,
+    wait: bool,
+    _flow: std::marker::PhantomData<fn(F)>,
+}
+
+impl<F: Board> Timed<F> {
+    fn new(spec: TimeSpec, wait: bool) -> Self {
+        Self {
+            spec,
+            wait,
+            _flow: std::marker::PhantomData,
+        }
+    }
+
+    /// Sets what happens when the timer fires (before the wire runs again). Returning `Err`
+    /// fails the flow. Like a drive's continuation it must not capture anything.
+    pub fn then(self, wake: Wake<F>) -> Command<F> {
+        Command {
+            kind: CommandKind::Timer {
+                spec: self.spec,
+                wait: self.wait,
+                wake,
+            },
+        }
     }
 }
 

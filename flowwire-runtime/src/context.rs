@@ -19,10 +19,11 @@ tokio::task_local! {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallContext {
-    flow: Arc<str>,
+    flow: &'static str,
     instance: Arc<str>,
     seq: u64,
     attempt: u32,
+    redelivered: u32,
 }
 
 impl CallContext {
@@ -33,7 +34,7 @@ impl CallContext {
 
     /// The flow's name.
     pub fn flow(&self) -> &str {
-        &self.flow
+        self.flow
     }
 
     /// The instance id.
@@ -46,9 +47,19 @@ impl CallContext {
         self.seq
     }
 
-    /// The attempt within this process, from 1.
+    /// The attempt within this delivery, from 1: it grows when an attempt timed out or
+    /// panicked and the call's policy retries it.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// How many times a restart of the engine interrupted this call before this delivery
+    /// (0 on the first). Above 0 the call may already have had its effect: pass the
+    /// [`idempotency_key`](CallContext::idempotency_key) to the service, or check it.
+    /// (Redeliveries do not use up the call's retries: a restart may come before the call
+    /// started at all.)
+    pub fn redelivered(&self) -> u32 {
+        self.redelivered
     }
 
     /// `flow/instance/step`: the same for every execution of this call, across retries and
@@ -57,12 +68,19 @@ impl CallContext {
         format!("{}/{}/{}", self.flow, self.instance, self.seq)
     }
 
-    pub(crate) fn new(flow: Arc<str>, instance: Arc<str>, seq: u64, attempt: u32) -> Self {
+    pub(crate) fn new(
+        flow: &'static str,
+        instance: Arc<str>,
+        seq: u64,
+        attempt: u32,
+        redelivered: u32,
+    ) -> Self {
         Self {
             flow,
             instance,
             seq,
             attempt,
+            redelivered,
         }
     }
 

@@ -20,20 +20,25 @@ use bytes::Bytes;
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
-    CodecError, Expect, InstanceKey, PendingCall, Record, Status, StepInput, StepOutput,
+    CodecError, Expect, InstanceKey, PendingCall, Record, Status, StepInput, StepOutput, TimeSpec,
+    Timer,
 };
 
-use crate::command::{CommandKind, Delivered, Then, ThenError};
+use crate::command::{CommandKind, Delivered, Then, ThenError, Wake};
 use crate::driver::Fault;
 use crate::flow::{CallSet, Flow, ImpulseSet};
 
-/// Reusable encode buffers, one set per runner.
+/// Reusable encode buffers, one set per runner, and the time of the steps being built.
 #[derive(Debug, Default)]
 pub struct Scratch {
     call: Vec<u8>,
     state: Vec<u8>,
     /// The runner's buffer for encoding records and history entries.
     pub out: Vec<u8>,
+    /// The time of the steps being built, in milliseconds since the Unix epoch: set by the
+    /// shell (the core reads no clock). Timers are armed relative to it and history
+    /// entries record it.
+    pub now_ms: u64,
 }
 
 /// Encoded payloads at least this large leave the scratch buffer instead of being copied
@@ -86,6 +91,8 @@ pub struct Instance<F: Flow> {
     version: u64,
     record: Record,
     then: Option<(u64, Then<F>)>,
+    /// The continuation of the armed timer, by its due time (rederived after a restart).
+    wake: Option<(u64, Wake<F>)>,
     limit: usize,
 }
 
@@ -117,8 +124,11 @@ impl<F: Flow> Instance<F> {
                 status: Status::Waiting,
                 state: Bytes::new(),
                 pending: None,
+                timer: None,
+                compensations: Vec::new(),
             },
             then: None,
+            wake: None,
             limit,
         };
         let step = inst.advance(StepInput::Start, None, false, scratch);
@@ -143,6 +153,7 @@ impl<F: Flow> Instance<F> {
             version,
             record,
             then: None,
+            wake: None,
             limit,
         };
         if inst.record.flow_version != F::VERSION && !inst.record.status.is_terminal() {
@@ -199,8 +210,9 @@ impl<F: Flow> Instance<F> {
         match &self.record.status {
             Status::Finished => return Err(Rejected::Ended("finished")),
             Status::Failed { .. } => return Err(Rejected::Ended("failed")),
+            Status::Compensating { .. } => return Err(Rejected::Ended("failed")),
             Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
-            Status::Running | Status::Waiting => {}
+            Status::Running | Status::Waiting | Status::Sleeping => {}
         }
         let name = impulse.name();
         scratch.call.clear();
@@ -281,6 +293,86 @@ impl<F: Flow> Instance<F> {
         Some(step)
     }
 
+    /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire.
+    ///
+    /// Returns `None` when no such timer is armed (it was re-armed, or an impulse moved the
+    /// instance on): the caller repairs the timer index.
+    pub fn fire(&mut self, due_ms: u64, scratch: &mut Scratch) -> Option<Step> {
+        let timer = self.record.timer?;
+        if timer.due_ms != due_ms
+            || !matches!(self.record.status, Status::Sleeping | Status::Waiting)
+        {
+            return None;
+        }
+        let input = StepInput::Timer { due_ms };
+        let wake = match self.wake {
+            Some((due, wake)) if due == due_ms => wake,
+            _ => match self.rederive_timer(&timer) {
+                Ok(wake) => wake,
+                Err(reason) => return Some(self.park(input, reason, scratch)),
+            },
+        };
+        self.wake = None;
+        let ran = catch_unwind(AssertUnwindSafe(|| wake(&mut self.flow)));
+        Some(match ran {
+            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Err(failure)) => self.end(
+                input,
+                Status::Failed {
+                    reason: failure.to_string(),
+                },
+                scratch,
+            ),
+            Err(p) => {
+                let reason = format!("the timer's continuation panicked: {}", panic_message(&*p));
+                self.park(input, reason, scratch)
+            }
+        })
+    }
+
+    /// The step start-up recovery writes for a call that was in flight when the engine
+    /// stopped (it may have run): with `park`, the instance is parked for an operator;
+    /// otherwise the call is counted as redelivered and sent again.
+    ///
+    /// Returns `None` when no call is in flight.
+    pub fn redeliver(&mut self, park: bool, scratch: &mut Scratch) -> Option<Step> {
+        let pending = self.record.pending.clone()?;
+        if !self.record.status.has_call() {
+            return None;
+        }
+        let input = StepInput::Redeliver {
+            call_seq: pending.seq,
+        };
+        if park {
+            let reason = format!(
+                "the call sent at step {} was in flight when the engine stopped, so it may or may not have run; its driver's policy is `ambiguous = \"park\"`: check the service it calls, then resume the instance (the call is sent again) or rewind it",
+                pending.seq
+            );
+            return Some(self.park(input, reason, scratch));
+        }
+        let mut again = pending;
+        again.redelivered = again.redelivered.saturating_add(1);
+        let output = StepOutput::Drive {
+            call_seq: again.seq,
+            link: again.link,
+            method: again.method,
+        };
+        let status = self.record.status.clone();
+        let state = self.record.state.clone();
+        let mut step = self.build(
+            input,
+            None,
+            status,
+            state,
+            Some(again.clone()),
+            Some(again),
+            None,
+            output,
+        );
+        step.draft.at_ms = scratch.now_ms;
+        Some(step)
+    }
+
     /// Adopts a step after the store committed it.
     pub fn commit(&mut self, step: &Step) {
         self.version = step.draft.version;
@@ -292,7 +384,26 @@ impl<F: Flow> Instance<F> {
         let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
         self.flow = F::from_state(state);
         self.then = None;
+        self.wake = None;
         Ok(())
+    }
+
+    /// Runs the wire again to find the continuation of the armed timer (after a restart,
+    /// or after the instance left memory while it slept or waited).
+    fn rederive_timer(&mut self, timer: &Timer) -> Result<Wake<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let waiting = self.record.status == Status::Waiting;
+        match cmd.kind {
+            CommandKind::Timer { spec, wait, wake } if spec == timer.spec && wait == waiting => {
+                Ok(wake)
+            }
+            _ => Err(format!(
+                "non-deterministic wire: a timer is armed at step {}, but the wire now returns `{}` (with other time or kind)",
+                self.record.seq,
+                cmd.name()
+            )),
+        }
     }
 
     /// Runs the wire again to find the continuation of the call in flight (after a restart).
@@ -341,6 +452,7 @@ impl<F: Flow> Instance<F> {
                 return self.park(input, reason, scratch);
             }
         };
+        let mut timer = None;
         let (status, pending, dispatch, output) = match cmd.kind {
             CommandKind::Drive { call, then } => {
                 scratch.call.clear();
@@ -360,6 +472,7 @@ impl<F: Flow> Instance<F> {
                             link,
                             method,
                             call: freeze(&mut scratch.call),
+                            redelivered: 0,
                         };
                         (p.clone(), Some(p))
                     }
@@ -373,6 +486,32 @@ impl<F: Flow> Instance<F> {
                 (Status::Running, Some(pending), dispatch, output)
             }
             CommandKind::Wait => (Status::Waiting, None, None, StepOutput::Wait),
+            CommandKind::Timer { spec, wait, wake } => {
+                let was = if wait {
+                    Status::Waiting
+                } else {
+                    Status::Sleeping
+                };
+                let kept = self
+                    .record
+                    .timer
+                    .filter(|t| keep_pending && t.spec == spec && self.record.status == was);
+                let due_ms = match kept {
+                    Some(t) => t.due_ms,
+                    None => match spec {
+                        TimeSpec::After(ms) => scratch.now_ms.saturating_add(ms),
+                        TimeSpec::At(at) => at,
+                    },
+                };
+                timer = Some(Timer { due_ms, spec });
+                self.wake = Some((due_ms, wake));
+                let output = if wait {
+                    StepOutput::WaitUntil { due_ms }
+                } else {
+                    StepOutput::Sleep { due_ms }
+                };
+                (was, None, None, output)
+            }
             CommandKind::Finish => (Status::Finished, None, None, StepOutput::Finish),
             CommandKind::Fail(f) => {
                 let reason = f.to_string();
@@ -392,9 +531,11 @@ impl<F: Flow> Instance<F> {
             return self.park(input, reason, scratch);
         }
         let state = freeze(&mut scratch.state);
-        self.build(
-            input, impulse, status, state, pending, dispatch, output, scratch,
-        )
+        let mut step = self.build(
+            input, impulse, status, state, pending, dispatch, timer, output,
+        );
+        step.draft.at_ms = scratch.now_ms;
+        step
     }
 
     /// A terminal step after a continuation failed the flow.
@@ -411,7 +552,10 @@ impl<F: Flow> Instance<F> {
             Err(_) => self.record.state.clone(),
         };
         self.then = None;
-        self.build(input, None, status, state, None, None, output, scratch)
+        self.wake = None;
+        let mut step = self.build(input, None, status, state, None, None, None, output);
+        step.draft.at_ms = scratch.now_ms;
+        step
     }
 
     /// A parking step: the committed state, quarantined with a reason.
@@ -434,17 +578,22 @@ impl<F: Flow> Instance<F> {
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };
+        self.wake = None;
+        // A parked instance keeps its call in flight (an operator may resume it) but no
+        // timer: resuming runs the wire, which arms it again.
         let pending = self.record.pending.clone();
-        self.build(
+        let mut step = self.build(
             input,
             None,
             Status::Quarantined { reason },
             state,
             pending,
             None,
+            None,
             output,
-            scratch,
-        )
+        );
+        step.draft.at_ms = scratch.now_ms;
+        step
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -456,8 +605,8 @@ impl<F: Flow> Instance<F> {
         state: Bytes,
         pending: Option<PendingCall>,
         dispatch: Option<PendingCall>,
+        timer: Option<Timer>,
         output: StepOutput,
-        _scratch: &mut Scratch,
     ) -> Step {
         let active = status.is_active();
         let record = Record {
@@ -466,6 +615,8 @@ impl<F: Flow> Instance<F> {
             status,
             state,
             pending,
+            timer,
+            compensations: self.record.compensations.clone(),
         };
         let expect = if self.version == 0 {
             Expect::Absent
@@ -482,6 +633,7 @@ impl<F: Flow> Instance<F> {
                 input,
                 output,
                 payload: None,
+                at_ms: 0,
             },
             active,
             dispatch,

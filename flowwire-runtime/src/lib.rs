@@ -18,6 +18,7 @@ pub mod core;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod failure;
 pub mod flow;
 pub mod handle;
@@ -28,7 +29,10 @@ pub use context::CallContext;
 pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
 pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, Result};
+pub use events::{Event, EventKind, Events, Missed};
 pub use failure::Failure;
 pub use flow::{Board, CallSet, Flow, ImpulseSet};
 pub use handle::{Ended, Handle, ImpulseRequest};
-pub use meta::{ArgMeta, DriverMeta, FlowMeta, ImpulseMeta, LinkMeta, MethodMeta, ProbeMeta};
+pub use meta::{
+    Ambiguous, ArgMeta, DriverMeta, FlowMeta, ImpulseMeta, LinkMeta, MethodMeta, Policy, ProbeMeta,
+};

@@ -79,8 +79,9 @@ impl Kind {
     pub const fn current_version(self) -> u16 {
         match self {
             // Records and history entries: 1 = payloads always inline (flowwire 0.1 before the
-            // ladder), 2 = payloads placed on the ladder. Both are read.
-            Kind::Record | Kind::History => 2,
+            // ladder), 2 = payloads placed on the ladder, 3 = timers, redelivery counts and
+            // compensations in records, step times in history. All are read.
+            Kind::Record | Kind::History => 3,
             Kind::State => 1,
         }
     }
@@ -281,7 +282,7 @@ mod tests {
             CodecError::UnknownFormat {
                 kind: "record",
                 found: 99,
-                supported: 2
+                supported: 3
             }
         );
         assert!(

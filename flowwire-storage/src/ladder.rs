@@ -445,7 +445,6 @@ impl Placement {
         draft: &Draft,
         prev: Option<(&PlacedRecord, &Bytes)>,
         retention: Retention,
-        active: bool,
         buf: &mut Vec<u8>,
     ) -> Result<Sealed, BlobError> {
         let Draft {
@@ -457,6 +456,7 @@ impl Placement {
             input,
             output,
             payload,
+            at_ms,
         } = draft.clone();
         let seq = record.seq;
         let mut puts = Vec::new();
@@ -480,6 +480,7 @@ impl Placement {
                     link: c.link,
                     method: c.method,
                     call,
+                    redelivered: c.redelivered,
                 })
             }
         };
@@ -523,12 +524,17 @@ impl Placement {
         let keep_from = retention.keep_from(seq);
         let (gone, kept): (Vec<Retired>, Vec<Retired>) =
             retired.into_iter().partition(|r| r.died <= keep_from);
+        let active = record.status.has_call();
+        let parked = matches!(record.status, crate::record::Status::Quarantined { .. });
+        let timer = record.timer.map(|t| t.due_ms);
         let placed = PlacedRecord {
             flow_version: record.flow_version,
             seq,
             status: record.status,
             state,
             pending,
+            timer: record.timer,
+            compensations: record.compensations,
             retired: kept,
             trash: dead
                 .into_iter()
@@ -551,6 +557,7 @@ impl Placement {
                 version,
                 payload,
                 state: Some(placed.state.clone()),
+                at_ms,
             };
             buf.clear();
             entry.encode(buf).map_err(|e| BlobError::Corrupt {
@@ -575,6 +582,8 @@ impl Placement {
                 seq,
                 record: record_bytes,
                 active,
+                parked,
+                timer,
                 impulse,
                 history,
                 prune_below,
@@ -670,6 +679,7 @@ impl Placement {
                 link: c.link,
                 method: c.method,
                 call: self.fetch(instance, &c.call).await?,
+                redelivered: c.redelivered,
             }),
         };
         Ok(Record {
@@ -678,6 +688,8 @@ impl Placement {
             status: placed.status.clone(),
             state,
             pending,
+            timer: placed.timer,
+            compensations: placed.compensations.clone(),
         })
     }
 

@@ -59,6 +59,14 @@ pub enum Status {
         /// Why.
         reason: String,
     },
+    /// Sleeping until its timer fires (see [`Record::timer`]).
+    Sleeping,
+    /// The flow failed and its registered compensations are running, last registered
+    /// first; the one in flight is [`Record::pending`].
+    Compensating {
+        /// Why the flow failed.
+        reason: String,
+    },
 }
 
 impl Status {
@@ -67,9 +75,19 @@ impl Status {
         matches!(self, Status::Finished | Status::Failed { .. })
     }
 
-    /// Whether the engine loads the instance at start-up to keep it going.
+    /// Whether the instance is live: neither ended nor parked.
     pub fn is_active(&self) -> bool {
-        matches!(self, Status::Running | Status::Waiting)
+        matches!(
+            self,
+            Status::Running | Status::Waiting | Status::Sleeping | Status::Compensating { .. }
+        )
+    }
+
+    /// Whether a driver call is in flight: the engine loads such instances at start-up to
+    /// send the call again. Waiting and sleeping instances are not loaded; an impulse or
+    /// their timer brings them back.
+    pub fn has_call(&self) -> bool {
+        matches!(self, Status::Running | Status::Compensating { .. })
     }
 
     /// A short name for logs and errors.
@@ -80,6 +98,8 @@ impl Status {
             Status::Finished => "finished",
             Status::Failed { .. } => "failed",
             Status::Quarantined { .. } => "quarantined",
+            Status::Sleeping => "sleeping",
+            Status::Compensating { .. } => "compensating",
         }
     }
 }
@@ -94,6 +114,40 @@ pub struct PendingCall {
     /// Which method of that driver.
     pub method: u16,
     /// The encoded call (the driver's call enum, postcard).
+    pub call: Bytes,
+    /// How many times start-up recovery sent the call again after a restart (a restart
+    /// while a call is in flight leaves it unknown whether it ran).
+    pub redelivered: u32,
+}
+
+/// When a timer fires, as the wire asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSpec {
+    /// This many milliseconds after the step that armed it.
+    After(u64),
+    /// At this time, in milliseconds since the Unix epoch.
+    At(u64),
+}
+
+/// An armed timer: a sleep, or the timeout of a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// When it fires, in milliseconds since the Unix epoch.
+    pub due_ms: u64,
+    /// What the wire asked for (a wire that asks for the same again keeps this timer).
+    pub spec: TimeSpec,
+}
+
+/// A compensation registered by a drive whose call succeeded: run if the flow fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compensation {
+    /// The step whose outcome registered it.
+    pub seq: u64,
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (kept inline in the record: compensations carry ids, not data).
     pub call: Bytes,
 }
 
@@ -111,8 +165,51 @@ pub struct Record {
     pub status: Status,
     /// The flow state, encoded with postcard.
     pub state: Bytes,
-    /// The call in flight, when [`Status::Running`].
+    /// The call in flight, when [`Status::Running`] or [`Status::Compensating`].
     pub pending: Option<PendingCall>,
+    /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
+    pub timer: Option<Timer>,
+    /// Compensations registered so far, in registration order (run in reverse).
+    pub compensations: Vec<Compensation>,
+}
+
+/// The record as flowwire 0.1 persisted it (format 1: everything inline).
+#[derive(Deserialize)]
+struct RecordV1 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Bytes,
+    pending: Option<CallV1>,
+}
+
+/// A call in flight as formats 1 and 2 persisted it.
+#[derive(Deserialize)]
+struct CallV1 {
+    seq: u64,
+    link: u16,
+    method: u16,
+    call: Bytes,
+}
+
+#[derive(Deserialize)]
+struct PlacedCallV2 {
+    seq: u64,
+    link: u16,
+    method: u16,
+    call: Payload,
+}
+
+/// The record as format 2 persisted it (payloads on the ladder, no timers or sagas).
+#[derive(Deserialize)]
+struct PlacedRecordV2 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCallV2>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
 }
 
 /// The driver call in flight, as persisted.
@@ -126,6 +223,8 @@ pub struct PlacedCall {
     pub method: u16,
     /// The encoded call.
     pub call: Payload,
+    /// Times start-up recovery sent it again.
+    pub redelivered: u32,
 }
 
 /// A blob the record no longer refers to but kept history may: it is deleted once every
@@ -152,6 +251,10 @@ pub struct PlacedRecord {
     pub state: Payload,
     /// The call in flight.
     pub pending: Option<PlacedCall>,
+    /// The armed timer.
+    pub timer: Option<Timer>,
+    /// Registered compensations.
+    pub compensations: Vec<Compensation>,
     /// Blobs only kept history refers to (tracked unless history is kept whole).
     pub retired: Vec<Retired>,
     /// Blobs no record or kept history refers to any more, deleted after this record is
@@ -165,28 +268,53 @@ impl PlacedRecord {
         codec::encode(Kind::Record, self, out)
     }
 
-    /// Decodes a record from its envelope (current format or format 1), refusing more
-    /// than `limit` bytes.
+    /// Decodes a record from its envelope (current format, or formats 1 and 2), refusing
+    /// more than `limit` bytes.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<PlacedRecord, CodecError> {
         let (version, payload) = codec::open_versioned(Kind::Record, bytes, limit)?;
-        if version == 1 {
-            let r: Record = codec::decode_raw(payload, limit)?;
-            return Ok(PlacedRecord {
-                flow_version: r.flow_version,
-                seq: r.seq,
-                status: r.status,
-                state: Payload::Inline(r.state),
-                pending: r.pending.map(|p| PlacedCall {
-                    seq: p.seq,
-                    link: p.link,
-                    method: p.method,
-                    call: Payload::Inline(p.call),
-                }),
-                retired: Vec::new(),
-                trash: Vec::new(),
-            });
+        match version {
+            1 => {
+                let r: RecordV1 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: Payload::Inline(r.state),
+                    pending: r.pending.map(|p| PlacedCall {
+                        seq: p.seq,
+                        link: p.link,
+                        method: p.method,
+                        call: Payload::Inline(p.call),
+                        redelivered: 0,
+                    }),
+                    timer: None,
+                    compensations: Vec::new(),
+                    retired: Vec::new(),
+                    trash: Vec::new(),
+                })
+            }
+            2 => {
+                let r: PlacedRecordV2 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending.map(|p| PlacedCall {
+                        seq: p.seq,
+                        link: p.link,
+                        method: p.method,
+                        call: p.call,
+                        redelivered: 0,
+                    }),
+                    timer: None,
+                    compensations: Vec::new(),
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            _ => codec::decode_raw(payload, limit),
         }
-        codec::decode_raw(payload, limit)
     }
 
     /// The blobs the record itself refers to.
@@ -219,6 +347,33 @@ pub enum StepInput {
     },
     /// The instance was parked (the step's output says why).
     Park,
+    /// Its timer fired.
+    Timer {
+        /// When it was due, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// Start-up recovery sent the call in flight again (or parked the instance, for a
+    /// driver whose policy is `park`), after a restart left unknown whether it ran.
+    Redeliver {
+        /// The step that issued the call.
+        call_seq: u64,
+    },
+    /// A compensation's outcome was applied.
+    Compensated {
+        /// The step that issued the compensation call.
+        call_seq: u64,
+        /// Whether it succeeded.
+        ok: bool,
+    },
+    /// An operator changed the state of a parked instance.
+    Patch,
+    /// An operator set the state of a parked instance back to its snapshot at a step.
+    Rewind {
+        /// The step whose state was restored.
+        to: u64,
+    },
+    /// An operator resumed a parked instance.
+    Resume,
 }
 
 /// What went out of a step.
@@ -247,6 +402,27 @@ pub enum StepOutput {
         /// Why.
         reason: String,
     },
+    /// The instance sleeps until its timer fires.
+    Sleep {
+        /// When, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// The instance waits for an impulse, or for its timer, whichever comes first.
+    WaitUntil {
+        /// When the wait times out, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// A compensation call was issued (the flow failed).
+    Compensate {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
+    },
+    /// The instance's state or position changed without running the wire (patch, rewind).
+    Unchanged,
 }
 
 /// One entry of an instance's history: one step.
@@ -264,6 +440,20 @@ pub struct HistoryEntry {
     pub payload: Option<Payload>,
     /// The state after the step (a snapshot; shares its blob with the record when large).
     pub state: Option<Payload>,
+    /// When the step was taken, in milliseconds since the Unix epoch (0: not recorded,
+    /// formats 1 and 2).
+    pub at_ms: u64,
+}
+
+/// A history entry as format 2 wrote it.
+#[derive(Deserialize)]
+struct HistoryEntryV2 {
+    seq: u64,
+    input: StepInput,
+    output: StepOutput,
+    version: u64,
+    payload: Option<Payload>,
+    state: Option<Payload>,
 }
 
 /// A history entry as flowwire 0.1 wrote it (format 1).
@@ -281,21 +471,36 @@ impl HistoryEntry {
         codec::encode(Kind::History, self, out)
     }
 
-    /// Decodes an entry from its envelope (current format or format 1).
+    /// Decodes an entry from its envelope (current format, or formats 1 and 2).
     pub fn decode(bytes: &[u8], limit: usize) -> Result<HistoryEntry, CodecError> {
         let (version, payload) = codec::open_versioned(Kind::History, bytes, limit)?;
-        if version == 1 {
-            let h: HistoryEntryV1 = codec::decode_raw(payload, limit)?;
-            return Ok(HistoryEntry {
-                seq: h.seq,
-                input: h.input,
-                output: h.output,
-                version: h.version,
-                payload: None,
-                state: None,
-            });
+        match version {
+            1 => {
+                let h: HistoryEntryV1 = codec::decode_raw(payload, limit)?;
+                Ok(HistoryEntry {
+                    seq: h.seq,
+                    input: h.input,
+                    output: h.output,
+                    version: h.version,
+                    payload: None,
+                    state: None,
+                    at_ms: 0,
+                })
+            }
+            2 => {
+                let h: HistoryEntryV2 = codec::decode_raw(payload, limit)?;
+                Ok(HistoryEntry {
+                    seq: h.seq,
+                    input: h.input,
+                    output: h.output,
+                    version: h.version,
+                    payload: h.payload,
+                    state: h.state,
+                    at_ms: 0,
+                })
+            }
+            _ => codec::decode_raw(payload, limit),
         }
-        codec::decode_raw(payload, limit)
     }
 
     /// The blobs the entry refers to.
@@ -336,6 +541,8 @@ pub struct Draft {
     pub output: StepOutput,
     /// The input's payload (encoded impulse or reply), for history.
     pub payload: Option<Bytes>,
+    /// When the step was taken, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
 }
 
 /// One step of one instance, as handed to [`InstanceStore::commit`](crate::InstanceStore::commit).
@@ -351,9 +558,15 @@ pub struct StepWrite {
     pub seq: u64,
     /// The encoded [`PlacedRecord`] (in its envelope).
     pub record: Bytes,
-    /// Whether the instance is still active (the store keeps an index of active instances
-    /// so that start-up recovery reads only those).
+    /// Whether the instance has a driver call in flight after the step (the store keeps an
+    /// index of these "active" instances so that start-up recovery reads only them).
     pub active: bool,
+    /// Whether the instance is parked after the step (the store keeps an index of parked
+    /// instances for operators).
+    pub parked: bool,
+    /// The instance's armed timer after the step, when it is due (ms since the Unix
+    /// epoch); the store keeps an index by due time.
+    pub timer: Option<u64>,
     /// The impulse id this step applied: the step commits only if the id was never
     /// applied to this instance before.
     pub impulse: Option<Arc<str>>,

@@ -68,9 +68,9 @@
 
 pub use flowwire_macros::{driver, flow, impulse, probe, wire};
 pub use flowwire_runtime::{
-    ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta, Ended,
-    Engine, EngineBuilder, Error, Failure, Fault, Flow, FlowMeta, Handle, ImpulseMeta,
-    ImpulseRequest, LinkMeta, MethodMeta, ProbeMeta, Result,
+    Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
+    Ended, Engine, EngineBuilder, Error, Failure, Fault, Flow, FlowMeta, Handle, ImpulseMeta,
+    ImpulseRequest, LinkMeta, MethodMeta, Policy, ProbeMeta, Result,
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
@@ -98,9 +98,9 @@ pub mod __private {
     pub use flowwire_runtime::command::Command;
     pub use flowwire_runtime::error::Error;
     pub use flowwire_runtime::{
-        ArgMeta, Board, Call, CallSet, Dispatch, Driver, DriverCall, DriverMeta, Flow, FlowMeta,
-        Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta, MethodMeta,
-        ProbeMeta, Reply,
+        Ambiguous, ArgMeta, Board, Call, CallSet, Dispatch, Driver, DriverCall, DriverMeta, Flow,
+        FlowMeta, Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta,
+        MethodMeta, Policy, ProbeMeta, Reply,
     };
     pub use flowwire_storage::CodecError;
     pub use flowwire_storage::codec::encode_raw;

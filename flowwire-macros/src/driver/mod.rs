@@ -10,7 +10,12 @@ use crate::ctxt::Ctxt;
 /// parse → validate → expand. On error the trait is still emitted, so tools keep working.
 pub fn driver(args: TokenStream, input: &TokenStream) -> TokenStream {
     let mut cx = Ctxt::default();
-    let opts = crate::options::parse("driver", args, &["timeout", "retries", "crate"], &mut cx);
+    let allowed: Vec<&str> = crate::options::POLICY
+        .iter()
+        .copied()
+        .chain(["crate"])
+        .collect();
+    let opts = crate::options::parse("driver", args, &allowed, &mut cx);
     let item: syn::ItemTrait = match syn::parse2::<syn::Item>(input.clone()) {
         Ok(syn::Item::Trait(item)) => item,
         Ok(syn::Item::Impl(item)) if item.trait_.is_some() => {
@@ -32,7 +37,17 @@ pub fn driver(args: TokenStream, input: &TokenStream) -> TokenStream {
     let model = parse::parse(&item, opts, &mut cx);
     match cx.check() {
         Ok(()) => expand::expand(&model),
-        Err(errors) => quote::quote!(#errors #item),
+        Err(errors) => {
+            // The trait is still emitted, without the method policies this macro consumes
+            // (left in, they would read as misplaced `#[driver]` attributes).
+            let mut item = item.clone();
+            for it in &mut item.items {
+                if let syn::TraitItem::Fn(f) = it {
+                    f.attrs.retain(|a| !crate::util::is_marker(a, "driver"));
+                }
+            }
+            quote::quote!(#errors #item)
+        }
     }
 }
 
@@ -62,6 +77,36 @@ mod tests {
             }
         ));
         assert!(out.contains("take `&self`"), "{out}");
+    }
+
+    #[test]
+    fn a_method_policy_is_parsed_and_its_attribute_removed() {
+        let out = errors(quote!(
+            pub trait Payment {
+                #[driver(retries = 0, ambiguous = "park")]
+                async fn charge(&self, cents: u64) -> Result<u8, u8>;
+            }
+        ));
+        assert!(!out.contains("compile_error"), "{out}");
+        assert!(
+            !out.contains("# [driver"),
+            "the method attribute is consumed: {out}"
+        );
+        assert!(out.contains("Ambiguous :: Park"), "{out}");
+    }
+
+    #[test]
+    fn a_method_policy_rejects_other_options() {
+        let out = errors(quote!(
+            pub trait Payment {
+                #[driver(crate = "x", ambiguous = "later")]
+                async fn charge(&self, cents: u64) -> Result<u8, u8>;
+            }
+        ));
+        assert!(
+            out.contains("`crate` is not allowed on `#[driver]` methods"),
+            "{out}"
+        );
     }
 
     #[test]

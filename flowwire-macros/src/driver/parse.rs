@@ -12,6 +12,8 @@ pub struct Arg<'a> {
 
 pub struct Method<'a> {
     pub original: &'a syn::TraitItemFn,
+    /// The method's own policy, from `#[driver(..)]` on it.
+    pub opts: Options,
     pub args: Vec<Arg<'a>>,
     pub output: &'a syn::Type,
 }
@@ -60,6 +62,22 @@ pub fn parse<'a>(item: &'a syn::ItemTrait, opts: Options, cx: &mut Ctxt) -> Mode
 fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>> {
     let sig = &f.sig;
     let mut ok = true;
+    let mut opts = Options::default();
+    for attr in f
+        .attrs
+        .iter()
+        .filter(|a| crate::util::is_marker(a, "driver"))
+    {
+        let tokens = match &attr.meta {
+            syn::Meta::List(l) => l.tokens.clone(),
+            syn::Meta::Path(_) => proc_macro2::TokenStream::new(),
+            syn::Meta::NameValue(nv) => {
+                cx.error(nv, "write `#[driver(retries = 0, ..)]` on a driver method");
+                continue;
+            }
+        };
+        opts = crate::options::parse_on("driver", " methods", tokens, crate::options::POLICY, cx);
+    }
     if sig.asyncness.is_none() {
         cx.error(
             sig.fn_token,
@@ -127,6 +145,7 @@ fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>
     };
     ok.then_some(Method {
         original: f,
+        opts,
         args,
         output,
     })

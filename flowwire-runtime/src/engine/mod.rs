@@ -14,8 +14,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{Dispatch, Implements};
 use crate::error::{Error, Result};
+use crate::events::{Emitter, Events};
 use crate::flow::{Board, Flow};
 use crate::handle::Handle;
+use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
 pub(crate) mod runner;
 pub(crate) mod worker;
@@ -28,8 +30,9 @@ use worker::Job;
 pub(crate) struct Limits {
     pub request_timeout: Duration,
     pub store_timeout: Duration,
-    pub call_timeout: Duration,
-    pub call_retries: u32,
+    /// The engine's driver call policy (every field set).
+    pub call_policy: Policy,
+    pub event_capacity: usize,
     pub driver_concurrency: usize,
     pub driver_queue: usize,
     pub max_batch: usize,
@@ -41,8 +44,14 @@ impl Default for Limits {
         Self {
             request_timeout: Duration::from_secs(30),
             store_timeout: Duration::from_secs(30),
-            call_timeout: Duration::from_secs(30),
-            call_retries: 3,
+            call_policy: Policy {
+                timeout_ms: Some(30_000),
+                retries: Some(3),
+                backoff_ms: Some(50),
+                max_backoff_ms: Some(5_000),
+                ambiguous: Some(Ambiguous::Retry),
+            },
+            event_capacity: 1024,
             driver_concurrency: 64,
             driver_queue: 4096,
             max_batch: 512,
@@ -65,6 +74,7 @@ struct FlowCtx {
     retention: Retention,
     ports: HashMap<TypeId, mpsc::Sender<Job>>,
     limits: Limits,
+    events: Emitter,
 }
 
 type FlowStart = fn(&FlowCtx) -> Result<BoxFut<Result<FlowEntry>>>;
@@ -78,7 +88,8 @@ struct FlowEntry {
 #[allow(clippy::type_complexity)] // a boxed spawn closure, named once here
 struct DriverReg {
     driver: TypeId,
-    spawn: Box<dyn FnOnce(&Limits) -> mpsc::Sender<Job> + Send>,
+    meta: &'static DriverMeta,
+    spawn: Box<dyn FnOnce(&Limits, &Emitter) -> mpsc::Sender<Job> + Send>,
 }
 
 /// Builds an [`Engine`]: where it stores instances, which flows it runs, which drivers
@@ -100,7 +111,7 @@ pub struct EngineBuilder {
     store: Option<StoreChoice>,
     ladder: Option<Ladder>,
     retention: Retention,
-    flows: Vec<(TypeId, &'static str, FlowStart)>,
+    flows: Vec<(TypeId, &'static FlowMeta, FlowStart)>,
     drivers: Vec<DriverReg>,
     limits: Limits,
 }
@@ -108,7 +119,10 @@ pub struct EngineBuilder {
 impl std::fmt::Debug for EngineBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineBuilder")
-            .field("flows", &self.flows.iter().map(|f| f.1).collect::<Vec<_>>())
+            .field(
+                "flows",
+                &self.flows.iter().map(|f| f.1.name).collect::<Vec<_>>(),
+            )
             .field("drivers", &self.drivers.len())
             .field("limits", &self.limits)
             .finish_non_exhaustive()
@@ -167,7 +181,7 @@ impl EngineBuilder {
     /// Registers a flow type: its instances can be started, and active ones are resumed.
     pub fn flow<F: Flow>(mut self) -> Self {
         self.flows
-            .push((TypeId::of::<F>(), F::NAME, start_flow::<F>));
+            .push((TypeId::of::<F>(), F::META, start_flow::<F>));
         self
     }
 
@@ -185,7 +199,8 @@ impl EngineBuilder {
         let svc = Arc::new(svc);
         self.drivers.push(DriverReg {
             driver: TypeId::of::<D>(),
-            spawn: Box::new(move |limits| worker::spawn_pool::<D, S>(svc, limits)),
+            meta: &D::META,
+            spawn: Box::new(move |limits, events| worker::spawn_pool::<D, S>(svc, limits, events)),
         });
         self
     }
@@ -203,15 +218,42 @@ impl EngineBuilder {
         self
     }
 
-    /// Per-attempt timeout of driver calls whose trait sets none. Default 30 s.
+    /// Per-attempt timeout of driver calls whose method and trait set none. Default 30 s.
     pub fn call_timeout(mut self, d: Duration) -> Self {
-        self.limits.call_timeout = d;
+        self.limits.call_policy.timeout_ms =
+            Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
         self
     }
 
-    /// Retries of timed-out or panicking driver calls whose trait sets none. Default 3.
+    /// Retries of driver calls whose method and trait set none: attempts after the first,
+    /// when an attempt times out or panics. Default 3.
     pub fn call_retries(mut self, n: u32) -> Self {
-        self.limits.call_retries = n;
+        self.limits.call_policy.retries = Some(n);
+        self
+    }
+
+    /// The backoff between retries of driver calls whose method and trait set none: the
+    /// first wait, doubling at each retry up to `max`, each with jitter (a random part of up
+    /// to half). Default 50 ms to 5 s.
+    pub fn call_backoff(mut self, first: Duration, max: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.limits.call_policy.backoff_ms = Some(ms(first));
+        self.limits.call_policy.max_backoff_ms = Some(ms(max.max(first)));
+        self
+    }
+
+    /// What a restart does with the calls in flight of drivers whose method and trait
+    /// declare nothing: send them again ([`Ambiguous::Retry`], the default) or park their
+    /// instance for an operator ([`Ambiguous::Park`]).
+    pub fn ambiguous(mut self, policy: Ambiguous) -> Self {
+        self.limits.call_policy.ambiguous = Some(policy);
+        self
+    }
+
+    /// How many lifecycle events the engine holds for subscribers that fall behind (each
+    /// subscriber that misses more learns how many). Default 1024.
+    pub fn event_capacity(mut self, n: usize) -> Self {
+        self.limits.event_capacity = n.max(1);
         self
     }
 
@@ -265,14 +307,17 @@ impl EngineBuilder {
         let placement = Arc::new(ladder.validate(self.limits.decode_limit)?);
         tracing::info!(ladder = %placement.describe(), "storage");
         let mut names = std::collections::HashSet::new();
-        for (_, name, _) in &self.flows {
-            if !names.insert(*name) {
-                return Err(Error::DuplicateFlow { flow: name });
+        for (_, meta, _) in &self.flows {
+            if !names.insert(meta.name) {
+                return Err(Error::DuplicateFlow { flow: meta.name });
             }
         }
+        let events = Emitter::new(self.limits.event_capacity);
         let mut ports = HashMap::new();
+        let mut drivers = Vec::new();
         for d in self.drivers {
-            ports.insert(d.driver, (d.spawn)(&self.limits));
+            ports.insert(d.driver, (d.spawn)(&self.limits, &events));
+            drivers.push(d.meta);
         }
         let ctx = FlowCtx {
             store,
@@ -280,6 +325,7 @@ impl EngineBuilder {
             retention: self.retention,
             ports,
             limits: self.limits.clone(),
+            events: events.clone(),
         };
         let mut flows = HashMap::new();
         let mut pending = Vec::new();
@@ -295,6 +341,11 @@ impl EngineBuilder {
                 store: Mutex::new(Some(ctx.store)),
                 data_dir,
                 limits: self.limits,
+                metadata: Metadata {
+                    flows: self.flows.iter().map(|f| f.1).collect(),
+                    drivers,
+                },
+                events,
             }),
         })
     }
@@ -317,6 +368,7 @@ fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEntry>>> {
         ctx.retention,
         ports,
         ctx.limits.clone(),
+        ctx.events.clone(),
     );
     Ok(Box::pin(async move {
         runner.recover().await?;
@@ -346,6 +398,31 @@ struct Inner {
     store: Mutex<Option<Arc<dyn InstanceStore>>>,
     data_dir: Option<PathBuf>,
     limits: Limits,
+    metadata: Metadata,
+    events: Emitter,
+}
+
+/// Everything registered on an engine: its flows and drivers, from the macros' static
+/// metadata. Serializes to JSON ([`Metadata::to_json`]) for tools and service endpoints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Metadata {
+    /// The registered flows, in registration order.
+    pub flows: Vec<&'static FlowMeta>,
+    /// The registered driver implementations' traits, in registration order.
+    pub drivers: Vec<&'static DriverMeta>,
+}
+
+impl Metadata {
+    /// The metadata as JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing plain static data to a string cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The metadata as a JSON value.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// A running engine: start instances, reach existing ones, shut down.
@@ -481,6 +558,26 @@ impl Engine {
     /// The metadata of a registered flow.
     pub fn flow_meta<F: Flow>(&self) -> &'static crate::meta::FlowMeta {
         F::META
+    }
+
+    /// Every registered flow and driver, with their impulses, probes, methods, argument
+    /// and result types, versions and call policies.
+    ///
+    /// ```
+    /// # async fn demo(engine: flowwire_runtime::Engine) {
+    /// let json = engine.metadata().to_json();
+    /// assert!(json.starts_with("{\"flows\":["));
+    /// # }
+    /// ```
+    pub fn metadata(&self) -> &Metadata {
+        &self.inner.metadata
+    }
+
+    /// Subscribes to the engine's lifecycle events, from now on. The stream is bounded:
+    /// a subscriber that falls behind never slows the engine; it is told how many events
+    /// it missed ([`crate::Missed`]).
+    pub fn events(&self) -> Events {
+        self.inner.events.subscribe()
     }
 
     /// Stops every runner after its current batch commits and releases the store (the

@@ -10,8 +10,15 @@
 //! written by a task of its own, and the step joins the commit of the round after they
 //! land. Until then its instance holds further inputs back, and every other instance goes
 //! on — a slow or unreachable tier stalls only the instances whose data lives there.
+//!
+//! Only instances with a driver call in flight stay in memory. One that sleeps, waits or
+//! is parked leaves memory once its step is committed; an impulse, a probe or its timer
+//! loads it again. Timers come from the store's timer index: the runner keeps the ones
+//! due within a look-ahead window in a small ordered set, reads the next window when it
+//! reaches the end of this one, and adds timers armed within the window as their steps
+//! commit.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::mem;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -22,16 +29,18 @@ use flowwire_storage::ladder::Sealed;
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{
     BlobRef, InstanceKey, InstanceStore, PendingCall, Placement, Record, Retention, Status,
-    StepResult, StoreError, Stored,
+    StepInput, StepOutput, StepResult, StoreError, Stored,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Rejected, Scratch, Step};
 use crate::engine::Limits;
-use crate::engine::worker::{Job, OutcomeMsg};
+use crate::engine::worker::{CallPolicy, Job, OutcomeMsg};
 use crate::error::{Error, Result};
+use crate::events::{Emitter, EventKind};
 use crate::flow::Flow;
 use crate::handle::Ended;
+use crate::meta::Policy;
 
 /// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
 pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
@@ -82,18 +91,30 @@ enum Input<F: Flow> {
         id: Arc<str>,
         attempt: u32,
     },
+    /// An instance's timer is due.
+    Fire {
+        id: Arc<str>,
+        due_ms: u64,
+    },
+    /// Send again the call in flight of an instance loaded from the store (or park it, per
+    /// its driver's policy); see `Instance::redeliver`.
+    Redeliver {
+        id: Arc<str>,
+    },
 }
 
 /// What the runner's own tasks report back.
-enum Internal {
+enum Internal<F: Flow> {
     /// A step's blobs are written (or could not be): commit it in the next round.
-    Uploaded(Box<Uploaded>),
+    Uploaded(Box<Uploaded<F>>),
     /// Time to try loading an instance again.
     Reload { id: Arc<str>, attempt: u32 },
+    /// Try an input again (its step could not be persisted).
+    Again(Box<Input<F>>),
 }
 
-struct Uploaded {
-    staged: Staged,
+struct Uploaded<F: Flow> {
+    staged: Staged<F>,
     sealed: Sealed,
     result: Result<()>,
 }
@@ -107,31 +128,32 @@ impl<F: Flow> Input<F> {
                 Some(id)
             }
             Input::Outcome(o) => Some(&o.id),
-            Input::Reload { id, .. } => Some(id),
+            Input::Reload { id, .. } | Input::Fire { id, .. } | Input::Redeliver { id } => Some(id),
             Input::Msg(_) => None,
         }
     }
 }
 
-enum Ack {
+enum Ack<F: Flow> {
     Start(oneshot::Sender<Result<()>>),
     Impulse(oneshot::Sender<Result<()>>, Arc<str>),
     /// An outcome: kept so that a step that could not be persisted is tried again.
     Outcome(OutcomeMsg),
+    /// A runner's own input (timer, redelivery): tried again if not persisted.
+    Retry(Input<F>),
     Quiet,
 }
 
-struct Staged {
+struct Staged<F: Flow> {
     id: Arc<str>,
     step: Step,
-    ack: Ack,
+    ack: Ack<F>,
 }
 
 struct Slot<F: Flow> {
     inst: Instance<F>,
     /// The committed record as persisted (`None` until the first step is committed).
     placed: Option<PlacedRecord>,
-    waiters: Vec<oneshot::Sender<Result<Ended>>>,
     /// Consecutive steps that could not be persisted (for the retry backoff).
     failures: u32,
     /// A step's blobs are being written; inputs that would write wait in `held`.
@@ -144,7 +166,6 @@ impl<F: Flow> Slot<F> {
         Self {
             inst,
             placed,
-            waiters: Vec::new(),
             failures: 0,
             uploading: false,
             held: VecDeque::new(),
@@ -152,9 +173,26 @@ impl<F: Flow> Slot<F> {
     }
 }
 
+/// How far ahead the runner reads the timer index.
+const LOOKAHEAD_MS: u64 = 30_000;
+/// Timers read from the index at once.
+const TIMER_PAGE: usize = 1024;
+
 pub(crate) struct Runner<F: Flow> {
     flow: Arc<str>,
     slots: HashMap<Arc<str>, Slot<F>>,
+    /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
+    waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Result<Ended>>>>,
+    /// Timers due up to `horizon`, earliest first: every one the index holds and every one
+    /// armed since (entries an impulse moved on are removed as their steps commit).
+    timers: BTreeSet<(u64, Arc<str>)>,
+    /// The end of the window read from the timer index (ms since the Unix epoch).
+    horizon: u64,
+    /// Instances touched this round: those without a call in flight leave memory after it.
+    touched: Vec<Arc<str>>,
+    /// The policy of each linked driver's methods.
+    policies: Vec<Vec<CallPolicy>>,
+    events: Emitter,
     store: Arc<dyn InstanceStore>,
     placement: Arc<Placement>,
     retention: Retention,
@@ -162,8 +200,8 @@ pub(crate) struct Runner<F: Flow> {
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limits: Limits,
     scratch: Scratch,
-    inbox: mpsc::UnboundedSender<Internal>,
-    inbox_rx: Option<mpsc::UnboundedReceiver<Internal>>,
+    inbox: mpsc::UnboundedSender<Internal<F>>,
+    inbox_rx: Option<mpsc::UnboundedReceiver<Internal<F>>>,
     /// Steps whose blobs are being written.
     uploading: usize,
     /// Inputs released by a finished upload, for the front of the next round.
@@ -187,12 +225,29 @@ impl<F: Flow> Runner<F> {
         retention: Retention,
         ports: Vec<mpsc::Sender<Job>>,
         limits: Limits,
+        events: Emitter,
     ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
         let (outcomes, orx) = mpsc::unbounded_channel();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let policies = F::LINKS
+            .iter()
+            .map(|link| {
+                link.driver
+                    .methods
+                    .iter()
+                    .map(|m| CallPolicy::resolve(m.policy, link.driver.policy, limits.call_policy))
+                    .collect()
+            })
+            .collect();
         let runner = Self {
             flow: F::NAME.into(),
             slots: HashMap::new(),
+            waiters: HashMap::new(),
+            timers: BTreeSet::new(),
+            horizon: 0,
+            touched: Vec::new(),
+            policies,
+            events,
             store,
             placement,
             retention,
@@ -256,23 +311,21 @@ impl<F: Flow> Runner<F> {
         });
     }
 
-    /// Loads the active instances, parks those of another version, re-dispatches calls in
-    /// flight. Runs before the runner takes any request.
+    /// Loads the instances with a call in flight, parks those of another version, sends
+    /// their calls again (or parks them, per their driver's policy). Runs before the runner
+    /// takes any request.
     ///
     /// An instance whose record or blobs cannot be read because the store or a tier is
     /// unreachable is loaded again in the background, with backoff, until it can be; one
     /// whose data is damaged is left as stored for an operator (and reported).
     pub(crate) async fn recover(&mut self) -> Result<usize> {
+        self.scratch.now_ms = crate::clock::unix_millis();
         let active = self.store.active(F::NAME).await?;
         let mut staged = Vec::new();
         let n = active.len();
         for (id, stored) in active {
             match self.adopt(&id, &stored).await {
-                Ok(Some(step)) => staged.push(Staged {
-                    id,
-                    step,
-                    ack: Ack::Quiet,
-                }),
+                Ok(Some(step)) => staged.push(Self::first(id, step)),
                 Ok(None) => {}
                 Err(e) => self.reload_later(id, 1, &e),
             }
@@ -284,21 +337,49 @@ impl<F: Flow> Runner<F> {
         Ok(n)
     }
 
-    /// Brings a stored instance into memory if it is active: re-dispatches its call in
-    /// flight, or returns the step that parks it when another flow version wrote it.
+    /// Brings a stored instance into memory if it is live, and returns its first step:
+    /// the one that parks it when another flow version wrote it, or the redelivery of its
+    /// call in flight.
     async fn adopt(&mut self, id: &Arc<str>, stored: &Stored) -> Result<Option<Step>> {
         let (record, placed) = self.open(id, stored).await?;
         self.collect(&placed.trash);
         if !record.status.is_active() {
             return Ok(None);
         }
-        let (inst, park) = self.rebuild(id, record, stored.version)?;
-        if park.is_some() {
-            self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
-        } else {
-            self.install(id, inst, placed);
-        }
-        Ok(park)
+        let (mut inst, park) = self.rebuild(id, record, stored.version)?;
+        let step = match park {
+            Some(step) => Some(step),
+            None => self.redelivery(&mut inst),
+        };
+        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.touched.push(id.clone());
+        Ok(step)
+    }
+
+    /// Stages the first step of a loaded instance: a redelivery is tried again if it cannot
+    /// be persisted; a parking (another flow version) is written at the next start.
+    fn first(id: Arc<str>, step: Step) -> Staged<F> {
+        let ack = match step.draft.input {
+            StepInput::Redeliver { .. } => Ack::Retry(Input::Redeliver { id: id.clone() }),
+            _ => Ack::Quiet,
+        };
+        Staged { id, step, ack }
+    }
+
+    /// The policy of a call.
+    fn policy(&self, link: u16, method: u16) -> Option<CallPolicy> {
+        self.policies
+            .get(usize::from(link))
+            .and_then(|m| m.get(usize::from(method)))
+            .copied()
+    }
+
+    /// The step that sends an instance's call in flight again, or parks it when its
+    /// driver's policy says so (a restart left unknown whether the call ran).
+    fn redelivery(&mut self, inst: &mut Instance<F>) -> Option<Step> {
+        let p = inst.pending()?;
+        let park = self.policy(p.link, p.method).is_some_and(|p| p.park);
+        inst.redeliver(park, &mut self.scratch)
     }
 
     /// An instance from its read record, and the step that parks it if another flow
@@ -324,12 +405,14 @@ impl<F: Flow> Runner<F> {
         })
     }
 
-    /// Puts a runnable instance in memory and re-sends its call in flight.
+    /// Puts a live instance in memory; a call in flight is sent again (or the instance
+    /// parked) by a redelivery step in the next round.
     fn install(&mut self, id: &Arc<str>, inst: Instance<F>, placed: PlacedRecord) {
-        if let Some(p) = inst.pending() {
-            self.dispatch(id, p);
+        if inst.status().has_call() {
+            self.requeue.push_back(Input::Redeliver { id: id.clone() });
         }
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.touched.push(id.clone());
     }
 
     /// Schedules another load of an instance that could not be read, if trying again can
@@ -350,13 +433,98 @@ impl<F: Flow> Runner<F> {
 
     /// Sorts a report of the runner's own tasks into this round.
     fn take_internal(
-        internal: Internal,
+        internal: Internal<F>,
         backlog: &mut VecDeque<Input<F>>,
-        uploaded: &mut Vec<Uploaded>,
+        uploaded: &mut Vec<Uploaded<F>>,
     ) {
         match internal {
             Internal::Uploaded(u) => uploaded.push(*u),
             Internal::Reload { id, attempt } => backlog.push_back(Input::Reload { id, attempt }),
+            Internal::Again(input) => backlog.push_back(*input),
+        }
+    }
+
+    /// When the timer service needs the runner next: the earliest timer held, or the end of
+    /// the window read from the index (to read the next one).
+    fn next_timer(&self) -> u64 {
+        let first = self.timers.first().map_or(u64::MAX, |(due, _)| *due);
+        first.min(self.horizon.saturating_add(1))
+    }
+
+    /// Moves the timers due by now into the backlog, and reads the next window of the
+    /// timer index when this one has run out. Bounded: one page per call.
+    async fn tick(&mut self, backlog: &mut VecDeque<Input<F>>) {
+        let now = crate::clock::unix_millis();
+        while let Some((due, _)) = self.timers.first() {
+            if *due > now {
+                break;
+            }
+            let Some((due_ms, id)) = self.timers.pop_first() else {
+                break;
+            };
+            backlog.push_back(Input::Fire { id, due_ms });
+        }
+        if now <= self.horizon {
+            return;
+        }
+        let until = now.saturating_add(LOOKAHEAD_MS);
+        let limit = self.limits.store_timeout;
+        let listed = tokio::time::timeout(limit, self.store.due(F::NAME, until, TIMER_PAGE)).await;
+        match listed {
+            Ok(Ok(page)) => {
+                let full = page.len() >= TIMER_PAGE;
+                let last = page.last().map(|(_, due)| *due);
+                for (id, due) in page {
+                    self.timers.insert((due, id));
+                }
+                // A full page may have left out timers due at its last time: the next window
+                // starts there (the set drops duplicates).
+                self.horizon = match (full, last) {
+                    (true, Some(last)) => last.saturating_sub(1).max(now),
+                    _ => until,
+                };
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(flow = F::NAME, error = %e, "timer index not readable; trying again in 1 s");
+                self.horizon = now.saturating_add(1_000);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    flow = F::NAME,
+                    "timer index read timed out; trying again in 1 s"
+                );
+                self.horizon = now.saturating_add(1_000);
+            }
+        }
+    }
+
+    /// Repairs a timer index entry that does not match its record, off the runner's path.
+    fn retime(&self, id: &Arc<str>, stale: u64, actual: Option<u64>) {
+        let store = self.store.clone();
+        let key = self.key(id);
+        let limit = self.limits.store_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(limit, store.retime(&key, stale, actual)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(instance = %key, error = %e, "stale timer entry not repaired")
+                }
+                Err(_) => tracing::warn!(instance = %key, "stale timer entry not repaired in time"),
+            }
+        });
+    }
+
+    /// Takes instances without a call in flight out of memory at the end of a round.
+    fn evict_idle(&mut self) {
+        for id in std::mem::take(&mut self.touched) {
+            if let Some(slot) = self.slots.get(&id)
+                && !slot.inst.status().has_call()
+                && !slot.uploading
+                && slot.held.is_empty()
+                && slot.placed.is_some()
+            {
+                self.slots.remove(&id);
+            }
         }
     }
 
@@ -371,8 +539,11 @@ impl<F: Flow> Runner<F> {
         let mut backlog: VecDeque<Input<F>> = VecDeque::new();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         loop {
-            let mut uploaded: Vec<Uploaded> = Vec::new();
+            let mut uploaded: Vec<Uploaded<F>> = Vec::new();
             if backlog.is_empty() {
+                let wait = self
+                    .next_timer()
+                    .saturating_sub(crate::clock::unix_millis());
                 tokio::select! {
                     biased;
                     Some(i) = inbox.recv() => Self::take_internal(i, &mut backlog, &mut uploaded),
@@ -381,8 +552,14 @@ impl<F: Flow> Runner<F> {
                         Some(m) => backlog.push_back(Input::Msg(m)),
                         None => break,
                     },
+                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
                 }
             }
+            let now = crate::clock::unix_millis();
+            if now >= self.next_timer() {
+                self.tick(&mut backlog).await;
+            }
+            self.scratch.now_ms = now;
             // Bounded: one report per upload or reload this runner started.
             while let Ok(i) = inbox.try_recv() {
                 Self::take_internal(i, &mut backlog, &mut uploaded);
@@ -400,7 +577,7 @@ impl<F: Flow> Runner<F> {
                     Err(_) => break,
                 }
             }
-            let mut staged: Vec<Staged> = Vec::new();
+            let mut staged: Vec<Staged<F>> = Vec::new();
             let mut busy: HashSet<Arc<str>> = HashSet::new();
             let mut deferred: VecDeque<Input<F>> = VecDeque::new();
             while staged.len() < max {
@@ -437,6 +614,7 @@ impl<F: Flow> Runner<F> {
             if !staged.is_empty() || !uploaded.is_empty() {
                 self.commit(staged, uploaded).await;
             }
+            self.evict_idle();
             while let Some(i) = self.requeue.pop_back() {
                 backlog.push_front(i);
             }
@@ -447,7 +625,7 @@ impl<F: Flow> Runner<F> {
                 while self.uploading > 0 {
                     match inbox.recv().await {
                         Some(Internal::Uploaded(u)) => self.commit(Vec::new(), vec![*u]).await,
-                        Some(Internal::Reload { .. }) => {}
+                        Some(Internal::Reload { .. } | Internal::Again(_)) => {}
                         None => break,
                     }
                 }
@@ -555,7 +733,7 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    async fn handle(&mut self, input: Input<F>) -> Option<Staged> {
+    async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
         match input {
             Input::Outcome(o) => {
                 let slot = self.slots.get_mut(&o.id)?;
@@ -709,15 +887,58 @@ impl<F: Flow> Runner<F> {
                         return None;
                     }
                 }
-                if let Some(slot) = self.slots.get_mut(&id) {
+                if let Some(slot) = self.slots.get(&id) {
                     match slot.inst.status() {
                         Status::Quarantined { reason } => {
                             let _ = reply.send(Err(Self::quarantined(&id, reason.clone())));
                         }
-                        _ => slot.waiters.push(reply),
+                        _ => self.waiters.entry(id).or_default().push(reply),
                     }
                 }
                 None
+            }
+            Input::Fire { id, due_ms } => {
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    // Ended or parked: its record holds no timer any more.
+                    Ok(Some(_)) | Err(Error::NotFound { .. }) => {
+                        self.retime(&id, due_ms, None);
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(flow = F::NAME, id = %id, error = %e, "timer not fired yet");
+                        self.again(Input::Fire { id, due_ms }, 1);
+                        return None;
+                    }
+                }
+                let slot = self.slots.get_mut(&id)?;
+                match slot.inst.fire(due_ms, &mut self.scratch) {
+                    Some(step) => Some(Staged {
+                        ack: Ack::Retry(Input::Fire {
+                            id: id.clone(),
+                            due_ms,
+                        }),
+                        id,
+                        step,
+                    }),
+                    None => {
+                        let actual = slot.inst.record().timer.map(|t| t.due_ms);
+                        if actual != Some(due_ms) {
+                            self.retime(&id, due_ms, actual);
+                        }
+                        None
+                    }
+                }
+            }
+            Input::Redeliver { id } => {
+                let mut slot = self.slots.remove(&id)?;
+                let step = self.redelivery(&mut slot.inst);
+                self.slots.insert(id.clone(), slot);
+                step.map(|step| Staged {
+                    ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
+                    id,
+                    step,
+                })
             }
             Input::Reload { id, attempt } => {
                 if self.slots.contains_key(&id) {
@@ -730,15 +951,11 @@ impl<F: Flow> Runner<F> {
                     Err(e) => Err(e.into()),
                 };
                 match loaded {
-                    Ok(park) => {
+                    Ok(first) => {
                         if self.slots.contains_key(&id) {
                             tracing::info!(flow = F::NAME, id = %id, attempt, "instance loaded");
                         }
-                        park.map(|step| Staged {
-                            id,
-                            step,
-                            ack: Ack::Quiet,
-                        })
+                        first.map(|step| Self::first(id, step))
                     }
                     Err(e) => {
                         self.reload_later(id, attempt.saturating_add(1), &e);
@@ -754,8 +971,8 @@ impl<F: Flow> Runner<F> {
     /// no blob together with those whose blobs have landed (`uploaded`); steps that need
     /// blobs start their upload and are committed in a later round. Then acts on each
     /// result.
-    async fn commit(&mut self, staged: Vec<Staged>, uploaded: Vec<Uploaded>) {
-        let mut ready: Vec<(Staged, Sealed)> = Vec::with_capacity(staged.len() + uploaded.len());
+    async fn commit(&mut self, staged: Vec<Staged<F>>, uploaded: Vec<Uploaded<F>>) {
+        let mut ready: Vec<(Staged<F>, Sealed)> = Vec::with_capacity(staged.len() + uploaded.len());
         for u in uploaded {
             let Uploaded {
                 staged,
@@ -777,13 +994,9 @@ impl<F: Flow> Runner<F> {
                 .slots
                 .get(&s.id)
                 .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
-            let sealed = self.placement.seal(
-                &s.step.draft,
-                prev,
-                self.retention,
-                s.step.active,
-                &mut self.scratch.out,
-            );
+            let sealed =
+                self.placement
+                    .seal(&s.step.draft, prev, self.retention, &mut self.scratch.out);
             match sealed {
                 Ok(sealed) if sealed.puts.is_empty() => ready.push((s, sealed)),
                 Ok(sealed) => self.upload(s, sealed),
@@ -821,7 +1034,7 @@ impl<F: Flow> Runner<F> {
 
     /// Writes a step's blobs on a task of its own (bounded by the store timeout) and
     /// reports back through the inbox. The instance holds its next inputs until then.
-    fn upload(&mut self, s: Staged, mut sealed: Sealed) {
+    fn upload(&mut self, s: Staged<F>, mut sealed: Sealed) {
         if let Some(slot) = self.slots.get_mut(&s.id) {
             slot.uploading = true;
         }
@@ -845,21 +1058,38 @@ impl<F: Flow> Runner<F> {
         });
     }
 
-    fn committed(&mut self, s: Staged, placed: PlacedRecord) {
+    fn committed(&mut self, s: Staged<F>, placed: PlacedRecord) {
         let Some(slot) = self.slots.get_mut(&s.id) else {
             return;
         };
+        let before = slot.inst.record().timer.map(|t| t.due_ms);
         slot.inst.commit(&s.step);
         slot.failures = 0;
         let trash = placed.trash.clone();
         slot.placed = Some(placed);
         self.collect(&trash);
-        tracing::debug!(flow = F::NAME, id = %s.id, step = s.step.record().seq, output = ?s.step.draft.output, "step");
+        self.touched.push(s.id.clone());
+        let record = &s.step.draft.record;
+        tracing::debug!(flow = F::NAME, id = %s.id, step = record.seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
+        // The timer set follows the records: a moved or dropped timer leaves it, a timer
+        // armed within the window read from the index joins it.
+        let after = record.timer.map(|t| t.due_ms);
+        if before != after {
+            if let Some(old) = before {
+                self.timers.remove(&(old, s.id.clone()));
+            }
+            if let Some(due) = after
+                && due <= self.horizon
+            {
+                self.timers.insert((due, s.id.clone()));
+            }
+        }
+        self.announce(&s);
         match s.ack {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 let _ = reply.send(Ok(()));
             }
-            Ack::Outcome(_) | Ack::Quiet => {}
+            Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
         if let Some(p) = &s.step.dispatch {
             let p = p.clone();
@@ -867,22 +1097,88 @@ impl<F: Flow> Runner<F> {
         }
         let status = s.step.draft.record.status;
         if let Some(ended) = ended_of(&status) {
-            if let Some(slot) = self.slots.remove(&s.id) {
-                for w in slot.waiters {
-                    let _ = w.send(Ok(ended.clone()));
-                }
+            self.slots.remove(&s.id);
+            for w in self.waiters.remove(&s.id).unwrap_or_default() {
+                let _ = w.send(Ok(ended.clone()));
             }
         } else if let Status::Quarantined { reason } = status {
             tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
-            if let Some(slot) = self.slots.get_mut(&s.id) {
-                for w in slot.waiters.drain(..) {
-                    let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
-                }
+            for w in self.waiters.remove(&s.id).unwrap_or_default() {
+                let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
             }
         }
     }
 
-    async fn conflicted(&mut self, s: Staged) {
+    /// Sends the lifecycle events of a committed step (only if anyone listens).
+    fn announce(&self, s: &Staged<F>) {
+        if !self.events.wanted() {
+            return;
+        }
+        let d = &s.step.draft;
+        let seq = d.record.seq;
+        let send = |kind| self.events.send(F::NAME, &s.id, seq, kind);
+        match &d.input {
+            StepInput::Start => send(EventKind::Started),
+            StepInput::Impulse { name, .. } => send(EventKind::Impulse { name: name.clone() }),
+            StepInput::Outcome { call_seq, ok } => send(EventKind::Outcome {
+                call_step: *call_seq,
+                ok: *ok,
+            }),
+            StepInput::Timer { due_ms } => send(EventKind::Woke { due_ms: *due_ms }),
+            _ => {}
+        }
+        match &d.output {
+            StepOutput::Drive { call_seq, .. } => {
+                if let Some(p) = &s.step.dispatch {
+                    let (driver, method) = Self::names(p.link, p.method);
+                    send(EventKind::Drive {
+                        driver,
+                        method,
+                        call_step: *call_seq,
+                    });
+                }
+            }
+            StepOutput::Sleep { due_ms } => send(EventKind::Sleeping { until_ms: *due_ms }),
+            StepOutput::Wait => send(EventKind::Waiting { until_ms: None }),
+            StepOutput::WaitUntil { due_ms } => send(EventKind::Waiting {
+                until_ms: Some(*due_ms),
+            }),
+            StepOutput::Finish => send(EventKind::Finished),
+            StepOutput::Fail { reason } => send(EventKind::Failed {
+                reason: reason.clone(),
+            }),
+            StepOutput::Quarantine { reason } => send(EventKind::Quarantined {
+                reason: reason.clone(),
+            }),
+            _ => {}
+        }
+    }
+
+    /// The driver and method names of a call.
+    fn names(link: u16, method: u16) -> (&'static str, &'static str) {
+        F::LINKS.get(usize::from(link)).map_or(("?", "?"), |l| {
+            (
+                l.driver.name,
+                l.driver
+                    .methods
+                    .get(usize::from(method))
+                    .map_or("?", |m| m.name),
+            )
+        })
+    }
+
+    /// Sends one of the runner's own inputs again after a backoff (its step could not be
+    /// persisted).
+    fn again(&self, input: Input<F>, failures: u32) {
+        let delay = backoff(failures);
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = inbox.send(Internal::Again(Box::new(input)));
+        });
+    }
+
+    async fn conflicted(&mut self, s: Staged<F>) {
         match s.ack {
             Ack::Start(reply) => {
                 self.slots.remove(&s.id);
@@ -893,15 +1189,8 @@ impl<F: Flow> Runner<F> {
             }
             ack => {
                 // Someone else wrote the record: the store is the truth, reload it.
-                let waiters = self
-                    .slots
-                    .remove(&s.id)
-                    .map(|slot| slot.waiters)
-                    .unwrap_or_default();
+                self.slots.remove(&s.id);
                 let _ = self.fault_in(&s.id).await;
-                if let Some(slot) = self.slots.get_mut(&s.id) {
-                    slot.waiters = waiters;
-                }
                 if let Ack::Impulse(reply, _) = ack {
                     let _ = reply.send(Err(Error::Conflict {
                         flow: F::NAME,
@@ -912,7 +1201,7 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    fn seen(&mut self, s: Staged, step: u64) {
+    fn seen(&mut self, s: Staged<F>, step: u64) {
         if let Some(slot) = self.slots.get_mut(&s.id)
             && slot.inst.revert().is_err()
         {
@@ -932,7 +1221,7 @@ impl<F: Flow> Runner<F> {
     /// kept. A start or an impulse reports the error to its caller (who may retry with the
     /// same id); an outcome is applied again after a backoff, until it sticks — the
     /// instance waits, the others go on.
-    fn failed(&mut self, s: Staged, err: &Error) {
+    fn failed(&mut self, s: Staged<F>, err: &Error) {
         match s.ack {
             Ack::Start(reply) => {
                 self.slots.remove(&s.id);
@@ -957,6 +1246,10 @@ impl<F: Flow> Runner<F> {
                             let _ = outcomes.send(o);
                         });
                     }
+                    Ack::Retry(input) => {
+                        let failures = slot.failures;
+                        self.again(input, failures);
+                    }
                     Ack::Start(_) | Ack::Quiet => {}
                 }
             }
@@ -965,11 +1258,16 @@ impl<F: Flow> Runner<F> {
 
     fn job(&self, id: &Arc<str>, p: &PendingCall) -> Job {
         Job {
-            flow: self.flow.clone(),
+            flow: F::NAME,
             id: id.clone(),
             seq: p.seq,
             method: p.method,
             call: p.call.clone(),
+            redelivered: p.redelivered,
+            policy: self.policy(p.link, p.method).unwrap_or_else(|| {
+                CallPolicy::resolve(Policy::NONE, Policy::NONE, self.limits.call_policy)
+            }),
+            names: Self::names(p.link, p.method),
             reply: self.outcomes.clone(),
         }
     }

@@ -15,14 +15,58 @@ use tokio::sync::{Mutex, mpsc};
 use crate::context::CallContext;
 use crate::driver::{Dispatch, Fault};
 use crate::engine::Limits;
+use crate::events::{Emitter, EventKind};
+
+/// A driver method's policy with every fallback applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallPolicy {
+    pub timeout: Duration,
+    pub retries: u32,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub park: bool,
+}
+
+impl CallPolicy {
+    /// Method, then trait, then engine.
+    pub(crate) fn resolve(
+        method: crate::meta::Policy,
+        driver: crate::meta::Policy,
+        engine: crate::meta::Policy,
+    ) -> Self {
+        let p = method.or(driver).or(engine);
+        Self {
+            timeout: Duration::from_millis(p.timeout_ms.unwrap_or(30_000)),
+            retries: p.retries.unwrap_or(3),
+            backoff_ms: p.backoff_ms.unwrap_or(50),
+            max_backoff_ms: p.max_backoff_ms.unwrap_or(5_000),
+            park: p.ambiguous == Some(crate::meta::Ambiguous::Park),
+        }
+    }
+
+    /// The wait before retry `attempt` (1-based): the first backoff doubling, capped, each
+    /// delay between half and all of its step (jitter, so retries of many calls spread).
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let step = self
+            .backoff_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
+            .min(self.max_backoff_ms);
+        let jitter = u64::from(crate::clock::jitter()) % (step / 2 + 1);
+        Duration::from_millis(step / 2 + jitter)
+    }
+}
 
 /// One driver call to run.
 pub(crate) struct Job {
-    pub flow: Arc<str>,
+    pub flow: &'static str,
     pub id: Arc<str>,
     pub seq: u64,
     pub method: u16,
     pub call: Bytes,
+    /// Restarts that interrupted this call before.
+    pub redelivered: u32,
+    pub policy: CallPolicy,
+    pub names: (&'static str, &'static str),
     pub reply: mpsc::UnboundedSender<OutcomeMsg>,
 }
 
@@ -37,6 +81,7 @@ pub(crate) struct OutcomeMsg {
 pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
     limits: &Limits,
+    events: &Emitter,
 ) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel(limits.driver_queue);
     let rx = Arc::new(Mutex::new(rx));
@@ -44,13 +89,14 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
         let svc = svc.clone();
         let rx = rx.clone();
         let limits = limits.clone();
+        let events = events.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             loop {
                 // The lock is held only while waiting for the next job.
                 let job = rx.lock().await.recv().await;
                 let Some(job) = job else { return };
-                let result = run_job::<D, S>(&svc, &job, &mut buf, &limits).await;
+                let result = run_job::<D, S>(&svc, &job, &mut buf, &limits, &events).await;
                 let _ = job.reply.send(OutcomeMsg {
                     id: job.id,
                     seq: job.seq,
@@ -82,34 +128,33 @@ async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
     .await
 }
 
-/// The backoff before retry `attempt` (1-based): 50 ms doubling, capped at 5 s, with up to
-/// 50% jitter derived from the call's identity (deterministic, no RNG needed).
-fn backoff(attempt: u32, seq: u64) -> Duration {
-    let base = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
-    let jitter = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % (base / 2 + 1);
-    Duration::from_millis(base / 2 + jitter)
-}
-
 async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: &S,
     job: &Job,
     buf: &mut Vec<u8>,
     limits: &Limits,
+    events: &Emitter,
 ) -> Result<Bytes, Fault> {
-    let timeout_ms = D::META
-        .timeout_ms
-        .unwrap_or(limits.call_timeout.as_millis() as u64);
-    let retries = D::META.retries.unwrap_or(limits.call_retries);
-    let mut attempt = 0u32;
+    let policy = job.policy;
+    let timeout_ms = policy.timeout.as_millis() as u64;
+    let mut attempt = 0;
+    let span = tracing::debug_span!(
+        "call",
+        flow = job.flow,
+        id = %job.id,
+        step = job.seq,
+        driver = job.names.0,
+        method = job.names.1,
+    );
     loop {
         attempt += 1;
         let call: D::Call = flowwire_storage::codec::decode_raw(&job.call, limits.decode_limit)
             .map_err(|e| Fault::Codec(e.to_string()))?;
         debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
         buf.clear();
-        let ctx = CallContext::new(job.flow.clone(), job.id.clone(), job.seq, attempt);
+        let ctx = CallContext::new(job.flow, job.id.clone(), job.seq, attempt, job.redelivered);
         let run = ctx.scope(guarded(D::dispatch(svc, call, buf)));
-        let fault = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
+        let fault = match tokio::time::timeout(policy.timeout, run).await {
             Ok(Ok(Ok(()))) => return Ok(Bytes::copy_from_slice(buf)),
             Ok(Ok(Err(e))) => return Err(Fault::Codec(e.to_string())),
             Ok(Err(message)) => Fault::Panicked {
@@ -121,26 +166,79 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
                 timeout_ms,
             },
         };
-        if attempt > retries {
+        if attempt > policy.retries {
             return Err(fault);
         }
-        tracing::warn!(flow = %job.flow, id = %job.id, step = job.seq, attempt, %fault, "driver call retried");
-        tokio::time::sleep(backoff(attempt, job.seq)).await;
+        let delay = policy.backoff(attempt);
+        span.in_scope(|| tracing::warn!(attempt, %fault, retry_in = ?delay, "driver call retried"));
+        if events.wanted() {
+            events.send(
+                job.flow,
+                &job.id,
+                job.seq,
+                EventKind::Retry {
+                    driver: job.names.0,
+                    method: job.names.1,
+                    call_step: job.seq,
+                    attempt,
+                    fault: fault.to_string(),
+                    backoff_ms: delay.as_millis() as u64,
+                },
+            );
+        }
+        tokio::time::sleep(delay).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
+    use super::CallPolicy;
+    use crate::meta::Policy;
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let mut last = 0;
-        for attempt in 1..6 {
-            let d = backoff(attempt, 7).as_millis();
-            assert!(d >= last / 2, "attempt {attempt}: {d} ms");
-            last = d;
+    fn backoff_doubles_up_to_its_cap_with_jitter_below_each_step() {
+        let p = CallPolicy::resolve(
+            Policy {
+                backoff_ms: Some(100),
+                max_backoff_ms: Some(1_000),
+                ..Policy::NONE
+            },
+            Policy::NONE,
+            Policy::NONE,
+        );
+        for (attempt, step) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1_000),
+            (40, 1_000),
+        ] {
+            let d = p.backoff(attempt).as_millis() as u64;
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d} ms");
         }
-        assert!(backoff(30, 1).as_millis() <= 5_000);
+    }
+
+    #[test]
+    fn a_method_policy_overrides_its_trait_which_overrides_the_engine() {
+        let engine = Policy {
+            timeout_ms: Some(30_000),
+            retries: Some(3),
+            ..Policy::NONE
+        };
+        let driver = Policy {
+            retries: Some(5),
+            ..Policy::NONE
+        };
+        let method = Policy {
+            timeout_ms: Some(10),
+            ambiguous: Some(crate::meta::Ambiguous::Park),
+            ..Policy::NONE
+        };
+        let p = CallPolicy::resolve(method, driver, engine);
+        assert_eq!(p.timeout.as_millis(), 10);
+        assert_eq!(p.retries, 5);
+        assert!(p.park);
+        assert!(!CallPolicy::resolve(Policy::NONE, driver, engine).park);
     }
 }

@@ -25,6 +25,8 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         seq: version,
         record: Bytes::from_static(body),
         active: true,
+        parked: false,
+        timer: None,
         impulse: None,
         history: Some((version, Bytes::from_static(body))),
         prune_below: None,
@@ -41,6 +43,9 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     one_batch_commits_many_instances_and_reports_each(&*make()).await;
     history_is_pruned_below_a_step(&*make()).await;
     an_impulse_without_history_records_its_step(&*make()).await;
+    timers_are_listed_by_due_time_and_follow_the_records(&*make()).await;
+    a_stale_timer_entry_is_repaired_only_if_still_stale(&*make()).await;
+    parked_instances_are_listed_in_pages(&*make()).await;
 }
 
 /// A start writes a record that did not exist; later steps swap it by version.
@@ -286,4 +291,136 @@ pub async fn an_impulse_without_history_records_its_step(store: &dyn InstanceSto
     store.commit(vec![s]).await.unwrap();
     assert_eq!(store.impulse_applied(&k, "i").await.unwrap(), Some(9));
     assert!(store.history(&k, 0, 10).await.unwrap().is_empty());
+}
+
+fn timed(key: &InstanceKey, expect: Expect, version: u64, due: Option<u64>) -> StepWrite {
+    let mut s = step(key, expect, version, b"t");
+    s.active = false;
+    s.timer = due;
+    s
+}
+
+/// Armed timers are listed earliest first up to a time; a step that moves or clears an
+/// instance's timer moves or clears its entry.
+pub async fn timers_are_listed_by_due_time_and_follow_the_records(store: &dyn InstanceStore) {
+    let a = InstanceKey::new("naps", "a");
+    let b = InstanceKey::new("naps", "b");
+    let c = InstanceKey::new("naps", "c");
+    let other = InstanceKey::new("other", "a");
+    store
+        .commit(vec![
+            timed(&a, Expect::Absent, 1, Some(3_000)),
+            timed(&b, Expect::Absent, 1, Some(1_000)),
+            timed(&c, Expect::Absent, 1, None),
+            timed(&other, Expect::Absent, 1, Some(10)),
+        ])
+        .await
+        .unwrap();
+    let due = |v: Vec<(Arc<str>, u64)>| -> Vec<(String, u64)> {
+        v.into_iter().map(|(id, d)| (id.to_string(), d)).collect()
+    };
+    assert_eq!(
+        due(store.due("naps", 5_000, 10).await.unwrap()),
+        vec![("b".into(), 1_000), ("a".into(), 3_000)],
+        "earliest first, other flows and unarmed instances left out"
+    );
+    assert_eq!(
+        due(store.due("naps", 2_999, 10).await.unwrap()),
+        vec![("b".into(), 1_000)],
+        "only timers due by the given time"
+    );
+    assert_eq!(due(store.due("naps", 5_000, 1).await.unwrap()).len(), 1);
+    store
+        .commit(vec![
+            timed(&a, Expect::Version(1), 2, Some(500)),
+            timed(&b, Expect::Version(1), 2, None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        due(store.due("naps", 5_000, 10).await.unwrap()),
+        vec![("a".into(), 500)],
+        "a moved timer is listed at its new time once; a cleared one is gone"
+    );
+    let r = store
+        .commit(vec![timed(&c, Expect::Version(7), 8, Some(1))])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Conflict { found: Some(1) }]);
+    let listed = due(store.due("naps", 5_000, 10).await.unwrap());
+    assert!(
+        listed.contains(&("a".into(), 500)),
+        "a step that conflicts moves no other timer: {listed:?}"
+    );
+    // A shared backend indexes before it commits, so the refused step may have left its
+    // entry; the runtime finds it stale against the record and repairs it.
+    for extra in listed.iter().filter(|(id, _)| id != "a") {
+        assert_eq!(
+            extra,
+            &("c".to_string(), 1),
+            "only the refused step's entry"
+        );
+        store
+            .retime(&c, 1, None)
+            .await
+            .expect("a stale entry is repaired");
+    }
+    assert_eq!(
+        due(store.due("naps", 5_000, 10).await.unwrap()),
+        vec![("a".into(), 500)]
+    );
+}
+
+/// `retime` removes an entry only while it is still at the stale time, and indexes the
+/// record's actual timer.
+pub async fn a_stale_timer_entry_is_repaired_only_if_still_stale(store: &dyn InstanceStore) {
+    let a = InstanceKey::new("naps", "r");
+    store
+        .commit(vec![timed(&a, Expect::Absent, 1, Some(100))])
+        .await
+        .unwrap();
+    store.retime(&a, 99, None).await.unwrap();
+    assert_eq!(
+        store.due("naps", 1_000, 10).await.unwrap().len(),
+        1,
+        "an entry not at the stale time is left alone"
+    );
+    store.retime(&a, 100, Some(700)).await.unwrap();
+    let got = store.due("naps", 1_000, 10).await.unwrap();
+    assert_eq!(got, vec![(Arc::from("r"), 700)]);
+    store.retime(&a, 700, None).await.unwrap();
+    assert!(store.due("naps", 1_000, 10).await.unwrap().is_empty());
+}
+
+/// Parked instances are listed per flow in id order, a page at a time; a step that
+/// unparks an instance removes it.
+pub async fn parked_instances_are_listed_in_pages(store: &dyn InstanceStore) {
+    let mut batch = Vec::new();
+    for id in ["p1", "p2", "p3", "p4"] {
+        let mut s = step(&InstanceKey::new("jobs", id), Expect::Absent, 1, b"q");
+        s.active = false;
+        s.parked = true;
+        batch.push(s);
+    }
+    let mut elsewhere = step(&InstanceKey::new("jobs2", "p0"), Expect::Absent, 1, b"q");
+    elsewhere.parked = true;
+    batch.push(elsewhere);
+    store.commit(batch).await.unwrap();
+    let ids = |v: Vec<Arc<str>>| -> Vec<String> { v.iter().map(ToString::to_string).collect() };
+    assert_eq!(
+        ids(store.parked("jobs", None, 2).await.unwrap()),
+        vec!["p1", "p2"]
+    );
+    assert_eq!(
+        ids(store.parked("jobs", Some("p2"), 10).await.unwrap()),
+        vec!["p3", "p4"],
+        "the next page starts after the last id seen"
+    );
+    let resumed = step(&InstanceKey::new("jobs", "p3"), Expect::Version(1), 2, b"r");
+    store.commit(vec![resumed]).await.unwrap();
+    assert_eq!(
+        ids(store.parked("jobs", None, 10).await.unwrap()),
+        vec!["p1", "p2", "p4"]
+    );
+    assert!(store.parked("job", None, 10).await.unwrap().is_empty());
 }

@@ -25,8 +25,24 @@ pub struct MemoryStore {
 struct Inner {
     records: HashMap<InstanceKey, Stored>,
     active: BTreeSet<(Arc<str>, Arc<str>)>,
+    parked: BTreeSet<(Arc<str>, Arc<str>)>,
+    /// (flow, due, id), and the due of each (flow, id) to find its entry.
+    timers: BTreeSet<(Arc<str>, u64, Arc<str>)>,
+    timer_of: HashMap<(Arc<str>, Arc<str>), u64>,
     impulses: HashMap<(InstanceKey, Arc<str>), u64>,
     history: BTreeMap<(InstanceKey, u64), Bytes>,
+}
+
+impl Inner {
+    fn set_timer(&mut self, ak: &(Arc<str>, Arc<str>), due: Option<u64>) {
+        if let Some(old) = self.timer_of.remove(ak) {
+            self.timers.remove(&(ak.0.clone(), old, ak.1.clone()));
+        }
+        if let Some(due) = due {
+            self.timer_of.insert(ak.clone(), due);
+            self.timers.insert((ak.0.clone(), due, ak.1.clone()));
+        }
+    }
 }
 
 impl MemoryStore {
@@ -66,10 +82,16 @@ impl InstanceStore for MemoryStore {
             }
             let ak = (step.key.flow.clone(), step.key.id.clone());
             if step.active {
-                inner.active.insert(ak);
+                inner.active.insert(ak.clone());
             } else {
                 inner.active.remove(&ak);
             }
+            if step.parked {
+                inner.parked.insert(ak.clone());
+            } else {
+                inner.parked.remove(&ak);
+            }
+            inner.set_timer(&ak, step.timer);
             if let Some((seq, entry)) = step.history {
                 inner.history.insert((step.key.clone(), seq), entry);
             }
@@ -144,5 +166,56 @@ impl InstanceStore for MemoryStore {
             .get(&(key.clone(), Arc::from(impulse_id)))
             .copied();
         Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
+        let inner = self.lock();
+        let f: Arc<str> = flow.into();
+        let out = inner
+            .timers
+            .range((f.clone(), 0, Arc::from(""))..)
+            .take_while(|(fl, due, _)| *fl == f && *due <= until_ms)
+            .take(limit)
+            .map(|(_, due, id)| (id.clone(), *due))
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut inner = self.lock();
+        let ak = (key.flow.clone(), key.id.clone());
+        if inner.timer_of.get(&ak) == Some(&stale) {
+            inner.set_timer(&ak, actual);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let inner = self.lock();
+        let f: Arc<str> = flow.into();
+        let out = inner
+            .parked
+            .range((f.clone(), Arc::from(after.unwrap_or("")))..)
+            .take_while(|(fl, _)| *fl == f)
+            .filter(|(_, id)| after.is_none_or(|a| &**id > a))
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
     }
 }

@@ -1,7 +1,8 @@
 //! The instance store: one trait, several backends, one conformance suite.
 //!
 //! A store holds, per instance, the record (with a version for compare-and-swap), the ids
-//! of the impulses applied to it, an index of active instances, and the history entries.
+//! of the impulses applied to it, and the history entries; and three indexes: instances
+//! with a call in flight (loaded at start-up), armed timers by due time, parked instances.
 //! [`InstanceStore::commit`] writes a whole batch of steps — of many instances — in one
 //! durable transaction, checking each step's conditions inside it; that is what lets the
 //! runtime turn many steps into one fsync (group commit).
@@ -30,6 +31,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The active instances of a flow: ids with their records.
 pub type ActiveList = Vec<(Arc<str>, Stored)>;
+
+/// Timers of a flow: instance ids with the time they are due (ms since the Unix epoch).
+pub type DueList = Vec<(Arc<str>, u64)>;
 
 /// Durable storage of instance records, applied impulse ids and history.
 ///
@@ -68,6 +72,37 @@ pub trait InstanceStore: Send + Sync + 'static {
         key: &'a InstanceKey,
         impulse_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+
+    /// The armed timers of a flow due at or before `until_ms`, earliest first, at most
+    /// `limit` (the timer index written by [`StepWrite::timer`]).
+    ///
+    /// A shared backend may list an entry its record no longer has (the index sits apart
+    /// from the record); the runtime checks the record and repairs the entry with
+    /// [`InstanceStore::retime`].
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DueList, StoreError>>;
+
+    /// Repairs the timer index of an instance whose entry due at `stale` does not match its
+    /// record: removes that entry (if it is still at `stale`) and indexes `actual`.
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The parked (quarantined) instances of a flow, in id order, after `after`, at most
+    /// `limit`.
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
@@ -97,6 +132,30 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
         impulse_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         (**self).impulse_applied(key, impulse_id)
+    }
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DueList, StoreError>> {
+        (**self).due(flow, until_ms, limit)
+    }
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).retime(key, stale, actual)
+    }
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        (**self).parked(flow, after, limit)
     }
 }
 

@@ -8,6 +8,9 @@
 //! | `active` | (flow, id) | () — the instances start-up recovery loads |
 //! | `impulses` | (flow, id, impulse id) | step that applied it |
 //! | `history` | (flow, id, step) | enveloped history entry |
+//! | `parked` | (flow, id) | () — quarantined instances, for operators |
+//! | `timers` | (flow, due ms, id) | () — armed timers by due time |
+//! | `timer_of` | (flow, id) | due ms — finds an instance's `timers` row |
 //!
 //! One [`InstanceStore::commit`] is one redb write transaction with immediate durability:
 //! one fsync for the whole batch. Blocking calls run on tokio's blocking pool.
@@ -26,6 +29,9 @@ const RECORDS: TableDefinition<'_, (&str, &str), (u64, &[u8])> = TableDefinition
 const ACTIVE: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("active");
 const IMPULSES: TableDefinition<'_, (&str, &str, &str), u64> = TableDefinition::new("impulses");
 const HISTORY: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("history");
+const PARKED: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("parked");
+const TIMERS: TableDefinition<'_, (&str, u64, &str), ()> = TableDefinition::new("timers");
+const TIMER_OF: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("timer_of");
 
 /// The embedded store: one redb file, crash-safe, one fsync per committed batch.
 ///
@@ -79,6 +85,9 @@ impl RedbStore {
         txn.open_table(ACTIVE).map_err(|e| map_err(p, e))?;
         txn.open_table(IMPULSES).map_err(|e| map_err(p, e))?;
         txn.open_table(HISTORY).map_err(|e| map_err(p, e))?;
+        txn.open_table(PARKED).map_err(|e| map_err(p, e))?;
+        txn.open_table(TIMERS).map_err(|e| map_err(p, e))?;
+        txn.open_table(TIMER_OF).map_err(|e| map_err(p, e))?;
         txn.commit().map_err(|e| map_err(p, e))
     }
 
@@ -131,6 +140,9 @@ fn commit_blocking(
         let mut active = txn.open_table(ACTIVE).map_err(|x| e(x.into()))?;
         let mut impulses = txn.open_table(IMPULSES).map_err(|x| e(x.into()))?;
         let mut history = txn.open_table(HISTORY).map_err(|x| e(x.into()))?;
+        let mut parked = txn.open_table(PARKED).map_err(|x| e(x.into()))?;
+        let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
+        let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
         for step in batch {
             let key = (&*step.key.flow, &*step.key.id);
             let found = records
@@ -161,6 +173,12 @@ fn commit_blocking(
             } else {
                 active.remove(key).map_err(|x| e(x.into()))?;
             }
+            if step.parked {
+                parked.insert(key, ()).map_err(|x| e(x.into()))?;
+            } else {
+                parked.remove(key).map_err(|x| e(x.into()))?;
+            }
+            set_timer(&mut timers, &mut timer_of, key, step.timer).map_err(e)?;
             if let Some((seq, entry)) = &step.history {
                 history
                     .insert((key.0, key.1, *seq), &entry[..])
@@ -176,6 +194,34 @@ fn commit_blocking(
     }
     txn.commit().map_err(|x| e(x.into()))?;
     Ok(results)
+}
+
+type Table<'t, K, V> = redb::Table<'t, K, V>;
+
+/// Moves an instance's entry in the timer index to `due` (or removes it).
+fn set_timer(
+    timers: &mut Table<'_, (&str, u64, &str), ()>,
+    timer_of: &mut Table<'_, (&str, &str), u64>,
+    key: (&str, &str),
+    due: Option<u64>,
+) -> Result<(), redb::Error> {
+    let old = timer_of.get(key)?.map(|g| g.value());
+    if old == due {
+        return Ok(());
+    }
+    if let Some(old) = old {
+        timers.remove((key.0, old, key.1))?;
+    }
+    match due {
+        Some(due) => {
+            timers.insert((key.0, due, key.1), ())?;
+            timer_of.insert(key, due)?;
+        }
+        None => {
+            timer_of.remove(key)?;
+        }
+    }
+    Ok(())
 }
 
 impl InstanceStore for RedbStore {
@@ -275,6 +321,83 @@ impl InstanceStore for RedbStore {
                 .get((&*key.flow, &*key.id, &*impulse))
                 .map_err(|x| e(x.into()))?
                 .map(|g| g.value()))
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, 0, "")..(&*flow, until_ms.saturating_add(1), ""))
+                .map_err(|x| e(x.into()))?
+                .take(limit)
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (_, due, id) = k.value();
+                out.push((Arc::from(id), due));
+            }
+            Ok(out)
+        })
+    }
+
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_write().map_err(|x| e(x.into()))?;
+            {
+                let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
+                let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
+                let k = (&*key.flow, &*key.id);
+                let now = timer_of.get(k).map_err(|x| e(x.into()))?.map(|g| g.value());
+                if now == Some(stale) {
+                    set_timer(&mut timers, &mut timer_of, k, actual).map_err(e)?;
+                }
+            }
+            txn.commit().map_err(|x| e(x.into()))
+        })
+    }
+
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        let after: Option<Arc<str>> = after.map(Arc::from);
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(PARKED).map_err(|x| e(x.into()))?;
+            let start = after.as_deref().unwrap_or("");
+            let mut out = Vec::new();
+            for row in table.range((&*flow, start)..).map_err(|x| e(x.into()))? {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, id) = k.value();
+                if f != &*flow || out.len() >= limit {
+                    break;
+                }
+                if after.as_deref() == Some(id) {
+                    continue;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
         })
     }
 }

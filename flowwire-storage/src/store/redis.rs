@@ -5,21 +5,26 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag |
+//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag |
 //! | `P:{flow/id}:i` | hash | impulse id → step that applied it |
 //! | `P:{flow/id}:hz` | sorted set | history step numbers |
 //! | `P:{flow/id}:hh` | hash | step number → encoded history entry |
 //! | `P:active:{flow}` | set | ids of (possibly) active instances |
+//! | `P:timers:{flow}` | sorted set | id scored by its timer's due time (ms) |
+//! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
 //!
 //! A step is one `EVALSHA` of [`COMMIT`]: compare-and-swap on the version, insert-if-absent
 //! of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
 //! is one pipeline of those scripts (one round trip); each step is atomic on its own.
 //!
-//! The active set lives in another slot, so it cannot be in the script. It is kept
-//! *conservative*: an id is added before the step that makes it active is committed and
-//! removed after the step that ends it, so a crash in between leaves an extra id (filtered
-//! out by the record's own active flag and cleaned lazily), never a missing one.
+//! The active, timer and parked sets live in other slots, so they cannot be in the script.
+//! They are kept *conservative*: an entry is added before the step that needs it is
+//! committed and removed after the step that drops it, so a crash in between leaves an
+//! extra entry, never a missing one. Extra active and parked ids are filtered out by the
+//! record's own flags; an extra timer entry is found by the runtime when it fires (the
+//! record says otherwise) and repaired with [`InstanceStore::retime`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,7 +39,7 @@ use crate::redis_link::RedisLink;
 pub const COMMIT: &str = r"
 -- KEYS: record, impulses, history index, history entries
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
---       has history ('1'/'0'), history entry, prune below ('' = none)
+--       has history ('1'/'0'), history entry, prune below ('' = none), parked
 local found = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if found then return {1, tonumber(found)} end
@@ -47,7 +52,7 @@ if ARGV[6] ~= '' then
   if seen then return {2, tonumber(seen)} end
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10])
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
@@ -62,6 +67,20 @@ if ARGV[9] ~= '' then
   end
 end
 return {0, 0}
+";
+
+/// Repairs one timer entry: `KEYS[1]` the timer set; `ARGV`: id, stale due, actual due
+/// (`''` = none). Changes nothing unless the entry is still at the stale time.
+const RETIME: &str = r"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) == tonumber(ARGV[2]) then
+  if ARGV[3] == '' then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+  else
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  end
+end
+return 0
 ";
 
 /// A record hash as read back: version, bytes, active flag.
@@ -120,6 +139,14 @@ impl RedisStore {
         format!("{}:active:{{{flow}}}", self.prefix)
     }
 
+    fn timers_key(&self, flow: &str) -> String {
+        format!("{}:timers:{{{flow}}}", self.prefix)
+    }
+
+    fn parked_key(&self, flow: &str) -> String {
+        format!("{}:parked:{{{flow}}}", self.prefix)
+    }
+
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         self.link.conn().await.map_err(|e| backend(&e))
     }
@@ -127,8 +154,18 @@ impl RedisStore {
     async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
-        for s in batch.iter().filter(|s| s.active) {
-            pipe.sadd(self.active_key(&s.key.flow), &*s.key.id).ignore();
+        for s in batch {
+            if s.active {
+                pipe.sadd(self.active_key(&s.key.flow), &*s.key.id).ignore();
+            }
+            if s.parked {
+                pipe.zadd(self.parked_key(&s.key.flow), &*s.key.id, 0)
+                    .ignore();
+            }
+            if let Some(due) = s.timer {
+                pipe.zadd(self.timers_key(&s.key.flow), &*s.key.id, due)
+                    .ignore();
+            }
         }
         for s in batch {
             let keys = self.keys(&s.key);
@@ -152,7 +189,8 @@ impl RedisStore {
                 .arg(s.impulse.as_deref().unwrap_or(""))
                 .arg(has_hist)
                 .arg(hist)
-                .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default());
+                .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
+                .arg(if s.parked { "1" } else { "0" });
         }
         let replies: Vec<(i64, i64)> = match pipe.query_async(&mut c).await {
             Ok(r) => r,
@@ -180,6 +218,18 @@ impl RedisStore {
                             .ignore();
                         any_remove = true;
                     }
+                    if !s.parked {
+                        removes
+                            .zrem(self.parked_key(&s.key.flow), &*s.key.id)
+                            .ignore();
+                        any_remove = true;
+                    }
+                    if s.timer.is_none() {
+                        removes
+                            .zrem(self.timers_key(&s.key.flow), &*s.key.id)
+                            .ignore();
+                        any_remove = true;
+                    }
                     StepResult::Committed
                 }
                 1 => StepResult::Conflict {
@@ -191,7 +241,8 @@ impl RedisStore {
             });
         }
         if any_remove {
-            // Best effort: an id left behind is filtered by its record's flag.
+            // Best effort: an entry left behind is filtered by its record's flags, or
+            // repaired when its timer fires.
             let _ = removes.query_async::<()>(&mut c).await;
         }
         Ok(results)
@@ -317,6 +368,95 @@ impl InstanceStore for RedisStore {
                 .query_async(&mut c)
                 .await
                 .map_err(|e| backend(&e))
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let rows: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.timers_key(flow))
+                .arg("-inf")
+                .arg(until_ms)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(rows.into_iter().map(|(id, d)| (id.into(), d)).collect())
+        })
+    }
+
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            redis::Script::new(RETIME)
+                .key(self.timers_key(&key.flow))
+                .arg(&*key.id)
+                .arg(stale)
+                .arg(actual.map(|a| a.to_string()).unwrap_or_default())
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(())
+        })
+    }
+
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.parked_key(flow);
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut from = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+            // Bounded: each round reads a page of the set, and stops at its end.
+            for _ in 0..1_000 {
+                let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                    .arg(&set)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit.max(1))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                let Some(last) = ids.last() else { break };
+                from = format!("({last}");
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    pipe.cmd("HGET").arg(r).arg("p");
+                }
+                let flags: Vec<Option<String>> =
+                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                let full = ids.len() < limit.max(1);
+                for (id, p) in ids.into_iter().zip(flags) {
+                    if p.as_deref() == Some("1") && out.len() < limit {
+                        out.push(id.into());
+                    }
+                }
+                if out.len() >= limit || full {
+                    break;
+                }
+            }
+            Ok(out)
         })
     }
 }

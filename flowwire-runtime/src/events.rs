@@ -1,0 +1,195 @@
+//! Lifecycle events: a typed, bounded stream of what the engine did, for dashboards,
+//! audit logs and tests.
+//!
+//! Every event is sent after the step it reports is committed (retries: when they are
+//! scheduled), so a subscriber never sees something the store does not hold. The stream is
+//! bounded: a subscriber that falls behind by more than the engine's event capacity does
+//! not slow the engine down; it is told how many events it missed and goes on from the
+//! oldest one still held. Without subscribers, sending costs a check of the subscriber count.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// One thing that happened to one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// The flow's name.
+    pub flow: &'static str,
+    /// The instance id.
+    pub id: Arc<str>,
+    /// The step the event belongs to (the step that made it happen).
+    pub step: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The instance was started.
+    Started,
+    /// A driver call was sent (also when it is sent again after a restart).
+    Drive {
+        /// The driver trait.
+        driver: &'static str,
+        /// The method.
+        method: &'static str,
+        /// The step that issued the call (with the instance, the idempotency key).
+        call_step: u64,
+    },
+    /// A driver call's outcome was applied.
+    Outcome {
+        /// The step that issued the call.
+        call_step: u64,
+        /// Whether the driver succeeded (`false` for its error or a runtime fault).
+        ok: bool,
+    },
+    /// An attempt of a driver call failed (timed out or panicked) and will be retried.
+    Retry {
+        /// The driver trait.
+        driver: &'static str,
+        /// The method.
+        method: &'static str,
+        /// The step that issued the call.
+        call_step: u64,
+        /// The attempt that failed, from 1.
+        attempt: u32,
+        /// Why.
+        fault: String,
+        /// The wait before the next attempt, in milliseconds.
+        backoff_ms: u64,
+    },
+    /// An impulse was applied.
+    Impulse {
+        /// The impulse method.
+        name: String,
+    },
+    /// The instance sleeps until a time.
+    Sleeping {
+        /// When it wakes, in milliseconds since the Unix epoch.
+        until_ms: u64,
+    },
+    /// The instance waits for an impulse.
+    Waiting {
+        /// When the wait times out, if it has a timeout (ms since the Unix epoch).
+        until_ms: Option<u64>,
+    },
+    /// A timer fired: a sleep ended or a wait timed out.
+    Woke {
+        /// When it was due (ms since the Unix epoch).
+        due_ms: u64,
+    },
+    /// The flow finished.
+    Finished,
+    /// The flow failed (after its compensations, if it had any).
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The flow failed and runs its compensations; this one was sent.
+    Compensating {
+        /// The driver trait.
+        driver: &'static str,
+        /// The method.
+        method: &'static str,
+        /// Compensations left after this one.
+        left: usize,
+    },
+    /// The instance was parked for an operator.
+    Quarantined {
+        /// Why.
+        reason: String,
+    },
+    /// An operator changed a parked instance (patched, rewound or resumed it).
+    Operated {
+        /// `patch`, `rewind` or `resume`.
+        action: &'static str,
+    },
+}
+
+/// A subscriber fell behind and these events were dropped for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the subscriber fell behind and missed {count} events")]
+pub struct Missed {
+    /// How many.
+    pub count: u64,
+}
+
+/// A subscription to an engine's events: get one from `Engine::events`.
+///
+/// ```
+/// # async fn demo(engine: flowwire_runtime::Engine) {
+/// let mut events = engine.events();
+/// while let Some(event) = events.next().await {
+///     match event {
+///         Ok(e) => println!("{} {} step {}: {:?}", e.flow, e.id, e.step, e.kind),
+///         Err(missed) => eprintln!("{missed}"),
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Events {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl Events {
+    pub(crate) fn new(rx: broadcast::Receiver<Event>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event, or how many this subscriber missed since the last call, or `None`
+    /// once the engine has shut down and every held event was read. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<Event, Missed>> {
+        match self.rx.recv().await {
+            Ok(e) => Some(Ok(e)),
+            Err(broadcast::error::RecvError::Lagged(count)) => Some(Err(Missed { count })),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next event if one is waiting, without waiting.
+    pub fn try_next(&mut self) -> Option<Result<Event, Missed>> {
+        match self.rx.try_recv() {
+            Ok(e) => Some(Ok(e)),
+            Err(broadcast::error::TryRecvError::Lagged(count)) => Some(Err(Missed { count })),
+            Err(_) => None,
+        }
+    }
+}
+
+/// The sending side, shared by runners and workers.
+#[derive(Debug, Clone)]
+pub(crate) struct Emitter {
+    tx: broadcast::Sender<Event>,
+}
+
+impl Emitter {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            tx: broadcast::channel(capacity.max(1)).0,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> Events {
+        Events::new(self.tx.subscribe())
+    }
+
+    /// Whether anyone listens: build events only then.
+    pub(crate) fn wanted(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    pub(crate) fn send(&self, flow: &'static str, id: &Arc<str>, step: u64, kind: EventKind) {
+        let _ = self.tx.send(Event {
+            flow,
+            id: id.clone(),
+            step,
+            kind,
+        });
+    }
+}
