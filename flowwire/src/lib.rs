@@ -67,10 +67,12 @@
 //! ```
 
 pub use flowwire_macros::{driver, flow, impulse, probe, wire};
+pub use flowwire_runtime::engine::Metadata;
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
-    Ended, Engine, EngineBuilder, Error, Failure, Fault, Flow, FlowMeta, Handle, ImpulseMeta,
-    ImpulseRequest, LinkMeta, MethodMeta, Policy, ProbeMeta, Result,
+    Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, Fault, Flow, FlowMeta,
+    Handle, ImpulseMeta, ImpulseRequest, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result,
+    Timed,
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.

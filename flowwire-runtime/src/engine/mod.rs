@@ -560,6 +560,31 @@ impl Engine {
         F::META
     }
 
+    /// How many instances of flow `F` the engine holds in memory now: those with a driver
+    /// call in flight (and, briefly, those a request just touched). Sleeping, waiting,
+    /// parked and ended instances live in the store only.
+    ///
+    /// ```
+    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// println!("{} in memory", engine.resident::<F>().await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn resident<F: Flow>(&self) -> Result<usize> {
+        let (tx, rx) = oneshot::channel();
+        let send = self.sender::<F>()?.send(Msg::Resident { reply: tx });
+        let limit = self.inner.limits.request_timeout;
+        let fut = async {
+            send.await.map_err(|_| Error::Shutdown)?;
+            rx.await.map_err(|_| Error::Shutdown)
+        };
+        tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| Error::Timeout {
+                op: "resident",
+                after: limit,
+            })?
+    }
+
     /// Every registered flow and driver, with their impulses, probes, methods, argument
     /// and result types, versions and call policies.
     ///

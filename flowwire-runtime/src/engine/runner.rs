@@ -77,6 +77,10 @@ pub(crate) enum Msg<F: Flow> {
         id: Arc<str>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// How many instances are in memory.
+    Resident {
+        reply: oneshot::Sender<usize>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -962,6 +966,10 @@ impl<F: Flow> Runner<F> {
                         None
                     }
                 }
+            }
+            Input::Msg(Msg::Resident { reply }) => {
+                let _ = reply.send(self.slots.len());
+                None
             }
             Input::Msg(Msg::Shutdown { .. }) => None,
         }
