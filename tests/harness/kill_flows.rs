@@ -1,0 +1,144 @@
+#![allow(dead_code)] // shared by the harness and the test; each uses a part
+//! The flows the kill tests run, shared by the harness binary and the test.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flowwire::prelude::*;
+
+/// Sleeps `naps_wanted` times, `nap_ms` each, then finishes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NapState {
+    pub nap_ms: u64,
+    pub naps_wanted: u32,
+    pub naps: u32,
+}
+
+#[flow(name = "KillNap")]
+pub struct KillNap {
+    #[link]
+    state: NapState,
+}
+
+#[flow]
+impl KillNap {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.naps < self.state.naps_wanted {
+            Command::sleep(Duration::from_millis(self.state.nap_ms)).then(|f| {
+                f.state.naps += 1;
+                Ok(())
+            })
+        } else {
+            Command::finish()
+        }
+    }
+}
+
+/// Why a ledger driver failed (never, in practice).
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("ledger unavailable")]
+pub struct LedgerError;
+
+/// Moves money: a call that may have run before a crash must not be sent again blindly.
+#[driver]
+pub trait Vault {
+    #[driver(ambiguous = "park")]
+    async fn transfer(&self, cents: u64) -> Result<(), LedgerError>;
+}
+
+/// Sends mail: safe to send again (the idempotency key deduplicates).
+#[driver]
+pub trait Mail {
+    async fn send(&self, to: u32) -> Result<(), LedgerError>;
+}
+
+/// Both drivers: each execution appends `run method key redelivered` to a ledger; in the
+/// run tagged `hang`, every call then hangs until the process is killed.
+#[derive(Clone)]
+pub struct Ledger {
+    pub path: PathBuf,
+    pub run: String,
+}
+
+impl Ledger {
+    async fn note(&self, method: &str) {
+        let ctx = CallContext::current().expect("a call has a context");
+        let line = format!(
+            "{} {method} {} {}\n",
+            self.run,
+            ctx.idempotency_key(),
+            ctx.redelivered()
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .expect("the ledger opens");
+        f.write_all(line.as_bytes())
+            .expect("the ledger takes a line");
+        f.sync_data().expect("the ledger syncs");
+        if self.run == "hang" {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[driver]
+impl Vault for Ledger {
+    async fn transfer(&self, _cents: u64) -> Result<(), LedgerError> {
+        self.note("transfer").await;
+        Ok(())
+    }
+}
+
+#[driver]
+impl Mail for Ledger {
+    async fn send(&self, _to: u32) -> Result<(), LedgerError> {
+        self.note("send").await;
+        Ok(())
+    }
+}
+
+/// One call to one of the two drivers, then finish.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PayState {
+    pub money: bool,
+    pub done: bool,
+}
+
+#[flow(name = "KillPay")]
+pub struct KillPay {
+    #[link]
+    state: PayState,
+    #[link]
+    vault: impl Vault,
+    #[link]
+    mail: impl Mail,
+}
+
+#[flow]
+impl KillPay {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.done {
+            return Command::finish();
+        }
+        let then = |f: &mut Self, r: Result<(), DriveError<LedgerError>>| {
+            r.map_err(|e| Failure::msg(e.to_string()))?;
+            f.state.done = true;
+            Ok(())
+        };
+        if self.state.money {
+            Command::drive(self.vault.transfer(100)).then(then)
+        } else {
+            Command::drive(self.mail.send(7)).then(then)
+        }
+    }
+}
+
+/// The id of the i-th flow of a kind.
+pub fn pay_id(money: bool, i: u32) -> String {
+    format!("{}-{i}", if money { "transfer" } else { "mail" })
+}

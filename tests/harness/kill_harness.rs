@@ -1,0 +1,115 @@
+//! The process the kill tests (tests/kill.rs) kill.
+//!
+//! `kill_harness timers DATA_DIR N` starts (or resumes) N sleeping flows, waits until all
+//! have finished, prints `DONE` and exits 0.
+//!
+//! `kill_harness calls DATA_DIR LEDGER RUN N` starts (or resumes) N flows calling `Mail` and
+//! N calling `Vault`; in the run tagged `hang` the drivers hang after noting each call, so
+//! the test kills the process with calls in flight. Any other run waits until every mail
+//! flow finished and every vault flow is parked, prints `DONE` and exits 0.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flowwire::{Ended, Engine, Error, Flow};
+
+#[path = "kill_flows.rs"]
+mod kill_flows;
+
+use kill_flows::{KillNap, KillPay, Ledger, NapState, PayState, pay_id};
+
+/// Starts an instance, or reaches it if a killed run started it already.
+async fn start_or_reach<F: Flow>(engine: &Engine, id: &str, state: F::State) -> F::Handle {
+    match engine.start::<F>(id, state).await {
+        Ok(h) => h,
+        Err(Error::AlreadyExists { .. }) => engine.handle::<F>(id).await.expect("reachable"),
+        Err(e) => panic!("{id}: {e}"),
+    }
+}
+
+async fn timers(dir: PathBuf, n: u32) {
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillNap>()
+        .start()
+        .await
+        .expect("engine starts");
+    println!("READY");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let state = NapState {
+            nap_ms: 100 + u64::from(i * 37 % 400),
+            naps_wanted: 3,
+            naps: 0,
+        };
+        handles.push(start_or_reach::<KillNap>(&engine, &format!("nap-{i}"), state).await);
+    }
+    for (i, h) in handles.iter().enumerate() {
+        let ended = tokio::time::timeout(Duration::from_secs(60), h.finished()).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ended::Finished))),
+            "nap-{i}: {ended:?}"
+        );
+        assert_eq!(h.state().await.expect("state").naps, 3, "nap-{i}");
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
+async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let hang = run == "hang";
+    let driver = Ledger { path: ledger, run };
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillPay>()
+        .driver::<kill_flows::VaultProxy, _>(driver.clone())
+        .driver::<kill_flows::MailProxy, _>(driver)
+        .start()
+        .await
+        .expect("engine starts");
+    let mut handles = Vec::new();
+    for money in [false, true] {
+        for i in 0..n {
+            let state = PayState { money, done: false };
+            let h = start_or_reach::<KillPay>(&engine, &pay_id(money, i), state).await;
+            handles.push((money, i, h));
+        }
+    }
+    println!("READY");
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    for (money, i, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_secs(60), h.finished()).await;
+        match (money, ended) {
+            (false, Ok(Ok(Ended::Finished))) => {}
+            (true, Ok(Err(Error::Quarantined { reason, .. }))) if reason.contains("park") => {}
+            (_, other) => panic!("{}: {other:?}", pay_id(money, i)),
+        }
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("timers") if args.len() == 4 => {
+            timers(args[2].clone().into(), args[3].parse().expect("N")).await;
+        }
+        Some("calls") if args.len() == 6 => {
+            calls(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
+        _ => {
+            eprintln!("usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N");
+            std::process::exit(2);
+        }
+    }
+}
