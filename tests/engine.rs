@@ -426,6 +426,16 @@ fn the_flow_metadata_serializes_to_json() {
     assert_eq!(clerk["methods"][0]["result"], "Result<u32, NoSeats>");
 }
 
+/// The record as flowwire 0.1 wrote it.
+#[derive(Serialize)]
+struct RecordV1 {
+    flow_version: u32,
+    seq: u64,
+    status: flowwire::storage::Status,
+    state: bytes::Bytes,
+    pending: Option<()>,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_of_another_flow_version_is_never_run() {
     let store = Arc::new(MemoryStore::new());
@@ -439,15 +449,6 @@ async fn an_instance_of_another_flow_version_is_never_run() {
     // Another writer adds a live instance written by version 2 after this engine started.
     let mut state = Vec::new();
     codec::encode_raw(&TripState::default(), &mut state).unwrap();
-    /// The record as flowwire 0.1 wrote it.
-    #[derive(Serialize)]
-    struct RecordV1 {
-        flow_version: u32,
-        seq: u64,
-        status: flowwire::storage::Status,
-        state: bytes::Bytes,
-        pending: Option<()>,
-    }
     let record = RecordV1 {
         flow_version: 2,
         seq: 1,

@@ -131,7 +131,7 @@ impl<F: Board> fmt::Debug for Command<F> {
 
 /// Milliseconds of a duration, rounded up (a timer never fires early), saturating.
 fn millis(d: Duration) -> u64 {
-    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 

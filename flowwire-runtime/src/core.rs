@@ -209,8 +209,9 @@ impl<F: Flow> Instance<F> {
     ) -> Result<Step, Rejected> {
         match &self.record.status {
             Status::Finished => return Err(Rejected::Ended("finished")),
-            Status::Failed { .. } => return Err(Rejected::Ended("failed")),
-            Status::Compensating { .. } => return Err(Rejected::Ended("failed")),
+            Status::Failed { .. } | Status::Compensating { .. } => {
+                return Err(Rejected::Ended("failed"));
+            }
             Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
             Status::Running | Status::Waiting | Status::Sleeping => {}
         }

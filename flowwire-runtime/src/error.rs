@@ -155,6 +155,20 @@ pub enum Error {
         /// The panic message.
         reason: String,
     },
+    /// The history of the instance does not hold the step asked for.
+    #[error(
+        "step {step} is not in the history of the {flow} instance {id:?}, which holds {kept}; ask for a step it holds (retention is set with `EngineBuilder::history`)"
+    )]
+    NotInHistory {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The step asked for.
+        step: u64,
+        /// Which steps the history holds.
+        kept: String,
+    },
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,

@@ -70,6 +70,7 @@ impl Policy {
     };
 
     /// This policy with the unset fields taken from `fallback`.
+    #[must_use]
     pub const fn or(self, fallback: Policy) -> Policy {
         macro_rules! pick {
             ($f:ident) => {

@@ -45,7 +45,7 @@ async fn timers(dir: PathBuf, n: u32) {
         handles.push(start_or_reach::<KillNap>(&engine, &format!("nap-{i}"), state).await);
     }
     for (i, h) in handles.iter().enumerate() {
-        let ended = tokio::time::timeout(Duration::from_secs(60), h.finished()).await;
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
         assert!(
             matches!(ended, Ok(Ok(Ended::Finished))),
             "nap-{i}: {ended:?}"
@@ -80,7 +80,7 @@ async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
         std::future::pending::<()>().await;
     }
     for (money, i, h) in handles {
-        let ended = tokio::time::timeout(Duration::from_secs(60), h.finished()).await;
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
         match (money, ended) {
             (false, Ok(Ok(Ended::Finished))) => {}
             (true, Ok(Err(Error::Quarantined { reason, .. }))) if reason.contains("park") => {}

@@ -19,9 +19,11 @@ use crate::flow::{Board, Flow};
 use crate::handle::Handle;
 use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
+mod history;
 pub(crate) mod runner;
 pub(crate) mod worker;
 
+pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 use runner::{Msg, Runner};
 use worker::Job;
 
@@ -339,6 +341,7 @@ impl EngineBuilder {
             inner: Arc::new(Inner {
                 flows,
                 store: Mutex::new(Some(ctx.store)),
+                placement: ctx.placement,
                 data_dir,
                 limits: self.limits,
                 metadata: Metadata {
@@ -396,6 +399,8 @@ struct Inner {
     flows: HashMap<TypeId, FlowEntry>,
     /// For reads outside the runners (layouts); released at shutdown with the runners'.
     store: Mutex<Option<Arc<dyn InstanceStore>>>,
+    /// For reads of history snapshots.
+    placement: Arc<Placement>,
     data_dir: Option<PathBuf>,
     limits: Limits,
     metadata: Metadata,

@@ -511,7 +511,7 @@ impl<F: Flow> Runner<F> {
             match tokio::time::timeout(limit, store.retime(&key, stale, actual)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(instance = %key, error = %e, "stale timer entry not repaired")
+                    tracing::warn!(instance = %key, error = %e, "stale timer entry not repaired");
                 }
                 Err(_) => tracing::warn!(instance = %key, "stale timer entry not repaired in time"),
             }
