@@ -4,15 +4,17 @@
 //! every driver call executed at least once, with duplicates only across killed runs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[path = "harness/order.rs"]
 mod order;
+#[path = "support/process.rs"]
+mod process;
 
 use order::{CrashOrder, Ledger, order_id};
+use process::run_to_end;
 
 const FLOWS: u32 = 500;
 const KILLS: u32 = 20;
@@ -38,20 +40,6 @@ fn spawn(dir: &Path, ledger: &Path, run: &str) -> std::process::Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the harness starts")
-}
-
-/// Reads a harness's output to its end, then requires a successful exit.
-fn run_to_end(mut child: std::process::Child) -> String {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "the harness failed: {status}\n{out}");
-    out
 }
 
 #[test]

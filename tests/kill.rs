@@ -11,10 +11,15 @@
 //!   not sent again: their instances are parked for an operator, with a reason that says so.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+#[path = "support/process.rs"]
+mod process;
+
+use process::run_to_end;
 
 use flowwire::storage::{
     HistoryEntry, InstanceKey, InstanceStore, RedbStore, StepInput, StepOutput,
@@ -50,19 +55,6 @@ fn await_line(child: &mut Child, line: &str) -> BufReader<std::process::ChildStd
 fn kill(mut child: Child) {
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
-}
-
-fn run_to_end(mut child: Child) -> String {
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "the harness failed: {status}\n{out}");
-    out
 }
 
 async fn history(dir: &Path, flow: &str, id: &str) -> Vec<HistoryEntry> {
