@@ -520,7 +520,9 @@ impl<F: Flow> Runner<F> {
 
     /// Takes instances without a call in flight out of memory at the end of a round.
     fn evict_idle(&mut self) {
-        for id in std::mem::take(&mut self.touched) {
+        // The list keeps its capacity from round to round.
+        let mut touched = std::mem::take(&mut self.touched);
+        for id in touched.drain(..) {
             if let Some(slot) = self.slots.get(&id)
                 && !slot.inst.status().has_call()
                 && !slot.uploading
@@ -530,6 +532,7 @@ impl<F: Flow> Runner<F> {
                 self.slots.remove(&id);
             }
         }
+        self.touched = touched;
     }
 
     pub(crate) async fn run(
