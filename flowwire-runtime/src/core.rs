@@ -62,8 +62,6 @@ pub struct Step {
     /// The step with its payloads in memory (the record the instance adopts once the
     /// step is committed is `draft.record`).
     pub draft: Draft,
-    /// Whether the instance is still active after the step.
-    pub active: bool,
     /// A new driver call to dispatch once the write is committed.
     pub dispatch: Option<PendingCall>,
 }
@@ -209,9 +207,7 @@ impl<F: Flow> Instance<F> {
     ) -> Result<Step, Rejected> {
         match &self.record.status {
             Status::Finished => return Err(Rejected::Ended("finished")),
-            Status::Failed { .. } | Status::Compensating { .. } => {
-                return Err(Rejected::Ended("failed"));
-            }
+            Status::Failed { .. } => return Err(Rejected::Ended("failed")),
             Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
             Status::Running | Status::Waiting | Status::Sleeping => {}
         }
@@ -609,7 +605,6 @@ impl<F: Flow> Instance<F> {
         timer: Option<Timer>,
         output: StepOutput,
     ) -> Step {
-        let active = status.is_active();
         let record = Record {
             flow_version: F::VERSION,
             seq: self.record.seq + 1,
@@ -636,7 +631,6 @@ impl<F: Flow> Instance<F> {
                 payload: None,
                 at_ms: 0,
             },
-            active,
             dispatch,
         }
     }

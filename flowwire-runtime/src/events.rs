@@ -85,29 +85,15 @@ pub enum EventKind {
     },
     /// The flow finished.
     Finished,
-    /// The flow failed (after its compensations, if it had any).
+    /// The flow failed.
     Failed {
         /// Why.
         reason: String,
-    },
-    /// The flow failed and runs its compensations; this one was sent.
-    Compensating {
-        /// The driver trait.
-        driver: &'static str,
-        /// The method.
-        method: &'static str,
-        /// Compensations left after this one.
-        left: usize,
     },
     /// The instance was parked for an operator.
     Quarantined {
         /// Why.
         reason: String,
-    },
-    /// An operator changed a parked instance (patched, rewound or resumed it).
-    Operated {
-        /// `patch`, `rewind` or `resume`.
-        action: &'static str,
     },
 }
 

@@ -69,6 +69,16 @@ impl Policy {
         ambiguous: None,
     };
 
+    /// The built-in defaults, under every engine's own: 30 s per attempt, 3 retries, backoff
+    /// from 50 ms to 5 s, calls in flight at a restart sent again.
+    pub const DEFAULT: Policy = Policy {
+        timeout_ms: Some(30_000),
+        retries: Some(3),
+        backoff_ms: Some(50),
+        max_backoff_ms: Some(5_000),
+        ambiguous: Some(Ambiguous::Retry),
+    };
+
     /// This policy with the unset fields taken from `fallback`.
     #[must_use]
     pub const fn or(self, fallback: Policy) -> Policy {

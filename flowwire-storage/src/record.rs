@@ -61,12 +61,6 @@ pub enum Status {
     },
     /// Sleeping until its timer fires (see [`Record::timer`]).
     Sleeping,
-    /// The flow failed and its registered compensations are running, last registered
-    /// first; the one in flight is [`Record::pending`].
-    Compensating {
-        /// Why the flow failed.
-        reason: String,
-    },
 }
 
 impl Status {
@@ -77,17 +71,14 @@ impl Status {
 
     /// Whether the instance is live: neither ended nor parked.
     pub fn is_active(&self) -> bool {
-        matches!(
-            self,
-            Status::Running | Status::Waiting | Status::Sleeping | Status::Compensating { .. }
-        )
+        matches!(self, Status::Running | Status::Waiting | Status::Sleeping)
     }
 
     /// Whether a driver call is in flight: the engine loads such instances at start-up to
     /// send the call again. Waiting and sleeping instances are not loaded; an impulse or
     /// their timer brings them back.
     pub fn has_call(&self) -> bool {
-        matches!(self, Status::Running | Status::Compensating { .. })
+        matches!(self, Status::Running)
     }
 
     /// A short name for logs and errors.
@@ -99,7 +90,6 @@ impl Status {
             Status::Failed { .. } => "failed",
             Status::Quarantined { .. } => "quarantined",
             Status::Sleeping => "sleeping",
-            Status::Compensating { .. } => "compensating",
         }
     }
 }
@@ -165,11 +155,13 @@ pub struct Record {
     pub status: Status,
     /// The flow state, encoded with postcard.
     pub state: Bytes,
-    /// The call in flight, when [`Status::Running`] or [`Status::Compensating`].
+    /// The call in flight, when [`Status::Running`].
     pub pending: Option<PendingCall>,
     /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
     pub timer: Option<Timer>,
-    /// Compensations registered so far, in registration order (run in reverse).
+    /// Compensations registered so far, in registration order (run in reverse). Always
+    /// empty until sagas run them (issue 4); the field is in format 3 so that they need no
+    /// new record format.
     pub compensations: Vec<Compensation>,
 }
 
@@ -358,22 +350,6 @@ pub enum StepInput {
         /// The step that issued the call.
         call_seq: u64,
     },
-    /// A compensation's outcome was applied.
-    Compensated {
-        /// The step that issued the compensation call.
-        call_seq: u64,
-        /// Whether it succeeded.
-        ok: bool,
-    },
-    /// An operator changed the state of a parked instance.
-    Patch,
-    /// An operator set the state of a parked instance back to its snapshot at a step.
-    Rewind {
-        /// The step whose state was restored.
-        to: u64,
-    },
-    /// An operator resumed a parked instance.
-    Resume,
 }
 
 /// What went out of a step.
@@ -412,17 +388,6 @@ pub enum StepOutput {
         /// When the wait times out, in milliseconds since the Unix epoch.
         due_ms: u64,
     },
-    /// A compensation call was issued (the flow failed).
-    Compensate {
-        /// The step that issued the call.
-        call_seq: u64,
-        /// The linked driver.
-        link: u16,
-        /// The driver method.
-        method: u16,
-    },
-    /// The instance's state or position changed without running the wire (patch, rewind).
-    Unchanged,
 }
 
 /// One entry of an instance's history: one step.

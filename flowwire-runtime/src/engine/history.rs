@@ -42,7 +42,8 @@ pub struct HistoryPage {
 }
 
 impl Engine {
-    fn store_for_reads(&self) -> Result<Arc<dyn flowwire_storage::InstanceStore>> {
+    /// The store, for reads outside the runners (released at shutdown).
+    pub(super) fn store_for_reads(&self) -> Result<Arc<dyn flowwire_storage::InstanceStore>> {
         self.inner
             .store
             .lock()
@@ -51,7 +52,8 @@ impl Engine {
             .ok_or(Error::Shutdown)
     }
 
-    async fn timed<T>(
+    /// A store read bounded by the store timeout.
+    pub(super) async fn timed<T>(
         &self,
         fut: impl std::future::Future<Output = std::result::Result<T, StoreError>>,
     ) -> Result<T> {

@@ -46,13 +46,7 @@ impl Default for Limits {
         Self {
             request_timeout: Duration::from_secs(30),
             store_timeout: Duration::from_secs(30),
-            call_policy: Policy {
-                timeout_ms: Some(30_000),
-                retries: Some(3),
-                backoff_ms: Some(50),
-                max_backoff_ms: Some(5_000),
-                ambiguous: Some(Ambiguous::Retry),
-            },
+            call_policy: Policy::DEFAULT,
             event_capacity: 1024,
             driver_concurrency: 64,
             driver_queue: 4096,
@@ -534,13 +528,7 @@ impl Engine {
         history: usize,
     ) -> Result<flowwire_storage::layout::Layout> {
         self.sender::<F>()?;
-        let store = self
-            .inner
-            .store
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or(Error::Shutdown)?;
+        let store = self.store_for_reads()?;
         let key = flowwire_storage::InstanceKey::new(F::NAME, id.into());
         let read = flowwire_storage::layout::Layout::read(
             &*store,
@@ -548,16 +536,10 @@ impl Engine {
             history,
             self.inner.limits.decode_limit,
         );
-        let limit = self.inner.limits.store_timeout;
-        match tokio::time::timeout(limit, read).await {
-            Ok(Ok(Some(layout))) => Ok(layout),
-            Ok(Ok(None)) => Err(Error::NotFound {
-                flow: F::NAME,
-                id: key.id.to_string(),
-            }),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(Error::Store(flowwire_storage::StoreError::Timeout(limit))),
-        }
+        self.timed(read).await?.ok_or_else(|| Error::NotFound {
+            flow: F::NAME,
+            id: key.id.to_string(),
+        })
     }
 
     /// The metadata of a registered flow.

@@ -1161,7 +1161,6 @@ impl<F: Flow> Runner<F> {
             StepOutput::Quarantine { reason } => send(EventKind::Quarantined {
                 reason: reason.clone(),
             }),
-            _ => {}
         }
     }
 
@@ -1299,10 +1298,15 @@ impl<F: Flow> Runner<F> {
     }
 }
 
-/// Exponential backoff with jitter for steps that could not be persisted: 50 ms doubling
-/// to 5 s, each delay between half and all of its step.
+/// The backoff of steps that could not be persisted (and of reloads): the driver retry
+/// backoff's shape, from 100 ms doubling to 5 s, with jitter.
 fn backoff(failures: u32) -> std::time::Duration {
-    let base = 50u64.saturating_mul(1 << failures.min(7)).min(5_000);
-    let jitter = u64::from(crate::clock::jitter()) % (base / 2 + 1);
-    std::time::Duration::from_millis(base / 2 + jitter)
+    const STEPS: CallPolicy = CallPolicy {
+        timeout: std::time::Duration::ZERO,
+        retries: 0,
+        backoff_ms: 50,
+        max_backoff_ms: 5_000,
+        park: false,
+    };
+    STEPS.backoff(failures.saturating_add(1))
 }

@@ -34,12 +34,16 @@ impl CallPolicy {
         driver: crate::meta::Policy,
         engine: crate::meta::Policy,
     ) -> Self {
-        let p = method.or(driver).or(engine);
+        // Every field is set once the built-in defaults are under the rest.
+        let p = method
+            .or(driver)
+            .or(engine)
+            .or(crate::meta::Policy::DEFAULT);
         Self {
-            timeout: Duration::from_millis(p.timeout_ms.unwrap_or(30_000)),
-            retries: p.retries.unwrap_or(3),
-            backoff_ms: p.backoff_ms.unwrap_or(50),
-            max_backoff_ms: p.max_backoff_ms.unwrap_or(5_000),
+            timeout: Duration::from_millis(p.timeout_ms.unwrap_or_default()),
+            retries: p.retries.unwrap_or_default(),
+            backoff_ms: p.backoff_ms.unwrap_or_default(),
+            max_backoff_ms: p.max_backoff_ms.unwrap_or_default(),
             park: p.ambiguous == Some(crate::meta::Ambiguous::Park),
         }
     }
@@ -115,14 +119,7 @@ async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
         move |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Ok(Poll::Pending) => Poll::Pending,
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-string panic payload".into());
-                Poll::Ready(Err(msg))
-            }
+            Err(p) => Poll::Ready(Err(crate::core::panic_message(&*p))),
         },
     )
     .await
