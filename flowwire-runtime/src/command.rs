@@ -27,6 +27,7 @@ pub(crate) enum CommandKind<F: Board> {
     Drive {
         call: F::Call,
         then: Then<F>,
+        undo: Option<F::Call>,
     },
     Wait,
     Timer {
@@ -47,6 +48,7 @@ impl<F: Board> Command<F> {
     {
         Drive {
             call: F::Call::from(call.into_call()),
+            undo: None,
             _reply: std::marker::PhantomData,
         }
     }
@@ -104,6 +106,13 @@ impl<F: Board> Command<F> {
     }
 
     /// Fails the flow with a reason.
+    ///
+    /// When drives registered compensations ([`Drive::compensate`]), the flow first runs
+    /// them, last registered first, each to a successful outcome (with its driver's retry
+    /// policy; a compensation that still fails parks the instance for an operator, and
+    /// resuming it sends that compensation again). The flow ends failed after the last one.
+    /// A continuation or a timer's continuation that returns `Err` fails the flow the
+    /// same way.
     pub fn fail(reason: impl fmt::Display) -> Self {
         Self {
             kind: CommandKind::Fail(Failure::msg(reason)),
@@ -178,6 +187,7 @@ impl<F: Board> Timed<F> {
 #[must_use = "a drive needs its continuation: add `.then(|flow, outcome| ..)`"]
 pub struct Drive<F: Board, R> {
     call: F::Call,
+    undo: Option<F::Call>,
     _reply: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -188,6 +198,29 @@ pub type Outcome<R> = Result<<R as Reply>::Ok, DriveError<<R as Reply>::Err>>;
 pub type Continuation<F, R> = fn(&mut F, Outcome<R>) -> Result<(), Failure>;
 
 impl<F: Board, R: Reply> Drive<F, R> {
+    /// Registers the call that undoes this one, should the flow fail later: a saga step.
+    ///
+    /// The compensation is registered only when this call succeeds (the driver returns
+    /// `Ok`); it is built now, from the state the drive is built from, so it carries what
+    /// it needs (an id, an amount). When the flow fails — [`Command::fail`], or a
+    /// continuation returning `Err` — the registered compensations run in reverse order,
+    /// durably: a crash while they run resumes them, and each runs to a successful outcome
+    /// at least once. A compensation is a driver call like any other: its driver's policy
+    /// (timeouts, retries, the ambiguous window) applies, and its idempotency key is stable.
+    ///
+    /// ```ignore
+    /// Command::drive(self.hotel.book(trip, nights))
+    ///     .compensate(self.hotel.cancel(trip))
+    ///     .then(|f, r| { f.state.hotel = Some(r?); Ok(()) })
+    /// ```
+    pub fn compensate<C>(mut self, undo: Call<C, impl Reply>) -> Self
+    where
+        F::Call: From<C>,
+    {
+        self.undo = Some(F::Call::from(undo.into_call()));
+        self
+    }
+
     /// Sets what happens with the call's outcome: the driver's own `Result`, or the
     /// runtime's [`Fault`] when the call timed out or panicked on every attempt.
     /// Returning `Err` fails the flow.
@@ -199,6 +232,7 @@ impl<F: Board, R: Reply> Drive<F, R> {
             kind: CommandKind::Drive {
                 call: self.call,
                 then: Then::new::<R>(k),
+                undo: self.undo,
             },
         }
     }

@@ -20,13 +20,20 @@ use bytes::Bytes;
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
-    CodecError, Expect, InstanceKey, PendingCall, Record, Status, StepInput, StepOutput, TimeSpec,
-    Timer,
+    CodecError, Compensation, Expect, InstanceKey, PendingCall, Record, Status, StepInput,
+    StepOutput, TimeSpec, Timer,
 };
 
 use crate::command::{CommandKind, Delivered, Then, ThenError, Wake};
 use crate::driver::Fault;
-use crate::flow::{CallSet, Flow, ImpulseSet};
+use crate::flow::{Board, CallSet, Flow, ImpulseSet};
+
+/// The continuation (and compensation) of the call in flight, as the wire returned them.
+struct Armed<F: Board> {
+    seq: u64,
+    then: Then<F>,
+    undo: Option<F::Call>,
+}
 
 /// Reusable encode buffers, one set per runner, and the time of the steps being built.
 #[derive(Debug, Default)]
@@ -73,6 +80,45 @@ impl Step {
     }
 }
 
+/// What an operator does to a parked instance.
+pub enum Operation<F: Flow> {
+    /// Runs it again: sends its call in flight again (or the compensation in flight, for a
+    /// failing flow), or runs the wire.
+    Resume,
+    /// Changes its state with a closure (it stays parked).
+    Patch(Box<dyn FnOnce(&mut F::State) + Send>),
+    /// Puts back the state recorded at a step of its history (it stays parked, with no
+    /// call in flight and no failure).
+    Rewind {
+        /// The step.
+        to: u64,
+        /// The state recorded then, encoded.
+        state: Bytes,
+    },
+}
+
+impl<F: Flow> Operation<F> {
+    /// The operation's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Resume => "resume",
+            Operation::Patch(_) => "patch",
+            Operation::Rewind { .. } => "rewind",
+        }
+    }
+}
+
+/// Why an operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The instance is not parked (for a rewind: neither parked nor failed).
+    NotParked(&'static str),
+    /// The patch closure panicked (the state is unchanged).
+    PatchPanicked(String),
+    /// The state does not decode or encode (the message says which).
+    State(String),
+}
+
 /// Why an impulse was not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejected {
@@ -88,10 +134,23 @@ pub struct Instance<F: Flow> {
     flow: F,
     version: u64,
     record: Record,
-    then: Option<(u64, Then<F>)>,
+    then: Option<Armed<F>>,
     /// The continuation of the armed timer, by its due time (rederived after a restart).
     wake: Option<(u64, Wake<F>)>,
+    /// The compensation the step being built registers (its drive's call succeeded).
+    registered: Option<Compensation>,
     limit: usize,
+}
+
+/// `Driver.method` of a flow's link, for messages.
+pub(crate) fn call_name<F: Board>(link: u16, method: u16) -> String {
+    let Some(l) = F::LINKS.get(usize::from(link)) else {
+        return format!("link {link}, method {method}");
+    };
+    match l.driver.methods.get(usize::from(method)) {
+        Some(m) => format!("{}.{}", l.driver.name, m.name),
+        None => format!("{}, method {method}", l.driver.name),
+    }
 }
 
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -124,9 +183,12 @@ impl<F: Flow> Instance<F> {
                 pending: None,
                 timer: None,
                 compensations: Vec::new(),
+                failing: None,
+                correlation: None,
             },
             then: None,
             wake: None,
+            registered: None,
             limit,
         };
         let step = inst.advance(StepInput::Start, None, false, scratch);
@@ -152,9 +214,10 @@ impl<F: Flow> Instance<F> {
             record,
             then: None,
             wake: None,
+            registered: None,
             limit,
         };
-        if inst.record.flow_version != F::VERSION && !inst.record.status.is_terminal() {
+        if inst.record.flow_version != F::VERSION && inst.record.status.is_active() {
             let reason = format!(
                 "the instance was written by {} version {}, this engine runs version {}",
                 F::NAME,
@@ -209,6 +272,7 @@ impl<F: Flow> Instance<F> {
             Status::Finished => return Err(Rejected::Ended("finished")),
             Status::Failed { .. } => return Err(Rejected::Ended("failed")),
             Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
+            Status::Compensating => return Err(Rejected::Ended("compensating")),
             Status::Running | Status::Waiting | Status::Sleeping => {}
         }
         let name = impulse.name();
@@ -244,39 +308,58 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Option<Step> {
         let pending = self.record.pending.clone()?;
-        if pending.seq != seq || self.record.status != Status::Running {
+        if pending.seq != seq {
             return None;
         }
-        let then = match self.then {
-            Some((s, then)) if s == seq => then,
-            _ => match self.rederive(&pending, scratch) {
-                Ok(then) => then,
-                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
-            },
-        };
-        let ok = outcome.is_ok();
+        let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
         let payload = Some(match outcome {
             Ok(bytes) => bytes.clone(),
             Err(fault) => Bytes::from(fault.to_string()),
         });
+        let input = StepInput::Outcome { call_seq: seq, ok };
+        match self.record.status {
+            Status::Running => {}
+            Status::Compensating => {
+                let mut step = self.compensated(input, ok, outcome.err(), scratch);
+                step.draft.payload = payload;
+                return Some(step);
+            }
+            _ => return None,
+        }
+        let armed = match self.then.take() {
+            Some(a) if a.seq == seq => a,
+            _ => match self.rederive(&pending, scratch) {
+                Ok(a) => a,
+                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+            },
+        };
+        if ok && let Some(undo) = &armed.undo {
+            // The call did what it did: whatever the continuation makes of it, the flow
+            // must undo it if it fails later.
+            scratch.call.clear();
+            if let Err(e) = undo.encode(&mut scratch.call) {
+                let reason = format!("the compensation of the call at step {seq} could not be encoded: {e}");
+                return Some(self.park(input, reason, scratch));
+            }
+            self.registered = Some(Compensation {
+                seq,
+                link: undo.link(),
+                method: undo.method(),
+                call: Bytes::copy_from_slice(&scratch.call),
+            });
+        }
         let delivered = match outcome {
             Ok(bytes) => Delivered::Reply(&bytes[..]),
             Err(fault) => Delivered::Fault(fault),
         };
-        let input = StepInput::Outcome { call_seq: seq, ok };
         let limit = self.limit;
+        let then = armed.then;
         let ran = catch_unwind(AssertUnwindSafe(|| {
             then.call(&mut self.flow, delivered, limit)
         }));
         let mut step = match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
-            Ok(Err(ThenError::Failed(failure))) => self.end(
-                input,
-                Status::Failed {
-                    reason: failure.to_string(),
-                },
-                scratch,
-            ),
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
                 self.park(input, reason, scratch)
@@ -290,6 +373,36 @@ impl<F: Flow> Instance<F> {
         Some(step)
     }
 
+    /// The outcome of the compensation in flight: on success the next one is sent (or the
+    /// flow ends failed after the last); on failure the instance is parked with it still in
+    /// flight, so that resuming sends it again.
+    fn compensated(
+        &mut self,
+        input: StepInput,
+        ok: bool,
+        fault: Option<&Fault>,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let reason = self.record.failing.clone().unwrap_or_default();
+        let mut rest = self.record.compensations.clone();
+        if !ok {
+            let name = rest
+                .last()
+                .map_or_else(String::new, |c| format!(" ({})", call_name::<F>(c.link, c.method)));
+            let registered = rest.last().map_or(0, |c| c.seq);
+            let detail = fault.map_or_else(
+                || "its driver returned an error".to_string(),
+                ToString::to_string,
+            );
+            let why = format!(
+                "the compensation registered at step {registered}{name} failed: {detail}. The flow was failing with: {reason}. Fix the cause, then resume the instance: the compensation is sent again"
+            );
+            return self.park(input, why, scratch);
+        }
+        rest.pop();
+        let state = self.record.state.clone();
+        self.unwind(input, reason, rest, state, scratch)
+    }
     /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire.
     ///
     /// Returns `None` when no such timer is armed (it was re-armed, or an impulse moved the
@@ -313,13 +426,7 @@ impl<F: Flow> Instance<F> {
         let ran = catch_unwind(AssertUnwindSafe(|| wake(&mut self.flow)));
         Some(match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
-            Ok(Err(failure)) => self.end(
-                input,
-                Status::Failed {
-                    reason: failure.to_string(),
-                },
-                scratch,
-            ),
+            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
             Err(p) => {
                 let reason = format!("the timer's continuation panicked: {}", panic_message(&*p));
                 self.park(input, reason, scratch)
@@ -349,11 +456,7 @@ impl<F: Flow> Instance<F> {
         }
         let mut again = pending;
         again.redelivered = again.redelivered.saturating_add(1);
-        let output = StepOutput::Drive {
-            call_seq: again.seq,
-            link: again.link,
-            method: again.method,
-        };
+        let output = self.resend_output(&again);
         let status = self.record.status.clone();
         let state = self.record.state.clone();
         let mut step = self.build(
@@ -370,6 +473,98 @@ impl<F: Flow> Instance<F> {
         Some(step)
     }
 
+    /// Applies an operator's operation to a parked instance (a rewind also applies to a
+    /// failed one). The instance stays parked after a patch or a rewind, so that an operator
+    /// can check the result before resuming it.
+    pub fn operate(&mut self, op: Operation<F>, scratch: &mut Scratch) -> Result<Step, Refused> {
+        let parked = matches!(self.record.status, Status::Quarantined { .. });
+        let failed = matches!(self.record.status, Status::Failed { .. });
+        let allowed = parked || (failed && matches!(op, Operation::Rewind { .. }));
+        if !allowed {
+            return Err(Refused::NotParked(self.record.status.name()));
+        }
+        let mut step = match op {
+            Operation::Resume => self.resume(scratch),
+            Operation::Patch(patch) => {
+                let mut state: F::State = codec::decode_raw(&self.record.state, self.limit)
+                    .map_err(|e| Refused::State(format!("the stored state does not decode: {e}")))?;
+                catch_unwind(AssertUnwindSafe(|| patch(&mut state)))
+                    .map_err(|p| Refused::PatchPanicked(panic_message(&*p)))?;
+                scratch.state.clear();
+                codec::encode_raw(&state, &mut scratch.state).map_err(|e| {
+                    Refused::State(format!("the patched state does not encode: {e}"))
+                })?;
+                self.flow = F::from_state(state);
+                let bytes = freeze(&mut scratch.state);
+                self.operated(StepInput::Patch, bytes, None)
+            }
+            Operation::Rewind { to, state } => {
+                let decoded: F::State = codec::decode_raw(&state, self.limit).map_err(|e| {
+                    Refused::State(format!("the state recorded at step {to} does not decode: {e}"))
+                })?;
+                self.flow = F::from_state(decoded);
+                let reason = format!(
+                    "rewound to step {to} by an operator: resume it to run the wire from there"
+                );
+                let mut step = self.operated(StepInput::Rewind { to }, state, Some(reason));
+                step.draft.record.pending = None;
+                step.draft.record.failing = None;
+                step
+            }
+        };
+        step.draft.at_ms = scratch.now_ms;
+        Ok(step)
+    }
+
+    /// A step that keeps the instance parked with a new state (and, given, a new reason).
+    fn operated(&mut self, input: StepInput, state: Bytes, reason: Option<String>) -> Step {
+        let reason = reason.unwrap_or_else(|| match &self.record.status {
+            Status::Quarantined { reason } => reason.clone(),
+            other => other.name().to_string(),
+        });
+        let output = StepOutput::Quarantine {
+            reason: reason.clone(),
+        };
+        let pending = self.record.pending.clone();
+        self.build(
+            input,
+            None,
+            Status::Quarantined { reason },
+            state,
+            pending,
+            None,
+            None,
+            output,
+        )
+    }
+
+    /// Resumes a parked instance: its call in flight (or compensation) is sent again,
+    /// counted as redelivered; without one, the wire runs.
+    fn resume(&mut self, scratch: &mut Scratch) -> Step {
+        let Some(pending) = self.record.pending.clone() else {
+            return self.advance(StepInput::Resume, None, false, scratch);
+        };
+        let mut again = pending;
+        again.redelivered = again.redelivered.saturating_add(1);
+        let output = self.resend_output(&again);
+        let status = if self.record.failing.is_some() {
+            Status::Compensating
+        } else {
+            Status::Running
+        };
+        let state = self.record.state.clone();
+        self.build(
+            StepInput::Resume,
+            None,
+            status,
+            state,
+            Some(again.clone()),
+            Some(again),
+            None,
+            output,
+        )
+    }
+
     /// Adopts a step after the store committed it.
     pub fn commit(&mut self, step: &Step) {
         self.version = step.draft.version;
@@ -383,6 +578,16 @@ impl<F: Flow> Instance<F> {
         self.then = None;
         self.wake = None;
         Ok(())
+    }
+
+    /// The flow's correlation key as of its current state (flows without one allocate
+    /// nothing here).
+    fn correlation(&self) -> Option<String> {
+        let mut key = String::new();
+        if !self.flow.correlate(&mut key) {
+            return None;
+        }
+        Some(key)
     }
 
     /// Runs the wire again to find the continuation of the armed timer (after a restart,
@@ -408,10 +613,10 @@ impl<F: Flow> Instance<F> {
         &mut self,
         pending: &PendingCall,
         scratch: &mut Scratch,
-    ) -> Result<Then<F>, String> {
+    ) -> Result<Armed<F>, String> {
         let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
             .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
-        let CommandKind::Drive { call, then } = cmd.kind else {
+        let CommandKind::Drive { call, then, undo } = cmd.kind else {
             return Err(format!(
                 "non-deterministic wire: the call at step {} is in flight, but the wire now returns `{}`",
                 pending.seq,
@@ -430,7 +635,11 @@ impl<F: Flow> Instance<F> {
                 pending.seq
             ));
         }
-        Ok(then)
+        Ok(Armed {
+            seq: pending.seq,
+            then,
+            undo,
+        })
     }
 
     /// Runs the wire and builds the step that follows `input`.
@@ -450,8 +659,9 @@ impl<F: Flow> Instance<F> {
             }
         };
         let mut timer = None;
+        let mut failing = None;
         let (status, pending, dispatch, output) = match cmd.kind {
-            CommandKind::Drive { call, then } => {
+            CommandKind::Drive { call, then, undo } => {
                 scratch.call.clear();
                 if let Err(e) = call.encode(&mut scratch.call) {
                     let reason = format!("the wire's call could not be encoded: {e}");
@@ -474,7 +684,11 @@ impl<F: Flow> Instance<F> {
                         (p.clone(), Some(p))
                     }
                 };
-                self.then = Some((pending.seq, then));
+                self.then = Some(Armed {
+                    seq: pending.seq,
+                    then,
+                    undo,
+                });
                 let output = StepOutput::Drive {
                     call_seq: pending.seq,
                     link,
@@ -511,15 +725,8 @@ impl<F: Flow> Instance<F> {
             }
             CommandKind::Finish => (Status::Finished, None, None, StepOutput::Finish),
             CommandKind::Fail(f) => {
-                let reason = f.to_string();
-                (
-                    Status::Failed {
-                        reason: reason.clone(),
-                    },
-                    None,
-                    None,
-                    StepOutput::Fail { reason },
-                )
+                failing = Some(f.to_string());
+                (Status::Waiting, None, None, StepOutput::Wait)
             }
         };
         scratch.state.clear();
@@ -528,6 +735,10 @@ impl<F: Flow> Instance<F> {
             return self.park(input, reason, scratch);
         }
         let state = freeze(&mut scratch.state);
+        if let Some(reason) = failing {
+            let compensations = self.compensations_now();
+            return self.unwind(input, reason, compensations, state, scratch);
+        }
         let mut step = self.build(
             input, impulse, status, state, pending, dispatch, timer, output,
         );
@@ -535,24 +746,102 @@ impl<F: Flow> Instance<F> {
         step
     }
 
-    /// A terminal step after a continuation failed the flow.
-    fn end(&mut self, input: StepInput, status: Status, scratch: &mut Scratch) -> Step {
-        let Status::Failed { reason } = &status else {
-            unreachable!("end() is only called with Failed")
-        };
-        let output = StepOutput::Fail {
-            reason: reason.clone(),
-        };
+    /// The step after a continuation failed the flow: its changed state is kept, and the
+    /// compensations (with the one this step registers) start.
+    fn end(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
         scratch.state.clear();
         let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
             Ok(()) => freeze(&mut scratch.state),
             Err(_) => self.record.state.clone(),
         };
+        let compensations = self.compensations_now();
+        self.unwind(input, reason, compensations, state, scratch)
+    }
+
+    /// The committed compensations, with the one the step being built registers.
+    fn compensations_now(&mut self) -> Vec<Compensation> {
+        let mut all = self.record.compensations.clone();
+        all.extend(self.registered.take());
+        all
+    }
+
+    /// A failing step: sends the last of `compensations` (status compensating), or ends the
+    /// flow failed when none is left.
+    fn unwind(
+        &mut self,
+        input: StepInput,
+        reason: String,
+        compensations: Vec<Compensation>,
+        state: Bytes,
+        scratch: &mut Scratch,
+    ) -> Step {
         self.then = None;
         self.wake = None;
-        let mut step = self.build(input, None, status, state, None, None, None, output);
+        self.registered = None;
+        let seq = self.record.seq + 1;
+        let mut step = match compensations.last() {
+            None => {
+                let output = StepOutput::Fail {
+                    reason: reason.clone(),
+                };
+                let status = Status::Failed { reason };
+                let mut step = self.build(input, None, status, state, None, None, None, output);
+                step.draft.record.failing = None;
+                step.draft.record.compensations = Vec::new();
+                step
+            }
+            Some(c) => {
+                let call = PendingCall {
+                    seq,
+                    link: c.link,
+                    method: c.method,
+                    call: c.call.clone(),
+                    redelivered: 0,
+                };
+                let output = StepOutput::Compensate {
+                    call_seq: seq,
+                    registered: c.seq,
+                    link: c.link,
+                    method: c.method,
+                };
+                let mut step = self.build(
+                    input,
+                    None,
+                    Status::Compensating,
+                    state,
+                    Some(call.clone()),
+                    Some(call),
+                    None,
+                    output,
+                );
+                step.draft.record.failing = Some(reason);
+                step.draft.record.compensations = compensations;
+                step
+            }
+        };
         step.draft.at_ms = scratch.now_ms;
         step
+    }
+
+    /// The history output of a call sent again (after a restart, or by an operator).
+    fn resend_output(&self, call: &PendingCall) -> StepOutput {
+        match (&self.record.status, self.record.compensations.last()) {
+            (Status::Compensating, Some(c)) | (Status::Quarantined { .. }, Some(c))
+                if self.record.failing.is_some() =>
+            {
+                StepOutput::Compensate {
+                    call_seq: call.seq,
+                    registered: c.seq,
+                    link: call.link,
+                    method: call.method,
+                }
+            }
+            _ => StepOutput::Drive {
+                call_seq: call.seq,
+                link: call.link,
+                method: call.method,
+            },
+        }
     }
 
     /// A parking step: the committed state, quarantined with a reason.
@@ -572,6 +861,7 @@ impl<F: Flow> Instance<F> {
             state
         };
         self.then = None;
+        self.registered = None;
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };
@@ -595,7 +885,7 @@ impl<F: Flow> Instance<F> {
 
     #[allow(clippy::too_many_arguments)]
     fn build(
-        &self,
+        &mut self,
         input: StepInput,
         impulse: Option<Arc<str>>,
         status: Status,
@@ -605,14 +895,21 @@ impl<F: Flow> Instance<F> {
         timer: Option<Timer>,
         output: StepOutput,
     ) -> Step {
+        let compensations = if status == Status::Finished {
+            Vec::new()
+        } else {
+            self.compensations_now()
+        };
         let record = Record {
             flow_version: F::VERSION,
             seq: self.record.seq + 1,
+            failing: self.record.failing.clone(),
+            correlation: self.correlation(),
             status,
             state,
             pending,
             timer,
-            compensations: self.record.compensations.clone(),
+            compensations,
         };
         let expect = if self.version == 0 {
             Expect::Absent

@@ -169,6 +169,43 @@ pub enum Error {
         /// Which steps the history holds.
         kept: String,
     },
+    /// An operator's operation applies only to parked instances (a rewind also to failed
+    /// ones).
+    #[error(
+        "cannot {op} the {flow} instance {id:?}: it is {status}; operators resume and patch parked instances, and rewind parked or failed ones"
+    )]
+    NotParked {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The operation.
+        op: &'static str,
+        /// Its status.
+        status: &'static str,
+    },
+    /// An operator's patch panicked; nothing was written.
+    #[error("the patch of the {flow} instance {id:?} panicked, so nothing was written: {message}")]
+    PatchPanicked {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The panic message.
+        message: String,
+    },
+    /// An operator's operation could not be applied to the instance's state.
+    #[error("cannot {op} the {flow} instance {id:?}: {detail}")]
+    Operation {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The operation.
+        op: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,

@@ -95,6 +95,26 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
+    /// An operator resumed the parked instance.
+    Resumed,
+    /// An operator patched the parked instance's state.
+    Patched,
+    /// An operator rewound the instance to a step of its history (it stays parked).
+    Rewound {
+        /// That step.
+        to: u64,
+    },
+    /// The flow is failing and sent a compensation (also when it is sent again).
+    Compensating {
+        /// The driver trait.
+        driver: &'static str,
+        /// The method.
+        method: &'static str,
+        /// The step whose drive registered the compensation.
+        registered_step: u64,
+        /// The step that sent it (with the instance, its idempotency key).
+        call_step: u64,
+    },
 }
 
 /// A subscriber fell behind and these events were dropped for it.

@@ -51,6 +51,13 @@ pub trait Flow: Board {
     fn wire(&mut self) -> Command<Self>;
     /// Applies an impulse.
     fn apply_impulse(&mut self, impulse: Self::Impulse);
+    /// Writes the flow's correlation key into `out` and returns `true`, when the flow
+    /// declares one (a `#[correlate]` method) and its state has one now.
+    #[doc(hidden)]
+    fn correlate(&self, out: &mut String) -> bool {
+        let _ = out;
+        false
+    }
 }
 
 /// A flow's impulse enum.

@@ -80,8 +80,10 @@ impl Kind {
         match self {
             // Records and history entries: 1 = payloads always inline (flowwire 0.1 before the
             // ladder), 2 = payloads placed on the ladder, 3 = timers, redelivery counts and
-            // compensations in records, step times in history. All are read.
-            Kind::Record | Kind::History => 3,
+            // compensations in records, step times in history; 4 (records only) = the
+            // failure a compensating flow ends with, and its correlation key. All are read.
+            Kind::Record => 4,
+            Kind::History => 3,
             Kind::State => 1,
         }
     }
@@ -229,6 +231,25 @@ pub fn decode_raw<'de, T: Deserialize<'de>>(
     }
 }
 
+/// Whether an encoded driver reply (a `Result<T, E>` encoded with postcard) is `Ok`.
+///
+/// Postcard writes an enum's variant index first, as a varint: `Ok` is 0, `Err` is 1. This
+/// is what lets the runtime tell a compensation's success without knowing its types.
+///
+/// ```
+/// use flowwire_storage::codec::{encode_raw, reply_is_ok};
+/// let mut buf = Vec::new();
+/// encode_raw(&Ok::<u32, String>(7), &mut buf).unwrap();
+/// assert!(reply_is_ok(&buf));
+/// buf.clear();
+/// encode_raw(&Err::<u32, String>("no".into()), &mut buf).unwrap();
+/// assert!(!reply_is_ok(&buf));
+/// assert!(!reply_is_ok(&[]));
+/// ```
+pub fn reply_is_ok(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,7 +303,7 @@ mod tests {
             CodecError::UnknownFormat {
                 kind: "record",
                 found: 99,
-                supported: 3
+                supported: 4
             }
         );
         assert!(

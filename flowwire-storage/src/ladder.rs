@@ -527,6 +527,15 @@ impl Placement {
         let active = record.status.has_call();
         let parked = matches!(record.status, crate::record::Status::Quarantined { .. });
         let timer = record.timer.map(|t| t.due_ms);
+        let correlation: Option<Arc<str>> = record
+            .correlation
+            .as_deref()
+            .filter(|_| !record.status.is_terminal())
+            .map(Arc::from);
+        let uncorrelate = prev
+            .and_then(|(p, _)| p.correlation.as_deref())
+            .filter(|old| correlation.as_deref() != Some(*old))
+            .map(Arc::from);
         let placed = PlacedRecord {
             flow_version: record.flow_version,
             seq,
@@ -535,6 +544,8 @@ impl Placement {
             pending,
             timer: record.timer,
             compensations: record.compensations,
+            failing: record.failing,
+            correlation: correlation.as_deref().map(str::to_owned),
             retired: kept,
             trash: dead
                 .into_iter()
@@ -584,6 +595,8 @@ impl Placement {
                 active,
                 parked,
                 timer,
+                correlation,
+                uncorrelate,
                 impulse,
                 history,
                 prune_below,
@@ -690,6 +703,8 @@ impl Placement {
             pending,
             timer: placed.timer,
             compensations: placed.compensations.clone(),
+            failing: placed.failing.clone(),
+            correlation: placed.correlation.clone(),
         })
     }
 

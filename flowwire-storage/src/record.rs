@@ -61,6 +61,9 @@ pub enum Status {
     },
     /// Sleeping until its timer fires (see [`Record::timer`]).
     Sleeping,
+    /// The flow failed ([`Record::failing`] says why) and its registered compensations are
+    /// running, last registered first; the one in flight is [`Record::pending`].
+    Compensating,
 }
 
 impl Status {
@@ -71,14 +74,17 @@ impl Status {
 
     /// Whether the instance is live: neither ended nor parked.
     pub fn is_active(&self) -> bool {
-        matches!(self, Status::Running | Status::Waiting | Status::Sleeping)
+        matches!(
+            self,
+            Status::Running | Status::Waiting | Status::Sleeping | Status::Compensating
+        )
     }
 
     /// Whether a driver call is in flight: the engine loads such instances at start-up to
     /// send the call again. Waiting and sleeping instances are not loaded; an impulse or
     /// their timer brings them back.
     pub fn has_call(&self) -> bool {
-        matches!(self, Status::Running)
+        matches!(self, Status::Running | Status::Compensating)
     }
 
     /// A short name for logs and errors.
@@ -90,6 +96,7 @@ impl Status {
             Status::Failed { .. } => "failed",
             Status::Quarantined { .. } => "quarantined",
             Status::Sleeping => "sleeping",
+            Status::Compensating => "compensating",
         }
     }
 }
@@ -159,10 +166,14 @@ pub struct Record {
     pub pending: Option<PendingCall>,
     /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
     pub timer: Option<Timer>,
-    /// Compensations registered so far, in registration order (run in reverse). Always
-    /// empty until sagas run them (issue 4); the field is in format 3 so that they need no
-    /// new record format.
+    /// Compensations registered so far, in registration order (run in reverse).
     pub compensations: Vec<Compensation>,
+    /// Why the flow failed, while its compensations run (also while it is parked because
+    /// one of them failed: resuming it goes on compensating).
+    pub failing: Option<String>,
+    /// The flow's correlation key after this step, while the instance has not ended (the
+    /// store indexes it for `impulse_by_key`).
+    pub correlation: Option<String>,
 }
 
 /// The record as flowwire 0.1 persisted it (format 1: everything inline).
@@ -200,6 +211,20 @@ struct PlacedRecordV2 {
     status: Status,
     state: Payload,
     pending: Option<PlacedCallV2>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// The record as format 3 persisted it (no failure reason or correlation key).
+#[derive(Deserialize)]
+struct PlacedRecordV3 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
     retired: Vec<Retired>,
     trash: Vec<BlobRef>,
 }
@@ -247,6 +272,10 @@ pub struct PlacedRecord {
     pub timer: Option<Timer>,
     /// Registered compensations.
     pub compensations: Vec<Compensation>,
+    /// Why the flow failed, while it compensates.
+    pub failing: Option<String>,
+    /// The correlation key.
+    pub correlation: Option<String>,
     /// Blobs only kept history refers to (tracked unless history is kept whole).
     pub retired: Vec<Retired>,
     /// Blobs no record or kept history refers to any more, deleted after this record is
@@ -260,7 +289,7 @@ impl PlacedRecord {
         codec::encode(Kind::Record, self, out)
     }
 
-    /// Decodes a record from its envelope (current format, or formats 1 and 2), refusing
+    /// Decodes a record from its envelope (current format, or formats 1 to 3), refusing
     /// more than `limit` bytes.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<PlacedRecord, CodecError> {
         let (version, payload) = codec::open_versioned(Kind::Record, bytes, limit)?;
@@ -281,6 +310,8 @@ impl PlacedRecord {
                     }),
                     timer: None,
                     compensations: Vec::new(),
+                    failing: None,
+                    correlation: None,
                     retired: Vec::new(),
                     trash: Vec::new(),
                 })
@@ -301,6 +332,24 @@ impl PlacedRecord {
                     }),
                     timer: None,
                     compensations: Vec::new(),
+                    failing: None,
+                    correlation: None,
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            3 => {
+                let r: PlacedRecordV3 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending,
+                    timer: r.timer,
+                    compensations: r.compensations,
+                    failing: None,
+                    correlation: None,
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -350,6 +399,15 @@ pub enum StepInput {
         /// The step that issued the call.
         call_seq: u64,
     },
+    /// An operator resumed the parked instance.
+    Resume,
+    /// An operator patched the parked instance's state.
+    Patch,
+    /// An operator put back the state recorded at an earlier step.
+    Rewind {
+        /// That step.
+        to: u64,
+    },
 }
 
 /// What went out of a step.
@@ -387,6 +445,17 @@ pub enum StepOutput {
     WaitUntil {
         /// When the wait times out, in milliseconds since the Unix epoch.
         due_ms: u64,
+    },
+    /// A compensation call was issued (the flow failed; it runs its compensations).
+    Compensate {
+        /// The step that issued the compensation call.
+        call_seq: u64,
+        /// The step whose drive registered it.
+        registered: u64,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
     },
 }
 
@@ -532,6 +601,12 @@ pub struct StepWrite {
     /// The instance's armed timer after the step, when it is due (ms since the Unix
     /// epoch); the store keeps an index by due time.
     pub timer: Option<u64>,
+    /// The instance's correlation key after the step (`None` once it ended); the store
+    /// keeps an index from `(flow, key)` to instance ids.
+    pub correlation: Option<Arc<str>>,
+    /// The key the previous record was indexed under, when it differs from
+    /// [`StepWrite::correlation`]: the store drops that entry.
+    pub uncorrelate: Option<Arc<str>>,
     /// The impulse id this step applied: the step commits only if the id was never
     /// applied to this instance before.
     pub impulse: Option<Arc<str>>,
@@ -565,4 +640,53 @@ pub struct Stored {
     pub version: u64,
     /// The encoded [`Record`].
     pub bytes: Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Format 3 as it was written (no failure reason, no correlation key).
+    #[derive(Serialize)]
+    struct Written3 {
+        flow_version: u32,
+        seq: u64,
+        status: Status,
+        state: Payload,
+        pending: Option<PlacedCall>,
+        timer: Option<Timer>,
+        compensations: Vec<Compensation>,
+        retired: Vec<Retired>,
+        trash: Vec<BlobRef>,
+    }
+
+    #[test]
+    fn a_format_3_record_still_decodes() {
+        let comp = Compensation {
+            seq: 2,
+            link: 0,
+            method: 1,
+            call: Bytes::from_static(b"c"),
+        };
+        let old = Written3 {
+            flow_version: 1,
+            seq: 4,
+            status: Status::Sleeping,
+            state: Payload::Inline(Bytes::from_static(b"s")),
+            pending: None,
+            timer: Some(Timer {
+                due_ms: 9,
+                spec: TimeSpec::After(5),
+            }),
+            compensations: vec![comp.clone()],
+            retired: Vec::new(),
+            trash: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        codec::encode_with_version(Kind::Record, 3, &old, &mut buf).unwrap();
+        let r = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        assert_eq!((r.seq, r.status, r.timer), (4, Status::Sleeping, old.timer));
+        assert_eq!(r.compensations, vec![comp]);
+        assert_eq!((r.failing, r.correlation), (None, None));
+    }
 }

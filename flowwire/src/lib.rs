@@ -67,7 +67,7 @@
 //! ```
 
 pub use flowwire_macros::{driver, flow, impulse, probe, wire};
-pub use flowwire_runtime::engine::Metadata;
+pub use flowwire_runtime::engine::{HistoryPage, HistoryStep, Metadata, Parked};
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
     Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, Fault, Flow, FlowMeta,

@@ -131,21 +131,39 @@ impl Engine {
     /// ```
     pub async fn state_at<F: Flow>(&self, id: impl Into<Arc<str>>, step: u64) -> Result<F::State> {
         self.sender::<F>()?;
-        let store = self.store_for_reads()?;
         let key = InstanceKey::new(F::NAME, id.into());
-        let Some(stored) = self.timed(store.load(&key)).await? else {
-            return Err(Error::NotFound {
+        let bytes = self.state_bytes_at(F::NAME, &key, step).await?;
+        flowwire_storage::codec::decode_raw(&bytes, self.inner.limits.decode_limit).map_err(
+            |source| Error::Codec {
                 flow: F::NAME,
+                id: key.id.to_string(),
+                what: "the state in history",
+                source,
+            },
+        )
+    }
+
+    /// The encoded state recorded at a step of an instance's history.
+    pub(super) async fn state_bytes_at(
+        &self,
+        flow: &'static str,
+        key: &InstanceKey,
+        step: u64,
+    ) -> Result<bytes::Bytes> {
+        let store = self.store_for_reads()?;
+        let Some(stored) = self.timed(store.load(key)).await? else {
+            return Err(Error::NotFound {
+                flow,
                 id: key.id.to_string(),
             });
         };
-        let rows = self.timed(store.history(&key, step, 1)).await?;
+        let rows = self.timed(store.history(key, step, 1)).await?;
         let entry = match rows.first() {
-            Some((seq, bytes)) if *seq == step => Some(self.decode_entry(F::NAME, &key, bytes)?),
+            Some((seq, bytes)) if *seq == step => Some(self.decode_entry(flow, key, bytes)?),
             _ => None,
         };
         let Some(payload) = entry.and_then(|e| e.state) else {
-            let first = self.timed(store.history(&key, 0, 1)).await?;
+            let first = self.timed(store.history(key, 0, 1)).await?;
             let last = flowwire_storage::record::PlacedRecord::decode(
                 &stored.bytes,
                 self.inner.limits.decode_limit,
@@ -156,26 +174,18 @@ impl Engine {
                 None => "no steps (history is off)".to_string(),
             };
             return Err(Error::NotInHistory {
-                flow: F::NAME,
+                flow,
                 id: key.id.to_string(),
                 step,
                 kept,
             });
         };
         let limit = self.inner.limits.store_timeout;
-        let fetch = self.inner.placement.fetch(&key, &payload);
-        let bytes = match tokio::time::timeout(limit, fetch).await {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::Store(StoreError::Timeout(limit))),
-        };
-        flowwire_storage::codec::decode_raw(&bytes, self.inner.limits.decode_limit).map_err(
-            |source| Error::Codec {
-                flow: F::NAME,
-                id: key.id.to_string(),
-                what: "the state in history",
-                source,
-            },
-        )
+        let fetch = self.inner.placement.fetch(key, &payload);
+        match tokio::time::timeout(limit, fetch).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
+        }
     }
 
     fn decode_entry(

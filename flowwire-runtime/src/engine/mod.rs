@@ -20,10 +20,12 @@ use crate::handle::Handle;
 use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
 mod history;
+mod operate;
 pub(crate) mod runner;
 pub(crate) mod worker;
 
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
+pub use operate::Parked;
 use runner::{Msg, Runner};
 use worker::Job;
 

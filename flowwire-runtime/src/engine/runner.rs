@@ -33,7 +33,7 @@ use flowwire_storage::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{Instance, Rejected, Scratch, Step};
+use crate::core::{Instance, Operation, Refused, Rejected, Scratch, Step};
 use crate::engine::Limits;
 use crate::engine::worker::{CallPolicy, Job, OutcomeMsg};
 use crate::error::{Error, Result};
@@ -76,6 +76,12 @@ pub(crate) enum Msg<F: Flow> {
     Exists {
         id: Arc<str>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    /// An operator's operation on a parked instance; replies with the step it wrote.
+    Operate {
+        id: Arc<str>,
+        op: Operation<F>,
+        reply: oneshot::Sender<Result<u64>>,
     },
     /// How many instances are in memory.
     Resident {
@@ -128,9 +134,12 @@ impl<F: Flow> Input<F> {
     /// message per instance in a round, after the steps of the rounds before are committed.
     fn serial_on(&self) -> Option<&Arc<str>> {
         match self {
-            Input::Msg(Msg::Start { id, .. } | Msg::Impulse { id, .. } | Msg::Probe { id, .. }) => {
-                Some(id)
-            }
+            Input::Msg(
+                Msg::Start { id, .. }
+                | Msg::Impulse { id, .. }
+                | Msg::Probe { id, .. }
+                | Msg::Operate { id, .. },
+            ) => Some(id),
             Input::Outcome(o) => Some(&o.id),
             Input::Reload { id, .. } | Input::Fire { id, .. } | Input::Redeliver { id } => Some(id),
             Input::Msg(_) => None,
@@ -141,6 +150,8 @@ impl<F: Flow> Input<F> {
 enum Ack<F: Flow> {
     Start(oneshot::Sender<Result<()>>),
     Impulse(oneshot::Sender<Result<()>>, Arc<str>),
+    /// An operator's operation: replied with the step it wrote.
+    Operate(oneshot::Sender<Result<u64>>),
     /// An outcome: kept so that a step that could not be persisted is tried again.
     Outcome(OutcomeMsg),
     /// A runner's own input (timer, redelivery): tried again if not persisted.
@@ -727,6 +738,49 @@ impl<F: Flow> Runner<F> {
         Ok(Some(record))
     }
 
+    /// Brings an instance into memory whatever its status (for an operator); it leaves
+    /// memory again after the round unless it then has a call in flight.
+    async fn load_any(&mut self, id: &Arc<str>) -> Result<()> {
+        let key = self.key(id);
+        let Some(stored) = self.store.load(&key).await? else {
+            return Err(Self::not_found(id));
+        };
+        let (record, placed) = self.open(id, &stored).await?;
+        let (inst, park) = self.rebuild(id, record, stored.version)?;
+        if park.is_some() {
+            // Live, and written by another version: start-up recovery parks it first.
+            return Err(Error::Conflict {
+                flow: F::NAME,
+                id: id.to_string(),
+            });
+        }
+        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.touched.push(id.clone());
+        Ok(())
+    }
+
+    fn refused(id: &Arc<str>, op: &'static str, refused: Refused) -> Error {
+        match refused {
+            Refused::NotParked(status) => Error::NotParked {
+                flow: F::NAME,
+                id: id.to_string(),
+                op,
+                status,
+            },
+            Refused::PatchPanicked(message) => Error::PatchPanicked {
+                flow: F::NAME,
+                id: id.to_string(),
+                message,
+            },
+            Refused::State(detail) => Error::Operation {
+                flow: F::NAME,
+                id: id.to_string(),
+                op,
+                detail,
+            },
+        }
+    }
+
     /// Finds an instance for a request: `Ok(None)` when it is (now) in memory, its record
     /// when it ended or is parked, [`Error::NotFound`] when no such instance exists.
     async fn locate(&mut self, id: &Arc<str>) -> Result<Option<Record>> {
@@ -974,6 +1028,27 @@ impl<F: Flow> Runner<F> {
                 let _ = reply.send(self.slots.len());
                 None
             }
+            Input::Msg(Msg::Operate { id, op, reply }) => {
+                if !self.slots.contains_key(&id)
+                    && let Err(e) = self.load_any(&id).await
+                {
+                    let _ = reply.send(Err(e));
+                    return None;
+                }
+                let slot = self.slots.get_mut(&id)?;
+                let name = op.name();
+                match slot.inst.operate(op, &mut self.scratch) {
+                    Ok(step) => Some(Staged {
+                        id,
+                        step,
+                        ack: Ack::Operate(reply),
+                    }),
+                    Err(refused) => {
+                        let _ = reply.send(Err(Self::refused(&id, name, refused)));
+                        None
+                    }
+                }
+            }
             Input::Msg(Msg::Shutdown { .. }) => None,
         }
     }
@@ -1100,6 +1175,9 @@ impl<F: Flow> Runner<F> {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 let _ = reply.send(Ok(()));
             }
+            Ack::Operate(reply) => {
+                let _ = reply.send(Ok(s.step.draft.record.seq));
+            }
             Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
         if let Some(p) = &s.step.dispatch {
@@ -1136,7 +1214,14 @@ impl<F: Flow> Runner<F> {
                 ok: *ok,
             }),
             StepInput::Timer { due_ms } => send(EventKind::Woke { due_ms: *due_ms }),
+            StepInput::Resume => send(EventKind::Resumed),
+            StepInput::Patch => send(EventKind::Patched),
+            StepInput::Rewind { to } => send(EventKind::Rewound { to: *to }),
             _ => {}
+        }
+        if matches!(d.input, StepInput::Patch | StepInput::Rewind { .. }) {
+            // The instance stays parked: it was reported when it was parked.
+            return;
         }
         match &d.output {
             StepOutput::Drive { call_seq, .. } => {
@@ -1161,6 +1246,22 @@ impl<F: Flow> Runner<F> {
             StepOutput::Quarantine { reason } => send(EventKind::Quarantined {
                 reason: reason.clone(),
             }),
+            StepOutput::Compensate {
+                call_seq,
+                registered,
+                link,
+                method,
+            } => {
+                if s.step.dispatch.is_some() {
+                    let (driver, method) = Self::names(*link, *method);
+                    send(EventKind::Compensating {
+                        driver,
+                        method,
+                        registered_step: *registered,
+                        call_step: *call_seq,
+                    });
+                }
+            }
         }
     }
 
@@ -1201,11 +1302,18 @@ impl<F: Flow> Runner<F> {
                 // Someone else wrote the record: the store is the truth, reload it.
                 self.slots.remove(&s.id);
                 let _ = self.fault_in(&s.id).await;
-                if let Ack::Impulse(reply, _) = ack {
-                    let _ = reply.send(Err(Error::Conflict {
-                        flow: F::NAME,
-                        id: s.id.to_string(),
-                    }));
+                let conflict = Error::Conflict {
+                    flow: F::NAME,
+                    id: s.id.to_string(),
+                };
+                match ack {
+                    Ack::Impulse(reply, _) => {
+                        let _ = reply.send(Err(conflict));
+                    }
+                    Ack::Operate(reply) => {
+                        let _ = reply.send(Err(conflict));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1247,6 +1355,9 @@ impl<F: Flow> Runner<F> {
                 tracing::warn!(flow = F::NAME, id = %s.id, error = %err, retry_in = ?delay, "step not persisted");
                 match ack {
                     Ack::Impulse(reply, _) => {
+                        let _ = reply.send(Err(err.clone_for_caller()));
+                    }
+                    Ack::Operate(reply) => {
                         let _ = reply.send(Err(err.clone_for_caller()));
                     }
                     Ack::Outcome(o) => {

@@ -27,6 +27,8 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         active: true,
         parked: false,
         timer: None,
+        correlation: None,
+        uncorrelate: None,
         impulse: None,
         history: Some((version, Bytes::from_static(body))),
         prune_below: None,
@@ -46,6 +48,7 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     timers_are_listed_by_due_time_and_follow_the_records(&*make()).await;
     a_stale_timer_entry_is_repaired_only_if_still_stale(&*make()).await;
     parked_instances_are_listed_in_pages(&*make()).await;
+    correlation_keys_find_live_instances(&*make()).await;
 }
 
 /// A start writes a record that did not exist; later steps swap it by version.
@@ -423,4 +426,82 @@ pub async fn parked_instances_are_listed_in_pages(store: &dyn InstanceStore) {
         vec!["p1", "p2", "p4"]
     );
     assert!(store.parked("job", None, 10).await.unwrap().is_empty());
+}
+
+/// The correlation index maps a flow's key to the instances indexed under it: a changed key
+/// moves the entry, an ended instance (no key) leaves it, and other flows do not share it.
+pub async fn correlation_keys_find_live_instances(store: &dyn InstanceStore) {
+    let keyed = |id: &str, expect, version, key: Option<&str>, old: Option<&str>| {
+        let mut s = step(&InstanceKey::new("orders", id), expect, version, b"k");
+        s.correlation = key.map(Arc::from);
+        s.uncorrelate = old.map(Arc::from);
+        s
+    };
+    let mut other = step(&InstanceKey::new("refunds", "r1"), Expect::Absent, 1, b"k");
+    other.correlation = Some(Arc::from("order-7"));
+    store
+        .commit(vec![
+            keyed("a", Expect::Absent, 1, Some("order-7"), None),
+            keyed("b", Expect::Absent, 1, Some("order-8"), None),
+            other,
+        ])
+        .await
+        .unwrap();
+    let ids = |v: Vec<Arc<str>>| -> Vec<String> { v.iter().map(ToString::to_string).collect() };
+    assert_eq!(
+        ids(store.correlated("orders", "order-7", 10).await.unwrap()),
+        vec!["a"],
+        "a key finds the one instance of that flow indexed under it"
+    );
+    assert!(
+        store
+            .correlated("orders", "order-9", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an unknown key finds nothing"
+    );
+    store
+        .commit(vec![keyed(
+            "b",
+            Expect::Version(1),
+            2,
+            Some("order-7"),
+            Some("order-8"),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.correlated("orders", "order-7", 10).await.unwrap()),
+        vec!["a", "b"],
+        "a changed key moves the instance to it"
+    );
+    assert!(
+        store
+            .correlated("orders", "order-8", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "and leaves the old key"
+    );
+    assert_eq!(
+        store.correlated("orders", "order-7", 1).await.unwrap().len(),
+        1,
+        "the limit bounds the answer"
+    );
+    store
+        .commit(vec![keyed(
+            "a",
+            Expect::Version(1),
+            2,
+            None,
+            Some("order-7"),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.correlated("orders", "order-7", 10).await.unwrap()),
+        vec!["b"],
+        "an instance that ended is no longer found by its key"
+    );
 }

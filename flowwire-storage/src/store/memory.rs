@@ -29,6 +29,8 @@ struct Inner {
     /// (flow, due, id), and the due of each (flow, id) to find its entry.
     timers: BTreeSet<(Arc<str>, u64, Arc<str>)>,
     timer_of: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// (flow, correlation key, id).
+    correlated: BTreeSet<(Arc<str>, Arc<str>, Arc<str>)>,
     impulses: HashMap<(InstanceKey, Arc<str>), u64>,
     history: BTreeMap<(InstanceKey, u64), Bytes>,
 }
@@ -92,6 +94,12 @@ impl InstanceStore for MemoryStore {
                 inner.parked.remove(&ak);
             }
             inner.set_timer(&ak, step.timer);
+            if let Some(old) = step.uncorrelate {
+                inner.correlated.remove(&(ak.0.clone(), old, ak.1.clone()));
+            }
+            if let Some(new) = step.correlation {
+                inner.correlated.insert((ak.0.clone(), new, ak.1.clone()));
+            }
             if let Some((seq, entry)) = step.history {
                 inner.history.insert((step.key.clone(), seq), entry);
             }
@@ -215,6 +223,24 @@ impl InstanceStore for MemoryStore {
             .filter(|(_, id)| after.is_none_or(|a| &**id > a))
             .take(limit)
             .map(|(_, id)| id.clone())
+            .collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let inner = self.lock();
+        let (f, k): (Arc<str>, Arc<str>) = (flow.into(), key.into());
+        let out = inner
+            .correlated
+            .range((f.clone(), k.clone(), Arc::from(""))..)
+            .take_while(|(fl, key, _)| *fl == f && *key == k)
+            .take(limit)
+            .map(|(_, _, id)| id.clone())
             .collect();
         Box::pin(std::future::ready(Ok(out)))
     }

@@ -1,8 +1,9 @@
 //! The instance store: one trait, several backends, one conformance suite.
 //!
 //! A store holds, per instance, the record (with a version for compare-and-swap), the ids
-//! of the impulses applied to it, and the history entries; and three indexes: instances
-//! with a call in flight (loaded at start-up), armed timers by due time, parked instances.
+//! of the impulses applied to it, and the history entries; and four indexes: instances
+//! with a call in flight (loaded at start-up), armed timers by due time, parked instances,
+//! and live instances by correlation key.
 //! [`InstanceStore::commit`] writes a whole batch of steps — of many instances — in one
 //! durable transaction, checking each step's conditions inside it; that is what lets the
 //! runtime turn many steps into one fsync (group commit).
@@ -103,6 +104,16 @@ pub trait InstanceStore: Send + Sync + 'static {
         after: Option<&'a str>,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
+
+    /// The instances of a flow indexed under a correlation key (written by
+    /// [`StepWrite::correlation`]), in id order, at most `limit`. Ended instances are not
+    /// listed.
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
@@ -156,6 +167,14 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         (**self).parked(flow, after, limit)
+    }
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        (**self).correlated(flow, key, limit)
     }
 }
 

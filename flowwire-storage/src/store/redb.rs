@@ -11,6 +11,7 @@
 //! | `parked` | (flow, id) | () — quarantined instances, for operators |
 //! | `timers` | (flow, due ms, id) | () — armed timers by due time |
 //! | `timer_of` | (flow, id) | due ms — finds an instance's `timers` row |
+//! | `correlated` | (flow, correlation key, id) | () — live instances by correlation key |
 //!
 //! One [`InstanceStore::commit`] is one redb write transaction with immediate durability:
 //! one fsync for the whole batch. Blocking calls run on tokio's blocking pool.
@@ -32,6 +33,7 @@ const HISTORY: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::
 const PARKED: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("parked");
 const TIMERS: TableDefinition<'_, (&str, u64, &str), ()> = TableDefinition::new("timers");
 const TIMER_OF: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("timer_of");
+const CORRELATED: TableDefinition<'_, (&str, &str, &str), ()> = TableDefinition::new("correlated");
 
 /// The embedded store: one redb file, crash-safe, one fsync per committed batch.
 ///
@@ -88,6 +90,7 @@ impl RedbStore {
         txn.open_table(PARKED).map_err(|e| map_err(p, e))?;
         txn.open_table(TIMERS).map_err(|e| map_err(p, e))?;
         txn.open_table(TIMER_OF).map_err(|e| map_err(p, e))?;
+        txn.open_table(CORRELATED).map_err(|e| map_err(p, e))?;
         txn.commit().map_err(|e| map_err(p, e))
     }
 
@@ -143,6 +146,7 @@ fn commit_blocking(
         let mut parked = txn.open_table(PARKED).map_err(|x| e(x.into()))?;
         let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
         let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
+        let mut correlated = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
         for step in batch {
             let key = (&*step.key.flow, &*step.key.id);
             let found = records
@@ -179,6 +183,16 @@ fn commit_blocking(
                 parked.remove(key).map_err(|x| e(x.into()))?;
             }
             set_timer(&mut timers, &mut timer_of, key, step.timer).map_err(e)?;
+            if let Some(old) = &step.uncorrelate {
+                correlated
+                    .remove((key.0, &**old, key.1))
+                    .map_err(|x| e(x.into()))?;
+            }
+            if let Some(new) = &step.correlation {
+                correlated
+                    .insert((key.0, &**new, key.1), ())
+                    .map_err(|x| e(x.into()))?;
+            }
             if let Some((seq, entry)) = &step.history {
                 history
                     .insert((key.0, key.1, *seq), &entry[..])
@@ -394,6 +408,33 @@ impl InstanceStore for RedbStore {
                 }
                 if after.as_deref() == Some(id) {
                     continue;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
+        })
+    }
+
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, &*key, "")..)
+                .map_err(|x| e(x.into()))?
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, ck, id) = k.value();
+                if f != &*flow || ck != &*key || out.len() >= limit {
+                    break;
                 }
                 out.push(Arc::from(id));
             }

@@ -5,23 +5,24 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag |
+//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key |
 //! | `P:{flow/id}:i` | hash | impulse id → step that applied it |
 //! | `P:{flow/id}:hz` | sorted set | history step numbers |
 //! | `P:{flow/id}:hh` | hash | step number → encoded history entry |
 //! | `P:active:{flow}` | set | ids of (possibly) active instances |
 //! | `P:timers:{flow}` | sorted set | id scored by its timer's due time (ms) |
 //! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
+//! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
 //!
 //! A step is one `EVALSHA` of [`COMMIT`]: compare-and-swap on the version, insert-if-absent
 //! of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
 //! is one pipeline of those scripts (one round trip); each step is atomic on its own.
 //!
-//! The active, timer and parked sets live in other slots, so they cannot be in the script.
+//! The active, timer, parked and correlation sets live in other slots, so they cannot be in the script.
 //! They are kept *conservative*: an entry is added before the step that needs it is
 //! committed and removed after the step that drops it, so a crash in between leaves an
-//! extra entry, never a missing one. Extra active and parked ids are filtered out by the
-//! record's own flags; an extra timer entry is found by the runtime when it fires (the
+//! extra entry, never a missing one. Extra active, parked and correlated ids are filtered
+//! out by the record's own fields (and dropped when found); an extra timer entry is found by the runtime when it fires (the
 //! record says otherwise) and repaired with [`InstanceStore::retime`].
 
 use std::sync::Arc;
@@ -39,7 +40,8 @@ use crate::redis_link::RedisLink;
 pub const COMMIT: &str = r"
 -- KEYS: record, impulses, history index, history entries
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
---       has history ('1'/'0'), history entry, prune below ('' = none), parked
+--       has history ('1'/'0'), history entry, prune below ('' = none), parked,
+--       correlation key ('' = none)
 local found = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if found then return {1, tonumber(found)} end
@@ -52,7 +54,7 @@ if ARGV[6] ~= '' then
   if seen then return {2, tonumber(seen)} end
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
@@ -147,6 +149,10 @@ impl RedisStore {
         format!("{}:parked:{{{flow}}}", self.prefix)
     }
 
+    fn corr_key(&self, flow: &str, key: &str) -> String {
+        format!("{}:corr:{{{flow}}}:{key}", self.prefix)
+    }
+
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         self.link.conn().await.map_err(|e| backend(&e))
     }
@@ -164,6 +170,10 @@ impl RedisStore {
             }
             if let Some(due) = s.timer {
                 pipe.zadd(self.timers_key(&s.key.flow), &*s.key.id, due)
+                    .ignore();
+            }
+            if let Some(k) = &s.correlation {
+                pipe.sadd(self.corr_key(&s.key.flow, k), &*s.key.id)
                     .ignore();
             }
         }
@@ -190,7 +200,8 @@ impl RedisStore {
                 .arg(has_hist)
                 .arg(hist)
                 .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
-                .arg(if s.parked { "1" } else { "0" });
+                .arg(if s.parked { "1" } else { "0" })
+                .arg(s.correlation.as_deref().unwrap_or(""));
         }
         let replies: Vec<(i64, i64)> = match pipe.query_async(&mut c).await {
             Ok(r) => r,
@@ -221,6 +232,12 @@ impl RedisStore {
                     if !s.parked {
                         removes
                             .zrem(self.parked_key(&s.key.flow), &*s.key.id)
+                            .ignore();
+                        any_remove = true;
+                    }
+                    if let Some(old) = &s.uncorrelate {
+                        removes
+                            .srem(self.corr_key(&s.key.flow, old), &*s.key.id)
                             .ignore();
                         any_remove = true;
                     }
@@ -455,6 +472,52 @@ impl InstanceStore for RedisStore {
                 if out.len() >= limit || full {
                     break;
                 }
+            }
+            Ok(out)
+        })
+    }
+
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.corr_key(flow, key);
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            ids.sort_unstable();
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let mut pipe = redis::pipe();
+                for id in page {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    pipe.cmd("HGET").arg(r).arg("k");
+                }
+                let keys: Vec<Option<String>> =
+                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                for (id, k) in page.iter().zip(keys) {
+                    if k.as_deref() == Some(key) {
+                        if out.len() < limit {
+                            out.push(id.as_str().into());
+                        }
+                    } else {
+                        stale.push(id.clone());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
             }
             Ok(out)
         })

@@ -1,0 +1,346 @@
+#![allow(missing_docs)] // test-local flows and drivers
+//! Sagas, through the public API: a drive may register the call that undoes it; when the
+//! flow fails — `Command::fail`, or a continuation returning `Err` — the compensations of
+//! the drives that succeeded run, last registered first, each to a successful outcome (with
+//! its driver's retry policy), and the flow ends failed with its own reason. A compensation
+//! that still fails parks the instance; resuming it sends that compensation again. The kill
+//! test (a crash while compensations run) is in tests/kill.rs.
+
+use std::sync::{Arc, Mutex};
+
+use flowwire::prelude::*;
+use flowwire::storage::{StepInput, StepOutput};
+use flowwire::{Error, EventKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refused(String);
+
+#[driver(retries = 2, backoff = "5ms", max_backoff = "10ms", timeout = "2s")]
+pub trait Travel {
+    async fn book_flight(&self, trip: u32) -> Result<String, Refused>;
+    async fn cancel_flight(&self, trip: u32) -> Result<(), Refused>;
+    async fn book_hotel(&self, trip: u32) -> Result<String, Refused>;
+    async fn cancel_hotel(&self, trip: u32) -> Result<(), Refused>;
+    async fn book_car(&self, trip: u32) -> Result<String, Refused>;
+    async fn cancel_car(&self, trip: u32) -> Result<(), Refused>;
+}
+
+/// How the agency behaves, and what it did.
+#[derive(Default)]
+pub struct Desk {
+    /// `book_car` refuses.
+    refuse_car: bool,
+    /// `cancel_hotel` panics on this many attempts of each call.
+    hotel_cancel_panics: u32,
+    /// `cancel_hotel` refuses while this is set.
+    hotel_cancel_refuses: bool,
+    /// What ran, in order: `method` for a success, `method!` for a refusal or panic.
+    log: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct Agency(Arc<Mutex<Desk>>);
+
+impl Agency {
+    fn set(&self, f: impl FnOnce(&mut Desk)) {
+        f(&mut self.0.lock().unwrap());
+    }
+    fn log(&self) -> Vec<String> {
+        self.0.lock().unwrap().log.clone()
+    }
+    fn note(&self, what: &str, ok: bool) {
+        let entry = if ok { what.to_string() } else { format!("{what}!") };
+        self.0.lock().unwrap().log.push(entry);
+    }
+}
+
+#[driver]
+impl Travel for Agency {
+    async fn book_flight(&self, trip: u32) -> Result<String, Refused> {
+        self.note("book_flight", true);
+        Ok(format!("FL-{trip}"))
+    }
+    async fn cancel_flight(&self, _trip: u32) -> Result<(), Refused> {
+        self.note("cancel_flight", true);
+        Ok(())
+    }
+    async fn book_hotel(&self, trip: u32) -> Result<String, Refused> {
+        self.note("book_hotel", true);
+        Ok(format!("HT-{trip}"))
+    }
+    async fn cancel_hotel(&self, _trip: u32) -> Result<(), Refused> {
+        let attempt = CallContext::current().expect("a context").attempt();
+        let (panics, refuses) = {
+            let d = self.0.lock().unwrap();
+            (attempt <= d.hotel_cancel_panics, d.hotel_cancel_refuses)
+        };
+        self.note("cancel_hotel", !panics && !refuses);
+        assert!(!panics, "the hotel's system is down");
+        if refuses {
+            return Err(Refused("the booking is locked".into()));
+        }
+        Ok(())
+    }
+    async fn book_car(&self, trip: u32) -> Result<String, Refused> {
+        let refuse = self.0.lock().unwrap().refuse_car;
+        self.note("book_car", !refuse);
+        if refuse {
+            return Err(Refused("no cars left".into()));
+        }
+        Ok(format!("CR-{trip}"))
+    }
+    async fn cancel_car(&self, _trip: u32) -> Result<(), Refused> {
+        self.note("cancel_car", true);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TripState {
+    trip: u32,
+    /// The wire gives up (`Command::fail`) once the hotel is booked.
+    give_up_after_hotel: bool,
+    flight: Option<String>,
+    hotel: Option<String>,
+    car: Option<String>,
+}
+
+#[flow]
+pub struct Trip {
+    #[link]
+    state: TripState,
+    #[link]
+    travel: impl Travel,
+}
+
+#[flow]
+impl Trip {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let trip = self.state.trip;
+        if self.state.flight.is_none() {
+            return Command::drive(self.travel.book_flight(trip))
+                .compensate(self.travel.cancel_flight(trip))
+                .then(|f, r| {
+                    f.state.flight = Some(r?);
+                    Ok(())
+                });
+        }
+        if self.state.hotel.is_none() {
+            return Command::drive(self.travel.book_hotel(trip))
+                .compensate(self.travel.cancel_hotel(trip))
+                .then(|f, r| {
+                    f.state.hotel = Some(r?);
+                    Ok(())
+                });
+        }
+        if self.state.give_up_after_hotel {
+            return Command::fail("the traveller cancelled");
+        }
+        if self.state.car.is_none() {
+            return Command::drive(self.travel.book_car(trip))
+                .compensate(self.travel.cancel_car(trip))
+                .then(|f, r| {
+                    f.state.car = Some(r?);
+                    Ok(())
+                });
+        }
+        Command::finish()
+    }
+
+    #[impulse]
+    fn note(&mut self, _text: String) {}
+}
+
+async fn engine(agency: &Agency) -> Engine {
+    Engine::builder()
+        .in_memory()
+        .flow::<Trip>()
+        .driver(agency.clone())
+        .start()
+        .await
+        .unwrap()
+}
+
+fn trip(n: u32) -> TripState {
+    TripState {
+        trip: n,
+        ..TripState::default()
+    }
+}
+
+/// The compensation events of an instance, as `(method, registered step, call step)`.
+fn compensations(events: &mut flowwire::Events) -> Vec<(&'static str, u64, u64)> {
+    let mut out = Vec::new();
+    while let Some(Ok(e)) = events.try_next() {
+        if let EventKind::Compensating {
+            method,
+            registered_step,
+            call_step,
+            ..
+        } = e.kind
+        {
+            out.push((method, registered_step, call_step));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_failing_continuation_undoes_the_drives_that_succeeded_last_first() {
+    let agency = Agency::default();
+    agency.set(|d| d.refuse_car = true);
+    let engine = engine(&agency).await;
+    let mut events = engine.events();
+    let h = engine.start::<Trip>("t1", trip(1)).await.unwrap();
+
+    let ended = h.finished().await.unwrap();
+    assert!(
+        matches!(&ended, Ended::Failed { reason } if reason.contains("no cars left")),
+        "the flow ends failed with the continuation's reason: {ended:?}"
+    );
+    assert_eq!(
+        agency.log(),
+        [
+            "book_flight",
+            "book_hotel",
+            "book_car!",
+            "cancel_hotel",
+            "cancel_flight"
+        ],
+        "the car was never booked, so only the hotel and the flight are undone, hotel first"
+    );
+    // Step 1 drove the flight, 2 applied its outcome (registering its compensation) and
+    // drove the hotel, 3 registered the hotel's and drove the car, 4 failed.
+    assert_eq!(
+        compensations(&mut events),
+        [("cancel_hotel", 2, 4), ("cancel_flight", 1, 5)],
+        "each compensation names the drive that registered it"
+    );
+    let history = engine.history::<Trip>("t1", 0, 100).await.unwrap();
+    let last = history.steps.last().unwrap();
+    assert_eq!(last.input, StepInput::Outcome { call_seq: 5, ok: true });
+    assert!(matches!(&last.output, StepOutput::Fail { reason } if reason.contains("no cars")));
+}
+
+#[tokio::test]
+async fn command_fail_runs_the_registered_compensations() {
+    let agency = Agency::default();
+    let engine = engine(&agency).await;
+    let state = TripState {
+        give_up_after_hotel: true,
+        ..trip(2)
+    };
+    let h = engine.start::<Trip>("t2", state).await.unwrap();
+    assert_eq!(
+        h.finished().await.unwrap(),
+        Ended::Failed {
+            reason: "the traveller cancelled".into()
+        }
+    );
+    assert_eq!(
+        agency.log(),
+        ["book_flight", "book_hotel", "cancel_hotel", "cancel_flight"]
+    );
+    let state = h.state().await.unwrap();
+    assert_eq!(
+        (state.flight.as_deref(), state.hotel.as_deref()),
+        (Some("FL-2"), Some("HT-2")),
+        "compensating does not change the state: it records what was done and undone"
+    );
+}
+
+#[tokio::test]
+async fn a_flow_that_finishes_compensates_nothing() {
+    let agency = Agency::default();
+    let engine = engine(&agency).await;
+    let h = engine.start::<Trip>("t3", trip(3)).await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    assert_eq!(agency.log(), ["book_flight", "book_hotel", "book_car"]);
+}
+
+#[tokio::test]
+async fn a_compensation_is_retried_under_its_drivers_policy() {
+    let agency = Agency::default();
+    agency.set(|d| d.hotel_cancel_panics = 2);
+    let engine = engine(&agency).await;
+    let state = TripState {
+        give_up_after_hotel: true,
+        ..trip(4)
+    };
+    let h = engine.start::<Trip>("t4", state).await.unwrap();
+    assert!(matches!(h.finished().await.unwrap(), Ended::Failed { .. }));
+    assert_eq!(
+        agency.log(),
+        [
+            "book_flight",
+            "book_hotel",
+            "cancel_hotel!",
+            "cancel_hotel!",
+            "cancel_hotel",
+            "cancel_flight"
+        ],
+        "two failed attempts are retried (retries = 2), then the saga goes on"
+    );
+}
+
+#[tokio::test]
+async fn a_compensation_that_keeps_failing_parks_the_instance_and_resume_sends_it_again() {
+    let agency = Agency::default();
+    agency.set(|d| d.hotel_cancel_refuses = true);
+    let engine = engine(&agency).await;
+    let state = TripState {
+        give_up_after_hotel: true,
+        ..trip(5)
+    };
+    let h = engine.start::<Trip>("t5", state).await.unwrap();
+    let parked = h.finished().await;
+    let Err(Error::Quarantined { reason, .. }) = parked else {
+        panic!("a failed compensation parks the instance: {parked:?}")
+    };
+    assert!(
+        reason.contains("Travel.cancel_hotel")
+            && reason.contains("the traveller cancelled")
+            && reason.contains("resume"),
+        "the reason names the compensation, the flow's failure and what to do: {reason}"
+    );
+    assert_eq!(
+        agency.log(),
+        ["book_flight", "book_hotel", "cancel_hotel!"],
+        "a driver's own error is not retried, and the saga stops there"
+    );
+
+    agency.set(|d| d.hotel_cancel_refuses = false);
+    engine.resume::<Trip>("t5").await.unwrap();
+    let h = engine.handle::<Trip>("t5").await.unwrap();
+    assert_eq!(
+        h.finished().await.unwrap(),
+        Ended::Failed {
+            reason: "the traveller cancelled".into()
+        },
+        "resumed, the saga finishes with the flow's own reason"
+    );
+    assert_eq!(
+        agency.log()[3..],
+        ["cancel_hotel", "cancel_flight"],
+        "the compensation was sent again, then the next one"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_saga_takes_no_impulse() {
+    let agency = Agency::default();
+    let engine = engine(&agency).await;
+    let state = TripState {
+        give_up_after_hotel: true,
+        ..trip(6)
+    };
+    let h = engine.start::<Trip>("t6", state).await.unwrap();
+    h.finished().await.unwrap();
+    let refused = h.note("too late".into()).await;
+    assert!(
+        matches!(refused, Err(Error::Ended { .. })),
+        "a failed flow takes no impulse: {refused:?}"
+    );
+}
