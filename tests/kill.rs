@@ -9,6 +9,10 @@
 //!   flight. After the restart, the `Mail` calls (policy `retry`) are sent again with the
 //!   same idempotency key and `redelivered() == 1`; the `Vault` calls (policy `park`) are
 //!   not sent again: their instances are parked for an operator, with a reason that says so.
+//! * **Compensations**: sagas fail and start undoing their reservations; the engine is
+//!   killed twice while the first compensation of each is in flight. After the last
+//!   restart every compensation has run to completion, last registered first, the one in
+//!   flight at the kills sent again each time with the same idempotency key.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -28,6 +32,7 @@ use flowwire::storage::{
 const NAPS: u32 = 40;
 const TIMER_KILLS: u32 = 8;
 const CALLS: u32 = 10;
+const TRIPS: u32 = 10;
 
 fn harness(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kill_harness"))
@@ -171,6 +176,114 @@ async fn a_call_in_flight_at_a_kill_is_sent_again_or_parked_per_its_policy() {
         assert!(
             matches!(&last.output, StepOutput::Quarantine { reason } if reason.contains("may or may not have run")),
             "{last:?}"
+        );
+    }
+}
+
+/// Ledger lines as `(run, method, key, redelivered)`.
+fn ledger_lines(path: &Path) -> Vec<(String, String, String, u32)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            let [run, method, key, redelivered] = parts[..] else {
+                panic!("bad ledger line {line:?}")
+            };
+            (
+                run.to_string(),
+                method.to_string(),
+                key.to_string(),
+                redelivered.parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the ledger holds `n` calls of `method` noted in run `run`.
+fn await_noted(path: &Path, run: &str, method: &str, n: usize) {
+    for _ in 0..600 {
+        let noted = ledger_lines(path)
+            .iter()
+            .filter(|(r, m, ..)| r == run && m == method)
+            .count();
+        if noted >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{n} {method} calls of run {run} were not noted in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensations_in_flight_at_kills_run_to_completion_last_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let ledger = dir.path().join("ledger.txt");
+    let ledger_s = ledger.to_str().unwrap().to_string();
+    let n = TRIPS.to_string();
+
+    for run in ["undo-hang-1", "undo-hang-2"] {
+        let mut child = harness(&["trips", &data_s, &ledger_s, run, &n]);
+        let _out = await_line(&mut child, "READY");
+        await_noted(&ledger, run, "release", TRIPS as usize);
+        kill(child);
+    }
+    let out = run_to_end(harness(&["trips", &data_s, &ledger_s, "after", &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    let lines = ledger_lines(&ledger);
+    for i in 0..TRIPS {
+        let key = |seq: u64| format!("KillTrip/trip-{i}/{seq}");
+        let calls = |method: &str| -> Vec<(String, String, u32)> {
+            lines
+                .iter()
+                .filter(|(_, m, k, _)| m == method && k.starts_with(&key(0)[..key(0).len() - 1]))
+                .map(|(r, _, k, d)| (r.clone(), k.clone(), *d))
+                .collect()
+        };
+        let hang = |run: &str, seq, d| (run.to_string(), key(seq), d);
+        assert_eq!(
+            calls("reserve"),
+            [
+                hang("undo-hang-1", 1, 0),
+                hang("undo-hang-1", 2, 0),
+                hang("undo-hang-1", 3, 0)
+            ],
+            "trip-{i}: three seats reserved once each"
+        );
+        // Step 4 failed the flow and sent the last reservation's release; the two restarts
+        // sent it again (steps 5 and 6, same key); then steps 7 and 8 sent the others.
+        assert_eq!(
+            calls("release"),
+            [
+                hang("undo-hang-1", 4, 0),
+                hang("undo-hang-2", 4, 1),
+                hang("after", 4, 2),
+                hang("after", 7, 0),
+                hang("after", 8, 0)
+            ],
+            "trip-{i}: the release in flight at each kill was sent again with the same key; every release completed in the last run"
+        );
+        let entries = history(&data, "KillTrip", &format!("trip-{i}")).await;
+        let undone: Vec<u64> = entries
+            .iter()
+            .filter_map(|e| match e.output {
+                StepOutput::Compensate { registered, .. } => Some(registered),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            undone,
+            [3, 3, 3, 2, 1],
+            "trip-{i}: compensations ran last registered first (the first one sent three times)"
+        );
+        assert_eq!(
+            entries.last().unwrap().output,
+            StepOutput::Fail {
+                reason: "the trip was called off".into()
+            }
         );
     }
 }

@@ -54,8 +54,9 @@ pub trait Mail {
     async fn send(&self, to: u32) -> Result<(), LedgerError>;
 }
 
-/// Both drivers: each execution appends `run method key redelivered` to a ledger; in the
-/// run tagged `hang`, every call then hangs until the process is killed.
+/// The drivers: each execution appends `run method key redelivered` to a ledger; in the
+/// run tagged `hang`, every call then hangs until the process is killed; in runs tagged
+/// `undo-hang…`, every compensation (`release`) does.
 #[derive(Clone)]
 pub struct Ledger {
     pub path: PathBuf,
@@ -79,7 +80,8 @@ impl Ledger {
         f.write_all(line.as_bytes())
             .expect("the ledger takes a line");
         f.sync_data().expect("the ledger syncs");
-        if self.run == "hang" {
+        let undo = method == "release";
+        if self.run == "hang" || (undo && self.run.starts_with("undo-hang")) {
             std::future::pending::<()>().await;
         }
     }
@@ -141,4 +143,60 @@ impl KillPay {
 /// The id of the i-th flow of a kind.
 pub fn pay_id(money: bool, i: u32) -> String {
     format!("{}-{i}", if money { "transfer" } else { "mail" })
+}
+
+/// Reserves seats; a reservation is undone by releasing it.
+#[driver(timeout = "2s")]
+pub trait Seats {
+    async fn reserve(&self, seat: u32) -> Result<(), LedgerError>;
+    async fn release(&self, seat: u32) -> Result<(), LedgerError>;
+}
+
+#[driver]
+impl Seats for Ledger {
+    async fn reserve(&self, _seat: u32) -> Result<(), LedgerError> {
+        self.note("reserve").await;
+        Ok(())
+    }
+    async fn release(&self, _seat: u32) -> Result<(), LedgerError> {
+        self.note("release").await;
+        Ok(())
+    }
+}
+
+/// Reserves `SEATS` seats, each with its release as compensation, then gives up: the
+/// releases run last-first.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct TripState {
+    pub reserved: u32,
+}
+
+/// Seats a trip reserves before it fails.
+pub const SEATS: u32 = 3;
+
+#[flow(name = "KillTrip")]
+pub struct KillTrip {
+    #[link]
+    state: TripState,
+    #[link]
+    seats: impl Seats,
+}
+
+#[flow]
+impl KillTrip {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let seat = self.state.reserved;
+        if seat < SEATS {
+            Command::drive(self.seats.reserve(seat))
+                .compensate(self.seats.release(seat))
+                .then(|f, r| {
+                    r.map_err(|e| Failure::msg(e.to_string()))?;
+                    f.state.reserved += 1;
+                    Ok(())
+                })
+        } else {
+            Command::fail("the trip was called off")
+        }
+    }
 }

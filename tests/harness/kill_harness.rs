@@ -7,6 +7,11 @@
 //! N calling `Vault`; in the run tagged `hang` the drivers hang after noting each call, so
 //! the test kills the process with calls in flight. Any other run waits until every mail
 //! flow finished and every vault flow is parked, prints `DONE` and exits 0.
+//!
+//! `kill_harness trips DATA_DIR LEDGER RUN N` starts (or resumes) N `KillTrip` sagas; in
+//! runs tagged `undo-hang…` every compensation hangs after noting its call, so the test
+//! kills the process while compensations are in flight. Any other run waits until every
+//! trip has failed (its compensations done), prints `DONE` and exits 0.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,7 +21,7 @@ use flowwire::{Ended, Engine, Error, Flow};
 #[path = "kill_flows.rs"]
 mod kill_flows;
 
-use kill_flows::{KillNap, KillPay, Ledger, NapState, PayState, pay_id};
+use kill_flows::{KillNap, KillPay, KillTrip, Ledger, NapState, PayState, TripState, pay_id};
 
 /// Starts an instance, or reaches it if a killed run started it already.
 async fn start_or_reach<F: Flow>(engine: &Engine, id: &str, state: F::State) -> F::Handle {
@@ -91,6 +96,38 @@ async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("DONE");
 }
 
+async fn trips(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let hang = run.starts_with("undo-hang");
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillTrip>()
+        .driver::<kill_flows::SeatsProxy, _>(Ledger { path: ledger, run })
+        .start()
+        .await
+        .expect("engine starts");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let id = format!("trip-{i}");
+        handles.push((
+            id.clone(),
+            start_or_reach::<KillTrip>(&engine, &id, TripState::default()).await,
+        ));
+    }
+    println!("READY");
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    for (id, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        match ended {
+            Ok(Ok(Ended::Failed { reason })) if reason == "the trip was called off" => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -107,8 +144,19 @@ async fn main() {
             )
             .await;
         }
+        Some("trips") if args.len() == 6 => {
+            trips(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
         _ => {
-            eprintln!("usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N");
+            eprintln!(
+                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N"
+            );
             std::process::exit(2);
         }
     }
