@@ -8,7 +8,8 @@
 //! * **The ambiguous window**: the engine is killed while every driver call hangs in
 //!   flight. After the restart, the `Mail` calls (policy `retry`) are sent again with the
 //!   same idempotency key and `redelivered() == 1`; the `Vault` calls (policy `park`) are
-//!   not sent again: their instances are parked for an operator, with a reason that says so.
+//!   not sent again: their instances are parked for an operator, with a reason that says so;
+//!   the operator's resume sends each once more.
 //! * **Compensations**: sagas fail and start undoing their reservations; the engine is
 //!   killed twice while the first compensation of each is in flight. After the last
 //!   restart every compensation has run to completion, last registered first, the one in
@@ -141,6 +142,9 @@ async fn a_call_in_flight_at_a_kill_is_sent_again_or_parked_per_its_policy() {
 
     let out = run_to_end(harness(&["calls", &data_s, &ledger_s, "after", &n]));
     assert!(out.contains("DONE"), "{out}");
+    // The operator resumes the parked transfers: each is sent again, once.
+    let out = run_to_end(harness(&["calls", &data_s, &ledger_s, "resume", &n]));
+    assert!(out.contains("DONE"), "{out}");
 
     // key -> [(run, redelivered)]
     let mut seen: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
@@ -167,16 +171,18 @@ async fn a_call_in_flight_at_a_kill_is_sent_again_or_parked_per_its_policy() {
             .expect("the transfer ran");
         assert_eq!(
             transfer,
-            &[("hang".into(), 0)],
-            "transfer-{i}: never sent again without an operator"
+            &[("hang".into(), 0), ("resume".into(), 1)],
+            "transfer-{i}: never sent again without an operator; sent once more when resumed"
         );
         let entries = history(&data, "KillPay", &format!("transfer-{i}")).await;
-        let last = entries.last().unwrap();
-        assert_eq!(last.input, StepInput::Redeliver { call_seq: 1 });
+        let parked = &entries[1];
+        assert_eq!(parked.input, StepInput::Redeliver { call_seq: 1 });
         assert!(
-            matches!(&last.output, StepOutput::Quarantine { reason } if reason.contains("may or may not have run")),
-            "{last:?}"
+            matches!(&parked.output, StepOutput::Quarantine { reason } if reason.contains("may or may not have run")),
+            "{parked:?}"
         );
+        assert_eq!(entries[2].input, StepInput::Resume);
+        assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
     }
 }
 

@@ -6,7 +6,9 @@
 //! `kill_harness calls DATA_DIR LEDGER RUN N` starts (or resumes) N flows calling `Mail` and
 //! N calling `Vault`; in the run tagged `hang` the drivers hang after noting each call, so
 //! the test kills the process with calls in flight. Any other run waits until every mail
-//! flow finished and every vault flow is parked, prints `DONE` and exits 0.
+//! flow finished and every vault flow is parked, prints `DONE` and exits 0; the run tagged
+//! `resume` resumes every parked vault flow (as an operator would) and waits until all
+//! finished.
 //!
 //! `kill_harness trips DATA_DIR LEDGER RUN N` starts (or resumes) N `KillTrip` sagas; in
 //! runs tagged `undo-hang…` every compensation hangs after noting its call, so the test
@@ -63,6 +65,7 @@ async fn timers(dir: PathBuf, n: u32) {
 
 async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     let hang = run == "hang";
+    let run_tag = run.clone();
     let driver = Ledger { path: ledger, run };
     let engine = Engine::builder()
         .data_dir(dir)
@@ -83,6 +86,22 @@ async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("READY");
     if hang {
         std::future::pending::<()>().await;
+    }
+    if run_tag == "resume" {
+        // The operator checked the ledger: every parked transfer is sent again.
+        let parked = engine.parked::<KillPay>(None, 1_000).await.expect("parked list");
+        assert_eq!(parked.len(), n as usize, "every transfer is parked");
+        for p in parked {
+            assert_eq!(p.call.as_deref(), Some("Vault.transfer"), "{p:?}");
+            engine.resume::<KillPay>(p.id.as_str()).await.expect("resumed");
+        }
+        for (_, i, h) in handles {
+            let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+            assert!(matches!(ended, Ok(Ok(Ended::Finished))), "{i}: {ended:?}");
+        }
+        engine.shutdown().await;
+        println!("DONE");
+        return;
     }
     for (money, i, h) in handles {
         let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
