@@ -65,3 +65,11 @@ pub fn impulse(_args: TokenStream, input: TokenStream) -> TokenStream {
 pub fn probe(_args: TokenStream, input: TokenStream) -> TokenStream {
     stray("probe", input)
 }
+
+/// Marks the correlation key of a `#[flow]` impl: `fn(&self) -> impl Display`, or
+/// `fn(&self) -> Option<impl Display>` while the state has none. `Engine::impulse_by_key`
+/// finds a live instance by it.
+#[proc_macro_attribute]
+pub fn correlate(_args: TokenStream, input: TokenStream) -> TokenStream {
+    stray("correlate", input)
+}

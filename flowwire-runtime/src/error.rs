@@ -169,6 +169,29 @@ pub enum Error {
         /// Which steps the history holds.
         kept: String,
     },
+    /// No live instance of the flow has this correlation key.
+    #[error(
+        "no live {flow} instance has the correlation key {key:?}: none was started with it, or it ended (ended instances leave the key index)"
+    )]
+    NoInstanceForKey {
+        /// The flow.
+        flow: &'static str,
+        /// The key.
+        key: String,
+    },
+    /// Several live instances of the flow have this correlation key.
+    #[error(
+        "several live {flow} instances have the correlation key {key:?} ({}): address one by its id with `Engine::handle`",
+        ids.join(", ")
+    )]
+    KeyAmbiguous {
+        /// The flow.
+        flow: &'static str,
+        /// The key.
+        key: String,
+        /// Their ids (the first ten).
+        ids: Vec<String>,
+    },
     /// An operator's operation applies only to parked instances (a rewind also to failed
     /// ones).
     #[error(

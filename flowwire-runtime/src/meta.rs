@@ -170,4 +170,6 @@ pub struct FlowMeta {
     pub impulses: &'static [ImpulseMeta],
     /// Its probes.
     pub probes: &'static [ProbeMeta],
+    /// Its `#[correlate]` method, if it declares a correlation key.
+    pub correlation: Option<&'static str>,
 }

@@ -66,7 +66,7 @@
 //! # Ok(()) }
 //! ```
 
-pub use flowwire_macros::{driver, flow, impulse, probe, wire};
+pub use flowwire_macros::{correlate, driver, flow, impulse, probe, wire};
 pub use flowwire_runtime::engine::{HistoryPage, HistoryStep, Metadata, Parked};
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
@@ -86,8 +86,8 @@ pub mod storage {
 /// Everything a flow author needs: `use flowwire::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        CallContext, Command, DriveError, Ended, Engine, Failure, Handle, driver, flow, impulse,
-        probe, wire,
+        CallContext, Command, DriveError, Ended, Engine, Failure, Handle, correlate, driver, flow,
+        impulse, probe, wire,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -107,6 +107,12 @@ pub mod __private {
     pub use flowwire_storage::CodecError;
     pub use flowwire_storage::codec::encode_raw;
     pub use serde;
+
+    /// Writes a flow's correlation key (a `#[correlate]` method's result).
+    pub fn write_key(out: &mut String, key: &impl ::core::fmt::Display) -> ::core::fmt::Result {
+        use ::core::fmt::Write as _;
+        write!(out, "{key}")
+    }
 
     /// The state of a flow crosses crashes: it must serialize.
     #[diagnostic::on_unimplemented(

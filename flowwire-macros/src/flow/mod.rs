@@ -81,6 +81,43 @@ mod tests {
     }
 
     #[test]
+    fn a_correlation_key_expands_by_its_return_type() {
+        let plain = out(
+            quote!(),
+            quote!(impl Order {
+                #[wire] fn a(&mut self) -> Command<Self> { Command::finish() }
+                #[correlate] fn key(&self) -> &str { &self.state.id }
+            }),
+        );
+        assert!(plain.contains("fn correlate"), "{plain}");
+        assert!(!plain.contains("Option :: Some (key)"), "{plain}");
+        assert!(plain.contains("correlation : :: core :: option :: Option :: Some (\"key\")"));
+        let optional = out(
+            quote!(),
+            quote!(impl Order {
+                #[wire] fn a(&mut self) -> Command<Self> { Command::finish() }
+                #[correlate] fn key(&self) -> Option<u64> { self.state.id }
+            }),
+        );
+        assert!(
+            optional.contains("Option :: Some (key)"),
+            "an Option key writes only when present: {optional}"
+        );
+    }
+
+    #[test]
+    fn a_correlation_key_without_a_result_is_refused() {
+        let o = out(
+            quote!(),
+            quote!(impl Order {
+                #[wire] fn a(&mut self) -> Command<Self> { Command::finish() }
+                #[correlate] fn key(&self) {}
+            }),
+        );
+        assert!(o.contains("a correlation key returns the key"), "{o}");
+    }
+
+    #[test]
     fn a_struct_expands_to_its_board() {
         let o = out(
             quote!(version = 2),

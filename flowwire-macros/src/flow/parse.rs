@@ -165,6 +165,21 @@ pub struct ImplModel<'a> {
     pub wire: &'a syn::ImplItemFn,
     pub impulses: Vec<Marked<'a>>,
     pub probes: Vec<Marked<'a>>,
+    /// The `#[correlate]` method, and whether it returns an `Option`.
+    pub correlate: Option<(&'a syn::ImplItemFn, bool)>,
+}
+
+/// The markers a method of a flow's impl block takes.
+const MARKERS: [&str; 4] = ["wire", "impulse", "probe", "correlate"];
+
+/// Whether a type is written `Option<..>` (the last path segment is `Option` with one
+/// type argument).
+fn is_option(ty: &Type) -> bool {
+    let Type::Path(tp) = ty else { return false };
+    tp.path.segments.last().is_some_and(|s| {
+        s.ident == "Option"
+            && matches!(&s.arguments, syn::PathArguments::AngleBracketed(a) if a.args.len() == 1)
+    })
 }
 
 fn receiver_is(f: &syn::ImplItemFn, mutable: bool) -> bool {
@@ -235,17 +250,18 @@ pub fn parse_impl<'a>(
     let mut wire: Option<&syn::ImplItemFn> = None;
     let mut impulses = Vec::new();
     let mut probes = Vec::new();
+    let mut correlate: Option<(&syn::ImplItemFn, bool)> = None;
     for it in &item.items {
         let ImplItem::Fn(f) = it else { continue };
         let marks: Vec<&syn::Attribute> = f
             .attrs
             .iter()
-            .filter(|a| ["wire", "impulse", "probe"].iter().any(|m| is_marker(a, m)))
+            .filter(|a| MARKERS.iter().any(|m| is_marker(a, m)))
             .collect();
         if marks.len() > 1 {
             cx.error(
                 marks[1],
-                "a method takes one of `#[wire]`, `#[impulse]`, `#[probe]`",
+                "a method takes one of `#[wire]`, `#[impulse]`, `#[probe]`, `#[correlate]`",
             );
             continue;
         }
@@ -298,6 +314,33 @@ pub fn parse_impl<'a>(
                 original: f,
                 args: plain_args(f, "impulse", cx),
             });
+        } else if is_marker(mark, "correlate") {
+            if let Some((first, _)) = correlate {
+                cx.error(
+                    &f.sig.ident,
+                    format!(
+                        "a flow has at most one `#[correlate]` method; `{}` already is its correlation key",
+                        first.sig.ident
+                    ),
+                );
+                continue;
+            }
+            common_checks(f, "correlate", cx);
+            if !receiver_is(f, false) || f.sig.inputs.len() != 1 {
+                let at: &dyn quote::ToTokens = match f.sig.inputs.first() {
+                    Some(_) => &f.sig.inputs,
+                    None => &f.sig.ident,
+                };
+                cx.error(at, "a correlation key is `fn(&self) -> impl Display` (or `Option<impl Display>` while the state has none): it takes `&self` and nothing else");
+            }
+            let optional = match &f.sig.output {
+                ReturnType::Type(_, ty) => is_option(ty),
+                ReturnType::Default => {
+                    cx.error(&f.sig.ident, "a correlation key returns the key: `-> impl Display`, or `-> Option<impl Display>` while the state has none");
+                    false
+                }
+            };
+            correlate = Some((f, optional));
         } else {
             common_checks(f, "probe", cx);
             if !receiver_is(f, false) {
@@ -327,6 +370,7 @@ pub fn parse_impl<'a>(
         wire,
         impulses,
         probes,
+        correlate,
     })
 }
 
@@ -336,7 +380,7 @@ pub fn strip_impl(item: &syn::ItemImpl) -> syn::ItemImpl {
     for it in &mut item.items {
         if let ImplItem::Fn(f) = it {
             f.attrs
-                .retain(|a| !["wire", "impulse", "probe"].iter().any(|m| is_marker(a, m)));
+                .retain(|a| !MARKERS.iter().any(|m| is_marker(a, m)));
         }
     }
     item

@@ -19,6 +19,7 @@ use crate::flow::{Board, Flow};
 use crate::handle::Handle;
 use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
+mod correlate;
 mod history;
 mod operate;
 pub(crate) mod runner;
