@@ -109,7 +109,10 @@ async fn an_impulse_by_key_reaches_the_one_instance_with_that_key() {
         .await
         .unwrap();
     assert_eq!(a.finished().await.unwrap(), Ended::Finished);
-    assert!(!b.state().await.unwrap().paid, "the other order is untouched");
+    assert!(
+        !b.state().await.unwrap().paid,
+        "the other order is untouched"
+    );
 
     let found = engine.by_key::<Order>("A-2").await.unwrap();
     assert_eq!(found.id(), "i-2");
@@ -137,7 +140,10 @@ async fn no_instance_or_several_for_a_key_are_typed_errors() {
     engine.start::<Order>("x-2", order("DUP")).await.unwrap();
     let r = engine.by_key::<Order>("DUP").await;
     let Err(Error::KeyAmbiguous { ids, .. }) = &r else {
-        panic!("several instances with one key: {:?}", r.map(|h| h.id().to_string()))
+        panic!(
+            "several instances with one key: {:?}",
+            r.map(|h| h.id().to_string())
+        )
     };
     assert_eq!(ids, &["x-1", "x-2"]);
     assert!(r.err().unwrap().to_string().contains("x-1, x-2"));

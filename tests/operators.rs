@@ -5,6 +5,8 @@
 //! (a step outside it is a typed error), and resumes it. Each operation is a step in the
 //! instance's history and an event. Resuming a parked call is in tests/sagas.rs (a failed
 //! compensation) and tests/kill.rs (a call parked by its `ambiguous = "park"` policy).
+//! Bad input: an instance is never reached through another flow type, and an impulse
+//! payload that does not decode is a typed error that changes nothing.
 
 use flowwire::prelude::*;
 use flowwire::storage::StepInput;
@@ -97,7 +99,8 @@ async fn parked_instances_are_listed_with_their_reason_in_pages() {
     let p = &rest[0];
     assert_eq!((p.id.as_str(), p.step, p.call.as_deref()), ("c", 3, None));
     assert!(
-        p.reason.contains("the wire panicked: the tally is poisoned"),
+        p.reason
+            .contains("the wire panicked: the tally is poisoned"),
         "{}",
         p.reason
     );
@@ -135,7 +138,11 @@ async fn a_patched_instance_stays_parked_until_resumed_then_runs_on() {
         }
     );
     assert!(
-        engine.parked_instance::<Counter>("p").await.unwrap().is_some(),
+        engine
+            .parked_instance::<Counter>("p")
+            .await
+            .unwrap()
+            .is_some(),
         "a patched instance waits for the operator to resume it"
     );
 
@@ -198,7 +205,11 @@ async fn a_rewound_instance_runs_again_from_the_state_of_that_step() {
         },
         "the state right after step 2 (before the poison)"
     );
-    let p = engine.parked_instance::<Counter>("r").await.unwrap().unwrap();
+    let p = engine
+        .parked_instance::<Counter>("r")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(p.reason.contains("rewound to step 2"), "{}", p.reason);
 
     engine.resume::<Counter>("r").await.unwrap();
@@ -211,10 +222,7 @@ async fn a_failed_instance_can_be_rewound_and_resumed() {
     let engine = engine().await;
     let h = engine.start::<Counter>("f", tally(5)).await.unwrap();
     h.add(9).await.unwrap();
-    assert!(matches!(
-        h.finished().await.unwrap(),
-        Ended::Failed { .. }
-    ));
+    assert!(matches!(h.finished().await.unwrap(), Ended::Failed { .. }));
     engine.rewind::<Counter>("f", 1).await.unwrap();
     engine.resume::<Counter>("f").await.unwrap();
     h.add(5).await.unwrap();
@@ -227,20 +235,132 @@ async fn operations_on_instances_that_are_not_parked_are_refused() {
     let h = engine.start::<Counter>("w", tally(5)).await.unwrap();
     let r = engine.resume::<Counter>("w").await;
     assert!(
-        matches!(&r, Err(Error::NotParked { op: "resume", status: "waiting", .. })),
+        matches!(
+            &r,
+            Err(Error::NotParked {
+                op: "resume",
+                status: "waiting",
+                ..
+            })
+        ),
         "{r:?}"
     );
     let r = engine.patch::<Counter>("w", |s| s.n = 1).await;
-    assert!(matches!(&r, Err(Error::NotParked { op: "patch", .. })), "{r:?}");
+    assert!(
+        matches!(&r, Err(Error::NotParked { op: "patch", .. })),
+        "{r:?}"
+    );
     h.add(5).await.unwrap();
     h.finished().await.unwrap();
     let r = engine.rewind::<Counter>("w", 1).await;
     assert!(
-        matches!(&r, Err(Error::NotParked { op: "rewind", status: "finished", .. })),
+        matches!(
+            &r,
+            Err(Error::NotParked {
+                op: "rewind",
+                status: "finished",
+                ..
+            })
+        ),
         "{r:?}"
     );
     assert!(matches!(
         engine.resume::<Counter>("nobody").await,
         Err(Error::NotFound { .. })
     ));
+}
+
+/// A second flow, registered on no engine here.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Other {
+    n: u32,
+}
+
+#[flow]
+pub struct Stranger {
+    #[link]
+    state: Other,
+}
+
+#[flow]
+impl Stranger {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.n > 0 {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_instance_is_not_reached_through_another_flow_type() {
+    let engine = engine().await;
+    engine
+        .start::<Counter>("shared-id", tally(5))
+        .await
+        .unwrap();
+    let r = engine.handle::<Stranger>("shared-id").await;
+    assert!(
+        matches!(&r, Err(Error::UnknownFlow { flow: "Stranger" })),
+        "a flow the engine does not run: {:?}",
+        r.map(|_| ())
+    );
+
+    let both = Engine::builder()
+        .in_memory()
+        .flow::<Counter>()
+        .flow::<Stranger>()
+        .start()
+        .await
+        .unwrap();
+    both.start::<Counter>("shared-id", tally(5)).await.unwrap();
+    let r = both.handle::<Stranger>("shared-id").await;
+    assert!(
+        matches!(
+            &r,
+            Err(Error::NotFound {
+                flow: "Stranger",
+                ..
+            })
+        ),
+        "ids are per flow: {:?}",
+        r.map(|_| ())
+    );
+}
+
+#[tokio::test]
+async fn an_impulse_payload_that_does_not_decode_is_refused_and_changes_nothing() {
+    let engine = engine().await;
+    let h = engine.start::<Counter>("j", tally(5)).await.unwrap();
+    for bad in [
+        "{not json",
+        r#"{"Subtract": {"k": 1}}"#,
+        r#"{"Add": {"k": "three"}}"#,
+        r#"{"Add": {}}"#,
+    ] {
+        let r = h.impulse_json(bad);
+        assert!(
+            matches!(
+                &r,
+                Err(Error::BadImpulse {
+                    flow: "Counter",
+                    ..
+                })
+            ),
+            "{bad}: {:?}",
+            r.map(|_| ())
+        );
+    }
+    h.impulse_json(r#"{"Add": {"k": 2}}"#)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        h.state().await.unwrap().n,
+        2,
+        "only the good payload applied"
+    );
+    assert_eq!(steps(&engine, "j").await, 2);
 }

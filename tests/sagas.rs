@@ -50,7 +50,11 @@ impl Agency {
         self.0.lock().unwrap().log.clone()
     }
     fn note(&self, what: &str, ok: bool) {
-        let entry = if ok { what.to_string() } else { format!("{what}!") };
+        let entry = if ok {
+            what.to_string()
+        } else {
+            format!("{what}!")
+        };
         self.0.lock().unwrap().log.push(entry);
     }
 }
@@ -104,6 +108,7 @@ pub struct TripState {
     flight: Option<String>,
     hotel: Option<String>,
     car: Option<String>,
+    notes: Vec<String>,
 }
 
 #[flow]
@@ -150,7 +155,9 @@ impl Trip {
     }
 
     #[impulse]
-    fn note(&mut self, _text: String) {}
+    fn note(&mut self, text: String) {
+        self.state.notes.push(text);
+    }
 }
 
 async fn engine(agency: &Agency) -> Engine {
@@ -220,7 +227,13 @@ async fn a_failing_continuation_undoes_the_drives_that_succeeded_last_first() {
     );
     let history = engine.history::<Trip>("t1", 0, 100).await.unwrap();
     let last = history.steps.last().unwrap();
-    assert_eq!(last.input, StepInput::Outcome { call_seq: 5, ok: true });
+    assert_eq!(
+        last.input,
+        StepInput::Outcome {
+            call_seq: 5,
+            ok: true
+        }
+    );
     assert!(matches!(&last.output, StepOutput::Fail { reason } if reason.contains("no cars")));
 }
 

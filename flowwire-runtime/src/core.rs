@@ -80,13 +80,16 @@ impl Step {
     }
 }
 
+/// An operator's change to a parked instance's state.
+pub type Patch<F> = Box<dyn FnOnce(&mut <F as Board>::State) + Send>;
+
 /// What an operator does to a parked instance.
 pub enum Operation<F: Flow> {
     /// Runs it again: sends its call in flight again (or the compensation in flight, for a
     /// failing flow), or runs the wire.
     Resume,
     /// Changes its state with a closure (it stays parked).
-    Patch(Box<dyn FnOnce(&mut F::State) + Send>),
+    Patch(Patch<F>),
     /// Puts back the state recorded at a step of its history (it stays parked, with no
     /// call in flight and no failure).
     Rewind {
@@ -338,7 +341,8 @@ impl<F: Flow> Instance<F> {
             // must undo it if it fails later.
             scratch.call.clear();
             if let Err(e) = undo.encode(&mut scratch.call) {
-                let reason = format!("the compensation of the call at step {seq} could not be encoded: {e}");
+                let reason =
+                    format!("the compensation of the call at step {seq} could not be encoded: {e}");
                 return Some(self.park(input, reason, scratch));
             }
             self.registered = Some(Compensation {
@@ -386,9 +390,9 @@ impl<F: Flow> Instance<F> {
         let reason = self.record.failing.clone().unwrap_or_default();
         let mut rest = self.record.compensations.clone();
         if !ok {
-            let name = rest
-                .last()
-                .map_or_else(String::new, |c| format!(" ({})", call_name::<F>(c.link, c.method)));
+            let name = rest.last().map_or_else(String::new, |c| {
+                format!(" ({})", call_name::<F>(c.link, c.method))
+            });
             let registered = rest.last().map_or(0, |c| c.seq);
             let detail = fault.map_or_else(
                 || "its driver returned an error".to_string(),
@@ -487,7 +491,9 @@ impl<F: Flow> Instance<F> {
             Operation::Resume => self.resume(scratch),
             Operation::Patch(patch) => {
                 let mut state: F::State = codec::decode_raw(&self.record.state, self.limit)
-                    .map_err(|e| Refused::State(format!("the stored state does not decode: {e}")))?;
+                    .map_err(|e| {
+                        Refused::State(format!("the stored state does not decode: {e}"))
+                    })?;
                 catch_unwind(AssertUnwindSafe(|| patch(&mut state)))
                     .map_err(|p| Refused::PatchPanicked(panic_message(&*p)))?;
                 scratch.state.clear();
@@ -500,7 +506,9 @@ impl<F: Flow> Instance<F> {
             }
             Operation::Rewind { to, state } => {
                 let decoded: F::State = codec::decode_raw(&state, self.limit).map_err(|e| {
-                    Refused::State(format!("the state recorded at step {to} does not decode: {e}"))
+                    Refused::State(format!(
+                        "the state recorded at step {to} does not decode: {e}"
+                    ))
                 })?;
                 self.flow = F::from_state(decoded);
                 let reason = format!(
@@ -826,7 +834,7 @@ impl<F: Flow> Instance<F> {
     /// The history output of a call sent again (after a restart, or by an operator).
     fn resend_output(&self, call: &PendingCall) -> StepOutput {
         match (&self.record.status, self.record.compensations.last()) {
-            (Status::Compensating, Some(c)) | (Status::Quarantined { .. }, Some(c))
+            (Status::Compensating | Status::Quarantined { .. }, Some(c))
                 if self.record.failing.is_some() =>
             {
                 StepOutput::Compensate {

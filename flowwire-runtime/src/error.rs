@@ -169,6 +169,18 @@ pub enum Error {
         /// Which steps the history holds.
         kept: String,
     },
+    /// An impulse given as JSON does not decode as one of the flow's impulses.
+    #[error(
+        "the impulse for the {flow} instance {id:?} does not decode as one of its impulses ({detail}); send `{{\"ImpulseName\": {{\"arg\": value}}}}`, as `Engine::metadata` lists them"
+    )]
+    BadImpulse {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// What did not decode.
+        detail: String,
+    },
     /// No live instance of the flow has this correlation key.
     #[error(
         "no live {flow} instance has the correlation key {key:?}: none was started with it, or it ended (ended instances leave the key index)"

@@ -152,6 +152,36 @@ impl<F: Flow> Handle<F> {
         }
     }
 
+    /// An impulse given as JSON (from an HTTP request or a queue), decoded as the flow's
+    /// impulse enum — `{"Approve": {"by": "ann"}}` — then sent like [`Handle::impulse`].
+    ///
+    /// A payload that does not decode (malformed, an unknown impulse, a missing or
+    /// mistyped argument, larger than the engine's decode limit) is [`Error::BadImpulse`],
+    /// and nothing is sent.
+    ///
+    /// ```
+    /// # async fn demo<F: flowwire_runtime::Flow>(h: flowwire_runtime::Handle<F>) -> flowwire_runtime::Result<()>
+    /// # where F::Impulse: Sync {
+    /// h.impulse_json(r#"{"Approve": {"by": "ann"}}"#)?.id("req-17").await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn impulse_json(&self, json: &str) -> Result<ImpulseRequest<'_, F>> {
+        let bad = |detail: String| Error::BadImpulse {
+            flow: F::NAME,
+            id: self.id.to_string(),
+            detail,
+        };
+        if json.len() > self.limit {
+            return Err(bad(format!(
+                "{} bytes, above the decode limit of {} bytes",
+                json.len(),
+                self.limit
+            )));
+        }
+        let impulse: F::Impulse = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        Ok(self.impulse(impulse))
+    }
+
     async fn state_bytes(&self) -> Result<Bytes> {
         let id = self.id.clone();
         self.request("state", |reply| Msg::State { id, reply })

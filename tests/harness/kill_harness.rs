@@ -89,11 +89,17 @@ async fn calls(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     }
     if run_tag == "resume" {
         // The operator checked the ledger: every parked transfer is sent again.
-        let parked = engine.parked::<KillPay>(None, 1_000).await.expect("parked list");
+        let parked = engine
+            .parked::<KillPay>(None, 1_000)
+            .await
+            .expect("parked list");
         assert_eq!(parked.len(), n as usize, "every transfer is parked");
         for p in parked {
             assert_eq!(p.call.as_deref(), Some("Vault.transfer"), "{p:?}");
-            engine.resume::<KillPay>(p.id.as_str()).await.expect("resumed");
+            engine
+                .resume::<KillPay>(p.id.as_str())
+                .await
+                .expect("resumed");
         }
         for (_, i, h) in handles {
             let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;

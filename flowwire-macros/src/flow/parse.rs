@@ -379,8 +379,7 @@ pub fn strip_impl(item: &syn::ItemImpl) -> syn::ItemImpl {
     let mut item = item.clone();
     for it in &mut item.items {
         if let ImplItem::Fn(f) = it {
-            f.attrs
-                .retain(|a| !MARKERS.iter().any(|m| is_marker(a, m)));
+            f.attrs.retain(|a| !MARKERS.iter().any(|m| is_marker(a, m)));
         }
     }
     item

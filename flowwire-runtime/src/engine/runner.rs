@@ -139,9 +139,11 @@ impl<F: Flow> Input<F> {
                 | Msg::Impulse { id, .. }
                 | Msg::Probe { id, .. }
                 | Msg::Operate { id, .. },
-            ) => Some(id),
+            )
+            | Input::Reload { id, .. }
+            | Input::Fire { id, .. }
+            | Input::Redeliver { id } => Some(id),
             Input::Outcome(o) => Some(&o.id),
-            Input::Reload { id, .. } | Input::Fire { id, .. } | Input::Redeliver { id } => Some(id),
             Input::Msg(_) => None,
         }
     }

@@ -485,7 +485,11 @@ pub async fn correlation_keys_find_live_instances(store: &dyn InstanceStore) {
         "and leaves the old key"
     );
     assert_eq!(
-        store.correlated("orders", "order-7", 1).await.unwrap().len(),
+        store
+            .correlated("orders", "order-7", 1)
+            .await
+            .unwrap()
+            .len(),
         1,
         "the limit bounds the answer"
     );
