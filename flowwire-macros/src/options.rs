@@ -16,6 +16,7 @@ const ALL: &[&str] = &[
     "version",
     "name",
     "crate",
+    "migrate",
 ];
 
 /// The options of a driver policy, on a trait or one of its methods.
@@ -33,6 +34,8 @@ pub struct Options {
     pub version: Option<u32>,
     pub name: Option<String>,
     pub krate: Option<syn::Path>,
+    /// `migrate = path`: the function upgrading a state of the previous version.
+    pub migrate: Option<syn::Path>,
 }
 
 /// Parses `a = "x", b = 3` for `#[attr]`, accepting only `allowed`.
@@ -134,6 +137,9 @@ pub fn parse_on(
             "crate" => {
                 let lit: syn::LitStr = meta.value()?.parse()?;
                 out.krate = Some(lit.parse()?);
+            }
+            "migrate" => {
+                out.migrate = Some(meta.value()?.parse()?);
             }
             _ => unreachable!("every name in ALL is handled"),
         }

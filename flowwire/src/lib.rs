@@ -108,6 +108,17 @@ pub mod __private {
     pub use flowwire_storage::codec::encode_raw;
     pub use serde;
 
+    /// Decodes a state of a flow's previous version and upgrades it with the flow's
+    /// `migrate` function.
+    pub fn migrate_state<O: serde::de::DeserializeOwned, S>(
+        upgrade: fn(O) -> S,
+        old: &[u8],
+        limit: usize,
+    ) -> Result<S, CodecError> {
+        let old: O = flowwire_storage::codec::decode_raw(old, limit)?;
+        Ok(upgrade(old))
+    }
+
     /// Writes a flow's correlation key (a `#[correlate]` method's result).
     pub fn write_key(out: &mut String, key: &impl ::core::fmt::Display) -> ::core::fmt::Result {
         use ::core::fmt::Write as _;

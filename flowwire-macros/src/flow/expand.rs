@@ -83,6 +83,18 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
     } else {
         quote!(match self { #(#encode_arms,)* })
     };
+    let migrate_fn = match &m.opts.migrate {
+        None => quote!(),
+        Some(path) => quote_spanned! {path.span()=>
+            const MIGRATES: bool = true;
+            fn migrate(
+                old: &[u8],
+                limit: usize,
+            ) -> ::core::option::Option<::core::result::Result<#state_ty, #p::CodecError>> {
+                ::core::option::Option::Some(#p::migrate_state(#path, old, limit))
+            }
+        },
+    };
     let state_assert = quote_spanned! {state_ty.span()=>
         #p::assert_state::<#state_ty>();
     };
@@ -137,6 +149,7 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
                 }
                 #[inline]
                 fn state(&self) -> &#state_ty { &self.#state_field }
+                #migrate_fn
             }
 
             impl ::core::convert::From<#p::Handle<#name>> for #handle {

@@ -14,7 +14,20 @@ pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
     let mut cx = Ctxt::default();
     match syn::parse2::<syn::Item>(input.clone()) {
         Ok(syn::Item::Struct(item)) => {
-            let opts = crate::options::parse("flow", args, &["version", "name", "crate"], &mut cx);
+            let opts = crate::options::parse(
+                "flow",
+                args,
+                &["version", "name", "crate", "migrate"],
+                &mut cx,
+            );
+            if let Some(path) = &opts.migrate
+                && opts.version.unwrap_or(1) < 2
+            {
+                cx.error(
+                    path,
+                    "a migration upgrades a state written by the previous version: set `version = 2` or more",
+                );
+            }
             let model = parse::parse_struct(&item, opts, &mut cx);
             match (cx.check(), model) {
                 (Ok(()), Some(model)) => expand::expand_struct(&model),
@@ -115,6 +128,31 @@ mod tests {
             }),
         );
         assert!(o.contains("a correlation key returns the key"), "{o}");
+    }
+
+    #[test]
+    fn a_migration_needs_a_version_after_the_first() {
+        let o = out(
+            quote!(migrate = upgrade),
+            quote!(
+                pub struct Order {
+                    #[link]
+                    state: S,
+                }
+            ),
+        );
+        assert!(o.contains("set `version = 2` or more"), "{o}");
+        let o = out(
+            quote!(version = 2, migrate = upgrade),
+            quote!(
+                pub struct Order {
+                    #[link]
+                    state: S,
+                }
+            ),
+        );
+        assert!(o.contains("fn migrate"), "{o}");
+        assert!(o.contains("migrate_state (upgrade"), "{o}");
     }
 
     #[test]

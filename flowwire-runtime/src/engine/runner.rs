@@ -363,7 +363,10 @@ impl<F: Flow> Runner<F> {
         if !record.status.is_active() {
             return Ok(None);
         }
-        let (mut inst, park) = self.rebuild(id, record, stored.version)?;
+        let (mut inst, park) = match self.rebuild(id, record.clone(), stored.version) {
+            Ok(rebuilt) => rebuilt,
+            Err(e) => return self.unreadable(id, &record, stored.version, e).map(Some),
+        };
         let step = match park {
             Some(step) => Some(step),
             None => self.redelivery(&mut inst),
@@ -420,6 +423,25 @@ impl<F: Flow> Runner<F> {
             what: "the state",
             source,
         })
+    }
+
+    /// The parking step of a live instance written by another flow version whose state
+    /// does not decode here; any other failure to rebuild is returned as it is.
+    fn unreadable(&self, id: &Arc<str>, record: &Record, version: u64, e: Error) -> Result<Step> {
+        match e {
+            Error::Codec { source, .. }
+                if record.flow_version != F::VERSION && record.status.is_active() =>
+            {
+                Ok(Instance::<F>::park_unreadable(
+                    self.key(id),
+                    record,
+                    version,
+                    &source,
+                    self.scratch.now_ms,
+                ))
+            }
+            other => Err(other),
+        }
     }
 
     /// Puts a live instance in memory; a call in flight is sent again (or the instance
@@ -732,7 +754,13 @@ impl<F: Flow> Runner<F> {
         if !record.status.is_active() {
             return Ok(Some(record));
         }
-        let (inst, park) = self.rebuild(id, record.clone(), stored.version)?;
+        let (inst, park) = match self.rebuild(id, record.clone(), stored.version) {
+            Ok(rebuilt) => rebuilt,
+            Err(e) => {
+                let park = self.unreadable(id, &record, stored.version, e)?;
+                return Ok(Some(park.draft.record));
+            }
+        };
         if let Some(park) = park {
             return Ok(Some(park.draft.record));
         }
@@ -1148,6 +1176,9 @@ impl<F: Flow> Runner<F> {
 
     fn committed(&mut self, s: Staged<F>, placed: PlacedRecord) {
         let Some(slot) = self.slots.get_mut(&s.id) else {
+            // A step of an instance that is not in memory (parking a record another
+            // version wrote): nothing to adopt.
+            self.announce(&s);
             return;
         };
         let before = slot.inst.record().timer.map(|t| t.due_ms);

@@ -1,0 +1,209 @@
+#![allow(missing_docs)] // test-local flows
+//! Versions and migrations, through the public API: an instance written by version N−1 of a
+//! flow that declares `#[flow(version = N, migrate = f)]` is upgraded with `f` when the new
+//! engine loads it, and goes on under version N. An instance of a version with no migration
+//! path, or whose migration panics, is parked with a reason naming both versions, never run
+//! with the wrong code; an operator can still patch and resume it.
+
+use flowwire::Error;
+use flowwire::prelude::*;
+
+/// Version 1 kept a bare amount.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InvoiceV1 {
+    cents: u64,
+    paid: bool,
+}
+
+#[flow(name = "Invoice", version = 1)]
+pub struct InvoiceOne {
+    #[link]
+    state: InvoiceV1,
+}
+
+#[flow]
+impl InvoiceOne {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.paid {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+
+    #[impulse]
+    fn pay(&mut self) {
+        self.state.paid = true;
+    }
+}
+
+/// Version 2 adds a currency (and a note of where the amount came from).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceV2 {
+    cents: u64,
+    currency: String,
+    paid: bool,
+    migrated: bool,
+}
+
+fn upgrade(old: InvoiceV1) -> InvoiceV2 {
+    assert!(old.cents != 13, "unlucky invoice");
+    InvoiceV2 {
+        cents: old.cents,
+        currency: "EUR".into(),
+        paid: old.paid,
+        migrated: true,
+    }
+}
+
+#[flow(name = "Invoice", version = 2, migrate = upgrade)]
+pub struct InvoiceTwo {
+    #[link]
+    state: InvoiceV2,
+}
+
+#[flow]
+impl InvoiceTwo {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.paid {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+
+    #[impulse]
+    fn pay(&mut self) {
+        self.state.paid = true;
+    }
+}
+
+/// Version 3 migrates only from version 2.
+#[flow(name = "Invoice", version = 3, migrate = Self::from_two)]
+pub struct InvoiceThree {
+    #[link]
+    state: InvoiceV2,
+}
+
+impl InvoiceThree {
+    fn from_two(old: InvoiceV2) -> InvoiceV2 {
+        old
+    }
+}
+
+#[flow]
+impl InvoiceThree {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.paid {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+}
+
+/// Writes waiting version-1 invoices into `dir`.
+async fn written_by_v1(dir: &std::path::Path, invoices: &[(&str, u64)]) {
+    let v1 = Engine::builder()
+        .data_dir(dir)
+        .flow::<InvoiceOne>()
+        .start()
+        .await
+        .unwrap();
+    for (id, cents) in invoices {
+        let state = InvoiceV1 {
+            cents: *cents,
+            paid: false,
+        };
+        v1.start::<InvoiceOne>(*id, state).await.unwrap();
+    }
+    v1.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_instance_of_the_previous_version_is_migrated_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-1", 4_200)]).await;
+
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    let h = v2.handle::<InvoiceTwo>("inv-1").await.unwrap();
+    h.pay().await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    assert_eq!(
+        h.state().await.unwrap(),
+        InvoiceV2 {
+            cents: 4_200,
+            currency: "EUR".into(),
+            paid: true,
+            migrated: true
+        }
+    );
+    v2.shutdown().await;
+
+    // Version 3 reads what version 2 wrote (it ended under version 2).
+    let v3 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceThree>()
+        .start()
+        .await
+        .unwrap();
+    let h = v3.handle::<InvoiceThree>("inv-1").await.unwrap();
+    assert_eq!(h.state().await.unwrap().currency, "EUR");
+}
+
+#[tokio::test]
+async fn an_instance_two_versions_behind_is_parked_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-2", 100)]).await;
+    let v3 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceThree>()
+        .start()
+        .await
+        .unwrap();
+    let h = v3.handle::<InvoiceThree>("inv-2").await.unwrap();
+    let r = h.finished().await;
+    let Err(Error::Quarantined { reason, .. }) = &r else {
+        panic!("never run with the wrong code: {r:?}")
+    };
+    assert!(
+        reason.contains("version 1")
+            && reason.contains("version 3")
+            && reason.contains("migrates only from version 2"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_migration_that_panics_parks_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-13", 13), ("inv-14", 14)]).await;
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    let bad = v2.handle::<InvoiceTwo>("inv-13").await.unwrap();
+    let r = bad.finished().await;
+    assert!(
+        matches!(&r, Err(Error::Quarantined { reason, .. })
+            if reason.contains("migration from version 1 panicked: unlucky invoice")),
+        "{r:?}"
+    );
+    let good = v2.handle::<InvoiceTwo>("inv-14").await.unwrap();
+    good.pay().await.unwrap();
+    assert_eq!(
+        good.finished().await.unwrap(),
+        Ended::Finished,
+        "the other instances go on"
+    );
+}
