@@ -547,12 +547,20 @@ impl<F: Flow> Instance<F> {
             );
             return Some(self.park(input, reason, scratch));
         }
+        let status = self.record.status.clone();
+        let mut step = self.resend(pending, input, status);
+        step.draft.at_ms = scratch.now_ms;
+        Some(step)
+    }
+
+    /// A step that sends the call in flight again (counted as redelivered), with the
+    /// committed state.
+    fn resend(&mut self, pending: PendingCall, input: StepInput, status: Status) -> Step {
         let mut again = pending;
         again.redelivered = again.redelivered.saturating_add(1);
         let output = self.resend_output(&again);
-        let status = self.record.status.clone();
         let state = self.record.state.clone();
-        let mut step = self.build(
+        self.build(
             input,
             None,
             status,
@@ -561,9 +569,7 @@ impl<F: Flow> Instance<F> {
             Some(again),
             None,
             output,
-        );
-        step.draft.at_ms = scratch.now_ms;
-        Some(step)
+        )
     }
 
     /// Applies an operator's operation to a parked instance (a rewind also applies to a
@@ -619,20 +625,7 @@ impl<F: Flow> Instance<F> {
             Status::Quarantined { reason } => reason.clone(),
             other => other.name().to_string(),
         });
-        let output = StepOutput::Quarantine {
-            reason: reason.clone(),
-        };
-        let pending = self.record.pending.clone();
-        self.build(
-            input,
-            None,
-            Status::Quarantined { reason },
-            state,
-            pending,
-            None,
-            None,
-            output,
-        )
+        self.quarantined(input, reason, state)
     }
 
     /// Resumes a parked instance: its call in flight (or compensation) is sent again,
@@ -641,25 +634,12 @@ impl<F: Flow> Instance<F> {
         let Some(pending) = self.record.pending.clone() else {
             return self.advance(StepInput::Resume, None, false, scratch);
         };
-        let mut again = pending;
-        again.redelivered = again.redelivered.saturating_add(1);
-        let output = self.resend_output(&again);
         let status = if self.record.failing.is_some() {
             Status::Compensating
         } else {
             Status::Running
         };
-        let state = self.record.state.clone();
-        self.build(
-            StepInput::Resume,
-            None,
-            status,
-            state,
-            Some(again.clone()),
-            Some(again),
-            None,
-            output,
-        )
+        self.resend(pending, StepInput::Resume, status)
     }
 
     /// Adopts a step after the store committed it.
@@ -959,14 +939,20 @@ impl<F: Flow> Instance<F> {
         };
         self.then = None;
         self.registered = None;
+        self.wake = None;
+        let mut step = self.quarantined(input, reason, state);
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+
+    /// A parked step: it keeps the call in flight (an operator may resume it) but no timer
+    /// (resuming runs the wire, which arms it again).
+    fn quarantined(&mut self, input: StepInput, reason: String, state: Bytes) -> Step {
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };
-        self.wake = None;
-        // A parked instance keeps its call in flight (an operator may resume it) but no
-        // timer: resuming runs the wire, which arms it again.
         let pending = self.record.pending.clone();
-        let mut step = self.build(
+        self.build(
             input,
             None,
             Status::Quarantined { reason },
@@ -975,9 +961,7 @@ impl<F: Flow> Instance<F> {
             None,
             None,
             output,
-        );
-        step.draft.at_ms = scratch.now_ms;
-        step
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
