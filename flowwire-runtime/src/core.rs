@@ -862,10 +862,7 @@ impl<F: Flow> Instance<F> {
                     reason: reason.clone(),
                 };
                 let status = Status::Failed { reason };
-                let mut step = self.build(input, None, status, state, None, None, None, output);
-                step.draft.record.failing = None;
-                step.draft.record.compensations = Vec::new();
-                step
+                self.build(input, None, status, state, None, None, None, output)
             }
             Some(c) => {
                 let call = PendingCall {
@@ -902,17 +899,14 @@ impl<F: Flow> Instance<F> {
 
     /// The history output of a call sent again (after a restart, or by an operator).
     fn resend_output(&self, call: &PendingCall) -> StepOutput {
-        match (&self.record.status, self.record.compensations.last()) {
-            (Status::Compensating | Status::Quarantined { .. }, Some(c))
-                if self.record.failing.is_some() =>
-            {
-                StepOutput::Compensate {
-                    call_seq: call.seq,
-                    registered: c.seq,
-                    link: call.link,
-                    method: call.method,
-                }
-            }
+        // A failure is recorded only while compensations run (or wait for an operator).
+        match self.record.compensations.last() {
+            Some(c) if self.record.failing.is_some() => StepOutput::Compensate {
+                call_seq: call.seq,
+                registered: c.seq,
+                link: call.link,
+                method: call.method,
+            },
             _ => StepOutput::Drive {
                 call_seq: call.seq,
                 link: call.link,
@@ -976,10 +970,18 @@ impl<F: Flow> Instance<F> {
         timer: Option<Timer>,
         output: StepOutput,
     ) -> Step {
-        let compensations = if status == Status::Finished {
+        // An ended flow has nothing left to undo and no failure in progress.
+        let ended = status.is_terminal();
+        let compensations = if ended {
+            self.registered = None;
             Vec::new()
         } else {
             self.compensations_now()
+        };
+        let failing = if ended {
+            None
+        } else {
+            self.record.failing.clone()
         };
         // A parked instance keeps the version that wrote it (an operator's resume, or the
         // next step after a migration, writes this one).
@@ -991,7 +993,7 @@ impl<F: Flow> Instance<F> {
         let record = Record {
             flow_version,
             seq: self.record.seq + 1,
-            failing: self.record.failing.clone(),
+            failing,
             correlation: self.correlation(),
             status,
             state,

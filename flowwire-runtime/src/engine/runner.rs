@@ -770,18 +770,22 @@ impl<F: Flow> Runner<F> {
 
     /// Brings an instance into memory whatever its status (for an operator); it leaves
     /// memory again after the round unless it then has a call in flight.
-    async fn load_any(&mut self, id: &Arc<str>) -> Result<()> {
+    async fn load_any(&mut self, id: &Arc<str>, op: &'static str) -> Result<()> {
         let key = self.key(id);
         let Some(stored) = self.store.load(&key).await? else {
             return Err(Self::not_found(id));
         };
         let (record, placed) = self.open(id, &stored).await?;
+        let status = record.status.name();
         let (inst, park) = self.rebuild(id, record, stored.version)?;
         if park.is_some() {
-            // Live, and written by another version: start-up recovery parks it first.
-            return Err(Error::Conflict {
+            // Live (not parked yet), and written by another version: not for an operator
+            // until it is parked.
+            return Err(Error::NotParked {
                 flow: F::NAME,
                 id: id.to_string(),
+                op,
+                status,
             });
         }
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
@@ -1060,7 +1064,7 @@ impl<F: Flow> Runner<F> {
             }
             Input::Msg(Msg::Operate { id, op, reply }) => {
                 if !self.slots.contains_key(&id)
-                    && let Err(e) = self.load_any(&id).await
+                    && let Err(e) = self.load_any(&id, op.name()).await
                 {
                     let _ = reply.send(Err(e));
                     return None;
