@@ -111,10 +111,10 @@ fn one_in_memory_step_allocates_a_small_fixed_number_of_times() {
     let reply = bytes::Bytes::from(reply);
     // Warm the scratch buffers with one step, then measure the next.
     let seq = inst.pending().unwrap().seq;
-    let step = inst.outcome(seq, Ok(&reply), &mut scratch).unwrap();
+    let step = inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap();
     inst.commit(&step);
     let seq = inst.pending().unwrap().seq;
-    let (step, n) = allocations(|| inst.outcome(seq, Ok(&reply), &mut scratch).unwrap());
+    let (step, n) = allocations(|| inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap());
     inst.commit(&step);
     eprintln!(
         "allocations in one in-memory step (outcome → continuation → wire → encoded record + history): {n}"

@@ -35,8 +35,34 @@ pub(crate) enum CommandKind<F: Board> {
         wait: bool,
         wake: Wake<F>,
     },
+    Fan {
+        calls: Vec<(F::Call, Option<F::Call>)>,
+        parallel: u32,
+        join: Join<F>,
+    },
     Finish,
     Fail(Failure),
+}
+
+/// How a fan-out joins, with its continuations.
+pub(crate) enum Join<F> {
+    /// Every outcome goes to `each`; `then` runs after the last.
+    All { each: Then<F>, then: Wake<F> },
+    /// The first success (or, when every branch failed, the last failure) goes to `first`.
+    First(Then<F>),
+}
+
+impl<F> Clone for Join<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for Join<F> {}
+
+impl<F> Join<F> {
+    pub(crate) fn is_first(&self) -> bool {
+        matches!(self, Join::First(_))
+    }
 }
 
 impl<F: Board> Command<F> {
@@ -49,6 +75,37 @@ impl<F: Board> Command<F> {
         Drive {
             call: F::Call::from(call.into_call()),
             undo: None,
+            _reply: std::marker::PhantomData,
+        }
+    }
+
+    /// Calls several drivers at once: a fan-out. Continue with [`FanOut::all`] (every
+    /// outcome, then a join) or with [`FanOut::first`] (the first success); bound how many calls are in flight with [`FanOut::parallel`].
+    ///
+    /// Each item is a call, or a `(call, compensation)` pair for a saga step (see
+    /// [`Drive::compensate`]); all calls of a fan-out return the same type. The calls are
+    /// encoded and kept in the record when the fan-out is issued (at most 1,024; pass ids,
+    /// not data), and each branch has its own idempotency key, `flow/instance/step.branch`.
+    /// While the fan-out runs the wire is not run; after a restart or an impulse it must
+    /// return a fan-out with the same number of branches calling the same methods (their
+    /// arguments are taken from the record, so they may be built from a state the
+    /// continuations changed).
+    ///
+    /// ```ignore
+    /// Command::fan_out(self.state.sections.iter().map(|s| self.render.page(*s)))
+    ///     .parallel(4)
+    ///     .all(
+    ///         |f, i, page| { f.state.pages[i] = Some(page?); Ok(()) },
+    ///         |f| { f.state.stage = Stage::Assemble; Ok(()) },
+    ///     )
+    /// ```
+    pub fn fan_out<B>(branches: impl IntoIterator<Item = B>) -> FanOut<F, B::Reply>
+    where
+        B: IntoBranch<F>,
+    {
+        FanOut {
+            calls: branches.into_iter().map(IntoBranch::split).collect(),
+            parallel: u32::MAX,
             _reply: std::marker::PhantomData,
         }
     }
@@ -127,6 +184,14 @@ impl<F: Board> Command<F> {
             CommandKind::Timer { wait: false, .. } => "sleep",
             CommandKind::Timer { wait: true, .. } => "wait with a timeout",
             CommandKind::Finish => "finish",
+            CommandKind::Fan {
+                join: Join::All { .. },
+                ..
+            } => "fan-out (all)",
+            CommandKind::Fan {
+                join: Join::First(_),
+                ..
+            } => "fan-out (first)",
             CommandKind::Fail(_) => "fail",
         }
     }
@@ -238,6 +303,98 @@ impl<F: Board, R: Reply> Drive<F, R> {
     }
 }
 
+/// One branch of a fan-out: a driver call, or a `(call, compensation)` pair.
+///
+/// Implemented for [`Call`] and for `(Call, Call)`; the reply type of the first call is the
+/// branch's.
+pub trait IntoBranch<F: Board> {
+    /// What the branch's call returns.
+    type Reply: Reply;
+    /// The call and its compensation, as the flow's call enum.
+    #[doc(hidden)]
+    fn split(self) -> (F::Call, Option<F::Call>);
+}
+
+impl<F: Board, C, R: Reply> IntoBranch<F> for Call<C, R>
+where
+    F::Call: From<C>,
+{
+    type Reply = R;
+    fn split(self) -> (F::Call, Option<F::Call>) {
+        (F::Call::from(self.into_call()), None)
+    }
+}
+
+impl<F: Board, C, R: Reply, U, S> IntoBranch<F> for (Call<C, R>, Call<U, S>)
+where
+    F::Call: From<C> + From<U>,
+{
+    type Reply = R;
+    fn split(self) -> (F::Call, Option<F::Call>) {
+        (
+            F::Call::from(self.0.into_call()),
+            Some(F::Call::from(self.1.into_call())),
+        )
+    }
+}
+
+/// A branch's continuation: the flow, the branch's index (its position in the fan-out) and
+/// its outcome. A non-capturing closure or a plain `fn`.
+pub type Each<F, R> = fn(&mut F, usize, Outcome<R>) -> Result<(), Failure>;
+
+/// A fan-out waiting for its continuation: `Command::fan_out(calls)`.
+#[must_use = "a fan-out needs its continuations: add `.all(each, then)` or `.first(..)`"]
+pub struct FanOut<F: Board, R> {
+    calls: Vec<(F::Call, Option<F::Call>)>,
+    parallel: u32,
+    _reply: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<F: Board, R: Reply> FanOut<F, R> {
+    /// Sends at most `n` calls at once (0 counts as 1); the next is sent when one's outcome
+    /// is applied. Without it every call is sent at once.
+    pub fn parallel(mut self, n: usize) -> Self {
+        self.parallel = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        self
+    }
+
+    /// Continues when every branch is done: `each` receives each branch's outcome as it
+    /// arrives (with the branch's index), applied as its own durable step; `then` runs
+    /// once after the last (at once for a fan-out with no calls), then the wire runs
+    /// again. Either returning `Err` fails the flow: the other branches are abandoned
+    /// (their outcomes are ignored and queued calls are not sent), and the compensations
+    /// registered so far run.
+    pub fn all(self, each: Each<F, R>, then: Wake<F>) -> Command<F> {
+        Command {
+            kind: CommandKind::Fan {
+                calls: self.calls,
+                parallel: self.parallel,
+                join: Join::All {
+                    each: Then::each::<R>(each),
+                    then,
+                },
+            },
+        }
+    }
+
+    /// Continues with the first branch that succeeds: `first` receives its index and value,
+    /// the other branches are abandoned (calls in flight may still run; their outcomes are
+    /// ignored, and their compensations are not registered) and the wire runs again. When
+    /// every branch fails, `first` receives the last failure. With `.parallel(1)` the calls
+    /// are tried one after the other until one succeeds.
+    ///
+    /// A fan-out with no calls has no outcome to continue with: the instance is parked.
+    pub fn first(self, first: Each<F, R>) -> Command<F> {
+        Command {
+            kind: CommandKind::Fan {
+                calls: self.calls,
+                parallel: self.parallel,
+                join: Join::First(Then::each::<R>(first)),
+            },
+        }
+    }
+}
+
 /// What reached the continuation: the encoded reply or the runtime's fault.
 pub(crate) enum Delivered<'a> {
     Reply(&'a [u8]),
@@ -256,7 +413,7 @@ pub(crate) enum ThenError {
 #[allow(clippy::type_complexity)] // a fn pointer signature, named once here
 pub(crate) struct Then<F> {
     raw: fn(),
-    run: fn(fn(), &mut F, Delivered<'_>, usize) -> Result<(), ThenError>,
+    run: fn(fn(), &mut F, Delivered<'_>, usize, usize) -> Result<(), ThenError>,
 }
 
 impl<F> Clone for Then<F> {
@@ -268,7 +425,7 @@ impl<F> Copy for Then<F> {}
 
 #[allow(unsafe_code)]
 mod erase {
-    use super::{Continuation, Delivered, DriveError, Then, ThenError};
+    use super::{Continuation, Delivered, DriveError, Each, Then, ThenError};
     use crate::driver::Reply;
     use crate::flow::Board;
 
@@ -283,13 +440,25 @@ mod erase {
             }
         }
 
+        pub(crate) fn each<R: Reply>(k: Each<F, R>) -> Self {
+            // SAFETY: as in `new`; `raw` is only called by `run_each::<F, R>`.
+            let raw = unsafe { std::mem::transmute::<Each<F, R>, fn()>(k) };
+            Self {
+                raw,
+                run: run_each::<F, R>,
+            }
+        }
+
+        /// Runs the continuation; `branch` is the fan-out branch's index (ignored by a
+        /// drive's continuation).
         pub(crate) fn call(
             self,
             flow: &mut F,
             delivered: Delivered<'_>,
             limit: usize,
+            branch: usize,
         ) -> Result<(), ThenError> {
-            (self.run)(self.raw, flow, delivered, limit)
+            (self.run)(self.raw, flow, delivered, limit, branch)
         }
     }
 
@@ -298,11 +467,34 @@ mod erase {
         flow: &mut F,
         delivered: Delivered<'_>,
         limit: usize,
+        _branch: usize,
     ) -> Result<(), ThenError> {
         // SAFETY: `raw` was made from a `Continuation<F, R>` in `Then::new::<R>`, which is
         // the only place that pairs it with `run::<F, R>`.
         let k = unsafe { std::mem::transmute::<fn(), Continuation<F, R>>(raw) };
-        let outcome = match delivered {
+        let outcome = outcome::<R>(delivered, limit)?;
+        k(flow, outcome).map_err(ThenError::Failed)
+    }
+
+    fn run_each<F: Board, R: Reply>(
+        raw: fn(),
+        flow: &mut F,
+        delivered: Delivered<'_>,
+        limit: usize,
+        branch: usize,
+    ) -> Result<(), ThenError> {
+        // SAFETY: `raw` was made from an `Each<F, R>` in `Then::each::<R>`, the only place
+        // that pairs it with `run_each::<F, R>`.
+        let k = unsafe { std::mem::transmute::<fn(), Each<F, R>>(raw) };
+        let outcome = outcome::<R>(delivered, limit)?;
+        k(flow, branch, outcome).map_err(ThenError::Failed)
+    }
+
+    fn outcome<R: Reply>(
+        delivered: Delivered<'_>,
+        limit: usize,
+    ) -> Result<super::Outcome<R>, ThenError> {
+        Ok(match delivered {
             Delivered::Reply(bytes) => {
                 match flowwire_storage::codec::decode_raw::<R>(bytes, limit) {
                     Ok(reply) => reply.into_result().map_err(DriveError::Driver),
@@ -310,7 +502,6 @@ mod erase {
                 }
             }
             Delivered::Fault(fault) => Err(DriveError::Runtime(fault.clone())),
-        };
-        k(flow, outcome).map_err(ThenError::Failed)
+        })
     }
 }

@@ -22,6 +22,7 @@ pub struct CallContext {
     flow: &'static str,
     instance: Arc<str>,
     seq: u64,
+    branch: Option<u32>,
     attempt: u32,
     redelivered: u32,
 }
@@ -62,16 +63,26 @@ impl CallContext {
         self.redelivered
     }
 
-    /// `flow/instance/step`: the same for every execution of this call, across retries and
-    /// crashes, and different for every other call.
+    /// The index of the fan-out branch this call is (`None` for a drive or a compensation).
+    pub fn branch(&self) -> Option<u32> {
+        self.branch
+    }
+
+    /// `flow/instance/step` (`flow/instance/step.branch` for a fan-out branch): the same
+    /// for every execution of this call, across retries and crashes, and different for
+    /// every other call.
     pub fn idempotency_key(&self) -> String {
-        format!("{}/{}/{}", self.flow, self.instance, self.seq)
+        match self.branch {
+            None => format!("{}/{}/{}", self.flow, self.instance, self.seq),
+            Some(b) => format!("{}/{}/{}.{b}", self.flow, self.instance, self.seq),
+        }
     }
 
     pub(crate) fn new(
         flow: &'static str,
         instance: Arc<str>,
         seq: u64,
+        branch: Option<u32>,
         attempt: u32,
         redelivered: u32,
     ) -> Self {
@@ -79,6 +90,7 @@ impl CallContext {
             flow,
             instance,
             seq,
+            branch,
             attempt,
             redelivered,
         }

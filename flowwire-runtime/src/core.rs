@@ -20,11 +20,12 @@ use bytes::Bytes;
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
-    CodecError, Compensation, Expect, InstanceKey, PendingCall, Record, Status, StepInput,
-    StepOutput, TimeSpec, Timer,
+    BranchState, CodecError, Compensation, Expect, Fan, InstanceKey, PendingCall, Record, Status,
+    StepInput, StepOutput, TimeSpec, Timer,
 };
+use smallvec::{SmallVec, smallvec};
 
-use crate::command::{CommandKind, Delivered, Then, ThenError, Wake};
+use crate::command::{CommandKind, Delivered, Join, Then, ThenError, Wake};
 use crate::driver::Fault;
 use crate::flow::{Board, CallSet, Flow, ImpulseSet};
 
@@ -33,6 +34,32 @@ struct Armed<F: Board> {
     seq: u64,
     then: Then<F>,
     undo: Option<F::Call>,
+}
+
+/// The continuations of the fan-out in flight, as the wire returned them.
+struct FanArmed<F> {
+    seq: u64,
+    join: Join<F>,
+}
+
+/// The most branches a fan-out may have (its calls are kept in the record).
+pub const MAX_BRANCHES: usize = 1024;
+
+/// A driver call to send once its step is committed: a drive's or compensation's call, or
+/// a fan-out branch.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The call (for a branch: the fan-out's step, and the branch's redelivery count).
+    pub call: PendingCall,
+    /// The fan-out branch's index.
+    pub branch: Option<u32>,
+}
+
+/// The calls a step sends (one at most, except when a fan-out starts or resumes).
+pub type Dispatches = SmallVec<[Outgoing; 1]>;
+
+fn one(call: PendingCall) -> Dispatches {
+    smallvec![Outgoing { call, branch: None }]
 }
 
 /// Reusable encode buffers, one set per runner, and the time of the steps being built.
@@ -69,8 +96,8 @@ pub struct Step {
     /// The step with its payloads in memory (the record the instance adopts once the
     /// step is committed is `draft.record`).
     pub draft: Draft,
-    /// A new driver call to dispatch once the write is committed.
-    pub dispatch: Option<PendingCall>,
+    /// The driver calls to dispatch once the write is committed.
+    pub dispatch: Dispatches,
 }
 
 impl Step {
@@ -138,6 +165,8 @@ pub struct Instance<F: Flow> {
     version: u64,
     record: Record,
     then: Option<Armed<F>>,
+    /// The continuations of the fan-out in flight (rederived after a restart).
+    fan: Option<FanArmed<F>>,
     /// The continuation of the armed timer, by its due time (rederived after a restart).
     wake: Option<(u64, Wake<F>)>,
     /// The compensation the step being built registers (its drive's call succeeded).
@@ -188,8 +217,10 @@ impl<F: Flow> Instance<F> {
                 compensations: Vec::new(),
                 failing: None,
                 correlation: None,
+                fan: None,
             },
             then: None,
+            fan: None,
             wake: None,
             registered: None,
             limit,
@@ -248,6 +279,7 @@ impl<F: Flow> Instance<F> {
             version,
             record,
             then: None,
+            fan: None,
             wake: None,
             registered: None,
             limit,
@@ -318,7 +350,7 @@ impl<F: Flow> Instance<F> {
                 payload: None,
                 at_ms: now_ms,
             },
-            dispatch: None,
+            dispatch: Dispatches::new(),
         }
     }
 
@@ -389,16 +421,21 @@ impl<F: Flow> Instance<F> {
         Ok(step)
     }
 
-    /// Applies a driver outcome for the call issued at step `seq` and runs the wire.
+    /// Applies a driver outcome for the call issued at step `seq` (for a fan-out: of its
+    /// branch `branch`) and runs the wire.
     ///
     /// Returns `None` for an outcome that is no longer awaited (a duplicate, or a call the
     /// wire abandoned after an impulse).
     pub fn outcome(
         &mut self,
         seq: u64,
+        branch: Option<u32>,
         outcome: Result<&Bytes, &Fault>,
         scratch: &mut Scratch,
     ) -> Option<Step> {
+        if let Some(branch) = branch {
+            return self.branch_outcome(seq, branch, outcome, scratch);
+        }
         let pending = self.record.pending.clone()?;
         if pending.seq != seq {
             return None;
@@ -448,7 +485,7 @@ impl<F: Flow> Instance<F> {
         let limit = self.limit;
         let then = armed.then;
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            then.call(&mut self.flow, delivered, limit)
+            then.call(&mut self.flow, delivered, limit, 0)
         }));
         let mut step = match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
@@ -464,6 +501,193 @@ impl<F: Flow> Instance<F> {
         };
         step.draft.payload = payload;
         Some(step)
+    }
+
+    /// The outcome of branch `branch` of the fan-out issued at step `seq`: applied by its
+    /// continuation (for `first`, only the first success, or the last failure), then the
+    /// next queued branch is sent, or the fan-out joins and the wire runs.
+    fn branch_outcome(
+        &mut self,
+        seq: u64,
+        branch: u32,
+        outcome: Result<&Bytes, &Fault>,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
+        if self.record.status != Status::Running {
+            return None;
+        }
+        let fan = self.record.fan.as_ref().filter(|f| f.seq == seq)?;
+        let i = usize::try_from(branch).ok()?;
+        if !matches!(fan.branches.get(i)?.state, BranchState::Sent { .. }) {
+            return None;
+        }
+        let mut fan = fan.clone();
+        let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
+        let payload = Some(match outcome {
+            Ok(bytes) => bytes.clone(),
+            Err(fault) => Bytes::from(fault.to_string()),
+        });
+        let input = StepInput::BranchOutcome {
+            call_seq: seq,
+            branch,
+            ok,
+        };
+        let join = match self.fan.take() {
+            Some(a) if a.seq == seq => a.join,
+            _ => match self.rederive_fan(&fan) {
+                Ok(join) => join,
+                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+            },
+        };
+        fan.branches[i].state = BranchState::Done { ok };
+        let open = fan
+            .branches
+            .iter()
+            .any(|b| !matches!(b.state, BranchState::Done { .. }));
+        let delivered = match outcome {
+            Ok(bytes) => Delivered::Reply(&bytes[..]),
+            Err(fault) => Delivered::Fault(fault),
+        };
+        let (k, then) = match join {
+            Join::First(_) if !ok && open => {
+                // Another branch may still succeed: this failure is not applied.
+                self.fan = Some(FanArmed { seq, join });
+                let state = self.record.state.clone();
+                let mut step = self.progress(input, fan, state, scratch);
+                step.draft.payload = payload;
+                return Some(step);
+            }
+            Join::First(first) => (first, None),
+            Join::All { each, then } => (each, Some(then)),
+        };
+        if ok {
+            // As for a drive: the branch did what it did, whatever its continuation makes
+            // of it.
+            self.registered = fan.branches[i].undo.take();
+        }
+        let limit = self.limit;
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            k.call(&mut self.flow, delivered, limit, i)
+        }));
+        let mut step = match ran {
+            Ok(Ok(())) if then.is_none() || !open => match then {
+                Some(then) => self.join(input, then, scratch),
+                None => self.advance(input, None, false, scratch),
+            },
+            Ok(Ok(())) => {
+                self.fan = Some(FanArmed { seq, join });
+                match self.encoded_state(scratch) {
+                    Ok(state) => self.progress(input, fan, state, scratch),
+                    Err(reason) => self.park(input, reason, scratch),
+                }
+            }
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(ThenError::Decode(e))) => {
+                let reason = format!(
+                    "the reply of branch {branch} of the fan-out at step {seq} does not decode: {e}"
+                );
+                self.park(input, reason, scratch)
+            }
+            Err(p) => {
+                let reason = format!(
+                    "the continuation of branch {branch} of the fan-out at step {seq} panicked: {}",
+                    panic_message(&*p)
+                );
+                self.park(input, reason, scratch)
+            }
+        };
+        step.draft.payload = payload;
+        Some(step)
+    }
+
+    /// Runs a fan-out's join continuation after its last outcome, then the wire.
+    fn join(&mut self, input: StepInput, then: Wake<F>, scratch: &mut Scratch) -> Step {
+        match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
+            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+            Err(p) => {
+                let reason = format!(
+                    "the fan-out's join continuation panicked: {}",
+                    panic_message(&*p)
+                );
+                self.park(input, reason, scratch)
+            }
+        }
+    }
+
+    /// The current state, encoded (a failure to encode is the reason to park).
+    fn encoded_state(&self, scratch: &mut Scratch) -> Result<Bytes, String> {
+        scratch.state.clear();
+        codec::encode_raw(self.flow.state(), &mut scratch.state)
+            .map_err(|e| format!("the state could not be encoded: {e}"))?;
+        Ok(freeze(&mut scratch.state))
+    }
+
+    /// A step of a fan-out in progress: the fan-out with the next queued branches sent.
+    fn progress(
+        &mut self,
+        input: StepInput,
+        mut fan: Fan,
+        state: Bytes,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let dispatch = top_up(&mut fan);
+        let output = fan_output(&fan);
+        let mut step = self.build(
+            input,
+            None,
+            Status::Running,
+            state,
+            None,
+            dispatch,
+            None,
+            output,
+        );
+        step.draft.record.fan = Some(fan);
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+
+    /// A step that sends the branches of the fan-out in flight again (counted as
+    /// redelivered), with the committed state.
+    fn resend_fan(&mut self, mut fan: Fan, input: StepInput, scratch: &mut Scratch) -> Step {
+        let mut dispatch = Dispatches::new();
+        for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
+            if let BranchState::Sent { redelivered } = &mut b.state {
+                *redelivered = redelivered.saturating_add(1);
+                dispatch.push(Outgoing {
+                    call: PendingCall {
+                        seq: fan.seq,
+                        link: b.link,
+                        method: b.method,
+                        call: b.call.clone(),
+                        redelivered: *redelivered,
+                    },
+                    branch: Some(i),
+                });
+            }
+        }
+        let state = self.record.state.clone();
+        let mut step = self.progress(input, fan, state, scratch);
+        let topped = std::mem::take(&mut step.dispatch);
+        dispatch.extend(topped);
+        step.dispatch = dispatch;
+        step
+    }
+
+    /// Runs the wire again to find the continuations of the fan-out in flight.
+    fn rederive_fan(&mut self, fan: &Fan) -> Result<Join<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let name = cmd.name();
+        match cmd.kind {
+            CommandKind::Fan { calls, join, .. } if same_fan(fan, &calls, &join) => Ok(join),
+            _ => Err(format!(
+                "non-deterministic wire: the fan-out issued at step {} ({} branches) is in flight, but the wire now returns `{name}` (or a fan-out of other branches)",
+                fan.seq,
+                fan.branches.len()
+            )),
+        }
     }
 
     /// The outcome of the compensation in flight: on success the next one is sent (or the
@@ -531,12 +755,33 @@ impl<F: Flow> Instance<F> {
     /// stopped (it may have run): with `park`, the instance is parked for an operator;
     /// otherwise the call is counted as redelivered and sent again.
     ///
+    /// `park` says whether a call's driver (by link and method) declares the `park` policy.
+    /// A fan-out's branches in flight are all sent again, or the instance is parked when any
+    /// of them declares `park`.
+    ///
     /// Returns `None` when no call is in flight.
-    pub fn redeliver(&mut self, park: bool, scratch: &mut Scratch) -> Option<Step> {
-        let pending = self.record.pending.clone()?;
+    pub fn redeliver(
+        &mut self,
+        park: impl Fn(u16, u16) -> bool,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
         if !self.record.status.has_call() {
             return None;
         }
+        if let Some(fan) = self.record.fan.clone() {
+            let input = StepInput::Redeliver { call_seq: fan.seq };
+            if let Some((i, b)) = fan.in_flight().find(|(_, b)| park(b.link, b.method)) {
+                let reason = format!(
+                    "branch {i} ({}) of the fan-out sent at step {} was in flight when the engine stopped, so it may or may not have run; its driver's policy is `ambiguous = \"park\"`: check the service it calls, then resume the instance (the branches in flight are sent again) or rewind it",
+                    call_name::<F>(b.link, b.method),
+                    fan.seq
+                );
+                return Some(self.park(input, reason, scratch));
+            }
+            return Some(self.resend_fan(fan, input, scratch));
+        }
+        let pending = self.record.pending.clone()?;
+        let park = park(pending.link, pending.method);
         let input = StepInput::Redeliver {
             call_seq: pending.seq,
         };
@@ -566,7 +811,7 @@ impl<F: Flow> Instance<F> {
             status,
             state,
             Some(again.clone()),
-            Some(again),
+            one(again),
             None,
             output,
         )
@@ -611,6 +856,7 @@ impl<F: Flow> Instance<F> {
                 );
                 let mut step = self.operated(StepInput::Rewind { to }, state, Some(reason));
                 step.draft.record.pending = None;
+                step.draft.record.fan = None;
                 step.draft.record.failing = None;
                 step
             }
@@ -631,6 +877,9 @@ impl<F: Flow> Instance<F> {
     /// Resumes a parked instance: its call in flight (or compensation) is sent again,
     /// counted as redelivered; without one, the wire runs.
     fn resume(&mut self, scratch: &mut Scratch) -> Step {
+        if let Some(fan) = self.record.fan.clone() {
+            return self.resend_fan(fan, StepInput::Resume, scratch);
+        }
         let Some(pending) = self.record.pending.clone() else {
             return self.advance(StepInput::Resume, None, false, scratch);
         };
@@ -653,6 +902,7 @@ impl<F: Flow> Instance<F> {
         let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
         self.flow = F::from_state(state);
         self.then = None;
+        self.fan = None;
         self.wake = None;
         Ok(())
     }
@@ -727,6 +977,20 @@ impl<F: Flow> Instance<F> {
         keep_pending: bool,
         scratch: &mut Scratch,
     ) -> Step {
+        self.advance_from(input, impulse, keep_pending, scratch, 0)
+    }
+
+    /// [`Instance::advance`], after `joined` fan-outs without calls joined at once.
+    fn advance_from(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        keep_pending: bool,
+        scratch: &mut Scratch,
+        joined: u32,
+    ) -> Step {
+        /// Fan-outs without calls one step may join before the wire is taken to loop.
+        const EMPTY_JOINS: u32 = 8;
         let seq = self.record.seq + 1;
         let cmd = match catch_unwind(AssertUnwindSafe(|| self.flow.wire())) {
             Ok(cmd) => cmd,
@@ -737,6 +1001,7 @@ impl<F: Flow> Instance<F> {
         };
         let mut timer = None;
         let mut failing = None;
+        let mut fan = None;
         let (status, pending, dispatch, output) = match cmd.kind {
             CommandKind::Drive { call, then, undo } => {
                 scratch.call.clear();
@@ -749,7 +1014,7 @@ impl<F: Flow> Instance<F> {
                     keep_pending && p.link == link && p.method == method && p.call == scratch.call
                 });
                 let (pending, dispatch) = match kept {
-                    Some(p) => (p.clone(), None),
+                    Some(p) => (p.clone(), Dispatches::new()),
                     None => {
                         let p = PendingCall {
                             seq,
@@ -758,7 +1023,7 @@ impl<F: Flow> Instance<F> {
                             call: freeze(&mut scratch.call),
                             redelivered: 0,
                         };
-                        (p.clone(), Some(p))
+                        (p.clone(), one(p))
                     }
                 };
                 self.then = Some(Armed {
@@ -773,7 +1038,78 @@ impl<F: Flow> Instance<F> {
                 };
                 (Status::Running, Some(pending), dispatch, output)
             }
-            CommandKind::Wait => (Status::Waiting, None, None, StepOutput::Wait),
+            CommandKind::Fan {
+                calls,
+                parallel,
+                join,
+            } => {
+                let kept = self.record.fan.as_ref().filter(|f| {
+                    keep_pending
+                        && self.record.status == Status::Running
+                        && same_fan(f, &calls, &join)
+                });
+                if let Some(f) = kept {
+                    let f = f.clone();
+                    let output = fan_output(&f);
+                    self.fan = Some(FanArmed { seq: f.seq, join });
+                    fan = Some(f);
+                    (Status::Running, None, Dispatches::new(), output)
+                } else if calls.len() > MAX_BRANCHES {
+                    let reason = format!(
+                        "the wire returned a fan-out of {} calls; at most {MAX_BRANCHES} are allowed (split the work into several fan-outs)",
+                        calls.len()
+                    );
+                    return self.park(input, reason, scratch);
+                } else if calls.is_empty() {
+                    let Join::All { then, .. } = join else {
+                        let reason = "the wire returned `first` over a fan-out without calls: there is no outcome to continue with (return another command when there is nothing to race)".to_string();
+                        return self.park(input, reason, scratch);
+                    };
+                    if joined >= EMPTY_JOINS {
+                        let reason = format!(
+                            "the wire returned a fan-out without calls {EMPTY_JOINS} times in a row: its join continuation must change the state so that the wire moves on"
+                        );
+                        return self.park(input, reason, scratch);
+                    }
+                    // Nothing to wait for: join at once.
+                    return match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
+                        Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined + 1),
+                        Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+                        Err(p) => {
+                            let reason = format!(
+                                "the fan-out's join continuation panicked: {}",
+                                panic_message(&*p)
+                            );
+                            self.park(input, reason, scratch)
+                        }
+                    };
+                } else {
+                    let mut branches = Vec::with_capacity(calls.len());
+                    for (i, (call, undo)) in calls.iter().enumerate() {
+                        match encode_branch(seq, call, undo.as_ref(), &mut scratch.call) {
+                            Ok(b) => branches.push(b),
+                            Err(e) => {
+                                let reason = format!(
+                                    "branch {i} of the wire's fan-out could not be encoded: {e}"
+                                );
+                                return self.park(input, reason, scratch);
+                            }
+                        }
+                    }
+                    let mut f = Fan {
+                        seq,
+                        first: join.is_first(),
+                        parallel,
+                        branches,
+                    };
+                    let dispatch = top_up(&mut f);
+                    let output = fan_output(&f);
+                    self.fan = Some(FanArmed { seq, join });
+                    fan = Some(f);
+                    (Status::Running, None, dispatch, output)
+                }
+            }
+            CommandKind::Wait => (Status::Waiting, None, Dispatches::new(), StepOutput::Wait),
             CommandKind::Timer { spec, wait, wake } => {
                 let was = if wait {
                     Status::Waiting
@@ -798,12 +1134,17 @@ impl<F: Flow> Instance<F> {
                 } else {
                     StepOutput::Sleep { due_ms }
                 };
-                (was, None, None, output)
+                (was, None, Dispatches::new(), output)
             }
-            CommandKind::Finish => (Status::Finished, None, None, StepOutput::Finish),
+            CommandKind::Finish => (
+                Status::Finished,
+                None,
+                Dispatches::new(),
+                StepOutput::Finish,
+            ),
             CommandKind::Fail(f) => {
                 failing = Some(f.to_string());
-                (Status::Waiting, None, None, StepOutput::Wait)
+                (Status::Waiting, None, Dispatches::new(), StepOutput::Wait)
             }
         };
         scratch.state.clear();
@@ -819,6 +1160,7 @@ impl<F: Flow> Instance<F> {
         let mut step = self.build(
             input, impulse, status, state, pending, dispatch, timer, output,
         );
+        step.draft.record.fan = fan;
         step.draft.at_ms = scratch.now_ms;
         step
     }
@@ -853,6 +1195,7 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Step {
         self.then = None;
+        self.fan = None;
         self.wake = None;
         self.registered = None;
         let seq = self.record.seq + 1;
@@ -862,7 +1205,16 @@ impl<F: Flow> Instance<F> {
                     reason: reason.clone(),
                 };
                 let status = Status::Failed { reason };
-                self.build(input, None, status, state, None, None, None, output)
+                self.build(
+                    input,
+                    None,
+                    status,
+                    state,
+                    None,
+                    Dispatches::new(),
+                    None,
+                    output,
+                )
             }
             Some(c) => {
                 let call = PendingCall {
@@ -884,7 +1236,7 @@ impl<F: Flow> Instance<F> {
                     Status::Compensating,
                     state,
                     Some(call.clone()),
-                    Some(call),
+                    one(call),
                     None,
                     output,
                 );
@@ -932,6 +1284,7 @@ impl<F: Flow> Instance<F> {
             state
         };
         self.then = None;
+        self.fan = None;
         self.registered = None;
         self.wake = None;
         let mut step = self.quarantined(input, reason, state);
@@ -939,23 +1292,25 @@ impl<F: Flow> Instance<F> {
         step
     }
 
-    /// A parked step: it keeps the call in flight (an operator may resume it) but no timer
-    /// (resuming runs the wire, which arms it again).
+    /// A parked step: it keeps the call (or fan-out) in flight (an operator may resume it)
+    /// but no timer (resuming runs the wire, which arms it again).
     fn quarantined(&mut self, input: StepInput, reason: String, state: Bytes) -> Step {
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };
         let pending = self.record.pending.clone();
-        self.build(
+        let mut step = self.build(
             input,
             None,
             Status::Quarantined { reason },
             state,
             pending,
-            None,
+            Dispatches::new(),
             None,
             output,
-        )
+        );
+        step.draft.record.fan.clone_from(&self.record.fan);
+        step
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -966,7 +1321,7 @@ impl<F: Flow> Instance<F> {
         status: Status,
         state: Bytes,
         pending: Option<PendingCall>,
-        dispatch: Option<PendingCall>,
+        dispatch: Dispatches,
         timer: Option<Timer>,
         output: StepOutput,
     ) -> Step {
@@ -1000,6 +1355,7 @@ impl<F: Flow> Instance<F> {
             pending,
             timer,
             compensations,
+            fan: None,
         };
         let expect = if self.version == 0 {
             Expect::Absent
@@ -1020,5 +1376,86 @@ impl<F: Flow> Instance<F> {
             },
             dispatch,
         }
+    }
+}
+
+/// Whether the wire's fan-out is the one in flight: the same join, and as many branches
+/// calling the same methods (the arguments are the recorded ones).
+fn same_fan<F: Board>(fan: &Fan, calls: &[(F::Call, Option<F::Call>)], join: &Join<F>) -> bool {
+    fan.first == join.is_first()
+        && fan.branches.len() == calls.len()
+        && fan
+            .branches
+            .iter()
+            .zip(calls)
+            .all(|(b, (c, _))| b.link == c.link() && b.method == c.method())
+}
+
+/// A fan-out branch, queued, with its call (and compensation) encoded.
+fn encode_branch<C: CallSet>(
+    seq: u64,
+    call: &C,
+    undo: Option<&C>,
+    buf: &mut Vec<u8>,
+) -> Result<flowwire_storage::Branch, CodecError> {
+    buf.clear();
+    call.encode(buf)?;
+    let bytes = Bytes::copy_from_slice(buf);
+    let undo = match undo {
+        None => None,
+        Some(u) => {
+            buf.clear();
+            u.encode(buf)?;
+            Some(Compensation {
+                seq,
+                link: u.link(),
+                method: u.method(),
+                call: Bytes::copy_from_slice(buf),
+            })
+        }
+    };
+    Ok(flowwire_storage::Branch {
+        link: call.link(),
+        method: call.method(),
+        call: bytes,
+        undo,
+        state: BranchState::Queued,
+    })
+}
+
+/// Sends queued branches, in order, until the parallelism bound is reached; returns them.
+fn top_up(fan: &mut Fan) -> Dispatches {
+    let bound = usize::try_from(fan.parallel).unwrap_or(usize::MAX);
+    let mut in_flight = fan.in_flight().count();
+    let mut out = Dispatches::new();
+    for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
+        if in_flight >= bound {
+            break;
+        }
+        if b.state == BranchState::Queued {
+            b.state = BranchState::Sent { redelivered: 0 };
+            in_flight += 1;
+            out.push(Outgoing {
+                call: PendingCall {
+                    seq: fan.seq,
+                    link: b.link,
+                    method: b.method,
+                    call: b.call.clone(),
+                    redelivered: 0,
+                },
+                branch: Some(i),
+            });
+        }
+    }
+    out
+}
+
+/// The history output of a step with a fan-out in flight.
+fn fan_output(fan: &Fan) -> StepOutput {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    StepOutput::Fan {
+        call_seq: fan.seq,
+        done: count(fan.done()),
+        branches: count(fan.branches.len()),
     }
 }

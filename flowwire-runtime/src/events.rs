@@ -40,11 +40,17 @@ pub enum EventKind {
         method: &'static str,
         /// The step that issued the call (with the instance, the idempotency key).
         call_step: u64,
+        /// The fan-out branch it is (`None` for a drive).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        branch: Option<u32>,
     },
     /// A driver call's outcome was applied.
     Outcome {
         /// The step that issued the call.
         call_step: u64,
+        /// The fan-out branch it is (`None` for a drive).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        branch: Option<u32>,
         /// Whether the driver succeeded (`false` for its error or a runtime fault).
         ok: bool,
     },

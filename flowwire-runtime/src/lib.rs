@@ -24,7 +24,7 @@ pub mod flow;
 pub mod handle;
 pub mod meta;
 
-pub use command::{Command, Drive, Timed};
+pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed};
 pub use context::CallContext;
 pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
 pub use engine::{Engine, EngineBuilder};

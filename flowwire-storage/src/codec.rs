@@ -81,9 +81,10 @@ impl Kind {
             // Records and history entries: 1 = payloads always inline (flowwire 0.1 before the
             // ladder), 2 = payloads placed on the ladder, 3 = timers, redelivery counts and
             // compensations in records, step times in history; 4 (records only) = the
-            // failure a compensating flow ends with, and its correlation key. All are read.
-            Kind::Record => 4,
-            Kind::History => 3,
+            // failure a compensating flow ends with, and its correlation key; 5 (records) = the
+            // fan-out in flight, 4 (history) = fan-out inputs and outputs. All are read.
+            Kind::Record => 5,
+            Kind::History => 4,
             Kind::State => 1,
         }
     }

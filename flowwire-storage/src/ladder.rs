@@ -546,6 +546,7 @@ impl Placement {
             compensations: record.compensations,
             failing: record.failing,
             correlation: correlation.as_deref().map(str::to_owned),
+            fan: record.fan,
             retired: kept,
             trash: dead
                 .into_iter()
@@ -705,6 +706,7 @@ impl Placement {
             compensations: placed.compensations.clone(),
             failing: placed.failing.clone(),
             correlation: placed.correlation.clone(),
+            fan: placed.fan.clone(),
         })
     }
 

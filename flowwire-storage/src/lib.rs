@@ -31,8 +31,8 @@ pub use codec::{DEFAULT_DECODE_LIMIT, Kind};
 pub use error::{BlobError, CodecError, StoreError};
 pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
-    Compensation, Expect, HistoryEntry, InstanceKey, PendingCall, Record, Status, StepInput,
-    StepOutput, StepResult, StepWrite, Stored, TimeSpec, Timer,
+    Branch, BranchState, Compensation, Expect, Fan, HistoryEntry, InstanceKey, PendingCall, Record,
+    Status, StepInput, StepOutput, StepResult, StepWrite, Stored, TimeSpec, Timer,
 };
 pub use store::{BoxFuture, InstanceStore, MemoryStore, RedbStore};
 pub use tier::{BlobTier, Tier, TierError, TierExt};

@@ -135,6 +135,70 @@ pub struct Timer {
     pub spec: TimeSpec,
 }
 
+/// A fan-out in flight: calls sent together (at most [`Fan::parallel`] at a time), joined
+/// when all of them are done, or when the first succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fan {
+    /// The step that issued the fan-out; with the instance key and a branch's index it is
+    /// the branch's idempotency key.
+    pub seq: u64,
+    /// Joined at the first successful outcome (the rest are abandoned), not after all.
+    pub first: bool,
+    /// At most this many branches are in flight at once.
+    pub parallel: u32,
+    /// The branches, in the order the wire gave them.
+    pub branches: Vec<Branch>,
+}
+
+impl Fan {
+    /// How many branches have their outcome.
+    pub fn done(&self) -> usize {
+        self.branches
+            .iter()
+            .filter(|b| matches!(b.state, BranchState::Done { .. }))
+            .count()
+    }
+
+    /// The branches in flight, with their index.
+    pub fn in_flight(&self) -> impl Iterator<Item = (u32, &Branch)> {
+        (0u32..)
+            .zip(&self.branches)
+            .filter(|(_, b)| matches!(b.state, BranchState::Sent { .. }))
+    }
+}
+
+/// One call of a fan-out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (kept inline in the record: pass ids, not data).
+    pub call: Bytes,
+    /// The compensation it registers when it succeeds (its `seq` is the fan-out's step).
+    pub undo: Option<Compensation>,
+    /// Where it stands.
+    pub state: BranchState,
+}
+
+/// Where one branch of a fan-out stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BranchState {
+    /// Not sent yet (the parallelism bound holds it back).
+    Queued,
+    /// Sent, its outcome awaited.
+    Sent {
+        /// How many times a restart (or an operator's resume) sent it again.
+        redelivered: u32,
+    },
+    /// Its outcome was applied.
+    Done {
+        /// Whether the driver's call succeeded.
+        ok: bool,
+    },
+}
+
 /// A compensation registered by a drive whose call succeeded: run if the flow fails.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compensation {
@@ -174,6 +238,8 @@ pub struct Record {
     /// The flow's correlation key after this step, while the instance has not ended (the
     /// store indexes it for `impulse_by_key`).
     pub correlation: Option<String>,
+    /// The fan-out in flight, when [`Status::Running`] without a [`Record::pending`] call.
+    pub fan: Option<Fan>,
 }
 
 /// The record as flowwire 0.1 persisted it (format 1: everything inline).
@@ -211,6 +277,22 @@ struct PlacedRecordV2 {
     status: Status,
     state: Payload,
     pending: Option<PlacedCallV2>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// The record as format 4 persisted it (no fan-out).
+#[derive(Deserialize)]
+struct PlacedRecordV4 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    failing: Option<String>,
+    correlation: Option<String>,
     retired: Vec<Retired>,
     trash: Vec<BlobRef>,
 }
@@ -276,6 +358,8 @@ pub struct PlacedRecord {
     pub failing: Option<String>,
     /// The correlation key.
     pub correlation: Option<String>,
+    /// The fan-out in flight.
+    pub fan: Option<Fan>,
     /// Blobs only kept history refers to (tracked unless history is kept whole).
     pub retired: Vec<Retired>,
     /// Blobs no record or kept history refers to any more, deleted after this record is
@@ -289,7 +373,7 @@ impl PlacedRecord {
         codec::encode(Kind::Record, self, out)
     }
 
-    /// Decodes a record from its envelope (current format, or formats 1 to 3), refusing
+    /// Decodes a record from its envelope (current format, or formats 1 to 4), refusing
     /// more than `limit` bytes.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<PlacedRecord, CodecError> {
         let (version, payload) = codec::open_versioned(Kind::Record, bytes, limit)?;
@@ -312,6 +396,7 @@ impl PlacedRecord {
                     compensations: Vec::new(),
                     failing: None,
                     correlation: None,
+                    fan: None,
                     retired: Vec::new(),
                     trash: Vec::new(),
                 })
@@ -334,6 +419,7 @@ impl PlacedRecord {
                     compensations: Vec::new(),
                     failing: None,
                     correlation: None,
+                    fan: None,
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -350,6 +436,24 @@ impl PlacedRecord {
                     compensations: r.compensations,
                     failing: None,
                     correlation: None,
+                    fan: None,
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            4 => {
+                let r: PlacedRecordV4 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending,
+                    timer: r.timer,
+                    compensations: r.compensations,
+                    failing: r.failing,
+                    correlation: r.correlation,
+                    fan: None,
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -408,6 +512,15 @@ pub enum StepInput {
         /// That step.
         to: u64,
     },
+    /// The outcome of one branch of a fan-out was applied.
+    BranchOutcome {
+        /// The step that issued the fan-out.
+        call_seq: u64,
+        /// The branch's index.
+        branch: u32,
+        /// Whether the driver's call succeeded.
+        ok: bool,
+    },
 }
 
 /// What went out of a step.
@@ -456,6 +569,15 @@ pub enum StepOutput {
         link: u16,
         /// The driver method.
         method: u16,
+    },
+    /// A fan-out is in flight (issued at this step, or going on).
+    Fan {
+        /// The step that issued it.
+        call_seq: u64,
+        /// Branches whose outcome is applied.
+        done: u32,
+        /// Branches in all.
+        branches: u32,
     },
 }
 
@@ -658,6 +780,91 @@ mod tests {
         compensations: Vec<Compensation>,
         retired: Vec<Retired>,
         trash: Vec<BlobRef>,
+    }
+
+    /// Format 4 as it was written (no fan-out).
+    #[derive(Serialize)]
+    struct Written4 {
+        flow_version: u32,
+        seq: u64,
+        status: Status,
+        state: Payload,
+        pending: Option<PlacedCall>,
+        timer: Option<Timer>,
+        compensations: Vec<Compensation>,
+        failing: Option<String>,
+        correlation: Option<String>,
+        retired: Vec<Retired>,
+        trash: Vec<BlobRef>,
+    }
+
+    #[test]
+    fn a_format_4_record_still_decodes() {
+        let old = Written4 {
+            flow_version: 2,
+            seq: 7,
+            status: Status::Compensating,
+            state: Payload::Inline(Bytes::from_static(b"s")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: Some("out of stock".into()),
+            correlation: Some("A-1".into()),
+            retired: Vec::new(),
+            trash: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        codec::encode_with_version(Kind::Record, 4, &old, &mut buf).unwrap();
+        let r = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        assert_eq!((r.seq, r.status), (7, Status::Compensating));
+        assert_eq!(r.failing.as_deref(), Some("out of stock"));
+        assert_eq!(r.correlation.as_deref(), Some("A-1"));
+        assert_eq!(r.fan, None);
+    }
+
+    #[test]
+    fn a_fan_out_round_trips_in_the_current_format() {
+        let placed = PlacedRecord {
+            flow_version: 1,
+            seq: 3,
+            status: Status::Running,
+            state: Payload::Inline(Bytes::from_static(b"s")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: Some(Fan {
+                seq: 2,
+                first: false,
+                parallel: 2,
+                branches: vec![
+                    Branch {
+                        link: 1,
+                        method: 0,
+                        call: Bytes::from_static(b"a"),
+                        undo: None,
+                        state: BranchState::Done { ok: true },
+                    },
+                    Branch {
+                        link: 1,
+                        method: 0,
+                        call: Bytes::from_static(b"b"),
+                        undo: None,
+                        state: BranchState::Sent { redelivered: 1 },
+                    },
+                ],
+            }),
+            retired: Vec::new(),
+            trash: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        placed.encode(&mut buf).unwrap();
+        let back = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        assert_eq!(back, placed);
+        let fan = back.fan.unwrap();
+        assert_eq!(fan.done(), 1);
+        assert_eq!(fan.in_flight().map(|(i, _)| i).collect::<Vec<_>>(), [1]);
     }
 
     #[test]

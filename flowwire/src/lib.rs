@@ -70,9 +70,9 @@ pub use flowwire_macros::{correlate, driver, flow, impulse, probe, wire};
 pub use flowwire_runtime::engine::{HistoryPage, HistoryStep, Metadata, Parked};
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
-    Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, Fault, Flow, FlowMeta,
-    Handle, ImpulseMeta, ImpulseRequest, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result,
-    Timed,
+    Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,
+    Flow, FlowMeta, Handle, ImpulseMeta, ImpulseRequest, IntoBranch, LinkMeta, MethodMeta, Missed,
+    Policy, ProbeMeta, Result, Timed,
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.

@@ -28,12 +28,12 @@ use flowwire_storage::codec;
 use flowwire_storage::ladder::Sealed;
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{
-    BlobRef, InstanceKey, InstanceStore, PendingCall, Placement, Record, Retention, Status,
-    StepInput, StepOutput, StepResult, StoreError, Stored,
+    BlobRef, InstanceKey, InstanceStore, Placement, Record, Retention, Status, StepInput,
+    StepOutput, StepResult, StoreError, Stored,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{Instance, Operation, Refused, Rejected, Scratch, Step};
+use crate::core::{Instance, Operation, Outgoing, Refused, Rejected, Scratch, Step};
 use crate::engine::Limits;
 use crate::engine::worker::{CallPolicy, Job, OutcomeMsg};
 use crate::error::{Error, Result};
@@ -397,8 +397,13 @@ impl<F: Flow> Runner<F> {
     /// The step that sends an instance's call in flight again, or parks it when its
     /// driver's policy says so (a restart left unknown whether the call ran).
     fn redelivery(&mut self, inst: &mut Instance<F>) -> Option<Step> {
-        let p = inst.pending()?;
-        let park = self.policy(p.link, p.method).is_some_and(|p| p.park);
+        let policies = &self.policies;
+        let park = |link: u16, method: u16| {
+            policies
+                .get(usize::from(link))
+                .and_then(|m| m.get(usize::from(method)))
+                .is_some_and(|p| p.park)
+        };
         inst.redeliver(park, &mut self.scratch)
     }
 
@@ -832,9 +837,9 @@ impl<F: Flow> Runner<F> {
         match input {
             Input::Outcome(o) => {
                 let slot = self.slots.get_mut(&o.id)?;
-                let step = slot
-                    .inst
-                    .outcome(o.seq, o.result.as_ref(), &mut self.scratch)?;
+                let step =
+                    slot.inst
+                        .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)?;
                 Some(Staged {
                     id: o.id.clone(),
                     step,
@@ -1217,9 +1222,8 @@ impl<F: Flow> Runner<F> {
             }
             Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
-        if let Some(p) = &s.step.dispatch {
-            let p = p.clone();
-            self.dispatch(&s.id, &p);
+        for out in &s.step.dispatch {
+            self.dispatch(&s.id, out);
         }
         let status = s.step.draft.record.status;
         if let Some(ended) = ended_of(&status) {
@@ -1248,6 +1252,16 @@ impl<F: Flow> Runner<F> {
             StepInput::Impulse { name, .. } => send(EventKind::Impulse { name: name.clone() }),
             StepInput::Outcome { call_seq, ok } => send(EventKind::Outcome {
                 call_step: *call_seq,
+                branch: None,
+                ok: *ok,
+            }),
+            StepInput::BranchOutcome {
+                call_seq,
+                branch,
+                ok,
+            } => send(EventKind::Outcome {
+                call_step: *call_seq,
+                branch: Some(*branch),
                 ok: *ok,
             }),
             StepInput::Timer { due_ms } => send(EventKind::Woke { due_ms: *due_ms }),
@@ -1261,13 +1275,14 @@ impl<F: Flow> Runner<F> {
             return;
         }
         match &d.output {
-            StepOutput::Drive { call_seq, .. } => {
-                if let Some(p) = &s.step.dispatch {
-                    let (driver, method) = Self::names(p.link, p.method);
+            StepOutput::Drive { .. } | StepOutput::Fan { .. } => {
+                for out in &s.step.dispatch {
+                    let (driver, method) = Self::names(out.call.link, out.call.method);
                     send(EventKind::Drive {
                         driver,
                         method,
-                        call_step: *call_seq,
+                        call_step: out.call.seq,
+                        branch: out.branch,
                     });
                 }
             }
@@ -1289,7 +1304,7 @@ impl<F: Flow> Runner<F> {
                 link,
                 method,
             } => {
-                if s.step.dispatch.is_some() {
+                if !s.step.dispatch.is_empty() {
                     let (driver, method) = Self::names(*link, *method);
                     send(EventKind::Compensating {
                         driver,
@@ -1414,11 +1429,13 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    fn job(&self, id: &Arc<str>, p: &PendingCall) -> Job {
+    fn job(&self, id: &Arc<str>, out: &Outgoing) -> Job {
+        let p = &out.call;
         Job {
             flow: F::NAME,
             id: id.clone(),
             seq: p.seq,
+            branch: out.branch,
             method: p.method,
             call: p.call.clone(),
             redelivered: p.redelivered,
@@ -1430,14 +1447,15 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    fn dispatch(&self, id: &Arc<str>, p: &PendingCall) {
-        let Some(port) = self.ports.get(p.link as usize) else {
-            tracing::error!(flow = F::NAME, id = %id, link = p.link, "call for an unknown link");
+    fn dispatch(&self, id: &Arc<str>, out: &Outgoing) {
+        let link = out.call.link;
+        let Some(port) = self.ports.get(usize::from(link)) else {
+            tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
             return;
         };
         // A full queue must not stall the runner: hand the job to a task that waits.
         // A closed queue means the engine is shutting down; the call runs after restart.
-        if let Err(mpsc::error::TrySendError::Full(job)) = port.try_send(self.job(id, p)) {
+        if let Err(mpsc::error::TrySendError::Full(job)) = port.try_send(self.job(id, out)) {
             let port = port.clone();
             tokio::spawn(async move {
                 let _ = port.send(job).await;

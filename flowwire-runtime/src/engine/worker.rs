@@ -65,6 +65,8 @@ pub(crate) struct Job {
     pub flow: &'static str,
     pub id: Arc<str>,
     pub seq: u64,
+    /// The fan-out branch.
+    pub branch: Option<u32>,
     pub method: u16,
     pub call: Bytes,
     /// Restarts that interrupted this call before.
@@ -78,6 +80,7 @@ pub(crate) struct Job {
 pub(crate) struct OutcomeMsg {
     pub id: Arc<str>,
     pub seq: u64,
+    pub branch: Option<u32>,
     pub result: Result<Bytes, Fault>,
 }
 
@@ -104,6 +107,7 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                 let _ = job.reply.send(OutcomeMsg {
                     id: job.id,
                     seq: job.seq,
+                    branch: job.branch,
                     result,
                 });
             }
@@ -140,6 +144,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         flow = job.flow,
         id = %job.id,
         step = job.seq,
+        branch = job.branch,
         driver = job.names.0,
         method = job.names.1,
     );
@@ -149,7 +154,14 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
             .map_err(|e| Fault::Codec(e.to_string()))?;
         debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
         buf.clear();
-        let ctx = CallContext::new(job.flow, job.id.clone(), job.seq, attempt, job.redelivered);
+        let ctx = CallContext::new(
+            job.flow,
+            job.id.clone(),
+            job.seq,
+            job.branch,
+            attempt,
+            job.redelivered,
+        );
         let run = ctx.scope(guarded(D::dispatch(svc, call, buf)));
         let fault = match tokio::time::timeout(policy.timeout, run).await {
             Ok(Ok(Ok(()))) => return Ok(Bytes::copy_from_slice(buf)),
