@@ -34,6 +34,7 @@ const NAPS: u32 = 40;
 const TIMER_KILLS: u32 = 8;
 const CALLS: u32 = 10;
 const TRIPS: u32 = 10;
+const FANS: u32 = 10;
 
 fn harness(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kill_harness"))
@@ -291,5 +292,74 @@ async fn compensations_in_flight_at_kills_run_to_completion_last_first() {
                 reason: "the trip was called off".into()
             }
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_branches_in_flight_at_kills_are_sent_again_and_done_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let ledger = dir.path().join("ledger.txt");
+    let ledger_s = ledger.to_str().unwrap().to_string();
+    let n = FANS.to_string();
+
+    // Two at a time: pages 0 and 1 go first; 0 returns, so 2 goes; 2 returns, so 3 goes.
+    // The odd pages hang: at the first kill 0 and 2 are done, 1 and 3 in flight. The second
+    // run sends 1 and 3 again, and they hang again.
+    let noted = [4 * FANS as usize, 2 * FANS as usize];
+    for (run, noted) in ["fan-hang-1", "fan-hang-2"].into_iter().zip(noted) {
+        let mut child = harness(&["fans", &data_s, &ledger_s, run, &n]);
+        let _out = await_line(&mut child, "READY");
+        await_noted(&ledger, run, "print", noted);
+        kill(child);
+    }
+    let out = run_to_end(harness(&["fans", &data_s, &ledger_s, "after", &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    let lines = ledger_lines(&ledger);
+    for i in 0..FANS {
+        let prefix = format!("KillFan/fan-{i}/");
+        let mut prints: Vec<(String, String, u32)> = lines
+            .iter()
+            .filter(|(_, m, k, _)| m == "print" && k.starts_with(&prefix))
+            .map(|(r, _, k, d)| (r.clone(), k[prefix.len()..].to_string(), *d))
+            .collect();
+        prints.sort();
+        let sent = |run: &str, branch: &str, d| (run.to_string(), branch.to_string(), d);
+        assert_eq!(
+            prints,
+            [
+                sent("after", "1.1", 2),
+                sent("after", "1.3", 2),
+                sent("fan-hang-1", "1.0", 0),
+                sent("fan-hang-1", "1.1", 0),
+                sent("fan-hang-1", "1.2", 0),
+                sent("fan-hang-1", "1.3", 0),
+                sent("fan-hang-2", "1.1", 1),
+                sent("fan-hang-2", "1.3", 1),
+            ],
+            "fan-{i}: the branches in flight at each kill were sent again with their keys; the done ones never"
+        );
+        let entries = history(&data, "KillFan", &format!("fan-{i}")).await;
+        let mut applied: Vec<u32> = entries
+            .iter()
+            .filter_map(|e| match e.input {
+                StepInput::BranchOutcome { branch, .. } => Some(branch),
+                _ => None,
+            })
+            .collect();
+        applied.sort_unstable();
+        assert_eq!(
+            applied,
+            [0, 1, 2, 3],
+            "fan-{i}: each branch's outcome applied exactly once"
+        );
+        let redelivered = entries
+            .iter()
+            .filter(|e| e.input == StepInput::Redeliver { call_seq: 1 })
+            .count();
+        assert_eq!(redelivered, 2, "fan-{i}: one redelivery step per restart");
+        assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
     }
 }

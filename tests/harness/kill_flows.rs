@@ -200,3 +200,61 @@ impl KillTrip {
         }
     }
 }
+
+/// Prints pages; in runs tagged `fan-hang…` the odd pages hang after noting their call.
+#[driver(timeout = "2s")]
+pub trait Press {
+    async fn print(&self, page: u32) -> Result<(), LedgerError>;
+}
+
+#[driver]
+impl Press for Ledger {
+    async fn print(&self, page: u32) -> Result<(), LedgerError> {
+        self.note("print").await;
+        if self.run.starts_with("fan-hang") && page % 2 == 1 {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// Pages a fan-out prints.
+pub const PAGES: u32 = 4;
+
+/// Prints `PAGES` pages in a fan-out, two at a time, then finishes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct FanState {
+    pub printed: Vec<u32>,
+    pub done: bool,
+}
+
+#[flow(name = "KillFan")]
+pub struct KillFan {
+    #[link]
+    state: FanState,
+    #[link]
+    press: impl Press,
+}
+
+#[flow]
+impl KillFan {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.done {
+            return Command::finish();
+        }
+        Command::fan_out((0..PAGES).map(|p| self.press.print(p)))
+            .parallel(2)
+            .all(
+                |f, i, r| {
+                    r.map_err(|e| Failure::msg(e.to_string()))?;
+                    f.state.printed.push(u32::try_from(i).unwrap_or(u32::MAX));
+                    Ok(())
+                },
+                |f| {
+                    f.state.done = true;
+                    Ok(())
+                },
+            )
+    }
+}

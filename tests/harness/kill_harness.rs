@@ -14,6 +14,11 @@
 //! runs tagged `undo-hang…` every compensation hangs after noting its call, so the test
 //! kills the process while compensations are in flight. Any other run waits until every
 //! trip has failed (its compensations done), prints `DONE` and exits 0.
+//!
+//! `kill_harness fans DATA_DIR LEDGER RUN N` starts (or resumes) N `KillFan` fan-outs; in
+//! runs tagged `fan-hang…` the odd pages hang after noting their call, so the test kills
+//! the process with some branches done and others in flight. Any other run waits until
+//! every fan-out finished, prints `DONE` and exits 0.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,7 +28,10 @@ use flowwire::{Ended, Engine, Error, Flow};
 #[path = "kill_flows.rs"]
 mod kill_flows;
 
-use kill_flows::{KillNap, KillPay, KillTrip, Ledger, NapState, PayState, TripState, pay_id};
+use kill_flows::{
+    FanState, KillFan, KillNap, KillPay, KillTrip, Ledger, NapState, PAGES, PayState, TripState,
+    pay_id,
+};
 
 /// Starts an instance, or reaches it if a killed run started it already.
 async fn start_or_reach<F: Flow>(engine: &Engine, id: &str, state: F::State) -> F::Handle {
@@ -153,6 +161,38 @@ async fn trips(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("DONE");
 }
 
+async fn fans(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let hang = run.starts_with("fan-hang");
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillFan>()
+        .driver::<kill_flows::PressProxy, _>(Ledger { path: ledger, run })
+        .start()
+        .await
+        .expect("engine starts");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let id = format!("fan-{i}");
+        handles.push((
+            id.clone(),
+            start_or_reach::<KillFan>(&engine, &id, FanState::default()).await,
+        ));
+    }
+    println!("READY");
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    for (id, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Finished))), "{id}: {ended:?}");
+        let mut printed = h.state().await.expect("state").printed;
+        printed.sort_unstable();
+        assert_eq!(printed, (0..PAGES).collect::<Vec<_>>(), "{id}");
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -178,9 +218,18 @@ async fn main() {
             )
             .await;
         }
+        Some("fans") if args.len() == 6 => {
+            fans(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
         _ => {
             eprintln!(
-                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N"
+                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N"
             );
             std::process::exit(2);
         }
