@@ -131,6 +131,8 @@ pub struct ReportState {
     pages: Vec<Option<String>>,
     joins: u32,
     notes: Vec<String>,
+    /// The continuation panics on this branch's outcome.
+    fragile: Option<usize>,
 }
 
 /// Renders every section (at most `parallel` at once), then assembles.
@@ -153,6 +155,7 @@ impl Report {
             .parallel(self.state.parallel)
             .all(
                 |f, i, page| {
+                    assert!(f.state.fragile != Some(i), "page {i} is torn");
                     f.state.pages.resize(f.state.sections.len(), None);
                     f.state.pages[i] = Some(page?);
                     Ok(())
@@ -513,4 +516,47 @@ async fn a_fan_out_above_the_branch_bound_parks_the_instance_with_a_reason() {
         "{err}"
     );
     assert!(shop.calls().is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn a_panicking_branch_continuation_parks_and_resume_sends_that_branch_again() {
+    let shop = Shop::default();
+    let engine = engine(&shop).await;
+    let state = ReportState {
+        fragile: Some(1),
+        ..report(3, 1)
+    };
+    let h = engine.start::<Report>("r7", state).await.unwrap();
+    let err = h.finished().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Quarantined { reason, .. } if reason.contains("branch 1") && reason.contains("page 1 is torn")),
+        "{err}"
+    );
+    let parked = engine
+        .parked_instance::<Report>("r7")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(parked.branches, ["Press.page #1"], "{parked:?}");
+
+    engine
+        .patch::<Report>("r7", |s| s.fragile = None)
+        .await
+        .unwrap();
+    engine.resume::<Report>("r7").await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    assert_eq!(
+        shop.calls(),
+        ["page(0)", "page(1)", "page(1)", "page(2)"],
+        "only the branch whose outcome was not applied is sent again"
+    );
+    let keys: Vec<String> = shop
+        .desk
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .map(|(_, k, _)| k.clone())
+        .collect();
+    assert_eq!(keys[1], keys[2], "with its own key");
 }

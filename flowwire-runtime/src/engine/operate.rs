@@ -34,6 +34,9 @@ pub struct Parked {
     pub flow_version: u32,
     /// The call in flight (`Driver.method`), sent again when it is resumed.
     pub call: Option<String>,
+    /// The fan-out branches in flight (`Driver.method #branch`), sent again when it is
+    /// resumed.
+    pub branches: Vec<String>,
     /// Why the flow was failing, when it was parked while running its compensations.
     pub failing: Option<String>,
 }
@@ -122,6 +125,11 @@ impl Engine {
                 .pending
                 .as_ref()
                 .map(|c| call_name::<F>(c.link, c.method)),
+            branches: placed.fan.as_ref().map_or_else(Vec::new, |fan| {
+                fan.in_flight()
+                    .map(|(i, b)| format!("{} #{i}", call_name::<F>(b.link, b.method)))
+                    .collect()
+            }),
             failing: placed.failing,
         }))
     }
