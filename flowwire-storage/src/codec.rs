@@ -304,7 +304,7 @@ mod tests {
             CodecError::UnknownFormat {
                 kind: "record",
                 found: 99,
-                supported: 4
+                supported: Kind::Record.current_version()
             }
         );
         assert!(
