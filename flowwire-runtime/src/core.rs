@@ -571,7 +571,7 @@ impl<F: Flow> Instance<F> {
         }));
         let mut step = match ran {
             Ok(Ok(())) if then.is_none() || !open => match then {
-                Some(then) => self.join(input, then, scratch),
+                Some(then) => self.join(input, None, then, scratch, 0),
                 None => self.advance(input, None, false, scratch),
             },
             Ok(Ok(())) => {
@@ -600,10 +600,18 @@ impl<F: Flow> Instance<F> {
         Some(step)
     }
 
-    /// Runs a fan-out's join continuation after its last outcome, then the wire.
-    fn join(&mut self, input: StepInput, then: Wake<F>, scratch: &mut Scratch) -> Step {
+    /// Runs a fan-out's join continuation, then the wire (`joined`: fan-outs without calls
+    /// this step joined before, see [`Instance::advance_from`]).
+    fn join(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        then: Wake<F>,
+        scratch: &mut Scratch,
+        joined: u32,
+    ) -> Step {
         match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
-            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined),
             Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
             Err(p) => {
                 let reason = format!(
@@ -1072,17 +1080,7 @@ impl<F: Flow> Instance<F> {
                         return self.park(input, reason, scratch);
                     }
                     // Nothing to wait for: join at once.
-                    return match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
-                        Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined + 1),
-                        Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
-                        Err(p) => {
-                            let reason = format!(
-                                "the fan-out's join continuation panicked: {}",
-                                panic_message(&*p)
-                            );
-                            self.park(input, reason, scratch)
-                        }
-                    };
+                    return self.join(input, impulse, then, scratch, joined + 1);
                 } else {
                     let mut branches = Vec::with_capacity(calls.len());
                     for (i, (call, undo)) in calls.iter().enumerate() {
