@@ -1,51 +1,166 @@
-//! One lazily opened, self-reconnecting Redis connection, shared by the Redis store and tier.
+//! One lazily opened, self-reconnecting Redis connection — to a single server or to a Redis
+//! Cluster — shared by the Redis store and tier.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, RedisFuture, Value};
 use tokio::sync::OnceCell;
 
-/// A Redis server reached through a `ConnectionManager` (reconnects by itself; every
-/// command has a response timeout, so no call hangs while the server is away).
+/// What a link connects to.
+#[derive(Clone)]
+enum Target {
+    Server(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A Redis server reached through a `ConnectionManager`, or a Redis Cluster through a
+/// `ClusterConnection` (both reconnect by themselves, the cluster one follows slot moves;
+/// every command has a response timeout, so no call hangs while a server is away).
 #[derive(Clone)]
 pub(crate) struct RedisLink {
-    client: redis::Client,
-    conn: std::sync::Arc<OnceCell<ConnectionManager>>,
+    target: Target,
+    /// The addresses given, for messages.
+    nodes: String,
+    conn: std::sync::Arc<OnceCell<Conn>>,
     timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisLink")
-            .field("server", &self.client.get_connection_info().addr())
+            .field("nodes", &self.nodes)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisLink {
-    /// Parses the URL; connects on first use.
+    /// Parses the URL of one server; connects on first use.
     pub(crate) fn open(url: &str, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("bad Redis URL {url:?}: {e}"))?;
         Ok(Self {
-            client,
+            target: Target::Server(client),
+            nodes: url.to_string(),
             conn: std::sync::Arc::new(OnceCell::new()),
             timeout,
         })
     }
 
-    /// The connection (a cheap clone of the shared manager).
-    pub(crate) async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// Parses the URLs of some nodes of a Redis Cluster (the others are discovered);
+    /// connects on first use.
+    pub(crate) fn cluster(urls: &[&str], timeout: Duration) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("a Redis Cluster needs at least one node URL".to_string());
+        }
+        let client = ClusterClient::builder(urls.iter().copied())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| format!("bad Redis Cluster node URLs {urls:?}: {e}"))?;
+        Ok(Self {
+            target: Target::Cluster(Box::new(client)),
+            nodes: urls.join(","),
+            conn: std::sync::Arc::new(OnceCell::new()),
+            timeout,
+        })
+    }
+
+    /// The connection (a cheap clone of the shared one).
+    pub(crate) async fn conn(&self) -> Result<Conn, redis::RedisError> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                match &self.target {
+                    Target::Server(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(self.timeout))
+                            .set_response_timeout(Some(self.timeout))
+                            .set_number_of_retries(2)
+                            .set_max_delay(Duration::from_millis(500));
+                        ConnectionManager::new_lazy_with_config(client.clone(), config)
+                            .map(Conn::Server)
+                    }
+                    Target::Cluster(client) => {
+                        let connect = client.get_async_connection();
+                        match tokio::time::timeout(self.timeout, connect).await {
+                            Ok(conn) => conn.map(|c| Conn::Cluster(Box::new(c))),
+                            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("no Redis Cluster node of {} answered", self.nodes),
+                            ))),
+                        }
+                    }
+                }
             })
             .await?;
         Ok(conn.clone())
+    }
+}
+
+/// A connection to a server or to a cluster: commands go where their keys live.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Server(ConnectionManager),
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Conn {
+    /// Runs commands whose keys may live in different cluster slots, returning their
+    /// replies in order: one pipeline on a single server (one round trip); on a cluster
+    /// (whose pipelines must stay within one slot), one request each, all in flight at
+    /// once. Fails with the first error.
+    pub(crate) async fn batch(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Conn::Server(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(c).await
+            }
+            Conn::Cluster(c) => {
+                let futs = cmds.into_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    let fut: crate::store::BoxFuture<'static, redis::RedisResult<Value>> =
+                        Box::pin(async move { cmd.query_async(&mut *c).await });
+                    fut
+                });
+                crate::join::join_all(futs).await.into_iter().collect()
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Server(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Server(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The tier conformance suite on every tier — memory, embedded (redb), fs, Redis and S3 —
 //! with the sizes the ladder cares about: 0 B, 1 B, 4095, 4096, 4097, 1 MB − 1, 1 MB,
-//! 1 MB + 1 and 64 MB. Redis and S3 are real servers started by this test binary.
+//! 1 MB + 1 and 64 MB. Redis (one server, and a three-master Redis Cluster) and S3 are real
+//! servers started by this test binary.
 
 use flowwire_storage::tier::{BlobTier, EmbeddedTier, FsTier, MemoryTier, conformance};
 
@@ -57,7 +58,7 @@ mod redis {
     use flowwire_storage::store::{RedisStore, conformance as store_conformance};
     use flowwire_storage::tier::{RedisTier, conformance};
 
-    use super::servers::Redis;
+    use super::servers::{Redis, RedisCluster};
 
     fn server() -> &'static Redis {
         static SERVER: OnceLock<Redis> = OnceLock::new();
@@ -82,6 +83,40 @@ mod redis {
             Box::new(RedisStore::open(&url, &prefix).unwrap())
         })
         .await;
+    }
+
+    fn cluster() -> &'static RedisCluster {
+        static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+        CLUSTER.get_or_init(RedisCluster::start)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_redis_store_conforms_on_a_three_master_cluster() {
+        let urls = cluster().urls();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let n = std::sync::atomic::AtomicU32::new(0);
+        store_conformance::run_all(|| {
+            let prefix = format!(
+                "cconf{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            Box::new(RedisStore::cluster(&urls, &prefix).unwrap())
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_redis_tier_conforms_on_a_three_master_cluster() {
+        let urls = cluster().urls();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let tier = RedisTier::cluster(&urls, "fwctest").unwrap();
+        conformance::run_all(&tier, "redis-cluster", conformance::SIZES).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cluster_without_nodes_is_refused() {
+        let err = RedisStore::cluster(&[], "fw").unwrap_err();
+        assert!(err.to_string().contains("at least one node"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -1,5 +1,6 @@
-//! Real servers for tests: `redis-server` and moto's S3 server, each on a free loopback
-//! port, started by the test binary that needs them and stopped by PID.
+//! Real servers for tests: `redis-server` (alone, or three of them as a Redis Cluster) and
+//! moto's S3 server, each on a free loopback port, started by the test binary that needs
+//! them and stopped by PID.
 //!
 //! Both are installed by `./scripts/test` (redis-server from Debian's packages, moto from
 //! `PyPI` into `.venv-s3`). A missing server is a test failure that says how to install it —
@@ -72,6 +73,7 @@ pub struct Redis {
     dir: PathBuf,
     pid: u32,
     aof: bool,
+    cluster: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -88,6 +90,15 @@ impl Redis {
     }
 
     fn start_with(aof: bool) -> Redis {
+        Self::start_as(aof, false)
+    }
+
+    /// Starts a server with cluster mode on (a node of a [`RedisCluster`]).
+    fn start_node() -> Redis {
+        Self::start_as(false, true)
+    }
+
+    fn start_as(aof: bool, cluster: bool) -> Redis {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut r = Redis {
@@ -95,6 +106,7 @@ impl Redis {
             dir,
             pid: 0,
             aof,
+            cluster,
             _tmp: tmp,
         };
         r.launch();
@@ -111,6 +123,10 @@ impl Redis {
             .args(["--daemonize", "yes", "--pidfile"])
             .arg(&pidfile)
             .args(["--logfile", "redis.log"]);
+        if self.cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", "nodes.conf"]);
+        }
         if self.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -150,6 +166,55 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         signal(self.pid, "-9");
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback ports, each node a
+/// `redis-server` without persistence, the slots spread by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts the three nodes and forms the cluster; returns once every node reports
+    /// `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3).map(|_| Redis::start_node()).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-cli ({e}); install it: apt-get install -y redis-server (./scripts/test does)")
+            });
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in &nodes {
+            let port = n.port.to_string();
+            wait_until("the Redis Cluster", Duration::from_secs(30), || {
+                Command::new("redis-cli")
+                    .args(["-p", &port, "cluster", "info"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The URLs of its nodes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
     }
 }
 

@@ -29,12 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 
 use super::{ActiveList, BoxFuture, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
-use crate::redis_link::RedisLink;
+use crate::redis_link::{Conn, RedisLink};
 
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
@@ -110,21 +109,64 @@ fn backend(e: &redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
 
+/// The replies of a batch, each converted to `T`.
+fn parse<T: redis::FromRedisValue>(
+    replies: redis::RedisResult<Vec<redis::Value>>,
+) -> Result<Vec<T>, StoreError> {
+    replies
+        .map_err(|e| backend(&e))?
+        .into_iter()
+        .map(|v| {
+            redis::from_redis_value(v)
+                .map_err(|e| StoreError::Backend(format!("redis: unexpected reply: {e}")))
+        })
+        .collect()
+}
+
 impl RedisStore {
     /// A store on the Redis server at `url`, with every key under `prefix` (no `{` or `}`).
     /// Connects on first use; reconnects by itself after the server comes back.
     pub fn open(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Self::check_prefix(prefix)?;
+        let link = RedisLink::open(url, Duration::from_secs(10)).map_err(StoreError::Backend)?;
+        Ok(Self::on(link, prefix))
+    }
+
+    /// A store on a Redis Cluster, given the URLs of some of its nodes (the others are
+    /// discovered), with every key under `prefix`. Each instance's keys share a hash tag,
+    /// so its step commits atomically in one slot; the indexes are per flow.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+    /// use flowwire_storage::store::RedisStore;
+    /// let store = RedisStore::cluster(
+    ///     &["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"],
+    ///     "fw",
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cluster(nodes: &[&str], prefix: &str) -> Result<Self, StoreError> {
+        Self::check_prefix(prefix)?;
+        let link =
+            RedisLink::cluster(nodes, Duration::from_secs(10)).map_err(StoreError::Backend)?;
+        Ok(Self::on(link, prefix))
+    }
+
+    fn check_prefix(prefix: &str) -> Result<(), StoreError> {
         if prefix.contains(['{', '}']) {
             return Err(StoreError::Backend(format!(
                 "the Redis key prefix {prefix:?} must not contain `{{` or `}}` (they mark Redis Cluster hash tags)"
             )));
         }
-        let link = RedisLink::open(url, Duration::from_secs(10)).map_err(StoreError::Backend)?;
-        Ok(Self {
+        Ok(())
+    }
+
+    fn on(link: RedisLink, prefix: &str) -> Self {
+        Self {
             link,
             prefix: prefix.to_string(),
             sha: redis::Script::new(COMMIT).get_hash().to_string(),
-        })
+        }
     }
 
     fn keys(&self, key: &InstanceKey) -> [String; 4] {
@@ -153,30 +195,54 @@ impl RedisStore {
         format!("{}:corr:{{{flow}}}:{key}", self.prefix)
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         self.link.conn().await.map_err(|e| backend(&e))
+    }
+
+    /// The index entries a batch needs before it commits (see the module docs).
+    fn index_adds(&self, batch: &[StepWrite]) -> Vec<redis::Cmd> {
+        let mut adds = Vec::new();
+        for s in batch {
+            let (flow, id) = (&*s.key.flow, &*s.key.id);
+            if s.active {
+                adds.push(redis::Cmd::sadd(self.active_key(flow), id));
+            }
+            if s.parked {
+                adds.push(redis::Cmd::zadd(self.parked_key(flow), id, 0));
+            }
+            if let Some(due) = s.timer {
+                adds.push(redis::Cmd::zadd(self.timers_key(flow), id, due));
+            }
+            if let Some(k) = &s.correlation {
+                adds.push(redis::Cmd::sadd(self.corr_key(flow, k), id));
+            }
+        }
+        adds
+    }
+
+    /// Adds the index entries, then runs the commit scripts; returns the scripts' replies.
+    /// On one server both go in one pipeline (one round trip, in order); on a cluster the
+    /// entries land before any script is sent.
+    async fn add_and_commit(
+        c: &mut Conn,
+        adds: Vec<redis::Cmd>,
+        scripts: Vec<redis::Cmd>,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        if matches!(c, Conn::Cluster(_)) {
+            c.batch(adds).await?;
+            return c.batch(scripts).await;
+        }
+        let n = adds.len();
+        let mut all = adds;
+        all.extend(scripts);
+        let mut replies = c.batch(all).await?;
+        Ok(replies.split_off(n))
     }
 
     async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
         let mut c = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for s in batch {
-            if s.active {
-                pipe.sadd(self.active_key(&s.key.flow), &*s.key.id).ignore();
-            }
-            if s.parked {
-                pipe.zadd(self.parked_key(&s.key.flow), &*s.key.id, 0)
-                    .ignore();
-            }
-            if let Some(due) = s.timer {
-                pipe.zadd(self.timers_key(&s.key.flow), &*s.key.id, due)
-                    .ignore();
-            }
-            if let Some(k) = &s.correlation {
-                pipe.sadd(self.corr_key(&s.key.flow, k), &*s.key.id)
-                    .ignore();
-            }
-        }
+        let adds = self.index_adds(batch);
+        let mut scripts = Vec::with_capacity(batch.len());
         for s in batch {
             let keys = self.keys(&s.key);
             let expect = match s.expect {
@@ -187,7 +253,8 @@ impl RedisStore {
                 Some((_, h)) => ("1", &h[..]),
                 None => ("0", &[][..]),
             };
-            pipe.cmd("EVALSHA")
+            let mut script = redis::cmd("EVALSHA");
+            script
                 .arg(&self.sha)
                 .arg(4)
                 .arg(&keys[..])
@@ -202,50 +269,49 @@ impl RedisStore {
                 .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
                 .arg(if s.parked { "1" } else { "0" })
                 .arg(s.correlation.as_deref().unwrap_or(""));
+            scripts.push(script);
         }
-        let replies: Vec<(i64, i64)> = match pipe.query_async(&mut c).await {
+        let values = match Self::add_and_commit(&mut c, adds.clone(), scripts.clone()).await {
             Ok(r) => r,
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // The server restarted and lost its script cache; nothing ran (every call
-                // of the pipeline failed the same way). Load it and send again.
+                // A server restarted and lost its script cache; no script ran (each call
+                // failed the same way on that server, and a step that did commit on another
+                // fails its compare-and-swap when sent again: a conflict the runtime resolves
+                // by reloading). Load the script everywhere and send again.
                 redis::Script::new(COMMIT)
                     .prepare_invoke()
                     .load_async(&mut c)
                     .await
                     .map_err(|e| backend(&e))?;
-                pipe.query_async(&mut c).await.map_err(|e| backend(&e))?
+                Self::add_and_commit(&mut c, adds, scripts)
+                    .await
+                    .map_err(|e| backend(&e))?
             }
             Err(e) => return Err(backend(&e)),
         };
+        let mut replies = Vec::with_capacity(values.len());
+        for v in values {
+            let reply: (i64, i64) = redis::from_redis_value(v)
+                .map_err(|e| StoreError::Backend(format!("redis: unexpected commit reply: {e}")))?;
+            replies.push(reply);
+        }
         let mut results = Vec::with_capacity(batch.len());
-        let mut removes = redis::pipe();
-        let mut any_remove = false;
+        let mut removes = Vec::new();
         for (s, (code, n)) in batch.iter().zip(replies) {
             results.push(match code {
                 0 => {
+                    let (flow, id) = (&*s.key.flow, &*s.key.id);
                     if !s.active {
-                        removes
-                            .srem(self.active_key(&s.key.flow), &*s.key.id)
-                            .ignore();
-                        any_remove = true;
+                        removes.push(redis::Cmd::srem(self.active_key(flow), id));
                     }
                     if !s.parked {
-                        removes
-                            .zrem(self.parked_key(&s.key.flow), &*s.key.id)
-                            .ignore();
-                        any_remove = true;
+                        removes.push(redis::Cmd::zrem(self.parked_key(flow), id));
                     }
                     if let Some(old) = &s.uncorrelate {
-                        removes
-                            .srem(self.corr_key(&s.key.flow, old), &*s.key.id)
-                            .ignore();
-                        any_remove = true;
+                        removes.push(redis::Cmd::srem(self.corr_key(flow, old), id));
                     }
                     if s.timer.is_none() {
-                        removes
-                            .zrem(self.timers_key(&s.key.flow), &*s.key.id)
-                            .ignore();
-                        any_remove = true;
+                        removes.push(redis::Cmd::zrem(self.timers_key(flow), id));
                     }
                     StepResult::Committed
                 }
@@ -257,11 +323,9 @@ impl RedisStore {
                 },
             });
         }
-        if any_remove {
-            // Best effort: an entry left behind is filtered by its record's flags, or
-            // repaired when its timer fires.
-            let _ = removes.query_async::<()>(&mut c).await;
-        }
+        // Best effort: an entry left behind is filtered by its record's flags, or repaired
+        // when its timer fires.
+        let _ = c.batch(removes).await;
         Ok(results)
     }
 }
@@ -304,13 +368,13 @@ impl InstanceStore for RedisStore {
             let mut out = Vec::new();
             let mut stale = Vec::new();
             for page in ids.chunks(PAGE) {
-                let mut pipe = redis::pipe();
-                for id in page {
+                let cmds = page.iter().map(|id| {
                     let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
-                    pipe.cmd("HMGET").arg(r).arg("v").arg("b").arg("a");
-                }
-                let rows: Vec<RecordRow> =
-                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(r).arg("v").arg("b").arg("a");
+                    cmd
+                });
+                let rows: Vec<RecordRow> = parse(c.batch(cmds.collect()).await)?;
                 for (id, row) in page.iter().zip(rows) {
                     match row {
                         (Some(version), Some(bytes), Some(a)) if a == "1" => out.push((
@@ -456,13 +520,11 @@ impl InstanceStore for RedisStore {
                     .map_err(|e| backend(&e))?;
                 let Some(last) = ids.last() else { break };
                 from = format!("({last}");
-                let mut pipe = redis::pipe();
-                for id in &ids {
+                let cmds = ids.iter().map(|id| {
                     let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
-                    pipe.cmd("HGET").arg(r).arg("p");
-                }
-                let flags: Vec<Option<String>> =
-                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                    redis::Cmd::hget(r, "p")
+                });
+                let flags: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
                 let full = ids.len() < limit.max(1);
                 for (id, p) in ids.into_iter().zip(flags) {
                     if p.as_deref() == Some("1") && out.len() < limit {
@@ -495,13 +557,11 @@ impl InstanceStore for RedisStore {
             let mut out: Vec<Arc<str>> = Vec::new();
             let mut stale = Vec::new();
             for page in ids.chunks(PAGE) {
-                let mut pipe = redis::pipe();
-                for id in page {
+                let cmds = page.iter().map(|id| {
                     let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
-                    pipe.cmd("HGET").arg(r).arg("k");
-                }
-                let keys: Vec<Option<String>> =
-                    pipe.query_async(&mut c).await.map_err(|e| backend(&e))?;
+                    redis::Cmd::hget(r, "k")
+                });
+                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
                 for (id, k) in page.iter().zip(keys) {
                     if k.as_deref() == Some(key) {
                         if out.len() < limit {

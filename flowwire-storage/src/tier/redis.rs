@@ -29,7 +29,18 @@ impl RedisTier {
         })
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, TierError> {
+    /// A tier on a Redis Cluster, given the URLs of some of its nodes (the others are
+    /// discovered), connected on first use.
+    pub fn cluster(nodes: &[&str], prefix: &str) -> Result<Self, TierError> {
+        let link = RedisLink::cluster(nodes, Duration::from_secs(10))
+            .map_err(|e| TierError::rejected("redis", e))?;
+        Ok(Self {
+            link,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    async fn conn(&self) -> Result<crate::redis_link::Conn, TierError> {
         self.link.conn().await.map_err(|e| redis_error(&e))
     }
 
