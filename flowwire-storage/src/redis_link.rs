@@ -124,16 +124,19 @@ impl Conn {
                 }
                 pipe.query_async(c).await
             }
-            Conn::Cluster(c) => {
-                let futs = cmds.into_iter().map(|cmd| {
-                    let mut c = c.clone();
-                    let fut: crate::store::BoxFuture<'static, redis::RedisResult<Value>> =
-                        Box::pin(async move { cmd.query_async(&mut *c).await });
-                    fut
-                });
-                crate::join::join_all(futs).await.into_iter().collect()
-            }
+            Conn::Cluster(_) => self.each(&cmds).await.into_iter().collect(),
         }
+    }
+
+    /// Runs commands concurrently, one request each, and returns each one's result.
+    pub(crate) async fn each(&self, cmds: &[Cmd]) -> Vec<redis::RedisResult<Value>> {
+        let futs = cmds.iter().map(|cmd| {
+            let mut c = self.clone();
+            let fut: crate::store::BoxFuture<'_, redis::RedisResult<Value>> =
+                Box::pin(async move { cmd.query_async(&mut c).await });
+            fut
+        });
+        crate::join::join_all(futs).await
     }
 }
 

@@ -114,6 +114,17 @@ mod redis {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_cluster_that_lost_its_script_cache_still_commits() {
+        let urls = cluster().urls();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let before = RedisStore::cluster(&urls, "noscript-a").unwrap();
+        store_conformance::create_then_compare_and_swap(&before).await;
+        cluster().flush_scripts();
+        let after = RedisStore::cluster(&urls, "noscript-b").unwrap();
+        store_conformance::create_then_compare_and_swap(&after).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_cluster_without_nodes_is_refused() {
         let err = RedisStore::cluster(&[], "fw").unwrap_err();
         assert!(err.to_string().contains("at least one node"), "{err}");

@@ -216,6 +216,17 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(Redis::url).collect()
     }
+
+    /// Empties every node's script cache, as a restart without persistence does.
+    pub fn flush_scripts(&self) {
+        for n in &self.nodes {
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port.to_string(), "script", "flush"])
+                .output()
+                .expect("redis-cli runs");
+            assert!(out.status.success(), "script flush on {}", n.port);
+        }
+    }
 }
 
 /// Where `./scripts/test` installs moto: `.venv-s3` at the workspace root.

@@ -109,6 +109,11 @@ fn backend(e: &redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
 
+/// Whether a server answered that it does not have the script (its cache was lost).
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
 /// The replies of a batch, each converted to `T`.
 fn parse<T: redis::FromRedisValue>(
     replies: redis::RedisResult<Vec<redis::Value>>,
@@ -220,28 +225,8 @@ impl RedisStore {
         adds
     }
 
-    /// Adds the index entries, then runs the commit scripts; returns the scripts' replies.
-    /// On one server both go in one pipeline (one round trip, in order); on a cluster the
-    /// entries land before any script is sent.
-    async fn add_and_commit(
-        c: &mut Conn,
-        adds: Vec<redis::Cmd>,
-        scripts: Vec<redis::Cmd>,
-    ) -> redis::RedisResult<Vec<redis::Value>> {
-        if matches!(c, Conn::Cluster(_)) {
-            c.batch(adds).await?;
-            return c.batch(scripts).await;
-        }
-        let n = adds.len();
-        let mut all = adds;
-        all.extend(scripts);
-        let mut replies = c.batch(all).await?;
-        Ok(replies.split_off(n))
-    }
-
-    async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
-        let mut c = self.conn().await?;
-        let adds = self.index_adds(batch);
+    /// The commit script of each step.
+    fn scripts(&self, batch: &[StepWrite]) -> Vec<redis::Cmd> {
         let mut scripts = Vec::with_capacity(batch.len());
         for s in batch {
             let keys = self.keys(&s.key);
@@ -271,24 +256,73 @@ impl RedisStore {
                 .arg(s.correlation.as_deref().unwrap_or(""));
             scripts.push(script);
         }
-        let values = match Self::add_and_commit(&mut c, adds.clone(), scripts.clone()).await {
+        scripts
+    }
+
+    /// Loads the commit script (on a cluster, on every master).
+    async fn load_script(c: &mut Conn) -> Result<(), StoreError> {
+        redis::Script::new(COMMIT)
+            .prepare_invoke()
+            .load_async(c)
+            .await
+            .map(|_| ())
+            .map_err(|e| backend(&e))
+    }
+
+    /// Adds the index entries, then runs the commit scripts; returns the scripts' replies.
+    ///
+    /// On one server both go in one pipeline (one round trip, in order). A server that
+    /// restarted and lost its script cache answers `NOSCRIPT` to every script of the
+    /// pipeline (none ran), so the whole batch is sent again after loading it. On a cluster
+    /// the index entries land before any script is sent, and only the scripts that met a
+    /// node without the script are sent again: the others may have committed.
+    async fn add_and_commit(
+        &self,
+        c: &mut Conn,
+        batch: &[StepWrite],
+    ) -> Result<Vec<redis::Value>, StoreError> {
+        let no_script = |r: &redis::RedisResult<redis::Value>| r.as_ref().is_err_and(is_no_script);
+        if matches!(c, Conn::Cluster(_)) {
+            c.batch(self.index_adds(batch))
+                .await
+                .map_err(|e| backend(&e))?;
+            let scripts = self.scripts(batch);
+            let mut results = c.each(&scripts).await;
+            if results.iter().any(no_script) {
+                Self::load_script(c).await?;
+                for (r, script) in results.iter_mut().zip(&scripts) {
+                    if no_script(r) {
+                        *r = script.query_async(c).await;
+                    }
+                }
+            }
+            return results
+                .into_iter()
+                .collect::<redis::RedisResult<Vec<_>>>()
+                .map_err(|e| backend(&e));
+        }
+        let all = |this: &Self| {
+            let mut all = this.index_adds(batch);
+            let n = all.len();
+            all.extend(this.scripts(batch));
+            (all, n)
+        };
+        let (cmds, n) = all(self);
+        let mut replies = match c.batch(cmds).await {
             Ok(r) => r,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // A server restarted and lost its script cache; no script ran (each call
-                // failed the same way on that server, and a step that did commit on another
-                // fails its compare-and-swap when sent again: a conflict the runtime resolves
-                // by reloading). Load the script everywhere and send again.
-                redis::Script::new(COMMIT)
-                    .prepare_invoke()
-                    .load_async(&mut c)
-                    .await
-                    .map_err(|e| backend(&e))?;
-                Self::add_and_commit(&mut c, adds, scripts)
-                    .await
-                    .map_err(|e| backend(&e))?
+            Err(e) if is_no_script(&e) => {
+                Self::load_script(c).await?;
+                let (cmds, _) = all(self);
+                c.batch(cmds).await.map_err(|e| backend(&e))?
             }
             Err(e) => return Err(backend(&e)),
         };
+        Ok(replies.split_off(n))
+    }
+
+    async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
+        let mut c = self.conn().await?;
+        let values = self.add_and_commit(&mut c, batch).await?;
         let mut replies = Vec::with_capacity(values.len());
         for v in values {
             let reply: (i64, i64) = redis::from_redis_value(v)
