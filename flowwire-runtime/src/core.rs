@@ -661,18 +661,10 @@ impl<F: Flow> Instance<F> {
     fn resend_fan(&mut self, mut fan: Fan, input: StepInput, scratch: &mut Scratch) -> Step {
         let mut dispatch = Dispatches::new();
         for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
-            if let BranchState::Sent { redelivered } = &mut b.state {
-                *redelivered = redelivered.saturating_add(1);
-                dispatch.push(Outgoing {
-                    call: PendingCall {
-                        seq: fan.seq,
-                        link: b.link,
-                        method: b.method,
-                        call: b.call.clone(),
-                        redelivered: *redelivered,
-                    },
-                    branch: Some(i),
-                });
+            if let BranchState::Sent { redelivered } = b.state {
+                let again = redelivered.saturating_add(1);
+                b.state = BranchState::Sent { redelivered: again };
+                dispatch.push(branch_out(fan.seq, i, b, again));
             }
         }
         let state = self.record.state.clone();
@@ -1421,6 +1413,20 @@ fn encode_branch<C: CallSet>(
     })
 }
 
+/// The call of branch `i` of the fan-out issued at step `seq`, to send.
+fn branch_out(seq: u64, i: u32, b: &flowwire_storage::Branch, redelivered: u32) -> Outgoing {
+    Outgoing {
+        call: PendingCall {
+            seq,
+            link: b.link,
+            method: b.method,
+            call: b.call.clone(),
+            redelivered,
+        },
+        branch: Some(i),
+    }
+}
+
 /// Sends queued branches, in order, until the parallelism bound is reached; returns them.
 fn top_up(fan: &mut Fan) -> Dispatches {
     let bound = usize::try_from(fan.parallel).unwrap_or(usize::MAX);
@@ -1433,16 +1439,7 @@ fn top_up(fan: &mut Fan) -> Dispatches {
         if b.state == BranchState::Queued {
             b.state = BranchState::Sent { redelivered: 0 };
             in_flight += 1;
-            out.push(Outgoing {
-                call: PendingCall {
-                    seq: fan.seq,
-                    link: b.link,
-                    method: b.method,
-                    call: b.call.clone(),
-                    redelivered: 0,
-                },
-                branch: Some(i),
-            });
+            out.push(branch_out(fan.seq, i, b, 0));
         }
     }
     out

@@ -388,22 +388,15 @@ impl<F: Flow> Runner<F> {
 
     /// The policy of a call.
     fn policy(&self, link: u16, method: u16) -> Option<CallPolicy> {
-        self.policies
-            .get(usize::from(link))
-            .and_then(|m| m.get(usize::from(method)))
-            .copied()
+        policy_in(&self.policies, link, method)
     }
 
     /// The step that sends an instance's call in flight again, or parks it when its
     /// driver's policy says so (a restart left unknown whether the call ran).
     fn redelivery(&mut self, inst: &mut Instance<F>) -> Option<Step> {
+        // Not `self.policy`: the scratch buffer is borrowed mutably alongside.
         let policies = &self.policies;
-        let park = |link: u16, method: u16| {
-            policies
-                .get(usize::from(link))
-                .and_then(|m| m.get(usize::from(method)))
-                .is_some_and(|p| p.park)
-        };
+        let park = |link, method| policy_in(policies, link, method).is_some_and(|p| p.park);
         inst.redeliver(park, &mut self.scratch)
     }
 
@@ -1462,6 +1455,14 @@ impl<F: Flow> Runner<F> {
             });
         }
     }
+}
+
+/// The policy of a call, by its link and method.
+fn policy_in(policies: &[Vec<CallPolicy>], link: u16, method: u16) -> Option<CallPolicy> {
+    policies
+        .get(usize::from(link))
+        .and_then(|m| m.get(usize::from(method)))
+        .copied()
 }
 
 /// The backoff of steps that could not be persisted (and of reloads): the driver retry
