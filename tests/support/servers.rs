@@ -136,11 +136,16 @@ impl Redis {
             panic!("cannot run redis-server ({e}); install it: apt-get install -y redis-server (./scripts/test does)")
         });
         assert!(status.success(), "redis-server failed to start: {status}");
+        // The pid file can exist before the server has written its pid into it.
+        let read_pid = || {
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        };
         wait_until("redis-server", Duration::from_secs(10), || {
-            port_open(self.port) && pidfile.exists()
+            port_open(self.port) && read_pid().is_some()
         });
-        let pid = std::fs::read_to_string(&pidfile).expect("redis pid file");
-        self.pid = pid.trim().parse().expect("a pid in the pid file");
+        self.pid = read_pid().expect("a pid in the pid file");
         reap_on_exit(self.pid);
     }
 
