@@ -376,6 +376,7 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             history: None,
             seq: 1,
             prune_below: None,
+            fence: None,
         }])
         .await
         .unwrap();
@@ -476,6 +477,7 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             history: None,
             seq: 1,
             prune_below: None,
+            fence: None,
         }])
         .await
         .unwrap();

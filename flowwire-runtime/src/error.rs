@@ -244,6 +244,44 @@ pub enum Error {
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,
+    /// The orchestrator owning the instance (multi-process mode) refused the request for a
+    /// reason that does not cross processes as a variant of its own.
+    #[error("the orchestrator running {flow} instance {id:?} refused the request: {message}")]
+    Remote {
+        /// Flow name.
+        flow: &'static str,
+        /// Instance id.
+        id: String,
+        /// The orchestrator's error, as text.
+        message: String,
+    },
+    /// A multi-process engine was given a tier only this machine sees: another
+    /// orchestrator taking over an instance could not read its payloads.
+    #[error(
+        "the ladder's tier `{tier}` is node-local, but a multi-process engine needs tiers every orchestrator reads; use Redis or S3, or `Tier::shared_fs(path)` for a mount every node sees"
+    )]
+    NodeLocalTier {
+        /// The tier's name.
+        tier: String,
+    },
+    /// A multi-process engine was started without saying what this process does.
+    #[error(
+        "a multi-process engine needs a role: call `.orchestrator()`, `.worker()` (both are allowed), or `.client()`"
+    )]
+    NoRole,
+    /// A multi-process engine keeps its instances in its Redis; another store was chosen too.
+    #[error(
+        "a multi-process engine stores instances in the Redis given to `.shared(..)`; remove `.data_dir(..)`, `.in_memory()` or `.store(..)`"
+    )]
+    SharedStore,
+    /// An operation that a multi-process engine does not route between processes yet.
+    #[error(
+        "{op} is not available on a multi-process engine yet; run it on a single-process engine over the same store"
+    )]
+    NotAcrossProcesses {
+        /// The operation.
+        op: &'static str,
+    },
 }
 
 impl Error {

@@ -27,6 +27,8 @@ pub mod meta;
 pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed};
 pub use context::CallContext;
 pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
+#[cfg(feature = "redis")]
+pub use engine::Shared;
 pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Events, Missed};

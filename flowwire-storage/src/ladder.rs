@@ -601,6 +601,7 @@ impl Placement {
                 impulse,
                 history,
                 prune_below,
+                fence: None,
             },
             placed,
             puts,

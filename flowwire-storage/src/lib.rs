@@ -11,10 +11,14 @@
 //!   placement, checking and garbage collection of the blobs of every record.
 //! * [`layout`] — where an instance's payloads live, for operators.
 //! * [`blob`] — payload references and the framing every blob carries.
+//! * `bus` (feature `redis`) — multi-process mode: membership, shard leases with fencing
+//!   tokens, and the streams between orchestrators, workers and clients.
 //!
 //! Users normally reach this crate through the `flowwire` facade.
 
 pub mod blob;
+#[cfg(feature = "redis")]
+pub mod bus;
 pub mod codec;
 pub mod error;
 pub mod join;

@@ -736,6 +736,11 @@ pub struct StepWrite {
     pub history: Option<(u64, Bytes)>,
     /// Delete the instance's history entries before this step (history retention).
     pub prune_below: Option<u64>,
+    /// The writer's fencing token (multi-process mode): a shared store refuses the step
+    /// ([`StepResult::Fenced`]) if the record was last written with a higher token, so an
+    /// orchestrator that lost its lease cannot overwrite a newer owner's step. `None`: no
+    /// check (one process owns every instance).
+    pub fence: Option<u64>,
 }
 
 /// The fate of one [`StepWrite`] in a committed batch.
@@ -752,6 +757,12 @@ pub enum StepResult {
     ImpulseSeen {
         /// The step that applied it.
         seq: u64,
+    },
+    /// Not written: the record was last written under a higher fencing token (a newer
+    /// owner); see [`StepWrite::fence`].
+    Fenced {
+        /// The token the record carries.
+        token: u64,
     },
 }
 

@@ -70,33 +70,56 @@ impl RedisLink {
 
     /// The connection (a cheap clone of the shared one).
     pub(crate) async fn conn(&self) -> Result<Conn, redis::RedisError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                match &self.target {
-                    Target::Server(client) => {
-                        let config = ConnectionManagerConfig::new()
-                            .set_connection_timeout(Some(self.timeout))
-                            .set_response_timeout(Some(self.timeout))
-                            .set_number_of_retries(2)
-                            .set_max_delay(Duration::from_millis(500));
-                        ConnectionManager::new_lazy_with_config(client.clone(), config)
-                            .map(Conn::Server)
-                    }
-                    Target::Cluster(client) => {
-                        let connect = client.get_async_connection();
-                        match tokio::time::timeout(self.timeout, connect).await {
-                            Ok(conn) => conn.map(|c| Conn::Cluster(Box::new(c))),
-                            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("no Redis Cluster node of {} answered", self.nodes),
-                            ))),
-                        }
-                    }
-                }
-            })
-            .await?;
+        let conn = self.conn.get_or_try_init(|| self.connect()).await?;
         Ok(conn.clone())
+    }
+
+    /// A connection of its own, for commands that block (`XREADGROUP … BLOCK`): a blocked
+    /// command holds its connection, so it must not hold the shared one.
+    pub(crate) async fn dedicated(&self) -> Result<Conn, redis::RedisError> {
+        self.connect().await
+    }
+
+    /// A subscriber connection. On a cluster it goes to the first node given: plain
+    /// `PUBLISH` reaches every node of a cluster.
+    pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, redis::RedisError> {
+        let client = match &self.target {
+            Target::Server(client) => client.clone(),
+            Target::Cluster(_) => {
+                let first = self.nodes.split(',').next().unwrap_or_default();
+                redis::Client::open(first)?
+            }
+        };
+        match tokio::time::timeout(self.timeout, client.get_async_pubsub()).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no Redis node of {} answered", self.nodes),
+            ))),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, redis::RedisError> {
+        match &self.target {
+            Target::Server(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_lazy_with_config(client.clone(), config).map(Conn::Server)
+            }
+            Target::Cluster(client) => {
+                let connect = client.get_async_connection();
+                match tokio::time::timeout(self.timeout, connect).await {
+                    Ok(conn) => conn.map(|c| Conn::Cluster(Box::new(c))),
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no Redis Cluster node of {} answered", self.nodes),
+                    ))),
+                }
+            }
+        }
     }
 }
 

@@ -100,7 +100,8 @@ mod redis {
                 "cconf{}",
                 n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             );
-            Box::new(RedisStore::cluster(&urls, &prefix).unwrap())
+            // Four shards: the indexes are per shard, and flow-wide reads merge them.
+            Box::new(RedisStore::cluster(&urls, &prefix).unwrap().with_shards(4))
         })
         .await;
     }

@@ -23,7 +23,12 @@ mod correlate;
 mod history;
 mod operate;
 pub(crate) mod runner;
+#[cfg(feature = "redis")]
+pub(crate) mod scale;
 pub(crate) mod worker;
+
+#[cfg(feature = "redis")]
+pub use scale::Shared;
 
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 pub use operate::Parked;
@@ -78,6 +83,15 @@ struct FlowCtx {
 
 type FlowStart = fn(&FlowCtx) -> Result<BoxFut<Result<FlowEntry>>>;
 
+/// A registered flow: how to run it in one process, and in a multi-process deployment.
+struct FlowReg {
+    tid: TypeId,
+    meta: &'static FlowMeta,
+    start: FlowStart,
+    #[cfg(feature = "redis")]
+    shared: fn(&scale::Deployment) -> FlowEntry,
+}
+
 struct FlowEntry {
     sender: Box<dyn Any + Send + Sync>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -110,9 +124,13 @@ pub struct EngineBuilder {
     store: Option<StoreChoice>,
     ladder: Option<Ladder>,
     retention: Retention,
-    flows: Vec<(TypeId, &'static FlowMeta, FlowStart)>,
+    flows: Vec<FlowReg>,
     drivers: Vec<DriverReg>,
     limits: Limits,
+    #[cfg(feature = "redis")]
+    shared: Option<Shared>,
+    #[cfg(feature = "redis")]
+    roles: scale::Roles,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -120,7 +138,7 @@ impl std::fmt::Debug for EngineBuilder {
         f.debug_struct("EngineBuilder")
             .field(
                 "flows",
-                &self.flows.iter().map(|f| f.1.name).collect::<Vec<_>>(),
+                &self.flows.iter().map(|f| f.meta.name).collect::<Vec<_>>(),
             )
             .field("drivers", &self.drivers.len())
             .field("limits", &self.limits)
@@ -179,8 +197,61 @@ impl EngineBuilder {
 
     /// Registers a flow type: its instances can be started, and active ones are resumed.
     pub fn flow<F: Flow>(mut self) -> Self {
-        self.flows
-            .push((TypeId::of::<F>(), F::META, start_flow::<F>));
+        self.flows.push(FlowReg {
+            tid: TypeId::of::<F>(),
+            meta: F::META,
+            start: start_flow::<F>,
+            #[cfg(feature = "redis")]
+            shared: scale::start_flow::<F>,
+        });
+        self
+    }
+
+    /// Makes this engine one process of a multi-process deployment meeting in `shared`'s
+    /// Redis (or Redis Cluster): instances live there, and each process plays the roles
+    /// chosen with [`EngineBuilder::orchestrator`], [`EngineBuilder::worker`] or
+    /// [`EngineBuilder::client`]. Any process can start instances, send impulses and read
+    /// probes, whoever runs them.
+    ///
+    /// The ladder's tiers must be ones every process reads (Redis, S3,
+    /// [`Tier::shared_fs`]): a node-local tier is refused with [`Error::NodeLocalTier`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> flowwire_runtime::Result<()> {
+    /// use flowwire_runtime::{Engine, Shared};
+    /// let shared = Shared::redis("redis://127.0.0.1:6379/", "shop")?;
+    /// // A process that runs wires and drivers; more such processes share the work.
+    /// let engine = Engine::builder().shared(shared).orchestrator().worker().start().await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn shared(mut self, shared: Shared) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Multi-process mode: this process runs wires. It takes a fair share of every
+    /// registered flow's shards (leases with fencing tokens) and gives shards back as
+    /// other orchestrators join. It needs no driver implementations.
+    #[cfg(feature = "redis")]
+    pub fn orchestrator(mut self) -> Self {
+        self.roles.orchestrator = true;
+        self
+    }
+
+    /// Multi-process mode: this process runs the registered drivers' calls, taken from
+    /// their streams. It needs no flows registered.
+    #[cfg(feature = "redis")]
+    pub fn worker(mut self) -> Self {
+        self.roles.worker = true;
+        self
+    }
+
+    /// Multi-process mode: this process only starts instances, sends impulses and reads
+    /// probes, history and metadata (it runs neither wires nor drivers).
+    #[cfg(feature = "redis")]
+    pub fn client(mut self) -> Self {
+        self.roles.client = true;
         self
     }
 
@@ -276,7 +347,13 @@ impl EngineBuilder {
 
     /// Opens the store, starts the driver workers, resumes every active instance, and
     /// returns the running engine. Must be called inside a tokio runtime.
-    pub async fn start(self) -> Result<Engine> {
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    pub async fn start(mut self) -> Result<Engine> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = self.shared.take() {
+            return scale::start(self, shared).await;
+        }
+        self.check_names()?;
         let mut data_dir = None;
         let store: Arc<dyn InstanceStore> = match self.store.ok_or(Error::NoStore)? {
             StoreChoice::DataDir(dir) => {
@@ -305,12 +382,6 @@ impl EngineBuilder {
         };
         let placement = Arc::new(ladder.validate(self.limits.decode_limit)?);
         tracing::info!(ladder = %placement.describe(), "storage");
-        let mut names = std::collections::HashSet::new();
-        for (_, meta, _) in &self.flows {
-            if !names.insert(meta.name) {
-                return Err(Error::DuplicateFlow { flow: meta.name });
-            }
-        }
         let events = Emitter::new(self.limits.event_capacity);
         let mut ports = HashMap::new();
         let mut drivers = Vec::new();
@@ -328,8 +399,8 @@ impl EngineBuilder {
         };
         let mut flows = HashMap::new();
         let mut pending = Vec::new();
-        for (tid, _, start) in &self.flows {
-            pending.push((*tid, start(&ctx)?));
+        for f in &self.flows {
+            pending.push((f.tid, (f.start)(&ctx)?));
         }
         for (tid, fut) in pending {
             flows.insert(tid, fut.await?);
@@ -342,12 +413,24 @@ impl EngineBuilder {
                 data_dir,
                 limits: self.limits,
                 metadata: Metadata {
-                    flows: self.flows.iter().map(|f| f.1).collect(),
+                    flows: self.flows.iter().map(|f| f.meta).collect(),
                     drivers,
                 },
                 events,
+                background: Mutex::new(Vec::new()),
+                finish: None,
             }),
         })
+    }
+
+    fn check_names(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for f in &self.flows {
+            if !names.insert(f.meta.name) {
+                return Err(Error::DuplicateFlow { flow: f.meta.name });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -402,6 +485,10 @@ struct Inner {
     limits: Limits,
     metadata: Metadata,
     events: Emitter,
+    /// Tasks stopped at shutdown (multi-process mode: the workers' pumps).
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Runs last at shutdown (multi-process mode: leave the members).
+    finish: Option<Box<dyn Fn() -> BoxFut<()> + Send + Sync>>,
 }
 
 /// Everything registered on an engine: its flows and drivers, from the macros' static
@@ -454,6 +541,10 @@ impl Engine {
             flows: Vec::new(),
             drivers: Vec::new(),
             limits: Limits::default(),
+            #[cfg(feature = "redis")]
+            shared: None,
+            #[cfg(feature = "redis")]
+            roles: scale::Roles::default(),
         }
     }
 
@@ -615,6 +706,19 @@ impl Engine {
             if let Some(task) = task {
                 let _ = task.await;
             }
+        }
+        let background = std::mem::take(
+            &mut *self
+                .inner
+                .background
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in background {
+            task.abort();
+        }
+        if let Some(finish) = &self.inner.finish {
+            finish().await;
         }
         // Blocking store calls already handed to tokio's pool finish on their own; wait
         // for the last of them to drop its share of the store.

@@ -190,6 +190,18 @@ impl<F: Flow> Slot<F> {
     }
 }
 
+/// The shard a runner owns in multi-process mode, under a lease.
+pub(crate) struct Owned {
+    pub shard: u16,
+    /// The lease's fencing token: every write carries it.
+    pub token: u64,
+    /// The previous owner released the shard cleanly: every call it committed is on the
+    /// bus, so loaded instances need no redelivery.
+    pub clean: bool,
+    /// Stream entries of outcomes this runner is done with, to acknowledge.
+    pub acks: mpsc::UnboundedSender<String>,
+}
+
 /// How far ahead the runner reads the timer index.
 const LOOKAHEAD_MS: u64 = 30_000;
 /// Timers read from the index at once.
@@ -223,6 +235,10 @@ pub(crate) struct Runner<F: Flow> {
     uploading: usize,
     /// Inputs released by a finished upload, for the front of the next round.
     requeue: VecDeque<Input<F>>,
+    /// Multi-process mode: the shard this runner owns.
+    owned: Option<Owned>,
+    /// A write was refused because a newer owner holds the shard: stop.
+    lost: bool,
 }
 
 fn ended_of(status: &Status) -> Option<Ended> {
@@ -276,8 +292,36 @@ impl<F: Flow> Runner<F> {
             inbox_rx: Some(inbox_rx),
             uploading: 0,
             requeue: VecDeque::new(),
+            owned: None,
+            lost: false,
         };
         (runner, orx)
+    }
+
+    /// Makes this runner the owner of one shard (multi-process mode): it loads, fires and
+    /// writes only that shard's instances, every write carries the lease's token.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn own(&mut self, owned: Owned) {
+        self.owned = Some(owned);
+    }
+
+    /// Where outcomes for this runner go (the bus feeds them in, in multi-process mode).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn outcome_port(&self) -> mpsc::UnboundedSender<OutcomeMsg> {
+        self.outcomes.clone()
+    }
+
+    /// Whether a loaded instance's call in flight is sent again: always, except right
+    /// after a clean handover of the shard (its calls are on the bus).
+    fn redeliver_loaded(&self) -> bool {
+        !self.owned.as_ref().is_some_and(|o| o.clean)
+    }
+
+    /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
+    fn settle(&self, o: &OutcomeMsg) {
+        if let (Some(r), Some(owned)) = (&o.receipt, &self.owned) {
+            let _ = owned.acks.send(r.entry.clone());
+        }
     }
 
     fn key(&self, id: &Arc<str>) -> InstanceKey {
@@ -337,7 +381,10 @@ impl<F: Flow> Runner<F> {
     /// whose data is damaged is left as stored for an operator (and reported).
     pub(crate) async fn recover(&mut self) -> Result<usize> {
         self.scratch.now_ms = crate::clock::unix_millis();
-        let active = self.store.active(F::NAME).await?;
+        let active = match &self.owned {
+            Some(o) => self.store.active_in(F::NAME, o.shard).await?,
+            None => self.store.active(F::NAME).await?,
+        };
         let mut staged = Vec::new();
         let n = active.len();
         for (id, stored) in active {
@@ -369,7 +416,8 @@ impl<F: Flow> Runner<F> {
         };
         let step = match park {
             Some(step) => Some(step),
-            None => self.redelivery(&mut inst),
+            None if self.redeliver_loaded() => self.redelivery(&mut inst),
+            None => None,
         };
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
         self.touched.push(id.clone());
@@ -506,7 +554,11 @@ impl<F: Flow> Runner<F> {
         }
         let until = now.saturating_add(LOOKAHEAD_MS);
         let limit = self.limits.store_timeout;
-        let listed = tokio::time::timeout(limit, self.store.due(F::NAME, until, TIMER_PAGE)).await;
+        let due = match &self.owned {
+            Some(o) => self.store.due_in(F::NAME, o.shard, until, TIMER_PAGE),
+            None => self.store.due(F::NAME, until, TIMER_PAGE),
+        };
+        let listed = tokio::time::timeout(limit, due).await;
         match listed {
             Ok(Ok(page)) => {
                 let full = page.len() >= TIMER_PAGE;
@@ -655,6 +707,14 @@ impl<F: Flow> Runner<F> {
                 self.commit(staged, uploaded).await;
             }
             self.evict_idle();
+            if self.lost {
+                // A newer owner holds the shard: everything held here is stale. Inputs
+                // from the bus are not acknowledged, so the new owner gets them.
+                if let Some(reply) = shutdown.take() {
+                    let _ = reply.send(());
+                }
+                break;
+            }
             while let Some(i) = self.requeue.pop_back() {
                 backlog.push_front(i);
             }
@@ -829,10 +889,15 @@ impl<F: Flow> Runner<F> {
     async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
         match input {
             Input::Outcome(o) => {
-                let slot = self.slots.get_mut(&o.id)?;
-                let step =
+                let step = self.slots.get_mut(&o.id).and_then(|slot| {
                     slot.inst
-                        .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)?;
+                        .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)
+                });
+                let Some(step) = step else {
+                    // Not in flight any more (applied before, or abandoned).
+                    self.settle(&o);
+                    return None;
+                };
                 Some(Staged {
                     id: o.id.clone(),
                     step,
@@ -1112,9 +1177,14 @@ impl<F: Flow> Runner<F> {
                 .slots
                 .get(&s.id)
                 .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
-            let sealed =
-                self.placement
-                    .seal(&s.step.draft, prev, self.retention, &mut self.scratch.out);
+            let fence = self.owned.as_ref().map(|o| o.token);
+            let sealed = self
+                .placement
+                .seal(&s.step.draft, prev, self.retention, &mut self.scratch.out)
+                .map(|mut sealed| {
+                    sealed.write.fence = fence;
+                    sealed
+                });
             match sealed {
                 Ok(sealed) if sealed.puts.is_empty() => ready.push((s, sealed)),
                 Ok(sealed) => self.upload(s, sealed),
@@ -1137,6 +1207,12 @@ impl<F: Flow> Runner<F> {
                         StepResult::Committed => self.committed(s, sealed.placed),
                         StepResult::Conflict { .. } => self.conflicted(s).await,
                         StepResult::ImpulseSeen { seq } => self.seen(s, seq),
+                        StepResult::Fenced { token } => {
+                            // Nothing of it is kept: its caller sees the runner stop, and the
+                            // new owner takes the input from the bus.
+                            tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
+                            self.lost = true;
+                        }
                     }
                 }
             }
@@ -1213,7 +1289,8 @@ impl<F: Flow> Runner<F> {
             Ack::Operate(reply) => {
                 let _ = reply.send(Ok(s.step.draft.record.seq));
             }
-            Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
+            Ack::Outcome(o) => self.settle(&o),
+            Ack::Retry(_) | Ack::Quiet => {}
         }
         for out in &s.step.dispatch {
             self.dispatch(&s.id, out);
@@ -1358,6 +1435,9 @@ impl<F: Flow> Runner<F> {
                     Ack::Operate(reply) => {
                         let _ = reply.send(Err(conflict));
                     }
+                    // Applied again to the record as it now is: still in flight, it
+                    // counts; applied already, it is dropped.
+                    Ack::Outcome(o) => self.requeue.push_back(Input::Outcome(o)),
                     _ => {}
                 }
             }
@@ -1437,6 +1517,7 @@ impl<F: Flow> Runner<F> {
             }),
             names: Self::names(p.link, p.method),
             reply: self.outcomes.clone(),
+            receipt: None,
         }
     }
 

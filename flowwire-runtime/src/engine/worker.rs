@@ -60,6 +60,16 @@ impl CallPolicy {
     }
 }
 
+/// Where a call or an outcome came from on the multi-process bus, so that it is
+/// acknowledged once it is done with: the stream entry, and (for a call) the outcome
+/// stream its result goes to.
+#[derive(Debug, Clone)]
+pub(crate) struct Receipt {
+    pub entry: String,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub reply_to: String,
+}
+
 /// One driver call to run.
 pub(crate) struct Job {
     pub flow: &'static str,
@@ -74,6 +84,8 @@ pub(crate) struct Job {
     pub policy: CallPolicy,
     pub names: (&'static str, &'static str),
     pub reply: mpsc::UnboundedSender<OutcomeMsg>,
+    /// Set when the call came over the bus (multi-process mode).
+    pub receipt: Option<Box<Receipt>>,
 }
 
 /// A call's outcome, on its way back to the runner.
@@ -82,6 +94,8 @@ pub(crate) struct OutcomeMsg {
     pub seq: u64,
     pub branch: Option<u32>,
     pub result: Result<Bytes, Fault>,
+    /// Set when the call or the outcome came over the bus (multi-process mode).
+    pub receipt: Option<Box<Receipt>>,
 }
 
 /// Spawns the pool for one driver implementation and returns its queue.
@@ -109,6 +123,7 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                     seq: job.seq,
                     branch: job.branch,
                     result,
+                    receipt: job.receipt,
                 });
             }
         });

@@ -32,6 +32,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         impulse: None,
         history: Some((version, Bytes::from_static(body))),
         prune_below: None,
+        fence: None,
     }
 }
 

@@ -87,6 +87,39 @@ pub trait InstanceStore: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<DueList, StoreError>>;
 
+    /// How many shards the store splits each flow's instances into (multi-process mode:
+    /// each shard is owned by one orchestrator at a time). Embedded stores have one.
+    fn shards(&self) -> u16 {
+        1
+    }
+
+    /// The shard an instance belongs to: a stable hash of its id (see [`shard_of`]).
+    fn shard_of(&self, id: &str) -> u16 {
+        shard_of(id, self.shards())
+    }
+
+    /// The active instances of one shard of a flow (see [`InstanceStore::active`]).
+    fn active_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+    ) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        let _ = shard;
+        self.active(flow)
+    }
+
+    /// The armed timers of one shard of a flow (see [`InstanceStore::due`]).
+    fn due_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DueList, StoreError>> {
+        let _ = shard;
+        self.due(flow, until_ms, limit)
+    }
+
     /// Repairs the timer index of an instance whose entry due at `stale` does not match its
     /// record: removes that entry (if it is still at `stale`) and indexes `actual`.
     fn retime<'a>(
@@ -160,6 +193,25 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).retime(key, stale, actual)
     }
+    fn shards(&self) -> u16 {
+        (**self).shards()
+    }
+    fn active_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+    ) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        (**self).active_in(flow, shard)
+    }
+    fn due_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DueList, StoreError>> {
+        (**self).due_in(flow, shard, until_ms, limit)
+    }
     fn parked<'a>(
         &'a self,
         flow: &'a str,
@@ -176,6 +228,19 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         (**self).correlated(flow, key, limit)
     }
+}
+
+/// The shard of an instance id among `shards`: CRC-32 of the id, modulo the count. Stable
+/// across processes, versions and platforms (every process of a deployment must agree).
+///
+/// ```
+/// use flowwire_storage::store::shard_of;
+/// assert_eq!(shard_of("order-1", 1), 0);
+/// assert!(shard_of("order-1", 16) < 16);
+/// assert_eq!(shard_of("order-1", 16), shard_of("order-1", 16));
+/// ```
+pub fn shard_of(id: &str, shards: u16) -> u16 {
+    (crc32fast::hash(id.as_bytes()) % u32::from(shards.max(1))) as u16
 }
 
 pub mod conformance;

@@ -9,13 +9,15 @@
 //! | `P:{flow/id}:i` | hash | impulse id → step that applied it |
 //! | `P:{flow/id}:hz` | sorted set | history step numbers |
 //! | `P:{flow/id}:hh` | hash | step number → encoded history entry |
-//! | `P:active:{flow}` | set | ids of (possibly) active instances |
-//! | `P:timers:{flow}` | sorted set | id scored by its timer's due time (ms) |
+//! | `P:{flow/id}:w` | list | `step:token` per write, when writes are audited ([`RedisStore::audit_writes`]) |
+//! | `P:active:{flow#shard}` | set | ids of (possibly) active instances of a shard |
+//! | `P:timers:{flow#shard}` | sorted set | id scored by its timer's due time (ms), per shard |
 //! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
 //! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
 //!
-//! A step is one `EVALSHA` of [`COMMIT`]: compare-and-swap on the version, insert-if-absent
-//! of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
+//! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a record
+//! last written under a higher token is not written again under a lower one),
+//! compare-and-swap on the version, insert-if-absent of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
 //! is one pipeline of those scripts (one round trip); each step is atomic on its own.
 //!
 //! The active, timer, parked and correlation sets live in other slots, so they cannot be in the script.
@@ -37,10 +39,14 @@ use crate::redis_link::{Conn, RedisLink};
 
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
--- KEYS: record, impulses, history index, history entries
+-- KEYS: record, impulses, history index, history entries, write audit
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
---       correlation key ('' = none)
+--       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0')
+if ARGV[12] ~= '' then
+  local last = redis.call('HGET', KEYS[1], 'f')
+  if last and tonumber(last) > tonumber(ARGV[12]) then return {3, tonumber(last)} end
+end
 local found = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if found then return {1, tonumber(found)} end
@@ -54,6 +60,8 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
+if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12]) end
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
@@ -103,6 +111,8 @@ pub struct RedisStore {
     link: RedisLink,
     prefix: String,
     sha: String,
+    shards: u16,
+    audit: bool,
 }
 
 fn backend(e: &redis::RedisError) -> StoreError {
@@ -171,25 +181,77 @@ impl RedisStore {
             link,
             prefix: prefix.to_string(),
             sha: redis::Script::new(COMMIT).get_hash().to_string(),
+            shards: 1,
+            audit: false,
         }
     }
 
-    fn keys(&self, key: &InstanceKey) -> [String; 4] {
+    /// Splits each flow's instances into `n` shards (1 to 4096; default 1): the active and
+    /// timer indexes are kept per shard, so that the orchestrator owning a shard reads only
+    /// its own. Every process of a deployment must use the same count (the engine checks it
+    /// in multi-process mode).
+    #[must_use]
+    pub fn with_shards(mut self, n: u16) -> Self {
+        self.shards = n.clamp(1, 4096);
+        self
+    }
+
+    /// Records every write of an instance as `step:token` in a list next to its record
+    /// ([`RedisStore::writes`]): the proof, for crash tests and audits, that no step was
+    /// written twice and that fencing tokens never went back. Costs one list push per step.
+    #[must_use]
+    pub fn audit_writes(mut self) -> Self {
+        self.audit = true;
+        self
+    }
+
+    /// The audited writes of an instance, in order: `(step, fencing token)` (token 0: the
+    /// write carried none). Empty unless [`RedisStore::audit_writes`] was set.
+    pub async fn writes(&self, key: &InstanceKey) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut c = self.conn().await?;
+        let [.., w] = self.keys(key);
+        let rows: Vec<String> = redis::cmd("LRANGE")
+            .arg(&w)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let (seq, token) = r.split_once(':')?;
+                Some((seq.parse().ok()?, token.parse().unwrap_or(0)))
+            })
+            .collect())
+    }
+
+    /// The link and key prefix, for the deployment's bus (leases, streams).
+    pub(crate) fn link(&self) -> (&RedisLink, &str) {
+        (&self.link, &self.prefix)
+    }
+
+    fn keys(&self, key: &InstanceKey) -> [String; 5] {
         let base = format!("{}:{{{}/{}}}", self.prefix, key.flow, key.id);
         [
             format!("{base}:r"),
             format!("{base}:i"),
             format!("{base}:hz"),
             format!("{base}:hh"),
+            format!("{base}:w"),
         ]
     }
 
-    fn active_key(&self, flow: &str) -> String {
-        format!("{}:active:{{{flow}}}", self.prefix)
+    fn shard(&self, id: &str) -> u16 {
+        super::shard_of(id, self.shards)
     }
 
-    fn timers_key(&self, flow: &str) -> String {
-        format!("{}:timers:{{{flow}}}", self.prefix)
+    fn active_key(&self, flow: &str, shard: u16) -> String {
+        format!("{}:active:{{{flow}#{shard}}}", self.prefix)
+    }
+
+    fn timers_key(&self, flow: &str, shard: u16) -> String {
+        format!("{}:timers:{{{flow}#{shard}}}", self.prefix)
     }
 
     fn parked_key(&self, flow: &str) -> String {
@@ -209,14 +271,15 @@ impl RedisStore {
         let mut adds = Vec::new();
         for s in batch {
             let (flow, id) = (&*s.key.flow, &*s.key.id);
+            let shard = self.shard(id);
             if s.active {
-                adds.push(redis::Cmd::sadd(self.active_key(flow), id));
+                adds.push(redis::Cmd::sadd(self.active_key(flow, shard), id));
             }
             if s.parked {
                 adds.push(redis::Cmd::zadd(self.parked_key(flow), id, 0));
             }
             if let Some(due) = s.timer {
-                adds.push(redis::Cmd::zadd(self.timers_key(flow), id, due));
+                adds.push(redis::Cmd::zadd(self.timers_key(flow, shard), id, due));
             }
             if let Some(k) = &s.correlation {
                 adds.push(redis::Cmd::sadd(self.corr_key(flow, k), id));
@@ -241,7 +304,7 @@ impl RedisStore {
             let mut script = redis::cmd("EVALSHA");
             script
                 .arg(&self.sha)
-                .arg(4)
+                .arg(5)
                 .arg(&keys[..])
                 .arg(expect)
                 .arg(s.version)
@@ -253,7 +316,9 @@ impl RedisStore {
                 .arg(hist)
                 .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
                 .arg(if s.parked { "1" } else { "0" })
-                .arg(s.correlation.as_deref().unwrap_or(""));
+                .arg(s.correlation.as_deref().unwrap_or(""))
+                .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
+                .arg(if self.audit { "1" } else { "0" });
             scripts.push(script);
         }
         scripts
@@ -335,8 +400,9 @@ impl RedisStore {
             results.push(match code {
                 0 => {
                     let (flow, id) = (&*s.key.flow, &*s.key.id);
+                    let shard = self.shard(id);
                     if !s.active {
-                        removes.push(redis::Cmd::srem(self.active_key(flow), id));
+                        removes.push(redis::Cmd::srem(self.active_key(flow, shard), id));
                     }
                     if !s.parked {
                         removes.push(redis::Cmd::zrem(self.parked_key(flow), id));
@@ -345,12 +411,15 @@ impl RedisStore {
                         removes.push(redis::Cmd::srem(self.corr_key(flow, old), id));
                     }
                     if s.timer.is_none() {
-                        removes.push(redis::Cmd::zrem(self.timers_key(flow), id));
+                        removes.push(redis::Cmd::zrem(self.timers_key(flow, shard), id));
                     }
                     StepResult::Committed
                 }
                 1 => StepResult::Conflict {
                     found: u64::try_from(n).ok(),
+                },
+                3 => StepResult::Fenced {
+                    token: u64::try_from(n).unwrap_or(0),
                 },
                 _ => StepResult::ImpulseSeen {
                     seq: u64::try_from(n).unwrap_or(0),
@@ -362,38 +431,12 @@ impl RedisStore {
         let _ = c.batch(removes).await;
         Ok(results)
     }
-}
 
-impl InstanceStore for RedisStore {
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
-        Box::pin(async move { self.commit_batch(&batch).await })
-    }
-
-    fn load<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
-        Box::pin(async move {
+    /// The active instances of one shard (stale index entries are dropped on the way).
+    async fn active_shard(&self, flow: &str, shard: u16) -> Result<ActiveList, StoreError> {
+        {
             let mut c = self.conn().await?;
-            let [r, ..] = self.keys(key);
-            let (v, b): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-                .arg(&r)
-                .arg("v")
-                .arg("b")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            Ok(v.zip(b).map(|(version, bytes)| Stored {
-                version,
-                bytes: Bytes::from(bytes),
-            }))
-        })
-    }
-
-    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
-        Box::pin(async move {
-            let mut c = self.conn().await?;
-            let set = self.active_key(flow);
+            let set = self.active_key(flow, shard);
             let ids: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(&set)
                 .query_async(&mut c)
@@ -430,7 +473,89 @@ impl InstanceStore for RedisStore {
                     .await;
             }
             Ok(out)
+        }
+    }
+
+    /// The armed timers of one shard due by `until_ms`, earliest first, at most `limit`.
+    async fn due_shard(
+        &self,
+        flow: &str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<super::DueList, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.timers_key(flow, shard))
+            .arg("-inf")
+            .arg(until_ms)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(rows.into_iter().map(|(id, d)| (id.into(), d)).collect())
+    }
+}
+
+impl InstanceStore for RedisStore {
+    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+        Box::pin(async move { self.commit_batch(&batch).await })
+    }
+
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [r, ..] = self.keys(key);
+            let (v, b): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(&r)
+                .arg("v")
+                .arg("b")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(v.zip(b).map(|(version, bytes)| Stored {
+                version,
+                bytes: Bytes::from(bytes),
+            }))
         })
+    }
+
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for shard in 0..self.shards {
+                out.extend(self.active_shard(flow, shard).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    fn active_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+    ) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(self.active_shard(flow, shard))
+    }
+
+    fn due_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
+        Box::pin(self.due_shard(flow, shard, until_ms, limit))
     }
 
     fn history<'a>(
@@ -441,7 +566,7 @@ impl InstanceStore for RedisStore {
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            let [_, _, hz, hh] = self.keys(key);
+            let [_, _, hz, hh, _] = self.keys(key);
             let seqs: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
                 .arg(&hz)
                 .arg(from)
@@ -493,19 +618,13 @@ impl InstanceStore for RedisStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
         Box::pin(async move {
-            let mut c = self.conn().await?;
-            let rows: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
-                .arg(self.timers_key(flow))
-                .arg("-inf")
-                .arg(until_ms)
-                .arg("WITHSCORES")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            Ok(rows.into_iter().map(|(id, d)| (id.into(), d)).collect())
+            let mut all = Vec::new();
+            for shard in 0..self.shards {
+                all.extend(self.due_shard(flow, shard, until_ms, limit).await?);
+            }
+            all.sort_unstable_by_key(|(_, due)| *due);
+            all.truncate(limit);
+            Ok(all)
         })
     }
 
@@ -518,7 +637,7 @@ impl InstanceStore for RedisStore {
         Box::pin(async move {
             let mut c = self.conn().await?;
             redis::Script::new(RETIME)
-                .key(self.timers_key(&key.flow))
+                .key(self.timers_key(&key.flow, self.shard(&key.id)))
                 .arg(&*key.id)
                 .arg(stale)
                 .arg(actual.map(|a| a.to_string()).unwrap_or_default())

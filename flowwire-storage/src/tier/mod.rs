@@ -231,6 +231,19 @@ impl Tier {
         Tier::new("fs", "fs", FsTier::new(root))
     }
 
+    /// A directory on a mount that every process of a deployment sees (NFS, a shared
+    /// volume): like [`Tier::fs`], but accepted by a multi-process engine, which refuses
+    /// node-local tiers.
+    pub fn shared_fs(root: impl Into<std::path::PathBuf>) -> Tier {
+        Tier::new("fs", "fs", FsTier::new(root).shared())
+    }
+
+    /// Whether every process of a deployment sees this tier's blobs (see
+    /// [`BlobTier::is_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
     /// An embedded redb file holding blobs.
     pub fn embedded(path: impl Into<std::path::PathBuf>) -> Tier {
         Tier::new("embedded", "embedded", EmbeddedTier::new(path))

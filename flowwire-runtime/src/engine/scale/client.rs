@@ -1,0 +1,363 @@
+//! The client side of a multi-process engine: what a handle asks goes over the bus to the
+//! owner of the instance's shard (starts, impulses), or is read from the store directly
+//! (probes, state, whether it finished) — any process can serve its callers.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flowwire_storage::bus::RedisBus;
+use flowwire_storage::codec;
+use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::{InstanceKey, InstanceStore, Placement, Record, Status};
+use tokio::sync::{mpsc, oneshot};
+
+use super::messages::{Reply, Request, RequestKind};
+use crate::engine::Limits;
+use crate::engine::runner::Msg;
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+use crate::handle::Ended;
+
+/// Callers waiting for replies from shard owners, matched by request number; fed by one
+/// subscription to this process's reply channel.
+pub(crate) struct Replies {
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    next: AtomicU64,
+    channel: String,
+}
+
+impl Replies {
+    /// Subscribes to this process's channel (before any request can be sent, so no reply
+    /// is published before someone listens), and keeps the subscription up.
+    pub(crate) async fn start(bus: RedisBus, node: &str, limit: usize) -> Result<Arc<Replies>> {
+        let channel = bus.replies(node);
+        let sub = bus.subscribe(&channel).await?;
+        let replies = Arc::new(Replies {
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            channel,
+        });
+        tokio::spawn(listen(Arc::downgrade(&replies), bus, sub, limit));
+        Ok(replies)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(&self) -> (u64, oneshot::Receiver<Reply>) {
+        let req = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(req, tx);
+        (req, rx)
+    }
+
+    fn forget(&self, req: u64) {
+        self.lock().remove(&req);
+    }
+}
+
+async fn listen(
+    replies: Weak<Replies>,
+    bus: RedisBus,
+    mut sub: flowwire_storage::bus::Subscription,
+    limit: usize,
+) {
+    let mut failures = 0u32;
+    loop {
+        while let Some(body) = sub.next().await {
+            failures = 0;
+            let Some(replies) = replies.upgrade() else {
+                return;
+            };
+            match codec::decode_raw::<Reply>(&body, limit) {
+                Ok(reply) => {
+                    let waiter = replies.lock().remove(&reply.req);
+                    if let Some(w) = waiter {
+                        let _ = w.send(reply);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "undecodable reply dropped"),
+            }
+        }
+        // The connection is gone: subscribe again. Callers waiting meanwhile time out and
+        // may retry with the same ids (starts and impulses apply once).
+        let Some(channel) = replies.upgrade().map(|r| r.channel.clone()) else {
+            return;
+        };
+        loop {
+            failures = failures.saturating_add(1);
+            let delay = Duration::from_millis(50u64 << failures.min(6));
+            tokio::time::sleep(delay).await;
+            if replies.strong_count() == 0 {
+                return;
+            }
+            match bus.subscribe(&channel).await {
+                Ok(s) => {
+                    sub = s;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "reply channel not subscribed");
+                }
+            }
+        }
+    }
+}
+
+/// What a router needs: the bus, the store and tiers for reads, this process's replies.
+pub(crate) struct Remote {
+    pub bus: RedisBus,
+    pub store: Arc<dyn InstanceStore>,
+    pub placement: Arc<Placement>,
+    pub replies: Arc<Replies>,
+    pub limits: Limits,
+}
+
+/// Serves a flow's handles in a multi-process engine; returns the port handles send to.
+pub(crate) fn spawn_router<F: Flow>(
+    remote: Arc<Remote>,
+) -> (mpsc::Sender<Msg<F>>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Msg<F>>(4096);
+    let task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if let Msg::Shutdown { reply } = msg {
+                let _ = reply.send(());
+                return;
+            }
+            // Each request waits on the network on its own; the callers' timeouts bound them.
+            tokio::spawn(serve(remote.clone(), msg));
+        }
+    });
+    (tx, task)
+}
+
+async fn serve<F: Flow>(remote: Arc<Remote>, msg: Msg<F>) {
+    match msg {
+        Msg::Start { id, state, reply } => {
+            let sent = encode(&state).map(|state| RequestKind::Start { state });
+            let r = match sent {
+                Ok(kind) => ask::<F>(&remote, &id, kind, "").await,
+                Err(e) => Err(codec_error::<F>(&id, "the state", e)),
+            };
+            let _ = reply.send(r);
+        }
+        Msg::Impulse {
+            id,
+            impulse_id,
+            impulse,
+            reply,
+        } => {
+            let sent = encode(&impulse).map(|impulse| RequestKind::Impulse {
+                impulse_id: impulse_id.to_string(),
+                impulse,
+            });
+            let r = match sent {
+                Ok(kind) => ask::<F>(&remote, &id, kind, &impulse_id).await,
+                Err(e) => Err(codec_error::<F>(&id, "the impulse", e)),
+            };
+            let _ = reply.send(r);
+        }
+        Msg::Probe { id, ask, reply } => {
+            let state = read::<F>(&remote, &id).await.map(|r| r.state);
+            let limit = remote.limits.decode_limit;
+            let answer = match state {
+                Ok(state) => tokio::task::spawn_blocking(move || {
+                    let s = codec::decode_raw::<F::State>(&state, limit)
+                        .map_err(|e| codec_error::<F>(&id, "the state", e))?;
+                    let flow = F::from_state(s);
+                    catch_unwind(AssertUnwindSafe(|| ask(&flow))).map_err(|p| {
+                        Error::ProbePanicked {
+                            flow: F::NAME,
+                            id: id.to_string(),
+                            reason: crate::core::panic_message(&*p),
+                        }
+                    })
+                })
+                .await
+                .unwrap_or(Err(Error::Shutdown)),
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(answer);
+        }
+        Msg::State { id, reply } => {
+            let _ = reply.send(read::<F>(&remote, &id).await.map(|r| r.state));
+        }
+        Msg::Exists { id, reply } => {
+            let key = InstanceKey::new(F::NAME, id.clone());
+            let r = match remote.store.load(&key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(not_found::<F>(&id)),
+                Err(e) => Err(e.into()),
+            };
+            let _ = reply.send(r);
+        }
+        Msg::Finished { id, reply } => finished::<F>(&remote, &id, reply).await,
+        Msg::Operate { reply, .. } => {
+            let _ = reply.send(Err(Error::NotAcrossProcesses {
+                op: "an operator's operation",
+            }));
+        }
+        Msg::Resident { reply } => {
+            let _ = reply.send(0);
+        }
+        Msg::Shutdown { reply } => {
+            let _ = reply.send(());
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(
+    value: &T,
+) -> std::result::Result<Bytes, flowwire_storage::CodecError> {
+    let mut out = Vec::new();
+    codec::encode_raw(value, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+fn codec_error<F: Flow>(
+    id: &str,
+    what: &'static str,
+    source: flowwire_storage::CodecError,
+) -> Error {
+    Error::Codec {
+        flow: F::NAME,
+        id: id.to_string(),
+        what,
+        source,
+    }
+}
+
+fn not_found<F: Flow>(id: &str) -> Error {
+    Error::NotFound {
+        flow: F::NAME,
+        id: id.to_string(),
+    }
+}
+
+/// Sends a request to the owner of the instance's shard and waits for its reply, up to
+/// the engine's request timeout (the request carries that deadline: an owner that gets
+/// it later drops it unapplied).
+async fn ask<F: Flow>(
+    remote: &Remote,
+    id: &Arc<str>,
+    kind: RequestKind,
+    impulse_id: &str,
+) -> Result<()> {
+    let limit = remote.limits.request_timeout;
+    let (req, rx) = remote.replies.register();
+    let request = Request {
+        req,
+        reply_to: remote.replies.channel.clone(),
+        deadline_ms: crate::clock::unix_millis()
+            .saturating_add(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+        id: id.to_string(),
+        kind,
+    };
+    let body = match encode(&request) {
+        Ok(b) => b,
+        Err(e) => {
+            remote.replies.forget(req);
+            return Err(codec_error::<F>(id, "the request", e));
+        }
+    };
+    let stream = remote.bus.requests(F::NAME, remote.store.shard_of(id));
+    let fut = async {
+        remote.bus.push(&[(stream, body)]).await?;
+        rx.await.map_err(|_| Error::Shutdown)
+    };
+    let reply = tokio::time::timeout(limit, fut).await;
+    remote.replies.forget(req);
+    match reply {
+        Ok(Ok(reply)) => reply
+            .result
+            .map_err(|r| r.into_error(F::NAME, id, impulse_id)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Timeout {
+            op: "the request to the instance's orchestrator",
+            after: limit,
+        }),
+    }
+}
+
+/// The committed record of an instance, with its payloads read from their tiers.
+async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
+    let key = InstanceKey::new(F::NAME, id.clone());
+    let limit = remote.limits.store_timeout;
+    let load = tokio::time::timeout(limit, remote.store.load(&key))
+        .await
+        .map_err(|_| Error::Timeout {
+            op: "reading the instance",
+            after: limit,
+        })??;
+    let stored = load.ok_or_else(|| not_found::<F>(id))?;
+    let placed = PlacedRecord::decode(&stored.bytes, remote.limits.decode_limit).map_err(|e| {
+        Error::Codec {
+            flow: F::NAME,
+            id: id.to_string(),
+            what: "the record",
+            source: e,
+        }
+    })?;
+    Ok(remote.placement.resolve(&key, &placed).await?)
+}
+
+/// Waits until the instance ends, reading its record with a backoff (5 ms doubling to
+/// 250 ms) — any process can wait, whoever owns the instance. Stops when the caller
+/// stops waiting.
+async fn finished<F: Flow>(remote: &Remote, id: &Arc<str>, reply: oneshot::Sender<Result<Ended>>) {
+    let key = InstanceKey::new(F::NAME, id.clone());
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if reply.is_closed() {
+            return;
+        }
+        let status = match remote.store.load(&key).await {
+            Ok(Some(stored)) => PlacedRecord::decode(&stored.bytes, remote.limits.decode_limit)
+                .map(|p| Some(p.status))
+                .map_err(|e| Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the record",
+                    source: e,
+                }),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        match status {
+            Ok(Some(Status::Finished)) => {
+                let _ = reply.send(Ok(Ended::Finished));
+                return;
+            }
+            Ok(Some(Status::Failed { reason })) => {
+                let _ = reply.send(Ok(Ended::Failed { reason }));
+                return;
+            }
+            Ok(Some(Status::Quarantined { reason })) => {
+                let _ = reply.send(Err(Error::Quarantined {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    reason,
+                }));
+                return;
+            }
+            Ok(None) => {
+                let _ = reply.send(Err(not_found::<F>(id)));
+                return;
+            }
+            Err(e) if !e.is_transient() => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+            Ok(Some(_)) | Err(_) => {}
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,123 @@
+//! What travels on the bus between processes, encoded with postcard in stream entries and
+//! published replies. Each message decodes under the engine's decode limit; a message that
+//! does not decode is logged and acknowledged (it can never succeed), never retried forever.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::Fault;
+use crate::error::Error;
+
+/// A driver call, from a shard's owner to the workers of its driver trait.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct JobMsg {
+    pub flow: String,
+    pub shard: u16,
+    pub id: String,
+    pub seq: u64,
+    pub branch: Option<u32>,
+    pub method: u16,
+    pub redelivered: u32,
+    pub call: Bytes,
+}
+
+/// A call's outcome, from a worker to the owner of the instance's shard.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct OutcomeWire {
+    pub id: String,
+    pub seq: u64,
+    pub branch: Option<u32>,
+    pub result: Result<Bytes, Fault>,
+}
+
+/// A request any process may send to a shard's owner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Request {
+    /// Matches the reply to the waiting caller.
+    pub req: u64,
+    /// The channel of the process waiting.
+    pub reply_to: String,
+    /// After this (ms since the Unix epoch) the caller has given up: the request is
+    /// dropped unapplied, so a timeout never turns into a late surprise.
+    pub deadline_ms: u64,
+    pub id: String,
+    pub kind: RequestKind,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum RequestKind {
+    Start { state: Bytes },
+    Impulse { impulse_id: String, impulse: Bytes },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub req: u64,
+    pub result: Result<(), Refusal>,
+}
+
+/// Why a request was refused, as much of the error as crosses processes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Refusal {
+    AlreadyExists,
+    ImpulseAlreadyApplied { step: u64 },
+    NotFound,
+    Ended { status: String },
+    Quarantined { reason: String },
+    Other { message: String },
+}
+
+impl Refusal {
+    pub(crate) fn of(e: &Error) -> Refusal {
+        match e {
+            Error::AlreadyExists { .. } => Refusal::AlreadyExists,
+            Error::ImpulseAlreadyApplied { step, .. } => {
+                Refusal::ImpulseAlreadyApplied { step: *step }
+            }
+            Error::NotFound { .. } => Refusal::NotFound,
+            Error::Ended { status, .. } => Refusal::Ended {
+                status: (*status).to_string(),
+            },
+            Error::Quarantined { reason, .. } => Refusal::Quarantined {
+                reason: reason.clone(),
+            },
+            other => Refusal::Other {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// The error the caller sees.
+    pub(crate) fn into_error(self, flow: &'static str, id: &str, impulse_id: &str) -> Error {
+        let id = id.to_string();
+        match self {
+            Refusal::AlreadyExists => Error::AlreadyExists { flow, id },
+            Refusal::ImpulseAlreadyApplied { step } => Error::ImpulseAlreadyApplied {
+                flow,
+                id,
+                impulse_id: impulse_id.to_string(),
+                step,
+            },
+            Refusal::NotFound => Error::NotFound { flow, id },
+            Refusal::Ended { status } => Error::Ended {
+                flow,
+                id,
+                status: static_status(&status),
+            },
+            Refusal::Quarantined { reason } => Error::Quarantined { flow, id, reason },
+            Refusal::Other { message } => Error::Remote { flow, id, message },
+        }
+    }
+}
+
+/// The status names an ended instance reports (`Status::name`).
+fn static_status(name: &str) -> &'static str {
+    match name {
+        "finished" => "finished",
+        "failed" => "failed",
+        "compensating" => "compensating",
+        "quarantined" => "quarantined",
+        _ => "ended",
+    }
+}

@@ -1,0 +1,291 @@
+//! Multi-process mode: orchestrators (which run wires), workers (which run drivers) and
+//! clients (which start instances and send impulses), in one process or many, meeting in
+//! one Redis or Redis Cluster.
+//!
+//! * [`orchestrator`] — shard leases with fencing tokens, one runner per shard held.
+//! * [`workers`] — driver calls from streams, outcomes back to the shards' streams.
+//! * [`client`] — what handles ask, sent to the owning shard or read from the store.
+//! * [`messages`] — what travels between them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowwire_storage::store::RedisStore;
+
+use crate::error::Result;
+
+pub(crate) mod client;
+pub(crate) mod messages;
+pub(crate) mod orchestrator;
+pub(crate) mod workers;
+
+/// Where the processes of a multi-process deployment meet: one Redis or Redis Cluster,
+/// holding the instances, the shard leases and the streams between processes. Give it to
+/// [`EngineBuilder::shared`](crate::EngineBuilder::shared), with the roles this process
+/// plays.
+///
+/// ```no_run
+/// # async fn demo() -> flowwire_runtime::Result<()> {
+/// use std::time::Duration;
+/// use flowwire_runtime::{Engine, Shared};
+/// let shared = Shared::redis("redis://127.0.0.1:6379/", "shop")?
+///     .shards(32)
+///     .lease_ttl(Duration::from_secs(10));
+/// let engine = Engine::builder().shared(shared).orchestrator().start().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub(crate) store: RedisStore,
+    pub(crate) shards: u16,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) visibility: Duration,
+    pub(crate) node: Option<String>,
+    pub(crate) audit: bool,
+}
+
+impl Shared {
+    /// A deployment on one Redis server, every key under `prefix`.
+    pub fn redis(url: &str, prefix: &str) -> Result<Shared> {
+        Ok(Self::on(RedisStore::open(url, prefix)?))
+    }
+
+    /// A deployment on a Redis Cluster (some of its nodes' URLs; the others are found),
+    /// every key under `prefix`.
+    pub fn cluster(nodes: &[&str], prefix: &str) -> Result<Shared> {
+        Ok(Self::on(RedisStore::cluster(nodes, prefix)?))
+    }
+
+    fn on(store: RedisStore) -> Shared {
+        Shared {
+            store,
+            shards: 16,
+            lease_ttl: Duration::from_secs(10),
+            visibility: Duration::from_mins(1),
+            node: None,
+            audit: false,
+        }
+    }
+
+    /// How many shards each flow's instances are split into (1 to 4,096; default 16): the
+    /// unit of ownership, so the most orchestrators that share a flow's work. Every process
+    /// of a deployment must use the same count; a process that does not is refused at
+    /// start.
+    #[must_use]
+    pub fn shards(mut self, n: u16) -> Self {
+        self.shards = n.clamp(1, 4096);
+        self
+    }
+
+    /// How long a shard's lease lasts without renewal (default 10 s; renewed every third
+    /// of it). A crashed orchestrator's shards are taken over after at most this long.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// How long a call may go untouched before another worker takes it over (default
+    /// 60 s). Workers touch the calls they run every third of it, so a slow call is not
+    /// taken away; a crashed worker's calls run again after at most this long.
+    #[must_use]
+    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+        self.visibility = d.max(Duration::from_millis(300));
+        self
+    }
+
+    /// This process's name among the members (default: its pid and start time). Must be
+    /// unique per running process.
+    #[must_use]
+    pub fn node_name(mut self, name: &str) -> Self {
+        self.node = Some(name.to_string());
+        self
+    }
+
+    /// Records every write of an instance with its fencing token
+    /// ([`RedisStore::audit_writes`]): for crash tests and audits; costs one list push per
+    /// step.
+    #[must_use]
+    pub fn audit_writes(mut self) -> Self {
+        self.audit = true;
+        self
+    }
+
+    /// The store, as every process of the deployment sees it (with this deployment's
+    /// shard count): for reads and audits.
+    pub fn store(&self) -> RedisStore {
+        let store = self.store.clone().with_shards(self.shards);
+        if self.audit {
+            store.audit_writes()
+        } else {
+            store
+        }
+    }
+
+    pub(crate) fn node(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            format!(
+                "node-{}-{:x}",
+                std::process::id(),
+                crate::clock::unix_nanos() % (1 << 48)
+            )
+        })
+    }
+}
+
+/// The roles a process of a multi-process deployment plays.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Roles {
+    pub orchestrator: bool,
+    pub worker: bool,
+    pub client: bool,
+}
+
+impl Roles {
+    pub(crate) fn any(self) -> bool {
+        self.orchestrator || self.worker || self.client
+    }
+}
+
+/// What the engine keeps of a multi-process deployment.
+pub(crate) struct Deployment {
+    pub remote: Arc<client::Remote>,
+    pub orchestra: Option<Arc<orchestrator::Orchestra>>,
+}
+
+/// Starts a multi-process engine (see [`EngineBuilder::shared`](crate::EngineBuilder::shared)).
+pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<super::Engine> {
+    use crate::error::Error;
+    use flowwire_storage::{InstanceStore, Ladder};
+
+    if b.store.is_some() {
+        return Err(Error::SharedStore);
+    }
+    if !b.roles.any() {
+        return Err(Error::NoRole);
+    }
+    b.check_names()?;
+    let redis = shared.store();
+    let bus = redis.bus();
+    bus.agree_shards().await?;
+    let store: Arc<dyn InstanceStore> = Arc::new(redis);
+    let placement = Arc::new(
+        b.ladder
+            .unwrap_or_else(Ladder::inline_only)
+            .validate(b.limits.decode_limit)?,
+    );
+    if let Some(tier) = placement.tiers().find(|t| !t.is_shared()) {
+        return Err(Error::NodeLocalTier {
+            tier: tier.name().to_string(),
+        });
+    }
+    let events = crate::events::Emitter::new(b.limits.event_capacity);
+    let node: Arc<str> = shared.node().into();
+    let replies = client::Replies::start(bus.clone(), &node, b.limits.decode_limit).await?;
+    let remote = Arc::new(client::Remote {
+        bus: bus.clone(),
+        store: store.clone(),
+        placement: placement.clone(),
+        replies,
+        limits: b.limits.clone(),
+    });
+    let orchestra = b.roles.orchestrator.then(|| {
+        Arc::new(orchestrator::Orchestra {
+            bus: bus.clone(),
+            node: node.clone(),
+            store: store.clone(),
+            placement: placement.clone(),
+            retention: b.retention,
+            limits: b.limits.clone(),
+            events: events.clone(),
+            lease_ttl: shared.lease_ttl,
+        })
+    });
+    let mut background = Vec::new();
+    let mut drivers = Vec::new();
+    let workers = Arc::new(workers::WorkerCtx {
+        bus: bus.clone(),
+        node: node.clone(),
+        limits: b.limits.clone(),
+        visibility: shared.visibility,
+    });
+    for d in b.drivers {
+        drivers.push(d.meta);
+        if b.roles.worker {
+            let port = (d.spawn)(&b.limits, &events);
+            background.extend(workers::spawn(workers.clone(), d.meta, port));
+        }
+    }
+    let deployment = Deployment { remote, orchestra };
+    let mut flows = std::collections::HashMap::new();
+    for f in &b.flows {
+        flows.insert(f.tid, (f.shared)(&deployment));
+    }
+    tracing::info!(node = %node, shards = bus.shards(), orchestrator = b.roles.orchestrator, worker = b.roles.worker, "joined the deployment");
+    let leave_bus = bus.clone();
+    let leave_node = node.clone();
+    Ok(super::Engine {
+        inner: Arc::new(super::Inner {
+            flows,
+            store: std::sync::Mutex::new(Some(store)),
+            placement,
+            data_dir: None,
+            limits: b.limits,
+            metadata: super::Metadata {
+                flows: b.flows.iter().map(|f| f.meta).collect(),
+                drivers,
+            },
+            events,
+            background: std::sync::Mutex::new(background),
+            finish: Some(Box::new(move || {
+                let bus = leave_bus.clone();
+                let node = leave_node.clone();
+                Box::pin(async move {
+                    let _ = bus.leave(&node).await;
+                })
+            })),
+        }),
+    })
+}
+
+/// A flow's entry in a multi-process engine: its handles go through a router; on an
+/// orchestrator, a supervisor runs its shards.
+pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEntry {
+    use tokio::sync::oneshot;
+
+    let (tx, router) = client::spawn_router::<F>(d.remote.clone());
+    let stop = d
+        .orchestra
+        .as_ref()
+        .map(|o| orchestrator::spawn_supervisor::<F>(o.clone()).0);
+    let stop = Arc::new(std::sync::Mutex::new(stop));
+    let stx = tx.clone();
+    let shutdown: Box<dyn Fn() -> super::BoxFut<()> + Send + Sync> = Box::new(move || {
+        let stop = stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let stx = stx.clone();
+        Box::pin(async move {
+            if let Some(stop) = stop {
+                let (done, finished) = oneshot::channel();
+                if stop.send(done).is_ok() {
+                    let _ = finished.await;
+                }
+            }
+            let (reply, done) = oneshot::channel();
+            if stx
+                .send(super::runner::Msg::Shutdown { reply })
+                .await
+                .is_ok()
+            {
+                let _ = done.await;
+            }
+        })
+    });
+    super::FlowEntry {
+        sender: Box::new(tx),
+        task: std::sync::Mutex::new(Some(router)),
+        shutdown,
+    }
+}

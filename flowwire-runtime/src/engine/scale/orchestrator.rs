@@ -1,0 +1,561 @@
+//! The orchestrator role: per flow, a supervisor holds leases on a fair share of the
+//! shards and runs one [`Runner`] per shard it holds.
+//!
+//! * **Leases.** Every third of the lease's time the supervisor renews what it holds,
+//!   counts the live orchestrators (heartbeats), gives back shards above its fair share
+//!   (`ceil(shards / live)`) and takes free ones up to it. An orchestrator that joins gets
+//!   shards as the others give theirs back; one that dies loses them when its leases run out.
+//! * **Fencing.** A shard's runner writes with its lease's token; a write refused because a
+//!   newer owner wrote the record stops the runner. A runner whose lease could not be
+//!   renewed in time is stopped before the lease can run out.
+//! * **Handover.** Giving a shard back stops its runner after its last commit, waits until
+//!   every call it committed is on the bus, and marks the release clean: the next owner
+//!   then sends no call again. After a crash (a lease that ran out), the next owner sends
+//!   the calls in flight again, with the same idempotency keys.
+//! * **Inputs.** A pump per shard reads the shard's request and outcome streams (what the
+//!   previous owner left unacknowledged first). An outcome is acknowledged once its step is
+//!   committed or it is no longer needed; a request once it is answered.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flowwire_storage::bus::{Entry, Lease, RedisBus};
+use flowwire_storage::{InstanceStore, Placement, Retention, codec};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::messages::{JobMsg, OutcomeWire, Refusal, Reply, Request, RequestKind};
+use crate::engine::Limits;
+use crate::engine::runner::{Msg, Owned, Runner};
+use crate::engine::worker::{Job, OutcomeMsg, Receipt};
+use crate::error::{Error, Result};
+use crate::events::Emitter;
+use crate::flow::Flow;
+
+/// The consumer group of the orchestrators on a shard's streams.
+pub(crate) const GROUP: &str = "orchestrators";
+/// Entries taken from a stream at once.
+const PAGE: usize = 256;
+
+/// What every shard runner of this process shares.
+pub(crate) struct Orchestra {
+    pub bus: RedisBus,
+    pub node: Arc<str>,
+    pub store: Arc<dyn InstanceStore>,
+    pub placement: Arc<Placement>,
+    pub retention: Retention,
+    pub limits: Limits,
+    pub events: Emitter,
+    pub lease_ttl: Duration,
+}
+
+struct ShardRun<F: Flow> {
+    token: u64,
+    tx: mpsc::Sender<Msg<F>>,
+    runner: JoinHandle<()>,
+    pump: JoinHandle<()>,
+    /// Ends once every call the runner dispatched is on the bus; `true` if all got there.
+    sink: JoinHandle<bool>,
+    /// The lease surely still holds until then (renewed before, with a margin).
+    valid_until: Instant,
+}
+
+/// Stops the supervisor: it gives its shards back cleanly, then answers.
+pub(crate) type Stop = oneshot::Sender<oneshot::Sender<()>>;
+
+/// Starts the supervisor of flow `F`.
+pub(crate) fn spawn_supervisor<F: Flow>(o: Arc<Orchestra>) -> (Stop, JoinHandle<()>) {
+    let (stop, mut stopped) = oneshot::channel::<oneshot::Sender<()>>();
+    let task = tokio::spawn(async move {
+        let mut owned: BTreeMap<u16, ShardRun<F>> = BTreeMap::new();
+        let every = o.lease_ttl / 3;
+        loop {
+            round(&o, &mut owned).await;
+            tokio::select! {
+                done = &mut stopped => {
+                    for (shard, run) in std::mem::take(&mut owned) {
+                        give_back(&o, F::NAME, shard, run).await;
+                    }
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    (stop, task)
+}
+
+/// One pass of the lease keeping (see the module docs).
+async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
+    let ttl = o.lease_ttl;
+    // Runners that stopped by themselves (a newer owner wrote, or a panic).
+    let stopped: Vec<u16> = owned
+        .iter()
+        .filter(|(_, r)| r.runner.is_finished())
+        .map(|(s, _)| *s)
+        .collect();
+    for shard in stopped {
+        if let Some(run) = owned.remove(&shard) {
+            run.pump.abort();
+            let _ = run.sink.await;
+            let _ = o
+                .bus
+                .release(F::NAME, shard, &o.node, run.token, false)
+                .await;
+        }
+    }
+    let mut lost = Vec::new();
+    for (shard, run) in owned.iter_mut() {
+        let asked = Instant::now();
+        match o.bus.renew(F::NAME, *shard, &o.node, run.token, ttl).await {
+            Ok(true) => run.valid_until = asked + ttl.mul_f32(0.8),
+            Ok(false) => lost.push(*shard),
+            Err(e) => {
+                tracing::warn!(flow = F::NAME, shard, error = %e, "lease not renewed");
+                if Instant::now() >= run.valid_until {
+                    lost.push(*shard);
+                }
+            }
+        }
+    }
+    for shard in lost {
+        if let Some(run) = owned.remove(&shard) {
+            tracing::warn!(flow = F::NAME, shard, "shard lease lost; its runner stops");
+            run.runner.abort();
+            run.pump.abort();
+            let _ = run.sink.await;
+        }
+    }
+    let members = match o.bus.heartbeat(&o.node, ttl).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(flow = F::NAME, error = %e, "heartbeat failed");
+            return;
+        }
+    };
+    let shards = o.bus.shards();
+    let live = members.live.max(1);
+    let fair = usize::from(shards).div_ceil(live);
+    while owned.len() > fair {
+        let Some((shard, run)) = owned.pop_last() else {
+            break;
+        };
+        tracing::info!(flow = F::NAME, shard, live, "shard given back to rebalance");
+        give_back(o, F::NAME, shard, run).await;
+    }
+    if owned.len() >= fair {
+        return;
+    }
+    // Start where this member's share would begin, so members do not all race for the
+    // same shards.
+    let offset = (members.rank * usize::from(shards)) / live;
+    for k in 0..usize::from(shards) {
+        if owned.len() >= fair {
+            break;
+        }
+        let shard = ((offset + k) % usize::from(shards)) as u16;
+        if owned.contains_key(&shard) {
+            continue;
+        }
+        let asked = Instant::now();
+        let lease = match o.bus.acquire(F::NAME, shard, &o.node, ttl).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(flow = F::NAME, shard, error = %e, "lease not taken");
+                break;
+            }
+        };
+        match start_shard::<F>(o, shard, lease, asked + ttl.mul_f32(0.8)).await {
+            Ok(run) => {
+                tracing::info!(
+                    flow = F::NAME,
+                    shard,
+                    token = lease.token,
+                    clean = lease.clean,
+                    "shard taken"
+                );
+                owned.insert(shard, run);
+            }
+            Err(e) => {
+                tracing::warn!(flow = F::NAME, shard, error = %e, "shard not started; lease given back");
+                let _ = o
+                    .bus
+                    .release(F::NAME, shard, &o.node, lease.token, false)
+                    .await;
+            }
+        }
+    }
+}
+
+/// Stops a shard's runner after its last commit, waits for its dispatches to reach the
+/// bus, and releases the lease (clean if they all did).
+async fn give_back<F: Flow>(o: &Orchestra, flow: &'static str, shard: u16, run: ShardRun<F>) {
+    let (reply, done) = oneshot::channel();
+    let limit = o.limits.store_timeout;
+    let stopped = async {
+        if run.tx.send(Msg::Shutdown { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    };
+    let clean = tokio::time::timeout(limit, stopped).await.is_ok();
+    if !clean {
+        run.runner.abort();
+    }
+    run.pump.abort();
+    drop(run.tx);
+    let sent = matches!(tokio::time::timeout(limit, run.sink).await, Ok(Ok(true)));
+    let clean = clean && sent;
+    if let Err(e) = o.bus.release(flow, shard, &o.node, run.token, clean).await {
+        tracing::warn!(flow, shard, error = %e, "lease not released; it runs out by itself");
+    }
+}
+
+async fn start_shard<F: Flow>(
+    o: &Orchestra,
+    shard: u16,
+    lease: Lease,
+    valid_until: Instant,
+) -> Result<ShardRun<F>> {
+    let streams = [
+        o.bus.requests(F::NAME, shard),
+        o.bus.outcomes(F::NAME, shard),
+    ];
+    for s in &streams {
+        o.bus.ensure_group(s, GROUP).await?;
+    }
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(o.limits.driver_queue);
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel::<String>();
+    let ports = vec![jobs_tx; F::LINKS.len()];
+    let (mut runner, orx) = Runner::<F>::new(
+        o.store.clone(),
+        o.placement.clone(),
+        o.retention,
+        ports,
+        o.limits.clone(),
+        o.events.clone(),
+    );
+    runner.own(Owned {
+        shard,
+        token: lease.token,
+        clean: lease.clean,
+        acks: acks_tx,
+    });
+    let outcomes = runner.outcome_port();
+    runner.recover().await?;
+    let (tx, rx) = mpsc::channel::<Msg<F>>(4096);
+    let runner = tokio::spawn(runner.run(rx, orx));
+    let sink = tokio::spawn(sink(
+        o.bus.clone(),
+        F::NAME,
+        shard,
+        streams[1].clone(),
+        jobs_rx,
+        acks_rx,
+        o.limits.store_timeout,
+    ));
+    let pump = tokio::spawn(pump::<F>(
+        o.bus.clone(),
+        o.node.clone(),
+        streams,
+        tx.clone(),
+        outcomes,
+        o.limits.decode_limit,
+    ));
+    Ok(ShardRun {
+        token: lease.token,
+        tx,
+        runner,
+        pump,
+        sink,
+        valid_until,
+    })
+}
+
+/// Puts the runner's dispatched calls on their drivers' streams and acknowledges the
+/// outcomes it is done with, in batches. Ends when the runner is gone; `true` if every
+/// call reached the bus.
+async fn sink(
+    bus: RedisBus,
+    flow: &'static str,
+    shard: u16,
+    outcomes: String,
+    mut jobs: mpsc::Receiver<Job>,
+    mut acks: mpsc::UnboundedReceiver<String>,
+    limit: Duration,
+) -> bool {
+    let mut all_sent = true;
+    let (mut jobs_open, mut acks_open) = (true, true);
+    while jobs_open || acks_open {
+        tokio::select! {
+            job = jobs.recv(), if jobs_open => match job {
+                Some(job) => {
+                    let mut batch = vec![job];
+                    while batch.len() < PAGE {
+                        match jobs.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    let entries: Vec<(String, Bytes)> = batch
+                        .iter()
+                        .filter_map(|j| encode_job(&bus, flow, shard, j))
+                        .collect();
+                    if !push_with_retry(&bus, &entries, limit).await {
+                        // Left for the next owner: a shard given back now is not clean.
+                        all_sent = false;
+                    }
+                }
+                None => jobs_open = false,
+            },
+            id = acks.recv(), if acks_open => match id {
+                Some(id) => {
+                    let mut ids = vec![id];
+                    while ids.len() < PAGE {
+                        match acks.try_recv() {
+                            Ok(i) => ids.push(i),
+                            Err(_) => break,
+                        }
+                    }
+                    // An acknowledgement lost here only means the outcome is read again
+                    // (and dropped: it is no longer in flight).
+                    if let Err(e) = bus.ack(&outcomes, GROUP, &ids).await {
+                        tracing::warn!(flow, shard, error = %e, "outcomes not acknowledged");
+                    }
+                }
+                None => acks_open = false,
+            },
+        }
+    }
+    all_sent
+}
+
+/// Pushes entries, trying again with backoff for up to `limit` (the calls are committed:
+/// they must get out).
+async fn push_with_retry(bus: &RedisBus, entries: &[(String, Bytes)], limit: Duration) -> bool {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match bus.push(entries).await {
+            Ok(()) => return true,
+            Err(e) if start.elapsed() < limit => {
+                tracing::warn!(error = %e, retry_in = ?delay, "calls not on the bus yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "calls not on the bus; the next owner of the shard sends them again");
+                return false;
+            }
+        }
+    }
+}
+
+fn encode_job(bus: &RedisBus, flow: &str, shard: u16, job: &Job) -> Option<(String, Bytes)> {
+    let msg = JobMsg {
+        flow: flow.to_string(),
+        shard,
+        id: job.id.to_string(),
+        seq: job.seq,
+        branch: job.branch,
+        method: job.method,
+        redelivered: job.redelivered,
+        call: job.call.clone(),
+    };
+    let mut out = Vec::new();
+    match codec::encode_raw(&msg, &mut out) {
+        Ok(()) => Some((bus.jobs(job.names.0), Bytes::from(out))),
+        Err(e) => {
+            tracing::error!(flow, id = %job.id, error = %e, "call not encodable");
+            None
+        }
+    }
+}
+
+/// Feeds a shard's runner from its streams: first what earlier owners left
+/// unacknowledged, then new entries.
+async fn pump<F: Flow>(
+    bus: RedisBus,
+    node: Arc<str>,
+    streams: [String; 2],
+    tx: mpsc::Sender<Msg<F>>,
+    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    limit: usize,
+) {
+    let feed = Feed {
+        bus: bus.clone(),
+        streams: streams.clone(),
+        tx,
+        outcomes,
+        limit,
+    };
+    for (i, stream) in streams.iter().enumerate() {
+        let mut from = "0-0".to_string();
+        // Bounded: each page moves the cursor on; the loop ends at the stream's end.
+        for _ in 0..100_000 {
+            match bus
+                .claim(stream, GROUP, &node, Duration::ZERO, &from, PAGE)
+                .await
+            {
+                Ok((entries, next)) => {
+                    for mut e in entries {
+                        e.stream = i;
+                        feed.take(e);
+                    }
+                    if next == "0-0" {
+                        break;
+                    }
+                    from = next;
+                }
+                Err(e) => {
+                    tracing::warn!(stream, error = %e, "left entries not claimed yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    let mut failures = 0u32;
+    loop {
+        let mut reader = match bus.reader().await {
+            Ok(r) => r,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, "shard streams not readable yet");
+                tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                continue;
+            }
+        };
+        loop {
+            match reader
+                .read(&streams, GROUP, &node, PAGE, Duration::from_secs(1))
+                .await
+            {
+                Ok(entries) => {
+                    failures = 0;
+                    for e in entries {
+                        feed.take(e);
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "shard streams not readable");
+                    tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct Feed<F: Flow> {
+    bus: RedisBus,
+    streams: [String; 2],
+    tx: mpsc::Sender<Msg<F>>,
+    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    limit: usize,
+}
+
+impl<F: Flow> Feed<F> {
+    fn take(&self, e: Entry) {
+        if e.stream == 1 {
+            self.outcome(e);
+        } else {
+            self.request(e);
+        }
+    }
+
+    /// Drops an entry that can never be applied (logged).
+    fn discard(&self, stream: usize, id: String, why: &str) {
+        tracing::error!(flow = F::NAME, entry = %id, why, "bus entry dropped");
+        let bus = self.bus.clone();
+        let stream = self.streams[stream].clone();
+        tokio::spawn(async move {
+            let _ = bus.ack(&stream, GROUP, &[id]).await;
+        });
+    }
+
+    fn outcome(&self, e: Entry) {
+        match codec::decode_raw::<OutcomeWire>(&e.body, self.limit) {
+            Ok(o) => {
+                let _ = self.outcomes.send(OutcomeMsg {
+                    id: o.id.into(),
+                    seq: o.seq,
+                    branch: o.branch,
+                    result: o.result,
+                    receipt: Some(Box::new(Receipt {
+                        entry: e.id,
+                        reply_to: String::new(),
+                    })),
+                });
+            }
+            Err(err) => self.discard(1, e.id, &err.to_string()),
+        }
+    }
+
+    fn request(&self, e: Entry) {
+        let request = match codec::decode_raw::<Request>(&e.body, self.limit) {
+            Ok(r) => r,
+            Err(err) => return self.discard(0, e.id, &err.to_string()),
+        };
+        let bus = self.bus.clone();
+        let stream = self.streams[0].clone();
+        let tx = self.tx.clone();
+        let limit = self.limit;
+        tokio::spawn(async move {
+            let now = crate::clock::unix_millis();
+            if now > request.deadline_ms {
+                // The caller gave up: applying it now would surprise it.
+                let _ = bus.ack(&stream, GROUP, &[e.id]).await;
+                return;
+            }
+            let id: Arc<str> = request.id.as_str().into();
+            let (reply, answer) = oneshot::channel();
+            let msg = match request.kind {
+                RequestKind::Start { state } => codec::decode_raw::<F::State>(&state, limit)
+                    .map(|state| Msg::Start { id, state, reply }),
+                RequestKind::Impulse {
+                    impulse_id,
+                    impulse,
+                } => codec::decode_raw::<F::Impulse>(&impulse, limit).map(|impulse| Msg::Impulse {
+                    id,
+                    impulse_id: impulse_id.into(),
+                    impulse,
+                    reply,
+                }),
+            };
+            let result = match msg {
+                Ok(msg) => {
+                    if tx.send(msg).await.is_err() {
+                        return; // the runner stopped: the next owner answers
+                    }
+                    match answer.await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+                Err(err) => Err(Error::Remote {
+                    flow: F::NAME,
+                    id: request.id.clone(),
+                    message: format!("the request does not decode here: {err}"),
+                }),
+            };
+            let reply = Reply {
+                req: request.req,
+                result: result.map_err(|e| Refusal::of(&e)),
+            };
+            let mut out = Vec::new();
+            if codec::encode_raw(&reply, &mut out).is_ok()
+                && let Err(err) = bus.publish(&request.reply_to, &out).await
+            {
+                tracing::warn!(error = %err, "reply not published; the caller times out");
+            }
+            let _ = bus.ack(&stream, GROUP, &[e.id]).await;
+        });
+    }
+}

@@ -1,0 +1,530 @@
+//! The deployment's bus on Redis (multi-process mode): which orchestrators are alive, who
+//! owns each shard (a lease with a fencing token), and the streams that carry requests,
+//! driver calls and outcomes between processes.
+//!
+//! Keys (beside the store's, under the same prefix):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `P:members` | sorted set | live orchestrators, scored by when their heartbeat expires (server time, ms) |
+//! | `P:shards` | string | the deployment's shard count (every process must agree) |
+//! | `P:lease:{flow#s}` | hash, expiring | `o` owner, `t` fencing token |
+//! | `P:token:{flow#s}` | counter | the last token handed out for the shard |
+//! | `P:handover:{flow#s}` | string | the last token whose owner released the shard cleanly |
+//! | `P:tokens:{flow#s}` | hash | token → owner (who held each token) |
+//! | `P:req:{flow#s}` | stream | starts and impulses for the shard's owner |
+//! | `P:out:{flow#s}` | stream | driver outcomes for the shard's owner |
+//! | `P:jobs:{driver}` | stream | calls for the workers of one driver trait |
+//!
+//! A shard's lease, counter, streams share its hash tag, so each lease script runs in one
+//! Redis Cluster slot. Stream entries carry one field, `m`, holding bytes the runtime
+//! encodes; an entry is deleted once acknowledged, so streams hold only work in progress.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::redis_link::{Conn, RedisLink};
+use crate::store::RedisStore;
+
+fn backend(e: &redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+/// Takes a free lease. KEYS: lease, counter, handover, token owners. ARGV: node, ttl ms.
+/// Returns `{token, clean}` (`{0, 0}`: held by another).
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end
+local t = redis.call('INCR', KEYS[2])
+local h = redis.call('GET', KEYS[3])
+local clean = 0
+if h and tonumber(h) == t - 1 then clean = 1 end
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 't', t)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[4], t, ARGV[1])
+return {t, clean}
+";
+
+/// Extends a lease still held. KEYS: lease. ARGV: node, token, ttl ms. Returns 1 or 0.
+const RENEW: &str = r"
+if redis.call('HGET', KEYS[1], 'o') == ARGV[1] and redis.call('HGET', KEYS[1], 't') == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Gives a lease up. KEYS: lease, handover. ARGV: node, token, clean ('1'/'0').
+const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 'o') == ARGV[1] and redis.call('HGET', KEYS[1], 't') == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[3] == '1' then redis.call('SET', KEYS[2], ARGV[2]) end
+  return 1
+end
+return 0
+";
+
+/// Records a heartbeat and counts the live members. KEYS: members. ARGV: node, ttl ms.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZRANK', KEYS[1], ARGV[1])}
+";
+
+/// A shard lease just taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The fencing token: higher than every token the shard had before.
+    pub token: u64,
+    /// Whether the previous owner released the shard cleanly (after its last commit and
+    /// its last dispatch): then nothing it started is in doubt.
+    pub clean: bool,
+}
+
+/// One stream entry read.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Which of the streams read (index into the list given).
+    pub stream: usize,
+    /// The entry id (to acknowledge it).
+    pub id: String,
+    /// The bytes pushed.
+    pub body: Bytes,
+}
+
+/// Where a live orchestrator stands among the members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// Live orchestrators (including this one).
+    pub live: usize,
+    /// This one's rank among them (0-based, by heartbeat expiry).
+    pub rank: usize,
+}
+
+/// The deployment's coordination on Redis (see the module docs). Get one from
+/// [`RedisStore::bus`]; it shares the store's connection and key prefix.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+/// use std::time::Duration;
+/// use flowwire_storage::store::RedisStore;
+/// let bus = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.with_shards(16).bus();
+/// bus.agree_shards().await?;
+/// if let Some(lease) = bus.acquire("Order", 3, "node-a", Duration::from_secs(10)).await? {
+///     println!("shard 3 is ours under token {}", lease.token);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisBus {
+    link: RedisLink,
+    prefix: String,
+    shards: u16,
+}
+
+impl RedisStore {
+    /// The bus of the deployment this store belongs to.
+    pub fn bus(&self) -> RedisBus {
+        let (link, prefix) = self.link();
+        RedisBus {
+            link: link.clone(),
+            prefix: prefix.to_string(),
+            shards: crate::store::InstanceStore::shards(self),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisBus {
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.link.conn().await.map_err(|e| backend(&e))
+    }
+
+    fn shard_key(&self, what: &str, flow: &str, shard: u16) -> String {
+        format!("{}:{what}:{{{flow}#{shard}}}", self.prefix)
+    }
+
+    /// The shard count of this deployment.
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// Records the shard count on first use, and checks that it matches the one recorded:
+    /// instances are placed by `hash(id) % shards`, so processes that disagree would own
+    /// the same instances under different leases.
+    pub async fn agree_shards(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let key = format!("{}:shards", self.prefix);
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(self.shards)
+            .arg("NX")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let found: Option<u16> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        match found {
+            Some(n) if n == self.shards => Ok(()),
+            other => Err(StoreError::Backend(format!(
+                "this process splits flows into {} shards but the deployment under prefix {:?} uses {}; configure the same count everywhere",
+                self.shards,
+                self.prefix,
+                other.map_or_else(|| "none".to_string(), |n| n.to_string()),
+            ))),
+        }
+    }
+
+    /// Says `node` is alive for `ttl` more (server time), drops members whose heartbeat
+    /// ran out, and returns how many are live and where `node` ranks.
+    pub async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Membership, StoreError> {
+        let mut c = self.conn().await?;
+        let (live, rank): (usize, usize) = redis::Script::new(HEARTBEAT)
+            .key(format!("{}:members", self.prefix))
+            .arg(node)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(Membership { live, rank })
+    }
+
+    /// Removes `node` from the live members (it is leaving).
+    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("ZREM")
+            .arg(format!("{}:members", self.prefix))
+            .arg(node)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
+    /// Takes the lease of a shard if no one holds it; `None` if another does.
+    pub async fn acquire(
+        &self,
+        flow: &str,
+        shard: u16,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut c = self.conn().await?;
+        let (token, clean): (u64, u8) = redis::Script::new(ACQUIRE)
+            .key(self.shard_key("lease", flow, shard))
+            .key(self.shard_key("token", flow, shard))
+            .key(self.shard_key("handover", flow, shard))
+            .key(self.shard_key("tokens", flow, shard))
+            .arg(node)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok((token > 0).then_some(Lease {
+            token,
+            clean: clean == 1,
+        }))
+    }
+
+    /// Extends a lease `node` holds under `token`; `false` if it no longer does.
+    pub async fn renew(
+        &self,
+        flow: &str,
+        shard: u16,
+        node: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let held: u8 = redis::Script::new(RENEW)
+            .key(self.shard_key("lease", flow, shard))
+            .arg(node)
+            .arg(token)
+            .arg(ms(ttl))
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(held == 1)
+    }
+
+    /// Gives up a lease `node` holds under `token`. `clean`: everything this owner
+    /// committed was also dispatched, so the next owner need not send calls again.
+    pub async fn release(
+        &self,
+        flow: &str,
+        shard: u16,
+        node: &str,
+        token: u64,
+        clean: bool,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::Script::new(RELEASE)
+            .key(self.shard_key("lease", flow, shard))
+            .key(self.shard_key("handover", flow, shard))
+            .arg(node)
+            .arg(token)
+            .arg(if clean { "1" } else { "0" })
+            .invoke_async::<u8>(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// Who holds a shard's lease now, with its token.
+    pub async fn owner(&self, flow: &str, shard: u16) -> Result<Option<(String, u64)>, StoreError> {
+        let mut c = self.conn().await?;
+        let (o, t): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.shard_key("lease", flow, shard))
+            .arg("o")
+            .arg("t")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(o.zip(t))
+    }
+
+    /// The stream of requests (starts, impulses) for a shard's owner.
+    pub fn requests(&self, flow: &str, shard: u16) -> String {
+        self.shard_key("req", flow, shard)
+    }
+
+    /// The stream of driver outcomes for a shard's owner.
+    pub fn outcomes(&self, flow: &str, shard: u16) -> String {
+        self.shard_key("out", flow, shard)
+    }
+
+    /// The stream of calls for the workers of a driver trait.
+    pub fn jobs(&self, driver: &str) -> String {
+        format!("{}:jobs:{{{driver}}}", self.prefix)
+    }
+
+    /// The channel a process receives the replies to its requests on.
+    pub fn replies(&self, node: &str) -> String {
+        format!("{}:reply:{node}", self.prefix)
+    }
+
+    /// Creates a consumer group reading a stream from its start (and the stream), unless
+    /// it exists.
+    pub async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(backend(&e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends entries (stream, bytes), in order per stream. One round trip on a single
+    /// server; concurrent requests on a cluster.
+    pub async fn push(&self, entries: &[(String, Bytes)]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let cmds = entries
+            .iter()
+            .map(|(stream, body)| {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(stream).arg("*").arg("m").arg(&body[..]);
+                cmd
+            })
+            .collect();
+        c.batch(cmds).await.map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// Acknowledges entries of a stream and deletes them.
+    pub async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        pipe.query_async::<()>(&mut c)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
+    /// Takes over up to `count` entries of a stream that were delivered to some consumer
+    /// of `group` at least `min_idle` ago and not acknowledged (their consumer died or lost
+    /// its shard): they are delivered to `consumer` now. Starts at `from` (`"0-0"` first);
+    /// returns the entries and where the next page starts (`"0-0"`: none left).
+    pub async fn claim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        from: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, String), StoreError> {
+        let mut c = self.conn().await?;
+        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg(from)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let entries = reply
+            .claimed
+            .into_iter()
+            .filter_map(|e| entry(0, e))
+            .collect();
+        Ok((entries, reply.next_stream_id))
+    }
+
+    /// Tells the group that `consumer` is still working on these entries (resets their
+    /// idle time, so they are not claimed by another).
+    pub async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(ids)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// A reader on a connection of its own (its reads block).
+    pub async fn reader(&self) -> Result<StreamReader, StoreError> {
+        Ok(StreamReader {
+            conn: self.link.dedicated().await.map_err(|e| backend(&e))?,
+        })
+    }
+
+    /// Publishes bytes on a channel (replies to a requesting process).
+    pub async fn publish(&self, channel: &str, body: &[u8]) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(body)
+            .query_async::<i64>(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// Subscribes to a channel.
+    pub async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        let mut pubsub = self.link.pubsub().await.map_err(|e| backend(&e))?;
+        pubsub.subscribe(channel).await.map_err(|e| backend(&e))?;
+        Ok(Subscription {
+            stream: pubsub.into_on_message(),
+        })
+    }
+}
+
+fn entry(stream: usize, e: redis::streams::StreamId) -> Option<Entry> {
+    let body = match e.map.get("m")? {
+        redis::Value::BulkString(b) => Bytes::copy_from_slice(b),
+        _ => return None,
+    };
+    Some(Entry {
+        stream,
+        id: e.id,
+        body,
+    })
+}
+
+/// Reads streams through a consumer group, on a connection of its own.
+pub struct StreamReader {
+    conn: Conn,
+}
+
+impl std::fmt::Debug for StreamReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader").finish_non_exhaustive()
+    }
+}
+
+impl StreamReader {
+    /// Reads up to `count` new entries per stream for `consumer` of `group`, waiting up to
+    /// `block` for the first. The streams must share a hash tag on a cluster.
+    pub async fn read(
+        &mut self,
+        streams: &[String],
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count.max(1))
+            .block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
+        let ids = vec![">"; streams.len()];
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&opts)
+            .arg("STREAMS")
+            .arg(streams)
+            .arg(&ids)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| backend(&e))?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(i) = streams.iter().position(|s| *s == key.key) else {
+                continue;
+            };
+            out.extend(key.ids.into_iter().filter_map(|e| entry(i, e)));
+        }
+        Ok(out)
+    }
+}
+
+/// Messages published on a channel.
+pub struct Subscription {
+    stream: redis::aio::PubSubStream,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next message's bytes; `None` once the connection is gone (subscribe again).
+    pub async fn next(&mut self) -> Option<Bytes> {
+        use futures_core::Stream;
+        let msg = std::future::poll_fn(|cx| Pin::new(&mut self.stream).poll_next(cx)).await?;
+        Some(Bytes::copy_from_slice(msg.get_payload_bytes()))
+    }
+}

@@ -1,0 +1,291 @@
+//! The multi-process bus on a real Redis (one server, and a three-master Redis Cluster):
+//! shard leases with fencing tokens, fenced commits, streams with consumer groups, replies
+//! by publish/subscribe.
+
+#![cfg(feature = "redis")]
+
+#[path = "../../tests/support/servers.rs"]
+mod servers;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flowwire_storage::InstanceStore;
+use flowwire_storage::bus::RedisBus;
+use flowwire_storage::record::{Expect, InstanceKey, StepResult, StepWrite};
+use flowwire_storage::store::RedisStore;
+use servers::{Redis, RedisCluster};
+
+fn server() -> &'static Redis {
+    static SERVER: OnceLock<Redis> = OnceLock::new();
+    SERVER.get_or_init(Redis::start)
+}
+
+fn cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(RedisCluster::start)
+}
+
+fn on_server(prefix: &str) -> RedisStore {
+    RedisStore::open(&server().url(), prefix).unwrap()
+}
+
+fn on_cluster(prefix: &str) -> RedisStore {
+    let urls = cluster().urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    RedisStore::cluster(&urls, prefix).unwrap()
+}
+
+fn write(key: &InstanceKey, expect: Expect, version: u64, fence: u64) -> StepWrite {
+    StepWrite {
+        key: key.clone(),
+        expect,
+        version,
+        seq: version,
+        record: Bytes::from_static(b"r"),
+        active: false,
+        parked: false,
+        timer: None,
+        correlation: None,
+        uncorrelate: None,
+        impulse: None,
+        history: None,
+        prune_below: None,
+        fence: Some(fence),
+    }
+}
+
+const TTL: Duration = Duration::from_secs(5);
+
+/// A shard has one holder at a time; each new holder gets a higher token; a lease released
+/// cleanly says so to the next holder, one that ran out does not.
+async fn leases_hand_out_rising_tokens(bus: &RedisBus) {
+    let a = bus
+        .acquire("Order", 1, "a", TTL)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(!a.clean, "the first holder has no predecessor");
+    assert_eq!(bus.acquire("Order", 1, "b", TTL).await.unwrap(), None);
+    assert!(bus.renew("Order", 1, "a", a.token, TTL).await.unwrap());
+    assert!(!bus.renew("Order", 1, "b", a.token, TTL).await.unwrap());
+    assert_eq!(
+        bus.owner("Order", 1).await.unwrap(),
+        Some(("a".to_string(), a.token))
+    );
+    bus.release("Order", 1, "a", a.token, true).await.unwrap();
+    let b = bus
+        .acquire("Order", 1, "b", TTL)
+        .await
+        .unwrap()
+        .expect("released");
+    assert!(b.token > a.token);
+    assert!(b.clean, "a released the shard cleanly");
+    // b's lease runs out instead of being released: the next holder must not trust it.
+    bus.release("Order", 1, "b", b.token, false).await.unwrap();
+    let c = bus
+        .acquire("Order", 1, "c", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(c.token > b.token && !c.clean);
+    assert!(
+        !bus.renew("Order", 1, "a", a.token, TTL).await.unwrap(),
+        "a's token is old"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        bus.owner("Order", 1).await.unwrap(),
+        None,
+        "c's lease expired"
+    );
+    assert!(!bus.renew("Order", 1, "c", c.token, TTL).await.unwrap());
+    let d = bus.acquire("Order", 1, "d", TTL).await.unwrap().unwrap();
+    assert!(d.token > c.token && !d.clean);
+    // Other shards are independent.
+    assert!(bus.acquire("Order", 2, "a", TTL).await.unwrap().is_some());
+}
+
+/// A record written under a token is never written again under a lower one; equal or
+/// higher tokens pass, and the audit lists every write with its token.
+async fn fenced_commits_refuse_an_older_owner(store: &RedisStore) {
+    let key = InstanceKey::new("Order", "fenced");
+    let r = store
+        .commit(vec![write(&key, Expect::Absent, 1, 3)])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Committed]);
+    let r = store
+        .commit(vec![write(&key, Expect::Version(1), 2, 3)])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Committed]);
+    // The new owner (token 4) writes; the old one (token 3) comes back from a pause.
+    let r = store
+        .commit(vec![write(&key, Expect::Version(2), 3, 4)])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Committed]);
+    let r = store
+        .commit(vec![write(&key, Expect::Version(3), 4, 3)])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![StepResult::Fenced { token: 4 }]);
+    assert_eq!(store.load(&key).await.unwrap().unwrap().version, 3);
+    assert_eq!(
+        store.writes(&key).await.unwrap(),
+        vec![(1, 3), (2, 3), (3, 4)]
+    );
+}
+
+/// Entries are delivered once to a group, stay pending until acknowledged, and are taken
+/// over by another consumer once idle long enough; acknowledged entries are deleted.
+async fn streams_deliver_claim_and_acknowledge(bus: &RedisBus) {
+    let stream = bus.jobs("Payment");
+    bus.ensure_group(&stream, "workers").await.unwrap();
+    bus.ensure_group(&stream, "workers").await.unwrap();
+    let body = |i: u8| (stream.clone(), Bytes::from(vec![i; 3]));
+    bus.push(&[body(1), body(2), body(3)]).await.unwrap();
+    let mut reader = bus.reader().await.unwrap();
+    let streams = [stream.clone()];
+    let got = reader
+        .read(&streams, "workers", "w1", 2, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].body, Bytes::from(vec![1; 3]));
+    let rest = reader
+        .read(&streams, "workers", "w2", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1, "each entry goes to one consumer");
+    let none = reader
+        .read(&streams, "workers", "w2", 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "a read waits at most its block time");
+    // w1 acknowledges its first entry and dies with the second.
+    bus.ack(&stream, "workers", &[got[0].id.clone()])
+        .await
+        .unwrap();
+    let (early, _) = bus
+        .claim(&stream, "workers", "w3", Duration::from_mins(1), "0-0", 10)
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "not idle long enough");
+    // w2 is still at work: it says so, and keeps its entry.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    bus.touch(&stream, "workers", "w2", &[rest[0].id.clone()])
+        .await
+        .unwrap();
+    let (claimed, next) = bus
+        .claim(
+            &stream,
+            "workers",
+            "w3",
+            Duration::from_millis(100),
+            "0-0",
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "only w1's unacknowledged entry: {claimed:?}"
+    );
+    assert_eq!(claimed[0].id, got[1].id);
+    assert_eq!(claimed[0].body, got[1].body);
+    assert_eq!(next, "0-0");
+    bus.ack(
+        &stream,
+        "workers",
+        &[claimed[0].id.clone(), rest[0].id.clone()],
+    )
+    .await
+    .unwrap();
+    let (left, _) = bus
+        .claim(&stream, "workers", "w3", Duration::ZERO, "0-0", 10)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "everything was acknowledged");
+}
+
+/// A request and its outcome streams share the shard's slot, so one read covers both.
+async fn one_read_covers_a_shards_streams(bus: &RedisBus) {
+    let streams = [bus.requests("Order", 5), bus.outcomes("Order", 5)];
+    for s in &streams {
+        bus.ensure_group(s, "owner").await.unwrap();
+    }
+    bus.push(&[
+        (streams[1].clone(), Bytes::from_static(b"outcome")),
+        (streams[0].clone(), Bytes::from_static(b"start")),
+    ])
+    .await
+    .unwrap();
+    let mut reader = bus.reader().await.unwrap();
+    let mut got = reader
+        .read(&streams, "owner", "o1", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    got.sort_by_key(|e| e.stream);
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].stream, &got[0].body[..]), (0, &b"start"[..]));
+    assert_eq!((got[1].stream, &got[1].body[..]), (1, &b"outcome"[..]));
+}
+
+async fn replies_reach_the_subscriber(bus: &RedisBus) {
+    let channel = bus.replies("client-1");
+    let mut sub = bus.subscribe(&channel).await.unwrap();
+    bus.publish(&channel, b"done").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"done"[..]));
+}
+
+async fn processes_must_agree_on_the_shard_count(a: RedisStore, b: RedisStore) {
+    a.with_shards(8).bus().agree_shards().await.unwrap();
+    let err = b.with_shards(16).bus().agree_shards().await.unwrap_err();
+    assert!(err.to_string().contains("16 shards"), "{err}");
+    assert!(err.to_string().contains("uses 8"), "{err}");
+}
+
+async fn heartbeats_count_the_live(bus: &RedisBus) {
+    let a = bus.heartbeat("a", TTL).await.unwrap();
+    assert_eq!(a.live, 1);
+    let b = bus
+        .heartbeat("b", Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(b.live, 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let a = bus.heartbeat("a", TTL).await.unwrap();
+    assert_eq!((a.live, a.rank), (1, 0), "b's heartbeat ran out");
+    bus.leave("a").await.unwrap();
+    assert_eq!(bus.heartbeat("c", TTL).await.unwrap().live, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bus_works_on_one_server() {
+    leases_hand_out_rising_tokens(&on_server("bus-lease").bus()).await;
+    fenced_commits_refuse_an_older_owner(&on_server("bus-fence").audit_writes()).await;
+    streams_deliver_claim_and_acknowledge(&on_server("bus-stream").bus()).await;
+    one_read_covers_a_shards_streams(&on_server("bus-shard").bus()).await;
+    replies_reach_the_subscriber(&on_server("bus-reply").bus()).await;
+    processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
+    heartbeats_count_the_live(&on_server("bus-members").bus()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bus_works_on_a_three_master_cluster() {
+    leases_hand_out_rising_tokens(&on_cluster("cbus-lease").bus()).await;
+    fenced_commits_refuse_an_older_owner(&on_cluster("cbus-fence").audit_writes()).await;
+    streams_deliver_claim_and_acknowledge(&on_cluster("cbus-stream").bus()).await;
+    one_read_covers_a_shards_streams(&on_cluster("cbus-shard").bus()).await;
+    replies_reach_the_subscriber(&on_cluster("cbus-reply").bus()).await;
+    processes_must_agree_on_the_shard_count(on_cluster("cbus-count"), on_cluster("cbus-count"))
+        .await;
+    heartbeats_count_the_live(&on_cluster("cbus-members").bus()).await;
+}

@@ -1,0 +1,424 @@
+#![allow(missing_docs)] // test-local flows and drivers
+//! Multi-process mode on a real Redis, with several engines in one test process, each
+//! playing its roles as separate processes would. Orchestrators share the shards, workers
+//! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
+//! when orchestrators join or leave, a worker's calls are taken over when it stops.
+#![cfg(feature = "redis")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use flowwire::prelude::*;
+use flowwire::storage::{Ladder, Tier};
+use flowwire::{Error, Shared};
+
+#[path = "support/servers.rs"]
+mod servers;
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("depot closed")]
+pub struct Closed;
+
+#[driver(timeout = "20s", retries = 0)]
+pub trait Depot {
+    async fn pack(&self, parcel: String) -> Result<u32, Closed>;
+    async fn deliver(&self, parcel: String) -> Result<(), Closed>;
+}
+
+/// Counts calls by idempotency key and the largest `redelivered` seen; hangs on the
+/// first call of every parcel named `stuck-…` when `hang` is set (a worker that dies
+/// while running it).
+#[derive(Clone, Default)]
+pub struct Counter {
+    calls: Arc<Mutex<BTreeMap<String, u32>>>,
+    redelivered: Arc<Mutex<BTreeMap<String, u32>>>,
+    hang: bool,
+}
+
+#[driver]
+impl Depot for Counter {
+    async fn pack(&self, parcel: String) -> Result<u32, Closed> {
+        let ctx = CallContext::current().expect("a context");
+        let key = ctx.idempotency_key();
+        *self.calls.lock().unwrap().entry(key.clone()).or_default() += 1;
+        self.redelivered
+            .lock()
+            .unwrap()
+            .insert(key, ctx.redelivered());
+        if self.hang && parcel.starts_with("stuck-") {
+            std::future::pending::<()>().await;
+        }
+        Ok(u32::try_from(parcel.len()).unwrap_or(0))
+    }
+
+    async fn deliver(&self, _parcel: String) -> Result<(), Closed> {
+        let key = CallContext::current().expect("a context").idempotency_key();
+        *self.calls.lock().unwrap().entry(key).or_default() += 1;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ParcelState {
+    id: String,
+    weight: Option<u32>,
+    address: Option<String>,
+    rested: bool,
+    delivered: bool,
+}
+
+/// Packs, waits for an address, rests (a durable timer), delivers.
+#[flow]
+pub struct Parcel {
+    #[link]
+    state: ParcelState,
+    #[link]
+    depot: impl Depot,
+}
+
+#[flow]
+impl Parcel {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let s = &self.state;
+        if s.weight.is_none() {
+            return Command::drive(self.depot.pack(s.id.clone())).then(|f, r| {
+                f.state.weight = Some(r?);
+                Ok(())
+            });
+        }
+        if s.address.is_none() {
+            return Command::wait();
+        }
+        if !s.rested {
+            return Command::sleep(Duration::from_millis(20)).then(|f| {
+                f.state.rested = true;
+                Ok(())
+            });
+        }
+        if !s.delivered {
+            return Command::drive(self.depot.deliver(s.id.clone())).then(|f, r| {
+                r?;
+                f.state.delivered = true;
+                Ok(())
+            });
+        }
+        Command::finish()
+    }
+
+    #[impulse]
+    fn address(&mut self, to: String) {
+        self.state.address = Some(to);
+    }
+
+    #[probe]
+    fn weight(&self) -> Option<u32> {
+        self.state.weight
+    }
+}
+
+fn redis() -> &'static servers::Redis {
+    static SERVER: OnceLock<servers::Redis> = OnceLock::new();
+    SERVER.get_or_init(servers::Redis::start)
+}
+
+fn shared(prefix: &str) -> Shared {
+    Shared::redis(&redis().url(), prefix)
+        .unwrap()
+        .shards(8)
+        .lease_ttl(Duration::from_millis(900))
+        .visibility_timeout(Duration::from_millis(900))
+        .audit_writes()
+}
+
+async fn orchestrator(prefix: &str, name: &str) -> Engine {
+    Engine::builder()
+        .shared(shared(prefix).node_name(name))
+        .flow::<Parcel>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn worker(prefix: &str, name: &str, counter: Counter) -> Engine {
+    Engine::builder()
+        .shared(shared(prefix).node_name(name))
+        .driver(counter)
+        .worker()
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn client(prefix: &str) -> Engine {
+    Engine::builder()
+        .shared(shared(prefix))
+        .flow::<Parcel>()
+        .client()
+        .start()
+        .await
+        .unwrap()
+}
+
+fn state(id: &str) -> ParcelState {
+    ParcelState {
+        id: id.to_string(),
+        ..ParcelState::default()
+    }
+}
+
+/// Waits (bounded) until `check` holds.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 15 s");
+}
+
+/// Who holds each shard of `Parcel`.
+async fn owners(prefix: &str) -> BTreeSet<String> {
+    let bus = shared(prefix).store().bus();
+    let mut owners = BTreeSet::new();
+    for shard in 0..bus.shards() {
+        if let Some((node, _)) = bus.owner("Parcel", shard).await.unwrap() {
+            owners.insert(node);
+        }
+    }
+    owners
+}
+
+/// Every instance's steps were written once each, with fencing tokens that never went
+/// back.
+async fn audit(prefix: &str, ids: &[String]) {
+    let store = shared(prefix).store();
+    for id in ids {
+        let key = flowwire::storage::InstanceKey::new("Parcel", id.as_str());
+        let writes = store.writes(&key).await.unwrap();
+        assert!(!writes.is_empty(), "{id}: no write audited");
+        for pair in writes.windows(2) {
+            assert!(
+                pair[0].0 < pair[1].0,
+                "{id}: a step written twice: {writes:?}"
+            );
+            assert!(
+                pair[0].1 <= pair[1].1,
+                "{id}: a token went back: {writes:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrators_workers_and_a_client_share_the_work() {
+    let p = "scale-share";
+    let counter = Counter::default();
+    let a = orchestrator(p, "orch-a").await;
+    let b = orchestrator(p, "orch-b").await;
+    let w1 = worker(p, "worker-1", counter.clone()).await;
+    let w2 = worker(p, "worker-2", counter.clone()).await;
+    let c = client(p).await;
+    eventually("both orchestrators hold shards", async || {
+        owners(p).await.len() == 2
+    })
+    .await;
+
+    let ids: Vec<String> = (0..40).map(|i| format!("parcel-{i}")).collect();
+    for id in &ids {
+        c.start::<Parcel>(id.as_str(), state(id)).await.unwrap();
+    }
+    // A start of an existing id is refused across processes too.
+    let again = c.start::<Parcel>("parcel-0", state("parcel-0")).await;
+    assert!(
+        matches!(again, Err(Error::AlreadyExists { .. })),
+        "{again:?}"
+    );
+    for id in &ids {
+        let h = c.handle::<Parcel>(id.as_str()).await.unwrap();
+        eventually("packed", async || {
+            h.weight().await.unwrap() == Some(u32::try_from(id.len()).unwrap())
+        })
+        .await;
+        h.address("home".into())
+            .id(format!("{id}/address"))
+            .await
+            .unwrap();
+        // The same impulse id again: applied once, whoever receives it.
+        let dup = h
+            .address("elsewhere".into())
+            .id(format!("{id}/address"))
+            .await;
+        assert!(
+            matches!(dup, Err(Error::ImpulseAlreadyApplied { .. })),
+            "{dup:?}"
+        );
+    }
+    for id in &ids {
+        let h = c.handle::<Parcel>(id.as_str()).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+            .await
+            .expect("finished in time")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+        assert_eq!(h.state().await.unwrap().address.as_deref(), Some("home"));
+    }
+    let calls = counter.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        80,
+        "a pack and a deliver per parcel: {calls:?}"
+    );
+    assert!(
+        calls.values().all(|n| *n == 1),
+        "each call ran once: {calls:?}"
+    );
+    audit(p, &ids).await;
+    for e in [&c, &w1, &w2, &a, &b] {
+        e.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_move_to_a_joining_orchestrator_and_back_from_a_leaving_one() {
+    let p = "scale-rebalance";
+    let counter = Counter::default();
+    let a = orchestrator(p, "orch-a").await;
+    let w = worker(p, "worker", counter.clone()).await;
+    eventually("a holds every shard", async || {
+        owners(p).await == BTreeSet::from(["orch-a".to_string()])
+    })
+    .await;
+    let ids: Vec<String> = (0..24).map(|i| format!("p-{i}")).collect();
+    for id in &ids {
+        a.start::<Parcel>(id.as_str(), state(id)).await.unwrap();
+    }
+    for id in &ids {
+        let h = a.handle::<Parcel>(id.as_str()).await.unwrap();
+        eventually("packed", async || h.weight().await.unwrap().is_some()).await;
+    }
+    // b joins: a gives shards back until each holds its fair share.
+    let b = orchestrator(p, "orch-b").await;
+    eventually("both hold shards", async || owners(p).await.len() == 2).await;
+    // a leaves: its shards are released cleanly and b takes them all.
+    a.shutdown().await;
+    eventually("b holds every shard", async || {
+        owners(p).await == BTreeSet::from(["orch-b".to_string()])
+    })
+    .await;
+    for id in &ids {
+        let h = b.handle::<Parcel>(id.as_str()).await.unwrap();
+        h.address("home".into()).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+            .await
+            .expect("finished in time")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+    }
+    let calls = counter.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 48, "{calls:?}");
+    assert!(
+        calls.values().all(|n| *n == 1),
+        "clean handovers send no call again: {calls:?}"
+    );
+    audit(p, &ids).await;
+    b.shutdown().await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_worker_stopped_is_taken_over_after_the_visibility_timeout() {
+    let p = "scale-claim";
+    let hung = Counter {
+        hang: true,
+        ..Counter::default()
+    };
+    let o = orchestrator(p, "orch").await;
+    let w1 = worker(p, "worker-1", hung.clone()).await;
+    o.start::<Parcel>("stuck-1", state("stuck-1"))
+        .await
+        .unwrap();
+    eventually("the first worker runs the call", async || {
+        !hung.calls.lock().unwrap().is_empty()
+    })
+    .await;
+    // The worker goes away with the call unfinished and unacknowledged.
+    w1.shutdown().await;
+    let fresh = Counter::default();
+    let w2 = worker(p, "worker-2", fresh.clone()).await;
+    let h = o.handle::<Parcel>("stuck-1").await.unwrap();
+    eventually("packed by the second worker", async || {
+        h.weight().await.unwrap() == Some(7)
+    })
+    .await;
+    let key = hung.calls.lock().unwrap().keys().next().cloned().unwrap();
+    assert_eq!(fresh.calls.lock().unwrap().get(&key), Some(&1), "same key");
+    assert_eq!(
+        fresh.redelivered.lock().unwrap().get(&key),
+        Some(&1),
+        "the driver is told the call may have run"
+    );
+    o.shutdown().await;
+    w2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_process_engine_refuses_node_local_tiers_and_needs_a_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Engine::builder()
+        .shared(shared("scale-refuse"))
+        .storage(
+            Ladder::new()
+                .inline_below(4 * 1024)
+                .default_to(Tier::fs(dir.path().join("blobs"))),
+        )
+        .flow::<Parcel>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NodeLocalTier { ref tier } if tier == "fs"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Tier::shared_fs"), "{err}");
+    // A mount every node sees is accepted.
+    let ok = Engine::builder()
+        .shared(shared("scale-refuse"))
+        .storage(
+            Ladder::new()
+                .inline_below(4 * 1024)
+                .default_to(Tier::shared_fs(dir.path().join("blobs"))),
+        )
+        .flow::<Parcel>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    ok.shutdown().await;
+    let err = Engine::builder()
+        .shared(shared("scale-refuse"))
+        .flow::<Parcel>()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NoRole), "{err}");
+    let err = Engine::builder()
+        .shared(shared("scale-refuse"))
+        .in_memory()
+        .client()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SharedStore), "{err}");
+    let err = Engine::builder()
+        .shared(shared("scale-refuse").shards(3))
+        .client()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("uses 8"), "{err}");
+}
