@@ -1,0 +1,51 @@
+//! A process of the multi-process crash test (`tests/scale_kill.rs`), killed at random.
+//!
+//! `scale_harness orchestrator|worker REDIS_URL PREFIX NAME` joins the deployment in that
+//! role, prints `READY`, and runs until it is killed.
+
+use flowwire::{Engine, Error};
+
+#[path = "scale_flows.rs"]
+mod scale_flows;
+
+use scale_flows::{FrontDesk, Ticket, shared};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, role, url, prefix, name] = args.as_slice() else {
+        eprintln!("usage: scale_harness orchestrator|worker REDIS_URL PREFIX NAME");
+        std::process::exit(2);
+    };
+    if role != "orchestrator" && role != "worker" {
+        eprintln!("unknown role {role:?}");
+        std::process::exit(2);
+    }
+    // A name per incarnation: a restarted process is a new member.
+    let node = format!("{name}-{}", std::process::id());
+    // Redis may be restarting: try again for a while.
+    let mut tries = 0;
+    let _engine = loop {
+        match builder(role, url, prefix, &node).start().await {
+            Ok(e) => break e,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                eprintln!("not started yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    println!("READY");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn builder(role: &str, url: &str, prefix: &str, node: &str) -> flowwire::EngineBuilder {
+    let builder = Engine::builder().shared(shared(url, prefix, Some(node)));
+    if role == "orchestrator" {
+        builder.flow::<Ticket>().orchestrator()
+    } else {
+        builder.driver(FrontDesk).worker()
+    }
+}
