@@ -93,7 +93,7 @@ async fn listen(
         };
         loop {
             failures = failures.saturating_add(1);
-            let delay = Duration::from_millis(50u64 << failures.min(6));
+            let delay = super::pause(failures);
             tokio::time::sleep(delay).await;
             if replies.strong_count() == 0 {
                 return;

@@ -289,3 +289,9 @@ pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEnt
         shutdown,
     }
 }
+
+/// The wait after `failures` consecutive failures to reach Redis: 100 ms doubling to
+/// 3.2 s (reconnect loops of the pumps and the reply listener).
+pub(crate) fn pause(failures: u32) -> Duration {
+    Duration::from_millis(50u64 << failures.min(6))
+}

@@ -427,7 +427,7 @@ async fn pump<F: Flow>(
             Err(e) => {
                 failures = failures.saturating_add(1);
                 tracing::warn!(error = %e, "shard streams not readable yet");
-                tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                tokio::time::sleep(super::pause(failures)).await;
                 continue;
             }
         };
@@ -445,7 +445,7 @@ async fn pump<F: Flow>(
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, "shard streams not readable");
-                    tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                    tokio::time::sleep(super::pause(failures)).await;
                     break;
                 }
             }

@@ -150,7 +150,7 @@ async fn pump(
                 reader = None;
                 failures = failures.saturating_add(1);
                 tracing::warn!(driver = meta.name, error = %e, "calls not readable");
-                tokio::time::sleep(Duration::from_millis(50u64 << failures.min(6))).await;
+                tokio::time::sleep(super::pause(failures)).await;
                 continue;
             }
         };
