@@ -181,6 +181,29 @@ async fn an_impulse_id_is_applied_once_and_a_reuse_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_the_impulse_that_ended_an_instance_is_named_as_applied() {
+    let engine = engine_with(Desk::default()).await;
+    let trip = engine
+        .start::<Trip>("t-9", TripState::default())
+        .await
+        .unwrap();
+    trip.want(2).id("w-1").await.unwrap();
+    booked(&trip).await;
+    // The note is the last input the flow waits for: it finishes.
+    trip.note("done".into()).id("n-1").await.unwrap();
+    assert_eq!(finished(&trip).await, Ended::Finished);
+    // The client did not hear the first answer and sends the same request again.
+    let err = trip.note("done".into()).id("n-1").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ImpulseAlreadyApplied { impulse_id, .. } if impulse_id == "n-1"),
+        "{err}"
+    );
+    // A new impulse is refused: the instance has ended.
+    let err = trip.note("late".into()).id("n-2").await.unwrap_err();
+    assert!(matches!(err, Error::Ended { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_typed_errors() {
     let engine = engine_with(Desk::default()).await;
     let err = engine.handle::<Trip>("nobody").await.unwrap_err();

@@ -105,6 +105,8 @@ pub struct TripState {
     trip: u32,
     /// The wire gives up (`Command::fail`) once the hotel is booked.
     give_up_after_hotel: bool,
+    /// The wire waits once the hotel is booked (for a `give_up` impulse).
+    hold_after_hotel: bool,
     flight: Option<String>,
     hotel: Option<String>,
     car: Option<String>,
@@ -143,6 +145,9 @@ impl Trip {
         if self.state.give_up_after_hotel {
             return Command::fail("the traveller cancelled");
         }
+        if self.state.hold_after_hotel {
+            return Command::wait();
+        }
         if self.state.car.is_none() {
             return Command::drive(self.travel.book_car(trip))
                 .compensate(self.travel.cancel_car(trip))
@@ -157,6 +162,11 @@ impl Trip {
     #[impulse]
     fn note(&mut self, text: String) {
         self.state.notes.push(text);
+    }
+
+    #[impulse]
+    fn give_up(&mut self) {
+        self.state.give_up_after_hotel = true;
     }
 }
 
@@ -355,5 +365,39 @@ async fn a_failed_saga_takes_no_impulse() {
     assert!(
         matches!(refused, Err(Error::Ended { .. })),
         "a failed flow takes no impulse: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_impulse_that_fails_the_flow_is_recorded_as_applied() {
+    let agency = Agency::default();
+    let engine = engine(&agency).await;
+    let state = TripState {
+        hold_after_hotel: true,
+        ..trip(7)
+    };
+    let h = engine.start::<Trip>("t7", state).await.unwrap();
+    for _ in 0..1_000 {
+        if h.state().await.unwrap().hotel.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    h.give_up().id("give-up-1").await.unwrap();
+    assert_eq!(
+        h.finished().await.unwrap(),
+        Ended::Failed {
+            reason: "the traveller cancelled".into()
+        }
+    );
+    assert_eq!(
+        agency.log(),
+        ["book_flight", "book_hotel", "cancel_hotel", "cancel_flight"]
+    );
+    // A client that did not hear the answer sends it again: told it was applied.
+    let again = h.give_up().id("give-up-1").await;
+    assert!(
+        matches!(&again, Err(Error::ImpulseAlreadyApplied { impulse_id, .. }) if impulse_id == "give-up-1"),
+        "{again:?}"
     );
 }

@@ -718,7 +718,7 @@ impl<F: Flow> Instance<F> {
         }
         rest.pop();
         let state = self.record.state.clone();
-        self.unwind(input, reason, rest, state, scratch)
+        self.unwind(input, None, reason, rest, state, scratch)
     }
     /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire.
     ///
@@ -1145,7 +1145,9 @@ impl<F: Flow> Instance<F> {
         let state = freeze(&mut scratch.state);
         if let Some(reason) = failing {
             let compensations = self.compensations_now();
-            return self.unwind(input, reason, compensations, state, scratch);
+            // The impulse that led the wire to fail was applied: its id is recorded with
+            // the step, as with any other.
+            return self.unwind(input, impulse, reason, compensations, state, scratch);
         }
         let mut step = self.build(
             input, impulse, status, state, pending, dispatch, timer, output,
@@ -1164,7 +1166,7 @@ impl<F: Flow> Instance<F> {
             Err(_) => self.record.state.clone(),
         };
         let compensations = self.compensations_now();
-        self.unwind(input, reason, compensations, state, scratch)
+        self.unwind(input, None, reason, compensations, state, scratch)
     }
 
     /// The committed compensations, with the one the step being built registers.
@@ -1179,6 +1181,7 @@ impl<F: Flow> Instance<F> {
     fn unwind(
         &mut self,
         input: StepInput,
+        impulse: Option<Arc<str>>,
         reason: String,
         compensations: Vec<Compensation>,
         state: Bytes,
@@ -1197,7 +1200,7 @@ impl<F: Flow> Instance<F> {
                 let status = Status::Failed { reason };
                 self.build(
                     input,
-                    None,
+                    impulse,
                     status,
                     state,
                     None,
@@ -1222,7 +1225,7 @@ impl<F: Flow> Instance<F> {
                 };
                 let mut step = self.build(
                     input,
-                    None,
+                    impulse,
                     Status::Compensating,
                     state,
                     Some(call.clone()),

@@ -20,6 +20,7 @@ use crate::handle::Handle;
 use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
 mod correlate;
+mod health;
 mod history;
 mod operate;
 pub(crate) mod runner;
@@ -30,6 +31,7 @@ pub(crate) mod worker;
 #[cfg(feature = "redis")]
 pub use scale::Shared;
 
+pub use health::Health;
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 pub use operate::Parked;
 use runner::{Msg, Runner};
@@ -419,6 +421,7 @@ impl EngineBuilder {
                 events,
                 background: Mutex::new(Vec::new()),
                 finish: None,
+                member: health::Member::embedded(),
             }),
         })
     }
@@ -489,6 +492,8 @@ struct Inner {
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Runs last at shutdown (multi-process mode: leave the members).
     finish: Option<Box<dyn Fn() -> BoxFut<()> + Send + Sync>>,
+    /// Its place in a deployment, for [`Engine::health`].
+    member: health::Member,
 }
 
 /// Everything registered on an engine: its flows and drivers, from the macros' static

@@ -786,6 +786,25 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// The answer to an impulse an instance no longer takes: a retry of one it applied
+    /// (say the `cancel` that ended it) is told so, as it would be while it ran.
+    fn refuse(&self, id: &Arc<str>, impulse_id: &Arc<str>, refusal: Error) -> super::BoxFut<Error> {
+        let store = self.store.clone();
+        let key = self.key(id);
+        let impulse_id = impulse_id.clone();
+        Box::pin(async move {
+            match store.impulse_applied(&key, &impulse_id).await {
+                Ok(Some(step)) => Error::ImpulseAlreadyApplied {
+                    flow: F::NAME,
+                    id: key.id.to_string(),
+                    impulse_id: impulse_id.to_string(),
+                    step,
+                },
+                _ => refusal,
+            }
+        })
+    }
+
     /// Why a request that needs a live instance cannot have one.
     fn not_live(id: &str, status: Status) -> Error {
         match status {
@@ -950,7 +969,8 @@ impl<F: Flow> Runner<F> {
                 match self.locate(&id).await {
                     Ok(None) => {}
                     Ok(Some(record)) => {
-                        let _ = reply.send(Err(Self::not_live(&id, record.status)));
+                        let refusal = Self::not_live(&id, record.status);
+                        let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
                         return None;
                     }
                     Err(e) => {
@@ -959,28 +979,27 @@ impl<F: Flow> Runner<F> {
                     }
                 }
                 let slot = self.slots.get_mut(&id)?;
-                match slot
-                    .inst
-                    .impulse(impulse_id.clone(), impulse, &mut self.scratch)
-                {
-                    Ok(step) => Some(Staged {
-                        id,
-                        step,
-                        ack: Ack::Impulse(reply, impulse_id),
-                    }),
-                    Err(Rejected::Ended(status)) => {
-                        let _ = reply.send(Err(Error::Ended {
+                let refusal =
+                    match slot
+                        .inst
+                        .impulse(impulse_id.clone(), impulse, &mut self.scratch)
+                    {
+                        Ok(step) => {
+                            return Some(Staged {
+                                id,
+                                step,
+                                ack: Ack::Impulse(reply, impulse_id),
+                            });
+                        }
+                        Err(Rejected::Ended(status)) => Error::Ended {
                             flow: F::NAME,
                             id: id.to_string(),
                             status,
-                        }));
-                        None
-                    }
-                    Err(Rejected::Quarantined(reason)) => {
-                        let _ = reply.send(Err(Self::quarantined(&id, reason)));
-                        None
-                    }
-                }
+                        },
+                        Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
+                    };
+                let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
+                None
             }
             Input::Msg(Msg::Probe { id, ask, reply }) => {
                 match self.locate(&id).await {

@@ -189,6 +189,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         replies,
         limits: b.limits.clone(),
     });
+    let held = super::health::Held::default();
     let orchestra = b.roles.orchestrator.then(|| {
         Arc::new(orchestrator::Orchestra {
             bus: bus.clone(),
@@ -199,6 +200,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             limits: b.limits.clone(),
             events: events.clone(),
             lease_ttl: shared.lease_ttl,
+            held: held.clone(),
         })
     });
     let mut background = Vec::new();
@@ -222,6 +224,19 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         flows.insert(f.tid, (f.shared)(&deployment));
     }
     tracing::info!(node = %node, shards = bus.shards(), orchestrator = b.roles.orchestrator, worker = b.roles.worker, "joined the deployment");
+    let roles = [
+        (b.roles.orchestrator, "orchestrator"),
+        (b.roles.worker, "worker"),
+        (b.roles.client, "client"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    let member = super::health::Member {
+        node: Some(node.clone()),
+        roles,
+        held,
+    };
     let leave_bus = bus.clone();
     let leave_node = node.clone();
     Ok(super::Engine {
@@ -244,6 +259,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
                     let _ = bus.leave(&node).await;
                 })
             })),
+            member,
         }),
     })
 }

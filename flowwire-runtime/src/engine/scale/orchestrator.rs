@@ -50,6 +50,17 @@ pub(crate) struct Orchestra {
     pub limits: Limits,
     pub events: Emitter,
     pub lease_ttl: Duration,
+    /// The shards held, per flow, for [`crate::Engine::health`].
+    pub held: crate::engine::health::Held,
+}
+
+impl Orchestra {
+    fn hold(&self, flow: &'static str, shards: Vec<u16>) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(flow, shards);
+    }
 }
 
 struct ShardRun<F: Flow> {
@@ -74,11 +85,13 @@ pub(crate) fn spawn_supervisor<F: Flow>(o: Arc<Orchestra>) -> (Stop, JoinHandle<
         let every = o.lease_ttl / 3;
         loop {
             round(&o, &mut owned).await;
+            o.hold(F::NAME, owned.keys().copied().collect());
             tokio::select! {
                 done = &mut stopped => {
                     for (shard, run) in std::mem::take(&mut owned) {
                         give_back(&o, F::NAME, shard, run).await;
                     }
+                    o.hold(F::NAME, Vec::new());
                     if let Ok(done) = done {
                         let _ = done.send(());
                     }

@@ -1,0 +1,120 @@
+//! What a running engine reports about itself, for a service's health endpoint.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use flowwire_storage::InstanceKey;
+
+use super::Engine;
+
+/// The shards each flow's supervisor holds, per flow name (multi-process orchestrators).
+pub(crate) type Held = Arc<Mutex<BTreeMap<&'static str, Vec<u16>>>>;
+
+/// What an engine knows of its place in a deployment.
+pub(crate) struct Member {
+    /// This process's member name (multi-process mode).
+    pub node: Option<Arc<str>>,
+    /// The roles it plays.
+    pub roles: Vec<&'static str>,
+    /// The shards it holds (orchestrators).
+    pub held: Held,
+}
+
+impl Member {
+    /// An embedded engine: one process plays every role.
+    pub(crate) fn embedded() -> Self {
+        Member {
+            node: None,
+            roles: vec!["embedded"],
+            held: Held::default(),
+        }
+    }
+}
+
+/// A snapshot of an engine's health: whether its store answers, the roles it plays and
+/// (on an orchestrator) the shards it holds. Serializes to JSON for a health endpoint.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
+/// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+/// let health = engine.health().await;
+/// assert!(health.ok());
+/// assert_eq!(health.roles, ["embedded"]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    /// This process's member name in a multi-process deployment; `None` when embedded.
+    pub node: Option<String>,
+    /// `["embedded"]`, or the roles of a multi-process engine (`"orchestrator"`,
+    /// `"worker"`, `"client"`).
+    pub roles: Vec<&'static str>,
+    /// How long the store took to answer a read, in microseconds; `None` if it did not
+    /// answer within two seconds (or the engine's store timeout, if shorter; see
+    /// [`Health::store_error`]).
+    pub store_micros: Option<u64>,
+    /// Why the store did not answer, if it did not.
+    pub store_error: Option<String>,
+    /// The shards this orchestrator holds, per flow (empty for other roles).
+    pub shards: BTreeMap<&'static str, Vec<u16>>,
+}
+
+impl Health {
+    /// `true` when the store answered.
+    pub fn ok(&self) -> bool {
+        self.store_micros.is_some()
+    }
+
+    /// The snapshot as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// The record read to check the store: a key no flow can have (flow names are Rust
+/// identifiers).
+const PROBE: &str = "flowwire health";
+
+impl Engine {
+    /// Checks that the store answers (one read, bounded by two seconds) and reports
+    /// the roles and shards of this process. Never fails: a store that does not answer is
+    /// reported in [`Health::store_error`].
+    pub async fn health(&self) -> Health {
+        let member = &self.inner.member;
+        let store = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (store_micros, store_error) = match store {
+            None => (None, Some("the engine was shut down".to_string())),
+            Some(store) => {
+                let key = InstanceKey::new(PROBE, PROBE);
+                let asked = tokio::time::Instant::now();
+                let limit = self.inner.limits.store_timeout.min(Duration::from_secs(2));
+                match tokio::time::timeout(limit, store.load(&key)).await {
+                    Ok(Ok(_)) => (Some(micros(asked.elapsed())), None),
+                    Ok(Err(e)) => (None, Some(e.to_string())),
+                    Err(_) => (None, Some(format!("no answer within {limit:?}"))),
+                }
+            }
+        };
+        Health {
+            node: member.node.as_deref().map(str::to_string),
+            roles: member.roles.clone(),
+            store_micros,
+            store_error,
+            shards: member
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
