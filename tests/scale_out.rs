@@ -2,7 +2,8 @@
 //! Multi-process mode on a real Redis, with several engines in one test process, each
 //! playing its roles as separate processes would. Orchestrators share the shards, workers
 //! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
-//! when orchestrators join or leave, a worker's calls are taken over when it stops.
+//! when orchestrators join or leave, a worker's calls are taken over when it stops. The
+//! sharing test runs again on a 3-master Redis Cluster started by the test.
 #![cfg(feature = "redis")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flowwire::prelude::*;
-use flowwire::storage::{Ladder, Tier};
+use flowwire::storage::{Ladder, StepInput, Tier};
 use flowwire::{Error, Shared};
 
 #[path = "support/servers.rs"]
@@ -123,9 +124,22 @@ fn redis() -> &'static servers::Redis {
     SERVER.get_or_init(servers::Redis::start)
 }
 
+fn cluster() -> &'static servers::RedisCluster {
+    static CLUSTER: OnceLock<servers::RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(servers::RedisCluster::start)
+}
+
+/// The deployment of a test: on the 3-master cluster when its prefix starts with
+/// `cluster-`, else on one server.
 fn shared(prefix: &str) -> Shared {
-    Shared::redis(&redis().url(), prefix)
-        .unwrap()
+    let on = if prefix.starts_with("cluster-") {
+        let urls = cluster().urls();
+        let seeds: Vec<&str> = urls.iter().map(String::as_str).collect();
+        Shared::cluster(&seeds, prefix)
+    } else {
+        Shared::redis(&redis().url(), prefix)
+    };
+    on.unwrap()
         .shards(8)
         .lease_ttl(Duration::from_millis(900))
         .visibility_timeout(Duration::from_millis(900))
@@ -215,7 +229,17 @@ async fn audit(prefix: &str, ids: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestrators_workers_and_a_client_share_the_work() {
-    let p = "scale-share";
+    share_the_work("scale-share").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrators_workers_and_a_client_share_the_work_on_a_redis_cluster() {
+    share_the_work("cluster-share").await;
+}
+
+/// Two orchestrators, two workers and a client run 40 parcels: each call runs once, each
+/// impulse applies once, no step is written twice or under an older token.
+async fn share_the_work(p: &str) {
     let counter = Counter::default();
     let a = orchestrator(p, "orch-a").await;
     let b = orchestrator(p, "orch-b").await;
@@ -265,6 +289,25 @@ async fn orchestrators_workers_and_a_client_share_the_work() {
             .unwrap();
         assert_eq!(ended, Ended::Finished);
         assert_eq!(h.state().await.unwrap().address.as_deref(), Some("home"));
+        // The client reads the history the orchestrators wrote: start, packed, address,
+        // rested, delivered.
+        let page = c.history::<Parcel>(id.as_str(), 0, 100).await.unwrap();
+        let inputs: Vec<&str> = page
+            .steps
+            .iter()
+            .map(|s| match s.input {
+                StepInput::Start => "start",
+                StepInput::Outcome { .. } => "outcome",
+                StepInput::Impulse { .. } => "impulse",
+                StepInput::Timer { .. } => "timer",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            inputs,
+            ["start", "outcome", "impulse", "timer", "outcome"],
+            "{id}"
+        );
     }
     let calls = counter.calls.lock().unwrap().clone();
     assert_eq!(

@@ -99,6 +99,18 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// Latencies measured elsewhere (concurrent operations), over `wall`; no allocation
+    /// counts.
+    pub fn from_latencies(mut latencies: Vec<Duration>, wall: Duration) -> Samples {
+        latencies.sort_unstable();
+        Samples {
+            sorted: latencies,
+            allocs: 0.0,
+            alloc_bytes: 0.0,
+            wall,
+        }
+    }
+
     /// The operations measured.
     pub fn len(&self) -> usize {
         self.sorted.len()

@@ -307,6 +307,12 @@ impl RedisBus {
         format!("{}:jobs:{{{driver}}}", self.prefix)
     }
 
+    /// The channel a flow's shard owners announce ended instances on (their ids), for
+    /// callers of `finished()` in any process.
+    pub fn ended(&self, flow: &str) -> String {
+        format!("{}:ended:{flow}", self.prefix)
+    }
+
     /// The channel a process receives the replies to its requests on.
     pub fn replies(&self, node: &str) -> String {
         format!("{}:reply:{node}", self.prefix)
@@ -436,6 +442,22 @@ impl RedisBus {
             .arg(channel)
             .arg(body)
             .query_async::<i64>(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// Publishes several messages on one channel, in one round trip.
+    pub async fn publish_all(&self, channel: &str, bodies: &[&[u8]]) -> Result<(), StoreError> {
+        if bodies.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for body in bodies {
+            pipe.cmd("PUBLISH").arg(channel).arg(*body).ignore();
+        }
+        pipe.query_async::<()>(&mut c)
             .await
             .map_err(|e| backend(&e))?;
         Ok(())

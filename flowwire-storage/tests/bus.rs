@@ -243,6 +243,18 @@ async fn replies_reach_the_subscriber(bus: &RedisBus) {
         .await
         .unwrap();
     assert_eq!(got.as_deref(), Some(&b"done"[..]));
+    // Ended instances are announced in batches, in order.
+    let ended = bus.ended("Order");
+    let mut sub = bus.subscribe(&ended).await.unwrap();
+    bus.publish_all(&ended, &[b"o-1", b"o-2", b"o-3"])
+        .await
+        .unwrap();
+    for want in ["o-1", "o-2", "o-3"] {
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap();
+        assert_eq!(got.as_deref(), Some(want.as_bytes()));
+    }
 }
 
 async fn processes_must_agree_on_the_shard_count(a: RedisStore, b: RedisStore) {

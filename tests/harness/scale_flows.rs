@@ -80,7 +80,60 @@ impl Ticket {
     }
 }
 
+/// Answers at once (the multi-process bench measures the engine, not the driver).
+#[driver(timeout = "10s", retries = 2)]
+pub trait Hop {
+    async fn hop(&self, n: u32) -> Result<u32, Closed>;
+}
+
+#[derive(Clone, Default)]
+pub struct Hopper;
+
+#[driver]
+impl Hop for Hopper {
+    async fn hop(&self, n: u32) -> Result<u32, Closed> {
+        Ok(n + 1)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RelayState {
+    pub hops: u32,
+}
+
+/// The bench's workflow: two calls, then finish (three durable steps with the start).
+#[flow]
+pub struct Relay {
+    #[link]
+    state: RelayState,
+    #[link]
+    hop: impl Hop,
+}
+
+#[flow]
+impl Relay {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.hops >= 2 {
+            return Command::finish();
+        }
+        Command::drive(self.hop.hop(self.state.hops)).then(|f, r| {
+            f.state.hops = r?;
+            Ok(())
+        })
+    }
+}
+
 pub const SHARDS: u16 = 8;
+
+/// The bench's deployment: the default shard count and lease, no write audit.
+pub fn bench_shared(url: &str, prefix: &str, node: Option<&str>) -> flowwire::Shared {
+    let s = flowwire::Shared::redis(url, prefix).expect("a Redis URL");
+    match node {
+        Some(n) => s.node_name(n),
+        None => s,
+    }
+}
 
 /// The deployment every process of the test joins.
 pub fn shared(url: &str, prefix: &str, node: Option<&str>) -> flowwire::Shared {

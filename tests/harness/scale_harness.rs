@@ -1,21 +1,26 @@
 //! A process of the multi-process crash test (`tests/scale_kill.rs`), killed at random.
 //!
-//! `scale_harness orchestrator|worker REDIS_URL PREFIX NAME` joins the deployment in that
-//! role, prints `READY`, and runs until it is killed.
+//! `scale_harness orchestrator|worker REDIS_URL PREFIX NAME [bench]` joins the deployment
+//! in that role, prints `READY`, and runs until it is killed. With `bench`, it runs the
+//! multi-process bench's flow (`benches/scale.rs`) instead of the crash test's.
 
 use flowwire::{Engine, Error};
 
 #[path = "scale_flows.rs"]
 mod scale_flows;
 
-use scale_flows::{FrontDesk, Ticket, shared};
+use scale_flows::{FrontDesk, Hopper, Relay, Ticket, bench_shared, shared};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, role, url, prefix, name] = args.as_slice() else {
-        eprintln!("usage: scale_harness orchestrator|worker REDIS_URL PREFIX NAME");
-        std::process::exit(2);
+    let (role, url, prefix, name, bench) = match args.as_slice() {
+        [_, role, url, prefix, name] => (role, url, prefix, name, false),
+        [_, role, url, prefix, name, b] if b == "bench" => (role, url, prefix, name, true),
+        _ => {
+            eprintln!("usage: scale_harness orchestrator|worker REDIS_URL PREFIX NAME [bench]");
+            std::process::exit(2);
+        }
     };
     if role != "orchestrator" && role != "worker" {
         eprintln!("unknown role {role:?}");
@@ -26,7 +31,7 @@ async fn main() -> Result<(), Error> {
     // Redis may be restarting: try again for a while.
     let mut tries = 0;
     let _engine = loop {
-        match builder(role, url, prefix, &node).start().await {
+        match builder(role, url, prefix, &node, bench).start().await {
             Ok(e) => break e,
             Err(e) if tries < 100 => {
                 tries += 1;
@@ -41,7 +46,21 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
-fn builder(role: &str, url: &str, prefix: &str, node: &str) -> flowwire::EngineBuilder {
+fn builder(
+    role: &str,
+    url: &str,
+    prefix: &str,
+    node: &str,
+    bench: bool,
+) -> flowwire::EngineBuilder {
+    if bench {
+        let builder = Engine::builder().shared(bench_shared(url, prefix, Some(node)));
+        return if role == "orchestrator" {
+            builder.flow::<Relay>().orchestrator()
+        } else {
+            builder.driver(Hopper).worker()
+        };
+    }
     let builder = Engine::builder().shared(shared(url, prefix, Some(node)));
     if role == "orchestrator" {
         builder.flow::<Ticket>().orchestrator()

@@ -200,6 +200,8 @@ pub(crate) struct Owned {
     pub clean: bool,
     /// Stream entries of outcomes this runner is done with, to acknowledge.
     pub acks: mpsc::UnboundedSender<String>,
+    /// Instances that ended (or were parked), to announce to waiting callers elsewhere.
+    pub ended: mpsc::UnboundedSender<Arc<str>>,
 }
 
 /// How far ahead the runner reads the timer index.
@@ -1315,6 +1317,11 @@ impl<F: Flow> Runner<F> {
             self.dispatch(&s.id, out);
         }
         let status = s.step.draft.record.status;
+        if let Some(owned) = &self.owned
+            && (status.is_terminal() || matches!(status, Status::Quarantined { .. }))
+        {
+            let _ = owned.ended.send(s.id.clone());
+        }
         if let Some(ended) = ended_of(&status) {
             self.slots.remove(&s.id);
             for w in self.waiters.remove(&s.id).unwrap_or_default() {

@@ -13,7 +13,7 @@ use flowwire_storage::bus::RedisBus;
 use flowwire_storage::codec;
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{InstanceKey, InstanceStore, Placement, Record, Status};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::messages::{Reply, Request, RequestKind};
 use crate::engine::Limits;
@@ -125,6 +125,7 @@ pub(crate) fn spawn_router<F: Flow>(
     remote: Arc<Remote>,
 ) -> (mpsc::Sender<Msg<F>>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Msg<F>>(4096);
+    let watch = Arc::new(Watch::default());
     let task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             if let Msg::Shutdown { reply } = msg {
@@ -132,13 +133,98 @@ pub(crate) fn spawn_router<F: Flow>(
                 return;
             }
             // Each request waits on the network on its own; the callers' timeouts bound them.
-            tokio::spawn(serve(remote.clone(), msg));
+            tokio::spawn(serve(remote.clone(), watch.clone(), msg));
         }
     });
     (tx, task)
 }
 
-async fn serve<F: Flow>(remote: Arc<Remote>, msg: Msg<F>) {
+/// The callers of `finished()` in this process, woken by the owners' announcements of
+/// ended instances (one subscription per flow, taken at the first wait).
+#[derive(Default)]
+pub(crate) struct Watch {
+    waiting: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    subscribed: tokio::sync::OnceCell<()>,
+}
+
+impl Watch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Notify>>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscribes to the flow's announcements unless done; `false` if Redis refused (the
+    /// caller then polls, and the next wait tries again).
+    async fn subscribe(self: &Arc<Self>, bus: &RedisBus, flow: &'static str, limit: usize) -> bool {
+        let watch = Arc::downgrade(self);
+        self.subscribed
+            .get_or_try_init(|| async {
+                let channel = bus.ended(flow);
+                let sub = bus.subscribe(&channel).await?;
+                tokio::spawn(announcements(watch, bus.clone(), channel, sub, limit));
+                Ok::<(), flowwire_storage::StoreError>(())
+            })
+            .await
+            .is_ok()
+    }
+
+    fn register(&self, id: &Arc<str>) -> Arc<Notify> {
+        self.lock().entry(id.clone()).or_default().clone()
+    }
+
+    fn unregister(&self, id: &Arc<str>, notify: Arc<Notify>) {
+        let mut waiting = self.lock();
+        drop(notify);
+        if waiting.get(id).is_some_and(|n| Arc::strong_count(n) == 1) {
+            waiting.remove(id);
+        }
+    }
+}
+
+/// Wakes the waiters of each announced id; subscribes again after a lost connection.
+async fn announcements(
+    watch: Weak<Watch>,
+    bus: RedisBus,
+    channel: String,
+    mut sub: flowwire_storage::bus::Subscription,
+    limit: usize,
+) {
+    let mut failures = 0u32;
+    loop {
+        while let Some(body) = sub.next().await {
+            failures = 0;
+            let Some(watch) = watch.upgrade() else {
+                return;
+            };
+            if body.len() > limit {
+                continue;
+            }
+            let Ok(id) = std::str::from_utf8(&body) else {
+                continue;
+            };
+            if let Some(n) = watch.lock().get(id) {
+                n.notify_waiters();
+            }
+        }
+        loop {
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(super::pause(failures)).await;
+            if watch.strong_count() == 0 {
+                return;
+            }
+            match bus.subscribe(&channel).await {
+                Ok(s) => {
+                    sub = s;
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "ended announcements not subscribed"),
+            }
+        }
+    }
+}
+
+async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
     match msg {
         Msg::Start { id, state, reply } => {
             let sent = encode(&state).map(|state| RequestKind::Start { state });
@@ -198,7 +284,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, msg: Msg<F>) {
             };
             let _ = reply.send(r);
         }
-        Msg::Finished { id, reply } => finished::<F>(&remote, &id, reply).await,
+        Msg::Finished { id, reply } => finished::<F>(&remote, &watch, &id, reply).await,
         Msg::Operate { reply, .. } => {
             let _ = reply.send(Err(Error::NotAcrossProcesses {
                 op: "an operator's operation",
@@ -308,15 +394,43 @@ async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
     Ok(remote.placement.resolve(&key, &placed).await?)
 }
 
-/// Waits until the instance ends, reading its record with a backoff (5 ms doubling to
-/// 250 ms) — any process can wait, whoever owns the instance. Stops when the caller
-/// stops waiting.
-async fn finished<F: Flow>(remote: &Remote, id: &Arc<str>, reply: oneshot::Sender<Result<Ended>>) {
+/// Waits until the instance ends, whoever owns it: reads the record, then again whenever
+/// the flow's owners announce the instance ended (pub/sub), and every second regardless
+/// (an announcement can be lost with a connection). Without the subscription it reads
+/// with a backoff (5 ms doubling to 250 ms). Stops when the caller stops waiting.
+async fn finished<F: Flow>(
+    remote: &Remote,
+    watch: &Arc<Watch>,
+    id: &Arc<str>,
+    mut reply: oneshot::Sender<Result<Ended>>,
+) {
+    let pushed = watch
+        .subscribe(&remote.bus, F::NAME, remote.limits.decode_limit)
+        .await;
+    let notify = watch.register(id);
+    let ended = wait_ended::<F>(remote, &notify, pushed, id, &mut reply).await;
+    watch.unregister(id, notify);
+    if let Some(ended) = ended {
+        let _ = reply.send(ended);
+    }
+}
+
+async fn wait_ended<F: Flow>(
+    remote: &Remote,
+    notify: &Notify,
+    pushed: bool,
+    id: &Arc<str>,
+    reply: &mut oneshot::Sender<Result<Ended>>,
+) -> Option<Result<Ended>> {
     let key = InstanceKey::new(F::NAME, id.clone());
     let mut delay = Duration::from_millis(5);
     loop {
+        // Listening before reading: an announcement made meanwhile is not missed.
+        let announced = notify.notified();
+        tokio::pin!(announced);
+        announced.as_mut().enable();
         if reply.is_closed() {
-            return;
+            return None;
         }
         let status = match remote.store.load(&key).await {
             Ok(Some(stored)) => PlacedRecord::decode(&stored.bytes, remote.limits.decode_limit)
@@ -331,33 +445,30 @@ async fn finished<F: Flow>(remote: &Remote, id: &Arc<str>, reply: oneshot::Sende
             Err(e) => Err(e.into()),
         };
         match status {
-            Ok(Some(Status::Finished)) => {
-                let _ = reply.send(Ok(Ended::Finished));
-                return;
-            }
-            Ok(Some(Status::Failed { reason })) => {
-                let _ = reply.send(Ok(Ended::Failed { reason }));
-                return;
-            }
+            Ok(Some(Status::Finished)) => return Some(Ok(Ended::Finished)),
+            Ok(Some(Status::Failed { reason })) => return Some(Ok(Ended::Failed { reason })),
             Ok(Some(Status::Quarantined { reason })) => {
-                let _ = reply.send(Err(Error::Quarantined {
+                return Some(Err(Error::Quarantined {
                     flow: F::NAME,
                     id: id.to_string(),
                     reason,
                 }));
-                return;
             }
-            Ok(None) => {
-                let _ = reply.send(Err(not_found::<F>(id)));
-                return;
-            }
-            Err(e) if !e.is_transient() => {
-                let _ = reply.send(Err(e));
-                return;
-            }
+            Ok(None) => return Some(Err(not_found::<F>(id))),
+            Err(e) if !e.is_transient() => return Some(Err(e)),
             Ok(Some(_)) | Err(_) => {}
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(250));
+        let wait = if pushed {
+            Duration::from_secs(1)
+        } else {
+            let d = delay;
+            delay = (delay * 2).min(Duration::from_millis(250));
+            d
+        };
+        tokio::select! {
+            () = announced => {}
+            () = tokio::time::sleep(wait) => {}
+            () = reply.closed() => return None,
+        }
     }
 }

@@ -245,6 +245,7 @@ async fn start_shard<F: Flow>(
     }
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(o.limits.driver_queue);
     let (acks_tx, acks_rx) = mpsc::unbounded_channel::<String>();
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel::<Arc<str>>();
     let ports = vec![jobs_tx; F::LINKS.len()];
     let (mut runner, orx) = Runner::<F>::new(
         o.store.clone(),
@@ -259,6 +260,7 @@ async fn start_shard<F: Flow>(
         token: lease.token,
         clean: lease.clean,
         acks: acks_tx,
+        ended: ended_tx,
     });
     let outcomes = runner.outcome_port();
     runner.recover().await?;
@@ -271,6 +273,7 @@ async fn start_shard<F: Flow>(
         streams[1].clone(),
         jobs_rx,
         acks_rx,
+        ended_rx,
         o.limits.store_timeout,
     ));
     let pump = tokio::spawn(pump::<F>(
@@ -291,9 +294,10 @@ async fn start_shard<F: Flow>(
     })
 }
 
-/// Puts the runner's dispatched calls on their drivers' streams and acknowledges the
-/// outcomes it is done with, in batches. Ends when the runner is gone; `true` if every
-/// call reached the bus.
+/// Puts the runner's dispatched calls on their drivers' streams, acknowledges the
+/// outcomes it is done with and announces the instances that ended, in batches. Ends when
+/// the runner is gone; `true` if every call reached the bus.
+#[allow(clippy::too_many_arguments)]
 async fn sink(
     bus: RedisBus,
     flow: &'static str,
@@ -301,11 +305,13 @@ async fn sink(
     outcomes: String,
     mut jobs: mpsc::Receiver<Job>,
     mut acks: mpsc::UnboundedReceiver<String>,
+    mut ended: mpsc::UnboundedReceiver<Arc<str>>,
     limit: Duration,
 ) -> bool {
     let mut all_sent = true;
-    let (mut jobs_open, mut acks_open) = (true, true);
-    while jobs_open || acks_open {
+    let (mut jobs_open, mut acks_open, mut ended_open) = (true, true, true);
+    let channel = bus.ended(flow);
+    while jobs_open || acks_open || ended_open {
         tokio::select! {
             job = jobs.recv(), if jobs_open => match job {
                 Some(job) => {
@@ -343,6 +349,24 @@ async fn sink(
                     }
                 }
                 None => acks_open = false,
+            },
+            id = ended.recv(), if ended_open => match id {
+                Some(id) => {
+                    let mut ids = vec![id];
+                    while ids.len() < PAGE {
+                        match ended.try_recv() {
+                            Ok(i) => ids.push(i),
+                            Err(_) => break,
+                        }
+                    }
+                    // A lost announcement costs a waiter its next read of the record
+                    // (callers of `finished()` read it every second regardless).
+                    let bodies: Vec<&[u8]> = ids.iter().map(|i| i.as_bytes()).collect();
+                    if let Err(e) = bus.publish_all(&channel, &bodies).await {
+                        tracing::warn!(flow, shard, error = %e, "ended instances not announced");
+                    }
+                }
+                None => ended_open = false,
             },
         }
     }

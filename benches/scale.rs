@@ -1,0 +1,191 @@
+//! Multi-process throughput and latency: workflows/s and p50/p99 per workflow for 1 and 2
+//! orchestrator processes × 1 and 2 worker processes, on one local `redis-server` (started
+//! by this binary on a loopback port), at concurrency 1, 64 and 1024.
+//!
+//! `cargo bench --bench scale --features flowwire-suite/redis` (`FLOWWIRE_BENCH_QUICK=1`
+//! for a smoke run). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
+//! start, two driver calls (answered at once), finish — three durable steps, each a Redis
+//! commit by the shard's owner, the calls and outcomes over Redis Streams. This process is
+//! the client: it starts `concurrency` workflows at a time and measures each from the
+//! start request to `finished()` reporting it (pushed by the owner over pub/sub).
+
+#[path = "../tests/support/servers.rs"]
+mod servers;
+mod support;
+
+#[path = "../tests/harness/scale_flows.rs"]
+mod scale_flows;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use flowwire::{Ended, Engine};
+use scale_flows::{Relay, RelayState, bench_shared};
+use support::{Mode, Samples, fmt_duration};
+use tokio::sync::Semaphore;
+
+#[global_allocator]
+static GLOBAL: support::Counting = support::Counting;
+
+fn main() {
+    let mode = Mode::current();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(run(mode));
+}
+
+/// A harness process (`scale_harness … bench`), killed when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn start(role: &str, url: &str, prefix: &str, name: &str) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_scale_harness"))
+            .args([role, url, prefix, name, "bench"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the harness starts");
+        let out = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l == "READY" => break,
+                Some(Ok(_)) => {}
+                _ => panic!("{role} {name} did not start"),
+            }
+        }
+        Proc(child)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Workflows per case: enough for a p99 at each concurrency.
+fn workflows(mode: Mode, concurrency: usize) -> usize {
+    match mode {
+        Mode::Test => concurrency.min(8),
+        Mode::Quick => (concurrency * 2).max(100),
+        Mode::Full => (concurrency * 8).max(1_000),
+    }
+}
+
+async fn run(mode: Mode) {
+    support::print_machine();
+    let redis = servers::Redis::start();
+    let url = redis.url();
+    let setups: &[(usize, usize)] = if mode == Mode::Test {
+        &[(1, 1)]
+    } else {
+        &[(1, 1), (1, 2), (2, 1), (2, 2)]
+    };
+    let concurrencies: &[usize] = if mode == Mode::Test {
+        &[1, 8]
+    } else {
+        &[1, 64, 1024]
+    };
+    println!(
+        "{:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10}",
+        "orch", "workers", "conc", "n", "workflows/s", "p50", "p99", "max"
+    );
+    for &(orchestrators, workers) in setups {
+        let prefix = format!("bench-o{orchestrators}w{workers}");
+        let mut procs = Vec::new();
+        for i in 0..orchestrators {
+            procs.push(Proc::start("orchestrator", &url, &prefix, &format!("o{i}")));
+        }
+        for i in 0..workers {
+            procs.push(Proc::start("worker", &url, &prefix, &format!("w{i}")));
+        }
+        let client = Engine::builder()
+            .shared(bench_shared(&url, &prefix, None))
+            .flow::<Relay>()
+            .client()
+            .request_timeout(Duration::from_mins(1))
+            .start()
+            .await
+            .expect("the client joins");
+        settle(&url, &prefix, orchestrators).await;
+        case(&client, "warm", 16, 64).await;
+        for &c in concurrencies {
+            let n = workflows(mode, c);
+            let s = case(&client, &format!("c{c}"), c, n).await;
+            println!(
+                "{orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10}",
+                s.per_second(),
+                fmt_duration(s.median()),
+                fmt_duration(s.p99()),
+                fmt_duration(s.quantile(1.0))
+            );
+        }
+        client.shutdown().await;
+        drop(procs);
+    }
+}
+
+/// Waits (up to 30 s) until the orchestrators hold every shard between them, each at
+/// least one: measuring during a rebalance would time the handover, not the steps.
+async fn settle(url: &str, prefix: &str, orchestrators: usize) {
+    let bus = bench_shared(url, prefix, None).store().bus();
+    for _ in 0..300 {
+        let mut owners = std::collections::BTreeSet::new();
+        let mut held = 0;
+        for shard in 0..bus.shards() {
+            if let Ok(Some((node, _))) = bus.owner("Relay", shard).await {
+                owners.insert(node);
+                held += 1;
+            }
+        }
+        if held == bus.shards() && owners.len() == orchestrators {
+            // One more lease round, so no shard is on its way back.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the orchestrators did not share the shards within 30 s");
+}
+
+/// Runs `n` workflows, `concurrency` at a time; each is timed from its start request to
+/// its `finished()` answer.
+async fn case(client: &Engine, tag: &str, concurrency: usize, n: usize) -> Samples {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.expect("open");
+        let client = client.clone();
+        let id = format!("{tag}-{i}");
+        tasks.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            let h = client
+                .start::<Relay>(id.as_str(), RelayState::default())
+                .await
+                .expect("started");
+            let ended = tokio::time::timeout(Duration::from_mins(1), h.finished())
+                .await
+                .expect("finished within a minute")
+                .expect("finished");
+            assert_eq!(ended, Ended::Finished);
+            t.elapsed()
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        latencies.push(done.expect("a workflow task"));
+    }
+    Samples::from_latencies(latencies, started.elapsed())
+}
