@@ -1,0 +1,335 @@
+//! The engine's profile (issue 6): what building a call costs, what one step costs in
+//! memory, and what a durable order flow costs on the embedded store — latency (p50, p99),
+//! throughput and allocations — with the raw fsync of the same disk for comparison.
+//!
+//! `cargo bench --bench engine` (`FLOWWIRE_BENCH_QUICK=1` for a smoke run). Cases:
+//!
+//! * `call+command`: build a driver call and its `Command` (the macros' proxies).
+//! * `core step`: one in-memory step through the sans-IO core (outcome → continuation →
+//!   wire → encoded record and history entry), one core.
+//! * `fsync 4 KiB`: write and `fdatasync` 4 KiB in a file of the data directory's disk.
+//! * `memory order flow` / `durable order flow`: start, two driver calls answered at once,
+//!   finish (three steps) on the in-memory and on the embedded (fsync'd) engine, timed
+//!   from the start request to `finished()`, at concurrency 1, 64 and 1024.
+//! * `start`, `impulse`, `probe`: one request each on the durable engine, one at a time.
+
+#![allow(missing_docs)] // bench-local flows and drivers
+// A benchmark measures wall-clock time: that is its point.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flowwire::core::{Instance, Scratch};
+use flowwire::prelude::*;
+use flowwire::storage::{InstanceKey, codec};
+use support::{Mode, Samples, fmt_bytes, fmt_duration};
+use tokio::sync::Semaphore;
+
+#[global_allocator]
+static GLOBAL: support::Counting = support::Counting;
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[error("declined")]
+pub struct Declined;
+
+#[driver(timeout = "10s")]
+pub trait Shop {
+    async fn reserve(&self, sku: u32, qty: u32) -> Result<u64, Declined>;
+    async fn charge(&self, cents: u64) -> Result<u64, Declined>;
+}
+
+/// Answers at once: the bench measures the engine.
+#[derive(Clone)]
+pub struct Counter;
+
+#[driver]
+impl Shop for Counter {
+    async fn reserve(&self, sku: u32, qty: u32) -> Result<u64, Declined> {
+        Ok(u64::from(sku) * u64::from(qty))
+    }
+    async fn charge(&self, cents: u64) -> Result<u64, Declined> {
+        Ok(cents)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OrderState {
+    reservation: Option<u64>,
+    charge: Option<u64>,
+    notes: u32,
+    /// Waits for a note before finishing (the request-latency cases).
+    hold: bool,
+}
+
+/// The order flow: reserve, charge, finish.
+#[flow]
+pub struct Order {
+    #[link]
+    state: OrderState,
+    #[link]
+    shop: impl Shop,
+}
+
+#[flow]
+impl Order {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let s = &self.state;
+        if s.reservation.is_none() {
+            return Command::drive(self.shop.reserve(7, 2)).then(|f, r| {
+                f.state.reservation = Some(r?);
+                Ok(())
+            });
+        }
+        if s.charge.is_none() {
+            return Command::drive(self.shop.charge(9_995)).then(|f, r| {
+                f.state.charge = Some(r?);
+                Ok(())
+            });
+        }
+        if s.hold {
+            return Command::wait();
+        }
+        Command::finish()
+    }
+
+    #[impulse]
+    fn note(&mut self) {
+        self.state.notes += 1;
+    }
+
+    #[probe]
+    fn notes(&self) -> u32 {
+        self.state.notes
+    }
+}
+
+/// The core step's flow: charges forever (the step loop with nothing else around it).
+#[flow]
+pub struct Loop {
+    #[link]
+    state: OrderState,
+    #[link]
+    shop: impl Shop,
+}
+
+#[flow]
+impl Loop {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        Command::drive(self.shop.charge(9_995)).then(|f, r| {
+            f.state.charge = Some(r?);
+            f.state.notes = f.state.notes.wrapping_add(1);
+            Ok(())
+        })
+    }
+}
+
+fn main() {
+    let mode = Mode::current();
+    support::print_machine();
+    println!(
+        "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12} {:>10} {:>11}",
+        "case", "conc", "n", "median", "p99", "per second", "allocs/op", "alloc B/op"
+    );
+    call_and_command(mode);
+    core_step(mode);
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    fsync(mode, tmp.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(engines(mode, tmp.path()));
+}
+
+fn row(case: &str, conc: usize, s: &Samples) {
+    println!(
+        "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12.0} {:>10.1} {:>11}",
+        case,
+        conc,
+        s.len(),
+        fmt_duration(s.median()),
+        fmt_duration(s.p99()),
+        s.per_second(),
+        s.allocs,
+        fmt_bytes(s.alloc_bytes)
+    );
+}
+
+/// Times `op` in batches of `per` (one sample per batch, reported per operation): single
+/// operations of a few nanoseconds are below the clock's resolution.
+fn batched(n: usize, per: usize, mut op: impl FnMut()) -> Samples {
+    let mut sorted = Vec::with_capacity(n);
+    let (a0, b0) = support::allocated();
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        for _ in 0..per {
+            op();
+        }
+        sorted.push(t.elapsed() / u32::try_from(per).unwrap_or(u32::MAX));
+    }
+    let wall = start.elapsed();
+    let (a1, b1) = support::allocated();
+    let ops = (n * per).max(1);
+    #[allow(clippy::cast_precision_loss)]
+    let per_op = |x: u64| x as f64 / ops as f64;
+    let mut s = Samples::from_latencies(sorted, wall / u32::try_from(per).unwrap_or(u32::MAX));
+    s.allocs = per_op(a1 - a0);
+    s.alloc_bytes = per_op(b1 - b0);
+    s
+}
+
+fn call_and_command(mode: Mode) {
+    let proxy = ShopProxy;
+    let s = batched(mode.samples(2_000), 1_000, || {
+        let call = std::hint::black_box(proxy).charge(std::hint::black_box(9_995));
+        let cmd = Command::<Order>::drive(call).then(|f, r| {
+            f.state.charge = Some(r?);
+            Ok(())
+        });
+        let _ = std::hint::black_box(cmd);
+    });
+    row("call+command", 1, &s);
+}
+
+fn core_step(mode: Mode) {
+    let mut scratch = Scratch::default();
+    let key = InstanceKey::new("Loop", "l-1");
+    let (mut inst, first) =
+        Instance::<Loop>::start(key, OrderState::default(), 1 << 20, &mut scratch);
+    inst.commit(&first);
+    let mut reply = Vec::new();
+    codec::encode_raw(&Ok::<u64, Declined>(9_995), &mut reply).expect("encodes");
+    let reply = bytes::Bytes::from(reply);
+    let s = batched(mode.samples(2_000), 500, || {
+        let seq = inst.pending().map(|p| p.seq).expect("a call in flight");
+        let step = inst
+            .outcome(seq, None, Ok(&reply), &mut scratch)
+            .expect("awaited");
+        inst.commit(&step);
+    });
+    row("core step", 1, &s);
+}
+
+fn fsync(mode: Mode, dir: &std::path::Path) {
+    let mut f = std::fs::File::create(dir.join("fsync-probe")).expect("a file");
+    let block = [7u8; 4096];
+    let s = batched(mode.samples(1_000), 1, || {
+        f.write_all(&block).expect("written");
+        f.sync_data().expect("synced");
+    });
+    row("fsync 4 KiB", 1, &s);
+}
+
+async fn engines(mode: Mode, dir: &std::path::Path) {
+    let memory = Engine::builder()
+        .in_memory()
+        .flow::<Order>()
+        .driver(Counter)
+        .start()
+        .await
+        .expect("an in-memory engine");
+    let durable = Engine::builder()
+        .data_dir(dir.join("data"))
+        .flow::<Order>()
+        .driver(Counter)
+        .start()
+        .await
+        .expect("an embedded engine");
+    for (name, engine) in [("memory", &memory), ("durable", &durable)] {
+        flows(engine, name, 64, 128).await; // warm-up
+        for conc in [1, 64, 1024] {
+            let n = match mode {
+                Mode::Test => conc.min(8),
+                Mode::Quick => (conc * 2).max(200),
+                Mode::Full => (conc * 8).max(2_000),
+            };
+            let s = flows(engine, name, conc, n).await;
+            row(&format!("{name} order flow"), conc, &s);
+        }
+    }
+    requests(mode, &durable).await;
+    memory.shutdown().await;
+    durable.shutdown().await;
+}
+
+/// Runs `n` order flows, `conc` at a time, each timed from its start to `finished()`.
+async fn flows(engine: &Engine, tag: &str, conc: usize, n: usize) -> Samples {
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let gate = Arc::new(Semaphore::new(conc));
+    let (a0, b0) = support::allocated();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.expect("open");
+        let engine = engine.clone();
+        let id = format!("{tag}-{run}-{i}");
+        tasks.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            let h = engine
+                .start::<Order>(id, OrderState::default())
+                .await
+                .expect("started");
+            let ended = h.finished().await.expect("finished");
+            assert_eq!(ended, Ended::Finished);
+            t.elapsed()
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        latencies.push(done.expect("a flow task"));
+    }
+    let wall = started.elapsed();
+    let (a1, b1) = support::allocated();
+    let mut s = Samples::from_latencies(latencies, wall);
+    #[allow(clippy::cast_precision_loss)]
+    let per = |x: u64| x as f64 / n.max(1) as f64;
+    s.allocs = per(a1 - a0);
+    s.alloc_bytes = per(b1 - b0);
+    s
+}
+
+/// Start, impulse and probe latency on the durable engine, one request at a time.
+async fn requests(mode: Mode, engine: &Engine) {
+    let n = mode.samples(1_000);
+    let held = OrderState {
+        hold: true,
+        ..OrderState::default()
+    };
+    let s = support::sample(n, |i| {
+        let engine = engine.clone();
+        let state = held.clone();
+        async move {
+            engine
+                .start::<Order>(format!("req-{i}"), state)
+                .await
+                .expect("started");
+        }
+    })
+    .await;
+    row("start", 1, &s);
+    let h = engine.handle::<Order>("req-0").await.expect("a handle");
+    let s = support::sample(n, |_| {
+        let h = &h;
+        async move { h.note().await.expect("applied") }
+    })
+    .await;
+    row("impulse", 1, &s);
+    let s = support::sample(n, |_| {
+        let h = &h;
+        async move {
+            std::hint::black_box(h.notes().await.expect("answered"));
+        }
+    })
+    .await;
+    row("probe", 1, &s);
+}
