@@ -20,14 +20,12 @@
 mod support;
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Instant;
 
 use flowwire::core::{Instance, Scratch};
 use flowwire::prelude::*;
 use flowwire::storage::{InstanceKey, codec};
 use support::{Mode, Samples, fmt_bytes, fmt_duration};
-use tokio::sync::Semaphore;
 
 #[global_allocator]
 static GLOBAL: support::Counting = support::Counting;
@@ -264,38 +262,19 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
 async fn flows(engine: &Engine, tag: &str, conc: usize, n: usize) -> Samples {
     static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let gate = Arc::new(Semaphore::new(conc));
-    let (a0, b0) = support::allocated();
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let permit = gate.clone().acquire_owned().await.expect("open");
+    support::concurrent(n, conc, |i| {
         let engine = engine.clone();
         let id = format!("{tag}-{run}-{i}");
-        tasks.spawn(async move {
-            let _permit = permit;
-            let t = Instant::now();
+        async move {
             let h = engine
                 .start::<Order>(id, OrderState::default())
                 .await
                 .expect("started");
             let ended = h.finished().await.expect("finished");
             assert_eq!(ended, Ended::Finished);
-            t.elapsed()
-        });
-    }
-    let mut latencies = Vec::with_capacity(n);
-    while let Some(done) = tasks.join_next().await {
-        latencies.push(done.expect("a flow task"));
-    }
-    let wall = started.elapsed();
-    let (a1, b1) = support::allocated();
-    let mut s = Samples::from_latencies(latencies, wall);
-    #[allow(clippy::cast_precision_loss)]
-    let per = |x: u64| x as f64 / n.max(1) as f64;
-    s.allocs = per(a1 - a0);
-    s.alloc_bytes = per(b1 - b0);
-    s
+        }
+    })
+    .await
 }
 
 /// Start, impulse and probe latency on the durable engine, one request at a time.

@@ -18,15 +18,11 @@ mod scale_flows;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use flowwire::{Ended, Engine};
 use scale_flows::{Relay, RelayState, bench_shared};
 use support::{Mode, Samples, fmt_duration};
-use tokio::sync::Semaphore;
 
 #[global_allocator]
 static GLOBAL: support::Counting = support::Counting;
@@ -161,16 +157,10 @@ async fn settle(url: &str, prefix: &str, orchestrators: usize) {
 /// Runs `n` workflows, `concurrency` at a time; each is timed from its start request to
 /// its `finished()` answer.
 async fn case(client: &Engine, tag: &str, concurrency: usize, n: usize) -> Samples {
-    let gate = Arc::new(Semaphore::new(concurrency));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let permit = gate.clone().acquire_owned().await.expect("open");
+    support::concurrent(n, concurrency, |i| {
         let client = client.clone();
         let id = format!("{tag}-{i}");
-        tasks.spawn(async move {
-            let _permit = permit;
-            let t = Instant::now();
+        async move {
             let h = client
                 .start::<Relay>(id.as_str(), RelayState::default())
                 .await
@@ -180,12 +170,7 @@ async fn case(client: &Engine, tag: &str, concurrency: usize, n: usize) -> Sampl
                 .expect("finished within a minute")
                 .expect("finished");
             assert_eq!(ended, Ended::Finished);
-            t.elapsed()
-        });
-    }
-    let mut latencies = Vec::with_capacity(n);
-    while let Some(done) = tasks.join_next().await {
-        latencies.push(done.expect("a workflow task"));
-    }
-    Samples::from_latencies(latencies, started.elapsed())
+        }
+    })
+    .await
 }

@@ -171,6 +171,45 @@ where
     }
 }
 
+/// Runs `n` operations, `concurrency` at a time on tokio's workers, timing each from its
+/// start to its end; counts what the whole case allocated, per operation.
+pub async fn concurrent<F, Fut>(n: usize, concurrency: usize, op: F) -> Samples
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let (a0, b0) = allocated();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = gate
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the gate stays open");
+        let fut = op(i);
+        tasks.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            fut.await;
+            t.elapsed()
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        latencies.push(done.expect("an operation panicked"));
+    }
+    let wall = start.elapsed();
+    let (a1, b1) = allocated();
+    let mut s = Samples::from_latencies(latencies, wall);
+    #[allow(clippy::cast_precision_loss)]
+    let per = |x: u64| x as f64 / n.max(1) as f64;
+    s.allocs = per(a1 - a0);
+    s.alloc_bytes = per(b1 - b0);
+    s
+}
+
 /// A duration for a table: ns below 1 µs, µs below 10 ms, ms above.
 pub fn fmt_duration(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;

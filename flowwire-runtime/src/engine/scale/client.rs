@@ -91,22 +91,35 @@ async fn listen(
         let Some(channel) = replies.upgrade().map(|r| r.channel.clone()) else {
             return;
         };
-        loop {
-            failures = failures.saturating_add(1);
-            let delay = super::pause(failures);
-            tokio::time::sleep(delay).await;
-            if replies.strong_count() == 0 {
-                return;
-            }
-            match bus.subscribe(&channel).await {
-                Ok(s) => {
-                    sub = s;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "reply channel not subscribed");
-                }
-            }
+        match resubscribe(&bus, &channel, &mut failures, || {
+            replies.strong_count() == 0
+        })
+        .await
+        {
+            Some(s) => sub = s,
+            None => return,
+        }
+    }
+}
+
+/// Subscribes to `channel` again after its connection was lost, waiting longer after each
+/// failure (`failures` counts them); `None` once `gone()` says nobody listens any more.
+async fn resubscribe(
+    bus: &RedisBus,
+    channel: &str,
+    failures: &mut u32,
+    gone: impl Fn() -> bool,
+) -> Option<flowwire_storage::bus::Subscription> {
+    loop {
+        *failures = failures.saturating_add(1);
+        let delay = super::pause(*failures);
+        tokio::time::sleep(delay).await;
+        if gone() {
+            return None;
+        }
+        match bus.subscribe(channel).await {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::warn!(channel, error = %e, retry_in = ?delay, "not subscribed"),
         }
     }
 }
@@ -207,19 +220,9 @@ async fn announcements(
                 n.notify_waiters();
             }
         }
-        loop {
-            failures = failures.saturating_add(1);
-            tokio::time::sleep(super::pause(failures)).await;
-            if watch.strong_count() == 0 {
-                return;
-            }
-            match bus.subscribe(&channel).await {
-                Ok(s) => {
-                    sub = s;
-                    break;
-                }
-                Err(e) => tracing::warn!(error = %e, "ended announcements not subscribed"),
-            }
+        match resubscribe(&bus, &channel, &mut failures, || watch.strong_count() == 0).await {
+            Some(s) => sub = s,
+            None => return,
         }
     }
 }
