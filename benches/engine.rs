@@ -134,10 +134,23 @@ fn main() {
         "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12} {:>10} {:>11}",
         "case", "conc", "n", "median", "p99", "per second", "allocs/op", "alloc B/op"
     );
-    call_and_command(mode);
-    core_step(mode);
+    if support::wanted("call+command") {
+        call_and_command(mode);
+    }
+    if support::wanted("core step") {
+        core_step(mode);
+    }
     let tmp = tempfile::tempdir().expect("a temp dir");
-    fsync(mode, tmp.path());
+    if support::wanted("fsync") {
+        fsync(mode, tmp.path());
+    }
+    if support::wanted("1 core") {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(one_core(mode));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -242,6 +255,9 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
         .await
         .expect("an embedded engine");
     for (name, engine) in [("memory", &memory), ("durable", &durable)] {
+        if !support::wanted(&format!("{name} order flow")) {
+            continue;
+        }
         flows(engine, name, 64, 128).await; // warm-up
         for conc in [1, 64, 1024] {
             let n = match mode {
@@ -253,9 +269,32 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
             row(&format!("{name} order flow"), conc, &s);
         }
     }
-    requests(mode, &durable).await;
+    if ["start", "impulse", "probe"].into_iter().any(support::wanted) {
+        requests(mode, &durable).await;
+    }
     memory.shutdown().await;
     durable.shutdown().await;
+}
+
+/// The in-memory engine on one core (tokio's current-thread runtime): the engine, its
+/// driver pool and the callers share one thread, so flows/s × 3 is steps/s on one core.
+async fn one_core(mode: Mode) {
+    let memory = Engine::builder()
+        .in_memory()
+        .flow::<Order>()
+        .driver(Counter)
+        .start()
+        .await
+        .expect("an in-memory engine");
+    flows(&memory, "1core", 64, 128).await; // warm-up
+    let n = match mode {
+        Mode::Test => 8,
+        Mode::Quick => 20_000,
+        Mode::Full => 200_000,
+    };
+    let s = flows(&memory, "1core", 1024, n).await;
+    row("memory flow, 1 core", 1024, &s);
+    memory.shutdown().await;
 }
 
 /// Runs `n` order flows, `conc` at a time, each timed from its start to `finished()`.

@@ -3,8 +3,9 @@
 //! not disturb each other).
 //!
 //! * Building a driver call and a `Command` with non-allocating arguments allocates nothing.
-//! * One in-memory step (apply an outcome, run the wire, encode the record and history
-//!   entry) is counted and reported; the bound asserted here is the figure measured, so a
+//! * In-memory steps (apply an outcome, run the wire, encode the record and history entry,
+//!   commit to the in-memory store) allocate nothing of their own in steady state; a round
+//!   of them allocates for its batch. The bound asserted is near the figure measured, so a
 //!   regression fails the test.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -100,27 +101,79 @@ fn building_a_call_and_a_command_allocates_nothing() {
     assert_eq!(n, 0);
 }
 
+/// Polls a future that is ready at once (the in-memory store's), without a runtime.
+fn now<T>(fut: impl std::future::Future<Output = T>) -> T {
+    let mut fut = std::pin::pin!(fut);
+    match fut
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the in-memory store answers at once"),
+    }
+}
+
 #[test]
-fn one_in_memory_step_allocates_a_small_fixed_number_of_times() {
+fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
+    use flowwire::storage::{Ladder, MemoryStore, Retention, StepResult, store::InstanceStore};
+    // A runner's round: 64 instances each apply an outcome (continuation, wire, encoded
+    // state and call), are sealed (record and history entry encoded), and commit together
+    // to the in-memory store. 200 rounds after a warm-up.
+    const INSTANCES: usize = 64;
+    const ROUNDS: usize = 200;
+    let store = MemoryStore::new();
+    let placement = Ladder::inline_only().validate(1 << 20).unwrap();
     let mut scratch = Scratch::default();
-    let key = InstanceKey::new("Pay", "p-1");
-    let (mut inst, first) = Instance::<Pay>::start(key, PayState::default(), 1 << 20, &mut scratch);
-    inst.commit(&first);
     let mut reply = Vec::new();
     codec::encode_raw(&Ok::<u64, Declined>(42), &mut reply).unwrap();
     let reply = bytes::Bytes::from(reply);
-    // Warm the scratch buffers with one step, then measure the next.
-    let seq = inst.pending().unwrap().seq;
-    let step = inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap();
-    inst.commit(&step);
-    let seq = inst.pending().unwrap().seq;
-    let (step, n) = allocations(|| inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap());
-    inst.commit(&step);
+    let mut live = Vec::new();
+    for i in 0..INSTANCES {
+        let key = InstanceKey::new("Pay", format!("p-{i}"));
+        let (inst, first) = Instance::<Pay>::start(key, PayState::default(), 1 << 20, &mut scratch);
+        live.push((inst, Some(first), None));
+    }
+    let mut writes = Vec::with_capacity(INSTANCES);
+    let mut round = |live: &mut Vec<(Instance<Pay>, Option<flowwire::core::Step>, Option<_>)>| {
+        for (inst, step, placed) in live.iter_mut() {
+            let s = match step.take() {
+                Some(first) => first,
+                None => {
+                    let seq = inst.pending().unwrap().seq;
+                    inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap()
+                }
+            };
+            let prev = placed.as_ref().map(|p| (p, &inst.record().state));
+            let sealed = placement
+                .seal(&s.draft, prev, Retention::All, &mut scratch.out, &mut scratch.arena)
+                .unwrap();
+            writes.push(sealed.write);
+            *placed = Some(sealed.placed);
+            inst.commit(&s);
+        }
+        let results = now(store.commit(std::mem::take(&mut writes))).unwrap();
+        assert!(results.iter().all(|r| *r == StepResult::Committed));
+    };
+    for _ in 0..20 {
+        round(&mut live); // warm-up: buffers, maps and chunks reach their size
+    }
+    let ((), n) = allocations(|| {
+        for _ in 0..ROUNDS {
+            round(&mut live);
+        }
+    });
+    let steps = (INSTANCES * ROUNDS) as f64;
     eprintln!(
-        "allocations in one in-memory step (outcome → continuation → wire → encoded record + history): {n}"
+        "allocations in {ROUNDS} rounds of {INSTANCES} in-memory steps: {n} ({:.3} per step)",
+        n as f64 / steps
     );
+    // Measured: 2,030 (0.16 per step). Per round: the batch's vector, the store's results
+    // and its boxed future (3). The steps reuse the scratch buffers and carve their payloads
+    // from the arena: a 16 KiB chunk (and its shared header) per ~64 steps. The store copies
+    // what it keeps into the instance's own buffers, whose growth (the whole history is
+    // kept) doubles their capacity now and then.
     assert!(
-        n <= 5,
-        "one step allocated {n} times (5 when this test was written: call, state, record, history bytes and the history entry input)"
+        n as f64 / steps <= 0.2,
+        "{n} allocations in {ROUNDS} rounds of {INSTANCES} steps"
     );
 }

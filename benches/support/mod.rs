@@ -6,6 +6,8 @@
 //! * `FLOWWIRE_BENCH_QUICK=1 cargo bench`: a smoke run with a tenth of the samples.
 //! * `cargo test --all-targets` runs the binary without `--bench`: one sample of each case
 //!   at small sizes, so the bench code is tested without the wait.
+//! * `cargo bench --bench engine -- memory` runs only the cases whose names contain
+//!   `memory` (as libtest filters tests); useful under a profiler.
 
 #![allow(dead_code, unsafe_code)]
 // A benchmark measures wall-clock time: that is its point.
@@ -84,6 +86,13 @@ impl Mode {
             Mode::Test => 1,
         }
     }
+}
+
+/// Whether the case `name` runs: every case unless filters were given on the command line
+/// (arguments not starting with `-`), then those whose name contains one of them.
+pub fn wanted(name: &str) -> bool {
+    let mut filters = std::env::args().skip(1).filter(|a| !a.starts_with('-')).peekable();
+    filters.peek().is_none() || filters.any(|f| name.contains(f.as_str()))
 }
 
 /// Latencies of one case, sorted, plus what the case allocated.

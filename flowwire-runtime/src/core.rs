@@ -17,6 +17,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flowwire_storage::arena::Arena;
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
@@ -65,6 +66,8 @@ fn one(call: PendingCall) -> Dispatches {
 /// Reusable encode buffers, one set per runner, and the time of the steps being built.
 #[derive(Debug, Default)]
 pub struct Scratch {
+    /// Where the step's small payloads are carved from (no allocation each).
+    pub arena: Arena,
     call: Vec<u8>,
     state: Vec<u8>,
     /// The runner's buffer for encoding records and history entries.
@@ -73,21 +76,6 @@ pub struct Scratch {
     /// shell (the core reads no clock). Timers are armed relative to it and history
     /// entries record it.
     pub now_ms: u64,
-}
-
-/// Encoded payloads at least this large leave the scratch buffer instead of being copied
-/// out of it: a large state costs its encoding once, not twice, and the runner does not
-/// keep a buffer of the largest state it ever saw.
-const HAND_OVER: usize = 64 * 1024;
-
-/// The bytes encoded in a scratch buffer, as `Bytes`: copied when small (the buffer keeps
-/// its capacity for the next step), handed over when large.
-fn freeze(buf: &mut Vec<u8>) -> Bytes {
-    if buf.len() >= HAND_OVER {
-        Bytes::from(std::mem::take(buf))
-    } else {
-        Bytes::copy_from_slice(buf)
-    }
 }
 
 /// One step, ready to be placed on the ladder and persisted.
@@ -253,7 +241,7 @@ impl<F: Flow> Instance<F> {
                     // persists it with this version).
                     scratch.state.clear();
                     codec::encode_raw(&state, &mut scratch.state)?;
-                    record.state = freeze(&mut scratch.state);
+                    record.state = scratch.arena.take(&mut scratch.state);
                     record.flow_version = F::VERSION;
                     state
                 }
@@ -402,7 +390,7 @@ impl<F: Flow> Instance<F> {
         let name = impulse.name();
         scratch.call.clear();
         let payload = match codec::encode_raw(&impulse, &mut scratch.call) {
-            Ok(()) => Some(freeze(&mut scratch.call)),
+            Ok(()) => Some(scratch.arena.take(&mut scratch.call)),
             Err(_) => None,
         };
         let input = StepInput::Impulse {
@@ -475,7 +463,7 @@ impl<F: Flow> Instance<F> {
                 seq,
                 link: undo.link(),
                 method: undo.method(),
-                call: Bytes::copy_from_slice(&scratch.call),
+                call: scratch.arena.copy(&scratch.call),
             });
         }
         let delivered = match outcome {
@@ -628,7 +616,7 @@ impl<F: Flow> Instance<F> {
         scratch.state.clear();
         codec::encode_raw(self.flow.state(), &mut scratch.state)
             .map_err(|e| format!("the state could not be encoded: {e}"))?;
-        Ok(freeze(&mut scratch.state))
+        Ok(scratch.arena.take(&mut scratch.state))
     }
 
     /// A step of a fan-out in progress: the fan-out with the next queued branches sent.
@@ -841,7 +829,7 @@ impl<F: Flow> Instance<F> {
                     Refused::State(format!("the patched state does not encode: {e}"))
                 })?;
                 self.flow = F::from_state(state);
-                let bytes = freeze(&mut scratch.state);
+                let bytes = scratch.arena.take(&mut scratch.state);
                 self.operated(StepInput::Patch, bytes, None)
             }
             Operation::Rewind { to, state } => {
@@ -1020,7 +1008,7 @@ impl<F: Flow> Instance<F> {
                             seq,
                             link,
                             method,
-                            call: freeze(&mut scratch.call),
+                            call: scratch.arena.take(&mut scratch.call),
                             redelivered: 0,
                         };
                         (p.clone(), one(p))
@@ -1142,7 +1130,7 @@ impl<F: Flow> Instance<F> {
             let reason = format!("the state could not be encoded: {e}");
             return self.park(input, reason, scratch);
         }
-        let state = freeze(&mut scratch.state);
+        let state = scratch.arena.take(&mut scratch.state);
         if let Some(reason) = failing {
             let compensations = self.compensations_now();
             // The impulse that led the wire to fail was applied: its id is recorded with
@@ -1162,7 +1150,7 @@ impl<F: Flow> Instance<F> {
     fn end(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
         scratch.state.clear();
         let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
-            Ok(()) => freeze(&mut scratch.state),
+            Ok(()) => scratch.arena.take(&mut scratch.state),
             Err(_) => self.record.state.clone(),
         };
         let compensations = self.compensations_now();
@@ -1272,7 +1260,7 @@ impl<F: Flow> Instance<F> {
             self.flow = F::from_state(s);
         }
         let state = if state.is_empty() {
-            freeze(&mut scratch.state)
+            scratch.arena.take(&mut scratch.state)
         } else {
             state
         };

@@ -439,13 +439,15 @@ impl Placement {
     /// Places a step's payloads and builds its write.
     ///
     /// `prev` is the committed record (persisted form and its state bytes), `None` for a
-    /// start. `buf` is a reusable encode buffer.
+    /// start. `buf` is a reusable encode buffer; the record and the history entry are
+    /// carved from `arena`.
     pub fn seal(
         &self,
         draft: &Draft,
         prev: Option<(&PlacedRecord, &Bytes)>,
         retention: Retention,
         buf: &mut Vec<u8>,
+        arena: &mut crate::arena::Arena,
     ) -> Result<Sealed, BlobError> {
         let Draft {
             key,
@@ -560,7 +562,7 @@ impl Placement {
             key: key.to_string(),
             detail: e.to_string(),
         })?;
-        let record_bytes = Bytes::copy_from_slice(buf);
+        let record_bytes = arena.copy(buf);
         let history = if keep_history {
             let entry = HistoryEntry {
                 seq,
@@ -578,7 +580,7 @@ impl Placement {
                 key: key.to_string(),
                 detail: e.to_string(),
             })?;
-            Some((seq, Bytes::copy_from_slice(buf)))
+            Some((seq, arena.copy(buf)))
         } else {
             None
         };

@@ -16,6 +16,7 @@
 //!
 //! Users normally reach this crate through the `flowwire` facade.
 
+pub mod arena;
 pub mod blob;
 #[cfg(feature = "redis")]
 pub mod bus;

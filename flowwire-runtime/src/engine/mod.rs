@@ -49,6 +49,8 @@ pub(crate) struct Limits {
     pub driver_queue: usize,
     pub max_batch: usize,
     pub decode_limit: usize,
+    /// The embedded store's page cache, in bytes.
+    pub store_cache: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +64,7 @@ impl Default for Limits {
             driver_queue: 4096,
             max_batch: 512,
             decode_limit: flowwire_storage::DEFAULT_DECODE_LIMIT,
+            store_cache: RedbStore::DEFAULT_CACHE,
         }
     }
 }
@@ -341,6 +344,20 @@ impl EngineBuilder {
         self
     }
 
+    /// Memory the embedded store (a [`data_dir`](Self::data_dir) engine's) keeps for its
+    /// pages. Default 64 MiB ([`RedbStore::DEFAULT_CACHE`]); raise it when a large share
+    /// of many instances is read often (timers, impulses), lower it on a small node.
+    ///
+    /// ```
+    /// use flowwire_runtime::Engine;
+    /// let builder = Engine::builder().data_dir("./data").store_cache(256 << 20);
+    /// # drop(builder);
+    /// ```
+    pub fn store_cache(mut self, bytes: usize) -> Self {
+        self.limits.store_cache = bytes;
+        self
+    }
+
     /// Largest record or state the engine decodes. Default 64 MiB.
     pub fn decode_limit(mut self, bytes: usize) -> Self {
         self.limits.decode_limit = bytes;
@@ -364,7 +381,9 @@ impl EngineBuilder {
                     source,
                 })?;
                 let file = dir.join("instances.redb");
-                let store = tokio::task::spawn_blocking(move || RedbStore::open(file))
+                let cache = self.limits.store_cache;
+                let store =
+                    tokio::task::spawn_blocking(move || RedbStore::open_with_cache(file, cache))
                     .await
                     .map_err(|e| {
                         Error::Store(flowwire_storage::StoreError::Backend(e.to_string()))

@@ -237,6 +237,9 @@ pub(crate) struct Runner<F: Flow> {
     uploading: usize,
     /// Inputs released by a finished upload, for the front of the next round.
     requeue: VecDeque<Input<F>>,
+    /// A round's steps ready to commit, and their writes (kept for their capacity).
+    ready: Vec<(Staged<F>, PlacedRecord)>,
+    writes: Vec<flowwire_storage::StepWrite>,
     /// Multi-process mode: the shard this runner owns.
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
@@ -294,6 +297,8 @@ impl<F: Flow> Runner<F> {
             inbox_rx: Some(inbox_rx),
             uploading: 0,
             requeue: VecDeque::new(),
+            ready: Vec::new(),
+            writes: Vec::new(),
             owned: None,
             lost: false,
         };
@@ -388,6 +393,7 @@ impl<F: Flow> Runner<F> {
             None => self.store.active(F::NAME).await?,
         };
         let mut staged = Vec::new();
+        let mut uploaded = Vec::new();
         let n = active.len();
         for (id, stored) in active {
             match self.adopt(&id, &stored).await {
@@ -395,9 +401,13 @@ impl<F: Flow> Runner<F> {
                 Ok(None) => {}
                 Err(e) => self.reload_later(id, 1, &e),
             }
+            // Commits go in batches of at most `max_batch`, as in the running loop.
+            if staged.len() >= self.limits.max_batch {
+                self.commit(&mut staged, &mut uploaded).await;
+            }
         }
         if !staged.is_empty() {
-            self.commit(staged, Vec::new()).await;
+            self.commit(&mut staged, &mut uploaded).await;
         }
         tracing::info!(flow = F::NAME, instances = n, "recovered");
         Ok(n)
@@ -632,8 +642,12 @@ impl<F: Flow> Runner<F> {
         };
         let mut backlog: VecDeque<Input<F>> = VecDeque::new();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
+        // A round's working sets, cleared (not freed) between rounds.
+        let mut uploaded: Vec<Uploaded<F>> = Vec::new();
+        let mut staged: Vec<Staged<F>> = Vec::new();
+        let mut busy: HashSet<Arc<str>> = HashSet::new();
+        let mut deferred: VecDeque<Input<F>> = VecDeque::new();
         loop {
-            let mut uploaded: Vec<Uploaded<F>> = Vec::new();
             if backlog.is_empty() {
                 let wait = self
                     .next_timer()
@@ -671,9 +685,7 @@ impl<F: Flow> Runner<F> {
                     Err(_) => break,
                 }
             }
-            let mut staged: Vec<Staged<F>> = Vec::new();
-            let mut busy: HashSet<Arc<str>> = HashSet::new();
-            let mut deferred: VecDeque<Input<F>> = VecDeque::new();
+            busy.clear();
             while staged.len() < max {
                 let Some(input) = backlog.pop_front() else {
                     break;
@@ -706,7 +718,7 @@ impl<F: Flow> Runner<F> {
                 backlog.push_front(d);
             }
             if !staged.is_empty() || !uploaded.is_empty() {
-                self.commit(staged, uploaded).await;
+                self.commit(&mut staged, &mut uploaded).await;
             }
             self.evict_idle();
             if self.lost {
@@ -726,7 +738,10 @@ impl<F: Flow> Runner<F> {
                 // dropped, so their callers see `Error::Shutdown`.
                 while self.uploading > 0 {
                     match inbox.recv().await {
-                        Some(Internal::Uploaded(u)) => self.commit(Vec::new(), vec![*u]).await,
+                        Some(Internal::Uploaded(u)) => {
+                            uploaded.push(*u);
+                            self.commit(&mut staged, &mut uploaded).await;
+                        }
                         Some(Internal::Reload { .. } | Internal::Again(_)) => {}
                         None => break,
                     }
@@ -1175,9 +1190,11 @@ impl<F: Flow> Runner<F> {
     /// no blob together with those whose blobs have landed (`uploaded`); steps that need
     /// blobs start their upload and are committed in a later round. Then acts on each
     /// result.
-    async fn commit(&mut self, staged: Vec<Staged<F>>, uploaded: Vec<Uploaded<F>>) {
-        let mut ready: Vec<(Staged<F>, Sealed)> = Vec::with_capacity(staged.len() + uploaded.len());
-        for u in uploaded {
+    async fn commit(&mut self, staged: &mut Vec<Staged<F>>, uploaded: &mut Vec<Uploaded<F>>) {
+        // The round's buffers keep their capacity from round to round.
+        let mut ready = mem::take(&mut self.ready);
+        let mut writes = mem::take(&mut self.writes);
+        for u in uploaded.drain(..) {
             let Uploaded {
                 staged,
                 sealed,
@@ -1189,62 +1206,87 @@ impl<F: Flow> Runner<F> {
                 self.requeue.extend(slot.held.drain(..));
             }
             match result {
-                Ok(()) => ready.push((staged, sealed)),
+                Ok(()) => {
+                    writes.push(sealed.write);
+                    ready.push((staged, sealed.placed));
+                }
                 Err(e) => self.failed(staged, &e),
             }
         }
-        for s in staged {
+        for s in staged.drain(..) {
             let prev = self
                 .slots
                 .get(&s.id)
                 .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
             let fence = self.owned.as_ref().map(|o| o.token);
+            let scratch = &mut self.scratch;
             let sealed = self
                 .placement
-                .seal(&s.step.draft, prev, self.retention, &mut self.scratch.out)
+                .seal(
+                    &s.step.draft,
+                    prev,
+                    self.retention,
+                    &mut scratch.out,
+                    &mut scratch.arena,
+                )
                 .map(|mut sealed| {
                     sealed.write.fence = fence;
                     sealed
                 });
             match sealed {
-                Ok(sealed) if sealed.puts.is_empty() => ready.push((s, sealed)),
+                Ok(sealed) if sealed.puts.is_empty() => {
+                    writes.push(sealed.write);
+                    ready.push((s, sealed.placed));
+                }
                 Ok(sealed) => self.upload(s, sealed),
                 Err(e) => self.failed(s, &Error::from(e)),
             }
         }
-        if ready.is_empty() {
-            return;
-        }
-        let writes = ready.iter().map(|(_, x)| x.write.clone()).collect();
-        let limit = self.limits.store_timeout;
-        let result = match tokio::time::timeout(limit, self.store.commit(writes)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(limit)),
-        };
-        match result {
-            Ok(results) => {
-                for ((s, sealed), r) in ready.into_iter().zip(results) {
-                    match r {
-                        StepResult::Committed => self.committed(s, sealed.placed),
-                        StepResult::Conflict { .. } => self.conflicted(s).await,
-                        StepResult::ImpulseSeen { seq } => self.seen(s, seq),
-                        StepResult::Fenced { token } => {
-                            // Nothing of it is kept: its caller sees the runner stop, and the
-                            // new owner takes the input from the bus.
-                            tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
-                            self.lost = true;
+        if !ready.is_empty() {
+            let limit = self.limits.store_timeout;
+            // The store takes the batch (a remote one sends it elsewhere): its vector is
+            // one allocation per round.
+            let batch = mem::take(&mut writes);
+            let result = match tokio::time::timeout(limit, self.store.commit(batch)).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout(limit)),
+            };
+            match result {
+                Ok(results) => {
+                    let mut results = results.into_iter();
+                    for (s, placed) in ready.drain(..) {
+                        match results.next() {
+                            Some(StepResult::Committed) => self.committed(s, placed),
+                            Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
+                            Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
+                            Some(StepResult::Fenced { token }) => {
+                                // Nothing of it is kept: its caller sees the runner stop, and
+                                // the new owner takes the input from the bus.
+                                tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
+                                self.lost = true;
+                            }
+                            None => {
+                                // The store broke its contract: the step is not known to
+                                // be committed.
+                                let e = StoreError::Backend(
+                                    "the store answered fewer results than steps".into(),
+                                );
+                                self.failed(s, &Error::Store(e));
+                            }
                         }
                     }
                 }
-            }
-            Err(e) => {
-                let e = Error::Store(e);
-                tracing::error!(flow = F::NAME, error = %e, "commit failed");
-                for (s, _) in ready {
-                    self.failed(s, &e);
+                Err(e) => {
+                    let e = Error::Store(e);
+                    tracing::error!(flow = F::NAME, error = %e, "commit failed");
+                    for (s, _) in ready.drain(..) {
+                        self.failed(s, &e);
+                    }
                 }
             }
         }
+        self.ready = ready;
+        self.writes = writes;
     }
 
     /// Writes a step's blobs on a task of its own (bounded by the store timeout) and

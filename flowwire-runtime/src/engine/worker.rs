@@ -10,6 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flowwire_storage::arena::Arena;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::context::CallContext;
@@ -113,11 +114,12 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
         let events = events.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
+            let mut arena = Arena::default();
             loop {
                 // The lock is held only while waiting for the next job.
                 let job = rx.lock().await.recv().await;
                 let Some(job) = job else { return };
-                let result = run_job::<D, S>(&svc, &job, &mut buf, &limits, &events).await;
+                let result = run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
                 let _ = job.reply.send(OutcomeMsg {
                     id: job.id,
                     seq: job.seq,
@@ -147,7 +149,7 @@ async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
 async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: &S,
     job: &Job,
-    buf: &mut Vec<u8>,
+    (buf, arena): (&mut Vec<u8>, &mut Arena),
     limits: &Limits,
     events: &Emitter,
 ) -> Result<Bytes, Fault> {
@@ -179,7 +181,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         );
         let run = ctx.scope(guarded(D::dispatch(svc, call, buf)));
         let fault = match tokio::time::timeout(policy.timeout, run).await {
-            Ok(Ok(Ok(()))) => return Ok(Bytes::copy_from_slice(buf)),
+            Ok(Ok(Ok(()))) => return Ok(arena.copy(buf)),
             Ok(Ok(Err(e))) => return Err(Fault::Codec(e.to_string())),
             Ok(Err(message)) => Fault::Panicked {
                 attempts: attempt,

@@ -1,6 +1,12 @@
 //! The in-memory store: the reference backend, for tests and for in-memory engines.
+//!
+//! Laid out for the step loop: everything is partitioned by flow, then by instance, so a
+//! step touches one instance's entry through two hash lookups and never compares keys
+//! longer than an id. What a step writes is copied into buffers the instance owns — its
+//! record is rewritten in place, its history appended to one buffer — so a steady step
+//! allocates nothing here, and nothing it keeps pins the caller's buffers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -23,27 +29,156 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    records: HashMap<InstanceKey, Stored>,
-    active: BTreeSet<(Arc<str>, Arc<str>)>,
-    parked: BTreeSet<(Arc<str>, Arc<str>)>,
-    /// (flow, due, id), and the due of each (flow, id) to find its entry.
-    timers: BTreeSet<(Arc<str>, u64, Arc<str>)>,
-    timer_of: HashMap<(Arc<str>, Arc<str>), u64>,
-    /// (flow, correlation key, id).
-    correlated: BTreeSet<(Arc<str>, Arc<str>, Arc<str>)>,
-    impulses: HashMap<(InstanceKey, Arc<str>), u64>,
-    history: BTreeMap<(InstanceKey, u64), Bytes>,
+    flows: HashMap<Arc<str>, FlowData>,
 }
 
-impl Inner {
-    fn set_timer(&mut self, ak: &(Arc<str>, Arc<str>), due: Option<u64>) {
-        if let Some(old) = self.timer_of.remove(ak) {
-            self.timers.remove(&(ak.0.clone(), old, ak.1.clone()));
+/// One flow's instances and indexes.
+#[derive(Debug, Default)]
+struct FlowData {
+    instances: HashMap<Arc<str>, Entry>,
+    active: HashSet<Arc<str>>,
+    /// Ordered: listed in pages.
+    parked: BTreeSet<Arc<str>>,
+    /// (due, id), earliest first.
+    timers: BTreeSet<(u64, Arc<str>)>,
+    /// (correlation key, id).
+    correlated: BTreeSet<(Arc<str>, Arc<str>)>,
+}
+
+/// One instance.
+#[derive(Debug, Default)]
+struct Entry {
+    version: u64,
+    /// The record's bytes, rewritten in place by each step.
+    record: Vec<u8>,
+    timer: Option<u64>,
+    /// Applied impulses, by id.
+    impulses: HashMap<Arc<str>, u64>,
+    history: History,
+}
+
+/// An instance's history entries, back to back in one buffer.
+#[derive(Debug, Default)]
+struct History {
+    bytes: Vec<u8>,
+    /// Where the first entry kept starts in `bytes` (pruned ones are before it).
+    start: usize,
+    /// Each entry's step and where it ends in `bytes`, oldest first.
+    ends: VecDeque<(u64, usize)>,
+}
+
+impl History {
+    fn push(&mut self, seq: u64, entry: &[u8]) {
+        self.bytes.extend_from_slice(entry);
+        self.ends.push_back((seq, self.bytes.len()));
+    }
+
+    /// Drops the entries of steps below `below`; the buffer is compacted once most of it
+    /// is dropped entries (amortized: each byte moves at most once per halving).
+    fn prune(&mut self, below: u64) {
+        while let Some(&(seq, end)) = self.ends.front() {
+            if seq >= below {
+                break;
+            }
+            self.start = end;
+            self.ends.pop_front();
+        }
+        if self.start > 0 && self.start * 2 >= self.bytes.len() {
+            let gone = self.start;
+            self.bytes.drain(..gone);
+            for (_, end) in &mut self.ends {
+                *end -= gone;
+            }
+            self.start = 0;
+        }
+    }
+
+    fn read(&self, from: u64, limit: usize) -> Vec<(u64, Bytes)> {
+        let first = self.ends.partition_point(|(seq, _)| *seq < from);
+        let mut begin = match first.checked_sub(1) {
+            Some(i) => self.ends[i].1,
+            None => self.start,
+        };
+        self.ends
+            .iter()
+            .skip(first)
+            .take(limit)
+            .map(|&(seq, end)| {
+                let entry = Bytes::copy_from_slice(&self.bytes[begin..end]);
+                begin = end;
+                (seq, entry)
+            })
+            .collect()
+    }
+}
+
+impl FlowData {
+    fn set_timer(&mut self, id: &Arc<str>, due: Option<u64>) {
+        let Some(entry) = self.instances.get_mut(id) else {
+            return;
+        };
+        if entry.timer == due {
+            return;
+        }
+        if let Some(old) = entry.timer.take() {
+            self.timers.remove(&(old, id.clone()));
         }
         if let Some(due) = due {
-            self.timer_of.insert(ak.clone(), due);
-            self.timers.insert((ak.0.clone(), due, ak.1.clone()));
+            entry.timer = Some(due);
+            self.timers.insert((due, id.clone()));
         }
+    }
+
+    fn apply(&mut self, step: StepWrite) -> StepResult {
+        let id = step.key.id;
+        let found = self.instances.get(&id).map(|e| e.version);
+        let ok = match step.expect {
+            Expect::Absent => found.is_none(),
+            Expect::Version(v) => found == Some(v),
+        };
+        if !ok {
+            return StepResult::Conflict { found };
+        }
+        let entry = self.instances.entry(id.clone()).or_default();
+        if let Some(impulse) = step.impulse {
+            if let Some(seq) = entry.impulses.get(&impulse) {
+                return StepResult::ImpulseSeen { seq: *seq };
+            }
+            entry.impulses.insert(impulse, step.seq);
+        }
+        entry.version = step.version;
+        entry.record.clear();
+        entry.record.extend_from_slice(&step.record);
+        if entry.record.capacity() > 4 * 1024 && entry.record.capacity() > 4 * entry.record.len() {
+            // A record that shrank a lot does not keep its largest size.
+            entry.record.shrink_to_fit();
+        }
+        if let Some((seq, bytes)) = &step.history {
+            entry.history.push(*seq, bytes);
+        }
+        if let Some(below) = step.prune_below {
+            entry.history.prune(below);
+        }
+        if step.active {
+            if !self.active.contains(&id) {
+                self.active.insert(id.clone());
+            }
+        } else {
+            self.active.remove(&id);
+        }
+        if step.parked {
+            self.parked.insert(id.clone());
+        } else {
+            self.parked.remove(&id);
+        }
+        self.set_timer(&id, step.timer);
+        if let Some(old) = step.uncorrelate {
+            self.correlated.remove(&(old, id.clone()));
+        }
+        if let Some(new) = step.correlation {
+            self.correlated.insert((new, id));
+        }
+        StepResult::Committed
     }
 }
 
@@ -54,9 +189,17 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave a half-applied batch: every batch is
+        // A panic while holding the lock cannot leave a half-applied step: each step is
         // checked before any of it is applied.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The stored form of an entry, as `load` answers it.
+fn stored(e: &Entry) -> Stored {
+    Stored {
+        version: e.version,
+        bytes: Bytes::copy_from_slice(&e.record),
     }
 }
 
@@ -65,62 +208,11 @@ impl InstanceStore for MemoryStore {
         let mut inner = self.lock();
         let mut results = Vec::with_capacity(batch.len());
         for step in batch {
-            let found = inner.records.get(&step.key).map(|s| s.version);
-            let ok = match step.expect {
-                Expect::Absent => found.is_none(),
-                Expect::Version(v) => found == Some(v),
+            let flow = match inner.flows.get_mut(&step.key.flow) {
+                Some(f) => f,
+                None => inner.flows.entry(step.key.flow.clone()).or_default(),
             };
-            if !ok {
-                results.push(StepResult::Conflict { found });
-                continue;
-            }
-            if let Some(impulse) = &step.impulse {
-                let k = (step.key.clone(), impulse.clone());
-                if let Some(seq) = inner.impulses.get(&k) {
-                    results.push(StepResult::ImpulseSeen { seq: *seq });
-                    continue;
-                }
-                inner.impulses.insert(k, step.seq);
-            }
-            let ak = (step.key.flow.clone(), step.key.id.clone());
-            if step.active {
-                inner.active.insert(ak.clone());
-            } else {
-                inner.active.remove(&ak);
-            }
-            if step.parked {
-                inner.parked.insert(ak.clone());
-            } else {
-                inner.parked.remove(&ak);
-            }
-            inner.set_timer(&ak, step.timer);
-            if let Some(old) = step.uncorrelate {
-                inner.correlated.remove(&(ak.0.clone(), old, ak.1.clone()));
-            }
-            if let Some(new) = step.correlation {
-                inner.correlated.insert((ak.0.clone(), new, ak.1.clone()));
-            }
-            if let Some((seq, entry)) = step.history {
-                inner.history.insert((step.key.clone(), seq), entry);
-            }
-            if let Some(below) = step.prune_below {
-                let old: Vec<_> = inner
-                    .history
-                    .range((step.key.clone(), 0)..(step.key.clone(), below))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in old {
-                    inner.history.remove(&k);
-                }
-            }
-            inner.records.insert(
-                step.key,
-                Stored {
-                    version: step.version,
-                    bytes: step.record,
-                },
-            );
-            results.push(StepResult::Committed);
+            results.push(flow.apply(step));
         }
         Box::pin(std::future::ready(Ok(results)))
     }
@@ -129,21 +221,28 @@ impl InstanceStore for MemoryStore {
         &'a self,
         key: &'a InstanceKey,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
-        let found = self.lock().records.get(key).cloned();
+        let inner = self.lock();
+        let found = inner
+            .flows
+            .get(&key.flow)
+            .and_then(|f| f.instances.get(&key.id))
+            .map(stored);
         Box::pin(std::future::ready(Ok(found)))
     }
 
     fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let inner = self.lock();
-        let out = inner
-            .active
-            .iter()
-            .filter(|(f, _)| &**f == flow)
-            .filter_map(|(f, id)| {
-                let key = InstanceKey::new(f.clone(), id.clone());
-                inner.records.get(&key).map(|s| (id.clone(), s.clone()))
+        let mut out: super::ActiveList = inner
+            .flows
+            .get(flow)
+            .map(|f| {
+                f.active
+                    .iter()
+                    .filter_map(|id| f.instances.get(id).map(|e| (id.clone(), stored(e))))
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -155,11 +254,11 @@ impl InstanceStore for MemoryStore {
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
         let inner = self.lock();
         let out = inner
-            .history
-            .range((key.clone(), from)..=(key.clone(), u64::MAX))
-            .take(limit)
-            .map(|((_, seq), b)| (*seq, b.clone()))
-            .collect();
+            .flows
+            .get(&key.flow)
+            .and_then(|f| f.instances.get(&key.id))
+            .map(|e| e.history.read(from, limit))
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -168,11 +267,12 @@ impl InstanceStore for MemoryStore {
         key: &'a InstanceKey,
         impulse_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        let found = self
-            .lock()
-            .impulses
-            .get(&(key.clone(), Arc::from(impulse_id)))
-            .copied();
+        let inner = self.lock();
+        let found = inner
+            .flows
+            .get(&key.flow)
+            .and_then(|f| f.instances.get(&key.id))
+            .and_then(|e| e.impulses.get(impulse_id).copied());
         Box::pin(std::future::ready(Ok(found)))
     }
 
@@ -183,14 +283,18 @@ impl InstanceStore for MemoryStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
         let inner = self.lock();
-        let f: Arc<str> = flow.into();
         let out = inner
-            .timers
-            .range((f.clone(), 0, Arc::from(""))..)
-            .take_while(|(fl, due, _)| *fl == f && *due <= until_ms)
-            .take(limit)
-            .map(|(_, due, id)| (id.clone(), *due))
-            .collect();
+            .flows
+            .get(flow)
+            .map(|f| {
+                f.timers
+                    .iter()
+                    .take_while(|(due, _)| *due <= until_ms)
+                    .take(limit)
+                    .map(|(due, id)| (id.clone(), *due))
+                    .collect()
+            })
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -201,9 +305,10 @@ impl InstanceStore for MemoryStore {
         actual: Option<u64>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let mut inner = self.lock();
-        let ak = (key.flow.clone(), key.id.clone());
-        if inner.timer_of.get(&ak) == Some(&stale) {
-            inner.set_timer(&ak, actual);
+        if let Some(f) = inner.flows.get_mut(&key.flow)
+            && f.instances.get(&key.id).and_then(|e| e.timer) == Some(stale)
+        {
+            f.set_timer(&key.id, actual);
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -215,15 +320,19 @@ impl InstanceStore for MemoryStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         let inner = self.lock();
-        let f: Arc<str> = flow.into();
         let out = inner
-            .parked
-            .range((f.clone(), Arc::from(after.unwrap_or("")))..)
-            .take_while(|(fl, _)| *fl == f)
-            .filter(|(_, id)| after.is_none_or(|a| &**id > a))
-            .take(limit)
-            .map(|(_, id)| id.clone())
-            .collect();
+            .flows
+            .get(flow)
+            .map(|f| {
+                let from: Arc<str> = after.unwrap_or("").into();
+                f.parked
+                    .range(from..)
+                    .filter(|id| after.is_none_or(|a| &***id > a))
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -234,14 +343,51 @@ impl InstanceStore for MemoryStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         let inner = self.lock();
-        let (f, k): (Arc<str>, Arc<str>) = (flow.into(), key.into());
         let out = inner
-            .correlated
-            .range((f.clone(), k.clone(), Arc::from(""))..)
-            .take_while(|(fl, key, _)| *fl == f && *key == k)
-            .take(limit)
-            .map(|(_, _, id)| id.clone())
-            .collect();
+            .flows
+            .get(flow)
+            .map(|f| {
+                let k: Arc<str> = key.into();
+                f.correlated
+                    .range((k.clone(), Arc::from(""))..)
+                    .take_while(|(ck, _)| *ck == k)
+                    .take(limit)
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::History;
+
+    #[test]
+    fn history_reads_from_a_step_and_prunes_without_losing_later_entries() {
+        let mut h = History::default();
+        for seq in 1..=6u64 {
+            h.push(seq, format!("entry-{seq}").as_bytes());
+        }
+        let read = |h: &History, from, limit| {
+            h.read(from, limit)
+                .into_iter()
+                .map(|(s, b)| (s, String::from_utf8(b.to_vec()).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            read(&h, 3, 2),
+            vec![(3, "entry-3".to_owned()), (4, "entry-4".to_owned())]
+        );
+        h.prune(5); // compacts: 4 of 6 entries gone
+        assert_eq!(h.start, 0);
+        assert_eq!(
+            read(&h, 0, 10),
+            vec![(5, "entry-5".to_owned()), (6, "entry-6".to_owned())]
+        );
+        h.push(7, b"entry-7");
+        assert_eq!(read(&h, 6, 10).len(), 2);
+        assert_eq!(read(&h, 8, 10), vec![]);
     }
 }

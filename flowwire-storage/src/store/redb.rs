@@ -49,14 +49,38 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Opens the store file at `path`, creating it (and its tables) if it does not exist.
+    /// The page cache a store keeps unless told otherwise: 64 MiB.
+    ///
+    /// Enough for the B-tree's inner pages and the hot records of a large node; the rest
+    /// is read from the operating system's page cache on demand. (redb's own default, 1 GiB,
+    /// would make a node holding a million sleeping instances keep all of them resident.)
+    pub const DEFAULT_CACHE: usize = 64 * 1024 * 1024;
+
+    /// Opens the store file at `path`, creating it (and its tables) if it does not exist,
+    /// with a page cache of [`RedbStore::DEFAULT_CACHE`].
     ///
     /// A file left by a crash is recovered by redb; a damaged file is
     /// [`StoreError::Corrupted`]; a file open in another process is [`StoreError::Locked`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, Self::DEFAULT_CACHE)
+    }
+
+    /// Opens the store file at `path` (see [`RedbStore::open`]) with a page cache of
+    /// `cache_bytes`: the most memory the store keeps for pages it read or wrote.
+    ///
+    /// ```no_run
+    /// use flowwire_storage::RedbStore;
+    /// let store = RedbStore::open_with_cache("./flowwire-data/instances.redb", 256 << 20)?;
+    /// # Ok::<(), flowwire_storage::StoreError>(())
+    /// ```
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let err_path = path.clone();
-        let opened = std::panic::catch_unwind(move || Database::create(&err_path));
+        let opened = std::panic::catch_unwind(move || {
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(&err_path)
+        });
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(e)) => return Err(map_err(&path, e)),
@@ -172,16 +196,10 @@ fn commit_blocking(
             records
                 .insert(key, (step.version, &step.record[..]))
                 .map_err(|x| e(x.into()))?;
-            if step.active {
-                active.insert(key, ()).map_err(|x| e(x.into()))?;
-            } else {
-                active.remove(key).map_err(|x| e(x.into()))?;
-            }
-            if step.parked {
-                parked.insert(key, ()).map_err(|x| e(x.into()))?;
-            } else {
-                parked.remove(key).map_err(|x| e(x.into()))?;
-            }
+            // Index tables are written only when their entry changes: a write, even of the
+            // same value, copies the B-tree path to the root into the commit.
+            set_member(&mut active, key, step.active).map_err(e)?;
+            set_member(&mut parked, key, step.parked).map_err(e)?;
             set_timer(&mut timers, &mut timer_of, key, step.timer).map_err(e)?;
             if let Some(old) = &step.uncorrelate {
                 correlated
@@ -198,7 +216,13 @@ fn commit_blocking(
                     .insert((key.0, key.1, *seq), &entry[..])
                     .map_err(|x| e(x.into()))?;
             }
-            if let Some(below) = step.prune_below {
+            if let Some(below) = step.prune_below
+                && history
+                    .range((key.0, key.1, 0)..(key.0, key.1, below))
+                    .map_err(|x| e(x.into()))?
+                    .next()
+                    .is_some()
+            {
                 history
                     .retain_in((key.0, key.1, 0)..(key.0, key.1, below), |_, _| false)
                     .map_err(|x| e(x.into()))?;
@@ -211,6 +235,21 @@ fn commit_blocking(
 }
 
 type Table<'t, K, V> = redb::Table<'t, K, V>;
+
+/// Puts `key` in an index table or takes it out, writing only if that changes it.
+fn set_member(
+    table: &mut Table<'_, (&str, &str), ()>,
+    key: (&str, &str),
+    member: bool,
+) -> Result<(), redb::Error> {
+    let present = table.get(key)?.is_some();
+    if member && !present {
+        table.insert(key, ())?;
+    } else if !member && present {
+        table.remove(key)?;
+    }
+    Ok(())
+}
 
 /// Moves an instance's entry in the timer index to `due` (or removes it).
 fn set_timer(
