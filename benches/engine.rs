@@ -127,6 +127,36 @@ impl Loop {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    n: u32,
+    limit: u32,
+}
+
+/// Charges `limit` times, then finishes: sustained steps with little else per step.
+#[flow]
+pub struct Run {
+    #[link]
+    state: RunState,
+    #[link]
+    shop: impl Shop,
+}
+
+#[flow]
+impl Run {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.n >= self.state.limit {
+            return Command::finish();
+        }
+        Command::drive(self.shop.charge(9_995)).then(|f, r| {
+            r?;
+            f.state.n += 1;
+            Ok(())
+        })
+    }
+}
+
 fn main() {
     let mode = Mode::current();
     support::print_machine();
@@ -269,7 +299,10 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
             row(&format!("{name} order flow"), conc, &s);
         }
     }
-    if ["start", "impulse", "probe"].into_iter().any(support::wanted) {
+    if ["start", "impulse", "probe"]
+        .into_iter()
+        .any(support::wanted)
+    {
         requests(mode, &durable).await;
     }
     memory.shutdown().await;
@@ -294,6 +327,56 @@ async fn one_core(mode: Mode) {
     };
     let s = flows(&memory, "1core", 1024, n).await;
     row("memory flow, 1 core", 1024, &s);
+    memory.shutdown().await;
+
+    // Sustained steps: 1,024 instances each taking `limit` driver-call steps.
+    let memory = Engine::builder()
+        .in_memory()
+        .flow::<Run>()
+        .driver(Counter)
+        .start()
+        .await
+        .expect("an in-memory engine");
+    let limit: u32 = match mode {
+        Mode::Test => 4,
+        Mode::Quick => 100,
+        Mode::Full => 1_000,
+    };
+    let (a0, b0) = support::allocated();
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1024 {
+        let h = memory
+            .start::<Run>(format!("run-{i}"), RunState { n: 0, limit })
+            .await
+            .expect("started");
+        tasks.spawn(async move { h.finished().await.expect("finished") });
+    }
+    while let Some(done) = tasks.join_next().await {
+        assert_eq!(done.expect("a waiter"), Ended::Finished);
+    }
+    let wall = t.elapsed();
+    let (a1, b1) = support::allocated();
+    let steps = 1024 * (u64::from(limit) + 1);
+    #[allow(clippy::cast_precision_loss)]
+    let (per, rate) = (
+        |x: u64| x as f64 / steps as f64,
+        steps as f64 / wall.as_secs_f64(),
+    );
+    let mut s = Samples::from_latencies(vec![wall / u32::try_from(steps).unwrap_or(1); 1], wall);
+    s.allocs = per(a1 - a0);
+    s.alloc_bytes = per(b1 - b0);
+    println!(
+        "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12.0} {:>10.2} {:>11}",
+        "memory steps, 1 core",
+        1024,
+        steps,
+        fmt_duration(s.median()),
+        "",
+        rate,
+        s.allocs,
+        fmt_bytes(s.alloc_bytes)
+    );
     memory.shutdown().await;
 }
 

@@ -15,6 +15,8 @@
 #![allow(missing_docs)] // bench-local flows and drivers
 // A benchmark measures wall-clock time: that is its point.
 #![allow(clippy::disallowed_methods)]
+// Figures for a table: a count above 2^52 is not a concern.
+#![allow(clippy::cast_precision_loss)]
 
 mod support;
 
@@ -155,7 +157,13 @@ async fn run(mode: Mode) {
             history_growth(kind, &tmp.path().join(format!("h-{kind}")), history).await;
         }
         if support::wanted(&format!("{kind} instances")) {
-            instance_growth(mode, kind, &tmp.path().join(format!("i-{kind}")), population).await;
+            instance_growth(
+                mode,
+                kind,
+                &tmp.path().join(format!("i-{kind}")),
+                population,
+            )
+            .await;
         }
     }
     if support::wanted("2 MB") {
@@ -192,7 +200,13 @@ fn row(case: &str, s: &Samples) {
 
 /// Runs one `Steps` instance for `steps` steps; returns the gap between consecutive
 /// calls (one step each) and what the run allocated per step.
-async fn stepping(engine: &Engine, ticks: &Ticks, id: &str, steps: u64, blob: Bytes) -> Vec<Duration> {
+async fn stepping(
+    engine: &Engine,
+    ticks: &Ticks,
+    id: &str,
+    steps: u64,
+    blob: Bytes,
+) -> Vec<Duration> {
     ticks.take();
     let h = engine
         .start::<Steps>(
@@ -213,7 +227,6 @@ async fn stepping(engine: &Engine, ticks: &Ticks, id: &str, steps: u64, blob: By
 fn samples(gaps: &[Duration], allocs: (u64, u64), steps: usize) -> Samples {
     let wall = gaps.iter().sum();
     let mut s = Samples::from_latencies(gaps.to_vec(), wall);
-    #[allow(clippy::cast_precision_loss)]
     let per = |x: u64| x as f64 / steps.max(1) as f64;
     s.allocs = per(allocs.0);
     s.alloc_bytes = per(allocs.1);
@@ -230,7 +243,11 @@ async fn history_growth(kind: &str, dir: &std::path::Path, history: u64) {
     let (a1, b1) = support::allocated();
     let allocs = (a1 - a0, b1 - b0);
     let window = 1_000.min(gaps.len() / 2);
-    let early = samples(&gaps[10.min(gaps.len())..window.max(10)], allocs, gaps.len());
+    let early = samples(
+        &gaps[10.min(gaps.len())..window.max(10)],
+        allocs,
+        gaps.len(),
+    );
     let late = samples(&gaps[gaps.len() - window..], allocs, gaps.len());
     row(&format!("{kind} step, history 10–{window}"), &early);
     row(&format!("{kind} step, history {history}"), &late);
@@ -239,7 +256,6 @@ async fn history_growth(kind: &str, dir: &std::path::Path, history: u64) {
 }
 
 fn ratio(case: &str, small: &Samples, large: &Samples) {
-    #[allow(clippy::cast_precision_loss)]
     let r = large.median().as_nanos() as f64 / small.median().as_nanos().max(1) as f64;
     println!("{case:<34} median ratio {r:.2} (target ≤ 1.20)");
 }
@@ -264,7 +280,6 @@ async fn instance_growth(mode: Mode, kind: &str, dir: &std::path::Path, populati
     populate(&engine, "big", population, day).await;
     let took = t.elapsed();
     let rss1 = support::rss().unwrap_or(0);
-    #[allow(clippy::cast_precision_loss)]
     let rate = population as f64 / took.as_secs_f64();
     println!(
         "{:<34} {population} started in {:.1} s ({rate:.0}/s); RSS {} → {} ({} per instance)",
@@ -310,7 +325,13 @@ async fn populate(engine: &Engine, tag: &str, n: usize, due_ms: u64) {
         tasks.spawn(async move {
             let _permit = permit;
             engine
-                .start::<Nap>(id, NapState { due_ms, woke: false })
+                .start::<Nap>(
+                    id,
+                    NapState {
+                        due_ms,
+                        woke: false,
+                    },
+                )
                 .await
                 .expect("started");
         });
@@ -333,7 +354,13 @@ async fn timer_lag(engine: &Engine, mode: Mode) -> Samples {
     for i in 0..n {
         let due_ms = base + i * 2_000 / n;
         let h = engine
-            .start::<Nap>(format!("lag-{base}-{i}"), NapState { due_ms, woke: false })
+            .start::<Nap>(
+                format!("lag-{base}-{i}"),
+                NapState {
+                    due_ms,
+                    woke: false,
+                },
+            )
             .await
             .expect("started");
         tasks.spawn(async move {
@@ -349,7 +376,6 @@ async fn timer_lag(engine: &Engine, mode: Mode) -> Samples {
     let (a1, b1) = support::allocated();
     let wall = Duration::from_secs(3);
     let mut s = Samples::from_latencies(lags, wall);
-    #[allow(clippy::cast_precision_loss)]
     let per = |x: u64| x as f64 / n as f64;
     s.allocs = per(a1 - a0);
     s.alloc_bytes = per(b1 - b0);
@@ -366,7 +392,10 @@ async fn big_state(mode: Mode, dir: &std::path::Path) {
         Mode::Quick => 50,
         Mode::Test => 5,
     };
-    let blob: Bytes = (0..2_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let blob: Bytes = (0..2_000_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     let (a0, b0) = support::allocated();
     let gaps = stepping(&engine, &ticks, "big", steps, blob).await;
     let (a1, b1) = support::allocated();

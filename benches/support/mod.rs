@@ -91,7 +91,10 @@ impl Mode {
 /// Whether the case `name` runs: every case unless filters were given on the command line
 /// (arguments not starting with `-`), then those whose name contains one of them.
 pub fn wanted(name: &str) -> bool {
-    let mut filters = std::env::args().skip(1).filter(|a| !a.starts_with('-')).peekable();
+    let mut filters = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .peekable();
     filters.peek().is_none() || filters.any(|f| name.contains(f.as_str()))
 }
 

@@ -62,7 +62,7 @@ impl Default for Limits {
             event_capacity: 1024,
             driver_concurrency: 64,
             driver_queue: 4096,
-            max_batch: 512,
+            max_batch: 2048,
             decode_limit: flowwire_storage::DEFAULT_DECODE_LIMIT,
             store_cache: RedbStore::DEFAULT_CACHE,
         }
@@ -338,7 +338,13 @@ impl EngineBuilder {
         self
     }
 
-    /// Most steps committed together in one store transaction. Default 512.
+    /// Most steps committed together in one store transaction. Default 2,048.
+    ///
+    /// Keep it above the number of instances that step at once: when a round cannot take
+    /// every waiting step, the rest wait a whole commit, and the rounds convoy (on the
+    /// embedded store, 1,024 flows at once ran at 14 K flows/s with 512 and 40–50 K with
+    /// 2,048). A commit holds up to this many records, each at most the ladder's inline
+    /// limit (16 KiB by default), so lower it when memory is tight.
     pub fn max_batch(mut self, n: usize) -> Self {
         self.limits.max_batch = n.max(1);
         self
@@ -384,10 +390,10 @@ impl EngineBuilder {
                 let cache = self.limits.store_cache;
                 let store =
                     tokio::task::spawn_blocking(move || RedbStore::open_with_cache(file, cache))
-                    .await
-                    .map_err(|e| {
-                        Error::Store(flowwire_storage::StoreError::Backend(e.to_string()))
-                    })??;
+                        .await
+                        .map_err(|e| {
+                            Error::Store(flowwire_storage::StoreError::Backend(e.to_string()))
+                        })??;
                 data_dir = Some(dir);
                 Arc::new(store)
             }

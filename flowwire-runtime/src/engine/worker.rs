@@ -119,7 +119,8 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                 // The lock is held only while waiting for the next job.
                 let job = rx.lock().await.recv().await;
                 let Some(job) = job else { return };
-                let result = run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
+                let result =
+                    run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
                 let _ = job.reply.send(OutcomeMsg {
                     id: job.id,
                     seq: job.seq,
