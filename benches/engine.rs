@@ -342,7 +342,7 @@ async fn one_core(mode: Mode) {
         Mode::Quick => 100,
         Mode::Full => 1_000,
     };
-    let (a0, b0) = support::allocated();
+    let mark = support::Mark::now();
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1024 {
@@ -356,16 +356,11 @@ async fn one_core(mode: Mode) {
         assert_eq!(done.expect("a waiter"), Ended::Finished);
     }
     let wall = t.elapsed();
-    let (a1, b1) = support::allocated();
     let steps = 1024 * (u64::from(limit) + 1);
     #[allow(clippy::cast_precision_loss)]
-    let (per, rate) = (
-        |x: u64| x as f64 / steps as f64,
-        steps as f64 / wall.as_secs_f64(),
-    );
-    let mut s = Samples::from_latencies(vec![wall / u32::try_from(steps).unwrap_or(1); 1], wall);
-    s.allocs = per(a1 - a0);
-    s.alloc_bytes = per(b1 - b0);
+    let rate = steps as f64 / wall.as_secs_f64();
+    let s = Samples::from_latencies(vec![wall / u32::try_from(steps).unwrap_or(1); 1], wall)
+        .with_allocs(mark.per_op(steps));
     println!(
         "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12.0} {:>10.2} {:>11}",
         "memory steps, 1 core",

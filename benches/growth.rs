@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flowwire::prelude::*;
-use support::{Mode, Samples, fmt_bytes, fmt_duration};
+use support::{Mark, Mode, Samples, fmt_bytes, fmt_duration};
 
 #[global_allocator]
 static GLOBAL: support::Counting = support::Counting;
@@ -226,13 +226,9 @@ async fn stepping(
     at.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-fn samples(gaps: &[Duration], allocs: (u64, u64), steps: usize) -> Samples {
-    let wall = gaps.iter().sum();
-    let mut s = Samples::from_latencies(gaps.to_vec(), wall);
-    let per = |x: u64| x as f64 / steps.max(1) as f64;
-    s.allocs = per(allocs.0);
-    s.alloc_bytes = per(allocs.1);
-    s
+/// Step gaps as samples (their sum as the wall time), with allocations per step.
+fn samples(gaps: &[Duration], per_step: (f64, f64)) -> Samples {
+    Samples::from_latencies(gaps.to_vec(), gaps.iter().sum()).with_allocs(per_step)
 }
 
 /// One instance takes `history` steps: the cost of its steps 10–1,000 against the cost of
@@ -240,17 +236,12 @@ fn samples(gaps: &[Duration], allocs: (u64, u64), steps: usize) -> Samples {
 async fn history_growth(kind: &str, dir: &std::path::Path, history: u64) {
     let ticks = Ticks::default();
     let engine = engine(kind, dir, &ticks).await;
-    let (a0, b0) = support::allocated();
+    let mark = Mark::now();
     let gaps = stepping(&engine, &ticks, "long", history, Bytes::new()).await;
-    let (a1, b1) = support::allocated();
-    let allocs = (a1 - a0, b1 - b0);
+    let allocs = mark.per_op(history);
     let window = 1_000.min(gaps.len() / 2);
-    let early = samples(
-        &gaps[10.min(gaps.len())..window.max(10)],
-        allocs,
-        gaps.len(),
-    );
-    let late = samples(&gaps[gaps.len() - window..], allocs, gaps.len());
+    let early = samples(&gaps[10.min(gaps.len())..window.max(10)], allocs);
+    let late = samples(&gaps[gaps.len() - window..], allocs);
     row(&format!("{kind} step, history 10–{window}"), &early);
     row(&format!("{kind} step, history {history}"), &late);
     ratio(&format!("{kind} history growth"), &early, &late);
@@ -274,7 +265,7 @@ async fn instance_growth(mode: Mode, kind: &str, dir: &std::path::Path, populati
     let day = unix_ms() + 86_400_000;
     populate(&engine, "small", 1_000, day).await;
     let gaps = stepping(&engine, &ticks, "at-1k", steps, Bytes::new()).await;
-    let small = samples(&gaps, (0, 0), gaps.len());
+    let small = samples(&gaps, (0.0, 0.0));
     row(&format!("{kind} step, 1 K instances"), &small);
 
     let rss0 = support::rss().unwrap_or(0);
@@ -292,7 +283,7 @@ async fn instance_growth(mode: Mode, kind: &str, dir: &std::path::Path, populati
         fmt_bytes(rss1.saturating_sub(rss0) as f64 / population as f64),
     );
     let gaps = stepping(&engine, &ticks, "at-big", steps, Bytes::new()).await;
-    let large = samples(&gaps, (0, 0), gaps.len());
+    let large = samples(&gaps, (0.0, 0.0));
     row(&format!("{kind} step, {population} instances"), &large);
     ratio(&format!("{kind} instance growth"), &small, &large);
 
@@ -370,18 +361,12 @@ async fn timer_lag(engine: &Engine, mode: Mode) -> Samples {
             Duration::from_millis(unix_ms().saturating_sub(due_ms))
         });
     }
-    let (a0, b0) = support::allocated();
+    let mark = Mark::now();
     let mut lags = Vec::new();
     while let Some(lag) = tasks.join_next().await {
         lags.push(lag.expect("a waiter panicked"));
     }
-    let (a1, b1) = support::allocated();
-    let wall = Duration::from_secs(3);
-    let mut s = Samples::from_latencies(lags, wall);
-    let per = |x: u64| x as f64 / n as f64;
-    s.allocs = per(a1 - a0);
-    s.alloc_bytes = per(b1 - b0);
-    s
+    Samples::from_latencies(lags, Duration::from_secs(3)).with_allocs(mark.per_op(n))
 }
 
 /// A 2 MB state rewritten on every step, on the embedded engine's default ladder (inline
@@ -398,10 +383,9 @@ async fn big_state(mode: Mode, dir: &std::path::Path) {
         .map(|i| (i % 251) as u8)
         .collect::<Vec<u8>>()
         .into();
-    let (a0, b0) = support::allocated();
+    let mark = Mark::now();
     let gaps = stepping(&engine, &ticks, "big", steps, blob).await;
-    let (a1, b1) = support::allocated();
-    let s = samples(&gaps, (a1 - a0, b1 - b0), gaps.len());
+    let s = samples(&gaps, mark.per_op(steps));
     row("durable step, 2 MB state (files)", &s);
     engine.shutdown().await;
 }

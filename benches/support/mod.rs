@@ -55,6 +55,29 @@ pub fn allocated() -> (u64, u64) {
     )
 }
 
+/// The allocation counters at one point, to count what happens after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    allocs: u64,
+    bytes: u64,
+}
+
+impl Mark {
+    /// The counters now.
+    pub fn now() -> Mark {
+        let (allocs, bytes) = allocated();
+        Mark { allocs, bytes }
+    }
+
+    /// Allocations and bytes allocated since the mark, per operation over `ops`.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn per_op(self, ops: u64) -> (f64, f64) {
+        let (allocs, bytes) = allocated();
+        let per = |x: u64| x as f64 / ops.max(1) as f64;
+        (per(allocs - self.allocs), per(bytes - self.bytes))
+    }
+}
+
 /// How thoroughly to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -123,6 +146,14 @@ impl Samples {
         }
     }
 
+    /// These samples with allocation figures per operation (from [`Mark::per_op`]).
+    #[must_use]
+    pub fn with_allocs(mut self, (allocs, bytes): (f64, f64)) -> Samples {
+        self.allocs = allocs;
+        self.alloc_bytes = bytes;
+        self
+    }
+
     /// The operations measured.
     pub fn len(&self) -> usize {
         self.sorted.len()
@@ -162,25 +193,16 @@ where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut sorted = Vec::with_capacity(n);
-    let (a0, b0) = allocated();
+    let mut latencies = Vec::with_capacity(n);
+    let mark = Mark::now();
     let start = Instant::now();
     for i in 0..n {
         let t = Instant::now();
         op(i).await;
-        sorted.push(t.elapsed());
+        latencies.push(t.elapsed());
     }
     let wall = start.elapsed();
-    let (a1, b1) = allocated();
-    sorted.sort_unstable();
-    #[allow(clippy::cast_precision_loss)]
-    let per = |x: u64| x as f64 / n.max(1) as f64;
-    Samples {
-        sorted,
-        allocs: per(a1 - a0),
-        alloc_bytes: per(b1 - b0),
-        wall,
-    }
+    Samples::from_latencies(latencies, wall).with_allocs(mark.per_op(n as u64))
 }
 
 /// Runs `n` operations, `concurrency` at a time on tokio's workers, timing each from its
@@ -191,7 +213,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let (a0, b0) = allocated();
+    let mark = Mark::now();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -213,13 +235,7 @@ where
         latencies.push(done.expect("an operation panicked"));
     }
     let wall = start.elapsed();
-    let (a1, b1) = allocated();
-    let mut s = Samples::from_latencies(latencies, wall);
-    #[allow(clippy::cast_precision_loss)]
-    let per = |x: u64| x as f64 / n.max(1) as f64;
-    s.allocs = per(a1 - a0);
-    s.alloc_bytes = per(b1 - b0);
-    s
+    Samples::from_latencies(latencies, wall).with_allocs(mark.per_op(n as u64))
 }
 
 /// A duration for a table: ns below 1 µs, µs below 10 ms, ms above.

@@ -131,7 +131,12 @@ impl FlowData {
 
     fn apply(&mut self, step: StepWrite) -> StepResult {
         let id = step.key.id;
-        let found = self.instances.get(&id).map(|e| e.version);
+        // One lookup: the entry is checked, then written (a new one only if expected absent).
+        let slot = self.instances.entry(id.clone());
+        let found = match &slot {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.get().version),
+            std::collections::hash_map::Entry::Vacant(_) => None,
+        };
         let ok = match step.expect {
             Expect::Absent => found.is_none(),
             Expect::Version(v) => found == Some(v),
@@ -139,7 +144,7 @@ impl FlowData {
         if !ok {
             return StepResult::Conflict { found };
         }
-        let entry = self.instances.entry(id.clone()).or_default();
+        let entry = slot.or_default();
         if let Some(impulse) = step.impulse {
             if let Some(seq) = entry.impulses.get(&impulse) {
                 return StepResult::ImpulseSeen { seq: *seq };
