@@ -269,14 +269,19 @@ fn fsync(mode: Mode, dir: &std::path::Path) {
     row("fsync 4 KiB", 1, &s);
 }
 
-async fn engines(mode: Mode, dir: &std::path::Path) {
-    let memory = Engine::builder()
+/// An in-memory engine running flow `F` with the instant `Counter` driver.
+async fn memory_engine<F: flowwire::Flow>() -> Engine {
+    Engine::builder()
         .in_memory()
-        .flow::<Order>()
+        .flow::<F>()
         .driver(Counter)
         .start()
         .await
-        .expect("an in-memory engine");
+        .expect("an in-memory engine")
+}
+
+async fn engines(mode: Mode, dir: &std::path::Path) {
+    let memory = memory_engine::<Order>().await;
     let durable = Engine::builder()
         .data_dir(dir.join("data"))
         .flow::<Order>()
@@ -312,13 +317,7 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
 /// The in-memory engine on one core (tokio's current-thread runtime): the engine, its
 /// driver pool and the callers share one thread, so flows/s × 3 is steps/s on one core.
 async fn one_core(mode: Mode) {
-    let memory = Engine::builder()
-        .in_memory()
-        .flow::<Order>()
-        .driver(Counter)
-        .start()
-        .await
-        .expect("an in-memory engine");
+    let memory = memory_engine::<Order>().await;
     flows(&memory, "1core", 64, 128).await; // warm-up
     let n = match mode {
         Mode::Test => 8,
@@ -330,13 +329,7 @@ async fn one_core(mode: Mode) {
     memory.shutdown().await;
 
     // Sustained steps: 1,024 instances each taking `limit` driver-call steps.
-    let memory = Engine::builder()
-        .in_memory()
-        .flow::<Run>()
-        .driver(Counter)
-        .start()
-        .await
-        .expect("an in-memory engine");
+    let memory = memory_engine::<Run>().await;
     let limit: u32 = match mode {
         Mode::Test => 4,
         Mode::Quick => 100,
