@@ -174,7 +174,7 @@ fn main() {
     if support::wanted("fsync") {
         fsync(mode, tmp.path());
     }
-    if support::wanted("1 core") {
+    if support::wanted("flow, 1 core") || support::wanted("steps, 1 core") {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -317,6 +317,16 @@ async fn engines(mode: Mode, dir: &std::path::Path) {
 /// The in-memory engine on one core (tokio's current-thread runtime): the engine, its
 /// driver pool and the callers share one thread, so flows/s × 3 is steps/s on one core.
 async fn one_core(mode: Mode) {
+    if support::wanted("flow, 1 core") {
+        one_core_flows(mode).await;
+    }
+    if support::wanted("steps, 1 core") {
+        one_core_steps(mode).await;
+    }
+}
+
+/// Order flows at concurrency 1,024 on one core.
+async fn one_core_flows(mode: Mode) {
     let memory = memory_engine::<Order>().await;
     flows(&memory, "1core", 64, 128).await; // warm-up
     let n = match mode {
@@ -327,8 +337,10 @@ async fn one_core(mode: Mode) {
     let s = flows(&memory, "1core", 1024, n).await;
     row("memory flow, 1 core", 1024, &s);
     memory.shutdown().await;
+}
 
-    // Sustained steps: 1,024 instances each taking `limit` driver-call steps.
+/// Sustained steps on one core: 1,024 instances each taking `limit` driver-call steps.
+async fn one_core_steps(mode: Mode) {
     let memory = memory_engine::<Run>().await;
     let limit: u32 = match mode {
         Mode::Test => 4,

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use crate::blob::{self, BlobRef, FrameFault, Payload};
 use crate::error::BlobError;
 use crate::record::{
-    Draft, HistoryEntry, InstanceKey, PlacedCall, PlacedRecord, Record, Retired, StepWrite,
+    Draft, HistoryEntryRef, InstanceKey, PlacedCall, PlacedRecord, Record, Retired, StepWrite,
 };
 use crate::tier::{BlobTier, Tier, TierError};
 
@@ -449,6 +449,8 @@ impl Placement {
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
     ) -> Result<Sealed, BlobError> {
+        // Borrowed, not cloned: only what the placed record and the write keep is copied
+        // (reference counts for payloads).
         let Draft {
             key,
             expect,
@@ -459,14 +461,14 @@ impl Placement {
             output,
             payload,
             at_ms,
-        } = draft.clone();
+        } = draft;
         let seq = record.seq;
         let mut puts = Vec::new();
         let state = match prev {
-            Some((p, bytes)) if *bytes == record.state => p.state.clone(),
-            _ => self.place(&key, seq, 's', record.state, &mut puts)?,
+            Some((p, bytes)) if same_bytes(bytes, &record.state) => p.state.clone(),
+            _ => self.place(key, seq, 's', record.state.clone(), &mut puts)?,
         };
-        let pending = match record.pending {
+        let pending = match &record.pending {
             None => None,
             Some(c) => {
                 let kept = prev
@@ -475,7 +477,7 @@ impl Placement {
                     .map(|p| p.call.clone());
                 let call = match kept {
                     Some(call) => call,
-                    None => self.place(&key, c.seq, 'c', c.call, &mut puts)?,
+                    None => self.place(key, c.seq, 'c', c.call.clone(), &mut puts)?,
                 };
                 Some(PlacedCall {
                     seq: c.seq,
@@ -488,7 +490,7 @@ impl Placement {
         };
         let keep_history = retention != Retention::None;
         let payload = match payload {
-            Some(b) if keep_history => Some(self.place(&key, seq, 'i', b, &mut puts)?),
+            Some(b) if keep_history => Some(self.place(key, seq, 'i', b.clone(), &mut puts)?),
             _ => None,
         };
 
@@ -541,14 +543,14 @@ impl Placement {
         let placed = PlacedRecord {
             flow_version: record.flow_version,
             seq,
-            status: record.status,
+            status: record.status.clone(),
             state,
             pending,
             timer: record.timer,
-            compensations: record.compensations,
-            failing: record.failing,
+            compensations: record.compensations.clone(),
+            failing: record.failing.clone(),
             correlation: correlation.as_deref().map(str::to_owned),
-            fan: record.fan,
+            fan: record.fan.clone(),
             retired: kept,
             trash: dead
                 .into_iter()
@@ -564,14 +566,14 @@ impl Placement {
         })?;
         let record_bytes = arena.copy(buf);
         let history = if keep_history {
-            let entry = HistoryEntry {
+            let entry = HistoryEntryRef {
                 seq,
                 input,
                 output,
-                version,
-                payload,
-                state: Some(placed.state.clone()),
-                at_ms,
+                version: *version,
+                payload: payload.as_ref(),
+                state: Some(&placed.state),
+                at_ms: *at_ms,
             };
             buf.clear();
             entry.encode(buf).map_err(|e| BlobError::Corrupt {
@@ -590,9 +592,9 @@ impl Placement {
         };
         Ok(Sealed {
             write: StepWrite {
-                key,
-                expect,
-                version,
+                key: key.clone(),
+                expect: *expect,
+                version: *version,
                 seq,
                 record: record_bytes,
                 active,
@@ -600,7 +602,7 @@ impl Placement {
                 timer,
                 correlation,
                 uncorrelate,
-                impulse,
+                impulse: impulse.clone(),
                 history,
                 prune_below,
                 fence: None,
@@ -736,6 +738,12 @@ impl Placement {
         }
         failed
     }
+}
+
+/// Whether two payloads hold the same bytes: the same buffer (an unchanged state is
+/// shared, not copied) answers without comparing them.
+fn same_bytes(a: &Bytes, b: &Bytes) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
 }
 
 #[cfg(test)]

@@ -601,6 +601,27 @@ pub struct HistoryEntry {
     pub at_ms: u64,
 }
 
+/// A [`HistoryEntry`] borrowed from the step it records: encodes to the same bytes
+/// (postcard writes a reference as what it refers to), without cloning the step's parts.
+#[derive(Serialize)]
+pub(crate) struct HistoryEntryRef<'a> {
+    pub seq: u64,
+    pub input: &'a StepInput,
+    pub output: &'a StepOutput,
+    pub version: u64,
+    pub payload: Option<&'a Payload>,
+    pub state: Option<&'a Payload>,
+    pub at_ms: u64,
+}
+
+impl HistoryEntryRef<'_> {
+    /// Encodes the entry in its envelope, appending to `out`: the bytes of
+    /// [`HistoryEntry::encode`].
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode(Kind::History, self, out)
+    }
+}
+
 /// A history entry as format 2 wrote it.
 #[derive(Deserialize)]
 struct HistoryEntryV2 {
@@ -778,6 +799,40 @@ pub struct Stored {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_history_entry_encodes_to_the_bytes_of_the_owned_one() {
+        let owned = HistoryEntry {
+            seq: 7,
+            input: StepInput::Impulse {
+                id: "i-1".into(),
+                name: "note".into(),
+            },
+            output: StepOutput::Drive {
+                call_seq: 7,
+                link: 1,
+                method: 2,
+            },
+            version: 8,
+            payload: Some(Payload::Inline(Bytes::from_static(b"reply"))),
+            state: Some(Payload::Inline(Bytes::from_static(b"state"))),
+            at_ms: 1_700_000_000_000,
+        };
+        let borrowed = HistoryEntryRef {
+            seq: owned.seq,
+            input: &owned.input,
+            output: &owned.output,
+            version: owned.version,
+            payload: owned.payload.as_ref(),
+            state: owned.state.as_ref(),
+            at_ms: owned.at_ms,
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        owned.encode(&mut a).unwrap();
+        borrowed.encode(&mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(HistoryEntry::decode(&b, 1 << 20).unwrap(), owned);
+    }
 
     /// Format 3 as it was written (no failure reason, no correlation key).
     #[derive(Serialize)]

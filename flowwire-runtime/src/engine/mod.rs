@@ -23,6 +23,7 @@ mod correlate;
 mod health;
 mod history;
 mod operate;
+pub(crate) mod queue;
 pub(crate) mod runner;
 #[cfg(feature = "redis")]
 pub(crate) mod scale;
@@ -35,7 +36,6 @@ pub use health::Health;
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 pub use operate::Parked;
 use runner::{Msg, Runner};
-use worker::Job;
 
 /// Tunables shared by the runners and the workers.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ struct FlowCtx {
     store: Arc<dyn InstanceStore>,
     placement: Arc<Placement>,
     retention: Retention,
-    ports: HashMap<TypeId, mpsc::Sender<Job>>,
+    ports: HashMap<TypeId, queue::Port>,
     limits: Limits,
     events: Emitter,
 }
@@ -107,7 +107,7 @@ struct FlowEntry {
 struct DriverReg {
     driver: TypeId,
     meta: &'static DriverMeta,
-    spawn: Box<dyn FnOnce(&Limits, &Emitter) -> mpsc::Sender<Job> + Send>,
+    spawn: Box<dyn FnOnce(&Limits, &Emitter) -> queue::Port + Send>,
 }
 
 /// Builds an [`Engine`]: where it stores instances, which flows it runs, which drivers

@@ -176,6 +176,8 @@ struct Slot<F: Flow> {
     /// A step's blobs are being written; inputs that would write wait in `held`.
     uploading: bool,
     held: VecDeque<Input<F>>,
+    /// The last round that took a message for this instance (at most one per round).
+    round: u64,
 }
 
 impl<F: Flow> Slot<F> {
@@ -186,6 +188,7 @@ impl<F: Flow> Slot<F> {
             failures: 0,
             uploading: false,
             held: VecDeque::new(),
+            round: 0,
         }
     }
 }
@@ -227,7 +230,7 @@ pub(crate) struct Runner<F: Flow> {
     store: Arc<dyn InstanceStore>,
     placement: Arc<Placement>,
     retention: Retention,
-    ports: Vec<mpsc::Sender<Job>>,
+    ports: Vec<crate::engine::queue::Port>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limits: Limits,
     scratch: Scratch,
@@ -261,7 +264,7 @@ impl<F: Flow> Runner<F> {
         store: Arc<dyn InstanceStore>,
         placement: Arc<Placement>,
         retention: Retention,
-        ports: Vec<mpsc::Sender<Job>>,
+        ports: Vec<crate::engine::queue::Port>,
         limits: Limits,
         events: Emitter,
     ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
@@ -647,6 +650,7 @@ impl<F: Flow> Runner<F> {
         let mut staged: Vec<Staged<F>> = Vec::new();
         let mut busy: HashSet<Arc<str>> = HashSet::new();
         let mut deferred: VecDeque<Input<F>> = VecDeque::new();
+        let mut round: u64 = 0;
         loop {
             if backlog.is_empty() {
                 let wait = self
@@ -685,22 +689,32 @@ impl<F: Flow> Runner<F> {
                     Err(_) => break,
                 }
             }
+            // One message per instance a round: a resident instance is marked with the
+            // round (no set to hash into), any other goes in `busy`.
             busy.clear();
+            round += 1;
             while staged.len() < max {
                 let Some(input) = backlog.pop_front() else {
                     break;
                 };
-                if let Some(id) = input.serial_on().cloned() {
+                if let Some(id) = input.serial_on() {
                     // A probe need not wait for an upload: it reads the committed bytes.
                     let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
-                    if let Some(slot) = self.slots.get_mut(&id)
-                        && slot.uploading
-                        && !probe
-                    {
-                        slot.held.push_back(input);
-                        continue;
-                    }
-                    if busy.contains(&id) {
+                    let taken = match self.slots.get_mut(id) {
+                        Some(slot) if slot.uploading && !probe => {
+                            slot.held.push_back(input);
+                            continue;
+                        }
+                        // Loaded by an earlier message of this round: `busy` holds it (an
+                        // empty set answers without hashing).
+                        Some(slot) if slot.round == round || busy.contains(id) => true,
+                        Some(slot) => {
+                            slot.round = round;
+                            false
+                        }
+                        None => !busy.insert(id.clone()),
+                    };
+                    if taken {
                         deferred.push_back(input);
                         continue;
                     }
@@ -710,7 +724,6 @@ impl<F: Flow> Runner<F> {
                     break;
                 }
                 if let Some(s) = self.handle(input).await {
-                    busy.insert(s.id.clone());
                     staged.push(s);
                 }
             }
@@ -1328,7 +1341,10 @@ impl<F: Flow> Runner<F> {
         let trash = placed.trash.clone();
         slot.placed = Some(placed);
         self.collect(&trash);
-        self.touched.push(s.id.clone());
+        if !s.step.draft.record.status.has_call() {
+            // It may leave memory at the end of the round (one with a call in flight stays).
+            self.touched.push(s.id.clone());
+        }
         let record = &s.step.draft.record;
         tracing::debug!(flow = F::NAME, id = %s.id, step = record.seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
         // The timer set follows the records: a moved or dropped timer leaves it, a timer
@@ -1597,7 +1613,8 @@ impl<F: Flow> Runner<F> {
         };
         // A full queue must not stall the runner: hand the job to a task that waits.
         // A closed queue means the engine is shutting down; the call runs after restart.
-        if let Err(mpsc::error::TrySendError::Full(job)) = port.try_send(self.job(id, out)) {
+        if let Err(crate::engine::queue::TrySendError::Full(job)) = port.try_send(self.job(id, out))
+        {
             let port = port.clone();
             tokio::spawn(async move {
                 let _ = port.send(job).await;

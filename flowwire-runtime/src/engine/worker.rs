@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire_storage::arena::Arena;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use crate::context::CallContext;
 use crate::driver::{Dispatch, Fault};
 use crate::engine::Limits;
+use crate::engine::queue::{self, Port};
 use crate::events::{Emitter, EventKind};
 
 /// A driver method's policy with every fallback applied.
@@ -99,26 +100,28 @@ pub(crate) struct OutcomeMsg {
     pub receipt: Option<Box<Receipt>>,
 }
 
+/// Jobs a worker runs back to back before it lets other tasks on its thread run (the
+/// budget tokio gives its own resources): calls that answer at once are not awaited on
+/// anything that would yield.
+const BURST: u32 = 128;
+
 /// Spawns the pool for one driver implementation and returns its queue.
 pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
     limits: &Limits,
     events: &Emitter,
-) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel(limits.driver_queue);
-    let rx = Arc::new(Mutex::new(rx));
+) -> Port {
+    let (port, jobs) = queue::channel(limits.driver_queue);
     for _ in 0..limits.driver_concurrency.max(1) {
         let svc = svc.clone();
-        let rx = rx.clone();
+        let jobs = jobs.clone();
         let limits = limits.clone();
         let events = events.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut arena = Arena::default();
-            loop {
-                // The lock is held only while waiting for the next job.
-                let job = rx.lock().await.recv().await;
-                let Some(job) = job else { return };
+            let mut burst = 0;
+            while let Some(job) = jobs.recv().await {
                 let result =
                     run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
                 let _ = job.reply.send(OutcomeMsg {
@@ -128,10 +131,15 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                     result,
                     receipt: job.receipt,
                 });
+                burst += 1;
+                if burst >= BURST {
+                    burst = 0;
+                    tokio::task::yield_now().await;
+                }
             }
         });
     }
-    tx
+    port
 }
 
 /// Polls a future, turning a panic into an error; no allocation, no extra task.
@@ -180,8 +188,17 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
             attempt,
             job.redelivered,
         );
-        let run = ctx.scope(guarded(D::dispatch(svc, call, buf)));
-        let fault = match tokio::time::timeout(policy.timeout, run).await {
+        let ran = {
+            let mut run = pin!(ctx.scope(guarded(D::dispatch(svc, call, buf))));
+            // A call that answers at its first poll (a cache, an in-process service) needs
+            // no timer: the timeout is armed only once the call waits. Time spent in the
+            // first poll is the driver's own code, which no timer could interrupt either.
+            match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+                Poll::Ready(r) => Ok(r),
+                Poll::Pending => tokio::time::timeout(policy.timeout, run).await,
+            }
+        };
+        let fault = match ran {
             Ok(Ok(Ok(()))) => return Ok(arena.copy(buf)),
             Ok(Ok(Err(e))) => return Err(Fault::Codec(e.to_string())),
             Ok(Err(message)) => Fault::Panicked {

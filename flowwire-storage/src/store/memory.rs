@@ -52,6 +52,10 @@ struct Entry {
     /// The record's bytes, rewritten in place by each step.
     record: Vec<u8>,
     timer: Option<u64>,
+    /// Whether the instance is in the flow's active index, and in its parked index: a
+    /// step touches an index only when its membership changes.
+    active: bool,
+    parked: bool,
     /// Applied impulses, by id.
     impulses: HashMap<Arc<str>, u64>,
     history: History,
@@ -114,25 +118,15 @@ impl History {
 
 impl FlowData {
     fn set_timer(&mut self, id: &Arc<str>, due: Option<u64>) {
-        let Some(entry) = self.instances.get_mut(id) else {
-            return;
-        };
-        if entry.timer == due {
-            return;
-        }
-        if let Some(old) = entry.timer.take() {
-            self.timers.remove(&(old, id.clone()));
-        }
-        if let Some(due) = due {
-            entry.timer = Some(due);
-            self.timers.insert((due, id.clone()));
+        if let Some(entry) = self.instances.get_mut(id) {
+            retime(&mut self.timers, id, &mut entry.timer, due);
         }
     }
 
     fn apply(&mut self, step: StepWrite) -> StepResult {
         let id = step.key.id;
         // One lookup: the entry is checked, then written (a new one only if expected absent).
-        let slot = self.instances.entry(id.clone());
+        let slot = self.instances.entry(id);
         let found = match &slot {
             std::collections::hash_map::Entry::Occupied(e) => Some(e.get().version),
             std::collections::hash_map::Entry::Vacant(_) => None,
@@ -144,6 +138,7 @@ impl FlowData {
         if !ok {
             return StepResult::Conflict { found };
         }
+        let id = slot.key().clone();
         let entry = slot.or_default();
         if let Some(impulse) = step.impulse {
             if let Some(seq) = entry.impulses.get(&impulse) {
@@ -164,19 +159,25 @@ impl FlowData {
         if let Some(below) = step.prune_below {
             entry.history.prune(below);
         }
-        if step.active {
-            if !self.active.contains(&id) {
+        // The indexes change only when the instance's membership does: a steady step
+        // (a call answered, the next one sent) touches none of them.
+        if entry.active != step.active {
+            entry.active = step.active;
+            if step.active {
                 self.active.insert(id.clone());
+            } else {
+                self.active.remove(&id);
             }
-        } else {
-            self.active.remove(&id);
         }
-        if step.parked {
-            self.parked.insert(id.clone());
-        } else {
-            self.parked.remove(&id);
+        if entry.parked != step.parked {
+            entry.parked = step.parked;
+            if step.parked {
+                self.parked.insert(id.clone());
+            } else {
+                self.parked.remove(&id);
+            }
         }
-        self.set_timer(&id, step.timer);
+        retime(&mut self.timers, &id, &mut entry.timer, step.timer);
         if let Some(old) = step.uncorrelate {
             self.correlated.remove(&(old, id.clone()));
         }
@@ -184,6 +185,26 @@ impl FlowData {
             self.correlated.insert((new, id));
         }
         StepResult::Committed
+    }
+}
+
+/// Moves an instance's entry in the timer index from `timer` to `due` (nothing when they
+/// are the same).
+fn retime(
+    timers: &mut BTreeSet<(u64, Arc<str>)>,
+    id: &Arc<str>,
+    timer: &mut Option<u64>,
+    due: Option<u64>,
+) {
+    if *timer == due {
+        return;
+    }
+    if let Some(old) = timer.take() {
+        timers.remove(&(old, id.clone()));
+    }
+    if let Some(due) = due {
+        *timer = Some(due);
+        timers.insert((due, id.clone()));
     }
 }
 

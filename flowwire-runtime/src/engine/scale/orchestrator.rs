@@ -243,7 +243,7 @@ async fn start_shard<F: Flow>(
     for s in &streams {
         o.bus.ensure_group(s, GROUP).await?;
     }
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(o.limits.driver_queue);
+    let (jobs_tx, jobs_rx) = crate::engine::queue::channel(o.limits.driver_queue);
     let (acks_tx, acks_rx) = mpsc::unbounded_channel::<String>();
     let (ended_tx, ended_rx) = mpsc::unbounded_channel::<Arc<str>>();
     let ports = vec![jobs_tx; F::LINKS.len()];
@@ -303,7 +303,7 @@ async fn sink(
     flow: &'static str,
     shard: u16,
     outcomes: String,
-    mut jobs: mpsc::Receiver<Job>,
+    jobs: crate::engine::queue::Jobs,
     mut acks: mpsc::UnboundedReceiver<String>,
     mut ended: mpsc::UnboundedReceiver<Arc<str>>,
     limit: Duration,
@@ -318,8 +318,8 @@ async fn sink(
                     let mut batch = vec![job];
                     while batch.len() < PAGE {
                         match jobs.try_recv() {
-                            Ok(j) => batch.push(j),
-                            Err(_) => break,
+                            Some(j) => batch.push(j),
+                            None => break,
                         }
                     }
                     let entries: Vec<(String, Bytes)> = batch

@@ -42,7 +42,7 @@ pub(crate) struct WorkerCtx {
 pub(crate) fn spawn(
     ctx: Arc<WorkerCtx>,
     meta: &'static DriverMeta,
-    port: mpsc::Sender<Job>,
+    port: crate::engine::queue::Port,
 ) -> Vec<JoinHandle<()>> {
     let stream = ctx.bus.jobs(meta.name);
     let slots = Arc::new(Semaphore::new(ctx.limits.driver_concurrency.max(1)));
@@ -84,7 +84,7 @@ async fn pump(
     ctx: Arc<WorkerCtx>,
     meta: &'static DriverMeta,
     stream: String,
-    port: mpsc::Sender<Job>,
+    port: crate::engine::queue::Port,
     done: mpsc::UnboundedSender<OutcomeMsg>,
     slots: Arc<Semaphore>,
     running: Arc<Mutex<HashSet<String>>>,
