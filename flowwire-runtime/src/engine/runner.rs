@@ -240,8 +240,9 @@ pub(crate) struct Runner<F: Flow> {
     uploading: usize,
     /// Inputs released by a finished upload, for the front of the next round.
     requeue: VecDeque<Input<F>>,
-    /// A round's steps ready to commit, and their writes (kept for their capacity).
-    ready: Vec<(Staged<F>, PlacedRecord)>,
+    /// The placed records and writes of a round's steps, index for index (kept for their
+    /// capacity).
+    placed: Vec<PlacedRecord>,
     writes: Vec<flowwire_storage::StepWrite>,
     /// Multi-process mode: the shard this runner owns.
     owned: Option<Owned>,
@@ -300,7 +301,7 @@ impl<F: Flow> Runner<F> {
             inbox_rx: Some(inbox_rx),
             uploading: 0,
             requeue: VecDeque::new(),
-            ready: Vec::new(),
+            placed: Vec::new(),
             writes: Vec::new(),
             owned: None,
             lost: false,
@@ -1204,58 +1205,66 @@ impl<F: Flow> Runner<F> {
     /// blobs start their upload and are committed in a later round. Then acts on each
     /// result.
     async fn commit(&mut self, staged: &mut Vec<Staged<F>>, uploaded: &mut Vec<Uploaded<F>>) {
+        // The steps stay where they are (each is a few hundred bytes: moving them is a
+        // measurable share of a step); `placed[i]` and `writes[i]` go with `staged[i]`.
         // The round's buffers keep their capacity from round to round.
-        let mut ready = mem::take(&mut self.ready);
+        let mut placed = mem::take(&mut self.placed);
         let mut writes = mem::take(&mut self.writes);
+        let mut i = 0;
+        while i < staged.len() {
+            let s = &staged[i];
+            let prev = self
+                .slots
+                .get(&s.id)
+                .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
+            let scratch = &mut self.scratch;
+            let sealed = self.placement.seal(
+                &s.step.draft,
+                prev,
+                self.retention,
+                &mut scratch.out,
+                &mut scratch.arena,
+            );
+            match sealed {
+                Ok(mut sealed) if sealed.puts.is_empty() => {
+                    sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                    writes.push(sealed.write);
+                    placed.push(sealed.placed);
+                    i += 1;
+                }
+                // Rare (a blob to write, a payload too large): taken out of the round.
+                Ok(mut sealed) => {
+                    sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                    let s = staged.remove(i);
+                    self.upload(s, sealed);
+                }
+                Err(e) => {
+                    let s = staged.remove(i);
+                    self.failed(s, &Error::from(e));
+                }
+            }
+        }
         for u in uploaded.drain(..) {
             let Uploaded {
-                staged,
+                staged: s,
                 sealed,
                 result,
             } = u;
             self.uploading = self.uploading.saturating_sub(1);
-            if let Some(slot) = self.slots.get_mut(&staged.id) {
+            if let Some(slot) = self.slots.get_mut(&s.id) {
                 slot.uploading = false;
                 self.requeue.extend(slot.held.drain(..));
             }
             match result {
                 Ok(()) => {
                     writes.push(sealed.write);
-                    ready.push((staged, sealed.placed));
+                    placed.push(sealed.placed);
+                    staged.push(s);
                 }
-                Err(e) => self.failed(staged, &e),
+                Err(e) => self.failed(s, &e),
             }
         }
-        for s in staged.drain(..) {
-            let prev = self
-                .slots
-                .get(&s.id)
-                .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
-            let fence = self.owned.as_ref().map(|o| o.token);
-            let scratch = &mut self.scratch;
-            let sealed = self
-                .placement
-                .seal(
-                    &s.step.draft,
-                    prev,
-                    self.retention,
-                    &mut scratch.out,
-                    &mut scratch.arena,
-                )
-                .map(|mut sealed| {
-                    sealed.write.fence = fence;
-                    sealed
-                });
-            match sealed {
-                Ok(sealed) if sealed.puts.is_empty() => {
-                    writes.push(sealed.write);
-                    ready.push((s, sealed.placed));
-                }
-                Ok(sealed) => self.upload(s, sealed),
-                Err(e) => self.failed(s, &Error::from(e)),
-            }
-        }
-        if !ready.is_empty() {
+        if !staged.is_empty() {
             let limit = self.limits.store_timeout;
             // The store takes the batch (a remote one sends it elsewhere): its vector is
             // one allocation per round.
@@ -1267,7 +1276,7 @@ impl<F: Flow> Runner<F> {
             match result {
                 Ok(results) => {
                     let mut results = results.into_iter();
-                    for (s, placed) in ready.drain(..) {
+                    for (s, placed) in staged.drain(..).zip(placed.drain(..)) {
                         match results.next() {
                             Some(StepResult::Committed) => self.committed(s, placed),
                             Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
@@ -1292,13 +1301,15 @@ impl<F: Flow> Runner<F> {
                 Err(e) => {
                     let e = Error::Store(e);
                     tracing::error!(flow = F::NAME, error = %e, "commit failed");
-                    for (s, _) in ready.drain(..) {
+                    placed.clear();
+                    for s in staged.drain(..) {
                         self.failed(s, &e);
                     }
                 }
             }
         }
-        self.ready = ready;
+        placed.clear();
+        self.placed = placed;
         self.writes = writes;
     }
 
