@@ -601,8 +601,9 @@ pub struct HistoryEntry {
     pub at_ms: u64,
 }
 
-/// A [`HistoryEntry`] borrowed from the step it records: encodes to the same bytes
-/// (postcard writes a reference as what it refers to), without cloning the step's parts.
+/// A [`HistoryEntry`] borrowed from the step it records, without cloning the step's
+/// parts: the one form entries are encoded from (postcard writes a reference as what it
+/// refers to, so [`HistoryEntry`] decodes it).
 #[derive(Serialize)]
 pub(crate) struct HistoryEntryRef<'a> {
     pub seq: u64,
@@ -615,8 +616,7 @@ pub(crate) struct HistoryEntryRef<'a> {
 }
 
 impl HistoryEntryRef<'_> {
-    /// Encodes the entry in its envelope, appending to `out`: the bytes of
-    /// [`HistoryEntry::encode`].
+    /// Encodes the entry in its envelope, appending to `out`.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
         codec::encode(Kind::History, self, out)
     }
@@ -645,7 +645,17 @@ struct HistoryEntryV1 {
 impl HistoryEntry {
     /// Encodes the entry in its envelope, appending to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        codec::encode(Kind::History, self, out)
+        // One encoding path: the borrowed form, which sealing uses.
+        HistoryEntryRef {
+            seq: self.seq,
+            input: &self.input,
+            output: &self.output,
+            version: self.version,
+            payload: self.payload.as_ref(),
+            state: self.state.as_ref(),
+            at_ms: self.at_ms,
+        }
+        .encode(out)
     }
 
     /// Decodes an entry from its envelope (current format, or formats 1 and 2).
@@ -828,7 +838,7 @@ mod tests {
             at_ms: owned.at_ms,
         };
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        owned.encode(&mut a).unwrap();
+        codec::encode(Kind::History, &owned, &mut a).unwrap(); // serde of the owned struct
         borrowed.encode(&mut b).unwrap();
         assert_eq!(a, b);
         assert_eq!(HistoryEntry::decode(&b, 1 << 20).unwrap(), owned);
