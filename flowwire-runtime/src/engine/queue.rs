@@ -203,6 +203,7 @@ impl Jobs {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -299,26 +300,23 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_taker_passes_its_wake_up_on() {
         let (port, jobs) = channel(4);
-        let (a, b) = (jobs.clone(), jobs.clone());
-        let cancelled = tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_millis(50), a.recv())
-                .await
-                .ok()
-                .flatten()
+        // Taker `a` waits first (polled once by hand), so the job's wake-up goes to it.
+        let mut a = Box::pin(jobs.recv());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(a.as_mut().poll(&mut cx).is_pending(), "nothing queued yet");
+        let b = tokio::spawn({
+            let jobs = jobs.clone();
+            async move { jobs.recv().await.map(|j| j.seq) }
         });
-        let other = tokio::spawn(async move { b.recv().await.map(|j| j.seq) });
-        tokio::task::yield_now().await;
-        port.try_send(job(7)).ok();
-        let took = cancelled.await.unwrap().map(|j| j.seq);
-        let other = tokio::time::timeout(Duration::from_secs(5), async {
-            if took.is_some() {
-                None
-            } else {
-                other.await.unwrap()
-            }
-        })
-        .await
-        .expect("the job reached a taker");
-        assert_eq!(took.or(other), Some(7));
+        tokio::task::yield_now().await; // `b` waits behind `a`
+        assert!(port.try_send(job(7)).is_ok());
+        // `a` is woken but dropped before it takes the job (a `select!` that went the
+        // other way): its wake-up must reach `b`, or `b` would wait for ever.
+        drop(a);
+        let got = tokio::time::timeout(Duration::from_secs(5), b)
+            .await
+            .expect("the wake-up passed on to the other taker")
+            .unwrap();
+        assert_eq!(got, Some(7));
     }
 }
