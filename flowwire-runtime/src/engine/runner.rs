@@ -6,6 +6,13 @@
 //! acts: replies to callers, dispatches new calls, wakes waiters. A batch holds at most one
 //! step per instance; a second message for the same instance waits for the next round.
 //!
+//! Commits are pipelined one deep: while a batch is on its way to disk, the runner takes
+//! the next messages and builds the next batch, which goes to the store the moment the
+//! first lands. An instance with a step in flight is not stepped again until that step is
+//! committed (its messages wait), so each batch builds only on committed state and a step
+//! is still acknowledged only after its own commit. A store that commits at once (the
+//! in-memory one) has its batch acted on in the same round.
+//!
 //! A step whose payloads go to a blob tier is not committed in its round: its blobs are
 //! written by a task of its own, and the step joins the commit of the round after they
 //! land. Until then its instance holds further inputs back, and every other instance goes
@@ -138,6 +145,7 @@ impl<F: Flow> Input<F> {
                 Msg::Start { id, .. }
                 | Msg::Impulse { id, .. }
                 | Msg::Probe { id, .. }
+                | Msg::State { id, .. }
                 | Msg::Operate { id, .. },
             )
             | Input::Reload { id, .. }
@@ -165,6 +173,45 @@ struct Staged<F: Flow> {
     id: Arc<str>,
     step: Step,
     ack: Ack<F>,
+}
+
+/// Steps with their placed records and store writes, index for index: a step is a few
+/// hundred bytes, so the three go side by side rather than moving into tuples.
+struct Batch<F: Flow> {
+    staged: Vec<Staged<F>>,
+    placed: Vec<PlacedRecord>,
+    writes: Vec<flowwire_storage::StepWrite>,
+}
+
+impl<F: Flow> Default for Batch<F> {
+    fn default() -> Self {
+        Self {
+            staged: Vec::new(),
+            placed: Vec::new(),
+            writes: Vec::new(),
+        }
+    }
+}
+
+/// The store's answer to a batch.
+type Committed = std::result::Result<Vec<StepResult>, StoreError>;
+
+/// A batch whose commit is on its way; its steps are acted on when it lands.
+struct InFlight<F: Flow> {
+    staged: Vec<Staged<F>>,
+    placed: Vec<PlacedRecord>,
+    commit:
+        std::pin::Pin<Box<tokio::time::Timeout<flowwire_storage::BoxFuture<'static, Committed>>>>,
+}
+
+/// Polls `fut` once with the task's waker: its output, if ready.
+async fn poll_once<T>(fut: impl Future<Output = T>) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
 
 struct Slot<F: Flow> {
@@ -240,10 +287,23 @@ pub(crate) struct Runner<F: Flow> {
     uploading: usize,
     /// Inputs released by a finished upload, for the front of the next round.
     requeue: VecDeque<Input<F>>,
-    /// The placed records and writes of a round's steps, index for index (kept for their
-    /// capacity).
-    placed: Vec<PlacedRecord>,
-    writes: Vec<flowwire_storage::StepWrite>,
+    /// The batch being built: sealed steps waiting for the store.
+    building: Batch<F>,
+    /// The vectors of the batch before the one in flight, kept for their capacity.
+    spare: Batch<F>,
+    /// The batch whose commit is under way (at most one).
+    inflight: Option<InFlight<F>>,
+    /// The number of the batch being built: a resident instance that took a message for
+    /// it is marked with it (at most one message per instance a batch).
+    round: u64,
+    /// The number of the batch in flight.
+    flight_round: u64,
+    /// Instances that took a message for the batch being built while not in memory.
+    busy: HashSet<Arc<str>>,
+    /// The same for the batch in flight.
+    flight_busy: HashSet<Arc<str>>,
+    /// Messages for instances with a step in flight: taken again once it is committed.
+    waiting: VecDeque<Input<F>>,
     /// Multi-process mode: the shard this runner owns.
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
@@ -301,8 +361,14 @@ impl<F: Flow> Runner<F> {
             inbox_rx: Some(inbox_rx),
             uploading: 0,
             requeue: VecDeque::new(),
-            placed: Vec::new(),
-            writes: Vec::new(),
+            building: Batch::default(),
+            spare: Batch::default(),
+            inflight: None,
+            round: 1,
+            flight_round: 0,
+            busy: HashSet::new(),
+            flight_busy: HashSet::new(),
+            waiting: VecDeque::new(),
             owned: None,
             lost: false,
         };
@@ -396,23 +462,21 @@ impl<F: Flow> Runner<F> {
             Some(o) => self.store.active_in(F::NAME, o.shard).await?,
             None => self.store.active(F::NAME).await?,
         };
-        let mut staged = Vec::new();
-        let mut uploaded = Vec::new();
         let n = active.len();
         for (id, stored) in active {
             match self.adopt(&id, &stored).await {
-                Ok(Some(step)) => staged.push(Self::first(id, step)),
+                Ok(Some(step)) => self.stage(Self::first(id, step)),
                 Ok(None) => {}
                 Err(e) => self.reload_later(id, 1, &e),
             }
-            // Commits go in batches of at most `max_batch`, as in the running loop.
-            if staged.len() >= self.limits.max_batch {
-                self.commit(&mut staged, &mut uploaded).await;
+            // Commits go in batches of at most `max_batch`, as in the running loop, one in
+            // flight while the next is loaded.
+            if self.building.staged.len() >= self.limits.max_batch {
+                self.land_now().await;
+                self.submit().await;
             }
         }
-        if !staged.is_empty() {
-            self.commit(&mut staged, &mut uploaded).await;
-        }
+        self.flush().await;
         tracing::info!(flow = F::NAME, instances = n, "recovered");
         Ok(n)
     }
@@ -533,13 +597,9 @@ impl<F: Flow> Runner<F> {
     }
 
     /// Sorts a report of the runner's own tasks into this round.
-    fn take_internal(
-        internal: Internal<F>,
-        backlog: &mut VecDeque<Input<F>>,
-        uploaded: &mut Vec<Uploaded<F>>,
-    ) {
+    fn take_internal(&mut self, internal: Internal<F>, backlog: &mut VecDeque<Input<F>>) {
         match internal {
-            Internal::Uploaded(u) => uploaded.push(*u),
+            Internal::Uploaded(u) => self.landed(*u),
             Internal::Reload { id, attempt } => backlog.push_back(Input::Reload { id, attempt }),
             Internal::Again(input) => backlog.push_back(*input),
         }
@@ -619,6 +679,14 @@ impl<F: Flow> Runner<F> {
         });
     }
 
+    /// Whether an instance took a message for the batch being built or the one in flight.
+    fn in_a_batch(&self, slot: &Slot<F>, id: &Arc<str>) -> bool {
+        slot.round == self.round
+            || self.busy.contains(id)
+            || (self.inflight.is_some()
+                && (slot.round == self.flight_round || self.flight_busy.contains(id)))
+    }
+
     /// Takes instances without a call in flight out of memory at the end of a round.
     fn evict_idle(&mut self) {
         // The list keeps its capacity from round to round.
@@ -629,6 +697,7 @@ impl<F: Flow> Runner<F> {
                 && !slot.uploading
                 && slot.held.is_empty()
                 && slot.placed.is_some()
+                && !self.in_a_batch(slot, &id)
             {
                 self.slots.remove(&id);
             }
@@ -646,27 +715,40 @@ impl<F: Flow> Runner<F> {
         };
         let mut backlog: VecDeque<Input<F>> = VecDeque::new();
         let mut shutdown: Option<oneshot::Sender<()>> = None;
-        // A round's working sets, cleared (not freed) between rounds.
-        let mut uploaded: Vec<Uploaded<F>> = Vec::new();
-        let mut staged: Vec<Staged<F>> = Vec::new();
-        let mut busy: HashSet<Arc<str>> = HashSet::new();
+        // Second messages for instances already in the batch being built.
         let mut deferred: VecDeque<Input<F>> = VecDeque::new();
-        let mut round: u64 = 0;
+        let max = self.limits.max_batch;
         loop {
-            if backlog.is_empty() {
+            while let Some(i) = self.requeue.pop_back() {
+                backlog.push_front(i);
+            }
+            // A full batch waits for the one in flight; so does a runner with nothing to take.
+            let full = self.building.staged.len() >= max && self.inflight.is_some();
+            if backlog.is_empty() || full {
                 let wait = self
                     .next_timer()
                     .saturating_sub(crate::clock::unix_millis());
                 tokio::select! {
                     biased;
-                    Some(i) = inbox.recv() => Self::take_internal(i, &mut backlog, &mut uploaded),
-                    Some(o) = orx.recv() => backlog.push_back(Input::Outcome(o)),
-                    m = rx.recv() => match m {
+                    r = Self::landing(&mut self.inflight), if self.inflight.is_some() => {
+                        self.land(r).await;
+                    }
+                    Some(i) = inbox.recv(), if !full => self.take_internal(i, &mut backlog),
+                    Some(o) = orx.recv(), if !full => backlog.push_back(Input::Outcome(o)),
+                    m = rx.recv(), if !full => match m {
                         Some(m) => backlog.push_back(Input::Msg(m)),
-                        None => break,
+                        None => {
+                            // The engine is gone: what was taken is still committed.
+                            self.flush().await;
+                            break;
+                        }
                     },
-                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)), if !full => {}
                 }
+            } else if self.inflight.is_some()
+                && let Some(r) = poll_once(Self::landing(&mut self.inflight)).await
+            {
+                self.land(r).await;
             }
             let now = crate::clock::unix_millis();
             if now >= self.next_timer() {
@@ -675,9 +757,8 @@ impl<F: Flow> Runner<F> {
             self.scratch.now_ms = now;
             // Bounded: one report per upload or reload this runner started.
             while let Ok(i) = inbox.try_recv() {
-                Self::take_internal(i, &mut backlog, &mut uploaded);
+                self.take_internal(i, &mut backlog);
             }
-            let max = self.limits.max_batch;
             while backlog.len() < max {
                 match orx.try_recv() {
                     Ok(o) => backlog.push_back(Input::Outcome(o)),
@@ -690,49 +771,13 @@ impl<F: Flow> Runner<F> {
                     Err(_) => break,
                 }
             }
-            // One message per instance a round: a resident instance is marked with the
-            // round (no set to hash into), any other goes in `busy`.
-            busy.clear();
-            round += 1;
-            while staged.len() < max {
-                let Some(input) = backlog.pop_front() else {
-                    break;
-                };
-                if let Some(id) = input.serial_on() {
-                    // A probe need not wait for an upload: it reads the committed bytes.
-                    let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
-                    let taken = match self.slots.get_mut(id) {
-                        Some(slot) if slot.uploading && !probe => {
-                            slot.held.push_back(input);
-                            continue;
-                        }
-                        // Loaded by an earlier message of this round: `busy` holds it (an
-                        // empty set answers without hashing).
-                        Some(slot) if slot.round == round || busy.contains(id) => true,
-                        Some(slot) => {
-                            slot.round = round;
-                            false
-                        }
-                        None => !busy.insert(id.clone()),
-                    };
-                    if taken {
-                        deferred.push_back(input);
-                        continue;
-                    }
+            self.take(&mut backlog, &mut deferred, &mut shutdown).await;
+            if self.inflight.is_none() {
+                self.submit().await;
+                // The batch they wait for is sent: they wait for its commit now.
+                while let Some(d) = deferred.pop_back() {
+                    backlog.push_front(d);
                 }
-                if let Input::Msg(Msg::Shutdown { reply }) = input {
-                    shutdown = Some(reply);
-                    break;
-                }
-                if let Some(s) = self.handle(input).await {
-                    staged.push(s);
-                }
-            }
-            while let Some(d) = deferred.pop_back() {
-                backlog.push_front(d);
-            }
-            if !staged.is_empty() || !uploaded.is_empty() {
-                self.commit(&mut staged, &mut uploaded).await;
             }
             self.evict_idle();
             if self.lost {
@@ -743,18 +788,16 @@ impl<F: Flow> Runner<F> {
                 }
                 break;
             }
-            while let Some(i) = self.requeue.pop_back() {
-                backlog.push_front(i);
-            }
             if let Some(reply) = shutdown.take() {
-                // Steps whose blobs are on their way are committed before the runner stops
-                // (each upload is bounded by the store timeout); inputs still waiting are
-                // dropped, so their callers see `Error::Shutdown`.
-                while self.uploading > 0 {
+                // Steps taken and steps whose blobs are on their way are committed before
+                // the runner stops (each upload is bounded by the store timeout); inputs
+                // still waiting are dropped, so their callers see `Error::Shutdown`.
+                self.flush().await;
+                while self.uploading > 0 && !self.lost {
                     match inbox.recv().await {
                         Some(Internal::Uploaded(u)) => {
-                            uploaded.push(*u);
-                            self.commit(&mut staged, &mut uploaded).await;
+                            self.landed(*u);
+                            self.flush().await;
                         }
                         Some(Internal::Reload { .. } | Internal::Again(_)) => {}
                         None => break,
@@ -762,6 +805,67 @@ impl<F: Flow> Runner<F> {
                 }
                 let _ = reply.send(());
                 break;
+            }
+        }
+    }
+
+    /// Takes messages from the backlog into the batch being built, at most one per
+    /// instance and `max_batch` in all. A message for an instance with a step in flight
+    /// waits for its commit; a second one for an instance in this batch waits in
+    /// `deferred` until the batch is sent; a shutdown stops the taking.
+    async fn take(
+        &mut self,
+        backlog: &mut VecDeque<Input<F>>,
+        deferred: &mut VecDeque<Input<F>>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        let max = self.limits.max_batch;
+        while self.building.staged.len() < max {
+            let Some(input) = backlog.pop_front() else {
+                break;
+            };
+            if let Some(id) = input.serial_on() {
+                // A probe need not wait for an upload: it reads the committed bytes.
+                let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
+                let flying = self.inflight.is_some();
+                // A resident instance is marked with the batch that took a message for it
+                // (no set to hash into); any other goes in `busy` (an empty set answers
+                // without hashing).
+                let taken = match self.slots.get_mut(id) {
+                    Some(slot) if slot.uploading && !probe => {
+                        slot.held.push_back(input);
+                        continue;
+                    }
+                    Some(slot)
+                        if flying
+                            && (slot.round == self.flight_round
+                                || self.flight_busy.contains(id)) =>
+                    {
+                        self.waiting.push_back(input);
+                        continue;
+                    }
+                    None if flying && self.flight_busy.contains(id) => {
+                        self.waiting.push_back(input);
+                        continue;
+                    }
+                    Some(slot) if slot.round == self.round || self.busy.contains(id) => true,
+                    Some(slot) => {
+                        slot.round = self.round;
+                        false
+                    }
+                    None => !self.busy.insert(id.clone()),
+                };
+                if taken {
+                    deferred.push_back(input);
+                    continue;
+                }
+            }
+            if let Input::Msg(Msg::Shutdown { reply }) = input {
+                *shutdown = Some(reply);
+                break;
+            }
+            if let Some(s) = self.handle(input).await {
+                self.stage(s);
             }
         }
     }
@@ -1200,117 +1304,179 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// Places the staged steps' payloads and commits, in one store call, those that need
-    /// no blob together with those whose blobs have landed (`uploaded`); steps that need
-    /// blobs start their upload and are committed in a later round. Then acts on each
-    /// result.
-    async fn commit(&mut self, staged: &mut Vec<Staged<F>>, uploaded: &mut Vec<Uploaded<F>>) {
-        // The steps stay where they are (each is a few hundred bytes: moving them is a
-        // measurable share of a step); `placed[i]` and `writes[i]` go with `staged[i]`.
-        // The round's buffers keep their capacity from round to round.
-        let mut placed = mem::take(&mut self.placed);
-        let mut writes = mem::take(&mut self.writes);
-        let mut i = 0;
-        while i < staged.len() {
-            let s = &staged[i];
-            let prev = self
-                .slots
-                .get(&s.id)
-                .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
-            let scratch = &mut self.scratch;
-            let sealed = self.placement.seal(
-                &s.step.draft,
-                prev,
-                self.retention,
-                &mut scratch.out,
-                &mut scratch.arena,
-            );
-            match sealed {
-                Ok(mut sealed) if sealed.puts.is_empty() => {
-                    sealed.write.fence = self.owned.as_ref().map(|o| o.token);
-                    writes.push(sealed.write);
-                    placed.push(sealed.placed);
-                    i += 1;
-                }
-                // Rare (a blob to write, a payload too large): taken out of the round.
-                Ok(mut sealed) => {
-                    sealed.write.fence = self.owned.as_ref().map(|o| o.token);
-                    let s = staged.remove(i);
-                    self.upload(s, sealed);
-                }
-                Err(e) => {
-                    let s = staged.remove(i);
-                    self.failed(s, &Error::from(e));
-                }
+    /// Places a step's payloads and adds it to the batch being built. A step with blobs
+    /// to write starts their upload and joins a later batch once they land; one whose
+    /// payloads cannot be placed fails now.
+    fn stage(&mut self, s: Staged<F>) {
+        let prev = self
+            .slots
+            .get(&s.id)
+            .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
+        let scratch = &mut self.scratch;
+        let sealed = self.placement.seal(
+            &s.step.draft,
+            prev,
+            self.retention,
+            &mut scratch.out,
+            &mut scratch.arena,
+        );
+        match sealed {
+            Ok(mut sealed) if sealed.puts.is_empty() => {
+                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                let b = &mut self.building;
+                b.writes.push(sealed.write);
+                b.placed.push(sealed.placed);
+                b.staged.push(s);
+            }
+            // Rare (a blob to write, a payload too large): not in this batch.
+            Ok(mut sealed) => {
+                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                self.upload(s, sealed);
+            }
+            Err(e) => self.failed(s, &Error::from(e)),
+        }
+    }
+
+    /// A step whose blobs were written (or not): it joins the batch being built, and its
+    /// instance's held messages wait for that batch's commit.
+    fn landed(&mut self, u: Uploaded<F>) {
+        let Uploaded {
+            staged: s,
+            sealed,
+            result,
+        } = u;
+        self.uploading = self.uploading.saturating_sub(1);
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            slot.uploading = false;
+            slot.round = self.round;
+            self.requeue.extend(slot.held.drain(..));
+        }
+        match result {
+            Ok(()) => {
+                let b = &mut self.building;
+                b.writes.push(sealed.write);
+                b.placed.push(sealed.placed);
+                b.staged.push(s);
+            }
+            Err(e) => self.failed(s, &e),
+        }
+    }
+
+    /// Sends the batch being built to the store in one call, and starts the next batch.
+    /// A store that answers at once has its results acted on now; otherwise the commit
+    /// stays in flight (bounded by the store timeout) while the next batch is built.
+    async fn submit(&mut self) {
+        // One batch in flight at a time (the loop submits only when none is).
+        self.land_now().await;
+        if self.building.staged.is_empty() {
+            // Messages taken without a step (probes, refusals) release their instances.
+            self.round += 1;
+            self.busy.clear();
+            return;
+        }
+        // The vectors alternate between the two batches and keep their capacity; the
+        // store takes the writes (a remote one sends them elsewhere): one allocation.
+        let writes = mem::take(&mut self.building.writes);
+        let staged = mem::replace(&mut self.building.staged, mem::take(&mut self.spare.staged));
+        let placed = mem::replace(&mut self.building.placed, mem::take(&mut self.spare.placed));
+        self.flight_round = self.round;
+        self.round += 1;
+        mem::swap(&mut self.busy, &mut self.flight_busy);
+        self.busy.clear();
+        let mut commit = self.store.commit(writes);
+        match poll_once(&mut commit).await {
+            Some(result) => self.act(staged, placed, result).await,
+            None => {
+                let limit = self.limits.store_timeout;
+                self.inflight = Some(InFlight {
+                    staged,
+                    placed,
+                    commit: Box::pin(tokio::time::timeout(limit, commit)),
+                });
             }
         }
-        for u in uploaded.drain(..) {
-            let Uploaded {
-                staged: s,
-                sealed,
-                result,
-            } = u;
-            self.uploading = self.uploading.saturating_sub(1);
-            if let Some(slot) = self.slots.get_mut(&s.id) {
-                slot.uploading = false;
-                self.requeue.extend(slot.held.drain(..));
-            }
-            match result {
-                Ok(()) => {
-                    writes.push(sealed.write);
-                    placed.push(sealed.placed);
-                    staged.push(s);
-                }
-                Err(e) => self.failed(s, &e),
-            }
+    }
+
+    /// Waits for the batch in flight to land (forever if there is none).
+    async fn landing(
+        inflight: &mut Option<InFlight<F>>,
+    ) -> std::result::Result<Committed, tokio::time::error::Elapsed> {
+        match inflight {
+            Some(f) => f.commit.as_mut().await,
+            None => std::future::pending().await,
         }
-        if !staged.is_empty() {
-            let limit = self.limits.store_timeout;
-            // The store takes the batch (a remote one sends it elsewhere): its vector is
-            // one allocation per round.
-            let batch = mem::take(&mut writes);
-            let result = match tokio::time::timeout(limit, self.store.commit(batch)).await {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout(limit)),
-            };
-            match result {
-                Ok(results) => {
-                    let mut results = results.into_iter();
-                    for (s, placed) in staged.drain(..).zip(placed.drain(..)) {
-                        match results.next() {
-                            Some(StepResult::Committed) => self.committed(s, placed),
-                            Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
-                            Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
-                            Some(StepResult::Fenced { token }) => {
-                                // Nothing of it is kept: its caller sees the runner stop, and
-                                // the new owner takes the input from the bus.
-                                tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
-                                self.lost = true;
-                            }
-                            None => {
-                                // The store broke its contract: the step is not known to
-                                // be committed.
-                                let e = StoreError::Backend(
-                                    "the store answered fewer results than steps".into(),
-                                );
-                                self.failed(s, &Error::Store(e));
-                            }
+    }
+
+    /// Acts on the landed batch in flight.
+    async fn land(&mut self, r: std::result::Result<Committed, tokio::time::error::Elapsed>) {
+        let Some(InFlight { staged, placed, .. }) = self.inflight.take() else {
+            return;
+        };
+        let result = r.unwrap_or(Err(StoreError::Timeout(self.limits.store_timeout)));
+        self.act(staged, placed, result).await;
+    }
+
+    /// Waits for the batch in flight, if any, and acts on it.
+    async fn land_now(&mut self) {
+        if self.inflight.is_some() {
+            let r = Self::landing(&mut self.inflight).await;
+            self.land(r).await;
+        }
+    }
+
+    /// Commits everything taken: the batch in flight, then the one being built.
+    async fn flush(&mut self) {
+        self.land_now().await;
+        self.submit().await;
+        self.land_now().await;
+    }
+
+    /// Acts on each step of a committed batch (in batch order), and lets the messages that
+    /// waited for it be taken again.
+    async fn act(
+        &mut self,
+        mut staged: Vec<Staged<F>>,
+        mut placed: Vec<PlacedRecord>,
+        result: Committed,
+    ) {
+        match result {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for (s, placed) in staged.drain(..).zip(placed.drain(..)) {
+                    match results.next() {
+                        Some(StepResult::Committed) => self.committed(s, placed),
+                        Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
+                        Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
+                        Some(StepResult::Fenced { token }) => {
+                            // Nothing of it is kept: its caller sees the runner stop, and
+                            // the new owner takes the input from the bus.
+                            tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
+                            self.lost = true;
+                        }
+                        None => {
+                            // The store broke its contract: the step is not known to
+                            // be committed.
+                            let e = StoreError::Backend(
+                                "the store answered fewer results than steps".into(),
+                            );
+                            self.failed(s, &Error::Store(e));
                         }
                     }
                 }
-                Err(e) => {
-                    let e = Error::Store(e);
-                    tracing::error!(flow = F::NAME, error = %e, "commit failed");
-                    placed.clear();
-                    for s in staged.drain(..) {
-                        self.failed(s, &e);
-                    }
+            }
+            Err(e) => {
+                let e = Error::Store(e);
+                tracing::error!(flow = F::NAME, error = %e, "commit failed");
+                for s in staged.drain(..) {
+                    self.failed(s, &e);
                 }
             }
         }
         placed.clear();
-        self.placed = placed;
-        self.writes = writes;
+        self.spare.staged = staged;
+        self.spare.placed = placed;
+        self.flight_busy.clear();
+        self.requeue.extend(self.waiting.drain(..));
     }
 
     /// Writes a step's blobs on a task of its own (bounded by the store timeout) and

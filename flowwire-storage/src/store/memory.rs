@@ -230,7 +230,10 @@ fn stored(e: &Entry) -> Stored {
 }
 
 impl InstanceStore for MemoryStore {
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         let mut inner = self.lock();
         let mut results = Vec::with_capacity(batch.len());
         for step in batch {

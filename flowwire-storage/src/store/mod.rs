@@ -48,7 +48,15 @@ pub trait InstanceStore: Send + Sync + 'static {
     /// whose call failed (their retry then reports a conflict, and the runtime reloads).
     ///
     /// A batch holds at most one step per instance.
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>>;
+    ///
+    /// The future does not borrow the store: the runtime keeps one batch's commit in
+    /// flight while it prepares the next, and polls it from the loop that owns the store.
+    /// A store whose commit completes at once (the in-memory one) should do its work
+    /// before returning, so that the first poll answers.
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>>;
 
     /// Reads an instance's record.
     fn load<'a>(
@@ -150,7 +158,10 @@ pub trait InstanceStore: Send + Sync + 'static {
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         (**self).commit(batch)
     }
     fn load<'a>(

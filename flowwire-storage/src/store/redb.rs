@@ -278,7 +278,10 @@ fn set_timer(
 }
 
 impl InstanceStore for RedbStore {
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         self.blocking(move |db, path| commit_blocking(db, path, &batch))
     }
 

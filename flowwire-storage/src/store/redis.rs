@@ -501,8 +501,13 @@ impl RedisStore {
 }
 
 impl InstanceStore for RedisStore {
-    fn commit(&self, batch: Vec<StepWrite>) -> BoxFuture<'_, Result<Vec<StepResult>, StoreError>> {
-        Box::pin(async move { self.commit_batch(&batch).await })
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
+        // The commit outlives the borrow of the store (see the trait): it holds a clone.
+        let this = self.clone();
+        Box::pin(async move { this.commit_batch(&batch).await })
     }
 
     fn load<'a>(
