@@ -16,7 +16,7 @@ use crate::codec::{self, Kind};
 use crate::error::CodecError;
 
 /// Identifies an instance: its flow's name and its id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct InstanceKey {
     /// The flow's name (its type name unless renamed).
     pub flow: Arc<str>,
@@ -700,7 +700,7 @@ impl HistoryEntry {
 }
 
 /// The condition a step write puts on the stored record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Expect {
     /// No record may exist (a start).
     Absent,
@@ -733,7 +733,9 @@ pub struct Draft {
 }
 
 /// One step of one instance, as handed to [`InstanceStore::commit`](crate::InstanceStore::commit).
-#[derive(Debug, Clone)]
+///
+/// Serializable: the embedded store logs batches of them (see its write-ahead log).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepWrite {
     /// The instance.
     pub key: InstanceKey,

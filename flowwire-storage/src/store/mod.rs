@@ -21,6 +21,7 @@ mod memory;
 mod redb;
 #[cfg(feature = "redis")]
 mod redis;
+mod wal;
 
 pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
