@@ -16,9 +16,10 @@
 //! | `meta` | `"batch"` | the number of the last batch committed |
 //!
 //! One [`InstanceStore::commit`] is one redb write transaction, made durable by a
-//! write-ahead log (`<file>.log`, see the `wal` module): the transaction commits without
-//! an fsync of its own, then the batch is appended to the log and the log is synced — one
-//! sequential write instead of redb's scattered pages. Every [`CHECKPOINT_BATCHES`]
+//! write-ahead log (`<file>.log`, see the `wal` module): the batch is applied in a
+//! transaction, appended to the log and the log synced — one sequential write instead of
+//! redb's scattered pages — and then the transaction commits without an fsync of its own.
+//! A reader never sees a batch the log does not hold. Every [`CHECKPOINT_BATCHES`]
 //! batches (or [`CHECKPOINT_BYTES`] of log), a batch commits to redb durably instead and
 //! the log starts over. Opening the store re-applies the logged batches redb does not
 //! hold. Blocking calls run on tokio's blocking pool.
@@ -57,8 +58,8 @@ const LOG_FORMAT: u8 = 1;
 /// The embedded store: one redb file and its write-ahead log, crash-safe, one sequential
 /// write and one fsync per committed batch.
 ///
-/// A batch is committed to redb without an fsync, then appended to the log
-/// ([`RedbStore::log_path`]) and the log is synced; every few hundred batches a batch is
+/// A batch is appended to the log ([`RedbStore::log_path`]) and the log synced, then
+/// committed to redb without an fsync; every few hundred batches a batch is
 /// committed to redb durably and the log starts over. Opening the store re-applies the
 /// logged batches that a crash took from redb.
 ///
@@ -250,8 +251,9 @@ fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
     })
 }
 
-/// Commits a batch: to redb without an fsync, then to the log with one (or, at a
-/// checkpoint, to redb durably and the log starts over).
+/// Commits a batch: applied to redb, logged and synced, then committed to redb without
+/// an fsync of its own — so a reader never sees a batch the log does not hold. At a
+/// checkpoint the batch commits to redb durably instead, and the log starts over.
 fn commit_logged(
     db: &Database,
     path: &Path,
@@ -259,46 +261,44 @@ fn commit_logged(
     batch: &[StepWrite],
 ) -> Result<Vec<StepResult>, StoreError> {
     let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-    if log.failed {
-        return Err(StoreError::Backend(format!(
-            "the write-ahead log {} could not be written; open the store again to recover",
+    let failed = |log: &Log, detail: &dyn std::fmt::Display| {
+        StoreError::Backend(format!(
+            "write-ahead log {}: {detail}; open the store again to recover",
             log.wal.path().display()
-        )));
+        ))
+    };
+    if log.failed {
+        return Err(failed(&log, &"an earlier batch could not be logged"));
     }
     let seq = log.next;
-    let checkpoint = log.since >= CHECKPOINT_BATCHES || log.wal.len() >= CHECKPOINT_BYTES;
-    let durability = if checkpoint {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    let results = commit_blocking(db, path, batch, seq, durability)?;
-    log.next = seq + 1;
-    if checkpoint {
-        log.wal.restart();
+    if log.since >= CHECKPOINT_BATCHES || log.wal.len() >= CHECKPOINT_BYTES {
+        let results = commit_blocking(db, path, batch, seq, Durability::Immediate)?;
+        log.next = seq + 1;
         log.since = 0;
+        log.wal.restart();
         return Ok(results);
     }
+    let (txn, results) = apply(db, path, batch, seq, Durability::None)?;
     let mut buf = std::mem::take(&mut log.buf);
     buf.clear();
     buf.push(LOG_FORMAT);
-    let encoded = postcard::to_extend(batch, buf);
-    let appended = match encoded {
-        Ok(buf) => {
-            let r = log.wal.append(seq, &buf);
-            log.buf = buf;
-            r.map_err(|err| err.to_string())
-        }
-        Err(err) => Err(err.to_string()),
-    };
-    if let Err(detail) = appended {
+    let buf = postcard::to_extend(batch, buf).map_err(|err| failed(&log, &err))?;
+    let appended = log.wal.append(seq, &buf);
+    log.buf = buf;
+    if let Err(err) = appended {
+        // The transaction is dropped (aborted). The entry may still be in the log in part,
+        // or whole if only the sync failed: a sync that failed says nothing reliable about
+        // the file, so the store takes no more batches until it is opened again.
         log.failed = true;
-        return Err(StoreError::Backend(format!(
-            "write-ahead log {}: {detail}; open the store again to recover",
-            log.wal.path().display()
-        )));
+        return Err(failed(&log, &err));
     }
+    log.next = seq + 1;
     log.since += 1;
+    if let Err(err) = txn.commit() {
+        // Logged but not in redb: opening the store again applies it.
+        log.failed = true;
+        return Err(map_err(path, err));
+    }
     Ok(results)
 }
 
@@ -321,7 +321,8 @@ fn map_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
-/// Applies batch number `seq` in one redb transaction (recording `seq` in it).
+/// Applies batch number `seq` in one redb transaction (recording `seq` in it) and
+/// commits it.
 fn commit_blocking(
     db: &Database,
     path: &Path,
@@ -329,6 +330,20 @@ fn commit_blocking(
     seq: u64,
     durability: Durability,
 ) -> Result<Vec<StepResult>, StoreError> {
+    let (txn, results) = apply(db, path, batch, seq, durability)?;
+    txn.commit().map_err(|x| map_err(path, x))?;
+    Ok(results)
+}
+
+/// Applies batch number `seq` in a redb transaction (recording `seq` in it), left open:
+/// nothing of it is visible until it commits, and dropping it aborts it.
+fn apply(
+    db: &Database,
+    path: &Path,
+    batch: &[StepWrite],
+    seq: u64,
+    durability: Durability,
+) -> Result<(redb::WriteTransaction, Vec<StepResult>), StoreError> {
     let e = |err: redb::Error| map_err(path, err);
     let mut txn = db.begin_write().map_err(|x| e(x.into()))?;
     txn.set_durability(durability)
@@ -404,8 +419,7 @@ fn commit_blocking(
             results.push(StepResult::Committed);
         }
     }
-    txn.commit().map_err(|x| e(x.into()))?;
-    Ok(results)
+    Ok((txn, results))
 }
 
 type Table<'t, K, V> = redb::Table<'t, K, V>;

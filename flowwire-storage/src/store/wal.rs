@@ -3,9 +3,9 @@
 //!
 //! A redb commit writes its header and the B-tree paths it changed, pages scattered over
 //! the file, and syncs them; on a virtio disk each scattered page costs about as much again
-//! as the first. So [`RedbStore`](super::RedbStore) commits each batch to redb *without*
-//! durability, then appends the batch to this log and syncs the log: the batch is durable
-//! when the log's sync returns. Every so often a batch is committed to redb durably instead
+//! as the first. So [`RedbStore`](super::RedbStore) applies each batch in a redb
+//! transaction, appends the batch to this log and syncs the log — the batch is durable when
+//! the sync returns — and then commits the transaction *without* durability. Every so often a batch is committed to redb durably instead
 //! (a checkpoint) and the log starts over from its beginning.
 //!
 //! Each redb commit records the number of its batch in the same transaction, so after a
