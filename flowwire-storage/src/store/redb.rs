@@ -12,7 +12,6 @@
 //! | `timers` | (flow, due ms, id) | () — armed timers by due time |
 //! | `timer_of` | (flow, id) | due ms — finds an instance's `timers` row |
 //! | `correlated` | (flow, correlation key, id) | () — live instances by correlation key |
-//!
 //! | `meta` | `"batch"` | the number of the last batch committed |
 //!
 //! One [`InstanceStore::commit`] is one redb write transaction, made durable by a
@@ -83,8 +82,9 @@ struct Log {
     next: u64,
     /// Batches logged since the last durable redb commit.
     since: u32,
-    /// An append failed: redb may hold a batch the log does not, so nothing more is
-    /// committed until the store is opened again (which recovers).
+    /// A sync of the log failed (the file's state is unknown), or a batch was logged but
+    /// not committed to redb: nothing more is committed until the store is opened again,
+    /// which recovers from the log.
     failed: bool,
     /// A batch's encoding, reused.
     buf: Vec<u8>,
