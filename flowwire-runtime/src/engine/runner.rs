@@ -289,8 +289,9 @@ pub(crate) struct Runner<F: Flow> {
     requeue: VecDeque<Input<F>>,
     /// The batch being built: sealed steps waiting for the store.
     building: Batch<F>,
-    /// The vectors of the batch before the one in flight, kept for their capacity.
-    spare: Batch<F>,
+    /// The step and placed-record vectors of the batch before the one in flight, kept for
+    /// their capacity (the store takes a batch's writes, so those are not kept).
+    spare: (Vec<Staged<F>>, Vec<PlacedRecord>),
     /// The batch whose commit is under way (at most one).
     inflight: Option<InFlight<F>>,
     /// The number of the batch being built: a resident instance that took a message for
@@ -362,7 +363,7 @@ impl<F: Flow> Runner<F> {
             uploading: 0,
             requeue: VecDeque::new(),
             building: Batch::default(),
-            spare: Batch::default(),
+            spare: (Vec::new(), Vec::new()),
             inflight: None,
             round: 1,
             flight_round: 0,
@@ -1377,8 +1378,8 @@ impl<F: Flow> Runner<F> {
         // The vectors alternate between the two batches and keep their capacity; the
         // store takes the writes (a remote one sends them elsewhere): one allocation.
         let writes = mem::take(&mut self.building.writes);
-        let staged = mem::replace(&mut self.building.staged, mem::take(&mut self.spare.staged));
-        let placed = mem::replace(&mut self.building.placed, mem::take(&mut self.spare.placed));
+        let staged = mem::replace(&mut self.building.staged, mem::take(&mut self.spare.0));
+        let placed = mem::replace(&mut self.building.placed, mem::take(&mut self.spare.1));
         self.flight_round = self.round;
         self.round += 1;
         mem::swap(&mut self.busy, &mut self.flight_busy);
@@ -1473,8 +1474,7 @@ impl<F: Flow> Runner<F> {
             }
         }
         placed.clear();
-        self.spare.staged = staged;
-        self.spare.placed = placed;
+        self.spare = (staged, placed);
         self.flight_busy.clear();
         self.requeue.extend(self.waiting.drain(..));
     }
