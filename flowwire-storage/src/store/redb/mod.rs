@@ -1,0 +1,363 @@
+//! The embedded, crash-safe default store, on redb.
+//!
+//! Tables (keys are tuples, so one instance's rows are adjacent):
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `records` | (flow, id) | (version, enveloped record) |
+//! | `active` | (flow, id) | () — the instances start-up recovery loads |
+//! | `impulses` | (flow, id, impulse id) | step that applied it |
+//! | `history` | (flow, id, step) | enveloped history entry |
+//! | `parked` | (flow, id) | () — quarantined instances, for operators |
+//! | `timers` | (flow, due ms, id) | () — armed timers by due time |
+//! | `timer_of` | (flow, id) | due ms — finds an instance's `timers` row |
+//! | `correlated` | (flow, correlation key, id) | () — live instances by correlation key |
+//! | `meta` | `"batch"` | the number of the last batch committed |
+//!
+//! One [`InstanceStore::commit`] is one redb write transaction, made durable by a
+//! write-ahead log (`<file>.log`, see the `wal` module): the batch is applied in a
+//! transaction, appended to the log and the log synced — one sequential write instead of
+//! redb's scattered pages — and then the transaction commits without an fsync of its own.
+//! A reader never sees a batch the log does not hold. Every [`CHECKPOINT_BATCHES`]
+//! batches (or [`CHECKPOINT_BYTES`] of log), a batch commits to redb durably instead and
+//! the log starts over. Opening the store re-applies the logged batches redb does not
+//! hold. Blocking calls run on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::{BoxFuture, InstanceStore};
+use crate::error::StoreError;
+use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
+use apply::set_timer;
+use log::{Log, commit_logged, recover};
+use schema::{
+    ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables,
+    map_err,
+};
+
+mod apply;
+mod log;
+mod schema;
+#[cfg(test)]
+mod tests;
+
+/// The embedded store: one redb file and its write-ahead log, crash-safe, one sequential
+/// write and one fsync per committed batch.
+///
+/// A batch is appended to the log ([`RedbStore::log_path`]) and the log synced, then
+/// committed to redb without an fsync; every few hundred batches a batch is
+/// committed to redb durably and the log starts over. Opening the store re-applies the
+/// logged batches that a crash took from redb.
+///
+/// ```no_run
+/// use flowwire_storage::RedbStore;
+/// let store = RedbStore::open("./flowwire-data/instances.redb")?;
+/// # Ok::<(), flowwire_storage::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+    log: Arc<Mutex<Log>>,
+}
+
+impl RedbStore {
+    /// The page cache a store keeps unless told otherwise: 64 MiB.
+    ///
+    /// Enough for the B-tree's inner pages and the hot records of a large node; the rest
+    /// is read from the operating system's page cache on demand. (redb's own default, 1 GiB,
+    /// would make a node holding a million sleeping instances keep all of them resident.)
+    pub const DEFAULT_CACHE: usize = 64 * 1024 * 1024;
+
+    /// Opens the store file at `path`, creating it (and its tables) if it does not exist,
+    /// with a page cache of [`RedbStore::DEFAULT_CACHE`].
+    ///
+    /// A file left by a crash is recovered by redb; a damaged file is
+    /// [`StoreError::Corrupted`]; a file open in another process is [`StoreError::Locked`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, Self::DEFAULT_CACHE)
+    }
+
+    /// Opens the store file at `path` (see [`RedbStore::open`]) with a page cache of
+    /// `cache_bytes`: the most memory the store keeps for pages it read or wrote.
+    ///
+    /// ```no_run
+    /// use flowwire_storage::RedbStore;
+    /// let store = RedbStore::open_with_cache("./flowwire-data/instances.redb", 256 << 20)?;
+    /// # Ok::<(), flowwire_storage::StoreError>(())
+    /// ```
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let err_path = path.clone();
+        let opened = std::panic::catch_unwind(move || {
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(&err_path)
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(map_err(&path, e)),
+            Err(_) => {
+                return Err(StoreError::Corrupted {
+                    path,
+                    detail: "the store could not be opened (its structure is damaged)".into(),
+                });
+            }
+        };
+        create_tables(&db, &path)?;
+        let log = recover(&db, &path)?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: Arc::new(path),
+            log: Arc::new(Mutex::new(log)),
+        })
+    }
+
+    /// Where the store file lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the write-ahead log of the store file at `path` lives: beside it, named
+    /// `<file name>.log`. Back up, move or delete the two together: the log holds the
+    /// latest committed batches until the store file holds them durably.
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use flowwire_storage::RedbStore;
+    /// let log = RedbStore::log_path(Path::new("data/instances.redb"));
+    /// assert_eq!(log, Path::new("data/instances.redb.log"));
+    /// ```
+    pub fn log_path(path: &Path) -> PathBuf {
+        log::log_path(path)
+    }
+
+    /// Runs a blocking closure over the database off the async workers.
+    fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let path = self.path.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || f(&db, &path)).await {
+                Ok(r) => r,
+                Err(e) => Err(StoreError::Backend(format!("store task failed: {e}"))),
+            }
+        })
+    }
+}
+
+impl InstanceStore for RedbStore {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
+        let log = self.log.clone();
+        self.blocking(move |db, path| commit_logged(db, path, &log, &batch))
+    }
+
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let found = table
+                .get((&*key.flow, &*key.id))
+                .map_err(|x| e(x.into()))?
+                .map(|g| {
+                    let (version, bytes) = g.value();
+                    Stored {
+                        version,
+                        bytes: Bytes::copy_from_slice(bytes),
+                    }
+                });
+            Ok(found)
+        })
+    }
+
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let active = txn.open_table(ACTIVE).map_err(|x| e(x.into()))?;
+            let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in active.range((&*flow, "")..).map_err(|x| e(x.into()))? {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, id) = k.value();
+                if f != &*flow {
+                    break;
+                }
+                if let Some(g) = records.get((f, id)).map_err(|x| e(x.into()))? {
+                    let (version, bytes) = g.value();
+                    out.push((
+                        Arc::from(id),
+                        Stored {
+                            version,
+                            bytes: Bytes::copy_from_slice(bytes),
+                        },
+                    ));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(HISTORY).map_err(|x| e(x.into()))?;
+            let (f, id) = (&*key.flow, &*key.id);
+            let mut out = Vec::new();
+            for row in table
+                .range((f, id, from)..=(f, id, u64::MAX))
+                .map_err(|x| e(x.into()))?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(|x| e(x.into()))?;
+                out.push((k.value().2, Bytes::copy_from_slice(v.value())));
+            }
+            Ok(out)
+        })
+    }
+
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        let key = key.clone();
+        let impulse: Arc<str> = impulse_id.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(IMPULSES).map_err(|x| e(x.into()))?;
+            Ok(table
+                .get((&*key.flow, &*key.id, &*impulse))
+                .map_err(|x| e(x.into()))?
+                .map(|g| g.value()))
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, 0, "")..(&*flow, until_ms.saturating_add(1), ""))
+                .map_err(|x| e(x.into()))?
+                .take(limit)
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (_, due, id) = k.value();
+                out.push((Arc::from(id), due));
+            }
+            Ok(out)
+        })
+    }
+
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_write().map_err(|x| e(x.into()))?;
+            {
+                let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
+                let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
+                let k = (&*key.flow, &*key.id);
+                let now = timer_of.get(k).map_err(|x| e(x.into()))?.map(|g| g.value());
+                if now == Some(stale) {
+                    set_timer(&mut timers, &mut timer_of, k, actual).map_err(e)?;
+                }
+            }
+            txn.commit().map_err(|x| e(x.into()))
+        })
+    }
+
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        let after: Option<Arc<str>> = after.map(Arc::from);
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(PARKED).map_err(|x| e(x.into()))?;
+            let start = after.as_deref().unwrap_or("");
+            let mut out = Vec::new();
+            for row in table.range((&*flow, start)..).map_err(|x| e(x.into()))? {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, id) = k.value();
+                if f != &*flow || out.len() >= limit {
+                    break;
+                }
+                if after.as_deref() == Some(id) {
+                    continue;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
+        })
+    }
+
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
+        self.blocking(move |db, path| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, &*key, "")..)
+                .map_err(|x| e(x.into()))?
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, ck, id) = k.value();
+                if f != &*flow || ck != &*key || out.len() >= limit {
+                    break;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
+        })
+    }
+}
