@@ -72,7 +72,7 @@ async fn history(dir: &Path, flow: &str, id: &str) -> Vec<HistoryEntry> {
         .await
         .unwrap()
         .into_iter()
-        .map(|(_, bytes)| HistoryEntry::decode(&bytes, 1 << 20).unwrap())
+        .map(|(_, bytes)| HistoryEntry::decode(&bytes, &key, 1 << 20).unwrap())
         .collect()
 }
 

@@ -1248,6 +1248,12 @@ impl<F: Flow> Instance<F> {
         }
     }
 
+    /// Parks the instance for an operator: a step that keeps its committed state and call,
+    /// quarantined with `reason` (a step that cannot be written, whatever the retries).
+    pub fn quarantine(&mut self, reason: String, scratch: &mut Scratch) -> Step {
+        self.park(StepInput::Park, reason, scratch)
+    }
+
     /// A parking step: the committed state, quarantined with a reason.
     fn park(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
         // User code may have changed the state before it panicked: park the committed one.

@@ -241,6 +241,21 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// A payload is larger than the engine reads back (its decode limit). Nothing was
+    /// written: the write limit and the decode limit are one setting
+    /// (`EngineBuilder::decode_limit`).
+    #[error(
+        "the {what} is {size} bytes, over the {limit}-byte limit of what the engine reads back, so nothing was written; keep it smaller, or raise `EngineBuilder::decode_limit`"
+    )]
+    TooLarge {
+        /// Which payload: `state`, `driver call`, `input (impulse or driver reply)` or
+        /// `record`.
+        what: &'static str,
+        /// Its size in bytes.
+        size: u64,
+        /// The limit in force.
+        limit: usize,
+    },
     /// The engine is shut down.
     #[error("the engine is shut down")]
     Shutdown,
@@ -308,6 +323,26 @@ impl Error {
         match self {
             Error::Blob(e) => Error::Blob(e.clone()),
             Error::Store(StoreError::Timeout(d)) => Error::Store(StoreError::Timeout(*d)),
+            &Error::TooLarge { what, size, limit } => Error::TooLarge { what, size, limit },
+            Error::AlreadyExists { flow, id } => Error::AlreadyExists {
+                flow,
+                id: id.clone(),
+            },
+            Error::Conflict { flow, id } => Error::Conflict {
+                flow,
+                id: id.clone(),
+            },
+            Error::Codec {
+                flow,
+                id,
+                what,
+                source,
+            } => Error::Codec {
+                flow,
+                id: id.clone(),
+                what,
+                source: source.clone(),
+            },
             other => Error::Store(StoreError::Backend(other.to_string())),
         }
     }
@@ -315,6 +350,15 @@ impl Error {
 
 impl From<flowwire_storage::BlobError> for Error {
     fn from(e: flowwire_storage::BlobError) -> Self {
-        Error::Blob(Box::new(e))
+        match e {
+            flowwire_storage::BlobError::OverLimit {
+                what, len, limit, ..
+            } => Error::TooLarge {
+                what,
+                size: len,
+                limit,
+            },
+            e => Error::Blob(Box::new(e)),
+        }
     }
 }

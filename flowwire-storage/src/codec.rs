@@ -6,9 +6,16 @@
 //! 3      kind   what the payload is (record, history entry, …)
 //! 4..6   format version of that kind, little endian
 //! 6..10  payload length, little endian
-//! 10..14 CRC-32 of the payload, little endian
+//! 10..14 CRC-32, little endian
 //! 14..   payload
 //! ```
+//!
+//! The CRC covers the payload. A value that belongs to one instance (a record, a history
+//! entry) is written with [`encode_owned`] from record format 6 and history format 5 on:
+//! its CRC then also covers the header before it and the instance's identity (flow and id,
+//! each with its length), which are not stored. A record read under another instance's key,
+//! or with a changed header byte, fails its checksum ([`open_owned`]): a store never serves
+//! one instance's record as another's.
 //!
 //! Decoding checks every header field before it looks at the payload, and refuses a
 //! declared length above the caller's limit or beyond the bytes present: a corrupt or
@@ -28,6 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::CodecError;
+use crate::record::InstanceKey;
 
 const MAGIC: [u8; 2] = *b"FW";
 const CODEC_POSTCARD: u8 = 1;
@@ -75,6 +83,16 @@ impl Kind {
         }
     }
 
+    /// The first format version of this kind whose checksum binds the owner's identity and
+    /// the header (`None`: the kind has no owner).
+    const fn owned_since(self) -> Option<u16> {
+        match self {
+            Kind::Record => Some(6),
+            Kind::History => Some(5),
+            Kind::State => None,
+        }
+    }
+
     /// The newest format version of this kind that this build writes and reads.
     pub const fn current_version(self) -> u16 {
         match self {
@@ -82,9 +100,11 @@ impl Kind {
             // ladder), 2 = payloads placed on the ladder, 3 = timers, redelivery counts and
             // compensations in records, step times in history; 4 (records only) = the
             // failure a compensating flow ends with, and its correlation key; 5 (records) = the
-            // fan-out in flight, 4 (history) = fan-out inputs and outputs. All are read.
-            Kind::Record => 5,
-            Kind::History => 4,
+            // fan-out in flight, 4 (history) = fan-out inputs and outputs; 6 (records) and 5
+            // (history) = the instance's identity and the header bound into the checksum.
+            // All are read.
+            Kind::Record => 6,
+            Kind::History => 5,
             Kind::State => 1,
         }
     }
@@ -109,6 +129,40 @@ pub fn encode_with_version<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    encode_inner(kind, version, None, value, out)
+}
+
+/// Appends `value`, which belongs to the instance `owner`, to `out` inside an envelope of
+/// the given kind whose checksum binds the owner and the header.
+///
+/// ```
+/// use flowwire_storage::codec::{self, Kind};
+/// use flowwire_storage::record::InstanceKey;
+///
+/// let (a, b) = (InstanceKey::new("Order", "a"), InstanceKey::new("Order", "b"));
+/// let mut buf = Vec::new();
+/// codec::encode_owned(Kind::Record, &a, &7u32, &mut buf)?;
+/// assert_eq!(codec::open_owned(Kind::Record, &buf, &a, 1024)?.0, Kind::Record.current_version());
+/// // Read as another instance's, it fails its checksum.
+/// assert!(codec::open_owned(Kind::Record, &buf, &b, 1024).is_err());
+/// # Ok::<(), flowwire_storage::CodecError>(())
+/// ```
+pub fn encode_owned<T: Serialize + ?Sized>(
+    kind: Kind,
+    owner: &InstanceKey,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    encode_inner(kind, kind.current_version(), Some(owner), value, out)
+}
+
+fn encode_inner<T: Serialize + ?Sized>(
+    kind: Kind,
+    version: u16,
+    owner: Option<&InstanceKey>,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(CODEC_POSTCARD);
@@ -126,10 +180,27 @@ pub fn encode_with_version<T: Serialize + ?Sized>(
         size: payload_len,
         limit: u32::MAX as usize,
     })?;
-    let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
     out[start + 6..start + 10].copy_from_slice(&len.to_le_bytes());
+    let binds = owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v));
+    let crc = checksum(&out[start..start + 10], binds, &out[start + HEADER_LEN..]);
     out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// The CRC of an envelope: of the payload alone, or, for an owned value, of the header's
+/// first ten bytes, the owner's identity and the payload.
+fn checksum(head: &[u8], owner: Option<&InstanceKey>, payload: &[u8]) -> u32 {
+    let Some(owner) = owner else {
+        return crc32fast::hash(payload);
+    };
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head);
+    for part in [&*owner.flow, &*owner.id] {
+        crc.update(&(part.len() as u64).to_le_bytes());
+        crc.update(part.as_bytes());
+    }
+    crc.update(payload);
+    crc.finalize()
 }
 
 /// Checks the envelope around `bytes` and returns its payload.
@@ -143,6 +214,27 @@ pub fn open(kind: Kind, bytes: &[u8], limit: usize) -> Result<&[u8], CodecError>
 /// Like [`open`], also returning the envelope's format version (for readers of older
 /// formats).
 pub fn open_versioned(kind: Kind, bytes: &[u8], limit: usize) -> Result<(u16, &[u8]), CodecError> {
+    open_inner(kind, bytes, None, limit)
+}
+
+/// Checks the envelope around `bytes`, a value of the instance `owner` (see
+/// [`encode_owned`]), and returns its format version and payload. Formats written before
+/// the owner was bound are checked as they were written.
+pub fn open_owned<'b>(
+    kind: Kind,
+    bytes: &'b [u8],
+    owner: &InstanceKey,
+    limit: usize,
+) -> Result<(u16, &'b [u8]), CodecError> {
+    open_inner(kind, bytes, Some(owner), limit)
+}
+
+fn open_inner<'b>(
+    kind: Kind,
+    bytes: &'b [u8],
+    owner: Option<&InstanceKey>,
+    limit: usize,
+) -> Result<(u16, &'b [u8]), CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Truncated {
             needed: HEADER_LEN,
@@ -187,7 +279,8 @@ pub fn open_versioned(kind: Kind, bytes: &[u8], limit: usize) -> Result<(u16, &[
     }
     let payload = &bytes[HEADER_LEN..];
     let stored = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
-    let computed = crc32fast::hash(payload);
+    let binds = owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v));
+    let computed = checksum(&bytes[..10], binds, payload);
     if stored != computed {
         return Err(CodecError::Checksum { stored, computed });
     }

@@ -53,9 +53,10 @@ pub enum CodecError {
         /// What the envelope says.
         found: &'static str,
     },
-    /// The checksum does not match: the bytes were changed after they were written.
+    /// The checksum does not match: the bytes were changed after they were written, or
+    /// (for a value bound to its instance) they are another instance's.
     #[error(
-        "checksum mismatch (stored {stored:08x}, computed {computed:08x}): the value is corrupted"
+        "checksum mismatch (stored {stored:08x}, computed {computed:08x}): the value is corrupted, or is stored under another instance's key"
     )]
     Checksum {
         /// Checksum in the envelope.
@@ -200,6 +201,21 @@ pub enum BlobError {
         #[source]
         source: crate::tier::TierError,
     },
+    /// A payload is larger than the engine reads back (its decode limit), so it was not
+    /// written: the write limit and the decode limit are one setting.
+    #[error(
+        "the {what} of instance {instance} is {len} bytes, over the {limit}-byte limit of what the engine reads back, so nothing was written; keep it smaller, or raise `EngineBuilder::decode_limit`"
+    )]
+    OverLimit {
+        /// The instance.
+        instance: String,
+        /// Which payload (`state`, `driver call`, …).
+        what: &'static str,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        limit: usize,
+    },
     /// A payload is too large for the record and the ladder has no tier for it.
     #[error(
         "a payload of {len} bytes of instance {instance} does not fit in its record (limit {limit} bytes) and the ladder has no tier for it; add a tier with `default_to`"
@@ -215,6 +231,11 @@ pub enum BlobError {
 }
 
 impl BlobError {
+    /// Whether the error is a payload over the engine's limit (see [`BlobError::OverLimit`]).
+    pub fn is_over_limit(&self) -> bool {
+        matches!(self, BlobError::OverLimit { .. })
+    }
+
     /// Whether retrying later may succeed (the tier was unavailable).
     pub fn is_transient(&self) -> bool {
         matches!(self, BlobError::Tier { source, .. } if source.is_transient())

@@ -132,12 +132,12 @@ impl Layout {
         let Some(stored) = store.load(key).await? else {
             return Ok(None);
         };
-        let record = PlacedRecord::decode(&stored.bytes, limit)
+        let record = PlacedRecord::decode(&stored.bytes, key, limit)
             .map_err(|e| decode_error("the record", e))?;
         let mut steps = Vec::new();
         if history > 0 {
             for (_, bytes) in store.history(key, 0, history).await? {
-                let e = HistoryEntry::decode(&bytes, limit)
+                let e = HistoryEntry::decode(&bytes, key, limit)
                     .map_err(|e| decode_error("a history entry", e))?;
                 steps.push(StepLayout {
                     seq: e.seq,

@@ -368,15 +368,21 @@ pub struct PlacedRecord {
 }
 
 impl PlacedRecord {
-    /// Encodes the record in its envelope, appending to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        codec::encode(Kind::Record, self, out)
+    /// Encodes the record of instance `key` in its envelope (its checksum binds `key`),
+    /// appending to `out`.
+    pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode_owned(Kind::Record, key, self, out)
     }
 
-    /// Decodes a record from its envelope (current format, or formats 1 to 4), refusing
-    /// more than `limit` bytes.
-    pub fn decode(bytes: &[u8], limit: usize) -> Result<PlacedRecord, CodecError> {
-        let (version, payload) = codec::open_versioned(Kind::Record, bytes, limit)?;
+    /// Decodes the record of instance `key` from its envelope (current format, or formats
+    /// 1 to 5), refusing more than `limit` bytes, and a record written for another
+    /// instance ([`CodecError::Checksum`]).
+    pub fn decode(
+        bytes: &[u8],
+        key: &InstanceKey,
+        limit: usize,
+    ) -> Result<PlacedRecord, CodecError> {
+        let (version, payload) = codec::open_owned(Kind::Record, bytes, key, limit)?;
         match version {
             1 => {
                 let r: RecordV1 = codec::decode_raw(payload, limit)?;
@@ -616,9 +622,9 @@ pub(crate) struct HistoryEntryRef<'a> {
 }
 
 impl HistoryEntryRef<'_> {
-    /// Encodes the entry in its envelope, appending to `out`.
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        codec::encode(Kind::History, self, out)
+    /// Encodes the entry of instance `key` in its envelope, appending to `out`.
+    pub(crate) fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode_owned(Kind::History, key, self, out)
     }
 }
 
@@ -643,8 +649,9 @@ struct HistoryEntryV1 {
 }
 
 impl HistoryEntry {
-    /// Encodes the entry in its envelope, appending to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    /// Encodes the entry of instance `key` in its envelope (its checksum binds `key`),
+    /// appending to `out`.
+    pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
         // One encoding path: the borrowed form, which sealing uses.
         HistoryEntryRef {
             seq: self.seq,
@@ -655,12 +662,17 @@ impl HistoryEntry {
             state: self.state.as_ref(),
             at_ms: self.at_ms,
         }
-        .encode(out)
+        .encode(key, out)
     }
 
-    /// Decodes an entry from its envelope (current format, or formats 1 and 2).
-    pub fn decode(bytes: &[u8], limit: usize) -> Result<HistoryEntry, CodecError> {
-        let (version, payload) = codec::open_versioned(Kind::History, bytes, limit)?;
+    /// Decodes an entry of instance `key` from its envelope (current format, or formats 1
+    /// to 4), refusing an entry written for another instance ([`CodecError::Checksum`]).
+    pub fn decode(
+        bytes: &[u8],
+        key: &InstanceKey,
+        limit: usize,
+    ) -> Result<HistoryEntry, CodecError> {
+        let (version, payload) = codec::open_owned(Kind::History, bytes, key, limit)?;
         match version {
             1 => {
                 let h: HistoryEntryV1 = codec::decode_raw(payload, limit)?;
@@ -839,11 +851,12 @@ mod tests {
             state: owned.state.as_ref(),
             at_ms: owned.at_ms,
         };
+        let key = InstanceKey::new("F", "i");
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        codec::encode(Kind::History, &owned, &mut a).unwrap(); // serde of the owned struct
-        borrowed.encode(&mut b).unwrap();
+        codec::encode_owned(Kind::History, &key, &owned, &mut a).unwrap(); // serde of the owned struct
+        borrowed.encode(&key, &mut b).unwrap();
         assert_eq!(a, b);
-        assert_eq!(HistoryEntry::decode(&b, 1 << 20).unwrap(), owned);
+        assert_eq!(HistoryEntry::decode(&b, &key, 1 << 20).unwrap(), owned);
     }
 
     /// Format 3 as it was written (no failure reason, no correlation key).
@@ -893,7 +906,7 @@ mod tests {
         };
         let mut buf = Vec::new();
         codec::encode_with_version(Kind::Record, 4, &old, &mut buf).unwrap();
-        let r = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
         assert_eq!((r.seq, r.status), (7, Status::Compensating));
         assert_eq!(r.failing.as_deref(), Some("out of stock"));
         assert_eq!(r.correlation.as_deref(), Some("A-1"));
@@ -937,8 +950,9 @@ mod tests {
             trash: Vec::new(),
         };
         let mut buf = Vec::new();
-        placed.encode(&mut buf).unwrap();
-        let back = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        let key = InstanceKey::new("F", "i");
+        placed.encode(&key, &mut buf).unwrap();
+        let back = PlacedRecord::decode(&buf, &key, 1 << 20).unwrap();
         assert_eq!(back, placed);
         let fan = back.fan.unwrap();
         assert_eq!(fan.done(), 1);
@@ -969,9 +983,50 @@ mod tests {
         };
         let mut buf = Vec::new();
         codec::encode_with_version(Kind::Record, 3, &old, &mut buf).unwrap();
-        let r = PlacedRecord::decode(&buf, 1 << 20).unwrap();
+        let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
         assert_eq!((r.seq, r.status, r.timer), (4, Status::Sleeping, old.timer));
         assert_eq!(r.compensations, vec![comp]);
         assert_eq!((r.failing, r.correlation), (None, None));
+    }
+
+    /// A record with its identity bound in: read under its own key it decodes; under any
+    /// other key, or with any header or payload byte changed, it is refused.
+    #[test]
+    fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
+        let placed = PlacedRecord {
+            flow_version: 1,
+            seq: 3,
+            status: Status::Waiting,
+            state: Payload::Inline(Bytes::from_static(b"state")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: None,
+            retired: Vec::new(),
+            trash: Vec::new(),
+        };
+        let key = InstanceKey::new("Order", "a");
+        let mut buf = Vec::new();
+        placed.encode(&key, &mut buf).unwrap();
+        assert_eq!(PlacedRecord::decode(&buf, &key, 1 << 20).unwrap(), placed);
+        for other in [
+            InstanceKey::new("Order", "b"),
+            InstanceKey::new("Order", "a "),
+            InstanceKey::new("Orde", "ra"),
+            InstanceKey::new("Other", "a"),
+        ] {
+            let err = PlacedRecord::decode(&buf, &other, 1 << 20).unwrap_err();
+            assert!(matches!(err, CodecError::Checksum { .. }), "{other}: {err}");
+        }
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                PlacedRecord::decode(&bad, &key, 1 << 20).is_err(),
+                "byte {i}"
+            );
+        }
     }
 }

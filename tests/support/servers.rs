@@ -55,6 +55,10 @@ fn reap_on_exit(pid: u32) {
 }
 
 fn signal(pid: u32, sig: &str) {
+    // A server that never started has no pid: `kill 0` would signal our own process group.
+    if pid == 0 {
+        return;
+    }
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 

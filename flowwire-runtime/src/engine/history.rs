@@ -166,6 +166,7 @@ impl Engine {
             let first = self.timed(store.history(key, 0, 1)).await?;
             let last = flowwire_storage::record::PlacedRecord::decode(
                 &stored.bytes,
+                key,
                 self.inner.limits.decode_limit,
             )
             .map_or(0, |r| r.seq);
@@ -194,11 +195,13 @@ impl Engine {
         key: &InstanceKey,
         bytes: &[u8],
     ) -> Result<HistoryEntry> {
-        HistoryEntry::decode(bytes, self.inner.limits.decode_limit).map_err(|source| Error::Codec {
-            flow,
-            id: key.id.to_string(),
-            what: "a history entry",
-            source,
+        HistoryEntry::decode(bytes, key, self.inner.limits.decode_limit).map_err(|source| {
+            Error::Codec {
+                flow,
+                id: key.id.to_string(),
+                what: "a history entry",
+                source,
+            }
         })
     }
 }

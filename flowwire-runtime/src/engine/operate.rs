@@ -105,14 +105,13 @@ impl Engine {
         let Some(stored) = self.timed(store.load(&key)).await? else {
             return Ok(None);
         };
-        let placed = PlacedRecord::decode(&stored.bytes, self.inner.limits.decode_limit).map_err(
-            |source| Error::Codec {
+        let placed = PlacedRecord::decode(&stored.bytes, &key, self.inner.limits.decode_limit)
+            .map_err(|source| Error::Codec {
                 flow: F::NAME,
                 id: id.to_string(),
                 what: "the record",
                 source,
-            },
-        )?;
+            })?;
         let Status::Quarantined { reason } = placed.status else {
             return Ok(None);
         };

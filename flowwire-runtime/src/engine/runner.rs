@@ -423,10 +423,10 @@ impl<F: Flow> Runner<F> {
         id: &Arc<str>,
         stored: &Stored,
     ) -> impl std::future::Future<Output = Result<(Record, PlacedRecord)>> + Send + 'static {
-        let placed = PlacedRecord::decode(&stored.bytes, self.limits.decode_limit)
+        let key = self.key(id);
+        let placed = PlacedRecord::decode(&stored.bytes, &key, self.limits.decode_limit)
             .map_err(|e| Self::codec_error(id, e));
         let placement = self.placement.clone();
-        let key = self.key(id);
         async move {
             let placed = placed?;
             let record = placement.resolve(&key, &placed).await?;
@@ -1489,10 +1489,28 @@ impl<F: Flow> Runner<F> {
         let placement = self.placement.clone();
         let inbox = self.inbox.clone();
         let limit = self.limits.store_timeout;
+        // A start is refused before anything is placed if its id is taken (the commit's
+        // `Expect::Absent` still decides a race; the blob keys are unique per write, so a
+        // losing start's blobs can never replace the winner's).
+        let taken = matches!(s.ack, Ack::Start(_)).then(|| self.store.clone());
         tokio::spawn(async move {
-            let put = placement.put_all(&sealed.write.key, &sealed.puts);
+            let key = &sealed.write.key;
+            let put = async {
+                if let Some(store) = taken
+                    && store.load(key).await?.is_some()
+                {
+                    return Err(Error::AlreadyExists {
+                        flow: F::NAME,
+                        id: key.id.to_string(),
+                    });
+                }
+                placement
+                    .put_all(key, &sealed.puts)
+                    .await
+                    .map_err(Error::from)
+            };
             let result = match tokio::time::timeout(limit, put).await {
-                Ok(r) => r.map_err(Error::from),
+                Ok(r) => r,
                 Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
             };
             // The bytes are on their tier (or not); the step needs only the record now.
@@ -1736,6 +1754,24 @@ impl<F: Flow> Runner<F> {
                     return;
                 };
                 let _ = slot.inst.revert();
+                if matches!(err, Error::TooLarge { .. })
+                    && matches!(ack, Ack::Outcome(_) | Ack::Retry(_))
+                {
+                    // The same input gives the same bytes: retrying cannot help. The
+                    // instance is parked (its committed state fits), and the input is
+                    // settled with that step.
+                    let reason = format!(
+                        "{err}; an operator can patch the state or raise the limit, then resume it"
+                    );
+                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step too large; parking the instance");
+                    let step = slot.inst.quarantine(reason, &mut self.scratch);
+                    self.stage(Staged {
+                        id: s.id,
+                        step,
+                        ack,
+                    });
+                    return;
+                }
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = backoff(slot.failures);
                 tracing::warn!(flow = F::NAME, id = %s.id, error = %err, retry_in = ?delay, "step not persisted");

@@ -5,109 +5,196 @@
 //! the file, and syncs them; on a virtio disk each scattered page costs about as much again
 //! as the first. So [`RedbStore`](super::RedbStore) applies each batch in a redb
 //! transaction, appends the batch to this log and syncs the log — the batch is durable when
-//! the sync returns — and then commits the transaction *without* durability. Every so often a batch is committed to redb durably instead
-//! (a checkpoint) and the log starts over from its beginning.
+//! the sync returns — and then commits the transaction *without* durability. Every so
+//! often a batch is committed to redb durably instead (a checkpoint) and the log starts a
+//! new *run* from the start of its entry area.
 //!
-//! Each redb commit records the number of its batch in the same transaction, so after a
-//! crash the store knows which batches redb holds, and re-applies, in order, the logged
-//! ones after them. Re-applying a batch to the state it was first applied to gives the same
-//! results: the store's checks (versions, impulse ids, fences) read only that state.
+//! # Layout
+//! ```text
+//! offset 0     floor slot A ┐ "FWLS" | run salt u64 | floor u64 | CRC-32      (even batches)
+//! offset 4096  floor slot B ┘                                                 (odd batches)
+//! offset 8192  entries, back to back:
+//!              "FWL2" | length u32 | batch u64 | run salt u64 | CRC-32 | payload | batch u64 | !salt u64
+//! ```
+//! - The CRC covers the whole entry but itself: magic, length, batch, salt and payload.
+//! - Each run has a random salt, recorded in redb by the checkpoint that starts the run.
+//!   An entry of another run (bytes an older, longer run left behind, or bytes a user put
+//!   in a payload) is never read as one of this run.
+//! - The trailer (`batch`, `!salt`) is written last. A torn write is a prefix of the
+//!   entry, so it has no trailer; an entry with its trailer whose CRC fails was written
+//!   whole and damaged afterwards.
+//! - Each append also writes the *floor* — the last batch acknowledged before it — into
+//!   the slot of its parity, in the same sync. The floor is true once written, whatever
+//!   order the disk persists the two writes in, so a lost power never makes it lie.
+//! - The file is zero-filled ahead of the writes, and always by at least one header past
+//!   the last entry, so an append changes no file metadata (`fdatasync` writes the
+//!   entry's blocks only) and a file shorter than that was cut.
 //!
-//! Layout: entries back to back from offset 0, each
-//! `magic (u32) | payload length (u32) | batch number (u64) | CRC-32 (u32) | payload`, the
-//! CRC over the number and the payload. The file is zero-filled ahead of the writes, so an
-//! append changes no file metadata and `fdatasync` writes the entry's blocks only. After a
-//! checkpoint the log is written from offset 0 again with higher numbers: reading stops at
-//! the first entry that is torn, damaged, or does not continue the numbering, which is how
-//! a fresh run ends where an older, longer one continues.
+//! # Reading rules ([`Wal::open`])
+//! Entries are read from the start of the entry area while they are whole, of this run and
+//! numbered one after another. Where that stops, the log ends there if what stops it is a
+//! torn write of the next batch, and is **damaged** ([`LogDamage`]) if any of these holds:
+//! - an entry written whole fails its checksum, or holds another number than the next;
+//! - any entry of this run numbered after the last one read lies further on (a bad entry
+//!   followed by valid ones is corruption, never a torn tail);
+//! - an entry's length runs past the end of the file, or the file ends within a header's
+//!   length of the last entry (the file was cut);
+//! - a floor slot names a batch the entries read do not reach (acknowledged batches are
+//!   missing).
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Marks the start of an entry ("FWL1").
-const MAGIC: u32 = 0x3146_574c;
-/// Magic, length, number, CRC.
-const HEADER: usize = 4 + 4 + 8 + 4;
+/// Marks the start of an entry ("FWL2").
+const MAGIC: u32 = 0x3246_574c;
+/// Marks a floor slot ("FWLS").
+const SLOT_MAGIC: u32 = 0x534c_5746;
+/// Magic, length, batch, salt, CRC.
+const HEADER: usize = 4 + 4 + 8 + 8 + 4;
+/// Batch, inverted salt.
+const TRAILER: usize = 8 + 8;
+/// Magic, salt, floor, CRC.
+const SLOT: usize = 4 + 8 + 8 + 4;
+/// Where the two floor slots live (each on a page of its own).
+const SLOTS: [u64; 2] = [0, 4096];
+/// Where entries start.
+pub(crate) const START: u64 = 8192;
 /// The log grows by at least this much at a time (zero-filled and synced once).
 const GROW: u64 = 4 << 20;
 
 /// An entry read back: its batch number and payload.
 pub(crate) type Entry = (u64, Vec<u8>);
 
+/// One run of the log: the salt its entries carry and the number of its first batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// Random, different for every run.
+    pub salt: u64,
+    /// The batch the run starts with.
+    pub first: u64,
+}
+
+impl Run {
+    /// A new run starting at batch `first`, with a fresh random salt.
+    pub(crate) fn fresh(first: u64) -> Self {
+        use std::hash::BuildHasher as _;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        // std's hasher keys come from the operating system's randomness.
+        let salt = std::hash::RandomState::new().hash_one((n, std::process::id(), first));
+        Self {
+            salt: salt | 1,
+            first,
+        }
+    }
+}
+
+/// Why a log cannot be trusted: acknowledged batches in it are damaged or missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogDamage {
+    /// The first batch that cannot be read.
+    pub batch: u64,
+    /// Where it should be.
+    pub offset: u64,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl fmt::Display for LogDamage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "batch {} at offset {} cannot be read: {}",
+            self.batch, self.offset, self.detail
+        )
+    }
+}
+
+/// Opening a log failed.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// The file could not be read.
+    Io(io::Error),
+    /// The file is damaged.
+    Damaged(LogDamage),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
 /// The log file, positioned for the next append.
 #[derive(Debug)]
 pub(crate) struct Wal {
     file: File,
     path: PathBuf,
+    run: Run,
     /// Where the next entry goes.
     end: u64,
     /// The bytes of the file that are written (entries or zeros): appends below this
     /// change no metadata.
     filled: u64,
-    /// An entry's header and payload, assembled for one write.
+    /// An entry's header, payload and trailer, assembled for one write.
     buf: Vec<u8>,
 }
 
+/// What lies at an offset of the entry area.
+enum Found {
+    /// A whole entry of the run, and where the next one starts.
+    Entry {
+        seq: u64,
+        payload: Vec<u8>,
+        next: u64,
+    },
+    /// Zeros, another run's bytes, or the torn start of an entry.
+    Nothing,
+    /// An entry of the run written whole (its trailer is there) that fails its checksum.
+    Damaged { seq: u64 },
+    /// An entry of the run whose length runs past the end of the file.
+    Cut { seq: u64, size: u64 },
+}
+
 impl Wal {
-    /// Opens (or creates) the log at `path` and reads its entries: the run that starts at
-    /// offset 0, up to the first entry that is torn, damaged or out of sequence. Bounded by
-    /// the file's length; no length field is trusted beyond it.
-    pub(crate) fn open(path: &Path) -> io::Result<(Self, Vec<Entry>)> {
+    /// Creates a new, empty log at `path` (replacing any file there) for `run`, its
+    /// name and zero-filled blocks synced.
+    pub(crate) fn create(path: &Path, run: Run) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(true)
             .open(path)?;
-        // A new file's name must survive a crash too.
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        let mut wal = Self {
+            file,
+            path: path.to_path_buf(),
+            run,
+            end: START,
+            filled: 0,
+            buf: Vec::new(),
+        };
+        wal.fill(START + HEADER as u64)?;
+        sync_dir(path)?;
+        Ok(wal)
+    }
+
+    /// Opens the log at `path` and reads the entries of `run` by the rules of the module
+    /// documentation. The file's length bounds every read; no length field is trusted
+    /// beyond it.
+    pub(crate) fn open(path: &Path, run: Run) -> Result<(Self, Vec<Entry>), OpenError> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut at = 0u64;
-        let mut header = [0u8; HEADER];
-        while at + HEADER as u64 <= len {
-            file.read_exact_at(&mut header, at)?;
-            let word = |i: usize| {
-                u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]])
-            };
-            if word(0) != MAGIC {
-                break;
-            }
-            let size = u64::from(word(4));
-            if size > len - at - HEADER as u64 {
-                break;
-            }
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&header[8..16]);
-            let seq = u64::from_le_bytes(seq);
-            if entries
-                .last()
-                .is_some_and(|(prev, _)| seq != prev.wrapping_add(1))
-            {
-                break;
-            }
-            let Ok(size) = usize::try_from(size) else {
-                break;
-            };
-            let mut payload = vec![0u8; size];
-            file.read_exact_at(&mut payload, at + HEADER as u64)?;
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&header[8..16]);
-            crc.update(&payload);
-            if crc.finalize() != word(16) {
-                break;
-            }
-            entries.push((seq, payload));
-            at += (HEADER + size) as u64;
-        }
+        let (entries, end) = read_run(&file, len, run)?;
         let wal = Self {
             file,
             path: path.to_path_buf(),
-            end: 0,
+            run,
+            end,
             filled: len,
             buf: Vec::new(),
         };
@@ -121,28 +208,38 @@ impl Wal {
 
     /// How many bytes the current run holds.
     pub(crate) fn len(&self) -> u64 {
-        self.end
+        self.end - START
     }
 
-    /// Appends batch `seq` and syncs it: when this returns `Ok`, the entry survives a
-    /// crash. On an error the entry may or may not be in the log.
+    /// Appends batch `seq` of the current run and syncs it, with the floor `seq - 1` in
+    /// its slot: when this returns `Ok`, the entry survives a crash.
+    ///
+    /// On an error the entry may be in the file in part or whole; the log stays positioned
+    /// where it was, so the next append (of the same batch number) writes over it.
     pub(crate) fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
         let size = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a batch over 4 GiB"))?;
+        let salt = self.run.salt;
         self.buf.clear();
         self.buf.extend_from_slice(&MAGIC.to_le_bytes());
         self.buf.extend_from_slice(&size.to_le_bytes());
         self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(&salt.to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&seq.to_le_bytes());
+        crc.update(&self.buf);
         crc.update(payload);
         self.buf.extend_from_slice(&crc.finalize().to_le_bytes());
         self.buf.extend_from_slice(payload);
+        self.buf.extend_from_slice(&seq.to_le_bytes());
+        self.buf.extend_from_slice(&(!salt).to_le_bytes());
         let end = self.end + self.buf.len() as u64;
-        if end > self.filled {
-            self.fill(end)?;
+        // One header's length past the last entry is always written: a shorter file was cut.
+        if end + HEADER as u64 > self.filled {
+            self.fill(end + HEADER as u64)?;
         }
         self.file.write_all_at(&self.buf, self.end)?;
+        let slot = slot_bytes(salt, seq.saturating_sub(1));
+        self.file.write_all_at(&slot, SLOTS[(seq % 2) as usize])?;
         self.file.sync_data()?;
         self.end = end;
         // A long-lived buffer does not keep one huge batch's size.
@@ -152,9 +249,11 @@ impl Wal {
         Ok(())
     }
 
-    /// Starts the next run at offset 0 (everything logged so far is in redb durably).
-    pub(crate) fn restart(&mut self) {
-        self.end = 0;
+    /// Starts `run` at the start of the entry area (everything logged so far is in redb
+    /// durably, and redb records `run`).
+    pub(crate) fn restart(&mut self, run: Run) {
+        self.run = run;
+        self.end = START;
     }
 
     /// Zero-fills the file up to at least `end` (in steps of [`GROW`]) and syncs it, size
@@ -174,85 +273,426 @@ impl Wal {
     }
 }
 
+/// Syncs the directory holding `path`, so that a new file's name survives a crash.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
+fn slot_bytes(salt: u64, floor: u64) -> [u8; SLOT] {
+    let mut slot = [0u8; SLOT];
+    slot[..4].copy_from_slice(&SLOT_MAGIC.to_le_bytes());
+    slot[4..12].copy_from_slice(&salt.to_le_bytes());
+    slot[12..20].copy_from_slice(&floor.to_le_bytes());
+    let crc = crc32fast::hash(&slot[..20]);
+    slot[20..].copy_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// The highest floor a slot of `run` records (a slot that is torn, damaged or of another
+/// run says nothing).
+fn floor(file: &File, len: u64, run: Run) -> io::Result<Option<u64>> {
+    let mut best = None;
+    for at in SLOTS {
+        if at + SLOT as u64 > len {
+            continue;
+        }
+        let mut slot = [0u8; SLOT];
+        file.read_exact_at(&mut slot, at)?;
+        if le32(&slot) == SLOT_MAGIC
+            && le64(&slot[4..]) == run.salt
+            && le32(&slot[20..]) == crc32fast::hash(&slot[..20])
+        {
+            best = best.max(Some(le64(&slot[12..])));
+        }
+    }
+    Ok(best)
+}
+
+/// What lies at offset `at` of a file of `len` bytes.
+fn entry_at(file: &File, len: u64, at: u64, run: Run) -> io::Result<Found> {
+    let mut header = [0u8; HEADER];
+    if at + HEADER as u64 > len {
+        return Ok(Found::Nothing);
+    }
+    file.read_exact_at(&mut header, at)?;
+    if le32(&header) != MAGIC || le64(&header[16..]) != run.salt {
+        return Ok(Found::Nothing);
+    }
+    let seq = le64(&header[8..]);
+    let size = u64::from(le32(&header[4..]));
+    let next = at + HEADER as u64 + size + TRAILER as u64;
+    if next > len {
+        return Ok(Found::Cut { seq, size });
+    }
+    let mut payload = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut payload, at + HEADER as u64)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header[..24]);
+    crc.update(&payload);
+    if crc.finalize() == le32(&header[24..]) {
+        return Ok(Found::Entry { seq, payload, next });
+    }
+    let mut trailer = [0u8; TRAILER];
+    file.read_exact_at(&mut trailer, next - TRAILER as u64)?;
+    if le64(&trailer) == seq && le64(&trailer[8..]) == !run.salt {
+        Ok(Found::Damaged { seq })
+    } else {
+        Ok(Found::Nothing)
+    }
+}
+
+/// The first trailer of `run` at or after `from` that names a batch numbered `min` or
+/// higher: proof that such an entry was written whole.
+fn trailer_after(
+    file: &File,
+    len: u64,
+    from: u64,
+    min: u64,
+    run: Run,
+) -> io::Result<Option<(u64, u64)>> {
+    let mark = (!run.salt).to_le_bytes();
+    let mut at = from;
+    let chunk = 1 << 20;
+    let mut buf = vec![0u8; chunk + TRAILER];
+    while at + TRAILER as u64 <= len {
+        let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap_or(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        for i in 0..n.saturating_sub(TRAILER - 1) {
+            if buf[i + 8..i + 16] == mark {
+                let seq = le64(&buf[i..]);
+                if seq >= min {
+                    return Ok(Some((seq, at + i as u64)));
+                }
+            }
+        }
+        // Overlap by a trailer's length, so one split across chunks is seen.
+        at += (n.saturating_sub(TRAILER - 1)).max(1) as u64;
+    }
+    Ok(None)
+}
+
+/// Reads the entries of `run` (see the module documentation for the rules), and where
+/// they end.
+fn read_run(file: &File, len: u64, run: Run) -> Result<(Vec<Entry>, u64), OpenError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut at = START;
+    let mut expect = run.first;
+    let damaged = |batch: u64, offset: u64, detail: String| {
+        OpenError::Damaged(LogDamage {
+            batch,
+            offset,
+            detail,
+        })
+    };
+    loop {
+        match entry_at(file, len, at, run)? {
+            Found::Entry { seq, payload, next } if seq == expect => {
+                entries.push((seq, payload));
+                at = next;
+                expect += 1;
+            }
+            Found::Entry { seq, .. } => {
+                return Err(damaged(
+                    expect,
+                    at,
+                    format!("batch {seq} lies where batch {expect} belongs"),
+                ));
+            }
+            Found::Damaged { seq } => {
+                return Err(damaged(
+                    expect,
+                    at,
+                    format!("the entry of batch {seq} was written whole but fails its checksum"),
+                ));
+            }
+            Found::Cut { seq, size } => {
+                return Err(damaged(
+                    expect,
+                    at,
+                    format!(
+                        "the entry of batch {seq} needs {size} bytes of payload, past the end of the file at {len} bytes: the file was cut"
+                    ),
+                ));
+            }
+            Found::Nothing => break,
+        }
+    }
+    if len < at + HEADER as u64 {
+        return Err(damaged(
+            expect,
+            at,
+            format!(
+                "the file ends at {len} bytes, inside the space kept after the last entry: it was cut"
+            ),
+        ));
+    }
+    if let Some((seq, offset)) = trailer_after(file, len, at, expect, run)? {
+        return Err(damaged(
+            expect,
+            at,
+            format!(
+                "batch {seq} was written whole further on (its end is at offset {offset}), so what lies here is damage, not a torn write"
+            ),
+        ));
+    }
+    if let Some(floor) = floor(file, len, run)?
+        && floor >= expect
+    {
+        return Err(damaged(
+            expect,
+            at,
+            format!(
+                "batches up to {floor} were acknowledged, but the log's entries end before batch {expect}"
+            ),
+        ));
+    }
+    Ok((entries, at))
+}
+
+/// Reads a log of the first format (flowwire before run salts: entries from offset 0,
+/// `"FWL1" | length | batch | CRC of batch and payload | payload`), up to the first entry
+/// that is torn, damaged or out of sequence — the rules that format was written for. Only a
+/// store that records no run was written with it.
+pub(crate) fn read_legacy(path: &Path) -> io::Result<Vec<Entry>> {
+    const LEGACY_MAGIC: u32 = 0x3146_574c;
+    const LEGACY_HEADER: u64 = 20;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut at = 0u64;
+    let mut header = [0u8; LEGACY_HEADER as usize];
+    while at + LEGACY_HEADER <= len {
+        file.read_exact_at(&mut header, at)?;
+        let size = u64::from(le32(&header[4..]));
+        let seq = le64(&header[8..]);
+        if le32(&header) != LEGACY_MAGIC
+            || size > len - at - LEGACY_HEADER
+            || entries.last().is_some_and(|(prev, _)| seq != prev + 1)
+        {
+            break;
+        }
+        let mut payload = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+        file.read_exact_at(&mut payload, at + LEGACY_HEADER)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[8..16]);
+        crc.update(&payload);
+        if crc.finalize() != le32(&header[16..]) {
+            break;
+        }
+        entries.push((seq, payload));
+        at += LEGACY_HEADER + size;
+    }
+    Ok(entries)
+}
+
+/// Opens the log at `path` for appending to `run` without reading it: a store closed
+/// cleanly holds every logged batch durably, so what the file holds does not matter.
+pub(crate) fn reuse(path: &Path, run: Run) -> io::Result<Wal> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    Ok(Wal {
+        file,
+        path: path.to_path_buf(),
+        run,
+        end: START,
+        filled: len,
+        buf: Vec::new(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Wal;
+    use std::os::unix::fs::FileExt;
+
+    use super::{HEADER, OpenError, Run, START, TRAILER, Wal};
 
     fn payloads(entries: &[(u64, Vec<u8>)]) -> Vec<(u64, &[u8])> {
         entries.iter().map(|(s, p)| (*s, &p[..])).collect()
+    }
+
+    fn damage(path: &std::path::Path, run: Run) -> super::LogDamage {
+        match Wal::open(path, run) {
+            Err(OpenError::Damaged(d)) => d,
+            Err(OpenError::Io(e)) => panic!("io: {e}"),
+            Ok((_, entries)) => panic!("opened with {} entries", entries.len()),
+        }
+    }
+
+    fn poke(path: &std::path::Path, at: u64, bytes: &[u8]) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(bytes, at).unwrap();
+    }
+
+    /// A log of `n` entries of 100 bytes, numbered from 1.
+    fn log(n: u64) -> (tempfile::TempDir, std::path::PathBuf, Run) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let run = Run::fresh(1);
+        let mut wal = Wal::create(&path, run).unwrap();
+        for seq in 1..=n {
+            wal.append(seq, &[seq as u8; 100]).unwrap();
+        }
+        (dir, path, run)
+    }
+
+    /// Where entry `i` (from 0) of a [`log`] starts.
+    fn offset(i: u64) -> u64 {
+        START + i * (HEADER + 100 + TRAILER) as u64
     }
 
     #[test]
     fn entries_appended_are_read_back_in_order_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let (mut wal, entries) = Wal::open(&path).unwrap();
-        assert!(entries.is_empty());
+        let run = Run::fresh(7);
+        let mut wal = Wal::create(&path, run).unwrap();
         wal.append(7, b"seven").unwrap();
         wal.append(8, b"").unwrap();
         wal.append(9, &[9u8; 5000]).unwrap();
         drop(wal);
-        let (_, entries) = Wal::open(&path).unwrap();
+        let (mut wal, entries) = Wal::open(&path, run).unwrap();
         assert_eq!(
             payloads(&entries),
             [(7, &b"seven"[..]), (8, &b""[..]), (9, &[9u8; 5000][..])]
         );
+        // Appending continues after them.
+        wal.append(10, b"ten").unwrap();
+        let (_, entries) = Wal::open(&path, run).unwrap();
+        assert_eq!(entries.len(), 4);
     }
 
     #[test]
-    fn a_torn_or_damaged_entry_ends_the_log() {
+    fn a_torn_last_entry_ends_the_log() {
+        let (_dir, path, run) = log(3);
+        // Tear the third entry at every byte: a prefix of it, the rest zeros.
+        let entry_len = (HEADER + 100 + TRAILER) as u64;
+        for keep in 0..entry_len {
+            let (_d, path2, run2) = log(3);
+            let zeros = vec![0u8; (entry_len - keep) as usize];
+            poke(&path2, offset(2) + keep, &zeros);
+            // The floor slot of batch 3 says 2: the two acknowledged before it. A tear in
+            // the trailer leaves an entry whose checksum holds: it is whole.
+            let (_, entries) = Wal::open(&path2, run2).unwrap_or_else(|_| panic!("torn at {keep}"));
+            let whole = keep >= (HEADER + 100) as u64;
+            assert_eq!(entries.len(), if whole { 3 } else { 2 }, "torn at {keep}");
+        }
+        let (_, entries) = Wal::open(&path, run).unwrap();
+        assert_eq!(entries.len(), 3);
+    }
+
+    #[test]
+    fn a_damaged_entry_followed_by_valid_ones_is_refused_with_batch_and_offset() {
+        let (_dir, path, run) = log(5);
+        poke(&path, offset(1) + HEADER as u64 + 3, b"X");
+        let d = damage(&path, run);
+        assert_eq!((d.batch, d.offset), (2, offset(1)), "{d}");
+        assert!(d.detail.contains("fails its checksum"), "{d}");
+    }
+
+    #[test]
+    fn a_damaged_last_entry_is_refused_not_taken_for_a_torn_one() {
+        let (_dir, path, run) = log(3);
+        for at in [0, 5, 9, 17, 26, HEADER as u64 + 50] {
+            let (_d, path, run) = log(3);
+            poke(&path, offset(2) + at, &[0xA5]);
+            let d = damage(&path, run);
+            assert_eq!((d.batch, d.offset), (3, offset(2)), "byte {at}: {d}");
+        }
+        let (_, entries) = Wal::open(&path, run).unwrap();
+        assert_eq!(entries.len(), 3);
+    }
+
+    #[test]
+    fn a_zeroed_page_over_acknowledged_entries_is_refused() {
+        let (_dir, path, run) = log(100);
+        // Zero the page holding entries 40 to 70: later entries show the damage.
+        poke(&path, offset(40), &[0u8; 4096]);
+        assert_eq!(damage(&path, run).batch, 41);
+        // Zero the whole tail: the floor slots show acknowledged batches are missing.
+        let (_dir, path, run) = log(100);
+        poke(&path, offset(90), &[0u8; 4096]);
+        let d = damage(&path, run);
+        assert!(d.detail.contains("were acknowledged"), "{d}");
+    }
+
+    #[test]
+    fn a_cut_file_is_refused() {
+        let (_dir, path, run) = log(3);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for cut in [
+            offset(3) + 10,
+            offset(3),
+            offset(2) + 40,
+            offset(1),
+            START + 3,
+        ] {
+            file.set_len(cut).unwrap();
+            let d = damage(&path, run);
+            assert!(
+                d.detail.contains("cut") || d.detail.contains("acknowledged"),
+                "{cut}: {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_runs_entries_are_not_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let (mut wal, _) = Wal::open(&path).unwrap();
+        let old = Run::fresh(1);
+        let mut wal = Wal::create(&path, old).unwrap();
+        for seq in 1..=5 {
+            wal.append(seq, b"old run").unwrap();
+        }
+        let new = Run::fresh(6);
+        wal.restart(new);
+        wal.append(6, b"new").unwrap();
+        wal.append(7, b"new").unwrap();
+        drop(wal);
+        let (_, entries) = Wal::open(&path, new).unwrap();
+        assert_eq!(payloads(&entries), [(6, &b"new"[..]), (7, &b"new"[..])]);
+    }
+
+    #[test]
+    fn a_wrong_number_where_the_next_batch_belongs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let run = Run::fresh(1);
+        let mut wal = Wal::create(&path, run).unwrap();
         wal.append(1, b"one").unwrap();
-        wal.append(2, b"two").unwrap();
         wal.append(3, b"three").unwrap();
         drop(wal);
-        // Damage the second entry's payload: the first alone is read.
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, b"X", 20 + 3 + 20).unwrap();
-        let (_, entries) = Wal::open(&path).unwrap();
-        assert_eq!(payloads(&entries), [(1, &b"one"[..])]);
-        // A file cut inside the first entry holds none.
-        file.set_len(10).unwrap();
-        let (_, entries) = Wal::open(&path).unwrap();
-        assert!(entries.is_empty());
+        let d = damage(&path, run);
+        assert_eq!(d.batch, 2, "{d}");
     }
 
     #[test]
     fn a_length_past_the_end_of_the_file_is_not_trusted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let (mut wal, _) = Wal::open(&path).unwrap();
-        wal.append(1, b"one").unwrap();
-        drop(wal);
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &u32::MAX.to_le_bytes(), 4).unwrap();
-        let (_, entries) = Wal::open(&path).unwrap();
-        assert!(entries.is_empty());
-    }
-
-    #[test]
-    fn after_a_restart_the_older_longer_run_is_not_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let (mut wal, _) = Wal::open(&path).unwrap();
-        for seq in 1..=5 {
-            wal.append(seq, b"old run").unwrap();
-        }
-        wal.restart();
-        wal.append(6, b"new").unwrap();
-        wal.append(7, b"new").unwrap();
-        drop(wal);
-        let (_, entries) = Wal::open(&path).unwrap();
-        assert_eq!(payloads(&entries), [(6, &b"new"[..]), (7, &b"new"[..])]);
+        let (_dir, path, run) = log(1);
+        poke(&path, offset(0) + 4, &u32::MAX.to_le_bytes());
+        // A header of this run claiming 4 GiB: the file was cut (or damaged), never read.
+        let d = damage(&path, run);
+        assert_eq!(d.batch, 1, "{d}");
     }
 
     #[test]
     fn the_file_is_filled_ahead_so_appends_do_not_grow_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let (mut wal, _) = Wal::open(&path).unwrap();
+        let mut wal = Wal::create(&path, Run::fresh(1)).unwrap();
         wal.append(1, b"x").unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(len, super::GROW);
@@ -260,6 +700,6 @@ mod tests {
             wal.append(seq, &[0u8; 1000]).unwrap();
         }
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
-        assert_eq!(wal.len(), 98 * 1000 + 99 * 20 + 1);
+        assert_eq!(wal.len(), 98 * 1000 + 99 * (HEADER + TRAILER) as u64 + 1);
     }
 }

@@ -45,6 +45,7 @@ pub async fn run_all(tier: &dyn BlobTier, prefix: &str, sizes: &[usize]) {
     delete_removes_and_is_idempotent(tier, prefix).await;
     parts_are_stored_as_their_concatenation(tier, prefix).await;
     keys_that_share_a_prefix_are_distinct(tier, prefix).await;
+    every_instance_id_has_a_blob_of_its_own(tier, prefix).await;
     bad_keys_are_refused_before_any_io(tier).await;
     concurrent_puts_of_distinct_keys_all_land(tier, prefix).await;
 }
@@ -134,6 +135,66 @@ pub async fn parts_are_stored_as_their_concatenation(tier: &dyn BlobTier, prefix
     let got = tier.get(&key, None).await.unwrap().expect("present");
     assert!(got[..] == want[..], "parts were not concatenated in order");
     tier.delete(&key).await.unwrap();
+}
+
+/// Instance ids a user may pick: path separators, dot segments, control bytes, unicode,
+/// the empty id and a 1 MB id.
+pub fn awkward_ids() -> Vec<String> {
+    let mut ids: Vec<String> = [
+        ".",
+        "..",
+        "...",
+        ".hidden",
+        "../x",
+        "a/..",
+        "/",
+        "//",
+        "a/b",
+        "\0",
+        "nul\0byte",
+        "\n",
+        "line\nbreak",
+        "ü",
+        "日本語",
+        "~",
+        "%2E",
+        "%",
+        "",
+        " ",
+        "white space",
+    ]
+    .map(String::from)
+    .to_vec();
+    ids.extend(["x".repeat(120), "x".repeat(121), "y".repeat(1 << 20)]);
+    ids
+}
+
+/// The blob keys the ladder makes for every id of [`awkward_ids`] are accepted by the
+/// tier, and each id's blob is its own.
+pub async fn every_instance_id_has_a_blob_of_its_own(tier: &dyn BlobTier, prefix: &str) {
+    let ids = awkward_ids();
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let key = crate::record::InstanceKey::new(prefix, id.as_str());
+            crate::ladder::blob_key(&key, 1, 's', 7)
+        })
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        tier.put_bytes(key, pattern(64, i as u8))
+            .await
+            .unwrap_or_else(|e| panic!("the blob of id {:.40?} was refused: {e}", ids[i]));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let got = tier.get(key, None).await.unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(&pattern(64, i as u8)[..]),
+            "the blob of id {:.40?} is not its own",
+            ids[i]
+        );
+        tier.delete(key).await.unwrap();
+    }
 }
 
 /// `a/b` and `a/bc` and `a/b/c` are three different blobs.

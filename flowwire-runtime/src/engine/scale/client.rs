@@ -386,14 +386,15 @@ async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
             after: limit,
         })??;
     let stored = load.ok_or_else(|| not_found::<F>(id))?;
-    let placed = PlacedRecord::decode(&stored.bytes, remote.limits.decode_limit).map_err(|e| {
-        Error::Codec {
-            flow: F::NAME,
-            id: id.to_string(),
-            what: "the record",
-            source: e,
-        }
-    })?;
+    let placed =
+        PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit).map_err(|e| {
+            Error::Codec {
+                flow: F::NAME,
+                id: id.to_string(),
+                what: "the record",
+                source: e,
+            }
+        })?;
     Ok(remote.placement.resolve(&key, &placed).await?)
 }
 
@@ -436,14 +437,16 @@ async fn wait_ended<F: Flow>(
             return None;
         }
         let status = match remote.store.load(&key).await {
-            Ok(Some(stored)) => PlacedRecord::decode(&stored.bytes, remote.limits.decode_limit)
-                .map(|p| Some(p.status))
-                .map_err(|e| Error::Codec {
-                    flow: F::NAME,
-                    id: id.to_string(),
-                    what: "the record",
-                    source: e,
-                }),
+            Ok(Some(stored)) => {
+                PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit)
+                    .map(|p| Some(p.status))
+                    .map_err(|e| Error::Codec {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                        what: "the record",
+                        source: e,
+                    })
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };

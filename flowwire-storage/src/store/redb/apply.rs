@@ -10,20 +10,6 @@ use super::schema::{
 use crate::error::StoreError;
 use crate::record::{Expect, StepResult, StepWrite};
 
-/// Applies batch number `seq` in one redb transaction (recording `seq` in it) and
-/// commits it.
-pub(super) fn commit_blocking(
-    db: &Database,
-    path: &Path,
-    batch: &[StepWrite],
-    seq: u64,
-    durability: Durability,
-) -> Result<Vec<StepResult>, StoreError> {
-    let (txn, results) = apply(db, path, batch, seq, durability)?;
-    txn.commit().map_err(|x| map_err(path, x))?;
-    Ok(results)
-}
-
 /// Applies batch number `seq` in a redb transaction (recording `seq` in it), left open:
 /// nothing of it is visible until it commits, and dropping it aborts it.
 pub(super) fn apply(

@@ -1,16 +1,23 @@
-//! The write-ahead log in front of redb: committing a batch through it, and recovering
-//! the batches a crash took from redb.
+//! The write-ahead log in front of redb: committing a batch through it, recovering the
+//! batches a crash took from redb, and closing cleanly.
+//!
+//! redb's `meta` table records, in the same transactions as the batches:
+//! - `batch`: the number of the last batch applied;
+//! - `run salt` and `run first`: the log run that follows the last durable commit (written
+//!   by that commit, so redb and the log agree on which entries are this run's);
+//! - `clean`: 1 once the store was closed cleanly (every batch durable in redb), 0 while it
+//!   is open. A store that was not closed cleanly needs its log.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use redb::{Database, Durability, ReadableDatabase};
 
-use super::apply::{apply, commit_blocking};
+use super::apply::apply;
 use super::schema::{BATCH, META, map_err};
 use crate::error::StoreError;
 use crate::record::{StepResult, StepWrite};
-use crate::store::wal::Wal;
+use crate::store::wal::{self, OpenError, Run, Wal};
 
 /// A batch is committed to redb durably (and the log starts over) after this many logged
 /// batches…
@@ -19,6 +26,10 @@ pub(super) const CHECKPOINT_BATCHES: u32 = 512;
 pub(super) const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// The format of a logged batch: this byte, then the postcard encoding of the steps.
 pub(super) const LOG_FORMAT: u8 = 1;
+/// `meta` rows beside [`BATCH`].
+const RUN_SALT: &str = "run salt";
+const RUN_FIRST: &str = "run first";
+const CLEAN: &str = "clean";
 
 /// The write-ahead log and the numbering of batches (one commit at a time holds it).
 #[derive(Debug)]
@@ -28,9 +39,8 @@ pub(super) struct Log {
     next: u64,
     /// Batches logged since the last durable redb commit.
     since: u32,
-    /// A sync of the log failed (the file's state is unknown), or a batch was logged but
-    /// not committed to redb: nothing more is committed until the store is opened again,
-    /// which recovers from the log.
+    /// A batch was logged but redb did not commit it: nothing more is committed until the
+    /// store is opened again, which applies it from the log.
     failed: bool,
     /// A batch's encoding, reused.
     buf: Vec<u8>,
@@ -43,54 +53,127 @@ pub(super) fn log_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What redb's `meta` table says about the log.
+struct Meta {
+    /// The last batch redb holds.
+    done: u64,
+    /// The run that follows redb's last durable commit (`None`: a new store, or one
+    /// written before runs were recorded).
+    run: Option<Run>,
+    /// Whether the store was closed cleanly.
+    clean: bool,
+}
+
+fn read_meta(db: &Database, path: &Path) -> Result<Meta, StoreError> {
+    let e = |err: redb::Error| map_err(path, err);
+    let txn = db.begin_read().map_err(|x| e(x.into()))?;
+    let meta = txn.open_table(META).map_err(|x| e(x.into()))?;
+    let get = |row: &str| -> Result<Option<u64>, StoreError> {
+        Ok(meta.get(row).map_err(|x| e(x.into()))?.map(|g| g.value()))
+    };
+    let done = get(BATCH)?.unwrap_or(0);
+    let run = match (get(RUN_SALT)?, get(RUN_FIRST)?) {
+        (Some(salt), Some(first)) => Some(Run { salt, first }),
+        _ => None,
+    };
+    Ok(Meta {
+        done,
+        run,
+        clean: get(CLEAN)? == Some(1),
+    })
+}
+
+/// Whether the store was closed cleanly (or is new): then redb holds every batch durably.
+pub(super) fn closed_cleanly(db: &Database, path: &Path) -> Result<bool, StoreError> {
+    let meta = read_meta(db, path)?;
+    Ok(meta.clean || (meta.run.is_none() && meta.done == 0))
+}
+
 /// Re-applies the logged batches redb does not hold (a crash lost its commits since the
-/// last durable one), makes them durable, and starts the log over.
+/// last durable one), makes them durable together with a new run, and positions the log
+/// for it. A log that is missing, damaged or cut where acknowledged batches should be is
+/// [`StoreError::Corrupted`], naming the log, the batch and the offset.
 pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
     let log_path = log_path(path);
-    let unreadable = |detail: String| StoreError::Corrupted {
+    let damaged = |detail: String| StoreError::Corrupted {
         path: log_path.clone(),
         detail,
     };
-    let (mut wal, entries) = Wal::open(&log_path).map_err(|err| {
+    let io = |err: std::io::Error| {
         StoreError::Backend(format!("write-ahead log {}: {err}", log_path.display()))
-    })?;
-    let e = |err: redb::Error| map_err(path, err);
-    let done = {
-        let txn = db.begin_read().map_err(|x| e(x.into()))?;
-        let meta = txn.open_table(META).map_err(|x| e(x.into()))?;
-        meta.get(BATCH)
-            .map_err(|x| e(x.into()))?
-            .map_or(0, |g| g.value())
     };
-    let mut last = done;
+    let meta = read_meta(db, path)?;
+    let exists = log_path.try_exists().map_err(io)?;
+    let entries = match meta.run {
+        // A new store, or one whose log has the first format.
+        None if exists => wal::read_legacy(&log_path).map_err(io)?,
+        None => Vec::new(),
+        Some(_) if meta.clean => Vec::new(),
+        Some(run) if !exists => {
+            return Err(damaged(format!(
+                "the write-ahead log is missing, and the store was not closed cleanly: the batches acknowledged after batch {} (from {} on) may be only in it; put the log back beside the store file (back up, move and restore the two together)",
+                meta.done, run.first
+            )));
+        }
+        Some(run) => {
+            if meta.done + 1 < run.first {
+                return Err(StoreError::Corrupted {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "the store holds batches up to {}, but its log continues from batch {}: the store file lost durable commits",
+                        meta.done, run.first
+                    ),
+                });
+            }
+            match Wal::open(&log_path, run) {
+                Ok((_, entries)) => {
+                    let last = entries.last().map_or(run.first - 1, |(seq, _)| *seq);
+                    if last < meta.done {
+                        return Err(damaged(format!(
+                            "the log ends at batch {last}, but the store holds batch {}, which was logged first: the log lost acknowledged batches",
+                            meta.done
+                        )));
+                    }
+                    entries
+                }
+                Err(OpenError::Damaged(d)) => {
+                    return Err(damaged(format!(
+                        "{d}; restore the log from a backup taken with the store file, or move both aside to start empty"
+                    )));
+                }
+                Err(OpenError::Io(err)) => return Err(io(err)),
+            }
+        }
+    };
+    let mut last = meta.done;
     for (seq, payload) in entries {
-        if seq <= done {
+        if seq <= meta.done {
             continue;
         }
         if seq != last + 1 {
-            return Err(unreadable(format!(
+            return Err(damaged(format!(
                 "the log skips from batch {last} to batch {seq}"
             )));
         }
         let batch: Vec<StepWrite> = match payload.split_first() {
             Some((&LOG_FORMAT, rest)) => postcard::from_bytes(rest)
-                .map_err(|err| unreadable(format!("batch {seq} does not decode: {err}")))?,
-            _ => return Err(unreadable(format!("batch {seq} has an unknown format"))),
+                .map_err(|err| damaged(format!("batch {seq} does not decode: {err}")))?,
+            _ => return Err(damaged(format!("batch {seq} has an unknown format"))),
         };
-        commit_blocking(db, path, &batch, seq, Durability::None)?;
+        let (txn, _) = apply(db, path, &batch, seq, Durability::None)?;
+        txn.commit().map_err(|x| map_err(path, x))?;
         last = seq;
     }
-    if last > done {
-        // One durable commit holds every re-applied batch.
-        let txn = db.begin_write().map_err(|x| e(x.into()))?;
-        {
-            let mut meta = txn.open_table(META).map_err(|x| e(x.into()))?;
-            meta.insert(BATCH, last).map_err(|x| e(x.into()))?;
-        }
-        txn.commit().map_err(|x| e(x.into()))?;
-        tracing::info!(store = %path.display(), batches = last - done, "re-applied the write-ahead log");
+    if last > meta.done {
+        tracing::info!(store = %path.display(), batches = last - meta.done, "re-applied the write-ahead log");
     }
-    wal.restart();
+    // One durable commit holds every re-applied batch and names the new run.
+    let run = Run::fresh(last + 1);
+    mark(db, path, Some(last), Some(run), false)?;
+    let wal = match meta.run {
+        Some(_) if exists => wal::reuse(&log_path, run).map_err(io)?,
+        _ => Wal::create(&log_path, run).map_err(io)?,
+    };
     Ok(Log {
         wal,
         next: last + 1,
@@ -100,9 +183,55 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
     })
 }
 
+/// Writes `meta` rows in one durable commit.
+fn mark(
+    db: &Database,
+    path: &Path,
+    batch: Option<u64>,
+    run: Option<Run>,
+    clean: bool,
+) -> Result<(), StoreError> {
+    let e = |err: redb::Error| map_err(path, err);
+    let txn = db.begin_write().map_err(|x| e(x.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|x| e(x.into()))?;
+        write_meta(&mut meta, batch, run, clean).map_err(e)?;
+    }
+    txn.commit().map_err(|x| e(x.into()))
+}
+
+fn write_meta(
+    meta: &mut redb::Table<'_, &str, u64>,
+    batch: Option<u64>,
+    run: Option<Run>,
+    clean: bool,
+) -> Result<(), redb::Error> {
+    if let Some(batch) = batch {
+        meta.insert(BATCH, batch)?;
+    }
+    if let Some(run) = run {
+        meta.insert(RUN_SALT, run.salt)?;
+        meta.insert(RUN_FIRST, run.first)?;
+    }
+    meta.insert(CLEAN, u64::from(clean))?;
+    Ok(())
+}
+
+/// Closes the store: one durable commit makes every batch redb holds durable and marks
+/// the store clean, so the next open needs neither the log nor an integrity check. A store
+/// whose log holds a batch redb lacks stays unclean (the next open applies it).
+pub(super) fn close(db: &Database, path: &Path, log: &Mutex<Log>) -> Result<(), StoreError> {
+    let log = log.lock().unwrap_or_else(PoisonError::into_inner);
+    if log.failed {
+        return Ok(());
+    }
+    mark(db, path, None, None, true)
+}
+
 /// Commits a batch: applied to redb, logged and synced, then committed to redb without
 /// an fsync of its own — so a reader never sees a batch the log does not hold. At a
-/// checkpoint the batch commits to redb durably instead, and the log starts over.
+/// checkpoint the batch commits to redb durably instead, with the run that follows it,
+/// and the log starts that run.
 pub(super) fn commit_logged(
     db: &Database,
     path: &Path,
@@ -112,19 +241,28 @@ pub(super) fn commit_logged(
     let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
     let failed = |log: &Log, detail: &dyn std::fmt::Display| {
         StoreError::Backend(format!(
-            "write-ahead log {}: {detail}; open the store again to recover",
+            "write-ahead log {}: {detail}",
             log.wal.path().display()
         ))
     };
     if log.failed {
-        return Err(failed(&log, &"an earlier batch could not be logged"));
+        return Err(failed(
+            &log,
+            &"a logged batch could not be committed to the store file; open the store again to apply it",
+        ));
     }
     let seq = log.next;
     if log.since >= CHECKPOINT_BATCHES || log.wal.len() >= CHECKPOINT_BYTES {
-        let results = commit_blocking(db, path, batch, seq, Durability::Immediate)?;
+        let run = Run::fresh(seq + 1);
+        let (txn, results) = apply(db, path, batch, seq, Durability::Immediate)?;
+        {
+            let mut meta = txn.open_table(META).map_err(|x| map_err(path, x))?;
+            write_meta(&mut meta, None, Some(run), false).map_err(|x| map_err(path, x))?;
+        }
+        txn.commit().map_err(|x| map_err(path, x))?;
         log.next = seq + 1;
         log.since = 0;
-        log.wal.restart();
+        log.wal.restart(run);
         return Ok(results);
     }
     let (txn, results) = apply(db, path, batch, seq, Durability::None)?;
@@ -135,10 +273,8 @@ pub(super) fn commit_logged(
     let appended = log.wal.append(seq, &buf);
     log.buf = buf;
     if let Err(err) = appended {
-        // The transaction is dropped (aborted). The entry may still be in the log in part,
-        // or whole if only the sync failed: a sync that failed says nothing reliable about
-        // the file, so the store takes no more batches until it is opened again.
-        log.failed = true;
+        // The transaction is dropped (aborted), and the batch's number is given to the
+        // next batch, whose entry is written over whatever of this one reached the file.
         return Err(failed(&log, &err));
     }
     log.next = seq + 1;
@@ -149,4 +285,14 @@ pub(super) fn commit_logged(
         return Err(map_err(path, err));
     }
     Ok(results)
+}
+
+/// Marks the store unclean and returns its run, as a crash leaves it: for tests that
+/// write log entries redb never saw.
+#[cfg(test)]
+pub(super) fn as_if_crashed(path: &Path) -> Run {
+    let db = Database::create(path).unwrap();
+    let run = read_meta(&db, path).unwrap().run.unwrap();
+    mark(&db, path, None, None, false).unwrap();
+    run
 }

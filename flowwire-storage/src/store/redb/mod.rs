@@ -24,7 +24,7 @@
 //! hold. Blocking calls run on tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -33,7 +33,7 @@ use super::{BoxFuture, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 use apply::set_timer;
-use log::{Log, commit_logged, recover};
+use log::{Log, close, closed_cleanly, commit_logged, recover};
 use schema::{
     ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables,
     map_err,
@@ -60,9 +60,49 @@ mod tests;
 /// ```
 #[derive(Debug, Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
-    path: Arc<PathBuf>,
-    log: Arc<Mutex<Log>>,
+    inner: Arc<Inner>,
+}
+
+/// What every clone of a store shares; dropping the last clone closes the store cleanly.
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    log: Mutex<Log>,
+    /// Set when redb panicked: its state can no longer be trusted, so every later call
+    /// is refused with the reason, until the store is opened again.
+    broken: OnceLock<String>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.broken.get().is_some() {
+            return;
+        }
+        let (db, path, log) = (&self.db, &self.path, &self.log);
+        if let Err(e) = guard(path, || close(db, path, log)) {
+            tracing::warn!(store = %path.display(), error = %e, "the store was not closed cleanly; the next open recovers it from its log");
+        }
+    }
+}
+
+/// Runs a call into redb, mapping a panic (redb panics on some damaged pages) to a
+/// permanent [`StoreError::Corrupted`] naming the file.
+fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail: format!("redb panicked ({what}): the file is damaged"),
+            })
+        }
+    }
 }
 
 impl RedbStore {
@@ -92,34 +132,37 @@ impl RedbStore {
     /// ```
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let err_path = path.clone();
-        let opened = std::panic::catch_unwind(move || {
+        let mut db = guard(&path, || {
             redb::Builder::new()
                 .set_cache_size(cache_bytes)
-                .create(&err_path)
-        });
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(map_err(&path, e)),
-            Err(_) => {
-                return Err(StoreError::Corrupted {
-                    path,
-                    detail: "the store could not be opened (its structure is damaged)".into(),
-                });
+                .create(&path)
+                .map_err(|e| map_err(&path, e))
+        })?;
+        let log = guard(&path, || {
+            create_tables(&db, &path)?;
+            if !closed_cleanly(&db, &path)? {
+                // Every page's checksum, and the allocator state: a file damaged while the
+                // store was down is refused here, not served.
+                let intact = db.check_integrity().map_err(|e| map_err(&path, e))?;
+                if !intact {
+                    tracing::warn!(store = %path.display(), "redb repaired the store file after an unclean shutdown");
+                }
             }
-        };
-        create_tables(&db, &path)?;
-        let log = recover(&db, &path)?;
+            recover(&db, &path)
+        })?;
         Ok(Self {
-            db: Arc::new(db),
-            path: Arc::new(path),
-            log: Arc::new(Mutex::new(log)),
+            inner: Arc::new(Inner {
+                db,
+                path,
+                log: Mutex::new(log),
+                broken: OnceLock::new(),
+            }),
         })
     }
 
     /// Where the store file lives.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Where the write-ahead log of the store file at `path` lives: beside it, named
@@ -140,12 +183,32 @@ impl RedbStore {
     fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T, StoreError>>
     where
         T: Send + 'static,
-        F: FnOnce(&Database, &Path) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Database, &Path, &Mutex<Log>) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = self.db.clone();
-        let path = self.path.clone();
+        let inner = self.inner.clone();
         Box::pin(async move {
-            match tokio::task::spawn_blocking(move || f(&db, &path)).await {
+            let run = move || {
+                let Inner {
+                    db,
+                    path,
+                    log,
+                    broken,
+                } = &*inner;
+                if let Some(why) = broken.get() {
+                    return Err(StoreError::Corrupted {
+                        path: path.clone(),
+                        detail: why.clone(),
+                    });
+                }
+                let r = guard(path, || f(db, path, log));
+                if let Err(StoreError::Corrupted { detail, .. }) = &r
+                    && detail.starts_with("redb panicked")
+                {
+                    let _ = broken.set(detail.clone());
+                }
+                r
+            };
+            match tokio::task::spawn_blocking(run).await {
                 Ok(r) => r,
                 Err(e) => Err(StoreError::Backend(format!("store task failed: {e}"))),
             }
@@ -158,8 +221,7 @@ impl InstanceStore for RedbStore {
         &self,
         batch: Vec<StepWrite>,
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
-        let log = self.log.clone();
-        self.blocking(move |db, path| commit_logged(db, path, &log, &batch))
+        self.blocking(move |db, path, log| commit_logged(db, path, log, &batch))
     }
 
     fn load<'a>(
@@ -167,7 +229,7 @@ impl InstanceStore for RedbStore {
         key: &'a InstanceKey,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let key = key.clone();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
@@ -187,7 +249,7 @@ impl InstanceStore for RedbStore {
 
     fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let flow: Arc<str> = flow.into();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let active = txn.open_table(ACTIVE).map_err(|x| e(x.into()))?;
@@ -221,7 +283,7 @@ impl InstanceStore for RedbStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
         let key = key.clone();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(HISTORY).map_err(|x| e(x.into()))?;
@@ -246,7 +308,7 @@ impl InstanceStore for RedbStore {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         let key = key.clone();
         let impulse: Arc<str> = impulse_id.into();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(IMPULSES).map_err(|x| e(x.into()))?;
@@ -264,7 +326,7 @@ impl InstanceStore for RedbStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<super::DueList, StoreError>> {
         let flow: Arc<str> = flow.into();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
@@ -289,7 +351,7 @@ impl InstanceStore for RedbStore {
         actual: Option<u64>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let key = key.clone();
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_write().map_err(|x| e(x.into()))?;
             {
@@ -313,7 +375,7 @@ impl InstanceStore for RedbStore {
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         let flow: Arc<str> = flow.into();
         let after: Option<Arc<str>> = after.map(Arc::from);
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(PARKED).map_err(|x| e(x.into()))?;
@@ -341,7 +403,7 @@ impl InstanceStore for RedbStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
-        self.blocking(move |db, path| {
+        self.blocking(move |db, path, _| {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
