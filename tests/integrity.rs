@@ -7,8 +7,11 @@
 use std::path::Path;
 
 use flowwire::prelude::*;
-use flowwire::storage::{KIB, Ladder, MB, Tier};
+use flowwire::storage::{KIB, Ladder, MB, RedbStore, StoreError, Tier};
 use flowwire::{Engine, Error};
+
+#[path = "support/faulty.rs"]
+mod faulty;
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoxState {
@@ -279,6 +282,246 @@ async fn long_ids_that_collide_under_a_64_bit_hash_keep_their_own_state() {
     for (i, id) in twins.iter().enumerate() {
         let vault = engine.handle::<Vault>(id.as_str()).await.unwrap();
         assert_eq!(vault.data().await.unwrap(), vec![i as u8 + 1; 100_000]);
+    }
+    engine.shutdown().await;
+}
+
+/// Echoes a number after a pause the test controls (a call in flight when the store fails).
+#[driver(timeout = "10s")]
+pub trait Echo {
+    async fn echo(&self, n: u32) -> Result<u32, String>;
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct CallState {
+    asked: bool,
+    got: Option<u32>,
+}
+
+#[flow]
+pub struct Caller {
+    #[link]
+    state: CallState,
+    #[link]
+    echo: impl Echo,
+}
+
+#[flow]
+impl Caller {
+    #[impulse]
+    fn ask(&mut self) {
+        self.state.asked = true;
+    }
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        match (self.state.asked, self.state.got) {
+            (false, _) => Command::wait(),
+            (true, None) => Command::drive(self.echo.echo(7)).then(|f, r| {
+                f.state.got = Some(r.unwrap_or(0));
+                Ok(())
+            }),
+            (true, Some(_)) => Command::finish(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct SlowEcho(std::sync::Arc<tokio::sync::Notify>);
+
+#[driver]
+impl Echo for SlowEcho {
+    async fn echo(&self, n: u32) -> Result<u32, String> {
+        self.0.notified().await;
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_store_failure_stops_the_work_and_health_reports_it() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = faulty::Faulty::new(RedbStore::open(tmp.path().join("instances.redb")).unwrap());
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let engine = Engine::builder()
+        .store(store.clone())
+        .flow::<Caller>()
+        .driver(SlowEcho(release.clone()))
+        .start()
+        .await
+        .unwrap();
+    let waiting = engine
+        .start::<Caller>("w", CallState::default())
+        .await
+        .unwrap();
+    let calling = engine
+        .start::<Caller>("c", CallState::default())
+        .await
+        .unwrap();
+    calling.ask().await.unwrap();
+    assert!(engine.health().await.ok());
+
+    // The store stops for good (as redb does after a failed write, or a panic on a damaged
+    // page): every commit fails with a permanent error.
+    let stopped = StoreError::Stopped {
+        path: tmp.path().join("instances.redb"),
+        detail: "a write failed half way".into(),
+    };
+    store.fail_with(Some(stopped));
+    let err = waiting.ask().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Store(StoreError::Stopped { .. })),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    let health = engine.health().await;
+    assert_eq!(health.store_state, "failed", "{health:?}");
+    assert!(!health.ok());
+
+    // The call in flight lands: its step fails, and is not retried for ever.
+    let before = store.commits();
+    release.notify_one();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let tried = store.commits() - before;
+    assert!(tried <= 1, "the outcome's step was tried {tried} times");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_refuses_to_start_on_a_damaged_store_file_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir).await;
+    for i in 0..50 {
+        engine
+            .start::<Vault>(format!("v{i}"), state(100, 1))
+            .await
+            .unwrap();
+    }
+    engine.shutdown().await;
+    drop(engine);
+    // Zero every page but the first: the B-tree is gone.
+    let file = dir.join("data").join("instances.redb");
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[4096..len].fill(0);
+    std::fs::write(&file, bytes).unwrap();
+    let err = Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(ladder(dir))
+        .flow::<Vault>()
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Store(StoreError::Corrupted { path, .. }) if *path == file),
+        "{err}"
+    );
+}
+
+/// A tmpfs of `mb` megabytes mounted for the test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mb: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed ({status}): this test needs root, as ./scripts/test has"
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file until writing fails; returns the file.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_the_store_and_it_recovers_by_itself_when_space_is_freed() {
+    use std::time::Duration;
+    let disk = SmallDisk::mount(32);
+    let data = disk.path().join("data");
+    let open = || async {
+        Engine::builder()
+            .data_dir(&data)
+            .storage(Ladder::inline_only())
+            .flow::<Vault>()
+            .start()
+            .await
+            .unwrap()
+    };
+    let engine = open().await;
+    let filler = disk.fill();
+    // Start instances until the disk refuses: what was acknowledged before must survive.
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..20_000 {
+        match engine
+            .start::<Vault>(format!("v{i}"), state(8 * KIB, i as u8))
+            .await
+        {
+            Ok(_) => acked.push(i),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("a full disk refuses a write");
+    assert!(err.is_transient(), "a full disk is transient: {err}");
+    let health = engine.health().await;
+    assert_eq!(health.store_state, "degraded", "{health:?}");
+
+    // Space is freed: the store takes writes again, by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let mut recovered = false;
+    for attempt in 0..100 {
+        if engine
+            .start::<Vault>(format!("after{attempt}"), state(8 * KIB, 1))
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "the store did not recover after space was freed");
+    assert!(engine.health().await.ok());
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open().await;
+    for i in acked {
+        let vault = engine.handle::<Vault>(format!("v{i}")).await.unwrap();
+        assert_eq!(vault.data().await.unwrap(), vec![i as u8; 8 * KIB], "v{i}");
     }
     engine.shutdown().await;
 }

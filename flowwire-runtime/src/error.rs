@@ -322,7 +322,7 @@ impl Error {
     pub(crate) fn clone_for_caller(&self) -> Error {
         match self {
             Error::Blob(e) => Error::Blob(e.clone()),
-            Error::Store(StoreError::Timeout(d)) => Error::Store(StoreError::Timeout(*d)),
+            Error::Store(e) => Error::Store(e.clone()),
             &Error::TooLarge { what, size, limit } => Error::TooLarge { what, size, limit },
             Error::AlreadyExists { flow, id } => Error::AlreadyExists {
                 flow,

@@ -30,7 +30,7 @@ use crate::redis_link::{Conn, RedisLink};
 use crate::store::RedisStore;
 
 fn backend(e: &redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+    StoreError::unavailable("redis", e.clone())
 }
 
 /// Takes a free lease. KEYS: lease, counter, handover, token owners. ARGV: node, ttl ms.

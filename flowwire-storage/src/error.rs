@@ -73,20 +73,26 @@ pub enum CodecError {
 }
 
 /// An instance store operation failed.
-#[derive(Debug, thiserror::Error)]
+///
+/// Every error is either **transient** ([`StoreError::is_transient`]: a backend that is
+/// unreachable, slow or out of space; the engine retries with backoff and the store
+/// recovers by itself when the cause goes away) or **permanent** (a damaged, locked or
+/// stopped store, or a value that does not decode: what depends on it stops, and
+/// `Engine::health` reports it).
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store file is damaged and could not be opened or read.
+    /// The store file is damaged and could not be opened or read. Permanent.
     #[error(
         "the store at {path} is corrupted: {detail}; restore it from a backup or move it aside to start empty"
     )]
     Corrupted {
-        /// Where the store lives.
+        /// The damaged file.
         path: PathBuf,
-        /// What the backend reported.
+        /// What is wrong, and where.
         detail: String,
     },
-    /// Another process has the store open.
+    /// Another process has the store open. Permanent (for this process).
     #[error(
         "the store at {path} is already open in another process; stop that process or use another data directory"
     )]
@@ -94,7 +100,7 @@ pub enum StoreError {
         /// Where the store lives.
         path: PathBuf,
     },
-    /// A stored value could not be decoded.
+    /// A stored value could not be decoded. Permanent.
     #[error("stored {what} for instance {flow}/{id} cannot be read: {source}")]
     Decode {
         /// Flow name of the instance.
@@ -107,24 +113,61 @@ pub enum StoreError {
         #[source]
         source: CodecError,
     },
-    /// An I/O or backend error; the operation may be retried.
+    /// The store takes no more writes until it is opened again (a write failed half way,
+    /// and only reopening recovers it). Permanent for this process.
+    #[error(
+        "the store at {path} stopped taking writes: {detail}; restart the engine to recover it"
+    )]
+    Stopped {
+        /// Where the store lives.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The backend could not be reached or did not do what was asked (an I/O error, a
+    /// full disk, a refused connection). Transient: the operation may be retried.
+    #[error("{what}: {source}")]
+    Unavailable {
+        /// What failed.
+        what: String,
+        /// The backend's error.
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The backend failed in a way it describes only in words. Transient.
     #[error("store backend error: {0}")]
     Backend(String),
-    /// The store took longer than allowed.
+    /// The store took longer than allowed. Transient.
     #[error("store operation timed out after {0:?}")]
     Timeout(std::time::Duration),
 }
 
 impl StoreError {
-    /// Whether trying again later can succeed (a backend that is unreachable or slow), as
-    /// opposed to a damaged or locked store.
+    /// Whether trying again later can succeed (a backend that is unreachable, slow or out
+    /// of space), as opposed to a damaged, locked or stopped store.
     ///
     /// ```
     /// use flowwire_storage::StoreError;
     /// assert!(StoreError::Backend("connection refused".into()).is_transient());
+    /// let damaged = StoreError::Corrupted { path: "s.redb".into(), detail: "a bad page".into() };
+    /// assert!(!damaged.is_transient());
     /// ```
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Backend(_) | StoreError::Timeout(_))
+        matches!(
+            self,
+            StoreError::Backend(_) | StoreError::Unavailable { .. } | StoreError::Timeout(_)
+        )
+    }
+
+    /// A transient error that keeps `source` as its cause.
+    pub fn unavailable(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Unavailable {
+            what: what.into(),
+            source: std::sync::Arc::new(source),
+        }
     }
 }
 
@@ -239,5 +282,66 @@ impl BlobError {
     /// Whether retrying later may succeed (the tier was unavailable).
     pub fn is_transient(&self) -> bool {
         matches!(self, BlobError::Tier { source, .. } if source.is_transient())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BlobError, CodecError, StoreError};
+    use crate::tier::TierError;
+
+    #[test]
+    fn every_store_error_is_transient_or_permanent() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let transient = [
+            StoreError::Backend("refused".into()),
+            StoreError::unavailable("redis", io),
+            StoreError::Timeout(std::time::Duration::from_secs(1)),
+        ];
+        let permanent = [
+            StoreError::Corrupted {
+                path: "s.redb".into(),
+                detail: "x".into(),
+            },
+            StoreError::Locked {
+                path: "s.redb".into(),
+            },
+            StoreError::Stopped {
+                path: "s.redb".into(),
+                detail: "x".into(),
+            },
+            StoreError::Decode {
+                flow: "F".into(),
+                id: "i".into(),
+                what: "record",
+                source: CodecError::Malformed("x".into()),
+            },
+        ];
+        assert!(transient.iter().all(StoreError::is_transient));
+        assert!(!permanent.iter().any(StoreError::is_transient));
+    }
+
+    #[test]
+    fn a_blob_error_is_transient_only_when_its_tier_was_unavailable() {
+        let tier = |source| BlobError::Tier {
+            instance: "F/i".into(),
+            tier: "s3".into(),
+            key: "k".into(),
+            source,
+        };
+        assert!(
+            tier(TierError::Unavailable {
+                tier: "s3".into(),
+                detail: "down".into()
+            })
+            .is_transient()
+        );
+        let over = BlobError::OverLimit {
+            instance: "F/i".into(),
+            what: "state",
+            len: 10,
+            limit: 5,
+        };
+        assert!(!over.is_transient() && over.is_over_limit());
     }
 }

@@ -22,6 +22,7 @@ pub mod blob;
 pub mod bus;
 pub mod codec;
 pub mod error;
+pub mod fuzz;
 pub mod join;
 pub mod ladder;
 pub mod layout;

@@ -54,16 +54,21 @@ pub struct Health {
     /// answer within two seconds (or the engine's store timeout, if shorter; see
     /// [`Health::store_error`]).
     pub store_micros: Option<u64>,
-    /// Why the store did not answer, if it did not.
+    /// Why the store did not answer, or why it fails writes, if it does.
     pub store_error: Option<String>,
+    /// `"ok"`; `"degraded"` while the store fails writes for a reason it recovers from by
+    /// itself (a full disk, an unreachable server: steps are retried with backoff); or
+    /// `"failed"` when it cannot recover without an operator (a damaged or stopped store:
+    /// what depends on it has stopped).
+    pub store_state: &'static str,
     /// The shards this orchestrator holds, per flow (empty for other roles).
     pub shards: BTreeMap<&'static str, Vec<u16>>,
 }
 
 impl Health {
-    /// `true` when the store answered.
+    /// `true` when the store answered and takes writes.
     pub fn ok(&self) -> bool {
-        self.store_micros.is_some()
+        self.store_micros.is_some() && self.store_state == "ok"
     }
 
     /// The snapshot as JSON.
@@ -88,9 +93,11 @@ impl Engine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let (store_micros, store_error) = match store {
+        let mut fault = None;
+        let (store_micros, mut store_error) = match store {
             None => (None, Some("the engine was shut down".to_string())),
             Some(store) => {
+                fault = store.fault();
                 let key = InstanceKey::new(PROBE, PROBE);
                 let asked = tokio::time::Instant::now();
                 let limit = self.inner.limits.store_timeout.min(Duration::from_secs(2));
@@ -101,7 +108,17 @@ impl Engine {
                 }
             }
         };
+        let store_state = match &fault {
+            None if store_micros.is_some() => "ok",
+            Some(e) if e.is_transient() => "degraded",
+            None => "degraded",
+            Some(_) => "failed",
+        };
+        if let Some(e) = fault {
+            store_error.get_or_insert_with(|| e.to_string());
+        }
         Health {
+            store_state,
             node: member.node.as_deref().map(str::to_string),
             roles: member.roles.clone(),
             store_micros,

@@ -1754,6 +1754,24 @@ impl<F: Flow> Runner<F> {
                     return;
                 };
                 let _ = slot.inst.revert();
+                if let Error::Store(e) = err
+                    && !e.is_transient()
+                {
+                    // The store is damaged or stopped: retrying cannot help, and
+                    // `Engine::health` reports it. Callers get the error; an outcome is not
+                    // sent again (its call is redelivered when the store is opened again).
+                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step not persisted: the store failed for good");
+                    match ack {
+                        Ack::Impulse(reply, _) => {
+                            let _ = reply.send(Err(err.clone_for_caller()));
+                        }
+                        Ack::Operate(reply) => {
+                            let _ = reply.send(Err(err.clone_for_caller()));
+                        }
+                        _ => {}
+                    }
+                    return;
+                }
                 if matches!(err, Error::TooLarge { .. })
                     && matches!(ack, Ack::Outcome(_) | Ack::Retry(_))
                 {

@@ -96,6 +96,14 @@ pub trait InstanceStore: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<DueList, StoreError>>;
 
+    /// What makes the store fail writes now, if anything: a transient condition it
+    /// expects to recover from by itself (a full disk, an unreachable server) or a
+    /// permanent one (a damaged or stopped store). Answers at once, without I/O: it is what
+    /// `Engine::health` reports beside its own read. `None` by default.
+    fn fault(&self) -> Option<StoreError> {
+        None
+    }
+
     /// How many shards the store splits each flow's instances into (multi-process mode:
     /// each shard is owned by one orchestrator at a time). Embedded stores have one.
     fn shards(&self) -> u16 {
@@ -159,6 +167,9 @@ pub trait InstanceStore: Send + Sync + 'static {
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
+    fn fault(&self) -> Option<StoreError> {
+        (**self).fault()
+    }
     fn commit(
         &self,
         batch: Vec<StepWrite>,

@@ -116,7 +116,7 @@ pub struct RedisStore {
 }
 
 fn backend(e: &redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+    StoreError::unavailable("redis", e.clone())
 }
 
 /// Whether a server answered that it does not have the script (its cache was lost).

@@ -11,8 +11,8 @@
 //!
 //! # Layout
 //! ```text
-//! offset 0     floor slot A ┐ "FWLS" | run salt u64 | floor u64 | CRC-32      (even batches)
-//! offset 4096  floor slot B ┘                                                 (odd batches)
+//! offset 0     floor slot A ┐ "FWLS" | run salt u64 | run's first batch u64 | floor u64 | CRC-32
+//! offset 4096  floor slot B ┘ (even batches write A, odd ones B)
 //! offset 8192  entries, back to back:
 //!              "FWL2" | length u32 | batch u64 | run salt u64 | CRC-32 | payload | batch u64 | !salt u64
 //! ```
@@ -25,7 +25,9 @@
 //!   whole and damaged afterwards.
 //! - Each append also writes the *floor* — the last batch acknowledged before it — into
 //!   the slot of its parity, in the same sync. The floor is true once written, whatever
-//!   order the disk persists the two writes in, so a lost power never makes it lie.
+//!   order the disk persists the two writes in, so a lost power never makes it lie. The
+//!   slot also names its run (salt and first batch), so a log that is on a later run than
+//!   the one redb records shows that redb lost durable commits.
 //! - The file is zero-filled ahead of the writes, and always by at least one header past
 //!   the last entry, so an append changes no file metadata (`fdatasync` writes the
 //!   entry's blocks only) and a file shorter than that was cut.
@@ -40,7 +42,9 @@
 //! - an entry's length runs past the end of the file, or the file ends within a header's
 //!   length of the last entry (the file was cut);
 //! - a floor slot names a batch the entries read do not reach (acknowledged batches are
-//!   missing).
+//!   missing);
+//! - a slot belongs to a run that starts after `run` ([`OpenError::RunAhead`]: the store
+//!   file, not the log, went back).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -56,8 +60,8 @@ const SLOT_MAGIC: u32 = 0x534c_5746;
 const HEADER: usize = 4 + 4 + 8 + 8 + 4;
 /// Batch, inverted salt.
 const TRAILER: usize = 8 + 8;
-/// Magic, salt, floor, CRC.
-const SLOT: usize = 4 + 8 + 8 + 4;
+/// Magic, salt, first, floor, CRC.
+const SLOT: usize = 4 + 8 + 8 + 8 + 4;
 /// Where the two floor slots live (each on a page of its own).
 const SLOTS: [u64; 2] = [0, 4096];
 /// Where entries start.
@@ -121,6 +125,12 @@ pub(crate) enum OpenError {
     Io(io::Error),
     /// The file is damaged.
     Damaged(LogDamage),
+    /// The log is on a run that starts at batch `first`, after the run asked for: whoever
+    /// recorded that run (redb) lost the durable commits since.
+    RunAhead {
+        /// The first batch of the log's run.
+        first: u64,
+    },
 }
 
 impl From<io::Error> for OpenError {
@@ -142,6 +152,35 @@ pub(crate) struct Wal {
     filled: u64,
     /// An entry's header, payload and trailer, assembled for one write.
     buf: Vec<u8>,
+}
+
+/// Bytes the log is read from: its file, or (for fuzzing and tests) a buffer.
+pub(crate) trait ReadAt {
+    /// Fills `buf` from `offset`; an error if the source ends first.
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn fill_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let at = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let src = self
+            .get(at..at.saturating_add(buf.len()))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// Reads the entries of `run` from a log held in `bytes` (see [`Wal::open`]).
+#[cfg(test)]
+pub(crate) fn read_bytes(bytes: &[u8], run: Run) -> Result<Vec<Entry>, OpenError> {
+    read_run(bytes, bytes.len() as u64, run).map(|(entries, _)| entries)
 }
 
 /// What lies at an offset of the entry area.
@@ -238,7 +277,7 @@ impl Wal {
             self.fill(end + HEADER as u64)?;
         }
         self.file.write_all_at(&self.buf, self.end)?;
-        let slot = slot_bytes(salt, seq.saturating_sub(1));
+        let slot = slot_bytes(self.run, seq.saturating_sub(1));
         self.file.write_all_at(&slot, SLOTS[(seq % 2) as usize])?;
         self.file.sync_data()?;
         self.end = end;
@@ -281,13 +320,14 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-fn slot_bytes(salt: u64, floor: u64) -> [u8; SLOT] {
+fn slot_bytes(run: Run, floor: u64) -> [u8; SLOT] {
     let mut slot = [0u8; SLOT];
     slot[..4].copy_from_slice(&SLOT_MAGIC.to_le_bytes());
-    slot[4..12].copy_from_slice(&salt.to_le_bytes());
-    slot[12..20].copy_from_slice(&floor.to_le_bytes());
-    let crc = crc32fast::hash(&slot[..20]);
-    slot[20..].copy_from_slice(&crc.to_le_bytes());
+    slot[4..12].copy_from_slice(&run.salt.to_le_bytes());
+    slot[12..20].copy_from_slice(&run.first.to_le_bytes());
+    slot[20..28].copy_from_slice(&floor.to_le_bytes());
+    let crc = crc32fast::hash(&slot[..28]);
+    slot[28..].copy_from_slice(&crc.to_le_bytes());
     slot
 }
 
@@ -301,33 +341,42 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The highest floor a slot of `run` records (a slot that is torn, damaged or of another
-/// run says nothing).
-fn floor(file: &File, len: u64, run: Run) -> io::Result<Option<u64>> {
-    let mut best = None;
+/// The valid floor slots of the file: each one's run and floor (a slot that is torn or
+/// damaged says nothing).
+fn slots(file: &(impl ReadAt + ?Sized), len: u64) -> io::Result<Vec<(Run, u64)>> {
+    let mut found = Vec::new();
     for at in SLOTS {
         if at + SLOT as u64 > len {
             continue;
         }
         let mut slot = [0u8; SLOT];
-        file.read_exact_at(&mut slot, at)?;
-        if le32(&slot) == SLOT_MAGIC
-            && le64(&slot[4..]) == run.salt
-            && le32(&slot[20..]) == crc32fast::hash(&slot[..20])
-        {
-            best = best.max(Some(le64(&slot[12..])));
+        file.fill_at(&mut slot, at)?;
+        if le32(&slot) == SLOT_MAGIC && le32(&slot[28..]) == crc32fast::hash(&slot[..28]) {
+            let run = Run {
+                salt: le64(&slot[4..]),
+                first: le64(&slot[12..]),
+            };
+            found.push((run, le64(&slot[20..])));
         }
     }
-    Ok(best)
+    Ok(found)
+}
+
+/// Whether the file at `path` is a log of this format (a valid floor slot): a store that
+/// records no run must not have one.
+pub(crate) fn has_runs(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    Ok(!slots(&file, len)?.is_empty())
 }
 
 /// What lies at offset `at` of a file of `len` bytes.
-fn entry_at(file: &File, len: u64, at: u64, run: Run) -> io::Result<Found> {
+fn entry_at(file: &(impl ReadAt + ?Sized), len: u64, at: u64, run: Run) -> io::Result<Found> {
     let mut header = [0u8; HEADER];
     if at + HEADER as u64 > len {
         return Ok(Found::Nothing);
     }
-    file.read_exact_at(&mut header, at)?;
+    file.fill_at(&mut header, at)?;
     if le32(&header) != MAGIC || le64(&header[16..]) != run.salt {
         return Ok(Found::Nothing);
     }
@@ -338,7 +387,7 @@ fn entry_at(file: &File, len: u64, at: u64, run: Run) -> io::Result<Found> {
         return Ok(Found::Cut { seq, size });
     }
     let mut payload = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-    file.read_exact_at(&mut payload, at + HEADER as u64)?;
+    file.fill_at(&mut payload, at + HEADER as u64)?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[..24]);
     crc.update(&payload);
@@ -346,7 +395,7 @@ fn entry_at(file: &File, len: u64, at: u64, run: Run) -> io::Result<Found> {
         return Ok(Found::Entry { seq, payload, next });
     }
     let mut trailer = [0u8; TRAILER];
-    file.read_exact_at(&mut trailer, next - TRAILER as u64)?;
+    file.fill_at(&mut trailer, next - TRAILER as u64)?;
     if le64(&trailer) == seq && le64(&trailer[8..]) == !run.salt {
         Ok(Found::Damaged { seq })
     } else {
@@ -357,7 +406,7 @@ fn entry_at(file: &File, len: u64, at: u64, run: Run) -> io::Result<Found> {
 /// The first trailer of `run` at or after `from` that names a batch numbered `min` or
 /// higher: proof that such an entry was written whole.
 fn trailer_after(
-    file: &File,
+    file: &(impl ReadAt + ?Sized),
     len: u64,
     from: u64,
     min: u64,
@@ -369,7 +418,7 @@ fn trailer_after(
     let mut buf = vec![0u8; chunk + TRAILER];
     while at + TRAILER as u64 <= len {
         let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap_or(buf.len());
-        file.read_exact_at(&mut buf[..n], at)?;
+        file.fill_at(&mut buf[..n], at)?;
         for i in 0..n.saturating_sub(TRAILER - 1) {
             if buf[i + 8..i + 16] == mark {
                 let seq = le64(&buf[i..]);
@@ -386,7 +435,11 @@ fn trailer_after(
 
 /// Reads the entries of `run` (see the module documentation for the rules), and where
 /// they end.
-fn read_run(file: &File, len: u64, run: Run) -> Result<(Vec<Entry>, u64), OpenError> {
+fn read_run(
+    file: &(impl ReadAt + ?Sized),
+    len: u64,
+    run: Run,
+) -> Result<(Vec<Entry>, u64), OpenError> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut at = START;
     let mut expect = run.first;
@@ -448,7 +501,16 @@ fn read_run(file: &File, len: u64, run: Run) -> Result<(Vec<Entry>, u64), OpenEr
             ),
         ));
     }
-    if let Some(floor) = floor(file, len, run)?
+    let slots = slots(file, len)?;
+    if let Some(&(ahead, _)) = slots.iter().find(|(r, _)| r.first > run.first) {
+        return Err(OpenError::RunAhead { first: ahead.first });
+    }
+    let floor = slots
+        .iter()
+        .filter(|(r, _)| *r == run)
+        .map(|(_, floor)| *floor)
+        .max();
+    if let Some(floor) = floor
         && floor >= expect
     {
         return Err(damaged(
@@ -527,6 +589,7 @@ mod tests {
         match Wal::open(path, run) {
             Err(OpenError::Damaged(d)) => d,
             Err(OpenError::Io(e)) => panic!("io: {e}"),
+            Err(OpenError::RunAhead { first }) => panic!("run ahead: {first}"),
             Ok((_, entries)) => panic!("opened with {} entries", entries.len()),
         }
     }
@@ -701,5 +764,22 @@ mod tests {
         }
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         assert_eq!(wal.len(), 98 * 1000 + 99 * (HEADER + TRAILER) as u64 + 1);
+    }
+
+    #[test]
+    fn fuzz_reading_a_log_never_panics_and_never_reads_past_its_bytes() {
+        let (_dir, path, run) = log(6);
+        let bytes = std::fs::read(&path).unwrap();
+        // The used part: slots, entries and a little of the zeros after them.
+        let used = bytes[..offset(6) as usize + 64].to_vec();
+        let seeds = vec![used.clone(), used[..offset(3) as usize].to_vec()];
+        let iters = crate::fuzz::iterations(3_000);
+        crate::fuzz::run("write-ahead log", &seeds, iters, |input| {
+            if let Ok(entries) = super::read_bytes(input, run) {
+                for (seq, payload) in &entries {
+                    assert!(*seq >= run.first && payload.len() <= input.len());
+                }
+            }
+        });
     }
 }

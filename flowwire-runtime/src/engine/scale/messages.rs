@@ -121,3 +121,87 @@ fn static_status(name: &str) -> &'static str {
         _ => "ended",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flowwire_storage::{codec, fuzz};
+
+    use super::{JobMsg, OutcomeWire, Refusal, Reply, Request, RequestKind};
+    use crate::driver::Fault;
+
+    /// Every message a process reads off the bus, fuzzed: a hostile or damaged entry is an
+    /// error, never a panic, and never more memory than the decode limit allows.
+    #[test]
+    fn fuzz_every_bus_message() {
+        const LIMIT: usize = 1 << 20;
+        fn enc<T: serde::Serialize>(value: &T) -> Vec<u8> {
+            let mut out = Vec::new();
+            codec::encode_raw(value, &mut out).unwrap();
+            out
+        }
+        let job = JobMsg {
+            flow: "Order".into(),
+            shard: 3,
+            id: "o-1".into(),
+            seq: 7,
+            branch: Some(2),
+            method: 1,
+            redelivered: 0,
+            call: bytes::Bytes::from_static(b"call args"),
+        };
+        let ok = OutcomeWire {
+            id: "o-1".into(),
+            seq: 7,
+            branch: None,
+            result: Ok(bytes::Bytes::from_static(b"reply")),
+        };
+        let fault = OutcomeWire {
+            id: "o-1".into(),
+            seq: 7,
+            branch: Some(0),
+            result: Err(Fault::Panicked {
+                attempts: 3,
+                message: "boom".into(),
+            }),
+        };
+        let start = Request {
+            req: 1,
+            reply_to: "chan".into(),
+            deadline_ms: 1_700_000_000_000,
+            id: "o-1".into(),
+            kind: RequestKind::Start {
+                state: bytes::Bytes::from_static(b"state"),
+            },
+        };
+        let impulse = Request {
+            req: 2,
+            reply_to: "chan".into(),
+            deadline_ms: 0,
+            id: "o-1".into(),
+            kind: RequestKind::Impulse {
+                impulse_id: "i-1".into(),
+                impulse: bytes::Bytes::from_static(b"impulse"),
+            },
+        };
+        let reply = Reply {
+            req: 2,
+            result: Err(Refusal::Quarantined {
+                reason: "parked".into(),
+            }),
+        };
+        let seeds = vec![
+            enc(&job),
+            enc(&ok),
+            enc(&fault),
+            enc(&start),
+            enc(&impulse),
+            enc(&reply),
+        ];
+        fuzz::run("bus messages", &seeds, fuzz::iterations(20_000), |input| {
+            let _ = codec::decode_raw::<JobMsg>(input, LIMIT);
+            let _ = codec::decode_raw::<OutcomeWire>(input, LIMIT);
+            let _ = codec::decode_raw::<Request>(input, LIMIT);
+            let _ = codec::decode_raw::<Reply>(input, LIMIT);
+        });
+    }
+}

@@ -100,11 +100,19 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
         detail,
     };
     let io = |err: std::io::Error| {
-        StoreError::Backend(format!("write-ahead log {}: {err}", log_path.display()))
+        StoreError::unavailable(format!("write-ahead log {}", log_path.display()), err)
     };
     let meta = read_meta(db, path)?;
     let exists = log_path.try_exists().map_err(io)?;
     let entries = match meta.run {
+        // A log of runs beside a store file that records none: the store file went back
+        // to before its first open.
+        None if exists && wal::has_runs(&log_path).map_err(io)? => {
+            return Err(StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail: "the store file records no log run, but its log has runs: the store file lost its durable commits; restore the two files from a backup".into(),
+            });
+        }
         // A new store, or one whose log has the first format.
         None if exists => wal::read_legacy(&log_path).map_err(io)?,
         None => Vec::new(),
@@ -140,6 +148,15 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
                     return Err(damaged(format!(
                         "{d}; restore the log from a backup taken with the store file, or move both aside to start empty"
                     )));
+                }
+                Err(OpenError::RunAhead { first }) => {
+                    return Err(StoreError::Corrupted {
+                        path: path.to_path_buf(),
+                        detail: format!(
+                            "the store file's last durable commit is followed by log run {}, but its log has moved on to the run from batch {first}: the store file lost durable commits; restore the two files from a backup",
+                            run.first
+                        ),
+                    });
                 }
                 Err(OpenError::Io(err)) => return Err(io(err)),
             }
@@ -239,17 +256,14 @@ pub(super) fn commit_logged(
     batch: &[StepWrite],
 ) -> Result<Vec<StepResult>, StoreError> {
     let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-    let failed = |log: &Log, detail: &dyn std::fmt::Display| {
-        StoreError::Backend(format!(
-            "write-ahead log {}: {detail}",
-            log.wal.path().display()
-        ))
+    let failed = |log: &Log, err: std::io::Error| {
+        StoreError::unavailable(format!("write-ahead log {}", log.wal.path().display()), err)
     };
     if log.failed {
-        return Err(failed(
-            &log,
-            &"a logged batch could not be committed to the store file; open the store again to apply it",
-        ));
+        return Err(StoreError::Stopped {
+            path: path.to_path_buf(),
+            detail: "a logged batch could not be committed to the store file; opening the store again applies it from the log".into(),
+        });
     }
     let seq = log.next;
     if log.since >= CHECKPOINT_BATCHES || log.wal.len() >= CHECKPOINT_BYTES {
@@ -269,13 +283,14 @@ pub(super) fn commit_logged(
     let mut buf = std::mem::take(&mut log.buf);
     buf.clear();
     buf.push(LOG_FORMAT);
-    let buf = postcard::to_extend(batch, buf).map_err(|err| failed(&log, &err))?;
+    let buf = postcard::to_extend(batch, buf)
+        .map_err(|err| StoreError::Backend(format!("a batch does not encode: {err}")))?;
     let appended = log.wal.append(seq, &buf);
     log.buf = buf;
     if let Err(err) = appended {
         // The transaction is dropped (aborted), and the batch's number is given to the
         // next batch, whose entry is written over whatever of this one reached the file.
-        return Err(failed(&log, &err));
+        return Err(failed(&log, err));
     }
     log.next = seq + 1;
     log.since += 1;

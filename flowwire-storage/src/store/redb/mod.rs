@@ -24,7 +24,7 @@
 //! hold. Blocking calls run on tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -72,6 +72,8 @@ struct Inner {
     /// Set when redb panicked: its state can no longer be trusted, so every later call
     /// is refused with the reason, until the store is opened again.
     broken: OnceLock<String>,
+    /// Why the last commit failed (cleared by one that succeeds).
+    fault: Mutex<Option<StoreError>>,
 }
 
 impl Drop for Inner {
@@ -140,13 +142,14 @@ impl RedbStore {
         })?;
         let log = guard(&path, || {
             create_tables(&db, &path)?;
-            if !closed_cleanly(&db, &path)? {
-                // Every page's checksum, and the allocator state: a file damaged while the
-                // store was down is refused here, not served.
-                let intact = db.check_integrity().map_err(|e| map_err(&path, e))?;
-                if !intact {
-                    tracing::warn!(store = %path.display(), "redb repaired the store file after an unclean shutdown");
-                }
+            // Every page's checksum, and the allocator state, after a crash and after a
+            // clean stop alike: a file damaged while the store was down is refused here,
+            // not served (redb checks checksums only when asked). A repair rolls redb back
+            // to its previous durable commit, which the log's run then shows.
+            let clean = closed_cleanly(&db, &path)?;
+            let intact = db.check_integrity().map_err(|e| map_err(&path, e))?;
+            if !intact {
+                tracing::warn!(store = %path.display(), clean, "redb repaired the store file");
             }
             recover(&db, &path)
         })?;
@@ -156,6 +159,7 @@ impl RedbStore {
                 path,
                 log: Mutex::new(log),
                 broken: OnceLock::new(),
+                fault: Mutex::new(None),
             }),
         })
     }
@@ -193,6 +197,7 @@ impl RedbStore {
                     path,
                     log,
                     broken,
+                    ..
                 } = &*inner;
                 if let Some(why) = broken.get() {
                     return Err(StoreError::Corrupted {
@@ -221,7 +226,26 @@ impl InstanceStore for RedbStore {
         &self,
         batch: Vec<StepWrite>,
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
-        self.blocking(move |db, path, log| commit_logged(db, path, log, &batch))
+        let inner = self.inner.clone();
+        self.blocking(move |db, path, log| {
+            let r = commit_logged(db, path, log, &batch);
+            *inner.fault.lock().unwrap_or_else(PoisonError::into_inner) = r.as_ref().err().cloned();
+            r
+        })
+    }
+
+    fn fault(&self) -> Option<StoreError> {
+        if let Some(why) = self.inner.broken.get() {
+            return Some(StoreError::Corrupted {
+                path: self.inner.path.clone(),
+                detail: why.clone(),
+            });
+        }
+        self.inner
+            .fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn load<'a>(

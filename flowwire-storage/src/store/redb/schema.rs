@@ -47,12 +47,81 @@ pub(super) fn map_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
         redb::Error::DatabaseAlreadyOpen => StoreError::Locked {
             path: path.to_path_buf(),
         },
-        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+        // Bytes that do not parse, or a file that ends early: the file is damaged.
+        redb::Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
             StoreError::Corrupted {
                 path: path.to_path_buf(),
                 detail: io.to_string(),
             }
         }
-        other => StoreError::Backend(other.to_string()),
+        redb::Error::Io(io) => StoreError::unavailable(format!("store {}", path.display()), io),
+        // The file's own description of its tables does not match what it must be.
+        e @ (redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TypeDefinitionChanged { .. }
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableIsNotMultimap(_)
+        | redb::Error::UpgradeRequired(_)
+        | redb::Error::ValueTooLarge(_)) => StoreError::Corrupted {
+            path: path.to_path_buf(),
+            detail: format!("its tables are not the ones flowwire wrote: {e}"),
+        },
+        // An earlier write failed half way: redb takes nothing more until reopened.
+        e @ (redb::Error::PreviousIo | redb::Error::TransactionPoisoned) => StoreError::Stopped {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        other => StoreError::Backend(format!("store {}: {other}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::Path;
+
+    use super::map_err;
+    use crate::error::StoreError;
+
+    /// Every redb error is classed: what retrying can cure is transient, the rest is not.
+    #[test]
+    fn redb_errors_are_classed_transient_or_permanent_and_keep_their_source() {
+        let p = Path::new("s.redb");
+        let full = map_err(p, redb::Error::Io(io::Error::from_raw_os_error(28)));
+        assert!(full.is_transient(), "{full}");
+        assert!(
+            std::error::Error::source(&full).is_some(),
+            "the I/O error is kept as the source"
+        );
+        for (e, permanent) in [
+            (redb::Error::Corrupted("bad page".into()), "Corrupted"),
+            (
+                redb::Error::Io(io::Error::new(io::ErrorKind::InvalidData, "x")),
+                "Corrupted",
+            ),
+            (
+                redb::Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                "Corrupted",
+            ),
+            (redb::Error::UpgradeRequired(1), "Corrupted"),
+            (redb::Error::TableIsMultimap("records".into()), "Corrupted"),
+            (redb::Error::DatabaseAlreadyOpen, "Locked"),
+            (redb::Error::PreviousIo, "Stopped"),
+            (redb::Error::TransactionPoisoned, "Stopped"),
+        ] {
+            let err = map_err(p, e);
+            assert!(!err.is_transient(), "{err}");
+            let class = match err {
+                StoreError::Corrupted { .. } => "Corrupted",
+                StoreError::Locked { .. } => "Locked",
+                StoreError::Stopped { .. } => "Stopped",
+                other => panic!("unexpected {other}"),
+            };
+            assert_eq!(class, permanent);
+        }
     }
 }

@@ -1,0 +1,181 @@
+//! Fuzzing of every decoder that reads the store's bytes back: the record envelope, a
+//! history entry, a state, a framed blob and a logged batch. Zero panics, and memory bounded
+//! by the decode limit whatever the input claims (a counting allocator measures the peak).
+//! The write-ahead log's reader is fuzzed in its own module, the bus messages in the
+//! runtime's. `FLOWWIRE_FUZZ_ITERS` sets the inputs per target (see `flowwire_storage::fuzz`).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use flowwire_storage::blob::{self, BlobRef};
+use flowwire_storage::codec::{self, Kind};
+use flowwire_storage::fuzz;
+use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::{
+    Expect, HistoryEntry, InstanceKey, Payload, Status, StepInput, StepOutput, StepWrite,
+};
+
+/// Counts the bytes allocated now and the peak.
+struct Counting;
+
+static NOW: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = NOW.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The decode limit the targets use: 1 MiB.
+const LIMIT: usize = 1 << 20;
+
+/// Runs a target and checks that it never held more than a few times the limit at once.
+fn fuzz_bounded(name: &str, seeds: &[Vec<u8>], target: impl FnMut(&[u8])) {
+    // One target at a time, so the peak is this target's.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let iters = fuzz::iterations(20_000);
+    let before = NOW.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    fuzz::run(name, seeds, iters, target);
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    assert!(peak < 4 * LIMIT, "{name}: {peak} bytes held at the peak");
+}
+
+fn key() -> InstanceKey {
+    InstanceKey::new("Order", "o-1")
+}
+
+fn record() -> PlacedRecord {
+    PlacedRecord {
+        flow_version: 2,
+        seq: 9,
+        status: Status::Failed {
+            reason: "declined".into(),
+        },
+        state: Payload::Inline(Bytes::from_static(b"some state bytes")),
+        pending: None,
+        timer: None,
+        compensations: Vec::new(),
+        failing: Some("why".into()),
+        correlation: Some("key-1".into()),
+        fan: None,
+        retired: Vec::new(),
+        trash: vec![BlobRef {
+            tier: "fs".into(),
+            key: "Order/o-1/3.s-00ff".into(),
+            len: 10,
+            crc: 7,
+        }],
+    }
+}
+
+#[test]
+fn fuzz_the_record_envelope() {
+    let mut seed = Vec::new();
+    record().encode(&key(), &mut seed).unwrap();
+    fuzz_bounded("record", &[seed], |input| {
+        if let Ok(r) = PlacedRecord::decode(input, &key(), LIMIT) {
+            assert!(r.seq < u64::MAX);
+        }
+    });
+}
+
+#[test]
+fn fuzz_a_history_entry() {
+    let entry = HistoryEntry {
+        seq: 4,
+        input: StepInput::Impulse {
+            id: "i-1".into(),
+            name: "approve".into(),
+        },
+        output: StepOutput::Quarantine {
+            reason: "panicked".into(),
+        },
+        version: 5,
+        payload: Some(Payload::Inline(Bytes::from_static(b"impulse"))),
+        state: None,
+        at_ms: 1_700_000_000_000,
+    };
+    let mut seed = Vec::new();
+    entry.encode(&key(), &mut seed).unwrap();
+    fuzz_bounded("history entry", &[seed], |input| {
+        let _ = HistoryEntry::decode(input, &key(), LIMIT);
+    });
+}
+
+#[test]
+fn fuzz_a_state_and_a_raw_value() {
+    let mut enveloped = Vec::new();
+    codec::encode(
+        Kind::State,
+        &(7u64, vec!["a".to_string(); 30], vec![1u8; 200]),
+        &mut enveloped,
+    )
+    .unwrap();
+    let raw = enveloped[codec::HEADER_LEN..].to_vec();
+    fuzz_bounded("state", &[enveloped, raw], |input| {
+        let _ = codec::decode::<(u64, Vec<String>, Vec<u8>)>(Kind::State, input, LIMIT);
+        let _ = codec::decode_raw::<(u64, Vec<String>, Vec<u8>)>(input, LIMIT);
+        let _ = codec::decode_raw::<Vec<Vec<u64>>>(input, LIMIT);
+    });
+}
+
+#[test]
+fn fuzz_a_framed_blob() {
+    let body = Bytes::from(vec![0x5au8; 300]);
+    let reference = BlobRef {
+        tier: "fs".into(),
+        key: "Order/o-1/3.s-00ff".into(),
+        len: body.len() as u64,
+        crc: crc32fast::hash(&body),
+    };
+    let mut seed = blob::header(&reference.key, reference.len, reference.crc).to_vec();
+    seed.extend_from_slice(&body);
+    fuzz_bounded("framed blob", &[seed], |input| {
+        if let Ok(got) = blob::unframe(Bytes::copy_from_slice(input), &reference) {
+            assert_eq!(got, body);
+        }
+    });
+}
+
+#[test]
+fn fuzz_a_logged_batch() {
+    let mut record_bytes = Vec::new();
+    record().encode(&key(), &mut record_bytes).unwrap();
+    let batch = vec![StepWrite {
+        key: key(),
+        expect: Expect::Version(3),
+        version: 4,
+        seq: 4,
+        record: record_bytes.into(),
+        active: true,
+        parked: false,
+        timer: Some(99),
+        correlation: Some("k".into()),
+        uncorrelate: None,
+        impulse: Some("imp".into()),
+        history: Some((4, Bytes::from_static(b"entry"))),
+        prune_below: Some(2),
+        fence: Some(7),
+    }];
+    let seed = postcard::to_allocvec(&batch).unwrap();
+    // As the store's recovery decodes a logged batch.
+    fuzz_bounded("logged batch", &[seed], |input| {
+        let _ = postcard::from_bytes::<Vec<StepWrite>>(input);
+    });
+}
