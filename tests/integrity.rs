@@ -482,7 +482,7 @@ async fn a_full_disk_degrades_the_store_and_it_recovers_by_itself_when_space_is_
     // Start instances until the disk refuses: what was acknowledged before must survive.
     let mut acked = Vec::new();
     let mut refused = None;
-    for i in 0..20_000 {
+    for i in 0..20_000u32 {
         match engine
             .start::<Vault>(format!("v{i}"), state(8 * KIB, i as u8))
             .await
