@@ -17,6 +17,7 @@ use bytes::Bytes;
 use crate::error::StoreError;
 use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 
+mod disk;
 mod memory;
 mod redb;
 #[cfg(feature = "redis")]

@@ -47,10 +47,10 @@
 //!   file, not the log, went back).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use super::disk::{Disk, LogFile};
 
 /// Marks the start of an entry ("FWL2").
 const MAGIC: u32 = 0x3246_574c;
@@ -142,7 +142,7 @@ impl From<io::Error> for OpenError {
 /// The log file, positioned for the next append.
 #[derive(Debug)]
 pub(crate) struct Wal {
-    file: File,
+    file: Box<dyn LogFile>,
     path: PathBuf,
     run: Run,
     /// Where the next entry goes.
@@ -160,9 +160,9 @@ pub(crate) trait ReadAt {
     fn fill_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
-impl ReadAt for File {
+impl ReadAt for dyn LogFile {
     fn fill_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(self, buf, offset)
+        self.read_at(buf, offset)
     }
 }
 
@@ -202,13 +202,8 @@ enum Found {
 impl Wal {
     /// Creates a new, empty log at `path` (replacing any file there) for `run`, its
     /// name and zero-filled blocks synced.
-    pub(crate) fn create(path: &Path, run: Run) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    pub(crate) fn create(disk: &dyn Disk, path: &Path, run: Run) -> io::Result<Self> {
+        let file = disk.open_log(path, true)?;
         let mut wal = Self {
             file,
             path: path.to_path_buf(),
@@ -218,17 +213,20 @@ impl Wal {
             buf: Vec::new(),
         };
         wal.fill(START + HEADER as u64)?;
-        sync_dir(path)?;
         Ok(wal)
     }
 
     /// Opens the log at `path` and reads the entries of `run` by the rules of the module
     /// documentation. The file's length bounds every read; no length field is trusted
     /// beyond it.
-    pub(crate) fn open(path: &Path, run: Run) -> Result<(Self, Vec<Entry>), OpenError> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let len = file.metadata()?.len();
-        let (entries, end) = read_run(&file, len, run)?;
+    pub(crate) fn open(
+        disk: &dyn Disk,
+        path: &Path,
+        run: Run,
+    ) -> Result<(Self, Vec<Entry>), OpenError> {
+        let file = disk.open_log(path, false)?;
+        let len = file.len()?;
+        let (entries, end) = read_run(&*file, len, run)?;
         let wal = Self {
             file,
             path: path.to_path_buf(),
@@ -276,9 +274,9 @@ impl Wal {
         if end + HEADER as u64 > self.filled {
             self.fill(end + HEADER as u64)?;
         }
-        self.file.write_all_at(&self.buf, self.end)?;
+        self.file.write_at(&self.buf, self.end)?;
         let slot = slot_bytes(self.run, seq.saturating_sub(1));
-        self.file.write_all_at(&slot, SLOTS[(seq % 2) as usize])?;
+        self.file.write_at(&slot, SLOTS[(seq % 2) as usize])?;
         self.file.sync_data()?;
         self.end = end;
         // A long-lived buffer does not keep one huge batch's size.
@@ -303,20 +301,12 @@ impl Wal {
         let mut at = self.filled;
         while at < target {
             let n = usize::try_from((target - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
-            self.file.write_all_at(&zeros[..n], at)?;
+            self.file.write_at(&zeros[..n], at)?;
             at += n as u64;
         }
         self.file.sync_all()?;
         self.filled = target;
         Ok(())
-    }
-}
-
-/// Syncs the directory holding `path`, so that a new file's name survives a crash.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
-        _ => File::open(".")?.sync_all(),
     }
 }
 
@@ -364,10 +354,10 @@ fn slots(file: &(impl ReadAt + ?Sized), len: u64) -> io::Result<Vec<(Run, u64)>>
 
 /// Whether the file at `path` is a log of this format (a valid floor slot): a store that
 /// records no run must not have one.
-pub(crate) fn has_runs(path: &Path) -> io::Result<bool> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    Ok(!slots(&file, len)?.is_empty())
+pub(crate) fn has_runs(disk: &dyn Disk, path: &Path) -> io::Result<bool> {
+    let file = disk.open_log(path, false)?;
+    let len = file.len()?;
+    Ok(!slots(&*file, len)?.is_empty())
 }
 
 /// What lies at offset `at` of a file of `len` bytes.
@@ -528,16 +518,16 @@ fn read_run(
 /// `"FWL1" | length | batch | CRC of batch and payload | payload`), up to the first entry
 /// that is torn, damaged or out of sequence — the rules that format was written for. Only a
 /// store that records no run was written with it.
-pub(crate) fn read_legacy(path: &Path) -> io::Result<Vec<Entry>> {
+pub(crate) fn read_legacy(disk: &dyn Disk, path: &Path) -> io::Result<Vec<Entry>> {
     const LEGACY_MAGIC: u32 = 0x3146_574c;
     const LEGACY_HEADER: u64 = 20;
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
+    let file = disk.open_log(path, false)?;
+    let len = file.len()?;
     let mut entries: Vec<Entry> = Vec::new();
     let mut at = 0u64;
     let mut header = [0u8; LEGACY_HEADER as usize];
     while at + LEGACY_HEADER <= len {
-        file.read_exact_at(&mut header, at)?;
+        file.read_at(&mut header, at)?;
         let size = u64::from(le32(&header[4..]));
         let seq = le64(&header[8..]);
         if le32(&header) != LEGACY_MAGIC
@@ -547,7 +537,7 @@ pub(crate) fn read_legacy(path: &Path) -> io::Result<Vec<Entry>> {
             break;
         }
         let mut payload = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-        file.read_exact_at(&mut payload, at + LEGACY_HEADER)?;
+        file.read_at(&mut payload, at + LEGACY_HEADER)?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&header[8..16]);
         crc.update(&payload);
@@ -562,9 +552,9 @@ pub(crate) fn read_legacy(path: &Path) -> io::Result<Vec<Entry>> {
 
 /// Opens the log at `path` for appending to `run` without reading it: a store closed
 /// cleanly holds every logged batch durably, so what the file holds does not matter.
-pub(crate) fn reuse(path: &Path, run: Run) -> io::Result<Wal> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
-    let len = file.metadata()?.len();
+pub(crate) fn reuse(disk: &dyn Disk, path: &Path, run: Run) -> io::Result<Wal> {
+    let file = disk.open_log(path, false)?;
+    let len = file.len()?;
     Ok(Wal {
         file,
         path: path.to_path_buf(),
@@ -579,6 +569,7 @@ pub(crate) fn reuse(path: &Path, run: Run) -> io::Result<Wal> {
 mod tests {
     use std::os::unix::fs::FileExt;
 
+    use super::super::disk::Fs;
     use super::{HEADER, OpenError, Run, START, TRAILER, Wal};
 
     fn payloads(entries: &[(u64, Vec<u8>)]) -> Vec<(u64, &[u8])> {
@@ -586,7 +577,7 @@ mod tests {
     }
 
     fn damage(path: &std::path::Path, run: Run) -> super::LogDamage {
-        match Wal::open(path, run) {
+        match Wal::open(&Fs, path, run) {
             Err(OpenError::Damaged(d)) => d,
             Err(OpenError::Io(e)) => panic!("io: {e}"),
             Err(OpenError::RunAhead { first }) => panic!("run ahead: {first}"),
@@ -604,7 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let run = Run::fresh(1);
-        let mut wal = Wal::create(&path, run).unwrap();
+        let mut wal = Wal::create(&Fs, &path, run).unwrap();
         for seq in 1..=n {
             wal.append(seq, &[seq as u8; 100]).unwrap();
         }
@@ -621,19 +612,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let run = Run::fresh(7);
-        let mut wal = Wal::create(&path, run).unwrap();
+        let mut wal = Wal::create(&Fs, &path, run).unwrap();
         wal.append(7, b"seven").unwrap();
         wal.append(8, b"").unwrap();
         wal.append(9, &[9u8; 5000]).unwrap();
         drop(wal);
-        let (mut wal, entries) = Wal::open(&path, run).unwrap();
+        let (mut wal, entries) = Wal::open(&Fs, &path, run).unwrap();
         assert_eq!(
             payloads(&entries),
             [(7, &b"seven"[..]), (8, &b""[..]), (9, &[9u8; 5000][..])]
         );
         // Appending continues after them.
         wal.append(10, b"ten").unwrap();
-        let (_, entries) = Wal::open(&path, run).unwrap();
+        let (_, entries) = Wal::open(&Fs, &path, run).unwrap();
         assert_eq!(entries.len(), 4);
     }
 
@@ -648,11 +639,12 @@ mod tests {
             poke(&path2, offset(2) + keep, &zeros);
             // The floor slot of batch 3 says 2: the two acknowledged before it. A tear in
             // the trailer leaves an entry whose checksum holds: it is whole.
-            let (_, entries) = Wal::open(&path2, run2).unwrap_or_else(|_| panic!("torn at {keep}"));
+            let (_, entries) =
+                Wal::open(&Fs, &path2, run2).unwrap_or_else(|_| panic!("torn at {keep}"));
             let whole = keep >= (HEADER + 100) as u64;
             assert_eq!(entries.len(), if whole { 3 } else { 2 }, "torn at {keep}");
         }
-        let (_, entries) = Wal::open(&path, run).unwrap();
+        let (_, entries) = Wal::open(&Fs, &path, run).unwrap();
         assert_eq!(entries.len(), 3);
     }
 
@@ -674,7 +666,7 @@ mod tests {
             let d = damage(&path, run);
             assert_eq!((d.batch, d.offset), (3, offset(2)), "byte {at}: {d}");
         }
-        let (_, entries) = Wal::open(&path, run).unwrap();
+        let (_, entries) = Wal::open(&Fs, &path, run).unwrap();
         assert_eq!(entries.len(), 3);
     }
 
@@ -716,7 +708,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let old = Run::fresh(1);
-        let mut wal = Wal::create(&path, old).unwrap();
+        let mut wal = Wal::create(&Fs, &path, old).unwrap();
         for seq in 1..=5 {
             wal.append(seq, b"old run").unwrap();
         }
@@ -725,7 +717,7 @@ mod tests {
         wal.append(6, b"new").unwrap();
         wal.append(7, b"new").unwrap();
         drop(wal);
-        let (_, entries) = Wal::open(&path, new).unwrap();
+        let (_, entries) = Wal::open(&Fs, &path, new).unwrap();
         assert_eq!(payloads(&entries), [(6, &b"new"[..]), (7, &b"new"[..])]);
     }
 
@@ -734,7 +726,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let run = Run::fresh(1);
-        let mut wal = Wal::create(&path, run).unwrap();
+        let mut wal = Wal::create(&Fs, &path, run).unwrap();
         wal.append(1, b"one").unwrap();
         wal.append(3, b"three").unwrap();
         drop(wal);
@@ -755,7 +747,7 @@ mod tests {
     fn the_file_is_filled_ahead_so_appends_do_not_grow_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let mut wal = Wal::create(&path, Run::fresh(1)).unwrap();
+        let mut wal = Wal::create(&Fs, &path, Run::fresh(1)).unwrap();
         wal.append(1, b"x").unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(len, super::GROW);

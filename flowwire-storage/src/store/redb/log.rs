@@ -17,6 +17,7 @@ use super::apply::apply;
 use super::schema::{BATCH, META, map_err};
 use crate::error::StoreError;
 use crate::record::{StepResult, StepWrite};
+use crate::store::disk::Disk;
 use crate::store::wal::{self, OpenError, Run, Wal};
 
 /// A batch is committed to redb durably (and the log starts over) after this many logged
@@ -39,6 +40,8 @@ pub(super) struct Log {
     next: u64,
     /// Batches logged since the last durable redb commit.
     since: u32,
+    /// A checkpoint after this many logged batches ([`CHECKPOINT_BATCHES`] but in tests).
+    checkpoint_batches: u32,
     /// A batch was logged but redb did not commit it: nothing more is committed until the
     /// store is opened again, which applies it from the log.
     failed: bool,
@@ -93,7 +96,12 @@ pub(super) fn closed_cleanly(db: &Database, path: &Path) -> Result<bool, StoreEr
 /// last durable one), makes them durable together with a new run, and positions the log
 /// for it. A log that is missing, damaged or cut where acknowledged batches should be is
 /// [`StoreError::Corrupted`], naming the log, the batch and the offset.
-pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
+pub(super) fn recover(
+    db: &Database,
+    disk: &dyn Disk,
+    path: &Path,
+    checkpoint_batches: u32,
+) -> Result<Log, StoreError> {
     let log_path = log_path(path);
     let damaged = |detail: String| StoreError::Corrupted {
         path: log_path.clone(),
@@ -103,18 +111,18 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
         StoreError::unavailable(format!("write-ahead log {}", log_path.display()), err)
     };
     let meta = read_meta(db, path)?;
-    let exists = log_path.try_exists().map_err(io)?;
+    let exists = disk.exists(&log_path).map_err(io)?;
     let entries = match meta.run {
         // A log of runs beside a store file that records none: the store file went back
         // to before its first open.
-        None if exists && wal::has_runs(&log_path).map_err(io)? => {
+        None if exists && wal::has_runs(disk, &log_path).map_err(io)? => {
             return Err(StoreError::Corrupted {
                 path: path.to_path_buf(),
                 detail: "the store file records no log run, but its log has runs: the store file lost its durable commits; restore the two files from a backup".into(),
             });
         }
         // A new store, or one whose log has the first format.
-        None if exists => wal::read_legacy(&log_path).map_err(io)?,
+        None if exists => wal::read_legacy(disk, &log_path).map_err(io)?,
         None => Vec::new(),
         Some(_) if meta.clean => Vec::new(),
         Some(run) if !exists => {
@@ -133,7 +141,7 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
                     ),
                 });
             }
-            match Wal::open(&log_path, run) {
+            match Wal::open(disk, &log_path, run) {
                 Ok((_, entries)) => {
                     let last = entries.last().map_or(run.first - 1, |(seq, _)| *seq);
                     if last < meta.done {
@@ -184,17 +192,21 @@ pub(super) fn recover(db: &Database, path: &Path) -> Result<Log, StoreError> {
     if last > meta.done {
         tracing::info!(store = %path.display(), batches = last - meta.done, "re-applied the write-ahead log");
     }
-    // One durable commit holds every re-applied batch and names the new run.
+    // The log file is ready (created, zero-filled and synced) before the durable commit
+    // that holds every re-applied batch and names the new run: a crash between the two
+    // leaves a store that names no run in a log of no runs, or names the run of a log that
+    // is ready for it.
     let run = Run::fresh(last + 1);
-    mark(db, path, Some(last), Some(run), false)?;
     let wal = match meta.run {
-        Some(_) if exists => wal::reuse(&log_path, run).map_err(io)?,
-        _ => Wal::create(&log_path, run).map_err(io)?,
+        Some(_) if exists => wal::reuse(disk, &log_path, run).map_err(io)?,
+        _ => Wal::create(disk, &log_path, run).map_err(io)?,
     };
+    mark(db, path, Some(last), Some(run), false)?;
     Ok(Log {
         wal,
         next: last + 1,
         since: 0,
+        checkpoint_batches,
         failed: false,
         buf: Vec::new(),
     })
@@ -266,7 +278,7 @@ pub(super) fn commit_logged(
         });
     }
     let seq = log.next;
-    if log.since >= CHECKPOINT_BATCHES || log.wal.len() >= CHECKPOINT_BYTES {
+    if log.since >= log.checkpoint_batches || log.wal.len() >= CHECKPOINT_BYTES {
         let run = Run::fresh(seq + 1);
         let (txn, results) = apply(db, path, batch, seq, Durability::Immediate)?;
         {

@@ -29,11 +29,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
+use super::disk::{Boxed, Disk, Fs};
 use super::{BoxFuture, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 use apply::set_timer;
-use log::{Log, close, closed_cleanly, commit_logged, recover};
+use log::{CHECKPOINT_BATCHES, Log, close, closed_cleanly, commit_logged, recover};
 use schema::{
     ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables,
     map_err,
@@ -41,6 +42,8 @@ use schema::{
 
 mod apply;
 mod log;
+#[cfg(test)]
+mod power_loss;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -133,13 +136,42 @@ impl RedbStore {
     /// # Ok::<(), flowwire_storage::StoreError>(())
     /// ```
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let mut db = guard(&path, || {
-            redb::Builder::new()
-                .set_cache_size(cache_bytes)
-                .create(&path)
+        Self::open_on(Arc::new(Fs), path.as_ref(), cache_bytes, CHECKPOINT_BATCHES)
+    }
+
+    /// Opens the store at `path` on `disk` (the file system, or a simulated disk).
+    fn open_on(
+        disk: Arc<dyn Disk>,
+        path: &Path,
+        cache_bytes: usize,
+        checkpoint_batches: u32,
+    ) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let io = |e| StoreError::unavailable(format!("store {}", path.display()), e);
+        let create = |at: &Path| {
+            guard(&path, || {
+                let mut builder = redb::Builder::new();
+                builder.set_cache_size(cache_bytes);
+                match disk.store_backend(at).map_err(io)? {
+                    Some(backend) => builder.create_with_backend(Boxed(backend)),
+                    None => builder.create(at),
+                }
                 .map_err(|e| map_err(&path, e))
-        })?;
+            })
+        };
+        if !disk.exists(&path).map_err(io)? {
+            // A new store is made whole beside its name and renamed into place, so a crash
+            // while it is made leaves no half-made store file.
+            let mut staged = path.clone().into_os_string();
+            staged.push(".new");
+            let staged = PathBuf::from(staged);
+            disk.remove(&staged).map_err(io)?;
+            let db = create(&staged)?;
+            guard(&path, || create_tables(&db, &path))?;
+            drop(db);
+            disk.rename(&staged, &path).map_err(io)?;
+        }
+        let mut db = create(&path)?;
         let log = guard(&path, || {
             create_tables(&db, &path)?;
             // Every page's checksum, and the allocator state, after a crash and after a
@@ -151,7 +183,7 @@ impl RedbStore {
             if !intact {
                 tracing::warn!(store = %path.display(), clean, "redb repaired the store file");
             }
-            recover(&db, &path)
+            recover(&db, &*disk, &path, checkpoint_batches)
         })?;
         Ok(Self {
             inner: Arc::new(Inner {

@@ -7,6 +7,7 @@ use super::log::{LOG_FORMAT, as_if_crashed};
 use crate::error::StoreError;
 use crate::record::{Expect, InstanceKey, StepWrite};
 use crate::store::InstanceStore;
+use crate::store::disk::Fs;
 use crate::store::wal::Wal;
 
 fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
@@ -32,7 +33,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
 /// what a kill leaves when redb lost its commits since the last durable one.
 fn crash_with_logged(path: &std::path::Path, batches: &[(u64, &[StepWrite])]) {
     let run = as_if_crashed(path);
-    let (mut wal, entries) = Wal::open(&RedbStore::log_path(path), run).unwrap();
+    let (mut wal, entries) = Wal::open(&Fs, &RedbStore::log_path(path), run).unwrap();
     assert!(entries.is_empty());
     for (seq, batch) in batches {
         let payload = postcard::to_extend(batch, vec![LOG_FORMAT]).unwrap();
@@ -105,7 +106,7 @@ async fn a_logged_batch_that_does_not_decode_is_reported_as_damaged() {
     let path = dir.path().join("instances.redb");
     drop(RedbStore::open(&path).unwrap());
     let run = as_if_crashed(&path);
-    let (mut wal, _) = Wal::open(&RedbStore::log_path(&path), run).unwrap();
+    let (mut wal, _) = Wal::open(&Fs, &RedbStore::log_path(&path), run).unwrap();
     wal.append(1, &[LOG_FORMAT, 0xff, 0xff, 0xff]).unwrap();
     wal.append(2, &[9]).unwrap();
     drop(wal);
