@@ -119,6 +119,9 @@ async fn engine(urls: &[String], fleet: Fleet) -> Engine {
         .store(RedisStore::cluster(&urls, "fwcluster").unwrap())
         .flow::<Shipment>()
         .driver(fleet)
+        // The held calls are still running when the first engine stops: they must be in
+        // flight for the second, not time out during the stop's drain.
+        .drain_timeout(Duration::from_millis(200))
         .start()
         .await
         .unwrap()

@@ -525,3 +525,67 @@ async fn a_full_disk_degrades_the_store_and_it_recovers_by_itself_when_space_is_
     }
     engine.shutdown().await;
 }
+
+/// Counts the runs of each call (by idempotency key) and takes a while to answer.
+#[derive(Clone, Default)]
+struct Counted(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>);
+
+impl Counted {
+    fn started(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn runs(&self) -> Vec<u32> {
+        self.0.lock().unwrap().values().copied().collect()
+    }
+}
+
+#[driver]
+impl Echo for Counted {
+    async fn echo(&self, n: u32) -> Result<u32, String> {
+        let key = CallContext::current().expect("a call").idempotency_key();
+        *self.0.lock().unwrap().entry(key).or_default() += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_lets_the_calls_in_flight_finish_and_runs_none_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let counted = Counted::default();
+    let open = || async {
+        Engine::builder()
+            .data_dir(tmp.path().join("data"))
+            .flow::<Caller>()
+            .driver(counted.clone())
+            .start()
+            .await
+            .unwrap()
+    };
+    let engine = open().await;
+    for i in 0..10 {
+        let c = engine
+            .start::<Caller>(format!("c{i}"), CallState::default())
+            .await
+            .unwrap();
+        c.ask().await.unwrap();
+    }
+    // Every call is running when the engine is asked to stop.
+    while counted.started() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open().await;
+    for i in 0..10 {
+        let c = engine.handle::<Caller>(format!("c{i}")).await.unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), c.finished())
+            .await
+            .expect("the flow finishes")
+            .unwrap();
+        assert!(matches!(ended, flowwire::Ended::Finished), "{ended:?}");
+    }
+    assert_eq!(counted.runs(), vec![1; 10], "each call ran once");
+    engine.shutdown().await;
+}

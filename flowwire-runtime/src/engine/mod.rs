@@ -51,6 +51,8 @@ pub(crate) struct Limits {
     pub decode_limit: usize,
     /// The embedded store's page cache, in bytes.
     pub store_cache: usize,
+    /// How long a graceful shutdown waits for the driver calls running.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -65,6 +67,7 @@ impl Default for Limits {
             max_batch: 2048,
             decode_limit: flowwire_storage::DEFAULT_DECODE_LIMIT,
             store_cache: RedbStore::DEFAULT_CACHE,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -107,7 +110,7 @@ struct FlowEntry {
 struct DriverReg {
     driver: TypeId,
     meta: &'static DriverMeta,
-    spawn: Box<dyn FnOnce(&Limits, &Emitter) -> queue::Port + Send>,
+    spawn: Box<dyn FnOnce(&Limits, &Emitter, &Arc<worker::Drain>) -> queue::Port + Send>,
 }
 
 /// Builds an [`Engine`]: where it stores instances, which flows it runs, which drivers
@@ -275,7 +278,9 @@ impl EngineBuilder {
         self.drivers.push(DriverReg {
             driver: TypeId::of::<D>(),
             meta: &D::META,
-            spawn: Box::new(move |limits, events| worker::spawn_pool::<D, S>(svc, limits, events)),
+            spawn: Box::new(move |limits, events, drain| {
+                worker::spawn_pool::<D, S>(svc, limits, events, drain)
+            }),
         });
         self
     }
@@ -350,6 +355,22 @@ impl EngineBuilder {
         self
     }
 
+    /// How long [`Engine::shutdown`] waits for the driver calls running to finish (their
+    /// outcomes are committed, so a graceful stop re-runs no finished work). Default 10 s;
+    /// a call still running after it runs again, with the same idempotency key, after the
+    /// restart.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use flowwire_runtime::Engine;
+    /// let builder = Engine::builder().in_memory().drain_timeout(Duration::from_secs(30));
+    /// # drop(builder);
+    /// ```
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.limits.drain_timeout = d;
+        self
+    }
+
     /// Memory the embedded store (a [`data_dir`](Self::data_dir) engine's) keeps for its
     /// pages. Default 64 MiB ([`RedbStore::DEFAULT_CACHE`]); raise it when a large share
     /// of many instances is read often (timers, impulses), lower it on a small node.
@@ -410,10 +431,11 @@ impl EngineBuilder {
         let placement = Arc::new(ladder.validate(self.limits.decode_limit)?);
         tracing::info!(ladder = %placement.describe(), "storage");
         let events = Emitter::new(self.limits.event_capacity);
+        let drain = Arc::new(worker::Drain::default());
         let mut ports = HashMap::new();
         let mut drivers = Vec::new();
         for d in self.drivers {
-            ports.insert(d.driver, (d.spawn)(&self.limits, &events));
+            ports.insert(d.driver, (d.spawn)(&self.limits, &events, &drain));
             drivers.push(d.meta);
         }
         let ctx = FlowCtx {
@@ -447,6 +469,7 @@ impl EngineBuilder {
                 background: Mutex::new(Vec::new()),
                 finish: None,
                 member: health::Member::embedded(),
+                drain,
             }),
         })
     }
@@ -519,6 +542,8 @@ struct Inner {
     finish: Option<Box<dyn Fn() -> BoxFut<()> + Send + Sync>>,
     /// Its place in a deployment, for [`Engine::health`].
     member: health::Member,
+    /// Stops the driver pools gracefully at shutdown.
+    drain: Arc<worker::Drain>,
 }
 
 /// Everything registered on an engine: its flows and drivers, from the macros' static
@@ -716,11 +741,30 @@ impl Engine {
         self.inner.events.subscribe()
     }
 
-    /// Stops every runner after its current batch commits and releases the store (the
-    /// data directory can be opened again once this returns). Calls in flight are not
-    /// waited for: they run again, with the same idempotency key, when the engine restarts.
-    /// Later requests on this engine or its handles fail with [`Error::Shutdown`].
+    /// Stops the engine gracefully, and releases the store (the data directory can be
+    /// opened again once this returns):
+    ///
+    /// 1. the driver pools start no more calls (a call not started stays in its instance's
+    ///    record and is sent when the engine restarts);
+    /// 2. the calls already running finish, up to the drain timeout
+    ///    ([`EngineBuilder::drain_timeout`], 10 s by default), and their outcomes are
+    ///    committed — so a graceful stop re-runs no finished work;
+    /// 3. every runner commits what it took and stops.
+    ///
+    /// A call still running when the timeout ends runs again, with the same idempotency
+    /// key, after the restart. Later requests on this engine or its handles fail with
+    /// [`Error::Shutdown`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
+    /// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+    /// engine.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
+        if !self.inner.drain.stop(self.inner.limits.drain_timeout).await {
+            tracing::warn!(timeout = ?self.inner.limits.drain_timeout, "driver calls still running at shutdown; they run again after the restart");
+        }
         self.inner
             .store
             .lock()

@@ -100,6 +100,60 @@ pub(crate) struct OutcomeMsg {
     pub receipt: Option<Box<Receipt>>,
 }
 
+/// The graceful stop of an engine's driver pools: once [`Drain::stop`] is called, workers
+/// start no more calls (a call not started stays in its instance's record and is sent
+/// again when the engine restarts), and `stop` waits for the calls already running to
+/// finish and hand their outcomes to their runners.
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    stopping: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Drain {
+    /// A worker is about to run a call: `false` once the engine is stopping (then the call
+    /// is not run).
+    fn begin(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Counted before the check: `stop` sees every call that passed it.
+        self.running.fetch_add(1, SeqCst);
+        if self.stopping.load(SeqCst) {
+            self.end();
+            return false;
+        }
+        true
+    }
+
+    /// A call's outcome was handed to its runner.
+    fn end(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.running.fetch_sub(1, SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Starts no more calls and waits, up to `limit`, for the running ones; `true` if every
+    /// one finished.
+    pub(crate) async fn stop(&self, limit: Duration) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.stopping.store(true, SeqCst);
+        tokio::time::timeout(limit, async {
+            loop {
+                let idle = self.idle.notified();
+                let mut idle = pin!(idle);
+                idle.as_mut().enable();
+                if self.running.load(SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
 /// Jobs a worker runs back to back before it lets other tasks on its thread run (the
 /// budget tokio gives its own resources): calls that answer at once are not awaited on
 /// anything that would yield.
@@ -110,6 +164,7 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
     limits: &Limits,
     events: &Emitter,
+    drain: &Arc<Drain>,
 ) -> Port {
     let (port, jobs) = queue::channel(limits.driver_queue);
     for _ in 0..limits.driver_concurrency.max(1) {
@@ -117,11 +172,16 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
         let jobs = jobs.clone();
         let limits = limits.clone();
         let events = events.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut arena = Arena::default();
             let mut burst = 0;
             while let Some(job) = jobs.recv().await {
+                if !drain.begin() {
+                    // Stopping: the call is sent again after the restart.
+                    continue;
+                }
                 let result =
                     run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
                 let _ = job.reply.send(OutcomeMsg {
@@ -131,6 +191,7 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                     result,
                     receipt: job.receipt,
                 });
+                drain.end();
                 burst += 1;
                 if burst >= BURST {
                     burst = 0;

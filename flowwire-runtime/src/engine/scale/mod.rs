@@ -205,6 +205,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     });
     let mut background = Vec::new();
     let mut drivers = Vec::new();
+    let drain = Arc::new(super::worker::Drain::default());
     let workers = Arc::new(workers::WorkerCtx {
         bus: bus.clone(),
         node: node.clone(),
@@ -214,7 +215,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     for d in b.drivers {
         drivers.push(d.meta);
         if b.roles.worker {
-            let port = (d.spawn)(&b.limits, &events);
+            let port = (d.spawn)(&b.limits, &events, &drain);
             background.extend(workers::spawn(workers.clone(), d.meta, port));
         }
     }
@@ -260,6 +261,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
                 })
             })),
             member,
+            drain,
         }),
     })
 }
