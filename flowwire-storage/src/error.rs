@@ -114,10 +114,9 @@ pub enum StoreError {
         source: CodecError,
     },
     /// The store takes no more writes until it is opened again (a write failed half way,
-    /// and only reopening recovers it). Permanent for this process.
-    #[error(
-        "the store at {path} stopped taking writes: {detail}; restart the engine to recover it"
-    )]
+    /// and only reopening recovers it). Permanent for the handle that failed; the embedded
+    /// store opens itself again on its next call and reports the failure as transient.
+    #[error("the store at {path} stopped taking writes until it is opened again: {detail}")]
     Stopped {
         /// Where the store lives.
         path: PathBuf,

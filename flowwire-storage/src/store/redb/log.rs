@@ -49,6 +49,13 @@ pub(super) struct Log {
     buf: Vec<u8>,
 }
 
+impl Log {
+    /// Whether a logged batch is not in redb (the store must be opened again).
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+}
+
 /// Where the write-ahead log of the store file at `path` lives: `<file name>.log`.
 pub(super) fn log_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();

@@ -24,7 +24,8 @@
 //! hold. Blocking calls run on tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -69,9 +70,12 @@ pub struct RedbStore {
 /// What every clone of a store shares; dropping the last clone closes the store cleanly.
 #[derive(Debug)]
 struct Inner {
-    db: Database,
     path: PathBuf,
-    log: Mutex<Log>,
+    disk: Arc<dyn Disk>,
+    cache_bytes: usize,
+    checkpoint_batches: u32,
+    /// The open database and its log (`None` while opening again failed).
+    open: RwLock<Option<Open>>,
     /// Set when redb panicked: its state can no longer be trusted, so every later call
     /// is refused with the reason, until the store is opened again.
     broken: OnceLock<String>,
@@ -79,16 +83,142 @@ struct Inner {
     fault: Mutex<Option<StoreError>>,
 }
 
+/// A database opened and recovered, with its log.
+#[derive(Debug)]
+struct Open {
+    db: Database,
+    log: Mutex<Log>,
+    /// A write failed half way (redb takes no more, or a logged batch is not in redb): the
+    /// next call opens the store again, which recovers it from its log.
+    stopped: AtomicBool,
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.broken.get().is_some() {
             return;
         }
-        let (db, path, log) = (&self.db, &self.path, &self.log);
-        if let Err(e) = guard(path, || close(db, path, log)) {
+        let open = self.open.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let Some(open) = open.as_ref().filter(|o| !o.stopped.load(Ordering::SeqCst)) else {
+            return;
+        };
+        let path = &self.path;
+        if let Err(e) = guard(path, || close(&open.db, path, &open.log)) {
             tracing::warn!(store = %path.display(), error = %e, "the store was not closed cleanly; the next open recovers it from its log");
         }
     }
+}
+
+impl Inner {
+    /// Runs `f` on the open database; a database stopped by a failed write is first
+    /// closed and opened again (its integrity checked, the log applied). A write that
+    /// stops the database is reported as transient: the next call recovers it.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Database, &Mutex<Log>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        {
+            let open = self.open.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(o) = open.as_ref().filter(|o| !o.stopped.load(Ordering::SeqCst)) {
+                let r = f(&o.db, &o.log);
+                return self.settle(o, r);
+            }
+        }
+        let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
+        if open
+            .as_ref()
+            .is_none_or(|o| o.stopped.load(Ordering::SeqCst))
+        {
+            // Closing first releases the file; a database stopped by a failed write commits
+            // nothing more as it closes.
+            *open = None;
+            let reopened = open_state(
+                &*self.disk,
+                &self.path,
+                self.cache_bytes,
+                self.checkpoint_batches,
+            )?;
+            tracing::info!(store = %self.path.display(), "opened the store again after a failed write");
+            *open = Some(reopened);
+        }
+        let o = open.as_ref().expect("just opened");
+        let r = f(&o.db, &o.log);
+        self.settle(o, r)
+    }
+
+    /// Marks `open` stopped when the call's write failed half way, and tells the caller
+    /// the failure is transient: the next call opens the store again.
+    fn settle<T>(&self, open: &Open, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        let Err(e) = r else {
+            return r;
+        };
+        let failed = open
+            .log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed();
+        if !failed && !matches!(e, StoreError::Stopped { .. }) {
+            return Err(e);
+        }
+        open.stopped.store(true, Ordering::SeqCst);
+        Err(StoreError::unavailable(
+            format!(
+                "store {} (a write failed half way; the next call opens it again)",
+                self.path.display()
+            ),
+            e,
+        ))
+    }
+}
+
+/// Opens the existing store file at `path`: checks its integrity and recovers it from its
+/// log.
+fn open_state(
+    disk: &dyn Disk,
+    path: &Path,
+    cache_bytes: usize,
+    checkpoint_batches: u32,
+) -> Result<Open, StoreError> {
+    let mut db = create_db(disk, path, path, cache_bytes)?;
+    let log = guard(path, || {
+        create_tables(&db, path)?;
+        // Every page's checksum, and the allocator state, after a crash and after a clean
+        // stop alike: a file damaged while the store was down is refused here, not served
+        // (redb checks checksums only when asked). A repair rolls redb back to its previous
+        // durable commit, which the log's run then shows.
+        let clean = closed_cleanly(&db, path)?;
+        let intact = db.check_integrity().map_err(|e| map_err(path, e))?;
+        if !intact {
+            tracing::warn!(store = %path.display(), clean, "redb repaired the store file");
+        }
+        recover(&db, disk, path, checkpoint_batches)
+    })?;
+    Ok(Open {
+        db,
+        log: Mutex::new(log),
+        stopped: AtomicBool::new(false),
+    })
+}
+
+/// Opens (creating if need be) the redb file at `at`, errors naming `path`.
+fn create_db(
+    disk: &dyn Disk,
+    path: &Path,
+    at: &Path,
+    cache_bytes: usize,
+) -> Result<Database, StoreError> {
+    guard(path, || {
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(cache_bytes);
+        let backend = disk
+            .store_backend(at)
+            .map_err(|e| StoreError::unavailable(format!("store {}", path.display()), e))?;
+        match backend {
+            Some(backend) => builder.create_with_backend(Boxed(backend)),
+            None => builder.create(at),
+        }
+        .map_err(|e| map_err(path, e))
+    })
 }
 
 /// Runs a call into redb, mapping a panic (redb panics on some damaged pages) to a
@@ -148,17 +278,6 @@ impl RedbStore {
     ) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let io = |e| StoreError::unavailable(format!("store {}", path.display()), e);
-        let create = |at: &Path| {
-            guard(&path, || {
-                let mut builder = redb::Builder::new();
-                builder.set_cache_size(cache_bytes);
-                match disk.store_backend(at).map_err(io)? {
-                    Some(backend) => builder.create_with_backend(Boxed(backend)),
-                    None => builder.create(at),
-                }
-                .map_err(|e| map_err(&path, e))
-            })
-        };
         if !disk.exists(&path).map_err(io)? {
             // A new store is made whole beside its name and renamed into place, so a crash
             // while it is made leaves no half-made store file.
@@ -166,30 +285,19 @@ impl RedbStore {
             staged.push(".new");
             let staged = PathBuf::from(staged);
             disk.remove(&staged).map_err(io)?;
-            let db = create(&staged)?;
+            let db = create_db(&*disk, &path, &staged, cache_bytes)?;
             guard(&path, || create_tables(&db, &path))?;
             drop(db);
             disk.rename(&staged, &path).map_err(io)?;
         }
-        let mut db = create(&path)?;
-        let log = guard(&path, || {
-            create_tables(&db, &path)?;
-            // Every page's checksum, and the allocator state, after a crash and after a
-            // clean stop alike: a file damaged while the store was down is refused here,
-            // not served (redb checks checksums only when asked). A repair rolls redb back
-            // to its previous durable commit, which the log's run then shows.
-            let clean = closed_cleanly(&db, &path)?;
-            let intact = db.check_integrity().map_err(|e| map_err(&path, e))?;
-            if !intact {
-                tracing::warn!(store = %path.display(), clean, "redb repaired the store file");
-            }
-            recover(&db, &*disk, &path, checkpoint_batches)
-        })?;
+        let open = open_state(&*disk, &path, cache_bytes, checkpoint_batches)?;
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
                 path,
-                log: Mutex::new(log),
+                disk,
+                cache_bytes,
+                checkpoint_batches,
+                open: RwLock::new(Some(open)),
                 broken: OnceLock::new(),
                 fault: Mutex::new(None),
             }),
@@ -224,24 +332,18 @@ impl RedbStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let run = move || {
-                let Inner {
-                    db,
-                    path,
-                    log,
-                    broken,
-                    ..
-                } = &*inner;
-                if let Some(why) = broken.get() {
+                let path = &inner.path;
+                if let Some(why) = inner.broken.get() {
                     return Err(StoreError::Corrupted {
                         path: path.clone(),
                         detail: why.clone(),
                     });
                 }
-                let r = guard(path, || f(db, path, log));
+                let r = guard(path, || inner.with(|db, log| f(db, path, log)));
                 if let Err(StoreError::Corrupted { detail, .. }) = &r
                     && detail.starts_with("redb panicked")
                 {
-                    let _ = broken.set(detail.clone());
+                    let _ = inner.broken.set(detail.clone());
                 }
                 r
             };

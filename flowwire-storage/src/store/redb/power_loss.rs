@@ -68,6 +68,9 @@ struct Sim {
     /// The operation the power goes out on.
     cut_at: Option<u64>,
     dark: bool,
+    /// Files whose space ran out: their writes, length changes and syncs fail (the process
+    /// lives on).
+    full: Vec<PathBuf>,
     /// The write the cut interrupted.
     torn: Option<(PathBuf, u64, Vec<u8>)>,
 }
@@ -106,6 +109,9 @@ impl SimDisk {
 
     fn write(&self, path: &Path, at: u64, data: &[u8]) -> io::Result<()> {
         let mut sim = self.sim();
+        if sim.full.iter().any(|f| f == path) {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         if let Err(e) = Self::step(&mut sim) {
             if sim.torn.is_none() && sim.cut_at == Some(sim.ops) {
                 sim.torn = Some((path.to_path_buf(), at, data.to_vec()));
@@ -121,6 +127,9 @@ impl SimDisk {
 
     fn set_len(&self, path: &Path, len: u64) -> io::Result<()> {
         let mut sim = self.sim();
+        if sim.full.iter().any(|f| f == path) {
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         Self::step(&mut sim)?;
         let file = sim.files.entry(path.to_path_buf()).or_default();
         let op = Op::SetLen(len);
@@ -131,6 +140,10 @@ impl SimDisk {
 
     fn sync(&self, path: &Path) -> io::Result<()> {
         let mut sim = self.sim();
+        if sim.full.iter().any(|f| f == path) {
+            // Delayed allocation: a full disk can fail the sync of writes it had taken.
+            return Err(io::ErrorKind::StorageFull.into());
+        }
         Self::step(&mut sim)?;
         let file = sim.files.entry(path.to_path_buf()).or_default();
         file.durable.clone_from(&file.current);
@@ -450,4 +463,51 @@ fn power_loss_drops_unsynced_writes_and_tears_the_last() {
 #[test]
 fn power_loss_keeps_any_subset_of_unsynced_writes_and_tears_the_last() {
     power_cuts(true);
+}
+
+/// A disk that fills up under the log, then under the redb file across checkpoints, and
+/// is freed again: commits fail meanwhile (transient), and the store recovers by itself —
+/// opening its database again when a failed write stopped it — with nothing acknowledged
+/// lost.
+#[test]
+fn a_full_disk_under_either_file_stops_nothing_for_good() {
+    let rt = runtime();
+    let disk = SimDisk::default();
+    let store = RedbStore::open_on(Arc::new(disk.clone()), Path::new(PATH), 1 << 20, 4).unwrap();
+    let mut versions = BTreeMap::new();
+    let mut acked = 0;
+    let mut failed = 0;
+    rt.block_on(async {
+        let log = RedbStore::log_path(Path::new(PATH));
+        for b in 0..BATCHES + 12 {
+            // The log's space runs out, then the store file's (across checkpoints, which
+            // come every 4 batches), each for a stretch.
+            disk.sim().full = match b {
+                6..9 => vec![log.clone()],
+                12..22 => vec![PathBuf::from(PATH)],
+                _ => Vec::new(),
+            };
+            let steps = batch(acked, &mut versions.clone());
+            match store.commit(steps).await {
+                Ok(_) => {
+                    batch(acked, &mut versions);
+                    acked += 1;
+                }
+                Err(e) => {
+                    assert!(e.is_transient(), "batch {b}: {e}");
+                    failed += 1;
+                }
+            }
+        }
+    });
+    assert!(failed > 0, "the full disk failed no commit");
+    assert!(
+        acked >= BATCHES - 8,
+        "only {acked} batches after the disk was freed"
+    );
+    assert!(store.fault().is_none(), "{:?}", store.fault());
+    check(&rt, &store, acked).unwrap();
+    drop(store);
+    let store = RedbStore::open_on(Arc::new(disk), Path::new(PATH), 1 << 20, 4).unwrap();
+    check(&rt, &store, acked).unwrap();
 }
