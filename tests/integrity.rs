@@ -589,3 +589,80 @@ async fn a_graceful_shutdown_lets_the_calls_in_flight_finish_and_runs_none_again
     assert_eq!(counted.runs(), vec![1; 10], "each call ran once");
     engine.shutdown().await;
 }
+
+#[cfg(feature = "redis")]
+#[path = "support/servers.rs"]
+mod servers;
+
+/// A Redis restarted without persistence while flows wait on their calls: the engine
+/// notices that the store lost its data, says so in `health()` and as an event, and fails
+/// the waiters with a typed error instead of letting them hang.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_redis_is_noticed_reported_and_fails_the_waiters() {
+    use std::time::Duration;
+
+    use flowwire::EventKind;
+    use flowwire::storage::store::RedisStore;
+
+    let mut redis = servers::Redis::start();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let engine = Engine::builder()
+        .store(RedisStore::open(&redis.url(), "wiped").unwrap())
+        .flow::<Caller>()
+        .driver(SlowEcho(release.clone()))
+        .start()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    let mut waiters = Vec::new();
+    for i in 0..5 {
+        let c = engine
+            .start::<Caller>(format!("c{i}"), CallState::default())
+            .await
+            .unwrap();
+        c.ask().await.unwrap();
+        waiters.push(tokio::spawn(async move { c.finished().await }));
+    }
+    assert!(engine.health().await.ok());
+
+    // The server comes back empty; then the calls answer.
+    redis.kill();
+    redis.restart();
+    release.notify_waiters();
+
+    for w in waiters {
+        let ended = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("a waiter is answered, not left hanging")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(Error::Store(StoreError::Lost { .. }))),
+            "{ended:?}"
+        );
+    }
+    let health = engine.health().await;
+    assert_eq!(health.store_state, "failed", "{health:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Ok(e)) = events.next().await
+                && matches!(e.kind, EventKind::StoreFailed { .. })
+            {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a store-failed event");
+    assert!(
+        matches!(seen.kind, EventKind::StoreFailed { error } if error.contains("lost its data"))
+    );
+    // A waiter that comes later is answered at once.
+    let late = engine.handle::<Caller>("c0").await;
+    let late = match late {
+        Ok(c) => c.finished().await,
+        Err(e) => Err(e),
+    };
+    assert!(late.is_err(), "{late:?}");
+    engine.shutdown().await;
+}

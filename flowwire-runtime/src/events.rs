@@ -103,6 +103,13 @@ pub enum EventKind {
     },
     /// An operator resumed the parked instance.
     Resumed,
+    /// The store failed for good while this instance's step was written (it is damaged,
+    /// or it lost its data): what depends on it stopped, and `Engine::health` reports it.
+    /// Sent once per runner.
+    StoreFailed {
+        /// The store's error.
+        error: String,
+    },
     /// An operator patched the parked instance's state.
     Patched,
     /// An operator rewound the instance to a step of its history (it stays parked).

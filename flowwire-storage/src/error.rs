@@ -123,6 +123,15 @@ pub enum StoreError {
         /// Why.
         detail: String,
     },
+    /// The store lost its data: its backing server came back empty (a Redis restarted
+    /// without persistence, or flushed). Permanent: the instances it held are gone from it.
+    #[error(
+        "the store lost its data: {detail}; the instances it held are gone from it — restore the server's data from its persistence or a backup (and run Redis with `appendonly yes`), or start over under a new key prefix"
+    )]
+    Lost {
+        /// What showed it.
+        detail: String,
+    },
     /// The backend could not be reached or did not do what was asked (an I/O error, a
     /// full disk, a refused connection). Transient: the operation may be retried.
     #[error("{what}: {source}")]
@@ -309,6 +318,7 @@ mod tests {
                 path: "s.redb".into(),
                 detail: "x".into(),
             },
+            StoreError::Lost { detail: "x".into() },
             StoreError::Decode {
                 flow: "F".into(),
                 id: "i".into(),

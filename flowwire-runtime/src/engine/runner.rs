@@ -264,6 +264,8 @@ pub(crate) struct Runner<F: Flow> {
     slots: HashMap<Arc<str>, Slot<F>>,
     /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
     waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Result<Ended>>>>,
+    /// The store failed for good (its event was sent).
+    store_down: bool,
     /// Timers due up to `horizon`, earliest first: every one the index holds and every one
     /// armed since (entries an impulse moved on are removed as their steps commit).
     timers: BTreeSet<(u64, Arc<str>)>,
@@ -346,6 +348,7 @@ impl<F: Flow> Runner<F> {
             flow: F::NAME.into(),
             slots: HashMap::new(),
             waiters: HashMap::new(),
+            store_down: false,
             timers: BTreeSet::new(),
             horizon: 0,
             touched: Vec::new(),
@@ -1185,6 +1188,11 @@ impl<F: Flow> Runner<F> {
                 None
             }
             Input::Msg(Msg::Finished { id, reply }) => {
+                if let Some(e) = self.store.fault().filter(|e| !e.is_transient()) {
+                    // Nothing will progress: a waiter would wait for ever.
+                    let _ = reply.send(Err(Error::Store(e)));
+                    return None;
+                }
                 match self.locate(&id).await {
                     Ok(None) => {}
                     Ok(Some(record)) => {
@@ -1757,6 +1765,7 @@ impl<F: Flow> Runner<F> {
                 if let Error::Store(e) = err
                     && !e.is_transient()
                 {
+                    self.store_failed(&s.id, err);
                     // The store is damaged or stopped: retrying cannot help, and
                     // `Engine::health` reports it. Callers get the error; an outcome is not
                     // sent again (its call is redelivered when the store is opened again).
@@ -1814,6 +1823,27 @@ impl<F: Flow> Runner<F> {
                     Ack::Start(_) | Ack::Quiet => {}
                 }
             }
+        }
+    }
+
+    /// The store failed for good: every `finished` waiter gets the error (nothing will
+    /// progress), and an event says so, once.
+    fn store_failed(&mut self, id: &Arc<str>, err: &Error) {
+        for (_, waiters) in self.waiters.drain() {
+            for w in waiters {
+                let _ = w.send(Err(err.clone_for_caller()));
+            }
+        }
+        if !self.store_down {
+            self.store_down = true;
+            self.events.send(
+                F::NAME,
+                id,
+                0,
+                EventKind::StoreFailed {
+                    error: err.to_string(),
+                },
+            );
         }
     }
 

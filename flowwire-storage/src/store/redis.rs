@@ -113,6 +113,18 @@ pub struct RedisStore {
     sha: String,
     shards: u16,
     audit: bool,
+    epoch: std::sync::Arc<Epoch>,
+}
+
+/// The identity of the data a store writes to: a random token the first store to use the
+/// prefix writes under `<prefix>:epoch`, which every later use finds. A server that comes
+/// back without it (restarted without persistence, or flushed) lost the store's data.
+#[derive(Debug, Default)]
+struct Epoch {
+    /// The token found (or written) at this store's first use.
+    known: std::sync::Mutex<Option<String>>,
+    /// Set once the token was found missing or changed.
+    lost: std::sync::OnceLock<String>,
 }
 
 fn backend(e: &redis::RedisError) -> StoreError {
@@ -183,6 +195,69 @@ impl RedisStore {
             sha: redis::Script::new(COMMIT).get_hash().to_string(),
             shards: 1,
             audit: false,
+            epoch: std::sync::Arc::default(),
+        }
+    }
+
+    fn lost(&self) -> Option<StoreError> {
+        self.epoch.lost.get().map(|detail| StoreError::Lost {
+            detail: detail.clone(),
+        })
+    }
+
+    /// Checks that the server still holds this store's data: at first use the epoch token
+    /// is read (or written, for a new prefix); after that it must be there unchanged.
+    async fn check_epoch(&self, c: &mut Conn) -> Result<(), StoreError> {
+        use std::hash::BuildHasher as _;
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
+        let key = format!("{}:epoch", self.prefix);
+        let known = self
+            .epoch
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match known {
+            None => {
+                let token = format!(
+                    "{:016x}",
+                    std::hash::RandomState::new().hash_one(std::process::id())
+                );
+                let found: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("GET")
+                    .query_async(c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                *self
+                    .epoch
+                    .known
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(found.unwrap_or(token));
+                Ok(())
+            }
+            Some(known) => {
+                let found: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                if found.as_deref() == Some(known.as_str()) {
+                    return Ok(());
+                }
+                let detail = match found {
+                    None => format!("the key {key} that marked its data is gone"),
+                    Some(other) => format!("the key {key} marks other data ({other}, not {known})"),
+                };
+                tracing::error!(prefix = %self.prefix, %detail, "the Redis store lost its data");
+                let _ = self.epoch.lost.set(detail);
+                Err(self.lost().expect("just set"))
+            }
         }
     }
 
@@ -387,6 +462,8 @@ impl RedisStore {
 
     async fn commit_batch(&self, batch: &[StepWrite]) -> Result<Vec<StepResult>, StoreError> {
         let mut c = self.conn().await?;
+        // A wiped server must not take steps that build on records it no longer holds.
+        self.check_epoch(&mut c).await?;
         let values = self.add_and_commit(&mut c, batch).await?;
         let mut replies = Vec::with_capacity(values.len());
         for v in values {
@@ -510,6 +587,10 @@ impl InstanceStore for RedisStore {
         Box::pin(async move { this.commit_batch(&batch).await })
     }
 
+    fn fault(&self) -> Option<StoreError> {
+        self.lost()
+    }
+
     fn load<'a>(
         &'a self,
         key: &'a InstanceKey,
@@ -524,10 +605,15 @@ impl InstanceStore for RedisStore {
                 .query_async(&mut c)
                 .await
                 .map_err(|e| backend(&e))?;
-            Ok(v.zip(b).map(|(version, bytes)| Stored {
+            let found = v.zip(b).map(|(version, bytes)| Stored {
                 version,
                 bytes: Bytes::from(bytes),
-            }))
+            });
+            if found.is_none() {
+                // "No such instance" from a server that lost its data is not an answer.
+                self.check_epoch(&mut c).await?;
+            }
+            Ok(found)
         })
     }
 
