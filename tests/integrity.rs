@@ -147,21 +147,9 @@ async fn engine_with_limit(dir: &Path, limit: usize) -> Engine {
         .unwrap()
 }
 
-/// Blob files under a tier's directory (temporary files of a write excluded).
-fn blob_files(dir: &Path) -> usize {
-    let Ok(fans) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    fans.flat_map(|f| std::fs::read_dir(f.unwrap().path()).unwrap())
-        .filter(|f| {
-            !f.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(".tmp.")
-        })
-        .count()
-}
+#[path = "support/blob_files.rs"]
+mod blob_files;
+use blob_files::blob_files;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_over_the_decode_limit_is_refused_before_anything_is_stored() {

@@ -112,21 +112,9 @@ async fn engine(dir: &Path, retention: Retention) -> Engine {
         .unwrap()
 }
 
-/// Blob files under a tier's directory.
-fn blobs(dir: &Path) -> usize {
-    let Ok(fans) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    fans.flat_map(|f| std::fs::read_dir(f.unwrap().path()).unwrap())
-        .filter(|f| {
-            !f.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains(".tmp.")
-        })
-        .count()
-}
+#[path = "support/blob_files.rs"]
+mod blob_files;
+use blob_files::blob_files as blobs;
 
 /// Waits (bounded) until the tier directories hold the expected counts; deletion of
 /// unreferenced blobs runs after the commit, off the runner.
