@@ -654,3 +654,78 @@ async fn a_wiped_redis_is_noticed_reported_and_fails_the_waiters() {
     assert!(late.is_err(), "{late:?}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_instance_is_listed_for_an_operator_who_can_replace_its_state_or_delete_it() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir).await;
+    for id in ["a", "b"] {
+        engine.start::<Vault>(id, state(100_000, 1)).await.unwrap();
+    }
+    engine.start::<Vault>("fine", state(10, 2)).await.unwrap();
+    engine.shutdown().await;
+    drop(engine);
+    // The `fast` tier loses its blobs: the states of `a` and `b`.
+    std::fs::remove_dir_all(dir.join("fast")).unwrap();
+
+    let engine = self::engine(dir).await;
+    for id in ["a", "b"] {
+        let err = match engine.handle::<Vault>(id).await {
+            Ok(vault) => vault.data().await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(matches!(err, Error::Blob(_)), "{id}: {err}");
+    }
+    // Both are listed, with what is wrong and what to do (the mark is written off the
+    // runner: wait for it, bounded).
+    let mut listed = Vec::new();
+    for _ in 0..200 {
+        listed = engine.parked::<Vault>(None, 10).await.unwrap();
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ids: Vec<&str> = listed.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "{listed:?}");
+    for p in &listed {
+        assert!(p.reason.starts_with("damaged: "), "{}", p.reason);
+        assert!(p.reason.contains("is missing"), "{}", p.reason);
+        assert!(
+            p.reason.contains("replace_state") && p.reason.contains("delete"),
+            "{}",
+            p.reason
+        );
+    }
+
+    // A new state for `a`: parked for the operator, who resumes it.
+    engine
+        .replace_state::<Vault>("a", state(20, 7))
+        .await
+        .unwrap();
+    let parked = engine.parked::<Vault>(None, 10).await.unwrap();
+    let a = parked.iter().find(|p| p.id == "a").expect("a is parked");
+    assert!(a.reason.contains("replaced by an operator"), "{}", a.reason);
+    engine.resume::<Vault>("a").await.unwrap();
+    let vault = engine.handle::<Vault>("a").await.unwrap();
+    assert_eq!(vault.data().await.unwrap(), vec![7; 20]);
+    vault.close().await.unwrap();
+
+    // `b` is removed; a live instance is not.
+    engine.delete::<Vault>("b").await.unwrap();
+    assert!(matches!(
+        engine.handle::<Vault>("b").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(engine.parked::<Vault>(None, 10).await.unwrap().is_empty());
+    let refused = engine.delete::<Vault>("fine").await.unwrap_err();
+    assert!(matches!(refused, Error::NotParked { .. }), "{refused}");
+    let refused = engine
+        .replace_state::<Vault>("fine", state(1, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::NotParked { .. }), "{refused}");
+    engine.shutdown().await;
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use flowwire::storage::store::{ActiveList, DueList};
+use flowwire::storage::store::{ActiveList, DamagedList, DueList};
 use flowwire::storage::{
     BoxFuture, InstanceKey, InstanceStore, StepResult, StepWrite, StoreError, Stored,
 };
@@ -112,5 +112,23 @@ impl<S: InstanceStore + Clone> InstanceStore for Faulty<S> {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         self.inner.correlated(flow, key, limit)
+    }
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.mark_damaged(key, reason)
+    }
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        self.inner.damaged(flow, after, limit)
+    }
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
     }
 }

@@ -20,6 +20,7 @@ use crate::handle::Handle;
 use crate::meta::{Ambiguous, DriverMeta, FlowMeta, Policy};
 
 mod correlate;
+mod damaged;
 mod health;
 mod history;
 mod operate;

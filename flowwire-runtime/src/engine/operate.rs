@@ -60,10 +60,28 @@ impl Engine {
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(p) = self.parked_one::<F>(&id).await? {
-                out.push(p);
+            match self.parked_one::<F>(&id).await {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                // A parked record that no longer reads is listed as damaged.
+                Err(e) if !e.is_transient() => {
+                    out.push(super::damaged::damaged_entry(&id, &e.to_string()));
+                }
+                Err(e) => return Err(e),
             }
         }
+        // Damaged instances too, in the same id order: a record that cannot be read says
+        // nothing of itself, so the reason is the store's mark.
+        let limit = limit.clamp(1, MAX_PAGE);
+        for d in self.damaged_parked::<F>(after, limit).await? {
+            if let Some(p) = out.iter_mut().find(|p| p.id == d.id) {
+                *p = d;
+            } else {
+                out.push(d);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.truncate(limit);
         Ok(out)
     }
 

@@ -584,11 +584,38 @@ impl<F: Flow> Runner<F> {
         self.touched.push(id.clone());
     }
 
+    /// Marks an instance damaged in the store when it cannot be read for a reason retrying
+    /// cannot cure (its record or a payload fails its check, a blob is gone), so that
+    /// `Engine::parked` lists it for an operator. Best effort, off the runner.
+    fn note_damage(&self, id: &Arc<str>, e: &Error) {
+        use flowwire_storage::BlobError;
+        let damaged = match e {
+            Error::Codec { .. } | Error::Store(StoreError::Decode { .. }) => true,
+            Error::Blob(b) => matches!(
+                **b,
+                BlobError::Missing { .. } | BlobError::Corrupt { .. } | BlobError::Truncated { .. }
+            ),
+            _ => false,
+        };
+        if !damaged {
+            return;
+        }
+        let (store, key, why) = (self.store.clone(), self.key(id), e.to_string());
+        let limit = self.limits.store_timeout;
+        tokio::spawn(async move {
+            let marked = tokio::time::timeout(limit, store.mark_damaged(&key, Some(&why))).await;
+            if !matches!(marked, Ok(Ok(()))) {
+                tracing::warn!(instance = %key, "could not mark the instance damaged");
+            }
+        });
+    }
+
     /// Schedules another load of an instance that could not be read, if trying again can
     /// help; otherwise leaves it as stored (nothing is lost; an operator can inspect it).
     fn reload_later(&self, id: Arc<str>, attempt: u32, e: &Error) {
         if !e.is_transient() {
             tracing::error!(flow = F::NAME, id = %id, error = %e, "instance cannot be read; left as stored");
+            self.note_damage(&id, e);
             return;
         }
         let delay = backoff(attempt);
@@ -1037,7 +1064,11 @@ impl<F: Flow> Runner<F> {
         if self.slots.contains_key(id) {
             return Ok(None);
         }
-        match self.fault_in(id).await? {
+        let found = self.fault_in(id).await;
+        if let Err(e) = &found {
+            self.note_damage(id, e);
+        }
+        match found? {
             None => Err(Self::not_found(id)),
             Some(record) if record.status.is_active() => Ok(None),
             Some(record) => Ok(Some(record)),

@@ -1,4 +1,6 @@
 //! The instance-store conformance suite: public async cases every backend must pass.
+//! (Long because it is a specification: each case reads top to bottom as one rule, and
+//! the rules stay together so a new backend is held to all of them in one place.)
 //!
 //! Each case takes a fresh, empty store as `&dyn InstanceStore` and panics with a message
 //! naming the broken rule. Run them all with [`run_all`].
@@ -50,6 +52,7 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     a_stale_timer_entry_is_repaired_only_if_still_stale(&*make()).await;
     parked_instances_are_listed_in_pages(&*make()).await;
     correlation_keys_find_live_instances(&*make()).await;
+    damaged_instances_are_marked_listed_and_deleted(&*make()).await;
 }
 
 /// A start writes a record that did not exist; later steps swap it by version.
@@ -509,4 +512,98 @@ pub async fn correlation_keys_find_live_instances(store: &dyn InstanceStore) {
         vec!["b"],
         "an instance that ended is no longer found by its key"
     );
+}
+
+/// A damaged mark is listed in id order with its reason and can be cleared; a delete
+/// takes the record, the impulse ids, the history, every index entry and the mark, and
+/// leaves the other instances as they were.
+pub async fn damaged_instances_are_marked_listed_and_deleted(store: &dyn InstanceStore) {
+    let keys: Vec<InstanceKey> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|id| InstanceKey::new("flow", *id))
+        .collect();
+    for k in &keys {
+        let mut s = step(k, Expect::Absent, 1, b"one");
+        s.impulse = Some("imp".into());
+        s.parked = true;
+        s.timer = Some(1_000);
+        s.correlation = Some("shared".into());
+        store.commit(vec![s]).await.unwrap();
+    }
+    for k in &keys {
+        store
+            .mark_damaged(k, Some(&format!("{} is damaged", k.id)))
+            .await
+            .unwrap();
+    }
+    let listed = store.damaged("flow", None, 10).await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|(id, _)| &**id).collect();
+    assert_eq!(ids, ["d1", "d2", "d3"], "damaged instances in id order");
+    assert_eq!(listed[0].1, "d1 is damaged", "with their reason");
+    let page = store.damaged("flow", Some("d1"), 1).await.unwrap();
+    assert_eq!(page.len(), 1, "a page after d1");
+    assert_eq!(&*page[0].0, "d2");
+    store.mark_damaged(&keys[0], None).await.unwrap();
+    assert_eq!(
+        store.damaged("flow", None, 10).await.unwrap().len(),
+        2,
+        "a cleared mark"
+    );
+
+    store.delete(&keys[1]).await.unwrap();
+    let gone = &keys[1];
+    assert_eq!(
+        store.load(gone).await.unwrap(),
+        None,
+        "a deleted record is gone"
+    );
+    assert_eq!(
+        store.impulse_applied(gone, "imp").await.unwrap(),
+        None,
+        "and its impulse ids"
+    );
+    assert!(
+        store.history(gone, 0, 10).await.unwrap().is_empty(),
+        "and its history"
+    );
+    assert!(
+        !store
+            .parked("flow", None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|id| &**id == "d2"),
+        "and its parked entry"
+    );
+    assert!(
+        !store
+            .due("flow", 2_000, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|(id, _)| &**id == "d2"),
+        "and its timer"
+    );
+    assert!(
+        !store
+            .correlated("flow", "shared", 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|id| &**id == "d2"),
+        "and its correlation entry"
+    );
+    let damaged = store.damaged("flow", None, 10).await.unwrap();
+    assert_eq!(damaged.len(), 1, "and its damaged mark: {damaged:?}");
+    assert!(
+        store.load(&keys[2]).await.unwrap().is_some(),
+        "another instance stays"
+    );
+    store.delete(gone).await.unwrap();
+    // A start may use the id again.
+    let again = store
+        .commit(vec![step(gone, Expect::Absent, 1, b"new")])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![StepResult::Committed]);
 }

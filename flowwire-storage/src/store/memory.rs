@@ -6,12 +6,12 @@
 //! record is rewritten in place, its history appended to one buffer — so a steady step
 //! allocates nothing here, and nothing it keeps pins the caller's buffers.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
-use super::{BoxFuture, InstanceStore};
+use super::{BoxFuture, DamagedList, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
 
@@ -43,6 +43,8 @@ struct FlowData {
     timers: BTreeSet<(u64, Arc<str>)>,
     /// (correlation key, id).
     correlated: BTreeSet<(Arc<str>, Arc<str>)>,
+    /// Damaged instances, with why.
+    damaged: BTreeMap<Arc<str>, String>,
 }
 
 /// One instance.
@@ -338,6 +340,64 @@ impl InstanceStore for MemoryStore {
             && f.instances.get(&key.id).and_then(|e| e.timer) == Some(stale)
         {
             f.set_timer(&key.id, actual);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut inner = self.lock();
+        let flow = inner.flows.entry(key.flow.clone()).or_default();
+        match reason {
+            Some(why) => {
+                flow.damaged.insert(key.id.clone(), why.to_string());
+            }
+            None => {
+                flow.damaged.remove(&key.id);
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .flows
+            .get(flow)
+            .map(|f| {
+                let from: Arc<str> = after.unwrap_or("").into();
+                f.damaged
+                    .range(from..)
+                    .filter(|(id, _)| after.is_none_or(|a| &***id > a))
+                    .take(limit)
+                    .map(|(id, why)| (id.clone(), why.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut inner = self.lock();
+        if let Some(flow) = inner.flows.get_mut(&key.flow) {
+            let id = &key.id;
+            if let Some(entry) = flow.instances.remove(id)
+                && let Some(due) = entry.timer
+            {
+                flow.timers.remove(&(due, id.clone()));
+            }
+            flow.active.remove(id);
+            flow.parked.remove(id);
+            flow.damaged.remove(id);
+            flow.correlated.retain(|(_, i)| i != id);
         }
         Box::pin(std::future::ready(Ok(())))
     }

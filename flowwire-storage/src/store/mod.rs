@@ -35,6 +35,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The active instances of a flow: ids with their records.
 pub type ActiveList = Vec<(Arc<str>, Stored)>;
 
+/// Damaged instances with why, in id order (see [`InstanceStore::damaged`]).
+pub type DamagedList = Vec<(Arc<str>, String)>;
+
 /// Timers of a flow: instance ids with the time they are due (ms since the Unix epoch).
 pub type DueList = Vec<(Arc<str>, u64)>;
 
@@ -96,6 +99,28 @@ pub trait InstanceStore: Send + Sync + 'static {
         until_ms: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<DueList, StoreError>>;
+
+    /// Marks an instance whose record or payloads cannot be read as damaged, saying why
+    /// (`None` clears the mark). The record stays as it is, for an operator to inspect;
+    /// [`InstanceStore::damaged`] lists the marks.
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The damaged instances of a flow with why, in id order after `after`, at most
+    /// `limit`.
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>>;
+
+    /// Deletes an instance for good: its record, its applied impulse ids, its history, its
+    /// entries in the indexes, its damaged mark. Deleting an absent instance does nothing.
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// What makes the store fail writes now, if anything: a transient condition it
     /// expects to recover from by itself (a full disk, an unreachable server) or a
@@ -170,6 +195,24 @@ pub trait InstanceStore: Send + Sync + 'static {
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     fn fault(&self) -> Option<StoreError> {
         (**self).fault()
+    }
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).mark_damaged(key, reason)
+    }
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        (**self).damaged(flow, after, limit)
+    }
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).delete(key)
     }
     fn commit(
         &self,

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ActiveList, BoxFuture, InstanceStore};
+use super::{ActiveList, BoxFuture, DamagedList, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
 use crate::redis_link::{Conn, RedisLink};
@@ -333,6 +333,10 @@ impl RedisStore {
         format!("{}:parked:{{{flow}}}", self.prefix)
     }
 
+    fn damaged_key(&self, flow: &str) -> String {
+        format!("{}:damaged:{{{flow}}}", self.prefix)
+    }
+
     fn corr_key(&self, flow: &str, key: &str) -> String {
         format!("{}:corr:{{{flow}}}:{key}", self.prefix)
     }
@@ -589,6 +593,76 @@ impl InstanceStore for RedisStore {
 
     fn fault(&self) -> Option<StoreError> {
         self.lost()
+    }
+
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let hash = self.damaged_key(&key.flow);
+            let cmd = match reason {
+                Some(why) => redis::Cmd::hset(hash, &*key.id, why),
+                None => redis::Cmd::hdel(hash, &*key.id),
+            };
+            cmd.query_async::<()>(&mut c).await.map_err(|e| backend(&e))
+        })
+    }
+
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            // Damaged instances are few (an operator clears them): read them all, page here.
+            let all: std::collections::BTreeMap<String, String> =
+                redis::Cmd::hgetall(self.damaged_key(flow))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+            Ok(all
+                .into_iter()
+                .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a))
+                .take(limit)
+                .map(|(id, why)| (Arc::from(id), why))
+                .collect())
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let (flow, id) = (&*key.flow, &*key.id);
+            let keys = self.keys(key);
+            // The correlation key, from the record's own field (the record itself may not
+            // decode); the index is filtered by its record anyway.
+            let corr: Option<String> = redis::Cmd::hget(&keys[0], "k")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            let shard = self.shard(id);
+            let mut cmds = vec![
+                redis::Cmd::del(&keys[..]),
+                redis::Cmd::srem(self.active_key(flow, shard), id),
+                redis::Cmd::zrem(self.timers_key(flow, shard), id),
+                redis::Cmd::zrem(self.parked_key(flow), id),
+                redis::Cmd::hdel(self.damaged_key(flow), id),
+            ];
+            if let Some(k) = corr.filter(|k| !k.is_empty()) {
+                cmds.push(redis::Cmd::srem(self.corr_key(flow, &k), id));
+            }
+            for cmd in cmds {
+                cmd.query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+            }
+            Ok(())
+        })
     }
 
     fn load<'a>(

@@ -31,18 +31,19 @@ use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::disk::{Boxed, Disk, Fs};
-use super::{BoxFuture, InstanceStore};
+use super::{BoxFuture, DamagedList, InstanceStore};
 use crate::error::StoreError;
 use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 use apply::set_timer;
 use log::{CHECKPOINT_BATCHES, Log, close, closed_cleanly, commit_logged, recover};
 use schema::{
-    ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables,
+    ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables, guard,
     map_err,
 };
 
 mod apply;
 mod log;
+mod operate;
 #[cfg(test)]
 mod power_loss;
 mod schema;
@@ -221,25 +222,6 @@ fn create_db(
     })
 }
 
-/// Runs a call into redb, mapping a panic (redb panics on some damaged pages) to a
-/// permanent [`StoreError::Corrupted`] naming the file.
-fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            Err(StoreError::Corrupted {
-                path: path.to_path_buf(),
-                detail: format!("redb panicked ({what}): the file is damaged"),
-            })
-        }
-    }
-}
-
 impl RedbStore {
     /// The page cache a store keeps unless told otherwise: 64 MiB.
     ///
@@ -366,6 +348,30 @@ impl InstanceStore for RedbStore {
             *inner.fault.lock().unwrap_or_else(PoisonError::into_inner) = r.as_ref().err().cloned();
             r
         })
+    }
+
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (key, reason) = (key.clone(), reason.map(str::to_string));
+        self.blocking(move |db, path, _| operate::mark_damaged(db, path, &key, reason.as_deref()))
+    }
+
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        let (flow, after) = (flow.to_string(), after.map(str::to_string));
+        self.blocking(move |db, path, _| operate::damaged(db, path, &flow, after.as_deref(), limit))
+    }
+
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        let key = key.clone();
+        self.blocking(move |db, path, _| operate::delete(db, path, &key))
     }
 
     fn fault(&self) -> Option<StoreError> {

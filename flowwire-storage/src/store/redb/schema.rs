@@ -1,4 +1,4 @@
-//! The embedded store's tables, and how redb's errors read as the store's.
+//! The embedded store's tables, and how redb's errors (and panics) read as the store's.
 
 use std::path::Path;
 
@@ -20,6 +20,7 @@ pub(super) const TIMER_OF: TableDefinition<'_, (&str, &str), u64> =
     TableDefinition::new("timer_of");
 pub(super) const CORRELATED: TableDefinition<'_, (&str, &str, &str), ()> =
     TableDefinition::new("correlated");
+pub(super) const DAMAGED: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("damaged");
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// The `meta` row holding the number of the last batch committed.
 pub(super) const BATCH: &str = "batch";
@@ -35,6 +36,7 @@ pub(super) fn create_tables(db: &Database, p: &Path) -> Result<(), StoreError> {
     txn.open_table(TIMER_OF).map_err(|e| map_err(p, e))?;
     txn.open_table(CORRELATED).map_err(|e| map_err(p, e))?;
     txn.open_table(META).map_err(|e| map_err(p, e))?;
+    txn.open_table(DAMAGED).map_err(|e| map_err(p, e))?;
     txn.commit().map_err(|e| map_err(p, e))
 }
 
@@ -76,6 +78,28 @@ pub(super) fn map_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
             detail: e.to_string(),
         },
         other => StoreError::Backend(format!("store {}: {other}", path.display())),
+    }
+}
+
+/// Runs a call into redb, mapping a panic (redb panics on some damaged pages) to a
+/// permanent [`StoreError::Corrupted`] naming the file.
+pub(super) fn guard<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(StoreError::Corrupted {
+                path: path.to_path_buf(),
+                detail: format!("redb panicked ({what}): the file is damaged"),
+            })
+        }
     }
 }
 
