@@ -590,6 +590,11 @@ impl<F: Flow> Runner<F> {
     fn note_damage(&self, id: &Arc<str>, e: &Error) {
         use flowwire_storage::BlobError;
         let damaged = match e {
+            // A record of a newer format is not damaged: a newer flowwire reads it.
+            Error::Codec {
+                source: flowwire_storage::CodecError::UnknownFormat { .. },
+                ..
+            } => false,
             Error::Codec { .. } | Error::Store(StoreError::Decode { .. }) => true,
             Error::Blob(b) => matches!(
                 **b,

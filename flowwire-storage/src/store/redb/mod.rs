@@ -343,8 +343,11 @@ impl InstanceStore for RedbStore {
         batch: Vec<StepWrite>,
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         let inner = self.inner.clone();
-        self.blocking(move |db, path, log| {
-            let r = commit_logged(db, path, log, &batch);
+        let commit = self.blocking(move |db, path, log| commit_logged(db, path, log, &batch));
+        Box::pin(async move {
+            // As the caller sees it: a write that stopped the database is transient (the
+            // next call opens it again), so the store is degraded, not failed.
+            let r = commit.await;
             *inner.fault.lock().unwrap_or_else(PoisonError::into_inner) = r.as_ref().err().cloned();
             r
         })
