@@ -17,12 +17,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use flowwire::prelude::*;
-use flowwire::storage::store::{ActiveList, DamagedList, DueList};
-use flowwire::storage::{
-    BoxFuture, InstanceKey, InstanceStore, RedbStore, StepResult, StepWrite, StoreError, Stored,
-};
+use flowwire::storage::{BoxFuture, InstanceStore, RedbStore, StepResult, StepWrite, StoreError};
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +93,10 @@ impl Gated {
     }
 }
 
+#[macro_use]
+#[path = "support/forward.rs"]
+mod forward;
+
 impl InstanceStore for Gated {
     fn commit(
         &self,
@@ -111,80 +111,7 @@ impl InstanceStore for Gated {
             this.inner.commit(batch).await
         })
     }
-    fn load<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
-        self.inner.load(key)
-    }
-    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
-        self.inner.active(flow)
-    }
-    fn history<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        from: u64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
-        self.inner.history(key, from, limit)
-    }
-    fn impulse_applied<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        impulse_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        self.inner.impulse_applied(key, impulse_id)
-    }
-    fn due<'a>(
-        &'a self,
-        flow: &'a str,
-        until_ms: u64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<DueList, StoreError>> {
-        self.inner.due(flow, until_ms, limit)
-    }
-    fn retime<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        stale: u64,
-        actual: Option<u64>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.retime(key, stale, actual)
-    }
-    fn parked<'a>(
-        &'a self,
-        flow: &'a str,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        self.inner.parked(flow, after, limit)
-    }
-    fn correlated<'a>(
-        &'a self,
-        flow: &'a str,
-        key: &'a str,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        self.inner.correlated(flow, key, limit)
-    }
-    fn mark_damaged<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        reason: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.mark_damaged(key, reason)
-    }
-    fn damaged<'a>(
-        &'a self,
-        flow: &'a str,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
-        self.inner.damaged(flow, after, limit)
-    }
-    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.delete(key)
-    }
+    forward_to_inner!();
 }
 
 async fn engine_on(store: &Gated) -> Engine {

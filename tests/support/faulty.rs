@@ -4,11 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use flowwire::storage::store::{ActiveList, DamagedList, DueList};
-use flowwire::storage::{
-    BoxFuture, InstanceKey, InstanceStore, StepResult, StepWrite, StoreError, Stored,
-};
+use flowwire::storage::{BoxFuture, InstanceStore, StepResult, StepWrite, StoreError};
 
 /// Wraps a store; while `fail` holds an error, every commit fails with it (and the store
 /// reports it as its fault).
@@ -39,6 +35,10 @@ impl<S: InstanceStore + Clone> Faulty<S> {
     }
 }
 
+#[macro_use]
+#[path = "forward.rs"]
+mod forward;
+
 impl<S: InstanceStore + Clone> InstanceStore for Faulty<S> {
     fn commit(
         &self,
@@ -57,78 +57,5 @@ impl<S: InstanceStore + Clone> InstanceStore for Faulty<S> {
             .clone()
             .or_else(|| self.inner.fault())
     }
-    fn load<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
-        self.inner.load(key)
-    }
-    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
-        self.inner.active(flow)
-    }
-    fn history<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        from: u64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
-        self.inner.history(key, from, limit)
-    }
-    fn impulse_applied<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        impulse_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        self.inner.impulse_applied(key, impulse_id)
-    }
-    fn due<'a>(
-        &'a self,
-        flow: &'a str,
-        until_ms: u64,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<DueList, StoreError>> {
-        self.inner.due(flow, until_ms, limit)
-    }
-    fn retime<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        stale: u64,
-        actual: Option<u64>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.retime(key, stale, actual)
-    }
-    fn parked<'a>(
-        &'a self,
-        flow: &'a str,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        self.inner.parked(flow, after, limit)
-    }
-    fn correlated<'a>(
-        &'a self,
-        flow: &'a str,
-        key: &'a str,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        self.inner.correlated(flow, key, limit)
-    }
-    fn mark_damaged<'a>(
-        &'a self,
-        key: &'a InstanceKey,
-        reason: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.mark_damaged(key, reason)
-    }
-    fn damaged<'a>(
-        &'a self,
-        flow: &'a str,
-        after: Option<&'a str>,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
-        self.inner.damaged(flow, after, limit)
-    }
-    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.delete(key)
-    }
+    forward_to_inner!();
 }
