@@ -416,7 +416,11 @@ fn encode_job(bus: &RedisBus, flow: &str, shard: u16, job: &Job) -> Option<(Stri
 }
 
 /// Feeds a shard's runner from its streams: first what earlier owners left
-/// unacknowledged, then new entries.
+/// unacknowledged, then new entries. After a read that failed — it may have timed out on
+/// this side after Redis handed it entries, which then sit on this consumer's pending
+/// list where a read of new entries never finds them — the pending entries are claimed
+/// again before new ones are read. (An entry fed twice is harmless: an outcome applies
+/// once by its step, a request once by its id or its start.)
 async fn pump<F: Flow>(
     bus: RedisBus,
     node: Arc<str>,
@@ -432,32 +436,9 @@ async fn pump<F: Flow>(
         outcomes,
         limit,
     };
-    for (i, stream) in streams.iter().enumerate() {
-        let mut from = "0-0".to_string();
-        // Bounded: each page moves the cursor on; the loop ends at the stream's end.
-        for _ in 0..100_000 {
-            match bus
-                .claim(stream, GROUP, &node, Duration::ZERO, &from, PAGE)
-                .await
-            {
-                Ok((entries, next)) => {
-                    for mut e in entries {
-                        e.stream = i;
-                        feed.take(e);
-                    }
-                    if next == "0-0" {
-                        break;
-                    }
-                    from = next;
-                }
-                Err(e) => {
-                    tracing::warn!(stream, error = %e, "left entries not claimed yet");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
     let mut failures = 0u32;
+    // Each reader starts by claiming the pending entries (the first one, and each one
+    // after a failed read): no new entry is read before a claim succeeded.
     loop {
         let mut reader = match bus.reader().await {
             Ok(r) => r,
@@ -468,6 +449,12 @@ async fn pump<F: Flow>(
                 continue;
             }
         };
+        if let Err(e) = claim_pending(&bus, &node, &streams, &feed).await {
+            failures = failures.saturating_add(1);
+            tracing::warn!(error = %e, "entries left pending not claimed yet");
+            tokio::time::sleep(super::pause(failures)).await;
+            continue;
+        }
         loop {
             match reader
                 .read(&streams, GROUP, &node, PAGE, Duration::from_secs(1))
@@ -488,6 +475,35 @@ async fn pump<F: Flow>(
             }
         }
     }
+}
+
+/// Claims and feeds every entry of the shard's streams that is delivered but not
+/// acknowledged — left by an earlier owner, or by a read of this one that failed —
+/// page by page, in stream order.
+async fn claim_pending<F: Flow>(
+    bus: &RedisBus,
+    node: &Arc<str>,
+    streams: &[String; 2],
+    feed: &Feed<F>,
+) -> Result<(), flowwire_storage::StoreError> {
+    for (i, stream) in streams.iter().enumerate() {
+        let mut from = "0-0".to_string();
+        // Bounded: each page moves the cursor on; the loop ends at the stream's end.
+        for _ in 0..100_000 {
+            let (entries, next) = bus
+                .claim(stream, GROUP, node, Duration::ZERO, &from, PAGE)
+                .await?;
+            for mut e in entries {
+                e.stream = i;
+                feed.take(e);
+            }
+            if next == "0-0" {
+                break;
+            }
+            from = next;
+        }
+    }
+    Ok(())
 }
 
 struct Feed<F: Flow> {
