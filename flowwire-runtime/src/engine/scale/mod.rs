@@ -15,6 +15,7 @@ use flowwire_storage::store::RedisStore;
 use crate::error::Result;
 
 pub(crate) mod client;
+mod feed;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
 pub(crate) mod workers;
