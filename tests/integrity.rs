@@ -582,6 +582,34 @@ async fn a_graceful_shutdown_lets_the_calls_in_flight_finish_and_runs_none_again
 #[path = "support/servers.rs"]
 mod servers;
 
+/// A Redis holding data written with the older key layout (each instance's keys tagged
+/// with its id, before commits were fenced per shard) is refused with a typed, permanent
+/// error at start: its instances would otherwise look absent.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_written_with_the_older_key_layout_is_refused() {
+    use flowwire::storage::store::RedisStore;
+
+    let redis = servers::Redis::start();
+    // What a store of the older layout wrote at its first use: a bare 64-bit token.
+    redis.cli(&["SET", "old:epoch", "00c0ffee00c0ffee"]);
+    let started = Engine::builder()
+        .store(RedisStore::open(&redis.url(), "old").unwrap())
+        .flow::<Caller>()
+        .driver(SlowEcho(std::sync::Arc::default()))
+        .start()
+        .await;
+    let Err(Error::Store(e)) = started else {
+        panic!(
+            "started on data of another layout: {:?}",
+            started.map(|_| ())
+        );
+    };
+    assert!(matches!(e, StoreError::Incompatible { .. }), "{e:?}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("older key layout"), "{e}");
+}
+
 /// A Redis restarted without persistence while flows wait on their calls: the engine
 /// notices that the store lost its data, says so in `health()` and as an event, and fails
 /// the waiters with a typed error instead of letting them hang.

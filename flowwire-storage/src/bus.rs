@@ -148,7 +148,7 @@ impl RedisBus {
     }
 
     fn shard_key(&self, what: &str, flow: &str, shard: u16) -> String {
-        format!("{}:{what}:{{{flow}#{shard}}}", self.prefix)
+        crate::store::redis::shard_key(&self.prefix, what, flow, shard)
     }
 
     /// The shard count of this deployment.

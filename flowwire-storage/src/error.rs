@@ -132,6 +132,16 @@ pub enum StoreError {
         /// What showed it.
         detail: String,
     },
+    /// The store holds data this build cannot use: written with another key layout or
+    /// format generation. Permanent: nothing is read or written, so nothing is mistaken
+    /// for empty.
+    #[error(
+        "the store holds data this build cannot use: {detail}; finish or export its instances with the flowwire that wrote them, or start over under a new key prefix"
+    )]
+    Incompatible {
+        /// What was found, and what this build expects.
+        detail: String,
+    },
     /// The backend could not be reached or did not do what was asked (an I/O error, a
     /// full disk, a refused connection). Transient: the operation may be retried.
     #[error("{what}: {source}")]

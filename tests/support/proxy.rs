@@ -1,8 +1,12 @@
 //! A loopback TCP proxy in front of a server, for partition tests: each process under test
 //! reaches the server through its own proxy, whose link the test can freeze (bytes are
-//! held in both directions, connections stay open), then heal.
+//! held in both directions, connections stay open) — at once, or at the first request that
+//! carries given bytes — then heal.
+
+#![allow(dead_code)] // each test uses its own part
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,9 +26,14 @@ pub enum Link {
 pub struct Proxy {
     /// The port clients connect to.
     pub port: u16,
-    link: watch::Sender<Link>,
+    link: Arc<watch::Sender<Link>>,
+    trigger: Trigger,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Byte strings that, all found in one chunk a client sends, freeze the link before that
+/// chunk is forwarded (armed once).
+type Trigger = Arc<Mutex<Option<Vec<Vec<u8>>>>>;
 
 impl Proxy {
     /// Starts the proxy (on the current tokio runtime).
@@ -32,6 +41,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a port");
         let port = listener.local_addr().expect("an address").port();
         let (link, state) = watch::channel(Link::Up);
+        let link = Arc::new(link);
+        let trigger = Trigger::default();
+        let (armed, freezer) = (trigger.clone(), link.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -43,11 +55,17 @@ impl Proxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, state.clone()));
-                tokio::spawn(pipe(sr, cw, state.clone()));
+                let up = Some((armed.clone(), freezer.clone()));
+                tokio::spawn(pipe(cr, sw, state.clone(), up));
+                tokio::spawn(pipe(sr, cw, state.clone(), None));
             }
         });
-        Proxy { port, link, task }
+        Proxy {
+            port,
+            link,
+            trigger,
+            task,
+        }
     }
 
     /// The URL of a Redis behind the proxy.
@@ -58,6 +76,12 @@ impl Proxy {
     /// Holds every byte until [`Proxy::heal`].
     pub fn freeze(&self) {
         let _ = self.link.send(Link::Frozen);
+    }
+
+    /// Freezes the link at the first chunk a client sends that holds every one of
+    /// `patterns` (that chunk is held too), e.g. the commit of one instance's step.
+    pub fn freeze_on(&self, patterns: &[&[u8]]) {
+        *self.trigger.lock().unwrap() = Some(patterns.iter().map(|p| p.to_vec()).collect());
     }
 
     /// Lets bytes flow again.
@@ -72,11 +96,17 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies one direction, holding bytes while the link is frozen.
+fn holds(chunk: &[u8], pattern: &[u8]) -> bool {
+    pattern.is_empty() || chunk.windows(pattern.len()).any(|w| w == pattern)
+}
+
+/// Copies one direction, holding bytes while the link is frozen. The client-to-server
+/// direction also watches for the armed trigger.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut state: watch::Receiver<Link>,
+    up: Option<(Trigger, Arc<watch::Sender<Link>>)>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -87,6 +117,16 @@ async fn pipe(
             },
             _ = state.changed() => continue,
         };
+        if let Some((trigger, link)) = &up {
+            let mut armed = trigger.lock().unwrap();
+            if armed
+                .as_ref()
+                .is_some_and(|ps| ps.iter().all(|p| holds(&buf[..n], p)))
+            {
+                *armed = None;
+                let _ = link.send(Link::Frozen);
+            }
+        }
         // Held while frozen (a link frozen for ten minutes is given up).
         while *state.borrow_and_update() == Link::Frozen {
             if tokio::time::timeout(Duration::from_mins(10), state.changed())

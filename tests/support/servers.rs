@@ -170,6 +170,17 @@ impl Redis {
     pub fn restart(&mut self) {
         self.launch();
     }
+
+    /// Runs a command with `redis-cli` against this server; panics if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli {args:?} on {}", self.port);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Redis {
@@ -229,11 +240,7 @@ impl RedisCluster {
     /// Empties every node's script cache, as a restart without persistence does.
     pub fn flush_scripts(&self) {
         for n in &self.nodes {
-            let out = Command::new("redis-cli")
-                .args(["-p", &n.port.to_string(), "script", "flush"])
-                .output()
-                .expect("redis-cli runs");
-            assert!(out.status.success(), "script flush on {}", n.port);
+            n.cli(&["script", "flush"]);
         }
     }
 }

@@ -23,6 +23,7 @@ mod correlate;
 mod damaged;
 mod health;
 mod history;
+pub(crate) mod lease;
 mod operate;
 pub(crate) mod queue;
 pub(crate) mod runner;

@@ -245,6 +245,8 @@ pub(crate) struct Owned {
     pub shard: u16,
     /// The lease's fencing token: every write carries it.
     pub token: u64,
+    /// Until when the lease surely holds: nothing is committed after it.
+    pub lease: crate::engine::lease::LeaseDeadline,
     /// The previous owner released the shard cleanly: every call it committed is on the
     /// bus, so loaded instances need no redelivery.
     pub clean: bool,
@@ -1428,6 +1430,26 @@ impl<F: Flow> Runner<F> {
         self.round += 1;
         mem::swap(&mut self.busy, &mut self.flight_busy);
         self.busy.clear();
+        if let Some(owned) = &self.owned
+            && !owned.lease.holds()
+        {
+            // The lease may have run out, and a newer owner may be writing: nothing is
+            // committed. Inputs from the bus are not acknowledged, so the next owner
+            // takes them; the supervisor releases the shard.
+            tracing::warn!(
+                flow = F::NAME,
+                shard = owned.shard,
+                token = owned.token,
+                "shard lease ran out before its renewal was confirmed; stopping"
+            );
+            self.lost = true;
+            drop(writes);
+            self.spare = (staged, placed);
+            self.spare.0.clear();
+            self.spare.1.clear();
+            self.flight_busy.clear();
+            return;
+        }
         let mut commit = self.store.commit(writes);
         match poll_once(&mut commit).await {
             Some(result) => self.act(staged, placed, result).await,

@@ -21,13 +21,13 @@ mod disk;
 mod memory;
 mod redb;
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
 mod wal;
 
 pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
 #[cfg(feature = "redis")]
-pub use self::redis::RedisStore;
+pub use self::redis::{AuditedWrite, RedisStore};
 
 /// A boxed, sendable future: the stores are used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

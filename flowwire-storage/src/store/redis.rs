@@ -1,23 +1,27 @@
 //! The Redis store: instance records shared by every process of a deployment.
 //!
-//! Keys, per instance (hash-tagged, so all of one instance's keys sit in one Redis Cluster
-//! slot and one Lua script can check and write them atomically):
+//! Keys, per instance. They carry the hash tag of the instance's *shard* (`{flow#s}`, where
+//! `s = hash(id) % shards`), the tag of the shard's lease and fencing-token counter on the
+//! bus (`crate::bus`): one Lua script can check the shard's newest token and write the
+//! instance's keys atomically, on one server or in one Redis Cluster slot.
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow/id}:r` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key |
-//! | `P:{flow/id}:i` | hash | impulse id → step that applied it |
-//! | `P:{flow/id}:hz` | sorted set | history step numbers |
-//! | `P:{flow/id}:hh` | hash | step number → encoded history entry |
-//! | `P:{flow/id}:w` | list | `step:token` per write, when writes are audited ([`RedisStore::audit_writes`]) |
+//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key, `f` last fencing token |
+//! | `P:{flow#s}:i:id` | hash | impulse id → step that applied it |
+//! | `P:{flow#s}:hz:id` | sorted set | history step numbers |
+//! | `P:{flow#s}:hh:id` | hash | step number → encoded history entry |
+//! | `P:{flow#s}:w:id` | list | `step:token:newest` per write, when writes are audited ([`RedisStore::audit_writes`]) |
+//! | `P:token:{flow#s}` | counter | the newest fencing token granted for the shard (written by the bus) |
+//! | `P:epoch` | string | `layout2:` and a random token: the data's identity and key layout |
 //! | `P:active:{flow#shard}` | set | ids of (possibly) active instances of a shard |
 //! | `P:timers:{flow#shard}` | sorted set | id scored by its timer's due time (ms), per shard |
 //! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
 //! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
 //!
-//! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a record
-//! last written under a higher token is not written again under a lower one),
-//! compare-and-swap on the version, insert-if-absent of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
+//! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a step
+//! written under a token older than the newest one granted for its shard is refused, as is
+//! one older than the token its record was last written under), compare-and-swap on the version, insert-if-absent of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
 //! is one pipeline of those scripts (one round trip); each step is atomic on its own.
 //!
 //! The active, timer, parked and correlation sets live in other slots, so they cannot be in the script.
@@ -39,13 +43,17 @@ use crate::redis_link::{Conn, RedisLink};
 
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
--- KEYS: record, impulses, history index, history entries, write audit
+-- KEYS: record, impulses, history index, history entries, write audit, shard's token counter
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
 --       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0')
+local newest = 0
 if ARGV[12] ~= '' then
+  local mine = tonumber(ARGV[12])
+  newest = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if newest > mine then return {3, newest} end
   local last = redis.call('HGET', KEYS[1], 'f')
-  if last and tonumber(last) > tonumber(ARGV[12]) then return {3, tonumber(last)} end
+  if last and tonumber(last) > mine then return {3, tonumber(last)} end
 end
 local found = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
@@ -61,7 +69,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
-if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12]) end
+if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
   redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
@@ -91,6 +99,45 @@ if s and tonumber(s) == tonumber(ARGV[2]) then
 end
 return 0
 ";
+
+/// The key of one of a shard's keys of `what` (its lease, token counter, streams, active
+/// and timer indexes), tagged `{flow#shard}` like the keys of the shard's instances.
+pub(crate) fn shard_key(prefix: &str, what: &str, flow: &str, shard: u16) -> String {
+    format!("{prefix}:{what}:{{{flow}#{shard}}}")
+}
+
+/// The key layout this build writes, recorded in the epoch token (`layout2:…`). Layout 1
+/// tagged each instance's keys with its own id, so that a commit could not read its
+/// shard's fencing token on a cluster; its data is refused, not read as empty.
+const LAYOUT: &str = "layout2:";
+
+/// One write of an instance as the store's audit recorded it
+/// ([`RedisStore::audit_writes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditedWrite {
+    /// The step written.
+    pub step: u64,
+    /// The fencing token it carried (0: none, single-process mode).
+    pub token: u64,
+    /// The newest token granted for the instance's shard when it was applied (0: none
+    /// granted, or the write carried no token). A write with `token < newest` came from an
+    /// owner that had lost the shard; the commit script refuses those.
+    pub newest: u64,
+}
+
+impl AuditedWrite {
+    fn parse(row: &str) -> Option<Self> {
+        let mut parts = row.split(':');
+        let step = parts.next()?.parse().ok()?;
+        let token = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let newest = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        Some(Self {
+            step,
+            token,
+            newest,
+        })
+    }
+}
 
 /// A record hash as read back: version, bytes, active flag.
 type RecordRow = (Option<u64>, Option<Vec<u8>>, Option<String>);
@@ -222,7 +269,7 @@ impl RedisStore {
         match known {
             None => {
                 let token = format!(
-                    "{:016x}",
+                    "{LAYOUT}{:016x}",
                     std::hash::RandomState::new().hash_one(std::process::id())
                 );
                 let found: Option<String> = redis::cmd("SET")
@@ -233,6 +280,17 @@ impl RedisStore {
                     .query_async(c)
                     .await
                     .map_err(|e| backend(&e))?;
+                if let Some(found) = found.as_deref()
+                    && !found.starts_with(LAYOUT)
+                {
+                    return Err(StoreError::Incompatible {
+                        detail: format!(
+                            "the data under the Redis key prefix {:?} was written with an older key layout (epoch {found:?}); this build writes {}",
+                            self.prefix,
+                            LAYOUT.trim_end_matches(':'),
+                        ),
+                    });
+                }
                 *self
                     .epoch
                     .known
@@ -283,6 +341,29 @@ impl RedisStore {
     /// The audited writes of an instance, in order: `(step, fencing token)` (token 0: the
     /// write carried none). Empty unless [`RedisStore::audit_writes`] was set.
     pub async fn writes(&self, key: &InstanceKey) -> Result<Vec<(u64, u64)>, StoreError> {
+        Ok(self
+            .audit(key)
+            .await?
+            .into_iter()
+            .map(|w| (w.step, w.token))
+            .collect())
+    }
+
+    /// The audited writes of an instance, in order, each with the newest token its shard
+    /// had been granted when the write was applied. Empty unless
+    /// [`RedisStore::audit_writes`] was set.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+    /// use flowwire_storage::InstanceKey;
+    /// use flowwire_storage::store::RedisStore;
+    /// let store = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.audit_writes();
+    /// for w in store.audit(&InstanceKey::new("Order", "o-1")).await? {
+    ///     assert!(w.token >= w.newest, "step {} written by a stale owner", w.step);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn audit(&self, key: &InstanceKey) -> Result<Vec<AuditedWrite>, StoreError> {
         let mut c = self.conn().await?;
         let [.., w] = self.keys(key);
         let rows: Vec<String> = redis::cmd("LRANGE")
@@ -292,13 +373,7 @@ impl RedisStore {
             .query_async(&mut c)
             .await
             .map_err(|e| backend(&e))?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let (seq, token) = r.split_once(':')?;
-                Some((seq.parse().ok()?, token.parse().unwrap_or(0)))
-            })
-            .collect())
+        Ok(rows.iter().filter_map(|r| AuditedWrite::parse(r)).collect())
     }
 
     /// The link and key prefix, for the deployment's bus (leases, streams).
@@ -306,14 +381,17 @@ impl RedisStore {
         (&self.link, &self.prefix)
     }
 
+    /// An instance's keys (record, impulses, history index, history entries, write audit),
+    /// tagged with its shard.
     fn keys(&self, key: &InstanceKey) -> [String; 5] {
-        let base = format!("{}:{{{}/{}}}", self.prefix, key.flow, key.id);
+        let shard = self.shard(&key.id);
+        let (prefix, flow, id) = (&self.prefix, &key.flow, &key.id);
         [
-            format!("{base}:r"),
-            format!("{base}:i"),
-            format!("{base}:hz"),
-            format!("{base}:hh"),
-            format!("{base}:w"),
+            format!("{prefix}:{{{flow}#{shard}}}:r:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:i:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:hz:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:hh:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:w:{id}"),
         ]
     }
 
@@ -322,11 +400,11 @@ impl RedisStore {
     }
 
     fn active_key(&self, flow: &str, shard: u16) -> String {
-        format!("{}:active:{{{flow}#{shard}}}", self.prefix)
+        shard_key(&self.prefix, "active", flow, shard)
     }
 
     fn timers_key(&self, flow: &str, shard: u16) -> String {
-        format!("{}:timers:{{{flow}#{shard}}}", self.prefix)
+        shard_key(&self.prefix, "timers", flow, shard)
     }
 
     fn parked_key(&self, flow: &str) -> String {
@@ -372,6 +450,7 @@ impl RedisStore {
         let mut scripts = Vec::with_capacity(batch.len());
         for s in batch {
             let keys = self.keys(&s.key);
+            let token = shard_key(&self.prefix, "token", &s.key.flow, self.shard(&s.key.id));
             let expect = match s.expect {
                 Expect::Absent => String::new(),
                 Expect::Version(v) => v.to_string(),
@@ -383,8 +462,9 @@ impl RedisStore {
             let mut script = redis::cmd("EVALSHA");
             script
                 .arg(&self.sha)
-                .arg(5)
+                .arg(6)
                 .arg(&keys[..])
+                .arg(&token)
                 .arg(expect)
                 .arg(s.version)
                 .arg(s.seq)
@@ -517,6 +597,9 @@ impl RedisStore {
     async fn active_shard(&self, flow: &str, shard: u16) -> Result<ActiveList, StoreError> {
         {
             let mut c = self.conn().await?;
+            // Recovery starts here: data of another layout, or lost data, is refused
+            // before anything is read as empty.
+            self.check_epoch(&mut c).await?;
             let set = self.active_key(flow, shard);
             let ids: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(&set)

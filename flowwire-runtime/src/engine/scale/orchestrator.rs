@@ -5,9 +5,11 @@
 //!   counts the live orchestrators (heartbeats), gives back shards above its fair share
 //!   (`ceil(shards / live)`) and takes free ones up to it. An orchestrator that joins gets
 //!   shards as the others give theirs back; one that dies loses them when its leases run out.
-//! * **Fencing.** A shard's runner writes with its lease's token; a write refused because a
-//!   newer owner wrote the record stops the runner. A runner whose lease could not be
-//!   renewed in time is stopped before the lease can run out.
+//! * **Fencing.** A shard's runner writes with its lease's token, and the store refuses a
+//!   write under a token older than the newest one granted for the shard (the runner then
+//!   stops). A runner also commits nothing once its lease may have run out: the lease
+//!   holds until 80 % of its TTL after the renewal Redis last confirmed was *sent*
+//!   ([`LeaseDeadline`]); a renewal that fails or whose reply is lost moves nothing.
 //! * **Handover.** Giving a shard back stops its runner after its last commit, waits until
 //!   every call it committed is on the bus, and marks the release clean: the next owner
 //!   then sends no call again. After a crash (a lease that ran out), the next owner sends
@@ -30,6 +32,7 @@ use tokio::time::Instant;
 use super::feed::{GROUP, PAGE, pump};
 use super::messages::JobMsg;
 use crate::engine::Limits;
+use crate::engine::lease::LeaseDeadline;
 use crate::engine::runner::{Msg, Owned, Runner};
 use crate::engine::worker::Job;
 use crate::error::Result;
@@ -66,8 +69,9 @@ struct ShardRun<F: Flow> {
     pump: JoinHandle<()>,
     /// Ends once every call the runner dispatched is on the bus; `true` if all got there.
     sink: JoinHandle<bool>,
-    /// The lease surely still holds until then (renewed before, with a margin).
-    valid_until: Instant,
+    /// Until when the lease surely holds (shared with the runner, which commits nothing
+    /// after it).
+    lease: LeaseDeadline,
 }
 
 /// Stops the supervisor: it gives its shards back cleanly, then answers.
@@ -119,18 +123,39 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
                 .await;
         }
     }
+    // Every lease is renewed at once, each bounded by its own deadline: a stalled Redis
+    // costs one deadline, not one per shard.
+    let mut renewals = tokio::task::JoinSet::new();
+    for (shard, run) in owned.iter() {
+        let (bus, node, shard, token) = (o.bus.clone(), o.node.clone(), *shard, run.token);
+        let until = run.lease.until();
+        renewals.spawn(async move {
+            let sent = Instant::now();
+            let renewed =
+                tokio::time::timeout_at(until, bus.renew(F::NAME, shard, &node, token, ttl)).await;
+            (shard, sent, renewed)
+        });
+    }
     let mut lost = Vec::new();
-    for (shard, run) in owned.iter_mut() {
-        let asked = Instant::now();
-        match o.bus.renew(F::NAME, *shard, &o.node, run.token, ttl).await {
-            Ok(true) => run.valid_until = asked + ttl.mul_f32(0.8),
-            Ok(false) => lost.push(*shard),
-            Err(e) => {
-                tracing::warn!(flow = F::NAME, shard, error = %e, "lease not renewed");
-                if Instant::now() >= run.valid_until {
-                    lost.push(*shard);
-                }
-            }
+    while let Some(joined) = renewals.join_next().await {
+        let Ok((shard, sent, renewed)) = joined else {
+            continue;
+        };
+        let Some(run) = owned.get(&shard) else {
+            continue;
+        };
+        match renewed {
+            Ok(Ok(true)) => run.lease.renewed(sent, ttl),
+            Ok(Ok(false)) => lost.push(shard),
+            Ok(Err(e)) => tracing::warn!(flow = F::NAME, shard, error = %e, "lease not renewed"),
+            Err(_) => tracing::warn!(flow = F::NAME, shard, "lease renewal unanswered"),
+        }
+    }
+    // A lease whose renewal failed or went unanswered is counted as gone once its deadline
+    // passed (its runner already commits nothing after it).
+    for (shard, run) in owned.iter() {
+        if !run.lease.holds() && !lost.contains(shard) {
+            lost.push(*shard);
         }
     }
     for shard in lost {
@@ -141,10 +166,16 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
             let _ = run.sink.await;
         }
     }
-    let members = match o.bus.heartbeat(&o.node, ttl).await {
-        Ok(m) => m,
-        Err(e) => {
+    o.hold(F::NAME, owned.keys().copied().collect());
+    // Bounded like the round's cadence: a stalled Redis must not hold up the next renewal.
+    let members = match tokio::time::timeout(ttl / 3, o.bus.heartbeat(&o.node, ttl)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
             tracing::warn!(flow = F::NAME, error = %e, "heartbeat failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(flow = F::NAME, "heartbeat unanswered");
             return;
         }
     };
@@ -173,15 +204,22 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
             continue;
         }
         let asked = Instant::now();
-        let lease = match o.bus.acquire(F::NAME, shard, &o.node, ttl).await {
-            Ok(Some(lease)) => lease,
-            Ok(None) => continue,
-            Err(e) => {
+        // A lease taken whose reply is lost runs out by itself.
+        let lease = match tokio::time::timeout(ttl / 3, o.bus.acquire(F::NAME, shard, &o.node, ttl))
+            .await
+        {
+            Ok(Ok(Some(lease))) => lease,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
                 tracing::warn!(flow = F::NAME, shard, error = %e, "lease not taken");
                 break;
             }
+            Err(_) => {
+                tracing::warn!(flow = F::NAME, shard, "lease request unanswered");
+                break;
+            }
         };
-        match start_shard::<F>(o, shard, lease, asked + ttl.mul_f32(0.8)).await {
+        match start_shard::<F>(o, shard, lease, LeaseDeadline::granted(asked, ttl)).await {
             Ok(run) => {
                 tracing::info!(
                     flow = F::NAME,
@@ -230,7 +268,7 @@ async fn start_shard<F: Flow>(
     o: &Orchestra,
     shard: u16,
     lease: Lease,
-    valid_until: Instant,
+    deadline: LeaseDeadline,
 ) -> Result<ShardRun<F>> {
     let streams = [
         o.bus.requests(F::NAME, shard),
@@ -254,6 +292,7 @@ async fn start_shard<F: Flow>(
     runner.own(Owned {
         shard,
         token: lease.token,
+        lease: deadline.clone(),
         clean: lease.clean,
         acks: acks_tx,
         ended: ended_tx,
@@ -286,7 +325,7 @@ async fn start_shard<F: Flow>(
         runner,
         pump,
         sink,
-        valid_until,
+        lease: deadline,
     })
 }
 

@@ -1,0 +1,87 @@
+//! How long a shard's lease surely holds, as the supervisor that renews it and the runner
+//! that writes under it both see it: one deadline on this process's monotonic clock.
+//!
+//! A renewal (or the acquisition) that Redis confirms moves the deadline to the moment the
+//! request was *sent* plus [`SAFE_SHARE`] of the lease's TTL: Redis starts the TTL when
+//! it runs the script, which is after the send, so the deadline falls before Redis lets
+//! the lease go as long as the two clocks advance at rates within 20 % of each other. A
+//! renewal that fails, times out or whose reply is lost moves nothing. The runner commits
+//! nothing once the deadline has passed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The share of a lease's TTL counted on, from the moment its renewal was sent.
+pub(crate) const SAFE_SHARE: f32 = 0.8;
+
+/// The deadline of one lease (cheap to clone; clones share it).
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseDeadline {
+    /// The clock's origin: the deadline is kept as nanoseconds after it.
+    base: Instant,
+    until: Arc<AtomicU64>,
+}
+
+impl LeaseDeadline {
+    /// A lease granted by a request sent at `sent`, for `ttl`.
+    pub(crate) fn granted(sent: Instant, ttl: Duration) -> Self {
+        let deadline = Self {
+            base: sent,
+            until: Arc::new(AtomicU64::new(0)),
+        };
+        deadline.renewed(sent, ttl);
+        deadline
+    }
+
+    /// A renewal sent at `sent` was confirmed: the lease holds until `sent` plus the safe
+    /// share of `ttl` (never earlier than it held already).
+    pub(crate) fn renewed(&self, sent: Instant, ttl: Duration) {
+        let until = sent + ttl.mul_f32(SAFE_SHARE);
+        let nanos = u64::try_from(until.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.until.fetch_max(nanos, Ordering::AcqRel);
+    }
+
+    /// Until when the lease surely holds.
+    pub(crate) fn until(&self) -> Instant {
+        self.base + Duration::from_nanos(self.until.load(Ordering::Acquire))
+    }
+
+    /// Whether the lease surely still holds now.
+    pub(crate) fn holds(&self) -> bool {
+        Instant::now() < self.until()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_lease_holds_for_its_safe_share_from_the_send() {
+        let now = Instant::now();
+        let fresh = LeaseDeadline::granted(now, TTL);
+        assert_eq!(fresh.until(), now + Duration::from_secs(8));
+        assert!(fresh.holds());
+        // Sent 8 s ago, whatever became of the reply: over.
+        let old = LeaseDeadline::granted(now - Duration::from_secs(8), TTL);
+        assert!(!old.holds(), "the lease ends 8 s after the send");
+    }
+
+    #[test]
+    fn a_renewal_counts_from_its_send_and_never_shortens_the_lease() {
+        let start = Instant::now();
+        let lease = LeaseDeadline::granted(start, TTL);
+        let sent = start + Duration::from_secs(3);
+        lease.renewed(sent, TTL);
+        assert_eq!(lease.until(), sent + Duration::from_secs(8));
+        // A late confirmation of an older send moves nothing back.
+        lease.renewed(start, TTL);
+        assert_eq!(lease.until(), sent + Duration::from_secs(8));
+    }
+}
