@@ -374,6 +374,48 @@ async fn a_permanent_store_failure_stops_the_work_and_health_reports_it() {
     engine.shutdown().await;
 }
 
+/// A commit that timed out on the engine's side but was applied (the reply was lost, as
+/// when a Redis answers after the client's timeout): the engine does not know whether its
+/// step is stored, so it reads the instance back from the store. The call that step put
+/// in flight is then sent, and the flow finishes without another input (issue 23, item 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_commit_reply_was_lost_still_sends_its_call() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = faulty::Faulty::new(RedbStore::open(tmp.path().join("instances.redb")).unwrap());
+    let counted = Counted::default();
+    let engine = Engine::builder()
+        .store(store.clone())
+        .flow::<Caller>()
+        .driver(counted.clone())
+        .start()
+        .await
+        .unwrap();
+    let caller = engine
+        .start::<Caller>("lost-reply", CallState::default())
+        .await
+        .unwrap();
+    store.lose_next_reply(StoreError::Timeout(Duration::from_secs(10)));
+    let asked = caller.ask().id("ask-1").await;
+    assert!(
+        matches!(asked, Err(Error::Store(StoreError::Timeout(_)))),
+        "{asked:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), caller.finished())
+        .await
+        .expect("the call of the step that landed is sent, and the flow finishes")
+        .unwrap();
+    assert!(matches!(ended, flowwire::Ended::Finished), "{ended:?}");
+    assert_eq!(counted.runs(), vec![1], "the call ran once");
+    // The caller's retry is told its impulse was applied.
+    let again = caller.ask().id("ask-1").await;
+    assert!(
+        matches!(again, Err(Error::ImpulseAlreadyApplied { .. })),
+        "{again:?}"
+    );
+    engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_refuses_to_start_on_a_damaged_store_file_naming_it() {
     let tmp = tempfile::tempdir().unwrap();

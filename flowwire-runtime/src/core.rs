@@ -368,6 +368,11 @@ impl<F: Flow> Instance<F> {
         self.record.state.clone()
     }
 
+    /// The version of the record this instance was built from, or last committed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// The call in flight, if any.
     pub fn pending(&self) -> Option<&PendingCall> {
         self.record.pending.as_ref()

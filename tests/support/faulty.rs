@@ -12,6 +12,8 @@ use flowwire::storage::{BoxFuture, InstanceStore, StepResult, StepWrite, StoreEr
 pub struct Faulty<S> {
     inner: S,
     fail: Arc<Mutex<Option<StoreError>>>,
+    /// The next commit lands in the inner store, then answers this error (its reply lost).
+    lose_reply: Arc<Mutex<Option<StoreError>>>,
     commits: Arc<AtomicUsize>,
 }
 
@@ -20,6 +22,7 @@ impl<S: InstanceStore + Clone> Faulty<S> {
         Self {
             inner,
             fail: Arc::default(),
+            lose_reply: Arc::default(),
             commits: Arc::default(),
         }
     }
@@ -27,6 +30,12 @@ impl<S: InstanceStore + Clone> Faulty<S> {
     /// Makes every commit from now on fail with `error` (`None`: succeed again).
     pub fn fail_with(&self, error: Option<StoreError>) {
         *self.fail.lock().unwrap() = error;
+    }
+
+    /// Lets the next commit land in the store it wraps, then answers `error` instead of
+    /// its results: a commit that timed out on the caller's side after it was applied.
+    pub fn lose_next_reply(&self, error: StoreError) {
+        *self.lose_reply.lock().unwrap() = Some(error);
     }
 
     /// How many commits were asked for.
@@ -45,9 +54,16 @@ impl<S: InstanceStore + Clone> InstanceStore for Faulty<S> {
         batch: Vec<StepWrite>,
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         self.commits.fetch_add(1, Ordering::Relaxed);
-        match self.fail.lock().unwrap().clone() {
-            Some(e) => Box::pin(async move { Err(e) }),
-            None => self.inner.commit(batch),
+        if let Some(e) = self.fail.lock().unwrap().clone() {
+            return Box::pin(async move { Err(e) });
+        }
+        let landing = self.inner.commit(batch);
+        match self.lose_reply.lock().unwrap().take() {
+            Some(e) => Box::pin(async move {
+                landing.await?;
+                Err(e)
+            }),
+            None => landing,
         }
     }
     fn fault(&self) -> Option<StoreError> {

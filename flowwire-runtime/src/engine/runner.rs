@@ -103,8 +103,16 @@ enum Input<F: Flow> {
     Msg(Msg<F>),
     Outcome(OutcomeMsg),
     /// Load an active instance that could not be read before (its tier or the store was
-    /// unreachable).
+    /// unreachable); `resend`: send its call in flight whatever the handover said.
     Reload {
+        id: Arc<str>,
+        attempt: u32,
+        resend: bool,
+    },
+    /// Check an instance in memory against the store after a commit whose outcome is
+    /// unknown: if the store holds another version (the commit landed after all), the
+    /// store's record replaces the one in memory and its call in flight is sent.
+    Verify {
         id: Arc<str>,
         attempt: u32,
     },
@@ -125,7 +133,11 @@ enum Internal<F: Flow> {
     /// A step's blobs are written (or could not be): commit it in the next round.
     Uploaded(Box<Uploaded<F>>),
     /// Time to try loading an instance again.
-    Reload { id: Arc<str>, attempt: u32 },
+    Reload {
+        id: Arc<str>,
+        attempt: u32,
+        resend: bool,
+    },
     /// Try an input again (its step could not be persisted).
     Again(Box<Input<F>>),
 }
@@ -149,6 +161,7 @@ impl<F: Flow> Input<F> {
                 | Msg::Operate { id, .. },
             )
             | Input::Reload { id, .. }
+            | Input::Verify { id, .. }
             | Input::Fire { id, .. }
             | Input::Redeliver { id } => Some(id),
             Input::Outcome(o) => Some(&o.id),
@@ -470,10 +483,10 @@ impl<F: Flow> Runner<F> {
         };
         let n = active.len();
         for (id, stored) in active {
-            match self.adopt(&id, &stored).await {
+            match self.adopt(&id, &stored, false).await {
                 Ok(Some(step)) => self.stage(Self::first(id, step)),
                 Ok(None) => {}
-                Err(e) => self.reload_later(id, 1, &e),
+                Err(e) => self.reload_later(id, 1, false, &e),
             }
             // Commits go in batches of at most `max_batch`, as in the running loop, one in
             // flight while the next is loaded.
@@ -489,8 +502,14 @@ impl<F: Flow> Runner<F> {
 
     /// Brings a stored instance into memory if it is live, and returns its first step:
     /// the one that parks it when another flow version wrote it, or the redelivery of its
-    /// call in flight.
-    async fn adopt(&mut self, id: &Arc<str>, stored: &Stored) -> Result<Option<Step>> {
+    /// call in flight (always with `resend`; otherwise unless the shard was handed over
+    /// cleanly).
+    async fn adopt(
+        &mut self,
+        id: &Arc<str>,
+        stored: &Stored,
+        resend: bool,
+    ) -> Result<Option<Step>> {
         let (record, placed) = self.open(id, stored).await?;
         self.collect(&placed.trash);
         if !record.status.is_active() {
@@ -502,7 +521,7 @@ impl<F: Flow> Runner<F> {
         };
         let step = match park {
             Some(step) => Some(step),
-            None if self.redeliver_loaded() => self.redelivery(&mut inst),
+            None if resend || self.redeliver_loaded() => self.redelivery(&mut inst),
             None => None,
         };
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
@@ -619,7 +638,7 @@ impl<F: Flow> Runner<F> {
 
     /// Schedules another load of an instance that could not be read, if trying again can
     /// help; otherwise leaves it as stored (nothing is lost; an operator can inspect it).
-    fn reload_later(&self, id: Arc<str>, attempt: u32, e: &Error) {
+    fn reload_later(&self, id: Arc<str>, attempt: u32, resend: bool, e: &Error) {
         if !e.is_transient() {
             tracing::error!(flow = F::NAME, id = %id, error = %e, "instance cannot be read; left as stored");
             self.note_damage(&id, e);
@@ -630,7 +649,11 @@ impl<F: Flow> Runner<F> {
         let inbox = self.inbox.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = inbox.send(Internal::Reload { id, attempt });
+            let _ = inbox.send(Internal::Reload {
+                id,
+                attempt,
+                resend,
+            });
         });
     }
 
@@ -638,7 +661,15 @@ impl<F: Flow> Runner<F> {
     fn take_internal(&mut self, internal: Internal<F>, backlog: &mut VecDeque<Input<F>>) {
         match internal {
             Internal::Uploaded(u) => self.landed(*u),
-            Internal::Reload { id, attempt } => backlog.push_back(Input::Reload { id, attempt }),
+            Internal::Reload {
+                id,
+                attempt,
+                resend,
+            } => backlog.push_back(Input::Reload {
+                id,
+                attempt,
+                resend,
+            }),
             Internal::Again(input) => backlog.push_back(*input),
         }
     }
@@ -1082,9 +1113,59 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// Brings into memory the instance of an outcome that arrived while it was not: its
+    /// call may have been put in flight by a step this runner did not see (a previous owner
+    /// of the shard, or a commit whose reply was lost). Returns whether the outcome can be
+    /// applied now (handing it back). An outcome is never dropped unseen: one for an
+    /// instance that ended or does not exist is settled; one whose instance cannot be read
+    /// yet is tried again later (an outcome from the bus stays unacknowledged meanwhile).
+    async fn fault_in_for(&mut self, o: OutcomeMsg) -> Option<OutcomeMsg> {
+        match self.locate(&o.id).await {
+            Ok(None) => {
+                // Loading queued a resend of its call in flight; this outcome answers that
+                // call (a fan-out's other branches are still resent).
+                let answers = self.slots.get(&o.id).is_some_and(|slot| {
+                    o.branch.is_none()
+                        && slot.inst.record().fan.is_none()
+                        && slot.inst.pending().is_some_and(|p| p.seq == o.seq)
+                });
+                if answers {
+                    self.requeue
+                        .retain(|i| !matches!(i, Input::Redeliver { id } if *id == o.id));
+                }
+                Some(o)
+            }
+            Ok(Some(_)) | Err(Error::NotFound { .. }) => {
+                self.settle(&o);
+                None
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff(4);
+                tracing::warn!(flow = F::NAME, id = %o.id, error = %e, retry_in = ?delay, "outcome waits for its instance to load");
+                let outcomes = self.outcomes.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = outcomes.send(o);
+                });
+                None
+            }
+            Err(e) => {
+                // Damaged: left as stored for an operator (and marked by `locate`); the
+                // outcome is not acknowledged, so it is read again after a restart.
+                tracing::error!(flow = F::NAME, id = %o.id, error = %e, "outcome not applied: its instance cannot be read");
+                None
+            }
+        }
+    }
+
     async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
         match input {
             Input::Outcome(o) => {
+                let o = if self.slots.contains_key(&o.id) {
+                    o
+                } else {
+                    self.fault_in_for(o).await?
+                };
                 let step = self.slots.get_mut(&o.id).and_then(|slot| {
                     slot.inst
                         .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)
@@ -1299,13 +1380,17 @@ impl<F: Flow> Runner<F> {
                     step,
                 })
             }
-            Input::Reload { id, attempt } => {
+            Input::Reload {
+                id,
+                attempt,
+                resend,
+            } => {
                 if self.slots.contains_key(&id) {
                     return None;
                 }
                 let key = self.key(&id);
                 let loaded = match self.store.load(&key).await {
-                    Ok(Some(stored)) => self.adopt(&id, &stored).await,
+                    Ok(Some(stored)) => self.adopt(&id, &stored, resend).await,
                     Ok(None) => Ok(None),
                     Err(e) => Err(e.into()),
                 };
@@ -1317,11 +1402,12 @@ impl<F: Flow> Runner<F> {
                         first.map(|step| Self::first(id, step))
                     }
                     Err(e) => {
-                        self.reload_later(id, attempt.saturating_add(1), &e);
+                        self.reload_later(id, attempt.saturating_add(1), resend, &e);
                         None
                     }
                 }
             }
+            Input::Verify { id, attempt } => self.verify(id, attempt).await,
             Input::Msg(Msg::Resident { reply }) => {
                 let _ = reply.send(self.slots.len());
                 None
@@ -1529,6 +1615,17 @@ impl<F: Flow> Runner<F> {
                             self.failed(s, &Error::Store(e));
                         }
                     }
+                }
+            }
+            Err(e) if e.is_transient() => {
+                // The batch may have been applied all the same (a reply lost, a timeout on
+                // this side): each instance is checked against the store once it answers.
+                let e = Error::Store(e);
+                tracing::error!(flow = F::NAME, error = %e, "commit failed or unanswered");
+                for s in staged.drain(..) {
+                    let id = s.id.clone();
+                    self.failed(s, &e);
+                    self.again(Input::Verify { id, attempt: 0 }, 0);
                 }
             }
             Err(e) => {
@@ -1785,6 +1882,40 @@ impl<F: Flow> Runner<F> {
                     Ack::Outcome(o) => self.requeue.push_back(Input::Outcome(o)),
                     _ => {}
                 }
+            }
+        }
+    }
+
+    /// Handles [`Input::Verify`]: the first step of an instance whose unanswered commit
+    /// did land (the redelivery of the call it put in flight), if any.
+    async fn verify(&mut self, id: Arc<str>, attempt: u32) -> Option<Staged<F>> {
+        let stored = match self.store.load(&self.key(&id)).await {
+            Ok(stored) => stored,
+            Err(e) if e.is_transient() => {
+                let attempt = attempt.saturating_add(1);
+                self.again(Input::Verify { id, attempt }, attempt);
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(flow = F::NAME, id = %id, error = %e, "instance not checked against the store");
+                return None;
+            }
+        };
+        let held = self.slots.get(&id).map(|slot| slot.inst.version());
+        let found = stored.as_ref().map(|s| s.version);
+        if held == found || (held.is_none() && stored.is_none()) {
+            return None; // memory and store agree: the commit did not land
+        }
+        tracing::warn!(flow = F::NAME, id = %id, ?held, ?found, "an unanswered commit landed; the stored record replaces the one in memory");
+        if let Some(slot) = self.slots.remove(&id) {
+            self.requeue.extend(slot.held);
+        }
+        let stored = stored?;
+        match self.adopt(&id, &stored, true).await {
+            Ok(first) => first.map(|step| Self::first(id, step)),
+            Err(e) => {
+                self.reload_later(id, 1, true, &e);
+                None
             }
         }
     }
