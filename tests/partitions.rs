@@ -116,11 +116,11 @@ async fn orchestrator(url: &str, prefix: &str, node: &str) -> Engine {
         .unwrap()
 }
 
-/// Waits until the shard's lease is held under a token above `above`; returns it.
-async fn granted_above(shared: &Shared, above: u64) -> u64 {
+/// Waits until the lease of `flow`'s shard is held under a token above `above`; returns it.
+async fn granted_above(shared: &Shared, flow: &str, above: u64) -> u64 {
     let bus = shared.store().bus();
     for _ in 0..2_000 {
-        if let Some((_, token)) = bus.owner("Tally", 0).await.unwrap()
+        if let Some((_, token)) = bus.owner(flow, 0).await.unwrap()
             && token > above
         {
             return token;
@@ -142,7 +142,7 @@ async fn a_commit_that_arrives_after_the_shard_moved_on_is_refused() {
     let prefix = "fence";
     let shared = one_shard(&redis.url(), prefix);
     let a = orchestrator(&link.redis_url(), prefix, "a").await;
-    let first = granted_above(&shared, 0).await;
+    let first = granted_above(&shared, "Tally", 0).await;
     let b = orchestrator(&redis.url(), prefix, "b").await;
     let client = Engine::builder()
         .shared(shared.clone())
@@ -162,7 +162,7 @@ async fn a_commit_that_arrives_after_the_shard_moved_on_is_refused() {
         started.is_err(),
         "the caller gives up on a start not answered"
     );
-    let second = granted_above(&shared, first).await;
+    let second = granted_above(&shared, "Tally", first).await;
     let store = shared.store();
     let key = flowwire::storage::InstanceKey::new("Tally", "late-start");
     assert!(
@@ -198,7 +198,7 @@ async fn a_partitioned_owner_lets_go_before_its_lease_can_move_on() {
     let prefix = "letgo";
     let shared = one_shard(&redis.url(), prefix);
     let a = orchestrator(&link.redis_url(), prefix, "a").await;
-    let first = granted_above(&shared, 0).await;
+    let first = granted_above(&shared, "Tally", 0).await;
     let b = orchestrator(&redis.url(), prefix, "b").await;
 
     link.freeze();
@@ -211,7 +211,7 @@ async fn a_partitioned_owner_lets_go_before_its_lease_can_move_on() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    granted_above(&shared, first).await;
+    granted_above(&shared, "Tally", first).await;
     let taken = tokio::time::Instant::now();
     let (let_go, a) = tokio::time::timeout(Duration::from_secs(30), watch_a)
         .await
@@ -243,4 +243,256 @@ async fn a_lease_is_renewed_after_the_server_forgot_its_scripts() {
         .await
         .unwrap();
     assert_eq!(bus.owner("Tally", 0).await.unwrap(), None);
+}
+
+/// Answers when the test opens the gate (a call in flight while the shard changes hands).
+#[driver(timeout = "120s", retries = 0)]
+pub trait Gate {
+    async fn pass(&self) -> Result<(), String>;
+}
+
+#[derive(Clone)]
+pub struct Gated(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Gated {
+    fn closed() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+}
+
+#[driver]
+impl Gate for Gated {
+    async fn pass(&self) -> Result<(), String> {
+        let permit = self.0.acquire().await.map_err(|e| e.to_string())?;
+        permit.forget();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct BulkyState {
+    /// Large enough to live on the S3 tier.
+    payload: Vec<u8>,
+    passed: bool,
+}
+
+/// Calls the gate once, then finishes.
+#[flow]
+pub struct Bulky {
+    #[link]
+    state: BulkyState,
+    #[link]
+    gate: impl Gate,
+}
+
+#[flow]
+impl Bulky {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.passed {
+            Command::finish()
+        } else {
+            Command::drive(self.gate.pass()).then(|f, r| {
+                f.state.passed = r.is_ok();
+                Ok(())
+            })
+        }
+    }
+}
+
+/// An outcome that reaches a shard's owner while the instance it answers is not in memory
+/// (here: the owner took the shard over cleanly, and could not load the instance yet
+/// because its state lives on an S3 tier that is away) is neither acknowledged nor
+/// dropped: the owner loads the instance and applies it, or leaves it to be read again.
+/// Before, it was acknowledged unseen, and the flow waited for ever (issue 23, item 2).
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_for_an_instance_not_in_memory_is_applied_not_dropped() {
+    use flowwire::storage::tier::{S3Config, S3Tier};
+    use flowwire::storage::{KIB, Ladder, Tier};
+
+    let redis = servers::Redis::start();
+    let s3 = servers::S3::start();
+    let config = S3Config::new("unseen")
+        .endpoint(&s3.endpoint())
+        .path_style(true)
+        .credentials("test", "test")
+        .attempt_timeout(Duration::from_secs(1))
+        .max_attempts(2);
+    S3Tier::new(config.clone())
+        .create_bucket_if_missing()
+        .await
+        .unwrap();
+    let ladder = || {
+        Ladder::new()
+            .inline_below(KIB)
+            .default_to(Tier::s3(config.clone()).named("s3"))
+    };
+    let prefix = "unseen";
+    let shared = |node: &str| one_shard(&redis.url(), prefix).node_name(node);
+    let orchestrator = |node: &'static str| {
+        Engine::builder()
+            .shared(shared(node))
+            .storage(ladder())
+            .store_timeout(Duration::from_secs(5))
+            .flow::<Bulky>()
+            .orchestrator()
+            .start()
+    };
+    let a = orchestrator("a").await.unwrap();
+    let gate = Gated::closed();
+    let worker = Engine::builder()
+        .shared(shared("w"))
+        .driver(gate.clone())
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared("c"))
+        .flow::<Bulky>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let state = BulkyState {
+        payload: vec![7; 8 * 1024],
+        passed: false,
+    };
+    let bulky = client.start::<Bulky>("b", state).await.unwrap();
+
+    // `a` hands the shard over cleanly with the call in flight; `b` takes it while S3 is
+    // away, so the instance stays out of memory (its load is tried again later).
+    a.shutdown().await;
+    s3.freeze();
+    let b = orchestrator("b").await.unwrap();
+    granted_above(&one_shard(&redis.url(), prefix), "Bulky", 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The call answers now, while `b` does not hold the instance; then S3 comes back.
+    gate.0.add_permits(1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s3.thaw();
+
+    let ended = tokio::time::timeout(Duration::from_secs(30), bulky.finished())
+        .await
+        .expect("the outcome is applied once the instance loads")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+    for engine in [b, worker, client] {
+        engine.shutdown().await;
+    }
+}
+
+#[path = "harness/scale_flows.rs"]
+mod scale_flows;
+
+/// Where Debian's `faketime` package puts libfaketime (`./scripts/test` installs it).
+fn libfaketime() -> std::path::PathBuf {
+    let found = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .map(|arch| std::path::PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketime.so.1")))
+        .find(|p| p.exists());
+    found.expect(
+        "libfaketime not found; install it: apt-get install -y faketime (./scripts/test does)",
+    )
+}
+
+/// An orchestrator process started with its wall clock `offset` away from everyone
+/// else's (libfaketime; the monotonic clock is left alone), ready to take requests.
+struct Skewed(std::process::Child);
+
+impl Skewed {
+    fn start(url: &str, prefix: &str, offset: &str) -> Skewed {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scale_harness"))
+            .args(["orchestrator", url, prefix, "skewed"])
+            .env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME", offset)
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the harness starts");
+        let out = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("the harness says it is ready");
+        assert_eq!(line.trim(), "READY");
+        Skewed(child)
+    }
+}
+
+impl Drop for Skewed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A request's age is measured on Redis's clock (from when Redis appended it), never by
+/// comparing the client's clock with the orchestrator's: an orchestrator whose clock runs
+/// ahead of the client's by more than the request timeout still applies every request,
+/// and so does one whose clock runs behind (before, the first dropped every request
+/// silently as already expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_applied_whatever_the_clocks_of_the_processes_say() {
+    use scale_flows::{FrontDesk, Ticket, TicketState, shared};
+    let redis = servers::Redis::start();
+    let url = redis.url();
+    for (prefix, offset) in [("ahead", "+90s"), ("behind", "-90s")] {
+        let orchestrator = Skewed::start(&url, prefix, offset);
+        let worker = Engine::builder()
+            .shared(shared(&url, prefix, Some("w")))
+            .driver(FrontDesk)
+            .worker()
+            .start()
+            .await
+            .unwrap();
+        let client = Engine::builder()
+            .shared(shared(&url, prefix, None))
+            .flow::<Ticket>()
+            .client()
+            .request_timeout(Duration::from_secs(5))
+            .start()
+            .await
+            .unwrap();
+        for i in 0..4 {
+            let id = format!("t-{i}");
+            let state = TicketState {
+                id: id.clone(),
+                ..TicketState::default()
+            };
+            // The first request may wait for the orchestrator to take its shards.
+            let mut started = client.start::<Ticket>(id.as_str(), state.clone()).await;
+            for _ in 0..3 {
+                if !matches!(started, Err(flowwire::Error::Timeout { .. })) {
+                    break;
+                }
+                started = client.start::<Ticket>(id.as_str(), state.clone()).await;
+            }
+            let ticket = match started {
+                Ok(t) => t,
+                Err(flowwire::Error::AlreadyExists { .. }) => {
+                    client.handle::<Ticket>(id.as_str()).await.unwrap()
+                }
+                Err(e) => panic!("{prefix}: {id} not started: {e}"),
+            };
+            ticket
+                .confirm()
+                .id(format!("{id}/confirm"))
+                .await
+                .unwrap_or_else(|e| panic!("{prefix}: {id} not confirmed: {e}"));
+            let ended = tokio::time::timeout(Duration::from_secs(20), ticket.finished())
+                .await
+                .expect("the ticket finishes")
+                .unwrap();
+            assert_eq!(ended, Ended::Finished, "{prefix}: {id}");
+        }
+        drop(orchestrator);
+        worker.shutdown().await;
+        client.shutdown().await;
+    }
 }

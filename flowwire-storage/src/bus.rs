@@ -67,12 +67,13 @@ return 0
 ";
 
 /// Records a heartbeat and counts the live members. KEYS: members. ARGV: node, ttl ms.
+/// Returns `{live, rank, server time in ms}`.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZRANK', KEYS[1], ARGV[1])}
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZRANK', KEYS[1], ARGV[1]), now}
 ";
 
 /// A shard lease just taken.
@@ -103,6 +104,9 @@ pub struct Membership {
     pub live: usize,
     /// This one's rank among them (0-based, by heartbeat expiry).
     pub rank: usize,
+    /// Redis's clock when it ran the heartbeat (ms since the Unix epoch): processes
+    /// measure time against it, never against each other's clocks.
+    pub server_ms: u64,
 }
 
 /// The deployment's coordination on Redis (see the module docs). Get one from
@@ -189,14 +193,18 @@ impl RedisBus {
     /// ran out, and returns how many are live and where `node` ranks.
     pub async fn heartbeat(&self, node: &str, ttl: Duration) -> Result<Membership, StoreError> {
         let mut c = self.conn().await?;
-        let (live, rank): (usize, usize) = redis::Script::new(HEARTBEAT)
+        let (live, rank, server_ms): (usize, usize, u64) = redis::Script::new(HEARTBEAT)
             .key(format!("{}:members", self.prefix))
             .arg(node)
             .arg(ms(ttl))
             .invoke_async(&mut c)
             .await
             .map_err(|e| backend(&e))?;
-        Ok(Membership { live, rank })
+        Ok(Membership {
+            live,
+            rank,
+            server_ms,
+        })
     }
 
     /// Removes `node` from the live members (it is leaving).

@@ -331,8 +331,8 @@ fn not_found<F: Flow>(id: &str) -> Error {
 }
 
 /// Sends a request to the owner of the instance's shard and waits for its reply, up to
-/// the engine's request timeout (the request carries that deadline: an owner that gets
-/// it later drops it unapplied).
+/// the engine's request timeout (the request carries it: an owner that gets it later than
+/// that after Redis appended it, on Redis's clock, drops it unapplied).
 async fn ask<F: Flow>(
     remote: &Remote,
     id: &Arc<str>,
@@ -344,8 +344,7 @@ async fn ask<F: Flow>(
     let request = Request {
         req,
         reply_to: remote.replies.channel.clone(),
-        deadline_ms: crate::clock::unix_millis()
-            .saturating_add(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
         id: id.to_string(),
         kind,
     };

@@ -11,6 +11,7 @@ use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
 
 use super::messages::{OutcomeWire, Refusal, Reply, Request, RequestKind};
+use super::server_time::{ServerTime, appended_ms};
 use crate::engine::runner::Msg;
 use crate::engine::worker::{OutcomeMsg, Receipt};
 use crate::error::Error;
@@ -34,6 +35,7 @@ pub(crate) async fn pump<F: Flow>(
     tx: mpsc::Sender<Msg<F>>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
+    server_time: ServerTime,
 ) {
     let feed = Feed {
         bus: bus.clone(),
@@ -41,6 +43,7 @@ pub(crate) async fn pump<F: Flow>(
         tx,
         outcomes,
         limit,
+        server_time,
     };
     let mut failures = 0u32;
     // Each reader starts by claiming the pending entries (the first one, and each one
@@ -118,6 +121,7 @@ struct Feed<F: Flow> {
     tx: mpsc::Sender<Msg<F>>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
+    server_time: ServerTime,
 }
 
 impl<F: Flow> Feed<F> {
@@ -166,10 +170,15 @@ impl<F: Flow> Feed<F> {
         let stream = self.streams[0].clone();
         let tx = self.tx.clone();
         let limit = self.limit;
+        // Both ends on Redis's clock: when it appended the request, and now.
+        let deadline = appended_ms(&e.id).map(|at| at.saturating_add(request.timeout_ms));
+        let now = self.server_time.now_ms();
         tokio::spawn(async move {
-            let now = crate::clock::unix_millis();
-            if now > request.deadline_ms {
+            if let (Some(deadline), Some(now)) = (deadline, now)
+                && now > deadline
+            {
                 // The caller gave up: applying it now would surprise it.
+                tracing::info!(flow = F::NAME, id = %request.id, late_ms = now - deadline, "request dropped: its caller gave up on it");
                 let _ = bus.ack(&stream, GROUP, &[e.id]).await;
                 return;
             }

@@ -37,9 +37,10 @@ pub(crate) struct Request {
     pub req: u64,
     /// The channel of the process waiting.
     pub reply_to: String,
-    /// After this (ms since the Unix epoch) the caller has given up: the request is
-    /// dropped unapplied, so a timeout never turns into a late surprise.
-    pub deadline_ms: u64,
+    /// How long the caller waits for the reply (ms), counted on Redis's clock from when
+    /// Redis appended the request: an owner that gets it later drops it unapplied, so a
+    /// timeout never turns into a late surprise. (No process's own clock is involved.)
+    pub timeout_ms: u64,
     pub id: String,
     pub kind: RequestKind,
 }
@@ -167,7 +168,7 @@ mod tests {
         let start = Request {
             req: 1,
             reply_to: "chan".into(),
-            deadline_ms: 1_700_000_000_000,
+            timeout_ms: 30_000,
             id: "o-1".into(),
             kind: RequestKind::Start {
                 state: bytes::Bytes::from_static(b"state"),
@@ -176,7 +177,7 @@ mod tests {
         let impulse = Request {
             req: 2,
             reply_to: "chan".into(),
-            deadline_ms: 0,
+            timeout_ms: 0,
             id: "o-1".into(),
             kind: RequestKind::Impulse {
                 impulse_id: "i-1".into(),

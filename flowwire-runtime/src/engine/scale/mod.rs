@@ -18,6 +18,7 @@ pub(crate) mod client;
 mod feed;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
+mod server_time;
 pub(crate) mod workers;
 
 /// Where the processes of a multi-process deployment meet: one Redis or Redis Cluster,
@@ -202,6 +203,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             events: events.clone(),
             lease_ttl: shared.lease_ttl,
             held: held.clone(),
+            server_time: server_time::ServerTime::default(),
         })
     });
     let mut background = Vec::new();

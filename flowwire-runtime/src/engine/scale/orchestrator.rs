@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use super::feed::{GROUP, PAGE, pump};
 use super::messages::JobMsg;
+use super::server_time::ServerTime;
 use crate::engine::Limits;
 use crate::engine::lease::LeaseDeadline;
 use crate::engine::runner::{Msg, Owned, Runner};
@@ -51,6 +52,8 @@ pub(crate) struct Orchestra {
     pub lease_ttl: Duration,
     /// The shards held, per flow, for [`crate::Engine::health`].
     pub held: crate::engine::health::Held,
+    /// Redis's clock, read at every heartbeat (request deadlines are on it).
+    pub server_time: ServerTime,
 }
 
 impl Orchestra {
@@ -168,8 +171,12 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
     }
     o.hold(F::NAME, owned.keys().copied().collect());
     // Bounded like the round's cadence: a stalled Redis must not hold up the next renewal.
+    let sent = Instant::now();
     let members = match tokio::time::timeout(ttl / 3, o.bus.heartbeat(&o.node, ttl)).await {
-        Ok(Ok(m)) => m,
+        Ok(Ok(m)) => {
+            o.server_time.read(sent, m.server_ms);
+            m
+        }
         Ok(Err(e)) => {
             tracing::warn!(flow = F::NAME, error = %e, "heartbeat failed");
             return;
@@ -318,6 +325,7 @@ async fn start_shard<F: Flow>(
         tx.clone(),
         outcomes,
         o.limits.decode_limit,
+        o.server_time.clone(),
     ));
     Ok(ShardRun {
         token: lease.token,
