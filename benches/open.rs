@@ -33,6 +33,7 @@ fn step(i: u64) -> StepWrite {
         timer: None,
         correlation: None,
         uncorrelate: None,
+        ended_key: None,
         impulse: Some(format!("start-{i}").into()),
         history: Some((1, Bytes::from(vec![7u8; 120]))),
         prune_below: None,

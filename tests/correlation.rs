@@ -197,3 +197,54 @@ async fn the_key_index_survives_a_restart() {
     let h = engine2.handle::<Order>("d-1").await.unwrap();
     assert_eq!(h.finished().await.unwrap(), Ended::Finished);
 }
+
+/// A retry by key of an impulse that ended its instance (its first reply lost, say) is
+/// told the impulse was applied — not that no instance has the key — across a restart;
+/// and a newer instance that took the key over does not get it. An impulse id the ended
+/// instance never saw still finds no instance (issue 23, item 5).
+#[tokio::test]
+async fn a_retry_by_key_after_the_instance_ended_is_told_it_was_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = engine(Some(tmp.path())).await;
+    let first = e.start::<Order>("r-1", order("R-1")).await.unwrap();
+    e.impulse_by_key::<Order>("R-1", OrderImpulse::Paid {})
+        .id("payment-1")
+        .await
+        .unwrap();
+    assert_eq!(first.finished().await.unwrap(), Ended::Finished);
+    e.shutdown().await;
+
+    let e = engine(Some(tmp.path())).await;
+    let retry = e
+        .impulse_by_key::<Order>("R-1", OrderImpulse::Paid {})
+        .id("payment-1")
+        .await;
+    assert!(
+        matches!(&retry, Err(Error::ImpulseAlreadyApplied { id, impulse_id, .. }) if id == "r-1" && impulse_id == "payment-1"),
+        "{retry:?}"
+    );
+    let other = e
+        .impulse_by_key::<Order>("R-1", OrderImpulse::Paid {})
+        .id("payment-2")
+        .await;
+    assert!(
+        matches!(&other, Err(Error::NoInstanceForKey { .. })),
+        "{other:?}"
+    );
+
+    // A newer order under the same key: the retry is still answered from the ended one.
+    let newer = e.start::<Order>("r-2", order("R-1")).await.unwrap();
+    let retry = e
+        .impulse_by_key::<Order>("R-1", OrderImpulse::Paid {})
+        .id("payment-1")
+        .await;
+    assert!(
+        matches!(&retry, Err(Error::ImpulseAlreadyApplied { .. })),
+        "{retry:?}"
+    );
+    assert!(
+        !newer.state().await.unwrap().paid,
+        "the newer order is untouched"
+    );
+    e.shutdown().await;
+}

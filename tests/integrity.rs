@@ -228,6 +228,7 @@ async fn a_record_stored_under_another_instances_key_is_refused_not_served() {
             timer: None,
             correlation: None,
             uncorrelate: None,
+            ended_key: None,
             impulse: None,
             history: None,
             prune_below: None,

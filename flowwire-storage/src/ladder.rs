@@ -570,6 +570,11 @@ impl Placement {
             .as_deref()
             .filter(|_| !record.status.is_terminal())
             .map(Arc::from);
+        let ended_key: Option<Arc<str>> = record
+            .correlation
+            .as_deref()
+            .filter(|_| record.status.is_terminal())
+            .map(Arc::from);
         let uncorrelate = prev
             .and_then(|(p, _)| p.correlation.as_deref())
             .filter(|old| correlation.as_deref() != Some(*old))
@@ -646,6 +651,7 @@ impl Placement {
                 timer,
                 correlation,
                 uncorrelate,
+                ended_key,
                 impulse: impulse.clone(),
                 history,
                 prune_below,

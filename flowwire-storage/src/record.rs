@@ -774,6 +774,11 @@ pub struct StepWrite {
     /// The key the previous record was indexed under, when it differs from
     /// [`StepWrite::correlation`]: the store drops that entry.
     pub uncorrelate: Option<Arc<str>>,
+    /// The correlation key of an instance that has ended, set by the steps of an ended
+    /// instance: the store keeps it ([`InstanceStore::ended_with_key`](crate::InstanceStore::ended_with_key))
+    /// until the instance is deleted, so that an impulse retried by key after the instance
+    /// ended is told it was applied rather than that no instance has the key.
+    pub ended_key: Option<Arc<str>>,
     /// The impulse id this step applied: the step commits only if the id was never
     /// applied to this instance before.
     pub impulse: Option<Arc<str>>,
@@ -782,9 +787,10 @@ pub struct StepWrite {
     /// Delete the instance's history entries before this step (history retention).
     pub prune_below: Option<u64>,
     /// The writer's fencing token (multi-process mode): a shared store refuses the step
-    /// ([`StepResult::Fenced`]) if the record was last written with a higher token, so an
-    /// orchestrator that lost its lease cannot overwrite a newer owner's step. `None`: no
-    /// check (one process owns every instance).
+    /// ([`StepResult::Fenced`]) if a higher token was granted for the instance's shard, or
+    /// the record was last written with one, so an orchestrator that lost its lease cannot
+    /// write after a newer owner took over. `None`: no check (one process owns every
+    /// instance).
     pub fence: Option<u64>,
 }
 

@@ -49,6 +49,7 @@ fn write(key: &InstanceKey, expect: Expect, version: u64, fence: u64) -> StepWri
         timer: None,
         correlation: None,
         uncorrelate: None,
+        ended_key: None,
         impulse: None,
         history: None,
         prune_below: None,

@@ -48,6 +48,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 timer: Some(1_000 * b),
                 correlation: None,
                 uncorrelate: None,
+                ended_key: None,
                 impulse: Some(format!("imp-{b}-{j}").into()),
                 history: None,
                 prune_below: None,

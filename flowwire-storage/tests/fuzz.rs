@@ -168,6 +168,7 @@ fn fuzz_a_logged_batch() {
         timer: Some(99),
         correlation: Some("k".into()),
         uncorrelate: None,
+        ended_key: None,
         impulse: Some("imp".into()),
         history: Some((4, Bytes::from_static(b"entry"))),
         prune_below: Some(2),

@@ -83,6 +83,17 @@ macro_rules! forward_to_inner {
         > {
             self.inner.correlated(flow, key, limit)
         }
+        fn ended_with_key<'a>(
+            &'a self,
+            flow: &'a str,
+            key: &'a str,
+            limit: usize,
+        ) -> ::flowwire::storage::BoxFuture<
+            'a,
+            Result<Vec<::std::sync::Arc<str>>, ::flowwire::storage::StoreError>,
+        > {
+            self.inner.ended_with_key(flow, key, limit)
+        }
         fn mark_damaged<'a>(
             &'a self,
             key: &'a ::flowwire::storage::InstanceKey,

@@ -1,6 +1,14 @@
 //! Correlation: reach a live instance by the key its flow declares (`#[correlate]`), such
 //! as an order id, instead of by its instance id. The store indexes the key each step
-//! leaves; an instance leaves the index when it ends.
+//! leaves; an instance leaves that index when it ends, and enters the index of the ended
+//! instances by key (until it is deleted), which a retried impulse consults to learn it
+//! was applied.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use flowwire_storage::InstanceKey;
 
 use super::Engine;
 use crate::error::{Error, Result};
@@ -25,7 +33,7 @@ impl Engine {
         self.handle::<F>(id).await
     }
 
-    async fn find_by_key<F: Flow>(&self, key: &str) -> Result<std::sync::Arc<str>> {
+    async fn find_by_key<F: Flow>(&self, key: &str) -> Result<Arc<str>> {
         self.sender::<F>()?;
         let store = self.store_for_reads()?;
         let ids = self.timed(store.correlated(F::NAME, key, SHOWN)).await?;
@@ -44,21 +52,107 @@ impl Engine {
     }
 
     /// Applies an impulse to the live instance of flow `F` whose correlation key is `key`
-    /// (see [`Engine::by_key`] for the errors). The impulse gets a fresh id; to make a
-    /// retried delivery apply once, give it your own id through the handle:
-    /// `engine.by_key::<F>(key).await?.impulse(i).id(request_id).await`.
+    /// (see [`Engine::by_key`] for the errors). Without an id the impulse gets a fresh one;
+    /// give it yours with [`KeyedImpulse::id`] (the id of the request that caused it) to
+    /// make a retried delivery safe: a retry after the impulse was applied — even after it
+    /// ended the instance, so that no live instance has the key any more — is told so
+    /// ([`Error::ImpulseAlreadyApplied`]) and changes nothing.
     ///
     /// ```
     /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine, paid: F::Impulse) -> flowwire_runtime::Result<()>
     /// # where F::Impulse: Sync {
-    /// engine.impulse_by_key::<F>("order-7", paid).await?;
+    /// use flowwire_runtime::Error;
+    /// match engine.impulse_by_key::<F>("order-7", paid).id("payment-991").await {
+    ///     Ok(()) | Err(Error::ImpulseAlreadyApplied { .. }) => {} // applied, once
+    ///     Err(e) => return Err(e),
+    /// }
     /// # Ok(()) }
     /// ```
-    pub async fn impulse_by_key<F: Flow>(&self, key: &str, impulse: F::Impulse) -> Result<()>
-    where
-        F::Impulse: Sync,
-    {
-        let id = self.find_by_key::<F>(key).await?;
-        self.raw_handle::<F>(id)?.impulse(impulse).await
+    pub fn impulse_by_key<F: Flow>(&self, key: &str, impulse: F::Impulse) -> KeyedImpulse<'_, F> {
+        KeyedImpulse {
+            engine: self,
+            key: key.to_string(),
+            impulse,
+            id: None,
+        }
+    }
+
+    /// The step at which one of the instances of `F` that ended carrying `key` applied
+    /// `impulse_id`, if one did.
+    async fn applied_before_end<F: Flow>(
+        &self,
+        key: &str,
+        impulse_id: &str,
+    ) -> Result<Option<(Arc<str>, u64)>> {
+        let store = self.store_for_reads()?;
+        let ended = self
+            .timed(store.ended_with_key(F::NAME, key, SHOWN))
+            .await?;
+        for id in ended {
+            let instance = InstanceKey::new(F::NAME, id.clone());
+            if let Some(step) = self
+                .timed(store.impulse_applied(&instance, impulse_id))
+                .await?
+            {
+                return Ok(Some((id, step)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// An impulse sent by correlation key ([`Engine::impulse_by_key`]): `.await` it to apply
+/// it; set its id first with [`id`](KeyedImpulse::id) to make retries safe.
+#[must_use = "an impulse is sent when it is awaited"]
+pub struct KeyedImpulse<'a, F: Flow> {
+    engine: &'a Engine,
+    key: String,
+    impulse: F::Impulse,
+    id: Option<Arc<str>>,
+}
+
+impl<F: Flow> KeyedImpulse<'_, F> {
+    /// Sets the impulse id (for example the id of the request that caused it).
+    pub fn id(mut self, id: impl Into<Arc<str>>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+}
+
+impl<'a, F: Flow> IntoFuture for KeyedImpulse<'a, F>
+where
+    F::Impulse: Sync,
+{
+    type Output = Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let KeyedImpulse {
+                engine,
+                key,
+                impulse,
+                id: impulse_id,
+            } = self;
+            // A retry of an impulse that ended its instance: the key may be free, or taken
+            // by a newer instance that must not get the impulse.
+            if let Some(impulse_id) = &impulse_id
+                && let Some((id, step)) = engine.applied_before_end::<F>(&key, impulse_id).await?
+            {
+                return Err(Error::ImpulseAlreadyApplied {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    impulse_id: impulse_id.to_string(),
+                    step,
+                });
+            }
+            let id = engine.find_by_key::<F>(&key).await?;
+            let handle = engine.raw_handle::<F>(id)?;
+            let request = handle.impulse(impulse);
+            match impulse_id {
+                Some(impulse_id) => request.id(impulse_id).await,
+                None => request.await,
+            }
+        })
     }
 }

@@ -34,6 +34,7 @@ pub(crate) mod worker;
 #[cfg(feature = "redis")]
 pub use scale::Shared;
 
+pub use correlate::KeyedImpulse;
 pub use health::Health;
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 pub use operate::Parked;

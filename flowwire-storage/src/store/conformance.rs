@@ -31,6 +31,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         timer: None,
         correlation: None,
         uncorrelate: None,
+        ended_key: None,
         impulse: None,
         history: Some((version, Bytes::from_static(body))),
         prune_below: None,
@@ -52,6 +53,7 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     a_stale_timer_entry_is_repaired_only_if_still_stale(&*make()).await;
     parked_instances_are_listed_in_pages(&*make()).await;
     correlation_keys_find_live_instances(&*make()).await;
+    an_ended_instance_is_kept_under_its_key_until_deleted(&*make()).await;
     damaged_instances_are_marked_listed_and_deleted(&*make()).await;
 }
 
@@ -511,6 +513,74 @@ pub async fn correlation_keys_find_live_instances(store: &dyn InstanceStore) {
         ids(store.correlated("orders", "order-7", 10).await.unwrap()),
         vec!["b"],
         "an instance that ended is no longer found by its key"
+    );
+}
+
+/// An instance that ended carrying a correlation key stays findable under it (for a
+/// retried impulse to learn it was applied) until the instance is deleted; live instances
+/// are not listed there, nor are other flows' or keys'.
+pub async fn an_ended_instance_is_kept_under_its_key_until_deleted(store: &dyn InstanceStore) {
+    let ids = |v: Vec<Arc<str>>| -> Vec<String> { v.iter().map(ToString::to_string).collect() };
+    let mut live = step(&InstanceKey::new("orders", "live"), Expect::Absent, 1, b"l");
+    live.correlation = Some(Arc::from("order-7"));
+    let mut other = step(&InstanceKey::new("refunds", "r"), Expect::Absent, 1, b"r");
+    other.ended_key = Some(Arc::from("order-7"));
+    let mut started = step(&InstanceKey::new("orders", "done"), Expect::Absent, 1, b"d");
+    started.correlation = Some(Arc::from("order-7"));
+    store.commit(vec![live, other, started]).await.unwrap();
+    assert!(
+        store
+            .ended_with_key("orders", "order-7", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "live instances are not listed as ended"
+    );
+    let mut ended = step(
+        &InstanceKey::new("orders", "done"),
+        Expect::Version(1),
+        2,
+        b"e",
+    );
+    ended.uncorrelate = Some(Arc::from("order-7"));
+    ended.ended_key = Some(Arc::from("order-7"));
+    ended.impulse = Some(Arc::from("pay-1"));
+    store.commit(vec![ended]).await.unwrap();
+    assert_eq!(
+        ids(store.ended_with_key("orders", "order-7", 10).await.unwrap()),
+        vec!["done"],
+        "the instance that ended with the key"
+    );
+    assert_eq!(
+        ids(store.correlated("orders", "order-7", 10).await.unwrap()),
+        vec!["live"],
+        "and no longer among the live ones"
+    );
+    assert!(
+        store
+            .ended_with_key("orders", "order-8", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .delete(&InstanceKey::new("orders", "done"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .ended_with_key("orders", "order-7", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a deleted instance is forgotten"
+    );
+    assert_eq!(
+        ids(store
+            .ended_with_key("refunds", "order-7", 10)
+            .await
+            .unwrap()),
+        vec!["r"]
     );
 }
 

@@ -43,6 +43,8 @@ struct FlowData {
     timers: BTreeSet<(u64, Arc<str>)>,
     /// (correlation key, id).
     correlated: BTreeSet<(Arc<str>, Arc<str>)>,
+    /// (key, id) of the instances that ended carrying a correlation key.
+    ended_keys: BTreeSet<(Arc<str>, Arc<str>)>,
     /// Damaged instances, with why.
     damaged: BTreeMap<Arc<str>, String>,
 }
@@ -182,6 +184,9 @@ impl FlowData {
         retime(&mut self.timers, &id, &mut entry.timer, step.timer);
         if let Some(old) = step.uncorrelate {
             self.correlated.remove(&(old, id.clone()));
+        }
+        if let Some(ended) = step.ended_key {
+            self.ended_keys.insert((ended, id.clone()));
         }
         if let Some(new) = step.correlation {
             self.correlated.insert((new, id));
@@ -398,6 +403,7 @@ impl InstanceStore for MemoryStore {
             flow.parked.remove(id);
             flow.damaged.remove(id);
             flow.correlated.retain(|(_, i)| i != id);
+            flow.ended_keys.retain(|(_, i)| i != id);
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -438,6 +444,29 @@ impl InstanceStore for MemoryStore {
             .map(|f| {
                 let k: Arc<str> = key.into();
                 f.correlated
+                    .range((k.clone(), Arc::from(""))..)
+                    .take_while(|(ck, _)| *ck == k)
+                    .take(limit)
+                    .map(|(_, id)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let inner = self.lock();
+        let out = inner
+            .flows
+            .get(flow)
+            .map(|f| {
+                let k: Arc<str> = key.into();
+                f.ended_keys
                     .range((k.clone(), Arc::from(""))..)
                     .take_while(|(ck, _)| *ck == k)
                     .take(limit)

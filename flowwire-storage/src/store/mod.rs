@@ -190,9 +190,27 @@ pub trait InstanceStore: Send + Sync + 'static {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
+
+    /// The instances of a flow that ended while they carried a correlation key (written
+    /// by [`StepWrite::ended_key`]), in id order, at most `limit`; kept until the instance
+    /// is deleted. What a retry by key needs to learn whether its impulse was applied.
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>>;
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        (**self).ended_with_key(flow, key, limit)
+    }
     fn fault(&self) -> Option<StoreError> {
         (**self).fault()
     }

@@ -7,7 +7,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key, `f` last fencing token |
+//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key, `e` the key it ended with, `f` last fencing token |
 //! | `P:{flow#s}:i:id` | hash | impulse id → step that applied it |
 //! | `P:{flow#s}:hz:id` | sorted set | history step numbers |
 //! | `P:{flow#s}:hh:id` | hash | step number → encoded history entry |
@@ -18,6 +18,7 @@
 //! | `P:timers:{flow#shard}` | sorted set | id scored by its timer's due time (ms), per shard |
 //! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
 //! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
+//! | `P:retired:{flow}:key` | set | ids of (possibly) ended instances that carried that key (record field `e`) |
 //!
 //! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a step
 //! written under a token older than the newest one granted for its shard is refused, as is
@@ -46,7 +47,8 @@ pub const COMMIT: &str = r"
 -- KEYS: record, impulses, history index, history entries, write audit, shard's token counter
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
---       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0')
+--       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0'),
+--       ended with key ('' = none)
 local newest = 0
 if ARGV[12] ~= '' then
   local mine = tonumber(ARGV[12])
@@ -69,6 +71,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'e', ARGV[14]) end
 if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
@@ -415,6 +418,10 @@ impl RedisStore {
         format!("{}:damaged:{{{flow}}}", self.prefix)
     }
 
+    fn ended_key(&self, flow: &str, key: &str) -> String {
+        format!("{}:retired:{{{flow}}}:{key}", self.prefix)
+    }
+
     fn corr_key(&self, flow: &str, key: &str) -> String {
         format!("{}:corr:{{{flow}}}:{key}", self.prefix)
     }
@@ -440,6 +447,9 @@ impl RedisStore {
             }
             if let Some(k) = &s.correlation {
                 adds.push(redis::Cmd::sadd(self.corr_key(flow, k), id));
+            }
+            if let Some(k) = &s.ended_key {
+                adds.push(redis::Cmd::sadd(self.ended_key(flow, k), id));
             }
         }
         adds
@@ -477,7 +487,8 @@ impl RedisStore {
                 .arg(if s.parked { "1" } else { "0" })
                 .arg(s.correlation.as_deref().unwrap_or(""))
                 .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
-                .arg(if self.audit { "1" } else { "0" });
+                .arg(if self.audit { "1" } else { "0" })
+                .arg(s.ended_key.as_deref().unwrap_or(""));
             scripts.push(script);
         }
         scripts
@@ -722,9 +733,12 @@ impl InstanceStore for RedisStore {
             let mut c = self.conn().await?;
             let (flow, id) = (&*key.flow, &*key.id);
             let keys = self.keys(key);
-            // The correlation key, from the record's own field (the record itself may not
-            // decode); the index is filtered by its record anyway.
-            let corr: Option<String> = redis::Cmd::hget(&keys[0], "k")
+            // The correlation keys, from the record's own fields (the record itself may not
+            // decode); the indexes are filtered by their records anyway.
+            let (corr, ended): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&keys[0])
+                .arg("k")
+                .arg("e")
                 .query_async(&mut c)
                 .await
                 .map_err(|e| backend(&e))?;
@@ -738,6 +752,9 @@ impl InstanceStore for RedisStore {
             ];
             if let Some(k) = corr.filter(|k| !k.is_empty()) {
                 cmds.push(redis::Cmd::srem(self.corr_key(flow, &k), id));
+            }
+            if let Some(k) = ended.filter(|k| !k.is_empty()) {
+                cmds.push(redis::Cmd::srem(self.ended_key(flow, &k), id));
             }
             for cmd in cmds {
                 cmd.query_async::<()>(&mut c)
@@ -961,6 +978,50 @@ impl InstanceStore for RedisStore {
                 let cmds = page.iter().map(|id| {
                     let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
                     redis::Cmd::hget(r, "k")
+                });
+                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
+                for (id, k) in page.iter().zip(keys) {
+                    if k.as_deref() == Some(key) {
+                        if out.len() < limit {
+                            out.push(id.as_str().into());
+                        }
+                    } else {
+                        stale.push(id.clone());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
+            }
+            Ok(out)
+        })
+    }
+
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.ended_key(flow, key);
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            ids.sort_unstable();
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let cmds = page.iter().map(|id| {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    redis::Cmd::hget(r, "e")
                 });
                 let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
                 for (id, k) in page.iter().zip(keys) {

@@ -5,7 +5,8 @@ use std::path::Path;
 use redb::{Database, Durability, ReadableTable};
 
 use super::schema::{
-    ACTIVE, BATCH, CORRELATED, HISTORY, IMPULSES, META, PARKED, RECORDS, TIMER_OF, TIMERS, map_err,
+    ACTIVE, BATCH, CORRELATED, ENDED_KEYS, HISTORY, IMPULSES, META, PARKED, RECORDS, TIMER_OF,
+    TIMERS, map_err,
 };
 use crate::error::StoreError;
 use crate::record::{Expect, StepResult, StepWrite};
@@ -35,6 +36,7 @@ pub(super) fn apply(
         let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
         let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
         let mut correlated = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
+        let mut ended_keys = txn.open_table(ENDED_KEYS).map_err(|x| e(x.into()))?;
         for step in batch {
             let key = (&*step.key.flow, &*step.key.id);
             let found = records
@@ -73,6 +75,11 @@ pub(super) fn apply(
             if let Some(new) = &step.correlation {
                 correlated
                     .insert((key.0, &**new, key.1), ())
+                    .map_err(|x| e(x.into()))?;
+            }
+            if let Some(ended) = &step.ended_key {
+                ended_keys
+                    .insert((key.0, &**ended, key.1), ())
                     .map_err(|x| e(x.into()))?;
             }
             if let Some((seq, entry)) = &step.history {

@@ -37,8 +37,8 @@ use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
 use apply::set_timer;
 use log::{CHECKPOINT_BATCHES, Log, close, closed_cleanly, commit_logged, recover};
 use schema::{
-    ACTIVE, CORRELATED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, create_tables, guard,
-    map_err,
+    ACTIVE, CORRELATED, ENDED_KEYS, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS,
+    create_tables, guard, map_err,
 };
 
 mod apply;
@@ -574,6 +574,33 @@ impl InstanceStore for RedbStore {
             let e = |err: redb::Error| map_err(path, err);
             let txn = db.begin_read().map_err(|x| e(x.into()))?;
             let table = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, &*key, "")..)
+                .map_err(|x| e(x.into()))?
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, ck, id) = k.value();
+                if f != &*flow || ck != &*key || out.len() >= limit {
+                    break;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
+        })
+    }
+
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
+        self.blocking(move |db, path, _| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(ENDED_KEYS).map_err(|x| e(x.into()))?;
             let mut out = Vec::new();
             for row in table
                 .range((&*flow, &*key, "")..)

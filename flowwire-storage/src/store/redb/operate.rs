@@ -9,7 +9,8 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::apply::set_timer;
 use super::schema::{
-    ACTIVE, CORRELATED, DAMAGED, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS, map_err,
+    ACTIVE, CORRELATED, DAMAGED, ENDED_KEYS, HISTORY, IMPULSES, PARKED, RECORDS, TIMER_OF, TIMERS,
+    map_err,
 };
 use crate::error::StoreError;
 use crate::record::InstanceKey;
@@ -100,24 +101,26 @@ pub(super) fn delete(db: &Database, path: &Path, key: &InstanceKey) -> Result<()
         let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
         let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
         set_timer(&mut timers, &mut timer_of, (f, id), None).map_err(e)?;
-        // The correlation index is keyed by (flow, key, id): the key is in the record,
+        // The correlation indexes are keyed by (flow, key, id): the key is in the record,
         // which may not be readable, so the flow's entries are scanned.
-        let mut correlated = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
-        let mut keys = Vec::new();
-        for row in correlated.range((f, "", "")..).map_err(|x| e(x.into()))? {
-            let (k, _) = row.map_err(|x| e(x.into()))?;
-            let (kf, ck, kid) = k.value();
-            if kf != f {
-                break;
+        for table in [CORRELATED, ENDED_KEYS] {
+            let mut index = txn.open_table(table).map_err(|x| e(x.into()))?;
+            let mut keys = Vec::new();
+            for row in index.range((f, "", "")..).map_err(|x| e(x.into()))? {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (kf, ck, kid) = k.value();
+                if kf != f {
+                    break;
+                }
+                if kid == id {
+                    keys.push(ck.to_string());
+                }
             }
-            if kid == id {
-                keys.push(ck.to_string());
+            for ck in &keys {
+                index
+                    .remove((f, ck.as_str(), id))
+                    .map_err(|x| e(x.into()))?;
             }
-        }
-        for ck in &keys {
-            correlated
-                .remove((f, ck.as_str(), id))
-                .map_err(|x| e(x.into()))?;
         }
     }
     txn.commit().map_err(|x| e(x.into()))

@@ -312,6 +312,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 timer: None,
                 correlation: None,
                 uncorrelate: None,
+                ended_key: None,
                 impulse: Some(format!("imp-{i}-{version}").into()),
                 history: Some((*version, Bytes::from(format!("h{b}")))),
                 prune_below: None,

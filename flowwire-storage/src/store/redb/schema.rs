@@ -20,6 +20,9 @@ pub(super) const TIMER_OF: TableDefinition<'_, (&str, &str), u64> =
     TableDefinition::new("timer_of");
 pub(super) const CORRELATED: TableDefinition<'_, (&str, &str, &str), ()> =
     TableDefinition::new("correlated");
+/// (flow, correlation key, id) of the instances that ended carrying that key.
+pub(super) const ENDED_KEYS: TableDefinition<'_, (&str, &str, &str), ()> =
+    TableDefinition::new("ended_keys");
 pub(super) const DAMAGED: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("damaged");
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// The `meta` row holding the number of the last batch committed.
@@ -35,6 +38,7 @@ pub(super) fn create_tables(db: &Database, p: &Path) -> Result<(), StoreError> {
     txn.open_table(TIMERS).map_err(|e| map_err(p, e))?;
     txn.open_table(TIMER_OF).map_err(|e| map_err(p, e))?;
     txn.open_table(CORRELATED).map_err(|e| map_err(p, e))?;
+    txn.open_table(ENDED_KEYS).map_err(|e| map_err(p, e))?;
     txn.open_table(META).map_err(|e| map_err(p, e))?;
     txn.open_table(DAMAGED).map_err(|e| map_err(p, e))?;
     txn.commit().map_err(|e| map_err(p, e))

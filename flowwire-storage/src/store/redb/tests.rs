@@ -22,6 +22,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
         timer: None,
         correlation: None,
         uncorrelate: None,
+        ended_key: None,
         impulse: None,
         history: Some((version, Bytes::from_static(b"entry"))),
         prune_below: None,
