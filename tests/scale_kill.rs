@@ -16,8 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowwire::storage::{InstanceKey, StepInput};
-use flowwire::{Ended, Engine, Error};
+use flowwire::Engine;
 use tokio::sync::Semaphore;
 
 #[path = "support/servers.rs"]
@@ -26,7 +25,11 @@ mod servers;
 #[path = "harness/scale_flows.rs"]
 mod scale_flows;
 
-use scale_flows::{Ticket, TicketState, shared};
+#[path = "harness/tickets.rs"]
+mod tickets;
+
+use scale_flows::{Ticket, shared};
+use tickets::open;
 
 const KILLS: usize = 30;
 const PREFIX: &str = "scalekill";
@@ -57,49 +60,6 @@ fn spawn(url: &str, role: &'static str, name: &str) -> Proc {
         name: name.to_string(),
         child,
     }
-}
-
-/// Starts a ticket and confirms it, trying again through kills and the Redis restart (the
-/// same ids each time: a start applies once, the confirmation too).
-async fn open(client: Engine, id: String) {
-    for attempt in 0.. {
-        let state = TicketState {
-            id: id.clone(),
-            ..TicketState::default()
-        };
-        match client.start::<Ticket>(id.as_str(), state).await {
-            Ok(_) | Err(Error::AlreadyExists { .. }) => break,
-            Err(e) => {
-                assert!(attempt < 600, "{id}: not started: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    for attempt in 0.. {
-        let sent = match client.handle::<Ticket>(id.as_str()).await {
-            Ok(h) => h.confirm().id(format!("{id}/confirm")).await,
-            Err(e) => Err(e),
-        };
-        match sent {
-            Ok(()) | Err(Error::ImpulseAlreadyApplied { .. }) => break,
-            Err(e) => {
-                assert!(attempt < 600, "{id}: not confirmed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Tries a read again while it fails for a transient reason (bounded).
-async fn retry<T>(mut read: impl AsyncFnMut() -> flowwire::Result<T>) -> T {
-    for _ in 0..50 {
-        match read().await {
-            Ok(v) => return v,
-            Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => panic!("{e}"),
-        }
-    }
-    panic!("a read kept failing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,49 +132,7 @@ async fn three_orchestrators_and_three_workers_survive_kills_and_a_redis_restart
 
     let store = shared(&url, PREFIX, None).store();
     for id in &ids {
-        // The first request on a connection to the restarted Redis may fail once.
-        let h = retry(async || client.handle::<Ticket>(id.as_str()).await).await;
-        let ended = tokio::time::timeout(Duration::from_mins(2), h.finished())
-            .await
-            .unwrap_or_else(|_| panic!("{id} did not finish"))
-            .unwrap();
-        assert_eq!(ended, Ended::Finished, "{id}");
-        let state = retry(async || h.state().await).await;
-        assert_eq!(state.confirmed, 1, "{id}: the confirmation applied once");
-        assert!(state.charged, "{id}");
-        let history = retry(async || client.history::<Ticket>(id.as_str(), 0, 100).await).await;
-        let impulses = history
-            .steps
-            .iter()
-            .filter(|s| matches!(s.input, StepInput::Impulse { .. }))
-            .count();
-        assert_eq!(impulses, 1, "{id}: {history:?}");
-        let mut outcomes: Vec<u64> = history
-            .steps
-            .iter()
-            .filter_map(|s| match s.input {
-                StepInput::Outcome { call_seq, .. } => Some(call_seq),
-                _ => None,
-            })
-            .collect();
-        let all = outcomes.len();
-        outcomes.dedup();
-        assert_eq!(all, 2, "{id}: two calls, two outcomes: {history:?}");
-        assert_eq!(outcomes.len(), 2, "{id}: an outcome applied twice");
-        let writes = store
-            .writes(&InstanceKey::new("Ticket", id.as_str()))
-            .await
-            .unwrap();
-        for pair in writes.windows(2) {
-            assert!(
-                pair[0].0 < pair[1].0,
-                "{id}: a step written twice: {writes:?}"
-            );
-            assert!(
-                pair[0].1 <= pair[1].1,
-                "{id}: a token went back: {writes:?}"
-            );
-        }
+        tickets::check(&client, &store, id).await;
     }
     println!(
         "{n} tickets finished; {kills} kills ({} orchestrators, {} workers) and one Redis restart",
