@@ -416,11 +416,13 @@ impl Skewed {
             .spawn()
             .expect("the harness starts");
         let out = child.stdout.take().expect("piped");
+        let mut out = std::io::BufReader::new(out);
         let mut line = String::new();
-        std::io::BufReader::new(out)
-            .read_line(&mut line)
+        out.read_line(&mut line)
             .expect("the harness says it is ready");
         assert_eq!(line.trim(), "READY");
+        // The lease lines that follow are read and dropped (a closed pipe would stop it).
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Skewed(child)
     }
 }

@@ -29,7 +29,7 @@ pub use context::CallContext;
 pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
 #[cfg(feature = "redis")]
 pub use engine::Shared;
-pub use engine::{Engine, EngineBuilder, Health};
+pub use engine::{Engine, EngineBuilder, Health, HeldLease};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Events, Missed};
 pub use failure::Failure;

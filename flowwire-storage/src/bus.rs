@@ -377,6 +377,34 @@ impl RedisBus {
             .map_err(|e| backend(&e))
     }
 
+    /// What a stream still holds: `(entries, delivered to a consumer of `group` and not
+    /// acknowledged)`. Entries are deleted once acknowledged, so a deployment at rest
+    /// answers `(0, 0)` for every stream.
+    pub async fn backlog(&self, stream: &str, group: &str) -> Result<(u64, u64), StoreError> {
+        let mut c = self.conn().await?;
+        let len: u64 = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut c)
+            .await;
+        let pending = match pending {
+            Ok(redis::Value::Array(summary)) => match summary.first() {
+                Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            },
+            Ok(_) => 0,
+            // No such stream or group: nothing pending.
+            Err(e) if e.code() == Some("NOGROUP") => 0,
+            Err(e) => return Err(backend(&e)),
+        };
+        Ok((len, pending))
+    }
+
     /// Takes over up to `count` entries of a stream that were delivered to some consumer
     /// of `group` at least `min_idle` ago and not acknowledged (their consumer died or lost
     /// its shard): they are delivered to `consumer` now. Starts at `from` (`"0-0"` first);

@@ -74,8 +74,8 @@ pub use flowwire_runtime::engine::{HistoryPage, HistoryStep, KeyedImpulse, Metad
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
     Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,
-    Flow, FlowMeta, Handle, Health, ImpulseMeta, ImpulseRequest, IntoBranch, LinkMeta, MethodMeta,
-    Missed, Policy, ProbeMeta, Result, Timed,
+    Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, IntoBranch, LinkMeta,
+    MethodMeta, Missed, Policy, ProbeMeta, Result, Timed,
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.

@@ -1,8 +1,11 @@
 //! A process of the multi-process crash test (`tests/scale_kill.rs`), killed at random.
 //!
 //! `scale_harness orchestrator|worker REDIS_URL PREFIX NAME [bench]` joins the deployment
-//! in that role, prints `READY`, and runs until it is killed. With `bench`, it runs the
-//! multi-process bench's flow (`benches/scale.rs`) instead of the crash test's.
+//! in that role, prints `READY`, and runs until it is killed; an orchestrator then prints
+//! its leases as they change (`LEASE …` lines, for the partition checker of
+//! `tests/nemesis.rs`). With `bench`, it runs the multi-process bench's flow
+//! (`benches/scale.rs`) instead of the crash test's. Also run by `tests/nemesis.rs` and
+//! `tests/partitions.rs`.
 
 use flowwire::{Engine, Error};
 
@@ -30,7 +33,7 @@ async fn main() -> Result<(), Error> {
     let node = format!("{name}-{}", std::process::id());
     // Redis may be restarting: try again for a while.
     let mut tries = 0;
-    let _engine = loop {
+    let engine = loop {
         match builder(role, url, prefix, &node, bench).start().await {
             Ok(e) => break e,
             Err(e) if tries < 100 => {
@@ -42,6 +45,9 @@ async fn main() -> Result<(), Error> {
         }
     };
     println!("READY");
+    if role == "orchestrator" && !bench {
+        log_leases(&engine).await;
+    }
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -66,5 +72,33 @@ fn builder(
         builder.flow::<Ticket>().orchestrator()
     } else {
         builder.driver(FrontDesk).worker()
+    }
+}
+
+/// Prints every lease this orchestrator holds, whenever its span changes, as
+/// `LEASE <flow> <shard> <token> <since ms> <until ms>` (wall clock, ms since the Unix
+/// epoch): the partition checker (`tests/nemesis.rs`) proves from these lines that no two
+/// processes held one shard at once. A span only grows, so the last line of a token is
+/// its whole span.
+async fn log_leases(engine: &Engine) {
+    use std::collections::BTreeMap;
+    use std::io::Write as _;
+    let mut shown: BTreeMap<(String, u16, u64), u64> = BTreeMap::new();
+    loop {
+        for l in engine.leases() {
+            let key = (l.flow.to_string(), l.shard, l.token);
+            if shown.get(&key) != Some(&l.until_unix_ms) {
+                let line = format!(
+                    "LEASE {} {} {} {} {}",
+                    l.flow, l.shard, l.token, l.since_unix_ms, l.until_unix_ms
+                );
+                // Nobody reads the lines any more: stop writing them.
+                if writeln!(std::io::stdout(), "{line}").is_err() {
+                    return;
+                }
+                shown.insert(key, l.until_unix_ms);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

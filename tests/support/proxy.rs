@@ -1,7 +1,8 @@
 //! A loopback TCP proxy in front of a server, for partition tests: each process under test
 //! reaches the server through its own proxy, whose link the test can freeze (bytes are
 //! held in both directions, connections stay open) — at once, or at the first request that
-//! carries given bytes — then heal.
+//! carries given bytes — then heal, or cut (its open connections are closed; new ones are
+//! let through).
 
 #![allow(dead_code)] // each test uses its own part
 
@@ -27,6 +28,8 @@ pub struct Proxy {
     /// The port clients connect to.
     pub port: u16,
     link: Arc<watch::Sender<Link>>,
+    /// Bumped to close every open connection.
+    cuts: watch::Sender<u64>,
     trigger: Trigger,
     task: tokio::task::JoinHandle<()>,
 }
@@ -42,6 +45,7 @@ impl Proxy {
         let port = listener.local_addr().expect("an address").port();
         let (link, state) = watch::channel(Link::Up);
         let link = Arc::new(link);
+        let (cuts, cut) = watch::channel(0u64);
         let trigger = Trigger::default();
         let (armed, freezer) = (trigger.clone(), link.clone());
         let task = tokio::spawn(async move {
@@ -56,13 +60,14 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let up = Some((armed.clone(), freezer.clone()));
-                tokio::spawn(pipe(cr, sw, state.clone(), up));
-                tokio::spawn(pipe(sr, cw, state.clone(), None));
+                tokio::spawn(pipe(cr, sw, state.clone(), cut.clone(), up));
+                tokio::spawn(pipe(sr, cw, state.clone(), cut.clone(), None));
             }
         });
         Proxy {
             port,
             link,
+            cuts,
             trigger,
             task,
         }
@@ -82,6 +87,12 @@ impl Proxy {
     /// `patterns` (that chunk is held too), e.g. the commit of one instance's step.
     pub fn freeze_on(&self, patterns: &[&[u8]]) {
         *self.trigger.lock().unwrap() = Some(patterns.iter().map(|p| p.to_vec()).collect());
+    }
+
+    /// Closes every open connection (bytes held in them are lost), as a reset link does;
+    /// the clients' reconnections go through.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     /// Lets bytes flow again.
@@ -106,8 +117,10 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut state: watch::Receiver<Link>,
+    mut cut: watch::Receiver<u64>,
     up: Option<(Trigger, Arc<watch::Sender<Link>>)>,
 ) {
+    cut.mark_unchanged();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = tokio::select! {
@@ -116,6 +129,7 @@ async fn pipe(
                 Ok(n) => n,
             },
             _ = state.changed() => continue,
+            _ = cut.changed() => return,
         };
         if let Some((trigger, link)) = &up {
             let mut armed = trigger.lock().unwrap();
@@ -129,11 +143,13 @@ async fn pipe(
         }
         // Held while frozen (a link frozen for ten minutes is given up).
         while *state.borrow_and_update() == Link::Frozen {
-            if tokio::time::timeout(Duration::from_mins(10), state.changed())
-                .await
-                .is_err()
-            {
-                return;
+            tokio::select! {
+                changed = tokio::time::timeout(Duration::from_mins(10), state.changed()) => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = cut.changed() => return,
             }
         }
         if to.write_all(&buf[..n]).await.is_err() {

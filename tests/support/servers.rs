@@ -54,7 +54,8 @@ fn reap_on_exit(pid: u32) {
         .spawn();
 }
 
-fn signal(pid: u32, sig: &str) {
+/// Sends a signal (`"-STOP"`, `"-CONT"`, `"-9"`…) to a process.
+pub fn signal(pid: u32, sig: &str) {
     // A server that never started has no pid: `kill 0` would signal our own process group.
     if pid == 0 {
         return;
@@ -169,6 +170,16 @@ impl Redis {
     /// Starts it again on the same port (and data directory).
     pub fn restart(&mut self) {
         self.launch();
+    }
+
+    /// Freezes the server (SIGSTOP): every client's requests hang until [`Redis::resume`].
+    pub fn pause(&self) {
+        signal(self.pid, "-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.pid, "-CONT");
     }
 
     /// Runs a command with `redis-cli` against this server; panics if it fails.

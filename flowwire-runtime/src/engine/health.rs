@@ -9,7 +9,34 @@ use flowwire_storage::InstanceKey;
 use super::Engine;
 
 /// The shards each flow's supervisor holds, per flow name (multi-process orchestrators).
-pub(crate) type Held = Arc<Mutex<BTreeMap<&'static str, Vec<u16>>>>;
+pub(crate) type Held = Arc<Mutex<BTreeMap<&'static str, Vec<HeldShard>>>>;
+
+/// A shard a supervisor holds, with its lease.
+#[derive(Debug, Clone)]
+pub(crate) struct HeldShard {
+    pub shard: u16,
+    pub token: u64,
+    pub lease: super::lease::LeaseDeadline,
+}
+
+/// A shard lease an orchestrator holds, as [`Health::leases`] reports it: the span of
+/// time in which its runner may commit under the token, on this machine's wall clock.
+/// A checker can compare the spans of several processes (on one machine): spans of one
+/// shard under different tokens never overlap.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeldLease {
+    /// The flow.
+    pub flow: &'static str,
+    /// The shard.
+    pub shard: u16,
+    /// The lease's fencing token.
+    pub token: u64,
+    /// When the request that took the lease was sent (ms since the Unix epoch).
+    pub since_unix_ms: u64,
+    /// Until when the lease surely holds (ms since the Unix epoch): 80 % of its TTL after
+    /// the last renewal Redis confirmed was sent. The runner commits nothing after it.
+    pub until_unix_ms: u64,
+}
 
 /// What an engine knows of its place in a deployment.
 pub(crate) struct Member {
@@ -63,6 +90,8 @@ pub struct Health {
     pub store_state: &'static str,
     /// The shards this orchestrator holds, per flow (empty for other roles).
     pub shards: BTreeMap<&'static str, Vec<u16>>,
+    /// The leases behind [`Health::shards`], with their tokens and spans.
+    pub leases: Vec<HeldLease>,
 }
 
 impl Health {
@@ -117,19 +146,66 @@ impl Engine {
         if let Some(e) = fault {
             store_error.get_or_insert_with(|| e.to_string());
         }
+        let held = member
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Health {
             store_state,
             node: member.node.as_deref().map(str::to_string),
             roles: member.roles.clone(),
             store_micros,
             store_error,
-            shards: member
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            shards: held
+                .iter()
+                .map(|(flow, shards)| (*flow, shards.iter().map(|h| h.shard).collect()))
+                .collect(),
+            leases: self.leases(),
         }
     }
+
+    /// The shard leases this orchestrator holds, with their tokens and spans (empty for
+    /// other roles). No I/O: what the supervisors know now.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
+    /// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+    /// assert!(engine.leases().is_empty(), "an embedded engine holds no shard lease");
+    /// # Ok(()) }
+    /// ```
+    pub fn leases(&self) -> Vec<HeldLease> {
+        let held = self
+            .inner
+            .member
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (now, wall) = (tokio::time::Instant::now(), crate::clock::unix_millis());
+        let unix = |at: tokio::time::Instant| {
+            if at >= now {
+                wall.saturating_add(millis(at - now))
+            } else {
+                wall.saturating_sub(millis(now - at))
+            }
+        };
+        held.iter()
+            .flat_map(|(flow, shards)| {
+                shards.iter().map(|h| HeldLease {
+                    flow,
+                    shard: h.shard,
+                    token: h.token,
+                    since_unix_ms: unix(h.lease.since()),
+                    until_unix_ms: unix(h.lease.until()),
+                })
+            })
+            .collect()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn micros(d: Duration) -> u64 {

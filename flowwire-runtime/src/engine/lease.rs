@@ -45,6 +45,11 @@ impl LeaseDeadline {
         self.until.fetch_max(nanos, Ordering::AcqRel);
     }
 
+    /// When the request that took the lease was sent.
+    pub(crate) fn since(&self) -> Instant {
+        self.base
+    }
+
     /// Until when the lease surely holds.
     pub(crate) fn until(&self) -> Instant {
         self.base + Duration::from_nanos(self.until.load(Ordering::Acquire))

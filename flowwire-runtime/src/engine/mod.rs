@@ -35,7 +35,7 @@ pub(crate) mod worker;
 pub use scale::Shared;
 
 pub use correlate::KeyedImpulse;
-pub use health::Health;
+pub use health::{Health, HeldLease};
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 pub use operate::Parked;
 use runner::{Msg, Runner};

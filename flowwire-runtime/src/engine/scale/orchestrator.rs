@@ -33,6 +33,7 @@ use super::feed::{GROUP, PAGE, pump};
 use super::messages::JobMsg;
 use super::server_time::ServerTime;
 use crate::engine::Limits;
+use crate::engine::health::HeldShard;
 use crate::engine::lease::LeaseDeadline;
 use crate::engine::runner::{Msg, Owned, Runner};
 use crate::engine::worker::Job;
@@ -57,11 +58,19 @@ pub(crate) struct Orchestra {
 }
 
 impl Orchestra {
-    fn hold(&self, flow: &'static str, shards: Vec<u16>) {
+    fn hold<F: Flow>(&self, owned: &BTreeMap<u16, ShardRun<F>>) {
+        let shards = owned
+            .iter()
+            .map(|(shard, run)| HeldShard {
+                shard: *shard,
+                token: run.token,
+                lease: run.lease.clone(),
+            })
+            .collect();
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(flow, shards);
+            .insert(F::NAME, shards);
     }
 }
 
@@ -88,13 +97,13 @@ pub(crate) fn spawn_supervisor<F: Flow>(o: Arc<Orchestra>) -> (Stop, JoinHandle<
         let every = o.lease_ttl / 3;
         loop {
             round(&o, &mut owned).await;
-            o.hold(F::NAME, owned.keys().copied().collect());
+            o.hold(&owned);
             tokio::select! {
                 done = &mut stopped => {
                     for (shard, run) in std::mem::take(&mut owned) {
                         give_back(&o, F::NAME, shard, run).await;
                     }
-                    o.hold(F::NAME, Vec::new());
+                    o.hold(&owned);
                     if let Ok(done) = done {
                         let _ = done.send(());
                     }
@@ -169,7 +178,7 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
             let _ = run.sink.await;
         }
     }
-    o.hold(F::NAME, owned.keys().copied().collect());
+    o.hold(owned);
     // Bounded like the round's cadence: a stalled Redis must not hold up the next renewal.
     let sent = Instant::now();
     let members = match tokio::time::timeout(ttl / 3, o.bus.heartbeat(&o.node, ttl)).await {
