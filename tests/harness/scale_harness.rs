@@ -78,8 +78,8 @@ fn builder(
 /// Prints every lease this orchestrator holds, whenever its span changes, as
 /// `LEASE <flow> <shard> <token> <since ms> <until ms>` (wall clock, ms since the Unix
 /// epoch): the partition checker (`tests/nemesis.rs`) proves from these lines that no two
-/// processes held one shard at once. A span only grows, so the last line of a token is
-/// its whole span.
+/// processes held one shard at once. The last line of a token is its whole span (renewals
+/// extend it; giving the shard back ends it).
 async fn log_leases(engine: &Engine) {
     use std::collections::BTreeMap;
     use std::io::Write as _;

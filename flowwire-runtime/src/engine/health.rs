@@ -17,6 +17,8 @@ pub(crate) struct HeldShard {
     pub shard: u16,
     pub token: u64,
     pub lease: super::lease::LeaseDeadline,
+    /// Given up or lost since the last report (listed once more for its final span).
+    pub released: bool,
 }
 
 /// A shard lease an orchestrator holds, as [`Health::leases`] reports it: the span of
@@ -34,8 +36,12 @@ pub struct HeldLease {
     /// When the request that took the lease was sent (ms since the Unix epoch).
     pub since_unix_ms: u64,
     /// Until when the lease surely holds (ms since the Unix epoch): 80 % of its TTL after
-    /// the last renewal Redis confirmed was sent. The runner commits nothing after it.
+    /// the last renewal Redis confirmed was sent, or when it was given up. The runner
+    /// commits nothing after it.
     pub until_unix_ms: u64,
+    /// The lease was given up or lost since the supervisor's last round: listed once more,
+    /// with its final span, and not among [`Health::shards`].
+    pub released: bool,
 }
 
 /// What an engine knows of its place in a deployment.
@@ -159,7 +165,10 @@ impl Engine {
             store_error,
             shards: held
                 .iter()
-                .map(|(flow, shards)| (*flow, shards.iter().map(|h| h.shard).collect()))
+                .map(|(flow, shards)| {
+                    let live = shards.iter().filter(|h| !h.released).map(|h| h.shard);
+                    (*flow, live.collect())
+                })
                 .collect(),
             leases: self.leases(),
         }
@@ -198,6 +207,7 @@ impl Engine {
                     token: h.token,
                     since_unix_ms: unix(h.lease.since()),
                     until_unix_ms: unix(h.lease.until()),
+                    released: h.released,
                 })
             })
             .collect()

@@ -45,6 +45,17 @@ impl LeaseDeadline {
         self.until.fetch_max(nanos, Ordering::AcqRel);
     }
 
+    /// The lease is given up (its runner stopped): it holds no longer than now.
+    pub(crate) fn end(&self) {
+        let now = u64::try_from(
+            Instant::now()
+                .saturating_duration_since(self.base)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX);
+        self.until.fetch_min(now, Ordering::AcqRel);
+    }
+
     /// When the request that took the lease was sent.
     pub(crate) fn since(&self) -> Instant {
         self.base

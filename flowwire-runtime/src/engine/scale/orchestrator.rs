@@ -58,19 +58,33 @@ pub(crate) struct Orchestra {
 }
 
 impl Orchestra {
+    /// Reports the leases held now; those given up or lost since the last report stay
+    /// listed, released, until the next one, so that their final spans are seen.
     fn hold<F: Flow>(&self, owned: &BTreeMap<u16, ShardRun<F>>) {
-        let shards = owned
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = held.remove(F::NAME).unwrap_or_default();
+        let mut shards: Vec<HeldShard> = owned
             .iter()
             .map(|(shard, run)| HeldShard {
                 shard: *shard,
                 token: run.token,
                 lease: run.lease.clone(),
+                released: false,
             })
             .collect();
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(F::NAME, shards);
+        shards.extend(
+            before
+                .into_iter()
+                .filter(|h| !h.released && owned.get(&h.shard).is_none_or(|r| r.token != h.token))
+                .map(|h| HeldShard {
+                    released: true,
+                    ..h
+                }),
+        );
+        held.insert(F::NAME, shards);
     }
 }
 
@@ -275,6 +289,9 @@ async fn give_back<F: Flow>(o: &Orchestra, flow: &'static str, shard: u16, run: 
     drop(run.tx);
     let sent = matches!(tokio::time::timeout(limit, run.sink).await, Ok(Ok(true)));
     let clean = clean && sent;
+    // The runner is stopped: the lease's span ends here, before the release lets another
+    // orchestrator take the shard.
+    run.lease.end();
     if let Err(e) = o.bus.release(flow, shard, &o.node, run.token, clean).await {
         tracing::warn!(flow, shard, error = %e, "lease not released; it runs out by itself");
     }
