@@ -261,7 +261,7 @@ async fn processes_partitioned_paused_and_killed_keep_one_owner_per_shard_and_lo
         assert!(
             matches!(
                 history.steps.first().map(|s| &s.input),
-                Some(StepInput::Start { .. })
+                Some(StepInput::Start)
             ),
             "{id}: the history starts with the start"
         );
