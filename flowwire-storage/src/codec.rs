@@ -35,7 +35,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::CodecError;
-use crate::record::InstanceKey;
+use crate::key::InstanceKey;
 
 const MAGIC: [u8; 2] = *b"FW";
 const CODEC_POSTCARD: u8 = 1;

@@ -260,7 +260,7 @@ pub enum BlobError {
         key: String,
         /// What the tier reported.
         #[source]
-        source: crate::tier::TierError,
+        source: TierError,
     },
     /// A payload is larger than the engine reads back (its decode limit), so it was not
     /// written: the write limit and the decode limit are one setting.
@@ -303,10 +303,64 @@ impl BlobError {
     }
 }
 
+/// A blob tier operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TierError {
+    /// The backend cannot be reached or failed transiently (I/O error, connection refused,
+    /// timeout, server error). The engine retries with backoff.
+    #[error("tier `{tier}` is unavailable: {detail}")]
+    Unavailable {
+        /// The tier's name.
+        tier: String,
+        /// What the backend reported.
+        detail: String,
+    },
+    /// The backend refused the operation for good (permission denied, no such bucket);
+    /// fix the configuration.
+    #[error("tier `{tier}` refused the operation: {detail}; check its configuration")]
+    Rejected {
+        /// The tier's name.
+        tier: String,
+        /// What the backend reported.
+        detail: String,
+    },
+    /// The key is not one a tier accepts.
+    #[error(
+        "invalid blob key {key:?}: {reason} (keys are 1 to 200 bytes of A-Z a-z 0-9 . _ - % ~ in /-separated non-empty segments)"
+    )]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+}
+
+impl TierError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TierError::Unavailable { .. })
+    }
+
+    pub(crate) fn unavailable(tier: &str, detail: impl std::fmt::Display) -> Self {
+        TierError::Unavailable {
+            tier: tier.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub(crate) fn rejected(tier: &str, detail: impl std::fmt::Display) -> Self {
+        TierError::Rejected {
+            tier: tier.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{BlobError, CodecError, StoreError};
-    use crate::tier::TierError;
+    use super::{BlobError, CodecError, StoreError, TierError};
 
     #[test]
     fn every_store_error_is_transient_or_permanent() {

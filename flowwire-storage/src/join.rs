@@ -1,8 +1,15 @@
-//! A tiny `join_all`: polls futures concurrently on the current task (the crate does not
-//! pull in a futures library for one function).
+//! The crate's async plumbing, low in it: the boxed future every trait object returns,
+//! and a tiny `join_all` that polls futures concurrently on the current task (the crate
+//! does not pull in a futures library for one function).
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed, sendable future: the stores and tiers are used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Runs all futures concurrently on the current task; results in input order.
-pub async fn join_all<T>(futs: impl IntoIterator<Item = crate::store::BoxFuture<'_, T>>) -> Vec<T> {
+pub async fn join_all<T>(futs: impl IntoIterator<Item = BoxFuture<'_, T>>) -> Vec<T> {
     let mut futs: Vec<_> = futs.into_iter().map(Some).collect();
     let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {

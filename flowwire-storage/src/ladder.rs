@@ -772,7 +772,7 @@ impl Placement {
         let futs = blobs.iter().map(|b| {
             let tier = self.by_name.get(&b.tier).cloned();
             let key = b.key.clone();
-            let fut: crate::store::BoxFuture<'static, Result<(), TierError>> =
+            let fut: crate::join::BoxFuture<'static, Result<(), TierError>> =
                 Box::pin(async move {
                     match tier {
                         Some(t) => t.delete(&key).await,

@@ -24,6 +24,7 @@ pub mod codec;
 pub mod error;
 pub mod fuzz;
 pub mod join;
+mod key;
 pub mod ladder;
 pub mod layout;
 pub mod record;

@@ -14,31 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::blob::{BlobRef, Payload};
 use crate::codec::{self, Kind};
 use crate::error::CodecError;
-
-/// Identifies an instance: its flow's name and its id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct InstanceKey {
-    /// The flow's name (its type name unless renamed).
-    pub flow: Arc<str>,
-    /// The instance id given at start.
-    pub id: Arc<str>,
-}
-
-impl InstanceKey {
-    /// Builds a key.
-    pub fn new(flow: impl Into<Arc<str>>, id: impl Into<Arc<str>>) -> Self {
-        Self {
-            flow: flow.into(),
-            id: id.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for InstanceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.flow, self.id)
-    }
-}
+pub use crate::key::InstanceKey;
 
 /// Where an instance stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

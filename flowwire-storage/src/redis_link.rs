@@ -155,7 +155,7 @@ impl Conn {
     pub(crate) async fn each(&self, cmds: &[Cmd]) -> Vec<redis::RedisResult<Value>> {
         let futs = cmds.iter().map(|cmd| {
             let mut c = self.clone();
-            let fut: crate::store::BoxFuture<'_, redis::RedisResult<Value>> =
+            let fut: crate::join::BoxFuture<'_, redis::RedisResult<Value>> =
                 Box::pin(async move { cmd.query_async(&mut c).await });
             fut
         });

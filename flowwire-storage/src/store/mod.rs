@@ -8,8 +8,6 @@
 //! durable transaction, checking each step's conditions inside it; that is what lets the
 //! runtime turn many steps into one fsync (group commit).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,8 +27,7 @@ pub use self::redb::RedbStore;
 #[cfg(feature = "redis")]
 pub use self::redis::{AuditedWrite, RedisStore};
 
-/// A boxed, sendable future: the stores are used as trait objects.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::join::BoxFuture;
 
 /// The active instances of a flow: ids with their records.
 pub type ActiveList = Vec<(Arc<str>, Stored)>;

@@ -8,7 +8,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::OnceCell;
 
 use super::{BlobTier, TierError, check_key};
-use crate::store::BoxFuture;
+use crate::join::BoxFuture;
 
 const BLOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blobs");
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::{BlobTier, TierError, check_key};
-use crate::store::BoxFuture;
+use crate::join::BoxFuture;
 
 /// Blobs as files in a directory on a local (fast) disk.
 ///

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use super::{BlobTier, TierError, check_key, concat};
-use crate::store::BoxFuture;
+use crate::join::BoxFuture;
 
 /// Blobs in a map in this process's memory.
 ///

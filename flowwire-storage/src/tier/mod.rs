@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::store::BoxFuture;
+pub use crate::error::TierError;
+use crate::join::BoxFuture;
 
 pub mod conformance;
 mod embedded;
@@ -41,61 +42,6 @@ pub use self::s3::{S3Config, S3Tier};
 
 /// Longest key a tier must accept.
 pub const MAX_KEY_LEN: usize = 200;
-
-/// A blob tier operation failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TierError {
-    /// The backend cannot be reached or failed transiently (I/O error, connection refused,
-    /// timeout, server error). The engine retries with backoff.
-    #[error("tier `{tier}` is unavailable: {detail}")]
-    Unavailable {
-        /// The tier's name.
-        tier: String,
-        /// What the backend reported.
-        detail: String,
-    },
-    /// The backend refused the operation for good (permission denied, no such bucket);
-    /// fix the configuration.
-    #[error("tier `{tier}` refused the operation: {detail}; check its configuration")]
-    Rejected {
-        /// The tier's name.
-        tier: String,
-        /// What the backend reported.
-        detail: String,
-    },
-    /// The key is not one a tier accepts.
-    #[error(
-        "invalid blob key {key:?}: {reason} (keys are 1 to 200 bytes of A-Z a-z 0-9 . _ - % ~ in /-separated non-empty segments)"
-    )]
-    InvalidKey {
-        /// The key.
-        key: String,
-        /// Which rule it breaks.
-        reason: &'static str,
-    },
-}
-
-impl TierError {
-    /// Whether retrying later may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, TierError::Unavailable { .. })
-    }
-
-    pub(crate) fn unavailable(tier: &str, detail: impl fmt::Display) -> Self {
-        TierError::Unavailable {
-            tier: tier.to_string(),
-            detail: detail.to_string(),
-        }
-    }
-
-    pub(crate) fn rejected(tier: &str, detail: impl fmt::Display) -> Self {
-        TierError::Rejected {
-            tier: tier.to_string(),
-            detail: detail.to_string(),
-        }
-    }
-}
 
 /// Checks a key against the rules every tier relies on (safe as a file name, an S3 key and a
 /// Redis key, no path traversal).

@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{BlobTier, TierError, check_key, concat};
+use crate::join::BoxFuture;
 use crate::redis_link::RedisLink;
-use crate::store::BoxFuture;
 
 /// Blobs in Redis, one string per blob, under `<prefix>:blob:<key>`.
 ///

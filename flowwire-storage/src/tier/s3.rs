@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use super::{BlobTier, TierError, check_key, concat};
-use crate::store::BoxFuture;
+use crate::join::BoxFuture;
 
 /// Smallest part S3 accepts in a multipart upload (except the last).
 pub const MIN_PART_SIZE: usize = 5 << 20;
