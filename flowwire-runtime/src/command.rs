@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flowwire_storage::TimeSpec;
 
+use crate::board::Board;
 use crate::driver::{Call, DriveError, Fault, Reply};
 use crate::failure::Failure;
-use crate::flow::Board;
 
 /// What the wire asks the runtime to do next.
 ///
@@ -426,8 +426,8 @@ impl<F> Copy for Then<F> {}
 #[allow(unsafe_code)]
 mod erase {
     use super::{Continuation, Delivered, DriveError, Each, Then, ThenError};
+    use crate::board::Board;
     use crate::driver::Reply;
-    use crate::flow::Board;
 
     impl<F: Board> Then<F> {
         pub(crate) fn new<R: Reply>(k: Continuation<F, R>) -> Self {

@@ -26,9 +26,11 @@ use flowwire_storage::{
 };
 use smallvec::{SmallVec, smallvec};
 
+use crate::board::{Board, CallSet};
 use crate::command::{CommandKind, Delivered, Join, Then, ThenError, Wake};
 use crate::driver::Fault;
-use crate::flow::{Board, CallSet, Flow, ImpulseSet};
+use crate::flow::{Flow, ImpulseSet};
+use crate::guard::panic_message;
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
 struct Armed<F: Board> {
@@ -170,16 +172,6 @@ pub(crate) fn call_name<F: Board>(link: u16, method: u16) -> String {
     match l.driver.methods.get(usize::from(method)) {
         Some(m) => format!("{}.{}", l.driver.name, m.name),
         None => format!("{}, method {method}", l.driver.name),
-    }
-}
-
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a non-string panic payload".to_string()
     }
 }
 

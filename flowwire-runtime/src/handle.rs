@@ -9,21 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::runner::Msg;
+pub use crate::ended::Ended;
+use crate::engine::msg::Msg;
 use crate::error::{Error, Result};
 use crate::flow::Flow;
-
-/// How an instance ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
-    /// The wire returned `Command::finish()`.
-    Finished,
-    /// The wire returned `Command::fail(..)`, or a continuation returned `Err`.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-}
 
 /// A handle to one instance of flow `F`: send impulses, read probes, wait for the end.
 ///

@@ -11,16 +11,19 @@
 //!
 //! Users reach all of this through the `flowwire` facade.
 
+mod board;
 pub mod clock;
 pub mod command;
 pub mod context;
 pub mod core;
 pub mod driver;
+mod ended;
 pub mod engine;
 pub mod error;
 pub mod events;
 pub mod failure;
 pub mod flow;
+mod guard;
 pub mod handle;
 pub mod meta;
 

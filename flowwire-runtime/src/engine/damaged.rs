@@ -18,21 +18,6 @@ use crate::core::{Instance, Scratch};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 
-/// A damaged instance as an operator sees it: why, and what to do.
-pub(super) fn damaged_entry(id: &str, why: &str) -> Parked {
-    Parked {
-        id: id.to_string(),
-        reason: format!(
-            "damaged: {why}; give it a new state with `Engine::replace_state` (it is then parked for you to resume), or remove it with `Engine::delete`"
-        ),
-        step: 0,
-        flow_version: 0,
-        call: None,
-        branches: Vec::new(),
-        failing: None,
-    }
-}
-
 /// The reason a replaced instance is parked with.
 const REPLACED: &str = "its state was replaced by an operator; check it and resume it";
 
@@ -47,7 +32,7 @@ impl Engine {
         let marks = self.timed(store.damaged(F::NAME, after, limit)).await?;
         Ok(marks
             .into_iter()
-            .map(|(id, why)| damaged_entry(&id, &why))
+            .map(|(id, why)| Parked::damaged(&id, &why))
             .collect())
     }
 

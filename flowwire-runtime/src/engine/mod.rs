@@ -23,7 +23,9 @@ mod correlate;
 mod damaged;
 mod health;
 mod history;
+pub(crate) mod job;
 pub(crate) mod lease;
+pub(crate) mod msg;
 mod operate;
 pub(crate) mod queue;
 pub(crate) mod runner;
@@ -37,8 +39,9 @@ pub use scale::Shared;
 pub use correlate::KeyedImpulse;
 pub use health::{Health, HeldLease};
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
+use msg::Msg;
 pub use operate::Parked;
-use runner::{Msg, Runner};
+use runner::Runner;
 
 /// Tunables shared by the runners and the workers.
 #[derive(Debug, Clone)]

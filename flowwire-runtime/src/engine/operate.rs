@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::Engine;
 use super::history::MAX_PAGE;
-use super::runner::Msg;
+use super::msg::Msg;
 use crate::core::{Operation, call_name};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
@@ -39,6 +39,23 @@ pub struct Parked {
     pub branches: Vec<String>,
     /// Why the flow was failing, when it was parked while running its compensations.
     pub failing: Option<String>,
+}
+
+impl Parked {
+    /// A damaged instance as an operator sees it: why, and what to do.
+    pub(super) fn damaged(id: &str, why: &str) -> Parked {
+        Parked {
+            id: id.to_string(),
+            reason: format!(
+                "damaged: {why}; give it a new state with `Engine::replace_state` (it is then parked for you to resume), or remove it with `Engine::delete`"
+            ),
+            step: 0,
+            flow_version: 0,
+            call: None,
+            branches: Vec::new(),
+            failing: None,
+        }
+    }
 }
 
 impl Engine {
@@ -65,7 +82,7 @@ impl Engine {
                 Ok(None) => {}
                 // A parked record that no longer reads is listed as damaged.
                 Err(e) if !e.is_transient() => {
-                    out.push(super::damaged::damaged_entry(&id, &e.to_string()));
+                    out.push(Parked::damaged(&id, &e.to_string()));
                 }
                 Err(e) => return Err(e),
             }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use crate::engine::worker::Job;
+use crate::engine::job::Job;
 
 /// A queue of at most `cap` jobs: its sending side and its taking side.
 pub(crate) fn channel(cap: usize) -> (Port, Jobs) {
@@ -210,7 +210,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::{TrySendError, channel};
-    use crate::engine::worker::{CallPolicy, Job};
+    use crate::engine::job::{CallPolicy, Job};
 
     fn job(seq: u64) -> Job {
         let (reply, _) = mpsc::unbounded_channel();

@@ -40,64 +40,17 @@ use flowwire_storage::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{Instance, Operation, Outgoing, Refused, Rejected, Scratch, Step};
+use crate::core::{Instance, Outgoing, Refused, Rejected, Scratch, Step};
+use crate::ended::Ended;
 use crate::engine::Limits;
-use crate::engine::worker::{CallPolicy, Job, OutcomeMsg};
+use crate::engine::job::{CallPolicy, Job, OutcomeMsg};
 use crate::error::{Error, Result};
 use crate::events::{Emitter, EventKind};
 use crate::flow::Flow;
-use crate::handle::Ended;
 use crate::meta::Policy;
 
 /// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
-pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
-
-/// A request to a runner.
-pub(crate) enum Msg<F: Flow> {
-    Start {
-        id: Arc<str>,
-        state: F::State,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    Impulse {
-        id: Arc<str>,
-        impulse_id: Arc<str>,
-        impulse: F::Impulse,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// Runs a probe on the flow (which sends its own result) and then replies.
-    Probe {
-        id: Arc<str>,
-        ask: Ask<F>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// The committed state, encoded.
-    State {
-        id: Arc<str>,
-        reply: oneshot::Sender<Result<Bytes>>,
-    },
-    Finished {
-        id: Arc<str>,
-        reply: oneshot::Sender<Result<Ended>>,
-    },
-    Exists {
-        id: Arc<str>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    /// An operator's operation on a parked instance; replies with the step it wrote.
-    Operate {
-        id: Arc<str>,
-        op: Operation<F>,
-        reply: oneshot::Sender<Result<u64>>,
-    },
-    /// How many instances are in memory.
-    Resident {
-        reply: oneshot::Sender<usize>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
-}
+use crate::engine::msg::{Ask, Msg};
 
 enum Input<F: Flow> {
     Msg(Msg<F>),
@@ -943,7 +896,7 @@ impl<F: Flow> Runner<F> {
         Error::ProbePanicked {
             flow: F::NAME,
             id: id.to_string(),
-            reason: crate::core::panic_message(payload),
+            reason: crate::guard::panic_message(payload),
         }
     }
 

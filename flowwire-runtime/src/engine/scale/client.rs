@@ -16,11 +16,11 @@ use flowwire_storage::{InstanceKey, InstanceStore, Placement, Record, Status};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::messages::{Reply, Request, RequestKind};
+use crate::ended::Ended;
 use crate::engine::Limits;
-use crate::engine::runner::Msg;
+use crate::engine::msg::Msg;
 use crate::error::{Error, Result};
 use crate::flow::Flow;
-use crate::handle::Ended;
 
 /// Callers waiting for replies from shard owners, matched by request number; fed by one
 /// subscription to this process's reply channel.
@@ -265,7 +265,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
                         Error::ProbePanicked {
                             flow: F::NAME,
                             id: id.to_string(),
-                            reason: crate::core::panic_message(&*p),
+                            reason: crate::guard::panic_message(&*p),
                         }
                     })
                 })

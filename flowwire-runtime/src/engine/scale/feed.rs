@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::messages::{OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
-use crate::engine::runner::Msg;
-use crate::engine::worker::{OutcomeMsg, Receipt};
+use crate::engine::job::{OutcomeMsg, Receipt};
+use crate::engine::msg::Msg;
 use crate::error::Error;
 use crate::flow::Flow;
 

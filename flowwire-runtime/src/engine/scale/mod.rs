@@ -295,11 +295,7 @@ pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEnt
                 }
             }
             let (reply, done) = oneshot::channel();
-            if stx
-                .send(super::runner::Msg::Shutdown { reply })
-                .await
-                .is_ok()
-            {
+            if stx.send(super::msg::Msg::Shutdown { reply }).await.is_ok() {
                 let _ = done.await;
             }
         })

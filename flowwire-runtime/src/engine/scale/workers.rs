@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::messages::{JobMsg, OutcomeWire};
 use crate::engine::Limits;
-use crate::engine::worker::{CallPolicy, Job, OutcomeMsg, Receipt};
+use crate::engine::job::{CallPolicy, Job, OutcomeMsg, Receipt};
 use crate::meta::DriverMeta;
 
 /// The consumer group of the workers on a driver's stream.

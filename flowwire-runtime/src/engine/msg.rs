@@ -1,0 +1,63 @@
+//! What a handle, an operator call or the engine asks of a flow's runner: one message per
+//! request, each with the channel its answer goes back on.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::core::Operation;
+use crate::ended::Ended;
+use crate::error::Result;
+use crate::flow::Flow;
+
+/// A probe: runs on the flow and sends its own result.
+pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
+
+/// A request to a runner.
+/// A request to a flow's runner.
+pub(crate) enum Msg<F: Flow> {
+    Start {
+        id: Arc<str>,
+        state: F::State,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Impulse {
+        id: Arc<str>,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Runs a probe on the flow (which sends its own result) and then replies.
+    Probe {
+        id: Arc<str>,
+        ask: Ask<F>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The committed state, encoded.
+    State {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Bytes>>,
+    },
+    Finished {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Ended>>,
+    },
+    Exists {
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// An operator's operation on a parked instance; replies with the step it wrote.
+    Operate {
+        id: Arc<str>,
+        op: Operation<F>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// How many instances are in memory.
+    Resident {
+        reply: oneshot::Sender<usize>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
