@@ -8,6 +8,9 @@
 //! renewal that fails, times out or whose reply is lost moves nothing. The runner commits
 //! nothing once the deadline has passed.
 
+// Only multi-process mode (feature `redis`) takes leases.
+#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

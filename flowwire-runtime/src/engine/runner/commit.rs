@@ -1,0 +1,332 @@
+//! The commit pipeline: taking inputs into the batch being built, staging steps (and
+//! uploading their blobs first when they go to a tier), sending one batch at a time to the
+//! store, and acting on the store's answer step by step.
+
+use std::collections::VecDeque;
+use std::mem;
+
+use flowwire_storage::ladder::Sealed;
+use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::{StepResult, StoreError};
+use tokio::sync::oneshot;
+
+use crate::engine::msg::Msg;
+use crate::error::Error;
+use crate::flow::Flow;
+
+use super::{Ack, Committed, InFlight, Input, Internal, Runner, Staged, Uploaded, poll_once};
+
+impl<F: Flow> Runner<F> {
+    /// Takes messages from the backlog into the batch being built, at most one per
+    /// instance and `max_batch` in all. A message for an instance with a step in flight
+    /// waits for its commit; a second one for an instance in this batch waits in
+    /// `deferred` until the batch is sent; a shutdown stops the taking.
+    pub(super) async fn take(
+        &mut self,
+        backlog: &mut VecDeque<Input<F>>,
+        deferred: &mut VecDeque<Input<F>>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        let max = self.limits.max_batch;
+        while self.building.staged.len() < max {
+            let Some(input) = backlog.pop_front() else {
+                break;
+            };
+            if let Some(id) = input.serial_on() {
+                // A probe need not wait for an upload: it reads the committed bytes.
+                let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
+                let flying = self.inflight.is_some();
+                // A resident instance is marked with the batch that took a message for it
+                // (no set to hash into); any other goes in `busy` (an empty set answers
+                // without hashing).
+                let taken = match self.slots.get_mut(id) {
+                    Some(slot) if slot.uploading && !probe => {
+                        slot.held.push_back(input);
+                        continue;
+                    }
+                    Some(slot)
+                        if flying
+                            && (slot.round == self.flight_round
+                                || self.flight_busy.contains(id)) =>
+                    {
+                        self.waiting.push_back(input);
+                        continue;
+                    }
+                    None if flying && self.flight_busy.contains(id) => {
+                        self.waiting.push_back(input);
+                        continue;
+                    }
+                    Some(slot) if slot.round == self.round || self.busy.contains(id) => true,
+                    Some(slot) => {
+                        slot.round = self.round;
+                        false
+                    }
+                    None => !self.busy.insert(id.clone()),
+                };
+                if taken {
+                    deferred.push_back(input);
+                    continue;
+                }
+            }
+            if let Input::Msg(Msg::Shutdown { reply }) = input {
+                *shutdown = Some(reply);
+                break;
+            }
+            if let Some(s) = self.handle(input).await {
+                self.stage(s);
+            }
+        }
+    }
+
+    /// Places a step's payloads and adds it to the batch being built. A step with blobs
+    /// to write starts their upload and joins a later batch once they land; one whose
+    /// payloads cannot be placed fails now.
+    pub(super) fn stage(&mut self, s: Staged<F>) {
+        let prev = self
+            .slots
+            .get(&s.id)
+            .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
+        let scratch = &mut self.scratch;
+        let sealed = self.placement.seal(
+            &s.step.draft,
+            prev,
+            self.retention,
+            &mut scratch.out,
+            &mut scratch.arena,
+        );
+        match sealed {
+            Ok(mut sealed) if sealed.puts.is_empty() => {
+                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                let b = &mut self.building;
+                b.writes.push(sealed.write);
+                b.placed.push(sealed.placed);
+                b.staged.push(s);
+            }
+            // Rare (a blob to write, a payload too large): not in this batch.
+            Ok(mut sealed) => {
+                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                self.upload(s, sealed);
+            }
+            Err(e) => self.failed(s, &Error::from(e)),
+        }
+    }
+
+    /// A step whose blobs were written (or not): it joins the batch being built, and its
+    /// instance's held messages wait for that batch's commit.
+    pub(super) fn landed(&mut self, u: Uploaded<F>) {
+        let Uploaded {
+            staged: s,
+            sealed,
+            result,
+        } = u;
+        self.uploading = self.uploading.saturating_sub(1);
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            slot.uploading = false;
+            slot.round = self.round;
+            self.requeue.extend(slot.held.drain(..));
+        }
+        match result {
+            Ok(()) => {
+                let b = &mut self.building;
+                b.writes.push(sealed.write);
+                b.placed.push(sealed.placed);
+                b.staged.push(s);
+            }
+            Err(e) => self.failed(s, &e),
+        }
+    }
+
+    /// Sends the batch being built to the store in one call, and starts the next batch.
+    /// A store that answers at once has its results acted on now; otherwise the commit
+    /// stays in flight (bounded by the store timeout) while the next batch is built.
+    pub(super) async fn submit(&mut self) {
+        // One batch in flight at a time (the loop submits only when none is).
+        self.land_now().await;
+        if self.building.staged.is_empty() {
+            // Messages taken without a step (probes, refusals) release their instances.
+            self.round += 1;
+            self.busy.clear();
+            return;
+        }
+        // The vectors alternate between the two batches and keep their capacity; the
+        // store takes the writes (a remote one sends them elsewhere): one allocation.
+        let writes = mem::take(&mut self.building.writes);
+        let staged = mem::replace(&mut self.building.staged, mem::take(&mut self.spare.0));
+        let placed = mem::replace(&mut self.building.placed, mem::take(&mut self.spare.1));
+        self.flight_round = self.round;
+        self.round += 1;
+        mem::swap(&mut self.busy, &mut self.flight_busy);
+        self.busy.clear();
+        if let Some(owned) = &self.owned
+            && !owned.lease.holds()
+        {
+            // The lease may have run out, and a newer owner may be writing: nothing is
+            // committed. Inputs from the bus are not acknowledged, so the next owner
+            // takes them; the supervisor releases the shard.
+            tracing::warn!(
+                flow = F::NAME,
+                shard = owned.shard,
+                token = owned.token,
+                "shard lease ran out before its renewal was confirmed; stopping"
+            );
+            self.lost = true;
+            drop(writes);
+            self.spare = (staged, placed);
+            self.spare.0.clear();
+            self.spare.1.clear();
+            self.flight_busy.clear();
+            return;
+        }
+        let mut commit = self.store.commit(writes);
+        match poll_once(&mut commit).await {
+            Some(result) => self.act(staged, placed, result).await,
+            None => {
+                let limit = self.limits.store_timeout;
+                self.inflight = Some(InFlight {
+                    staged,
+                    placed,
+                    commit: Box::pin(tokio::time::timeout(limit, commit)),
+                });
+            }
+        }
+    }
+
+    /// Waits for the batch in flight to land (forever if there is none).
+    pub(super) async fn landing(
+        inflight: &mut Option<InFlight<F>>,
+    ) -> std::result::Result<Committed, tokio::time::error::Elapsed> {
+        match inflight {
+            Some(f) => f.commit.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Acts on the landed batch in flight.
+    pub(super) async fn land(
+        &mut self,
+        r: std::result::Result<Committed, tokio::time::error::Elapsed>,
+    ) {
+        let Some(InFlight { staged, placed, .. }) = self.inflight.take() else {
+            return;
+        };
+        let result = r.unwrap_or(Err(StoreError::Timeout(self.limits.store_timeout)));
+        self.act(staged, placed, result).await;
+    }
+
+    /// Waits for the batch in flight, if any, and acts on it.
+    pub(super) async fn land_now(&mut self) {
+        if self.inflight.is_some() {
+            let r = Self::landing(&mut self.inflight).await;
+            self.land(r).await;
+        }
+    }
+
+    /// Commits everything taken: the batch in flight, then the one being built.
+    pub(super) async fn flush(&mut self) {
+        self.land_now().await;
+        self.submit().await;
+        self.land_now().await;
+    }
+
+    /// Acts on each step of a committed batch (in batch order), and lets the messages that
+    /// waited for it be taken again.
+    pub(super) async fn act(
+        &mut self,
+        mut staged: Vec<Staged<F>>,
+        mut placed: Vec<PlacedRecord>,
+        result: Committed,
+    ) {
+        match result {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for (s, placed) in staged.drain(..).zip(placed.drain(..)) {
+                    match results.next() {
+                        Some(StepResult::Committed) => self.committed(s, placed),
+                        Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
+                        Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
+                        Some(StepResult::Fenced { token }) => {
+                            // Nothing of it is kept: its caller sees the runner stop, and
+                            // the new owner takes the input from the bus.
+                            tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
+                            self.lost = true;
+                        }
+                        None => {
+                            // The store broke its contract: the step is not known to
+                            // be committed.
+                            let e = StoreError::Backend(
+                                "the store answered fewer results than steps".into(),
+                            );
+                            self.failed(s, &Error::Store(e));
+                        }
+                    }
+                }
+            }
+            Err(e) if e.is_transient() => {
+                // The batch may have been applied all the same (a reply lost, a timeout on
+                // this side): each instance is checked against the store once it answers.
+                let e = Error::Store(e);
+                tracing::error!(flow = F::NAME, error = %e, "commit failed or unanswered");
+                for s in staged.drain(..) {
+                    let id = s.id.clone();
+                    self.failed(s, &e);
+                    self.again(Input::Verify { id, attempt: 0 }, 0);
+                }
+            }
+            Err(e) => {
+                let e = Error::Store(e);
+                tracing::error!(flow = F::NAME, error = %e, "commit failed");
+                for s in staged.drain(..) {
+                    self.failed(s, &e);
+                }
+            }
+        }
+        placed.clear();
+        self.spare = (staged, placed);
+        self.flight_busy.clear();
+        self.requeue.extend(self.waiting.drain(..));
+    }
+
+    /// Writes a step's blobs on a task of its own (bounded by the store timeout) and
+    /// reports back through the inbox. The instance holds its next inputs until then.
+    pub(super) fn upload(&mut self, s: Staged<F>, mut sealed: Sealed) {
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            slot.uploading = true;
+        }
+        self.uploading += 1;
+        let placement = self.placement.clone();
+        let inbox = self.inbox.clone();
+        let limit = self.limits.store_timeout;
+        // A start is refused before anything is placed if its id is taken (the commit's
+        // `Expect::Absent` still decides a race; the blob keys are unique per write, so a
+        // losing start's blobs can never replace the winner's).
+        let taken = matches!(s.ack, Ack::Start(_)).then(|| self.store.clone());
+        tokio::spawn(async move {
+            let key = &sealed.write.key;
+            let put = async {
+                if let Some(store) = taken
+                    && store.load(key).await?.is_some()
+                {
+                    return Err(Error::AlreadyExists {
+                        flow: F::NAME,
+                        id: key.id.to_string(),
+                    });
+                }
+                placement
+                    .put_all(key, &sealed.puts)
+                    .await
+                    .map_err(Error::from)
+            };
+            let result = match tokio::time::timeout(limit, put).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
+            };
+            // The bytes are on their tier (or not); the step needs only the record now.
+            drop(mem::take(&mut sealed.puts));
+            let _ = inbox.send(Internal::Uploaded(Box::new(Uploaded {
+                staged: s,
+                sealed,
+                result,
+            })));
+        });
+    }
+}

@@ -1,0 +1,364 @@
+//! The effects of a step after its commit, or of its failure: replies, dispatches,
+//! events, timers, waiters, and what a conflict, a seen impulse or a failed write does.
+
+use std::sync::Arc;
+
+use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::{Status, StepInput, StepOutput};
+
+use crate::core::Outgoing;
+use crate::engine::job::{CallPolicy, Job, OutcomeMsg};
+use crate::error::Error;
+use crate::events::EventKind;
+use crate::flow::Flow;
+use crate::meta::Policy;
+
+use super::{Ack, Input, Internal, Runner, Staged, backoff, ended_of};
+
+impl<F: Flow> Runner<F> {
+    /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
+    pub(super) fn settle(&self, o: &OutcomeMsg) {
+        if let (Some(r), Some(owned)) = (&o.receipt, &self.owned) {
+            let _ = owned.acks.send(r.entry.clone());
+        }
+    }
+
+    pub(super) fn committed(&mut self, s: Staged<F>, placed: PlacedRecord) {
+        let Some(slot) = self.slots.get_mut(&s.id) else {
+            // A step of an instance that is not in memory (parking a record another
+            // version wrote): nothing to adopt.
+            self.announce(&s);
+            return;
+        };
+        let before = slot.inst.record().timer.map(|t| t.due_ms);
+        slot.inst.commit(&s.step);
+        slot.failures = 0;
+        let trash = placed.trash.clone();
+        slot.placed = Some(placed);
+        self.collect(&trash);
+        if !s.step.draft.record.status.has_call() {
+            // It may leave memory at the end of the round (one with a call in flight stays).
+            self.touched.push(s.id.clone());
+        }
+        let record = &s.step.draft.record;
+        tracing::debug!(flow = F::NAME, id = %s.id, step = record.seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
+        // The timer set follows the records: a moved or dropped timer leaves it, a timer
+        // armed within the window read from the index joins it.
+        let after = record.timer.map(|t| t.due_ms);
+        if before != after {
+            if let Some(old) = before {
+                self.timers.remove(&(old, s.id.clone()));
+            }
+            if let Some(due) = after
+                && due <= self.horizon
+            {
+                self.timers.insert((due, s.id.clone()));
+            }
+        }
+        self.announce(&s);
+        match s.ack {
+            Ack::Start(reply) | Ack::Impulse(reply, _) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ack::Operate(reply) => {
+                let _ = reply.send(Ok(s.step.draft.record.seq));
+            }
+            Ack::Outcome(o) => self.settle(&o),
+            Ack::Retry(_) | Ack::Quiet => {}
+        }
+        for out in &s.step.dispatch {
+            self.dispatch(&s.id, out);
+        }
+        let status = s.step.draft.record.status;
+        if let Some(owned) = &self.owned
+            && (status.is_terminal() || matches!(status, Status::Quarantined { .. }))
+        {
+            let _ = owned.ended.send(s.id.clone());
+        }
+        if let Some(ended) = ended_of(&status) {
+            self.slots.remove(&s.id);
+            for w in self.waiters.remove(&s.id).unwrap_or_default() {
+                let _ = w.send(Ok(ended.clone()));
+            }
+        } else if let Status::Quarantined { reason } = status {
+            tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
+            for w in self.waiters.remove(&s.id).unwrap_or_default() {
+                let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
+            }
+        }
+    }
+
+    /// Sends the lifecycle events of a committed step (only if anyone listens).
+    pub(super) fn announce(&self, s: &Staged<F>) {
+        if !self.events.wanted() {
+            return;
+        }
+        let d = &s.step.draft;
+        let seq = d.record.seq;
+        let send = |kind| self.events.send(F::NAME, &s.id, seq, kind);
+        match &d.input {
+            StepInput::Start => send(EventKind::Started),
+            StepInput::Impulse { name, .. } => send(EventKind::Impulse { name: name.clone() }),
+            StepInput::Outcome { call_seq, ok } => send(EventKind::Outcome {
+                call_step: *call_seq,
+                branch: None,
+                ok: *ok,
+            }),
+            StepInput::BranchOutcome {
+                call_seq,
+                branch,
+                ok,
+            } => send(EventKind::Outcome {
+                call_step: *call_seq,
+                branch: Some(*branch),
+                ok: *ok,
+            }),
+            StepInput::Timer { due_ms } => send(EventKind::Woke { due_ms: *due_ms }),
+            StepInput::Resume => send(EventKind::Resumed),
+            StepInput::Patch => send(EventKind::Patched),
+            StepInput::Rewind { to } => send(EventKind::Rewound { to: *to }),
+            _ => {}
+        }
+        if matches!(d.input, StepInput::Patch | StepInput::Rewind { .. }) {
+            // The instance stays parked: it was reported when it was parked.
+            return;
+        }
+        match &d.output {
+            StepOutput::Drive { .. } | StepOutput::Fan { .. } => {
+                for out in &s.step.dispatch {
+                    let (driver, method) = Self::names(out.call.link, out.call.method);
+                    send(EventKind::Drive {
+                        driver,
+                        method,
+                        call_step: out.call.seq,
+                        branch: out.branch,
+                    });
+                }
+            }
+            StepOutput::Sleep { due_ms } => send(EventKind::Sleeping { until_ms: *due_ms }),
+            StepOutput::Wait => send(EventKind::Waiting { until_ms: None }),
+            StepOutput::WaitUntil { due_ms } => send(EventKind::Waiting {
+                until_ms: Some(*due_ms),
+            }),
+            StepOutput::Finish => send(EventKind::Finished),
+            StepOutput::Fail { reason } => send(EventKind::Failed {
+                reason: reason.clone(),
+            }),
+            StepOutput::Quarantine { reason } => send(EventKind::Quarantined {
+                reason: reason.clone(),
+            }),
+            StepOutput::Compensate {
+                call_seq,
+                registered,
+                link,
+                method,
+            } => {
+                if !s.step.dispatch.is_empty() {
+                    let (driver, method) = Self::names(*link, *method);
+                    send(EventKind::Compensating {
+                        driver,
+                        method,
+                        registered_step: *registered,
+                        call_step: *call_seq,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends one of the runner's own inputs again after a backoff (its step could not be
+    /// persisted).
+    pub(super) fn again(&self, input: Input<F>, failures: u32) {
+        let delay = backoff(failures);
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = inbox.send(Internal::Again(Box::new(input)));
+        });
+    }
+
+    pub(super) async fn conflicted(&mut self, s: Staged<F>) {
+        match s.ack {
+            Ack::Start(reply) => {
+                self.slots.remove(&s.id);
+                let _ = reply.send(Err(Error::AlreadyExists {
+                    flow: F::NAME,
+                    id: s.id.to_string(),
+                }));
+            }
+            ack => {
+                // Someone else wrote the record: the store is the truth, reload it.
+                self.slots.remove(&s.id);
+                let _ = self.fault_in(&s.id).await;
+                let conflict = Error::Conflict {
+                    flow: F::NAME,
+                    id: s.id.to_string(),
+                };
+                match ack {
+                    Ack::Impulse(reply, _) => {
+                        let _ = reply.send(Err(conflict));
+                    }
+                    Ack::Operate(reply) => {
+                        let _ = reply.send(Err(conflict));
+                    }
+                    // Applied again to the record as it now is: still in flight, it
+                    // counts; applied already, it is dropped.
+                    Ack::Outcome(o) => self.requeue.push_back(Input::Outcome(o)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub(super) fn seen(&mut self, s: Staged<F>, step: u64) {
+        if let Some(slot) = self.slots.get_mut(&s.id)
+            && slot.inst.revert().is_err()
+        {
+            tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
+        }
+        if let Ack::Impulse(reply, impulse_id) = s.ack {
+            let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
+                flow: F::NAME,
+                id: s.id.to_string(),
+                impulse_id: impulse_id.to_string(),
+                step,
+            }));
+        }
+    }
+
+    /// A step that could not be persisted (a tier or the store failed): nothing of it is
+    /// kept. A start or an impulse reports the error to its caller (who may retry with the
+    /// same id); an outcome is applied again after a backoff, until it sticks — the
+    /// instance waits, the others go on.
+    pub(super) fn failed(&mut self, s: Staged<F>, err: &Error) {
+        match s.ack {
+            Ack::Start(reply) => {
+                self.slots.remove(&s.id);
+                let _ = reply.send(Err(err.clone_for_caller()));
+            }
+            ack => {
+                let Some(slot) = self.slots.get_mut(&s.id) else {
+                    return;
+                };
+                let _ = slot.inst.revert();
+                if let Error::Store(e) = err
+                    && !e.is_transient()
+                {
+                    self.store_failed(&s.id, err);
+                    // The store is damaged or stopped: retrying cannot help, and
+                    // `Engine::health` reports it. Callers get the error; an outcome is not
+                    // sent again (its call is redelivered when the store is opened again).
+                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step not persisted: the store failed for good");
+                    match ack {
+                        Ack::Impulse(reply, _) => {
+                            let _ = reply.send(Err(err.clone_for_caller()));
+                        }
+                        Ack::Operate(reply) => {
+                            let _ = reply.send(Err(err.clone_for_caller()));
+                        }
+                        _ => {}
+                    }
+                    return;
+                }
+                if matches!(err, Error::TooLarge { .. })
+                    && matches!(ack, Ack::Outcome(_) | Ack::Retry(_))
+                {
+                    // The same input gives the same bytes: retrying cannot help. The
+                    // instance is parked (its committed state fits), and the input is
+                    // settled with that step.
+                    let reason = format!(
+                        "{err}; an operator can patch the state or raise the limit, then resume it"
+                    );
+                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step too large; parking the instance");
+                    let step = slot.inst.quarantine(reason, &mut self.scratch);
+                    self.stage(Staged {
+                        id: s.id,
+                        step,
+                        ack,
+                    });
+                    return;
+                }
+                slot.failures = slot.failures.saturating_add(1);
+                let delay = backoff(slot.failures);
+                tracing::warn!(flow = F::NAME, id = %s.id, error = %err, retry_in = ?delay, "step not persisted");
+                match ack {
+                    Ack::Impulse(reply, _) => {
+                        let _ = reply.send(Err(err.clone_for_caller()));
+                    }
+                    Ack::Operate(reply) => {
+                        let _ = reply.send(Err(err.clone_for_caller()));
+                    }
+                    Ack::Outcome(o) => {
+                        let outcomes = self.outcomes.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = outcomes.send(o);
+                        });
+                    }
+                    Ack::Retry(input) => {
+                        let failures = slot.failures;
+                        self.again(input, failures);
+                    }
+                    Ack::Start(_) | Ack::Quiet => {}
+                }
+            }
+        }
+    }
+
+    /// The store failed for good: every `finished` waiter gets the error (nothing will
+    /// progress), and an event says so, once.
+    pub(super) fn store_failed(&mut self, id: &Arc<str>, err: &Error) {
+        for (_, waiters) in self.waiters.drain() {
+            for w in waiters {
+                let _ = w.send(Err(err.clone_for_caller()));
+            }
+        }
+        if !self.store_down {
+            self.store_down = true;
+            self.events.send(
+                F::NAME,
+                id,
+                0,
+                EventKind::StoreFailed {
+                    error: err.to_string(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn job(&self, id: &Arc<str>, out: &Outgoing) -> Job {
+        let p = &out.call;
+        Job {
+            flow: F::NAME,
+            id: id.clone(),
+            seq: p.seq,
+            branch: out.branch,
+            method: p.method,
+            call: p.call.clone(),
+            redelivered: p.redelivered,
+            policy: self.policy(p.link, p.method).unwrap_or_else(|| {
+                CallPolicy::resolve(Policy::NONE, Policy::NONE, self.limits.call_policy)
+            }),
+            names: Self::names(p.link, p.method),
+            reply: self.outcomes.clone(),
+            receipt: None,
+        }
+    }
+
+    pub(super) fn dispatch(&self, id: &Arc<str>, out: &Outgoing) {
+        let link = out.call.link;
+        let Some(port) = self.ports.get(usize::from(link)) else {
+            tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
+            return;
+        };
+        // A full queue must not stall the runner: hand the job to a task that waits.
+        // A closed queue means the engine is shutting down; the call runs after restart.
+        if let Err(crate::engine::queue::TrySendError::Full(job)) = port.try_send(self.job(id, out))
+        {
+            let port = port.clone();
+            tokio::spawn(async move {
+                let _ = port.send(job).await;
+            });
+        }
+    }
+}

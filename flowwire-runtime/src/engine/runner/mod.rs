@@ -1,0 +1,540 @@
+//! The runner: one task per flow type, owning its instances.
+//!
+//! Each round it takes the messages waiting (its own tasks' reports first, then outcomes,
+//! then requests, at most `max_batch`), runs the steps through the sans-IO [`Instance`]
+//! core, commits all their writes in one store transaction (group commit), and only then
+//! acts: replies to callers, dispatches new calls, wakes waiters. A batch holds at most one
+//! step per instance; a second message for the same instance waits for the next round.
+//!
+//! Commits are pipelined one deep: while a batch is on its way to disk, the runner takes
+//! the next messages and builds the next batch, which goes to the store the moment the
+//! first lands. An instance with a step in flight is not stepped again until that step is
+//! committed (its messages wait), so each batch builds only on committed state and a step
+//! is still acknowledged only after its own commit. A store that commits at once (the
+//! in-memory one) has its batch acted on in the same round.
+//!
+//! A step whose payloads go to a blob tier is not committed in its round: its blobs are
+//! written by a task of its own, and the step joins the commit of the round after they
+//! land. Until then its instance holds further inputs back, and every other instance goes
+//! on — a slow or unreachable tier stalls only the instances whose data lives there.
+//!
+//! Only instances with a driver call in flight stay in memory. One that sleeps, waits or
+//! is parked leaves memory once its step is committed; an impulse, a probe or its timer
+//! loads it again. Timers come from the store's timer index: the runner keeps the ones
+//! due within a look-ahead window in a small ordered set, reads the next window when it
+//! reaches the end of this one, and adds timers armed within the window as their steps
+//! commit.
+//!
+//! The files: this one holds the runner's state and its select loop; [`requests`] what
+//! each input does; [`commit`] the batch pipeline; [`effects`] what a committed (or
+//! failed) step does; [`resident`] loading, recovering and evicting instances; [`timers`]
+//! the timer window.
+
+mod commit;
+mod effects;
+mod requests;
+mod resident;
+mod timers;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use flowwire_storage::ladder::Sealed;
+use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::{
+    InstanceKey, InstanceStore, Placement, Retention, Status, StepResult, StoreError,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{Instance, Scratch, Step};
+use crate::ended::Ended;
+use crate::engine::Limits;
+use crate::engine::job::{CallPolicy, OutcomeMsg};
+use crate::error::Result;
+use crate::events::Emitter;
+use crate::flow::Flow;
+
+/// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
+use crate::engine::msg::Msg;
+
+enum Input<F: Flow> {
+    Msg(Msg<F>),
+    Outcome(OutcomeMsg),
+    /// Load an active instance that could not be read before (its tier or the store was
+    /// unreachable); `resend`: send its call in flight whatever the handover said.
+    Reload {
+        id: Arc<str>,
+        attempt: u32,
+        resend: bool,
+    },
+    /// Check an instance in memory against the store after a commit whose outcome is
+    /// unknown: if the store holds another version (the commit landed after all), the
+    /// store's record replaces the one in memory and its call in flight is sent.
+    Verify {
+        id: Arc<str>,
+        attempt: u32,
+    },
+    /// An instance's timer is due.
+    Fire {
+        id: Arc<str>,
+        due_ms: u64,
+    },
+    /// Send again the call in flight of an instance loaded from the store (or park it, per
+    /// its driver's policy); see `Instance::redeliver`.
+    Redeliver {
+        id: Arc<str>,
+    },
+}
+
+/// What the runner's own tasks report back.
+enum Internal<F: Flow> {
+    /// A step's blobs are written (or could not be): commit it in the next round.
+    Uploaded(Box<Uploaded<F>>),
+    /// Time to try loading an instance again.
+    Reload {
+        id: Arc<str>,
+        attempt: u32,
+        resend: bool,
+    },
+    /// Try an input again (its step could not be persisted).
+    Again(Box<Input<F>>),
+}
+
+struct Uploaded<F: Flow> {
+    staged: Staged<F>,
+    sealed: Sealed,
+    result: Result<()>,
+}
+
+impl<F: Flow> Input<F> {
+    /// The instance a message writes to or reads the committed flow of: at most one such
+    /// message per instance in a round, after the steps of the rounds before are committed.
+    fn serial_on(&self) -> Option<&Arc<str>> {
+        match self {
+            Input::Msg(
+                Msg::Start { id, .. }
+                | Msg::Impulse { id, .. }
+                | Msg::Probe { id, .. }
+                | Msg::State { id, .. }
+                | Msg::Operate { id, .. },
+            )
+            | Input::Reload { id, .. }
+            | Input::Verify { id, .. }
+            | Input::Fire { id, .. }
+            | Input::Redeliver { id } => Some(id),
+            Input::Outcome(o) => Some(&o.id),
+            Input::Msg(_) => None,
+        }
+    }
+}
+
+enum Ack<F: Flow> {
+    Start(oneshot::Sender<Result<()>>),
+    Impulse(oneshot::Sender<Result<()>>, Arc<str>),
+    /// An operator's operation: replied with the step it wrote.
+    Operate(oneshot::Sender<Result<u64>>),
+    /// An outcome: kept so that a step that could not be persisted is tried again.
+    Outcome(OutcomeMsg),
+    /// A runner's own input (timer, redelivery): tried again if not persisted.
+    Retry(Input<F>),
+    Quiet,
+}
+
+struct Staged<F: Flow> {
+    id: Arc<str>,
+    step: Step,
+    ack: Ack<F>,
+}
+
+/// Steps with their placed records and store writes, index for index: a step is a few
+/// hundred bytes, so the three go side by side rather than moving into tuples.
+struct Batch<F: Flow> {
+    staged: Vec<Staged<F>>,
+    placed: Vec<PlacedRecord>,
+    writes: Vec<flowwire_storage::StepWrite>,
+}
+
+impl<F: Flow> Default for Batch<F> {
+    fn default() -> Self {
+        Self {
+            staged: Vec::new(),
+            placed: Vec::new(),
+            writes: Vec::new(),
+        }
+    }
+}
+
+/// The store's answer to a batch.
+type Committed = std::result::Result<Vec<StepResult>, StoreError>;
+
+/// A batch whose commit is on its way; its steps are acted on when it lands.
+struct InFlight<F: Flow> {
+    staged: Vec<Staged<F>>,
+    placed: Vec<PlacedRecord>,
+    commit:
+        std::pin::Pin<Box<tokio::time::Timeout<flowwire_storage::BoxFuture<'static, Committed>>>>,
+}
+
+/// Polls `fut` once with the task's waker: its output, if ready.
+async fn poll_once<T>(fut: impl Future<Output = T>) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+struct Slot<F: Flow> {
+    inst: Instance<F>,
+    /// The committed record as persisted (`None` until the first step is committed).
+    placed: Option<PlacedRecord>,
+    /// Consecutive steps that could not be persisted (for the retry backoff).
+    failures: u32,
+    /// A step's blobs are being written; inputs that would write wait in `held`.
+    uploading: bool,
+    held: VecDeque<Input<F>>,
+    /// The last round that took a message for this instance (at most one per round).
+    round: u64,
+}
+
+impl<F: Flow> Slot<F> {
+    fn new(inst: Instance<F>, placed: Option<PlacedRecord>) -> Self {
+        Self {
+            inst,
+            placed,
+            failures: 0,
+            uploading: false,
+            held: VecDeque::new(),
+            round: 0,
+        }
+    }
+}
+
+/// The shard a runner owns in multi-process mode, under a lease.
+pub(crate) struct Owned {
+    pub shard: u16,
+    /// The lease's fencing token: every write carries it.
+    pub token: u64,
+    /// Until when the lease surely holds: nothing is committed after it.
+    pub lease: crate::engine::lease::LeaseDeadline,
+    /// The previous owner released the shard cleanly: every call it committed is on the
+    /// bus, so loaded instances need no redelivery.
+    pub clean: bool,
+    /// Stream entries of outcomes this runner is done with, to acknowledge.
+    pub acks: mpsc::UnboundedSender<String>,
+    /// Instances that ended (or were parked), to announce to waiting callers elsewhere.
+    pub ended: mpsc::UnboundedSender<Arc<str>>,
+}
+
+/// How far ahead the runner reads the timer index.
+const LOOKAHEAD_MS: u64 = 30_000;
+/// Timers read from the index at once.
+const TIMER_PAGE: usize = 1024;
+
+pub(crate) struct Runner<F: Flow> {
+    flow: Arc<str>,
+    slots: HashMap<Arc<str>, Slot<F>>,
+    /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
+    waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Result<Ended>>>>,
+    /// The store failed for good (its event was sent).
+    store_down: bool,
+    /// Timers due up to `horizon`, earliest first: every one the index holds and every one
+    /// armed since (entries an impulse moved on are removed as their steps commit).
+    timers: BTreeSet<(u64, Arc<str>)>,
+    /// The end of the window read from the timer index (ms since the Unix epoch).
+    horizon: u64,
+    /// Instances touched this round: those without a call in flight leave memory after it.
+    touched: Vec<Arc<str>>,
+    /// The policy of each linked driver's methods.
+    policies: Vec<Vec<CallPolicy>>,
+    events: Emitter,
+    store: Arc<dyn InstanceStore>,
+    placement: Arc<Placement>,
+    retention: Retention,
+    ports: Vec<crate::engine::queue::Port>,
+    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    limits: Limits,
+    scratch: Scratch,
+    inbox: mpsc::UnboundedSender<Internal<F>>,
+    inbox_rx: Option<mpsc::UnboundedReceiver<Internal<F>>>,
+    /// Steps whose blobs are being written.
+    uploading: usize,
+    /// Inputs released by a finished upload, for the front of the next round.
+    requeue: VecDeque<Input<F>>,
+    /// The batch being built: sealed steps waiting for the store.
+    building: Batch<F>,
+    /// The step and placed-record vectors of the batch before the one in flight, kept for
+    /// their capacity (the store takes a batch's writes, so those are not kept).
+    spare: (Vec<Staged<F>>, Vec<PlacedRecord>),
+    /// The batch whose commit is under way (at most one).
+    inflight: Option<InFlight<F>>,
+    /// The number of the batch being built: a resident instance that took a message for
+    /// it is marked with it (at most one message per instance a batch).
+    round: u64,
+    /// The number of the batch in flight.
+    flight_round: u64,
+    /// Instances that took a message for the batch being built while not in memory.
+    busy: HashSet<Arc<str>>,
+    /// The same for the batch in flight.
+    flight_busy: HashSet<Arc<str>>,
+    /// Messages for instances with a step in flight: taken again once it is committed.
+    waiting: VecDeque<Input<F>>,
+    /// Multi-process mode: the shard this runner owns.
+    owned: Option<Owned>,
+    /// A write was refused because a newer owner holds the shard: stop.
+    lost: bool,
+}
+
+fn ended_of(status: &Status) -> Option<Ended> {
+    match status {
+        Status::Finished => Some(Ended::Finished),
+        Status::Failed { reason } => Some(Ended::Failed {
+            reason: reason.clone(),
+        }),
+        _ => None,
+    }
+}
+
+impl<F: Flow> Runner<F> {
+    pub(crate) fn new(
+        store: Arc<dyn InstanceStore>,
+        placement: Arc<Placement>,
+        retention: Retention,
+        ports: Vec<crate::engine::queue::Port>,
+        limits: Limits,
+        events: Emitter,
+    ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
+        let (outcomes, orx) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        let policies = F::LINKS
+            .iter()
+            .map(|link| {
+                link.driver
+                    .methods
+                    .iter()
+                    .map(|m| CallPolicy::resolve(m.policy, link.driver.policy, limits.call_policy))
+                    .collect()
+            })
+            .collect();
+        let runner = Self {
+            flow: F::NAME.into(),
+            slots: HashMap::new(),
+            waiters: HashMap::new(),
+            store_down: false,
+            timers: BTreeSet::new(),
+            horizon: 0,
+            touched: Vec::new(),
+            policies,
+            events,
+            store,
+            placement,
+            retention,
+            ports,
+            outcomes,
+            limits,
+            scratch: Scratch::default(),
+            inbox,
+            inbox_rx: Some(inbox_rx),
+            uploading: 0,
+            requeue: VecDeque::new(),
+            building: Batch::default(),
+            spare: (Vec::new(), Vec::new()),
+            inflight: None,
+            round: 1,
+            flight_round: 0,
+            busy: HashSet::new(),
+            flight_busy: HashSet::new(),
+            waiting: VecDeque::new(),
+            owned: None,
+            lost: false,
+        };
+        (runner, orx)
+    }
+
+    /// Makes this runner the owner of one shard (multi-process mode): it loads, fires and
+    /// writes only that shard's instances, every write carries the lease's token.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn own(&mut self, owned: Owned) {
+        self.owned = Some(owned);
+    }
+
+    /// Where outcomes for this runner go (the bus feeds them in, in multi-process mode).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn outcome_port(&self) -> mpsc::UnboundedSender<OutcomeMsg> {
+        self.outcomes.clone()
+    }
+
+    /// Whether a loaded instance's call in flight is sent again: always, except right
+    /// after a clean handover of the shard (its calls are on the bus).
+    fn redeliver_loaded(&self) -> bool {
+        !self.owned.as_ref().is_some_and(|o| o.clean)
+    }
+
+    fn key(&self, id: &Arc<str>) -> InstanceKey {
+        InstanceKey {
+            flow: self.flow.clone(),
+            id: id.clone(),
+        }
+    }
+
+    /// The policy of a call.
+    fn policy(&self, link: u16, method: u16) -> Option<CallPolicy> {
+        policy_in(&self.policies, link, method)
+    }
+
+    /// Sorts a report of the runner's own tasks into this round.
+    fn take_internal(&mut self, internal: Internal<F>, backlog: &mut VecDeque<Input<F>>) {
+        match internal {
+            Internal::Uploaded(u) => self.landed(*u),
+            Internal::Reload {
+                id,
+                attempt,
+                resend,
+            } => backlog.push_back(Input::Reload {
+                id,
+                attempt,
+                resend,
+            }),
+            Internal::Again(input) => backlog.push_back(*input),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg<F>>,
+        mut orx: mpsc::UnboundedReceiver<OutcomeMsg>,
+    ) {
+        let Some(mut inbox) = self.inbox_rx.take() else {
+            return;
+        };
+        let mut backlog: VecDeque<Input<F>> = VecDeque::new();
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        // Second messages for instances already in the batch being built.
+        let mut deferred: VecDeque<Input<F>> = VecDeque::new();
+        let max = self.limits.max_batch;
+        loop {
+            while let Some(i) = self.requeue.pop_back() {
+                backlog.push_front(i);
+            }
+            // A full batch waits for the one in flight; so does a runner with nothing to take.
+            let full = self.building.staged.len() >= max && self.inflight.is_some();
+            if backlog.is_empty() || full {
+                let wait = self
+                    .next_timer()
+                    .saturating_sub(crate::clock::unix_millis());
+                tokio::select! {
+                    biased;
+                    r = Self::landing(&mut self.inflight), if self.inflight.is_some() => {
+                        self.land(r).await;
+                    }
+                    Some(i) = inbox.recv(), if !full => self.take_internal(i, &mut backlog),
+                    Some(o) = orx.recv(), if !full => backlog.push_back(Input::Outcome(o)),
+                    m = rx.recv(), if !full => match m {
+                        Some(m) => backlog.push_back(Input::Msg(m)),
+                        None => {
+                            // The engine is gone: what was taken is still committed.
+                            self.flush().await;
+                            break;
+                        }
+                    },
+                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)), if !full => {}
+                }
+            } else if self.inflight.is_some()
+                && let Some(r) = poll_once(Self::landing(&mut self.inflight)).await
+            {
+                self.land(r).await;
+            }
+            let now = crate::clock::unix_millis();
+            if now >= self.next_timer() {
+                self.tick(&mut backlog).await;
+            }
+            self.scratch.now_ms = now;
+            // Bounded: one report per upload or reload this runner started.
+            while let Ok(i) = inbox.try_recv() {
+                self.take_internal(i, &mut backlog);
+            }
+            while backlog.len() < max {
+                match orx.try_recv() {
+                    Ok(o) => backlog.push_back(Input::Outcome(o)),
+                    Err(_) => break,
+                }
+            }
+            while backlog.len() < max {
+                match rx.try_recv() {
+                    Ok(m) => backlog.push_back(Input::Msg(m)),
+                    Err(_) => break,
+                }
+            }
+            self.take(&mut backlog, &mut deferred, &mut shutdown).await;
+            if self.inflight.is_none() {
+                self.submit().await;
+                // The batch they wait for is sent: they wait for its commit now.
+                while let Some(d) = deferred.pop_back() {
+                    backlog.push_front(d);
+                }
+            }
+            self.evict_idle();
+            if self.lost {
+                // A newer owner holds the shard: everything held here is stale. Inputs
+                // from the bus are not acknowledged, so the new owner gets them.
+                if let Some(reply) = shutdown.take() {
+                    let _ = reply.send(());
+                }
+                break;
+            }
+            if let Some(reply) = shutdown.take() {
+                // Steps taken and steps whose blobs are on their way are committed before
+                // the runner stops (each upload is bounded by the store timeout); inputs
+                // still waiting are dropped, so their callers see `Error::Shutdown`.
+                self.flush().await;
+                while self.uploading > 0 && !self.lost {
+                    match inbox.recv().await {
+                        Some(Internal::Uploaded(u)) => {
+                            self.landed(*u);
+                            self.flush().await;
+                        }
+                        Some(Internal::Reload { .. } | Internal::Again(_)) => {}
+                        None => break,
+                    }
+                }
+                let _ = reply.send(());
+                break;
+            }
+        }
+    }
+
+    /// The driver and method names of a call.
+    fn names(link: u16, method: u16) -> (&'static str, &'static str) {
+        F::LINKS.get(usize::from(link)).map_or(("?", "?"), |l| {
+            (
+                l.driver.name,
+                l.driver
+                    .methods
+                    .get(usize::from(method))
+                    .map_or("?", |m| m.name),
+            )
+        })
+    }
+}
+
+/// The policy of a call, by its link and method.
+fn policy_in(policies: &[Vec<CallPolicy>], link: u16, method: u16) -> Option<CallPolicy> {
+    policies
+        .get(usize::from(link))
+        .and_then(|m| m.get(usize::from(method)))
+        .copied()
+}
+
+/// The backoff of steps that could not be persisted (and of reloads): the driver retry
+/// backoff's shape, from 100 ms doubling to 5 s, with jitter.
+fn backoff(failures: u32) -> std::time::Duration {
+    const STEPS: CallPolicy = CallPolicy {
+        timeout: std::time::Duration::ZERO,
+        retries: 0,
+        backoff_ms: 50,
+        max_backoff_ms: 5_000,
+        park: false,
+    };
+    STEPS.backoff(failures.saturating_add(1))
+}

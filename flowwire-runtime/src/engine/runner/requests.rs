@@ -1,0 +1,416 @@
+//! What the runner does with each input: one arm per request kind (start, impulse,
+//! outcome, probe, state, operator operation, timer, redelivery, reload), each returning
+//! the step to stage, if any.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::Status;
+use flowwire_storage::codec;
+use tokio::sync::oneshot;
+
+use crate::core::{Instance, Refused, Rejected};
+use crate::engine::msg::{Ask, Msg};
+use crate::error::{Error, Result};
+use crate::flow::Flow;
+
+use super::{Ack, Input, Runner, Slot, Staged, ended_of};
+
+impl<F: Flow> Runner<F> {
+    pub(super) fn quarantined(id: &str, reason: String) -> Error {
+        Error::Quarantined {
+            flow: F::NAME,
+            id: id.to_string(),
+            reason,
+        }
+    }
+
+    pub(super) fn probe_panicked(id: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+        Error::ProbePanicked {
+            flow: F::NAME,
+            id: id.to_string(),
+            reason: crate::guard::panic_message(payload),
+        }
+    }
+
+    /// Runs a probe on a state decoded from its committed bytes, on the blocking pool (a
+    /// large state must not stall the runner).
+    pub(super) fn probe_bytes(
+        &self,
+        id: Arc<str>,
+        state: Bytes,
+        ask: Ask<F>,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        let limit = self.limits.decode_limit;
+        tokio::task::spawn_blocking(move || {
+            let answer = codec::decode_raw::<F::State>(&state, limit)
+                .map_err(|source| Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the state",
+                    source,
+                })
+                .and_then(|s| {
+                    let flow = F::from_state(s);
+                    catch_unwind(AssertUnwindSafe(|| ask(&flow)))
+                        .map_err(|p| Self::probe_panicked(&id, &*p))
+                });
+            let _ = reply.send(answer);
+        });
+    }
+
+    pub(super) fn not_found(id: &str) -> Error {
+        Error::NotFound {
+            flow: F::NAME,
+            id: id.to_string(),
+        }
+    }
+
+    pub(super) fn codec_error(id: &str, source: flowwire_storage::CodecError) -> Error {
+        Error::Codec {
+            flow: F::NAME,
+            id: id.to_string(),
+            what: "the record",
+            source,
+        }
+    }
+
+    /// The answer to an impulse an instance no longer takes: a retry of one it applied
+    /// (say the `cancel` that ended it) is told so, as it would be while it ran.
+    pub(super) fn refuse(
+        &self,
+        id: &Arc<str>,
+        impulse_id: &Arc<str>,
+        refusal: Error,
+    ) -> crate::engine::BoxFut<Error> {
+        let store = self.store.clone();
+        let key = self.key(id);
+        let impulse_id = impulse_id.clone();
+        Box::pin(async move {
+            match store.impulse_applied(&key, &impulse_id).await {
+                Ok(Some(step)) => Error::ImpulseAlreadyApplied {
+                    flow: F::NAME,
+                    id: key.id.to_string(),
+                    impulse_id: impulse_id.to_string(),
+                    step,
+                },
+                _ => refusal,
+            }
+        })
+    }
+
+    /// Why a request that needs a live instance cannot have one.
+    pub(super) fn not_live(id: &str, status: Status) -> Error {
+        match status {
+            Status::Quarantined { reason } => Self::quarantined(id, reason),
+            other => Error::Ended {
+                flow: F::NAME,
+                id: id.to_string(),
+                status: other.name(),
+            },
+        }
+    }
+
+    pub(super) fn refused(id: &Arc<str>, op: &'static str, refused: Refused) -> Error {
+        match refused {
+            Refused::NotParked(status) => Error::NotParked {
+                flow: F::NAME,
+                id: id.to_string(),
+                op,
+                status,
+            },
+            Refused::PatchPanicked(message) => Error::PatchPanicked {
+                flow: F::NAME,
+                id: id.to_string(),
+                message,
+            },
+            Refused::State(detail) => Error::Operation {
+                flow: F::NAME,
+                id: id.to_string(),
+                op,
+                detail,
+            },
+        }
+    }
+
+    pub(super) async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
+        match input {
+            Input::Outcome(o) => {
+                let o = if self.slots.contains_key(&o.id) {
+                    o
+                } else {
+                    self.fault_in_for(o).await?
+                };
+                let step = self.slots.get_mut(&o.id).and_then(|slot| {
+                    slot.inst
+                        .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)
+                });
+                let Some(step) = step else {
+                    // Not in flight any more (applied before, or abandoned).
+                    self.settle(&o);
+                    return None;
+                };
+                Some(Staged {
+                    id: o.id.clone(),
+                    step,
+                    ack: Ack::Outcome(o),
+                })
+            }
+            Input::Msg(Msg::Start { id, state, reply }) => {
+                if self.slots.contains_key(&id) {
+                    let _ = reply.send(Err(Error::AlreadyExists {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                    }));
+                    return None;
+                }
+                let key = self.key(&id);
+                let (inst, step) =
+                    Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
+                self.slots.insert(id.clone(), Slot::new(inst, None));
+                Some(Staged {
+                    id,
+                    step,
+                    ack: Ack::Start(reply),
+                })
+            }
+            Input::Msg(Msg::Impulse {
+                id,
+                impulse_id,
+                impulse,
+                reply,
+            }) => {
+                if !self.slots.contains_key(&id) {
+                    let key = self.key(&id);
+                    match self.store.impulse_applied(&key, &impulse_id).await {
+                        Ok(Some(step)) => {
+                            let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
+                                flow: F::NAME,
+                                id: id.to_string(),
+                                impulse_id: impulse_id.to_string(),
+                                step,
+                            }));
+                            return None;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return None;
+                        }
+                    }
+                }
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    Ok(Some(record)) => {
+                        let refusal = Self::not_live(&id, record.status);
+                        let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return None;
+                    }
+                }
+                let slot = self.slots.get_mut(&id)?;
+                let refusal =
+                    match slot
+                        .inst
+                        .impulse(impulse_id.clone(), impulse, &mut self.scratch)
+                    {
+                        Ok(step) => {
+                            return Some(Staged {
+                                id,
+                                step,
+                                ack: Ack::Impulse(reply, impulse_id),
+                            });
+                        }
+                        Err(Rejected::Ended(status)) => Error::Ended {
+                            flow: F::NAME,
+                            id: id.to_string(),
+                            status,
+                        },
+                        Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
+                    };
+                let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
+                None
+            }
+            Input::Msg(Msg::Probe { id, ask, reply }) => {
+                match self.locate(&id).await {
+                    Ok(None) => match self.slots.get(&id) {
+                        // The flow in memory is the committed one: no step of this round
+                        // touched it (one message per instance a round) and none is uploading.
+                        Some(slot) if !slot.uploading && slot.placed.is_some() => {
+                            let flow = slot.inst.flow();
+                            let ran = catch_unwind(AssertUnwindSafe(|| ask(flow)));
+                            let _ = reply.send(ran.map_err(|p| Self::probe_panicked(&id, &*p)));
+                        }
+                        // A start not committed yet has no persisted state.
+                        Some(slot) if slot.placed.is_none() => {
+                            let _ = reply.send(Err(Self::not_found(&id)));
+                        }
+                        Some(slot) => {
+                            self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply);
+                        }
+                        None => {
+                            let _ = reply.send(Err(Self::not_found(&id)));
+                        }
+                    },
+                    Ok(Some(record)) => self.probe_bytes(id, record.state, ask, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+                None
+            }
+            Input::Msg(Msg::State { id, reply }) => {
+                let answer = match self.locate(&id).await {
+                    // A start whose first step is not committed yet has no persisted state.
+                    Ok(None) => self
+                        .slots
+                        .get(&id)
+                        .filter(|slot| slot.placed.is_some())
+                        .map(|slot| slot.inst.state_bytes())
+                        .ok_or_else(|| Self::not_found(&id)),
+                    Ok(Some(record)) => Ok(record.state),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Input::Msg(Msg::Exists { id, reply }) => {
+                let _ = reply.send(self.locate(&id).await.map(|_| ()));
+                None
+            }
+            Input::Msg(Msg::Finished { id, reply }) => {
+                if let Some(e) = self.store.fault().filter(|e| !e.is_transient()) {
+                    // Nothing will progress: a waiter would wait for ever.
+                    let _ = reply.send(Err(Error::Store(e)));
+                    return None;
+                }
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    Ok(Some(record)) => {
+                        let answer = match ended_of(&record.status) {
+                            Some(ended) => Ok(ended),
+                            None => Err(Self::not_live(&id, record.status)),
+                        };
+                        let _ = reply.send(answer);
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return None;
+                    }
+                }
+                if let Some(slot) = self.slots.get(&id) {
+                    match slot.inst.status() {
+                        Status::Quarantined { reason } => {
+                            let _ = reply.send(Err(Self::quarantined(&id, reason.clone())));
+                        }
+                        _ => self.waiters.entry(id).or_default().push(reply),
+                    }
+                }
+                None
+            }
+            Input::Fire { id, due_ms } => {
+                match self.locate(&id).await {
+                    Ok(None) => {}
+                    // Ended or parked: its record holds no timer any more.
+                    Ok(Some(_)) | Err(Error::NotFound { .. }) => {
+                        self.retime(&id, due_ms, None);
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(flow = F::NAME, id = %id, error = %e, "timer not fired yet");
+                        self.again(Input::Fire { id, due_ms }, 1);
+                        return None;
+                    }
+                }
+                let slot = self.slots.get_mut(&id)?;
+                match slot.inst.fire(due_ms, &mut self.scratch) {
+                    Some(step) => Some(Staged {
+                        ack: Ack::Retry(Input::Fire {
+                            id: id.clone(),
+                            due_ms,
+                        }),
+                        id,
+                        step,
+                    }),
+                    None => {
+                        let actual = slot.inst.record().timer.map(|t| t.due_ms);
+                        if actual != Some(due_ms) {
+                            self.retime(&id, due_ms, actual);
+                        }
+                        None
+                    }
+                }
+            }
+            Input::Redeliver { id } => {
+                let mut slot = self.slots.remove(&id)?;
+                let step = self.redelivery(&mut slot.inst);
+                self.slots.insert(id.clone(), slot);
+                step.map(|step| Staged {
+                    ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
+                    id,
+                    step,
+                })
+            }
+            Input::Reload {
+                id,
+                attempt,
+                resend,
+            } => {
+                if self.slots.contains_key(&id) {
+                    return None;
+                }
+                let key = self.key(&id);
+                let loaded = match self.store.load(&key).await {
+                    Ok(Some(stored)) => self.adopt(&id, &stored, resend).await,
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e.into()),
+                };
+                match loaded {
+                    Ok(first) => {
+                        if self.slots.contains_key(&id) {
+                            tracing::info!(flow = F::NAME, id = %id, attempt, "instance loaded");
+                        }
+                        first.map(|step| Self::first(id, step))
+                    }
+                    Err(e) => {
+                        self.reload_later(id, attempt.saturating_add(1), resend, &e);
+                        None
+                    }
+                }
+            }
+            Input::Verify { id, attempt } => self.verify(id, attempt).await,
+            Input::Msg(Msg::Resident { reply }) => {
+                let _ = reply.send(self.slots.len());
+                None
+            }
+            Input::Msg(Msg::Operate { id, op, reply }) => {
+                if !self.slots.contains_key(&id)
+                    && let Err(e) = self.load_any(&id, op.name()).await
+                {
+                    let _ = reply.send(Err(e));
+                    return None;
+                }
+                let slot = self.slots.get_mut(&id)?;
+                let name = op.name();
+                match slot.inst.operate(op, &mut self.scratch) {
+                    Ok(step) => Some(Staged {
+                        id,
+                        step,
+                        ack: Ack::Operate(reply),
+                    }),
+                    Err(refused) => {
+                        let _ = reply.send(Err(Self::refused(&id, name, refused)));
+                        None
+                    }
+                }
+            }
+            Input::Msg(Msg::Shutdown { .. }) => None,
+        }
+    }
+}
