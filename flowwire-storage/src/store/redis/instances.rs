@@ -1,0 +1,459 @@
+//! The [`InstanceStore`] implementation: reads, listings by index, operator writes; the
+//! commit itself is in `commit.rs`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
+use crate::store::{ActiveList, BoxFuture, DamagedList, InstanceStore};
+
+use super::{PAGE, RecordRow, RedisStore, backend, parse};
+
+impl RedisStore {
+    /// The active instances of one shard (stale index entries are dropped on the way).
+    pub(super) async fn active_shard(
+        &self,
+        flow: &str,
+        shard: u16,
+    ) -> Result<ActiveList, StoreError> {
+        {
+            let mut c = self.conn().await?;
+            // Recovery starts here: data of another layout, or lost data, is refused
+            // before anything is read as empty.
+            self.check_epoch(&mut c).await?;
+            let set = self.active_key(flow, shard);
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            let mut out = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let cmds = page.iter().map(|id| {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(r).arg("v").arg("b").arg("a");
+                    cmd
+                });
+                let rows: Vec<RecordRow> = parse(c.batch(cmds.collect()).await)?;
+                for (id, row) in page.iter().zip(rows) {
+                    match row {
+                        (Some(version), Some(bytes), Some(a)) if a == "1" => out.push((
+                            id.as_str().into(),
+                            Stored {
+                                version,
+                                bytes: Bytes::from(bytes),
+                            },
+                        )),
+                        _ => stale.push(id.clone()),
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
+            }
+            Ok(out)
+        }
+    }
+
+    /// The armed timers of one shard due by `until_ms`, earliest first, at most `limit`.
+    pub(super) async fn due_shard(
+        &self,
+        flow: &str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<crate::store::DueList, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.timers_key(flow, shard))
+            .arg("-inf")
+            .arg(until_ms)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(rows.into_iter().map(|(id, d)| (id.into(), d)).collect())
+    }
+}
+
+impl InstanceStore for RedisStore {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
+        // The commit outlives the borrow of the store (see the trait): it holds a clone.
+        let this = self.clone();
+        Box::pin(async move { this.commit_batch(&batch).await })
+    }
+
+    fn fault(&self) -> Option<StoreError> {
+        self.lost()
+    }
+
+    fn mark_damaged<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let hash = self.damaged_key(&key.flow);
+            let cmd = match reason {
+                Some(why) => redis::Cmd::hset(hash, &*key.id, why),
+                None => redis::Cmd::hdel(hash, &*key.id),
+            };
+            cmd.query_async::<()>(&mut c).await.map_err(|e| backend(&e))
+        })
+    }
+
+    fn damaged<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DamagedList, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            // Damaged instances are few (an operator clears them): read them all, page here.
+            let all: std::collections::BTreeMap<String, String> =
+                redis::Cmd::hgetall(self.damaged_key(flow))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+            Ok(all
+                .into_iter()
+                .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a))
+                .take(limit)
+                .map(|(id, why)| (Arc::from(id), why))
+                .collect())
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a InstanceKey) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let (flow, id) = (&*key.flow, &*key.id);
+            let keys = self.keys(key);
+            // The correlation keys, from the record's own fields (the record itself may not
+            // decode); the indexes are filtered by their records anyway.
+            let (corr, ended): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(&keys[0])
+                .arg("k")
+                .arg("e")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            let shard = self.shard(id);
+            let mut cmds = vec![
+                redis::Cmd::del(&keys[..]),
+                redis::Cmd::srem(self.active_key(flow, shard), id),
+                redis::Cmd::zrem(self.timers_key(flow, shard), id),
+                redis::Cmd::zrem(self.parked_key(flow), id),
+                redis::Cmd::hdel(self.damaged_key(flow), id),
+            ];
+            if let Some(k) = corr.filter(|k| !k.is_empty()) {
+                cmds.push(redis::Cmd::srem(self.corr_key(flow, &k), id));
+            }
+            if let Some(k) = ended.filter(|k| !k.is_empty()) {
+                cmds.push(redis::Cmd::srem(self.ended_key(flow, &k), id));
+            }
+            for cmd in cmds {
+                cmd.query_async::<()>(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn load<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+    ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [r, ..] = self.keys(key);
+            let (v, b): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                .arg(&r)
+                .arg("v")
+                .arg("b")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            let found = v.zip(b).map(|(version, bytes)| Stored {
+                version,
+                bytes: Bytes::from(bytes),
+            });
+            if found.is_none() {
+                // "No such instance" from a server that lost its data is not an answer.
+                self.check_epoch(&mut c).await?;
+            }
+            Ok(found)
+        })
+    }
+
+    fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for shard in 0..self.shards {
+                out.extend(self.active_shard(flow, shard).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    fn active_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+    ) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(self.active_shard(flow, shard))
+    }
+
+    fn due_in<'a>(
+        &'a self,
+        flow: &'a str,
+        shard: u16,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<crate::store::DueList, StoreError>> {
+        Box::pin(self.due_shard(flow, shard, until_ms, limit))
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [_, _, hz, hh, _] = self.keys(key);
+            let seqs: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&hz)
+                .arg(from)
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            if seqs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let entries: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                .arg(&hh)
+                .arg(&seqs)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(seqs
+                .into_iter()
+                .zip(entries)
+                .filter_map(|(s, e)| e.map(|e| (s, Bytes::from(e))))
+                .collect())
+        })
+    }
+
+    fn impulse_applied<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        impulse_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let [_, i, ..] = self.keys(key);
+            redis::cmd("HGET")
+                .arg(&i)
+                .arg(impulse_id)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        flow: &'a str,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<crate::store::DueList, StoreError>> {
+        Box::pin(async move {
+            let mut all = Vec::new();
+            for shard in 0..self.shards {
+                all.extend(self.due_shard(flow, shard, until_ms, limit).await?);
+            }
+            all.sort_unstable_by_key(|(_, due)| *due);
+            all.truncate(limit);
+            Ok(all)
+        })
+    }
+
+    fn retime<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        stale: u64,
+        actual: Option<u64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            redis::Script::new(super::commit::RETIME)
+                .key(self.timers_key(&key.flow, self.shard(&key.id)))
+                .arg(&*key.id)
+                .arg(stale)
+                .arg(actual.map(|a| a.to_string()).unwrap_or_default())
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            Ok(())
+        })
+    }
+
+    fn parked<'a>(
+        &'a self,
+        flow: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.parked_key(flow);
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut from = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+            // Bounded: each round reads a page of the set, and stops at its end.
+            for _ in 0..1_000 {
+                let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                    .arg(&set)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit.max(1))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                let Some(last) = ids.last() else { break };
+                from = format!("({last}");
+                let cmds = ids.iter().map(|id| {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    redis::Cmd::hget(r, "p")
+                });
+                let flags: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
+                let full = ids.len() < limit.max(1);
+                for (id, p) in ids.into_iter().zip(flags) {
+                    if p.as_deref() == Some("1") && out.len() < limit {
+                        out.push(id.into());
+                    }
+                }
+                if out.len() >= limit || full {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn correlated<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.corr_key(flow, key);
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            ids.sort_unstable();
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let cmds = page.iter().map(|id| {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    redis::Cmd::hget(r, "k")
+                });
+                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
+                for (id, k) in page.iter().zip(keys) {
+                    if k.as_deref() == Some(key) {
+                        if out.len() < limit {
+                            out.push(id.as_str().into());
+                        }
+                    } else {
+                        stale.push(id.clone());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
+            }
+            Ok(out)
+        })
+    }
+
+    fn ended_with_key<'a>(
+        &'a self,
+        flow: &'a str,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
+        Box::pin(async move {
+            let mut c = self.conn().await?;
+            let set = self.ended_key(flow, key);
+            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&set)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
+            ids.sort_unstable();
+            let mut out: Vec<Arc<str>> = Vec::new();
+            let mut stale = Vec::new();
+            for page in ids.chunks(PAGE) {
+                let cmds = page.iter().map(|id| {
+                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                    redis::Cmd::hget(r, "e")
+                });
+                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
+                for (id, k) in page.iter().zip(keys) {
+                    if k.as_deref() == Some(key) {
+                        if out.len() < limit {
+                            out.push(id.as_str().into());
+                        }
+                    } else {
+                        stale.push(id.clone());
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let _ = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&stale)
+                    .query_async::<()>(&mut c)
+                    .await;
+            }
+            Ok(out)
+        })
+    }
+}

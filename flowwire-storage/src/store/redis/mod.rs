@@ -1,0 +1,305 @@
+//! The Redis store: instance records shared by every process of a deployment.
+//!
+//! Keys, per instance. They carry the hash tag of the instance's *shard* (`{flow#s}`, where
+//! `s = hash(id) % shards`), the tag of the shard's lease and fencing-token counter on the
+//! bus (`crate::bus`): one Lua script can check the shard's newest token and write the
+//! instance's keys atomically, on one server or in one Redis Cluster slot.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key, `e` the key it ended with, `f` last fencing token |
+//! | `P:{flow#s}:i:id` | hash | impulse id → step that applied it |
+//! | `P:{flow#s}:hz:id` | sorted set | history step numbers |
+//! | `P:{flow#s}:hh:id` | hash | step number → encoded history entry |
+//! | `P:{flow#s}:w:id` | list | `step:token:newest` per write, when writes are audited ([`RedisStore::audit_writes`]) |
+//! | `P:token:{flow#s}` | counter | the newest fencing token granted for the shard (written by the bus) |
+//! | `P:epoch` | string | `layout2:` and a random token: the data's identity and key layout |
+//! | `P:active:{flow#shard}` | set | ids of (possibly) active instances of a shard |
+//! | `P:timers:{flow#shard}` | sorted set | id scored by its timer's due time (ms), per shard |
+//! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
+//! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
+//! | `P:retired:{flow}:key` | set | ids of (possibly) ended instances that carried that key (record field `e`) |
+//!
+//! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a step
+//! written under a token older than the newest one granted for its shard is refused, as is
+//! one older than the token its record was last written under), compare-and-swap on the version, insert-if-absent of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
+//! is one pipeline of those scripts (one round trip); each step is atomic on its own.
+//!
+//! The active, timer, parked and correlation sets live in other slots, so they cannot be in the script.
+//! They are kept *conservative*: an entry is added before the step that needs it is
+//! committed and removed after the step that drops it, so a crash in between leaves an
+//! extra entry, never a missing one. Extra active, parked and correlated ids are filtered
+//! out by the record's own fields (and dropped when found); an extra timer entry is found by the runtime when it fires (the
+//! record says otherwise) and repaired with
+//! [`InstanceStore::retime`](crate::InstanceStore::retime).
+//!
+//! The files: this one holds the store, its keys and the data's epoch; `commit.rs` the
+//! step scripts and a batch's round trip; `instances.rs` the reads, listings and operator
+//! writes (the [`InstanceStore`](crate::InstanceStore) implementation); `audit.rs` the
+//! write audit.
+
+mod audit;
+mod commit;
+mod instances;
+
+use std::time::Duration;
+
+use crate::error::StoreError;
+use crate::record::InstanceKey;
+use crate::redis_link::{Conn, RedisLink};
+
+pub use self::audit::AuditedWrite;
+pub use self::commit::COMMIT;
+
+/// The key of one of a shard's keys of `what` (its lease, token counter, streams, active
+/// and timer indexes), tagged `{flow#shard}` like the keys of the shard's instances.
+pub(crate) fn shard_key(prefix: &str, what: &str, flow: &str, shard: u16) -> String {
+    format!("{prefix}:{what}:{{{flow}#{shard}}}")
+}
+
+/// The key layout this build writes, recorded in the epoch token (`layout2:…`). Layout 1
+/// tagged each instance's keys with its own id, so that a commit could not read its
+/// shard's fencing token on a cluster; its data is refused, not read as empty.
+const LAYOUT: &str = "layout2:";
+
+/// A record hash as read back: version, bytes, active flag.
+type RecordRow = (Option<u64>, Option<Vec<u8>>, Option<String>);
+
+/// Ids read per round trip when listing active instances.
+const PAGE: usize = 256;
+
+/// Instance records in Redis (or Redis Cluster: every instance's keys share a hash tag).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+/// use flowwire_storage::store::RedisStore;
+/// let store = RedisStore::open("redis://127.0.0.1:6379/", "fw")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    link: RedisLink,
+    prefix: String,
+    sha: String,
+    shards: u16,
+    audit: bool,
+    epoch: std::sync::Arc<Epoch>,
+}
+
+/// The identity of the data a store writes to: a random token the first store to use the
+/// prefix writes under `<prefix>:epoch`, which every later use finds. A server that comes
+/// back without it (restarted without persistence, or flushed) lost the store's data.
+#[derive(Debug, Default)]
+struct Epoch {
+    /// The token found (or written) at this store's first use.
+    known: std::sync::Mutex<Option<String>>,
+    /// Set once the token was found missing or changed.
+    lost: std::sync::OnceLock<String>,
+}
+
+fn backend(e: &redis::RedisError) -> StoreError {
+    StoreError::unavailable("redis", e.clone())
+}
+
+/// Whether a server answered that it does not have the script (its cache was lost).
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// The replies of a batch, each converted to `T`.
+fn parse<T: redis::FromRedisValue>(
+    replies: redis::RedisResult<Vec<redis::Value>>,
+) -> Result<Vec<T>, StoreError> {
+    replies
+        .map_err(|e| backend(&e))?
+        .into_iter()
+        .map(|v| {
+            redis::from_redis_value(v)
+                .map_err(|e| StoreError::Backend(format!("redis: unexpected reply: {e}")))
+        })
+        .collect()
+}
+
+impl RedisStore {
+    /// A store on the Redis server at `url`, with every key under `prefix` (no `{` or `}`).
+    /// Connects on first use; reconnects by itself after the server comes back.
+    pub fn open(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Self::check_prefix(prefix)?;
+        let link = RedisLink::open(url, Duration::from_secs(10)).map_err(StoreError::Backend)?;
+        Ok(Self::on(link, prefix))
+    }
+
+    /// A store on a Redis Cluster, given the URLs of some of its nodes (the others are
+    /// discovered), with every key under `prefix`. Each instance's keys share a hash tag,
+    /// so its step commits atomically in one slot; the indexes are per flow.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+    /// use flowwire_storage::store::RedisStore;
+    /// let store = RedisStore::cluster(
+    ///     &["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"],
+    ///     "fw",
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cluster(nodes: &[&str], prefix: &str) -> Result<Self, StoreError> {
+        Self::check_prefix(prefix)?;
+        let link =
+            RedisLink::cluster(nodes, Duration::from_secs(10)).map_err(StoreError::Backend)?;
+        Ok(Self::on(link, prefix))
+    }
+
+    fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError::Backend(format!(
+                "the Redis key prefix {prefix:?} must not contain `{{` or `}}` (they mark Redis Cluster hash tags)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn on(link: RedisLink, prefix: &str) -> Self {
+        Self {
+            link,
+            prefix: prefix.to_string(),
+            sha: redis::Script::new(COMMIT).get_hash().to_string(),
+            shards: 1,
+            audit: false,
+            epoch: std::sync::Arc::default(),
+        }
+    }
+
+    pub(super) fn lost(&self) -> Option<StoreError> {
+        self.epoch.lost.get().map(|detail| StoreError::Lost {
+            detail: detail.clone(),
+        })
+    }
+
+    /// Checks that the server still holds this store's data: at first use the epoch token
+    /// is read (or written, for a new prefix); after that it must be there unchanged.
+    pub(super) async fn check_epoch(&self, c: &mut Conn) -> Result<(), StoreError> {
+        use std::hash::BuildHasher as _;
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
+        let key = format!("{}:epoch", self.prefix);
+        let known = self
+            .epoch
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match known {
+            None => {
+                let token = format!(
+                    "{LAYOUT}{:016x}",
+                    std::hash::RandomState::new().hash_one(std::process::id())
+                );
+                let found: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("GET")
+                    .query_async(c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                if let Some(found) = found.as_deref()
+                    && !found.starts_with(LAYOUT)
+                {
+                    return Err(StoreError::Incompatible {
+                        detail: format!(
+                            "the data under the Redis key prefix {:?} was written with an older key layout (epoch {found:?}); this build writes {}",
+                            self.prefix,
+                            LAYOUT.trim_end_matches(':'),
+                        ),
+                    });
+                }
+                *self
+                    .epoch
+                    .known
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(found.unwrap_or(token));
+                Ok(())
+            }
+            Some(known) => {
+                let found: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                if found.as_deref() == Some(known.as_str()) {
+                    return Ok(());
+                }
+                let detail = match found {
+                    None => format!("the key {key} that marked its data is gone"),
+                    Some(other) => format!("the key {key} marks other data ({other}, not {known})"),
+                };
+                tracing::error!(prefix = %self.prefix, %detail, "the Redis store lost its data");
+                let _ = self.epoch.lost.set(detail);
+                Err(self.lost().expect("just set"))
+            }
+        }
+    }
+
+    /// Splits each flow's instances into `n` shards (1 to 4096; default 1): the active and
+    /// timer indexes are kept per shard, so that the orchestrator owning a shard reads only
+    /// its own. Every process of a deployment must use the same count (the engine checks it
+    /// in multi-process mode).
+    #[must_use]
+    pub fn with_shards(mut self, n: u16) -> Self {
+        self.shards = n.clamp(1, 4096);
+        self
+    }
+
+    /// The link and key prefix, for the deployment's bus (leases, streams).
+    pub(crate) fn link(&self) -> (&RedisLink, &str) {
+        (&self.link, &self.prefix)
+    }
+
+    /// An instance's keys (record, impulses, history index, history entries, write audit),
+    /// tagged with its shard.
+    pub(super) fn keys(&self, key: &InstanceKey) -> [String; 5] {
+        let shard = self.shard(&key.id);
+        let (prefix, flow, id) = (&self.prefix, &key.flow, &key.id);
+        [
+            format!("{prefix}:{{{flow}#{shard}}}:r:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:i:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:hz:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:hh:{id}"),
+            format!("{prefix}:{{{flow}#{shard}}}:w:{id}"),
+        ]
+    }
+
+    pub(super) fn shard(&self, id: &str) -> u16 {
+        super::shard_of(id, self.shards)
+    }
+
+    pub(super) fn active_key(&self, flow: &str, shard: u16) -> String {
+        shard_key(&self.prefix, "active", flow, shard)
+    }
+
+    pub(super) fn timers_key(&self, flow: &str, shard: u16) -> String {
+        shard_key(&self.prefix, "timers", flow, shard)
+    }
+
+    pub(super) fn parked_key(&self, flow: &str) -> String {
+        format!("{}:parked:{{{flow}}}", self.prefix)
+    }
+
+    pub(super) fn damaged_key(&self, flow: &str) -> String {
+        format!("{}:damaged:{{{flow}}}", self.prefix)
+    }
+
+    pub(super) fn ended_key(&self, flow: &str, key: &str) -> String {
+        format!("{}:retired:{{{flow}}}:{key}", self.prefix)
+    }
+
+    pub(super) fn corr_key(&self, flow: &str, key: &str) -> String {
+        format!("{}:corr:{{{flow}}}:{key}", self.prefix)
+    }
+
+    pub(super) async fn conn(&self) -> Result<Conn, StoreError> {
+        self.link.conn().await.map_err(|e| backend(&e))
+    }
+}
