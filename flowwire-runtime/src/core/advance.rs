@@ -1,0 +1,417 @@
+//! Running the wire: an impulse, an outcome or a timer applied, then the wire looped
+//! until it asks for something that takes time, and the step that records it.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::codec;
+use flowwire_storage::{
+    Compensation, Fan, PendingCall, Status, StepInput, StepOutput, TimeSpec, Timer,
+};
+
+use crate::board::CallSet;
+use crate::command::{CommandKind, Delivered, Join, ThenError, Wake};
+use crate::driver::Fault;
+use crate::flow::{Flow, ImpulseSet};
+use crate::guard::panic_message;
+
+use super::fan::{encode_branch, fan_output, same_fan, top_up};
+use super::{Armed, Dispatches, FanArmed, Instance, MAX_BRANCHES, Rejected, Scratch, Step, one};
+
+impl<F: Flow> Instance<F> {
+    /// Applies an impulse and runs the wire.
+    pub fn impulse(
+        &mut self,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        scratch: &mut Scratch,
+    ) -> Result<Step, Rejected> {
+        match &self.record.status {
+            Status::Finished => return Err(Rejected::Ended("finished")),
+            Status::Failed { .. } => return Err(Rejected::Ended("failed")),
+            Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
+            Status::Compensating => return Err(Rejected::Ended("compensating")),
+            Status::Running | Status::Waiting | Status::Sleeping => {}
+        }
+        let name = impulse.name();
+        scratch.call.clear();
+        let payload = match codec::encode_raw(&impulse, &mut scratch.call) {
+            Ok(()) => Some(scratch.arena.take(&mut scratch.call)),
+            Err(_) => None,
+        };
+        let input = StepInput::Impulse {
+            id: impulse_id.to_string(),
+            name: name.to_string(),
+        };
+        let applied = catch_unwind(AssertUnwindSafe(|| self.flow.apply_impulse(impulse)));
+        if let Err(p) = applied {
+            let reason = format!("impulse `{name}` panicked: {}", panic_message(&*p));
+            let mut step = self.park(input, reason, scratch);
+            step.draft.payload = payload;
+            return Ok(step);
+        }
+        let mut step = self.advance(input, Some(impulse_id), true, scratch);
+        step.draft.payload = payload;
+        Ok(step)
+    }
+
+    /// Applies a driver outcome for the call issued at step `seq` (for a fan-out: of its
+    /// branch `branch`) and runs the wire.
+    ///
+    /// Returns `None` for an outcome that is no longer awaited (a duplicate, or a call the
+    /// wire abandoned after an impulse).
+    pub fn outcome(
+        &mut self,
+        seq: u64,
+        branch: Option<u32>,
+        outcome: Result<&Bytes, &Fault>,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
+        if let Some(branch) = branch {
+            return self.branch_outcome(seq, branch, outcome, scratch);
+        }
+        let pending = self.record.pending.clone()?;
+        if pending.seq != seq {
+            return None;
+        }
+        let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
+        let payload = Some(match outcome {
+            Ok(bytes) => bytes.clone(),
+            Err(fault) => Bytes::from(fault.to_string()),
+        });
+        let input = StepInput::Outcome { call_seq: seq, ok };
+        match self.record.status {
+            Status::Running => {}
+            Status::Compensating => {
+                let mut step = self.compensated(input, ok, outcome.err(), scratch);
+                step.draft.payload = payload;
+                return Some(step);
+            }
+            _ => return None,
+        }
+        let armed = match self.then.take() {
+            Some(a) if a.seq == seq => a,
+            _ => match self.rederive(&pending, scratch) {
+                Ok(a) => a,
+                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+            },
+        };
+        if ok && let Some(undo) = &armed.undo {
+            // The call did what it did: whatever the continuation makes of it, the flow
+            // must undo it if it fails later.
+            scratch.call.clear();
+            if let Err(e) = undo.encode(&mut scratch.call) {
+                let reason =
+                    format!("the compensation of the call at step {seq} could not be encoded: {e}");
+                return Some(self.park(input, reason, scratch));
+            }
+            self.registered = Some(Compensation {
+                seq,
+                link: undo.link(),
+                method: undo.method(),
+                call: scratch.arena.copy(&scratch.call),
+            });
+        }
+        let delivered = match outcome {
+            Ok(bytes) => Delivered::Reply(&bytes[..]),
+            Err(fault) => Delivered::Fault(fault),
+        };
+        let limit = self.limit;
+        let then = armed.then;
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            then.call(&mut self.flow, delivered, limit, 0)
+        }));
+        let mut step = match ran {
+            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(ThenError::Decode(e))) => {
+                let reason = format!("the reply of the call at step {seq} does not decode: {e}");
+                self.park(input, reason, scratch)
+            }
+            Err(p) => {
+                let reason = format!("the continuation panicked: {}", panic_message(&*p));
+                self.park(input, reason, scratch)
+            }
+        };
+        step.draft.payload = payload;
+        Some(step)
+    }
+
+    /// A step of a fan-out in progress: the fan-out with the next queued branches sent.
+    pub(super) fn progress(
+        &mut self,
+        input: StepInput,
+        mut fan: Fan,
+        state: Bytes,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let dispatch = top_up(&mut fan);
+        let output = fan_output(&fan);
+        let mut step = self.build(
+            input,
+            None,
+            Status::Running,
+            state,
+            None,
+            dispatch,
+            None,
+            output,
+        );
+        step.draft.record.fan = Some(fan);
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+
+    /// Runs the wire again to find the continuation of the armed timer (after a restart,
+    /// or after the instance left memory while it slept or waited).
+    pub(super) fn rederive_timer(&mut self, timer: &Timer) -> Result<Wake<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let waiting = self.record.status == Status::Waiting;
+        match cmd.kind {
+            CommandKind::Timer { spec, wait, wake } if spec == timer.spec && wait == waiting => {
+                Ok(wake)
+            }
+            _ => Err(format!(
+                "non-deterministic wire: a timer is armed at step {}, but the wire now returns `{}` (with other time or kind)",
+                self.record.seq,
+                cmd.name()
+            )),
+        }
+    }
+
+    /// Runs the wire again to find the continuation of the call in flight (after a restart).
+    pub(super) fn rederive(
+        &mut self,
+        pending: &PendingCall,
+        scratch: &mut Scratch,
+    ) -> Result<Armed<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let CommandKind::Drive { call, then, undo } = cmd.kind else {
+            return Err(format!(
+                "non-deterministic wire: the call at step {} is in flight, but the wire now returns `{}`",
+                pending.seq,
+                cmd.name()
+            ));
+        };
+        scratch.call.clear();
+        call.encode(&mut scratch.call)
+            .map_err(|e| format!("the call could not be encoded: {e}"))?;
+        if call.link() != pending.link
+            || call.method() != pending.method
+            || scratch.call != pending.call
+        {
+            return Err(format!(
+                "non-deterministic wire: the call at step {} differs from the one the wire returns now",
+                pending.seq
+            ));
+        }
+        Ok(Armed {
+            seq: pending.seq,
+            then,
+            undo,
+        })
+    }
+
+    /// Runs the wire and builds the step that follows `input`.
+    pub(super) fn advance(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        keep_pending: bool,
+        scratch: &mut Scratch,
+    ) -> Step {
+        self.advance_from(input, impulse, keep_pending, scratch, 0)
+    }
+
+    /// [`Instance::advance`], after `joined` fan-outs without calls joined at once.
+    pub(super) fn advance_from(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        keep_pending: bool,
+        scratch: &mut Scratch,
+        joined: u32,
+    ) -> Step {
+        /// Fan-outs without calls one step may join before the wire is taken to loop.
+        const EMPTY_JOINS: u32 = 8;
+        let seq = self.record.seq + 1;
+        let cmd = match catch_unwind(AssertUnwindSafe(|| self.flow.wire())) {
+            Ok(cmd) => cmd,
+            Err(p) => {
+                let reason = format!("the wire panicked: {}", panic_message(&*p));
+                return self.park(input, reason, scratch);
+            }
+        };
+        let mut timer = None;
+        let mut failing = None;
+        let mut fan = None;
+        let (status, pending, dispatch, output) = match cmd.kind {
+            CommandKind::Drive { call, then, undo } => {
+                scratch.call.clear();
+                if let Err(e) = call.encode(&mut scratch.call) {
+                    let reason = format!("the wire's call could not be encoded: {e}");
+                    return self.park(input, reason, scratch);
+                }
+                let (link, method) = (call.link(), call.method());
+                let kept = self.record.pending.as_ref().filter(|p| {
+                    keep_pending && p.link == link && p.method == method && p.call == scratch.call
+                });
+                let (pending, dispatch) = match kept {
+                    Some(p) => (p.clone(), Dispatches::new()),
+                    None => {
+                        let p = PendingCall {
+                            seq,
+                            link,
+                            method,
+                            call: scratch.arena.take(&mut scratch.call),
+                            redelivered: 0,
+                        };
+                        (p.clone(), one(p))
+                    }
+                };
+                self.then = Some(Armed {
+                    seq: pending.seq,
+                    then,
+                    undo,
+                });
+                let output = StepOutput::Drive {
+                    call_seq: pending.seq,
+                    link,
+                    method,
+                };
+                (Status::Running, Some(pending), dispatch, output)
+            }
+            CommandKind::Fan {
+                calls,
+                parallel,
+                join,
+            } => {
+                let kept = self.record.fan.as_ref().filter(|f| {
+                    keep_pending
+                        && self.record.status == Status::Running
+                        && same_fan(f, &calls, &join)
+                });
+                if let Some(f) = kept {
+                    let f = f.clone();
+                    let output = fan_output(&f);
+                    self.fan = Some(FanArmed { seq: f.seq, join });
+                    fan = Some(f);
+                    (Status::Running, None, Dispatches::new(), output)
+                } else if calls.len() > MAX_BRANCHES {
+                    let reason = format!(
+                        "the wire returned a fan-out of {} calls; at most {MAX_BRANCHES} are allowed (split the work into several fan-outs)",
+                        calls.len()
+                    );
+                    return self.park(input, reason, scratch);
+                } else if calls.is_empty() {
+                    let Join::All { then, .. } = join else {
+                        let reason = "the wire returned `first` over a fan-out without calls: there is no outcome to continue with (return another command when there is nothing to race)".to_string();
+                        return self.park(input, reason, scratch);
+                    };
+                    if joined >= EMPTY_JOINS {
+                        let reason = format!(
+                            "the wire returned a fan-out without calls {EMPTY_JOINS} times in a row: its join continuation must change the state so that the wire moves on"
+                        );
+                        return self.park(input, reason, scratch);
+                    }
+                    // Nothing to wait for: join at once.
+                    return self.join(input, impulse, then, scratch, joined + 1);
+                } else {
+                    let mut branches = Vec::with_capacity(calls.len());
+                    for (i, (call, undo)) in calls.iter().enumerate() {
+                        match encode_branch(seq, call, undo.as_ref(), &mut scratch.call) {
+                            Ok(b) => branches.push(b),
+                            Err(e) => {
+                                let reason = format!(
+                                    "branch {i} of the wire's fan-out could not be encoded: {e}"
+                                );
+                                return self.park(input, reason, scratch);
+                            }
+                        }
+                    }
+                    let mut f = Fan {
+                        seq,
+                        first: join.is_first(),
+                        parallel,
+                        branches,
+                    };
+                    let dispatch = top_up(&mut f);
+                    let output = fan_output(&f);
+                    self.fan = Some(FanArmed { seq, join });
+                    fan = Some(f);
+                    (Status::Running, None, dispatch, output)
+                }
+            }
+            CommandKind::Wait => (Status::Waiting, None, Dispatches::new(), StepOutput::Wait),
+            CommandKind::Timer { spec, wait, wake } => {
+                let was = if wait {
+                    Status::Waiting
+                } else {
+                    Status::Sleeping
+                };
+                let kept = self
+                    .record
+                    .timer
+                    .filter(|t| keep_pending && t.spec == spec && self.record.status == was);
+                let due_ms = match kept {
+                    Some(t) => t.due_ms,
+                    None => match spec {
+                        TimeSpec::After(ms) => scratch.now_ms.saturating_add(ms),
+                        TimeSpec::At(at) => at,
+                    },
+                };
+                timer = Some(Timer { due_ms, spec });
+                self.wake = Some((due_ms, wake));
+                let output = if wait {
+                    StepOutput::WaitUntil { due_ms }
+                } else {
+                    StepOutput::Sleep { due_ms }
+                };
+                (was, None, Dispatches::new(), output)
+            }
+            CommandKind::Finish => (
+                Status::Finished,
+                None,
+                Dispatches::new(),
+                StepOutput::Finish,
+            ),
+            CommandKind::Fail(f) => {
+                failing = Some(f.to_string());
+                (Status::Waiting, None, Dispatches::new(), StepOutput::Wait)
+            }
+        };
+        scratch.state.clear();
+        if let Err(e) = codec::encode_raw(self.flow.state(), &mut scratch.state) {
+            let reason = format!("the state could not be encoded: {e}");
+            return self.park(input, reason, scratch);
+        }
+        let state = scratch.arena.take(&mut scratch.state);
+        if let Some(reason) = failing {
+            let compensations = self.compensations_now();
+            // The impulse that led the wire to fail was applied: its id is recorded with
+            // the step, as with any other.
+            return self.unwind(input, impulse, reason, compensations, state, scratch);
+        }
+        let mut step = self.build(
+            input, impulse, status, state, pending, dispatch, timer, output,
+        );
+        step.draft.record.fan = fan;
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+
+    /// The step after a continuation failed the flow: its changed state is kept, and the
+    /// compensations (with the one this step registers) start.
+    pub(super) fn end(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
+        scratch.state.clear();
+        let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
+            Ok(()) => scratch.arena.take(&mut scratch.state),
+            Err(_) => self.record.state.clone(),
+        };
+        let compensations = self.compensations_now();
+        self.unwind(input, None, reason, compensations, state, scratch)
+    }
+}

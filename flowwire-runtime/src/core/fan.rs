@@ -1,0 +1,275 @@
+//! Fan-outs: a branch's outcome, the join when the last one lands, and the branches'
+//! calls and outputs (rederived after a restart).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::codec;
+use flowwire_storage::{
+    BranchState, CodecError, Compensation, Fan, PendingCall, Status, StepInput, StepOutput,
+};
+
+use crate::board::{Board, CallSet};
+use crate::command::{CommandKind, Delivered, Join, ThenError, Wake};
+use crate::driver::Fault;
+use crate::flow::Flow;
+use crate::guard::panic_message;
+
+use super::{Dispatches, FanArmed, Instance, Outgoing, Scratch, Step};
+
+impl<F: Flow> Instance<F> {
+    /// The outcome of branch `branch` of the fan-out issued at step `seq`: applied by its
+    /// continuation (for `first`, only the first success, or the last failure), then the
+    /// next queued branch is sent, or the fan-out joins and the wire runs.
+    pub(super) fn branch_outcome(
+        &mut self,
+        seq: u64,
+        branch: u32,
+        outcome: Result<&Bytes, &Fault>,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
+        if self.record.status != Status::Running {
+            return None;
+        }
+        let fan = self.record.fan.as_ref().filter(|f| f.seq == seq)?;
+        let i = usize::try_from(branch).ok()?;
+        if !matches!(fan.branches.get(i)?.state, BranchState::Sent { .. }) {
+            return None;
+        }
+        let mut fan = fan.clone();
+        let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
+        let payload = Some(match outcome {
+            Ok(bytes) => bytes.clone(),
+            Err(fault) => Bytes::from(fault.to_string()),
+        });
+        let input = StepInput::BranchOutcome {
+            call_seq: seq,
+            branch,
+            ok,
+        };
+        let join = match self.fan.take() {
+            Some(a) if a.seq == seq => a.join,
+            _ => match self.rederive_fan(&fan) {
+                Ok(join) => join,
+                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+            },
+        };
+        fan.branches[i].state = BranchState::Done { ok };
+        let open = fan
+            .branches
+            .iter()
+            .any(|b| !matches!(b.state, BranchState::Done { .. }));
+        let delivered = match outcome {
+            Ok(bytes) => Delivered::Reply(&bytes[..]),
+            Err(fault) => Delivered::Fault(fault),
+        };
+        let (k, then) = match join {
+            Join::First(_) if !ok && open => {
+                // Another branch may still succeed: this failure is not applied.
+                self.fan = Some(FanArmed { seq, join });
+                let state = self.record.state.clone();
+                let mut step = self.progress(input, fan, state, scratch);
+                step.draft.payload = payload;
+                return Some(step);
+            }
+            Join::First(first) => (first, None),
+            Join::All { each, then } => (each, Some(then)),
+        };
+        if ok {
+            // As for a drive: the branch did what it did, whatever its continuation makes
+            // of it.
+            self.registered = fan.branches[i].undo.take();
+        }
+        let limit = self.limit;
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            k.call(&mut self.flow, delivered, limit, i)
+        }));
+        let mut step = match ran {
+            Ok(Ok(())) if then.is_none() || !open => match then {
+                Some(then) => self.join(input, None, then, scratch, 0),
+                None => self.advance(input, None, false, scratch),
+            },
+            Ok(Ok(())) => {
+                self.fan = Some(FanArmed { seq, join });
+                match self.encoded_state(scratch) {
+                    Ok(state) => self.progress(input, fan, state, scratch),
+                    Err(reason) => self.park(input, reason, scratch),
+                }
+            }
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(ThenError::Decode(e))) => {
+                let reason = format!(
+                    "the reply of branch {branch} of the fan-out at step {seq} does not decode: {e}"
+                );
+                self.park(input, reason, scratch)
+            }
+            Err(p) => {
+                let reason = format!(
+                    "the continuation of branch {branch} of the fan-out at step {seq} panicked: {}",
+                    panic_message(&*p)
+                );
+                self.park(input, reason, scratch)
+            }
+        };
+        step.draft.payload = payload;
+        Some(step)
+    }
+
+    /// Runs a fan-out's join continuation, then the wire (`joined`: fan-outs without calls
+    /// this step joined before, see [`Instance::advance_from`]).
+    pub(super) fn join(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        then: Wake<F>,
+        scratch: &mut Scratch,
+        joined: u32,
+    ) -> Step {
+        match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
+            Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined),
+            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+            Err(p) => {
+                let reason = format!(
+                    "the fan-out's join continuation panicked: {}",
+                    panic_message(&*p)
+                );
+                self.park(input, reason, scratch)
+            }
+        }
+    }
+
+    /// A step that sends the branches of the fan-out in flight again (counted as
+    /// redelivered), with the committed state.
+    pub(super) fn resend_fan(
+        &mut self,
+        mut fan: Fan,
+        input: StepInput,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let mut dispatch = Dispatches::new();
+        for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
+            if let BranchState::Sent { redelivered } = b.state {
+                let again = redelivered.saturating_add(1);
+                b.state = BranchState::Sent { redelivered: again };
+                dispatch.push(branch_out(fan.seq, i, b, again));
+            }
+        }
+        let state = self.record.state.clone();
+        let mut step = self.progress(input, fan, state, scratch);
+        let topped = std::mem::take(&mut step.dispatch);
+        dispatch.extend(topped);
+        step.dispatch = dispatch;
+        step
+    }
+
+    /// Runs the wire again to find the continuations of the fan-out in flight.
+    pub(super) fn rederive_fan(&mut self, fan: &Fan) -> Result<Join<F>, String> {
+        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
+            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let name = cmd.name();
+        match cmd.kind {
+            CommandKind::Fan { calls, join, .. } if same_fan(fan, &calls, &join) => Ok(join),
+            _ => Err(format!(
+                "non-deterministic wire: the fan-out issued at step {} ({} branches) is in flight, but the wire now returns `{name}` (or a fan-out of other branches)",
+                fan.seq,
+                fan.branches.len()
+            )),
+        }
+    }
+}
+
+/// Whether the wire's fan-out is the one in flight: the same join, and as many branches
+/// calling the same methods (the arguments are the recorded ones).
+pub(super) fn same_fan<F: Board>(
+    fan: &Fan,
+    calls: &[(F::Call, Option<F::Call>)],
+    join: &Join<F>,
+) -> bool {
+    fan.first == join.is_first()
+        && fan.branches.len() == calls.len()
+        && fan
+            .branches
+            .iter()
+            .zip(calls)
+            .all(|(b, (c, _))| b.link == c.link() && b.method == c.method())
+}
+
+/// A fan-out branch, queued, with its call (and compensation) encoded.
+pub(super) fn encode_branch<C: CallSet>(
+    seq: u64,
+    call: &C,
+    undo: Option<&C>,
+    buf: &mut Vec<u8>,
+) -> Result<flowwire_storage::Branch, CodecError> {
+    buf.clear();
+    call.encode(buf)?;
+    let bytes = Bytes::copy_from_slice(buf);
+    let undo = match undo {
+        None => None,
+        Some(u) => {
+            buf.clear();
+            u.encode(buf)?;
+            Some(Compensation {
+                seq,
+                link: u.link(),
+                method: u.method(),
+                call: Bytes::copy_from_slice(buf),
+            })
+        }
+    };
+    Ok(flowwire_storage::Branch {
+        link: call.link(),
+        method: call.method(),
+        call: bytes,
+        undo,
+        state: BranchState::Queued,
+    })
+}
+
+/// The call of branch `i` of the fan-out issued at step `seq`, to send.
+pub(super) fn branch_out(
+    seq: u64,
+    i: u32,
+    b: &flowwire_storage::Branch,
+    redelivered: u32,
+) -> Outgoing {
+    Outgoing {
+        call: PendingCall {
+            seq,
+            link: b.link,
+            method: b.method,
+            call: b.call.clone(),
+            redelivered,
+        },
+        branch: Some(i),
+    }
+}
+
+/// Sends queued branches, in order, until the parallelism bound is reached; returns them.
+pub(super) fn top_up(fan: &mut Fan) -> Dispatches {
+    let bound = usize::try_from(fan.parallel).unwrap_or(usize::MAX);
+    let mut in_flight = fan.in_flight().count();
+    let mut out = Dispatches::new();
+    for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
+        if in_flight >= bound {
+            break;
+        }
+        if b.state == BranchState::Queued {
+            b.state = BranchState::Sent { redelivered: 0 };
+            in_flight += 1;
+            out.push(branch_out(fan.seq, i, b, 0));
+        }
+    }
+    out
+}
+
+/// The history output of a step with a fan-out in flight.
+pub(super) fn fan_output(fan: &Fan) -> StepOutput {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    StepOutput::Fan {
+        call_seq: fan.seq,
+        done: count(fan.done()),
+        branches: count(fan.branches.len()),
+    }
+}

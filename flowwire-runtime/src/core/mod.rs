@@ -1,0 +1,436 @@
+//! The sans-IO step core.
+//!
+//! An [`Instance`] holds a flow and its last committed record. Each input — a start, an
+//! impulse, a driver outcome — runs user code (impulse, continuation, wire) and returns a
+//! [`Step`]: the write to persist and the call to dispatch once it is durable. Nothing here
+//! touches a socket, a file, a clock or a task; the engine shell moves the bytes.
+//!
+//! Invariants:
+//! * one input is one step is one atomic write of {state, status, pending call, applied
+//!   impulse id, history entry};
+//! * a step is adopted ([`Instance::commit`]) only after the store committed it; until then
+//!   the committed record is the truth and [`Instance::revert`] returns to it;
+//! * user code that panics never leaves a half-changed state behind: the instance is parked
+//!   with its committed state.
+//!
+//! The files: this one holds the instance, starting and rebuilding it, and building a
+//! step; `advance.rs` runs the wire after an impulse, an outcome or a timer; `fan.rs` the
+//! fan-outs; `saga.rs` the compensations; `redeliver.rs` calls in flight after a restart;
+//! `operate.rs` parking and the operator's operations.
+
+mod advance;
+mod fan;
+mod operate;
+mod redeliver;
+mod saga;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::arena::Arena;
+use flowwire_storage::codec;
+use flowwire_storage::record::Draft;
+use flowwire_storage::{
+    CodecError, Compensation, Expect, InstanceKey, PendingCall, Record, Status, StepInput,
+    StepOutput, Timer,
+};
+use smallvec::{SmallVec, smallvec};
+
+use crate::board::Board;
+use crate::command::{Join, Then, Wake};
+use crate::flow::Flow;
+use crate::guard::panic_message;
+
+/// The continuation (and compensation) of the call in flight, as the wire returned them.
+struct Armed<F: Board> {
+    seq: u64,
+    then: Then<F>,
+    undo: Option<F::Call>,
+}
+
+/// The continuations of the fan-out in flight, as the wire returned them.
+struct FanArmed<F> {
+    seq: u64,
+    join: Join<F>,
+}
+
+/// The most branches a fan-out may have (its calls are kept in the record).
+pub const MAX_BRANCHES: usize = 1024;
+
+/// A driver call to send once its step is committed: a drive's or compensation's call, or
+/// a fan-out branch.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The call (for a branch: the fan-out's step, and the branch's redelivery count).
+    pub call: PendingCall,
+    /// The fan-out branch's index.
+    pub branch: Option<u32>,
+}
+
+/// The calls a step sends (one at most, except when a fan-out starts or resumes).
+pub type Dispatches = SmallVec<[Outgoing; 1]>;
+
+fn one(call: PendingCall) -> Dispatches {
+    smallvec![Outgoing { call, branch: None }]
+}
+
+/// Reusable encode buffers, one set per runner, and the time of the steps being built.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// Where the step's small payloads are carved from (no allocation each).
+    pub arena: Arena,
+    call: Vec<u8>,
+    state: Vec<u8>,
+    /// The runner's buffer for encoding records and history entries.
+    pub out: Vec<u8>,
+    /// The time of the steps being built, in milliseconds since the Unix epoch: set by the
+    /// shell (the core reads no clock). Timers are armed relative to it and history
+    /// entries record it.
+    pub now_ms: u64,
+}
+
+/// One step, ready to be placed on the ladder and persisted.
+#[derive(Debug)]
+pub struct Step {
+    /// The step with its payloads in memory (the record the instance adopts once the
+    /// step is committed is `draft.record`).
+    pub draft: Draft,
+    /// The driver calls to dispatch once the write is committed.
+    pub dispatch: Dispatches,
+}
+
+impl Step {
+    /// The record the step writes.
+    pub fn record(&self) -> &Record {
+        &self.draft.record
+    }
+}
+
+/// An operator's change to a parked instance's state.
+pub type Patch<F> = Box<dyn FnOnce(&mut <F as Board>::State) + Send>;
+
+/// What an operator does to a parked instance.
+pub enum Operation<F: Flow> {
+    /// Runs it again: sends its call in flight again (or the compensation in flight, for a
+    /// failing flow), or runs the wire.
+    Resume,
+    /// Changes its state with a closure (it stays parked).
+    Patch(Patch<F>),
+    /// Puts back the state recorded at a step of its history (it stays parked, with no
+    /// call in flight and no failure).
+    Rewind {
+        /// The step.
+        to: u64,
+        /// The state recorded then, encoded.
+        state: Bytes,
+    },
+}
+
+impl<F: Flow> Operation<F> {
+    /// The operation's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Resume => "resume",
+            Operation::Patch(_) => "patch",
+            Operation::Rewind { .. } => "rewind",
+        }
+    }
+}
+
+/// Why an operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The instance is not parked (for a rewind: neither parked nor failed).
+    NotParked(&'static str),
+    /// The patch closure panicked (the state is unchanged).
+    PatchPanicked(String),
+    /// The state does not decode or encode (the message says which).
+    State(String),
+}
+
+/// Why an impulse was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    /// The instance ended.
+    Ended(&'static str),
+    /// The instance is parked.
+    Quarantined(String),
+}
+
+/// A flow instance and its last committed record.
+pub struct Instance<F: Flow> {
+    key: InstanceKey,
+    flow: F,
+    version: u64,
+    record: Record,
+    then: Option<Armed<F>>,
+    /// The continuations of the fan-out in flight (rederived after a restart).
+    fan: Option<FanArmed<F>>,
+    /// The continuation of the armed timer, by its due time (rederived after a restart).
+    wake: Option<(u64, Wake<F>)>,
+    /// The compensation the step being built registers (its drive's call succeeded).
+    registered: Option<Compensation>,
+    limit: usize,
+}
+
+/// `Driver.method` of a flow's link, for messages.
+pub(crate) fn call_name<F: Board>(link: u16, method: u16) -> String {
+    let Some(l) = F::LINKS.get(usize::from(link)) else {
+        return format!("link {link}, method {method}");
+    };
+    match l.driver.methods.get(usize::from(method)) {
+        Some(m) => format!("{}.{}", l.driver.name, m.name),
+        None => format!("{}, method {method}", l.driver.name),
+    }
+}
+
+impl<F: Flow> Instance<F> {
+    /// Starts an instance: runs the wire on the initial state and returns the first step.
+    pub fn start(
+        key: InstanceKey,
+        state: F::State,
+        limit: usize,
+        scratch: &mut Scratch,
+    ) -> (Self, Step) {
+        let mut inst = Self {
+            key,
+            flow: F::from_state(state),
+            version: 0,
+            record: Record {
+                flow_version: F::VERSION,
+                seq: 0,
+                status: Status::Waiting,
+                state: Bytes::new(),
+                pending: None,
+                timer: None,
+                compensations: Vec::new(),
+                failing: None,
+                correlation: None,
+                fan: None,
+            },
+            then: None,
+            fan: None,
+            wake: None,
+            registered: None,
+            limit,
+        };
+        let step = inst.advance(StepInput::Start, None, false, scratch);
+        (inst, step)
+    }
+
+    /// Rebuilds an instance from its stored record (after a restart).
+    ///
+    /// Returns a parking step when the record was written by another flow version: the
+    /// instance must not run on code it was not written for.
+    pub fn recover(
+        key: InstanceKey,
+        mut record: Record,
+        version: u64,
+        limit: usize,
+        scratch: &mut Scratch,
+    ) -> Result<(Self, Option<Step>), CodecError> {
+        let written = record.flow_version;
+        let upgrade = written != F::VERSION
+            && written.checked_add(1) == Some(F::VERSION)
+            && !record.status.is_terminal();
+        let mut failed_migration = None;
+        let state: F::State = if upgrade {
+            match catch_unwind(AssertUnwindSafe(|| F::migrate(&record.state, limit))) {
+                Ok(Some(migrated)) => {
+                    let state = migrated?;
+                    // The migrated state is the committed one from now on (the next step
+                    // persists it with this version).
+                    scratch.state.clear();
+                    codec::encode_raw(&state, &mut scratch.state)?;
+                    record.state = scratch.arena.take(&mut scratch.state);
+                    record.flow_version = F::VERSION;
+                    state
+                }
+                Ok(None) => codec::decode_raw(&record.state, limit)?,
+                Err(p) => {
+                    let message = panic_message(&*p);
+                    // A state the new type reads as it is can still be parked (and patched).
+                    let Ok(state) = codec::decode_raw(&record.state, limit) else {
+                        return Err(CodecError::Malformed(format!(
+                            "the migration from version {written} panicked: {message}"
+                        )));
+                    };
+                    failed_migration = Some(message);
+                    state
+                }
+            }
+        } else {
+            codec::decode_raw(&record.state, limit)?
+        };
+        let mut inst = Self {
+            key,
+            flow: F::from_state(state),
+            version,
+            record,
+            then: None,
+            fan: None,
+            wake: None,
+            registered: None,
+            limit,
+        };
+        if inst.record.flow_version != F::VERSION && inst.record.status.is_active() {
+            let reason = match failed_migration {
+                Some(message) => format!(
+                    "the instance was written by {} version {written}; this engine runs version {}, and its migration from version {written} panicked: {message}",
+                    F::NAME,
+                    F::VERSION
+                ),
+                None if F::MIGRATES => format!(
+                    "the instance was written by {} version {written}; this engine runs version {}, which migrates only from version {}",
+                    F::NAME,
+                    F::VERSION,
+                    F::VERSION - 1
+                ),
+                None => format!(
+                    "the instance was written by {} version {written}, this engine runs version {} (it declares no migration)",
+                    F::NAME,
+                    F::VERSION
+                ),
+            };
+            let step = inst.park(StepInput::Park, reason, scratch);
+            return Ok((inst, Some(step)));
+        }
+        Ok((inst, None))
+    }
+
+    /// The instance key.
+    pub fn key(&self) -> &InstanceKey {
+        &self.key
+    }
+
+    /// The committed status.
+    pub fn status(&self) -> &Status {
+        &self.record.status
+    }
+
+    /// The committed record.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The flow as of its last applied input (its committed state unless a step is on its
+    /// way to the store).
+    pub fn flow(&self) -> &F {
+        &self.flow
+    }
+
+    /// The committed state, encoded.
+    pub fn state_bytes(&self) -> Bytes {
+        self.record.state.clone()
+    }
+
+    /// The version of the record this instance was built from, or last committed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The call in flight, if any.
+    pub fn pending(&self) -> Option<&PendingCall> {
+        self.record.pending.as_ref()
+    }
+
+    /// The current state, encoded (a failure to encode is the reason to park).
+    fn encoded_state(&self, scratch: &mut Scratch) -> Result<Bytes, String> {
+        scratch.state.clear();
+        codec::encode_raw(self.flow.state(), &mut scratch.state)
+            .map_err(|e| format!("the state could not be encoded: {e}"))?;
+        Ok(scratch.arena.take(&mut scratch.state))
+    }
+
+    /// Adopts a step after the store committed it.
+    pub fn commit(&mut self, step: &Step) {
+        self.version = step.draft.version;
+        self.record = step.draft.record.clone();
+    }
+
+    /// Returns to the committed record after a step was not committed.
+    pub fn revert(&mut self) -> Result<(), CodecError> {
+        let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
+        self.flow = F::from_state(state);
+        self.then = None;
+        self.fan = None;
+        self.wake = None;
+        Ok(())
+    }
+
+    /// The flow's correlation key as of its current state (flows without one allocate
+    /// nothing here).
+    fn correlation(&self) -> Option<String> {
+        let mut key = String::new();
+        if !self.flow.correlate(&mut key) {
+            return None;
+        }
+        Some(key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        status: Status,
+        state: Bytes,
+        pending: Option<PendingCall>,
+        dispatch: Dispatches,
+        timer: Option<Timer>,
+        output: StepOutput,
+    ) -> Step {
+        // An ended flow has nothing left to undo and no failure in progress.
+        let ended = status.is_terminal();
+        let compensations = if ended {
+            self.registered = None;
+            Vec::new()
+        } else {
+            self.compensations_now()
+        };
+        let failing = if ended {
+            None
+        } else {
+            self.record.failing.clone()
+        };
+        // A parked instance keeps the version that wrote it (an operator's resume, or the
+        // next step after a migration, writes this one).
+        let flow_version = if matches!(status, Status::Quarantined { .. }) {
+            self.record.flow_version
+        } else {
+            F::VERSION
+        };
+        let record = Record {
+            flow_version,
+            seq: self.record.seq + 1,
+            failing,
+            correlation: self.correlation(),
+            status,
+            state,
+            pending,
+            timer,
+            compensations,
+            fan: None,
+        };
+        let expect = if self.version == 0 {
+            Expect::Absent
+        } else {
+            Expect::Version(self.version)
+        };
+        Step {
+            draft: Draft {
+                key: self.key.clone(),
+                expect,
+                version: self.version + 1,
+                record,
+                impulse,
+                input,
+                output,
+                payload: None,
+                at_ms: 0,
+            },
+            dispatch,
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Parking an instance for an operator, and the operator's operations on a parked one
+//! (patch, rewind, resume).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bytes::Bytes;
+use flowwire_storage::codec;
+use flowwire_storage::record::Draft;
+use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+
+use crate::flow::Flow;
+use crate::guard::panic_message;
+
+use super::{Dispatches, Instance, Operation, Refused, Scratch, Step};
+
+impl<F: Flow> Instance<F> {
+    /// The step that parks an instance written by another flow version whose state does
+    /// not decode as this version's (so no instance can be built around it): the record
+    /// as it was, quarantined with a reason naming both versions.
+    pub fn park_unreadable(
+        key: InstanceKey,
+        record: &Record,
+        version: u64,
+        detail: &CodecError,
+        now_ms: u64,
+    ) -> Step {
+        let written = record.flow_version;
+        let path = if F::MIGRATES && written.checked_add(1) == Some(F::VERSION) {
+            "its migration failed".to_string()
+        } else if F::MIGRATES {
+            format!("it migrates only from version {}", F::VERSION - 1)
+        } else {
+            "it declares no migration".to_string()
+        };
+        let reason = format!(
+            "the instance was written by {} version {written}; this engine runs version {} ({path}), and the state does not decode as this version's: {detail}",
+            F::NAME,
+            F::VERSION
+        );
+        let mut parked = record.clone();
+        parked.seq += 1;
+        parked.timer = None;
+        parked.status = Status::Quarantined {
+            reason: reason.clone(),
+        };
+        Step {
+            draft: Draft {
+                key,
+                expect: Expect::Version(version),
+                version: version + 1,
+                record: parked,
+                impulse: None,
+                input: StepInput::Park,
+                output: StepOutput::Quarantine { reason },
+                payload: None,
+                at_ms: now_ms,
+            },
+            dispatch: Dispatches::new(),
+        }
+    }
+
+    /// Applies an operator's operation to a parked instance (a rewind also applies to a
+    /// failed one). The instance stays parked after a patch or a rewind, so that an operator
+    /// can check the result before resuming it.
+    pub fn operate(&mut self, op: Operation<F>, scratch: &mut Scratch) -> Result<Step, Refused> {
+        let parked = matches!(self.record.status, Status::Quarantined { .. });
+        let failed = matches!(self.record.status, Status::Failed { .. });
+        let allowed = parked || (failed && matches!(op, Operation::Rewind { .. }));
+        if !allowed {
+            return Err(Refused::NotParked(self.record.status.name()));
+        }
+        let mut step = match op {
+            Operation::Resume => self.resume(scratch),
+            Operation::Patch(patch) => {
+                let mut state: F::State = codec::decode_raw(&self.record.state, self.limit)
+                    .map_err(|e| {
+                        Refused::State(format!("the stored state does not decode: {e}"))
+                    })?;
+                catch_unwind(AssertUnwindSafe(|| patch(&mut state)))
+                    .map_err(|p| Refused::PatchPanicked(panic_message(&*p)))?;
+                scratch.state.clear();
+                codec::encode_raw(&state, &mut scratch.state).map_err(|e| {
+                    Refused::State(format!("the patched state does not encode: {e}"))
+                })?;
+                self.flow = F::from_state(state);
+                let bytes = scratch.arena.take(&mut scratch.state);
+                self.operated(StepInput::Patch, bytes, None)
+            }
+            Operation::Rewind { to, state } => {
+                let decoded: F::State = codec::decode_raw(&state, self.limit).map_err(|e| {
+                    Refused::State(format!(
+                        "the state recorded at step {to} does not decode: {e}"
+                    ))
+                })?;
+                self.flow = F::from_state(decoded);
+                let reason = format!(
+                    "rewound to step {to} by an operator: resume it to run the wire from there"
+                );
+                let mut step = self.operated(StepInput::Rewind { to }, state, Some(reason));
+                step.draft.record.pending = None;
+                step.draft.record.fan = None;
+                step.draft.record.failing = None;
+                step
+            }
+        };
+        step.draft.at_ms = scratch.now_ms;
+        Ok(step)
+    }
+
+    /// A step that keeps the instance parked with a new state (and, given, a new reason).
+    pub(super) fn operated(
+        &mut self,
+        input: StepInput,
+        state: Bytes,
+        reason: Option<String>,
+    ) -> Step {
+        let reason = reason.unwrap_or_else(|| match &self.record.status {
+            Status::Quarantined { reason } => reason.clone(),
+            other => other.name().to_string(),
+        });
+        self.quarantined(input, reason, state)
+    }
+
+    /// Resumes a parked instance: its call in flight (or compensation) is sent again,
+    /// counted as redelivered; without one, the wire runs.
+    pub(super) fn resume(&mut self, scratch: &mut Scratch) -> Step {
+        if let Some(fan) = self.record.fan.clone() {
+            return self.resend_fan(fan, StepInput::Resume, scratch);
+        }
+        let Some(pending) = self.record.pending.clone() else {
+            return self.advance(StepInput::Resume, None, false, scratch);
+        };
+        let status = if self.record.failing.is_some() {
+            Status::Compensating
+        } else {
+            Status::Running
+        };
+        self.resend(pending, StepInput::Resume, status)
+    }
+
+    /// Parks the instance for an operator: a step that keeps its committed state and call,
+    /// quarantined with `reason` (a step that cannot be written, whatever the retries).
+    pub fn quarantine(&mut self, reason: String, scratch: &mut Scratch) -> Step {
+        self.park(StepInput::Park, reason, scratch)
+    }
+
+    /// A parking step: the committed state, quarantined with a reason.
+    pub(super) fn park(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
+        // User code may have changed the state before it panicked: park the committed one.
+        let state = self.record.state.clone();
+        if state.is_empty() {
+            // A start that panicked: park the initial state as given.
+            scratch.state.clear();
+            let _ = codec::encode_raw(self.flow.state(), &mut scratch.state);
+        } else if let Ok(s) = codec::decode_raw::<F::State>(&state, self.limit) {
+            self.flow = F::from_state(s);
+        }
+        let state = if state.is_empty() {
+            scratch.arena.take(&mut scratch.state)
+        } else {
+            state
+        };
+        self.then = None;
+        self.fan = None;
+        self.registered = None;
+        self.wake = None;
+        let mut step = self.quarantined(input, reason, state);
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+
+    /// A parked step: it keeps the call (or fan-out) in flight (an operator may resume it)
+    /// but no timer (resuming runs the wire, which arms it again).
+    pub(super) fn quarantined(&mut self, input: StepInput, reason: String, state: Bytes) -> Step {
+        let output = StepOutput::Quarantine {
+            reason: reason.clone(),
+        };
+        let pending = self.record.pending.clone();
+        let mut step = self.build(
+            input,
+            None,
+            Status::Quarantined { reason },
+            state,
+            pending,
+            Dispatches::new(),
+            None,
+            output,
+        );
+        step.draft.record.fan.clone_from(&self.record.fan);
+        step
+    }
+}

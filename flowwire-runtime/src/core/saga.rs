@@ -1,0 +1,150 @@
+//! The saga stack: compensations registered by calls that succeeded, and running them
+//! last-registered-first when the flow fails.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowwire_storage::{Compensation, PendingCall, Status, StepInput, StepOutput};
+
+use crate::driver::Fault;
+use crate::flow::Flow;
+use crate::guard::panic_message;
+
+use super::{Dispatches, Instance, Scratch, Step, call_name, one};
+
+impl<F: Flow> Instance<F> {
+    /// The outcome of the compensation in flight: on success the next one is sent (or the
+    /// flow ends failed after the last); on failure the instance is parked with it still in
+    /// flight, so that resuming sends it again.
+    pub(super) fn compensated(
+        &mut self,
+        input: StepInput,
+        ok: bool,
+        fault: Option<&Fault>,
+        scratch: &mut Scratch,
+    ) -> Step {
+        let reason = self.record.failing.clone().unwrap_or_default();
+        let mut rest = self.record.compensations.clone();
+        if !ok {
+            let name = rest.last().map_or_else(String::new, |c| {
+                format!(" ({})", call_name::<F>(c.link, c.method))
+            });
+            let registered = rest.last().map_or(0, |c| c.seq);
+            let detail = fault.map_or_else(
+                || "its driver returned an error".to_string(),
+                ToString::to_string,
+            );
+            let why = format!(
+                "the compensation registered at step {registered}{name} failed: {detail}. The flow was failing with: {reason}. Fix the cause, then resume the instance: the compensation is sent again"
+            );
+            return self.park(input, why, scratch);
+        }
+        rest.pop();
+        let state = self.record.state.clone();
+        self.unwind(input, None, reason, rest, state, scratch)
+    }
+    /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire.
+    ///
+    /// Returns `None` when no such timer is armed (it was re-armed, or an impulse moved the
+    /// instance on): the caller repairs the timer index.
+    pub fn fire(&mut self, due_ms: u64, scratch: &mut Scratch) -> Option<Step> {
+        let timer = self.record.timer?;
+        if timer.due_ms != due_ms
+            || !matches!(self.record.status, Status::Sleeping | Status::Waiting)
+        {
+            return None;
+        }
+        let input = StepInput::Timer { due_ms };
+        let wake = match self.wake {
+            Some((due, wake)) if due == due_ms => wake,
+            _ => match self.rederive_timer(&timer) {
+                Ok(wake) => wake,
+                Err(reason) => return Some(self.park(input, reason, scratch)),
+            },
+        };
+        self.wake = None;
+        let ran = catch_unwind(AssertUnwindSafe(|| wake(&mut self.flow)));
+        Some(match ran {
+            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+            Err(p) => {
+                let reason = format!("the timer's continuation panicked: {}", panic_message(&*p));
+                self.park(input, reason, scratch)
+            }
+        })
+    }
+
+    /// The committed compensations, with the one the step being built registers.
+    pub(super) fn compensations_now(&mut self) -> Vec<Compensation> {
+        let mut all = self.record.compensations.clone();
+        all.extend(self.registered.take());
+        all
+    }
+
+    /// A failing step: sends the last of `compensations` (status compensating), or ends the
+    /// flow failed when none is left.
+    pub(super) fn unwind(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        reason: String,
+        compensations: Vec<Compensation>,
+        state: Bytes,
+        scratch: &mut Scratch,
+    ) -> Step {
+        self.then = None;
+        self.fan = None;
+        self.wake = None;
+        self.registered = None;
+        let seq = self.record.seq + 1;
+        let mut step = match compensations.last() {
+            None => {
+                let output = StepOutput::Fail {
+                    reason: reason.clone(),
+                };
+                let status = Status::Failed { reason };
+                self.build(
+                    input,
+                    impulse,
+                    status,
+                    state,
+                    None,
+                    Dispatches::new(),
+                    None,
+                    output,
+                )
+            }
+            Some(c) => {
+                let call = PendingCall {
+                    seq,
+                    link: c.link,
+                    method: c.method,
+                    call: c.call.clone(),
+                    redelivered: 0,
+                };
+                let output = StepOutput::Compensate {
+                    call_seq: seq,
+                    registered: c.seq,
+                    link: c.link,
+                    method: c.method,
+                };
+                let mut step = self.build(
+                    input,
+                    impulse,
+                    Status::Compensating,
+                    state,
+                    Some(call.clone()),
+                    one(call),
+                    None,
+                    output,
+                );
+                step.draft.record.failing = Some(reason);
+                step.draft.record.compensations = compensations;
+                step
+            }
+        };
+        step.draft.at_ms = scratch.now_ms;
+        step
+    }
+}
