@@ -1,0 +1,272 @@
+//! Placing and sealing a step's payloads: which go inline, which to which tier, the blob
+//! references the record keeps, and the accounting of blobs a step retires.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::blob::{self, BlobRef, Payload};
+use crate::error::BlobError;
+use crate::record::{
+    Draft, HistoryEntryRef, InstanceKey, PlacedCall, PlacedRecord, Retired, StepWrite,
+};
+
+use super::keys::{blob_key, write_tag};
+use super::{Placement, Put, Retention, Sealed};
+
+impl Placement {
+    #[allow(clippy::result_large_err)]
+    /// Places one payload: inline, or a put of a framed blob under `flow/id/seq.role`.
+    pub fn place(
+        &self,
+        instance: &InstanceKey,
+        seq: u64,
+        role: char,
+        bytes: Bytes,
+        puts: &mut Vec<Put>,
+    ) -> Result<Payload, BlobError> {
+        // What the engine could not read back is never written: the write limit is the
+        // decode limit.
+        if bytes.len() > self.record_limit {
+            return Err(BlobError::OverLimit {
+                instance: instance.to_string(),
+                what: role_name(role),
+                len: bytes.len() as u64,
+                limit: self.record_limit,
+            });
+        }
+        let Some(tier) = self.tier_for(bytes.len()) else {
+            if bytes.len() > self.record_limit / 2 {
+                return Err(BlobError::TooLarge {
+                    instance: instance.to_string(),
+                    len: bytes.len() as u64,
+                    limit: self.record_limit,
+                });
+            }
+            return Ok(Payload::Inline(bytes));
+        };
+        let key: Arc<str> = blob_key(instance, seq, role, write_tag()).into();
+        let len = bytes.len() as u64;
+        let crc = crc32fast::hash(&bytes);
+        puts.push(Put {
+            tier: tier.clone(),
+            key: key.clone(),
+            parts: [blob::header(&key, len, crc), bytes],
+        });
+        Ok(Payload::Blob(BlobRef {
+            tier: tier.name_arc().clone(),
+            key,
+            len,
+            crc,
+        }))
+    }
+
+    #[allow(clippy::result_large_err)] // as for `place`
+    /// Places a step's payloads and builds its write.
+    ///
+    /// `prev` is the committed record (persisted form and its state bytes), `None` for a
+    /// start. `buf` is a reusable encode buffer; the record and the history entry are
+    /// carved from `arena`.
+    pub fn seal(
+        &self,
+        draft: &Draft,
+        prev: Option<(&PlacedRecord, &Bytes)>,
+        retention: Retention,
+        buf: &mut Vec<u8>,
+        arena: &mut crate::arena::Arena,
+    ) -> Result<Sealed, BlobError> {
+        // Borrowed, not cloned: only what the placed record and the write keep is copied
+        // (reference counts for payloads).
+        let Draft {
+            key,
+            expect,
+            version,
+            record,
+            impulse,
+            input,
+            output,
+            payload,
+            at_ms,
+        } = draft;
+        let seq = record.seq;
+        let mut puts = Vec::new();
+        let state = match prev {
+            Some((p, bytes)) if same_bytes(bytes, &record.state) => p.state.clone(),
+            _ => self.place(key, seq, 's', record.state.clone(), &mut puts)?,
+        };
+        let pending = match &record.pending {
+            None => None,
+            Some(c) => {
+                let kept = prev
+                    .and_then(|(p, _)| p.pending.as_ref())
+                    .filter(|p| p.seq == c.seq)
+                    .map(|p| p.call.clone());
+                let call = match kept {
+                    Some(call) => call,
+                    None => self.place(key, c.seq, 'c', c.call.clone(), &mut puts)?,
+                };
+                Some(PlacedCall {
+                    seq: c.seq,
+                    link: c.link,
+                    method: c.method,
+                    call,
+                    redelivered: c.redelivered,
+                })
+            }
+        };
+        let keep_history = retention != Retention::None;
+        let payload = match payload {
+            Some(b) if keep_history => Some(self.place(key, seq, 'i', b.clone(), &mut puts)?),
+            _ => None,
+        };
+
+        // Blob accounting. A call argument no history entry refers to: once the record
+        // drops it, it is garbage. A state the previous record referred to and this one does
+        // not is retired at this step (the previous step's snapshot shares it); the input's
+        // blob only this step's entry refers to.
+        let mut dead: Vec<BlobRef> = Vec::new();
+        if let Some((p, _)) = prev
+            && let Some(old) = p.pending.as_ref().and_then(|c| c.call.blob())
+            && pending.as_ref().and_then(|c| c.call.blob()) != Some(old)
+        {
+            dead.push(old.clone());
+        }
+        let mut retired: Vec<Retired> = Vec::new();
+        if retention != Retention::All {
+            if let Some((p, _)) = prev {
+                retired.extend(p.retired.iter().cloned());
+                if let Some(old) = p.state.blob()
+                    && state.blob() != Some(old)
+                {
+                    retired.push(Retired {
+                        died: seq,
+                        blob: old.clone(),
+                    });
+                }
+            }
+            if let Some(b) = payload.as_ref().and_then(Payload::blob) {
+                retired.push(Retired {
+                    died: seq + 1,
+                    blob: b.clone(),
+                });
+            }
+        }
+        let keep_from = retention.keep_from(seq);
+        let (gone, kept): (Vec<Retired>, Vec<Retired>) =
+            retired.into_iter().partition(|r| r.died <= keep_from);
+        let active = record.status.has_call();
+        let parked = matches!(record.status, crate::record::Status::Quarantined { .. });
+        let timer = record.timer.map(|t| t.due_ms);
+        let correlation: Option<Arc<str>> = record
+            .correlation
+            .as_deref()
+            .filter(|_| !record.status.is_terminal())
+            .map(Arc::from);
+        let ended_key: Option<Arc<str>> = record
+            .correlation
+            .as_deref()
+            .filter(|_| record.status.is_terminal())
+            .map(Arc::from);
+        let uncorrelate = prev
+            .and_then(|(p, _)| p.correlation.as_deref())
+            .filter(|old| correlation.as_deref() != Some(*old))
+            .map(Arc::from);
+        let placed = PlacedRecord {
+            flow_version: record.flow_version,
+            seq,
+            status: record.status.clone(),
+            state,
+            pending,
+            timer: record.timer,
+            compensations: record.compensations.clone(),
+            failing: record.failing.clone(),
+            correlation: correlation.as_deref().map(str::to_owned),
+            fan: record.fan.clone(),
+            retired: kept,
+            trash: dead
+                .into_iter()
+                .chain(gone.into_iter().map(|r| r.blob))
+                .collect(),
+        };
+        buf.clear();
+        placed.encode(key, buf).map_err(|e| BlobError::Corrupt {
+            instance: key.to_string(),
+            tier: "record".into(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        })?;
+        // The envelope's header is not counted by the decode limit; the payload is.
+        let payload_len = buf.len().saturating_sub(crate::codec::HEADER_LEN);
+        if payload_len > self.record_limit {
+            return Err(BlobError::OverLimit {
+                instance: key.to_string(),
+                what: "record",
+                len: payload_len as u64,
+                limit: self.record_limit,
+            });
+        }
+        let record_bytes = arena.copy(buf);
+        let history = if keep_history {
+            let entry = HistoryEntryRef {
+                seq,
+                input,
+                output,
+                version: *version,
+                payload: payload.as_ref(),
+                state: Some(&placed.state),
+                at_ms: *at_ms,
+            };
+            buf.clear();
+            entry.encode(key, buf).map_err(|e| BlobError::Corrupt {
+                instance: key.to_string(),
+                tier: "history".into(),
+                key: key.to_string(),
+                detail: e.to_string(),
+            })?;
+            Some((seq, arena.copy(buf)))
+        } else {
+            None
+        };
+        let prune_below = match retention {
+            Retention::Last(_) if keep_from > 0 => Some(keep_from),
+            _ => None,
+        };
+        Ok(Sealed {
+            write: StepWrite {
+                key: key.clone(),
+                expect: *expect,
+                version: *version,
+                seq,
+                record: record_bytes,
+                active,
+                parked,
+                timer,
+                correlation,
+                uncorrelate,
+                ended_key,
+                impulse: impulse.clone(),
+                history,
+                prune_below,
+                fence: None,
+            },
+            placed,
+            puts,
+        })
+    }
+}
+
+/// What a blob role holds, for people.
+fn role_name(role: char) -> &'static str {
+    match role {
+        's' => "state",
+        'c' => "driver call",
+        'i' => "input (impulse or driver reply)",
+        _ => "payload",
+    }
+}
+
+/// Whether two payloads hold the same bytes: the same buffer (an unchanged state is
+/// shared, not copied) answers without comparing them.
+fn same_bytes(a: &Bytes, b: &Bytes) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
