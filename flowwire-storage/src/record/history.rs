@@ -1,0 +1,243 @@
+//! History: what each step took ([`StepInput`]) and did ([`StepOutput`]), as persisted
+//! ([`HistoryEntry`]), with the decoding of older formats.
+
+use serde::{Deserialize, Serialize};
+
+use crate::blob::{BlobRef, Payload};
+use crate::codec::{self, Kind};
+use crate::error::CodecError;
+use crate::key::InstanceKey;
+
+/// What came into a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepInput {
+    /// The instance was started.
+    Start,
+    /// An impulse was applied.
+    Impulse {
+        /// Its id (the caller's or a generated one).
+        id: String,
+        /// The impulse method's name.
+        name: String,
+    },
+    /// A driver call's outcome was applied.
+    Outcome {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// Whether the driver's call succeeded (`false` for a driver error or a runtime error).
+        ok: bool,
+    },
+    /// The instance was parked (the step's output says why).
+    Park,
+    /// Its timer fired.
+    Timer {
+        /// When it was due, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// Start-up recovery sent the call in flight again (or parked the instance, for a
+    /// driver whose policy is `park`), after a restart left unknown whether it ran.
+    Redeliver {
+        /// The step that issued the call.
+        call_seq: u64,
+    },
+    /// An operator resumed the parked instance.
+    Resume,
+    /// An operator patched the parked instance's state.
+    Patch,
+    /// An operator put back the state recorded at an earlier step.
+    Rewind {
+        /// That step.
+        to: u64,
+    },
+    /// The outcome of one branch of a fan-out was applied.
+    BranchOutcome {
+        /// The step that issued the fan-out.
+        call_seq: u64,
+        /// The branch's index.
+        branch: u32,
+        /// Whether the driver's call succeeded.
+        ok: bool,
+    },
+}
+
+/// What went out of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepOutput {
+    /// A driver call was issued, or the one in flight was kept.
+    Drive {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
+    },
+    /// The instance waits for an impulse.
+    Wait,
+    /// The instance finished.
+    Finish,
+    /// The instance failed.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+    /// The instance was quarantined.
+    Quarantine {
+        /// Why.
+        reason: String,
+    },
+    /// The instance sleeps until its timer fires.
+    Sleep {
+        /// When, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// The instance waits for an impulse, or for its timer, whichever comes first.
+    WaitUntil {
+        /// When the wait times out, in milliseconds since the Unix epoch.
+        due_ms: u64,
+    },
+    /// A compensation call was issued (the flow failed; it runs its compensations).
+    Compensate {
+        /// The step that issued the compensation call.
+        call_seq: u64,
+        /// The step whose drive registered it.
+        registered: u64,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
+    },
+    /// A fan-out is in flight (issued at this step, or going on).
+    Fan {
+        /// The step that issued it.
+        call_seq: u64,
+        /// Branches whose outcome is applied.
+        done: u32,
+        /// Branches in all.
+        branches: u32,
+    },
+}
+
+/// One entry of an instance's history: one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The step's number.
+    pub seq: u64,
+    /// What came in.
+    pub input: StepInput,
+    /// What went out.
+    pub output: StepOutput,
+    /// The record version the step wrote.
+    pub version: u64,
+    /// What came in with the input: the encoded impulse, or the driver's encoded reply.
+    pub payload: Option<Payload>,
+    /// The state after the step (a snapshot; shares its blob with the record when large).
+    pub state: Option<Payload>,
+    /// When the step was taken, in milliseconds since the Unix epoch (0: not recorded,
+    /// formats 1 and 2).
+    pub at_ms: u64,
+}
+
+/// A [`HistoryEntry`] borrowed from the step it records, without cloning the step's
+/// parts: the one form entries are encoded from (postcard writes a reference as what it
+/// refers to, so [`HistoryEntry`] decodes it).
+#[derive(Serialize)]
+pub(crate) struct HistoryEntryRef<'a> {
+    pub seq: u64,
+    pub input: &'a StepInput,
+    pub output: &'a StepOutput,
+    pub version: u64,
+    pub payload: Option<&'a Payload>,
+    pub state: Option<&'a Payload>,
+    pub at_ms: u64,
+}
+
+impl HistoryEntryRef<'_> {
+    /// Encodes the entry of instance `key` in its envelope, appending to `out`.
+    pub(crate) fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode_owned(Kind::History, key, self, out)
+    }
+}
+
+/// A history entry as format 2 wrote it.
+#[derive(Deserialize)]
+struct HistoryEntryV2 {
+    seq: u64,
+    input: StepInput,
+    output: StepOutput,
+    version: u64,
+    payload: Option<Payload>,
+    state: Option<Payload>,
+}
+
+/// A history entry as flowwire 0.1 wrote it (format 1).
+#[derive(Deserialize)]
+struct HistoryEntryV1 {
+    seq: u64,
+    input: StepInput,
+    output: StepOutput,
+    version: u64,
+}
+
+impl HistoryEntry {
+    /// Encodes the entry of instance `key` in its envelope (its checksum binds `key`),
+    /// appending to `out`.
+    pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        // One encoding path: the borrowed form, which sealing uses.
+        HistoryEntryRef {
+            seq: self.seq,
+            input: &self.input,
+            output: &self.output,
+            version: self.version,
+            payload: self.payload.as_ref(),
+            state: self.state.as_ref(),
+            at_ms: self.at_ms,
+        }
+        .encode(key, out)
+    }
+
+    /// Decodes an entry of instance `key` from its envelope (current format, or formats 1
+    /// to 4), refusing an entry written for another instance ([`CodecError::Checksum`]).
+    pub fn decode(
+        bytes: &[u8],
+        key: &InstanceKey,
+        limit: usize,
+    ) -> Result<HistoryEntry, CodecError> {
+        let (version, payload) = codec::open_owned(Kind::History, bytes, key, limit)?;
+        match version {
+            1 => {
+                let h: HistoryEntryV1 = codec::decode_raw(payload, limit)?;
+                Ok(HistoryEntry {
+                    seq: h.seq,
+                    input: h.input,
+                    output: h.output,
+                    version: h.version,
+                    payload: None,
+                    state: None,
+                    at_ms: 0,
+                })
+            }
+            2 => {
+                let h: HistoryEntryV2 = codec::decode_raw(payload, limit)?;
+                Ok(HistoryEntry {
+                    seq: h.seq,
+                    input: h.input,
+                    output: h.output,
+                    version: h.version,
+                    payload: h.payload,
+                    state: h.state,
+                    at_ms: 0,
+                })
+            }
+            _ => codec::decode_raw(payload, limit),
+        }
+    }
+
+    /// The blobs the entry refers to.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.payload
+            .iter()
+            .chain(self.state.iter())
+            .filter_map(Payload::blob)
+    }
+}

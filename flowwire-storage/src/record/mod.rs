@@ -1,0 +1,26 @@
+//! What the stores persist: instance records, history entries and the step writes that
+//! carry them.
+//!
+//! A step of an instance is one [`StepWrite`]: the new record (compare-and-swap on its
+//! version), the impulse id it applied (insert-if-absent, which is what makes impulses
+//! exactly-once), and its history entry. A store commits a whole batch of step writes in
+//! one durable transaction (group commit) and reports a [`StepResult`] for each.
+//!
+//! The files: `model.rs` the logical record; `placed.rs` the persisted record and its
+//! older formats; `history.rs` history entries; `step.rs` the step write a store commits.
+
+mod history;
+mod model;
+mod placed;
+mod step;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use self::history::HistoryEntryRef;
+pub use self::history::{HistoryEntry, StepInput, StepOutput};
+pub use self::model::{
+    Branch, BranchState, Compensation, Fan, PendingCall, Record, Status, TimeSpec, Timer,
+};
+pub use self::placed::{PlacedCall, PlacedRecord, Retired};
+pub use self::step::{Draft, Expect, StepResult, StepWrite, Stored};
+pub use crate::key::InstanceKey;

@@ -1,0 +1,207 @@
+//! The logical record: what an instance is at a step (status, state, the call in flight,
+//! a fan-out, a timer, the saga stack).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Where an instance stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// A driver call is in flight (see [`Record::pending`]).
+    Running,
+    /// Waiting for an impulse.
+    Waiting,
+    /// The wire returned `Command::finish()`.
+    Finished,
+    /// The wire returned `Command::fail(..)` or a continuation returned an error.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Parked for an operator: a wire panicked, or the instance cannot run on this code.
+    Quarantined {
+        /// Why.
+        reason: String,
+    },
+    /// Sleeping until its timer fires (see [`Record::timer`]).
+    Sleeping,
+    /// The flow failed ([`Record::failing`] says why) and its registered compensations are
+    /// running, last registered first; the one in flight is [`Record::pending`].
+    Compensating,
+}
+
+impl Status {
+    /// Whether the instance will never run again by itself.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Status::Finished | Status::Failed { .. })
+    }
+
+    /// Whether the instance is live: neither ended nor parked.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            Status::Running | Status::Waiting | Status::Sleeping | Status::Compensating
+        )
+    }
+
+    /// Whether a driver call is in flight: the engine loads such instances at start-up to
+    /// send the call again. Waiting and sleeping instances are not loaded; an impulse or
+    /// their timer brings them back.
+    pub fn has_call(&self) -> bool {
+        matches!(self, Status::Running | Status::Compensating)
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Waiting => "waiting",
+            Status::Finished => "finished",
+            Status::Failed { .. } => "failed",
+            Status::Quarantined { .. } => "quarantined",
+            Status::Sleeping => "sleeping",
+            Status::Compensating => "compensating",
+        }
+    }
+}
+
+/// The driver call an instance is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCall {
+    /// The step that issued the call; with the instance key it is the idempotency key.
+    pub seq: u64,
+    /// Which linked driver serves it (index in the flow's links).
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (the driver's call enum, postcard).
+    pub call: Bytes,
+    /// How many times start-up recovery sent the call again after a restart (a restart
+    /// while a call is in flight leaves it unknown whether it ran).
+    pub redelivered: u32,
+}
+
+/// When a timer fires, as the wire asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSpec {
+    /// This many milliseconds after the step that armed it.
+    After(u64),
+    /// At this time, in milliseconds since the Unix epoch.
+    At(u64),
+}
+
+/// An armed timer: a sleep, or the timeout of a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// When it fires, in milliseconds since the Unix epoch.
+    pub due_ms: u64,
+    /// What the wire asked for (a wire that asks for the same again keeps this timer).
+    pub spec: TimeSpec,
+}
+
+/// A fan-out in flight: calls sent together (at most [`Fan::parallel`] at a time), joined
+/// when all of them are done, or when the first succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fan {
+    /// The step that issued the fan-out; with the instance key and a branch's index it is
+    /// the branch's idempotency key.
+    pub seq: u64,
+    /// Joined at the first successful outcome (the rest are abandoned), not after all.
+    pub first: bool,
+    /// At most this many branches are in flight at once.
+    pub parallel: u32,
+    /// The branches, in the order the wire gave them.
+    pub branches: Vec<Branch>,
+}
+
+impl Fan {
+    /// How many branches have their outcome.
+    pub fn done(&self) -> usize {
+        self.branches
+            .iter()
+            .filter(|b| matches!(b.state, BranchState::Done { .. }))
+            .count()
+    }
+
+    /// The branches in flight, with their index.
+    pub fn in_flight(&self) -> impl Iterator<Item = (u32, &Branch)> {
+        (0u32..)
+            .zip(&self.branches)
+            .filter(|(_, b)| matches!(b.state, BranchState::Sent { .. }))
+    }
+}
+
+/// One call of a fan-out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (kept inline in the record: pass ids, not data).
+    pub call: Bytes,
+    /// The compensation it registers when it succeeds (its `seq` is the fan-out's step).
+    pub undo: Option<Compensation>,
+    /// Where it stands.
+    pub state: BranchState,
+}
+
+/// Where one branch of a fan-out stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BranchState {
+    /// Not sent yet (the parallelism bound holds it back).
+    Queued,
+    /// Sent, its outcome awaited.
+    Sent {
+        /// How many times a restart (or an operator's resume) sent it again.
+        redelivered: u32,
+    },
+    /// Its outcome was applied.
+    Done {
+        /// Whether the driver's call succeeded.
+        ok: bool,
+    },
+}
+
+/// A compensation registered by a drive whose call succeeded: run if the flow fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compensation {
+    /// The step whose outcome registered it.
+    pub seq: u64,
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call (kept inline in the record: compensations carry ids, not data).
+    pub call: Bytes,
+}
+
+/// The record of one instance as the runtime sees it: every payload in memory.
+///
+/// What is persisted is its [`PlacedRecord`](crate::record::PlacedRecord), where payloads above the ladder's inline
+/// threshold are references to blobs. (Format 1 of the persisted record had this shape.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The flow version the instance runs under.
+    pub flow_version: u32,
+    /// Steps taken so far; the last step's number.
+    pub seq: u64,
+    /// Where the instance stands.
+    pub status: Status,
+    /// The flow state, encoded with postcard.
+    pub state: Bytes,
+    /// The call in flight, when [`Status::Running`].
+    pub pending: Option<PendingCall>,
+    /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
+    pub timer: Option<Timer>,
+    /// Compensations registered so far, in registration order (run in reverse).
+    pub compensations: Vec<Compensation>,
+    /// Why the flow failed, while its compensations run (also while it is parked because
+    /// one of them failed: resuming it goes on compensating).
+    pub failing: Option<String>,
+    /// The flow's correlation key after this step, while the instance has not ended (the
+    /// store indexes it for `impulse_by_key`).
+    pub correlation: Option<String>,
+    /// The fan-out in flight, when [`Status::Running`] without a [`Record::pending`] call.
+    pub fan: Option<Fan>,
+}

@@ -1,0 +1,248 @@
+//! The persisted record ([`PlacedRecord`]): the logical record with its payloads placed
+//! inline or on tiers, bound to its instance in its checksum, and the decoding of every
+//! older format.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::blob::{BlobRef, Payload};
+use crate::codec::{self, Kind};
+use crate::error::CodecError;
+use crate::key::InstanceKey;
+
+use super::model::{Compensation, Fan, Status, Timer};
+
+/// The record as flowwire 0.1 persisted it (format 1: everything inline).
+#[derive(Deserialize)]
+struct RecordV1 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Bytes,
+    pending: Option<CallV1>,
+}
+
+/// A call in flight as formats 1 and 2 persisted it.
+#[derive(Deserialize)]
+struct CallV1 {
+    seq: u64,
+    link: u16,
+    method: u16,
+    call: Bytes,
+}
+
+#[derive(Deserialize)]
+struct PlacedCallV2 {
+    seq: u64,
+    link: u16,
+    method: u16,
+    call: Payload,
+}
+
+/// The record as format 2 persisted it (payloads on the ladder, no timers or sagas).
+#[derive(Deserialize)]
+struct PlacedRecordV2 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCallV2>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// The record as format 4 persisted it (no fan-out).
+#[derive(Deserialize)]
+struct PlacedRecordV4 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    failing: Option<String>,
+    correlation: Option<String>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// The record as format 3 persisted it (no failure reason or correlation key).
+#[derive(Deserialize)]
+struct PlacedRecordV3 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// The driver call in flight, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedCall {
+    /// The step that issued the call.
+    pub seq: u64,
+    /// Which linked driver serves it.
+    pub link: u16,
+    /// Which method of that driver.
+    pub method: u16,
+    /// The encoded call.
+    pub call: Payload,
+    /// Times start-up recovery sent it again.
+    pub redelivered: u32,
+}
+
+/// A blob the record no longer refers to but kept history may: it is deleted once every
+/// history entry before step `died` is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    /// The first step whose entry no longer refers to the blob.
+    pub died: u64,
+    /// The blob.
+    pub blob: BlobRef,
+}
+
+/// The persisted record of one instance: payloads placed on the ladder, and the blobs
+/// waiting for garbage collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedRecord {
+    /// The flow version the instance runs under.
+    pub flow_version: u32,
+    /// Steps taken so far.
+    pub seq: u64,
+    /// Where the instance stands.
+    pub status: Status,
+    /// The flow state.
+    pub state: Payload,
+    /// The call in flight.
+    pub pending: Option<PlacedCall>,
+    /// The armed timer.
+    pub timer: Option<Timer>,
+    /// Registered compensations.
+    pub compensations: Vec<Compensation>,
+    /// Why the flow failed, while it compensates.
+    pub failing: Option<String>,
+    /// The correlation key.
+    pub correlation: Option<String>,
+    /// The fan-out in flight.
+    pub fan: Option<Fan>,
+    /// Blobs only kept history refers to (tracked unless history is kept whole).
+    pub retired: Vec<Retired>,
+    /// Blobs no record or kept history refers to any more, deleted after this record is
+    /// committed (deletes are idempotent, so recovery deletes them again).
+    pub trash: Vec<BlobRef>,
+}
+
+impl PlacedRecord {
+    /// Encodes the record of instance `key` in its envelope (its checksum binds `key`),
+    /// appending to `out`.
+    pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        codec::encode_owned(Kind::Record, key, self, out)
+    }
+
+    /// Decodes the record of instance `key` from its envelope (current format, or formats
+    /// 1 to 5), refusing more than `limit` bytes, and a record written for another
+    /// instance ([`CodecError::Checksum`]).
+    pub fn decode(
+        bytes: &[u8],
+        key: &InstanceKey,
+        limit: usize,
+    ) -> Result<PlacedRecord, CodecError> {
+        let (version, payload) = codec::open_owned(Kind::Record, bytes, key, limit)?;
+        match version {
+            1 => {
+                let r: RecordV1 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: Payload::Inline(r.state),
+                    pending: r.pending.map(|p| PlacedCall {
+                        seq: p.seq,
+                        link: p.link,
+                        method: p.method,
+                        call: Payload::Inline(p.call),
+                        redelivered: 0,
+                    }),
+                    timer: None,
+                    compensations: Vec::new(),
+                    failing: None,
+                    correlation: None,
+                    fan: None,
+                    retired: Vec::new(),
+                    trash: Vec::new(),
+                })
+            }
+            2 => {
+                let r: PlacedRecordV2 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending.map(|p| PlacedCall {
+                        seq: p.seq,
+                        link: p.link,
+                        method: p.method,
+                        call: p.call,
+                        redelivered: 0,
+                    }),
+                    timer: None,
+                    compensations: Vec::new(),
+                    failing: None,
+                    correlation: None,
+                    fan: None,
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            3 => {
+                let r: PlacedRecordV3 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending,
+                    timer: r.timer,
+                    compensations: r.compensations,
+                    failing: None,
+                    correlation: None,
+                    fan: None,
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            4 => {
+                let r: PlacedRecordV4 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    flow_version: r.flow_version,
+                    seq: r.seq,
+                    status: r.status,
+                    state: r.state,
+                    pending: r.pending,
+                    timer: r.timer,
+                    compensations: r.compensations,
+                    failing: r.failing,
+                    correlation: r.correlation,
+                    fan: None,
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            _ => codec::decode_raw(payload, limit),
+        }
+    }
+
+    /// The blobs the record itself refers to.
+    pub fn live_blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.state
+            .blob()
+            .into_iter()
+            .chain(self.pending.as_ref().and_then(|p| p.call.blob()))
+    }
+}

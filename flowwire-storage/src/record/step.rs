@@ -1,0 +1,127 @@
+//! A step's write as a store receives it ([`StepWrite`]), its condition, its result, and
+//! a stored record as read back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::key::InstanceKey;
+
+use super::history::{StepInput, StepOutput};
+use super::model::Record;
+
+/// The condition a step write puts on the stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expect {
+    /// No record may exist (a start).
+    Absent,
+    /// The stored record must have this version.
+    Version(u64),
+}
+
+/// One step of one instance before its payloads are placed: what the runtime's core hands
+/// to [`Placement::seal`](crate::ladder::Placement::seal).
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// The instance.
+    pub key: InstanceKey,
+    /// Compare-and-swap condition on the stored record.
+    pub expect: Expect,
+    /// The version the new record gets.
+    pub version: u64,
+    /// The new record.
+    pub record: Record,
+    /// The impulse id this step applies.
+    pub impulse: Option<Arc<str>>,
+    /// What came in.
+    pub input: StepInput,
+    /// What went out.
+    pub output: StepOutput,
+    /// The input's payload (encoded impulse or reply), for history.
+    pub payload: Option<Bytes>,
+    /// When the step was taken, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// One step of one instance, as handed to [`InstanceStore::commit`](crate::InstanceStore::commit).
+///
+/// Serializable: the embedded store logs batches of them (see its write-ahead log).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepWrite {
+    /// The instance.
+    pub key: InstanceKey,
+    /// Compare-and-swap condition on the stored record.
+    pub expect: Expect,
+    /// The version the new record gets.
+    pub version: u64,
+    /// The step's number (recorded with an applied impulse id).
+    pub seq: u64,
+    /// The encoded [`PlacedRecord`](crate::record::PlacedRecord) (in its envelope).
+    pub record: Bytes,
+    /// Whether the instance has a driver call in flight after the step (the store keeps an
+    /// index of these "active" instances so that start-up recovery reads only them).
+    pub active: bool,
+    /// Whether the instance is parked after the step (the store keeps an index of parked
+    /// instances for operators).
+    pub parked: bool,
+    /// The instance's armed timer after the step, when it is due (ms since the Unix
+    /// epoch); the store keeps an index by due time.
+    pub timer: Option<u64>,
+    /// The instance's correlation key after the step (`None` once it ended); the store
+    /// keeps an index from `(flow, key)` to instance ids.
+    pub correlation: Option<Arc<str>>,
+    /// The key the previous record was indexed under, when it differs from
+    /// [`StepWrite::correlation`]: the store drops that entry.
+    pub uncorrelate: Option<Arc<str>>,
+    /// The correlation key of an instance that has ended, set by the steps of an ended
+    /// instance: the store keeps it ([`InstanceStore::ended_with_key`](crate::InstanceStore::ended_with_key))
+    /// until the instance is deleted, so that an impulse retried by key after the instance
+    /// ended is told it was applied rather than that no instance has the key.
+    pub ended_key: Option<Arc<str>>,
+    /// The impulse id this step applied: the step commits only if the id was never
+    /// applied to this instance before.
+    pub impulse: Option<Arc<str>>,
+    /// The step's history entry: its number and encoded [`HistoryEntry`](crate::record::HistoryEntry).
+    pub history: Option<(u64, Bytes)>,
+    /// Delete the instance's history entries before this step (history retention).
+    pub prune_below: Option<u64>,
+    /// The writer's fencing token (multi-process mode): a shared store refuses the step
+    /// ([`StepResult::Fenced`]) if a higher token was granted for the instance's shard, or
+    /// the record was last written with one, so an orchestrator that lost its lease cannot
+    /// write after a newer owner took over. `None`: no check (one process owns every
+    /// instance).
+    pub fence: Option<u64>,
+}
+
+/// The fate of one [`StepWrite`] in a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepResult {
+    /// Durably written.
+    Committed,
+    /// Not written: the stored record's version differs from the expectation.
+    Conflict {
+        /// The version found (`None`: no record).
+        found: Option<u64>,
+    },
+    /// Not written: the impulse id was already applied, at the given step.
+    ImpulseSeen {
+        /// The step that applied it.
+        seq: u64,
+    },
+    /// Not written: the record was last written under a higher fencing token (a newer
+    /// owner); see [`StepWrite::fence`].
+    Fenced {
+        /// The token the record carries.
+        token: u64,
+    },
+}
+
+/// A record as read back from a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its version (for compare-and-swap).
+    pub version: u64,
+    /// The encoded [`Record`].
+    pub bytes: Bytes,
+}

@@ -1,0 +1,216 @@
+//! The record formats: round trips, identity binding, and the decoding of every older
+//! format.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::*;
+use crate::blob::{BlobRef, Payload};
+use crate::codec::{self, Kind};
+use crate::error::CodecError;
+
+#[test]
+fn a_borrowed_history_entry_encodes_to_the_bytes_of_the_owned_one() {
+    let owned = HistoryEntry {
+        seq: 7,
+        input: StepInput::Impulse {
+            id: "i-1".into(),
+            name: "note".into(),
+        },
+        output: StepOutput::Drive {
+            call_seq: 7,
+            link: 1,
+            method: 2,
+        },
+        version: 8,
+        payload: Some(Payload::Inline(Bytes::from_static(b"reply"))),
+        state: Some(Payload::Inline(Bytes::from_static(b"state"))),
+        at_ms: 1_700_000_000_000,
+    };
+    let borrowed = HistoryEntryRef {
+        seq: owned.seq,
+        input: &owned.input,
+        output: &owned.output,
+        version: owned.version,
+        payload: owned.payload.as_ref(),
+        state: owned.state.as_ref(),
+        at_ms: owned.at_ms,
+    };
+    let key = InstanceKey::new("F", "i");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    codec::encode_owned(Kind::History, &key, &owned, &mut a).unwrap(); // serde of the owned struct
+    borrowed.encode(&key, &mut b).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(HistoryEntry::decode(&b, &key, 1 << 20).unwrap(), owned);
+}
+
+/// Format 3 as it was written (no failure reason, no correlation key).
+#[derive(Serialize)]
+struct Written3 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// Format 4 as it was written (no fan-out).
+#[derive(Serialize)]
+struct Written4 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCall>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    failing: Option<String>,
+    correlation: Option<String>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+#[test]
+fn a_format_4_record_still_decodes() {
+    let old = Written4 {
+        flow_version: 2,
+        seq: 7,
+        status: Status::Compensating,
+        state: Payload::Inline(Bytes::from_static(b"s")),
+        pending: None,
+        timer: None,
+        compensations: Vec::new(),
+        failing: Some("out of stock".into()),
+        correlation: Some("A-1".into()),
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    codec::encode_with_version(Kind::Record, 4, &old, &mut buf).unwrap();
+    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
+    assert_eq!((r.seq, r.status), (7, Status::Compensating));
+    assert_eq!(r.failing.as_deref(), Some("out of stock"));
+    assert_eq!(r.correlation.as_deref(), Some("A-1"));
+    assert_eq!(r.fan, None);
+}
+
+#[test]
+fn a_fan_out_round_trips_in_the_current_format() {
+    let placed = PlacedRecord {
+        flow_version: 1,
+        seq: 3,
+        status: Status::Running,
+        state: Payload::Inline(Bytes::from_static(b"s")),
+        pending: None,
+        timer: None,
+        compensations: Vec::new(),
+        failing: None,
+        correlation: None,
+        fan: Some(Fan {
+            seq: 2,
+            first: false,
+            parallel: 2,
+            branches: vec![
+                Branch {
+                    link: 1,
+                    method: 0,
+                    call: Bytes::from_static(b"a"),
+                    undo: None,
+                    state: BranchState::Done { ok: true },
+                },
+                Branch {
+                    link: 1,
+                    method: 0,
+                    call: Bytes::from_static(b"b"),
+                    undo: None,
+                    state: BranchState::Sent { redelivered: 1 },
+                },
+            ],
+        }),
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    let key = InstanceKey::new("F", "i");
+    placed.encode(&key, &mut buf).unwrap();
+    let back = PlacedRecord::decode(&buf, &key, 1 << 20).unwrap();
+    assert_eq!(back, placed);
+    let fan = back.fan.unwrap();
+    assert_eq!(fan.done(), 1);
+    assert_eq!(fan.in_flight().map(|(i, _)| i).collect::<Vec<_>>(), [1]);
+}
+
+#[test]
+fn a_format_3_record_still_decodes() {
+    let comp = Compensation {
+        seq: 2,
+        link: 0,
+        method: 1,
+        call: Bytes::from_static(b"c"),
+    };
+    let old = Written3 {
+        flow_version: 1,
+        seq: 4,
+        status: Status::Sleeping,
+        state: Payload::Inline(Bytes::from_static(b"s")),
+        pending: None,
+        timer: Some(Timer {
+            due_ms: 9,
+            spec: TimeSpec::After(5),
+        }),
+        compensations: vec![comp.clone()],
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    codec::encode_with_version(Kind::Record, 3, &old, &mut buf).unwrap();
+    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
+    assert_eq!((r.seq, r.status, r.timer), (4, Status::Sleeping, old.timer));
+    assert_eq!(r.compensations, vec![comp]);
+    assert_eq!((r.failing, r.correlation), (None, None));
+}
+
+/// A record with its identity bound in: read under its own key it decodes; under any
+/// other key, or with any header or payload byte changed, it is refused.
+#[test]
+fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
+    let placed = PlacedRecord {
+        flow_version: 1,
+        seq: 3,
+        status: Status::Waiting,
+        state: Payload::Inline(Bytes::from_static(b"state")),
+        pending: None,
+        timer: None,
+        compensations: Vec::new(),
+        failing: None,
+        correlation: None,
+        fan: None,
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let key = InstanceKey::new("Order", "a");
+    let mut buf = Vec::new();
+    placed.encode(&key, &mut buf).unwrap();
+    assert_eq!(PlacedRecord::decode(&buf, &key, 1 << 20).unwrap(), placed);
+    for other in [
+        InstanceKey::new("Order", "b"),
+        InstanceKey::new("Order", "a "),
+        InstanceKey::new("Orde", "ra"),
+        InstanceKey::new("Other", "a"),
+    ] {
+        let err = PlacedRecord::decode(&buf, &other, 1 << 20).unwrap_err();
+        assert!(matches!(err, CodecError::Checksum { .. }), "{other}: {err}");
+    }
+    for i in 0..buf.len() {
+        let mut bad = buf.clone();
+        bad[i] ^= 0x01;
+        assert!(
+            PlacedRecord::decode(&bad, &key, 1 << 20).is_err(),
+            "byte {i}"
+        );
+    }
+}
