@@ -3,6 +3,10 @@
 //! API as an attacker of a storage engine would: a refused start never touches the instance
 //! that holds the id, awkward ids work on every rung of the ladder, and a write the engine
 //! could not read back is refused before anything is stored.
+//!
+//! (Long because it is the integrity promise list of docs/architecture.md, one test per
+//! promise, kept in the order the list gives; the matrices and the fuzzing live in
+//! flowwire-storage's own tests.)
 
 use std::path::Path;
 
