@@ -36,7 +36,9 @@ pub(super) fn apply(
         let mut timers = txn.open_table(TIMERS).map_err(|x| e(x.into()))?;
         let mut timer_of = txn.open_table(TIMER_OF).map_err(|x| e(x.into()))?;
         let mut correlated = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
-        let mut ended_keys = txn.open_table(ENDED_KEYS).map_err(|x| e(x.into()))?;
+        // Opened only by a batch that ends a keyed instance: opening a table allocates,
+        // and most batches end nothing.
+        let mut ended_keys = None;
         for step in batch {
             let key = (&*step.key.flow, &*step.key.id);
             let found = records
@@ -78,7 +80,11 @@ pub(super) fn apply(
                     .map_err(|x| e(x.into()))?;
             }
             if let Some(ended) = &step.ended_key {
-                ended_keys
+                let table = match &mut ended_keys {
+                    Some(table) => table,
+                    None => ended_keys.insert(txn.open_table(ENDED_KEYS).map_err(|x| e(x.into()))?),
+                };
+                table
                     .insert((key.0, &**ended, key.1), ())
                     .map_err(|x| e(x.into()))?;
             }
