@@ -1,5 +1,7 @@
 //! [`Command`]: what a wire returns.
 
+mod erase;
+
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -422,86 +424,3 @@ impl<F> Clone for Then<F> {
     }
 }
 impl<F> Copy for Then<F> {}
-
-#[allow(unsafe_code)]
-mod erase {
-    use super::{Continuation, Delivered, DriveError, Each, Then, ThenError};
-    use crate::board::Board;
-    use crate::driver::Reply;
-
-    impl<F: Board> Then<F> {
-        pub(crate) fn new<R: Reply>(k: Continuation<F, R>) -> Self {
-            // SAFETY: transmuting between function pointer types is sound; `raw` is only
-            // ever called after `run::<F, R>` transmutes it back to this exact type.
-            let raw = unsafe { std::mem::transmute::<Continuation<F, R>, fn()>(k) };
-            Self {
-                raw,
-                run: run::<F, R>,
-            }
-        }
-
-        pub(crate) fn each<R: Reply>(k: Each<F, R>) -> Self {
-            // SAFETY: as in `new`; `raw` is only called by `run_each::<F, R>`.
-            let raw = unsafe { std::mem::transmute::<Each<F, R>, fn()>(k) };
-            Self {
-                raw,
-                run: run_each::<F, R>,
-            }
-        }
-
-        /// Runs the continuation; `branch` is the fan-out branch's index (ignored by a
-        /// drive's continuation).
-        pub(crate) fn call(
-            self,
-            flow: &mut F,
-            delivered: Delivered<'_>,
-            limit: usize,
-            branch: usize,
-        ) -> Result<(), ThenError> {
-            (self.run)(self.raw, flow, delivered, limit, branch)
-        }
-    }
-
-    fn run<F: Board, R: Reply>(
-        raw: fn(),
-        flow: &mut F,
-        delivered: Delivered<'_>,
-        limit: usize,
-        _branch: usize,
-    ) -> Result<(), ThenError> {
-        // SAFETY: `raw` was made from a `Continuation<F, R>` in `Then::new::<R>`, which is
-        // the only place that pairs it with `run::<F, R>`.
-        let k = unsafe { std::mem::transmute::<fn(), Continuation<F, R>>(raw) };
-        let outcome = outcome::<R>(delivered, limit)?;
-        k(flow, outcome).map_err(ThenError::Failed)
-    }
-
-    fn run_each<F: Board, R: Reply>(
-        raw: fn(),
-        flow: &mut F,
-        delivered: Delivered<'_>,
-        limit: usize,
-        branch: usize,
-    ) -> Result<(), ThenError> {
-        // SAFETY: `raw` was made from an `Each<F, R>` in `Then::each::<R>`, the only place
-        // that pairs it with `run_each::<F, R>`.
-        let k = unsafe { std::mem::transmute::<fn(), Each<F, R>>(raw) };
-        let outcome = outcome::<R>(delivered, limit)?;
-        k(flow, branch, outcome).map_err(ThenError::Failed)
-    }
-
-    fn outcome<R: Reply>(
-        delivered: Delivered<'_>,
-        limit: usize,
-    ) -> Result<super::Outcome<R>, ThenError> {
-        Ok(match delivered {
-            Delivered::Reply(bytes) => {
-                match flowwire_storage::codec::decode_raw::<R>(bytes, limit) {
-                    Ok(reply) => reply.into_result().map_err(DriveError::Driver),
-                    Err(e) => return Err(ThenError::Decode(e.to_string())),
-                }
-            }
-            Delivered::Fault(fault) => Err(DriveError::Runtime(fault.clone())),
-        })
-    }
-}
