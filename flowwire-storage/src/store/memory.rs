@@ -221,6 +221,11 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// What `read` finds in a flow's data (nothing for a flow never written).
+    fn keyed(&self, flow: &str, read: impl FnOnce(&FlowData) -> Vec<Arc<str>>) -> Vec<Arc<str>> {
+        self.lock().flows.get(flow).map(read).unwrap_or_default()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied step: each step is
         // checked before any of it is applied.
@@ -229,6 +234,17 @@ impl MemoryStore {
 }
 
 /// The stored form of an entry, as `load` answers it.
+/// The ids a `(key, id)` index holds under `key`, in id order, at most `limit`.
+fn under(index: &BTreeSet<(Arc<str>, Arc<str>)>, key: &str, limit: usize) -> Vec<Arc<str>> {
+    let k: Arc<str> = key.into();
+    index
+        .range((k.clone(), Arc::from(""))..)
+        .take_while(|(ck, _)| *ck == k)
+        .take(limit)
+        .map(|(_, id)| id.clone())
+        .collect()
+}
+
 fn stored(e: &Entry) -> Stored {
     Stored {
         version: e.version,
@@ -437,20 +453,7 @@ impl InstanceStore for MemoryStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        let inner = self.lock();
-        let out = inner
-            .flows
-            .get(flow)
-            .map(|f| {
-                let k: Arc<str> = key.into();
-                f.correlated
-                    .range((k.clone(), Arc::from(""))..)
-                    .take_while(|(ck, _)| *ck == k)
-                    .take(limit)
-                    .map(|(_, id)| id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let out = self.keyed(flow, |f| under(&f.correlated, key, limit));
         Box::pin(std::future::ready(Ok(out)))
     }
 
@@ -460,20 +463,7 @@ impl InstanceStore for MemoryStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        let inner = self.lock();
-        let out = inner
-            .flows
-            .get(flow)
-            .map(|f| {
-                let k: Arc<str> = key.into();
-                f.ended_keys
-                    .range((k.clone(), Arc::from(""))..)
-                    .take_while(|(ck, _)| *ck == k)
-                    .take(limit)
-                    .map(|(_, id)| id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let out = self.keyed(flow, |f| under(&f.ended_keys, key, limit));
         Box::pin(std::future::ready(Ok(out)))
     }
 }

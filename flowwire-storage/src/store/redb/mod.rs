@@ -305,6 +305,36 @@ impl RedbStore {
         log::log_path(path)
     }
 
+    /// The ids a `(flow, key, id)` index holds under `(flow, key)`, in id order, at most
+    /// `limit` (the live and the ended instances by correlation key).
+    fn keyed(
+        &self,
+        index: redb::TableDefinition<'static, (&'static str, &'static str, &'static str), ()>,
+        flow: &str,
+        key: &str,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<Arc<str>>, StoreError>> {
+        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
+        self.blocking(move |db, path, _| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let table = txn.open_table(index).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&*flow, &*key, "")..)
+                .map_err(|x| e(x.into()))?
+            {
+                let (k, _) = row.map_err(|x| e(x.into()))?;
+                let (f, ck, id) = k.value();
+                if f != &*flow || ck != &*key || out.len() >= limit {
+                    break;
+                }
+                out.push(Arc::from(id));
+            }
+            Ok(out)
+        })
+    }
+
     /// Runs a blocking closure over the database off the async workers.
     fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T, StoreError>>
     where
@@ -569,25 +599,7 @@ impl InstanceStore for RedbStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
-        self.blocking(move |db, path, _| {
-            let e = |err: redb::Error| map_err(path, err);
-            let txn = db.begin_read().map_err(|x| e(x.into()))?;
-            let table = txn.open_table(CORRELATED).map_err(|x| e(x.into()))?;
-            let mut out = Vec::new();
-            for row in table
-                .range((&*flow, &*key, "")..)
-                .map_err(|x| e(x.into()))?
-            {
-                let (k, _) = row.map_err(|x| e(x.into()))?;
-                let (f, ck, id) = k.value();
-                if f != &*flow || ck != &*key || out.len() >= limit {
-                    break;
-                }
-                out.push(Arc::from(id));
-            }
-            Ok(out)
-        })
+        self.keyed(CORRELATED, flow, key, limit)
     }
 
     fn ended_with_key<'a>(
@@ -596,24 +608,6 @@ impl InstanceStore for RedbStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        let (flow, key): (Arc<str>, Arc<str>) = (flow.into(), key.into());
-        self.blocking(move |db, path, _| {
-            let e = |err: redb::Error| map_err(path, err);
-            let txn = db.begin_read().map_err(|x| e(x.into()))?;
-            let table = txn.open_table(ENDED_KEYS).map_err(|x| e(x.into()))?;
-            let mut out = Vec::new();
-            for row in table
-                .range((&*flow, &*key, "")..)
-                .map_err(|x| e(x.into()))?
-            {
-                let (k, _) = row.map_err(|x| e(x.into()))?;
-                let (f, ck, id) = k.value();
-                if f != &*flow || ck != &*key || out.len() >= limit {
-                    break;
-                }
-                out.push(Arc::from(id));
-            }
-            Ok(out)
-        })
+        self.keyed(ENDED_KEYS, flow, key, limit)
     }
 }

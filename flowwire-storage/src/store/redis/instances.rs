@@ -12,6 +12,52 @@ use crate::store::{ActiveList, BoxFuture, DamagedList, InstanceStore};
 use super::{PAGE, RecordRow, RedisStore, backend, parse};
 
 impl RedisStore {
+    /// The ids a per-key set index holds under `key` whose record still says so (its hash
+    /// field `field` is `key`), in id order, at most `limit`; entries their record
+    /// disowns are dropped on the way (the indexes are conservative).
+    async fn keyed(
+        &self,
+        set: String,
+        field: &str,
+        flow: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<Arc<str>>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&set)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        ids.sort_unstable();
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut stale = Vec::new();
+        for page in ids.chunks(PAGE) {
+            let cmds = page.iter().map(|id| {
+                let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                redis::Cmd::hget(r, field)
+            });
+            let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
+            for (id, k) in page.iter().zip(keys) {
+                if k.as_deref() == Some(key) {
+                    if out.len() < limit {
+                        out.push(id.as_str().into());
+                    }
+                } else {
+                    stale.push(id.clone());
+                }
+            }
+        }
+        if !stale.is_empty() {
+            let _ = redis::cmd("SREM")
+                .arg(&set)
+                .arg(&stale)
+                .query_async::<()>(&mut c)
+                .await;
+        }
+        Ok(out)
+    }
+
     /// The active instances of one shard (stale index entries are dropped on the way).
     pub(super) async fn active_shard(
         &self,
@@ -375,42 +421,7 @@ impl InstanceStore for RedisStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        Box::pin(async move {
-            let mut c = self.conn().await?;
-            let set = self.corr_key(flow, key);
-            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&set)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            ids.sort_unstable();
-            let mut out: Vec<Arc<str>> = Vec::new();
-            let mut stale = Vec::new();
-            for page in ids.chunks(PAGE) {
-                let cmds = page.iter().map(|id| {
-                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
-                    redis::Cmd::hget(r, "k")
-                });
-                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
-                for (id, k) in page.iter().zip(keys) {
-                    if k.as_deref() == Some(key) {
-                        if out.len() < limit {
-                            out.push(id.as_str().into());
-                        }
-                    } else {
-                        stale.push(id.clone());
-                    }
-                }
-            }
-            if !stale.is_empty() {
-                let _ = redis::cmd("SREM")
-                    .arg(&set)
-                    .arg(&stale)
-                    .query_async::<()>(&mut c)
-                    .await;
-            }
-            Ok(out)
-        })
+        Box::pin(self.keyed(self.corr_key(flow, key), "k", flow, key, limit))
     }
 
     fn ended_with_key<'a>(
@@ -419,41 +430,6 @@ impl InstanceStore for RedisStore {
         key: &'a str,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
-        Box::pin(async move {
-            let mut c = self.conn().await?;
-            let set = self.ended_key(flow, key);
-            let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&set)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            ids.sort_unstable();
-            let mut out: Vec<Arc<str>> = Vec::new();
-            let mut stale = Vec::new();
-            for page in ids.chunks(PAGE) {
-                let cmds = page.iter().map(|id| {
-                    let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
-                    redis::Cmd::hget(r, "e")
-                });
-                let keys: Vec<Option<String>> = parse(c.batch(cmds.collect()).await)?;
-                for (id, k) in page.iter().zip(keys) {
-                    if k.as_deref() == Some(key) {
-                        if out.len() < limit {
-                            out.push(id.as_str().into());
-                        }
-                    } else {
-                        stale.push(id.clone());
-                    }
-                }
-            }
-            if !stale.is_empty() {
-                let _ = redis::cmd("SREM")
-                    .arg(&set)
-                    .arg(&stale)
-                    .query_async::<()>(&mut c)
-                    .await;
-            }
-            Ok(out)
-        })
+        Box::pin(self.keyed(self.ended_key(flow, key), "e", flow, key, limit))
     }
 }
