@@ -70,6 +70,18 @@ mod tests {
     }
 
     #[test]
+    fn a_borrowed_argument_is_refused_with_its_owned_type() {
+        let out = errors(quote!(
+            trait Mailer {
+                async fn send(&self, to: &str, cc: &[String], n: &u32) -> Result<(), String>;
+            }
+        ));
+        assert!(out.contains("write `String`"), "{out}");
+        assert!(out.contains("write `Vec<String>`"), "{out}");
+        assert!(out.contains("write `u32`"), "{out}");
+    }
+
+    #[test]
     fn self_by_value_is_refused() {
         let out = errors(quote!(
             trait P {

@@ -117,6 +117,10 @@ fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>
     let mut args = Vec::new();
     for input in sig.inputs.iter().skip(1) {
         match input {
+            FnArg::Typed(pt) if matches!(&*pt.ty, syn::Type::Reference(_)) => {
+                cx.error(&pt.ty, borrowed(&pt.ty));
+                ok = false;
+            }
             FnArg::Typed(pt) => match &*pt.pat {
                 Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => args.push(Arg {
                     name: pi.ident.clone(),
@@ -149,4 +153,22 @@ fn parse_method<'a>(f: &'a syn::TraitItemFn, cx: &mut Ctxt) -> Option<Method<'a>
         args,
         output,
     })
+}
+
+/// Why a borrowed argument cannot be, and the owned type to write instead.
+fn borrowed(ty: &syn::Type) -> String {
+    let owned = match ty {
+        syn::Type::Reference(r) => match &*r.elem {
+            syn::Type::Path(p) if p.path.is_ident("str") => "`String`".to_string(),
+            syn::Type::Slice(s) => {
+                let elem = &s.elem;
+                format!("`Vec<{}>`", quote::quote!(#elem))
+            }
+            other => format!("`{}`", quote::quote!(#other)),
+        },
+        _ => "an owned type".to_string(),
+    };
+    format!(
+        "driver method arguments are owned: the call is stored and may run in another process or after a restart; write {owned}"
+    )
 }
