@@ -347,3 +347,69 @@ pub fn expand_impl(m: &ImplModel<'_>) -> TokenStream {
         };
     }
 }
+
+/// What a flow's `impl` block expands to when it has errors: the block without its markers,
+/// plus a stand-in `Flow` impl and an empty impulse enum, so that the errors reported are
+/// the block's own and not a cascade of "`X` is not a flow" from every use of the flow
+/// (thiserror's fallback). The stand-in never runs: the program does not compile.
+pub fn fallback_impl(item: &syn::ItemImpl, krate: &TokenStream) -> TokenStream {
+    let stripped = strip_impl(item);
+    let self_path = match &*item.self_ty {
+        syn::Type::Path(tp)
+            if item.trait_.is_none()
+                && item.generics.params.is_empty()
+                && tp.qself.is_none()
+                && tp.path.segments.iter().all(|s| s.arguments.is_none()) =>
+        {
+            &tp.path
+        }
+        _ => return quote!(#stripped),
+    };
+    let p = quote!(#krate::__private);
+    let serde = serde_path(krate);
+    let base = &self_path
+        .segments
+        .last()
+        .expect("a path has a segment")
+        .ident;
+    let impulse = with_suffix(self_path, "Impulse");
+    let impulse_ident = format_ident!("{}Impulse", base);
+    let handle = with_suffix(self_path, "Handle");
+    quote! {
+        #stripped
+
+        #[doc(hidden)]
+        #[derive(::core::fmt::Debug, ::core::clone::Clone, #p::serde::Serialize, #p::serde::Deserialize)]
+        #[serde(crate = #serde)]
+        pub enum #impulse_ident {}
+
+        #[automatically_derived]
+        #[allow(clippy::all, clippy::pedantic, unreachable_code)]
+        const _: () = {
+            impl #p::ImpulseSet for #impulse {
+                fn name(&self) -> &'static str { match *self {} }
+            }
+
+            impl #p::Flow for #self_path {
+                type Impulse = #impulse;
+                type Handle = #handle;
+                const META: &'static #p::FlowMeta = &#p::FlowMeta {
+                    name: <Self as #p::Board>::NAME,
+                    version: <Self as #p::Board>::VERSION,
+                    state: <Self as #p::Board>::STATE,
+                    wire: "",
+                    links: <Self as #p::Board>::LINKS,
+                    impulses: &[],
+                    probes: &[],
+                    correlation: ::core::option::Option::None,
+                };
+                fn wire(&mut self) -> #p::Command<Self> {
+                    ::core::unreachable!("a flow that did not compile")
+                }
+                fn apply_impulse(&mut self, impulse: #impulse) {
+                    match impulse {}
+                }
+            }
+        };
+    }
+}

@@ -40,12 +40,13 @@ pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
         }
         Ok(syn::Item::Impl(item)) => {
             let opts = crate::options::parse("flow", args, &["crate"], &mut cx);
+            let krate = crate::options::krate(&opts);
             let model = parse::parse_impl(&item, opts, &mut cx);
             match (cx.check(), model) {
                 (Ok(()), Some(model)) => expand::expand_impl(&model),
                 (Ok(()), None) => unreachable!("parse_impl reports why it returns None"),
                 (Err(errors), _) => {
-                    let fallback = parse::strip_impl(&item);
+                    let fallback = expand::fallback_impl(&item, &krate);
                     quote::quote!(#errors #fallback)
                 }
             }
@@ -76,6 +77,19 @@ mod tests {
             quote!(impl Order { #[impulse] fn cancel(&mut self) {} }),
         );
         assert!(o.contains("a flow needs one `#[wire]` method"), "{o}");
+    }
+
+    #[test]
+    fn an_impl_with_errors_still_makes_the_flow_a_flow() {
+        // The fallback: the errors, then a stand-in `Flow` impl, so that the uses of the
+        // flow do not each add "`Order` is not a flow".
+        let o = out(
+            quote!(),
+            quote!(impl Order { #[impulse] async fn cancel(&mut self) {} }),
+        );
+        assert!(o.contains("compile_error"), "{o}");
+        assert!(o.contains("Flow for Order"), "{o}");
+        assert!(o.contains("pub enum OrderImpulse { }"), "{o}");
     }
 
     #[test]
