@@ -93,6 +93,20 @@ mod tests {
     }
 
     #[test]
+    fn a_wire_returning_another_type_is_refused_at_its_return_type() {
+        let o = out(
+            quote!(),
+            quote!(impl Order { #[wire] fn step(&mut self) -> Result<Command<Self>, String> { todo!() } }),
+        );
+        assert!(o.contains("the wire returns `Command<Self>`"), "{o}");
+        let ok = out(
+            quote!(),
+            quote!(impl Order { #[wire] fn step(&mut self) -> flowwire::Command<Self> { todo!() } }),
+        );
+        assert!(!ok.contains("compile_error"), "{ok}");
+    }
+
+    #[test]
     fn two_wires_are_refused_at_the_second() {
         let o = out(
             quote!(),

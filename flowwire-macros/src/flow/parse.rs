@@ -292,11 +292,16 @@ pub fn parse_impl<'a>(
             if !ok_args {
                 cx.error(&f.sig.inputs, "the wire is `fn(&mut self) -> Command<Self>`: it takes `&mut self` and nothing else");
             }
-            if matches!(f.sig.output, ReturnType::Default) {
-                cx.error(
+            match &f.sig.output {
+                ReturnType::Default => cx.error(
                     &f.sig.ident,
                     "the wire returns `Command<Self>`: what the runtime does next",
-                );
+                ),
+                ReturnType::Type(_, ty) if !names_command(ty) => cx.error(
+                    ty,
+                    "the wire returns `Command<Self>`: what the runtime does next (to fail the flow, return `Command::fail(reason)`; a `Result` is not unwrapped)",
+                ),
+                ReturnType::Type(..) => {}
             }
             wire = Some(f);
         } else if is_marker(mark, "impulse") {
@@ -383,4 +388,11 @@ pub fn strip_impl(item: &syn::ItemImpl) -> syn::ItemImpl {
         }
     }
     item
+}
+
+/// Whether a type is spelled as a `Command<..>` (by its last path segment, so
+/// `flowwire::Command<Self>` passes too; what it holds the compiler checks).
+fn names_command(ty: &Type) -> bool {
+    matches!(ty, Type::Path(tp) if tp.qself.is_none()
+        && tp.path.segments.last().is_some_and(|s| s.ident == "Command"))
 }
