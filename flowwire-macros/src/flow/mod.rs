@@ -33,7 +33,7 @@ pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
                 (Ok(()), Some(model)) => expand::expand_struct(&model),
                 (Ok(()), None) => unreachable!("parse_struct reports why it returns None"),
                 (Err(errors), _) => {
-                    let fallback = parse::strip_struct(&item);
+                    let fallback = parse::fallback_struct(&item);
                     quote::quote!(#errors #fallback)
                 }
             }
@@ -104,6 +104,23 @@ mod tests {
             quote!(impl Order { #[wire] fn step(&mut self) -> flowwire::Command<Self> { todo!() } }),
         );
         assert!(!ok.contains("compile_error"), "{ok}");
+    }
+
+    #[test]
+    fn a_bare_driver_trait_as_a_link_is_told_to_write_impl() {
+        let o = out(
+            quote!(),
+            quote!(
+                pub struct Order {
+                    #[link]
+                    state: u32,
+                    #[link]
+                    pay: Pay,
+                }
+            ),
+        );
+        assert!(o.contains("link it as `impl Pay`"), "{o}");
+        assert!(o.contains("pay : ()"), "the fallback drops the trait: {o}");
     }
 
     #[test]

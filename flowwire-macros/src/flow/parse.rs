@@ -101,7 +101,14 @@ pub fn parse_struct<'a>(
             None => match &f.ty {
                 Type::Path(syn::TypePath { qself: None, .. }) | Type::Tuple(_) | Type::Array(_) => {
                     if let Some((first, _)) = state {
-                        cx.error(f, format!("a flow has one state link; `{first}` is already the state. Put both in one struct"));
+                        let ty = &f.ty;
+                        let ty = quote::quote!(#ty).to_string();
+                        cx.error(
+                            &f.ty,
+                            format!(
+                                "a flow has one state link, and `{first}` is already the state: if `{ty}` is a driver trait, link it as `impl {ty}`; if it is more state, put both in one struct"
+                            ),
+                        );
                     } else {
                         state = Some((ident, &f.ty));
                     }
@@ -145,6 +152,30 @@ pub fn strip_struct(item: &syn::ItemStruct) -> syn::ItemStruct {
         }
     }
     item
+}
+
+/// The struct a board with errors expands to: [`strip_struct`], with every state link after
+/// the first given the type `()`, so that a bare driver trait written as a link
+/// (`pay: Pay`) is reported once, by the macro, and not again by rustc as a trait used as a
+/// type.
+pub fn fallback_struct(item: &syn::ItemStruct) -> syn::ItemStruct {
+    let mut out = strip_struct(item);
+    let (syn::Fields::Named(original), syn::Fields::Named(stripped)) =
+        (&item.fields, &mut out.fields)
+    else {
+        return out;
+    };
+    let mut state_seen = false;
+    for (f, g) in original.named.iter().zip(stripped.named.iter_mut()) {
+        if !f.attrs.iter().any(|a| is_marker(a, "link")) || driver_path(&f.ty).is_some() {
+            continue;
+        }
+        if state_seen {
+            g.ty = syn::parse_quote!(());
+        }
+        state_seen = true;
+    }
+    out
 }
 
 pub struct Arg<'a> {
