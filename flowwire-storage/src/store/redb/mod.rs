@@ -1,6 +1,6 @@
 //! The embedded, crash-safe default store, on redb.
-//! (About 600 lines because the `InstanceStore` implementation is one `impl` block; the
-//! schema, the batch application, the log and the operator writes are files of their own.)
+//! (Long because the `InstanceStore` implementation is one `impl` block; the schema, the
+//! batch application, the log and the operator writes are files of their own.)
 //!
 //! Tables (keys are tuples, so one instance's rows are adjacent):
 //!

@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use crate::error::StoreError;
 use crate::record::{InstanceKey, StepResult, StepWrite, Stored};
+use crate::redis_link::Conn;
 use crate::store::{ActiveList, BoxFuture, DamagedList, InstanceStore};
 
 use super::{PAGE, RecordRow, RedisStore, backend, parse};
@@ -48,13 +49,7 @@ impl RedisStore {
                 }
             }
         }
-        if !stale.is_empty() {
-            let _ = redis::cmd("SREM")
-                .arg(&set)
-                .arg(&stale)
-                .query_async::<()>(&mut c)
-                .await;
-        }
+        drop_stale(&mut c, &set, &stale).await;
         Ok(out)
     }
 
@@ -98,13 +93,7 @@ impl RedisStore {
                     }
                 }
             }
-            if !stale.is_empty() {
-                let _ = redis::cmd("SREM")
-                    .arg(&set)
-                    .arg(&stale)
-                    .query_async::<()>(&mut c)
-                    .await;
-            }
+            drop_stale(&mut c, &set, &stale).await;
             Ok(out)
         }
     }
@@ -431,5 +420,17 @@ impl InstanceStore for RedisStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Arc<str>>, StoreError>> {
         Box::pin(self.keyed(self.ended_key(flow, key), "e", flow, key, limit))
+    }
+}
+
+/// Drops index entries their records disown, best effort (an entry left is filtered again
+/// by the next reader).
+async fn drop_stale(c: &mut Conn, set: &str, stale: &[String]) {
+    if !stale.is_empty() {
+        let _ = redis::cmd("SREM")
+            .arg(set)
+            .arg(stale)
+            .query_async::<()>(c)
+            .await;
     }
 }
