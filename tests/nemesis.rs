@@ -105,14 +105,35 @@ impl Drop for Member {
     }
 }
 
+/// Harness processes started so far (each incarnation logs to a file of its own).
+static LAUNCHES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Where the harness processes log (their stderr, one file per incarnation): kept when
+/// the run fails, deleted when it passes.
+fn logs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("flowwire-nemesis-")
+            .tempdir()
+            .expect("a log directory")
+            .keep()
+    })
+}
+
 /// Starts a harness process (a new incarnation has a new member name) and reads its lease
 /// lines on a thread of their own.
 fn launch(url: &str, role: &'static str, name: &str, spans: &Spans) -> Child {
+    let log = std::fs::File::create(logs().join(format!(
+        "{name}-{}.log",
+        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )))
+    .expect("the log file is created");
     let mut child = Command::new(env!("CARGO_BIN_EXE_scale_harness"))
         .args([role, url, PREFIX, name])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("the harness starts");
     let out = child.stdout.take().expect("piped");
@@ -180,7 +201,10 @@ async fn processes_partitioned_paused_and_killed_keep_one_owner_per_shard_and_lo
     let flows = setting("FLOWWIRE_NEMESIS_FLOWS", 300);
     let rounds = setting("FLOWWIRE_NEMESIS_ROUNDS", 12);
     let seed = setting("FLOWWIRE_NEMESIS_SEED", u64::from(std::process::id())) | 1;
-    println!("nemesis: {flows} flows, {rounds} rounds, seed {seed}");
+    println!(
+        "nemesis: {flows} flows, {rounds} rounds, seed {seed}; the processes log to {}",
+        logs().display()
+    );
     // Tickets are opened for as long as the nemesis runs (and at least `flows` of them),
     // so that every fault meets work in progress.
     let calm = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -327,4 +351,6 @@ async fn processes_partitioned_paused_and_killed_keep_one_owner_per_shard_and_lo
         spans.len()
     );
     client.shutdown().await;
+    drop(members);
+    let _ = std::fs::remove_dir_all(logs());
 }

@@ -96,6 +96,149 @@ async fn an_entry_delivered_during_a_stalled_read_is_read_again() {
     client.shutdown().await;
 }
 
+/// A reader of an earlier owner can take a shard's new entry after the owner of now
+/// claimed what was pending (Redis serves a read registered before the shard changed
+/// hands). Here a reader the owner does not know (`ghost`, in the orchestrators' group)
+/// takes an impulse while the owner's link is stalled and never acknowledges it: the owner
+/// claims it from there within half a lease, applies it and answers the caller, without
+/// the shard changing hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_another_reader_took_is_claimed_and_applied() {
+    let redis = servers::Redis::start();
+    let link = proxy::Proxy::start(redis.port).await;
+    let shared = |url: &str| {
+        Shared::redis(url, "ghost")
+            .unwrap()
+            .shards(1)
+            .lease_ttl(Duration::from_secs(8))
+    };
+    let orchestrator = Engine::builder()
+        .shared(shared(&link.redis_url()))
+        .flow::<Tally>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url()))
+        .flow::<Tally>()
+        .client()
+        .request_timeout(Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    let tally = client
+        .start::<Tally>("t", TallyState::default())
+        .await
+        .unwrap();
+    let granted = orchestrator.leases()[0].token;
+
+    // The owner's blocking read runs out on the server while its link is stalled, so the
+    // impulse is left for whoever reads next: the ghost.
+    link.freeze();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = tokio::spawn(async move { tally.add().id("add-1").await });
+    let bus = shared(&redis.url()).store().bus();
+    let requests = [bus.requests("Tally", 0)];
+    let mut ghost = bus.reader().await.unwrap();
+    let mut stolen = Vec::new();
+    for _ in 0..100 {
+        stolen = ghost
+            .read(
+                &requests,
+                "orchestrators",
+                "ghost",
+                10,
+                Duration::from_millis(10),
+            )
+            .await
+            .unwrap();
+        if !stolen.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(stolen.len(), 1, "the ghost took the impulse");
+    link.heal();
+
+    let applied = tokio::time::timeout(Duration::from_secs(20), sent)
+        .await
+        .expect("the impulse is answered")
+        .unwrap();
+    assert!(applied.is_ok(), "{applied:?}");
+    let tally = client.handle::<Tally>("t").await.unwrap();
+    assert_eq!(tally.finished().await.unwrap(), Ended::Finished);
+    assert_eq!(
+        orchestrator.leases()[0].token,
+        granted,
+        "the shard stayed with its owner"
+    );
+    assert_eq!(
+        bus.backlog(&requests[0], "orchestrators").await.unwrap(),
+        (0, 0),
+        "the claimed entry was acknowledged"
+    );
+    orchestrator.shutdown().await;
+    client.shutdown().await;
+}
+
+/// An acknowledgement lost with its connection (the owner's reads go on undisturbed on a
+/// connection of their own) is tried again: the applied impulse does not stay on the
+/// owner's pending list, where nobody would read it while the owner keeps the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_lost_with_its_connection_is_sent_again() {
+    let redis = servers::Redis::start();
+    let link = proxy::Proxy::start(redis.port).await;
+    let shared = |url: &str| Shared::redis(url, "lostack").unwrap().shards(1);
+    let orchestrator = Engine::builder()
+        .shared(shared(&link.redis_url()))
+        .flow::<Tally>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url()))
+        .flow::<Tally>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let tally = client
+        .start::<Tally>("t", TallyState::default())
+        .await
+        .unwrap();
+    let bus = shared(&redis.url()).store().bus();
+    let requests = bus.requests("Tally", 0);
+    let mut left = (1, 1);
+    for _ in 0..100 {
+        left = bus.backlog(&requests, "orchestrators").await.unwrap();
+        if left == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, (0, 0), "the start was acknowledged");
+
+    link.close_on(&[b"XACK", requests.as_bytes()]);
+    tally.add().id("add-1").await.unwrap();
+    assert_eq!(tally.finished().await.unwrap(), Ended::Finished);
+    assert!(link.fired(), "the impulse's acknowledgement was lost");
+    for _ in 0..250 {
+        left = bus.backlog(&requests, "orchestrators").await.unwrap();
+        if left == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        left,
+        (0, 0),
+        "the impulse's entry is acknowledged (all, pending)"
+    );
+    orchestrator.shutdown().await;
+    client.shutdown().await;
+}
+
 /// The deployment of the lease tests: one shard (so the two orchestrators contend for
 /// it), a 2 s lease, and the store's write audit on.
 fn one_shard(url: &str, prefix: &str) -> Shared {

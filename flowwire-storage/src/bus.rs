@@ -438,6 +438,64 @@ impl RedisBus {
         Ok((entries, reply.next_stream_id))
     }
 
+    /// Takes over the entries of a stream that are pending on a consumer of `group` other
+    /// than `consumer`, one page of the pending list (`count` entries, from `from`: `"-"`
+    /// first) at a time: they are delivered to `consumer` now. Returns the entries and
+    /// where the next page starts (`None`: the list's end).
+    ///
+    /// A shard's owner calls this now and then: a reader of an earlier owner can still
+    /// take new entries after the shard changed hands (its blocked read was registered
+    /// before), and nobody reads them again otherwise. The owner's own pending entries are
+    /// left alone (they are being applied).
+    pub async fn claim_others(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, Option<String>), StoreError> {
+        let mut c = self.conn().await?;
+        let count = count.max(1);
+        let page: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(from)
+            .arg("+")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let next = match page.ids.last() {
+            Some(last) if page.ids.len() >= count => Some(format!("({}", last.id)),
+            _ => None,
+        };
+        let theirs: Vec<&str> = page
+            .ids
+            .iter()
+            .filter(|p| p.consumer != consumer)
+            .map(|p| p.id.as_str())
+            .collect();
+        if theirs.is_empty() {
+            return Ok((Vec::new(), next));
+        }
+        let claimed: redis::streams::StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(&theirs)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let entries = claimed
+            .ids
+            .into_iter()
+            .filter_map(|e| entry(0, e))
+            .collect();
+        Ok((entries, next))
+    }
+
     /// Tells the group that `consumer` is still working on these entries (resets their
     /// idle time, so they are not claimed by another).
     pub async fn touch(

@@ -12,6 +12,9 @@ use flowwire::{Engine, Error};
 #[path = "scale_flows.rs"]
 mod scale_flows;
 
+#[path = "log.rs"]
+mod log;
+
 use scale_flows::{FrontDesk, Hopper, Relay, Ticket, bench_shared, shared};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -29,6 +32,7 @@ async fn main() -> Result<(), Error> {
         eprintln!("unknown role {role:?}");
         std::process::exit(2);
     }
+    log::install();
     // A name per incarnation: a restarted process is a new member.
     let node = format!("{name}-{}", std::process::id());
     // Redis may be restarting: try again for a while.

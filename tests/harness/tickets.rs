@@ -61,10 +61,13 @@ pub async fn retry<T>(mut read: impl AsyncFnMut() -> flowwire::Result<T>) -> T {
 pub async fn check(client: &Engine, store: &RedisStore, id: &str) {
     // The first request on a connection to the restarted Redis may fail once.
     let h = retry(async || client.handle::<Ticket>(id).await).await;
-    let ended = tokio::time::timeout(Duration::from_mins(2), h.finished())
-        .await
-        .unwrap_or_else(|_| panic!("{id} did not finish"))
-        .unwrap();
+    let Ok(ended) = tokio::time::timeout(Duration::from_mins(2), h.finished()).await else {
+        // Say where it stopped: the history it has, and what the store holds for it.
+        let history = client.history::<Ticket>(id, 0, 100).await;
+        let writes = store.writes(&InstanceKey::new("Ticket", id)).await;
+        panic!("{id} did not finish\nhistory: {history:?}\nwrites: {writes:?}");
+    };
+    let ended = ended.unwrap();
     assert_eq!(ended, Ended::Finished, "{id}");
     let state = retry(async || h.state().await).await;
     assert_eq!(state.confirmed, 1, "{id}: the confirmation applied once");

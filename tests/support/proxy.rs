@@ -2,7 +2,7 @@
 //! reaches the server through its own proxy, whose link the test can freeze (bytes are
 //! held in both directions, connections stay open) — at once, or at the first request that
 //! carries given bytes — then heal, or cut (its open connections are closed; new ones are
-//! let through).
+//! let through), or close the one connection that sends given bytes.
 
 #![allow(dead_code)] // each test uses its own part
 
@@ -34,9 +34,18 @@ pub struct Proxy {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Byte strings that, all found in one chunk a client sends, freeze the link before that
+/// What an armed trigger does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Freezes the whole link.
+    Freeze,
+    /// Closes the connection that sent the chunk (the chunk is lost).
+    Close,
+}
+
+/// Byte strings that, all found in one chunk a client sends, trigger an action before that
 /// chunk is forwarded (armed once).
-type Trigger = Arc<Mutex<Option<Vec<Vec<u8>>>>>;
+type Trigger = Arc<Mutex<Option<(Vec<Vec<u8>>, Action)>>>;
 
 impl Proxy {
     /// Starts the proxy (on the current tokio runtime).
@@ -86,7 +95,24 @@ impl Proxy {
     /// Freezes the link at the first chunk a client sends that holds every one of
     /// `patterns` (that chunk is held too), e.g. the commit of one instance's step.
     pub fn freeze_on(&self, patterns: &[&[u8]]) {
-        *self.trigger.lock().unwrap() = Some(patterns.iter().map(|p| p.to_vec()).collect());
+        self.arm(patterns, Action::Freeze);
+    }
+
+    /// Closes the connection that first sends a chunk holding every one of `patterns`,
+    /// before that chunk is forwarded: one request is lost with its connection, and
+    /// the client's other connections stay up.
+    pub fn close_on(&self, patterns: &[&[u8]]) {
+        self.arm(patterns, Action::Close);
+    }
+
+    /// Whether the trigger armed last has fired.
+    pub fn fired(&self) -> bool {
+        self.trigger.lock().unwrap().is_none()
+    }
+
+    fn arm(&self, patterns: &[&[u8]], action: Action) {
+        *self.trigger.lock().unwrap() =
+            Some((patterns.iter().map(|p| p.to_vec()).collect(), action));
     }
 
     /// Closes every open connection (bytes held in them are lost), as a reset link does;
@@ -133,12 +159,18 @@ async fn pipe(
         };
         if let Some((trigger, link)) = &up {
             let mut armed = trigger.lock().unwrap();
-            if armed
+            if let Some((_, action)) = armed
                 .as_ref()
-                .is_some_and(|ps| ps.iter().all(|p| holds(&buf[..n], p)))
+                .filter(|(ps, _)| ps.iter().all(|p| holds(&buf[..n], p)))
             {
+                let action = *action;
                 *armed = None;
-                let _ = link.send(Link::Frozen);
+                match action {
+                    Action::Freeze => {
+                        let _ = link.send(Link::Frozen);
+                    }
+                    Action::Close => return,
+                }
             }
         }
         // Held while frozen (a link frozen for ten minutes is given up).

@@ -4,11 +4,13 @@
 //! new ones.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flowwire_storage::bus::{Entry, RedisBus};
 use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::messages::{OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
@@ -22,12 +24,73 @@ pub(crate) const GROUP: &str = "orchestrators";
 /// Entries taken from a stream at once.
 pub(crate) const PAGE: usize = 256;
 
+/// Acknowledges (and deletes) the entries a shard's owner is done with.
+///
+/// An acknowledgement that fails — its connection was cut, Redis paused past the
+/// response timeout — is tried again with backoff for up to the store timeout, because
+/// an entry left on this consumer's pending list is read by nobody while this owner keeps
+/// the shard (a read of new entries never returns it). If it still fails, the pump is
+/// asked to claim the shard's pending entries again: they are fed once more, applied at
+/// most once (an outcome by its step, a request by its id or its start) and
+/// acknowledged then.
+#[derive(Clone)]
+pub(crate) struct Acker {
+    bus: RedisBus,
+    limit: Duration,
+    reclaim: Arc<AtomicBool>,
+}
+
+impl Acker {
+    pub(crate) fn new(bus: RedisBus, limit: Duration) -> Acker {
+        Acker {
+            bus,
+            limit,
+            reclaim: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Acknowledges `ids` of `stream`; `false` if it could not within the store timeout
+    /// (the pump then claims them again).
+    pub(crate) async fn ack(&self, stream: &str, ids: &[String]) -> bool {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.bus.ack(stream, GROUP, ids).await {
+                Ok(()) => return true,
+                Err(e) if start.elapsed() < self.limit => {
+                    tracing::debug!(stream, error = %e, retry_in = ?delay, "entries not acknowledged yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(stream, error = %e, "entries not acknowledged; they are claimed and fed again");
+                    self.reclaim.store(true, Ordering::Release);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Whether an acknowledgement was given up since the last call.
+    fn must_reclaim(&self) -> bool {
+        self.reclaim.swap(false, Ordering::AcqRel)
+    }
+}
+
 /// Feeds a shard's runner from its streams: first what earlier owners left
 /// unacknowledged, then new entries. After a read that failed — it may have timed out on
 /// this side after Redis handed it entries, which then sit on this consumer's pending
-/// list where a read of new entries never finds them — the pending entries are claimed
-/// again before new ones are read. (An entry fed twice is harmless: an outcome applies
-/// once by its step, a request once by its id or its start.)
+/// list where a read of new entries never finds them — and after an acknowledgement given
+/// up (see [`Acker`]), the pending entries are claimed again before new ones are read.
+/// (An entry fed twice is harmless: an outcome applies once by its step, a request once
+/// by its id or its start.)
+///
+/// Every `sweep` (half the lease), the entries pending on other consumers are claimed
+/// and fed too: a reader of an earlier owner may take new entries after this one claimed
+/// the shard's pending list (a blocked read registered before the shard changed hands
+/// is still served), and those would otherwise wait for the next change of owner — an
+/// outcome among them leaves its flow waiting, a request its caller.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn pump<F: Flow>(
     bus: RedisBus,
     node: Arc<str>,
@@ -36,14 +99,16 @@ pub(crate) async fn pump<F: Flow>(
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
     server_time: ServerTime,
+    acker: Acker,
+    sweep: Duration,
 ) {
     let feed = Feed {
-        bus: bus.clone(),
         streams: streams.clone(),
         tx,
         outcomes,
         limit,
         server_time,
+        acker: acker.clone(),
     };
     let mut failures = 0u32;
     // Each reader starts by claiming the pending entries (the first one, and each one
@@ -64,6 +129,7 @@ pub(crate) async fn pump<F: Flow>(
             tokio::time::sleep(super::pause(failures)).await;
             continue;
         }
+        let mut next_sweep = Instant::now() + sweep;
         loop {
             match reader
                 .read(&streams, GROUP, &node, PAGE, Duration::from_secs(1))
@@ -73,6 +139,18 @@ pub(crate) async fn pump<F: Flow>(
                     failures = 0;
                     for e in entries {
                         feed.take(e);
+                    }
+                    if acker.must_reclaim() {
+                        break;
+                    }
+                    if Instant::now() >= next_sweep {
+                        if let Err(e) = claim_others(&bus, &node, &streams, &feed).await {
+                            failures = failures.saturating_add(1);
+                            tracing::warn!(error = %e, "entries pending elsewhere not claimed");
+                            tokio::time::sleep(super::pause(failures)).await;
+                            break;
+                        }
+                        next_sweep = Instant::now() + sweep;
                     }
                 }
                 Err(e) => {
@@ -115,13 +193,40 @@ async fn claim_pending<F: Flow>(
     Ok(())
 }
 
+/// Claims and feeds the entries of the shard's streams pending on other consumers (see
+/// [`pump`]), page by page, in stream order.
+async fn claim_others<F: Flow>(
+    bus: &RedisBus,
+    node: &Arc<str>,
+    streams: &[String; 2],
+    feed: &Feed<F>,
+) -> Result<(), flowwire_storage::StoreError> {
+    for (i, stream) in streams.iter().enumerate() {
+        let mut from = "-".to_string();
+        // Bounded: each page moves the cursor on; the loop ends at the list's end.
+        for _ in 0..100_000 {
+            let (entries, next) = bus.claim_others(stream, GROUP, node, &from, PAGE).await?;
+            for mut e in entries {
+                tracing::info!(entry = %e.id, stream = %stream, "entry pending on an earlier owner's reader claimed");
+                e.stream = i;
+                feed.take(e);
+            }
+            match next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+    }
+    Ok(())
+}
+
 struct Feed<F: Flow> {
-    bus: RedisBus,
     streams: [String; 2],
     tx: mpsc::Sender<Msg<F>>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
     server_time: ServerTime,
+    acker: Acker,
 }
 
 impl<F: Flow> Feed<F> {
@@ -136,10 +241,10 @@ impl<F: Flow> Feed<F> {
     /// Drops an entry that can never be applied (logged).
     fn discard(&self, stream: usize, id: String, why: &str) {
         tracing::error!(flow = F::NAME, entry = %id, why, "bus entry dropped");
-        let bus = self.bus.clone();
+        let acker = self.acker.clone();
         let stream = self.streams[stream].clone();
         tokio::spawn(async move {
-            let _ = bus.ack(&stream, GROUP, &[id]).await;
+            acker.ack(&stream, &[id]).await;
         });
     }
 
@@ -166,7 +271,7 @@ impl<F: Flow> Feed<F> {
             Ok(r) => r,
             Err(err) => return self.discard(0, e.id, &err.to_string()),
         };
-        let bus = self.bus.clone();
+        let acker = self.acker.clone();
         let stream = self.streams[0].clone();
         let tx = self.tx.clone();
         let limit = self.limit;
@@ -179,7 +284,7 @@ impl<F: Flow> Feed<F> {
             {
                 // The caller gave up: applying it now would surprise it.
                 tracing::info!(flow = F::NAME, id = %request.id, late_ms = now - deadline, "request dropped: its caller gave up on it");
-                let _ = bus.ack(&stream, GROUP, &[e.id]).await;
+                acker.ack(&stream, &[e.id]).await;
                 return;
             }
             let id: Arc<str> = request.id.as_str().into();
@@ -219,11 +324,11 @@ impl<F: Flow> Feed<F> {
             };
             let mut out = Vec::new();
             if codec::encode_raw(&reply, &mut out).is_ok()
-                && let Err(err) = bus.publish(&request.reply_to, &out).await
+                && let Err(err) = acker.bus.publish(&request.reply_to, &out).await
             {
                 tracing::warn!(error = %err, "reply not published; the caller times out");
             }
-            let _ = bus.ack(&stream, GROUP, &[e.id]).await;
+            acker.ack(&stream, &[e.id]).await;
         });
     }
 }

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::feed::{GROUP, PAGE, pump};
+use super::feed::{Acker, GROUP, PAGE, pump};
 use super::messages::JobMsg;
 use super::server_time::ServerTime;
 use crate::engine::Limits;
@@ -332,6 +332,7 @@ async fn start_shard<F: Flow>(
         ended: ended_tx,
     });
     let outcomes = runner.outcome_port();
+    let acker = Acker::new(o.bus.clone(), o.limits.store_timeout);
     runner.recover().await?;
     let (tx, rx) = mpsc::channel::<Msg<F>>(4096);
     let runner = tokio::spawn(runner.run(rx, orx));
@@ -344,6 +345,7 @@ async fn start_shard<F: Flow>(
         acks_rx,
         ended_rx,
         o.limits.store_timeout,
+        acker.clone(),
     ));
     let pump = tokio::spawn(pump::<F>(
         o.bus.clone(),
@@ -353,6 +355,8 @@ async fn start_shard<F: Flow>(
         outcomes,
         o.limits.decode_limit,
         o.server_time.clone(),
+        acker,
+        o.lease_ttl / 2,
     ));
     Ok(ShardRun {
         token: lease.token,
@@ -377,6 +381,7 @@ async fn sink(
     mut acks: mpsc::UnboundedReceiver<String>,
     mut ended: mpsc::UnboundedReceiver<Arc<str>>,
     limit: Duration,
+    acker: Acker,
 ) -> bool {
     let mut all_sent = true;
     let (mut jobs_open, mut acks_open, mut ended_open) = (true, true, true);
@@ -412,11 +417,9 @@ async fn sink(
                             Err(_) => break,
                         }
                     }
-                    // An acknowledgement lost here only means the outcome is read again
-                    // (and dropped: it is no longer in flight).
-                    if let Err(e) = bus.ack(&outcomes, GROUP, &ids).await {
-                        tracing::warn!(flow, shard, error = %e, "outcomes not acknowledged");
-                    }
+                    // Tried again, or claimed and fed again by the pump: an outcome
+                    // fed twice applies once (it is no longer in flight).
+                    acker.ack(&outcomes, &ids).await;
                 }
                 None => acks_open = false,
             },

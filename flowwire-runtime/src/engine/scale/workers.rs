@@ -92,6 +92,11 @@ async fn pump(
     let mut failures = 0u32;
     let mut reader = None;
     let mut next_claim = tokio::time::Instant::now();
+    // Where the next claim scans the group's pending list from. A claim looks at a bounded
+    // number of pending entries (Redis scans ten per entry asked for), so a pass over a
+    // long list of calls in progress takes several claims, each going on where the last
+    // stopped; only a pass that reached the end waits half the visibility timeout.
+    let mut claim_from = "0-0".to_string();
     loop {
         // Wait for a free worker, then take as many calls as there are free workers.
         let Ok(first) = slots.clone().acquire_owned().await else {
@@ -116,11 +121,14 @@ async fn pump(
             let mut taken = Vec::new();
             if tokio::time::Instant::now() >= next_claim {
                 // Calls whose worker stopped touching them: it died.
-                let (claimed, _) = ctx
+                let (claimed, next) = ctx
                     .bus
-                    .claim(&stream, GROUP, &ctx.node, ctx.visibility, "0-0", free)
+                    .claim(&stream, GROUP, &ctx.node, ctx.visibility, &claim_from, free)
                     .await?;
-                next_claim = tokio::time::Instant::now() + ctx.visibility / 2;
+                if next == "0-0" {
+                    next_claim = tokio::time::Instant::now() + ctx.visibility / 2;
+                }
+                claim_from = next;
                 taken.extend(claimed.into_iter().map(|e| (e, true)));
             }
             if taken.len() < free
