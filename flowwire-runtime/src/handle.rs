@@ -12,14 +12,14 @@ use tokio::sync::{mpsc, oneshot};
 pub use crate::ended::Ended;
 use crate::engine::msg::Msg;
 use crate::error::{Error, Result};
-use crate::flow::Flow;
+use crate::impulse::Impulses;
 
 /// A handle to one instance of flow `F`: send impulses, read probes, wait for the end.
 ///
 /// Get one from `Engine::start` or `Engine::handle`; users normally hold the flow's
 /// generated handle (`OrderCircuitHandle`), which has a typed method per impulse and probe
 /// and dereferences to this one. Cloning is cheap.
-pub struct Handle<F: Flow> {
+pub struct Handle<F: Impulses> {
     id: Arc<str>,
     tx: mpsc::Sender<Msg<F>>,
     timeout: Duration,
@@ -27,7 +27,7 @@ pub struct Handle<F: Flow> {
     limit: usize,
 }
 
-impl<F: Flow> Clone for Handle<F> {
+impl<F: Impulses> Clone for Handle<F> {
     fn clone(&self) -> Self {
         Self {
             id: self.id.clone(),
@@ -38,13 +38,13 @@ impl<F: Flow> Clone for Handle<F> {
     }
 }
 
-impl<F: Flow> std::fmt::Debug for Handle<F> {
+impl<F: Impulses> std::fmt::Debug for Handle<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Handle<{}>({:?})", F::NAME, self.id)
     }
 }
 
-impl<F: Flow> Handle<F> {
+impl<F: Impulses> Handle<F> {
     pub(crate) fn new(
         id: Arc<str>,
         tx: mpsc::Sender<Msg<F>>,
@@ -194,13 +194,13 @@ impl<F: Flow> Handle<F> {
 /// twice. With an id, an instance applies the id once: a second delivery is reported as
 /// [`Error::ImpulseAlreadyApplied`] and changes nothing.
 #[must_use = "an impulse is sent when it is awaited"]
-pub struct ImpulseRequest<'a, F: Flow> {
+pub struct ImpulseRequest<'a, F: Impulses> {
     handle: &'a Handle<F>,
     impulse: F::Impulse,
     id: Option<Arc<str>>,
 }
 
-impl<F: Flow> ImpulseRequest<'_, F> {
+impl<F: Impulses> ImpulseRequest<'_, F> {
     /// Sets the impulse id (for example the id of the request that caused it).
     pub fn id(mut self, id: impl Into<Arc<str>>) -> Self {
         self.id = Some(id.into());
@@ -214,7 +214,7 @@ fn generated_id() -> Arc<str> {
     format!("fw-{:x}-{n:x}", crate::clock::unix_nanos()).into()
 }
 
-impl<'a, F: Flow> IntoFuture for ImpulseRequest<'a, F>
+impl<'a, F: Impulses> IntoFuture for ImpulseRequest<'a, F>
 where
     F::Impulse: Sync,
 {

@@ -25,7 +25,9 @@ pub mod failure;
 pub mod flow;
 mod guard;
 pub mod handle;
+mod impulse;
 pub mod meta;
+mod operation;
 
 pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed};
 pub use context::CallContext;
@@ -36,7 +38,7 @@ pub use engine::{Engine, EngineBuilder, Health, HeldLease};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Events, Missed};
 pub use failure::Failure;
-pub use flow::{Board, CallSet, Flow, ImpulseSet};
+pub use flow::{Board, CallSet, Flow, ImpulseSet, Impulses};
 pub use handle::{Ended, Handle, ImpulseRequest};
 pub use meta::{
     Ambiguous, ArgMeta, DriverMeta, FlowMeta, ImpulseMeta, LinkMeta, MethodMeta, Policy, ProbeMeta,

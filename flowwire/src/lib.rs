@@ -76,8 +76,8 @@ pub use flowwire_runtime::engine::{
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
     Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,
-    Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, IntoBranch, LinkMeta,
-    MethodMeta, Missed, Policy, ProbeMeta, Result, Timed,
+    Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses,
+    IntoBranch, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result, Timed,
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
@@ -106,7 +106,7 @@ pub mod __private {
     pub use flowwire_runtime::error::Error;
     pub use flowwire_runtime::{
         Ambiguous, ArgMeta, Board, Call, CallSet, Dispatch, Driver, DriverCall, DriverMeta, Flow,
-        FlowMeta, Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, LinkMeta,
+        FlowMeta, Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses, LinkMeta,
         MethodMeta, Policy, ProbeMeta, Reply,
     };
     pub use flowwire_storage::CodecError;

@@ -177,7 +177,7 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
 //     impl OrderCircuit { fn cancel(..) fn is_paid(..) fn execute(..) }   // markers removed
 //     pub enum OrderCircuitImpulse { Cancel {} }                           // serde
 //     impl OrderCircuitHandle { pub fn cancel(&self) -> ImpulseRequest; pub async fn is_paid(&self) -> Result<bool> }
-//     const _: () = { impl Flow for OrderCircuit { .. } impl ImpulseSet for OrderCircuitImpulse { .. } };
+//     const _: () = { impl ImpulseSet for OrderCircuitImpulse { .. } impl Impulses for OrderCircuit { .. } impl Flow for OrderCircuit { .. } };
 pub fn expand_impl(m: &ImplModel<'_>) -> TokenStream {
     let krate = crate::options::krate(&m.opts);
     let p = quote!(#krate::__private);
@@ -318,8 +318,11 @@ pub fn expand_impl(m: &ImplModel<'_>) -> TokenStream {
                 fn name(&self) -> &'static str { #name_match }
             }
 
-            impl #p::Flow for #self_path {
+            impl #p::Impulses for #self_path {
                 type Impulse = #impulse;
+            }
+
+            impl #p::Flow for #self_path {
                 type Handle = #handle;
                 const META: &'static #p::FlowMeta = &#p::FlowMeta {
                     name: <Self as #p::Board>::NAME,
@@ -396,8 +399,11 @@ pub fn fallback_impl(item: &syn::ItemImpl, krate: &TokenStream) -> TokenStream {
                 fn name(&self) -> &'static str { match *self {} }
             }
 
-            impl #p::Flow for #self_path {
+            impl #p::Impulses for #self_path {
                 type Impulse = #impulse;
+            }
+
+            impl #p::Flow for #self_path {
                 type Handle = #handle;
                 const META: &'static #p::FlowMeta = &#p::FlowMeta {
                     name: <Self as #p::Board>::NAME,

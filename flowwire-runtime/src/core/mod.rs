@@ -41,6 +41,7 @@ use crate::board::Board;
 use crate::command::{Join, Then, Wake};
 use crate::flow::Flow;
 use crate::guard::panic_message;
+pub use crate::operation::{Operation, Patch};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
 struct Armed<F: Board> {
@@ -104,37 +105,6 @@ impl Step {
     /// The record the step writes.
     pub fn record(&self) -> &Record {
         &self.draft.record
-    }
-}
-
-/// An operator's change to a parked instance's state.
-pub type Patch<F> = Box<dyn FnOnce(&mut <F as Board>::State) + Send>;
-
-/// What an operator does to a parked instance.
-pub enum Operation<F: Flow> {
-    /// Runs it again: sends its call in flight again (or the compensation in flight, for a
-    /// failing flow), or runs the wire.
-    Resume,
-    /// Changes its state with a closure (it stays parked).
-    Patch(Patch<F>),
-    /// Puts back the state recorded at a step of its history (it stays parked, with no
-    /// call in flight and no failure).
-    Rewind {
-        /// The step.
-        to: u64,
-        /// The state recorded then, encoded.
-        state: Bytes,
-    },
-}
-
-impl<F: Flow> Operation<F> {
-    /// The operation's name, for messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Operation::Resume => "resume",
-            Operation::Patch(_) => "patch",
-            Operation::Rewind { .. } => "rewind",
-        }
     }
 }
 

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::core::Operation;
 use crate::ended::Ended;
 use crate::error::Result;
-use crate::flow::Flow;
+use crate::impulse::Impulses;
+use crate::operation::Operation;
 
 /// A probe: runs on the flow and sends its own result.
 pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
 
 /// A request to a runner.
 /// A request to a flow's runner.
-pub(crate) enum Msg<F: Flow> {
+pub(crate) enum Msg<F: Impulses> {
     Start {
         id: Arc<str>,
         state: F::State,
