@@ -360,3 +360,99 @@ async fn the_redis_store_going_away_pauses_steps_that_resume_when_it_returns() {
     finishes(&engine, "refused", Duration::from_secs(20)).await;
     engine.shutdown().await;
 }
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ShelfState {
+    data: Vec<u8>,
+    taken: u32,
+}
+
+/// Waits on its shelf (out of memory) until it is taken once.
+#[flow]
+pub struct Shelf {
+    #[link]
+    state: ShelfState,
+}
+
+#[flow]
+impl Shelf {
+    #[impulse]
+    fn take(&mut self) {
+        self.state.taken += 1;
+    }
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.taken > 0 {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+}
+
+/// An impulse for a waiting instance whose state lives on a server that hangs (a frozen
+/// S3) waits for that server alone: the instance is read off the runner's task, and an
+/// impulse for another waiting instance is applied meanwhile. Before, the runner read the
+/// first instance inline and held every instance of the flow behind one S3 GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_read_of_one_instance_holds_no_other() {
+    let s3 = S3::start();
+    // One attempt with a long timeout: the read hangs for as long as the server does.
+    let config = S3Config::new("shelves")
+        .endpoint(&s3.endpoint())
+        .path_style(true)
+        .credentials("test", "test")
+        .attempt_timeout(Duration::from_secs(30))
+        .max_attempts(1);
+    S3Tier::new(config.clone())
+        .create_bucket_if_missing()
+        .await
+        .unwrap();
+    let engine = Engine::builder()
+        .in_memory()
+        .storage(
+            Ladder::new()
+                .inline_below(4 * KIB)
+                .default_to(Tier::s3(config).named("s3")),
+        )
+        .store_timeout(Duration::from_secs(60))
+        .flow::<Shelf>()
+        .start()
+        .await
+        .unwrap();
+    let on_s3 = ShelfState {
+        data: vec![3; 64 * 1024],
+        taken: 0,
+    };
+    let big = engine.start::<Shelf>("big", on_s3).await.unwrap();
+    let small = engine
+        .start::<Shelf>("small", ShelfState::default())
+        .await
+        .unwrap();
+
+    s3.freeze();
+    let big_taken = tokio::spawn(async move { big.take().await });
+    // The runner takes the first impulse (and starts reading `big`) before the second.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let small_taken = tokio::time::timeout(Duration::from_secs(10), small.take()).await;
+    let big_waits = !big_taken.is_finished();
+    s3.thaw();
+    assert!(
+        matches!(small_taken, Ok(Ok(()))),
+        "the impulse for the instance in memory's reach was applied: {small_taken:?}"
+    );
+    assert!(
+        big_waits,
+        "the impulse for the instance on S3 waited for S3"
+    );
+    let big_taken = tokio::time::timeout(Duration::from_secs(30), big_taken)
+        .await
+        .expect("applied once S3 is back")
+        .unwrap();
+    assert!(big_taken.is_ok(), "{big_taken:?}");
+    for id in ["big", "small"] {
+        let h = engine.handle::<Shelf>(id).await.unwrap();
+        assert_eq!(h.finished().await.unwrap(), Ended::Finished, "{id}");
+    }
+    engine.shutdown().await;
+}

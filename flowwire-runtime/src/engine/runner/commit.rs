@@ -28,11 +28,18 @@ impl<F: Flow> Runner<F> {
         shutdown: &mut Option<oneshot::Sender<()>>,
     ) {
         let max = self.limits.max_batch;
+        let mut reached = false;
         while self.building.staged.len() < max {
             let Some(input) = backlog.pop_front() else {
                 break;
             };
+            reached = true;
             if let Some(id) = input.serial_on() {
+                // Its instance is being read: it waits behind the input that asked first.
+                if let Some(held) = self.loading.get_mut(id) {
+                    held.push_back(input);
+                    continue;
+                }
                 // A probe need not wait for an upload: it reads the committed bytes.
                 let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
                 let flying = self.inflight.is_some();
@@ -72,9 +79,25 @@ impl<F: Flow> Runner<F> {
                 *shutdown = Some(reply);
                 break;
             }
+            if let Some(id) = input.serial_on()
+                && input.faults_in()
+                && !self.slots.contains_key(id)
+                && !self.reads.contains_key(id)
+            {
+                // It took no message for this batch: only its read is under way.
+                self.busy.remove(id);
+                self.fetch(id.clone(), input);
+                continue;
+            }
             if let Some(s) = self.handle(input).await {
                 self.stage(s);
             }
+        }
+        // The inputs of the reads that ended went first in this round: a read none of them
+        // took (they were answered without it, or wait for the next round) is not kept,
+        // since its record may be outdated by then. An input that waits reads again.
+        if reached {
+            self.reads.clear();
         }
     }
 

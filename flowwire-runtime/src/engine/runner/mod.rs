@@ -98,6 +98,11 @@ enum Internal<F: Flow> {
     },
     /// Try an input again (its step could not be persisted).
     Again(Box<Input<F>>),
+    /// An instance was read off the runner's task (see `Runner::fetch`).
+    Fetched {
+        id: Arc<str>,
+        read: Box<resident::Read>,
+    },
 }
 
 struct Uploaded<F: Flow> {
@@ -107,6 +112,22 @@ struct Uploaded<F: Flow> {
 }
 
 impl<F: Flow> Input<F> {
+    /// Whether handling this input loads its instance when it is not in memory (those
+    /// reads run off the runner's task: `Runner::fetch`).
+    fn faults_in(&self) -> bool {
+        matches!(
+            self,
+            Input::Msg(
+                Msg::Impulse { .. }
+                    | Msg::Probe { .. }
+                    | Msg::State { .. }
+                    | Msg::Exists { .. }
+                    | Msg::Finished { .. }
+            ) | Input::Fire { .. }
+                | Input::Outcome(_)
+        )
+    }
+
     /// The instance a message writes to or reads the committed flow of: at most one such
     /// message per instance in a round, after the steps of the rounds before are committed.
     fn serial_on(&self) -> Option<&Arc<str>> {
@@ -280,6 +301,14 @@ pub(crate) struct Runner<F: Flow> {
     flight_busy: HashSet<Arc<str>>,
     /// Messages for instances with a step in flight: taken again once it is committed.
     waiting: VecDeque<Input<F>>,
+    /// Instances being read off the runner's task (`Runner::fetch`), with the inputs that
+    /// wait for them, in order.
+    loading: HashMap<Arc<str>, VecDeque<Input<F>>>,
+    /// Inputs waiting for a read to start (at most `MAX_FETCHES` run at once).
+    fetch_wait: VecDeque<Input<F>>,
+    /// Reads that ended, for the first input of theirs that loads the instance; dropped
+    /// at the end of the round that took their inputs.
+    reads: HashMap<Arc<str>, resident::Read>,
     /// Multi-process mode: the shard this runner owns.
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
@@ -346,6 +375,9 @@ impl<F: Flow> Runner<F> {
             busy: HashSet::new(),
             flight_busy: HashSet::new(),
             waiting: VecDeque::new(),
+            loading: HashMap::new(),
+            fetch_wait: VecDeque::new(),
+            reads: HashMap::new(),
             owned: None,
             lost: false,
         };
@@ -397,6 +429,7 @@ impl<F: Flow> Runner<F> {
                 resend,
             }),
             Internal::Again(input) => backlog.push_back(*input),
+            Internal::Fetched { id, read } => self.fetched(id, *read, backlog),
         }
     }
 
@@ -494,7 +527,9 @@ impl<F: Flow> Runner<F> {
                             self.landed(*u);
                             self.flush().await;
                         }
-                        Some(Internal::Reload { .. } | Internal::Again(_)) => {}
+                        Some(
+                            Internal::Reload { .. } | Internal::Again(_) | Internal::Fetched { .. },
+                        ) => {}
                         None => break,
                     }
                 }

@@ -2,10 +2,13 @@
 //! failure, the check after a commit of unknown outcome), rebuilding them from records, and
 //! taking idle ones out of memory.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use flowwire_storage::record::PlacedRecord;
-use flowwire_storage::{BlobRef, Record, StepInput, StoreError, Stored};
+use flowwire_storage::{
+    BlobRef, InstanceKey, InstanceStore, Placement, Record, StepInput, StoreError, Stored,
+};
 
 use crate::core::{Instance, Step};
 use crate::engine::job::OutcomeMsg;
@@ -14,7 +17,89 @@ use crate::flow::Flow;
 
 use super::{Ack, Input, Internal, Runner, Slot, Staged, backoff, policy_in};
 
+/// An instance read from the store: its stored envelope (for its version), its record with
+/// the payloads resolved from their tiers, and the record as placed. `None`: no such
+/// instance.
+pub(super) type Read = Result<Option<(Stored, Record, PlacedRecord)>>;
+
+/// Reads an instance — its envelope from the store, then its payloads from their tiers —
+/// bounded by the store timeout. Needs nothing of the runner, so that it can run off the
+/// runner's task (see [`Runner::fetch`]).
+async fn read<F: Flow>(
+    store: Arc<dyn InstanceStore>,
+    placement: Arc<Placement>,
+    key: InstanceKey,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Read {
+    let read = async {
+        let Some(stored) = store.load(&key).await? else {
+            return Ok(None);
+        };
+        let placed = PlacedRecord::decode(&stored.bytes, &key, limit)
+            .map_err(|e| Runner::<F>::codec_error(&key.id, e))?;
+        let record = placement.resolve(&key, &placed).await?;
+        Ok(Some((stored, record, placed)))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(Error::Store(StoreError::Timeout(timeout))))
+}
+
+/// Reads under way at once, at most: more wait for one to end.
+const MAX_FETCHES: usize = 256;
+
 impl<F: Flow> Runner<F> {
+    /// Starts reading an instance that is not in memory for `input`, on a task of its own
+    /// bounded by the store timeout, so that a slow store or tier read (an S3 GET for a
+    /// sleeping instance) stalls only the inputs for that instance. Inputs for it that
+    /// come meanwhile wait behind this one, in order; when the read ends they are taken
+    /// again, first in the next round, and the first of them finds the instance read
+    /// (see [`Runner::fault_in`]).
+    pub(super) fn fetch(&mut self, id: Arc<str>, input: Input<F>) {
+        if let Some(held) = self.loading.get_mut(&id) {
+            held.push_back(input);
+            return;
+        }
+        if self.loading.len() >= MAX_FETCHES {
+            self.fetch_wait.push_back(input);
+            return;
+        }
+        self.loading.insert(id.clone(), VecDeque::from([input]));
+        let read = read::<F>(
+            self.store.clone(),
+            self.placement.clone(),
+            self.key(&id),
+            self.limits.decode_limit,
+            self.limits.store_timeout,
+        );
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let read = read.await;
+            let _ = inbox.send(Internal::Fetched {
+                id,
+                read: Box::new(read),
+            });
+        });
+    }
+
+    /// A read started by [`Runner::fetch`] ended: its inputs go to the front of the round,
+    /// and the first of them that loads the instance takes the read.
+    pub(super) fn fetched(&mut self, id: Arc<str>, read: Read, backlog: &mut VecDeque<Input<F>>) {
+        let Some(held) = self.loading.remove(&id) else {
+            return;
+        };
+        if !self.slots.contains_key(&id) {
+            self.reads.insert(id, read);
+        }
+        for input in held.into_iter().rev() {
+            backlog.push_front(input);
+        }
+        if let Some(input) = self.fetch_wait.pop_front() {
+            backlog.push_front(input);
+        }
+    }
+
     /// Reads a stored record: its envelope, then its payloads from their tiers.
     pub(super) fn open(
         &self,
@@ -269,12 +354,26 @@ impl<F: Flow> Runner<F> {
     ///
     /// A record of another flow version is reported as parked and not loaded: start-up
     /// recovery persists the parking, and the instance never runs on the wrong code.
+    ///
+    /// Takes the read [`Runner::fetch`] made for it, if any; otherwise reads it here,
+    /// bounded by the store timeout.
     pub(super) async fn fault_in(&mut self, id: &Arc<str>) -> Result<Option<Record>> {
-        let key = self.key(id);
-        let Some(stored) = self.store.load(&key).await? else {
+        let read = match self.reads.remove(id) {
+            Some(read) => read,
+            None => {
+                read::<F>(
+                    self.store.clone(),
+                    self.placement.clone(),
+                    self.key(id),
+                    self.limits.decode_limit,
+                    self.limits.store_timeout,
+                )
+                .await
+            }
+        };
+        let Some((stored, record, placed)) = read? else {
             return Ok(None);
         };
-        let (record, placed) = self.open(id, &stored).await?;
         if !record.status.is_active() {
             return Ok(Some(record));
         }
