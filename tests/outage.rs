@@ -415,7 +415,7 @@ async fn a_slow_read_of_one_instance_holds_no_other() {
                 .inline_below(4 * KIB)
                 .default_to(Tier::s3(config).named("s3")),
         )
-        .store_timeout(Duration::from_secs(60))
+        .store_timeout(Duration::from_mins(1))
         .flow::<Shelf>()
         .start()
         .await
