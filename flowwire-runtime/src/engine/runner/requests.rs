@@ -15,6 +15,7 @@ use crate::engine::msg::{Ask, Msg};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 
+use super::resident::bounded;
 use super::{Ack, Input, Runner, Slot, Staged, ended_of};
 
 impl<F: Flow> Runner<F> {
@@ -88,9 +89,10 @@ impl<F: Flow> Runner<F> {
         let store = self.store.clone();
         let key = self.key(id);
         let impulse_id = impulse_id.clone();
+        let limit = self.limits.store_timeout;
         Box::pin(async move {
-            match store.impulse_applied(&key, &impulse_id).await {
-                Ok(Some(step)) => Error::ImpulseAlreadyApplied {
+            match tokio::time::timeout(limit, store.impulse_applied(&key, &impulse_id)).await {
+                Ok(Ok(Some(step))) => Error::ImpulseAlreadyApplied {
                     flow: F::NAME,
                     id: key.id.to_string(),
                     impulse_id: impulse_id.to_string(),
@@ -184,7 +186,12 @@ impl<F: Flow> Runner<F> {
             }) => {
                 if !self.slots.contains_key(&id) {
                     let key = self.key(&id);
-                    match self.store.impulse_applied(&key, &impulse_id).await {
+                    match bounded(
+                        self.limits.store_timeout,
+                        self.store.impulse_applied(&key, &impulse_id),
+                    )
+                    .await
+                    {
                         Ok(Some(step)) => {
                             let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
                                 flow: F::NAME,
@@ -196,7 +203,7 @@ impl<F: Flow> Runner<F> {
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            let _ = reply.send(Err(e.into()));
+                            let _ = reply.send(Err(e));
                             return None;
                         }
                     }
@@ -366,10 +373,10 @@ impl<F: Flow> Runner<F> {
                     return None;
                 }
                 let key = self.key(&id);
-                let loaded = match self.store.load(&key).await {
+                let loaded = match bounded(self.limits.store_timeout, self.store.load(&key)).await {
                     Ok(Some(stored)) => self.adopt(&id, &stored, resend).await,
                     Ok(None) => Ok(None),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                 };
                 match loaded {
                     Ok(first) => {

@@ -46,6 +46,19 @@ async fn read<F: Flow>(
         .unwrap_or(Err(Error::Store(StoreError::Timeout(timeout))))
 }
 
+/// Awaits a store or tier read on the runner's task, bounded by the store timeout `limit`
+/// (the rarer loads: start-up recovery, reloads, operators' loads, the check after an
+/// unanswered commit; the common ones run off the task, see [`Runner::fetch`]).
+pub(super) async fn bounded<T, E: Into<Error>>(
+    limit: std::time::Duration,
+    read: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, read).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
+    }
+}
+
 /// Reads under way at once, at most: more wait for one to end.
 const MAX_FETCHES: usize = 256;
 
@@ -143,8 +156,14 @@ impl<F: Flow> Runner<F> {
     pub(crate) async fn recover(&mut self) -> Result<usize> {
         self.scratch.now_ms = crate::clock::unix_millis();
         let active = match &self.owned {
-            Some(o) => self.store.active_in(F::NAME, o.shard).await?,
-            None => self.store.active(F::NAME).await?,
+            Some(o) => {
+                bounded(
+                    self.limits.store_timeout,
+                    self.store.active_in(F::NAME, o.shard),
+                )
+                .await?
+            }
+            None => bounded(self.limits.store_timeout, self.store.active(F::NAME)).await?,
         };
         let n = active.len();
         for (id, stored) in active {
@@ -175,7 +194,7 @@ impl<F: Flow> Runner<F> {
         stored: &Stored,
         resend: bool,
     ) -> Result<Option<Step>> {
-        let (record, placed) = self.open(id, stored).await?;
+        let (record, placed) = bounded(self.limits.store_timeout, self.open(id, stored)).await?;
         self.collect(&placed.trash);
         if !record.status.is_active() {
             return Ok(None);
@@ -395,10 +414,10 @@ impl<F: Flow> Runner<F> {
     /// memory again after the round unless it then has a call in flight.
     pub(super) async fn load_any(&mut self, id: &Arc<str>, op: &'static str) -> Result<()> {
         let key = self.key(id);
-        let Some(stored) = self.store.load(&key).await? else {
+        let Some(stored) = bounded(self.limits.store_timeout, self.store.load(&key)).await? else {
             return Err(Self::not_found(id));
         };
-        let (record, placed) = self.open(id, &stored).await?;
+        let (record, placed) = bounded(self.limits.store_timeout, self.open(id, &stored)).await?;
         let status = record.status.name();
         let (inst, park) = self.rebuild(id, record, stored.version)?;
         if park.is_some() {
@@ -481,7 +500,8 @@ impl<F: Flow> Runner<F> {
     /// Handles [`Input::Verify`]: the first step of an instance whose unanswered commit
     /// did land (the redelivery of the call it put in flight), if any.
     pub(super) async fn verify(&mut self, id: Arc<str>, attempt: u32) -> Option<Staged<F>> {
-        let stored = match self.store.load(&self.key(&id)).await {
+        let stored = match bounded(self.limits.store_timeout, self.store.load(&self.key(&id))).await
+        {
             Ok(stored) => stored,
             Err(e) if e.is_transient() => {
                 let attempt = attempt.saturating_add(1);
