@@ -244,7 +244,7 @@ fn core_step(mode: Mode) {
     let mut scratch = Scratch::default();
     let key = InstanceKey::new("Loop", "l-1");
     let (mut inst, first) =
-        Instance::<Loop>::start(key, OrderState::default(), 1 << 20, &mut scratch);
+        Instance::<Loop>::start(key, OrderState::default(), 1 << 20, 0, &mut scratch);
     inst.commit(&first);
     let mut reply = Vec::new();
     codec::encode_raw(&Ok::<u64, Declined>(9_995), &mut reply).expect("encodes");
@@ -252,7 +252,7 @@ fn core_step(mode: Mode) {
     let s = batched(mode.samples(2_000), 500, || {
         let seq = inst.pending().map(|p| p.seq).expect("a call in flight");
         let step = inst
-            .outcome(seq, None, Ok(&reply), &mut scratch)
+            .outcome(seq, None, Ok(&reply), 0, &mut scratch)
             .expect("awaited");
         inst.commit(&step);
     });

@@ -132,7 +132,8 @@ fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
     let mut live = Vec::new();
     for i in 0..INSTANCES {
         let key = InstanceKey::new("Pay", format!("p-{i}"));
-        let (inst, first) = Instance::<Pay>::start(key, PayState::default(), 1 << 20, &mut scratch);
+        let (inst, first) =
+            Instance::<Pay>::start(key, PayState::default(), 1 << 20, 0, &mut scratch);
         live.push((inst, Some(first), None));
     }
     let mut writes = Vec::with_capacity(INSTANCES);
@@ -142,7 +143,8 @@ fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
                 Some(first) => first,
                 None => {
                     let seq = inst.pending().unwrap().seq;
-                    inst.outcome(seq, None, Ok(&reply), &mut scratch).unwrap()
+                    inst.outcome(seq, None, Ok(&reply), 0, &mut scratch)
+                        .unwrap()
                 }
             };
             let prev = placed.as_ref().map(|p| (p, &inst.record().state));

@@ -17,7 +17,9 @@ use crate::flow::{Flow, ImpulseSet};
 use crate::guard::panic_message;
 
 use super::fan::{encode_branch, fan_output, same_fan, top_up};
-use super::{Armed, Dispatches, FanArmed, Instance, MAX_BRANCHES, Rejected, Scratch, Step, one};
+use super::{
+    Armed, Awaiting, Dispatches, FanArmed, Instance, MAX_BRANCHES, Rejected, Scratch, Step, one,
+};
 
 impl<F: Flow> Instance<F> {
     /// Applies an impulse and runs the wire.
@@ -25,8 +27,10 @@ impl<F: Flow> Instance<F> {
         &mut self,
         impulse_id: Arc<str>,
         impulse: F::Impulse,
+        now_ms: u64,
         scratch: &mut Scratch,
     ) -> Result<Step, Rejected> {
+        scratch.now_ms = now_ms;
         match &self.record.status {
             Status::Finished => return Err(Rejected::Ended("finished")),
             Status::Failed { .. } => return Err(Rejected::Ended("failed")),
@@ -66,8 +70,10 @@ impl<F: Flow> Instance<F> {
         seq: u64,
         branch: Option<u32>,
         outcome: Result<&Bytes, &Fault>,
+        now_ms: u64,
         scratch: &mut Scratch,
     ) -> Option<Step> {
+        scratch.now_ms = now_ms;
         if let Some(branch) = branch {
             return self.branch_outcome(seq, branch, outcome, scratch);
         }
@@ -90,8 +96,8 @@ impl<F: Flow> Instance<F> {
             }
             _ => return None,
         }
-        let armed = match self.then.take() {
-            Some(a) if a.seq == seq => a,
+        let armed = match self.awaiting.take() {
+            Awaiting::Call(a) if a.seq == seq => a,
             _ => match self.rederive(&pending, scratch) {
                 Ok(a) => a,
                 Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
@@ -272,7 +278,7 @@ impl<F: Flow> Instance<F> {
                         (p.clone(), one(p))
                     }
                 };
-                self.then = Some(Armed {
+                self.awaiting = Awaiting::Call(Armed {
                     seq: pending.seq,
                     then,
                     undo,
@@ -297,7 +303,7 @@ impl<F: Flow> Instance<F> {
                 if let Some(f) = kept {
                     let f = f.clone();
                     let output = fan_output(&f);
-                    self.fan = Some(FanArmed { seq: f.seq, join });
+                    self.awaiting = Awaiting::Fan(FanArmed { seq: f.seq, join });
                     fan = Some(f);
                     (Status::Running, None, Dispatches::new(), output)
                 } else if calls.len() > MAX_BRANCHES {
@@ -340,7 +346,7 @@ impl<F: Flow> Instance<F> {
                     };
                     let dispatch = top_up(&mut f);
                     let output = fan_output(&f);
-                    self.fan = Some(FanArmed { seq, join });
+                    self.awaiting = Awaiting::Fan(FanArmed { seq, join });
                     fan = Some(f);
                     (Status::Running, None, dispatch, output)
                 }
@@ -364,7 +370,7 @@ impl<F: Flow> Instance<F> {
                     },
                 };
                 timer = Some(Timer { due_ms, spec });
-                self.wake = Some((due_ms, wake));
+                self.awaiting = Awaiting::Timer { due_ms, wake };
                 let output = if wait {
                     StepOutput::WaitUntil { due_ms }
                 } else {

@@ -16,7 +16,7 @@ use crate::driver::Fault;
 use crate::flow::Flow;
 use crate::guard::panic_message;
 
-use super::{Dispatches, FanArmed, Instance, Outgoing, Scratch, Step};
+use super::{Awaiting, Dispatches, FanArmed, Instance, Outgoing, Scratch, Step};
 
 impl<F: Flow> Instance<F> {
     /// The outcome of branch `branch` of the fan-out issued at step `seq`: applied by its
@@ -48,8 +48,8 @@ impl<F: Flow> Instance<F> {
             branch,
             ok,
         };
-        let join = match self.fan.take() {
-            Some(a) if a.seq == seq => a.join,
+        let join = match self.awaiting.take() {
+            Awaiting::Fan(a) if a.seq == seq => a.join,
             _ => match self.rederive_fan(&fan) {
                 Ok(join) => join,
                 Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
@@ -67,7 +67,7 @@ impl<F: Flow> Instance<F> {
         let (k, then) = match join {
             Join::First(_) if !ok && open => {
                 // Another branch may still succeed: this failure is not applied.
-                self.fan = Some(FanArmed { seq, join });
+                self.awaiting = Awaiting::Fan(FanArmed { seq, join });
                 let state = self.record.state.clone();
                 let mut step = self.progress(input, fan, state, scratch);
                 step.draft.payload = payload;
@@ -91,7 +91,7 @@ impl<F: Flow> Instance<F> {
                 None => self.advance(input, None, false, scratch),
             },
             Ok(Ok(())) => {
-                self.fan = Some(FanArmed { seq, join });
+                self.awaiting = Awaiting::Fan(FanArmed { seq, join });
                 match self.encoded_state(scratch) {
                     Ok(state) => self.progress(input, fan, state, scratch),
                     Err(reason) => self.park(input, reason, scratch),

@@ -56,6 +56,29 @@ struct FanArmed<F> {
     join: Join<F>,
 }
 
+/// What the instance's continuation waits for, as the wire returned it: at most one of a
+/// call, a fan-out and a timer (rederived from the record after a restart, when it is
+/// `Nothing` but the record has something in flight).
+enum Awaiting<F: Board> {
+    Nothing,
+    /// The continuation (and compensation) of the call in flight.
+    Call(Armed<F>),
+    /// The continuations of the fan-out in flight.
+    Fan(FanArmed<F>),
+    /// The continuation of the armed timer, by its due time.
+    Timer {
+        due_ms: u64,
+        wake: Wake<F>,
+    },
+}
+
+impl<F: Board> Awaiting<F> {
+    /// Takes what is awaited, leaving `Nothing`.
+    fn take(&mut self) -> Self {
+        std::mem::replace(self, Awaiting::Nothing)
+    }
+}
+
 /// The most branches a fan-out may have (its calls are kept in the record).
 pub const MAX_BRANCHES: usize = 1024;
 
@@ -76,7 +99,7 @@ fn one(call: PendingCall) -> Dispatches {
     smallvec![Outgoing { call, branch: None }]
 }
 
-/// Reusable encode buffers, one set per runner, and the time of the steps being built.
+/// Reusable encode buffers, one set per runner.
 #[derive(Debug, Default)]
 pub struct Scratch {
     /// Where the step's small payloads are carved from (no allocation each).
@@ -85,10 +108,10 @@ pub struct Scratch {
     state: Vec<u8>,
     /// The runner's buffer for encoding records and history entries.
     pub out: Vec<u8>,
-    /// The time of the steps being built, in milliseconds since the Unix epoch: set by the
-    /// shell (the core reads no clock). Timers are armed relative to it and history
-    /// entries record it.
-    pub now_ms: u64,
+    /// The time of the step being built, in milliseconds since the Unix epoch, as the entry
+    /// point that builds it was given (the core reads no clock): timers are armed
+    /// relative to it and history entries record it.
+    now_ms: u64,
 }
 
 /// One step, ready to be placed on the ladder and persisted.
@@ -134,11 +157,8 @@ pub struct Instance<F: Flow> {
     flow: F,
     version: u64,
     record: Record,
-    then: Option<Armed<F>>,
-    /// The continuations of the fan-out in flight (rederived after a restart).
-    fan: Option<FanArmed<F>>,
-    /// The continuation of the armed timer, by its due time (rederived after a restart).
-    wake: Option<(u64, Wake<F>)>,
+    /// What its continuation waits for.
+    awaiting: Awaiting<F>,
     /// The compensation the step being built registers (its drive's call succeeded).
     registered: Option<Compensation>,
     limit: usize,
@@ -161,8 +181,10 @@ impl<F: Flow> Instance<F> {
         key: InstanceKey,
         state: F::State,
         limit: usize,
+        now_ms: u64,
         scratch: &mut Scratch,
     ) -> (Self, Step) {
+        scratch.now_ms = now_ms;
         let mut inst = Self {
             key,
             flow: F::from_state(state),
@@ -179,9 +201,7 @@ impl<F: Flow> Instance<F> {
                 correlation: None,
                 fan: None,
             },
-            then: None,
-            fan: None,
-            wake: None,
+            awaiting: Awaiting::Nothing,
             registered: None,
             limit,
         };
@@ -198,8 +218,10 @@ impl<F: Flow> Instance<F> {
         mut record: Record,
         version: u64,
         limit: usize,
+        now_ms: u64,
         scratch: &mut Scratch,
     ) -> Result<(Self, Option<Step>), CodecError> {
+        scratch.now_ms = now_ms;
         let written = record.flow_version;
         let upgrade = written != F::VERSION
             && written.checked_add(1) == Some(F::VERSION)
@@ -238,9 +260,7 @@ impl<F: Flow> Instance<F> {
             flow: F::from_state(state),
             version,
             record,
-            then: None,
-            fan: None,
-            wake: None,
+            awaiting: Awaiting::Nothing,
             registered: None,
             limit,
         };
@@ -323,9 +343,7 @@ impl<F: Flow> Instance<F> {
     pub fn revert(&mut self) -> Result<(), CodecError> {
         let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
         self.flow = F::from_state(state);
-        self.then = None;
-        self.fan = None;
-        self.wake = None;
+        self.awaiting = Awaiting::Nothing;
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInpu
 use crate::flow::Flow;
 use crate::guard::panic_message;
 
-use super::{Dispatches, Instance, Operation, Refused, Scratch, Step};
+use super::{Awaiting, Dispatches, Instance, Operation, Refused, Scratch, Step};
 
 impl<F: Flow> Instance<F> {
     /// The step that parks an instance written by another flow version whose state does
@@ -62,7 +62,13 @@ impl<F: Flow> Instance<F> {
     /// Applies an operator's operation to a parked instance (a rewind also applies to a
     /// failed one). The instance stays parked after a patch or a rewind, so that an operator
     /// can check the result before resuming it.
-    pub fn operate(&mut self, op: Operation<F>, scratch: &mut Scratch) -> Result<Step, Refused> {
+    pub fn operate(
+        &mut self,
+        op: Operation<F>,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> Result<Step, Refused> {
+        scratch.now_ms = now_ms;
         let parked = matches!(self.record.status, Status::Quarantined { .. });
         let failed = matches!(self.record.status, Status::Failed { .. });
         let allowed = parked || (failed && matches!(op, Operation::Rewind { .. }));
@@ -140,7 +146,8 @@ impl<F: Flow> Instance<F> {
 
     /// Parks the instance for an operator: a step that keeps its committed state and call,
     /// quarantined with `reason` (a step that cannot be written, whatever the retries).
-    pub fn quarantine(&mut self, reason: String, scratch: &mut Scratch) -> Step {
+    pub fn quarantine(&mut self, reason: String, now_ms: u64, scratch: &mut Scratch) -> Step {
+        scratch.now_ms = now_ms;
         self.park(StepInput::Park, reason, scratch)
     }
 
@@ -160,10 +167,8 @@ impl<F: Flow> Instance<F> {
         } else {
             state
         };
-        self.then = None;
-        self.fan = None;
+        self.awaiting = Awaiting::Nothing;
         self.registered = None;
-        self.wake = None;
         let mut step = self.quarantined(input, reason, state);
         step.draft.at_ms = scratch.now_ms;
         step

@@ -20,8 +20,10 @@ impl<F: Flow> Instance<F> {
     pub fn redeliver(
         &mut self,
         park: impl Fn(u16, u16) -> bool,
+        now_ms: u64,
         scratch: &mut Scratch,
     ) -> Option<Step> {
+        scratch.now_ms = now_ms;
         if !self.record.status.has_call() {
             return None;
         }

@@ -11,7 +11,7 @@ use crate::driver::Fault;
 use crate::flow::Flow;
 use crate::guard::panic_message;
 
-use super::{Dispatches, Instance, Scratch, Step, call_name, one};
+use super::{Awaiting, Dispatches, Instance, Scratch, Step, call_name, one};
 
 impl<F: Flow> Instance<F> {
     /// The outcome of the compensation in flight: on success the next one is sent (or the
@@ -48,7 +48,8 @@ impl<F: Flow> Instance<F> {
     ///
     /// Returns `None` when no such timer is armed (it was re-armed, or an impulse moved the
     /// instance on): the caller repairs the timer index.
-    pub fn fire(&mut self, due_ms: u64, scratch: &mut Scratch) -> Option<Step> {
+    pub fn fire(&mut self, due_ms: u64, now_ms: u64, scratch: &mut Scratch) -> Option<Step> {
+        scratch.now_ms = now_ms;
         let timer = self.record.timer?;
         if timer.due_ms != due_ms
             || !matches!(self.record.status, Status::Sleeping | Status::Waiting)
@@ -56,14 +57,13 @@ impl<F: Flow> Instance<F> {
             return None;
         }
         let input = StepInput::Timer { due_ms };
-        let wake = match self.wake {
-            Some((due, wake)) if due == due_ms => wake,
+        let wake = match self.awaiting.take() {
+            Awaiting::Timer { due_ms: due, wake } if due == due_ms => wake,
             _ => match self.rederive_timer(&timer) {
                 Ok(wake) => wake,
                 Err(reason) => return Some(self.park(input, reason, scratch)),
             },
         };
-        self.wake = None;
         let ran = catch_unwind(AssertUnwindSafe(|| wake(&mut self.flow)));
         Some(match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
@@ -93,9 +93,7 @@ impl<F: Flow> Instance<F> {
         state: Bytes,
         scratch: &mut Scratch,
     ) -> Step {
-        self.then = None;
-        self.fan = None;
-        self.wake = None;
+        self.awaiting = Awaiting::Nothing;
         self.registered = None;
         let seq = self.record.seq + 1;
         let mut step = match compensations.last() {

@@ -127,11 +127,11 @@ impl Engine {
             .await?
             .map_or(0, |stored| stored.version);
         let mut scratch = Scratch::default();
-        scratch.now_ms = crate::clock::unix_millis();
         let (_, step) = Instance::<F>::start(
             key.clone(),
             state,
             self.inner.limits.decode_limit,
+            crate::clock::unix_millis(),
             &mut scratch,
         );
         // The new record: the state given, parked, after every step the history holds.

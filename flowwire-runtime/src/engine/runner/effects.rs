@@ -270,7 +270,7 @@ impl<F: Flow> Runner<F> {
                         "{err}; an operator can patch the state or raise the limit, then resume it"
                     );
                     tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step too large; parking the instance");
-                    let step = slot.inst.quarantine(reason, &mut self.scratch);
+                    let step = slot.inst.quarantine(reason, self.now_ms, &mut self.scratch);
                     self.stage(Staged {
                         id: s.id,
                         step,

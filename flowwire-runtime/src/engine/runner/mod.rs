@@ -277,6 +277,9 @@ pub(crate) struct Runner<F: Flow> {
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limits: Limits,
     scratch: Scratch,
+    /// The time of the round's steps (ms since the Unix epoch), read once a round and
+    /// handed to the core, which reads no clock.
+    now_ms: u64,
     inbox: mpsc::UnboundedSender<Internal<F>>,
     inbox_rx: Option<mpsc::UnboundedReceiver<Internal<F>>>,
     /// Steps whose blobs are being written.
@@ -363,6 +366,7 @@ impl<F: Flow> Runner<F> {
             outcomes,
             limits,
             scratch: Scratch::default(),
+            now_ms: 0,
             inbox,
             inbox_rx: Some(inbox_rx),
             uploading: 0,
@@ -482,7 +486,7 @@ impl<F: Flow> Runner<F> {
             if now >= self.next_timer() {
                 self.tick(&mut backlog).await;
             }
-            self.scratch.now_ms = now;
+            self.now_ms = now;
             // Bounded: one report per upload or reload this runner started.
             while let Ok(i) = inbox.try_recv() {
                 self.take_internal(i, &mut backlog);

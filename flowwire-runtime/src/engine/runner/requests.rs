@@ -146,8 +146,13 @@ impl<F: Flow> Runner<F> {
                     self.fault_in_for(o).await?
                 };
                 let step = self.slots.get_mut(&o.id).and_then(|slot| {
-                    slot.inst
-                        .outcome(o.seq, o.branch, o.result.as_ref(), &mut self.scratch)
+                    slot.inst.outcome(
+                        o.seq,
+                        o.branch,
+                        o.result.as_ref(),
+                        self.now_ms,
+                        &mut self.scratch,
+                    )
                 });
                 let Some(step) = step else {
                     // Not in flight any more (applied before, or abandoned).
@@ -169,8 +174,13 @@ impl<F: Flow> Runner<F> {
                     return None;
                 }
                 let key = self.key(&id);
-                let (inst, step) =
-                    Instance::start(key, state, self.limits.decode_limit, &mut self.scratch);
+                let (inst, step) = Instance::start(
+                    key,
+                    state,
+                    self.limits.decode_limit,
+                    self.now_ms,
+                    &mut self.scratch,
+                );
                 self.slots.insert(id.clone(), Slot::new(inst, None));
                 Some(Staged {
                     id,
@@ -221,25 +231,26 @@ impl<F: Flow> Runner<F> {
                     }
                 }
                 let slot = self.slots.get_mut(&id)?;
-                let refusal =
-                    match slot
-                        .inst
-                        .impulse(impulse_id.clone(), impulse, &mut self.scratch)
-                    {
-                        Ok(step) => {
-                            return Some(Staged {
-                                id,
-                                step,
-                                ack: Ack::Impulse(reply, impulse_id),
-                            });
-                        }
-                        Err(Rejected::Ended(status)) => Error::Ended {
-                            flow: F::NAME,
-                            id: id.to_string(),
-                            status,
-                        },
-                        Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
-                    };
+                let refusal = match slot.inst.impulse(
+                    impulse_id.clone(),
+                    impulse,
+                    self.now_ms,
+                    &mut self.scratch,
+                ) {
+                    Ok(step) => {
+                        return Some(Staged {
+                            id,
+                            step,
+                            ack: Ack::Impulse(reply, impulse_id),
+                        });
+                    }
+                    Err(Rejected::Ended(status)) => Error::Ended {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                        status,
+                    },
+                    Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
+                };
                 let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
                 None
             }
@@ -336,7 +347,7 @@ impl<F: Flow> Runner<F> {
                     }
                 }
                 let slot = self.slots.get_mut(&id)?;
-                match slot.inst.fire(due_ms, &mut self.scratch) {
+                match slot.inst.fire(due_ms, self.now_ms, &mut self.scratch) {
                     Some(step) => Some(Staged {
                         ack: Ack::Retry(Input::Fire {
                             id: id.clone(),
@@ -405,7 +416,7 @@ impl<F: Flow> Runner<F> {
                 }
                 let slot = self.slots.get_mut(&id)?;
                 let name = op.name();
-                match slot.inst.operate(op, &mut self.scratch) {
+                match slot.inst.operate(op, self.now_ms, &mut self.scratch) {
                     Ok(step) => Some(Staged {
                         id,
                         step,

@@ -154,7 +154,7 @@ impl<F: Flow> Runner<F> {
     /// unreachable is loaded again in the background, with backoff, until it can be; one
     /// whose data is damaged is left as stored for an operator (and reported).
     pub(crate) async fn recover(&mut self) -> Result<usize> {
-        self.scratch.now_ms = crate::clock::unix_millis();
+        self.now_ms = crate::clock::unix_millis();
         let active = match &self.owned {
             Some(o) => {
                 bounded(
@@ -229,7 +229,7 @@ impl<F: Flow> Runner<F> {
         // Not `self.policy`: the scratch buffer is borrowed mutably alongside.
         let policies = &self.policies;
         let park = |link, method| policy_in(policies, link, method).is_some_and(|p| p.park);
-        inst.redeliver(park, &mut self.scratch)
+        inst.redeliver(park, self.now_ms, &mut self.scratch)
     }
 
     /// An instance from its read record, and the step that parks it if another flow
@@ -245,6 +245,7 @@ impl<F: Flow> Runner<F> {
             record,
             version,
             self.limits.decode_limit,
+            self.now_ms,
             &mut self.scratch,
         )
         .map_err(|source| Error::Codec {
@@ -273,7 +274,7 @@ impl<F: Flow> Runner<F> {
                     record,
                     version,
                     &source,
-                    self.scratch.now_ms,
+                    self.now_ms,
                 ))
             }
             other => Err(other),
