@@ -518,7 +518,11 @@ pub struct InvoiceThree {
 impl InvoiceThree {
     #[wire]
     fn run(&mut self) -> Command<Self> {
-        Command::wait()
+        if self.state.paid {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
     }
 }
 
@@ -678,7 +682,7 @@ impl Nap {
         if self.state.woke {
             return Command::finish();
         }
-        Command::sleep(Duration::from_secs(3600)).then(|f| {
+        Command::sleep(Duration::from_hours(1)).then(|f| {
             f.state.woke = true;
             Ok(())
         })
