@@ -1,7 +1,6 @@
 //! Running the wire: an impulse, an outcome or a timer applied, then the wire looped
 //! until it asks for something that takes time, and the step that records it.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,10 +10,10 @@ use flowwire_storage::{
 };
 
 use crate::board::CallSet;
-use crate::command::{CommandKind, Delivered, Join, ThenError, Wake};
+use crate::command::{Command, CommandKind, Delivered, Join, ThenError, Wake};
 use crate::driver::Fault;
 use crate::flow::{Flow, ImpulseSet};
-use crate::guard::panic_message;
+use crate::guard::guard;
 
 use super::fan::{encode_branch, fan_output, same_fan, top_up};
 use super::{
@@ -48,9 +47,8 @@ impl<F: Flow> Instance<F> {
             id: impulse_id.to_string(),
             name: name.to_string(),
         };
-        let applied = catch_unwind(AssertUnwindSafe(|| self.flow.apply_impulse(impulse)));
-        if let Err(p) = applied {
-            let reason = format!("impulse `{name}` panicked: {}", panic_message(&*p));
+        if let Err(panic) = guard(|| self.flow.apply_impulse(impulse)) {
+            let reason = format!("impulse `{name}` panicked: {panic}");
             let mut step = self.park(input, reason, scratch);
             step.draft.payload = payload;
             return Ok(step);
@@ -125,9 +123,7 @@ impl<F: Flow> Instance<F> {
         };
         let limit = self.limit;
         let then = armed.then;
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            then.call(&mut self.flow, delivered, limit, 0)
-        }));
+        let ran = guard(|| then.call(&mut self.flow, delivered, limit, 0));
         let mut step = match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
             Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
@@ -135,8 +131,8 @@ impl<F: Flow> Instance<F> {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
                 self.park(input, reason, scratch)
             }
-            Err(p) => {
-                let reason = format!("the continuation panicked: {}", panic_message(&*p));
+            Err(panic) => {
+                let reason = format!("the continuation panicked: {panic}");
                 self.park(input, reason, scratch)
             }
         };
@@ -169,11 +165,15 @@ impl<F: Flow> Instance<F> {
         step
     }
 
+    /// Runs the wire; a panic comes back as the reason to park the instance.
+    pub(super) fn run_wire(&mut self) -> Result<Command<F>, String> {
+        guard(|| self.flow.wire()).map_err(|panic| format!("the wire panicked: {panic}"))
+    }
+
     /// Runs the wire again to find the continuation of the armed timer (after a restart,
     /// or after the instance left memory while it slept or waited).
     pub(super) fn rederive_timer(&mut self, timer: &Timer) -> Result<Wake<F>, String> {
-        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
-            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let cmd = self.run_wire()?;
         let waiting = self.record.status == Status::Waiting;
         match cmd.kind {
             CommandKind::Timer { spec, wait, wake } if spec == timer.spec && wait == waiting => {
@@ -193,8 +193,7 @@ impl<F: Flow> Instance<F> {
         pending: &PendingCall,
         scratch: &mut Scratch,
     ) -> Result<Armed<F>, String> {
-        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
-            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let cmd = self.run_wire()?;
         let CommandKind::Drive { call, then, undo } = cmd.kind else {
             return Err(format!(
                 "non-deterministic wire: the call at step {} is in flight, but the wire now returns `{}`",
@@ -244,12 +243,9 @@ impl<F: Flow> Instance<F> {
         /// Fan-outs without calls one step may join before the wire is taken to loop.
         const EMPTY_JOINS: u32 = 8;
         let seq = self.record.seq + 1;
-        let cmd = match catch_unwind(AssertUnwindSafe(|| self.flow.wire())) {
+        let cmd = match self.run_wire() {
             Ok(cmd) => cmd,
-            Err(p) => {
-                let reason = format!("the wire panicked: {}", panic_message(&*p));
-                return self.park(input, reason, scratch);
-            }
+            Err(reason) => return self.park(input, reason, scratch),
         };
         let mut timer = None;
         let mut failing = None;

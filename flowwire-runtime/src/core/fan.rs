@@ -1,7 +1,6 @@
 //! Fan-outs: a branch's outcome, the join when the last one lands, and the branches'
 //! calls and outputs (rederived after a restart).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use crate::board::{Board, CallSet};
 use crate::command::{CommandKind, Delivered, Join, ThenError, Wake};
 use crate::driver::Fault;
 use crate::flow::Flow;
-use crate::guard::panic_message;
+use crate::guard::guard;
 
 use super::{Awaiting, Dispatches, FanArmed, Instance, Outgoing, Scratch, Step};
 
@@ -82,9 +81,7 @@ impl<F: Flow> Instance<F> {
             self.registered = fan.branches[i].undo.take();
         }
         let limit = self.limit;
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            k.call(&mut self.flow, delivered, limit, i)
-        }));
+        let ran = guard(|| k.call(&mut self.flow, delivered, limit, i));
         let mut step = match ran {
             Ok(Ok(())) if then.is_none() || !open => match then {
                 Some(then) => self.join(input, None, then, scratch, 0),
@@ -104,10 +101,9 @@ impl<F: Flow> Instance<F> {
                 );
                 self.park(input, reason, scratch)
             }
-            Err(p) => {
+            Err(panic) => {
                 let reason = format!(
-                    "the continuation of branch {branch} of the fan-out at step {seq} panicked: {}",
-                    panic_message(&*p)
+                    "the continuation of branch {branch} of the fan-out at step {seq} panicked: {panic}"
                 );
                 self.park(input, reason, scratch)
             }
@@ -126,14 +122,11 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
         joined: u32,
     ) -> Step {
-        match catch_unwind(AssertUnwindSafe(|| then(&mut self.flow))) {
+        match guard(|| then(&mut self.flow)) {
             Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined),
             Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
-            Err(p) => {
-                let reason = format!(
-                    "the fan-out's join continuation panicked: {}",
-                    panic_message(&*p)
-                );
+            Err(panic) => {
+                let reason = format!("the fan-out's join continuation panicked: {panic}");
                 self.park(input, reason, scratch)
             }
         }
@@ -165,8 +158,7 @@ impl<F: Flow> Instance<F> {
 
     /// Runs the wire again to find the continuations of the fan-out in flight.
     pub(super) fn rederive_fan(&mut self, fan: &Fan) -> Result<Join<F>, String> {
-        let cmd = catch_unwind(AssertUnwindSafe(|| self.flow.wire()))
-            .map_err(|p| format!("the wire panicked: {}", panic_message(&*p)))?;
+        let cmd = self.run_wire()?;
         let name = cmd.name();
         match cmd.kind {
             CommandKind::Fan { calls, join, .. } if same_fan(fan, &calls, &join) => Ok(join),

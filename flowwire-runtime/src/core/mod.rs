@@ -24,7 +24,6 @@ mod operate;
 mod redeliver;
 mod saga;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,7 +39,7 @@ use smallvec::{SmallVec, smallvec};
 use crate::board::Board;
 use crate::command::{Join, Then, Wake};
 use crate::flow::Flow;
-use crate::guard::panic_message;
+use crate::guard::guard;
 pub use crate::operation::{Operation, Patch};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
@@ -228,7 +227,7 @@ impl<F: Flow> Instance<F> {
             && !record.status.is_terminal();
         let mut failed_migration = None;
         let state: F::State = if upgrade {
-            match catch_unwind(AssertUnwindSafe(|| F::migrate(&record.state, limit))) {
+            match guard(|| F::migrate(&record.state, limit)) {
                 Ok(Some(migrated)) => {
                     let state = migrated?;
                     // The migrated state is the committed one from now on (the next step
@@ -240,8 +239,7 @@ impl<F: Flow> Instance<F> {
                     state
                 }
                 Ok(None) => codec::decode_raw(&record.state, limit)?,
-                Err(p) => {
-                    let message = panic_message(&*p);
+                Err(message) => {
                     // A state the new type reads as it is can still be parked (and patched).
                     let Ok(state) = codec::decode_raw(&record.state, limit) else {
                         return Err(CodecError::Malformed(format!(

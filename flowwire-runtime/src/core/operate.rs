@@ -1,15 +1,13 @@
 //! Parking an instance for an operator, and the operator's operations on a parked one
 //! (patch, rewind, resume).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use bytes::Bytes;
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
 
 use crate::flow::Flow;
-use crate::guard::panic_message;
+use crate::guard::guard;
 
 use super::{Awaiting, Dispatches, Instance, Operation, Refused, Scratch, Step};
 
@@ -82,8 +80,7 @@ impl<F: Flow> Instance<F> {
                     .map_err(|e| {
                         Refused::State(format!("the stored state does not decode: {e}"))
                     })?;
-                catch_unwind(AssertUnwindSafe(|| patch(&mut state)))
-                    .map_err(|p| Refused::PatchPanicked(panic_message(&*p)))?;
+                guard(|| patch(&mut state)).map_err(Refused::PatchPanicked)?;
                 scratch.state.clear();
                 codec::encode_raw(&state, &mut scratch.state).map_err(|e| {
                     Refused::State(format!("the patched state does not encode: {e}"))

@@ -1,7 +1,6 @@
 //! The saga stack: compensations registered by calls that succeeded, and running them
 //! last-registered-first when the flow fails.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,7 +8,7 @@ use flowwire_storage::{Compensation, PendingCall, Status, StepInput, StepOutput}
 
 use crate::driver::Fault;
 use crate::flow::Flow;
-use crate::guard::panic_message;
+use crate::guard::guard;
 
 use super::{Awaiting, Dispatches, Instance, Scratch, Step, call_name, one};
 
@@ -64,12 +63,11 @@ impl<F: Flow> Instance<F> {
                 Err(reason) => return Some(self.park(input, reason, scratch)),
             },
         };
-        let ran = catch_unwind(AssertUnwindSafe(|| wake(&mut self.flow)));
-        Some(match ran {
+        Some(match guard(|| wake(&mut self.flow)) {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
             Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
-            Err(p) => {
-                let reason = format!("the timer's continuation panicked: {}", panic_message(&*p));
+            Err(panic) => {
+                let reason = format!("the timer's continuation panicked: {panic}");
                 self.park(input, reason, scratch)
             }
         })

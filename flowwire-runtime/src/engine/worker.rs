@@ -3,7 +3,6 @@
 //! and send the outcome back to the flow's runner.
 
 use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -18,6 +17,7 @@ use crate::engine::Limits;
 use crate::engine::job::{Job, OutcomeMsg};
 use crate::engine::queue::{self, Port};
 use crate::events::{Emitter, EventKind};
+use crate::guard::guard_future;
 
 /// The graceful stop of an engine's driver pools: once [`Drain::stop`] is called, workers
 /// start no more calls (a call not started stays in its instance's record and is sent
@@ -122,19 +122,6 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     port
 }
 
-/// Polls a future, turning a panic into an error; no allocation, no extra task.
-async fn guarded<T>(fut: impl Future<Output = T>) -> Result<T, String> {
-    let mut fut = pin!(fut);
-    std::future::poll_fn(
-        move |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(p) => Poll::Ready(Err(crate::guard::panic_message(&*p))),
-        },
-    )
-    .await
-}
-
 async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: &S,
     job: &Job,
@@ -169,7 +156,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
             job.redelivered,
         );
         let ran = {
-            let mut run = pin!(ctx.scope(guarded(D::dispatch(svc, call, buf))));
+            let mut run = pin!(ctx.scope(guard_future(D::dispatch(svc, call, buf))));
             // A call that answers at its first poll (a cache, an in-process service) needs
             // no timer: the timeout is armed only once the call waits. Time spent in the
             // first poll is the driver's own code, which no timer could interrupt either.

@@ -2,7 +2,6 @@
 //! outcome, probe, state, operator operation, timer, redelivery, reload), each returning
 //! the step to stage, if any.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,6 +13,7 @@ use crate::core::{Instance, Refused, Rejected};
 use crate::engine::msg::{Ask, Msg};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
+use crate::guard::guard;
 
 use super::resident::bounded;
 use super::{Ack, Input, Runner, Slot, Staged, ended_of};
@@ -27,11 +27,11 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(super) fn probe_panicked(id: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+    pub(super) fn probe_panicked(id: &str, reason: String) -> Error {
         Error::ProbePanicked {
             flow: F::NAME,
             id: id.to_string(),
-            reason: crate::guard::panic_message(payload),
+            reason,
         }
     }
 
@@ -55,8 +55,7 @@ impl<F: Flow> Runner<F> {
                 })
                 .and_then(|s| {
                     let flow = F::from_state(s);
-                    catch_unwind(AssertUnwindSafe(|| ask(&flow)))
-                        .map_err(|p| Self::probe_panicked(&id, &*p))
+                    guard(|| ask(&flow)).map_err(|m| Self::probe_panicked(&id, m))
                 });
             let _ = reply.send(answer);
         });
@@ -261,8 +260,8 @@ impl<F: Flow> Runner<F> {
                         // touched it (one message per instance a round) and none is uploading.
                         Some(slot) if !slot.uploading && slot.placed.is_some() => {
                             let flow = slot.inst.flow();
-                            let ran = catch_unwind(AssertUnwindSafe(|| ask(flow)));
-                            let _ = reply.send(ran.map_err(|p| Self::probe_panicked(&id, &*p)));
+                            let ran = guard(|| ask(flow));
+                            let _ = reply.send(ran.map_err(|m| Self::probe_panicked(&id, m)));
                         }
                         // A start not committed yet has no persisted state.
                         Some(slot) if slot.placed.is_none() => {

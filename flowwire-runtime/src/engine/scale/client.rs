@@ -3,7 +3,6 @@
 //! (probes, state, whether it finished) — any process can serve its callers.
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -261,12 +260,10 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
                     let s = codec::decode_raw::<F::State>(&state, limit)
                         .map_err(|e| codec_error::<F>(&id, "the state", e))?;
                     let flow = F::from_state(s);
-                    catch_unwind(AssertUnwindSafe(|| ask(&flow))).map_err(|p| {
-                        Error::ProbePanicked {
-                            flow: F::NAME,
-                            id: id.to_string(),
-                            reason: crate::guard::panic_message(&*p),
-                        }
+                    crate::guard::guard(|| ask(&flow)).map_err(|reason| Error::ProbePanicked {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                        reason,
                     })
                 })
                 .await
