@@ -26,12 +26,13 @@ pub fn driver(args: TokenStream, input: &TokenStream) -> TokenStream {
             };
         }
         _ => {
-            let e = syn::Error::new_spanned(
+            // With the option errors, if any: each misuse is reported.
+            cx.error(
                 input,
                 "`#[driver]` goes on a trait whose methods are `async fn name(&self, ..) -> Result<T, E>`, or on an `impl DriverTrait for Type` block",
             );
-            let e = e.to_compile_error();
-            return quote::quote!(#e #input);
+            let errors = cx.check().err();
+            return quote::quote!(#errors #input);
         }
     };
     let model = parse::parse(&item, opts, &mut cx);

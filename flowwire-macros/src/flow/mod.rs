@@ -52,12 +52,12 @@ pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
             }
         }
         _ => {
-            let e = syn::Error::new_spanned(
+            cx.error(
                 input,
                 "`#[flow]` goes on a struct (the board) and on its `impl` block (the wire, impulses and probes)",
-            )
-            .to_compile_error();
-            quote::quote!(#e #input)
+            );
+            let errors = cx.check().err();
+            quote::quote!(#errors #input)
         }
     }
 }
