@@ -21,9 +21,10 @@ impl Default for Ctxt {
 
 impl Drop for Ctxt {
     fn drop(&mut self) {
-        if self.errors.is_some() && !std::thread::panicking() {
-            panic!("a macro dropped its error context without checking it");
-        }
+        assert!(
+            self.errors.is_none() || std::thread::panicking(),
+            "a macro dropped its error context without checking it"
+        );
     }
 }
 

@@ -13,7 +13,7 @@ tokio::task_local! {
 /// executed twice (drivers run at least once) has its effect once.
 ///
 /// ```
-/// use flowwire_runtime::CallContext;
+/// use flowwire::CallContext;
 /// // Outside a driver call there is no context.
 /// assert!(CallContext::current().is_none());
 /// ```

@@ -304,8 +304,8 @@ impl Error {
     /// timed out, as opposed to damaged data or a wrong request.
     ///
     /// ```
-    /// use flowwire_runtime::Error;
-    /// use flowwire_storage::StoreError;
+    /// use flowwire::Error;
+    /// use flowwire::storage::StoreError;
     /// use std::time::Duration;
     /// assert!(Error::Store(StoreError::Timeout(Duration::from_secs(1))).is_transient());
     /// assert!(!Error::Shutdown.is_transient());

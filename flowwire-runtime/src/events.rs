@@ -141,7 +141,7 @@ pub struct Missed {
 /// A subscription to an engine's events: get one from `Engine::events`.
 ///
 /// ```
-/// # async fn demo(engine: flowwire_runtime::Engine) {
+/// # async fn demo(engine: flowwire::Engine) {
 /// let mut events = engine.events();
 /// while let Some(event) = events.next().await {
 ///     match event {

@@ -8,7 +8,7 @@ use std::fmt;
 /// persisted as the instance's failure reason.
 ///
 /// ```
-/// use flowwire_runtime::Failure;
+/// use flowwire::Failure;
 /// fn parse(s: &str) -> Result<u32, Failure> {
 ///     Ok(s.parse::<u32>()?)
 /// }

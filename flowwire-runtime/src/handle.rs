@@ -149,7 +149,7 @@ impl<F: Impulses> Handle<F> {
     /// and nothing is sent.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(h: flowwire_runtime::Handle<F>) -> flowwire_runtime::Result<()>
+    /// # async fn demo<F: flowwire::Flow>(h: flowwire::Handle<F>) -> flowwire::Result<()>
     /// # where F::Impulse: Sync {
     /// h.impulse_json(r#"{"Approve": {"by": "ann"}}"#)?.id("req-17").await?;
     /// # Ok(()) }

@@ -34,6 +34,15 @@ pub use context::CallContext;
 pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
 #[cfg(feature = "redis")]
 pub use engine::Shared;
+
+/// The multi-process items, present when this crate is built with `redis`. The facade
+/// re-exports this module's contents, so that `flowwire::Shared` exists whenever the
+/// runtime has it, whichever crate turned the feature on.
+#[doc(hidden)]
+pub mod multi {
+    #[cfg(feature = "redis")]
+    pub use crate::engine::Shared;
+}
 pub use engine::{Engine, EngineBuilder, Health, HeldLease};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Events, Missed};

@@ -2,7 +2,7 @@
 //! drivers with their methods. All of it is `'static` data that serializes to JSON.
 //!
 //! ```
-//! use flowwire_runtime::{Ambiguous, ArgMeta, DriverMeta, MethodMeta, Policy};
+//! use flowwire::{Ambiguous, ArgMeta, DriverMeta, MethodMeta, Policy};
 //! static PAYMENT: DriverMeta = DriverMeta {
 //!     name: "Payment",
 //!     policy: Policy { timeout_ms: Some(30_000), retries: Some(5), ..Policy::NONE },

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 /// One writer's source of small `Bytes`.
 ///
 /// ```
-/// use flowwire_storage::arena::Arena;
+/// use flowwire::storage::arena::Arena;
 /// let mut arena = Arena::default();
 /// let a = arena.copy(b"state");
 /// let b = a.clone(); // a counter increment, no allocation

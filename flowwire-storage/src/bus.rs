@@ -113,9 +113,9 @@ pub struct Membership {
 /// [`RedisStore::bus`]; it shares the store's connection and key prefix.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
+/// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
 /// use std::time::Duration;
-/// use flowwire_storage::store::RedisStore;
+/// use flowwire::storage::store::RedisStore;
 /// let bus = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.with_shards(16).bus();
 /// bus.agree_shards().await?;
 /// if let Some(lease) = bus.acquire("Order", 3, "node-a", Duration::from_secs(10)).await? {

@@ -23,13 +23,13 @@
 //! pre-allocation by the bytes it has, so lengths inside the payload are not trusted either.
 //!
 //! ```
-//! use flowwire_storage::codec::{self, Kind};
+//! use flowwire::storage::codec::{self, Kind};
 //!
 //! let mut buf = Vec::new();
 //! codec::encode(Kind::State, &(7u32, "seven"), &mut buf)?;
 //! let back: (u32, String) = codec::decode(Kind::State, &buf, 1024)?;
 //! assert_eq!(back, (7, "seven".to_string()));
-//! # Ok::<(), flowwire_storage::CodecError>(())
+//! # Ok::<(), flowwire::storage::CodecError>(())
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -136,8 +136,8 @@ pub fn encode_with_version<T: Serialize + ?Sized>(
 /// the given kind whose checksum binds the owner and the header.
 ///
 /// ```
-/// use flowwire_storage::codec::{self, Kind};
-/// use flowwire_storage::record::InstanceKey;
+/// use flowwire::storage::codec::{self, Kind};
+/// use flowwire::storage::record::InstanceKey;
 ///
 /// let (a, b) = (InstanceKey::new("Order", "a"), InstanceKey::new("Order", "b"));
 /// let mut buf = Vec::new();
@@ -145,7 +145,7 @@ pub fn encode_with_version<T: Serialize + ?Sized>(
 /// assert_eq!(codec::open_owned(Kind::Record, &buf, &a, 1024)?.0, Kind::Record.current_version());
 /// // Read as another instance's, it fails its checksum.
 /// assert!(codec::open_owned(Kind::Record, &buf, &b, 1024).is_err());
-/// # Ok::<(), flowwire_storage::CodecError>(())
+/// # Ok::<(), flowwire::storage::CodecError>(())
 /// ```
 pub fn encode_owned<T: Serialize + ?Sized>(
     kind: Kind,
@@ -331,7 +331,7 @@ pub fn decode_raw<'de, T: Deserialize<'de>>(
 /// is what lets the runtime tell a compensation's success without knowing its types.
 ///
 /// ```
-/// use flowwire_storage::codec::{encode_raw, reply_is_ok};
+/// use flowwire::storage::codec::{encode_raw, reply_is_ok};
 /// let mut buf = Vec::new();
 /// encode_raw(&Ok::<u32, String>(7), &mut buf).unwrap();
 /// assert!(reply_is_ok(&buf));

@@ -165,7 +165,7 @@ impl StoreError {
     /// of space), as opposed to a damaged, locked or stopped store.
     ///
     /// ```
-    /// use flowwire_storage::StoreError;
+    /// use flowwire::storage::StoreError;
     /// assert!(StoreError::Backend("connection refused".into()).is_transient());
     /// let damaged = StoreError::Corrupted { path: "s.redb".into(), detail: "a bad page".into() };
     /// assert!(!damaged.is_transient());

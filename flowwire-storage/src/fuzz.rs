@@ -14,7 +14,7 @@
 //! ```
 //!
 //! ```
-//! use flowwire_storage::fuzz;
+//! use flowwire::storage::fuzz;
 //! let seeds = [vec![1u8, 2, 3]];
 //! let mut seen = 0;
 //! fuzz::run("example", &seeds, 100, |input| {

@@ -27,8 +27,8 @@ impl Piece {
     /// The place of a persisted payload.
     ///
     /// ```
-    /// use flowwire_storage::layout::Piece;
-    /// use flowwire_storage::Payload;
+    /// use flowwire::storage::layout::Piece;
+    /// use flowwire::storage::Payload;
     /// let piece = Piece::of(&Payload::Inline(bytes::Bytes::from_static(b"abc")));
     /// assert_eq!(piece.to_string(), "inline, 3 B");
     /// ```

@@ -67,12 +67,12 @@
 //! ```
 
 pub use flowwire_macros::{correlate, driver, flow, impulse, probe, wire};
-/// Multi-process mode (feature `redis`): where orchestrators, workers and clients meet.
-#[cfg(feature = "redis")]
-pub use flowwire_runtime::Shared;
+// Multi-process mode (feature `redis`): `Shared`, where orchestrators, workers and clients
+// meet; present whenever the runtime is built with `redis`.
 pub use flowwire_runtime::engine::{
     HistoryPage, HistoryStep, KeyedImpulse, MAX_PAGE, Metadata, Parked,
 };
+pub use flowwire_runtime::multi::*;
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
     Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,

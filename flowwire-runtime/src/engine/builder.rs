@@ -45,8 +45,8 @@ impl EngineBuilder {
     /// the rest in files under `<data_dir>/blobs`; any other engine keeps everything inline.
     ///
     /// ```
-    /// use flowwire_runtime::Engine;
-    /// use flowwire_storage::{Ladder, Tier, KIB, MB};
+    /// use flowwire::Engine;
+    /// use flowwire::storage::{Ladder, Tier, KIB, MB};
     /// let builder = Engine::builder().data_dir("./data").storage(
     ///     Ladder::new()
     ///         .inline_below(4 * KIB)
@@ -94,8 +94,8 @@ impl EngineBuilder {
     /// [`Tier::shared_fs`]): a node-local tier is refused with [`Error::NodeLocalTier`].
     ///
     /// ```no_run
-    /// # async fn demo() -> flowwire_runtime::Result<()> {
-    /// use flowwire_runtime::{Engine, Shared};
+    /// # async fn demo() -> flowwire::Result<()> {
+    /// use flowwire::{Engine, Shared};
     /// let shared = Shared::redis("redis://127.0.0.1:6379/", "shop")?;
     /// // A process that runs wires and drivers; more such processes share the work.
     /// let engine = Engine::builder().shared(shared).orchestrator().worker().start().await?;
@@ -231,7 +231,7 @@ impl EngineBuilder {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use flowwire_runtime::Engine;
+    /// use flowwire::Engine;
     /// let builder = Engine::builder().in_memory().drain_timeout(Duration::from_secs(30));
     /// # drop(builder);
     /// ```
@@ -245,7 +245,7 @@ impl EngineBuilder {
     /// of many instances is read often (timers, impulses), lower it on a small node.
     ///
     /// ```
-    /// use flowwire_runtime::Engine;
+    /// use flowwire::Engine;
     /// let builder = Engine::builder().data_dir("./data").store_cache(256 << 20);
     /// # drop(builder);
     /// ```

@@ -24,7 +24,7 @@ impl Engine {
     /// ended); [`Error::KeyAmbiguous`] when several do, naming them.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// let order = engine.by_key::<F>("order-7").await?; // the flow's typed handle
     /// # let _ = order; Ok(()) }
     /// ```
@@ -59,9 +59,9 @@ impl Engine {
     /// ([`Error::ImpulseAlreadyApplied`]) and changes nothing.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine, paid: F::Impulse) -> flowwire_runtime::Result<()>
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine, paid: F::Impulse) -> flowwire::Result<()>
     /// # where F::Impulse: Sync {
-    /// use flowwire_runtime::Error;
+    /// use flowwire::Error;
     /// match engine.impulse_by_key::<F>("order-7", paid).id("payment-991").await {
     ///     Ok(()) | Err(Error::ImpulseAlreadyApplied { .. }) => {} // applied, once
     ///     Err(e) => return Err(e),

@@ -48,7 +48,7 @@ impl Engine {
     /// refused ([`Error::NotParked`]); an unknown id is [`Error::NotFound`].
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// for p in engine.parked::<F>(None, 100).await? {
     ///     if p.reason.starts_with("damaged") {
     ///         engine.delete::<F>(p.id.as_str()).await?;
@@ -100,7 +100,7 @@ impl Engine {
     /// [`patch`](Engine::patch)).
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine, state: F::State) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine, state: F::State) -> flowwire::Result<()> {
     /// engine.replace_state::<F>("order-7", state).await?;
     /// engine.resume::<F>("order-7").await?;
     /// # Ok(()) }

@@ -69,8 +69,8 @@ impl Member {
 /// (on an orchestrator) the shards it holds. Serializes to JSON for a health endpoint.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
-/// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire::Result<()> {
+/// let engine = flowwire::Engine::builder().in_memory().start().await?;
 /// let health = engine.health().await;
 /// assert!(health.ok());
 /// assert_eq!(health.roles, ["embedded"]);
@@ -178,8 +178,8 @@ impl Engine {
     /// other roles). No I/O: what the supervisors know now.
     ///
     /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
-    /// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire::Result<()> {
+    /// let engine = flowwire::Engine::builder().in_memory().start().await?;
     /// assert!(engine.leases().is_empty(), "an embedded engine holds no shard lease");
     /// # Ok(()) }
     /// ```

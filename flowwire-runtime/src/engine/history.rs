@@ -70,7 +70,7 @@ impl Engine {
     /// this id.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// let mut from = Some(0);
     /// while let Some(start) = from {
     ///     let page = engine.history::<F>("order-1", start, 100).await?;
@@ -125,7 +125,7 @@ impl Engine {
     /// happened, or retention dropped it), naming the steps it holds.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// let before = engine.state_at::<F>("order-1", 2).await?;
     /// # let _ = before; Ok(()) }
     /// ```

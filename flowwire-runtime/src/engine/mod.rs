@@ -291,8 +291,8 @@ impl Engine {
     /// store only (no blob is fetched); [`Error::NotFound`] if no instance has this id.
     ///
     /// ```
-    /// # use flowwire_runtime::Engine;
-    /// # async fn show<F: flowwire_runtime::Flow>(engine: &Engine) -> flowwire_runtime::Result<()> {
+    /// # use flowwire::Engine;
+    /// # async fn show<F: flowwire::Flow>(engine: &Engine) -> flowwire::Result<()> {
     /// let layout = engine.layout::<F>("order-1", 100).await?;
     /// println!("state: {}", layout.state); // e.g. "tier `nvme`, 3.5 MiB at `Order/order-1/4.s`"
     /// for step in &layout.steps {
@@ -332,7 +332,7 @@ impl Engine {
     /// parked and ended instances live in the store only.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// println!("{} in memory", engine.resident::<F>().await?);
     /// # Ok(()) }
     /// ```
@@ -356,7 +356,7 @@ impl Engine {
     /// and result types, versions and call policies.
     ///
     /// ```
-    /// # async fn demo(engine: flowwire_runtime::Engine) {
+    /// # async fn demo(engine: flowwire::Engine) {
     /// let json = engine.metadata().to_json();
     /// assert!(json.starts_with("{\"flows\":["));
     /// # }
@@ -387,8 +387,8 @@ impl Engine {
     /// [`Error::Shutdown`].
     ///
     /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire_runtime::Result<()> {
-    /// let engine = flowwire_runtime::Engine::builder().in_memory().start().await?;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> flowwire::Result<()> {
+    /// let engine = flowwire::Engine::builder().in_memory().start().await?;
     /// engine.shutdown().await;
     /// # Ok(()) }
     /// ```

@@ -63,7 +63,7 @@ impl Engine {
     /// [`MAX_PAGE`]); pass the last id of a page as `after` for the next one.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// for p in engine.parked::<F>(None, 100).await? {
     ///     println!("{} at step {}: {}", p.id, p.step, p.reason);
     /// }
@@ -106,7 +106,7 @@ impl Engine {
     /// no instance has this id.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// if let Some(p) = engine.parked_instance::<F>("order-7").await? {
     ///     eprintln!("order-7 is parked: {}", p.reason);
     /// }
@@ -177,7 +177,7 @@ impl Engine {
     /// [`Error::NotParked`] when the instance is not parked.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// engine.resume::<F>("order-7").await?;
     /// # Ok(()) }
     /// ```
@@ -193,7 +193,7 @@ impl Engine {
     ///
     /// ```
     /// # #[derive(serde::Serialize, serde::Deserialize)] struct S { retries: u32 }
-    /// # async fn demo<F: flowwire_runtime::Flow<State = S>>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow<State = S>>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// engine.patch::<F>("order-7", |s| s.retries = 0).await?;
     /// engine.resume::<F>("order-7").await?;
     /// # Ok(()) }
@@ -215,7 +215,7 @@ impl Engine {
     /// [`Error::NotInHistory`] when the history does not hold that step.
     ///
     /// ```
-    /// # async fn demo<F: flowwire_runtime::Flow>(engine: flowwire_runtime::Engine) -> flowwire_runtime::Result<()> {
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
     /// engine.rewind::<F>("order-7", 3).await?;
     /// engine.resume::<F>("order-7").await?;
     /// # Ok(()) }

@@ -144,7 +144,7 @@ pub enum LadderError {
 /// The ladder builder.
 ///
 /// ```
-/// use flowwire_storage::{Ladder, LadderError, Tier, KIB, MB};
+/// use flowwire::storage::{Ladder, LadderError, Tier, KIB, MB};
 /// let dir = tempfile::tempdir().unwrap();
 /// let ok = Ladder::new()
 ///     .inline_below(4 * KIB)

@@ -7,7 +7,7 @@
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! use flowwire_storage::{MemoryStore, store::conformance};
+//! use flowwire::storage::{MemoryStore, store::conformance};
 //! conformance::run_all(|| Box::new(MemoryStore::new())).await;
 //! # });
 //! ```

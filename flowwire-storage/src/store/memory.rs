@@ -18,7 +18,7 @@ use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
 /// An instance store that keeps everything in memory. Nothing survives the process.
 ///
 /// ```
-/// use flowwire_storage::{InstanceStore, MemoryStore};
+/// use flowwire::storage::{InstanceStore, MemoryStore};
 /// let store = MemoryStore::new();
 /// # let _: &dyn InstanceStore = &store;
 /// ```

@@ -316,7 +316,7 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
 /// across processes, versions and platforms (every process of a deployment must agree).
 ///
 /// ```
-/// use flowwire_storage::store::shard_of;
+/// use flowwire::storage::store::shard_of;
 /// assert_eq!(shard_of("order-1", 1), 0);
 /// assert!(shard_of("order-1", 16) < 16);
 /// assert_eq!(shard_of("order-1", 16), shard_of("order-1", 16));

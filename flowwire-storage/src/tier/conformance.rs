@@ -5,7 +5,7 @@
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! use flowwire_storage::tier::{MemoryTier, conformance};
+//! use flowwire::storage::tier::{MemoryTier, conformance};
 //! conformance::run_all(&MemoryTier::new(), "doc", conformance::SIZES_QUICK).await;
 //! # });
 //! ```

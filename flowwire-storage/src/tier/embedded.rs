@@ -16,12 +16,12 @@ const BLOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blobs");
 ///
 /// ```
 /// # tokio::runtime::Builder::new_multi_thread().build().unwrap().block_on(async {
-/// use flowwire_storage::tier::{BlobTier, EmbeddedTier, TierExt};
+/// use flowwire::storage::tier::{BlobTier, EmbeddedTier, TierExt};
 /// let dir = tempfile::tempdir().unwrap();
 /// let tier = EmbeddedTier::new(dir.path().join("blobs.redb"));
 /// tier.put_bytes("k", "v".into()).await?;
 /// assert!(tier.exists("k").await?);
-/// # Ok::<(), flowwire_storage::tier::TierError>(()) }).unwrap();
+/// # Ok::<(), flowwire::storage::tier::TierError>(()) }).unwrap();
 /// ```
 #[derive(Debug, Clone)]
 pub struct EmbeddedTier {

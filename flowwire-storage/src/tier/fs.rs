@@ -22,12 +22,12 @@ use crate::join::BoxFuture;
 ///
 /// ```
 /// # tokio::runtime::Builder::new_multi_thread().build().unwrap().block_on(async {
-/// use flowwire_storage::tier::{BlobTier, FsTier, TierExt};
+/// use flowwire::storage::tier::{BlobTier, FsTier, TierExt};
 /// let dir = tempfile::tempdir().unwrap();
 /// let tier = FsTier::new(dir.path());
 /// tier.put_bytes("order/o-1/2.s", "state".into()).await?;
 /// assert!(tier.exists("order/o-1/2.s").await?);
-/// # Ok::<(), flowwire_storage::tier::TierError>(()) }).unwrap();
+/// # Ok::<(), flowwire::storage::tier::TierError>(()) }).unwrap();
 /// ```
 #[derive(Debug, Clone)]
 pub struct FsTier {

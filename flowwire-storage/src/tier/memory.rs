@@ -13,11 +13,11 @@ use crate::join::BoxFuture;
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-/// use flowwire_storage::tier::{BlobTier, MemoryTier, TierExt};
+/// use flowwire::storage::tier::{BlobTier, MemoryTier, TierExt};
 /// let tier = MemoryTier::new();
 /// tier.put_bytes("a/1", "hello".into()).await?;
 /// assert_eq!(tier.get("a/1", None).await?.as_deref(), Some(&b"hello"[..]));
-/// # Ok::<(), flowwire_storage::tier::TierError>(()) }).unwrap();
+/// # Ok::<(), flowwire::storage::tier::TierError>(()) }).unwrap();
 /// ```
 #[derive(Debug, Default)]
 pub struct MemoryTier {

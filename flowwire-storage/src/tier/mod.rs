@@ -140,7 +140,7 @@ impl<T: BlobTier + ?Sized> TierExt for T {}
 /// [`Tier::named`] to use two tiers of one kind).
 ///
 /// ```
-/// use flowwire_storage::{Ladder, Tier, KIB, MB};
+/// use flowwire::storage::{Ladder, Tier, KIB, MB};
 /// let dir = tempfile::tempdir().unwrap();
 /// let ladder = Ladder::new()
 ///     .inline_below(4 * KIB)

@@ -32,7 +32,7 @@ pub const MIN_PART_SIZE: usize = 5 << 20;
 /// Where and how to reach a bucket.
 ///
 /// ```
-/// use flowwire_storage::tier::S3Config;
+/// use flowwire::storage::tier::S3Config;
 /// // Real AWS, credentials from the standard chain (environment, profile, instance role):
 /// let aws = S3Config::new("my-bucket").region("eu-west-1").prefix("flowwire");
 /// // An S3-compatible server on loopback:

@@ -27,9 +27,9 @@ pub(crate) mod workers;
 /// plays.
 ///
 /// ```no_run
-/// # async fn demo() -> flowwire_runtime::Result<()> {
+/// # async fn demo() -> flowwire::Result<()> {
 /// use std::time::Duration;
-/// use flowwire_runtime::{Engine, Shared};
+/// use flowwire::{Engine, Shared};
 /// let shared = Shared::redis("redis://127.0.0.1:6379/", "shop")?
 ///     .shards(32)
 ///     .lease_ttl(Duration::from_secs(10));

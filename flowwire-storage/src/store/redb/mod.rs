@@ -61,9 +61,9 @@ mod tests;
 /// logged batches that a crash took from redb.
 ///
 /// ```no_run
-/// use flowwire_storage::RedbStore;
+/// use flowwire::storage::RedbStore;
 /// let store = RedbStore::open("./flowwire-data/instances.redb")?;
-/// # Ok::<(), flowwire_storage::StoreError>(())
+/// # Ok::<(), flowwire::storage::StoreError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct RedbStore {
@@ -245,9 +245,9 @@ impl RedbStore {
     /// `cache_bytes`: the most memory the store keeps for pages it read or wrote.
     ///
     /// ```no_run
-    /// use flowwire_storage::RedbStore;
+    /// use flowwire::storage::RedbStore;
     /// let store = RedbStore::open_with_cache("./flowwire-data/instances.redb", 256 << 20)?;
-    /// # Ok::<(), flowwire_storage::StoreError>(())
+    /// # Ok::<(), flowwire::storage::StoreError>(())
     /// ```
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: usize) -> Result<Self, StoreError> {
         Self::open_on(Arc::new(Fs), path.as_ref(), cache_bytes, CHECKPOINT_BATCHES)
@@ -299,7 +299,7 @@ impl RedbStore {
     ///
     /// ```
     /// use std::path::Path;
-    /// use flowwire_storage::RedbStore;
+    /// use flowwire::storage::RedbStore;
     /// let log = RedbStore::log_path(Path::new("data/instances.redb"));
     /// assert_eq!(log, Path::new("data/instances.redb.log"));
     /// ```

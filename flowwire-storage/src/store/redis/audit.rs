@@ -60,9 +60,9 @@ impl RedisStore {
     /// [`RedisStore::audit_writes`] was set.
     ///
     /// ```no_run
-    /// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
-    /// use flowwire_storage::InstanceKey;
-    /// use flowwire_storage::store::RedisStore;
+    /// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
+    /// use flowwire::storage::InstanceKey;
+    /// use flowwire::storage::store::RedisStore;
     /// let store = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.audit_writes();
     /// for w in store.audit(&InstanceKey::new("Order", "o-1")).await? {
     ///     assert!(w.token >= w.newest, "step {} written by a stale owner", w.step);

@@ -71,8 +71,8 @@ const PAGE: usize = 256;
 /// Instance records in Redis (or Redis Cluster: every instance's keys share a hash tag).
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
-/// use flowwire_storage::store::RedisStore;
+/// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
+/// use flowwire::storage::store::RedisStore;
 /// let store = RedisStore::open("redis://127.0.0.1:6379/", "fw")?;
 /// # Ok(()) }
 /// ```
@@ -134,8 +134,8 @@ impl RedisStore {
     /// so its step commits atomically in one slot; the indexes are per flow.
     ///
     /// ```no_run
-    /// # async fn demo() -> Result<(), flowwire_storage::StoreError> {
-    /// use flowwire_storage::store::RedisStore;
+    /// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
+    /// use flowwire::storage::store::RedisStore;
     /// let store = RedisStore::cluster(
     ///     &["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"],
     ///     "fw",
