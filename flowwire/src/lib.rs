@@ -67,11 +67,12 @@
 //! ```
 
 pub use flowwire_macros::{correlate, driver, flow, impulse, probe, wire};
-// Multi-process mode (feature `redis`): `Shared`, where orchestrators, workers and clients
-// meet; present whenever the runtime is built with `redis`.
 pub use flowwire_runtime::engine::{
     HistoryPage, HistoryStep, KeyedImpulse, MAX_PAGE, Metadata, Parked,
 };
+// Multi-process mode (feature `redis`): `Shared`, where orchestrators, workers and clients
+// meet; present whenever the runtime is built with `redis` (an empty glob otherwise).
+#[allow(unused_imports)]
 pub use flowwire_runtime::multi::*;
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,

@@ -16,9 +16,42 @@ use crate::failure::Failure;
 /// Building a command allocates nothing when the call's arguments do not: the call is
 /// stored inline and the continuation is a plain `fn` pointer.
 ///
-/// ```ignore
-/// Command::drive(self.payment.charge(9_995))
-///     .then(|f, r| { f.state.charge = Some(r?); Ok(()) })
+/// ```
+/// use flowwire::prelude::*;
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+/// #[error("card declined")]
+/// pub struct Declined;
+///
+/// #[driver]
+/// pub trait Payment {
+///     async fn charge(&self, cents: u64) -> Result<String, Declined>;
+/// }
+///
+/// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// pub struct Checkout {
+///     charge: Option<String>,
+/// }
+///
+/// #[flow]
+/// pub struct Order {
+///     #[link]
+///     state: Checkout,
+///     #[link]
+///     payment: impl Payment,
+/// }
+///
+/// #[flow]
+/// impl Order {
+///     #[wire]
+///     fn run(&mut self) -> Command<Self> {
+///         if self.state.charge.is_some() {
+///             return Command::finish();
+///         }
+///         Command::drive(self.payment.charge(9_995))
+///             .then(|f, r| { f.state.charge = Some(r?); Ok(()) })
+///     }
+/// }
 /// ```
 #[must_use = "a wire's command is its return value"]
 pub struct Command<F: Board> {
@@ -93,13 +126,51 @@ impl<F: Board> Command<F> {
     /// arguments are taken from the record, so they may be built from a state the
     /// continuations changed).
     ///
-    /// ```ignore
-    /// Command::fan_out(self.state.sections.iter().map(|s| self.render.page(*s)))
-    ///     .parallel(4)
-    ///     .all(
-    ///         |f, i, page| { f.state.pages[i] = Some(page?); Ok(()) },
-    ///         |f| { f.state.stage = Stage::Assemble; Ok(()) },
-    ///     )
+    /// ```
+    /// use flowwire::prelude::*;
+    ///
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+    /// # #[error("no such section")]
+    /// # pub struct Missing;
+    /// #[driver]
+    /// pub trait Render {
+    ///     async fn page(&self, section: u32) -> Result<String, Missing>;
+    /// }
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Book {
+    ///     sections: Vec<u32>,
+    ///     pages: Vec<Option<String>>,
+    ///     assembled: bool,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Printing {
+    ///     #[link]
+    ///     state: Book,
+    ///     #[link]
+    ///     render: impl Render,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Printing {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.assembled {
+    ///             return Command::finish();
+    ///         }
+    ///         Command::fan_out(self.state.sections.iter().map(|s| self.render.page(*s)))
+    ///             .parallel(4)
+    ///             .all(
+    ///                 |f, i, page| {
+    ///                     f.state.pages.resize(f.state.sections.len(), None);
+    ///                     f.state.pages[i] = Some(page?);
+    ///                     Ok(())
+    ///                 },
+    ///                 |f| { f.state.assembled = true; Ok(()) },
+    ///             )
+    ///     }
+    /// }
     /// ```
     pub fn fan_out<B>(branches: impl IntoIterator<Item = B>) -> FanOut<F, B::Reply>
     where
@@ -129,8 +200,31 @@ impl<F: Board> Command<F> {
     /// sleep again after an impulse, the timer keeps its time (it is not re-armed). A sleeping
     /// instance costs only its record. Impulses are applied while it sleeps.
     ///
-    /// ```ignore
-    /// Command::sleep(Duration::from_secs(24 * 3600)).then(|f| { f.state.reminded = true; Ok(()) })
+    /// ```
+    /// use std::time::Duration;
+    /// use flowwire::prelude::*;
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Reminder {
+    ///     reminded: bool,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Remind {
+    ///     #[link]
+    ///     state: Reminder,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Remind {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.reminded {
+    ///             return Command::finish();
+    ///         }
+    ///         Command::sleep(Duration::from_hours(24)).then(|f| { f.state.reminded = true; Ok(()) })
+    ///     }
+    /// }
     /// ```
     pub fn sleep(d: Duration) -> Timed<F> {
         Timed::new(TimeSpec::After(millis(d)), false)
@@ -145,8 +239,31 @@ impl<F: Board> Command<F> {
     /// the wire runs again (the continuation does not run); when the time runs out first,
     /// [`Timed::then`]'s continuation runs, then the wire.
     ///
-    /// ```ignore
-    /// Command::wait_timeout(Duration::from_secs(3600)).then(|f| { f.state.expired = true; Ok(()) })
+    /// ```
+    /// use std::time::Duration;
+    /// use flowwire::prelude::*;
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Reminder {
+    ///     expired: bool,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Remind {
+    ///     #[link]
+    ///     state: Reminder,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Remind {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.expired {
+    ///             return Command::finish();
+    ///         }
+    ///         Command::wait_timeout(Duration::from_hours(1)).then(|f| { f.state.expired = true; Ok(()) })
+    ///     }
+    /// }
     /// ```
     pub fn wait_timeout(d: Duration) -> Timed<F> {
         Timed::new(TimeSpec::After(millis(d)), true)
@@ -275,10 +392,46 @@ impl<F: Board, R: Reply> Drive<F, R> {
     /// at least once. A compensation is a driver call like any other: its driver's policy
     /// (timeouts, retries, the ambiguous window) applies, and its idempotency key is stable.
     ///
-    /// ```ignore
-    /// Command::drive(self.hotel.book(trip, nights))
-    ///     .compensate(self.hotel.cancel(trip))
-    ///     .then(|f, r| { f.state.hotel = Some(r?); Ok(()) })
+    /// ```
+    /// use flowwire::prelude::*;
+    ///
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+    /// # #[error("fully booked")]
+    /// # pub struct Full;
+    /// #[driver]
+    /// pub trait Hotel {
+    ///     async fn book(&self, trip: u64, nights: u32) -> Result<String, Full>;
+    ///     async fn cancel(&self, trip: u64) -> Result<(), Full>;
+    /// }
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Trip {
+    ///     id: u64,
+    ///     nights: u32,
+    ///     hotel: Option<String>,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Travel {
+    ///     #[link]
+    ///     state: Trip,
+    ///     #[link]
+    ///     hotel: impl Hotel,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Travel {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         let (trip, nights) = (self.state.id, self.state.nights);
+    ///         if self.state.hotel.is_some() {
+    ///             return Command::finish();
+    ///         }
+    ///         Command::drive(self.hotel.book(trip, nights))
+    ///             .compensate(self.hotel.cancel(trip))
+    ///             .then(|f, r| { f.state.hotel = Some(r?); Ok(()) })
+    ///     }
+    /// }
     /// ```
     pub fn compensate<C>(mut self, undo: Call<C, impl Reply>) -> Self
     where

@@ -121,14 +121,63 @@ struct DriverReg {
 ///
 /// Get one with [`Engine::builder`].
 ///
-/// ```ignore
+/// ```no_run
+/// use flowwire::prelude::*;
+///
+/// # #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+/// # #[error("out of stock")]
+/// # pub struct OutOfStock;
+/// #[driver]
+/// pub trait Warehouse {
+///     async fn reserve(&self, sku: String) -> Result<u64, OutOfStock>;
+/// }
+///
+/// #[derive(Clone)]
+/// pub struct Shelves;
+///
+/// #[driver]
+/// impl Warehouse for Shelves {
+///     async fn reserve(&self, sku: String) -> Result<u64, OutOfStock> {
+///         Ok(sku.len() as u64)
+///     }
+/// }
+///
+/// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// pub struct Basket {
+///     sku: String,
+///     reservation: Option<u64>,
+/// }
+///
+/// #[flow]
+/// pub struct OrderCircuit {
+///     #[link]
+///     state: Basket,
+///     #[link]
+///     warehouse: impl Warehouse,
+/// }
+///
+/// #[flow]
+/// impl OrderCircuit {
+///     #[wire]
+///     fn run(&mut self) -> Command<Self> {
+///         if self.state.reservation.is_some() {
+///             return Command::finish();
+///         }
+///         Command::drive(self.warehouse.reserve(self.state.sku.clone()))
+///             .then(|f, r| { f.state.reservation = Some(r?); Ok(()) })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> flowwire::Result<()> {
 /// let engine = Engine::builder()
 ///     .data_dir("./flowwire-data")
 ///     .flow::<OrderCircuit>()
-///     .driver(Warehouse::new())
-///     .driver(Stripe::new())
+///     .driver(Shelves)
 ///     .start()
 ///     .await?;
+/// # engine.shutdown().await;
+/// # Ok(()) }
 /// ```
 #[must_use = "a builder does nothing until `.start().await`"]
 pub struct EngineBuilder {
