@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 /// One thing that happened to one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Event {
     /// The flow's name.
     pub flow: &'static str,

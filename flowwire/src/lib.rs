@@ -82,11 +82,21 @@ pub use flowwire_runtime::{
 };
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
+/// Not the user's API: it changes with the engine.
+#[doc(hidden)]
 pub use flowwire_runtime::core;
 
-/// Storage: records, the persisted encoding, the instance stores and their conformance suite.
+/// Storage: the size ladder and its tiers, the instance stores, and what a history and a
+/// record hold. With the feature `conformance`, the suites a new backend must pass.
 pub mod storage {
     pub use flowwire_storage::*;
+    // The engine's own machinery, reachable for tests and tools, out of the user's docs
+    // (an explicit import shadows the glob's).
+    #[cfg(feature = "redis")]
+    #[doc(hidden)]
+    pub use flowwire_storage::bus;
+    #[doc(hidden)]
+    pub use flowwire_storage::{arena, codec, fuzz, join, layout, record};
 }
 
 /// Everything a flow author needs: `use flowwire::prelude::*;`.

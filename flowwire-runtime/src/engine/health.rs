@@ -26,6 +26,7 @@ pub(crate) struct HeldShard {
 /// A checker can compare the spans of several processes (on one machine): spans of one
 /// shard under different tokens never overlap.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct HeldLease {
     /// The flow.
     pub flow: &'static str,
@@ -77,6 +78,7 @@ impl Member {
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
 pub struct Health {
     /// This process's member name in a multi-process deployment; `None` when embedded.
     pub node: Option<String>,

@@ -16,6 +16,7 @@ pub const MAX_PAGE: usize = 1_000;
 
 /// One recorded step of an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct HistoryStep {
     /// The step's number (1 is the start).
     pub seq: u64,
@@ -34,6 +35,7 @@ pub struct HistoryStep {
 
 /// A page of an instance's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct HistoryPage {
     /// The steps, in order.
     pub steps: Vec<HistoryStep>,

@@ -229,6 +229,7 @@ struct Inner {
 /// Everything registered on an engine: its flows and drivers, from the macros' static
 /// metadata. Serializes to JSON ([`Metadata::to_json`]) for tools and service endpoints.
 #[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
 pub struct Metadata {
     /// The registered flows, in registration order.
     pub flows: Vec<&'static FlowMeta>,

@@ -23,6 +23,7 @@ use crate::flow::Flow;
 
 /// A parked instance, as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Parked {
     /// The instance id.
     pub id: String,

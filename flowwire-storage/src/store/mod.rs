@@ -325,4 +325,5 @@ pub fn shard_of(id: &str, shards: u16) -> u16 {
     (crc32fast::hash(id.as_bytes()) % u32::from(shards.max(1))) as u16
 }
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

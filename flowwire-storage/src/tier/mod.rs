@@ -13,7 +13,8 @@
 //! | `Tier::s3` (feature `s3`) | an S3 bucket (or an S3-compatible server) | yes |
 //!
 //! Tiers store bytes and nothing else; framing, checksums and placement are the ladder's.
-//! The same conformance suite ([`conformance`]) runs against every one of them.
+//! The same conformance suite (module `conformance`, with the feature `conformance`) runs
+//! against every one of them.
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 pub use crate::error::TierError;
 use crate::join::BoxFuture;
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod embedded;
 mod fs;
