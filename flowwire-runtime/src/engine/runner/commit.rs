@@ -14,7 +14,9 @@ use crate::engine::msg::Msg;
 use crate::error::Error;
 use crate::flow::Flow;
 
-use super::{Ack, Committed, InFlight, Input, Internal, Runner, Staged, Uploaded, poll_once};
+use super::{
+    Ack, Committed, InFlight, Input, Internal, Phase, Runner, Staged, Uploaded, poll_once,
+};
 
 impl<F: Flow> Runner<F> {
     /// Takes messages from the backlog into the batch being built, at most one per
@@ -47,13 +49,13 @@ impl<F: Flow> Runner<F> {
                 // (no set to hash into); any other goes in `busy` (an empty set answers
                 // without hashing).
                 let taken = match self.slots.get_mut(id) {
-                    Some(slot) if slot.uploading && !probe => {
+                    Some(slot) if slot.phase.uploading() && !probe => {
                         slot.held.push_back(input);
                         continue;
                     }
                     Some(slot)
                         if flying
-                            && (slot.round == self.flight_round
+                            && (slot.phase.round() == self.flight_round
                                 || self.flight_busy.contains(id)) =>
                     {
                         self.waiting.push_back(input);
@@ -63,9 +65,11 @@ impl<F: Flow> Runner<F> {
                         self.waiting.push_back(input);
                         continue;
                     }
-                    Some(slot) if slot.round == self.round || self.busy.contains(id) => true,
+                    Some(slot) if slot.phase.round() == self.round || self.busy.contains(id) => {
+                        true
+                    }
                     Some(slot) => {
-                        slot.round = self.round;
+                        slot.phase = slot.phase.taken_for(self.round);
                         false
                     }
                     None => !self.busy.insert(id.clone()),
@@ -144,8 +148,7 @@ impl<F: Flow> Runner<F> {
         } = u;
         self.uploading = self.uploading.saturating_sub(1);
         if let Some(slot) = self.slots.get_mut(&s.id) {
-            slot.uploading = false;
-            slot.round = self.round;
+            slot.phase = Phase::Batched { round: self.round };
             self.requeue.extend(slot.held.drain(..));
         }
         match result {
@@ -313,7 +316,9 @@ impl<F: Flow> Runner<F> {
     /// reports back through the inbox. The instance holds its next inputs until then.
     pub(super) fn upload(&mut self, s: Staged<F>, mut sealed: Sealed) {
         if let Some(slot) = self.slots.get_mut(&s.id) {
-            slot.uploading = true;
+            slot.phase = Phase::Uploading {
+                round: slot.phase.round(),
+            };
         }
         self.uploading += 1;
         let placement = self.placement.clone();

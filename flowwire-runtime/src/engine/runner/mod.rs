@@ -25,6 +25,10 @@
 //! reaches the end of this one, and adds timers armed within the window as their steps
 //! commit.
 //!
+//! A resident instance's place in this pipeline is its slot's [`Phase`]: in a batch
+//! (being built, being written, or committed, by the batch's number) or uploading. An
+//! instance that is not resident is being read (`loading`) or only in the store.
+//!
 //! The files: this one holds the runner's state and its select loop; [`requests`] what
 //! each input does; [`commit`] the batch pipeline; [`effects`] what a committed (or
 //! failed) step does; [`resident`] loading, recovering and evicting instances; [`timers`]
@@ -206,17 +210,53 @@ async fn poll_once<T>(fut: impl Future<Output = T>) -> Option<T> {
     .await
 }
 
+/// Where a resident instance stands in the runner's pipeline. Each carries the number of
+/// the last batch that took a message for it (at most one message per instance a batch):
+/// read against the runner's `round` (the batch being built) and `flight_round` (the one
+/// being written), it says whether the instance is in the batch being built, in the one
+/// being written, or committed — without a pass over the instances when a batch is sent.
+/// An instance that is not resident is either being read (`Runner::loading`) or stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Its last step is in batch `round` (being built, being written, or committed).
+    Batched { round: u64 },
+    /// Its last step's blobs are being written on a task of their own (it took its message
+    /// for batch `round`); the step joins the batch being built when they land, and
+    /// inputs that would write wait in the slot's `held` until then.
+    Uploading { round: u64 },
+}
+
+impl Phase {
+    /// The last batch that took a message for the instance.
+    fn round(self) -> u64 {
+        match self {
+            Phase::Batched { round } | Phase::Uploading { round } => round,
+        }
+    }
+
+    fn uploading(self) -> bool {
+        matches!(self, Phase::Uploading { .. })
+    }
+
+    /// The same phase, having taken a message for batch `round` (a probe is taken while
+    /// an upload runs: the instance stays uploading).
+    fn taken_for(self, round: u64) -> Phase {
+        match self {
+            Phase::Batched { .. } => Phase::Batched { round },
+            Phase::Uploading { .. } => Phase::Uploading { round },
+        }
+    }
+}
+
 struct Slot<F: Flow> {
     inst: Instance<F>,
     /// The committed record as persisted (`None` until the first step is committed).
     placed: Option<PlacedRecord>,
     /// Consecutive steps that could not be persisted (for the retry backoff).
     failures: u32,
-    /// A step's blobs are being written; inputs that would write wait in `held`.
-    uploading: bool,
+    phase: Phase,
+    /// Inputs waiting for its upload to land.
     held: VecDeque<Input<F>>,
-    /// The last round that took a message for this instance (at most one per round).
-    round: u64,
 }
 
 impl<F: Flow> Slot<F> {
@@ -225,9 +265,8 @@ impl<F: Flow> Slot<F> {
             inst,
             placed,
             failures: 0,
-            uploading: false,
+            phase: Phase::Batched { round: 0 },
             held: VecDeque::new(),
-            round: 0,
         }
     }
 }

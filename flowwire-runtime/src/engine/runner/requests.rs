@@ -258,7 +258,7 @@ impl<F: Flow> Runner<F> {
                     Ok(None) => match self.slots.get(&id) {
                         // The flow in memory is the committed one: no step of this round
                         // touched it (one message per instance a round) and none is uploading.
-                        Some(slot) if !slot.uploading && slot.placed.is_some() => {
+                        Some(slot) if !slot.phase.uploading() && slot.placed.is_some() => {
                             let flow = slot.inst.flow();
                             let ran = guard(|| ask(flow));
                             let _ = reply.send(ran.map_err(|m| Self::probe_panicked(&id, m)));

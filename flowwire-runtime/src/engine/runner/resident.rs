@@ -345,10 +345,10 @@ impl<F: Flow> Runner<F> {
 
     /// Whether an instance took a message for the batch being built or the one in flight.
     pub(super) fn in_a_batch(&self, slot: &Slot<F>, id: &Arc<str>) -> bool {
-        slot.round == self.round
+        slot.phase.round() == self.round
             || self.busy.contains(id)
             || (self.inflight.is_some()
-                && (slot.round == self.flight_round || self.flight_busy.contains(id)))
+                && (slot.phase.round() == self.flight_round || self.flight_busy.contains(id)))
     }
 
     /// Takes instances without a call in flight out of memory at the end of a round.
@@ -358,7 +358,7 @@ impl<F: Flow> Runner<F> {
         for id in touched.drain(..) {
             if let Some(slot) = self.slots.get(&id)
                 && !slot.inst.status().has_call()
-                && !slot.uploading
+                && !slot.phase.uploading()
                 && slot.held.is_empty()
                 && slot.placed.is_some()
                 && !self.in_a_batch(slot, &id)
