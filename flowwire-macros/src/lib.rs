@@ -18,6 +18,8 @@ mod ctxt;
 mod driver;
 mod flow;
 mod options;
+#[cfg(test)]
+mod snapshots;
 mod util;
 
 fn debug(name: &str, out: proc_macro2::TokenStream) -> TokenStream {
