@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use flowwire_storage::{StepInput, StepOutput};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -211,5 +212,179 @@ impl Emitter {
             step,
             kind,
         });
+    }
+}
+
+/// A call a committed step sent: `(link, method, call step, fan-out branch)`.
+pub(crate) type Sent = (u16, u16, u64, Option<u32>);
+
+/// The events a committed step means, in order, given to `emit`: what came in (a start,
+/// an impulse, an outcome, a timer, an operator's action), then what went out (the calls
+/// it sent, a sleep or wait, the end, a parking, a compensation). `names` gives a call's
+/// driver and method names by link and method. A pure function of the step: the runner
+/// calls it after the commit, tests call it alone.
+pub(crate) fn of_step(
+    input: &StepInput,
+    output: &StepOutput,
+    sent: impl IntoIterator<Item = Sent>,
+    names: impl Fn(u16, u16) -> (&'static str, &'static str),
+    mut emit: impl FnMut(EventKind),
+) {
+    match input {
+        StepInput::Start => emit(EventKind::Started),
+        StepInput::Impulse { name, .. } => emit(EventKind::Impulse { name: name.clone() }),
+        StepInput::Outcome { call_seq, ok } => emit(EventKind::Outcome {
+            call_step: *call_seq,
+            branch: None,
+            ok: *ok,
+        }),
+        StepInput::BranchOutcome {
+            call_seq,
+            branch,
+            ok,
+        } => emit(EventKind::Outcome {
+            call_step: *call_seq,
+            branch: Some(*branch),
+            ok: *ok,
+        }),
+        StepInput::Timer { due_ms } => emit(EventKind::Woke { due_ms: *due_ms }),
+        StepInput::Resume => emit(EventKind::Resumed),
+        StepInput::Patch => emit(EventKind::Patched),
+        StepInput::Rewind { to } => emit(EventKind::Rewound { to: *to }),
+        _ => {}
+    }
+    if matches!(input, StepInput::Patch | StepInput::Rewind { .. }) {
+        // The instance stays parked: it was reported when it was parked.
+        return;
+    }
+    match output {
+        StepOutput::Drive { .. } | StepOutput::Fan { .. } => {
+            for (link, method, call_step, branch) in sent {
+                let (driver, method) = names(link, method);
+                emit(EventKind::Drive {
+                    driver,
+                    method,
+                    call_step,
+                    branch,
+                });
+            }
+        }
+        StepOutput::Sleep { due_ms } => emit(EventKind::Sleeping { until_ms: *due_ms }),
+        StepOutput::Wait => emit(EventKind::Waiting { until_ms: None }),
+        StepOutput::WaitUntil { due_ms } => emit(EventKind::Waiting {
+            until_ms: Some(*due_ms),
+        }),
+        StepOutput::Finish => emit(EventKind::Finished),
+        StepOutput::Fail { reason } => emit(EventKind::Failed {
+            reason: reason.clone(),
+        }),
+        StepOutput::Quarantine { reason } => emit(EventKind::Quarantined {
+            reason: reason.clone(),
+        }),
+        StepOutput::Compensate {
+            call_seq,
+            registered,
+            link,
+            method,
+        } => {
+            // Announced when its call goes out (not when a restart keeps it in flight).
+            if sent.into_iter().next().is_some() {
+                let (driver, method) = names(*link, *method);
+                emit(EventKind::Compensating {
+                    driver,
+                    method,
+                    registered_step: *registered,
+                    call_step: *call_seq,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowwire_storage::{StepInput, StepOutput};
+
+    use super::{EventKind, of_step};
+
+    fn events(input: &StepInput, output: &StepOutput, sent: &[super::Sent]) -> Vec<EventKind> {
+        let mut out = Vec::new();
+        of_step(
+            input,
+            output,
+            sent.iter().copied(),
+            |_, m| ("Shop", if m == 0 { "reserve" } else { "charge" }),
+            |e| out.push(e),
+        );
+        out
+    }
+
+    #[test]
+    fn an_outcome_that_sends_a_call_is_the_outcome_then_the_drive() {
+        let got = events(
+            &StepInput::Outcome {
+                call_seq: 1,
+                ok: true,
+            },
+            &StepOutput::Drive {
+                call_seq: 2,
+                link: 0,
+                method: 1,
+            },
+            &[(0, 1, 2, None)],
+        );
+        assert_eq!(
+            got,
+            [
+                EventKind::Outcome {
+                    call_step: 1,
+                    branch: None,
+                    ok: true
+                },
+                EventKind::Drive {
+                    driver: "Shop",
+                    method: "charge",
+                    call_step: 2,
+                    branch: None
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fan_out_announces_each_branch_sent() {
+        let got = events(
+            &StepInput::Start,
+            &StepOutput::Fan {
+                call_seq: 1,
+                done: 0,
+                branches: 3,
+            },
+            &[(0, 0, 1, Some(0)), (0, 0, 1, Some(1))],
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(
+            got[2],
+            EventKind::Drive {
+                branch: Some(1),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_patch_is_announced_alone_and_a_kept_compensation_not_at_all() {
+        let parked = StepOutput::Quarantine { reason: "r".into() };
+        assert_eq!(
+            events(&StepInput::Patch, &parked, &[]),
+            [EventKind::Patched]
+        );
+        let kept = StepOutput::Compensate {
+            call_seq: 4,
+            registered: 1,
+            link: 0,
+            method: 0,
+        };
+        assert!(events(&StepInput::Redeliver { call_seq: 4 }, &kept, &[]).is_empty());
     }
 }

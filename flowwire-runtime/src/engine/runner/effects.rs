@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use flowwire_storage::Status;
 use flowwire_storage::record::PlacedRecord;
-use flowwire_storage::{Status, StepInput, StepOutput};
 
 use crate::core::Outgoing;
 use crate::engine::job::{CallPolicy, Job, OutcomeMsg};
@@ -88,82 +88,22 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// Sends the lifecycle events of a committed step (only if anyone listens).
+    /// Sends the lifecycle events of a committed step (only if anyone listens); what they
+    /// are is `events::of_step`'s.
     pub(super) fn announce(&self, s: &Staged<F>) {
         if !self.events.wanted() {
             return;
         }
         let d = &s.step.draft;
         let seq = d.record.seq;
-        let send = |kind| self.events.send(F::NAME, &s.id, seq, kind);
-        match &d.input {
-            StepInput::Start => send(EventKind::Started),
-            StepInput::Impulse { name, .. } => send(EventKind::Impulse { name: name.clone() }),
-            StepInput::Outcome { call_seq, ok } => send(EventKind::Outcome {
-                call_step: *call_seq,
-                branch: None,
-                ok: *ok,
-            }),
-            StepInput::BranchOutcome {
-                call_seq,
-                branch,
-                ok,
-            } => send(EventKind::Outcome {
-                call_step: *call_seq,
-                branch: Some(*branch),
-                ok: *ok,
-            }),
-            StepInput::Timer { due_ms } => send(EventKind::Woke { due_ms: *due_ms }),
-            StepInput::Resume => send(EventKind::Resumed),
-            StepInput::Patch => send(EventKind::Patched),
-            StepInput::Rewind { to } => send(EventKind::Rewound { to: *to }),
-            _ => {}
-        }
-        if matches!(d.input, StepInput::Patch | StepInput::Rewind { .. }) {
-            // The instance stays parked: it was reported when it was parked.
-            return;
-        }
-        match &d.output {
-            StepOutput::Drive { .. } | StepOutput::Fan { .. } => {
-                for out in &s.step.dispatch {
-                    let (driver, method) = Self::names(out.call.link, out.call.method);
-                    send(EventKind::Drive {
-                        driver,
-                        method,
-                        call_step: out.call.seq,
-                        branch: out.branch,
-                    });
-                }
-            }
-            StepOutput::Sleep { due_ms } => send(EventKind::Sleeping { until_ms: *due_ms }),
-            StepOutput::Wait => send(EventKind::Waiting { until_ms: None }),
-            StepOutput::WaitUntil { due_ms } => send(EventKind::Waiting {
-                until_ms: Some(*due_ms),
-            }),
-            StepOutput::Finish => send(EventKind::Finished),
-            StepOutput::Fail { reason } => send(EventKind::Failed {
-                reason: reason.clone(),
-            }),
-            StepOutput::Quarantine { reason } => send(EventKind::Quarantined {
-                reason: reason.clone(),
-            }),
-            StepOutput::Compensate {
-                call_seq,
-                registered,
-                link,
-                method,
-            } => {
-                if !s.step.dispatch.is_empty() {
-                    let (driver, method) = Self::names(*link, *method);
-                    send(EventKind::Compensating {
-                        driver,
-                        method,
-                        registered_step: *registered,
-                        call_step: *call_seq,
-                    });
-                }
-            }
-        }
+        let sent = s
+            .step
+            .dispatch
+            .iter()
+            .map(|o| (o.call.link, o.call.method, o.call.seq, o.branch));
+        crate::events::of_step(&d.input, &d.output, sent, Self::names, |kind| {
+            self.events.send(F::NAME, &s.id, seq, kind);
+        });
     }
 
     /// Sends one of the runner's own inputs again after a backoff (its step could not be
