@@ -36,6 +36,7 @@
 
 mod commit;
 mod effects;
+mod phase;
 mod requests;
 mod resident;
 mod timers;
@@ -57,6 +58,7 @@ use crate::engine::job::{CallPolicy, OutcomeMsg};
 use crate::error::Result;
 use crate::events::Emitter;
 use crate::flow::Flow;
+use phase::Phase;
 
 /// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
 use crate::engine::msg::Msg;
@@ -208,44 +210,6 @@ async fn poll_once<T>(fut: impl Future<Output = T>) -> Option<T> {
         std::task::Poll::Pending => std::task::Poll::Ready(None),
     })
     .await
-}
-
-/// Where a resident instance stands in the runner's pipeline. Each carries the number of
-/// the last batch that took a message for it (at most one message per instance a batch):
-/// read against the runner's `round` (the batch being built) and `flight_round` (the one
-/// being written), it says whether the instance is in the batch being built, in the one
-/// being written, or committed — without a pass over the instances when a batch is sent.
-/// An instance that is not resident is either being read (`Runner::loading`) or stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Its last step is in batch `round` (being built, being written, or committed).
-    Batched { round: u64 },
-    /// Its last step's blobs are being written on a task of their own (it took its message
-    /// for batch `round`); the step joins the batch being built when they land, and
-    /// inputs that would write wait in the slot's `held` until then.
-    Uploading { round: u64 },
-}
-
-impl Phase {
-    /// The last batch that took a message for the instance.
-    fn round(self) -> u64 {
-        match self {
-            Phase::Batched { round } | Phase::Uploading { round } => round,
-        }
-    }
-
-    fn uploading(self) -> bool {
-        matches!(self, Phase::Uploading { .. })
-    }
-
-    /// The same phase, having taken a message for batch `round` (a probe is taken while
-    /// an upload runs: the instance stays uploading).
-    fn taken_for(self, round: u64) -> Phase {
-        match self {
-            Phase::Batched { .. } => Phase::Batched { round },
-            Phase::Uploading { .. } => Phase::Uploading { round },
-        }
-    }
 }
 
 struct Slot<F: Flow> {

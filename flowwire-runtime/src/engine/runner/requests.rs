@@ -9,7 +9,9 @@ use flowwire_storage::Status;
 use flowwire_storage::codec;
 use tokio::sync::oneshot;
 
-use crate::core::{Instance, Refused, Rejected};
+use crate::core::{Instance, Operation, Refused, Rejected};
+use crate::ended::Ended;
+use crate::engine::job::OutcomeMsg;
 use crate::engine::msg::{Ask, Msg};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
@@ -136,298 +138,367 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// Takes one input: each kind has its function below.
     pub(super) async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
         match input {
-            Input::Outcome(o) => {
-                let o = if self.slots.contains_key(&o.id) {
-                    o
-                } else {
-                    self.fault_in_for(o).await?
-                };
-                let step = self.slots.get_mut(&o.id).and_then(|slot| {
-                    slot.inst.outcome(
-                        o.seq,
-                        o.branch,
-                        o.result.as_ref(),
-                        self.now_ms,
-                        &mut self.scratch,
-                    )
-                });
-                let Some(step) = step else {
-                    // Not in flight any more (applied before, or abandoned).
-                    self.settle(&o);
-                    return None;
-                };
-                Some(Staged {
-                    id: o.id.clone(),
-                    step,
-                    ack: Ack::Outcome(o),
-                })
-            }
-            Input::Msg(Msg::Start { id, state, reply }) => {
-                if self.slots.contains_key(&id) {
-                    let _ = reply.send(Err(Error::AlreadyExists {
-                        flow: F::NAME,
-                        id: id.to_string(),
-                    }));
-                    return None;
-                }
-                let key = self.key(&id);
-                let (inst, step) = Instance::start(
-                    key,
-                    state,
-                    self.limits.decode_limit,
-                    self.now_ms,
-                    &mut self.scratch,
-                );
-                self.slots.insert(id.clone(), Slot::new(inst, None));
-                Some(Staged {
-                    id,
-                    step,
-                    ack: Ack::Start(reply),
-                })
-            }
+            Input::Outcome(o) => self.on_outcome(o).await,
+            Input::Msg(Msg::Start { id, state, reply }) => self.on_start(id, state, reply),
             Input::Msg(Msg::Impulse {
                 id,
                 impulse_id,
                 impulse,
                 reply,
-            }) => {
-                if !self.slots.contains_key(&id) {
-                    let key = self.key(&id);
-                    match bounded(
-                        self.limits.store_timeout,
-                        self.store.impulse_applied(&key, &impulse_id),
-                    )
-                    .await
-                    {
-                        Ok(Some(step)) => {
-                            let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
-                                flow: F::NAME,
-                                id: id.to_string(),
-                                impulse_id: impulse_id.to_string(),
-                                step,
-                            }));
-                            return None;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            return None;
-                        }
-                    }
-                }
-                match self.locate(&id).await {
-                    Ok(None) => {}
-                    Ok(Some(record)) => {
-                        let refusal = Self::not_live(&id, record.status);
-                        let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
-                        return None;
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return None;
-                    }
-                }
-                let slot = self.slots.get_mut(&id)?;
-                let refusal = match slot.inst.impulse(
-                    impulse_id.clone(),
-                    impulse,
-                    self.now_ms,
-                    &mut self.scratch,
-                ) {
-                    Ok(step) => {
-                        return Some(Staged {
-                            id,
-                            step,
-                            ack: Ack::Impulse(reply, impulse_id),
-                        });
-                    }
-                    Err(Rejected::Ended(status)) => Error::Ended {
-                        flow: F::NAME,
-                        id: id.to_string(),
-                        status,
-                    },
-                    Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
-                };
-                let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
-                None
-            }
-            Input::Msg(Msg::Probe { id, ask, reply }) => {
-                match self.locate(&id).await {
-                    Ok(None) => match self.slots.get(&id) {
-                        // The flow in memory is the committed one: no step of this round
-                        // touched it (one message per instance a round) and none is uploading.
-                        Some(slot) if !slot.phase.uploading() && slot.placed.is_some() => {
-                            let flow = slot.inst.flow();
-                            let ran = guard(|| ask(flow));
-                            let _ = reply.send(ran.map_err(|m| Self::probe_panicked(&id, m)));
-                        }
-                        // A start not committed yet has no persisted state.
-                        Some(slot) if slot.placed.is_none() => {
-                            let _ = reply.send(Err(Self::not_found(&id)));
-                        }
-                        Some(slot) => {
-                            self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply);
-                        }
-                        None => {
-                            let _ = reply.send(Err(Self::not_found(&id)));
-                        }
-                    },
-                    Ok(Some(record)) => self.probe_bytes(id, record.state, ask, reply),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                }
-                None
-            }
-            Input::Msg(Msg::State { id, reply }) => {
-                let answer = match self.locate(&id).await {
-                    // A start whose first step is not committed yet has no persisted state.
-                    Ok(None) => self
-                        .slots
-                        .get(&id)
-                        .filter(|slot| slot.placed.is_some())
-                        .map(|slot| slot.inst.state_bytes())
-                        .ok_or_else(|| Self::not_found(&id)),
-                    Ok(Some(record)) => Ok(record.state),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(answer);
-                None
-            }
-            Input::Msg(Msg::Exists { id, reply }) => {
-                let _ = reply.send(self.locate(&id).await.map(|_| ()));
-                None
-            }
-            Input::Msg(Msg::Finished { id, reply }) => {
-                if let Some(e) = self.store.fault().filter(|e| !e.is_transient()) {
-                    // Nothing will progress: a waiter would wait for ever.
-                    let _ = reply.send(Err(Error::Store(e)));
-                    return None;
-                }
-                match self.locate(&id).await {
-                    Ok(None) => {}
-                    Ok(Some(record)) => {
-                        let answer = match ended_of(&record.status) {
-                            Some(ended) => Ok(ended),
-                            None => Err(Self::not_live(&id, record.status)),
-                        };
-                        let _ = reply.send(answer);
-                        return None;
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return None;
-                    }
-                }
-                if let Some(slot) = self.slots.get(&id) {
-                    match slot.inst.status() {
-                        Status::Quarantined { reason } => {
-                            let _ = reply.send(Err(Self::quarantined(&id, reason.clone())));
-                        }
-                        _ => self.waiters.entry(id).or_default().push(reply),
-                    }
-                }
-                None
-            }
-            Input::Fire { id, due_ms } => {
-                match self.locate(&id).await {
-                    Ok(None) => {}
-                    // Ended or parked: its record holds no timer any more.
-                    Ok(Some(_)) | Err(Error::NotFound { .. }) => {
-                        self.retime(&id, due_ms, None);
-                        return None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(flow = F::NAME, id = %id, error = %e, "timer not fired yet");
-                        self.again(Input::Fire { id, due_ms }, 1);
-                        return None;
-                    }
-                }
-                let slot = self.slots.get_mut(&id)?;
-                match slot.inst.fire(due_ms, self.now_ms, &mut self.scratch) {
-                    Some(step) => Some(Staged {
-                        ack: Ack::Retry(Input::Fire {
-                            id: id.clone(),
-                            due_ms,
-                        }),
-                        id,
-                        step,
-                    }),
-                    None => {
-                        let actual = slot.inst.record().timer.map(|t| t.due_ms);
-                        if actual != Some(due_ms) {
-                            self.retime(&id, due_ms, actual);
-                        }
-                        None
-                    }
-                }
-            }
-            Input::Redeliver { id } => {
-                let mut slot = self.slots.remove(&id)?;
-                let step = self.redelivery(&mut slot.inst);
-                self.slots.insert(id.clone(), slot);
-                step.map(|step| Staged {
-                    ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
-                    id,
-                    step,
-                })
-            }
+            }) => self.on_impulse(id, impulse_id, impulse, reply).await,
+            Input::Msg(Msg::Probe { id, ask, reply }) => self.on_probe(id, ask, reply).await,
+            Input::Msg(Msg::State { id, reply }) => self.on_state(id, reply).await,
+            Input::Msg(Msg::Exists { id, reply }) => self.on_exists(id, reply).await,
+            Input::Msg(Msg::Finished { id, reply }) => self.on_finished(id, reply).await,
+            Input::Fire { id, due_ms } => self.on_fire(id, due_ms).await,
+            Input::Redeliver { id } => self.on_redeliver(id),
             Input::Reload {
                 id,
                 attempt,
                 resend,
-            } => {
-                if self.slots.contains_key(&id) {
+            } => self.on_reload(id, attempt, resend).await,
+            Input::Verify { id, attempt } => self.verify(id, attempt).await,
+            Input::Msg(Msg::Resident { reply }) => self.on_resident(reply),
+            Input::Msg(Msg::Operate { id, op, reply }) => self.on_operate(id, op, reply).await,
+            Input::Msg(Msg::Shutdown { .. }) => None,
+        }
+    }
+
+    /// An outcome: applied to its instance (read first if it is not in memory), or settled when no call of the instance waits for it.
+    async fn on_outcome(&mut self, o: OutcomeMsg) -> Option<Staged<F>> {
+        let o = if self.slots.contains_key(&o.id) {
+            o
+        } else {
+            self.fault_in_for(o).await?
+        };
+        let step = self.slots.get_mut(&o.id).and_then(|slot| {
+            slot.inst.outcome(
+                o.seq,
+                o.branch,
+                o.result.as_ref(),
+                self.now_ms,
+                &mut self.scratch,
+            )
+        });
+        let Some(step) = step else {
+            // Not in flight any more (applied before, or abandoned).
+            self.settle(&o);
+            return None;
+        };
+        Some(Staged {
+            id: o.id.clone(),
+            step,
+            ack: Ack::Outcome(o),
+        })
+    }
+
+    /// A start: the instance's first step, unless the id is in memory already.
+    fn on_start(
+        &mut self,
+        id: Arc<str>,
+        state: F::State,
+        reply: oneshot::Sender<Result<()>>,
+    ) -> Option<Staged<F>> {
+        if self.slots.contains_key(&id) {
+            let _ = reply.send(Err(Error::AlreadyExists {
+                flow: F::NAME,
+                id: id.to_string(),
+            }));
+            return None;
+        }
+        let key = self.key(&id);
+        let (inst, step) = Instance::start(
+            key,
+            state,
+            self.limits.decode_limit,
+            self.now_ms,
+            &mut self.scratch,
+        );
+        self.slots.insert(id.clone(), Slot::new(inst, None));
+        Some(Staged {
+            id,
+            step,
+            ack: Ack::Start(reply),
+        })
+    }
+
+    /// An impulse: applied once by its id, or refused with why.
+    async fn on_impulse(
+        &mut self,
+        id: Arc<str>,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        reply: oneshot::Sender<Result<()>>,
+    ) -> Option<Staged<F>> {
+        if !self.slots.contains_key(&id) {
+            let key = self.key(&id);
+            match bounded(
+                self.limits.store_timeout,
+                self.store.impulse_applied(&key, &impulse_id),
+            )
+            .await
+            {
+                Ok(Some(step)) => {
+                    let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                        impulse_id: impulse_id.to_string(),
+                        step,
+                    }));
                     return None;
                 }
-                let key = self.key(&id);
-                let loaded = match bounded(self.limits.store_timeout, self.store.load(&key)).await {
-                    Ok(Some(stored)) => self.adopt(&id, &stored, resend).await,
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e),
-                };
-                match loaded {
-                    Ok(first) => {
-                        if self.slots.contains_key(&id) {
-                            tracing::info!(flow = F::NAME, id = %id, attempt, "instance loaded");
-                        }
-                        first.map(|step| Self::first(id, step))
-                    }
-                    Err(e) => {
-                        self.reload_later(id, attempt.saturating_add(1), resend, &e);
-                        None
-                    }
-                }
-            }
-            Input::Verify { id, attempt } => self.verify(id, attempt).await,
-            Input::Msg(Msg::Resident { reply }) => {
-                let _ = reply.send(self.slots.len());
-                None
-            }
-            Input::Msg(Msg::Operate { id, op, reply }) => {
-                if !self.slots.contains_key(&id)
-                    && let Err(e) = self.load_any(&id, op.name()).await
-                {
+                Ok(None) => {}
+                Err(e) => {
                     let _ = reply.send(Err(e));
                     return None;
                 }
-                let slot = self.slots.get_mut(&id)?;
-                let name = op.name();
-                match slot.inst.operate(op, self.now_ms, &mut self.scratch) {
-                    Ok(step) => Some(Staged {
+            }
+        }
+        match self.locate(&id).await {
+            Ok(None) => {}
+            Ok(Some(record)) => {
+                let refusal = Self::not_live(&id, record.status);
+                let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
+                return None;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        }
+        let slot = self.slots.get_mut(&id)?;
+        let refusal =
+            match slot
+                .inst
+                .impulse(impulse_id.clone(), impulse, self.now_ms, &mut self.scratch)
+            {
+                Ok(step) => {
+                    return Some(Staged {
                         id,
                         step,
-                        ack: Ack::Operate(reply),
-                    }),
-                    Err(refused) => {
-                        let _ = reply.send(Err(Self::refused(&id, name, refused)));
-                        None
-                    }
+                        ack: Ack::Impulse(reply, impulse_id),
+                    });
                 }
+                Err(Rejected::Ended(status)) => Error::Ended {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    status,
+                },
+                Err(Rejected::Quarantined(reason)) => Self::quarantined(&id, reason),
+            };
+        let _ = reply.send(Err(self.refuse(&id, &impulse_id, refusal).await));
+        None
+    }
+
+    /// A probe: run on the committed flow (in memory, or decoded off the runner).
+    async fn on_probe(
+        &mut self,
+        id: Arc<str>,
+        ask: Ask<F>,
+        reply: oneshot::Sender<Result<()>>,
+    ) -> Option<Staged<F>> {
+        match self.locate(&id).await {
+            Ok(None) => match self.slots.get(&id) {
+                // The flow in memory is the committed one: no step of this round
+                // touched it (one message per instance a round) and none is uploading.
+                Some(slot) if !slot.phase.uploading() && slot.placed.is_some() => {
+                    let flow = slot.inst.flow();
+                    let ran = guard(|| ask(flow));
+                    let _ = reply.send(ran.map_err(|m| Self::probe_panicked(&id, m)));
+                }
+                // A start not committed yet has no persisted state.
+                Some(slot) if slot.placed.is_none() => {
+                    let _ = reply.send(Err(Self::not_found(&id)));
+                }
+                Some(slot) => {
+                    self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply);
+                }
+                None => {
+                    let _ = reply.send(Err(Self::not_found(&id)));
+                }
+            },
+            Ok(Some(record)) => self.probe_bytes(id, record.state, ask, reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
-            Input::Msg(Msg::Shutdown { .. }) => None,
+        }
+        None
+    }
+
+    /// The committed state, encoded.
+    async fn on_state(
+        &mut self,
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Bytes>>,
+    ) -> Option<Staged<F>> {
+        let answer = match self.locate(&id).await {
+            // A start whose first step is not committed yet has no persisted state.
+            Ok(None) => self
+                .slots
+                .get(&id)
+                .filter(|slot| slot.placed.is_some())
+                .map(|slot| slot.inst.state_bytes())
+                .ok_or_else(|| Self::not_found(&id)),
+            Ok(Some(record)) => Ok(record.state),
+            Err(e) => Err(e),
+        };
+        let _ = reply.send(answer);
+        None
+    }
+
+    /// Whether the instance exists (loading it if it is live).
+    async fn on_exists(
+        &mut self,
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<()>>,
+    ) -> Option<Staged<F>> {
+        let _ = reply.send(self.locate(&id).await.map(|_| ()));
+        None
+    }
+
+    /// A `finished()` wait: answered now if the instance ended, else kept until it does.
+    async fn on_finished(
+        &mut self,
+        id: Arc<str>,
+        reply: oneshot::Sender<Result<Ended>>,
+    ) -> Option<Staged<F>> {
+        if let Some(e) = self.store.fault().filter(|e| !e.is_transient()) {
+            // Nothing will progress: a waiter would wait for ever.
+            let _ = reply.send(Err(Error::Store(e)));
+            return None;
+        }
+        match self.locate(&id).await {
+            Ok(None) => {}
+            Ok(Some(record)) => {
+                let answer = match ended_of(&record.status) {
+                    Some(ended) => Ok(ended),
+                    None => Err(Self::not_live(&id, record.status)),
+                };
+                let _ = reply.send(answer);
+                return None;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        }
+        if let Some(slot) = self.slots.get(&id) {
+            match slot.inst.status() {
+                Status::Quarantined { reason } => {
+                    let _ = reply.send(Err(Self::quarantined(&id, reason.clone())));
+                }
+                _ => self.waiters.entry(id).or_default().push(reply),
+            }
+        }
+        None
+    }
+
+    /// A due timer: fired, or the timer index repaired when the instance moved on.
+    async fn on_fire(&mut self, id: Arc<str>, due_ms: u64) -> Option<Staged<F>> {
+        match self.locate(&id).await {
+            Ok(None) => {}
+            // Ended or parked: its record holds no timer any more.
+            Ok(Some(_)) | Err(Error::NotFound { .. }) => {
+                self.retime(&id, due_ms, None);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(flow = F::NAME, id = %id, error = %e, "timer not fired yet");
+                self.again(Input::Fire { id, due_ms }, 1);
+                return None;
+            }
+        }
+        let slot = self.slots.get_mut(&id)?;
+        match slot.inst.fire(due_ms, self.now_ms, &mut self.scratch) {
+            Some(step) => Some(Staged {
+                ack: Ack::Retry(Input::Fire {
+                    id: id.clone(),
+                    due_ms,
+                }),
+                id,
+                step,
+            }),
+            None => {
+                let actual = slot.inst.record().timer.map(|t| t.due_ms);
+                if actual != Some(due_ms) {
+                    self.retime(&id, due_ms, actual);
+                }
+                None
+            }
+        }
+    }
+
+    /// The call in flight of a loaded instance, sent again (or the instance parked).
+    fn on_redeliver(&mut self, id: Arc<str>) -> Option<Staged<F>> {
+        let mut slot = self.slots.remove(&id)?;
+        let step = self.redelivery(&mut slot.inst);
+        self.slots.insert(id.clone(), slot);
+        step.map(|step| Staged {
+            ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
+            id,
+            step,
+        })
+    }
+
+    /// Another try at loading an instance that could not be read.
+    async fn on_reload(&mut self, id: Arc<str>, attempt: u32, resend: bool) -> Option<Staged<F>> {
+        if self.slots.contains_key(&id) {
+            return None;
+        }
+        let key = self.key(&id);
+        let loaded = match bounded(self.limits.store_timeout, self.store.load(&key)).await {
+            Ok(Some(stored)) => self.adopt(&id, &stored, resend).await,
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok(first) => {
+                if self.slots.contains_key(&id) {
+                    tracing::info!(flow = F::NAME, id = %id, attempt, "instance loaded");
+                }
+                first.map(|step| Self::first(id, step))
+            }
+            Err(e) => {
+                self.reload_later(id, attempt.saturating_add(1), resend, &e);
+                None
+            }
+        }
+    }
+
+    /// How many instances are in memory.
+    fn on_resident(&mut self, reply: oneshot::Sender<usize>) -> Option<Staged<F>> {
+        let _ = reply.send(self.slots.len());
+        None
+    }
+
+    /// An operator's operation on a parked (or failed) instance.
+    async fn on_operate(
+        &mut self,
+        id: Arc<str>,
+        op: Operation<F>,
+        reply: oneshot::Sender<Result<u64>>,
+    ) -> Option<Staged<F>> {
+        if !self.slots.contains_key(&id)
+            && let Err(e) = self.load_any(&id, op.name()).await
+        {
+            let _ = reply.send(Err(e));
+            return None;
+        }
+        let slot = self.slots.get_mut(&id)?;
+        let name = op.name();
+        match slot.inst.operate(op, self.now_ms, &mut self.scratch) {
+            Ok(step) => Some(Staged {
+                id,
+                step,
+                ack: Ack::Operate(reply),
+            }),
+            Err(refused) => {
+                let _ = reply.send(Err(Self::refused(&id, name, refused)));
+                None
+            }
         }
     }
 }
