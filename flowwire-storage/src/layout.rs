@@ -150,10 +150,10 @@ impl Layout {
         }
         Ok(Some(Layout {
             instance: key.clone(),
-            status: record.status,
-            seq: record.seq,
-            state: Piece::of(&record.state),
-            call: record.pending.as_ref().map(|p| Piece::of(&p.call)),
+            status: record.record.status,
+            seq: record.record.seq,
+            state: Piece::of(&record.record.state),
+            call: record.record.pending.as_ref().map(|p| Piece::of(&p.call)),
             steps,
         }))
     }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use flowwire_storage::blob::{self, BlobRef};
 use flowwire_storage::codec::{self, Kind};
 use flowwire_storage::fuzz;
-use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::record::{PlacedRecord, Record};
 use flowwire_storage::{
     Expect, HistoryEntry, InstanceKey, Payload, Status, StepInput, StepOutput, StepWrite,
 };
@@ -62,18 +62,20 @@ fn key() -> InstanceKey {
 
 fn record() -> PlacedRecord {
     PlacedRecord {
-        flow_version: 2,
-        seq: 9,
-        status: Status::Failed {
-            reason: "declined".into(),
+        record: Record {
+            flow_version: 2,
+            seq: 9,
+            status: Status::Failed {
+                reason: "declined".into(),
+            },
+            state: Payload::Inline(Bytes::from_static(b"some state bytes")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: Some("why".into()),
+            correlation: Some("key-1".into()),
+            fan: None,
         },
-        state: Payload::Inline(Bytes::from_static(b"some state bytes")),
-        pending: None,
-        timer: None,
-        compensations: Vec::new(),
-        failing: Some("why".into()),
-        correlation: Some("key-1".into()),
-        fan: None,
         retired: Vec::new(),
         trash: vec![BlobRef {
             tier: "fs".into(),
@@ -90,7 +92,7 @@ fn fuzz_the_record_envelope() {
     record().encode(&key(), &mut seed).unwrap();
     fuzz_bounded("record", &[seed], |input| {
         if let Ok(r) = PlacedRecord::decode(input, &key(), LIMIT) {
-            assert!(r.seq < u64::MAX);
+            assert!(r.record.seq < u64::MAX);
         }
     });
 }

@@ -79,12 +79,13 @@ impl Engine {
                 what: "the record",
                 source,
             })?;
-            if placed.status.is_active() && !matches!(placed.status, Status::Quarantined { .. }) {
+            let status = &placed.record.status;
+            if status.is_active() && !matches!(status, Status::Quarantined { .. }) {
                 return Err(Error::NotParked {
                     flow: F::NAME,
                     id: id.to_string(),
                     op: "delete",
-                    status: placed.status.name(),
+                    status: status.name(),
                 });
             }
         }

@@ -171,7 +171,7 @@ impl Engine {
                 key,
                 self.inner.limits.decode_limit,
             )
-            .map_or(0, |r| r.seq);
+            .map_or(0, |r| r.record.seq);
             let kept = match first.first() {
                 Some((first, _)) => format!("steps {first} to {last}"),
                 None => "no steps (history is off)".to_string(),

@@ -148,6 +148,7 @@ impl Engine {
                 what: "the record",
                 source,
             })?;
+        let placed = placed.record;
         let Status::Quarantined { reason } = placed.status else {
             return Ok(None);
         };

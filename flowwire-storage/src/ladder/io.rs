@@ -89,29 +89,13 @@ impl Placement {
         instance: &InstanceKey,
         placed: &PlacedRecord,
     ) -> Result<Record, BlobError> {
+        let placed = &placed.record;
         let state = self.fetch(instance, &placed.state).await?;
         let pending = match &placed.pending {
             None => None,
-            Some(c) => Some(crate::record::PendingCall {
-                seq: c.seq,
-                link: c.link,
-                method: c.method,
-                call: self.fetch(instance, &c.call).await?,
-                redelivered: c.redelivered,
-            }),
+            Some(c) => Some(c.with_call(self.fetch(instance, &c.call).await?)),
         };
-        Ok(Record {
-            flow_version: placed.flow_version,
-            seq: placed.seq,
-            status: placed.status.clone(),
-            state,
-            pending,
-            timer: placed.timer,
-            compensations: placed.compensations.clone(),
-            failing: placed.failing.clone(),
-            correlation: placed.correlation.clone(),
-            fan: placed.fan.clone(),
-        })
+        Ok(placed.with_payloads(state, pending))
     }
 
     /// Deletes blobs (after the record that dropped them is committed). Returns the ones

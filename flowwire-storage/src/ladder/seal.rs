@@ -7,9 +7,7 @@ use bytes::Bytes;
 
 use crate::blob::{self, BlobRef, Payload};
 use crate::error::BlobError;
-use crate::record::{
-    Draft, HistoryEntryRef, InstanceKey, PlacedCall, PlacedRecord, Retired, StepWrite,
-};
+use crate::record::{Draft, HistoryEntryRef, InstanceKey, PlacedRecord, Retired, StepWrite};
 
 use super::keys::{blob_key, write_tag};
 use super::{Placement, Put, Retention, Sealed};
@@ -91,27 +89,21 @@ impl Placement {
         let seq = record.seq;
         let mut puts = Vec::new();
         let state = match prev {
-            Some((p, bytes)) if same_bytes(bytes, &record.state) => p.state.clone(),
+            Some((p, bytes)) if same_bytes(bytes, &record.state) => p.record.state.clone(),
             _ => self.place(key, seq, 's', record.state.clone(), &mut puts)?,
         };
         let pending = match &record.pending {
             None => None,
             Some(c) => {
                 let kept = prev
-                    .and_then(|(p, _)| p.pending.as_ref())
+                    .and_then(|(p, _)| p.record.pending.as_ref())
                     .filter(|p| p.seq == c.seq)
                     .map(|p| p.call.clone());
                 let call = match kept {
                     Some(call) => call,
                     None => self.place(key, c.seq, 'c', c.call.clone(), &mut puts)?,
                 };
-                Some(PlacedCall {
-                    seq: c.seq,
-                    link: c.link,
-                    method: c.method,
-                    call,
-                    redelivered: c.redelivered,
-                })
+                Some(c.with_call(call))
             }
         };
         let keep_history = retention != Retention::None;
@@ -126,7 +118,7 @@ impl Placement {
         // blob only this step's entry refers to.
         let mut dead: Vec<BlobRef> = Vec::new();
         if let Some((p, _)) = prev
-            && let Some(old) = p.pending.as_ref().and_then(|c| c.call.blob())
+            && let Some(old) = p.record.pending.as_ref().and_then(|c| c.call.blob())
             && pending.as_ref().and_then(|c| c.call.blob()) != Some(old)
         {
             dead.push(old.clone());
@@ -135,7 +127,7 @@ impl Placement {
         if retention != Retention::All {
             if let Some((p, _)) = prev {
                 retired.extend(p.retired.iter().cloned());
-                if let Some(old) = p.state.blob()
+                if let Some(old) = p.record.state.blob()
                     && state.blob() != Some(old)
                 {
                     retired.push(Retired {
@@ -168,20 +160,13 @@ impl Placement {
             .filter(|_| record.status.is_terminal())
             .map(Arc::from);
         let uncorrelate = prev
-            .and_then(|(p, _)| p.correlation.as_deref())
+            .and_then(|(p, _)| p.record.correlation.as_deref())
             .filter(|old| correlation.as_deref() != Some(*old))
             .map(Arc::from);
+        let mut placed_record = record.with_payloads(state, pending);
+        placed_record.correlation = correlation.as_deref().map(str::to_owned);
         let placed = PlacedRecord {
-            flow_version: record.flow_version,
-            seq,
-            status: record.status.clone(),
-            state,
-            pending,
-            timer: record.timer,
-            compensations: record.compensations.clone(),
-            failing: record.failing.clone(),
-            correlation: correlation.as_deref().map(str::to_owned),
-            fan: record.fan.clone(),
+            record: placed_record,
             retired: kept,
             trash: dead
                 .into_iter()
@@ -213,7 +198,7 @@ impl Placement {
                 output,
                 version: *version,
                 payload: payload.as_ref(),
-                state: Some(&placed.state),
+                state: Some(&placed.record.state),
                 at_ms: *at_ms,
             };
             buf.clear();

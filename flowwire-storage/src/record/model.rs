@@ -65,9 +65,11 @@ impl Status {
     }
 }
 
-/// The driver call an instance is waiting for.
+/// The driver call an instance is waiting for, its encoded call held as `P`: the bytes
+/// in memory (`PendingCall`), or placed on the ladder as persisted
+/// ([`PlacedCall`](super::PlacedCall) is `PendingCall<Payload>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PendingCall {
+pub struct PendingCall<P = Bytes> {
     /// The step that issued the call; with the instance key it is the idempotency key.
     pub seq: u64,
     /// Which linked driver serves it (index in the flow's links).
@@ -75,7 +77,7 @@ pub struct PendingCall {
     /// Which method of that driver.
     pub method: u16,
     /// The encoded call (the driver's call enum, postcard).
-    pub call: Bytes,
+    pub call: P,
     /// How many times start-up recovery sent the call again after a restart (a restart
     /// while a call is in flight leaves it unknown whether it ran).
     pub redelivered: u32,
@@ -176,12 +178,13 @@ pub struct Compensation {
     pub call: Bytes,
 }
 
-/// The record of one instance as the runtime sees it: every payload in memory.
-///
-/// What is persisted is its [`PlacedRecord`](crate::record::PlacedRecord), where payloads above the ladder's inline
-/// threshold are references to blobs. (Format 1 of the persisted record had this shape.)
+/// The record of one instance, its payloads (the state and the call in flight) held as
+/// `P`: `Record` (the bytes in memory) is what the runtime sees; `Record<Payload>` (each
+/// payload inline or a reference to a blob on the ladder) is what a
+/// [`PlacedRecord`](crate::record::PlacedRecord) persists, with its garbage lists. The
+/// fields are written once, for both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub struct Record<P = Bytes> {
     /// The flow version the instance runs under.
     pub flow_version: u32,
     /// Steps taken so far; the last step's number.
@@ -189,9 +192,9 @@ pub struct Record {
     /// Where the instance stands.
     pub status: Status,
     /// The flow state, encoded with postcard.
-    pub state: Bytes,
+    pub state: P,
     /// The call in flight, when [`Status::Running`].
-    pub pending: Option<PendingCall>,
+    pub pending: Option<PendingCall<P>>,
     /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
     pub timer: Option<Timer>,
     /// Compensations registered so far, in registration order (run in reverse).
@@ -204,4 +207,36 @@ pub struct Record {
     pub correlation: Option<String>,
     /// The fan-out in flight, when [`Status::Running`] without a [`Record::pending`] call.
     pub fan: Option<Fan>,
+}
+
+impl<P> Record<P> {
+    /// The same record with its payloads (the state, and the call in flight's) given anew:
+    /// how a record is placed on the ladder and read back from it.
+    pub fn with_payloads<Q>(&self, state: Q, pending: Option<PendingCall<Q>>) -> Record<Q> {
+        Record {
+            flow_version: self.flow_version,
+            seq: self.seq,
+            status: self.status.clone(),
+            state,
+            pending,
+            timer: self.timer,
+            compensations: self.compensations.clone(),
+            failing: self.failing.clone(),
+            correlation: self.correlation.clone(),
+            fan: self.fan.clone(),
+        }
+    }
+}
+
+impl<P> PendingCall<P> {
+    /// The same call with its encoded call given anew (placed, or read back).
+    pub fn with_call<Q>(&self, call: Q) -> PendingCall<Q> {
+        PendingCall {
+            seq: self.seq,
+            link: self.link,
+            method: self.method,
+            call,
+            redelivered: self.redelivered,
+        }
+    }
 }

@@ -10,7 +10,7 @@ use crate::codec::{self, Kind};
 use crate::error::CodecError;
 use crate::key::InstanceKey;
 
-use super::model::{Compensation, Fan, Status, Timer};
+use super::model::{Compensation, PendingCall, Record, Status, Timer};
 
 /// The record as flowwire 0.1 persisted it (format 1: everything inline).
 #[derive(Deserialize)]
@@ -81,20 +81,8 @@ struct PlacedRecordV3 {
     trash: Vec<BlobRef>,
 }
 
-/// The driver call in flight, as persisted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlacedCall {
-    /// The step that issued the call.
-    pub seq: u64,
-    /// Which linked driver serves it.
-    pub link: u16,
-    /// Which method of that driver.
-    pub method: u16,
-    /// The encoded call.
-    pub call: Payload,
-    /// Times start-up recovery sent it again.
-    pub redelivered: u32,
-}
+/// The driver call in flight, as persisted: its call inline or on the ladder.
+pub type PlacedCall = PendingCall<Payload>;
 
 /// A blob the record no longer refers to but kept history may: it is deleted once every
 /// history entry before step `died` is gone.
@@ -106,30 +94,13 @@ pub struct Retired {
     pub blob: BlobRef,
 }
 
-/// The persisted record of one instance: payloads placed on the ladder, and the blobs
-/// waiting for garbage collection.
+/// The persisted record of one instance: the record with its payloads placed on the ladder,
+/// and the blobs waiting for garbage collection. (Encoded as the record's fields followed
+/// by the two lists: the format 5 layout.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacedRecord {
-    /// The flow version the instance runs under.
-    pub flow_version: u32,
-    /// Steps taken so far.
-    pub seq: u64,
-    /// Where the instance stands.
-    pub status: Status,
-    /// The flow state.
-    pub state: Payload,
-    /// The call in flight.
-    pub pending: Option<PlacedCall>,
-    /// The armed timer.
-    pub timer: Option<Timer>,
-    /// Registered compensations.
-    pub compensations: Vec<Compensation>,
-    /// Why the flow failed, while it compensates.
-    pub failing: Option<String>,
-    /// The correlation key.
-    pub correlation: Option<String>,
-    /// The fan-out in flight.
-    pub fan: Option<Fan>,
+    /// The record, payloads placed.
+    pub record: Record<Payload>,
     /// Blobs only kept history refers to (tracked unless history is kept whole).
     pub retired: Vec<Retired>,
     /// Blobs no record or kept history refers to any more, deleted after this record is
@@ -157,22 +128,24 @@ impl PlacedRecord {
             1 => {
                 let r: RecordV1 = codec::decode_raw(payload, limit)?;
                 Ok(PlacedRecord {
-                    flow_version: r.flow_version,
-                    seq: r.seq,
-                    status: r.status,
-                    state: Payload::Inline(r.state),
-                    pending: r.pending.map(|p| PlacedCall {
-                        seq: p.seq,
-                        link: p.link,
-                        method: p.method,
-                        call: Payload::Inline(p.call),
-                        redelivered: 0,
-                    }),
-                    timer: None,
-                    compensations: Vec::new(),
-                    failing: None,
-                    correlation: None,
-                    fan: None,
+                    record: Record {
+                        flow_version: r.flow_version,
+                        seq: r.seq,
+                        status: r.status,
+                        state: Payload::Inline(r.state),
+                        pending: r.pending.map(|p| PlacedCall {
+                            seq: p.seq,
+                            link: p.link,
+                            method: p.method,
+                            call: Payload::Inline(p.call),
+                            redelivered: 0,
+                        }),
+                        timer: None,
+                        compensations: Vec::new(),
+                        failing: None,
+                        correlation: None,
+                        fan: None,
+                    },
                     retired: Vec::new(),
                     trash: Vec::new(),
                 })
@@ -180,22 +153,24 @@ impl PlacedRecord {
             2 => {
                 let r: PlacedRecordV2 = codec::decode_raw(payload, limit)?;
                 Ok(PlacedRecord {
-                    flow_version: r.flow_version,
-                    seq: r.seq,
-                    status: r.status,
-                    state: r.state,
-                    pending: r.pending.map(|p| PlacedCall {
-                        seq: p.seq,
-                        link: p.link,
-                        method: p.method,
-                        call: p.call,
-                        redelivered: 0,
-                    }),
-                    timer: None,
-                    compensations: Vec::new(),
-                    failing: None,
-                    correlation: None,
-                    fan: None,
+                    record: Record {
+                        flow_version: r.flow_version,
+                        seq: r.seq,
+                        status: r.status,
+                        state: r.state,
+                        pending: r.pending.map(|p| PlacedCall {
+                            seq: p.seq,
+                            link: p.link,
+                            method: p.method,
+                            call: p.call,
+                            redelivered: 0,
+                        }),
+                        timer: None,
+                        compensations: Vec::new(),
+                        failing: None,
+                        correlation: None,
+                        fan: None,
+                    },
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -203,16 +178,18 @@ impl PlacedRecord {
             3 => {
                 let r: PlacedRecordV3 = codec::decode_raw(payload, limit)?;
                 Ok(PlacedRecord {
-                    flow_version: r.flow_version,
-                    seq: r.seq,
-                    status: r.status,
-                    state: r.state,
-                    pending: r.pending,
-                    timer: r.timer,
-                    compensations: r.compensations,
-                    failing: None,
-                    correlation: None,
-                    fan: None,
+                    record: Record {
+                        flow_version: r.flow_version,
+                        seq: r.seq,
+                        status: r.status,
+                        state: r.state,
+                        pending: r.pending,
+                        timer: r.timer,
+                        compensations: r.compensations,
+                        failing: None,
+                        correlation: None,
+                        fan: None,
+                    },
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -220,16 +197,18 @@ impl PlacedRecord {
             4 => {
                 let r: PlacedRecordV4 = codec::decode_raw(payload, limit)?;
                 Ok(PlacedRecord {
-                    flow_version: r.flow_version,
-                    seq: r.seq,
-                    status: r.status,
-                    state: r.state,
-                    pending: r.pending,
-                    timer: r.timer,
-                    compensations: r.compensations,
-                    failing: r.failing,
-                    correlation: r.correlation,
-                    fan: None,
+                    record: Record {
+                        flow_version: r.flow_version,
+                        seq: r.seq,
+                        status: r.status,
+                        state: r.state,
+                        pending: r.pending,
+                        timer: r.timer,
+                        compensations: r.compensations,
+                        failing: r.failing,
+                        correlation: r.correlation,
+                        fan: None,
+                    },
                     retired: r.retired,
                     trash: r.trash,
                 })
@@ -240,9 +219,10 @@ impl PlacedRecord {
 
     /// The blobs the record itself refers to.
     pub fn live_blobs(&self) -> impl Iterator<Item = &BlobRef> {
-        self.state
+        self.record
+            .state
             .blob()
             .into_iter()
-            .chain(self.pending.as_ref().and_then(|p| p.call.blob()))
+            .chain(self.record.pending.as_ref().and_then(|p| p.call.blob()))
     }
 }

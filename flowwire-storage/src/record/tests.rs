@@ -91,7 +91,9 @@ fn a_format_4_record_still_decodes() {
     };
     let mut buf = Vec::new();
     codec::encode_with_version(Kind::Record, 4, &old, &mut buf).unwrap();
-    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
+    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20)
+        .unwrap()
+        .record;
     assert_eq!((r.seq, r.status), (7, Status::Compensating));
     assert_eq!(r.failing.as_deref(), Some("out of stock"));
     assert_eq!(r.correlation.as_deref(), Some("A-1"));
@@ -101,36 +103,38 @@ fn a_format_4_record_still_decodes() {
 #[test]
 fn a_fan_out_round_trips_in_the_current_format() {
     let placed = PlacedRecord {
-        flow_version: 1,
-        seq: 3,
-        status: Status::Running,
-        state: Payload::Inline(Bytes::from_static(b"s")),
-        pending: None,
-        timer: None,
-        compensations: Vec::new(),
-        failing: None,
-        correlation: None,
-        fan: Some(Fan {
-            seq: 2,
-            first: false,
-            parallel: 2,
-            branches: vec![
-                Branch {
-                    link: 1,
-                    method: 0,
-                    call: Bytes::from_static(b"a"),
-                    undo: None,
-                    state: BranchState::Done { ok: true },
-                },
-                Branch {
-                    link: 1,
-                    method: 0,
-                    call: Bytes::from_static(b"b"),
-                    undo: None,
-                    state: BranchState::Sent { redelivered: 1 },
-                },
-            ],
-        }),
+        record: Record {
+            flow_version: 1,
+            seq: 3,
+            status: Status::Running,
+            state: Payload::Inline(Bytes::from_static(b"s")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: Some(Fan {
+                seq: 2,
+                first: false,
+                parallel: 2,
+                branches: vec![
+                    Branch {
+                        link: 1,
+                        method: 0,
+                        call: Bytes::from_static(b"a"),
+                        undo: None,
+                        state: BranchState::Done { ok: true },
+                    },
+                    Branch {
+                        link: 1,
+                        method: 0,
+                        call: Bytes::from_static(b"b"),
+                        undo: None,
+                        state: BranchState::Sent { redelivered: 1 },
+                    },
+                ],
+            }),
+        },
         retired: Vec::new(),
         trash: Vec::new(),
     };
@@ -139,7 +143,7 @@ fn a_fan_out_round_trips_in_the_current_format() {
     placed.encode(&key, &mut buf).unwrap();
     let back = PlacedRecord::decode(&buf, &key, 1 << 20).unwrap();
     assert_eq!(back, placed);
-    let fan = back.fan.unwrap();
+    let fan = back.record.fan.unwrap();
     assert_eq!(fan.done(), 1);
     assert_eq!(fan.in_flight().map(|(i, _)| i).collect::<Vec<_>>(), [1]);
 }
@@ -168,7 +172,9 @@ fn a_format_3_record_still_decodes() {
     };
     let mut buf = Vec::new();
     codec::encode_with_version(Kind::Record, 3, &old, &mut buf).unwrap();
-    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20).unwrap();
+    let r = PlacedRecord::decode(&buf, &InstanceKey::new("F", "i"), 1 << 20)
+        .unwrap()
+        .record;
     assert_eq!((r.seq, r.status, r.timer), (4, Status::Sleeping, old.timer));
     assert_eq!(r.compensations, vec![comp]);
     assert_eq!((r.failing, r.correlation), (None, None));
@@ -179,16 +185,18 @@ fn a_format_3_record_still_decodes() {
 #[test]
 fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
     let placed = PlacedRecord {
-        flow_version: 1,
-        seq: 3,
-        status: Status::Waiting,
-        state: Payload::Inline(Bytes::from_static(b"state")),
-        pending: None,
-        timer: None,
-        compensations: Vec::new(),
-        failing: None,
-        correlation: None,
-        fan: None,
+        record: Record {
+            flow_version: 1,
+            seq: 3,
+            status: Status::Waiting,
+            state: Payload::Inline(Bytes::from_static(b"state")),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: None,
+        },
         retired: Vec::new(),
         trash: Vec::new(),
     };
@@ -213,4 +221,89 @@ fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
             "byte {i}"
         );
     }
+}
+
+/// The placed record holds the record as one field (`Record<Payload>`) and its garbage
+/// lists; postcard frames no struct, so its bytes are those of the flat format-5 layout
+/// it had when the fields were written out one by one: stored records read as before.
+#[test]
+fn the_placed_record_encodes_to_the_flat_format_5_layout() {
+    #[derive(Serialize)]
+    struct Flat {
+        flow_version: u32,
+        seq: u64,
+        status: Status,
+        state: Payload,
+        pending: Option<PlacedCall>,
+        timer: Option<Timer>,
+        compensations: Vec<Compensation>,
+        failing: Option<String>,
+        correlation: Option<String>,
+        fan: Option<Fan>,
+        retired: Vec<Retired>,
+        trash: Vec<BlobRef>,
+    }
+    let call = PlacedCall {
+        seq: 4,
+        link: 1,
+        method: 2,
+        call: Payload::Inline(Bytes::from_static(b"call")),
+        redelivered: 1,
+    };
+    let timer = Some(Timer {
+        due_ms: 99,
+        spec: TimeSpec::After(5),
+    });
+    let compensations = vec![Compensation {
+        seq: 2,
+        link: 0,
+        method: 1,
+        call: Bytes::from_static(b"undo"),
+    }];
+    let blob = BlobRef {
+        tier: "fs".into(),
+        key: "F/i/1.s-01".into(),
+        len: 3,
+        crc: 9,
+    };
+    let placed = PlacedRecord {
+        record: Record {
+            flow_version: 3,
+            seq: 4,
+            status: Status::Running,
+            state: Payload::Blob(blob.clone()),
+            pending: Some(call.clone()),
+            timer,
+            compensations: compensations.clone(),
+            failing: Some("why".into()),
+            correlation: Some("key".into()),
+            fan: None,
+        },
+        retired: vec![Retired {
+            died: 3,
+            blob: blob.clone(),
+        }],
+        trash: vec![blob.clone()],
+    };
+    let flat = Flat {
+        flow_version: 3,
+        seq: 4,
+        status: Status::Running,
+        state: Payload::Blob(blob.clone()),
+        pending: Some(call),
+        timer,
+        compensations,
+        failing: Some("why".into()),
+        correlation: Some("key".into()),
+        fan: None,
+        retired: vec![Retired {
+            died: 3,
+            blob: blob.clone(),
+        }],
+        trash: vec![blob],
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    codec::encode_raw(&placed, &mut a).unwrap();
+    codec::encode_raw(&flat, &mut b).unwrap();
+    assert_eq!(a, b);
 }

@@ -435,7 +435,7 @@ async fn wait_ended<F: Flow>(
         let status = match remote.store.load(&key).await {
             Ok(Some(stored)) => {
                 PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit)
-                    .map(|p| Some(p.status))
+                    .map(|p| Some(p.record.status))
                     .map_err(|e| Error::Codec {
                         flow: F::NAME,
                         id: id.to_string(),
