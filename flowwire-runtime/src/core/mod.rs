@@ -20,6 +20,7 @@
 
 mod advance;
 mod fan;
+mod migrate;
 mod operate;
 mod redeliver;
 mod saga;
@@ -39,7 +40,6 @@ use smallvec::{SmallVec, smallvec};
 use crate::board::Board;
 use crate::command::{Join, Then, Wake};
 use crate::flow::Flow;
-use crate::guard::guard;
 pub use crate::operation::{Operation, Patch};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
@@ -206,85 +206,6 @@ impl<F: Flow> Instance<F> {
         };
         let step = inst.advance(StepInput::Start, None, false, scratch);
         (inst, step)
-    }
-
-    /// Rebuilds an instance from its stored record (after a restart).
-    ///
-    /// Returns a parking step when the record was written by another flow version: the
-    /// instance must not run on code it was not written for.
-    pub fn recover(
-        key: InstanceKey,
-        mut record: Record,
-        version: u64,
-        limit: usize,
-        now_ms: u64,
-        scratch: &mut Scratch,
-    ) -> Result<(Self, Option<Step>), CodecError> {
-        scratch.now_ms = now_ms;
-        let written = record.flow_version;
-        let upgrade = written != F::VERSION
-            && written.checked_add(1) == Some(F::VERSION)
-            && !record.status.is_terminal();
-        let mut failed_migration = None;
-        let state: F::State = if upgrade {
-            match guard(|| F::migrate(&record.state, limit)) {
-                Ok(Some(migrated)) => {
-                    let state = migrated?;
-                    // The migrated state is the committed one from now on (the next step
-                    // persists it with this version).
-                    scratch.state.clear();
-                    codec::encode_raw(&state, &mut scratch.state)?;
-                    record.state = scratch.arena.take(&mut scratch.state);
-                    record.flow_version = F::VERSION;
-                    state
-                }
-                Ok(None) => codec::decode_raw(&record.state, limit)?,
-                Err(message) => {
-                    // A state the new type reads as it is can still be parked (and patched).
-                    let Ok(state) = codec::decode_raw(&record.state, limit) else {
-                        return Err(CodecError::Malformed(format!(
-                            "the migration from version {written} panicked: {message}"
-                        )));
-                    };
-                    failed_migration = Some(message);
-                    state
-                }
-            }
-        } else {
-            codec::decode_raw(&record.state, limit)?
-        };
-        let mut inst = Self {
-            key,
-            flow: F::from_state(state),
-            version,
-            record,
-            awaiting: Awaiting::Nothing,
-            registered: None,
-            limit,
-        };
-        if inst.record.flow_version != F::VERSION && inst.record.status.is_active() {
-            let reason = match failed_migration {
-                Some(message) => format!(
-                    "the instance was written by {} version {written}; this engine runs version {}, and its migration from version {written} panicked: {message}",
-                    F::NAME,
-                    F::VERSION
-                ),
-                None if F::MIGRATES => format!(
-                    "the instance was written by {} version {written}; this engine runs version {}, which migrates only from version {}",
-                    F::NAME,
-                    F::VERSION,
-                    F::VERSION - 1
-                ),
-                None => format!(
-                    "the instance was written by {} version {written}, this engine runs version {} (it declares no migration)",
-                    F::NAME,
-                    F::VERSION
-                ),
-            };
-            let step = inst.park(StepInput::Park, reason, scratch);
-            return Ok((inst, Some(step)));
-        }
-        Ok((inst, None))
     }
 
     /// The instance key.

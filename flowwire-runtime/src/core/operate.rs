@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 use flowwire_storage::codec;
-use flowwire_storage::record::Draft;
-use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+use flowwire_storage::{Status, StepInput, StepOutput};
 
 use crate::flow::Flow;
 use crate::guard::guard;
@@ -12,51 +11,6 @@ use crate::guard::guard;
 use super::{Awaiting, Dispatches, Instance, Operation, Refused, Scratch, Step};
 
 impl<F: Flow> Instance<F> {
-    /// The step that parks an instance written by another flow version whose state does
-    /// not decode as this version's (so no instance can be built around it): the record
-    /// as it was, quarantined with a reason naming both versions.
-    pub fn park_unreadable(
-        key: InstanceKey,
-        record: &Record,
-        version: u64,
-        detail: &CodecError,
-        now_ms: u64,
-    ) -> Step {
-        let written = record.flow_version;
-        let path = if F::MIGRATES && written.checked_add(1) == Some(F::VERSION) {
-            "its migration failed".to_string()
-        } else if F::MIGRATES {
-            format!("it migrates only from version {}", F::VERSION - 1)
-        } else {
-            "it declares no migration".to_string()
-        };
-        let reason = format!(
-            "the instance was written by {} version {written}; this engine runs version {} ({path}), and the state does not decode as this version's: {detail}",
-            F::NAME,
-            F::VERSION
-        );
-        let mut parked = record.clone();
-        parked.seq += 1;
-        parked.timer = None;
-        parked.status = Status::Quarantined {
-            reason: reason.clone(),
-        };
-        Step {
-            draft: Draft {
-                key,
-                expect: Expect::Version(version),
-                version: version + 1,
-                record: parked,
-                impulse: None,
-                input: StepInput::Park,
-                output: StepOutput::Quarantine { reason },
-                payload: None,
-                at_ms: now_ms,
-            },
-            dispatch: Dispatches::new(),
-        }
-    }
-
     /// Applies an operator's operation to a parked instance (a rewind also applies to a
     /// failed one). The instance stays parked after a patch or a rewind, so that an operator
     /// can check the result before resuming it.

@@ -1,0 +1,139 @@
+//! Rebuilding an instance from its stored record under the flow version this engine runs:
+//! a record of the previous version is migrated (the flow's `migrate` function), one of
+//! any other version is parked with a reason naming both, never run on code it was not
+//! written for.
+
+use flowwire_storage::codec;
+use flowwire_storage::record::Draft;
+use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+
+use crate::flow::Flow;
+use crate::guard::guard;
+
+use super::{Awaiting, Dispatches, Instance, Scratch, Step};
+
+impl<F: Flow> Instance<F> {
+    /// Rebuilds an instance from its stored record (after a restart).
+    ///
+    /// Returns a parking step when the record was written by another flow version: the
+    /// instance must not run on code it was not written for.
+    pub fn recover(
+        key: InstanceKey,
+        mut record: Record,
+        version: u64,
+        limit: usize,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> Result<(Self, Option<Step>), CodecError> {
+        scratch.now_ms = now_ms;
+        let written = record.flow_version;
+        let upgrade = written != F::VERSION
+            && written.checked_add(1) == Some(F::VERSION)
+            && !record.status.is_terminal();
+        let mut failed_migration = None;
+        let state: F::State = if upgrade {
+            match guard(|| F::migrate(&record.state, limit)) {
+                Ok(Some(migrated)) => {
+                    let state = migrated?;
+                    // The migrated state is the committed one from now on (the next step
+                    // persists it with this version).
+                    scratch.state.clear();
+                    codec::encode_raw(&state, &mut scratch.state)?;
+                    record.state = scratch.arena.take(&mut scratch.state);
+                    record.flow_version = F::VERSION;
+                    state
+                }
+                Ok(None) => codec::decode_raw(&record.state, limit)?,
+                Err(message) => {
+                    // A state the new type reads as it is can still be parked (and patched).
+                    let Ok(state) = codec::decode_raw(&record.state, limit) else {
+                        return Err(CodecError::Malformed(format!(
+                            "the migration from version {written} panicked: {message}"
+                        )));
+                    };
+                    failed_migration = Some(message);
+                    state
+                }
+            }
+        } else {
+            codec::decode_raw(&record.state, limit)?
+        };
+        let mut inst = Self {
+            key,
+            flow: F::from_state(state),
+            version,
+            record,
+            awaiting: Awaiting::Nothing,
+            registered: None,
+            limit,
+        };
+        if inst.record.flow_version != F::VERSION && inst.record.status.is_active() {
+            let reason = match failed_migration {
+                Some(message) => format!(
+                    "the instance was written by {} version {written}; this engine runs version {}, and its migration from version {written} panicked: {message}",
+                    F::NAME,
+                    F::VERSION
+                ),
+                None if F::MIGRATES => format!(
+                    "the instance was written by {} version {written}; this engine runs version {}, which migrates only from version {}",
+                    F::NAME,
+                    F::VERSION,
+                    F::VERSION - 1
+                ),
+                None => format!(
+                    "the instance was written by {} version {written}, this engine runs version {} (it declares no migration)",
+                    F::NAME,
+                    F::VERSION
+                ),
+            };
+            let step = inst.park(StepInput::Park, reason, scratch);
+            return Ok((inst, Some(step)));
+        }
+        Ok((inst, None))
+    }
+
+    /// The step that parks an instance written by another flow version whose state does
+    /// not decode as this version's (so no instance can be built around it): the record
+    /// as it was, quarantined with a reason naming both versions.
+    pub fn park_unreadable(
+        key: InstanceKey,
+        record: &Record,
+        version: u64,
+        detail: &CodecError,
+        now_ms: u64,
+    ) -> Step {
+        let written = record.flow_version;
+        let path = if F::MIGRATES && written.checked_add(1) == Some(F::VERSION) {
+            "its migration failed".to_string()
+        } else if F::MIGRATES {
+            format!("it migrates only from version {}", F::VERSION - 1)
+        } else {
+            "it declares no migration".to_string()
+        };
+        let reason = format!(
+            "the instance was written by {} version {written}; this engine runs version {} ({path}), and the state does not decode as this version's: {detail}",
+            F::NAME,
+            F::VERSION
+        );
+        let mut parked = record.clone();
+        parked.seq += 1;
+        parked.timer = None;
+        parked.status = Status::Quarantined {
+            reason: reason.clone(),
+        };
+        Step {
+            draft: Draft {
+                key,
+                expect: Expect::Version(version),
+                version: version + 1,
+                record: parked,
+                impulse: None,
+                input: StepInput::Park,
+                output: StepOutput::Quarantine { reason },
+                payload: None,
+                at_ms: now_ms,
+            },
+            dispatch: Dispatches::new(),
+        }
+    }
+}
