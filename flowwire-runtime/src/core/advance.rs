@@ -5,20 +5,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::codec;
-use flowwire_storage::{
-    Compensation, Fan, PendingCall, Status, StepInput, StepOutput, TimeSpec, Timer,
-};
+use flowwire_storage::{Compensation, Fan, PendingCall, Status, StepInput, StepOutput, Timer};
 
 use crate::board::CallSet;
-use crate::command::{Command, CommandKind, Delivered, Join, ThenError, Wake};
+use crate::command::{Command, CommandKind, Delivered, ThenError, Wake};
 use crate::driver::Fault;
 use crate::flow::{Flow, ImpulseSet};
 use crate::guard::guard;
 
-use super::fan::{encode_branch, fan_output, same_fan, top_up};
-use super::{
-    Armed, Awaiting, Dispatches, FanArmed, Instance, MAX_BRANCHES, Rejected, Scratch, Step, one,
-};
+use super::fan::{fan_output, top_up};
+use super::plan::{Plan, plan};
+use super::{Armed, Awaiting, Dispatches, Instance, Rejected, Scratch, Step};
 
 impl<F: Flow> Instance<F> {
     /// Applies an impulse and runs the wire.
@@ -240,151 +237,39 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
         joined: u32,
     ) -> Step {
-        /// Fan-outs without calls one step may join before the wire is taken to loop.
-        const EMPTY_JOINS: u32 = 8;
         let seq = self.record.seq + 1;
         let cmd = match self.run_wire() {
             Ok(cmd) => cmd,
             Err(reason) => return self.park(input, reason, scratch),
         };
-        let mut timer = None;
-        let mut failing = None;
-        let mut fan = None;
-        let (status, pending, dispatch, output) = match cmd.kind {
-            CommandKind::Drive { call, then, undo } => {
-                scratch.call.clear();
-                if let Err(e) = call.encode(&mut scratch.call) {
-                    let reason = format!("the wire's call could not be encoded: {e}");
-                    return self.park(input, reason, scratch);
+        let (status, pending, dispatch, output, timer, fan, failing) =
+            match plan(cmd.kind, &self.record, keep_pending, seq, joined, scratch) {
+                Plan::Write {
+                    status,
+                    pending,
+                    dispatch,
+                    output,
+                    timer,
+                    fan,
+                    awaiting,
+                } => {
+                    if let Some(awaiting) = awaiting {
+                        self.awaiting = awaiting;
+                    }
+                    (status, pending, dispatch, output, timer, fan, None)
                 }
-                let (link, method) = (call.link(), call.method());
-                let kept = self.record.pending.as_ref().filter(|p| {
-                    keep_pending && p.link == link && p.method == method && p.call == scratch.call
-                });
-                let (pending, dispatch) = match kept {
-                    Some(p) => (p.clone(), Dispatches::new()),
-                    None => {
-                        let p = PendingCall {
-                            seq,
-                            link,
-                            method,
-                            call: scratch.arena.take(&mut scratch.call),
-                            redelivered: 0,
-                        };
-                        (p.clone(), one(p))
-                    }
-                };
-                self.awaiting = Awaiting::Call(Armed {
-                    seq: pending.seq,
-                    then,
-                    undo,
-                });
-                let output = StepOutput::Drive {
-                    call_seq: pending.seq,
-                    link,
-                    method,
-                };
-                (Status::Running, Some(pending), dispatch, output)
-            }
-            CommandKind::Fan {
-                calls,
-                parallel,
-                join,
-            } => {
-                let kept = self.record.fan.as_ref().filter(|f| {
-                    keep_pending
-                        && self.record.status == Status::Running
-                        && same_fan(f, &calls, &join)
-                });
-                if let Some(f) = kept {
-                    let f = f.clone();
-                    let output = fan_output(&f);
-                    self.awaiting = Awaiting::Fan(FanArmed { seq: f.seq, join });
-                    fan = Some(f);
-                    (Status::Running, None, Dispatches::new(), output)
-                } else if calls.len() > MAX_BRANCHES {
-                    let reason = format!(
-                        "the wire returned a fan-out of {} calls; at most {MAX_BRANCHES} are allowed (split the work into several fan-outs)",
-                        calls.len()
-                    );
-                    return self.park(input, reason, scratch);
-                } else if calls.is_empty() {
-                    let Join::All { then, .. } = join else {
-                        let reason = "the wire returned `first` over a fan-out without calls: there is no outcome to continue with (return another command when there is nothing to race)".to_string();
-                        return self.park(input, reason, scratch);
-                    };
-                    if joined >= EMPTY_JOINS {
-                        let reason = format!(
-                            "the wire returned a fan-out without calls {EMPTY_JOINS} times in a row: its join continuation must change the state so that the wire moves on"
-                        );
-                        return self.park(input, reason, scratch);
-                    }
-                    // Nothing to wait for: join at once.
-                    return self.join(input, impulse, then, scratch, joined + 1);
-                } else {
-                    let mut branches = Vec::with_capacity(calls.len());
-                    for (i, (call, undo)) in calls.iter().enumerate() {
-                        match encode_branch(seq, call, undo.as_ref(), &mut scratch.call) {
-                            Ok(b) => branches.push(b),
-                            Err(e) => {
-                                let reason = format!(
-                                    "branch {i} of the wire's fan-out could not be encoded: {e}"
-                                );
-                                return self.park(input, reason, scratch);
-                            }
-                        }
-                    }
-                    let mut f = Fan {
-                        seq,
-                        first: join.is_first(),
-                        parallel,
-                        branches,
-                    };
-                    let dispatch = top_up(&mut f);
-                    let output = fan_output(&f);
-                    self.awaiting = Awaiting::Fan(FanArmed { seq, join });
-                    fan = Some(f);
-                    (Status::Running, None, dispatch, output)
-                }
-            }
-            CommandKind::Wait => (Status::Waiting, None, Dispatches::new(), StepOutput::Wait),
-            CommandKind::Timer { spec, wait, wake } => {
-                let was = if wait {
-                    Status::Waiting
-                } else {
-                    Status::Sleeping
-                };
-                let kept = self
-                    .record
-                    .timer
-                    .filter(|t| keep_pending && t.spec == spec && self.record.status == was);
-                let due_ms = match kept {
-                    Some(t) => t.due_ms,
-                    None => match spec {
-                        TimeSpec::After(ms) => scratch.now_ms.saturating_add(ms),
-                        TimeSpec::At(at) => at,
-                    },
-                };
-                timer = Some(Timer { due_ms, spec });
-                self.awaiting = Awaiting::Timer { due_ms, wake };
-                let output = if wait {
-                    StepOutput::WaitUntil { due_ms }
-                } else {
-                    StepOutput::Sleep { due_ms }
-                };
-                (was, None, Dispatches::new(), output)
-            }
-            CommandKind::Finish => (
-                Status::Finished,
-                None,
-                Dispatches::new(),
-                StepOutput::Finish,
-            ),
-            CommandKind::Fail(f) => {
-                failing = Some(f.to_string());
-                (Status::Waiting, None, Dispatches::new(), StepOutput::Wait)
-            }
-        };
+                Plan::Fail(reason) => (
+                    Status::Waiting,
+                    None,
+                    Dispatches::new(),
+                    StepOutput::Wait,
+                    None,
+                    None,
+                    Some(reason),
+                ),
+                Plan::JoinNow(then) => return self.join(input, impulse, then, scratch, joined + 1),
+                Plan::Park(reason) => return self.park(input, reason, scratch),
+            };
         scratch.state.clear();
         if let Err(e) = codec::encode_raw(self.flow.state(), &mut scratch.state) {
             let reason = format!("the state could not be encoded: {e}");

@@ -22,6 +22,7 @@ mod advance;
 mod fan;
 mod migrate;
 mod operate;
+mod plan;
 mod redeliver;
 mod saga;
 
