@@ -45,6 +45,7 @@ pub(super) enum Plan<F: Flow> {
 /// `keep_pending`: a call, fan-out or timer the record has in flight and the command asks
 /// for again is kept, not sent or armed anew (after an impulse). `joined`: fan-outs
 /// without calls joined at once already in this step.
+#[inline]
 pub(super) fn plan<F: Flow>(
     kind: CommandKind<F>,
     record: &Record,
