@@ -1,0 +1,261 @@
+//! The bus's streams: consumer groups, appending, acknowledging, claiming what other
+//! consumers left pending, and reading (`StreamReader`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Entry, RedisBus, StreamReader, backend};
+use crate::error::StoreError;
+
+impl RedisBus {
+    /// Creates a consumer group reading a stream from its start (and the stream), unless
+    /// it exists.
+    pub async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(backend(&e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends entries (stream, bytes), in order per stream. One round trip on a single
+    /// server; concurrent requests on a cluster.
+    pub async fn push(&self, entries: &[(String, Bytes)]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let cmds = entries
+            .iter()
+            .map(|(stream, body)| {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(stream).arg("*").arg("m").arg(&body[..]);
+                cmd
+            })
+            .collect();
+        c.batch(cmds).await.map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// Acknowledges entries of a stream and deletes them.
+    pub async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        pipe.query_async::<()>(&mut c)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
+    /// What a stream still holds: `(entries, delivered to a consumer of `group` and not
+    /// acknowledged)`. Entries are deleted once acknowledged, so a deployment at rest
+    /// answers `(0, 0)` for every stream.
+    pub async fn backlog(&self, stream: &str, group: &str) -> Result<(u64, u64), StoreError> {
+        let mut c = self.conn().await?;
+        let len: u64 = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut c)
+            .await;
+        let pending = match pending {
+            Ok(redis::Value::Array(summary)) => match summary.first() {
+                Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            },
+            Ok(_) => 0,
+            // No such stream or group: nothing pending.
+            Err(e) if e.code() == Some("NOGROUP") => 0,
+            Err(e) => return Err(backend(&e)),
+        };
+        Ok((len, pending))
+    }
+
+    /// Takes over up to `count` entries of a stream that were delivered to some consumer
+    /// of `group` at least `min_idle` ago and not acknowledged (their consumer died or lost
+    /// its shard): they are delivered to `consumer` now. Starts at `from` (`"0-0"` first);
+    /// returns the entries and where the next page starts (`"0-0"`: none left).
+    pub async fn claim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        from: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, String), StoreError> {
+        let mut c = self.conn().await?;
+        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg(from)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let entries = reply
+            .claimed
+            .into_iter()
+            .filter_map(|e| entry(0, e))
+            .collect();
+        Ok((entries, reply.next_stream_id))
+    }
+
+    /// Takes over the entries of a stream that are pending on a consumer of `group` other
+    /// than `consumer`, one page of the pending list (`count` entries, from `from`: `"-"`
+    /// first) at a time: they are delivered to `consumer` now. Returns the entries and
+    /// where the next page starts (`None`: the list's end).
+    ///
+    /// A shard's owner calls this now and then: a reader of an earlier owner can still
+    /// take new entries after the shard changed hands (its blocked read was registered
+    /// before), and nobody reads them again otherwise. The owner's own pending entries are
+    /// left alone (they are being applied).
+    pub async fn claim_others(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, Option<String>), StoreError> {
+        let mut c = self.conn().await?;
+        let count = count.max(1);
+        let page: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(from)
+            .arg("+")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let next = match page.ids.last() {
+            Some(last) if page.ids.len() >= count => Some(format!("({}", last.id)),
+            _ => None,
+        };
+        let theirs: Vec<&str> = page
+            .ids
+            .iter()
+            .filter(|p| p.consumer != consumer)
+            .map(|p| p.id.as_str())
+            .collect();
+        if theirs.is_empty() {
+            return Ok((Vec::new(), next));
+        }
+        let claimed: redis::streams::StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(&theirs)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        let entries = claimed
+            .ids
+            .into_iter()
+            .filter_map(|e| entry(0, e))
+            .collect();
+        Ok((entries, next))
+    }
+
+    /// Tells the group that `consumer` is still working on these entries (resets their
+    /// idle time, so they are not claimed by another).
+    pub async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(ids)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(())
+    }
+
+    /// A reader on a connection of its own (its reads block).
+    pub async fn reader(&self) -> Result<StreamReader, StoreError> {
+        Ok(StreamReader {
+            conn: self.link.dedicated().await.map_err(|e| backend(&e))?,
+        })
+    }
+}
+
+fn entry(stream: usize, e: redis::streams::StreamId) -> Option<Entry> {
+    let body = match e.map.get("m")? {
+        redis::Value::BulkString(b) => Bytes::copy_from_slice(b),
+        _ => return None,
+    };
+    Some(Entry {
+        stream,
+        id: e.id,
+        body,
+    })
+}
+
+impl StreamReader {
+    /// Reads up to `count` new entries per stream for `consumer` of `group`, waiting up to
+    /// `block` for the first. The streams must share a hash tag on a cluster.
+    pub async fn read(
+        &mut self,
+        streams: &[String],
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count.max(1))
+            .block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
+        let ids = vec![">"; streams.len()];
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&opts)
+            .arg("STREAMS")
+            .arg(streams)
+            .arg(&ids)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| backend(&e))?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(i) = streams.iter().position(|s| *s == key.key) else {
+                continue;
+            };
+            out.extend(key.ids.into_iter().filter_map(|e| entry(i, e)));
+        }
+        Ok(out)
+    }
+}
