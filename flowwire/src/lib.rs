@@ -80,6 +80,9 @@ pub use flowwire_runtime::{
     Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses,
     IntoBranch, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result, Timed,
 };
+/// The traits the macros implement for a driver's calls and a flow's links: named in the
+/// bounds of the items above, implemented by `#[driver]` and `#[flow]`, never by hand.
+pub use flowwire_runtime::{CallSet, Dispatch, DriverCall, Implements, Reply};
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
 /// Not the user's API: it changes with the engine.
