@@ -38,7 +38,7 @@ impl<F: Flow> Runner<F> {
             reached = true;
             if let Some(id) = input.serial_on() {
                 // Its instance is being read: it waits behind the input that asked first.
-                if let Some(held) = self.loading.get_mut(id) {
+                if let Some(held) = self.slots.loading_mut(id) {
                     held.push_back(input);
                     continue;
                 }

@@ -25,9 +25,10 @@
 //! reaches the end of this one, and adds timers armed within the window as their steps
 //! commit.
 //!
-//! A resident instance's place in this pipeline is its slot's [`Phase`]: in a batch
-//! (being built, being written, or committed, by the batch's number) or uploading. An
-//! instance that is not resident is being read (`loading`) or only in the store.
+//! Where an instance stands is named: it is being read or resident (`phase::Presence`),
+//! and a resident one's place in this pipeline is its slot's [`Phase`]: in a batch (being
+//! built, being written, or committed, by the batch's number) or uploading. An instance
+//! the runner does not know of is only in the store.
 //!
 //! The files: this one holds the runner's state and its select loop; [`requests`] what
 //! each input does; [`commit`] the batch pipeline; [`effects`] what a committed (or
@@ -58,7 +59,7 @@ use crate::engine::job::{CallPolicy, OutcomeMsg};
 use crate::error::Result;
 use crate::events::Emitter;
 use crate::flow::Flow;
-use phase::Phase;
+use phase::{Instances, Phase};
 
 /// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
 use crate::engine::msg::Msg;
@@ -258,7 +259,8 @@ const TIMER_PAGE: usize = 1024;
 
 pub(crate) struct Runner<F: Flow> {
     flow: Arc<str>,
-    slots: HashMap<Arc<str>, Slot<F>>,
+    /// The instances it knows of: being read, or resident (see `Presence`).
+    slots: Instances<Slot<F>, Input<F>>,
     /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
     waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Result<Ended>>>>,
     /// The store failed for good (its event was sent).
@@ -307,9 +309,6 @@ pub(crate) struct Runner<F: Flow> {
     flight_busy: HashSet<Arc<str>>,
     /// Messages for instances with a step in flight: taken again once it is committed.
     waiting: VecDeque<Input<F>>,
-    /// Instances being read off the runner's task (`Runner::fetch`), with the inputs that
-    /// wait for them, in order.
-    loading: HashMap<Arc<str>, VecDeque<Input<F>>>,
     /// Inputs waiting for a read to start (at most `MAX_FETCHES` run at once).
     fetch_wait: VecDeque<Input<F>>,
     /// Reads that ended, for the first input of theirs that loads the instance; dropped
@@ -354,7 +353,7 @@ impl<F: Flow> Runner<F> {
             .collect();
         let runner = Self {
             flow: F::NAME.into(),
-            slots: HashMap::new(),
+            slots: Instances::default(),
             waiters: HashMap::new(),
             store_down: false,
             timers: BTreeSet::new(),
@@ -382,7 +381,6 @@ impl<F: Flow> Runner<F> {
             busy: HashSet::new(),
             flight_busy: HashSet::new(),
             waiting: VecDeque::new(),
-            loading: HashMap::new(),
             fetch_wait: VecDeque::new(),
             reads: HashMap::new(),
             owned: None,

@@ -70,15 +70,15 @@ impl<F: Flow> Runner<F> {
     /// again, first in the next round, and the first of them finds the instance read
     /// (see [`Runner::fault_in`]).
     pub(super) fn fetch(&mut self, id: Arc<str>, input: Input<F>) {
-        if let Some(held) = self.loading.get_mut(&id) {
+        if let Some(held) = self.slots.loading_mut(&id) {
             held.push_back(input);
             return;
         }
-        if self.loading.len() >= MAX_FETCHES {
+        if self.slots.loading() >= MAX_FETCHES {
             self.fetch_wait.push_back(input);
             return;
         }
-        self.loading.insert(id.clone(), VecDeque::from([input]));
+        self.slots.start_loading(id.clone(), input);
         let read = read::<F>(
             self.store.clone(),
             self.placement.clone(),
@@ -99,7 +99,7 @@ impl<F: Flow> Runner<F> {
     /// A read started by [`Runner::fetch`] ended: its inputs go to the front of the round,
     /// and the first of them that loads the instance takes the read.
     pub(super) fn fetched(&mut self, id: Arc<str>, read: Read, backlog: &mut VecDeque<Input<F>>) {
-        let Some(held) = self.loading.remove(&id) else {
+        let Some(held) = self.slots.end_loading(&id) else {
             return;
         };
         if !self.slots.contains_key(&id) {
