@@ -20,11 +20,16 @@ use tokio::time::Instant;
 /// The share of a lease's TTL counted on, from the moment its renewal was sent.
 pub(crate) const SAFE_SHARE: f32 = 0.8;
 
+/// The bit of `LeaseDeadline::until` that marks a lease given up: no renewal moves it on.
+const ENDED: u64 = 1 << 63;
+
 /// The deadline of one lease (cheap to clone; clones share it).
 #[derive(Debug, Clone)]
 pub(crate) struct LeaseDeadline {
     /// The clock's origin: the deadline is kept as nanoseconds after it.
     base: Instant,
+    /// The deadline, in nanoseconds after `base`, with [`ENDED`] set once the lease is
+    /// given up (one word, so that a renewal and an end cannot interleave).
     until: Arc<AtomicU64>,
 }
 
@@ -40,23 +45,35 @@ impl LeaseDeadline {
     }
 
     /// A renewal sent at `sent` was confirmed: the lease holds until `sent` plus the safe
-    /// share of `ttl` (never earlier than it held already).
+    /// share of `ttl` (never earlier than it held already). A lease given up stays given
+    /// up: a confirmation that arrives after its runner stopped moves nothing.
     pub(crate) fn renewed(&self, sent: Instant, ttl: Duration) {
         let until = sent + ttl.mul_f32(SAFE_SHARE);
         let nanos = u64::try_from(until.saturating_duration_since(self.base).as_nanos())
-            .unwrap_or(u64::MAX);
-        self.until.fetch_max(nanos, Ordering::AcqRel);
+            .unwrap_or(u64::MAX)
+            .min(ENDED - 1);
+        let _ = self
+            .until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur & ENDED == 0 && nanos > cur).then_some(nanos)
+            });
     }
 
-    /// The lease is given up (its runner stopped): it holds no longer than now.
+    /// The lease is given up (its runner stopped): it holds no longer than now, and no
+    /// later renewal extends it.
     pub(crate) fn end(&self) {
         let now = u64::try_from(
             Instant::now()
                 .saturating_duration_since(self.base)
                 .as_nanos(),
         )
-        .unwrap_or(u64::MAX);
-        self.until.fetch_min(now, Ordering::AcqRel);
+        .unwrap_or(u64::MAX)
+        .min(ENDED - 1);
+        let _ = self
+            .until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                Some((cur & !ENDED).min(now) | ENDED)
+            });
     }
 
     /// When the request that took the lease was sent.
@@ -66,7 +83,7 @@ impl LeaseDeadline {
 
     /// Until when the lease surely holds.
     pub(crate) fn until(&self) -> Instant {
-        self.base + Duration::from_nanos(self.until.load(Ordering::Acquire))
+        self.base + Duration::from_nanos(self.until.load(Ordering::Acquire) & !ENDED)
     }
 
     /// Whether the lease surely still holds now.
@@ -102,5 +119,22 @@ mod tests {
         // A late confirmation of an older send moves nothing back.
         lease.renewed(start, TTL);
         assert_eq!(lease.until(), sent + Duration::from_secs(8));
+    }
+
+    #[test]
+    fn a_renewal_confirmed_after_the_lease_ended_does_not_revive_it() {
+        let start = Instant::now();
+        let lease = LeaseDeadline::granted(start, TTL);
+        lease.end();
+        assert!(!lease.holds());
+        let ended = lease.until();
+        // The reply to a renewal sent before the runner stopped arrives after.
+        lease.renewed(start + Duration::from_millis(1), TTL);
+        assert_eq!(
+            lease.until(),
+            ended,
+            "the span ends where the runner stopped"
+        );
+        assert!(!lease.holds());
     }
 }

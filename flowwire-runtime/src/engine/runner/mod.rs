@@ -514,8 +514,13 @@ impl<F: Flow> Runner<F> {
             }
             self.evict_idle();
             if self.lost {
-                // A newer owner holds the shard: everything held here is stale. Inputs
-                // from the bus are not acknowledged, so the new owner gets them.
+                // A newer owner holds the shard, or the lease may have run out: everything
+                // held here is stale. Inputs from the bus are not acknowledged, so the new
+                // owner gets them. The lease's span ends here, whatever a renewal still
+                // on its way says.
+                if let Some(owned) = &self.owned {
+                    owned.lease.end();
+                }
                 if let Some(reply) = shutdown.take() {
                     let _ = reply.send(());
                 }

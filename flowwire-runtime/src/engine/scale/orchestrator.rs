@@ -142,6 +142,8 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
         .collect();
     for shard in stopped {
         if let Some(run) = owned.remove(&shard) {
+            // Its span ends (the runner ended it when it stopped on its lease).
+            run.lease.end();
             run.pump.abort();
             let _ = run.sink.await;
             let _ = o
@@ -189,6 +191,7 @@ async fn round<F: Flow>(o: &Orchestra, owned: &mut BTreeMap<u16, ShardRun<F>>) {
         if let Some(run) = owned.remove(&shard) {
             tracing::warn!(flow = F::NAME, shard, "shard lease lost; its runner stops");
             run.runner.abort();
+            run.lease.end();
             run.pump.abort();
             let _ = run.sink.await;
         }
