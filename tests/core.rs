@@ -82,6 +82,31 @@ impl<F: Flow> Sim<F> {
         step.map(|s| self.commit(s)).is_some()
     }
 
+    /// Answers the call sent at `seq` with a failed attempt `reply` that its policy retries
+    /// after `delay_ms`: `true` if the instance took it.
+    fn fail_attempt<T: serde::Serialize>(
+        &mut self,
+        seq: u64,
+        branch: Option<u32>,
+        reply: &T,
+        delay_ms: u64,
+    ) -> bool {
+        let mut out = Vec::new();
+        codec::encode_raw(reply, &mut out).unwrap();
+        let reply = bytes::Bytes::from(out);
+        self.sent
+            .retain(|o| !(o.call.seq == seq && o.branch == branch));
+        let step = self.inst.retry(
+            seq,
+            branch,
+            Ok(&reply),
+            delay_ms,
+            self.now_ms,
+            &mut self.scratch,
+        );
+        step.map(|s| self.commit(s)).is_some()
+    }
+
     fn impulse(&mut self, id: &str, impulse: F::Impulse) -> Result<(), Rejected> {
         let step = self
             .inst
@@ -707,4 +732,68 @@ fn a_timer_is_armed_from_the_time_given_and_fires_once_across_a_restart() {
         n.history.last().map(|e| (&e.input, e.at_ms)),
         Some((&StepInput::Timer { due_ms: due }, due))
     );
+}
+
+#[test]
+fn a_failed_attempt_waits_out_its_backoff_in_the_record_across_a_restart() {
+    let mut o = Sim::<Order>::start("o", order(), 1_000);
+    assert!(o.fail_attempt(1, None, &Err::<u32, Declined>(Declined), 500));
+    assert!(
+        !o.inst.record().has_call_out(),
+        "nothing is out while it waits"
+    );
+    assert!(o.sent.is_empty());
+    assert!(
+        !o.fail_attempt(1, None, &Err::<u32, Declined>(Declined), 500),
+        "a duplicate of the failed attempt writes nothing"
+    );
+    // A crash: the restart sends nothing; the wait and the count are in the record.
+    o.restart();
+    assert!(
+        o.sent.is_empty(),
+        "a restart does not cut the backoff short"
+    );
+    assert_eq!(o.inst.record().timer.map(|t| t.due_ms), Some(1_500));
+    assert!(o.fire_at(1_500));
+    assert_eq!(o.sent.len(), 1, "the timer sends the next attempt");
+    assert_eq!(o.sent[0].call.attempts, 1, "one failed attempt before it");
+    assert_eq!(o.sent[0].call.redelivered, 0);
+    assert!(o.answer(1, None, &Ok::<u32, Declined>(42)));
+    assert_eq!(o.state().seat, Some(42));
+    assert_eq!(
+        o.outputs()[..4],
+        [
+            StepOutput::Drive {
+                call_seq: 1,
+                link: 0,
+                method: 0
+            },
+            StepOutput::Retry {
+                call_seq: 1,
+                branch: None,
+                link: 0,
+                method: 0,
+                attempt: 1,
+                due_ms: 1_500,
+                fault: None
+            },
+            StepOutput::Drive {
+                call_seq: 1,
+                link: 0,
+                method: 0
+            },
+            StepOutput::Wait,
+        ]
+    );
+}
+
+#[test]
+fn an_impulse_during_a_backoff_keeps_the_call_and_its_timer() {
+    let mut o = Sim::<Order>::start("o", order(), 0);
+    assert!(o.fail_attempt(1, None, &Err::<u32, Declined>(Declined), 100));
+    o.impulse("c-1", OrderImpulse::Confirm {}).unwrap();
+    assert!(o.sent.is_empty(), "the call is kept, not sent");
+    assert_eq!(o.inst.record().timer.map(|t| t.due_ms), Some(100));
+    assert!(o.fire_at(100));
+    assert_eq!(o.sent.len(), 1);
 }

@@ -560,3 +560,148 @@ async fn a_panicking_branch_continuation_parks_and_resume_sends_that_branch_agai
         .collect();
     assert_eq!(keys[1], keys[2], "with its own key");
 }
+
+/// Busy on the first `busy` attempts of each call (a transient error), then answers.
+#[driver(retries = 3, backoff = "20ms", max_backoff = "20ms", timeout = "5s")]
+pub trait Depot {
+    async fn ship(&self, parcel: u32, busy: u32) -> Result<u32, Refused>;
+}
+
+/// One call the depot saw: (parcel, attempt, branch).
+type Shipped = (u32, u32, Option<u32>);
+
+/// What the depot saw, in order.
+#[derive(Clone, Default)]
+pub struct Dock(Arc<Mutex<Vec<Shipped>>>);
+
+#[driver]
+impl Depot for Dock {
+    async fn ship(&self, parcel: u32, busy: u32) -> Result<u32, Refused> {
+        let ctx = CallContext::current().expect("a call context");
+        self.0
+            .lock()
+            .unwrap()
+            .push((parcel, ctx.attempt(), ctx.branch()));
+        if ctx.attempt() <= busy {
+            return Err(Refused("the depot is busy".into()));
+        }
+        Ok(parcel)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShipState {
+    /// How many attempts each parcel's depot is busy for.
+    busy: Vec<u32>,
+    parallel: usize,
+    shipped: Vec<u32>,
+    done: bool,
+}
+
+/// Ships every parcel, `parallel` at a time.
+#[flow]
+pub struct Shipment {
+    #[link]
+    state: ShipState,
+    #[link]
+    depot: impl Depot,
+}
+
+#[flow]
+impl Shipment {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.done {
+            return Command::finish();
+        }
+        let depot = self.depot;
+        Command::fan_out(
+            (0u32..)
+                .zip(&self.state.busy)
+                .map(|(p, busy)| depot.ship(p, *busy)),
+        )
+        .parallel(self.state.parallel)
+        .all(
+            |f, _, r| {
+                f.state
+                    .shipped
+                    .push(r.map_err(|e| Failure::msg(e.to_string()))?);
+                Ok(())
+            },
+            |f| {
+                f.state.done = true;
+                Ok(())
+            },
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_failed_branch_is_retried_after_its_backoff_keeping_its_place_under_the_bound() {
+    let dock = Dock::default();
+    let engine = Engine::builder()
+        .in_memory()
+        .flow::<Shipment>()
+        .driver(dock.clone())
+        .start()
+        .await
+        .unwrap();
+    let state = ShipState {
+        busy: vec![2, 0, 0],
+        parallel: 2,
+        ..ShipState::default()
+    };
+    let h = engine.start::<Shipment>("s1", state).await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    let mut shipped = h.state().await.unwrap().shipped;
+    shipped.sort_unstable();
+    assert_eq!(shipped, [0, 1, 2]);
+    let seen = dock.0.lock().unwrap().clone();
+    let parcel0: Vec<(u32, Option<u32>)> = seen
+        .iter()
+        .filter(|s| s.0 == 0)
+        .map(|s| (s.1, s.2))
+        .collect();
+    assert_eq!(
+        parcel0,
+        [(1, Some(0)), (2, Some(0)), (3, Some(0))],
+        "branch 0: attempts 1 and 2 failed, 3 shipped"
+    );
+    let page = engine.history::<Shipment>("s1", 0, 100).await.unwrap();
+    let retries: Vec<(Option<u32>, u32)> = page
+        .steps
+        .iter()
+        .filter_map(|s| match s.output {
+            StepOutput::Retry {
+                branch, attempt, ..
+            } => Some((branch, attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries, [(Some(0), 1), (Some(0), 2)]);
+}
+
+#[tokio::test]
+async fn a_branch_waiting_out_its_backoff_keeps_its_slot() {
+    let dock = Dock::default();
+    let engine = Engine::builder()
+        .in_memory()
+        .flow::<Shipment>()
+        .driver(dock.clone())
+        .start()
+        .await
+        .unwrap();
+    let state = ShipState {
+        busy: vec![1, 0],
+        parallel: 1,
+        ..ShipState::default()
+    };
+    let h = engine.start::<Shipment>("s2", state).await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    let seen: Vec<(u32, u32)> = dock.0.lock().unwrap().iter().map(|s| (s.0, s.1)).collect();
+    assert_eq!(
+        seen,
+        [(0, 1), (0, 2), (1, 1)],
+        "with one slot, parcel 1 waits for parcel 0's retry (parcel, attempt)"
+    );
+}

@@ -14,6 +14,10 @@
 //!   killed twice while the first compensation of each is in flight. After the last
 //!   restart every compensation has run to completion, last registered first, the one in
 //!   flight at the kills sent again each time with the same idempotency key.
+//! * **Retries**: every flow's first attempt fails and its retry waits out a 0.75–1.5 s
+//!   backoff; the engine is killed during it and restarted at once. The next attempts are
+//!   sent only when their backoff is over (never at the restart), numbered 2 and 3 (the
+//!   count is in the record), with the same key and never counted as redelivered.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -35,6 +39,7 @@ const TIMER_KILLS: u32 = 8;
 const CALLS: u32 = 10;
 const TRIPS: u32 = 10;
 const FANS: u32 = 10;
+const RETRIES: u32 = 10;
 
 fn harness(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kill_harness"))
@@ -360,6 +365,71 @@ async fn fan_out_branches_in_flight_at_kills_are_sent_again_and_done_ones_are_no
             .filter(|e| e.input == StepInput::Redeliver { call_seq: 1 })
             .count();
         assert_eq!(redelivered, 2, "fan-{i}: one redelivery step per restart");
+        assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waiting_out_its_backoff_at_a_kill_keeps_its_time_and_attempt_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let ledger = dir.path().join("ledger.txt");
+    let ledger_s = ledger.to_str().unwrap().to_string();
+    let n = RETRIES.to_string();
+
+    let mut child = harness(&["retries", &data_s, &ledger_s, "backoff-kill", &n]);
+    let _out = await_line(&mut child, "BACKING_OFF");
+    kill(child);
+    let out = run_to_end(harness(&["retries", &data_s, &ledger_s, "after", &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    let lines = ledger_lines(&ledger);
+    for i in 0..RETRIES {
+        let key = format!("KillRetry/retry-{i}/1");
+        let calls: Vec<(String, String, u32)> = lines
+            .iter()
+            .filter(|(_, _, k, _)| *k == key)
+            .map(|(r, m, _, d)| (r.clone(), m.clone(), *d))
+            .collect();
+        let call = |run: &str, m: &str| (run.to_string(), m.to_string(), 0);
+        assert_eq!(
+            calls,
+            [
+                call("backoff-kill", "charge#1"),
+                call("after", "charge#2"),
+                call("after", "charge#3")
+            ],
+            "retry-{i}: one attempt before the kill, the next two after it, numbered on"
+        );
+        let entries = history(&data, "KillRetry", &format!("retry-{i}")).await;
+        let mut due = Vec::new();
+        let mut sent = Vec::new();
+        for e in &entries {
+            if let StepOutput::Retry {
+                attempt, due_ms, ..
+            } = e.output
+            {
+                due.push((attempt, due_ms));
+            }
+            if let StepInput::Timer { due_ms } = e.input {
+                assert!(
+                    e.at_ms >= due_ms,
+                    "retry-{i}: attempt sent at {} before its backoff ended at {due_ms}",
+                    e.at_ms
+                );
+                assert!(
+                    matches!(e.output, StepOutput::Drive { call_seq: 1, .. }),
+                    "retry-{i}: the timer sends the call again: {:?}",
+                    e.output
+                );
+                sent.push(due_ms);
+            }
+        }
+        let attempts: Vec<u32> = due.iter().map(|d| d.0).collect();
+        assert_eq!(attempts, [1, 2], "retry-{i}: two failed attempts recorded");
+        let due: Vec<u64> = due.iter().map(|d| d.1).collect();
+        assert_eq!(sent, due, "retry-{i}: each backoff timer fired once");
         assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
     }
 }

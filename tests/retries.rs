@@ -1,10 +1,11 @@
 #![allow(missing_docs)] // test-local flows and drivers
 //! Driver retries and timeouts, through the public API: the policy of a method overrides its
-//! trait's, which overrides the engine's; a failed attempt (panic or timeout) is retried after
-//! a backoff that doubles; every attempt carries the same idempotency key and its attempt
-//! number; when retries run out, the continuation receives the runtime's fault; a driver's
-//! own error is not retried (the continuation decides). Kill tests for the ambiguous window
-//! are in tests/kill.rs.
+//! trait's, which overrides the engine's; a failed attempt (the driver's error, a panic, a
+//! timeout) is retried after a backoff that doubles; every attempt carries the same
+//! idempotency key and its attempt number; an error its type calls permanent
+//! (`flowwire::Transient`) is not retried; when retries run out, the continuation receives
+//! the last failure, typed; each failed attempt is a step in history and an event. Kill
+//! tests for the ambiguous window and for a backoff across a restart are in tests/kill.rs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,8 +29,24 @@ pub trait Flaky {
     /// Sleeps past its 50 ms timeout on the first `slow` attempts.
     #[driver(timeout = "50ms")]
     async fn slow(&self, slow: u32) -> Result<u32, Refused>;
-    /// Returns its own error: not a fault, never retried.
+    /// Returns its own error, always: retried like a fault (its type says nothing).
     async fn refuse(&self) -> Result<u32, Refused>;
+    /// Busy for the first `busy` attempts (transient), then declined (permanent).
+    async fn charge(&self, busy: u32) -> Result<u32, PayError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PayError {
+    #[error("the gateway is busy")]
+    Busy,
+    #[error("the card was declined")]
+    Declined,
+}
+
+impl flowwire::Transient for PayError {
+    fn is_transient(&self) -> bool {
+        *self == PayError::Busy
+    }
 }
 
 /// What the driver saw: per idempotency key, the attempt numbers in order.
@@ -73,6 +90,12 @@ impl Flaky for Seen {
         self.record();
         Err(Refused("no".into()))
     }
+    async fn charge(&self, busy: u32) -> Result<u32, PayError> {
+        if self.record() <= busy {
+            return Err(PayError::Busy);
+        }
+        Err(PayError::Declined)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -81,6 +104,7 @@ pub enum Which {
     Pay,
     Slow,
     Refuse,
+    Charge,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +135,17 @@ impl OneCall {
             Which::Pay => self.flaky.pay(fail),
             Which::Slow => self.flaky.slow(fail),
             Which::Refuse => self.flaky.refuse(),
+            Which::Charge => {
+                return Command::drive(self.flaky.charge(fail)).then(|f, r| {
+                    // The error arrives typed: matched, not parsed from a string.
+                    f.state.outcome = Some(match r {
+                        Ok(n) => Ok(n),
+                        Err(DriveError::Driver(PayError::Declined)) => Err("declined".into()),
+                        Err(e) => Err(format!("unexpected: {e}")),
+                    });
+                    Ok(())
+                });
+            }
         };
         Command::drive(call).then(|f, r| {
             f.state.outcome = Some(r.map_err(|e| e.to_string()));
@@ -184,10 +219,52 @@ async fn a_timed_out_attempt_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drivers_own_error_is_not_retried() {
+async fn a_drivers_own_error_is_retried_and_the_last_one_reaches_the_continuation() {
     let (_engine, seen, outcome) = run(Which::Refuse, 0).await;
     assert_eq!(outcome, Err("driver error: refused: no".to_string()));
-    assert_eq!(seen.attempts("OneCall/c/1"), [1]);
+    assert_eq!(
+        seen.attempts("OneCall/c/1"),
+        [1, 2, 3, 4],
+        "an error type without `Transient` is retried under the policy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_its_type_calls_permanent_is_not_retried() {
+    let (_engine, seen, outcome) = run(Which::Charge, 0).await;
+    assert_eq!(outcome, Err("declined".to_string()));
+    assert_eq!(seen.attempts("OneCall/c/1"), [1], "declined at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_until_a_permanent_one_comes() {
+    let (engine, seen, outcome) = run(Which::Charge, 2).await;
+    assert_eq!(outcome, Err("declined".to_string()));
+    assert_eq!(
+        seen.attempts("OneCall/c/1"),
+        [1, 2, 3],
+        "busy twice, then declined"
+    );
+    // Each failed attempt that was retried is a step of its own, with the driver's error as
+    // its payload; then the timer sends the call again.
+    let page = engine.history::<OneCall>("c", 0, 100).await.unwrap();
+    let outputs: Vec<String> = page
+        .steps
+        .iter()
+        .map(|s| match &s.output {
+            flowwire::storage::StepOutput::Retry { attempt, fault, .. } => {
+                assert_eq!(*fault, None, "the driver's own error, not a runtime fault");
+                format!("retry {attempt}")
+            }
+            flowwire::storage::StepOutput::Drive { .. } => "drive".into(),
+            flowwire::storage::StepOutput::Finish => "finish".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        outputs,
+        ["drive", "retry 1", "drive", "retry 2", "drive", "finish"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,19 +289,31 @@ async fn each_retry_is_an_event_with_its_attempt_and_a_doubling_backoff() {
     while let Some(Ok(e)) = events.try_next() {
         if let EventKind::Retry {
             attempt,
-            backoff_ms,
+            due_ms,
             driver,
             method,
             call_step,
+            fault,
             ..
         } = e.kind
         {
             assert_eq!((driver, method, call_step), ("Flaky", "fetch", 1));
-            retries.push((attempt, backoff_ms));
+            let fault = fault.expect("a panic is the runtime's fault");
+            assert!(fault.contains("panicked"), "{fault}");
+            retries.push((attempt, due_ms, e.step));
         }
     }
     let attempts: Vec<u32> = retries.iter().map(|r| r.0).collect();
     assert_eq!(attempts, [1, 2, 3]);
+    // The wait is the due time less the time of the step that recorded the failure.
+    let page = engine.history::<OneCall>("e", 0, 100).await.unwrap();
+    let retries: Vec<(u32, u64)> = retries
+        .iter()
+        .map(|&(attempt, due_ms, step)| {
+            let at = page.steps.iter().find(|s| s.seq == step).unwrap().at_ms;
+            (attempt, due_ms - at)
+        })
+        .collect();
     // 10 ms doubling, capped at 20 ms; each wait between half and all of its step.
     for ((_, backoff), step) in retries.iter().zip([10, 20, 20]) {
         assert!(

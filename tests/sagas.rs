@@ -16,6 +16,14 @@ use flowwire::{Error, EventKind};
 #[error("refused: {0}")]
 pub struct Refused(String);
 
+/// A refusal is final: the agency's answer does not change by asking again, so it is not
+/// retried (panics and timeouts are, under the driver's policy).
+impl flowwire::Transient for Refused {
+    fn is_transient(&self) -> bool {
+        false
+    }
+}
+
 #[driver(retries = 2, backoff = "5ms", max_backoff = "10ms", timeout = "2s")]
 pub trait Travel {
     async fn book_flight(&self, trip: u32) -> Result<String, Refused>;

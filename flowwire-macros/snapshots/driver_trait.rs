@@ -145,7 +145,10 @@ const _: () = {
             call: PaymentCall,
             out: &'a mut ::flowwire::__private::Vec<u8>,
         ) -> impl ::core::future::Future<
-            Output = ::core::result::Result<(), ::flowwire::__private::CodecError>,
+            Output = ::core::result::Result<
+                ::flowwire::__private::Verdict,
+                ::flowwire::__private::CodecError,
+            >,
         > + ::core::marker::Send + 'a {
             async move {
                 match call {
@@ -156,7 +159,13 @@ const _: () = {
                                 cents,
                             )
                             .await;
-                        ::flowwire::__private::encode_raw(&reply, out)
+                        let verdict = {
+                            use ::flowwire::__private::classify::{
+                                ByAny as _, ByResult as _, ByTrait as _,
+                            };
+                            (&&&::flowwire::__private::Classify(&reply)).verdict()
+                        };
+                        ::flowwire::__private::encode_raw(&reply, out).map(|()| verdict)
                     }
                     PaymentCall::Refund { charge } => {
                         let reply: Result<(), Declined> = <__FlowwireImpl as Payment>::refund(
@@ -164,7 +173,13 @@ const _: () = {
                                 charge,
                             )
                             .await;
-                        ::flowwire::__private::encode_raw(&reply, out)
+                        let verdict = {
+                            use ::flowwire::__private::classify::{
+                                ByAny as _, ByResult as _, ByTrait as _,
+                            };
+                            (&&&::flowwire::__private::Classify(&reply)).verdict()
+                        };
+                        ::flowwire::__private::encode_raw(&reply, out).map(|()| verdict)
                     }
                 }
             }

@@ -77,7 +77,7 @@ where
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum Fault {
-    /// Every attempt timed out.
+    /// The last attempt timed out (and so did every one before it that was retried).
     #[error("the driver call timed out after {timeout_ms} ms, {attempts} attempt(s)")]
     TimedOut {
         /// Attempts made.
@@ -126,6 +126,121 @@ impl<E: std::error::Error + 'static> std::error::Error for DriveError<E> {
     }
 }
 
+/// Whether a driver's own error is worth another attempt.
+///
+/// A driver method's `Err` is retried under the call's policy (`#[driver(retries = ..,
+/// backoff = ..)]`), each wait a durable timer, like a timeout or a panic. An error type
+/// that implements `Transient` decides per value: an error for which
+/// [`is_transient`](Transient::is_transient) returns `false` is permanent and reaches the
+/// continuation at once. An error type that does not implement it is always transient.
+///
+/// Why a trait on the error type: whether trying again can help is a property of the
+/// error's value (a declined card against a gateway that is down), and the error type is
+/// where its author already says what each value means. One `impl` covers every method that
+/// returns the type, signatures and continuations stay as they are, and the check costs a
+/// match. An attribute on the method could not look at the value; a wrapper type would
+/// change every signature and every continuation's `?`.
+///
+/// ```
+/// use flowwire::prelude::*;
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+/// pub enum PaymentError {
+///     #[error("the card was declined")]
+///     Declined,
+///     #[error("the gateway is unavailable")]
+///     Unavailable,
+/// }
+///
+/// // A declined card stays declined: the continuation sees it at once. `Unavailable` is
+/// // retried (3 times, from 200 ms) before the continuation sees it.
+/// impl flowwire::Transient for PaymentError {
+///     fn is_transient(&self) -> bool {
+///         !matches!(self, PaymentError::Declined)
+///     }
+/// }
+///
+/// #[driver(retries = 3, backoff = "200ms")]
+/// pub trait Payment {
+///     async fn charge(&self, cents: u64) -> Result<String, PaymentError>;
+/// }
+/// # fn main() {}
+/// ```
+pub trait Transient {
+    /// Whether another attempt may succeed (`true` unless overridden).
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+/// How one attempt of a driver call ended, as the driver's dispatch reports it beside the
+/// encoded reply.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The method returned `Ok`.
+    Ok,
+    /// The method returned `Err`; `transient` says whether another attempt may succeed.
+    Err {
+        /// See [`Transient`].
+        transient: bool,
+    },
+}
+
+/// Classifies a driver method's reply by its error's [`Transient`] implementation, falling
+/// back to "transient" for error types without one. `#[driver]` calls
+/// `(&&&Classify(&reply)).verdict()` on the concrete reply type, so method resolution picks
+/// the most specific of the three `verdict` methods (autoref specialization).
+#[doc(hidden)]
+pub struct Classify<'a, R>(pub &'a R);
+
+#[doc(hidden)]
+pub mod classify {
+    use super::{Classify, Transient, Verdict};
+
+    /// The error type implements [`Transient`]: it decides.
+    pub trait ByTrait {
+        fn verdict(&self) -> Verdict;
+    }
+    impl<T, E: Transient> ByTrait for &&Classify<'_, Result<T, E>> {
+        #[inline]
+        fn verdict(&self) -> Verdict {
+            match self.0 {
+                Ok(_) => Verdict::Ok,
+                Err(e) => Verdict::Err {
+                    transient: e.is_transient(),
+                },
+            }
+        }
+    }
+
+    /// Any other error type: transient.
+    pub trait ByResult {
+        fn verdict(&self) -> Verdict;
+    }
+    impl<T, E> ByResult for &Classify<'_, Result<T, E>> {
+        #[inline]
+        fn verdict(&self) -> Verdict {
+            match self.0 {
+                Ok(_) => Verdict::Ok,
+                Err(_) => Verdict::Err { transient: true },
+            }
+        }
+    }
+
+    /// Not a `Result` at all: `assert_reply` has reported it already; this keeps the
+    /// expansion to that one error.
+    pub trait ByAny {
+        fn verdict(&self) -> Verdict;
+    }
+    impl<R> ByAny for Classify<'_, R> {
+        #[inline]
+        fn verdict(&self) -> Verdict {
+            Verdict::Ok
+        }
+    }
+}
+
 /// The call enum of a driver (`PaymentCall`): knows which method it calls.
 pub trait DriverCall: Serialize + DeserializeOwned + Send + 'static {
     /// The method's index in declaration order.
@@ -148,12 +263,13 @@ pub trait Driver: Copy + Default + Send + Sync + 'static {
     note = "implement the driver trait for `{S}`; it must also be `Send + Sync + 'static`"
 )]
 pub trait Dispatch<S>: Driver {
-    /// Runs one call on `svc` and encodes its reply (the method's `Result`) into `out`.
+    /// Runs one call on `svc`, encodes its reply (the method's `Result`) into `out`, and
+    /// says whether it is an error worth another attempt.
     fn dispatch<'a>(
         svc: &'a S,
         call: Self::Call,
         out: &'a mut Vec<u8>,
-    ) -> impl Future<Output = Result<(), flowwire_storage::CodecError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Verdict, flowwire_storage::CodecError>> + Send + 'a;
 }
 
 /// Marks `Self` as an implementation of the driver `D`; `#[driver]` on an

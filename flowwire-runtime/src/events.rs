@@ -1,8 +1,7 @@
 //! Lifecycle events: a typed, bounded stream of what the engine did, for dashboards,
 //! audit logs and tests.
 //!
-//! Every event is sent after the step it reports is committed (retries: when they are
-//! scheduled), so a subscriber never sees something the store does not hold. The stream is
+//! Every event is sent after the step it reports is committed, so a subscriber never sees something the store does not hold. The stream is
 //! bounded: a subscriber that falls behind by more than the engine's event capacity does
 //! not slow the engine down; it is told how many events it missed and goes on from the
 //! oldest one still held. Without subscribers, sending costs a check of the subscriber count.
@@ -56,7 +55,9 @@ pub enum EventKind {
         /// Whether the driver succeeded (`false` for its error or a runtime fault).
         ok: bool,
     },
-    /// An attempt of a driver call failed (timed out or panicked) and will be retried.
+    /// An attempt of a driver call failed (the driver's error, a timeout, a panic) and its
+    /// policy retries it: the failure and the attempt count are committed, and the next
+    /// attempt is sent when a durable timer fires.
     Retry {
         /// The driver trait.
         driver: &'static str,
@@ -64,12 +65,16 @@ pub enum EventKind {
         method: &'static str,
         /// The step that issued the call.
         call_step: u64,
+        /// The fan-out branch it is (`None` for a drive or a compensation).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        branch: Option<u32>,
         /// The attempt that failed, from 1.
         attempt: u32,
-        /// Why.
-        fault: String,
-        /// The wait before the next attempt, in milliseconds.
-        backoff_ms: u64,
+        /// The runtime's fault (a timeout, a panic), or `None` for the driver's own error
+        /// (the step's history entry holds its reply).
+        fault: Option<String>,
+        /// When the next attempt is due, in milliseconds since the Unix epoch.
+        due_ms: u64,
     },
     /// An impulse was applied.
     Impulse {
@@ -268,6 +273,26 @@ pub(crate) fn of_step(
                     branch,
                 });
             }
+        }
+        StepOutput::Retry {
+            call_seq,
+            branch,
+            link,
+            method,
+            attempt,
+            due_ms,
+            fault,
+        } => {
+            let (driver, method) = names(*link, *method);
+            emit(EventKind::Retry {
+                driver,
+                method,
+                call_step: *call_seq,
+                branch: *branch,
+                attempt: *attempt,
+                fault: fault.clone(),
+                due_ms: *due_ms,
+            });
         }
         StepOutput::Sleep { due_ms } => emit(EventKind::Sleeping { until_ms: *due_ms }),
         StepOutput::Wait => emit(EventKind::Waiting { until_ms: None }),

@@ -31,7 +31,9 @@ mod operation;
 
 pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed};
 pub use context::CallContext;
-pub use driver::{Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply};
+pub use driver::{
+    Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply, Transient, Verdict,
+};
 #[cfg(feature = "redis")]
 pub use engine::Shared;
 

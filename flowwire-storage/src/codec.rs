@@ -101,10 +101,11 @@ impl Kind {
             // compensations in records, step times in history; 4 (records only) = the
             // failure a compensating flow ends with, and its correlation key; 5 (records) = the
             // fan-out in flight, 4 (history) = fan-out inputs and outputs; 6 (records) and 5
-            // (history) = the instance's identity and the header bound into the checksum.
-            // All are read.
-            Kind::Record => 6,
-            Kind::History => 5,
+            // (history) = the instance's identity and the header bound into the checksum;
+            // 7 (records) and 6 (history) = retries: attempt counts of calls and branches,
+            // retry steps. All are read.
+            Kind::Record => 7,
+            Kind::History => 6,
             Kind::State => 1,
         }
     }
@@ -154,6 +155,17 @@ pub fn encode_owned<T: Serialize + ?Sized>(
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
     encode_inner(kind, kind.current_version(), Some(owner), value, out)
+}
+
+/// Like [`encode_owned`], with an explicit format version (for tests of version handling).
+pub fn encode_owned_with_version<T: Serialize + ?Sized>(
+    kind: Kind,
+    version: u16,
+    owner: &InstanceKey,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    encode_inner(kind, version, Some(owner), value, out)
 }
 
 fn encode_inner<T: Serialize + ?Sized>(

@@ -72,13 +72,15 @@ pub use flowwire_runtime::engine::{
 };
 // Multi-process mode (feature `redis`): `Shared`, where orchestrators, workers and clients
 // meet; present whenever the runtime is built with `redis` (an empty glob otherwise).
+#[doc(hidden)]
+pub use flowwire_runtime::Verdict;
 #[allow(unused_imports)]
 pub use flowwire_runtime::multi::*;
 pub use flowwire_runtime::{
     Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
     Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,
     Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses,
-    IntoBranch, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result, Timed,
+    IntoBranch, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result, Timed, Transient,
 };
 /// The traits the macros implement for a driver's calls and a flow's links: named in the
 /// bounds of the items above, implemented by `#[driver]` and `#[flow]`, never by hand.
@@ -117,11 +119,12 @@ pub mod __private {
     pub use ::core::any::TypeId;
     pub use ::std::vec::Vec;
     pub use flowwire_runtime::command::Command;
+    pub use flowwire_runtime::driver::{Classify, classify};
     pub use flowwire_runtime::error::Error;
     pub use flowwire_runtime::{
         Ambiguous, ArgMeta, Board, Call, CallSet, Dispatch, Driver, DriverCall, DriverMeta, Flow,
         FlowMeta, Handle, Implements, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses, LinkMeta,
-        MethodMeta, Policy, ProbeMeta, Reply,
+        MethodMeta, Policy, ProbeMeta, Reply, Verdict,
     };
     pub use flowwire_storage::CodecError;
     pub use flowwire_storage::codec::encode_raw;

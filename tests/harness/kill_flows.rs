@@ -258,3 +258,55 @@ impl KillFan {
             )
     }
 }
+
+/// Busy for the first two attempts of each call, then charges. Its waits are long enough
+/// for a kill and a restart to fall inside one.
+#[driver(
+    retries = 5,
+    backoff = "1500ms",
+    max_backoff = "1500ms",
+    timeout = "2s"
+)]
+pub trait Gateway {
+    async fn charge(&self, cents: u64) -> Result<u32, LedgerError>;
+}
+
+#[driver]
+impl Gateway for Ledger {
+    async fn charge(&self, _cents: u64) -> Result<u32, LedgerError> {
+        let attempt = CallContext::current().expect("a context").attempt();
+        self.note(&format!("charge#{attempt}")).await;
+        if attempt <= 2 {
+            return Err(LedgerError);
+        }
+        Ok(attempt)
+    }
+}
+
+/// Charges once (through the gateway's retries), then finishes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RetryState {
+    pub charged_on: Option<u32>,
+}
+
+#[flow(name = "KillRetry")]
+pub struct KillRetry {
+    #[link]
+    state: RetryState,
+    #[link]
+    gateway: impl Gateway,
+}
+
+#[flow]
+impl KillRetry {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.charged_on.is_some() {
+            return Command::finish();
+        }
+        Command::drive(self.gateway.charge(100)).then(|f, r| {
+            f.state.charged_on = Some(r.map_err(|e| Failure::msg(e.to_string()))?);
+            Ok(())
+        })
+    }
+}

@@ -19,6 +19,12 @@
 //! runs tagged `fan-hang…` the odd pages hang after noting their call, so the test kills
 //! the process with some branches done and others in flight. Any other run waits until
 //! every fan-out finished, prints `DONE` and exits 0.
+//!
+//! `kill_harness retries DATA_DIR LEDGER RUN N` starts (or resumes) N `KillRetry` flows,
+//! whose gateway is busy for two attempts of each call. In the run tagged `backoff-kill` it
+//! waits until every first attempt failed and its retry was committed, checks that no
+//! instance waiting out its backoff is held in memory, prints `BACKING_OFF` and waits to be
+//! killed. Any other run waits until every flow finished, prints `DONE` and exits 0.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,8 +35,8 @@ use flowwire::{Ended, Engine, Error, Flow};
 mod kill_flows;
 
 use kill_flows::{
-    FanState, KillFan, KillNap, KillPay, KillTrip, Ledger, NapState, PAGES, PayState, TripState,
-    pay_id,
+    FanState, KillFan, KillNap, KillPay, KillRetry, KillTrip, Ledger, NapState, PAGES, PayState,
+    RetryState, TripState, pay_id,
 };
 
 /// Starts an instance, or reaches it if a killed run started it already.
@@ -193,6 +199,58 @@ async fn fans(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("DONE");
 }
 
+async fn retries(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let kill_me = run == "backoff-kill";
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillRetry>()
+        .driver::<kill_flows::GatewayProxy, _>(Ledger { path: ledger, run })
+        .start()
+        .await
+        .expect("engine starts");
+    let mut events = engine.events();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let id = format!("retry-{i}");
+        handles.push((
+            id.clone(),
+            start_or_reach::<KillRetry>(&engine, &id, RetryState::default()).await,
+        ));
+    }
+    println!("READY");
+    if kill_me {
+        let mut backing_off = 0;
+        while backing_off < n {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("every first attempt fails within 10 s")
+                .expect("the event stream is open")
+                .expect("no events missed");
+            if let flowwire::EventKind::Retry { attempt: 1, .. } = e.kind {
+                backing_off += 1;
+            }
+        }
+        // Waiting out a backoff, an instance has no call out: it leaves memory.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while engine.resident::<KillRetry>().await.expect("resident") > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instances waiting out a backoff stayed in memory"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("BACKING_OFF");
+        std::future::pending::<()>().await;
+    }
+    for (id, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Finished))), "{id}: {ended:?}");
+        assert_eq!(h.state().await.expect("state").charged_on, Some(3), "{id}");
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -227,9 +285,18 @@ async fn main() {
             )
             .await;
         }
+        Some("retries") if args.len() == 6 => {
+            retries(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
         _ => {
             eprintln!(
-                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N"
+                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N | retries DATA_DIR LEDGER RUN N"
             );
             std::process::exit(2);
         }

@@ -78,7 +78,11 @@ pub fn expand(m: &Model<'_>) -> TokenStream {
         serve_arms.push(quote! {
             #call::#variant { #(#names),* } => {
                 let reply: #out = <__FlowwireImpl as #name>::#ident(svc #(, #names)*).await;
-                #p::encode_raw(&reply, out)
+                let verdict = {
+                    use #p::classify::{ByAny as _, ByResult as _, ByTrait as _};
+                    (&&&#p::Classify(&reply)).verdict()
+                };
+                #p::encode_raw(&reply, out).map(|()| verdict)
             }
         });
         let mname = ident.to_string();
@@ -160,7 +164,7 @@ pub fn expand(m: &Model<'_>) -> TokenStream {
                     svc: &'a __FlowwireImpl,
                     call: #call,
                     out: &'a mut #p::Vec<u8>,
-                ) -> impl ::core::future::Future<Output = ::core::result::Result<(), #p::CodecError>> + ::core::marker::Send + 'a {
+                ) -> impl ::core::future::Future<Output = ::core::result::Result<#p::Verdict, #p::CodecError>> + ::core::marker::Send + 'a {
                     async move {
                         match call { #(#serve_arms)* }
                     }

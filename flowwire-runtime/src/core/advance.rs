@@ -13,7 +13,7 @@ use crate::driver::Fault;
 use crate::flow::{Flow, ImpulseSet};
 use crate::guard::guard;
 
-use super::fan::{fan_output, top_up};
+use super::fan::{fan_output, fan_timer, top_up};
 use super::plan::{Plan, plan};
 use super::{Armed, Awaiting, Dispatches, Instance, Rejected, Scratch, Step};
 
@@ -147,6 +147,7 @@ impl<F: Flow> Instance<F> {
     ) -> Step {
         let dispatch = top_up(&mut fan);
         let output = fan_output(&fan);
+        let timer = fan_timer(&fan);
         let mut step = self.build(
             input,
             None,
@@ -154,7 +155,7 @@ impl<F: Flow> Instance<F> {
             state,
             None,
             dispatch,
-            None,
+            timer,
             output,
         );
         step.draft.record.fan = Some(fan);

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use flowwire_storage::codec;
 use flowwire_storage::{
     BranchState, CodecError, Compensation, Fan, PendingCall, Status, StepInput, StepOutput,
+    TimeSpec, Timer,
 };
 
 use crate::board::{Board, CallSet};
@@ -216,6 +217,7 @@ pub(super) fn encode_branch<C: CallSet>(
         call: bytes,
         undo,
         state: BranchState::Queued,
+        attempts: 0,
     })
 }
 
@@ -233,6 +235,7 @@ pub(super) fn branch_out(
             method: b.method,
             call: b.call.clone(),
             redelivered,
+            attempts: b.attempts,
         },
         branch: Some(i),
     }
@@ -241,7 +244,17 @@ pub(super) fn branch_out(
 /// Sends queued branches, in order, until the parallelism bound is reached; returns them.
 pub(super) fn top_up(fan: &mut Fan) -> Dispatches {
     let bound = usize::try_from(fan.parallel).unwrap_or(usize::MAX);
-    let mut in_flight = fan.in_flight().count();
+    // A branch waiting out a backoff keeps its place under the bound.
+    let mut in_flight = fan
+        .branches
+        .iter()
+        .filter(|b| {
+            matches!(
+                b.state,
+                BranchState::Sent { .. } | BranchState::Backoff { .. }
+            )
+        })
+        .count();
     let mut out = Dispatches::new();
     for (i, b) in (0u32..).zip(fan.branches.iter_mut()) {
         if in_flight >= bound {
@@ -254,6 +267,21 @@ pub(super) fn top_up(fan: &mut Fan) -> Dispatches {
         }
     }
     out
+}
+
+/// The record's timer while branches of `fan` wait out a backoff: the earliest is due.
+pub(super) fn fan_timer(fan: &Fan) -> Option<Timer> {
+    fan.branches
+        .iter()
+        .filter_map(|b| match b.state {
+            BranchState::Backoff { due_ms } => Some(due_ms),
+            _ => None,
+        })
+        .min()
+        .map(|due_ms| Timer {
+            due_ms,
+            spec: TimeSpec::At(due_ms),
+        })
 }
 
 /// The history output of a step with a fan-out in flight.

@@ -16,7 +16,8 @@
 //! The files: this one holds the instance, starting and rebuilding it, and building a
 //! step; `advance.rs` runs the wire after an impulse, an outcome or a timer; `fan.rs` the
 //! fan-outs; `saga.rs` the compensations; `redeliver.rs` calls in flight after a restart;
-//! `operate.rs` parking and the operator's operations.
+//! `retry.rs` failed attempts and their durable backoff; `operate.rs` parking and the
+//! operator's operations.
 
 mod advance;
 mod fan;
@@ -24,6 +25,7 @@ mod migrate;
 mod operate;
 mod plan;
 mod redeliver;
+mod retry;
 mod saga;
 
 use std::sync::Arc;

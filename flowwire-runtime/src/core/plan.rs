@@ -10,7 +10,7 @@ use crate::board::CallSet;
 use crate::command::{CommandKind, Join, Wake};
 use crate::flow::Flow;
 
-use super::fan::{encode_branch, fan_output, same_fan, top_up};
+use super::fan::{encode_branch, fan_output, fan_timer, same_fan, top_up};
 use super::{Armed, Awaiting, Dispatches, FanArmed, MAX_BRANCHES, Scratch, one};
 
 /// Fan-outs without calls one step may join before the wire is taken to loop.
@@ -64,6 +64,8 @@ pub(super) fn plan<F: Flow>(
             let kept = record.pending.as_ref().filter(|p| {
                 keep_pending && p.link == link && p.method == method && p.call == scratch.call
             });
+            // A kept call waiting out a backoff keeps its timer.
+            let timer = kept.and(record.timer);
             let (pending, dispatch) = match kept {
                 Some(p) => (p.clone(), Dispatches::new()),
                 None => {
@@ -73,6 +75,7 @@ pub(super) fn plan<F: Flow>(
                         method,
                         call: scratch.arena.take(&mut scratch.call),
                         redelivered: 0,
+                        attempts: 0,
                     };
                     (p.clone(), one(p))
                 }
@@ -92,7 +95,7 @@ pub(super) fn plan<F: Flow>(
                 pending: Some(pending),
                 dispatch,
                 output,
-                timer: None,
+                timer,
                 fan: None,
                 awaiting: Some(awaiting),
             }
@@ -112,7 +115,7 @@ pub(super) fn plan<F: Flow>(
                     pending: None,
                     dispatch: Dispatches::new(),
                     output: fan_output(&f),
-                    timer: None,
+                    timer: fan_timer(&f),
                     awaiting: Some(Awaiting::Fan(FanArmed { seq: f.seq, join })),
                     fan: Some(f),
                 };

@@ -24,7 +24,7 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Option<Step> {
         scratch.now_ms = now_ms;
-        if !self.record.status.has_call() {
+        if !self.record.has_call_out() {
             return None;
         }
         if let Some(fan) = self.record.fan.clone() {

@@ -43,16 +43,22 @@ impl<F: Flow> Instance<F> {
         let state = self.record.state.clone();
         self.unwind(input, None, reason, rest, state, scratch)
     }
-    /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire.
+
+    /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire; or, for
+    /// a call waiting out a backoff, sends its next attempt.
     ///
     /// Returns `None` when no such timer is armed (it was re-armed, or an impulse moved the
     /// instance on): the caller repairs the timer index.
     pub fn fire(&mut self, due_ms: u64, now_ms: u64, scratch: &mut Scratch) -> Option<Step> {
         scratch.now_ms = now_ms;
         let timer = self.record.timer?;
-        if timer.due_ms != due_ms
-            || !matches!(self.record.status, Status::Sleeping | Status::Waiting)
-        {
+        if timer.due_ms != due_ms {
+            return None;
+        }
+        if self.record.status.has_call() {
+            return self.retry_due(due_ms, scratch);
+        }
+        if !matches!(self.record.status, Status::Sleeping | Status::Waiting) {
             return None;
         }
         let input = StepInput::Timer { due_ms };
@@ -118,6 +124,7 @@ impl<F: Flow> Instance<F> {
                     method: c.method,
                     call: c.call.clone(),
                     redelivered: 0,
+                    attempts: 0,
                 };
                 let output = StepOutput::Compensate {
                     call_seq: seq,

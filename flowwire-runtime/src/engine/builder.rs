@@ -147,8 +147,8 @@ impl EngineBuilder {
         self.drivers.push(DriverReg {
             driver: TypeId::of::<D>(),
             meta: &D::META,
-            spawn: Box::new(move |limits, events, drain| {
-                super::worker::spawn_pool::<D, S>(svc, limits, events, drain)
+            spawn: Box::new(move |limits, drain| {
+                super::worker::spawn_pool::<D, S>(svc, limits, drain)
             }),
         });
         self
@@ -304,7 +304,7 @@ impl EngineBuilder {
         let mut ports = HashMap::new();
         let mut drivers = Vec::new();
         for d in self.drivers {
-            ports.insert(d.driver, (d.spawn)(&self.limits, &events, &drain));
+            ports.insert(d.driver, (d.spawn)(&self.limits, &drain));
             drivers.push(d.meta);
         }
         let ctx = FlowCtx {

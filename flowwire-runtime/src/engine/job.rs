@@ -41,6 +41,12 @@ impl CallPolicy {
         }
     }
 
+    /// The wait after failed attempt `attempt` (1-based) before the next one, or `None` when
+    /// the policy's retries are spent.
+    pub(crate) fn retry_after(&self, attempt: u32) -> Option<Duration> {
+        (attempt <= self.retries).then(|| self.backoff(attempt))
+    }
+
     /// The wait before retry `attempt` (1-based): the first backoff doubling, capped, each
     /// delay between half and all of its step (jitter, so retries of many calls spread).
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
@@ -74,6 +80,8 @@ pub(crate) struct Job {
     pub call: Bytes,
     /// Restarts that interrupted this call before.
     pub redelivered: u32,
+    /// Which attempt this is, from 1 (the failed ones before it are in the record).
+    pub attempt: u32,
     pub policy: CallPolicy,
     pub names: (&'static str, &'static str),
     pub reply: mpsc::UnboundedSender<OutcomeMsg>,
@@ -87,6 +95,10 @@ pub(crate) struct OutcomeMsg {
     pub seq: u64,
     pub branch: Option<u32>,
     pub result: Result<Bytes, Fault>,
+    /// Set when the attempt failed and the call's policy retries it: the wait before the
+    /// next attempt, in milliseconds. The runner records the failure and arms a durable
+    /// timer for the next attempt; the continuation sees only the last one.
+    pub retry_ms: Option<u64>,
     /// Set when the call or the outcome came over the bus (multi-process mode).
     pub receipt: Option<Box<Receipt>>,
 }

@@ -113,7 +113,7 @@ struct FlowEntry {
 struct DriverReg {
     driver: TypeId,
     meta: &'static DriverMeta,
-    spawn: Box<dyn FnOnce(&Limits, &Emitter, &Arc<worker::Drain>) -> queue::Port + Send>,
+    spawn: Box<dyn FnOnce(&Limits, &Arc<worker::Drain>) -> queue::Port + Send>,
 }
 
 /// Builds an [`Engine`]: where it stores instances, which flows it runs, which drivers
@@ -378,7 +378,7 @@ impl Engine {
     }
 
     /// How many instances of flow `F` the engine holds in memory now: those with a driver
-    /// call in flight (and, briefly, those a request just touched). Sleeping, waiting,
+    /// call in flight (and, briefly, those a request just touched). Sleeping, waiting, backing-off (a call waiting out its retry backoff),
     /// parked and ended instances live in the store only.
     ///
     /// ```

@@ -222,6 +222,7 @@ mod tests {
             method: 0,
             call: bytes::Bytes::new(),
             redelivered: 0,
+            attempt: 1,
             policy: CallPolicy {
                 timeout: Duration::from_secs(1),
                 retries: 0,

@@ -1,6 +1,7 @@
 //! Driver workers: each registered implementation gets a pool of tasks that take jobs from
-//! one bounded queue, run them with a timeout and panic guard, retry faults with backoff,
-//! and send the outcome back to the flow's runner.
+//! one bounded queue, run one attempt of each with a timeout and panic guard, and send the
+//! outcome back to the flow's runner, with the wait before the next attempt when the call's
+//! policy retries a failed one (the runner makes that wait a durable timer).
 
 use std::future::Future;
 use std::pin::pin;
@@ -12,11 +13,10 @@ use bytes::Bytes;
 use flowwire_storage::arena::Arena;
 
 use crate::context::CallContext;
-use crate::driver::{Dispatch, Fault};
+use crate::driver::{Dispatch, Fault, Verdict};
 use crate::engine::Limits;
 use crate::engine::job::{Job, OutcomeMsg};
 use crate::engine::queue::{self, Port};
-use crate::events::{Emitter, EventKind};
 use crate::guard::guard_future;
 
 /// The graceful stop of an engine's driver pools: once [`Drain::stop`] is called, workers
@@ -82,7 +82,6 @@ const BURST: u32 = 128;
 pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
     limits: &Limits,
-    events: &Emitter,
     drain: &Arc<Drain>,
 ) -> Port {
     let (port, jobs) = queue::channel(limits.driver_queue);
@@ -90,7 +89,6 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
         let svc = svc.clone();
         let jobs = jobs.clone();
         let limits = limits.clone();
-        let events = events.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -101,13 +99,14 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                     // Stopping: the call is sent again after the restart.
                     continue;
                 }
-                let result =
-                    run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits, &events).await;
+                let (result, retry) =
+                    run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits).await;
                 let _ = job.reply.send(OutcomeMsg {
                     id: job.id,
                     seq: job.seq,
                     branch: job.branch,
                     result,
+                    retry_ms: retry.map(|d| d.as_millis() as u64),
                     receipt: job.receipt,
                 });
                 drain.end();
@@ -122,81 +121,82 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     port
 }
 
+/// Runs one attempt of a call: its reply (or the runtime's fault), and the wait before the
+/// next attempt when it failed and the call's policy retries it. Retries are not waited
+/// out here: the runner records each failed attempt and arms a durable timer for the next
+/// one, so a backoff survives restarts and costs no memory while it runs.
 async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: &S,
     job: &Job,
     (buf, arena): (&mut Vec<u8>, &mut Arena),
     limits: &Limits,
-    events: &Emitter,
-) -> Result<Bytes, Fault> {
+) -> (Result<Bytes, Fault>, Option<Duration>) {
     let policy = job.policy;
-    let timeout_ms = policy.timeout.as_millis() as u64;
-    let mut attempt = 0;
-    let span = tracing::debug_span!(
-        "call",
-        flow = job.flow,
-        id = %job.id,
-        step = job.seq,
-        branch = job.branch,
-        driver = job.names.0,
-        method = job.names.1,
+    let attempt = job.attempt.max(1);
+    let call: D::Call = match flowwire_storage::codec::decode_raw(&job.call, limits.decode_limit) {
+        Ok(call) => call,
+        Err(e) => return (Err(Fault::Codec(e.to_string())), None),
+    };
+    debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
+    buf.clear();
+    let ctx = CallContext::new(
+        job.flow,
+        job.id.clone(),
+        job.seq,
+        job.branch,
+        attempt,
+        job.redelivered,
     );
-    loop {
-        attempt += 1;
-        let call: D::Call = flowwire_storage::codec::decode_raw(&job.call, limits.decode_limit)
-            .map_err(|e| Fault::Codec(e.to_string()))?;
-        debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
-        buf.clear();
-        let ctx = CallContext::new(
-            job.flow,
-            job.id.clone(),
-            job.seq,
-            job.branch,
-            attempt,
-            job.redelivered,
-        );
-        let ran = {
-            let mut run = pin!(ctx.scope(guard_future(D::dispatch(svc, call, buf))));
-            // A call that answers at its first poll (a cache, an in-process service) needs
-            // no timer: the timeout is armed only once the call waits. Time spent in the
-            // first poll is the driver's own code, which no timer could interrupt either.
-            match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
-                Poll::Ready(r) => Ok(r),
-                Poll::Pending => tokio::time::timeout(policy.timeout, run).await,
-            }
-        };
-        let fault = match ran {
-            Ok(Ok(Ok(()))) => return Ok(arena.copy(buf)),
-            Ok(Ok(Err(e))) => return Err(Fault::Codec(e.to_string())),
-            Ok(Err(message)) => Fault::Panicked {
+    let ran = {
+        let mut run = pin!(ctx.scope(guard_future(D::dispatch(svc, call, buf))));
+        // A call that answers at its first poll (a cache, an in-process service) needs
+        // no timer: the timeout is armed only once the call waits. Time spent in the
+        // first poll is the driver's own code, which no timer could interrupt either.
+        match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+            Poll::Ready(r) => Ok(r),
+            Poll::Pending => tokio::time::timeout(policy.timeout, run).await,
+        }
+    };
+    let (result, transient) = match ran {
+        Ok(Ok(Ok(Verdict::Ok))) => return (Ok(arena.copy(buf)), None),
+        Ok(Ok(Ok(Verdict::Err { transient }))) => (Ok(arena.copy(buf)), transient),
+        Ok(Ok(Err(e))) => return (Err(Fault::Codec(e.to_string())), None),
+        Ok(Err(message)) => (
+            Err(Fault::Panicked {
                 attempts: attempt,
                 message,
-            },
-            Err(_) => Fault::TimedOut {
+            }),
+            true,
+        ),
+        Err(_) => (
+            Err(Fault::TimedOut {
                 attempts: attempt,
-                timeout_ms,
-            },
+                timeout_ms: policy.timeout.as_millis() as u64,
+            }),
+            true,
+        ),
+    };
+    let retry = if transient {
+        policy.retry_after(attempt)
+    } else {
+        None
+    };
+    if let Some(delay) = retry {
+        let why = match &result {
+            Ok(_) => "the driver returned an error".to_string(),
+            Err(fault) => fault.to_string(),
         };
-        if attempt > policy.retries {
-            return Err(fault);
-        }
-        let delay = policy.backoff(attempt);
-        span.in_scope(|| tracing::warn!(attempt, %fault, retry_in = ?delay, "driver call retried"));
-        if events.wanted() {
-            events.send(
-                job.flow,
-                &job.id,
-                job.seq,
-                EventKind::Retry {
-                    driver: job.names.0,
-                    method: job.names.1,
-                    call_step: job.seq,
-                    attempt,
-                    fault: fault.to_string(),
-                    backoff_ms: delay.as_millis() as u64,
-                },
-            );
-        }
-        tokio::time::sleep(delay).await;
+        tracing::debug!(
+            flow = job.flow,
+            id = %job.id,
+            step = job.seq,
+            branch = job.branch,
+            driver = job.names.0,
+            method = job.names.1,
+            attempt,
+            retry_in = ?delay,
+            "{why}; the call is retried"
+        );
     }
+    (result, retry)
 }

@@ -146,7 +146,7 @@ impl Placement {
         let keep_from = retention.keep_from(seq);
         let (gone, kept): (Vec<Retired>, Vec<Retired>) =
             retired.into_iter().partition(|r| r.died <= keep_from);
-        let active = record.status.has_call();
+        let active = record.has_call_out();
         let parked = matches!(record.status, crate::record::Status::Quarantined { .. });
         let timer = record.timer.map(|t| t.due_ms);
         let correlation: Option<Arc<str>> = record

@@ -116,6 +116,25 @@ pub enum StepOutput {
         /// Branches in all.
         branches: u32,
     },
+    /// An attempt of a driver call failed and its policy retries it: the next attempt is
+    /// sent when the record's timer fires (history format 6). The failure is the step's
+    /// payload: the driver's encoded error reply, or the runtime fault's message.
+    Retry {
+        /// The step that issued the call.
+        call_seq: u64,
+        /// The fan-out branch (`None` for a drive or a compensation).
+        branch: Option<u32>,
+        /// The linked driver.
+        link: u16,
+        /// The driver method.
+        method: u16,
+        /// The attempt that failed, from 1.
+        attempt: u32,
+        /// When the next attempt is due, in milliseconds since the Unix epoch.
+        due_ms: u64,
+        /// The runtime's fault (a timeout, a panic), or `None` for the driver's own error.
+        fault: Option<String>,
+    },
 }
 
 /// One entry of an instance's history: one step.
@@ -197,7 +216,7 @@ impl HistoryEntry {
     }
 
     /// Decodes an entry of instance `key` from its envelope (current format, or formats 1
-    /// to 4), refusing an entry written for another instance ([`CodecError::Checksum`]).
+    /// to 5), refusing an entry written for another instance ([`CodecError::Checksum`]).
     pub fn decode(
         bytes: &[u8],
         key: &InstanceKey,

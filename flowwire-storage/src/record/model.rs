@@ -44,9 +44,8 @@ impl Status {
         )
     }
 
-    /// Whether a driver call is in flight: the engine loads such instances at start-up to
-    /// send the call again. Waiting and sleeping instances are not loaded; an impulse or
-    /// their timer brings them back.
+    /// Whether the instance has a driver call to see through: in flight, or waiting out a
+    /// backoff before its next attempt ([`Record::has_call_out`] tells them apart).
     pub fn has_call(&self) -> bool {
         matches!(self, Status::Running | Status::Compensating)
     }
@@ -81,6 +80,10 @@ pub struct PendingCall<P = Bytes> {
     /// How many times start-up recovery sent the call again after a restart (a restart
     /// while a call is in flight leaves it unknown whether it ran).
     pub redelivered: u32,
+    /// How many attempts of the call failed and were retried under its policy (format 7).
+    /// While [`Record::timer`] is armed the call waits for its next attempt (see
+    /// [`Record::backing_off`]); otherwise attempt `attempts + 1` is in flight.
+    pub attempts: u32,
 }
 
 /// When a timer fires, as the wire asked for it.
@@ -146,6 +149,8 @@ pub struct Branch {
     pub undo: Option<Compensation>,
     /// Where it stands.
     pub state: BranchState,
+    /// How many attempts of its call failed and were retried under its policy (format 7).
+    pub attempts: u32,
 }
 
 /// Where one branch of a fan-out stands.
@@ -162,6 +167,12 @@ pub enum BranchState {
     Done {
         /// Whether the driver's call succeeded.
         ok: bool,
+    },
+    /// An attempt failed and the call's policy retries it: the next attempt is sent at
+    /// `due_ms` (the record's timer fires for the earliest branch waiting).
+    Backoff {
+        /// When the next attempt is due, in milliseconds since the Unix epoch.
+        due_ms: u64,
     },
 }
 
@@ -195,7 +206,8 @@ pub struct Record<P = Bytes> {
     pub state: P,
     /// The call in flight, when [`Status::Running`].
     pub pending: Option<PendingCall<P>>,
-    /// The armed timer, when [`Status::Sleeping`] or waiting with a timeout.
+    /// The armed timer: when [`Status::Sleeping`] or waiting with a timeout; or, with a call
+    /// in flight, when its next attempt is due after a failed one (a durable backoff).
     pub timer: Option<Timer>,
     /// Compensations registered so far, in registration order (run in reverse).
     pub compensations: Vec<Compensation>,
@@ -210,6 +222,26 @@ pub struct Record<P = Bytes> {
 }
 
 impl<P> Record<P> {
+    /// Whether the call in flight (or a fan-out branch) waits out a backoff before its next
+    /// attempt: the record's timer sends it again.
+    pub fn backing_off(&self) -> bool {
+        self.status.has_call() && self.timer.is_some()
+    }
+
+    /// Whether a driver call is out now, its outcome awaited: such instances are loaded at
+    /// start-up to send it again and stay in memory. An instance waiting out a backoff has
+    /// none out (unless other branches of its fan-out are in flight); its timer brings it
+    /// back, as it does a sleeping one.
+    pub fn has_call_out(&self) -> bool {
+        if !self.status.has_call() {
+            return false;
+        }
+        match &self.fan {
+            Some(fan) => fan.in_flight().next().is_some(),
+            None => self.timer.is_none(),
+        }
+    }
+
     /// The same record with its payloads (the state, and the call in flight's) given anew:
     /// how a record is placed on the ladder and read back from it.
     pub fn with_payloads<Q>(&self, state: Q, pending: Option<PendingCall<Q>>) -> Record<Q> {
@@ -237,6 +269,7 @@ impl<P> PendingCall<P> {
             method: self.method,
             call,
             redelivered: self.redelivered,
+            attempts: self.attempts,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::codec::{self, Kind};
 use crate::error::CodecError;
 use crate::key::InstanceKey;
 
-use super::model::{Compensation, PendingCall, Record, Status, Timer};
+use super::model::{Branch, BranchState, Compensation, Fan, PendingCall, Record, Status, Timer};
 
 /// The record as flowwire 0.1 persisted it (format 1: everything inline).
 #[derive(Deserialize)]
@@ -58,11 +58,92 @@ struct PlacedRecordV4 {
     seq: u64,
     status: Status,
     state: Payload,
-    pending: Option<PlacedCall>,
+    pending: Option<PlacedCallV6>,
     timer: Option<Timer>,
     compensations: Vec<Compensation>,
     failing: Option<String>,
     correlation: Option<String>,
+    retired: Vec<Retired>,
+    trash: Vec<BlobRef>,
+}
+
+/// A call in flight as formats 3 to 6 persisted it (no attempt count).
+#[derive(Deserialize)]
+struct PlacedCallV6 {
+    seq: u64,
+    link: u16,
+    method: u16,
+    call: Payload,
+    redelivered: u32,
+}
+
+impl PlacedCallV6 {
+    fn now(self) -> PlacedCall {
+        PlacedCall {
+            seq: self.seq,
+            link: self.link,
+            method: self.method,
+            call: self.call,
+            redelivered: self.redelivered,
+            attempts: 0,
+        }
+    }
+}
+
+/// A fan-out branch as formats 5 and 6 persisted it (no attempt count).
+#[derive(Deserialize)]
+struct BranchV6 {
+    link: u16,
+    method: u16,
+    call: Bytes,
+    undo: Option<Compensation>,
+    state: BranchState,
+}
+
+/// A fan-out as formats 5 and 6 persisted it.
+#[derive(Deserialize)]
+struct FanV6 {
+    seq: u64,
+    first: bool,
+    parallel: u32,
+    branches: Vec<BranchV6>,
+}
+
+impl FanV6 {
+    fn now(self) -> Fan {
+        Fan {
+            seq: self.seq,
+            first: self.first,
+            parallel: self.parallel,
+            branches: self
+                .branches
+                .into_iter()
+                .map(|b| Branch {
+                    link: b.link,
+                    method: b.method,
+                    call: b.call,
+                    undo: b.undo,
+                    state: b.state,
+                    attempts: 0,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The record as formats 5 and 6 persisted it (no attempt counts).
+#[derive(Deserialize)]
+struct PlacedRecordV6 {
+    flow_version: u32,
+    seq: u64,
+    status: Status,
+    state: Payload,
+    pending: Option<PlacedCallV6>,
+    timer: Option<Timer>,
+    compensations: Vec<Compensation>,
+    failing: Option<String>,
+    correlation: Option<String>,
+    fan: Option<FanV6>,
     retired: Vec<Retired>,
     trash: Vec<BlobRef>,
 }
@@ -74,7 +155,7 @@ struct PlacedRecordV3 {
     seq: u64,
     status: Status,
     state: Payload,
-    pending: Option<PlacedCall>,
+    pending: Option<PlacedCallV6>,
     timer: Option<Timer>,
     compensations: Vec<Compensation>,
     retired: Vec<Retired>,
@@ -116,7 +197,7 @@ impl PlacedRecord {
     }
 
     /// Decodes the record of instance `key` from its envelope (current format, or formats
-    /// 1 to 5), refusing more than `limit` bytes, and a record written for another
+    /// 1 to 6), refusing more than `limit` bytes, and a record written for another
     /// instance ([`CodecError::Checksum`]).
     pub fn decode(
         bytes: &[u8],
@@ -139,6 +220,7 @@ impl PlacedRecord {
                             method: p.method,
                             call: Payload::Inline(p.call),
                             redelivered: 0,
+                            attempts: 0,
                         }),
                         timer: None,
                         compensations: Vec::new(),
@@ -164,6 +246,7 @@ impl PlacedRecord {
                             method: p.method,
                             call: p.call,
                             redelivered: 0,
+                            attempts: 0,
                         }),
                         timer: None,
                         compensations: Vec::new(),
@@ -183,7 +266,7 @@ impl PlacedRecord {
                         seq: r.seq,
                         status: r.status,
                         state: r.state,
-                        pending: r.pending,
+                        pending: r.pending.map(PlacedCallV6::now),
                         timer: r.timer,
                         compensations: r.compensations,
                         failing: None,
@@ -202,12 +285,31 @@ impl PlacedRecord {
                         seq: r.seq,
                         status: r.status,
                         state: r.state,
-                        pending: r.pending,
+                        pending: r.pending.map(PlacedCallV6::now),
                         timer: r.timer,
                         compensations: r.compensations,
                         failing: r.failing,
                         correlation: r.correlation,
                         fan: None,
+                    },
+                    retired: r.retired,
+                    trash: r.trash,
+                })
+            }
+            5 | 6 => {
+                let r: PlacedRecordV6 = codec::decode_raw(payload, limit)?;
+                Ok(PlacedRecord {
+                    record: Record {
+                        flow_version: r.flow_version,
+                        seq: r.seq,
+                        status: r.status,
+                        state: r.state,
+                        pending: r.pending.map(PlacedCallV6::now),
+                        timer: r.timer,
+                        compensations: r.compensations,
+                        failing: r.failing,
+                        correlation: r.correlation,
+                        fan: r.fan.map(FanV6::now),
                     },
                     retired: r.retired,
                     trash: r.trash,

@@ -124,6 +124,7 @@ fn a_fan_out_round_trips_in_the_current_format() {
                         call: Bytes::from_static(b"a"),
                         undo: None,
                         state: BranchState::Done { ok: true },
+                        attempts: 0,
                     },
                     Branch {
                         link: 1,
@@ -131,6 +132,7 @@ fn a_fan_out_round_trips_in_the_current_format() {
                         call: Bytes::from_static(b"b"),
                         undo: None,
                         state: BranchState::Sent { redelivered: 1 },
+                        attempts: 2,
                     },
                 ],
             }),
@@ -178,6 +180,91 @@ fn a_format_3_record_still_decodes() {
     assert_eq!((r.seq, r.status, r.timer), (4, Status::Sleeping, old.timer));
     assert_eq!(r.compensations, vec![comp]);
     assert_eq!((r.failing, r.correlation), (None, None));
+}
+
+/// Format 6 as it was written: calls and branches without attempt counts.
+#[test]
+fn a_format_6_record_decodes_with_no_failed_attempts() {
+    #[derive(Serialize)]
+    struct Call6 {
+        seq: u64,
+        link: u16,
+        method: u16,
+        call: Payload,
+        redelivered: u32,
+    }
+    #[derive(Serialize)]
+    struct Branch6 {
+        link: u16,
+        method: u16,
+        call: Bytes,
+        undo: Option<Compensation>,
+        state: BranchState,
+    }
+    #[derive(Serialize)]
+    struct Fan6 {
+        seq: u64,
+        first: bool,
+        parallel: u32,
+        branches: Vec<Branch6>,
+    }
+    #[derive(Serialize)]
+    struct Written6 {
+        flow_version: u32,
+        seq: u64,
+        status: Status,
+        state: Payload,
+        pending: Option<Call6>,
+        timer: Option<Timer>,
+        compensations: Vec<Compensation>,
+        failing: Option<String>,
+        correlation: Option<String>,
+        fan: Option<Fan6>,
+        retired: Vec<Retired>,
+        trash: Vec<BlobRef>,
+    }
+    let old = Written6 {
+        flow_version: 1,
+        seq: 5,
+        status: Status::Running,
+        state: Payload::Inline(Bytes::from_static(b"s")),
+        pending: Some(Call6 {
+            seq: 5,
+            link: 1,
+            method: 2,
+            call: Payload::Inline(Bytes::from_static(b"c")),
+            redelivered: 3,
+        }),
+        timer: None,
+        compensations: Vec::new(),
+        failing: None,
+        correlation: Some("k".into()),
+        fan: Some(Fan6 {
+            seq: 4,
+            first: true,
+            parallel: 2,
+            branches: vec![Branch6 {
+                link: 0,
+                method: 1,
+                call: Bytes::from_static(b"b"),
+                undo: None,
+                state: BranchState::Sent { redelivered: 2 },
+            }],
+        }),
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let key = InstanceKey::new("F", "i");
+    let mut buf = Vec::new();
+    codec::encode_owned_with_version(Kind::Record, 6, &key, &old, &mut buf).unwrap();
+    let r = PlacedRecord::decode(&buf, &key, 1 << 20).unwrap().record;
+    let call = r.pending.unwrap();
+    assert_eq!((call.seq, call.redelivered, call.attempts), (5, 3, 0));
+    assert_eq!(r.correlation.as_deref(), Some("k"));
+    let fan = r.fan.unwrap();
+    assert_eq!((fan.seq, fan.first, fan.parallel), (4, true, 2));
+    assert_eq!(fan.branches[0].state, BranchState::Sent { redelivered: 2 });
+    assert_eq!(fan.branches[0].attempts, 0);
 }
 
 /// A record with its identity bound in: read under its own key it decodes; under any
@@ -249,6 +336,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
         method: 2,
         call: Payload::Inline(Bytes::from_static(b"call")),
         redelivered: 1,
+        attempts: 0,
     };
     let timer = Some(Timer {
         due_ms: 99,

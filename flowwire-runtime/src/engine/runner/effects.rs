@@ -36,7 +36,7 @@ impl<F: Flow> Runner<F> {
         let trash = placed.trash.clone();
         slot.placed = Some(placed);
         self.collect(&trash);
-        if !s.step.draft.record.status.has_call() {
+        if !s.step.draft.record.has_call_out() {
             // It may leave memory at the end of the round (one with a call in flight stays).
             self.touched.push(s.id.clone());
         }
@@ -276,6 +276,7 @@ impl<F: Flow> Runner<F> {
             method: p.method,
             call: p.call.clone(),
             redelivered: p.redelivered,
+            attempt: p.attempts.saturating_add(1),
             policy: self.policy(p.link, p.method).unwrap_or_else(|| {
                 CallPolicy::resolve(Policy::NONE, Policy::NONE, self.limits.call_policy)
             }),

@@ -174,14 +174,24 @@ impl<F: Flow> Runner<F> {
         } else {
             self.fault_in_for(o).await?
         };
-        let step = self.slots.get_mut(&o.id).and_then(|slot| {
-            slot.inst.outcome(
+        let step = self.slots.get_mut(&o.id).and_then(|slot| match o.retry_ms {
+            // A failed attempt the call's policy retries: recorded, and the next one sent
+            // when its backoff timer fires.
+            Some(delay_ms) => slot.inst.retry(
+                o.seq,
+                o.branch,
+                o.result.as_ref(),
+                delay_ms,
+                self.now_ms,
+                &mut self.scratch,
+            ),
+            None => slot.inst.outcome(
                 o.seq,
                 o.branch,
                 o.result.as_ref(),
                 self.now_ms,
                 &mut self.scratch,
-            )
+            ),
         });
         let Some(step) = step else {
             // Not in flight any more (applied before, or abandoned).

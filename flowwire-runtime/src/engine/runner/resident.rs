@@ -284,7 +284,7 @@ impl<F: Flow> Runner<F> {
     /// Puts a live instance in memory; a call in flight is sent again (or the instance
     /// parked) by a redelivery step in the next round.
     pub(super) fn install(&mut self, id: &Arc<str>, inst: Instance<F>, placed: PlacedRecord) {
-        if inst.status().has_call() {
+        if inst.record().has_call_out() {
             self.requeue.push_back(Input::Redeliver { id: id.clone() });
         }
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
@@ -357,7 +357,7 @@ impl<F: Flow> Runner<F> {
         let mut touched = std::mem::take(&mut self.touched);
         for id in touched.drain(..) {
             if let Some(slot) = self.slots.get(&id)
-                && !slot.inst.status().has_call()
+                && !slot.inst.record().has_call_out()
                 && !slot.phase.uploading()
                 && slot.held.is_empty()
                 && slot.placed.is_some()

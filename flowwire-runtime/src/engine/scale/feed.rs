@@ -256,6 +256,7 @@ impl<F: Flow> Feed<F> {
                     seq: o.seq,
                     branch: o.branch,
                     result: o.result,
+                    retry_ms: o.retry_ms,
                     receipt: Some(Box::new(Receipt {
                         entry: e.id,
                         reply_to: String::new(),

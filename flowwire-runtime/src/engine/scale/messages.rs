@@ -18,6 +18,8 @@ pub(crate) struct JobMsg {
     pub branch: Option<u32>,
     pub method: u16,
     pub redelivered: u32,
+    /// Which attempt this is, from 1.
+    pub attempt: u32,
     pub call: Bytes,
 }
 
@@ -28,6 +30,8 @@ pub(crate) struct OutcomeWire {
     pub seq: u64,
     pub branch: Option<u32>,
     pub result: Result<Bytes, Fault>,
+    /// The wait before the next attempt, when this one failed and the policy retries it.
+    pub retry_ms: Option<u64>,
 }
 
 /// A request any process may send to a shard's owner.
@@ -148,6 +152,7 @@ mod tests {
             branch: Some(2),
             method: 1,
             redelivered: 0,
+            attempt: 2,
             call: bytes::Bytes::from_static(b"call args"),
         };
         let ok = OutcomeWire {
@@ -155,6 +160,7 @@ mod tests {
             seq: 7,
             branch: None,
             result: Ok(bytes::Bytes::from_static(b"reply")),
+            retry_ms: None,
         };
         let fault = OutcomeWire {
             id: "o-1".into(),
@@ -164,6 +170,7 @@ mod tests {
                 attempts: 3,
                 message: "boom".into(),
             }),
+            retry_ms: Some(400),
         };
         let start = Request {
             req: 1,

@@ -218,7 +218,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     for d in b.drivers {
         drivers.push(d.meta);
         if b.roles.worker {
-            let port = (d.spawn)(&b.limits, &events, &drain);
+            let port = (d.spawn)(&b.limits, &drain);
             background.extend(workers::spawn(workers.clone(), d.meta, port));
         }
     }

@@ -479,6 +479,7 @@ fn encode_job(bus: &RedisBus, flow: &str, shard: u16, job: &Job) -> Option<(Stri
         branch: job.branch,
         method: job.method,
         redelivered: job.redelivered,
+        attempt: job.attempt,
         call: job.call.clone(),
     };
     let mut out = Vec::new();

@@ -213,6 +213,7 @@ fn job(
         call: msg.call,
         // A claimed call's worker died while it ran: it may have run.
         redelivered: msg.redelivered + u32::from(claimed),
+        attempt: msg.attempt,
         policy: CallPolicy::resolve(method.policy, meta.policy, ctx.limits.call_policy),
         names: (meta.name, method.name),
         reply: done.clone(),
@@ -249,6 +250,7 @@ async fn writer(
                 seq: o.seq,
                 branch: o.branch,
                 result: o.result,
+                retry_ms: o.retry_ms,
             };
             let mut out = Vec::new();
             if let Err(e) = codec::encode_raw(&wire, &mut out) {
