@@ -378,8 +378,9 @@ impl Engine {
     }
 
     /// How many instances of flow `F` the engine holds in memory now: those with a driver
-    /// call in flight (and, briefly, those a request just touched). Sleeping, waiting, backing-off (a call waiting out its retry backoff),
-    /// parked and ended instances live in the store only.
+    /// call in flight (and, briefly, those a request just touched). Sleeping, waiting,
+    /// backing off (a call waiting out its retry's backoff), parked and ended instances live
+    /// in the store only.
     ///
     /// ```
     /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
