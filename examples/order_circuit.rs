@@ -1,7 +1,11 @@
 //! The order circuit of the design brief, end to end on the embedded durable store.
 //!
-//! `cargo run --example order_circuit` — prints a trace of two orders and where the data
+//! `cargo run --example order_circuit` — prints a trace of three orders and where the data
 //! lives. Run it twice: the second run finds the orders of the first in the store.
+//!
+//! The payment gateway is busy on the first attempt of every charge: the error is retried
+//! after a durable backoff. A declined card is a permanent error: the flow fails at once,
+//! and the reservation is released by the id the warehouse returned.
 
 use std::fmt;
 use std::time::Duration;
@@ -86,16 +90,28 @@ impl std::error::Error for InventoryError {}
 /// Why the payment provider refused.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PaymentError {
-    /// The card was declined.
+    /// The gateway is busy: trying again later may succeed.
+    Busy,
+    /// The card was declined: it stays declined.
     Declined,
 }
 
 impl fmt::Display for PaymentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("card declined")
+        f.write_str(match self {
+            PaymentError::Busy => "the gateway is busy",
+            PaymentError::Declined => "card declined",
+        })
     }
 }
 impl std::error::Error for PaymentError {}
+
+/// A declined card is not retried; a busy gateway is (under the driver's policy).
+impl flowwire::Transient for PaymentError {
+    fn is_transient(&self) -> bool {
+        matches!(self, PaymentError::Busy)
+    }
+}
 
 /// The warehouse.
 #[driver]
@@ -106,8 +122,8 @@ pub trait Inventory {
     async fn release(&self, id: ReservationId) -> Result<(), InventoryError>;
 }
 
-/// The payment provider.
-#[driver(timeout = "30s", retries = 5)]
+/// The payment provider: three retries of a failed charge, 50 ms apart at first.
+#[driver(timeout = "30s", retries = 3, backoff = "50ms")]
 pub trait Payment {
     /// Charges the card.
     async fn charge(&self, cents: u64) -> Result<ChargeId, PaymentError>;
@@ -116,6 +132,7 @@ pub trait Payment {
 /// The persisted state of an order.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct OrderState {
+    cents: u64,
     cancelled: bool,
     reservation: Option<ReservationId>,
     charge: Option<ChargeId>,
@@ -150,16 +167,19 @@ impl OrderCircuit {
             return Command::finish();
         }
         match (self.state.reservation, self.state.charge) {
-            (None, _) => {
-                Command::drive(self.inventory.reserve(Sku::new("SKU-123"), 1)).then(|f, r| {
+            (None, _) => Command::drive(self.inventory.reserve(Sku::new("SKU-123"), 1))
+                // Undone, if the order fails later, by the id the warehouse returns.
+                .compensate_with(|id| InventoryProxy.release(*id))
+                .then(|f, r| {
                     f.state.reservation = Some(r?);
+                    Ok(())
+                }),
+            (Some(_), None) => {
+                Command::drive(self.payment.charge(self.state.cents)).then(|f, r| {
+                    f.state.charge = Some(r?);
                     Ok(())
                 })
             }
-            (Some(_), None) => Command::drive(self.payment.charge(9_995)).then(|f, r| {
-                f.state.charge = Some(r?);
-                Ok(())
-            }),
             _ => Command::finish(),
         }
     }
@@ -192,20 +212,34 @@ impl Inventory for Warehouse {
 /// The payment provider.
 struct Stripe;
 
+/// The amount this demo's card issuer declines.
+const DECLINED_CENTS: u64 = 66_600;
+
 #[driver]
 impl Payment for Stripe {
     async fn charge(&self, cents: u64) -> Result<ChargeId, PaymentError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        println!("  drive    Payment::charge({cents})   key {}", key());
+        let attempt = CallContext::current().map_or(1, |c| c.attempt());
+        println!(
+            "  drive    Payment::charge({cents})   key {}   attempt {attempt}",
+            key()
+        );
+        if attempt == 1 {
+            return Err(PaymentError::Busy);
+        }
+        if cents == DECLINED_CENTS {
+            return Err(PaymentError::Declined);
+        }
         Ok(ChargeId(42))
     }
 }
 
-async fn order(engine: &Engine, id: &str, cancel: bool) -> Result<(), flowwire::Error> {
-    let order = match engine
-        .start::<OrderCircuit>(id, OrderState::default())
-        .await
-    {
+async fn order(engine: &Engine, id: &str, cents: u64, cancel: bool) -> Result<(), flowwire::Error> {
+    let state = OrderState {
+        cents,
+        ..OrderState::default()
+    };
+    let order = match engine.start::<OrderCircuit>(id, state).await {
         Ok(order) => {
             println!("started  {id}");
             order
@@ -247,8 +281,9 @@ async fn main() -> Result<(), flowwire::Error> {
         .start()
         .await?;
 
-    order(&engine, "order-42", false).await?;
-    order(&engine, "order-43", true).await?;
+    order(&engine, "order-42", 9_995, false).await?;
+    order(&engine, "order-43", 9_995, true).await?;
+    order(&engine, "order-44", DECLINED_CENTS, false).await?;
 
     let dir = engine
         .data_dir()

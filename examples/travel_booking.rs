@@ -17,6 +17,14 @@ use flowwire::{EventKind, Events};
 #[error("{0}")]
 pub struct Unavailable(String);
 
+/// A supplier's refusal is its answer: not retried. (Timeouts and panics still are, under
+/// the driver's policy.)
+impl flowwire::Transient for Unavailable {
+    fn is_transient(&self) -> bool {
+        false
+    }
+}
+
 /// The travel suppliers: book, and cancel a booking by its reference.
 #[driver(timeout = "10s", retries = 3, backoff = "50ms")]
 pub trait Suppliers {

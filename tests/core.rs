@@ -797,3 +797,82 @@ fn an_impulse_during_a_backoff_keeps_the_call_and_its_timer() {
     assert!(o.fire_at(100));
     assert_eq!(o.sent.len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------
+// A hold whose release is built from the reservation's reply.
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hold {
+    id: String,
+}
+
+#[driver]
+pub trait Stock {
+    async fn hold(&self, item: u32) -> Result<Hold, Declined>;
+    async fn release(&self, hold: String) -> Result<(), Declined>;
+    async fn pay(&self, item: u32) -> Result<(), Declined>;
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldState {
+    item: u32,
+    hold: Option<Hold>,
+}
+
+#[flow]
+pub struct Purchase {
+    #[link]
+    state: HoldState,
+    #[link]
+    stock: impl Stock,
+}
+
+#[flow]
+impl Purchase {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.hold.is_none() {
+            return Command::drive(self.stock.hold(self.state.item))
+                .compensate_with(|hold| StockProxy.release(hold.id.clone()))
+                .then(|f, r| {
+                    f.state.hold = Some(r?);
+                    Ok(())
+                });
+        }
+        Command::drive(self.stock.pay(self.state.item)).then(|_, r| {
+            r?;
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_compensation_built_from_a_reply_is_persisted_with_its_step_across_a_restart() {
+    let mut p = Sim::<Purchase>::start(
+        "p",
+        HoldState {
+            item: 3,
+            hold: None,
+        },
+        0,
+    );
+    let hold = Hold { id: "H-77".into() };
+    assert!(p.answer(1, None, &Ok::<Hold, Declined>(hold.clone())));
+    let registered = &p.inst.record().compensations;
+    assert_eq!(registered.len(), 1, "registered with the outcome's step");
+    let undo: StockCall = codec::decode_raw(&registered[0].call, LIMIT).unwrap();
+    assert!(
+        matches!(&undo, StockCall::Release { hold } if hold == "H-77"),
+        "built from the reply: {undo:?}"
+    );
+    // A crash: the continuation and the closure are gone; the record holds the call.
+    p.restart();
+    assert!(p.answer(2, None, &Err::<(), Declined>(Declined)));
+    assert_eq!(p.inst.status(), &Status::Compensating);
+    assert_eq!(p.sent.len(), 1);
+    let sent: StockCall = codec::decode_raw(&p.sent[0].call.call, LIMIT).unwrap();
+    assert!(
+        matches!(&sent, StockCall::Release { hold } if hold == "H-77"),
+        "{sent:?}"
+    );
+}

@@ -32,6 +32,8 @@ pub trait Travel {
     async fn cancel_hotel(&self, trip: u32) -> Result<(), Refused>;
     async fn book_car(&self, trip: u32) -> Result<String, Refused>;
     async fn cancel_car(&self, trip: u32) -> Result<(), Refused>;
+    /// Releases a hotel booking by the reference `book_hotel` returned.
+    async fn release_room(&self, booking: String) -> Result<(), Refused>;
 }
 
 /// How the agency behaves, and what it did.
@@ -106,6 +108,10 @@ impl Travel for Agency {
         self.note("cancel_car", true);
         Ok(())
     }
+    async fn release_room(&self, booking: String) -> Result<(), Refused> {
+        self.note(&format!("release_room({booking})"), true);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -178,10 +184,50 @@ impl Trip {
     }
 }
 
+/// Books a hotel, whose undo is built from the booking's reference, then a car.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StayState {
+    trip: u32,
+    booking: Option<String>,
+    car: Option<String>,
+}
+
+#[flow]
+pub struct Stay {
+    #[link]
+    state: StayState,
+    #[link]
+    travel: impl Travel,
+}
+
+#[flow]
+impl Stay {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let trip = self.state.trip;
+        if self.state.booking.is_none() {
+            return Command::drive(self.travel.book_hotel(trip))
+                .compensate_with(|booking| TravelProxy.release_room(booking.clone()))
+                .then(|f, r| {
+                    f.state.booking = Some(r?);
+                    Ok(())
+                });
+        }
+        if self.state.car.is_none() {
+            return Command::drive(self.travel.book_car(trip)).then(|f, r| {
+                f.state.car = Some(r?);
+                Ok(())
+            });
+        }
+        Command::finish()
+    }
+}
+
 async fn engine(agency: &Agency) -> Engine {
     Engine::builder()
         .in_memory()
         .flow::<Trip>()
+        .flow::<Stay>()
         .driver(agency.clone())
         .start()
         .await
@@ -407,5 +453,27 @@ async fn an_impulse_that_fails_the_flow_is_recorded_as_applied() {
     assert!(
         matches!(&again, Err(Error::ImpulseAlreadyApplied { impulse_id, .. }) if impulse_id == "give-up-1"),
         "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_compensation_built_from_the_reply_undoes_what_the_call_returned() {
+    let agency = Agency::default();
+    agency.set(|d| d.refuse_car = true);
+    let engine = engine(&agency).await;
+    let state = StayState {
+        trip: 5,
+        ..StayState::default()
+    };
+    let h = engine.start::<Stay>("s1", state).await.unwrap();
+    let ended = h.finished().await.unwrap();
+    assert!(
+        matches!(&ended, Ended::Failed { reason } if reason.contains("no cars left")),
+        "{ended:?}"
+    );
+    assert_eq!(
+        agency.log(),
+        ["book_hotel", "book_car!", "release_room(HT-5)"],
+        "the release names the booking the hotel returned"
     );
 }

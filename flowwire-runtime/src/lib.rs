@@ -29,7 +29,7 @@ mod impulse;
 pub mod meta;
 mod operation;
 
-pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed};
+pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed, UndoFrom};
 pub use context::CallContext;
 pub use driver::{
     Call, Dispatch, DriveError, Driver, DriverCall, Fault, Implements, Reply, Transient, Verdict,

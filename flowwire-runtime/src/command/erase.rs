@@ -1,18 +1,20 @@
 //! Erasing a continuation's result type, so that every drive of a flow fits one type
-//! ([`Then`]): the only `unsafe` in the runtime.
+//! ([`Then`], and [`UndoWith`] for compensations built from a reply): the only `unsafe` in
+//! the runtime.
 //!
 //! # Safety invariant
 //! A [`Then`] holds a function pointer `raw` whose real type is `Continuation<F, R>` or
 //! `Each<F, R>`, stored as `fn()`, and the monomorphized `run::<F, R>` or `run_each::<F, R>`
 //! that transmutes it back. Both fields are written together, by [`Then::new`] and
 //! [`Then::each`] only, and never changed after: `raw` is therefore only ever called as the
-//! type it was made from. Transmuting between function pointer types of the same size is
-//! sound; calling through the wrong type would not be, and this pairing is what rules it
-//! out.
+//! type it was made from. An [`UndoWith`] pairs an `UndoFrom<R, C, U>` with
+//! `run_undo::<F, R, C, U>` the same way, in [`UndoWith::new`] only. Transmuting between
+//! function pointer types of the same size is sound; calling through the wrong type would
+//! not be, and this pairing is what rules it out.
 
 #![allow(unsafe_code)]
 
-use super::{Continuation, Delivered, DriveError, Each, Then, ThenError};
+use super::{Continuation, Delivered, DriveError, Each, Then, ThenError, UndoFrom, UndoWith};
 use crate::board::Board;
 use crate::driver::Reply;
 
@@ -87,5 +89,45 @@ fn outcome<R: Reply>(
             Err(e) => return Err(ThenError::Decode(e.to_string())),
         },
         Delivered::Fault(fault) => Err(DriveError::Runtime(fault.clone())),
+    })
+}
+
+impl<F: Board> UndoWith<F> {
+    pub(crate) fn new<R: Reply, C, U: Reply>(k: UndoFrom<R, C, U>) -> Self
+    where
+        F::Call: From<C>,
+    {
+        // SAFETY: as in `Then::new`; `raw` is only called by `run_undo::<F, R, C, U>`.
+        let raw = unsafe { std::mem::transmute::<UndoFrom<R, C, U>, fn()>(k) };
+        Self {
+            raw,
+            run: run_undo::<F, R, C, U>,
+        }
+    }
+
+    /// Builds the compensating call from the encoded reply of the call it undoes: `None`
+    /// when the reply is the driver's error (nothing to undo); `Err` when it does not
+    /// decode as the method's result type.
+    pub(crate) fn build(self, reply: &[u8], limit: usize) -> Result<Option<F::Call>, String> {
+        (self.run)(self.raw, reply, limit)
+    }
+}
+
+fn run_undo<F: Board, R: Reply, C, U: Reply>(
+    raw: fn(),
+    reply: &[u8],
+    limit: usize,
+) -> Result<Option<F::Call>, String>
+where
+    F::Call: From<C>,
+{
+    // SAFETY: `raw` was made from an `UndoFrom<R, C, U>` in `UndoWith::new`, the only
+    // place that pairs it with `run_undo::<F, R, C, U>`.
+    let k = unsafe { std::mem::transmute::<fn(), UndoFrom<R, C, U>>(raw) };
+    let reply =
+        flowwire_storage::codec::decode_raw::<R>(reply, limit).map_err(|e| e.to_string())?;
+    Ok(match reply.into_result() {
+        Ok(value) => Some(F::Call::from(k(&value).into_call())),
+        Err(_) => None,
     })
 }

@@ -62,7 +62,7 @@ pub(crate) enum CommandKind<F: Board> {
     Drive {
         call: F::Call,
         then: Then<F>,
-        undo: Option<F::Call>,
+        undo: Option<Undo<F>>,
     },
     Wait,
     Timer {
@@ -77,6 +77,14 @@ pub(crate) enum CommandKind<F: Board> {
     },
     Finish,
     Fail(Failure),
+}
+
+/// The compensation a drive registers when its call succeeds.
+pub(crate) enum Undo<F: Board> {
+    /// Built with the drive: [`Drive::compensate`].
+    Call(F::Call),
+    /// Built from the reply once the call succeeded: [`Drive::compensate_with`].
+    With(UndoWith<F>),
 }
 
 /// How a fan-out joins, with its continuations.
@@ -371,7 +379,7 @@ impl<F: Board> Timed<F> {
 #[must_use = "a drive needs its continuation: add `.then(|flow, outcome| ..)`"]
 pub struct Drive<F: Board, R> {
     call: F::Call,
-    undo: Option<F::Call>,
+    undo: Option<Undo<F>>,
     _reply: std::marker::PhantomData<fn() -> R>,
 }
 
@@ -380,6 +388,10 @@ pub type Outcome<R> = Result<<R as Reply>::Ok, DriveError<<R as Reply>::Err>>;
 
 /// A continuation: a non-capturing closure or a plain `fn`.
 pub type Continuation<F, R> = fn(&mut F, Outcome<R>) -> Result<(), Failure>;
+
+/// A compensation built from the reply of the call it undoes ([`Drive::compensate_with`]):
+/// a non-capturing closure or a plain `fn` from the call's `Ok` value to the undoing call.
+pub type UndoFrom<R, C, U> = fn(&<R as Reply>::Ok) -> Call<C, U>;
 
 impl<F: Board, R: Reply> Drive<F, R> {
     /// Registers the call that undoes this one, should the flow fail later: a saga step.
@@ -437,7 +449,73 @@ impl<F: Board, R: Reply> Drive<F, R> {
     where
         F::Call: From<C>,
     {
-        self.undo = Some(F::Call::from(undo.into_call()));
+        self.undo = Some(Undo::Call(F::Call::from(undo.into_call())));
+        self
+    }
+
+    /// Registers the call that undoes this one, built from its reply once it succeeds: a
+    /// saga step whose undo needs what the call returned (a reservation's id, a charge's
+    /// reference).
+    ///
+    /// `undo` receives the call's `Ok` value and returns the compensating call, built on
+    /// the driver's proxy, a unit value named after its trait (`InventoryProxy` for
+    /// `Inventory`). Like a continuation it must not capture anything (it is a `fn` pointer,
+    /// rederived from the wire after a restart). It runs when the
+    /// outcome is applied, before the continuation, and the call it builds is persisted
+    /// with that step, so it is never built again: a crash, a retry of the compensation or
+    /// a later change of the state does not change it. A panic in it parks the instance.
+    /// Everything else is as for [`Drive::compensate`].
+    ///
+    /// ```
+    /// use flowwire::prelude::*;
+    ///
+    /// #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// pub struct Reservation {
+    ///     id: String,
+    ///     seats: u32,
+    /// }
+    ///
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+    /// # #[error("sold out")]
+    /// # pub struct SoldOut;
+    /// #[driver]
+    /// pub trait Inventory {
+    ///     async fn reserve(&self, item: u64, seats: u32) -> Result<Reservation, SoldOut>;
+    ///     async fn release(&self, reservation: String) -> Result<(), SoldOut>;
+    /// }
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Booking {
+    ///     item: u64,
+    ///     reservation: Option<Reservation>,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Book {
+    ///     #[link]
+    ///     state: Booking,
+    ///     #[link]
+    ///     inventory: impl Inventory,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Book {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.reservation.is_some() {
+    ///             return Command::finish();
+    ///         }
+    ///         Command::drive(self.inventory.reserve(self.state.item, 2))
+    ///             .compensate_with(|r| InventoryProxy.release(r.id.clone()))
+    ///             .then(|f, r| { f.state.reservation = Some(r?); Ok(()) })
+    ///     }
+    /// }
+    /// ```
+    pub fn compensate_with<C, U: Reply>(mut self, undo: UndoFrom<R, C, U>) -> Self
+    where
+        F::Call: From<C>,
+    {
+        self.undo = Some(Undo::With(UndoWith::new::<R, C, U>(undo)));
         self
     }
 
@@ -570,6 +648,21 @@ pub(crate) struct Then<F> {
     raw: fn(),
     run: fn(fn(), &mut F, Delivered<'_>, usize, usize) -> Result<(), ThenError>,
 }
+
+/// A compensation built from a reply ([`UndoFrom`]), with its types erased, so every drive
+/// of a flow fits one type.
+#[allow(clippy::type_complexity)] // a fn pointer signature, named once here
+pub(crate) struct UndoWith<F: Board> {
+    raw: fn(),
+    run: fn(fn(), &[u8], usize) -> Result<Option<F::Call>, String>,
+}
+
+impl<F: Board> Clone for UndoWith<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Board> Copy for UndoWith<F> {}
 
 impl<F> Clone for Then<F> {
     fn clone(&self) -> Self {

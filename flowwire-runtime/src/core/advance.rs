@@ -8,7 +8,7 @@ use flowwire_storage::codec;
 use flowwire_storage::{Compensation, Fan, PendingCall, Status, StepInput, StepOutput, Timer};
 
 use crate::board::CallSet;
-use crate::command::{Command, CommandKind, Delivered, ThenError, Wake};
+use crate::command::{Command, CommandKind, Delivered, ThenError, Undo, Wake};
 use crate::driver::Fault;
 use crate::flow::{Flow, ImpulseSet};
 use crate::guard::guard;
@@ -98,7 +98,36 @@ impl<F: Flow> Instance<F> {
                 Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
             },
         };
-        if ok && let Some(undo) = &armed.undo {
+        let built;
+        let undo = match (&armed.undo, outcome) {
+            (Some(Undo::Call(call)), _) if ok => Some(call),
+            (Some(Undo::With(with)), Ok(reply)) if ok => {
+                let limit = self.limit;
+                match guard(|| with.build(reply, limit)) {
+                    Ok(Ok(call)) => {
+                        built = call;
+                        built.as_ref()
+                    }
+                    Ok(Err(e)) => {
+                        let reason =
+                            format!("the reply of the call at step {seq} does not decode: {e}");
+                        let mut step = self.park(input, reason, scratch);
+                        step.draft.payload = payload;
+                        return Some(step);
+                    }
+                    Err(panic) => {
+                        let reason = format!(
+                            "the compensation of the call at step {seq} panicked while built from its reply: {panic}"
+                        );
+                        let mut step = self.park(input, reason, scratch);
+                        step.draft.payload = payload;
+                        return Some(step);
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(undo) = undo {
             // The call did what it did: whatever the continuation makes of it, the flow
             // must undo it if it fails later.
             scratch.call.clear();

@@ -41,7 +41,7 @@ use flowwire_storage::{
 use smallvec::{SmallVec, smallvec};
 
 use crate::board::Board;
-use crate::command::{Join, Then, Wake};
+use crate::command::{Join, Then, Undo, Wake};
 use crate::flow::Flow;
 pub use crate::operation::{Operation, Patch};
 
@@ -49,7 +49,7 @@ pub use crate::operation::{Operation, Patch};
 struct Armed<F: Board> {
     seq: u64,
     then: Then<F>,
-    undo: Option<F::Call>,
+    undo: Option<Undo<F>>,
 }
 
 /// The continuations of the fan-out in flight, as the wire returned them.
