@@ -259,7 +259,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(
         ended,
         Ended::Failed {
-            reason: format!("{ATTEMPTS} wrong codes")
+            reason: format!("{ATTEMPTS} wrong codes"),
+            error: None
         }
     );
 

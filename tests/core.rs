@@ -876,3 +876,36 @@ fn a_compensation_built_from_a_reply_is_persisted_with_its_step_across_a_restart
         "{sent:?}"
     );
 }
+
+#[test]
+fn a_typed_failure_is_kept_while_compensations_run_across_a_restart() {
+    let mut o = Sim::<Order>::start("o", order(), 0);
+    assert!(o.answer(1, None, &Ok::<u32, Declined>(42)));
+    o.impulse("c-1", OrderImpulse::Confirm {}).unwrap();
+    assert!(o.answer(3, None, &Err::<(), Declined>(Declined)));
+    assert_eq!(o.inst.status(), &Status::Compensating);
+    let kept = o
+        .inst
+        .record()
+        .error
+        .clone()
+        .expect("the driver's error, typed");
+    assert_eq!(kept.type_name, std::any::type_name::<Declined>());
+    o.restart();
+    let release = o.sent[0].call.seq;
+    assert!(o.answer(release, None, &Ok::<(), Declined>(())));
+    assert_eq!(
+        o.inst.status(),
+        &Status::Failed {
+            reason: "driver error: declined".into()
+        }
+    );
+    assert_eq!(o.inst.record().error.as_ref(), Some(&kept));
+    assert_eq!(
+        o.outputs().last(),
+        Some(&StepOutput::Fail {
+            reason: "driver error: declined".into(),
+            error: Some(kept)
+        })
+    );
+}

@@ -255,11 +255,14 @@ async fn a_driver_error_reaches_the_continuation_and_fails_the_flow() {
         .await
         .unwrap();
     trip.want(0).await.unwrap();
-    assert_eq!(
-        finished(&trip).await,
-        Ended::Failed {
-            reason: "driver error: no seats left".into()
-        }
+    let ended = finished(&trip).await;
+    assert!(
+        matches!(&ended, Ended::Failed { reason, .. } if reason == "driver error: no seats left"),
+        "{ended:?}"
+    );
+    assert!(
+        ended.error::<NoSeats>().is_some(),
+        "the driver's error is kept, typed: {ended:?}"
     );
 }
 

@@ -461,7 +461,7 @@ async fn a_failing_branch_fails_the_flow_and_undoes_the_branches_that_succeeded(
     let h = engine.start::<Seats>("s1", state).await.unwrap();
     let ended = h.finished().await.unwrap();
     assert!(
-        matches!(&ended, Ended::Failed { reason } if reason.contains("seat 12 is taken")),
+        matches!(&ended, Ended::Failed { reason, .. } if reason.contains("seat 12 is taken")),
         "{ended:?}"
     );
     assert_eq!(

@@ -294,7 +294,8 @@ async fn compensations_in_flight_at_kills_run_to_completion_last_first() {
         assert_eq!(
             entries.last().unwrap().output,
             StepOutput::Fail {
-                reason: "the trip was called off".into()
+                reason: "the trip was called off".into(),
+                error: None
             }
         );
     }

@@ -3,7 +3,9 @@
 //! flow fails — `Command::fail`, or a continuation returning `Err` — the compensations of
 //! the drives that succeeded run, last registered first, each to a successful outcome (with
 //! its driver's retry policy), and the flow ends failed with its own reason. A compensation
-//! that still fails parks the instance; resuming it sends that compensation again. The kill
+//! that still fails parks the instance; resuming it sends that compensation again. A
+//! failure can be typed: a driver's error passed on with `?`, or `Command::fail_with`; the
+//! caller gets the value back with `Ended::error`, and history and events carry it. The kill
 //! test (a crash while compensations run) is in tests/kill.rs.
 
 use std::sync::{Arc, Mutex};
@@ -268,7 +270,7 @@ async fn a_failing_continuation_undoes_the_drives_that_succeeded_last_first() {
 
     let ended = h.finished().await.unwrap();
     assert!(
-        matches!(&ended, Ended::Failed { reason } if reason.contains("no cars left")),
+        matches!(&ended, Ended::Failed { reason, .. } if reason.contains("no cars left")),
         "the flow ends failed with the continuation's reason: {ended:?}"
     );
     assert_eq!(
@@ -298,7 +300,7 @@ async fn a_failing_continuation_undoes_the_drives_that_succeeded_last_first() {
             ok: true
         }
     );
-    assert!(matches!(&last.output, StepOutput::Fail { reason } if reason.contains("no cars")));
+    assert!(matches!(&last.output, StepOutput::Fail { reason, .. } if reason.contains("no cars")));
 }
 
 #[tokio::test]
@@ -313,7 +315,8 @@ async fn command_fail_runs_the_registered_compensations() {
     assert_eq!(
         h.finished().await.unwrap(),
         Ended::Failed {
-            reason: "the traveller cancelled".into()
+            reason: "the traveller cancelled".into(),
+            error: None
         }
     );
     assert_eq!(
@@ -394,7 +397,8 @@ async fn a_compensation_that_keeps_failing_parks_the_instance_and_resume_sends_i
     assert_eq!(
         h.finished().await.unwrap(),
         Ended::Failed {
-            reason: "the traveller cancelled".into()
+            reason: "the traveller cancelled".into(),
+            error: None
         },
         "resumed, the saga finishes with the flow's own reason"
     );
@@ -441,7 +445,8 @@ async fn an_impulse_that_fails_the_flow_is_recorded_as_applied() {
     assert_eq!(
         h.finished().await.unwrap(),
         Ended::Failed {
-            reason: "the traveller cancelled".into()
+            reason: "the traveller cancelled".into(),
+            error: None
         }
     );
     assert_eq!(
@@ -468,7 +473,7 @@ async fn a_compensation_built_from_the_reply_undoes_what_the_call_returned() {
     let h = engine.start::<Stay>("s1", state).await.unwrap();
     let ended = h.finished().await.unwrap();
     assert!(
-        matches!(&ended, Ended::Failed { reason } if reason.contains("no cars left")),
+        matches!(&ended, Ended::Failed { reason, .. } if reason.contains("no cars left")),
         "{ended:?}"
     );
     assert_eq!(
@@ -476,4 +481,101 @@ async fn a_compensation_built_from_the_reply_undoes_what_the_call_returned() {
         ["book_hotel", "book_car!", "release_room(HT-5)"],
         "the release names the booking the hotel returned"
     );
+}
+
+#[tokio::test]
+async fn a_drivers_error_passed_on_with_a_question_mark_fails_the_flow_typed() {
+    let agency = Agency::default();
+    agency.set(|d| d.refuse_car = true);
+    let engine = engine(&agency).await;
+    let mut events = engine.events();
+    let state = StayState {
+        trip: 6,
+        ..StayState::default()
+    };
+    let h = engine.start::<Stay>("s2", state).await.unwrap();
+    let ended = h.finished().await.unwrap();
+    let refused = ended.error::<Refused>().expect("the driver's error, typed");
+    assert_eq!(refused.0, "no cars left");
+    assert!(
+        ended.error::<String>().is_none(),
+        "a value is read only as the type it was written from"
+    );
+    // Kept while the compensation ran, then in the last step and its event.
+    let page = engine.history::<Stay>("s2", 0, 100).await.unwrap();
+    let StepOutput::Fail { reason, error } = &page.steps.last().unwrap().output else {
+        panic!("the last step fails the flow: {page:?}");
+    };
+    assert_eq!(reason, "driver error: refused: no cars left");
+    let error = error.as_ref().expect("history keeps the typed value");
+    assert_eq!(error.type_name, std::any::type_name::<Refused>());
+    let mut failed = None;
+    while let Some(Ok(e)) = events.try_next() {
+        if let EventKind::Failed { error, .. } = e.kind {
+            failed = error;
+        }
+    }
+    assert_eq!(failed.as_ref(), Some(error), "the event carries it too");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum TripError {
+    #[error("trip {0} is over budget")]
+    OverBudget(u32),
+}
+
+/// Fails with a typed error of its own once the hotel is booked (undone first).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BudgetState {
+    trip: u32,
+    hotel: Option<String>,
+}
+
+#[flow]
+pub struct Budget {
+    #[link]
+    state: BudgetState,
+    #[link]
+    travel: impl Travel,
+}
+
+#[flow]
+impl Budget {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let trip = self.state.trip;
+        if self.state.hotel.is_none() {
+            return Command::drive(self.travel.book_hotel(trip))
+                .compensate(self.travel.cancel_hotel(trip))
+                .then(|f, r| {
+                    f.state.hotel = Some(r?);
+                    Ok(())
+                });
+        }
+        Command::fail_with(TripError::OverBudget(trip))
+    }
+}
+
+#[tokio::test]
+async fn a_flow_fails_with_its_own_typed_error_after_its_compensations() {
+    let agency = Agency::default();
+    let engine = Engine::builder()
+        .in_memory()
+        .flow::<Budget>()
+        .driver(agency.clone())
+        .start()
+        .await
+        .unwrap();
+    let state = BudgetState {
+        trip: 8,
+        hotel: None,
+    };
+    let h = engine.start::<Budget>("b1", state).await.unwrap();
+    let ended = h.finished().await.unwrap();
+    assert_eq!(ended.error::<TripError>(), Some(TripError::OverBudget(8)));
+    assert!(
+        matches!(&ended, Ended::Failed { reason, .. } if reason == "trip 8 is over budget"),
+        "the message is kept: {ended:?}"
+    );
+    assert_eq!(agency.log(), ["book_hotel", "cancel_hotel"]);
 }

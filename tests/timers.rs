@@ -241,7 +241,8 @@ async fn a_wait_times_out_when_no_impulse_comes() {
     assert_eq!(
         h.finished().await.unwrap(),
         Ended::Failed {
-            reason: "nobody approved in time".into()
+            reason: "nobody approved in time".into(),
+            error: None
         }
     );
     let err = h.approve().await.unwrap_err();

@@ -99,7 +99,8 @@ pub enum Fault {
     Codec(String),
 }
 
-/// What a continuation receives when a call did not succeed.
+/// What a continuation receives when a call did not succeed. `?` on it fails the flow
+/// with a typed [`Failure`](crate::Failure) that keeps the error's value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriveError<E> {
     /// The driver returned its own error.
@@ -117,14 +118,9 @@ impl<E: fmt::Display> fmt::Display for DriveError<E> {
     }
 }
 
-impl<E: std::error::Error + 'static> std::error::Error for DriveError<E> {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            DriveError::Driver(e) => e.source(),
-            DriveError::Runtime(_) => None,
-        }
-    }
-}
+// `DriveError` does not implement `std::error::Error`, on purpose: `?` on it converts
+// into a typed `Failure` (its value kept), which the blanket `From<E: Error>` (message
+// only) would otherwise overlap.
 
 /// Whether a driver's own error is worth another attempt.
 ///

@@ -1,5 +1,8 @@
 //! [`Ended`]: how an instance ended, as `finished()` reports it.
 
+use flowwire_storage::ErrorValue;
+use serde::de::DeserializeOwned;
+
 /// How an instance ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
@@ -7,7 +10,42 @@ pub enum Ended {
     Finished,
     /// The wire returned `Command::fail(..)`, or a continuation returned `Err`.
     Failed {
-        /// Why.
+        /// Why, for people.
         reason: String,
+        /// The typed failure, when the flow failed with one: a driver's error that a
+        /// continuation passed on with `?`, or a [`Failure::typed`](crate::Failure::typed).
+        /// Read it with [`Ended::error`].
+        error: Option<ErrorValue>,
     },
+}
+
+impl Ended {
+    /// The typed failure as an `E`, if the flow failed with a value of that type (its
+    /// type's name is checked before its bytes are decoded, so another type's value is
+    /// never misread as an `E`).
+    ///
+    /// ```
+    /// # async fn demo(h: flowwire::Handle<impl flowwire::Flow>) -> flowwire::Result<()> {
+    /// # #[derive(Debug, serde::Deserialize)] enum PaymentError { Declined, Busy }
+    /// let status = match h.finished().await? {
+    ///     flowwire::Ended::Finished => 200,
+    ///     ended => match ended.error::<PaymentError>() {
+    ///         Some(PaymentError::Declined) => 402,
+    ///         _ => 500,
+    ///     },
+    /// };
+    /// # let _ = status; Ok(()) }
+    /// ```
+    pub fn error<E: DeserializeOwned>(&self) -> Option<E> {
+        let Ended::Failed {
+            error: Some(error), ..
+        } = self
+        else {
+            return None;
+        };
+        if error.type_name != std::any::type_name::<E>() {
+            return None;
+        }
+        flowwire_storage::codec::decode_raw(&error.value, error.value.len()).ok()
+    }
 }

@@ -102,6 +102,9 @@ pub enum EventKind {
     Failed {
         /// Why.
         reason: String,
+        /// The typed failure, when the flow failed with one (see `Ended::error`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<flowwire_storage::ErrorValue>,
     },
     /// The instance was parked for an operator.
     Quarantined {
@@ -300,8 +303,9 @@ pub(crate) fn of_step(
             until_ms: Some(*due_ms),
         }),
         StepOutput::Finish => emit(EventKind::Finished),
-        StepOutput::Fail { reason } => emit(EventKind::Failed {
+        StepOutput::Fail { reason, error } => emit(EventKind::Failed {
             reason: reason.clone(),
+            error: error.clone(),
         }),
         StepOutput::Quarantine { reason } => emit(EventKind::Quarantined {
             reason: reason.clone(),

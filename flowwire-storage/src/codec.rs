@@ -102,8 +102,8 @@ impl Kind {
             // failure a compensating flow ends with, and its correlation key; 5 (records) = the
             // fan-out in flight, 4 (history) = fan-out inputs and outputs; 6 (records) and 5
             // (history) = the instance's identity and the header bound into the checksum;
-            // 7 (records) and 6 (history) = retries: attempt counts of calls and branches,
-            // retry steps. All are read.
+            // 7 (records) and 6 (history) = retries (attempt counts of calls and branches,
+            // retry steps) and typed failures. All are read.
             Kind::Record => 7,
             Kind::History => 6,
             Kind::State => 1,

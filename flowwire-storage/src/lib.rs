@@ -38,8 +38,9 @@ pub use codec::{DEFAULT_DECODE_LIMIT, Kind};
 pub use error::{BlobError, CodecError, StoreError};
 pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
-    Branch, BranchState, Compensation, Expect, Fan, HistoryEntry, InstanceKey, PendingCall, Record,
-    Status, StepInput, StepOutput, StepResult, StepWrite, Stored, TimeSpec, Timer,
+    Branch, BranchState, Compensation, ErrorValue, Expect, Fan, HistoryEntry, InstanceKey,
+    PendingCall, Record, Status, StepInput, StepOutput, StepResult, StepWrite, Stored, TimeSpec,
+    Timer,
 };
 pub use store::{BoxFuture, InstanceStore, MemoryStore, RedbStore};
 pub use tier::{BlobTier, Tier, TierError, TierExt};

@@ -75,6 +75,10 @@ fn record() -> PlacedRecord {
             failing: Some("why".into()),
             correlation: Some("key-1".into()),
             fan: None,
+            error: Some(flowwire_storage::ErrorValue {
+                type_name: "shop::PaymentError".into(),
+                value: Bytes::from_static(&[1]),
+            }),
         },
         retired: Vec::new(),
         trash: vec![BlobRef {

@@ -159,7 +159,7 @@ async fn trips(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     for (id, h) in handles {
         let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
         match ended {
-            Ok(Ok(Ended::Failed { reason })) if reason == "the trip was called off" => {}
+            Ok(Ok(Ended::Failed { reason, .. })) if reason == "the trip was called off" => {}
             other => panic!("{id}: {other:?}"),
         }
     }

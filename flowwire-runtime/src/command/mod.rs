@@ -303,6 +303,59 @@ impl<F: Board> Command<F> {
         }
     }
 
+    /// Fails the flow with a typed error: as [`Command::fail`], and the caller gets the
+    /// value back with [`Ended::error`](crate::Ended::error) (it is also in the history's
+    /// last step and in the `failed` event).
+    ///
+    /// ```
+    /// use flowwire::prelude::*;
+    ///
+    /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+    /// pub enum SignupError {
+    ///     #[error("the email {0} is taken")]
+    ///     EmailTaken(String),
+    /// }
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Form {
+    ///     email: String,
+    ///     taken: bool,
+    /// }
+    ///
+    /// #[flow]
+    /// pub struct Signup {
+    ///     #[link]
+    ///     state: Form,
+    /// }
+    ///
+    /// #[flow]
+    /// impl Signup {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.taken {
+    ///             return Command::fail_with(SignupError::EmailTaken(self.state.email.clone()));
+    ///         }
+    ///         Command::finish()
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flowwire::Result<()> {
+    /// let engine = Engine::builder().in_memory().flow::<Signup>().start().await?;
+    /// let form = Form { email: "ann@example.com".into(), taken: true };
+    /// let ended = engine.start::<Signup>("s-1", form).await?.finished().await?;
+    /// assert_eq!(
+    ///     ended.error::<SignupError>(),
+    ///     Some(SignupError::EmailTaken("ann@example.com".into()))
+    /// );
+    /// # Ok(()) }
+    /// ```
+    pub fn fail_with<E: serde::Serialize + fmt::Display>(error: E) -> Self {
+        Self {
+            kind: CommandKind::Fail(Failure::typed(&error)),
+        }
+    }
+
     /// A short name of the command, for traces.
     pub fn name(&self) -> &'static str {
         match self.kind {

@@ -10,6 +10,7 @@ use flowwire_storage::{Compensation, Fan, PendingCall, Status, StepInput, StepOu
 use crate::board::CallSet;
 use crate::command::{Command, CommandKind, Delivered, ThenError, Undo, Wake};
 use crate::driver::Fault;
+use crate::failure::Failure;
 use crate::flow::{Flow, ImpulseSet};
 use crate::guard::guard;
 
@@ -152,7 +153,7 @@ impl<F: Flow> Instance<F> {
         let ran = guard(|| then.call(&mut self.flow, delivered, limit, 0));
         let mut step = match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
-            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
                 self.park(input, reason, scratch)
@@ -288,14 +289,14 @@ impl<F: Flow> Instance<F> {
                     }
                     (status, pending, dispatch, output, timer, fan, None)
                 }
-                Plan::Fail(reason) => (
+                Plan::Fail(failure) => (
                     Status::Waiting,
                     None,
                     Dispatches::new(),
                     StepOutput::Wait,
                     None,
                     None,
-                    Some(reason),
+                    Some(failure),
                 ),
                 Plan::JoinNow(then) => return self.join(input, impulse, then, scratch, joined + 1),
                 Plan::Park(reason) => return self.park(input, reason, scratch),
@@ -306,11 +307,11 @@ impl<F: Flow> Instance<F> {
             return self.park(input, reason, scratch);
         }
         let state = scratch.arena.take(&mut scratch.state);
-        if let Some(reason) = failing {
+        if let Some(failure) = failing {
             let compensations = self.compensations_now();
             // The impulse that led the wire to fail was applied: its id is recorded with
             // the step, as with any other.
-            return self.unwind(input, impulse, reason, compensations, state, scratch);
+            return self.unwind(input, impulse, failure, compensations, state, scratch);
         }
         let mut step = self.build(
             input, impulse, status, state, pending, dispatch, timer, output,
@@ -322,13 +323,18 @@ impl<F: Flow> Instance<F> {
 
     /// The step after a continuation failed the flow: its changed state is kept, and the
     /// compensations (with the one this step registers) start.
-    pub(super) fn end(&mut self, input: StepInput, reason: String, scratch: &mut Scratch) -> Step {
+    pub(super) fn end(
+        &mut self,
+        input: StepInput,
+        failure: Failure,
+        scratch: &mut Scratch,
+    ) -> Step {
         scratch.state.clear();
         let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
             Ok(()) => scratch.arena.take(&mut scratch.state),
             Err(_) => self.record.state.clone(),
         };
         let compensations = self.compensations_now();
-        self.unwind(input, None, reason, compensations, state, scratch)
+        self.unwind(input, None, failure, compensations, state, scratch)
     }
 }

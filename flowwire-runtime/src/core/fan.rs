@@ -95,7 +95,7 @@ impl<F: Flow> Instance<F> {
                     Err(reason) => self.park(input, reason, scratch),
                 }
             }
-            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!(
                     "the reply of branch {branch} of the fan-out at step {seq} does not decode: {e}"
@@ -125,7 +125,7 @@ impl<F: Flow> Instance<F> {
     ) -> Step {
         match guard(|| then(&mut self.flow)) {
             Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined),
-            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(failure)) => self.end(input, failure, scratch),
             Err(panic) => {
                 let reason = format!("the fan-out's join continuation panicked: {panic}");
                 self.park(input, reason, scratch)

@@ -202,6 +202,7 @@ impl<F: Flow> Instance<F> {
                 failing: None,
                 correlation: None,
                 fan: None,
+                error: None,
             },
             awaiting: Awaiting::Nothing,
             registered: None,
@@ -299,10 +300,10 @@ impl<F: Flow> Instance<F> {
         } else {
             self.compensations_now()
         };
-        let failing = if ended {
-            None
+        let (failing, error) = if ended {
+            (None, None)
         } else {
-            self.record.failing.clone()
+            (self.record.failing.clone(), self.record.error.clone())
         };
         // A parked instance keeps the version that wrote it (an operator's resume, or the
         // next step after a migration, writes this one).
@@ -315,6 +316,7 @@ impl<F: Flow> Instance<F> {
             flow_version,
             seq: self.record.seq + 1,
             failing,
+            error,
             correlation: self.correlation(),
             status,
             state,

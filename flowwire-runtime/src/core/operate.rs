@@ -57,6 +57,7 @@ impl<F: Flow> Instance<F> {
                 step.draft.record.pending = None;
                 step.draft.record.fan = None;
                 step.draft.record.failing = None;
+                step.draft.record.error = None;
                 step
             }
         };

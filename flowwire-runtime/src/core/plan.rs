@@ -8,6 +8,7 @@ use flowwire_storage::{Fan, PendingCall, Record, Status, StepOutput, TimeSpec, T
 
 use crate::board::CallSet;
 use crate::command::{CommandKind, Join, Wake};
+use crate::failure::Failure;
 use crate::flow::Flow;
 
 use super::fan::{encode_branch, fan_output, fan_timer, same_fan, top_up};
@@ -33,8 +34,8 @@ pub(super) enum Plan<F: Flow> {
         fan: Option<Fan>,
         awaiting: Option<Awaiting<F>>,
     },
-    /// The flow fails, for this reason: its compensations run.
-    Fail(String),
+    /// The flow fails, with this failure: its compensations run.
+    Fail(Failure),
     /// A fan-out without calls: its join continuation runs at once.
     JoinNow(Wake<F>),
     /// The command cannot be carried out: the instance is parked, for this reason.
@@ -215,6 +216,6 @@ pub(super) fn plan<F: Flow>(
             fan: None,
             awaiting: None,
         },
-        CommandKind::Fail(f) => Plan::Fail(f.to_string()),
+        CommandKind::Fail(f) => Plan::Fail(f),
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use flowwire_storage::{Compensation, PendingCall, Status, StepInput, StepOutput};
 
 use crate::driver::Fault;
+use crate::failure::Failure;
 use crate::flow::Flow;
 use crate::guard::guard;
 
@@ -24,6 +25,7 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Step {
         let reason = self.record.failing.clone().unwrap_or_default();
+        let error = self.record.error.clone();
         let mut rest = self.record.compensations.clone();
         if !ok {
             let name = rest.last().map_or_else(String::new, |c| {
@@ -41,7 +43,8 @@ impl<F: Flow> Instance<F> {
         }
         rest.pop();
         let state = self.record.state.clone();
-        self.unwind(input, None, reason, rest, state, scratch)
+        let failure = Failure::from_parts(reason, error);
+        self.unwind(input, None, failure, rest, state, scratch)
     }
 
     /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire; or, for
@@ -71,7 +74,7 @@ impl<F: Flow> Instance<F> {
         };
         Some(match guard(|| wake(&mut self.flow)) {
             Ok(Ok(())) => self.advance(input, None, false, scratch),
-            Ok(Err(failure)) => self.end(input, failure.to_string(), scratch),
+            Ok(Err(failure)) => self.end(input, failure, scratch),
             Err(panic) => {
                 let reason = format!("the timer's continuation panicked: {panic}");
                 self.park(input, reason, scratch)
@@ -92,7 +95,7 @@ impl<F: Flow> Instance<F> {
         &mut self,
         input: StepInput,
         impulse: Option<Arc<str>>,
-        reason: String,
+        failure: Failure,
         compensations: Vec<Compensation>,
         state: Bytes,
         scratch: &mut Scratch,
@@ -100,13 +103,15 @@ impl<F: Flow> Instance<F> {
         self.awaiting = Awaiting::Nothing;
         self.registered = None;
         let seq = self.record.seq + 1;
+        let (reason, error) = failure.into_parts();
         let mut step = match compensations.last() {
             None => {
                 let output = StepOutput::Fail {
                     reason: reason.clone(),
+                    error: error.clone(),
                 };
                 let status = Status::Failed { reason };
-                self.build(
+                let mut step = self.build(
                     input,
                     impulse,
                     status,
@@ -115,7 +120,9 @@ impl<F: Flow> Instance<F> {
                     Dispatches::new(),
                     None,
                     output,
-                )
+                );
+                step.draft.record.error = error;
+                step
             }
             Some(c) => {
                 let call = PendingCall {
@@ -143,6 +150,7 @@ impl<F: Flow> Instance<F> {
                     output,
                 );
                 step.draft.record.failing = Some(reason);
+                step.draft.record.error = error;
                 step.draft.record.compensations = compensations;
                 step
             }

@@ -153,6 +153,7 @@ impl Engine {
         draft.record.fan = None;
         draft.record.compensations = Vec::new();
         draft.record.failing = None;
+        draft.record.error = None;
         draft.input = StepInput::Patch;
         draft.output = StepOutput::Quarantine { reason };
         let sealed = self

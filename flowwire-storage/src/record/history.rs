@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::model::ErrorValue;
 use crate::blob::{BlobRef, Payload};
 use crate::codec::{self, Kind};
 use crate::error::CodecError;
@@ -78,8 +79,10 @@ pub enum StepOutput {
     Finish,
     /// The instance failed.
     Fail {
-        /// Why.
+        /// Why, for people.
         reason: String,
+        /// The typed failure, when the flow failed with one (history format 6).
+        error: Option<ErrorValue>,
     },
     /// The instance was quarantined.
     Quarantine {
@@ -178,12 +181,105 @@ impl HistoryEntryRef<'_> {
     }
 }
 
+/// What went out of a step, as history formats 1 to 5 wrote it (no typed failure, no
+/// retries).
+#[derive(Deserialize)]
+enum StepOutputV5 {
+    Drive {
+        call_seq: u64,
+        link: u16,
+        method: u16,
+    },
+    Wait,
+    Finish,
+    Fail {
+        reason: String,
+    },
+    Quarantine {
+        reason: String,
+    },
+    Sleep {
+        due_ms: u64,
+    },
+    WaitUntil {
+        due_ms: u64,
+    },
+    Compensate {
+        call_seq: u64,
+        registered: u64,
+        link: u16,
+        method: u16,
+    },
+    Fan {
+        call_seq: u64,
+        done: u32,
+        branches: u32,
+    },
+}
+
+impl From<StepOutputV5> for StepOutput {
+    fn from(o: StepOutputV5) -> Self {
+        match o {
+            StepOutputV5::Drive {
+                call_seq,
+                link,
+                method,
+            } => StepOutput::Drive {
+                call_seq,
+                link,
+                method,
+            },
+            StepOutputV5::Wait => StepOutput::Wait,
+            StepOutputV5::Finish => StepOutput::Finish,
+            StepOutputV5::Fail { reason } => StepOutput::Fail {
+                reason,
+                error: None,
+            },
+            StepOutputV5::Quarantine { reason } => StepOutput::Quarantine { reason },
+            StepOutputV5::Sleep { due_ms } => StepOutput::Sleep { due_ms },
+            StepOutputV5::WaitUntil { due_ms } => StepOutput::WaitUntil { due_ms },
+            StepOutputV5::Compensate {
+                call_seq,
+                registered,
+                link,
+                method,
+            } => StepOutput::Compensate {
+                call_seq,
+                registered,
+                link,
+                method,
+            },
+            StepOutputV5::Fan {
+                call_seq,
+                done,
+                branches,
+            } => StepOutput::Fan {
+                call_seq,
+                done,
+                branches,
+            },
+        }
+    }
+}
+
+/// A history entry as formats 3 to 5 wrote it.
+#[derive(Deserialize)]
+struct HistoryEntryV5 {
+    seq: u64,
+    input: StepInput,
+    output: StepOutputV5,
+    version: u64,
+    payload: Option<Payload>,
+    state: Option<Payload>,
+    at_ms: u64,
+}
+
 /// A history entry as format 2 wrote it.
 #[derive(Deserialize)]
 struct HistoryEntryV2 {
     seq: u64,
     input: StepInput,
-    output: StepOutput,
+    output: StepOutputV5,
     version: u64,
     payload: Option<Payload>,
     state: Option<Payload>,
@@ -194,7 +290,7 @@ struct HistoryEntryV2 {
 struct HistoryEntryV1 {
     seq: u64,
     input: StepInput,
-    output: StepOutput,
+    output: StepOutputV5,
     version: u64,
 }
 
@@ -229,7 +325,7 @@ impl HistoryEntry {
                 Ok(HistoryEntry {
                     seq: h.seq,
                     input: h.input,
-                    output: h.output,
+                    output: h.output.into(),
                     version: h.version,
                     payload: None,
                     state: None,
@@ -241,11 +337,23 @@ impl HistoryEntry {
                 Ok(HistoryEntry {
                     seq: h.seq,
                     input: h.input,
-                    output: h.output,
+                    output: h.output.into(),
                     version: h.version,
                     payload: h.payload,
                     state: h.state,
                     at_ms: 0,
+                })
+            }
+            3..=5 => {
+                let h: HistoryEntryV5 = codec::decode_raw(payload, limit)?;
+                Ok(HistoryEntry {
+                    seq: h.seq,
+                    input: h.input,
+                    output: h.output.into(),
+                    version: h.version,
+                    payload: h.payload,
+                    state: h.state,
+                    at_ms: h.at_ms,
                 })
             }
             _ => codec::decode_raw(payload, limit),

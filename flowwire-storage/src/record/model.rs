@@ -189,6 +189,17 @@ pub struct Compensation {
     pub call: Bytes,
 }
 
+/// A flow's typed failure, as stored: the error value encoded with postcard, named by its
+/// type (`std::any::type_name`), so that a reader decodes it only as the type it was
+/// written from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorValue {
+    /// The error's type, as `std::any::type_name` names it.
+    pub type_name: String,
+    /// The value, encoded with postcard.
+    pub value: Bytes,
+}
+
 /// The record of one instance, its payloads (the state and the call in flight) held as
 /// `P`: `Record` (the bytes in memory) is what the runtime sees; `Record<Payload>` (each
 /// payload inline or a reference to a blob on the ladder) is what a
@@ -219,6 +230,9 @@ pub struct Record<P = Bytes> {
     pub correlation: Option<String>,
     /// The fan-out in flight, when [`Status::Running`] without a [`Record::pending`] call.
     pub fan: Option<Fan>,
+    /// The typed failure the flow failed with, when it has one: while its compensations
+    /// run, and once it has failed (format 7).
+    pub error: Option<ErrorValue>,
 }
 
 impl<P> Record<P> {
@@ -256,6 +270,7 @@ impl<P> Record<P> {
             failing: self.failing.clone(),
             correlation: self.correlation.clone(),
             fan: self.fan.clone(),
+            error: self.error.clone(),
         }
     }
 }

@@ -177,7 +177,7 @@ pub struct Retired {
 
 /// The persisted record of one instance: the record with its payloads placed on the ladder,
 /// and the blobs waiting for garbage collection. (Encoded as the record's fields followed
-/// by the two lists: the format 5 layout.)
+/// by the two lists: the layout formats 5 to 7 share, each adding fields.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacedRecord {
     /// The record, payloads placed.
@@ -227,6 +227,7 @@ impl PlacedRecord {
                         failing: None,
                         correlation: None,
                         fan: None,
+                        error: None,
                     },
                     retired: Vec::new(),
                     trash: Vec::new(),
@@ -253,6 +254,7 @@ impl PlacedRecord {
                         failing: None,
                         correlation: None,
                         fan: None,
+                        error: None,
                     },
                     retired: r.retired,
                     trash: r.trash,
@@ -272,6 +274,7 @@ impl PlacedRecord {
                         failing: None,
                         correlation: None,
                         fan: None,
+                        error: None,
                     },
                     retired: r.retired,
                     trash: r.trash,
@@ -291,6 +294,7 @@ impl PlacedRecord {
                         failing: r.failing,
                         correlation: r.correlation,
                         fan: None,
+                        error: None,
                     },
                     retired: r.retired,
                     trash: r.trash,
@@ -310,6 +314,7 @@ impl PlacedRecord {
                         failing: r.failing,
                         correlation: r.correlation,
                         fan: r.fan.map(FanV6::now),
+                        error: None,
                     },
                     retired: r.retired,
                     trash: r.trash,

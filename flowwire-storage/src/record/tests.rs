@@ -136,6 +136,7 @@ fn a_fan_out_round_trips_in_the_current_format() {
                     },
                 ],
             }),
+            error: None,
         },
         retired: Vec::new(),
         trash: Vec::new(),
@@ -283,6 +284,7 @@ fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
             failing: None,
             correlation: None,
             fan: None,
+            error: None,
         },
         retired: Vec::new(),
         trash: Vec::new(),
@@ -311,8 +313,9 @@ fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
 }
 
 /// The placed record holds the record as one field (`Record<Payload>`) and its garbage
-/// lists; postcard frames no struct, so its bytes are those of the flat format-5 layout
-/// it had when the fields were written out one by one: stored records read as before.
+/// lists; postcard frames no struct, so its bytes are those of the flat layout it had when
+/// the fields were written out one by one (format 5; format 7 appends a field to the
+/// record and to its calls): stored records read as before.
 #[test]
 fn the_placed_record_encodes_to_the_flat_format_5_layout() {
     #[derive(Serialize)]
@@ -327,6 +330,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
         failing: Option<String>,
         correlation: Option<String>,
         fan: Option<Fan>,
+        error: Option<ErrorValue>,
         retired: Vec<Retired>,
         trash: Vec<BlobRef>,
     }
@@ -366,6 +370,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
             failing: Some("why".into()),
             correlation: Some("key".into()),
             fan: None,
+            error: None,
         },
         retired: vec![Retired {
             died: 3,
@@ -384,6 +389,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
         failing: Some("why".into()),
         correlation: Some("key".into()),
         fan: None,
+        error: None,
         retired: vec![Retired {
             died: 3,
             blob: blob.clone(),
@@ -394,4 +400,58 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
     codec::encode_raw(&placed, &mut a).unwrap();
     codec::encode_raw(&flat, &mut b).unwrap();
     assert_eq!(a, b);
+}
+
+/// History as formats 1 to 5 wrote it: a failure without a typed value, no retries.
+#[test]
+fn a_format_5_history_entry_decodes_its_failure_untyped() {
+    #[derive(Serialize)]
+    enum Output5 {
+        _Drive {
+            call_seq: u64,
+            link: u16,
+            method: u16,
+        },
+        _Wait,
+        _Finish,
+        Fail {
+            reason: String,
+        },
+    }
+    #[derive(Serialize)]
+    struct Entry5 {
+        seq: u64,
+        input: StepInput,
+        output: Output5,
+        version: u64,
+        payload: Option<Payload>,
+        state: Option<Payload>,
+        at_ms: u64,
+    }
+    let key = InstanceKey::new("F", "i");
+    let old = Entry5 {
+        seq: 4,
+        input: StepInput::Outcome {
+            call_seq: 3,
+            ok: false,
+        },
+        output: Output5::Fail {
+            reason: "declined".into(),
+        },
+        version: 4,
+        payload: None,
+        state: None,
+        at_ms: 17,
+    };
+    let mut buf = Vec::new();
+    codec::encode_owned_with_version(Kind::History, 5, &key, &old, &mut buf).unwrap();
+    let entry = HistoryEntry::decode(&buf, &key, 1 << 20).unwrap();
+    assert_eq!(
+        entry.output,
+        StepOutput::Fail {
+            reason: "declined".into(),
+            error: None
+        }
+    );
+    assert_eq!((entry.seq, entry.version, entry.at_ms), (4, 4, 17));
 }

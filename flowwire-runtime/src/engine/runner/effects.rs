@@ -69,13 +69,14 @@ impl<F: Flow> Runner<F> {
         for out in &s.step.dispatch {
             self.dispatch(&s.id, out);
         }
+        let ended = ended_of(&s.step.draft.record);
         let status = s.step.draft.record.status;
         if let Some(owned) = &self.owned
             && (status.is_terminal() || matches!(status, Status::Quarantined { .. }))
         {
             let _ = owned.ended.send(s.id.clone());
         }
-        if let Some(ended) = ended_of(&status) {
+        if let Some(ended) = ended {
             self.slots.remove(&s.id);
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Ok(ended.clone()));

@@ -320,11 +320,12 @@ pub(crate) struct Runner<F: Flow> {
     lost: bool,
 }
 
-fn ended_of(status: &Status) -> Option<Ended> {
-    match status {
+fn ended_of(record: &flowwire_storage::Record) -> Option<Ended> {
+    match &record.status {
         Status::Finished => Some(Ended::Finished),
         Status::Failed { reason } => Some(Ended::Failed {
             reason: reason.clone(),
+            error: record.error.clone(),
         }),
         _ => None,
     }

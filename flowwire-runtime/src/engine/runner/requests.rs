@@ -383,7 +383,7 @@ impl<F: Flow> Runner<F> {
         match self.locate(&id).await {
             Ok(None) => {}
             Ok(Some(record)) => {
-                let answer = match ended_of(&record.status) {
+                let answer = match ended_of(&record) {
                     Some(ended) => Ok(ended),
                     None => Err(Self::not_live(&id, record.status)),
                 };

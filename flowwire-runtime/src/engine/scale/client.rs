@@ -435,7 +435,7 @@ async fn wait_ended<F: Flow>(
         let status = match remote.store.load(&key).await {
             Ok(Some(stored)) => {
                 PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit)
-                    .map(|p| Some(p.record.status))
+                    .map(|p| Some(p.record))
                     .map_err(|e| Error::Codec {
                         flow: F::NAME,
                         id: id.to_string(),
@@ -446,10 +446,12 @@ async fn wait_ended<F: Flow>(
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
-        match status {
-            Ok(Some(Status::Finished)) => return Some(Ok(Ended::Finished)),
-            Ok(Some(Status::Failed { reason })) => return Some(Ok(Ended::Failed { reason })),
-            Ok(Some(Status::Quarantined { reason })) => {
+        match status.map(|r| r.map(|r| (r.status, r.error))) {
+            Ok(Some((Status::Finished, _))) => return Some(Ok(Ended::Finished)),
+            Ok(Some((Status::Failed { reason }, error))) => {
+                return Some(Ok(Ended::Failed { reason, error }));
+            }
+            Ok(Some((Status::Quarantined { reason }, _))) => {
                 return Some(Err(Error::Quarantined {
                     flow: F::NAME,
                     id: id.to_string(),
