@@ -36,12 +36,14 @@ impl<F: Flow> Runner<F> {
                 break;
             };
             reached = true;
+            // Its instance is being read: it waits behind the input that asked first.
+            if let Some(id) = input.instance()
+                && let Some(held) = self.slots.loading_mut(id)
+            {
+                held.push_back(input);
+                continue;
+            }
             if let Some(id) = input.serial_on() {
-                // Its instance is being read: it waits behind the input that asked first.
-                if let Some(held) = self.slots.loading_mut(id) {
-                    held.push_back(input);
-                    continue;
-                }
                 // A probe need not wait for an upload: it reads the committed bytes.
                 let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
                 let flying = self.inflight.is_some();

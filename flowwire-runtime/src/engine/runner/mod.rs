@@ -135,6 +135,16 @@ impl<F: Flow> Input<F> {
         )
     }
 
+    /// The instance an input is about, if any: while that instance is being read, every
+    /// input about it waits behind the read (one that loaded it on its own would make it
+    /// resident over the read and drop the inputs waiting for it).
+    fn instance(&self) -> Option<&Arc<str>> {
+        match self {
+            Input::Msg(Msg::Exists { id, .. } | Msg::Finished { id, .. }) => Some(id),
+            other => other.serial_on(),
+        }
+    }
+
     /// The instance a message writes to or reads the committed flow of: at most one such
     /// message per instance in a round, after the steps of the rounds before are committed.
     fn serial_on(&self) -> Option<&Arc<str>> {

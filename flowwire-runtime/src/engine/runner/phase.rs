@@ -94,7 +94,11 @@ impl<S, I> Instances<S, I> {
     /// Makes the instance resident with `slot`. (An instance being read is never made
     /// resident but by the end of its read: every input for it waits behind the read.)
     pub(super) fn insert(&mut self, id: Arc<str>, slot: S) {
-        if let Some(Presence::Loading(_)) = self.map.insert(id, Presence::Resident(slot)) {
+        if let Some(Presence::Loading(held)) = self.map.insert(id, Presence::Resident(slot)) {
+            debug_assert!(
+                held.is_empty(),
+                "an instance was made resident over its read: the inputs waiting for it are lost"
+            );
             self.loading -= 1;
         }
     }
