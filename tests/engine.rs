@@ -1,14 +1,16 @@
 #![allow(missing_docs)] // test-local flows and drivers
 //! The engine's contract, through the public API: the loop, impulses exactly once, probes
 //! from persisted state, quarantine of panicking wires, failures, and every bad input as a
-//! typed error.
+//! typed error; start-or-impulse.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use flowwire::prelude::*;
-use flowwire::storage::{Expect, InstanceKey, InstanceStore, MemoryStore, StepWrite, codec};
+use flowwire::storage::{
+    Expect, InstanceKey, InstanceStore, MemoryStore, StepInput, StepWrite, codec,
+};
 use flowwire::{Error, Flow};
 
 #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
@@ -545,4 +547,76 @@ async fn a_panicking_probe_is_a_typed_error_and_the_instance_goes_on() {
     let err = trip.probe(boom).await.unwrap_err();
     assert!(matches!(err, Error::ProbePanicked { .. }), "{err}");
     assert_eq!(trip.notes().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_or_impulse_starts_a_missing_instance_with_the_impulse_in_one_step() {
+    let desk = Desk::default();
+    let engine = engine_with(desk.clone()).await;
+    let trip = engine
+        .start_or_impulse::<Trip>(
+            "t-soi",
+            TripState::default(),
+            TripImpulse::Want { seats: 2 },
+        )
+        .id("req-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        booked(&trip).await,
+        200,
+        "the wire ran with the impulse applied"
+    );
+    let page = engine.history::<Trip>("t-soi", 0, 10).await.unwrap();
+    assert_eq!(
+        page.steps[0].input,
+        StepInput::StartWith {
+            id: "req-1".into(),
+            name: "want".into()
+        },
+        "one step: the start with the impulse"
+    );
+    // Delivered again (a retry after a lost reply): the instance exists, the id is known.
+    let again = engine
+        .start_or_impulse::<Trip>(
+            "t-soi",
+            TripState::default(),
+            TripImpulse::Want { seats: 9 },
+        )
+        .id("req-1")
+        .await;
+    assert!(
+        matches!(again, Err(Error::ImpulseAlreadyApplied { .. })),
+        "{again:?}"
+    );
+    // A new impulse goes to the live instance.
+    engine
+        .start_or_impulse::<Trip>(
+            "t-soi",
+            TripState::default(),
+            TripImpulse::Note { text: "hi".into() },
+        )
+        .id("req-2")
+        .await
+        .unwrap();
+    assert_eq!(finished(&trip).await, Ended::Finished);
+    let page = engine.history::<Trip>("t-soi", 0, 10).await.unwrap();
+    let starts = page
+        .steps
+        .iter()
+        .filter(|s| matches!(s.input, StepInput::Start | StepInput::StartWith { .. }))
+        .count();
+    assert_eq!(starts, 1);
+    assert_eq!(desk.calls.load(Ordering::SeqCst), 1, "booked once");
+    // An ended instance takes no impulse, whichever way it comes.
+    let ended = engine
+        .start_or_impulse::<Trip>(
+            "t-soi",
+            TripState::default(),
+            TripImpulse::Note {
+                text: "late".into(),
+            },
+        )
+        .await;
+    assert!(matches!(ended, Err(Error::Ended { .. })), "{ended:?}");
 }

@@ -14,6 +14,14 @@
 //!   killed twice while the first compensation of each is in flight. After the last
 //!   restart every compensation has run to completion, last registered first, the one in
 //!   flight at the kills sent again each time with the same idempotency key.
+//! * **Cancellations**: instances holding three seats are cancelled and start releasing
+//!   them; the engine is killed while the first release of each is in flight, and the
+//!   restarted engine is asked to cancel each again. Every instance was cancelled once (one
+//!   cancellation step), its releases ran last first to completion, and it ended cancelled.
+//! * **Start-or-impulse**: numbers go to five instances by start-or-impulse, each under its
+//!   own impulse id; the engine is killed midway, restarted, and sent every number again.
+//!   Each instance was started once (its first step `StartWith`) and holds every number
+//!   sent to it exactly once.
 //! * **Retries**: every flow's first attempt fails and its retry waits out a 0.75–1.5 s
 //!   backoff; the engine is killed during it and restarted at once. The next attempts are
 //!   sent only when their backoff is over (never at the restart), numbered 2 and 3 (the
@@ -40,6 +48,8 @@ const CALLS: u32 = 10;
 const TRIPS: u32 = 10;
 const FANS: u32 = 10;
 const RETRIES: u32 = 10;
+const HOLDS: u32 = 10;
+const NOTES: u32 = 200;
 
 fn harness(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kill_harness"))
@@ -432,5 +442,104 @@ async fn a_retry_waiting_out_its_backoff_at_a_kill_keeps_its_time_and_attempt_co
         let due: Vec<u64> = due.iter().map(|d| d.1).collect();
         assert_eq!(sent, due, "retry-{i}: each backoff timer fired once");
         assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_at_a_kill_is_applied_once_and_its_compensations_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let ledger = dir.path().join("ledger.txt");
+    let ledger_s = ledger.to_str().unwrap().to_string();
+    let n = HOLDS.to_string();
+
+    let mut child = harness(&["cancels", &data_s, &ledger_s, "undo-hang-1", &n]);
+    let _out = await_line(&mut child, "READY");
+    await_noted(&ledger, "undo-hang-1", "release", HOLDS as usize);
+    kill(child);
+    let out = run_to_end(harness(&["cancels", &data_s, &ledger_s, "after", &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    let lines = ledger_lines(&ledger);
+    for i in 0..HOLDS {
+        let prefix = format!("KillHold/hold-{i}/");
+        let releases: Vec<(String, String, u32)> = lines
+            .iter()
+            .filter(|(_, m, k, _)| m == "release" && k.starts_with(&prefix))
+            .map(|(r, _, k, d)| (r.clone(), k[prefix.len()..].to_string(), *d))
+            .collect();
+        let release = |run: &str, seq: &str, d| (run.to_string(), seq.to_string(), d);
+        // Steps 1 to 3 reserved, 4 waited; step 5 cancelled and sent the last seat's
+        // release; the restart sent it again (step 6, same key), then steps 7 and 8 released
+        // the others.
+        assert_eq!(
+            releases,
+            [
+                release("undo-hang-1", "5", 0),
+                release("after", "5", 1),
+                release("after", "7", 0),
+                release("after", "8", 0)
+            ],
+            "hold-{i}: the release in flight at the kill was sent again with the same key"
+        );
+        let entries = history(&data, "KillHold", &format!("hold-{i}")).await;
+        let cancels = entries
+            .iter()
+            .filter(|e| matches!(e.input, StepInput::Cancel { .. }))
+            .count();
+        assert_eq!(cancels, 1, "hold-{i}: cancelled once, though asked twice");
+        assert_eq!(
+            entries.last().unwrap().output,
+            StepOutput::Cancelled {
+                reason: "called off".into()
+            }
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_or_impulse_across_a_kill_starts_each_instance_once_and_applies_each_impulse_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let n = NOTES.to_string();
+    let mut child = harness(&["notes", &data_s, &n]);
+    // Killed midway: after the first 50 are sent, before the last.
+    let mut out = await_line(&mut child, "SENT 50");
+    kill(child);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(!rest.contains("SENT 200"), "killed before the end: {rest}");
+    let out = run_to_end(harness(&["notes", &data_s, &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    for k in 0..5u32 {
+        let id = format!("notes-{k}");
+        let entries = history(&data, "KillNotes", &id).await;
+        assert!(
+            matches!(entries[0].input, StepInput::StartWith { .. }),
+            "{id}: started with its first number: {:?}",
+            entries[0].input
+        );
+        let starts = entries
+            .iter()
+            .filter(|e| matches!(e.input, StepInput::Start | StepInput::StartWith { .. }))
+            .count();
+        assert_eq!(starts, 1, "{id}: started once");
+        let mut ids: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match &e.input {
+                StepInput::StartWith { id, .. } | StepInput::Impulse { id, .. } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        let mut expected: Vec<String> = (0..NOTES)
+            .filter(|i| i % 5 == k)
+            .map(|i| format!("req-{i}"))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected, "{id}: every number applied exactly once");
     }
 }

@@ -2,8 +2,9 @@
 //! Multi-process mode on a real Redis, with several engines in one test process, each
 //! playing its roles as separate processes would. Orchestrators share the shards, workers
 //! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
-//! when orchestrators join or leave, a worker's calls are taken over when it stops. The
-//! sharing test runs again on a 3-master Redis Cluster started by the test.
+//! when orchestrators join or leave, a worker's calls are taken over when it stops; a
+//! cancellation sent by a client applies once, also when sent again after the shard moved.
+//! The sharing test runs again on a 3-master Redis Cluster started by the test.
 #![cfg(feature = "redis")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -321,6 +322,54 @@ async fn share_the_work(p: &str) {
     );
     audit(p, &ids).await;
     for e in [&c, &w1, &w2, &a, &b] {
+        e.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_from_a_client_applies_once_across_a_shard_move() {
+    let p = "scale-cancel";
+    let counter = Counter::default();
+    let a = orchestrator(p, "orch-a").await;
+    let w = worker(p, "worker-1", counter.clone()).await;
+    let c = client(p).await;
+    eventually("the orchestrator holds the shards", async || {
+        owners(p).await.len() == 1
+    })
+    .await;
+    let ids: Vec<String> = (0..6).map(|i| format!("cancel-{i}")).collect();
+    for id in &ids {
+        let h = c.start::<Parcel>(id.as_str(), state(id)).await.unwrap();
+        eventually("packed", async || h.weight().await.unwrap().is_some()).await;
+        Handle::cancel(&h, "returned to sender").await.unwrap();
+        Handle::cancel(&h, "again").await.unwrap();
+    }
+    // The shards move to another orchestrator; the client cancels once more.
+    a.shutdown().await;
+    let b = orchestrator(p, "orch-b").await;
+    for id in &ids {
+        c.cancel::<Parcel>(id.as_str(), "and again").await.unwrap();
+        let h = c.handle::<Parcel>(id.as_str()).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+            .await
+            .expect("ended in time")
+            .unwrap();
+        assert_eq!(
+            ended,
+            Ended::Cancelled {
+                reason: "returned to sender".into()
+            }
+        );
+        let page = c.history::<Parcel>(id.as_str(), 0, 100).await.unwrap();
+        let cancels = page
+            .steps
+            .iter()
+            .filter(|s| matches!(s.input, StepInput::Cancel { .. }))
+            .count();
+        assert_eq!(cancels, 1, "{id}: cancelled once, though asked three times");
+    }
+    audit(p, &ids).await;
+    for e in [&c, &w, &b] {
         e.shutdown().await;
     }
 }

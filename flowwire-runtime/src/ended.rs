@@ -17,6 +17,12 @@ pub enum Ended {
         /// Read it with [`Ended::error`].
         error: Option<ErrorValue>,
     },
+    /// The instance was cancelled (`Handle::cancel`, `Engine::cancel`) and its
+    /// compensations have run.
+    Cancelled {
+        /// Why, as the canceller said.
+        reason: String,
+    },
 }
 
 impl Ended {

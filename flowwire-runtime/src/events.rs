@@ -106,6 +106,20 @@ pub enum EventKind {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<flowwire_storage::ErrorValue>,
     },
+    /// The instance was cancelled and its compensations have run.
+    Cancelled {
+        /// Why, as the canceller said.
+        reason: String,
+    },
+    /// The late outcome of a call the instance abandoned when it was cancelled arrived: it
+    /// is recorded in history, not applied.
+    Abandoned {
+        /// The step that issued the call.
+        call_step: u64,
+        /// The fan-out branch it is (`None` for a drive).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        branch: Option<u32>,
+    },
     /// The instance was parked for an operator.
     Quarantined {
         /// Why.
@@ -238,8 +252,20 @@ pub(crate) fn of_step(
     names: impl Fn(u16, u16) -> (&'static str, &'static str),
     mut emit: impl FnMut(EventKind),
 ) {
+    if let StepOutput::Abandoned { call_seq, branch } = output {
+        // Not an outcome applied: only the late arrival is reported.
+        emit(EventKind::Abandoned {
+            call_step: *call_seq,
+            branch: *branch,
+        });
+        return;
+    }
     match input {
         StepInput::Start => emit(EventKind::Started),
+        StepInput::StartWith { name, .. } => {
+            emit(EventKind::Started);
+            emit(EventKind::Impulse { name: name.clone() });
+        }
         StepInput::Impulse { name, .. } => emit(EventKind::Impulse { name: name.clone() }),
         StepInput::Outcome { call_seq, ok } => emit(EventKind::Outcome {
             call_step: *call_seq,
@@ -307,6 +333,10 @@ pub(crate) fn of_step(
             reason: reason.clone(),
             error: error.clone(),
         }),
+        StepOutput::Cancelled { reason } => emit(EventKind::Cancelled {
+            reason: reason.clone(),
+        }),
+        StepOutput::Abandoned { .. } => {}
         StepOutput::Quarantine { reason } => emit(EventKind::Quarantined {
             reason: reason.clone(),
         }),

@@ -104,6 +104,34 @@ impl<F: Impulses> Handle<F> {
         rx.await.map_err(|_| Error::Shutdown)?
     }
 
+    /// Cancels the instance: whatever it waits for — a driver call, a fan-out, a sleep, a
+    /// wait for an impulse, a retry's backoff — is abandoned, the compensations its drives
+    /// registered run (last first, each to success, as when it fails), and it ends as
+    /// [`Ended::Cancelled`] with `reason`. A call in flight is not interrupted at its
+    /// driver; its late outcome is recorded in history and never applied.
+    ///
+    /// Applied once: cancelling again (after a restart, from another process) returns
+    /// `Ok` and changes nothing. [`Error::Ended`] if the instance finished or failed, or
+    /// is compensating a failure; [`Error::Quarantined`] if it is parked. Returns once the
+    /// cancellation is committed; wait for the compensations with [`Handle::finished`].
+    ///
+    /// A flow with an impulse named `cancel` has a typed handle whose `cancel` method
+    /// sends that impulse; reach this one with `Handle::cancel(&handle, reason)` or
+    /// [`Engine::cancel`](crate::Engine::cancel).
+    ///
+    /// ```
+    /// # async fn demo(h: flowwire::Handle<impl flowwire::Flow>) -> flowwire::Result<()> {
+    /// h.cancel("the customer called it off").await?;
+    /// assert!(matches!(h.finished().await?, flowwire::Ended::Cancelled { .. }));
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel(&self, reason: impl Into<String>) -> Result<()> {
+        let id = self.id.clone();
+        let reason = reason.into();
+        self.request("cancel", |reply| Msg::Cancel { id, reason, reply })
+            .await
+    }
+
     /// The last persisted state.
     pub async fn state(&self) -> Result<F::State> {
         let bytes = self.state_bytes().await?;
@@ -208,7 +236,7 @@ impl<F: Impulses> ImpulseRequest<'_, F> {
     }
 }
 
-fn generated_id() -> Arc<str> {
+pub(crate) fn generated_id() -> Arc<str> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("fw-{:x}-{n:x}", crate::clock::unix_nanos()).into()

@@ -38,7 +38,7 @@ pub use codec::{DEFAULT_DECODE_LIMIT, Kind};
 pub use error::{BlobError, CodecError, StoreError};
 pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
-    Branch, BranchState, Compensation, ErrorValue, Expect, Fan, HistoryEntry, InstanceKey,
+    Branch, BranchState, Cancel, Compensation, ErrorValue, Expect, Fan, HistoryEntry, InstanceKey,
     PendingCall, Record, Status, StepInput, StepOutput, StepResult, StepWrite, Stored, TimeSpec,
     Timer,
 };

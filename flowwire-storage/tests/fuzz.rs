@@ -79,6 +79,10 @@ fn record() -> PlacedRecord {
                 type_name: "shop::PaymentError".into(),
                 value: Bytes::from_static(&[1]),
             }),
+            cancel: Some(flowwire_storage::Cancel {
+                reason: "the customer called".into(),
+                abandoned: Some(8),
+            }),
         },
         retired: Vec::new(),
         trash: vec![BlobRef {

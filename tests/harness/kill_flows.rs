@@ -310,3 +310,68 @@ impl KillRetry {
         })
     }
 }
+
+/// Reserves `SEATS` seats, each with its release as compensation, then waits to be
+/// cancelled.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct HoldState {
+    pub reserved: u32,
+}
+
+#[flow(name = "KillHold")]
+pub struct KillHold {
+    #[link]
+    state: HoldState,
+    #[link]
+    seats: impl Seats,
+}
+
+#[flow]
+impl KillHold {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let seat = self.state.reserved;
+        if seat < SEATS {
+            return Command::drive(self.seats.reserve(seat))
+                .compensate(self.seats.release(seat))
+                .then(|f, r| {
+                    r.map_err(|e| Failure::msg(e.to_string()))?;
+                    f.state.reserved += 1;
+                    Ok(())
+                });
+        }
+        Command::wait()
+    }
+}
+
+/// Collects numbers sent by start-or-impulse; finishes once it has `NOTES_EACH`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NotesState {
+    pub got: Vec<u32>,
+}
+
+/// The numbers each `KillNotes` instance collects.
+pub const NOTES_EACH: usize = 40;
+
+#[flow(name = "KillNotes")]
+pub struct KillNotes {
+    #[link]
+    state: NotesState,
+}
+
+#[flow]
+impl KillNotes {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.got.len() >= NOTES_EACH {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+
+    #[impulse]
+    fn add(&mut self, n: u32) {
+        self.state.got.push(n);
+    }
+}

@@ -20,6 +20,17 @@
 //! the process with some branches done and others in flight. Any other run waits until
 //! every fan-out finished, prints `DONE` and exits 0.
 //!
+//! `kill_harness cancels DATA_DIR LEDGER RUN N` starts (or resumes) N `KillHold` flows,
+//! each of which reserves seats and waits, and cancels each once it waits. In runs tagged
+//! `undo-hang…` every release hangs after noting its call, so the test kills the process
+//! while the compensations of the cancellations run. Any other run cancels each again (a
+//! retried cancellation), waits until every flow ended cancelled, prints `DONE` and exits 0.
+//!
+//! `kill_harness notes DATA_DIR N` sends N numbers by start-or-impulse, number `i` to
+//! instance `notes-{i % 5}` under impulse id `req-{i}`, one after the other, printing `READY`
+//! first; the test kills it midway. Run again, it sends all of them again (each is applied,
+//! or was already), waits until every instance finished, prints `DONE` and exits 0.
+//!
 //! `kill_harness retries DATA_DIR LEDGER RUN N` starts (or resumes) N `KillRetry` flows,
 //! whose gateway is busy for two attempts of each call. In the run tagged `backoff-kill` it
 //! waits until every first attempt failed and its retry was committed, checks that no
@@ -35,8 +46,8 @@ use flowwire::{Ended, Engine, Error, Flow};
 mod kill_flows;
 
 use kill_flows::{
-    FanState, KillFan, KillNap, KillPay, KillRetry, KillTrip, Ledger, NapState, PAGES, PayState,
-    RetryState, TripState, pay_id,
+    FanState, HoldState, KillFan, KillHold, KillNap, KillNotes, KillPay, KillRetry, KillTrip,
+    Ledger, NapState, NotesState, PAGES, PayState, RetryState, SEATS, TripState, pay_id,
 };
 
 /// Starts an instance, or reaches it if a killed run started it already.
@@ -199,6 +210,95 @@ async fn fans(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("DONE");
 }
 
+async fn cancels(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let hang = run.starts_with("undo-hang");
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillHold>()
+        .driver::<kill_flows::SeatsProxy, _>(Ledger { path: ledger, run })
+        .start()
+        .await
+        .expect("engine starts");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let id = format!("hold-{i}");
+        handles.push((
+            id.clone(),
+            start_or_reach::<KillHold>(&engine, &id, HoldState::default()).await,
+        ));
+    }
+    for (id, h) in &handles {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match h.state().await {
+                Ok(s) if s.reserved == SEATS => break,
+                // Cancelled by the killed run already: nothing left to wait for.
+                Err(Error::Ended { .. }) => break,
+                Ok(_) | Err(_) => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id}: never held its seats"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flowwire::Handle::cancel(h, "called off")
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    println!("READY");
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    for (id, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        match ended {
+            Ok(Ok(Ended::Cancelled { reason })) if reason == "called off" => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
+async fn notes(dir: PathBuf, n: u32) {
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillNotes>()
+        .start()
+        .await
+        .expect("engine starts");
+    println!("READY");
+    for i in 0..n {
+        let id = format!("notes-{}", i % 5);
+        let add = kill_flows::KillNotesImpulse::Add { n: i };
+        let sent = engine
+            .start_or_impulse::<KillNotes>(id.as_str(), NotesState::default(), add)
+            .id(format!("req-{i}"))
+            .await;
+        match sent {
+            Ok(_) | Err(Error::ImpulseAlreadyApplied { .. }) => {}
+            Err(e) => panic!("req-{i}: {e}"),
+        }
+        if i % 50 == 49 {
+            println!("SENT {}", i + 1);
+        }
+    }
+    for k in 0..5 {
+        let h = engine
+            .handle::<KillNotes>(format!("notes-{k}"))
+            .await
+            .expect("started");
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ended::Finished))),
+            "notes-{k}: {ended:?}"
+        );
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 async fn retries(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     let kill_me = run == "backoff-kill";
     let engine = Engine::builder()
@@ -285,6 +385,18 @@ async fn main() {
             )
             .await;
         }
+        Some("cancels") if args.len() == 6 => {
+            cancels(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
+        Some("notes") if args.len() == 4 => {
+            notes(args[2].clone().into(), args[3].parse().expect("N")).await;
+        }
         Some("retries") if args.len() == 6 => {
             retries(
                 args[2].clone().into(),
@@ -296,7 +408,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N | retries DATA_DIR LEDGER RUN N"
+                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N | cancels DATA_DIR LEDGER RUN N | notes DATA_DIR N | retries DATA_DIR LEDGER RUN N"
             );
             std::process::exit(2);
         }

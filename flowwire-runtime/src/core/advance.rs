@@ -33,6 +33,7 @@ impl<F: Flow> Instance<F> {
             Status::Failed { .. } => return Err(Rejected::Ended("failed")),
             Status::Quarantined { reason } => return Err(Rejected::Quarantined(reason.clone())),
             Status::Compensating => return Err(Rejected::Ended("compensating")),
+            Status::Cancelled { .. } => return Err(Rejected::Ended("cancelled")),
             Status::Running | Status::Waiting | Status::Sleeping => {}
         }
         let name = impulse.name();
@@ -70,6 +71,9 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Option<Step> {
         scratch.now_ms = now_ms;
+        if self.abandoned(seq) {
+            return Some(self.late(seq, branch, outcome, scratch));
+        }
         if let Some(branch) = branch {
             return self.branch_outcome(seq, branch, outcome, scratch);
         }
@@ -311,7 +315,8 @@ impl<F: Flow> Instance<F> {
             let compensations = self.compensations_now();
             // The impulse that led the wire to fail was applied: its id is recorded with
             // the step, as with any other.
-            return self.unwind(input, impulse, failure, compensations, state, scratch);
+            let why = self.why(failure);
+            return self.unwind(input, impulse, why, compensations, state, scratch);
         }
         let mut step = self.build(
             input, impulse, status, state, pending, dispatch, timer, output,
@@ -335,6 +340,7 @@ impl<F: Flow> Instance<F> {
             Err(_) => self.record.state.clone(),
         };
         let compensations = self.compensations_now();
-        self.unwind(input, None, failure, compensations, state, scratch)
+        let why = self.why(failure);
+        self.unwind(input, None, why, compensations, state, scratch)
     }
 }

@@ -16,10 +16,11 @@
 //! The files: this one holds the instance, starting and rebuilding it, and building a
 //! step; `advance.rs` runs the wire after an impulse, an outcome or a timer; `fan.rs` the
 //! fan-outs; `saga.rs` the compensations; `redeliver.rs` calls in flight after a restart;
-//! `retry.rs` failed attempts and their durable backoff; `operate.rs` parking and the
-//! operator's operations.
+//! `retry.rs` failed attempts and their durable backoff; `cancel.rs` cancellation and the
+//! late outcomes of abandoned calls; `operate.rs` parking and the operator's operations.
 
 mod advance;
+mod cancel;
 mod fan;
 mod migrate;
 mod operate;
@@ -44,6 +45,7 @@ use crate::board::Board;
 use crate::command::{Join, Then, Undo, Wake};
 use crate::flow::Flow;
 pub use crate::operation::{Operation, Patch};
+pub use cancel::CANCEL_ID;
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
 struct Armed<F: Board> {
@@ -186,8 +188,21 @@ impl<F: Flow> Instance<F> {
         now_ms: u64,
         scratch: &mut Scratch,
     ) -> (Self, Step) {
+        let mut inst = Self::start_unrun(key, state, limit, now_ms, scratch);
+        let step = inst.advance(StepInput::Start, None, false, scratch);
+        (inst, step)
+    }
+
+    /// An instance about to take its first step: no record written yet.
+    fn start_unrun(
+        key: InstanceKey,
+        state: F::State,
+        limit: usize,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> Self {
         scratch.now_ms = now_ms;
-        let mut inst = Self {
+        Self {
             key,
             flow: F::from_state(state),
             version: 0,
@@ -203,12 +218,47 @@ impl<F: Flow> Instance<F> {
                 correlation: None,
                 fan: None,
                 error: None,
+                cancel: None,
             },
             awaiting: Awaiting::Nothing,
             registered: None,
             limit,
+        }
+    }
+
+    /// Starts an instance with an impulse applied to its initial state before the wire
+    /// first runs, as one step (the impulse id is recorded with it): the start half of
+    /// `Engine::start_or_impulse`. An impulse that panics parks the new instance.
+    pub fn start_with(
+        key: InstanceKey,
+        state: F::State,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        limit: usize,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> (Self, Step) {
+        let mut inst = Self::start_unrun(key, state, limit, now_ms, scratch);
+        let name = crate::flow::ImpulseSet::name(&impulse);
+        scratch.call.clear();
+        let payload = match codec::encode_raw(&impulse, &mut scratch.call) {
+            Ok(()) => Some(scratch.arena.take(&mut scratch.call)),
+            Err(_) => None,
         };
-        let step = inst.advance(StepInput::Start, None, false, scratch);
+        let input = StepInput::StartWith {
+            id: impulse_id.to_string(),
+            name: name.to_string(),
+        };
+        let mut step = match crate::guard::guard(|| inst.flow.apply_impulse(impulse)) {
+            Ok(()) => inst.advance(input, Some(impulse_id), false, scratch),
+            Err(panic) => {
+                let reason = format!("impulse `{name}` panicked: {panic}");
+                let mut step = inst.park(input, reason, scratch);
+                step.draft.impulse = Some(impulse_id);
+                step
+            }
+        };
+        step.draft.payload = payload;
         (inst, step)
     }
 
@@ -317,6 +367,7 @@ impl<F: Flow> Instance<F> {
             seq: self.record.seq + 1,
             failing,
             error,
+            cancel: self.record.cancel.clone(),
             correlation: self.correlation(),
             status,
             state,

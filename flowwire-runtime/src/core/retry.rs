@@ -31,6 +31,9 @@ impl<F: Flow> Instance<F> {
         scratch: &mut Scratch,
     ) -> Option<Step> {
         scratch.now_ms = now_ms;
+        if self.abandoned(seq) {
+            return Some(self.late(seq, branch, failure, scratch));
+        }
         let due_ms = now_ms.saturating_add(delay_ms);
         let fault = failure.err().map(ToString::to_string);
         let payload = Some(match failure {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flowwire_storage::{Compensation, PendingCall, Status, StepInput, StepOutput};
+use flowwire_storage::{Cancel, Compensation, PendingCall, Status, StepInput, StepOutput};
 
 use crate::driver::Fault;
 use crate::failure::Failure;
@@ -12,6 +12,14 @@ use crate::flow::Flow;
 use crate::guard::guard;
 
 use super::{Awaiting, Dispatches, Instance, Scratch, Step, call_name, one};
+
+/// Why an instance unwinds its compensations.
+pub(super) enum Why {
+    /// It failed: it ends failed.
+    Failed(Failure),
+    /// It was cancelled: it ends cancelled.
+    Cancelled(Cancel),
+}
 
 impl<F: Flow> Instance<F> {
     /// The outcome of the compensation in flight: on success the next one is sent (or the
@@ -43,8 +51,8 @@ impl<F: Flow> Instance<F> {
         }
         rest.pop();
         let state = self.record.state.clone();
-        let failure = Failure::from_parts(reason, error);
-        self.unwind(input, None, failure, rest, state, scratch)
+        let why = self.why(Failure::from_parts(reason, error));
+        self.unwind(input, None, why, rest, state, scratch)
     }
 
     /// Fires the armed timer due at `due_ms`: runs its continuation, then the wire; or, for
@@ -89,13 +97,21 @@ impl<F: Flow> Instance<F> {
         all
     }
 
-    /// A failing step: sends the last of `compensations` (status compensating), or ends the
-    /// flow failed when none is left.
+    /// Why the instance unwinds, as it is recorded while the compensations run.
+    pub(super) fn why(&self, failure: Failure) -> Why {
+        match &self.record.cancel {
+            Some(cancel) => Why::Cancelled(cancel.clone()),
+            None => Why::Failed(failure),
+        }
+    }
+
+    /// A failing or cancelling step: sends the last of `compensations` (status
+    /// compensating), or ends the flow failed or cancelled when none is left.
     pub(super) fn unwind(
         &mut self,
         input: StepInput,
         impulse: Option<Arc<str>>,
-        failure: Failure,
+        why: Why,
         compensations: Vec<Compensation>,
         state: Bytes,
         scratch: &mut Scratch,
@@ -103,8 +119,32 @@ impl<F: Flow> Instance<F> {
         self.awaiting = Awaiting::Nothing;
         self.registered = None;
         let seq = self.record.seq + 1;
-        let (reason, error) = failure.into_parts();
+        let (reason, error, cancel) = match why {
+            Why::Failed(failure) => {
+                let (reason, error) = failure.into_parts();
+                (reason, error, None)
+            }
+            Why::Cancelled(cancel) => (cancel.reason.clone(), None, Some(cancel)),
+        };
         let mut step = match compensations.last() {
+            None if cancel.is_some() => {
+                let output = StepOutput::Cancelled {
+                    reason: reason.clone(),
+                };
+                let status = Status::Cancelled { reason };
+                let mut step = self.build(
+                    input,
+                    impulse,
+                    status,
+                    state,
+                    None,
+                    Dispatches::new(),
+                    None,
+                    output,
+                );
+                step.draft.record.cancel = cancel;
+                step
+            }
             None => {
                 let output = StepOutput::Fail {
                     reason: reason.clone(),
@@ -151,6 +191,7 @@ impl<F: Flow> Instance<F> {
                 );
                 step.draft.record.failing = Some(reason);
                 step.draft.record.error = error;
+                step.draft.record.cancel = cancel;
                 step.draft.record.compensations = compensations;
                 step
             }

@@ -51,6 +51,21 @@ impl Engine {
         }
     }
 
+    /// Cancels the live instance of flow `F` whose correlation key is `key` (see
+    /// [`Engine::by_key`] for the errors, and [`Handle::cancel`](crate::Handle::cancel) for
+    /// what cancelling does). Once it is cancelled it no longer has the key:
+    /// [`Error::NoInstanceForKey`] then means no live instance is left to cancel.
+    ///
+    /// ```
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
+    /// engine.cancel_by_key::<F>("order-7", "fraud suspected").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_by_key<F: Flow>(&self, key: &str, reason: impl Into<String>) -> Result<()> {
+        let id = self.find_by_key::<F>(key).await?;
+        self.cancel::<F>(id, reason).await
+    }
+
     /// Applies an impulse to the live instance of flow `F` whose correlation key is `key`
     /// (see [`Engine::by_key`] for the errors). Without an id the impulse gets a fresh one;
     /// give it yours with [`KeyedImpulse::id`] (the id of the request that caused it) to

@@ -29,6 +29,7 @@ pub(crate) mod queue;
 pub(crate) mod runner;
 #[cfg(feature = "redis")]
 pub(crate) mod scale;
+mod start_or_impulse;
 pub(crate) mod worker;
 
 #[cfg(feature = "redis")]
@@ -39,6 +40,7 @@ pub use health::{Health, HeldLease};
 pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 use msg::Msg;
 pub use operate::Parked;
+pub use start_or_impulse::StartOrImpulse;
 
 /// Tunables shared by the runners and the workers.
 #[derive(Debug, Clone)]
@@ -334,6 +336,22 @@ impl Engine {
             .request("handle", |reply| Msg::Exists { id, reply })
             .await?;
         Ok(F::Handle::from(handle))
+    }
+
+    /// Cancels the instance `id` of flow `F`: see [`Handle::cancel`]. [`Error::NotFound`]
+    /// if no instance has this id.
+    ///
+    /// ```
+    /// # async fn demo<F: flowwire::Flow>(engine: flowwire::Engine) -> flowwire::Result<()> {
+    /// engine.cancel::<F>("order-7", "out of stock for good").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel<F: Flow>(
+        &self,
+        id: impl Into<Arc<str>>,
+        reason: impl Into<String>,
+    ) -> Result<()> {
+        self.raw_handle::<F>(id.into())?.cancel(reason).await
     }
 
     /// Where an instance's payloads live: its record's state and call argument, and the

@@ -28,6 +28,21 @@ pub(crate) enum Msg<F: Impulses> {
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Applies an impulse to the live instance, or starts it with the impulse applied to its
+    /// initial state when there is none (one step).
+    StartOrImpulse {
+        id: Arc<str>,
+        state: F::State,
+        impulse_id: Arc<str>,
+        impulse: F::Impulse,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Cancels the instance (see `Instance::cancel`): `Ok` also when it was cancelled before.
+    Cancel {
+        id: Arc<str>,
+        reason: String,
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Runs a probe on the flow (which sends its own result) and then replies.
     Probe {
         id: Arc<str>,

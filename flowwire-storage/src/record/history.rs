@@ -59,6 +59,19 @@ pub enum StepInput {
         /// Whether the driver's call succeeded.
         ok: bool,
     },
+    /// The instance was cancelled (history format 6).
+    Cancel {
+        /// Why, as the canceller said.
+        reason: String,
+    },
+    /// The instance was started with an impulse applied to its initial state, in one step
+    /// (`Engine::start_or_impulse` found no instance; history format 6).
+    StartWith {
+        /// The impulse's id (the caller's or a generated one).
+        id: String,
+        /// The impulse method's name.
+        name: String,
+    },
 }
 
 /// What went out of a step.
@@ -137,6 +150,19 @@ pub enum StepOutput {
         due_ms: u64,
         /// The runtime's fault (a timeout, a panic), or `None` for the driver's own error.
         fault: Option<String>,
+    },
+    /// The instance ended cancelled (history format 6).
+    Cancelled {
+        /// Why, as the canceller said.
+        reason: String,
+    },
+    /// The late outcome of a call the instance abandoned when it was cancelled: recorded,
+    /// not applied (history format 6). The outcome is the step's payload.
+    Abandoned {
+        /// The step that issued the call (or fan-out).
+        call_seq: u64,
+        /// The fan-out branch (`None` for a drive).
+        branch: Option<u32>,
     },
 }
 

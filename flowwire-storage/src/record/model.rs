@@ -25,15 +25,24 @@ pub enum Status {
     },
     /// Sleeping until its timer fires (see [`Record::timer`]).
     Sleeping,
-    /// The flow failed ([`Record::failing`] says why) and its registered compensations are
-    /// running, last registered first; the one in flight is [`Record::pending`].
+    /// The flow failed ([`Record::failing`] says why), or was cancelled
+    /// ([`Record::cancel`]), and its registered compensations are running, last registered
+    /// first; the one in flight is [`Record::pending`].
     Compensating,
+    /// The instance was cancelled and its compensations have run.
+    Cancelled {
+        /// Why, as the canceller said.
+        reason: String,
+    },
 }
 
 impl Status {
     /// Whether the instance will never run again by itself.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Status::Finished | Status::Failed { .. })
+        matches!(
+            self,
+            Status::Finished | Status::Failed { .. } | Status::Cancelled { .. }
+        )
     }
 
     /// Whether the instance is live: neither ended nor parked.
@@ -60,6 +69,7 @@ impl Status {
             Status::Quarantined { .. } => "quarantined",
             Status::Sleeping => "sleeping",
             Status::Compensating => "compensating",
+            Status::Cancelled { .. } => "cancelled",
         }
     }
 }
@@ -200,6 +210,16 @@ pub struct ErrorValue {
     pub value: Bytes,
 }
 
+/// A cancellation, in progress (while the compensations run) or done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Why, as the canceller said.
+    pub reason: String,
+    /// The step of the call (or fan-out) that was in flight when the instance was
+    /// cancelled: its late outcome is recorded in history, never applied.
+    pub abandoned: Option<u64>,
+}
+
 /// The record of one instance, its payloads (the state and the call in flight) held as
 /// `P`: `Record` (the bytes in memory) is what the runtime sees; `Record<Payload>` (each
 /// payload inline or a reference to a blob on the ladder) is what a
@@ -233,6 +253,8 @@ pub struct Record<P = Bytes> {
     /// The typed failure the flow failed with, when it has one: while its compensations
     /// run, and once it has failed (format 7).
     pub error: Option<ErrorValue>,
+    /// The cancellation, once the instance was cancelled (format 7).
+    pub cancel: Option<Cancel>,
 }
 
 impl<P> Record<P> {
@@ -271,6 +293,7 @@ impl<P> Record<P> {
             correlation: self.correlation.clone(),
             fan: self.fan.clone(),
             error: self.error.clone(),
+            cancel: self.cancel.clone(),
         }
     }
 }

@@ -137,6 +137,7 @@ fn a_fan_out_round_trips_in_the_current_format() {
                 ],
             }),
             error: None,
+            cancel: None,
         },
         retired: Vec::new(),
         trash: Vec::new(),
@@ -285,6 +286,7 @@ fn a_record_is_refused_under_another_key_or_with_any_byte_changed() {
             correlation: None,
             fan: None,
             error: None,
+            cancel: None,
         },
         retired: Vec::new(),
         trash: Vec::new(),
@@ -331,6 +333,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
         correlation: Option<String>,
         fan: Option<Fan>,
         error: Option<ErrorValue>,
+        cancel: Option<Cancel>,
         retired: Vec<Retired>,
         trash: Vec<BlobRef>,
     }
@@ -371,6 +374,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
             correlation: Some("key".into()),
             fan: None,
             error: None,
+            cancel: None,
         },
         retired: vec![Retired {
             died: 3,
@@ -390,6 +394,7 @@ fn the_placed_record_encodes_to_the_flat_format_5_layout() {
         correlation: Some("key".into()),
         fan: None,
         error: None,
+        cancel: None,
         retired: vec![Retired {
             died: 3,
             blob: blob.clone(),

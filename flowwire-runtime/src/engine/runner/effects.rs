@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flowwire_storage::Status;
 use flowwire_storage::record::PlacedRecord;
 
-use crate::core::Outgoing;
+use crate::core::{CANCEL_ID, Outgoing};
 use crate::engine::job::{CallPolicy, Job, OutcomeMsg};
 use crate::error::Error;
 use crate::events::EventKind;
@@ -158,6 +158,11 @@ impl<F: Flow> Runner<F> {
             tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
         }
         if let Ack::Impulse(reply, impulse_id) = s.ack {
+            if &*impulse_id == CANCEL_ID {
+                // Cancelled before (by another process, or before a restart): done.
+                let _ = reply.send(Ok(()));
+                return;
+            }
             let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
                 flow: F::NAME,
                 id: s.id.to_string(),

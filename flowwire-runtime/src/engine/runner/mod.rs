@@ -126,6 +126,8 @@ impl<F: Flow> Input<F> {
             self,
             Input::Msg(
                 Msg::Impulse { .. }
+                    | Msg::StartOrImpulse { .. }
+                    | Msg::Cancel { .. }
                     | Msg::Probe { .. }
                     | Msg::State { .. }
                     | Msg::Exists { .. }
@@ -152,6 +154,8 @@ impl<F: Flow> Input<F> {
             Input::Msg(
                 Msg::Start { id, .. }
                 | Msg::Impulse { id, .. }
+                | Msg::StartOrImpulse { id, .. }
+                | Msg::Cancel { id, .. }
                 | Msg::Probe { id, .. }
                 | Msg::State { id, .. }
                 | Msg::Operate { id, .. },
@@ -336,6 +340,9 @@ fn ended_of(record: &flowwire_storage::Record) -> Option<Ended> {
         Status::Failed { reason } => Some(Ended::Failed {
             reason: reason.clone(),
             error: record.error.clone(),
+        }),
+        Status::Cancelled { reason } => Some(Ended::Cancelled {
+            reason: reason.clone(),
         }),
         _ => None,
     }

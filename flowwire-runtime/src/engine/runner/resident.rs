@@ -475,6 +475,24 @@ impl<F: Flow> Runner<F> {
                 }
                 Some(o)
             }
+            Ok(Some(record))
+                if matches!(record.status, flowwire_storage::Status::Cancelled { .. })
+                    && record
+                        .cancel
+                        .as_ref()
+                        .is_some_and(|c| c.abandoned == Some(o.seq)) =>
+            {
+                // The late outcome of a call abandoned by the cancellation: recorded in the
+                // ended instance's history (not applied), so it is loaded for that step.
+                match self.load_any(&o.id, "record a late outcome").await {
+                    Ok(()) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(flow = F::NAME, id = %o.id, error = %e, "late outcome of a cancelled instance not recorded");
+                        self.settle(&o);
+                        None
+                    }
+                }
+            }
             Ok(Some(_)) | Err(Error::NotFound { .. }) => {
                 self.settle(&o);
                 None

@@ -252,6 +252,30 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             };
             let _ = reply.send(r);
         }
+        Msg::StartOrImpulse {
+            id,
+            state,
+            impulse_id,
+            impulse,
+            reply,
+        } => {
+            let sent = encode(&state).and_then(|state| {
+                encode(&impulse).map(|impulse| RequestKind::StartOrImpulse {
+                    state,
+                    impulse_id: impulse_id.to_string(),
+                    impulse,
+                })
+            });
+            let r = match sent {
+                Ok(kind) => ask::<F>(&remote, &id, kind, &impulse_id).await,
+                Err(e) => Err(codec_error::<F>(&id, "the start or the impulse", e)),
+            };
+            let _ = reply.send(r);
+        }
+        Msg::Cancel { id, reason, reply } => {
+            let kind = RequestKind::Cancel { reason };
+            let _ = reply.send(ask::<F>(&remote, &id, kind, crate::core::CANCEL_ID).await);
+        }
         Msg::Probe { id, ask, reply } => {
             let state = read::<F>(&remote, &id).await.map(|r| r.state);
             let limit = remote.limits.decode_limit;
@@ -450,6 +474,9 @@ async fn wait_ended<F: Flow>(
             Ok(Some((Status::Finished, _))) => return Some(Ok(Ended::Finished)),
             Ok(Some((Status::Failed { reason }, error))) => {
                 return Some(Ok(Ended::Failed { reason, error }));
+            }
+            Ok(Some((Status::Cancelled { reason }, _))) => {
+                return Some(Ok(Ended::Cancelled { reason }));
             }
             Ok(Some((Status::Quarantined { reason }, _))) => {
                 return Some(Err(Error::Quarantined {

@@ -302,6 +302,22 @@ impl<F: Flow> Feed<F> {
                     impulse,
                     reply,
                 }),
+                RequestKind::Cancel { reason } => Ok(Msg::Cancel { id, reason, reply }),
+                RequestKind::StartOrImpulse {
+                    state,
+                    impulse_id,
+                    impulse,
+                } => codec::decode_raw::<F::State>(&state, limit).and_then(|state| {
+                    codec::decode_raw::<F::Impulse>(&impulse, limit).map(|impulse| {
+                        Msg::StartOrImpulse {
+                            id,
+                            state,
+                            impulse_id: impulse_id.into(),
+                            impulse,
+                            reply,
+                        }
+                    })
+                }),
             };
             let result = match msg {
                 Ok(msg) => {

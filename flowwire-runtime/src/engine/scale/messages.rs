@@ -51,8 +51,21 @@ pub(crate) struct Request {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum RequestKind {
-    Start { state: Bytes },
-    Impulse { impulse_id: String, impulse: Bytes },
+    Start {
+        state: Bytes,
+    },
+    Impulse {
+        impulse_id: String,
+        impulse: Bytes,
+    },
+    Cancel {
+        reason: String,
+    },
+    StartOrImpulse {
+        state: Bytes,
+        impulse_id: String,
+        impulse: Bytes,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -122,6 +135,7 @@ fn static_status(name: &str) -> &'static str {
         "finished" => "finished",
         "failed" => "failed",
         "compensating" => "compensating",
+        "cancelled" => "cancelled",
         "quarantined" => "quarantined",
         _ => "ended",
     }
@@ -191,6 +205,15 @@ mod tests {
                 impulse: bytes::Bytes::from_static(b"impulse"),
             },
         };
+        let cancel = Request {
+            req: 3,
+            reply_to: "chan".into(),
+            timeout_ms: 5_000,
+            id: "o-1".into(),
+            kind: RequestKind::Cancel {
+                reason: "the customer called".into(),
+            },
+        };
         let reply = Reply {
             req: 2,
             result: Err(Refusal::Quarantined {
@@ -203,6 +226,7 @@ mod tests {
             enc(&fault),
             enc(&start),
             enc(&impulse),
+            enc(&cancel),
             enc(&reply),
         ];
         fuzz::run("bus messages", &seeds, fuzz::iterations(20_000), |input| {
