@@ -6,16 +6,19 @@
 //! (`Engine::impulse_by_key`), whoever holds that number: the web handler that receives
 //! the manager's click does not know the instance id.
 //!
-//! The times are scaled down so the example runs in a second; a real one waits days, and a
+//! The waits are the real ones, two days each; the example runs them in an instant on a
+//! [`ManualClock`](flowwire::ManualClock), which it moves by hand, as a test does. A
 //! waiting instance costs only its record meanwhile (it is not in memory).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use flowwire::ManualClock;
 use flowwire::prelude::*;
 
 /// How long the manager has to answer before a reminder, and again before the request
-/// expires (two days, in a real deployment).
-const ANSWER_WITHIN: Duration = Duration::from_millis(500);
+/// expires.
+pub const ANSWER_WITHIN: Duration = Duration::from_hours(48);
 
 /// Why the notification service failed.
 #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
@@ -179,7 +182,8 @@ impl Notify for Mailer {
     }
 }
 
-fn request(number: &str, employee: &str, cents: u64) -> ExpenseState {
+/// A request for `cents`, from `employee`, for maria to decide.
+pub fn request(number: &str, employee: &str, cents: u64) -> ExpenseState {
     ExpenseState {
         number: number.into(),
         employee: employee.into(),
@@ -189,11 +193,26 @@ fn request(number: &str, employee: &str, cents: u64) -> ExpenseState {
     }
 }
 
+/// Waits (bounded) until the request's wait has run out `n` times and its wire waits
+/// again or has ended.
+async fn until_timeouts(h: &ApprovalHandle, n: u32) -> Result<(), Box<dyn std::error::Error>> {
+    for _ in 0..1_000 {
+        let s = h.state().await?;
+        if s.timeouts >= n && (s.reminded >= s.timeouts || s.decision.is_some()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err("the request did not move on".into())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
+    let clock = Arc::new(ManualClock::new());
     let engine = Engine::builder()
         .data_dir(dir.path())
+        .clock(clock.clone())
         .flow::<Approval>()
         .driver(Mailer)
         .start()
@@ -203,7 +222,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exp1 = engine
         .start::<Approval>("req-1", request("EXP-1", "jon", 12_950))
         .await?;
-    tokio::time::sleep(ANSWER_WITHIN / 3).await;
+    clock.advance(Duration::from_hours(20));
+    println!("  +20 h");
     // The approval web hook knows the expense number, not the instance id.
     engine
         .impulse_by_key::<Approval>("EXP-1", ApprovalImpulse::Approve { by: "maria".into() })
@@ -217,6 +237,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exp2 = engine
         .start::<Approval>("req-2", request("EXP-2", "ana", 4_000))
         .await?;
+    while !exp2.state().await?.asked {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for n in 1..=2 {
+        clock.advance(ANSWER_WITHIN);
+        println!("  +{} h", ANSWER_WITHIN.as_secs() / 3600);
+        until_timeouts(&exp2, n).await?;
+    }
     exp2.finished().await?;
     let state = exp2.state().await?;
     println!(

@@ -13,6 +13,13 @@
 
 mod board;
 pub mod clock;
+/// The test kit for flow authors (feature `testing`): scripted drivers; the manual clock is
+/// [`ManualClock`].
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::engine::script::Script;
+}
+pub use clock::{Clock, ManualClock, SystemClock};
 pub mod command;
 pub mod context;
 pub mod core;

@@ -85,6 +85,7 @@ pub use flowwire_runtime::{
 /// The traits the macros implement for a driver's calls and a flow's links: named in the
 /// bounds of the items above, implemented by `#[driver]` and `#[flow]`, never by hand.
 pub use flowwire_runtime::{CallSet, Dispatch, DriverCall, Implements, Reply};
+pub use flowwire_runtime::{Clock, ManualClock, SystemClock};
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
 /// Not the user's API: it changes with the engine.
@@ -102,6 +103,92 @@ pub mod storage {
     pub use flowwire_storage::bus;
     #[doc(hidden)]
     pub use flowwire_storage::{arena, codec, fuzz, join, layout, record};
+}
+
+/// The test kit for flow authors (feature `testing`): an engine on memory storage whose
+/// clock the test moves, and drivers whose replies the test gives.
+///
+/// A seven-day approval is tested in milliseconds: the clock is advanced past the timer,
+/// which fires at once; retry backoffs come due the same way.
+///
+/// ```
+/// use std::time::Duration;
+/// use flowwire::prelude::*;
+/// use flowwire::testing::{self, Script};
+///
+/// # #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+/// # #[error("mail is down")]
+/// # pub struct MailDown;
+/// #[driver]
+/// pub trait Mail {
+///     async fn remind(&self, who: String) -> Result<(), MailDown>;
+/// }
+///
+/// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// pub struct Request {
+///     approved: bool,
+///     timed_out: bool,
+///     reminded: bool,
+/// }
+///
+/// #[flow]
+/// pub struct Approval {
+///     #[link]
+///     state: Request,
+///     #[link]
+///     mail: impl Mail,
+/// }
+///
+/// #[flow]
+/// impl Approval {
+///     #[wire]
+///     fn run(&mut self) -> Command<Self> {
+///         let s = &self.state;
+///         if s.approved || s.reminded {
+///             return Command::finish();
+///         }
+///         if s.timed_out {
+///             return Command::drive(self.mail.remind("maria".into()))
+///                 .then(|f, r| { r?; f.state.reminded = true; Ok(()) });
+///         }
+///         // A week to answer, then a reminder.
+///         Command::wait_timeout(Duration::from_hours(7 * 24))
+///             .then(|f| { f.state.timed_out = true; Ok(()) })
+///     }
+///
+///     #[impulse]
+///     fn approve(&mut self) {
+///         self.state.approved = true;
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> flowwire::Result<()> {
+/// let (builder, clock) = testing::engine();
+/// let mail = Script::<MailProxy>::new();
+/// mail.reply("remind", Ok::<(), MailDown>(()));
+/// let engine = builder.flow::<Approval>().script(mail.clone()).start().await?;
+/// let h = engine.start::<Approval>("a-1", Request::default()).await?;
+/// clock.advance(Duration::from_hours(7 * 24)); // a week passes at once
+/// assert_eq!(h.finished().await?, Ended::Finished);
+/// assert!(matches!(&mail.calls()[..], [MailCall::Remind { who }] if who == "maria"));
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::sync::Arc;
+
+    pub use flowwire_runtime::ManualClock;
+    pub use flowwire_runtime::testing::Script;
+
+    /// An engine builder on memory storage, its clock a [`ManualClock`] at the wall
+    /// clock's time, and that clock: add flows and drivers (or [`Script`]s), start it, and
+    /// move time with [`ManualClock::advance`].
+    pub fn engine() -> (crate::EngineBuilder, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new());
+        let builder = crate::Engine::builder().in_memory().clock(clock.clone());
+        (builder, clock)
+    }
 }
 
 /// Everything a flow author needs: `use flowwire::prelude::*;`.

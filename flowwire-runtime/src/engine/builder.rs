@@ -154,6 +154,18 @@ impl EngineBuilder {
         self
     }
 
+    /// Registers a scripted driver (feature `testing`): the test gives its replies, in
+    /// place of an implementation. See [`Script`](crate::testing::Script).
+    #[cfg(feature = "testing")]
+    pub fn script<D: crate::Driver>(mut self, script: super::script::Script<D>) -> Self {
+        self.drivers.push(DriverReg {
+            driver: TypeId::of::<D>(),
+            meta: &D::META,
+            spawn: Box::new(move |limits, _drain| super::script::spawn(script, limits)),
+        });
+        self
+    }
+
     /// How long a client request (start, impulse, probe) may wait for the engine.
     /// Default 30 s.
     pub fn request_timeout(mut self, d: Duration) -> Self {
@@ -237,6 +249,23 @@ impl EngineBuilder {
     /// ```
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.limits.drain_timeout = d;
+        self
+    }
+
+    /// The clock flows run by: step times, timers and retry backoffs (the engine's own
+    /// timeouts run on real time whatever the clock). Default [`SystemClock`](crate::SystemClock).
+    /// Tests give a [`ManualClock`](crate::ManualClock) and move it by hand: a seven-day
+    /// timer fires when the clock is advanced past it, at once.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use flowwire::{Engine, ManualClock};
+    /// let clock = Arc::new(ManualClock::new());
+    /// let builder = Engine::builder().in_memory().clock(clock.clone());
+    /// # drop(builder);
+    /// ```
+    pub fn clock(mut self, clock: impl crate::clock::Clock) -> Self {
+        self.limits.clock = Arc::new(clock);
         self
     }
 

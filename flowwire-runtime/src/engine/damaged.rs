@@ -132,7 +132,7 @@ impl Engine {
             key.clone(),
             state,
             self.inner.limits.decode_limit,
-            crate::clock::unix_millis(),
+            self.inner.limits.clock.now_ms(),
             &mut scratch,
         );
         // The new record: the state given, parked, after every step the history holds.

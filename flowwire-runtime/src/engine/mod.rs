@@ -29,6 +29,8 @@ pub(crate) mod queue;
 pub(crate) mod runner;
 #[cfg(feature = "redis")]
 pub(crate) mod scale;
+#[cfg(feature = "testing")]
+pub(crate) mod script;
 mod start_or_impulse;
 pub(crate) mod worker;
 
@@ -58,6 +60,8 @@ pub(crate) struct Limits {
     pub store_cache: usize,
     /// How long a graceful shutdown waits for the driver calls running.
     pub drain_timeout: Duration,
+    /// What time it is for flows.
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl Default for Limits {
@@ -73,6 +77,7 @@ impl Default for Limits {
             decode_limit: flowwire_storage::DEFAULT_DECODE_LIMIT,
             store_cache: RedbStore::DEFAULT_CACHE,
             drain_timeout: Duration::from_secs(10),
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 }

@@ -476,9 +476,7 @@ impl<F: Flow> Runner<F> {
             // A full batch waits for the one in flight; so does a runner with nothing to take.
             let full = self.building.staged.len() >= max && self.inflight.is_some();
             if backlog.is_empty() || full {
-                let wait = self
-                    .next_timer()
-                    .saturating_sub(crate::clock::unix_millis());
+                let (clock, due) = (self.limits.clock.clone(), self.next_timer());
                 tokio::select! {
                     biased;
                     r = Self::landing(&mut self.inflight), if self.inflight.is_some() => {
@@ -494,14 +492,14 @@ impl<F: Flow> Runner<F> {
                             break;
                         }
                     },
-                    () = tokio::time::sleep(std::time::Duration::from_millis(wait)), if !full => {}
+                    () = crate::clock::sleep_until(&*clock, due), if !full => {}
                 }
             } else if self.inflight.is_some()
                 && let Some(r) = poll_once(Self::landing(&mut self.inflight)).await
             {
                 self.land(r).await;
             }
-            let now = crate::clock::unix_millis();
+            let now = self.limits.clock.now_ms();
             if now >= self.next_timer() {
                 self.tick(&mut backlog).await;
             }

@@ -154,7 +154,7 @@ impl<F: Flow> Runner<F> {
     /// unreachable is loaded again in the background, with backoff, until it can be; one
     /// whose data is damaged is left as stored for an operator (and reported).
     pub(crate) async fn recover(&mut self) -> Result<usize> {
-        self.now_ms = crate::clock::unix_millis();
+        self.now_ms = self.limits.clock.now_ms();
         let active = match &self.owned {
             Some(o) => {
                 bounded(

@@ -19,7 +19,7 @@ impl<F: Flow> Runner<F> {
     /// Moves the timers due by now into the backlog, and reads the next window of the
     /// timer index when this one has run out. Bounded: one page per call.
     pub(super) async fn tick(&mut self, backlog: &mut VecDeque<Input<F>>) {
-        let now = crate::clock::unix_millis();
+        let now = self.limits.clock.now_ms();
         while let Some((due, _)) = self.timers.first() {
             if *due > now {
                 break;
