@@ -1,6 +1,7 @@
-//! Erasing a continuation's result type, so that every drive of a flow fits one type
-//! ([`Then`], and [`UndoWith`] for compensations built from a reply): the only `unsafe` in
-//! the runtime.
+//! Continuations and their erasure: the types of what a wire hands the runtime to run
+//! later, and the erasing of their result types, so that every drive of a flow fits one
+//! type ([`Then`], and [`UndoWith`] for compensations built from a reply): the only
+//! `unsafe` in the runtime. A leaf of the command module.
 //!
 //! # Safety invariant
 //! A [`Then`] holds a function pointer `raw` whose real type is `Continuation<F, R>` or
@@ -14,9 +15,66 @@
 
 #![allow(unsafe_code)]
 
-use super::{Continuation, Delivered, DriveError, Each, Then, ThenError, UndoFrom, UndoWith};
 use crate::board::Board;
-use crate::driver::Reply;
+use crate::driver::{Call, DriveError, Fault, Reply};
+use crate::failure::Failure;
+
+/// The outcome a continuation receives for a call returning `R`.
+pub type Outcome<R> = Result<<R as Reply>::Ok, DriveError<<R as Reply>::Err>>;
+
+/// A continuation: a non-capturing closure or a plain `fn`.
+pub type Continuation<F, R> = fn(&mut F, Outcome<R>) -> Result<(), Failure>;
+
+/// A compensation built from the reply of the call it undoes ([`Drive::compensate_with`](super::Drive::compensate_with)):
+/// a non-capturing closure or a plain `fn` from the call's `Ok` value to the undoing call.
+pub type UndoFrom<R, C, U> = fn(&<R as Reply>::Ok) -> Call<C, U>;
+
+/// A branch's continuation: the flow, the branch's index (its position in the fan-out) and
+/// its outcome. A non-capturing closure or a plain `fn`.
+pub type Each<F, R> = fn(&mut F, usize, Outcome<R>) -> Result<(), Failure>;
+
+/// What reached the continuation: the encoded reply or the runtime's fault.
+pub(crate) enum Delivered<'a> {
+    Reply(&'a [u8]),
+    Fault(&'a Fault),
+}
+
+/// What running a continuation produced, besides a changed state.
+pub(crate) enum ThenError {
+    /// The continuation returned `Err`: the flow fails.
+    Failed(Failure),
+    /// The reply did not decode as the method's result type.
+    Decode(String),
+}
+
+/// A continuation with its result type erased, so every drive of a flow fits one type.
+#[allow(clippy::type_complexity)] // a fn pointer signature, named once here
+pub(crate) struct Then<F> {
+    raw: fn(),
+    run: fn(fn(), &mut F, Delivered<'_>, usize, usize) -> Result<(), ThenError>,
+}
+
+/// A compensation built from a reply ([`UndoFrom`](super::UndoFrom)), with its types erased, so every drive
+/// of a flow fits one type.
+#[allow(clippy::type_complexity)] // a fn pointer signature, named once here
+pub(crate) struct UndoWith<F: Board> {
+    raw: fn(),
+    run: fn(fn(), &[u8], usize) -> Result<Option<F::Call>, String>,
+}
+
+impl<F: Board> Clone for UndoWith<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Board> Copy for UndoWith<F> {}
+
+impl<F> Clone for Then<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for Then<F> {}
 
 impl<F: Board> Then<F> {
     pub(crate) fn new<R: Reply>(k: Continuation<F, R>) -> Self {
@@ -79,10 +137,7 @@ fn run_each<F: Board, R: Reply>(
     k(flow, branch, outcome).map_err(ThenError::Failed)
 }
 
-fn outcome<R: Reply>(
-    delivered: Delivered<'_>,
-    limit: usize,
-) -> Result<super::Outcome<R>, ThenError> {
+fn outcome<R: Reply>(delivered: Delivered<'_>, limit: usize) -> Result<Outcome<R>, ThenError> {
     Ok(match delivered {
         Delivered::Reply(bytes) => match flowwire_storage::codec::decode_raw::<R>(bytes, limit) {
             Ok(reply) => reply.into_result().map_err(DriveError::Driver),

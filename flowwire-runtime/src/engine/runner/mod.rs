@@ -37,6 +37,7 @@
 
 mod commit;
 mod effects;
+mod lifecycle;
 mod phase;
 mod requests;
 mod resident;
