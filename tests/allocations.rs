@@ -147,7 +147,7 @@ fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
                         .unwrap()
                 }
             };
-            let prev = placed.as_ref().map(|p| (p, &inst.record().state));
+            let prev = placed.as_ref().map(|p| (p, Some(&inst.record().state)));
             let sealed = placement
                 .seal(
                     &s.draft,

@@ -3,7 +3,8 @@
 //! flow that declares `#[flow(version = N, migrate = f)]` is upgraded with `f` when the new
 //! engine loads it, and goes on under version N. An instance of a version with no migration
 //! path, or whose migration panics, is parked with a reason naming both versions, never run
-//! with the wrong code; an operator can still patch and resume it.
+//! with the wrong code; an operator can still patch and resume it. A migrated state is
+//! written by the first step under the new version, even one that leaves it unchanged.
 
 use flowwire::Error;
 use flowwire::prelude::*;
@@ -77,6 +78,12 @@ impl InvoiceTwo {
     #[impulse]
     fn pay(&mut self) {
         self.state.paid = true;
+    }
+
+    /// Changes nothing: a step, so that the instance is written under version 2.
+    #[impulse]
+    fn note(&mut self, text: String) {
+        let _ = text;
     }
 }
 
@@ -206,4 +213,43 @@ async fn a_migration_that_panics_parks_the_instance() {
         Ended::Finished,
         "the other instances go on"
     );
+}
+
+#[tokio::test]
+async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-31", 3_100)]).await;
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    // The impulse changes nothing, but its step is the first under version 2.
+    v2.handle::<InvoiceTwo>("inv-31")
+        .await
+        .unwrap()
+        .note("seen".into())
+        .await
+        .unwrap();
+    v2.shutdown().await;
+    // A fresh engine reads the stored record: version 2, with version 2's state.
+    let again = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    let h = again.handle::<InvoiceTwo>("inv-31").await.unwrap();
+    assert_eq!(
+        h.state().await.unwrap(),
+        InvoiceV2 {
+            cents: 3_100,
+            currency: "EUR".into(),
+            paid: false,
+            migrated: true
+        }
+    );
+    let page = again.history::<InvoiceTwo>("inv-31", 0, 10).await.unwrap();
+    assert_eq!(page.steps.len(), 2, "the start, and the impulse under version 2");
 }

@@ -62,13 +62,14 @@ impl Placement {
     #[allow(clippy::result_large_err)] // as for `place`
     /// Places a step's payloads and builds its write.
     ///
-    /// `prev` is the committed record (persisted form and its state bytes), `None` for a
-    /// start. `buf` is a reusable encode buffer; the record and the history entry are
+    /// `prev` is the committed record: its persisted form, and its state's bytes when they
+    /// are the ones that form holds (`None` after a migration changed them in memory: the
+    /// state is then placed anew even when the step leaves it as it is). `None` for a start. `buf` is a reusable encode buffer; the record and the history entry are
     /// carved from `arena`.
     pub fn seal(
         &self,
         draft: &Draft,
-        prev: Option<(&PlacedRecord, &Bytes)>,
+        prev: Option<(&PlacedRecord, Option<&Bytes>)>,
         retention: Retention,
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
@@ -89,7 +90,7 @@ impl Placement {
         let seq = record.seq;
         let mut puts = Vec::new();
         let state = match prev {
-            Some((p, bytes)) if same_bytes(bytes, &record.state) => p.record.state.clone(),
+            Some((p, Some(bytes))) if same_bytes(bytes, &record.state) => p.record.state.clone(),
             _ => self.place(key, seq, 's', record.state.clone(), &mut puts)?,
         };
         let pending = match &record.pending {

@@ -111,10 +111,15 @@ impl<F: Flow> Runner<F> {
     /// to write starts their upload and joins a later batch once they land; one whose
     /// payloads cannot be placed fails now.
     pub(super) fn stage(&mut self, s: Staged<F>) {
-        let prev = self
-            .slots
-            .get(&s.id)
-            .and_then(|slot| slot.placed.as_ref().map(|p| (p, &slot.inst.record().state)));
+        let prev = self.slots.get(&s.id).and_then(|slot| {
+            let committed = slot.inst.record();
+            slot.placed.as_ref().map(|p| {
+                // A record migrated on load holds the upgraded state in memory, not the
+                // stored one: it is written anew, even by a step that does not change it.
+                let stored = p.record.flow_version == committed.flow_version;
+                (p, stored.then_some(&committed.state))
+            })
+        });
         let scratch = &mut self.scratch;
         let sealed = self.placement.seal(
             &s.step.draft,
