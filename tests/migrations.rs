@@ -3,8 +3,9 @@
 //! flow that declares `#[flow(version = N, migrate = f)]` is upgraded with `f` when the new
 //! engine loads it, and goes on under version N. An instance of a version with no migration
 //! path, or whose migration panics, is parked with a reason naming both versions, never run
-//! with the wrong code; an operator can still patch and resume it. A migrated state is
-//! written by the first step under the new version, even one that leaves it unchanged.
+//! with the wrong code; an operator can still patch and resume it. Migrations chain:
+//! `migrate = [v1_to_v2, v2_to_v3]` reads records of versions 1 and 2, each step declared
+//! once.
 
 use flowwire::Error;
 use flowwire::prelude::*;
@@ -80,10 +81,10 @@ impl InvoiceTwo {
         self.state.paid = true;
     }
 
-    /// Changes nothing: a step, so that the instance is written under version 2.
+    /// Sets the currency (to the one it has: a step that changes nothing).
     #[impulse]
-    fn note(&mut self, text: String) {
-        let _ = text;
+    fn currency(&mut self, code: String) {
+        self.state.currency = code;
     }
 }
 
@@ -215,6 +216,94 @@ async fn a_migration_that_panics_parks_the_instance() {
     );
 }
 
+/// Version 3, the chained way: it keeps version 2's migration from version 1 and adds its
+/// own from version 2, each declared once, so it reads records of versions 1 and 2.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceV3 {
+    cents: u64,
+    currency: String,
+    paid: bool,
+    migrated: bool,
+    /// New in version 3.
+    reference: String,
+}
+
+fn two_to_three(old: InvoiceV2) -> InvoiceV3 {
+    InvoiceV3 {
+        reference: format!("INV-{}", old.cents),
+        cents: old.cents,
+        currency: old.currency,
+        paid: old.paid,
+        migrated: old.migrated,
+    }
+}
+
+#[flow(name = "Invoice", version = 3, migrate = [upgrade, two_to_three])]
+pub struct InvoiceChain {
+    #[link]
+    state: InvoiceV3,
+}
+
+#[flow]
+impl InvoiceChain {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.paid {
+            Command::finish()
+        } else {
+            Command::wait()
+        }
+    }
+
+    #[impulse]
+    fn pay(&mut self) {
+        self.state.paid = true;
+    }
+}
+
+#[tokio::test]
+async fn migrations_chain_a_record_two_versions_behind_through_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-21", 2_100), ("inv-22", 2_200)]).await;
+    // inv-22 is moved on to version 2 first; inv-21 stays at version 1.
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    v2.handle::<InvoiceTwo>("inv-22")
+        .await
+        .unwrap()
+        .currency("EUR".into())
+        .await
+        .unwrap();
+    v2.shutdown().await;
+
+    let v3 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceChain>()
+        .start()
+        .await
+        .unwrap();
+    for (id, cents) in [("inv-21", 2_100), ("inv-22", 2_200)] {
+        let h = v3.handle::<InvoiceChain>(id).await.unwrap();
+        h.pay().await.unwrap();
+        assert_eq!(h.finished().await.unwrap(), Ended::Finished, "{id}");
+        assert_eq!(
+            h.state().await.unwrap(),
+            InvoiceV3 {
+                cents,
+                currency: "EUR".into(),
+                paid: true,
+                migrated: true,
+                reference: format!("INV-{cents}"),
+            },
+            "{id}: through version 2's migration (the currency) and version 3's (the reference)"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,11 +314,12 @@ async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
         .start()
         .await
         .unwrap();
-    // The impulse changes nothing, but its step is the first under version 2.
+    // The impulse sets the currency the migration set: the step changes nothing, but it is
+    // the first under version 2.
     v2.handle::<InvoiceTwo>("inv-31")
         .await
         .unwrap()
-        .note("seen".into())
+        .currency("EUR".into())
         .await
         .unwrap();
     v2.shutdown().await;
@@ -251,5 +341,9 @@ async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
         }
     );
     let page = again.history::<InvoiceTwo>("inv-31", 0, 10).await.unwrap();
-    assert_eq!(page.steps.len(), 2, "the start, and the impulse under version 2");
+    assert_eq!(
+        page.steps.len(),
+        2,
+        "the start, and the impulse under version 2"
+    );
 }

@@ -72,16 +72,22 @@ const _: () = {
         fn state(&self) -> &Basket {
             &self.state
         }
-        const MIGRATES: bool = true;
+        const MIGRATES_FROM: u32 = 1u32;
         fn migrate(
             old: &[u8],
+            from: u32,
             limit: usize,
         ) -> ::core::option::Option<
             ::core::result::Result<Basket, ::flowwire::__private::CodecError>,
         > {
-            ::core::option::Option::Some(
-                ::flowwire::__private::migrate_state(upgrade, old, limit),
-            )
+            match 2u32.checked_sub(from) {
+                ::core::option::Option::Some(1u32) => {
+                    ::core::option::Option::Some(
+                        ::flowwire::__private::migrate_state(upgrade, old, limit),
+                    )
+                }
+                _ => ::core::option::Option::None,
+            }
         }
     }
     impl ::core::convert::From<::flowwire::__private::Handle<Order>> for OrderHandle {

@@ -112,6 +112,7 @@ pub fn driver(args: TokenStream, input: TokenStream) -> TokenStream {
 /// | `name = "Order"` | the name the flow is stored and found under | the struct's name |
 /// | `version = 2` | the version of the state's shape, stored with every instance | `1` |
 /// | `migrate = upgrade` | `fn(Previous) -> State`: upgrades a state written by version `version - 1` when an instance is loaded; needs `version >= 2` | none: an instance of another version is parked |
+/// | `migrate = [v1_to_v2, v2_to_v3]` | a chain, oldest first, each `fn(Vn) -> Vn+1`, the last ending at this version's state: a state written by any version it reaches back to goes through each step from there; each step is declared once, by the version that introduced it | none |
 /// | `crate = "::flowwire"` | the path of the `flowwire` crate, when it is renamed (also on the `impl` block) | `::flowwire` |
 ///
 /// # Example

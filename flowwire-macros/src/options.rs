@@ -34,8 +34,9 @@ pub struct Options {
     pub version: Option<u32>,
     pub name: Option<String>,
     pub krate: Option<syn::Path>,
-    /// `migrate = path`: the function upgrading a state of the previous version.
-    pub migrate: Option<syn::Path>,
+    /// `migrate = path` or `migrate = [oldest, .., newest]`: the functions upgrading a
+    /// state one version each, ending at this version.
+    pub migrate: Vec<syn::Path>,
 }
 
 /// Parses `a = "x", b = 3` for `#[attr]`, accepting only `allowed`.
@@ -139,7 +140,21 @@ pub fn parse_on(
                 out.krate = Some(lit.parse()?);
             }
             "migrate" => {
-                out.migrate = Some(meta.value()?.parse()?);
+                let value = meta.value()?;
+                if value.peek(syn::token::Bracket) {
+                    let list;
+                    syn::bracketed!(list in value);
+                    let paths =
+                        syn::punctuated::Punctuated::<syn::Path, syn::Token![,]>::parse_terminated(
+                            &list,
+                        )?;
+                    if paths.is_empty() {
+                        return Err(meta.error("`migrate = []` lists no migration"));
+                    }
+                    out.migrate = paths.into_iter().collect();
+                } else {
+                    out.migrate = vec![value.parse()?];
+                }
             }
             _ => unreachable!("every name in ALL is handled"),
         }

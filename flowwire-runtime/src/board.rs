@@ -32,17 +32,20 @@ pub trait Board: Sized + Send + 'static {
     fn from_state(state: Self::State) -> Self;
     /// The state.
     fn state(&self) -> &Self::State;
-    /// Whether the flow declares a migration from its previous version.
+    /// The oldest version whose states the flow upgrades (its own version when it
+    /// declares no migration).
     #[doc(hidden)]
-    const MIGRATES: bool = false;
-    /// Upgrades a state written by the previous version (`VERSION - 1`), when the flow
-    /// declares `#[flow(version = N, migrate = path)]`; `None` otherwise.
+    const MIGRATES_FROM: u32 = u32::MAX;
+    /// Upgrades a state written by version `from`, through every migration from there to
+    /// this version, when the flow declares them (`#[flow(version = N, migrate = [..])]`);
+    /// `None` when it does not reach back to `from`.
     #[doc(hidden)]
     fn migrate(
         old: &[u8],
+        from: u32,
         limit: usize,
     ) -> Option<Result<Self::State, flowwire_storage::CodecError>> {
-        let _ = (old, limit);
+        let _ = (old, from, limit);
         None
     }
 }

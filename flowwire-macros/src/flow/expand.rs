@@ -83,17 +83,38 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
     } else {
         quote!(match self { #(#encode_arms,)* })
     };
-    let migrate_fn = match &m.opts.migrate {
-        None => quote!(),
-        Some(path) => quote_spanned! {path.span()=>
-            const MIGRATES: bool = true;
+    // `migrate = [f1, .., fk]`, oldest first: a state written `d` versions back goes
+    // through the last `d` of them, each upgrading it by one version.
+    let migrate_fn = if m.opts.migrate.is_empty() {
+        quote!()
+    } else {
+        let steps = &m.opts.migrate;
+        let version = m.opts.version.unwrap_or(1);
+        let oldest = version.saturating_sub(u32::try_from(steps.len()).unwrap_or(u32::MAX));
+        let arms = (1..=steps.len()).map(|d| {
+            let first = &steps[steps.len() - d];
+            let rest = &steps[steps.len() - d + 1..];
+            let d = u32::try_from(d).unwrap_or(u32::MAX);
+            quote! {
+                ::core::option::Option::Some(#d) => ::core::option::Option::Some(
+                    #p::migrate_state(#first, old, limit) #(.map(#rest))*
+                ),
+            }
+        });
+        let span = steps[0].span();
+        quote_spanned! {span=>
+            const MIGRATES_FROM: u32 = #oldest;
             fn migrate(
                 old: &[u8],
+                from: u32,
                 limit: usize,
             ) -> ::core::option::Option<::core::result::Result<#state_ty, #p::CodecError>> {
-                ::core::option::Option::Some(#p::migrate_state(#path, old, limit))
+                match #version.checked_sub(from) {
+                    #(#arms)*
+                    _ => ::core::option::Option::None,
+                }
             }
-        },
+        }
     };
     let state_assert = quote_spanned! {state_ty.span()=>
         #p::assert_state::<#state_ty>();

@@ -20,17 +20,26 @@ pub fn flow(args: TokenStream, input: &TokenStream) -> TokenStream {
                 &["version", "name", "crate", "migrate"],
                 &mut cx,
             );
-            if let Some(path) = &opts.migrate
-                && opts.version.unwrap_or(1) < 2
-            {
-                cx.error(
+            // Checked apart: the board is still generated, so that this mistake is the one
+            // error the user sees.
+            let steps = u32::try_from(opts.migrate.len()).unwrap_or(u32::MAX);
+            let version = opts.version.unwrap_or(1);
+            let chain = opts.migrate.first().filter(|_| version <= steps).map(|path| {
+                syn::Error::new_spanned(
                     path,
-                    "a migration upgrades a state written by the previous version: set `version = 2` or more",
-                );
-            }
+                    format!(
+                        "`migrate` lists {steps} step(s), each upgrading a state by one version up to this one: set `version = {}` or more (it is {version})",
+                        steps + 1
+                    ),
+                )
+                .to_compile_error()
+            });
             let model = parse::parse_struct(&item, opts, &mut cx);
             match (cx.check(), model) {
-                (Ok(()), Some(model)) => expand::expand_struct(&model),
+                (Ok(()), Some(model)) => {
+                    let board = expand::expand_struct(&model);
+                    quote::quote!(#chain #board)
+                }
                 (Ok(()), None) => unreachable!("parse_struct reports why it returns None"),
                 (Err(errors), _) => {
                     let fallback = parse::fallback_struct(&item);

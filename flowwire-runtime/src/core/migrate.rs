@@ -1,7 +1,7 @@
 //! Rebuilding an instance from its stored record under the flow version this engine runs:
-//! a record of the previous version is migrated (the flow's `migrate` function), one of
-//! any other version is parked with a reason naming both, never run on code it was not
-//! written for.
+//! a record of an older version the flow's migrations reach back to is migrated (through
+//! each of them, one version at a time), one of any other version is parked with a reason
+//! naming both, never run on code it was not written for.
 
 use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
@@ -27,12 +27,11 @@ impl<F: Flow> Instance<F> {
     ) -> Result<(Self, Option<Step>), CodecError> {
         scratch.now_ms = now_ms;
         let written = record.flow_version;
-        let upgrade = written != F::VERSION
-            && written.checked_add(1) == Some(F::VERSION)
-            && !record.status.is_terminal();
+        let upgrade =
+            written < F::VERSION && written >= F::MIGRATES_FROM && !record.status.is_terminal();
         let mut failed_migration = None;
         let state: F::State = if upgrade {
-            match guard(|| F::migrate(&record.state, limit)) {
+            match guard(|| F::migrate(&record.state, written, limit)) {
                 Ok(Some(migrated)) => {
                     let state = migrated?;
                     // The migrated state is the committed one from now on (the next step
@@ -74,11 +73,11 @@ impl<F: Flow> Instance<F> {
                     F::NAME,
                     F::VERSION
                 ),
-                None if F::MIGRATES => format!(
-                    "the instance was written by {} version {written}; this engine runs version {}, which migrates only from version {}",
+                None if F::MIGRATES_FROM < F::VERSION => format!(
+                    "the instance was written by {} version {written}; this engine runs version {}, which migrates only from {}",
                     F::NAME,
                     F::VERSION,
-                    F::VERSION - 1
+                    reach::<F>()
                 ),
                 None => format!(
                     "the instance was written by {} version {written}, this engine runs version {} (it declares no migration)",
@@ -103,10 +102,11 @@ impl<F: Flow> Instance<F> {
         now_ms: u64,
     ) -> Step {
         let written = record.flow_version;
-        let path = if F::MIGRATES && written.checked_add(1) == Some(F::VERSION) {
+        let migrates = F::MIGRATES_FROM < F::VERSION;
+        let path = if migrates && written < F::VERSION && written >= F::MIGRATES_FROM {
             "its migration failed".to_string()
-        } else if F::MIGRATES {
-            format!("it migrates only from version {}", F::VERSION - 1)
+        } else if migrates {
+            format!("it migrates only from {}", reach::<F>())
         } else {
             "it declares no migration".to_string()
         };
@@ -135,5 +135,16 @@ impl<F: Flow> Instance<F> {
             },
             dispatch: Dispatches::new(),
         }
+    }
+}
+
+/// The versions a flow's migrations reach back to, for messages: `version 2` or
+/// `versions 1 to 3`.
+fn reach<F: Flow>() -> String {
+    let last = F::VERSION.saturating_sub(1);
+    if F::MIGRATES_FROM >= last {
+        format!("version {last}")
+    } else {
+        format!("versions {} to {last}", F::MIGRATES_FROM)
     }
 }
