@@ -347,3 +347,64 @@ async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
         "the start, and the impulse under version 2"
     );
 }
+
+#[tokio::test]
+async fn an_engine_of_an_older_version_leaves_a_newer_record_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-41", 4_100)]).await;
+    // A version-2 engine moves the instance on to version 2.
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    v2.handle::<InvoiceTwo>("inv-41")
+        .await
+        .unwrap()
+        .currency("CHF".into())
+        .await
+        .unwrap();
+    v2.shutdown().await;
+
+    // A version-1 engine (a node not upgraded yet) neither parks nor runs it.
+    let v1 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceOne>()
+        .start()
+        .await
+        .unwrap();
+    let r = v1.handle::<InvoiceOne>("inv-41").await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NewerVersion {
+                written: 2,
+                running: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let parked = v1.parked::<InvoiceOne>(None, 10).await.unwrap();
+    assert!(parked.is_empty(), "not parked: {parked:?}");
+    v1.shutdown().await;
+
+    // The version-2 engine finds it as it left it.
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    let h = v2.handle::<InvoiceTwo>("inv-41").await.unwrap();
+    assert_eq!(h.state().await.unwrap().currency, "CHF");
+    h.pay().await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    let page = v2.history::<InvoiceTwo>("inv-41", 0, 10).await.unwrap();
+    assert_eq!(
+        page.steps.len(),
+        3,
+        "start, currency, pay: nothing written by version 1"
+    );
+}

@@ -219,6 +219,22 @@ pub enum Error {
         /// Its status.
         status: &'static str,
     },
+    /// The instance was written by a newer version of its flow than this engine runs (a
+    /// rolling deploy in progress, or a rollback): it is left as stored, never parked or
+    /// run here; an engine of its version serves it. Permanent for this engine.
+    #[error(
+        "the {flow} instance {id:?} was written by version {written} of the flow and this engine runs version {running}: it is left as stored for an engine of version {written} or later (is a deploy in progress?)"
+    )]
+    NewerVersion {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The version that wrote it.
+        written: u32,
+        /// The version this engine runs.
+        running: u32,
+    },
     /// An operator's patch panicked; nothing was written.
     #[error("the patch of the {flow} instance {id:?} panicked, so nothing was written: {message}")]
     PatchPanicked {

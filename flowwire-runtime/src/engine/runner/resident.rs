@@ -240,6 +240,16 @@ impl<F: Flow> Runner<F> {
         record: Record,
         version: u64,
     ) -> Result<(Instance<F>, Option<Step>)> {
+        if record.flow_version > F::VERSION {
+            // A newer engine wrote it: neither parked nor run here, left for one of its
+            // version (during a rolling deploy, another node; after a rollback, none yet).
+            return Err(Error::NewerVersion {
+                flow: F::NAME,
+                id: id.to_string(),
+                written: record.flow_version,
+                running: F::VERSION,
+            });
+        }
         Instance::<F>::recover(
             self.key(id),
             record,
