@@ -3,7 +3,9 @@
 //! playing its roles as separate processes would. Orchestrators share the shards, workers
 //! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
 //! when orchestrators join or leave, a worker's calls are taken over when it stops; a
-//! cancellation sent by a client applies once, also when sent again after the shard moved.
+//! cancellation sent by a client applies once, also when sent again after the shard moved;
+//! through a rolling deploy, an orchestrator of the old flow version leaves the instances a
+//! new one moved on as they are.
 //! The sharing test runs again on a 3-master Redis Cluster started by the test.
 #![cfg(feature = "redis")]
 
@@ -132,6 +134,48 @@ fn cluster() -> &'static servers::RedisCluster {
 
 /// The deployment of a test: on the 3-master cluster when its prefix starts with
 /// `cluster-`, else on one server.
+/// Version 2 of the parcel, as a rolling deploy brings it: it reads version 1's states as
+/// they are, and after the address it waits for a `done`.
+#[flow(name = "Parcel", version = 2, migrate = same_state)]
+pub struct ParcelTwo {
+    #[link]
+    state: ParcelState,
+    #[link]
+    depot: impl Depot,
+}
+
+fn same_state(s: ParcelState) -> ParcelState {
+    s
+}
+
+#[flow]
+impl ParcelTwo {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        let s = &self.state;
+        if s.weight.is_none() {
+            return Command::drive(self.depot.pack(s.id.clone())).then(|f, r| {
+                f.state.weight = Some(r?);
+                Ok(())
+            });
+        }
+        if s.delivered {
+            return Command::finish();
+        }
+        Command::wait()
+    }
+
+    #[impulse]
+    fn address(&mut self, to: String) {
+        self.state.address = Some(to);
+    }
+
+    #[impulse]
+    fn done(&mut self) {
+        self.state.delivered = true;
+    }
+}
+
 fn shared(prefix: &str) -> Shared {
     let on = if prefix.starts_with("cluster-") {
         let urls = cluster().urls();
@@ -372,6 +416,81 @@ async fn a_cancellation_from_a_client_applies_once_across_a_shard_move() {
     for e in [&c, &w, &b] {
         e.shutdown().await;
     }
+}
+
+/// An orchestrator of `F` (version 1 or 2 of the parcel) named `name`, once it holds every
+/// shard.
+async fn sole_orchestrator<F: flowwire::Flow>(prefix: &str, name: &str) -> Engine {
+    let e = Engine::builder()
+        .shared(shared(prefix).node_name(name))
+        .flow::<F>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    eventually("it holds every shard", async || {
+        owners(prefix).await == BTreeSet::from([name.to_string()])
+    })
+    .await;
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_rolling_deploy_an_old_orchestrator_leaves_migrated_instances_as_they_are() {
+    let p = "scale-rolling";
+    let counter = Counter::default();
+    let w = worker(p, "worker", counter.clone()).await;
+    let ids: Vec<String> = (0..4).map(|i| format!("roll-{i}")).collect();
+    let v1 = sole_orchestrator::<Parcel>(p, "orch-v1").await;
+    for id in &ids {
+        let h = v1.start::<Parcel>(id.as_str(), state(id)).await.unwrap();
+        eventually("packed", async || h.weight().await.unwrap().is_some()).await;
+    }
+    v1.shutdown().await;
+    // The new version takes over and moves every instance on (migrated, then a step).
+    let v2 = sole_orchestrator::<ParcelTwo>(p, "orch-v2").await;
+    for id in &ids {
+        let h = v2.handle::<ParcelTwo>(id.as_str()).await.unwrap();
+        h.address("home".into()).await.unwrap();
+    }
+    v2.shutdown().await;
+    // A node of the old version holds the shards again (a deploy rolled back, or not done).
+    let old = sole_orchestrator::<Parcel>(p, "orch-v1b").await;
+    for id in &ids {
+        let h = old.handle::<Parcel>(id.as_str()).await.unwrap();
+        let r = h.address("elsewhere".into()).await;
+        assert!(
+            matches!(
+                r,
+                Err(Error::NewerVersion {
+                    written: 2,
+                    running: 1,
+                    ..
+                })
+            ),
+            "{id}: {r:?}"
+        );
+    }
+    assert!(
+        old.parked::<Parcel>(None, 10).await.unwrap().is_empty(),
+        "none parked"
+    );
+    old.shutdown().await;
+    // Version 2 again: every instance is where it left it.
+    let v2 = sole_orchestrator::<ParcelTwo>(p, "orch-v2b").await;
+    for id in &ids {
+        let h = v2.handle::<ParcelTwo>(id.as_str()).await.unwrap();
+        assert_eq!(h.state().await.unwrap().address.as_deref(), Some("home"));
+        h.done().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+            .await
+            .expect("finished in time")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+    }
+    audit(p, &ids).await;
+    v2.shutdown().await;
+    w.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

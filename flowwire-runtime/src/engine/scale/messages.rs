@@ -83,6 +83,7 @@ pub(crate) enum Refusal {
     NotFound,
     Ended { status: String },
     Quarantined { reason: String },
+    NewerVersion { written: u32, running: u32 },
     Other { message: String },
 }
 
@@ -100,6 +101,9 @@ impl Refusal {
             Error::Quarantined { reason, .. } => Refusal::Quarantined {
                 reason: reason.clone(),
             },
+            &Error::NewerVersion {
+                written, running, ..
+            } => Refusal::NewerVersion { written, running },
             other => Refusal::Other {
                 message: other.to_string(),
             },
@@ -124,6 +128,12 @@ impl Refusal {
                 status: static_status(&status),
             },
             Refusal::Quarantined { reason } => Error::Quarantined { flow, id, reason },
+            Refusal::NewerVersion { written, running } => Error::NewerVersion {
+                flow,
+                id,
+                written,
+                running,
+            },
             Refusal::Other { message } => Error::Remote { flow, id, message },
         }
     }
