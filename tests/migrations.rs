@@ -408,3 +408,67 @@ async fn an_engine_of_an_older_version_leaves_a_newer_record_as_it_is() {
         "start, currency, pay: nothing written by version 1"
     );
 }
+
+#[tokio::test]
+async fn an_ended_instance_is_read_as_this_versions_state_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-51", 5_100)]).await;
+    // It ends under version 1.
+    let v1 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceOne>()
+        .start()
+        .await
+        .unwrap();
+    let h = v1.handle::<InvoiceOne>("inv-51").await.unwrap();
+    h.pay().await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    v1.shutdown().await;
+
+    // Version 3 reads it through its migrations, not as raw version-1 bytes.
+    let v3 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceChain>()
+        .start()
+        .await
+        .unwrap();
+    let h = v3.handle::<InvoiceChain>("inv-51").await.unwrap();
+    assert_eq!(h.state().await.unwrap().reference, "INV-5100");
+    v3.shutdown().await;
+
+    // Version 1 does not read what version 2 wrote.
+    written_by_v1(dir.path(), &[("inv-52", 5_200)]).await;
+    let v2 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceTwo>()
+        .start()
+        .await
+        .unwrap();
+    let h = v2.handle::<InvoiceTwo>("inv-52").await.unwrap();
+    h.pay().await.unwrap();
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    v2.shutdown().await;
+    let v1 = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<InvoiceOne>()
+        .start()
+        .await
+        .unwrap();
+    let r = v1
+        .handle::<InvoiceOne>("inv-52")
+        .await
+        .unwrap()
+        .state()
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::NewerVersion {
+                written: 2,
+                running: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}

@@ -235,6 +235,21 @@ pub enum Error {
         /// The version this engine runs.
         running: u32,
     },
+    /// The instance was written by an older version of its flow that this engine's version
+    /// has no migration from: its state is not read as this version's.
+    #[error(
+        "the {flow} instance {id:?} was written by version {written} of the flow, and this engine's version {running} has no migration from it"
+    )]
+    NoMigration {
+        /// The flow.
+        flow: &'static str,
+        /// The id.
+        id: String,
+        /// The version that wrote it.
+        written: u32,
+        /// The version this engine runs.
+        running: u32,
+    },
     /// An operator's patch panicked; nothing was written.
     #[error("the patch of the {flow} instance {id:?} panicked, so nothing was written: {message}")]
     PatchPanicked {
@@ -316,6 +331,32 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error of a state that cannot be read as flow `F`'s current version's.
+    pub(crate) fn state_read<F: crate::flow::Flow>(id: &str, e: crate::core::StateRead) -> Error {
+        use crate::core::StateRead;
+        let id = id.to_string();
+        match e {
+            StateRead::Newer { written } => Error::NewerVersion {
+                flow: F::NAME,
+                id,
+                written,
+                running: F::VERSION,
+            },
+            StateRead::Unreachable { written } => Error::NoMigration {
+                flow: F::NAME,
+                id,
+                written,
+                running: F::VERSION,
+            },
+            StateRead::Codec(source) => Error::Codec {
+                flow: F::NAME,
+                id,
+                what: "the state",
+                source,
+            },
+        }
+    }
+
     /// Whether trying again later can succeed: a store or tier that is unreachable or
     /// timed out, as opposed to damaged data or a wrong request.
     ///

@@ -148,3 +148,49 @@ fn reach<F: Flow>() -> String {
         format!("versions {} to {last}", F::MIGRATES_FROM)
     }
 }
+
+/// Why a stored state cannot be read as this flow version's.
+#[derive(Debug)]
+pub enum StateRead {
+    /// A newer version of the flow wrote it.
+    Newer {
+        /// That version.
+        written: u32,
+    },
+    /// An older version wrote it, and no migration of this version reaches back to it.
+    Unreachable {
+        /// That version.
+        written: u32,
+    },
+    /// It does not decode, or its migration failed (the message says which).
+    Codec(CodecError),
+}
+
+/// The state of a stored record as this flow version reads it, for reads that do not load
+/// the instance (an ended or parked one's, or a client's in another process): the bytes as
+/// they are when this version wrote them, upgraded through the flow's migrations when an
+/// older version it reaches back to did; refused otherwise, so that no state is ever decoded
+/// as another version's type.
+pub fn state_for_read<F: Flow>(record: &Record, limit: usize) -> Result<bytes::Bytes, StateRead> {
+    let written = record.flow_version;
+    if written == F::VERSION {
+        return Ok(record.state.clone());
+    }
+    if written > F::VERSION {
+        return Err(StateRead::Newer { written });
+    }
+    if written < F::MIGRATES_FROM {
+        return Err(StateRead::Unreachable { written });
+    }
+    let migrated = guard(|| F::migrate(&record.state, written, limit))
+        .map_err(|panic| {
+            StateRead::Codec(CodecError::Malformed(format!(
+                "the migration from version {written} panicked: {panic}"
+            )))
+        })?
+        .ok_or(StateRead::Unreachable { written })?
+        .map_err(StateRead::Codec)?;
+    let mut out = Vec::new();
+    codec::encode_raw(&migrated, &mut out).map_err(StateRead::Codec)?;
+    Ok(bytes::Bytes::from(out))
+}

@@ -46,6 +46,7 @@ use crate::command::{Join, Then, Undo, Wake};
 use crate::flow::Flow;
 pub use crate::operation::{Operation, Patch};
 pub use cancel::CANCEL_ID;
+pub use migrate::{StateRead, state_for_read};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
 struct Armed<F: Board> {

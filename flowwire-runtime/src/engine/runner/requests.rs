@@ -343,7 +343,14 @@ impl<F: Flow> Runner<F> {
                     let _ = reply.send(Err(Self::not_found(&id)));
                 }
             },
-            Ok(Some(record)) => self.probe_bytes(id, record.state, ask, reply),
+            Ok(Some(record)) => {
+                match crate::core::state_for_read::<F>(&record, self.limits.decode_limit) {
+                    Ok(state) => self.probe_bytes(id, state, ask, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::state_read::<F>(&id, e)));
+                    }
+                }
+            }
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -365,7 +372,8 @@ impl<F: Flow> Runner<F> {
                 .filter(|slot| slot.placed.is_some())
                 .map(|slot| slot.inst.state_bytes())
                 .ok_or_else(|| Self::not_found(&id)),
-            Ok(Some(record)) => Ok(record.state),
+            Ok(Some(record)) => crate::core::state_for_read::<F>(&record, self.limits.decode_limit)
+                .map_err(|e| Error::state_read::<F>(&id, e)),
             Err(e) => Err(e),
         };
         let _ = reply.send(answer);

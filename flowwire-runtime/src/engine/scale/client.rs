@@ -277,7 +277,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             let _ = reply.send(ask::<F>(&remote, &id, kind, crate::core::CANCEL_ID).await);
         }
         Msg::Probe { id, ask, reply } => {
-            let state = read::<F>(&remote, &id).await.map(|r| r.state);
+            let state = read_state::<F>(&remote, &id).await;
             let limit = remote.limits.decode_limit;
             let answer = match state {
                 Ok(state) => tokio::task::spawn_blocking(move || {
@@ -297,7 +297,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             let _ = reply.send(answer);
         }
         Msg::State { id, reply } => {
-            let _ = reply.send(read::<F>(&remote, &id).await.map(|r| r.state));
+            let _ = reply.send(read_state::<F>(&remote, &id).await);
         }
         Msg::Exists { id, reply } => {
             let key = InstanceKey::new(F::NAME, id.clone());
@@ -416,6 +416,13 @@ async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
             }
         })?;
     Ok(remote.placement.resolve(&key, &placed).await?)
+}
+
+/// The instance's state as this flow version reads it (see `core::state_for_read`).
+async fn read_state<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Bytes> {
+    let record = read::<F>(remote, id).await?;
+    crate::core::state_for_read::<F>(&record, remote.limits.decode_limit)
+        .map_err(|e| Error::state_read::<F>(id, e))
 }
 
 /// Waits until the instance ends, whoever owns it: reads the record, then again whenever
