@@ -113,14 +113,19 @@ impl InvoiceThree {
     }
 }
 
-/// Writes waiting version-1 invoices into `dir`.
-async fn written_by_v1(dir: &std::path::Path, invoices: &[(&str, u64)]) {
-    let v1 = Engine::builder()
+/// An engine running flow `F` on the data in `dir`.
+async fn open<F: flowwire::Flow>(dir: &std::path::Path) -> Engine {
+    Engine::builder()
         .data_dir(dir)
-        .flow::<InvoiceOne>()
+        .flow::<F>()
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Writes waiting version-1 invoices into `dir`.
+async fn written_by_v1(dir: &std::path::Path, invoices: &[(&str, u64)]) {
+    let v1 = open::<InvoiceOne>(dir).await;
     for (id, cents) in invoices {
         let state = InvoiceV1 {
             cents: *cents,
@@ -136,12 +141,7 @@ async fn an_instance_of_the_previous_version_is_migrated_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-1", 4_200)]).await;
 
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     let h = v2.handle::<InvoiceTwo>("inv-1").await.unwrap();
     h.pay().await.unwrap();
     assert_eq!(h.finished().await.unwrap(), Ended::Finished);
@@ -157,12 +157,7 @@ async fn an_instance_of_the_previous_version_is_migrated_and_goes_on() {
     v2.shutdown().await;
 
     // Version 3 reads what version 2 wrote (it ended under version 2).
-    let v3 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceThree>()
-        .start()
-        .await
-        .unwrap();
+    let v3 = open::<InvoiceThree>(dir.path()).await;
     let h = v3.handle::<InvoiceThree>("inv-1").await.unwrap();
     assert_eq!(h.state().await.unwrap().currency, "EUR");
 }
@@ -171,12 +166,7 @@ async fn an_instance_of_the_previous_version_is_migrated_and_goes_on() {
 async fn an_instance_two_versions_behind_is_parked_naming_both() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-2", 100)]).await;
-    let v3 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceThree>()
-        .start()
-        .await
-        .unwrap();
+    let v3 = open::<InvoiceThree>(dir.path()).await;
     let h = v3.handle::<InvoiceThree>("inv-2").await.unwrap();
     let r = h.finished().await;
     let Err(Error::Quarantined { reason, .. }) = &r else {
@@ -194,12 +184,7 @@ async fn an_instance_two_versions_behind_is_parked_naming_both() {
 async fn a_migration_that_panics_parks_the_instance() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-13", 13), ("inv-14", 14)]).await;
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     let bad = v2.handle::<InvoiceTwo>("inv-13").await.unwrap();
     let r = bad.finished().await;
     assert!(
@@ -266,12 +251,7 @@ async fn migrations_chain_a_record_two_versions_behind_through_each_step() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-21", 2_100), ("inv-22", 2_200)]).await;
     // inv-22 is moved on to version 2 first; inv-21 stays at version 1.
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     v2.handle::<InvoiceTwo>("inv-22")
         .await
         .unwrap()
@@ -280,12 +260,7 @@ async fn migrations_chain_a_record_two_versions_behind_through_each_step() {
         .unwrap();
     v2.shutdown().await;
 
-    let v3 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceChain>()
-        .start()
-        .await
-        .unwrap();
+    let v3 = open::<InvoiceChain>(dir.path()).await;
     for (id, cents) in [("inv-21", 2_100), ("inv-22", 2_200)] {
         let h = v3.handle::<InvoiceChain>(id).await.unwrap();
         h.pay().await.unwrap();
@@ -308,12 +283,7 @@ async fn migrations_chain_a_record_two_versions_behind_through_each_step() {
 async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-31", 3_100)]).await;
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     // The impulse sets the currency the migration set: the step changes nothing, but it is
     // the first under version 2.
     v2.handle::<InvoiceTwo>("inv-31")
@@ -324,12 +294,7 @@ async fn a_migrated_state_is_written_even_by_a_step_that_leaves_it_unchanged() {
         .unwrap();
     v2.shutdown().await;
     // A fresh engine reads the stored record: version 2, with version 2's state.
-    let again = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let again = open::<InvoiceTwo>(dir.path()).await;
     let h = again.handle::<InvoiceTwo>("inv-31").await.unwrap();
     assert_eq!(
         h.state().await.unwrap(),
@@ -353,12 +318,7 @@ async fn an_engine_of_an_older_version_leaves_a_newer_record_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-41", 4_100)]).await;
     // A version-2 engine moves the instance on to version 2.
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     v2.handle::<InvoiceTwo>("inv-41")
         .await
         .unwrap()
@@ -368,12 +328,7 @@ async fn an_engine_of_an_older_version_leaves_a_newer_record_as_it_is() {
     v2.shutdown().await;
 
     // A version-1 engine (a node not upgraded yet) neither parks nor runs it.
-    let v1 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceOne>()
-        .start()
-        .await
-        .unwrap();
+    let v1 = open::<InvoiceOne>(dir.path()).await;
     let r = v1.handle::<InvoiceOne>("inv-41").await;
     assert!(
         matches!(
@@ -391,12 +346,7 @@ async fn an_engine_of_an_older_version_leaves_a_newer_record_as_it_is() {
     v1.shutdown().await;
 
     // The version-2 engine finds it as it left it.
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     let h = v2.handle::<InvoiceTwo>("inv-41").await.unwrap();
     assert_eq!(h.state().await.unwrap().currency, "CHF");
     h.pay().await.unwrap();
@@ -414,46 +364,26 @@ async fn an_ended_instance_is_read_as_this_versions_state_or_refused() {
     let dir = tempfile::tempdir().unwrap();
     written_by_v1(dir.path(), &[("inv-51", 5_100)]).await;
     // It ends under version 1.
-    let v1 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceOne>()
-        .start()
-        .await
-        .unwrap();
+    let v1 = open::<InvoiceOne>(dir.path()).await;
     let h = v1.handle::<InvoiceOne>("inv-51").await.unwrap();
     h.pay().await.unwrap();
     assert_eq!(h.finished().await.unwrap(), Ended::Finished);
     v1.shutdown().await;
 
     // Version 3 reads it through its migrations, not as raw version-1 bytes.
-    let v3 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceChain>()
-        .start()
-        .await
-        .unwrap();
+    let v3 = open::<InvoiceChain>(dir.path()).await;
     let h = v3.handle::<InvoiceChain>("inv-51").await.unwrap();
     assert_eq!(h.state().await.unwrap().reference, "INV-5100");
     v3.shutdown().await;
 
     // Version 1 does not read what version 2 wrote.
     written_by_v1(dir.path(), &[("inv-52", 5_200)]).await;
-    let v2 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceTwo>()
-        .start()
-        .await
-        .unwrap();
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
     let h = v2.handle::<InvoiceTwo>("inv-52").await.unwrap();
     h.pay().await.unwrap();
     assert_eq!(h.finished().await.unwrap(), Ended::Finished);
     v2.shutdown().await;
-    let v1 = Engine::builder()
-        .data_dir(dir.path())
-        .flow::<InvoiceOne>()
-        .start()
-        .await
-        .unwrap();
+    let v1 = open::<InvoiceOne>(dir.path()).await;
     let r = v1
         .handle::<InvoiceOne>("inv-52")
         .await

@@ -26,6 +26,22 @@ pub enum Ended {
 }
 
 impl Ended {
+    /// How the instance of `record` ended, if it has.
+    pub(crate) fn of(record: &flowwire_storage::Record) -> Option<Ended> {
+        use flowwire_storage::Status;
+        match &record.status {
+            Status::Finished => Some(Ended::Finished),
+            Status::Failed { reason } => Some(Ended::Failed {
+                reason: reason.clone(),
+                error: record.error.clone(),
+            }),
+            Status::Cancelled { reason } => Some(Ended::Cancelled {
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The typed failure as an `E`, if the flow failed with a value of that type (its
     /// type's name is checked before its bytes are decoded, so another type's value is
     /// never misread as an `E`).

@@ -7,13 +7,14 @@ use flowwire_storage::Status;
 use flowwire_storage::record::PlacedRecord;
 
 use crate::core::{CANCEL_ID, Outgoing};
+use crate::ended::Ended;
 use crate::engine::job::{CallPolicy, Job, OutcomeMsg};
 use crate::error::Error;
 use crate::events::EventKind;
 use crate::flow::Flow;
 use crate::meta::Policy;
 
-use super::{Ack, Input, Internal, Runner, Staged, backoff, ended_of};
+use super::{Ack, Input, Internal, Runner, Staged, backoff};
 
 impl<F: Flow> Runner<F> {
     /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
@@ -69,7 +70,7 @@ impl<F: Flow> Runner<F> {
         for out in &s.step.dispatch {
             self.dispatch(&s.id, out);
         }
-        let ended = ended_of(&s.step.draft.record);
+        let ended = Ended::of(&s.step.draft.record);
         let status = s.step.draft.record.status;
         if let Some(owned) = &self.owned
             && (status.is_terminal() || matches!(status, Status::Quarantined { .. }))

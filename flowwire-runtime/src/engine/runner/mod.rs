@@ -48,9 +48,7 @@ use std::sync::Arc;
 
 use flowwire_storage::ladder::Sealed;
 use flowwire_storage::record::PlacedRecord;
-use flowwire_storage::{
-    InstanceKey, InstanceStore, Placement, Retention, Status, StepResult, StoreError,
-};
+use flowwire_storage::{InstanceKey, InstanceStore, Placement, Retention, StepResult, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Scratch, Step};
@@ -333,20 +331,6 @@ pub(crate) struct Runner<F: Flow> {
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
     lost: bool,
-}
-
-fn ended_of(record: &flowwire_storage::Record) -> Option<Ended> {
-    match &record.status {
-        Status::Finished => Some(Ended::Finished),
-        Status::Failed { reason } => Some(Ended::Failed {
-            reason: reason.clone(),
-            error: record.error.clone(),
-        }),
-        Status::Cancelled { reason } => Some(Ended::Cancelled {
-            reason: reason.clone(),
-        }),
-        _ => None,
-    }
 }
 
 impl<F: Flow> Runner<F> {

@@ -18,7 +18,7 @@ use crate::flow::Flow;
 use crate::guard::guard;
 
 use super::resident::bounded;
-use super::{Ack, Input, Runner, Slot, Staged, ended_of};
+use super::{Ack, Input, Runner, Slot, Staged};
 
 impl<F: Flow> Runner<F> {
     pub(super) fn quarantined(id: &str, reason: String) -> Error {
@@ -404,7 +404,7 @@ impl<F: Flow> Runner<F> {
         match self.locate(&id).await {
             Ok(None) => {}
             Ok(Some(record)) => {
-                let answer = match ended_of(&record) {
+                let answer = match Ended::of(&record) {
                     Some(ended) => Ok(ended),
                     None => Err(Self::not_live(&id, record.status)),
                 };
