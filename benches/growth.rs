@@ -264,8 +264,9 @@ async fn instance_growth(mode: Mode, kind: &str, dir: &std::path::Path, populati
     };
     let day = unix_ms() + 86_400_000;
     populate(&engine, "small", 1_000, day).await;
+    let mark = Mark::now();
     let gaps = stepping(&engine, &ticks, "at-1k", steps, Bytes::new()).await;
-    let small = samples(&gaps, (0.0, 0.0));
+    let small = samples(&gaps, mark.per_op(steps));
     row(&format!("{kind} step, 1 K instances"), &small);
 
     let rss0 = support::rss().unwrap_or(0);
@@ -282,8 +283,9 @@ async fn instance_growth(mode: Mode, kind: &str, dir: &std::path::Path, populati
         fmt_bytes(rss1 as f64),
         fmt_bytes(rss1.saturating_sub(rss0) as f64 / population as f64),
     );
+    let mark = Mark::now();
     let gaps = stepping(&engine, &ticks, "at-big", steps, Bytes::new()).await;
-    let large = samples(&gaps, (0.0, 0.0));
+    let large = samples(&gaps, mark.per_op(steps));
     row(&format!("{kind} step, {population} instances"), &large);
     ratio(&format!("{kind} instance growth"), &small, &large);
 
