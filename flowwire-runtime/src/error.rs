@@ -331,32 +331,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// The error of a state that cannot be read as flow `F`'s current version's.
-    pub(crate) fn state_read<F: crate::flow::Flow>(id: &str, e: crate::core::StateRead) -> Error {
-        use crate::core::StateRead;
-        let id = id.to_string();
-        match e {
-            StateRead::Newer { written } => Error::NewerVersion {
-                flow: F::NAME,
-                id,
-                written,
-                running: F::VERSION,
-            },
-            StateRead::Unreachable { written } => Error::NoMigration {
-                flow: F::NAME,
-                id,
-                written,
-                running: F::VERSION,
-            },
-            StateRead::Codec(source) => Error::Codec {
-                flow: F::NAME,
-                id,
-                what: "the state",
-                source,
-            },
-        }
-    }
-
     /// Whether trying again later can succeed: a store or tier that is unreachable or
     /// timed out, as opposed to damaged data or a wrong request.
     ///

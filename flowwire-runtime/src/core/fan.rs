@@ -149,6 +149,18 @@ impl<F: Flow> Instance<F> {
                 dispatch.push(branch_out(fan.seq, i, b, again));
             }
         }
+        self.progress_sending(input, fan, dispatch, scratch)
+    }
+
+    /// A step of the fan-out in progress, with the committed state, that sends `dispatch`
+    /// (branches sent again) before the queued branches the bound lets go.
+    pub(super) fn progress_sending(
+        &mut self,
+        input: StepInput,
+        fan: Fan,
+        mut dispatch: Dispatches,
+        scratch: &mut Scratch,
+    ) -> Step {
         let state = self.record.state.clone();
         let mut step = self.progress(input, fan, state, scratch);
         let topped = std::mem::take(&mut step.dispatch);

@@ -128,12 +128,7 @@ impl<F: Flow> Instance<F> {
                     dispatch.push(branch_out(fan.seq, i, b, 0));
                 }
             }
-            let state = self.record.state.clone();
-            let mut step = self.progress(input, fan, state, scratch);
-            let topped = std::mem::take(&mut step.dispatch);
-            dispatch.extend(topped);
-            step.dispatch = dispatch;
-            return Some(step);
+            return Some(self.progress_sending(input, fan, dispatch, scratch));
         }
         let pending = self.record.pending.clone()?;
         let output = self.resend_output(&pending);

@@ -507,3 +507,30 @@ impl Engine {
 
 /// The state type of a flow.
 pub type StateOf<F> = <F as Board>::State;
+
+/// The error of a state that cannot be read as flow `F`'s current version's (see
+/// `core::state_for_read`), for the runner's and a client's reads.
+pub(crate) fn state_read_error<F: Flow>(id: &str, e: crate::core::StateRead) -> Error {
+    use crate::core::StateRead;
+    let id = id.to_string();
+    match e {
+        StateRead::Newer { written } => Error::NewerVersion {
+            flow: F::NAME,
+            id,
+            written,
+            running: F::VERSION,
+        },
+        StateRead::Unreachable { written } => Error::NoMigration {
+            flow: F::NAME,
+            id,
+            written,
+            running: F::VERSION,
+        },
+        StateRead::Codec(source) => Error::Codec {
+            flow: F::NAME,
+            id,
+            what: "the state",
+            source,
+        },
+    }
+}

@@ -347,7 +347,7 @@ impl<F: Flow> Runner<F> {
                 match crate::core::state_for_read::<F>(&record, self.limits.decode_limit) {
                     Ok(state) => self.probe_bytes(id, state, ask, reply),
                     Err(e) => {
-                        let _ = reply.send(Err(Error::state_read::<F>(&id, e)));
+                        let _ = reply.send(Err(crate::engine::state_read_error::<F>(&id, e)));
                     }
                 }
             }
@@ -373,7 +373,7 @@ impl<F: Flow> Runner<F> {
                 .map(|slot| slot.inst.state_bytes())
                 .ok_or_else(|| Self::not_found(&id)),
             Ok(Some(record)) => crate::core::state_for_read::<F>(&record, self.limits.decode_limit)
-                .map_err(|e| Error::state_read::<F>(&id, e)),
+                .map_err(|e| crate::engine::state_read_error::<F>(&id, e)),
             Err(e) => Err(e),
         };
         let _ = reply.send(answer);

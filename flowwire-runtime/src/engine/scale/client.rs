@@ -422,7 +422,7 @@ async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
 async fn read_state<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Bytes> {
     let record = read::<F>(remote, id).await?;
     crate::core::state_for_read::<F>(&record, remote.limits.decode_limit)
-        .map_err(|e| Error::state_read::<F>(id, e))
+        .map_err(|e| crate::engine::state_read_error::<F>(id, e))
 }
 
 /// Waits until the instance ends, whoever owns it: reads the record, then again whenever
