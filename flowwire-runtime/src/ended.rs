@@ -4,7 +4,7 @@ use flowwire_storage::ErrorValue;
 use serde::de::DeserializeOwned;
 
 /// How an instance ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Ended {
     /// The wire returned `Command::finish()`.
     Finished,

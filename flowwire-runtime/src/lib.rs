@@ -12,6 +12,7 @@
 //! Users reach all of this through the `flowwire` facade.
 
 mod board;
+pub mod child;
 pub mod clock;
 /// The test kit for flow authors (feature `testing`): scripted drivers; the manual clock is
 /// [`ManualClock`].
@@ -36,6 +37,7 @@ mod impulse;
 pub mod meta;
 mod operation;
 
+pub use child::{Child, ChildError, ChildReply, ChildStart};
 pub use command::{Command, Drive, Each, FanOut, IntoBranch, Timed, UndoFrom};
 pub use context::CallContext;
 pub use driver::{

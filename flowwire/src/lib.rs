@@ -77,10 +77,11 @@ pub use flowwire_runtime::Verdict;
 #[allow(unused_imports)]
 pub use flowwire_runtime::multi::*;
 pub use flowwire_runtime::{
-    Ambiguous, ArgMeta, Board, Call, CallContext, Command, Drive, DriveError, Driver, DriverMeta,
-    Each, Ended, Engine, EngineBuilder, Error, Event, EventKind, Events, Failure, FanOut, Fault,
-    Flow, FlowMeta, Handle, Health, HeldLease, ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses,
-    IntoBranch, LinkMeta, MethodMeta, Missed, Policy, ProbeMeta, Result, Timed, Transient,
+    Ambiguous, ArgMeta, Board, Call, CallContext, Child, ChildError, ChildReply, ChildStart,
+    Command, Drive, DriveError, Driver, DriverMeta, Each, Ended, Engine, EngineBuilder, Error,
+    Event, EventKind, Events, Failure, FanOut, Fault, Flow, FlowMeta, Handle, Health, HeldLease,
+    ImpulseMeta, ImpulseRequest, ImpulseSet, Impulses, IntoBranch, LinkMeta, MethodMeta, Missed,
+    Policy, ProbeMeta, Result, Timed, Transient,
 };
 /// The traits the macros implement for a driver's calls and a flow's links: named in the
 /// bounds of the items above, implemented by `#[driver]` and `#[flow]`, never by hand.
@@ -205,6 +206,7 @@ pub mod prelude {
 pub mod __private {
     pub use ::core::any::TypeId;
     pub use ::std::vec::Vec;
+    pub use flowwire_runtime::child::{CHILD_LINK, ChildCall};
     pub use flowwire_runtime::command::Command;
     pub use flowwire_runtime::driver::{Classify, classify};
     pub use flowwire_runtime::error::Error;

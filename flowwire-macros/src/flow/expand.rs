@@ -65,24 +65,20 @@ pub fn expand_struct(m: &StructModel<'_>) -> TokenStream {
         link_types.push(quote!(#p::TypeId::of::<#proxy> as fn() -> #p::TypeId));
         proxies.push(quote!(#field: <#proxy as ::core::default::Default>::default()));
     }
-    let match_self = if variants.is_empty() {
-        quote!(match *self {})
-    } else {
-        quote!(match self { #(#link_arms,)* })
-    };
-    let match_method = if variants.is_empty() {
-        quote!(match *self {})
-    } else {
-        quote!(match self { #(#method_arms,)* })
-    };
-    let match_encode = if variants.is_empty() {
-        quote!({
-            let _ = out;
-            match *self {}
-        })
-    } else {
-        quote!(match self { #(#encode_arms,)* })
-    };
+    // Every flow can start child flows: a call on the link the engine serves itself.
+    variants.push(quote!(#[doc(hidden)] __Child(#p::ChildCall)));
+    froms.push(quote! {
+        impl ::core::convert::From<#p::ChildCall> for #call {
+            #[inline]
+            fn from(c: #p::ChildCall) -> Self { #call::__Child(c) }
+        }
+    });
+    link_arms.push(quote!(#call::__Child(_) => #p::CHILD_LINK));
+    method_arms.push(quote!(#call::__Child(c) => c.method()));
+    encode_arms.push(quote!(#call::__Child(c) => c.encode(out)));
+    let match_self = quote!(match self { #(#link_arms,)* });
+    let match_method = quote!(match self { #(#method_arms,)* });
+    let match_encode = quote!(match self { #(#encode_arms,)* });
     // `migrate = [f1, .., fk]`, oldest first: a state written `d` versions back goes
     // through the last `d` of them, each upgrading it by one version.
     let migrate_fn = if m.opts.migrate.is_empty() {

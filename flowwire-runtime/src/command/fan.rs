@@ -1,6 +1,7 @@
 //! [`FanOut`]: several driver calls at once, and how they join.
 
 use crate::board::Board;
+use crate::child::{ChildCall, ChildReply, ChildStart};
 use crate::driver::{Call, Reply};
 
 use super::erase::{Each, Then};
@@ -8,8 +9,8 @@ use super::kind::{Command, CommandKind, Join, Wake};
 
 /// One branch of a fan-out: a driver call, or a `(call, compensation)` pair.
 ///
-/// Implemented for [`Call`] and for `(Call, Call)`; the reply type of the first call is the
-/// branch's.
+/// Implemented for [`Call`], for `(Call, Call)` (the reply type of the first call is the
+/// branch's) and for a child flow to start, [`ChildStart`].
 pub trait IntoBranch<F: Board> {
     /// What the branch's call returns.
     type Reply: Reply;
@@ -38,6 +39,16 @@ where
             F::Call::from(self.0.into_call()),
             Some(F::Call::from(self.1.into_call())),
         )
+    }
+}
+
+impl<F: Board, G: Board> IntoBranch<F> for ChildStart<G>
+where
+    F::Call: From<ChildCall>,
+{
+    type Reply = ChildReply<G>;
+    fn split(self) -> (F::Call, Option<F::Call>) {
+        (F::Call::from(self.call().into_call()), None)
     }
 }
 

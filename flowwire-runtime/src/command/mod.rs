@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowwire_storage::TimeSpec;
 
 use crate::board::Board;
+use crate::child::{ChildCall, ChildReply, ChildStart};
 use crate::driver::{Call, Reply};
 use crate::failure::Failure;
 
@@ -37,6 +38,84 @@ impl<F: Board> Command<F> {
             undo: None,
             _reply: std::marker::PhantomData,
         }
+    }
+
+    /// Starts child flow `G`'s instance `id` from `state` and waits, durably, for its end;
+    /// continue with [`Drive::then`], whose outcome is the child's [`Child`](crate::Child):
+    /// how it ended (finished, failed with its typed failure, or cancelled) and its last
+    /// state. The short form of `Command::drive(ChildStart::<G>::new(id, state).call())`.
+    ///
+    /// The child is an instance like any other (reach it with `engine.handle::<G>(id)`);
+    /// `G` must be registered on the engine. The call is kept in the parent's record, so a
+    /// crash of either side loses nothing: after a restart the parent attaches to the
+    /// child it started (a child is never started twice), and an ended child's end is
+    /// delivered at once. While the child runs, the parent holds no driver worker; it stays
+    /// in memory like any instance with a call in flight.
+    ///
+    /// When the parent is cancelled or fails while the child runs, the child is cancelled
+    /// first (a durable compensation), unless it was started [`ChildStart::detached`]. A
+    /// fan-out of children is a [`Command::fan_out`] of [`ChildStart`]s.
+    ///
+    /// ```
+    /// use flowwire::prelude::*;
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Parcel { weight: u32, label: Option<String> }
+    ///
+    /// #[flow]
+    /// pub struct Ship { #[link] state: Parcel }
+    ///
+    /// #[flow]
+    /// impl Ship {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.weight > 30 {
+    ///             return Command::fail("too heavy");
+    ///         }
+    ///         self.state.label = Some(format!("{} kg", self.state.weight));
+    ///         Command::finish()
+    ///     }
+    /// }
+    ///
+    /// #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+    /// pub struct Sale { id: u64, label: Option<String>, refused: Option<String> }
+    ///
+    /// #[flow]
+    /// pub struct Order { #[link] state: Sale }
+    ///
+    /// #[flow]
+    /// impl Order {
+    ///     #[wire]
+    ///     fn run(&mut self) -> Command<Self> {
+    ///         if self.state.label.is_some() || self.state.refused.is_some() {
+    ///             return Command::finish();
+    ///         }
+    ///         let parcel = Parcel { weight: 12, label: None };
+    ///         Command::child::<Ship>(format!("ship-{}", self.state.id), parcel).then(|f, child| {
+    ///             let child = child?;
+    ///             match child.ended {
+    ///                 Ended::Finished => f.state.label = child.state.label,
+    ///                 other => f.state.refused = Some(format!("{other:?}")),
+    ///             }
+    ///             Ok(())
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> flowwire::Result<()> {
+    /// let engine = Engine::builder().in_memory().flow::<Order>().flow::<Ship>().start().await?;
+    /// let order = engine.start::<Order>("o-7", Sale { id: 7, ..Default::default() }).await?;
+    /// assert_eq!(order.finished().await?, Ended::Finished);
+    /// assert_eq!(order.state().await?.label.as_deref(), Some("12 kg"));
+    /// assert_eq!(engine.handle::<Ship>("ship-7").await?.finished().await?, Ended::Finished);
+    /// # Ok(()) }
+    /// ```
+    pub fn child<G: Board>(id: impl Into<String>, state: G::State) -> Drive<F, ChildReply<G>>
+    where
+        F::Call: From<ChildCall>,
+    {
+        Self::drive(ChildStart::<G>::new(id, state).call())
     }
 
     /// Calls several drivers at once: a fan-out. Continue with [`FanOut::all`] (every

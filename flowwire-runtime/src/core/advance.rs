@@ -154,6 +154,7 @@ impl<F: Flow> Instance<F> {
         };
         let limit = self.limit;
         let then = armed.then;
+        self.delivered = Some((seq, None));
         let ran = guard(|| then.call(&mut self.flow, delivered, limit, 0));
         let mut step = match ran {
             Ok(Ok(())) => self.advance(input, None, false, scratch),

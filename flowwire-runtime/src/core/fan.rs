@@ -82,6 +82,7 @@ impl<F: Flow> Instance<F> {
             self.registered = fan.branches[i].undo.take();
         }
         let limit = self.limit;
+        self.delivered = Some((seq, Some(branch)));
         let ran = guard(|| k.call(&mut self.flow, delivered, limit, i));
         let mut step = match ran {
             Ok(Ok(())) if then.is_none() || !open => match then {

@@ -64,6 +64,7 @@ impl<F: Flow> Instance<F> {
             record,
             awaiting: Awaiting::Nothing,
             registered: None,
+            delivered: None,
             limit,
         };
         if inst.record.flow_version != F::VERSION && inst.record.status.is_active() {
@@ -193,4 +194,31 @@ pub fn state_for_read<F: Flow>(record: &Record, limit: usize) -> Result<bytes::B
     let mut out = Vec::new();
     codec::encode_raw(&migrated, &mut out).map_err(StateRead::Codec)?;
     Ok(bytes::Bytes::from(out))
+}
+
+/// A state written by version `written` of flow `F` (a child's initial state, as its
+/// parent encoded it), decoded as this version's: upgraded through the flow's migrations
+/// when an older version wrote it, refused when a newer one did or no migration reaches it.
+pub(crate) fn decode_written<F: Flow>(
+    state: &[u8],
+    written: u32,
+    limit: usize,
+) -> Result<F::State, StateRead> {
+    if written == F::VERSION {
+        return codec::decode_raw(state, limit).map_err(StateRead::Codec);
+    }
+    if written > F::VERSION {
+        return Err(StateRead::Newer { written });
+    }
+    if written < F::MIGRATES_FROM {
+        return Err(StateRead::Unreachable { written });
+    }
+    guard(|| F::migrate(state, written, limit))
+        .map_err(|panic| {
+            StateRead::Codec(CodecError::Malformed(format!(
+                "the migration from version {written} panicked: {panic}"
+            )))
+        })?
+        .ok_or(StateRead::Unreachable { written })?
+        .map_err(StateRead::Codec)
 }

@@ -21,6 +21,7 @@
 
 mod advance;
 mod cancel;
+mod children;
 mod fan;
 mod migrate;
 mod operate;
@@ -46,6 +47,7 @@ use crate::command::{Join, Then, Undo, Wake};
 use crate::flow::Flow;
 pub use crate::operation::{Operation, Patch};
 pub use cancel::CANCEL_ID;
+pub(crate) use migrate::decode_written;
 pub use migrate::{StateRead, state_for_read};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
@@ -166,11 +168,21 @@ pub struct Instance<F: Flow> {
     awaiting: Awaiting<F>,
     /// The compensation the step being built registers (its drive's call succeeded).
     registered: Option<Compensation>,
+    /// The call (step and fan-out branch) whose outcome the step being built applies: a
+    /// child that has ended, not to be cancelled if the parent unwinds.
+    delivered: Option<(u64, Option<u32>)>,
     limit: usize,
 }
 
 /// `Driver.method` of a flow's link, for messages.
 pub(crate) fn call_name<F: Board>(link: u16, method: u16) -> String {
+    if link == crate::child::CHILD_LINK {
+        return if method == crate::child::CANCEL {
+            "the cancelling of a child flow".to_string()
+        } else {
+            "a child flow".to_string()
+        };
+    }
     let Some(l) = F::LINKS.get(usize::from(link)) else {
         return format!("link {link}, method {method}");
     };
@@ -223,6 +235,7 @@ impl<F: Flow> Instance<F> {
             },
             awaiting: Awaiting::Nothing,
             registered: None,
+            delivered: None,
             limit,
         }
     }

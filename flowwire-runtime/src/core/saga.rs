@@ -119,6 +119,13 @@ impl<F: Flow> Instance<F> {
         self.awaiting = Awaiting::Nothing;
         self.registered = None;
         let seq = self.record.seq + 1;
+        let mut compensations = compensations;
+        let reason = match &why {
+            Why::Failed(failure) => format!("it failed: {}", failure.message()),
+            Why::Cancelled(cancel) => format!("it was cancelled: {}", cancel.reason),
+        };
+        compensations.extend(self.child_cancels(&reason));
+        self.delivered = None;
         let (reason, error, cancel) = match why {
             Why::Failed(failure) => {
                 let (reason, error) = failure.into_parts();

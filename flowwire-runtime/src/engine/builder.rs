@@ -78,6 +78,7 @@ impl EngineBuilder {
             tid: TypeId::of::<F>(),
             meta: F::META,
             start: start_flow::<F>,
+            kin: super::children::Kin::of::<F>(),
             #[cfg(feature = "redis")]
             shared: super::scale::start_flow::<F>,
         });
@@ -336,8 +337,10 @@ impl EngineBuilder {
             ports.insert(d.driver, (d.spawn)(&self.limits, &drain));
             drivers.push(d.meta);
         }
+        let (children, child_jobs) = super::children::ChildPort::new();
         let ctx = FlowCtx {
             store,
+            children,
             placement,
             retention: self.retention,
             ports,
@@ -352,7 +355,7 @@ impl EngineBuilder {
         for (tid, fut) in pending {
             flows.insert(tid, fut.await?);
         }
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 flows,
                 store: Mutex::new(Some(ctx.store)),
@@ -369,7 +372,9 @@ impl EngineBuilder {
                 member: super::health::Member::embedded(),
                 drain,
             }),
-        })
+        };
+        engine.serve_children(child_jobs, &self.flows);
+        Ok(engine)
     }
 
     pub(super) fn check_names(&self) -> Result<()> {
@@ -402,6 +407,7 @@ pub(super) fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEnt
         ctx.limits.clone(),
         ctx.events.clone(),
     );
+    runner.children(ctx.children.clone());
     Ok(Box::pin(async move {
         runner.recover().await?;
         let (tx, rx) = mpsc::channel::<Msg<F>>(4096);

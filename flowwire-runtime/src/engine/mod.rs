@@ -17,6 +17,7 @@ use crate::handle::Handle;
 use crate::meta::{DriverMeta, FlowMeta, Policy};
 
 mod builder;
+pub(crate) mod children;
 mod correlate;
 mod damaged;
 mod health;
@@ -92,6 +93,8 @@ type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 struct FlowCtx {
     store: Arc<dyn InstanceStore>,
+    /// Where the runners send their child calls.
+    children: children::ChildPort,
     placement: Arc<Placement>,
     retention: Retention,
     ports: HashMap<TypeId, queue::Port>,
@@ -106,6 +109,8 @@ struct FlowReg {
     tid: TypeId,
     meta: &'static FlowMeta,
     start: FlowStart,
+    /// Its operations as a child flow.
+    kin: children::Kin,
     #[cfg(feature = "redis")]
     shared: fn(&scale::Deployment) -> FlowEntry,
 }
@@ -294,6 +299,17 @@ impl Engine {
     /// The data directory of the embedded store, if the engine uses one.
     pub fn data_dir(&self) -> Option<&Path> {
         self.inner.data_dir.as_deref()
+    }
+
+    /// Starts the service that answers the runners' child calls, for the flows registered.
+    fn serve_children(&self, jobs: mpsc::UnboundedReceiver<job::Job>, flows: &[FlowReg]) {
+        let kin = flows.iter().map(|f| (f.meta.name, f.kin)).collect();
+        let task = children::serve(jobs, Arc::downgrade(&self.inner), kin);
+        self.inner
+            .background
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
     }
 
     fn sender<F: Flow>(&self) -> Result<&mpsc::Sender<Msg<F>>> {

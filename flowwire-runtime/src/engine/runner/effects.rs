@@ -295,6 +295,15 @@ impl<F: Flow> Runner<F> {
 
     pub(super) fn dispatch(&self, id: &Arc<str>, out: &Outgoing) {
         let link = out.call.link;
+        if link == crate::child::CHILD_LINK {
+            match &self.children {
+                Some(children) => children.send(self.job(id, out)),
+                None => {
+                    tracing::error!(flow = F::NAME, id = %id, "a child call, but no child service");
+                }
+            }
+            return;
+        }
         let Some(port) = self.ports.get(usize::from(link)) else {
             tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
             return;

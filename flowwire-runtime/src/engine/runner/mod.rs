@@ -327,6 +327,8 @@ pub(crate) struct Runner<F: Flow> {
     /// Reads that ended, for the first input of theirs that loads the instance; dropped
     /// at the end of the round that took their inputs.
     reads: HashMap<Arc<str>, resident::Read>,
+    /// Where child calls go (the engine's child service).
+    children: Option<crate::engine::children::ChildPort>,
     /// Multi-process mode: the shard this runner owns.
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
@@ -386,10 +388,16 @@ impl<F: Flow> Runner<F> {
             waiting: VecDeque::new(),
             fetch_wait: VecDeque::new(),
             reads: HashMap::new(),
+            children: None,
             owned: None,
             lost: false,
         };
         (runner, orx)
+    }
+
+    /// Sends this runner's child calls to the engine's child service.
+    pub(crate) fn children(&mut self, port: crate::engine::children::ChildPort) {
+        self.children = Some(port);
     }
 
     /// Makes this runner the owner of one shard (multi-process mode): it loads, fires and
@@ -552,6 +560,16 @@ impl<F: Flow> Runner<F> {
 
     /// The driver and method names of a call.
     fn names(link: u16, method: u16) -> (&'static str, &'static str) {
+        if link == crate::child::CHILD_LINK {
+            return (
+                "child",
+                if method == crate::child::CANCEL {
+                    "cancel"
+                } else {
+                    "start"
+                },
+            );
+        }
         F::LINKS.get(usize::from(link)).map_or(("?", "?"), |l| {
             (
                 l.driver.name,

@@ -206,7 +206,14 @@ impl<F: Flow> Runner<F> {
         let step = match park {
             Some(step) => Some(step),
             None if resend || self.redeliver_loaded() => self.redelivery(&mut inst),
-            None => None,
+            None => {
+                // A clean handover: driver calls wait on the bus, child calls were served
+                // by the process that let the shard go, and are sent here again.
+                for out in &inst.child_calls() {
+                    self.dispatch(id, out);
+                }
+                None
+            }
         };
         self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
         self.touched.push(id.clone());

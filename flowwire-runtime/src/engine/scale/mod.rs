@@ -192,8 +192,10 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         limits: b.limits.clone(),
     });
     let held = super::health::Held::default();
+    let (children, child_jobs) = super::children::ChildPort::new();
     let orchestra = b.roles.orchestrator.then(|| {
         Arc::new(orchestrator::Orchestra {
+            children,
             bus: bus.clone(),
             node: node.clone(),
             store: store.clone(),
@@ -243,7 +245,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     };
     let leave_bus = bus.clone();
     let leave_node = node.clone();
-    Ok(super::Engine {
+    let engine = super::Engine {
         inner: Arc::new(super::Inner {
             flows,
             store: std::sync::Mutex::new(Some(store)),
@@ -266,7 +268,9 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             member,
             drain,
         }),
-    })
+    };
+    engine.serve_children(child_jobs, &b.flows);
+    Ok(engine)
 }
 
 /// A flow's entry in a multi-process engine: its handles go through a router; on an

@@ -44,6 +44,8 @@ use crate::flow::Flow;
 
 /// What every shard runner of this process shares.
 pub(crate) struct Orchestra {
+    /// Where the shards' runners send their child calls (served in this process).
+    pub children: crate::engine::children::ChildPort,
     pub bus: RedisBus,
     pub node: Arc<str>,
     pub store: Arc<dyn InstanceStore>,
@@ -326,6 +328,7 @@ async fn start_shard<F: Flow>(
         o.limits.clone(),
         o.events.clone(),
     );
+    runner.children(o.children.clone());
     runner.own(Owned {
         shard,
         token: lease.token,
