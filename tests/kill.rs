@@ -47,6 +47,7 @@ const TIMER_KILLS: u32 = 8;
 const CALLS: u32 = 10;
 const TRIPS: u32 = 10;
 const FANS: u32 = 10;
+const BROODS: u32 = 10;
 const RETRIES: u32 = 10;
 const HOLDS: u32 = 10;
 const NOTES: u32 = 200;
@@ -308,6 +309,72 @@ async fn compensations_in_flight_at_kills_run_to_completion_last_first() {
                 error: None
             }
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_running_at_kills_are_attached_again_and_never_started_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let ledger = dir.path().join("ledger.txt");
+    let ledger_s = ledger.to_str().unwrap().to_string();
+    let n = BROODS.to_string();
+
+    // Two children at a time: c0 and c1 start; c0 ends, so c2 starts; c2 ends, so c3 starts.
+    // The odd children hang in their print: at the first kill c0 and c2 have ended, c1 and c3
+    // run (each with its call in flight). The second run sends both calls again (and the
+    // parents' child calls: they attach), and they hang again.
+    let noted = [4 * BROODS as usize, 2 * BROODS as usize];
+    for (run, noted) in ["brood-hang-1", "brood-hang-2"].into_iter().zip(noted) {
+        let mut child = harness(&["broods", &data_s, &ledger_s, run, &n]);
+        let _out = await_line(&mut child, "READY");
+        await_noted(&ledger, run, "print", noted);
+        kill(child);
+    }
+    let out = run_to_end(harness(&["broods", &data_s, &ledger_s, "after", &n]));
+    assert!(out.contains("DONE"), "{out}");
+
+    let lines = ledger_lines(&ledger);
+    for i in 0..BROODS {
+        for c in 0..4 {
+            let id = format!("brood-{i}-c{c}");
+            let entries = history(&data, "KillChick", &id).await;
+            let starts = entries
+                .iter()
+                .filter(|e| matches!(e.input, StepInput::Start))
+                .count();
+            assert_eq!(starts, 1, "{id} was started once: {entries:?}");
+            let mut prints: Vec<(String, u32)> = lines
+                .iter()
+                .filter(|(_, m, k, _)| m == "print" && k.starts_with(&format!("KillChick/{id}/")))
+                .map(|(r, _, _, d)| (r.clone(), *d))
+                .collect();
+            prints.sort();
+            let expected: Vec<(String, u32)> = if c % 2 == 1 {
+                vec![
+                    ("after".into(), 2),
+                    ("brood-hang-1".into(), 0),
+                    ("brood-hang-2".into(), 1),
+                ]
+            } else {
+                vec![("brood-hang-1".into(), 0)]
+            };
+            assert_eq!(
+                prints, expected,
+                "{id}: its print, sent again at each restart while it ran"
+            );
+        }
+        let entries = history(&data, "KillBrood", &format!("brood-{i}")).await;
+        let attached = entries
+            .iter()
+            .filter(|e| matches!(e.input, StepInput::Redeliver { .. }))
+            .count();
+        assert_eq!(
+            attached, 2,
+            "brood-{i}: its child calls were sent again at each restart"
+        );
+        assert_eq!(entries.last().unwrap().output, StepOutput::Finish);
     }
 }
 

@@ -201,7 +201,8 @@ impl KillTrip {
     }
 }
 
-/// Prints pages; in runs tagged `fan-hang…` the odd pages hang after noting their call.
+/// Prints pages; in runs tagged `fan-hang…` or `brood-hang…` the odd pages hang after
+/// noting their call.
 #[driver(timeout = "2s")]
 pub trait Press {
     async fn print(&self, page: u32) -> Result<(), LedgerError>;
@@ -211,7 +212,8 @@ pub trait Press {
 impl Press for Ledger {
     async fn print(&self, page: u32) -> Result<(), LedgerError> {
         self.note("print").await;
-        if self.run.starts_with("fan-hang") && page % 2 == 1 {
+        let hangs = self.run.starts_with("fan-hang") || self.run.starts_with("brood-hang");
+        if hangs && page % 2 == 1 {
             std::future::pending::<()>().await;
         }
         Ok(())
@@ -373,5 +375,86 @@ impl KillNotes {
     #[impulse]
     fn add(&mut self, n: u32) {
         self.state.got.push(n);
+    }
+}
+
+/// Children a `KillBrood` parent runs.
+pub const CHICKS: u32 = 4;
+
+/// A child: prints its page, then finishes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ChickState {
+    pub page: u32,
+    pub printed: bool,
+}
+
+#[flow(name = "KillChick")]
+pub struct KillChick {
+    #[link]
+    state: ChickState,
+    #[link]
+    press: impl Press,
+}
+
+#[flow]
+impl KillChick {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.printed {
+            return Command::finish();
+        }
+        Command::drive(self.press.print(self.state.page)).then(|f, r| {
+            r?;
+            f.state.printed = true;
+            Ok(())
+        })
+    }
+}
+
+/// A parent: runs `CHICKS` children (`{id}-c{page}`), two at a time, then finishes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct BroodState {
+    pub id: String,
+    pub hatched: Vec<u32>,
+    pub done: bool,
+}
+
+#[flow(name = "KillBrood")]
+pub struct KillBrood {
+    #[link]
+    state: BroodState,
+}
+
+#[flow]
+impl KillBrood {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.done {
+            return Command::finish();
+        }
+        let id = &self.state.id;
+        let chicks = (0..CHICKS).map(|page| {
+            flowwire::ChildStart::<KillChick>::new(
+                format!("{id}-c{page}"),
+                ChickState {
+                    page,
+                    printed: false,
+                },
+            )
+        });
+        Command::fan_out(chicks).parallel(2).all(
+            |f, i, child| {
+                let child = child?;
+                if child.ended != Ended::Finished || !child.state.printed {
+                    return Err(Failure::msg(format!("child {i} ended {:?}", child.ended)));
+                }
+                f.state.hatched.push(child.state.page);
+                Ok(())
+            },
+            |f| {
+                f.state.done = true;
+                Ok(())
+            },
+        )
     }
 }

@@ -20,6 +20,12 @@
 //! the process with some branches done and others in flight. Any other run waits until
 //! every fan-out finished, prints `DONE` and exits 0.
 //!
+//! `kill_harness broods DATA_DIR LEDGER RUN N` starts (or resumes) N `KillBrood` parents,
+//! each running `KillChick` children two at a time; in runs tagged `brood-hang…` the odd
+//! children's print hangs after noting its call, so the test kills the process with some
+//! children ended and others running. Any other run waits until every parent finished,
+//! prints `DONE` and exits 0.
+//!
 //! `kill_harness cancels DATA_DIR LEDGER RUN N` starts (or resumes) N `KillHold` flows,
 //! each of which reserves seats and waits, and cancels each once it waits. In runs tagged
 //! `undo-hang…` every release hangs after noting its call, so the test kills the process
@@ -46,8 +52,9 @@ use flowwire::{Ended, Engine, Error, Flow};
 mod kill_flows;
 
 use kill_flows::{
-    FanState, HoldState, KillFan, KillHold, KillNap, KillNotes, KillPay, KillRetry, KillTrip,
-    Ledger, NapState, NotesState, PAGES, PayState, RetryState, SEATS, TripState, pay_id,
+    BroodState, CHICKS, FanState, HoldState, KillBrood, KillChick, KillFan, KillHold, KillNap,
+    KillNotes, KillPay, KillRetry, KillTrip, Ledger, NapState, NotesState, PAGES, PayState,
+    RetryState, SEATS, TripState, pay_id,
 };
 
 /// Starts an instance, or reaches it if a killed run started it already.
@@ -205,6 +212,43 @@ async fn fans(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
         let mut printed = h.state().await.expect("state").printed;
         printed.sort_unstable();
         assert_eq!(printed, (0..PAGES).collect::<Vec<_>>(), "{id}");
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
+async fn broods(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
+    let hang = run.starts_with("brood-hang");
+    let engine = Engine::builder()
+        .data_dir(dir)
+        .flow::<KillBrood>()
+        .flow::<KillChick>()
+        .driver::<kill_flows::PressProxy, _>(Ledger { path: ledger, run })
+        .start()
+        .await
+        .expect("engine starts");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let id = format!("brood-{i}");
+        let state = BroodState {
+            id: id.clone(),
+            ..BroodState::default()
+        };
+        handles.push((
+            id.clone(),
+            start_or_reach::<KillBrood>(&engine, &id, state).await,
+        ));
+    }
+    println!("READY");
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    for (id, h) in handles {
+        let ended = tokio::time::timeout(Duration::from_mins(1), h.finished()).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Finished))), "{id}: {ended:?}");
+        let mut hatched = h.state().await.expect("state").hatched;
+        hatched.sort_unstable();
+        assert_eq!(hatched, (0..CHICKS).collect::<Vec<_>>(), "{id}");
     }
     engine.shutdown().await;
     println!("DONE");
@@ -385,6 +429,15 @@ async fn main() {
             )
             .await;
         }
+        Some("broods") if args.len() == 6 => {
+            broods(
+                args[2].clone().into(),
+                args[3].clone().into(),
+                args[4].clone(),
+                args[5].parse().expect("N"),
+            )
+            .await;
+        }
         Some("cancels") if args.len() == 6 => {
             cancels(
                 args[2].clone().into(),
@@ -408,7 +461,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N | cancels DATA_DIR LEDGER RUN N | notes DATA_DIR N | retries DATA_DIR LEDGER RUN N"
+                "usage: kill_harness timers DATA_DIR N | calls DATA_DIR LEDGER RUN N | trips DATA_DIR LEDGER RUN N | fans DATA_DIR LEDGER RUN N | broods DATA_DIR LEDGER RUN N | cancels DATA_DIR LEDGER RUN N | notes DATA_DIR N | retries DATA_DIR LEDGER RUN N"
             );
             std::process::exit(2);
         }
