@@ -5,7 +5,8 @@
 //! when orchestrators join or leave, a worker's calls are taken over when it stops; a
 //! cancellation sent by a client applies once, also when sent again after the shard moved;
 //! through a rolling deploy, an orchestrator of the old flow version leaves the instances a
-//! new one moved on as they are.
+//! new one moved on as they are; child flows run across processes, and a parent's child
+//! calls follow its shard when it moves.
 //! The sharing test runs again on a 3-master Redis Cluster started by the test.
 #![cfg(feature = "redis")]
 
@@ -413,6 +414,129 @@ async fn a_cancellation_from_a_client_applies_once_across_a_shard_move() {
         assert_eq!(cancels, 1, "{id}: cancelled once, though asked three times");
     }
     audit(p, &ids).await;
+    for e in [&c, &w, &b] {
+        e.shutdown().await;
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CrateState {
+    id: String,
+    weights: Vec<u32>,
+    done: bool,
+}
+
+/// A parent: ships three parcels as child flows, then finishes.
+#[flow]
+pub struct Crate {
+    #[link]
+    state: CrateState,
+}
+
+#[flow]
+impl Crate {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.done {
+            return Command::finish();
+        }
+        let id = &self.state.id;
+        let parcels = (0..3).map(|i| {
+            let child = format!("{id}-p{i}");
+            flowwire::ChildStart::<Parcel>::new(child.clone(), state(&child))
+        });
+        Command::fan_out(parcels).all(
+            |f, _, child| {
+                let child = child?;
+                f.state.weights.extend(child.state.weight);
+                Ok(())
+            },
+            |f| {
+                f.state.done = true;
+                Ok(())
+            },
+        )
+    }
+}
+
+async fn crate_orchestrator(prefix: &str, name: &str) -> Engine {
+    Engine::builder()
+        .shared(shared(prefix).node_name(name))
+        .flow::<Crate>()
+        .flow::<Parcel>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_flows_run_across_processes_and_a_shard_move() {
+    let p = "scale-children";
+    let counter = Counter::default();
+    let a = crate_orchestrator(p, "orch-a").await;
+    let w = worker(p, "worker-1", counter.clone()).await;
+    let c = Engine::builder()
+        .shared(shared(p))
+        .flow::<Crate>()
+        .flow::<Parcel>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    eventually("the orchestrator holds the shards", async || {
+        owners(p).await.len() == 1
+    })
+    .await;
+    let ids: Vec<String> = (0..4).map(|i| format!("crate-{i}")).collect();
+    for id in &ids {
+        let s = CrateState {
+            id: id.clone(),
+            ..CrateState::default()
+        };
+        c.start::<Crate>(id.as_str(), s).await.unwrap();
+    }
+    let children: Vec<String> = ids
+        .iter()
+        .flat_map(|id| (0..3).map(move |i| format!("{id}-p{i}")))
+        .collect();
+    for child in &children {
+        eventually("the child packed", async || {
+            match c.handle::<Parcel>(child.as_str()).await {
+                Ok(h) => h.weight().await.unwrap().is_some(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+    // The shards move, cleanly, to another orchestrator while every child waits: the
+    // parents' child calls are served there now.
+    a.shutdown().await;
+    let b = crate_orchestrator(p, "orch-b").await;
+    for child in &children {
+        let h = c.handle::<Parcel>(child.as_str()).await.unwrap();
+        h.address("Main St".into()).await.unwrap();
+    }
+    for id in &ids {
+        let h = c.handle::<Crate>(id.as_str()).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+            .await
+            .expect("the parent ended in time")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished, "{id}");
+        let weights = h.state().await.unwrap().weights;
+        assert_eq!(weights.len(), 3, "{id}: {weights:?}");
+    }
+    for child in &children {
+        let page = c.history::<Parcel>(child.as_str(), 0, 100).await.unwrap();
+        let starts = page
+            .steps
+            .iter()
+            .filter(|s| matches!(s.input, StepInput::Start))
+            .count();
+        assert_eq!(starts, 1, "{child} was started once");
+    }
+    audit(p, &children).await;
     for e in [&c, &w, &b] {
         e.shutdown().await;
     }
