@@ -5,7 +5,8 @@
 //! path, or whose migration panics, is parked with a reason naming both versions, never run
 //! with the wrong code; an operator can still patch and resume it. Migrations chain:
 //! `migrate = [v1_to_v2, v2_to_v3]` reads records of versions 1 and 2, each step declared
-//! once.
+//! once. `Engine::check_upgrade` tells, before a deploy and without writing anything,
+//! which live instances a version would park, and why.
 
 use flowwire::Error;
 use flowwire::prelude::*;
@@ -401,4 +402,181 @@ async fn an_ended_instance_is_read_as_this_versions_state_or_refused() {
         ),
         "{r:?}"
     );
+}
+
+/// Sends three reminders, an hour apart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Dunning {
+    sent: u32,
+}
+
+#[flow(name = "Dunning", version = 1)]
+pub struct DunningOne {
+    #[link]
+    state: Dunning,
+}
+
+#[flow]
+impl DunningOne {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.sent >= 3 {
+            return Command::finish();
+        }
+        Command::sleep(std::time::Duration::from_hours(1)).then(|f| {
+            f.state.sent += 1;
+            Ok(())
+        })
+    }
+}
+
+fn same(d: Dunning) -> Dunning {
+    d
+}
+
+/// Version 2 waits two hours between reminders: a timer armed by version 1 no longer
+/// matches its wire.
+#[flow(name = "Dunning", version = 2, migrate = same)]
+pub struct DunningSlower {
+    #[link]
+    state: Dunning,
+}
+
+#[flow]
+impl DunningSlower {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.sent >= 3 {
+            return Command::finish();
+        }
+        Command::sleep(std::time::Duration::from_hours(2)).then(|f| {
+            f.state.sent += 1;
+            Ok(())
+        })
+    }
+}
+
+/// An engine on `dir` that runs no flow: it loads (and parks) nothing.
+async fn inspector(dir: &std::path::Path) -> Engine {
+    Engine::builder().data_dir(dir).start().await.unwrap()
+}
+
+#[tokio::test]
+async fn check_upgrade_lists_the_live_instances_a_version_would_park_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(
+        dir.path(),
+        &[("inv-61", 6_100), ("inv-13", 13), ("inv-62", 6_200)],
+    )
+    .await;
+    // An ended instance is not live: no version loads it.
+    let v1 = open::<InvoiceOne>(dir.path()).await;
+    let h = v1.handle::<InvoiceOne>("inv-62").await.unwrap();
+    h.pay().await.unwrap();
+    h.finished().await.unwrap();
+    v1.shutdown().await;
+
+    let engine = inspector(dir.path()).await;
+    let two = engine.check_upgrade::<InvoiceTwo>().await.unwrap();
+    assert_eq!((two.flow, two.version, two.checked), ("Invoice", 2, 2));
+    assert!(!two.is_safe());
+    assert_eq!(two.would_park.len(), 1, "{two:?}");
+    let bad = &two.would_park[0];
+    assert_eq!((bad.id.as_str(), bad.written), ("inv-13", 1));
+    assert!(
+        bad.reason
+            .contains("migration from version 1 panicked: unlucky invoice"),
+        "{}",
+        bad.reason
+    );
+    let three = engine.check_upgrade::<InvoiceThree>().await.unwrap();
+    let ids: Vec<&str> = three.would_park.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["inv-13", "inv-61"]);
+    assert!(
+        three
+            .would_park
+            .iter()
+            .all(|p| p.reason.contains("migrates only from version 2")),
+        "{three:?}"
+    );
+    let chain = engine.check_upgrade::<InvoiceChain>().await.unwrap();
+    let ids: Vec<&str> = chain.would_park.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["inv-13"],
+        "the chain reaches version 1, except the unlucky one"
+    );
+    engine.shutdown().await;
+
+    // Nothing was written: each live instance has its one start step, and version 2 then
+    // parks exactly the instance the check named, with the reason it gave.
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
+    for id in ["inv-61", "inv-13"] {
+        let page = v2.history::<InvoiceTwo>(id, 0, 10).await.unwrap();
+        assert!(page.steps.len() <= 2, "{id}: {:?}", page.steps);
+    }
+    let r = v2
+        .handle::<InvoiceTwo>("inv-13")
+        .await
+        .unwrap()
+        .finished()
+        .await;
+    assert!(
+        matches!(&r, Err(Error::Quarantined { reason, .. }) if *reason == bad.reason),
+        "{r:?}"
+    );
+    let good = v2.handle::<InvoiceTwo>("inv-61").await.unwrap();
+    good.pay().await.unwrap();
+    assert_eq!(good.finished().await.unwrap(), Ended::Finished);
+}
+
+#[tokio::test]
+async fn check_upgrade_finds_a_wire_that_no_longer_returns_what_an_instance_awaits() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = open::<DunningOne>(dir.path()).await;
+    v1.start::<DunningOne>("dun-1", Dunning::default())
+        .await
+        .unwrap();
+    v1.shutdown().await;
+
+    let engine = inspector(dir.path()).await;
+    let slower = engine.check_upgrade::<DunningSlower>().await.unwrap();
+    assert_eq!(slower.checked, 1);
+    let [p] = &slower.would_park[..] else {
+        panic!("{slower:?}");
+    };
+    assert_eq!((p.id.as_str(), p.written), ("dun-1", 1));
+    assert!(
+        p.reason
+            .contains("non-deterministic wire: a timer is armed"),
+        "{}",
+        p.reason
+    );
+    // Its own version runs it.
+    assert!(
+        engine
+            .check_upgrade::<DunningOne>()
+            .await
+            .unwrap()
+            .is_safe()
+    );
+}
+
+#[tokio::test]
+async fn check_upgrade_lists_records_a_newer_version_wrote_as_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    written_by_v1(dir.path(), &[("inv-71", 7_100)]).await;
+    let v2 = open::<InvoiceTwo>(dir.path()).await;
+    v2.handle::<InvoiceTwo>("inv-71")
+        .await
+        .unwrap()
+        .currency("SEK".into())
+        .await
+        .unwrap();
+    v2.shutdown().await;
+
+    let engine = inspector(dir.path()).await;
+    let one = engine.check_upgrade::<InvoiceOne>().await.unwrap();
+    assert!(one.is_safe(), "{one:?}");
+    assert_eq!(one.newer, vec![("inv-71".to_string(), 2)]);
 }

@@ -571,6 +571,17 @@ async fn through_a_rolling_deploy_an_old_orchestrator_leaves_migrated_instances_
         eventually("packed", async || h.weight().await.unwrap().is_some()).await;
     }
     v1.shutdown().await;
+    // Before the deploy, a process with the new code checks it, loading nothing: every
+    // live instance would migrate, none would park.
+    let check = Engine::builder()
+        .shared(shared(p))
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let report = check.check_upgrade::<ParcelTwo>().await.unwrap();
+    assert_eq!((report.checked, report.version), (4, 2), "{report:?}");
+    assert!(report.is_safe() && report.newer.is_empty(), "{report:?}");
     // The new version takes over and moves every instance on (migrated, then a step).
     let v2 = sole_orchestrator::<ParcelTwo>(p, "orch-v2").await;
     for id in &ids {
@@ -578,6 +589,12 @@ async fn through_a_rolling_deploy_an_old_orchestrator_leaves_migrated_instances_
         h.address("home".into()).await.unwrap();
     }
     v2.shutdown().await;
+    // The old code would leave all of them alone.
+    let report = check.check_upgrade::<Parcel>().await.unwrap();
+    let newer: Vec<&str> = report.newer.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(newer, ids, "{report:?}");
+    assert!(report.is_safe(), "{report:?}");
+    check.shutdown().await;
     // A node of the old version holds the shards again (a deploy rolled back, or not done).
     let old = sole_orchestrator::<Parcel>(p, "orch-v1b").await;
     for id in &ids {

@@ -69,6 +69,7 @@
 pub use flowwire_macros::{correlate, driver, flow, impulse, probe, wire};
 pub use flowwire_runtime::engine::{
     HistoryPage, HistoryStep, KeyedImpulse, MAX_PAGE, Metadata, Parked, StartOrImpulse,
+    UpgradeReport, WouldPark,
 };
 // Multi-process mode (feature `redis`): `Shared`, where orchestrators, workers and clients
 // meet; present whenever the runtime is built with `redis` (an empty glob otherwise).

@@ -29,6 +29,7 @@ mod plan;
 mod redeliver;
 mod retry;
 mod saga;
+mod upgrade;
 
 use std::sync::Arc;
 
@@ -49,6 +50,7 @@ pub use crate::operation::{Operation, Patch};
 pub use cancel::CANCEL_ID;
 pub(crate) use migrate::decode_written;
 pub use migrate::{StateRead, state_for_read};
+pub use upgrade::{Upgrade, check_upgrade};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.
 struct Armed<F: Board> {

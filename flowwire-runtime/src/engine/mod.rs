@@ -33,6 +33,7 @@ pub(crate) mod scale;
 #[cfg(feature = "testing")]
 pub(crate) mod script;
 mod start_or_impulse;
+mod upgrade;
 pub(crate) mod worker;
 
 #[cfg(feature = "redis")]
@@ -44,6 +45,7 @@ pub use history::{HistoryPage, HistoryStep, MAX_PAGE};
 use msg::Msg;
 pub use operate::Parked;
 pub use start_or_impulse::StartOrImpulse;
+pub use upgrade::{UpgradeReport, WouldPark};
 
 /// Tunables shared by the runners and the workers.
 #[derive(Debug, Clone)]

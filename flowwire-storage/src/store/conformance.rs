@@ -45,6 +45,7 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     a_stale_version_is_a_conflict(&*make()).await;
     an_impulse_id_applies_once(&*make()).await;
     the_active_index_follows_the_records(&*make()).await;
+    every_record_of_a_flow_is_listed_whatever_its_status(&*make()).await;
     history_pages_in_step_order(&*make()).await;
     one_batch_commits_many_instances_and_reports_each(&*make()).await;
     history_is_pruned_below_a_step(&*make()).await;
@@ -189,6 +190,62 @@ pub async fn the_active_index_follows_the_records(store: &dyn InstanceStore) {
         store.active("ord").await.unwrap().is_empty(),
         "a flow name prefix is not a match"
     );
+}
+
+/// `records` lists every instance of a flow, in the active index or not, in id order, and
+/// no other flow's (not even one whose name the flow's begins with).
+pub async fn every_record_of_a_flow_is_listed_whatever_its_status(store: &dyn InstanceStore) {
+    let keys: Vec<InstanceKey> = ["b", "a:x", "c{1}"]
+        .into_iter()
+        .map(|id| InstanceKey::new("orders", id))
+        .collect();
+    let mut batch: Vec<StepWrite> = keys
+        .iter()
+        .map(|k| step(k, Expect::Absent, 1, b"v1"))
+        .collect();
+    batch.push(step(
+        &InstanceKey::new("orders2", "z"),
+        Expect::Absent,
+        1,
+        b"o",
+    ));
+    batch.push(step(
+        &InstanceKey::new("order", "y"),
+        Expect::Absent,
+        1,
+        b"o",
+    ));
+    store.commit(batch).await.unwrap();
+    // One leaves the active index (it waits, or ended): still a record.
+    let mut quiet = step(&keys[0], Expect::Version(1), 2, b"v2");
+    quiet.active = false;
+    store.commit(vec![quiet]).await.unwrap();
+    let listed: Vec<(String, u64, Bytes)> = store
+        .records("orders")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, s)| (id.to_string(), s.version, s.bytes))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("a:x".to_string(), 1, Bytes::from_static(b"v1")),
+            ("b".to_string(), 2, Bytes::from_static(b"v2")),
+            ("c{1}".to_string(), 1, Bytes::from_static(b"v1")),
+        ],
+        "every record of the flow, in id order, with its version"
+    );
+    store.delete(&keys[1]).await.unwrap();
+    let ids: Vec<String> = store
+        .records("orders")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    assert_eq!(ids, ["b", "c{1}"], "a deleted instance is not listed");
+    assert!(store.records("nothing").await.unwrap().is_empty());
 }
 
 /// History entries come back in step order, from a given step, at most `limit` of them.

@@ -282,6 +282,25 @@ impl InstanceStore for MemoryStore {
         Box::pin(std::future::ready(Ok(found)))
     }
 
+    fn records<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
+        let inner = self.lock();
+        let mut out: super::ActiveList = inner
+            .flows
+            .get(flow)
+            .map(|f| {
+                f.instances
+                    .iter()
+                    .map(|(id, e)| (id.clone(), stored(e)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
     fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let inner = self.lock();
         let mut out: super::ActiveList = inner

@@ -66,8 +66,20 @@ pub trait InstanceStore: Send + Sync + 'static {
         key: &'a InstanceKey,
     ) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
 
-    /// Lists the active instances of a flow (running or waiting), with their records.
+    /// Lists the active instances of a flow (those with a driver call in flight: the
+    /// [`StepWrite::active`] index), with their records.
     fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>>;
+
+    /// Every record of a flow, whatever its instance's status, in id order: a full scan
+    /// (the indexes list only what some part of the engine must find), for tools that must
+    /// see every instance, such as `Engine::check_upgrade`; never on the engine's path.
+    ///
+    /// The default answers [`StoreError::Backend`], saying the store cannot list them.
+    fn records<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(std::future::ready(Err(StoreError::Backend(format!(
+            "this store cannot list every record of flow `{flow}`: it does not implement `InstanceStore::records`"
+        )))))
+    }
 
     /// Reads up to `limit` history entries of an instance, starting at step `from`.
     fn history<'a>(
@@ -200,6 +212,9 @@ pub trait InstanceStore: Send + Sync + 'static {
 }
 
 impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
+    fn records<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        (**self).records(flow)
+    }
     fn ended_with_key<'a>(
         &'a self,
         flow: &'a str,

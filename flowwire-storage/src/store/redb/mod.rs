@@ -446,6 +446,35 @@ impl InstanceStore for RedbStore {
         })
     }
 
+    fn records<'a>(
+        &'a self,
+        flow: &'a str,
+    ) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
+        let flow: Arc<str> = flow.into();
+        self.blocking(move |db, path, _| {
+            let e = |err: redb::Error| map_err(path, err);
+            let txn = db.begin_read().map_err(|x| e(x.into()))?;
+            let records = txn.open_table(RECORDS).map_err(|x| e(x.into()))?;
+            let mut out = Vec::new();
+            for row in records.range((&*flow, "")..).map_err(|x| e(x.into()))? {
+                let (k, v) = row.map_err(|x| e(x.into()))?;
+                let (f, id) = k.value();
+                if f != &*flow {
+                    break;
+                }
+                let (version, bytes) = v.value();
+                out.push((
+                    Arc::from(id),
+                    Stored {
+                        version,
+                        bytes: Bytes::copy_from_slice(bytes),
+                    },
+                ));
+            }
+            Ok(out)
+        })
+    }
+
     fn active<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<super::ActiveList, StoreError>> {
         let flow: Arc<str> = flow.into();
         self.blocking(move |db, path, _| {

@@ -123,6 +123,10 @@ impl RedisStore {
 }
 
 impl InstanceStore for RedisStore {
+    fn records<'a>(&'a self, flow: &'a str) -> BoxFuture<'a, Result<ActiveList, StoreError>> {
+        Box::pin(self.all_records(flow))
+    }
+
     fn commit(
         &self,
         batch: Vec<StepWrite>,

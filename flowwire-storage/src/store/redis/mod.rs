@@ -41,6 +41,7 @@
 mod audit;
 mod commit;
 mod instances;
+mod scan;
 
 use std::time::Duration;
 
