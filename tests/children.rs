@@ -14,6 +14,9 @@ use flowwire::prelude::*;
 use flowwire::storage::StepInput;
 use flowwire::{ChildError, ChildStart, Error};
 
+#[path = "../examples/backfill.rs"]
+mod backfill;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 pub enum ShipError {
     #[error("a parcel of {0} kg is too heavy")]
@@ -492,4 +495,9 @@ async fn a_parent_and_its_child_survive_a_restart_and_the_child_starts_once() {
         page.steps
     );
     engine.shutdown().await;
+}
+
+#[test]
+fn the_backfill_example_copies_its_partitions_and_cancels_its_children() {
+    backfill::main().unwrap();
 }
