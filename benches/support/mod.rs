@@ -282,7 +282,12 @@ pub fn rss() -> Option<u64> {
 /// Prints the machine line every result table starts with.
 pub fn print_machine() {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    println!("machine: {cores} cores, {}", cpu_model());
+}
+
+/// The CPU's model name, as `/proc/cpuinfo` gives it.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -290,6 +295,49 @@ pub fn print_machine() {
                 .and_then(|l| l.split(':').nth(1))
                 .map(|m| m.trim().to_string())
         })
-        .unwrap_or_else(|| "unknown CPU".into());
-    println!("machine: {cores} cores, {cpu}");
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Runs operations `concurrency` at a time until at least `min_n` have run and at least
+/// `min_time` has passed (a sustained run: throughput over seconds, not a burst).
+pub async fn sustained<F, Fut>(
+    min_n: usize,
+    min_time: Duration,
+    concurrency: usize,
+    op: F,
+) -> Samples
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mark = Mark::now();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut latencies = Vec::with_capacity(min_n);
+    let mut n = 0;
+    while n < min_n || start.elapsed() < min_time {
+        let permit = gate
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the gate stays open");
+        let fut = op(n);
+        n += 1;
+        tasks.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            fut.await;
+            t.elapsed()
+        });
+        // Collect as they end: a long run must not hold every task's slot.
+        while let Some(done) = tasks.try_join_next() {
+            latencies.push(done.expect("an operation panicked"));
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        latencies.push(done.expect("an operation panicked"));
+    }
+    let wall = start.elapsed();
+    Samples::from_latencies(latencies, wall).with_allocs(mark.per_op(n as u64))
 }

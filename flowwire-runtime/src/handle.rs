@@ -3,13 +3,14 @@
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::ended::Ended;
+use crate::engine::direct::SettledReads;
 use crate::engine::msg::Msg;
 use crate::error::{Error, Result};
 use crate::impulse::Impulses;
@@ -25,6 +26,29 @@ pub struct Handle<F: Impulses> {
     timeout: Duration,
     /// The engine's decode limit (largest state decoded).
     limit: usize,
+    /// Reads of the instance once it has ended, straight from the store (an embedded
+    /// engine's handles): `None` where the runner answers everything.
+    direct: Option<Direct<F>>,
+}
+
+/// A handle's way to the store for an instance that has ended or is parked, and whether
+/// it is known to have (shared by the handle's clones).
+struct Direct<F: Impulses> {
+    reads: Arc<dyn SettledReads<F>>,
+    settled: Arc<AtomicBool>,
+    /// The final state of an instance this handle saw finish or be cancelled (an end no
+    /// operator undoes), as the runner gave it with the end.
+    last: Arc<std::sync::Mutex<Option<Bytes>>>,
+}
+
+impl<F: Impulses> Clone for Direct<F> {
+    fn clone(&self) -> Self {
+        Self {
+            reads: self.reads.clone(),
+            settled: self.settled.clone(),
+            last: self.last.clone(),
+        }
+    }
 }
 
 impl<F: Impulses> Clone for Handle<F> {
@@ -34,6 +58,7 @@ impl<F: Impulses> Clone for Handle<F> {
             tx: self.tx.clone(),
             timeout: self.timeout,
             limit: self.limit,
+            direct: self.direct.clone(),
         }
     }
 }
@@ -56,7 +81,65 @@ impl<F: Impulses> Handle<F> {
             tx,
             timeout,
             limit,
+            direct: None,
         }
+    }
+
+    /// Reads the instance from the store once it is known to have ended (`settled`: known
+    /// now).
+    pub(crate) fn with_direct_reads(
+        mut self,
+        reads: Arc<dyn SettledReads<F>>,
+        settled: bool,
+    ) -> Self {
+        self.direct = Some(Direct {
+            reads,
+            settled: Arc::new(AtomicBool::new(settled)),
+            last: Arc::default(),
+        });
+        self
+    }
+
+    /// The instance's record, read from the store, when this handle knows it ended and it
+    /// still has (a parked one resumed since is live: `None`, the runner answers).
+    async fn settled(&self) -> Option<flowwire_storage::Record> {
+        let direct = self.direct.as_ref()?;
+        if !direct.settled.load(Ordering::Relaxed) {
+            return None;
+        }
+        direct.reads.settled(self.id.clone()).await
+    }
+
+    /// Notes that the instance has ended, with its final state when the end gave it: later
+    /// reads use that state, or go to the store.
+    fn ended(&self, state: Option<Bytes>) {
+        let Some(direct) = &self.direct else {
+            return;
+        };
+        direct.settled.store(true, Ordering::Relaxed);
+        if let Some(state) = state {
+            // A small state is a view of the runner's shared buffer: keep a copy of its own.
+            let state = if state.len() < flowwire_storage::arena::Arena::LARGE {
+                Bytes::copy_from_slice(&state)
+            } else {
+                state
+            };
+            *direct
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state);
+        }
+    }
+
+    /// The final state this handle was given with the instance's end, if any.
+    fn last_state(&self) -> Option<(Bytes, &Arc<dyn SettledReads<F>>)> {
+        let direct = self.direct.as_ref()?;
+        let last = direct
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        Some((last, &direct.reads))
     }
 
     /// The instance id.
@@ -89,6 +172,11 @@ impl<F: Impulses> Handle<F> {
     /// `tokio::time::timeout` to bound it. Dropping the future only stops waiting.
     /// A quarantined instance is reported as [`Error::Quarantined`] at once.
     pub async fn finished(&self) -> Result<Ended> {
+        if let Some(record) = self.settled().await
+            && let Some(ended) = Ended::of(&record)
+        {
+            return Ok(ended);
+        }
         let (tx, rx) = oneshot::channel();
         let msg = Msg::Finished {
             id: self.id.clone(),
@@ -101,7 +189,9 @@ impl<F: Impulses> Handle<F> {
                 after: self.timeout,
             })?
             .map_err(|_| Error::Shutdown)?;
-        rx.await.map_err(|_| Error::Shutdown)?
+        let (ended, state) = rx.await.map_err(|_| Error::Shutdown)??;
+        self.ended(state);
+        Ok(ended)
     }
 
     /// Cancels the instance: whatever it waits for — a driver call, a fan-out, a sleep, a
@@ -150,6 +240,35 @@ impl<F: Impulses> Handle<F> {
         T: Send + 'static,
         P: FnOnce(&F) -> T + Send + 'static,
     {
+        // Off the runner, on an ended instance: its final state, or its record in the store.
+        let settled = match self.last_state() {
+            Some((state, reads)) => Some((state, reads.clone())),
+            None => match (self.settled().await, &self.direct) {
+                (Some(record), Some(direct)) => {
+                    Some((direct.reads.state(&self.id, &record)?, direct.reads.clone()))
+                }
+                _ => None,
+            },
+        };
+        if let Some((state, reads)) = settled {
+            // Decoded and run on the blocking pool: a state may be large.
+            let id = self.id.clone();
+            let run = tokio::task::spawn_blocking(move || {
+                let flow = reads.flow(&id, &state)?;
+                crate::guard::guard(|| f(&flow)).map_err(|reason| Error::ProbePanicked {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    reason,
+                })
+            });
+            return tokio::time::timeout(self.timeout, run)
+                .await
+                .map_err(|_| Error::Timeout {
+                    op: "probe",
+                    after: self.timeout,
+                })?
+                .map_err(|_| Error::Shutdown)?;
+        }
         let (tx, rx) = oneshot::channel();
         let ask: Box<dyn FnOnce(&F) + Send> = Box::new(move |flow: &F| {
             let _ = tx.send(f(flow));
@@ -200,6 +319,12 @@ impl<F: Impulses> Handle<F> {
     }
 
     async fn state_bytes(&self) -> Result<Bytes> {
+        if let Some((state, _)) = self.last_state() {
+            return Ok(state);
+        }
+        if let (Some(record), Some(direct)) = (self.settled().await, &self.direct) {
+            return direct.reads.state(&self.id, &record);
+        }
         let id = self.id.clone();
         self.request("state", |reply| Msg::State { id, reply })
             .await

@@ -23,6 +23,15 @@ macro_rules! forward_to_inner {
         > {
             self.inner.active(flow)
         }
+        fn records<'a>(
+            &'a self,
+            flow: &'a str,
+        ) -> ::flowwire::storage::BoxFuture<
+            'a,
+            Result<::flowwire::storage::store::ActiveList, ::flowwire::storage::StoreError>,
+        > {
+            self.inner.records(flow)
+        }
         fn history<'a>(
             &'a self,
             key: &'a ::flowwire::storage::InstanceKey,

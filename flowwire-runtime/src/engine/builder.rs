@@ -408,6 +408,12 @@ pub(super) fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEnt
         ctx.events.clone(),
     );
     runner.children(ctx.children.clone());
+    let reads: Arc<dyn super::direct::SettledReads<F>> = Arc::new(super::direct::Reader::<F>::new(
+        &ctx.store,
+        ctx.placement.clone(),
+        ctx.limits.store_timeout,
+        ctx.limits.decode_limit,
+    ));
     Ok(Box::pin(async move {
         runner.recover().await?;
         let (tx, rx) = mpsc::channel::<Msg<F>>(4096);
@@ -424,6 +430,7 @@ pub(super) fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEnt
         });
         Ok(FlowEntry {
             sender: Box::new(tx),
+            reads: Some(Box::new(reads)),
             task: Mutex::new(Some(task)),
             shutdown,
         })

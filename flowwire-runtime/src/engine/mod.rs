@@ -20,6 +20,7 @@ mod builder;
 pub(crate) mod children;
 mod correlate;
 mod damaged;
+pub(crate) mod direct;
 mod health;
 mod history;
 pub(crate) mod job;
@@ -119,6 +120,10 @@ struct FlowReg {
 
 struct FlowEntry {
     sender: Box<dyn Any + Send + Sync>,
+    /// Reads of ended instances straight from the store, for handles: an
+    /// `Arc<dyn direct::SettledReads<F>>` (none in multi-process mode, where the router
+    /// reads the store itself).
+    reads: Option<Box<dyn Any + Send + Sync>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown: Box<dyn Fn() -> BoxFut<()> + Send + Sync>,
 }
@@ -323,12 +328,27 @@ impl Engine {
     }
 
     fn raw_handle<F: Flow>(&self, id: Arc<str>) -> Result<Handle<F>> {
-        Ok(Handle::new(
+        let handle = Handle::new(
             id,
             self.sender::<F>()?.clone(),
             self.inner.limits.request_timeout,
             self.inner.limits.decode_limit,
-        ))
+        );
+        Ok(match self.settled_reads::<F>() {
+            Some(reads) => handle.with_direct_reads(reads, false),
+            None => handle,
+        })
+    }
+
+    /// Flow `F`'s reads of ended instances from the store, if the engine has them.
+    fn settled_reads<F: Flow>(&self) -> Option<Arc<dyn direct::SettledReads<F>>> {
+        self.inner
+            .flows
+            .get(&TypeId::of::<F>())?
+            .reads
+            .as_ref()?
+            .downcast_ref::<Arc<dyn direct::SettledReads<F>>>()
+            .cloned()
     }
 
     /// Starts an instance with an initial state. The instance runs its first step (the
@@ -354,6 +374,12 @@ impl Engine {
     /// no instance has this id.
     pub async fn handle<F: Flow>(&self, id: impl Into<Arc<str>>) -> Result<F::Handle> {
         let handle = self.raw_handle::<F>(id.into())?;
+        if let Some(reads) = self.settled_reads::<F>()
+            && reads.settled(handle.id().into()).await.is_some()
+        {
+            // Ended or parked: found in the store, and read from there from now on.
+            return Ok(F::Handle::from(handle.with_direct_reads(reads, true)));
+        }
         let id = handle.id().into();
         handle
             .request("handle", |reply| Msg::Exists { id, reply })

@@ -11,6 +11,11 @@ use crate::error::Result;
 use crate::impulse::Impulses;
 use crate::operation::Operation;
 
+/// What a `finished()` wait gets: how the instance ended and, for one that finished or was
+/// cancelled (ends no operator can undo), its final state as this version wrote it, so
+/// that the caller reads its result without another trip.
+pub(crate) type EndedReply = Result<(Ended, Option<Bytes>)>;
+
 /// A probe: runs on the flow and sends its own result.
 pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
 
@@ -56,7 +61,7 @@ pub(crate) enum Msg<F: Impulses> {
     },
     Finished {
         id: Arc<str>,
-        reply: oneshot::Sender<Result<Ended>>,
+        reply: oneshot::Sender<EndedReply>,
     },
     Exists {
         id: Arc<str>,

@@ -52,7 +52,6 @@ use flowwire_storage::{InstanceKey, InstanceStore, Placement, Retention, StepRes
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Instance, Scratch, Step};
-use crate::ended::Ended;
 use crate::engine::Limits;
 use crate::engine::job::{CallPolicy, OutcomeMsg};
 use crate::error::Result;
@@ -275,7 +274,7 @@ pub(crate) struct Runner<F: Flow> {
     /// The instances it knows of: being read, or resident (see `Presence`).
     slots: Instances<Slot<F>, Input<F>>,
     /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
-    waiters: HashMap<Arc<str>, Vec<oneshot::Sender<Result<Ended>>>>,
+    waiters: HashMap<Arc<str>, Vec<oneshot::Sender<crate::engine::msg::EndedReply>>>,
     /// The store failed for good (its event was sent).
     store_down: bool,
     /// Timers due up to `horizon`, earliest first: every one the index holds and every one

@@ -394,7 +394,7 @@ impl<F: Flow> Runner<F> {
     async fn on_finished(
         &mut self,
         id: Arc<str>,
-        reply: oneshot::Sender<Result<Ended>>,
+        reply: oneshot::Sender<crate::engine::msg::EndedReply>,
     ) -> Option<Staged<F>> {
         if let Some(e) = self.store.fault().filter(|e| !e.is_transient()) {
             // Nothing will progress: a waiter would wait for ever.
@@ -405,7 +405,7 @@ impl<F: Flow> Runner<F> {
             Ok(None) => {}
             Ok(Some(record)) => {
                 let answer = match Ended::of(&record) {
-                    Some(ended) => Ok(ended),
+                    Some(ended) => Ok((ended, None)),
                     None => Err(Self::not_live(&id, record.status)),
                 };
                 let _ = reply.send(answer);

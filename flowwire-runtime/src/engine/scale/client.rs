@@ -433,7 +433,7 @@ async fn finished<F: Flow>(
     remote: &Remote,
     watch: &Arc<Watch>,
     id: &Arc<str>,
-    mut reply: oneshot::Sender<Result<Ended>>,
+    mut reply: oneshot::Sender<crate::engine::msg::EndedReply>,
 ) {
     let pushed = watch
         .subscribe(&remote.bus, F::NAME, remote.limits.decode_limit)
@@ -442,7 +442,7 @@ async fn finished<F: Flow>(
     let ended = wait_ended::<F>(remote, &notify, pushed, id, &mut reply).await;
     watch.unregister(id, notify);
     if let Some(ended) = ended {
-        let _ = reply.send(ended);
+        let _ = reply.send(ended.map(|e| (e, None)));
     }
 }
 
@@ -451,7 +451,7 @@ async fn wait_ended<F: Flow>(
     notify: &Notify,
     pushed: bool,
     id: &Arc<str>,
-    reply: &mut oneshot::Sender<Result<Ended>>,
+    reply: &mut oneshot::Sender<crate::engine::msg::EndedReply>,
 ) -> Option<Result<Ended>> {
     let key = InstanceKey::new(F::NAME, id.clone());
     let mut delay = Duration::from_millis(5);

@@ -306,6 +306,7 @@ pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEnt
     });
     super::FlowEntry {
         sender: Box::new(tx),
+        reads: None,
         task: std::sync::Mutex::new(Some(router)),
         shutdown,
     }
