@@ -1,6 +1,10 @@
-//! Multi-process throughput and latency: workflows/s and p50/p99 per workflow for 1 and 2
-//! orchestrator processes × 1 and 2 worker processes, on one local `redis-server` (started
-//! by this binary on a loopback port), at concurrency 1, 64 and 1024.
+//! Multi-process throughput and latency: workflows/s and p50/p99 per workflow for 1
+//! orchestrator and 1 worker process, and 2 and 2, on one local `redis-server` (started by
+//! this binary on a loopback port) with its append-only file on — `appendfsync always`
+//! (every write fsynced before its reply: the setting comparable with durable peers) and
+//! `everysec` (fsynced once a second: up to a second of acknowledged steps lost in a power
+//! cut) — at concurrency 1, 64 and 1024, three runs of each, the setting and the CPU model
+//! beside each row.
 //!
 //! `cargo bench --bench scale --features flowwire-suite/redis` (`FLOWWIRE_BENCH_QUICK=1`
 //! for a smoke run). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
@@ -80,24 +84,38 @@ fn workflows(mode: Mode, concurrency: usize) -> usize {
 
 async fn run(mode: Mode) {
     support::print_machine();
-    let redis = servers::Redis::start();
-    let url = redis.url();
+    let cpu = support::cpu_model();
+    let fsyncs: &[&'static str] = if mode == Mode::Test {
+        &["always"]
+    } else {
+        &["always", "everysec"]
+    };
+    println!(
+        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10}",
+        "fsync", "orch", "workers", "conc", "n", "workflows/s", "p50", "p99", "max"
+    );
+    for &fsync in fsyncs {
+        let redis = servers::Redis::start_with_fsync(fsync);
+        setups(mode, &redis.url(), fsync, &cpu).await;
+    }
+}
+
+/// Every setup and concurrency on one Redis (`appendfsync fsync`), three runs each.
+async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
     let setups: &[(usize, usize)] = if mode == Mode::Test {
         &[(1, 1)]
     } else {
-        &[(1, 1), (1, 2), (2, 1), (2, 2)]
+        &[(1, 1), (2, 2)]
     };
     let concurrencies: &[usize] = if mode == Mode::Test {
         &[1, 8]
     } else {
         &[1, 64, 1024]
     };
-    println!(
-        "{:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10}",
-        "orch", "workers", "conc", "n", "workflows/s", "p50", "p99", "max"
-    );
+    let runs = if mode == Mode::Test { 1 } else { 3 };
+    let url = url.to_string();
     for &(orchestrators, workers) in setups {
-        let prefix = format!("bench-o{orchestrators}w{workers}");
+        let prefix = format!("bench-{fsync}-o{orchestrators}w{workers}");
         let mut procs = Vec::new();
         for i in 0..orchestrators {
             procs.push(Proc::start("orchestrator", &url, &prefix, &format!("o{i}")));
@@ -117,13 +135,22 @@ async fn run(mode: Mode) {
         case(&client, "warm", 16, 64).await;
         for &c in concurrencies {
             let n = workflows(mode, c);
-            let s = case(&client, &format!("c{c}"), c, n).await;
+            let mut rates = Vec::new();
+            for run in 0..runs {
+                let s = case(&client, &format!("c{c}-{run}"), c, n).await;
+                println!(
+                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10}  {cpu}",
+                    s.per_second(),
+                    fmt_duration(s.median()),
+                    fmt_duration(s.p99()),
+                    fmt_duration(s.quantile(1.0))
+                );
+                rates.push(s.per_second());
+            }
+            let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rates.iter().copied().fold(0.0, f64::max);
             println!(
-                "{orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10}",
-                s.per_second(),
-                fmt_duration(s.median()),
-                fmt_duration(s.p99()),
-                fmt_duration(s.quantile(1.0))
+                "appendfsync {fsync}, {orchestrators} orchestrator(s), {workers} worker(s), concurrency {c}: {lo:.0}–{hi:.0} workflows/s over {runs} run(s), {cpu}"
             );
         }
         client.shutdown().await;

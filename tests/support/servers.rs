@@ -77,7 +77,8 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     pid: u32,
-    aof: bool,
+    /// `appendfsync` of the append-only file, when it is on.
+    aof: Option<&'static str>,
     cluster: bool,
     _tmp: tempfile::TempDir,
 }
@@ -85,25 +86,28 @@ pub struct Redis {
 impl Redis {
     /// Starts a server without persistence (a fast, throwaway server).
     pub fn start() -> Redis {
-        Self::start_with(false)
+        Self::start_as(None, false)
     }
 
     /// Starts a server with the append-only file on (`appendfsync always`), so a restart
     /// keeps everything acknowledged.
     pub fn start_durable() -> Redis {
-        Self::start_with(true)
+        Self::start_as(Some("always"), false)
     }
 
-    fn start_with(aof: bool) -> Redis {
-        Self::start_as(aof, false)
+    /// Starts a server with the append-only file on and `appendfsync` set to `policy`
+    /// (`always`: each write is fsynced before its reply; `everysec`: once a second).
+    #[allow(dead_code)] // the scale bench's
+    pub fn start_with_fsync(policy: &'static str) -> Redis {
+        Self::start_as(Some(policy), false)
     }
 
     /// Starts a server with cluster mode on (a node of a [`RedisCluster`]).
     fn start_node() -> Redis {
-        Self::start_as(false, true)
+        Self::start_as(None, true)
     }
 
-    fn start_as(aof: bool, cluster: bool) -> Redis {
+    fn start_as(aof: Option<&'static str>, cluster: bool) -> Redis {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut r = Redis {
@@ -132,10 +136,13 @@ impl Redis {
             cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
                 .args(["--cluster-config-file", "nodes.conf"]);
         }
-        if self.aof {
-            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            cmd.args(["--appendonly", "no"]);
+        match self.aof {
+            Some(policy) => {
+                cmd.args(["--appendonly", "yes", "--appendfsync", policy]);
+            }
+            None => {
+                cmd.args(["--appendonly", "no"]);
+            }
         }
         let status = cmd.status().unwrap_or_else(|e| {
             panic!("cannot run redis-server ({e}); install it: apt-get install -y redis-server (./scripts/test does)")
