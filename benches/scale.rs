@@ -91,8 +91,18 @@ async fn run(mode: Mode) {
         &["always", "everysec"]
     };
     println!(
-        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10}",
-        "fsync", "orch", "workers", "conc", "n", "workflows/s", "p50", "p99", "max"
+        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "fsync",
+        "orch",
+        "workers",
+        "conc",
+        "n",
+        "workflows/s",
+        "p50",
+        "p99",
+        "max",
+        "cmds/wf",
+        "reads/wf"
     );
     for &fsync in fsyncs {
         let redis = servers::Redis::start_with_fsync(fsync);
@@ -137,13 +147,19 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
             let n = workflows(mode, c);
             let mut rates = Vec::new();
             for run in 0..runs {
+                let before = server_counts(&url);
                 let s = case(&client, &format!("c{c}-{run}"), c, n).await;
+                let after = server_counts(&url);
+                #[allow(clippy::cast_precision_loss)]
+                let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 / n as f64;
                 println!(
-                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10}  {cpu}",
+                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1}  {cpu}",
                     s.per_second(),
                     fmt_duration(s.median()),
                     fmt_duration(s.p99()),
-                    fmt_duration(s.quantile(1.0))
+                    fmt_duration(s.quantile(1.0)),
+                    per(0),
+                    per(1),
                 );
                 rates.push(s.per_second());
             }
@@ -156,6 +172,34 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
         client.shutdown().await;
         drop(procs);
     }
+}
+
+/// Redis's own counters, `[commands processed, reads processed]` (a read is one socket
+/// read of a client's requests: a round trip, however many commands it pipelines). Per
+/// workflow they count what a step costs Redis, whatever the machine's speed (lease
+/// renewals and heartbeats of the idle processes add a little).
+fn server_counts(url: &str) -> [u64; 2] {
+    let port = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap_or("6379")
+        .to_string();
+    let out = Command::new("redis-cli")
+        .args(["-p", &port, "INFO", "stats"])
+        .output()
+        .expect("redis-cli runs (it comes with redis-server)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    [
+        field("total_commands_processed"),
+        field("total_reads_processed"),
+    ]
 }
 
 /// Waits (up to 30 s) until the orchestrators hold every shard between them, each at

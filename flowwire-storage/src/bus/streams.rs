@@ -8,6 +8,24 @@ use bytes::Bytes;
 use super::{Entry, RedisBus, StreamReader, backend};
 use crate::error::StoreError;
 
+/// `KEYS`: the streams to append to, then the stream of the calls; `ARGV`: how many
+/// entries, the group, the entries' bodies, the ids to acknowledge.
+const PUSH_THEN_ACK: &str = r"
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('XADD', KEYS[i], '*', 'm', ARGV[2 + i])
+end
+local ids = {}
+for i = n + 3, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+end
+if #ids > 0 then
+  redis.call('XACK', KEYS[n + 1], ARGV[2], unpack(ids))
+  redis.call('XDEL', KEYS[n + 1], unpack(ids))
+end
+return 0
+";
+
 impl RedisBus {
     /// Creates a consumer group reading a stream from its start (and the stream), unless
     /// it exists.
@@ -44,6 +62,40 @@ impl RedisBus {
             .collect();
         c.batch(cmds).await.map_err(|e| backend(&e))?;
         Ok(())
+    }
+
+    /// Appends `entries` (stream, bytes), then acknowledges and deletes `ids` of `stream`
+    /// — a worker's outcomes, then the calls they answer. On one server this is one script,
+    /// so one round trip and one turn of Redis's event loop (one `fsync` with `appendfsync
+    /// always`), and the calls are acknowledged only if every outcome was appended (an error
+    /// stops the script before its acknowledgement). On a cluster, whose streams live in
+    /// other slots than the calls', it is [`push`](Self::push) then [`ack`](Self::ack).
+    pub async fn push_then_ack(
+        &self,
+        entries: &[(String, Bytes)],
+        stream: &str,
+        group: &str,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        if !matches!(c, crate::redis_link::Conn::Server(_)) {
+            self.push(entries).await?;
+            return self.ack(stream, group, ids).await;
+        }
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(PUSH_THEN_ACK));
+        let mut call = SCRIPT.prepare_invoke();
+        for (s, _) in entries {
+            call.key(s.as_str());
+        }
+        call.key(stream).arg(entries.len()).arg(group);
+        for (_, body) in entries {
+            call.arg(&body[..]);
+        }
+        call.arg(ids);
+        call.invoke_async::<()>(&mut c)
+            .await
+            .map_err(|e| backend(&e))
     }
 
     /// Acknowledges entries of a stream and deletes them.

@@ -260,13 +260,10 @@ async fn writer(
             entries.push((receipt.reply_to, Bytes::from(out)));
             ids.push(receipt.entry);
         }
-        // The outcome is durable before its call is acknowledged. If either fails, the
-        // call stays pending, stops being touched, and runs again after the visibility
-        // timeout.
-        let written = async {
-            ctx.bus.push(&entries).await?;
-            ctx.bus.ack(&stream, GROUP, &ids).await
-        };
+        // The outcome is durable before (or with) its call's acknowledgement. If either
+        // fails, the call stays pending, stops being touched, and runs again after the
+        // visibility timeout.
+        let written = ctx.bus.push_then_ack(&entries, &stream, GROUP, &ids);
         if let Err(e) = written.await {
             tracing::warn!(error = %e, "outcomes not written; their calls run again later");
         }
