@@ -9,11 +9,14 @@ use super::{RedisStore, backend, is_no_script, shard_key};
 
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
--- KEYS: record, impulses, history index, history entries, write audit, shard's token counter
+-- KEYS: record, impulses, history index, history entries, write audit, shard's token counter,
+--       shard's active set, shard's timer set
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
 --       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0'),
---       ended with key ('' = none)
+--       ended with key ('' = none), instance id, has timer ('1'/'0')
+-- Returns {0, 1 if the record was parked before} when written; {1, version} on a
+-- conflict; {2, step} for an impulse id seen; {3, token} when fenced.
 local newest = 0
 if ARGV[12] ~= '' then
   local mine = tonumber(ARGV[12])
@@ -34,7 +37,11 @@ if ARGV[6] ~= '' then
   if seen then return {2, tonumber(seen)} end
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
 end
+local was_parked = redis.call('HGET', KEYS[1], 'p')
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
+-- The shard's indexes leave with the step that leaves them (the others are in other slots).
+if ARGV[5] == '0' then redis.call('SREM', KEYS[7], ARGV[15]) end
+if ARGV[16] == '0' then redis.call('ZREM', KEYS[8], ARGV[15]) end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
 if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'e', ARGV[14]) end
 if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
@@ -51,6 +58,7 @@ if ARGV[9] ~= '' then
     redis.call('ZREM', KEYS[3], unpack(old))
   end
 end
+if was_parked == '1' then return {0, 1} end
 return {0, 0}
 ";
 
@@ -99,7 +107,8 @@ impl RedisStore {
         let mut scripts = Vec::with_capacity(batch.len());
         for s in batch {
             let keys = self.keys(&s.key);
-            let token = shard_key(&self.prefix, "token", &s.key.flow, self.shard(&s.key.id));
+            let shard = self.shard(&s.key.id);
+            let token = shard_key(&self.prefix, "token", &s.key.flow, shard);
             let expect = match s.expect {
                 Expect::Absent => String::new(),
                 Expect::Version(v) => v.to_string(),
@@ -111,9 +120,11 @@ impl RedisStore {
             let mut script = redis::cmd("EVALSHA");
             script
                 .arg(&self.sha)
-                .arg(6)
+                .arg(8)
                 .arg(&keys[..])
                 .arg(&token)
+                .arg(self.active_key(&s.key.flow, shard))
+                .arg(self.timers_key(&s.key.flow, shard))
                 .arg(expect)
                 .arg(s.version)
                 .arg(s.seq)
@@ -127,7 +138,9 @@ impl RedisStore {
                 .arg(s.correlation.as_deref().unwrap_or(""))
                 .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
                 .arg(if self.audit { "1" } else { "0" })
-                .arg(s.ended_key.as_deref().unwrap_or(""));
+                .arg(s.ended_key.as_deref().unwrap_or(""))
+                .arg(&*s.key.id)
+                .arg(if s.timer.is_some() { "1" } else { "0" });
             scripts.push(script);
         }
         scripts
@@ -213,19 +226,14 @@ impl RedisStore {
         for (s, (code, n)) in batch.iter().zip(replies) {
             results.push(match code {
                 0 => {
+                    // The script left the shard's indexes itself; these live in the flow's
+                    // slot, and are touched only when the step leaves them.
                     let (flow, id) = (&*s.key.flow, &*s.key.id);
-                    let shard = self.shard(id);
-                    if !s.active {
-                        removes.push(redis::Cmd::srem(self.active_key(flow, shard), id));
-                    }
-                    if !s.parked {
+                    if n == 1 && !s.parked {
                         removes.push(redis::Cmd::zrem(self.parked_key(flow), id));
                     }
                     if let Some(old) = &s.uncorrelate {
                         removes.push(redis::Cmd::srem(self.corr_key(flow, old), id));
-                    }
-                    if s.timer.is_none() {
-                        removes.push(redis::Cmd::zrem(self.timers_key(flow, shard), id));
                     }
                     StepResult::Committed
                 }
@@ -240,8 +248,8 @@ impl RedisStore {
                 },
             });
         }
-        // Best effort: an entry left behind is filtered by its record's flags, or repaired
-        // when its timer fires.
+        // Best effort: an entry left behind is filtered by its record's flags. Most batches
+        // have none (no round trip).
         let _ = c.batch(removes).await;
         Ok(results)
     }
