@@ -26,6 +26,9 @@ end
 return 0
 ";
 
+static PUSH_THEN_ACK_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(PUSH_THEN_ACK));
+
 impl RedisBus {
     /// Creates a consumer group reading a stream from its start (and the stream), unless
     /// it exists.
@@ -82,9 +85,7 @@ impl RedisBus {
             self.push(entries).await?;
             return self.ack(stream, group, ids).await;
         }
-        static SCRIPT: std::sync::LazyLock<redis::Script> =
-            std::sync::LazyLock::new(|| redis::Script::new(PUSH_THEN_ACK));
-        let mut call = SCRIPT.prepare_invoke();
+        let mut call = PUSH_THEN_ACK_SCRIPT.prepare_invoke();
         for (s, _) in entries {
             call.key(s.as_str());
         }
