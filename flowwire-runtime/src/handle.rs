@@ -10,7 +10,6 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::ended::Ended;
-use crate::engine::direct::SettledReads;
 use crate::engine::msg::Msg;
 use crate::error::{Error, Result};
 use crate::impulse::Impulses;
@@ -338,6 +337,20 @@ impl<F: Impulses> Handle<F> {
             source,
         })
     }
+}
+
+pub(crate) type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a handle needs to read a settled instance of `F` without the runner.
+pub(crate) trait SettledReads<F: Impulses>: Send + Sync {
+    /// The record of `id` with its payloads, if it has ended or is parked; `None` when it
+    /// is live, not in the store, or cannot be read here (then the runner answers, with
+    /// its full handling of damaged records and shutdowns).
+    fn settled(&self, id: Arc<str>) -> BoxFut<Option<flowwire_storage::Record>>;
+    /// Its state as this version of the flow reads it, encoded.
+    fn state(&self, id: &str, record: &flowwire_storage::Record) -> Result<Bytes>;
+    /// The flow built on a state of this version, for a probe.
+    fn flow(&self, id: &str, state: &[u8]) -> Result<F>;
 }
 
 /// An impulse on its way: `.await` it to apply it; set its id first with

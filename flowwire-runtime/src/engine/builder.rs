@@ -408,7 +408,7 @@ pub(super) fn start_flow<F: Flow>(ctx: &FlowCtx) -> Result<BoxFut<Result<FlowEnt
         ctx.events.clone(),
     );
     runner.children(ctx.children.clone());
-    let reads: Arc<dyn super::direct::SettledReads<F>> = Arc::new(super::direct::Reader::<F>::new(
+    let reads: Arc<dyn crate::handle::SettledReads<F>> = Arc::new(super::direct::Reader::<F>::new(
         &ctx.store,
         ctx.placement.clone(),
         ctx.limits.store_timeout,

@@ -4,8 +4,6 @@
 //! instance ended (its `finished()` said so, or `Engine::handle` found it so); a record
 //! that turns out to be live again (a parked instance resumed) is the runner's to answer.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -15,21 +13,7 @@ use flowwire_storage::{InstanceKey, InstanceStore, Placement, Record};
 
 use crate::error::{Error, Result};
 use crate::flow::Flow;
-use crate::impulse::Impulses;
-
-type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// What a handle needs to read a settled instance of `F` without the runner.
-pub(crate) trait SettledReads<F: Impulses>: Send + Sync {
-    /// The record of `id` with its payloads, if it has ended or is parked; `None` when it
-    /// is live, not in the store, or cannot be read here (then the runner answers, with
-    /// its full handling of damaged records and shutdowns).
-    fn settled(&self, id: Arc<str>) -> BoxFut<Option<Record>>;
-    /// Its state as this version of the flow reads it, encoded.
-    fn state(&self, id: &str, record: &Record) -> Result<Bytes>;
-    /// The flow built on a state of this version, for a probe.
-    fn flow(&self, id: &str, state: &[u8]) -> Result<F>;
-}
+use crate::handle::{BoxFut, SettledReads};
 
 /// The embedded engine's [`SettledReads`] for flow `F`.
 pub(crate) struct Reader<F> {

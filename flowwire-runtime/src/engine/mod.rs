@@ -121,7 +121,7 @@ struct FlowReg {
 struct FlowEntry {
     sender: Box<dyn Any + Send + Sync>,
     /// Reads of ended instances straight from the store, for handles: an
-    /// `Arc<dyn direct::SettledReads<F>>` (none in multi-process mode, where the router
+    /// `Arc<dyn crate::handle::SettledReads<F>>` (none in multi-process mode, where the router
     /// reads the store itself).
     reads: Option<Box<dyn Any + Send + Sync>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -341,13 +341,13 @@ impl Engine {
     }
 
     /// Flow `F`'s reads of ended instances from the store, if the engine has them.
-    fn settled_reads<F: Flow>(&self) -> Option<Arc<dyn direct::SettledReads<F>>> {
+    fn settled_reads<F: Flow>(&self) -> Option<Arc<dyn crate::handle::SettledReads<F>>> {
         self.inner
             .flows
             .get(&TypeId::of::<F>())?
             .reads
             .as_ref()?
-            .downcast_ref::<Arc<dyn direct::SettledReads<F>>>()
+            .downcast_ref::<Arc<dyn crate::handle::SettledReads<F>>>()
             .cloned()
     }
 

@@ -296,6 +296,11 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// Sends this runner's child calls to the engine's child service.
+    pub(crate) fn children(&mut self, port: crate::engine::children::ChildPort) {
+        self.children = Some(port);
+    }
+
     pub(super) fn dispatch(&self, id: &Arc<str>, out: &Outgoing) {
         let link = out.call.link;
         if link == crate::child::CHILD_LINK {

@@ -394,11 +394,6 @@ impl<F: Flow> Runner<F> {
         (runner, orx)
     }
 
-    /// Sends this runner's child calls to the engine's child service.
-    pub(crate) fn children(&mut self, port: crate::engine::children::ChildPort) {
-        self.children = Some(port);
-    }
-
     /// Makes this runner the owner of one shard (multi-process mode): it loads, fires and
     /// writes only that shard's instances, every write carries the lease's token.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
