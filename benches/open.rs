@@ -38,6 +38,7 @@ fn step(i: u64) -> StepWrite {
         history: Some((1, Bytes::from(vec![7u8; 120]))),
         prune_below: None,
         fence: None,
+        acknowledges: None,
         key,
     }
 }

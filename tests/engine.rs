@@ -406,6 +406,7 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             seq: 1,
             prune_below: None,
             fence: None,
+            acknowledges: None,
         }])
         .await
         .unwrap();
@@ -515,6 +516,7 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             seq: 1,
             prune_below: None,
             fence: None,
+            acknowledges: None,
         }])
         .await
         .unwrap();

@@ -237,6 +237,7 @@ async fn a_record_stored_under_another_instances_key_is_refused_not_served() {
             history: None,
             prune_below: None,
             fence: None,
+            acknowledges: None,
         }])
         .await
         .unwrap();

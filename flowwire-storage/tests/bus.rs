@@ -1,6 +1,6 @@
 //! The multi-process bus on a real Redis (one server, and a three-master Redis Cluster):
 //! shard leases with fencing tokens, fenced commits, streams with consumer groups, replies
-//! by publish/subscribe.
+//! by publish/subscribe, outcomes settled by the commits that apply them.
 
 #![cfg(feature = "redis")]
 
@@ -54,6 +54,7 @@ fn write(key: &InstanceKey, expect: Expect, version: u64, fence: u64) -> StepWri
         history: None,
         prune_below: None,
         fence: Some(fence),
+        acknowledges: None,
     }
 }
 
@@ -280,6 +281,58 @@ async fn heartbeats_count_the_live(bus: &RedisBus) {
     assert_eq!(bus.heartbeat("c", TTL).await.unwrap().live, 1);
 }
 
+/// A step that applies an outcome from its shard's stream acknowledges (and deletes) that
+/// entry in its own write; a step refused (a conflict) leaves it pending.
+async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
+    use flowwire_storage::bus::ORCHESTRATORS;
+    let bus = store.bus();
+    let key = InstanceKey::new("Order", "o-1");
+    let shard = store.shard_of("o-1");
+    let stream = bus.outcomes("Order", shard);
+    bus.ensure_group(&stream, ORCHESTRATORS).await.unwrap();
+    bus.push(&[(stream.clone(), Bytes::from_static(b"outcome-1"))])
+        .await
+        .unwrap();
+    bus.push(&[(stream.clone(), Bytes::from_static(b"outcome-2"))])
+        .await
+        .unwrap();
+    let mut reader = bus.reader().await.unwrap();
+    let got = reader
+        .read(
+            &[stream.clone()],
+            ORCHESTRATORS,
+            "o1",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(bus.backlog(&stream, ORCHESTRATORS).await.unwrap(), (2, 2));
+
+    let mut first = write(&key, Expect::Absent, 1, 1);
+    first.fence = None;
+    first.acknowledges = Some(got[0].id.as_str().into());
+    assert_eq!(
+        store.commit(vec![first]).await.unwrap(),
+        vec![StepResult::Committed]
+    );
+    assert_eq!(
+        bus.backlog(&stream, ORCHESTRATORS).await.unwrap(),
+        (1, 1),
+        "the applied outcome is settled with its step"
+    );
+    // A stale step is refused, and its outcome stays pending for the owner to settle.
+    let mut stale = write(&key, Expect::Absent, 1, 1);
+    stale.fence = None;
+    stale.acknowledges = Some(got[1].id.as_str().into());
+    assert!(matches!(
+        store.commit(vec![stale]).await.unwrap()[..],
+        [StepResult::Conflict { .. }]
+    ));
+    assert_eq!(bus.backlog(&stream, ORCHESTRATORS).await.unwrap(), (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bus_works_on_one_server() {
     leases_hand_out_rising_tokens(&on_server("bus-lease").bus()).await;
@@ -289,6 +342,7 @@ async fn the_bus_works_on_one_server() {
     replies_reach_the_subscriber(&on_server("bus-reply").bus()).await;
     processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
     heartbeats_count_the_live(&on_server("bus-members").bus()).await;
+    a_commit_settles_the_outcome_it_applies(&on_server("bus-settle")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,4 +355,5 @@ async fn the_bus_works_on_a_three_master_cluster() {
     processes_must_agree_on_the_shard_count(on_cluster("cbus-count"), on_cluster("cbus-count"))
         .await;
     heartbeats_count_the_live(&on_cluster("cbus-members").bus()).await;
+    a_commit_settles_the_outcome_it_applies(&on_cluster("cbus-settle").with_shards(4)).await;
 }

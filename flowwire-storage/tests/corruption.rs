@@ -53,6 +53,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 history: None,
                 prune_below: None,
                 fence: None,
+                acknowledges: None,
                 key,
             }
         })

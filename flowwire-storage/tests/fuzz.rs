@@ -183,6 +183,7 @@ fn fuzz_a_logged_batch() {
         history: Some((4, Bytes::from_static(b"entry"))),
         prune_below: Some(2),
         fence: Some(7),
+        acknowledges: None,
     }];
     let seed = postcard::to_allocvec(&batch).unwrap();
     // As the store's recovery decodes a logged batch.

@@ -148,6 +148,10 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// The consumer group of the orchestrators on their shards' streams (requests and
+/// outcomes); the commit script acknowledges outcomes in it.
+pub const ORCHESTRATORS: &str = "orchestrators";
+
 impl RedisBus {
     async fn conn(&self) -> Result<Conn, StoreError> {
         self.link.conn().await.map_err(|e| backend(&e))

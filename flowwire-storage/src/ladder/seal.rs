@@ -234,6 +234,7 @@ impl Placement {
                 history,
                 prune_below,
                 fence: None,
+                acknowledges: None,
             },
             placed,
             puts,

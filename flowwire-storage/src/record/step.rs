@@ -92,6 +92,11 @@ pub struct StepWrite {
     /// write after a newer owner took over. `None`: no check (one process owns every
     /// instance).
     pub fence: Option<u64>,
+    /// Multi-process mode: the entry of the shard's outcome stream whose outcome this step
+    /// applies. A shared store acknowledges and deletes it with the step, in the same
+    /// atomic write, so an outcome is settled exactly when its step is durable. `None`
+    /// elsewhere (other stores have no streams).
+    pub acknowledges: Option<Arc<str>>,
 }
 
 /// The fate of one [`StepWrite`] in a committed batch.

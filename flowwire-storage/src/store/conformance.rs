@@ -36,6 +36,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         history: Some((version, Bytes::from_static(body))),
         prune_below: None,
         fence: None,
+        acknowledges: None,
     }
 }
 

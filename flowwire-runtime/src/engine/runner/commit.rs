@@ -128,9 +128,18 @@ impl<F: Flow> Runner<F> {
             &mut scratch.out,
             &mut scratch.arena,
         );
+        // An outcome from the bus is acknowledged by the write that applies it.
+        let acknowledges = match &s.ack {
+            Ack::Outcome(o) => o
+                .receipt
+                .as_ref()
+                .map(|r| std::sync::Arc::from(r.entry.as_str())),
+            _ => None,
+        };
         match sealed {
             Ok(mut sealed) if sealed.puts.is_empty() => {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                sealed.write.acknowledges = acknowledges;
                 let b = &mut self.building;
                 b.writes.push(sealed.write);
                 b.placed.push(sealed.placed);
@@ -139,6 +148,7 @@ impl<F: Flow> Runner<F> {
             // Rare (a blob to write, a payload too large): not in this batch.
             Ok(mut sealed) => {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
+                sealed.write.acknowledges = acknowledges;
                 self.upload(s, sealed);
             }
             Err(e) => self.failed(s, &Error::from(e)),

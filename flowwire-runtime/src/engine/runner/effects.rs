@@ -64,8 +64,8 @@ impl<F: Flow> Runner<F> {
             Ack::Operate(reply) => {
                 let _ = reply.send(Ok(s.step.draft.record.seq));
             }
-            Ack::Outcome(o) => self.settle(&o),
-            Ack::Retry(_) | Ack::Quiet => {}
+            // Acknowledged by the write itself (`StepWrite::acknowledges`).
+            Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
         for out in &s.step.dispatch {
             self.dispatch(&s.id, out);

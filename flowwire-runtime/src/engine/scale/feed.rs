@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::flow::Flow;
 
 /// The consumer group of the orchestrators on a shard's streams.
-pub(crate) const GROUP: &str = "orchestrators";
+pub(crate) const GROUP: &str = flowwire_storage::bus::ORCHESTRATORS;
 /// Entries taken from a stream at once.
 pub(crate) const PAGE: usize = 256;
 

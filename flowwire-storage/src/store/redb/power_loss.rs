@@ -317,6 +317,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 history: Some((*version, Bytes::from(format!("h{b}")))),
                 prune_below: None,
                 fence: None,
+                acknowledges: None,
                 key,
             }
         })

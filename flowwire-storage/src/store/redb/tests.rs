@@ -27,6 +27,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
         history: Some((version, Bytes::from_static(b"entry"))),
         prune_below: None,
         fence: None,
+        acknowledges: None,
     }
 }
 

@@ -10,11 +10,12 @@ use super::{RedisStore, backend, is_no_script, shard_key};
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
 -- KEYS: record, impulses, history index, history entries, write audit, shard's token counter,
---       shard's active set, shard's timer set
+--       shard's active set, shard's timer set, shard's outcome stream
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
 --       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0'),
---       ended with key ('' = none), instance id, has timer ('1'/'0')
+--       ended with key ('' = none), instance id, has timer ('1'/'0'),
+--       outcome entry to acknowledge ('' = none), the orchestrators' group
 -- Returns {0, 1 if the record was parked before} when written; {1, version} on a
 -- conflict; {2, step} for an impulse id seen; {3, token} when fenced.
 local newest = 0
@@ -42,6 +43,11 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[
 -- The shard's indexes leave with the step that leaves them (the others are in other slots).
 if ARGV[5] == '0' then redis.call('SREM', KEYS[7], ARGV[15]) end
 if ARGV[16] == '0' then redis.call('ZREM', KEYS[8], ARGV[15]) end
+-- The outcome this step applies is settled with it.
+if ARGV[17] ~= '' then
+  redis.call('XACK', KEYS[9], ARGV[18], ARGV[17])
+  redis.call('XDEL', KEYS[9], ARGV[17])
+end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
 if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'e', ARGV[14]) end
 if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
@@ -120,11 +126,12 @@ impl RedisStore {
             let mut script = redis::cmd("EVALSHA");
             script
                 .arg(&self.sha)
-                .arg(8)
+                .arg(9)
                 .arg(&keys[..])
                 .arg(&token)
                 .arg(self.active_key(&s.key.flow, shard))
                 .arg(self.timers_key(&s.key.flow, shard))
+                .arg(shard_key(&self.prefix, "out", &s.key.flow, shard))
                 .arg(expect)
                 .arg(s.version)
                 .arg(s.seq)
@@ -140,7 +147,9 @@ impl RedisStore {
                 .arg(if self.audit { "1" } else { "0" })
                 .arg(s.ended_key.as_deref().unwrap_or(""))
                 .arg(&*s.key.id)
-                .arg(if s.timer.is_some() { "1" } else { "0" });
+                .arg(if s.timer.is_some() { "1" } else { "0" })
+                .arg(s.acknowledges.as_deref().unwrap_or(""))
+                .arg(crate::bus::ORCHESTRATORS);
             scripts.push(script);
         }
         scripts
