@@ -299,7 +299,7 @@ async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
     let mut reader = bus.reader().await.unwrap();
     let got = reader
         .read(
-            &[stream.clone()],
+            std::slice::from_ref(&stream),
             ORCHESTRATORS,
             "o1",
             10,
