@@ -93,8 +93,11 @@ impl Archive for Reverser {
     }
 }
 
+/// Every payload one blob: these tests follow whole blobs up and down the ladder (large
+/// states as chunks are tests/chunks.rs).
 fn ladder(dir: &Path) -> Ladder {
     Ladder::new()
+        .chunk_from(usize::MAX)
         .inline_below(4 * KIB)
         .below(MB, Tier::fs(dir.join("fast")).named("fast"))
         .default_to(Tier::fs(dir.join("slow")).named("slow"))

@@ -1,7 +1,8 @@
 //! Payloads and blobs: how a value that lives outside the record is referenced and framed.
 //!
-//! A [`Payload`] is either the bytes themselves (inline in the record) or a [`BlobRef`]:
-//! the tier that holds it, its key there, its length and its CRC-32. The blob itself is
+//! A [`Payload`] is the bytes themselves (inline in the record), a [`BlobRef`] (the tier
+//! that holds it, its key there, its length and its CRC-32), or, for a large one, a
+//! manifest of content-defined chunks ([`Chunked`], see [`crate::chunk`]), each a blob. The blob itself is
 //! framed with a small header that repeats the length and checksum and names its own key,
 //! so a blob read back is checked three ways — against its header, against the reference
 //! in the record, and against its own key — before a single byte reaches user code.
@@ -15,6 +16,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::Chunked;
+use crate::record::InstanceKey;
+
 /// Where a payload lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
@@ -22,6 +26,8 @@ pub enum Payload {
     Inline(Bytes),
     /// In a blob on a tier.
     Blob(BlobRef),
+    /// In content-addressed chunks on a tier (one blob each).
+    Chunked(Chunked),
 }
 
 impl Payload {
@@ -30,6 +36,7 @@ impl Payload {
         match self {
             Payload::Inline(b) => b.len() as u64,
             Payload::Blob(r) => r.len,
+            Payload::Chunked(c) => c.len,
         }
     }
 
@@ -38,12 +45,38 @@ impl Payload {
         self.len() == 0
     }
 
-    /// The blob it refers to, if it is not inline.
+    /// The one blob it refers to, if it is neither inline nor chunked.
     pub fn blob(&self) -> Option<&BlobRef> {
         match self {
-            Payload::Inline(_) => None,
+            Payload::Inline(_) | Payload::Chunked(_) => None,
             Payload::Blob(r) => Some(r),
         }
+    }
+
+    /// Its manifest, if it is chunked.
+    pub fn chunked(&self) -> Option<&Chunked> {
+        match self {
+            Payload::Chunked(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The blobs of this payload (of `instance`) that `next` does not refer to, each once:
+    /// what a record that replaces `self` by `next` stops referring to.
+    pub fn dropped_by(&self, instance: &InstanceKey, next: Option<&Payload>) -> Vec<BlobRef> {
+        match self {
+            Payload::Inline(_) => Vec::new(),
+            Payload::Blob(r) => match next.and_then(Payload::blob) {
+                Some(n) if n == r => Vec::new(),
+                _ => vec![r.clone()],
+            },
+            Payload::Chunked(c) => c.dropped_by(instance, next.and_then(Payload::chunked)),
+        }
+    }
+
+    /// Every blob the payload refers to, each once.
+    pub fn blobs(&self, instance: &InstanceKey) -> Vec<BlobRef> {
+        self.dropped_by(instance, None)
     }
 
     /// Where the payload lives, for humans: `inline` or the tier's name.
@@ -51,6 +84,7 @@ impl Payload {
         match self {
             Payload::Inline(_) => "inline",
             Payload::Blob(r) => &r.tier,
+            Payload::Chunked(c) => &c.tier,
         }
     }
 }

@@ -19,8 +19,10 @@ pub struct Piece {
     pub tier: Arc<str>,
     /// The payload's length in bytes.
     pub bytes: u64,
-    /// The blob's key on its tier (`None` when inline).
+    /// The blob's key on its tier (`None` when inline; a chunked payload's first chunk).
     pub key: Option<Arc<str>>,
+    /// How many chunks hold it (0 unless it is chunked).
+    pub chunks: usize,
 }
 
 impl Piece {
@@ -29,20 +31,33 @@ impl Piece {
     /// ```
     /// use flowwire::storage::layout::Piece;
     /// use flowwire::storage::Payload;
-    /// let piece = Piece::of(&Payload::Inline(bytes::Bytes::from_static(b"abc")));
+    /// use flowwire::storage::record::InstanceKey;
+    /// let key = InstanceKey::new("Order", "o-1");
+    /// let piece = Piece::of(&key, &Payload::Inline(bytes::Bytes::from_static(b"abc")));
     /// assert_eq!(piece.to_string(), "inline, 3 B");
     /// ```
-    pub fn of(payload: &Payload) -> Piece {
+    pub fn of(instance: &InstanceKey, payload: &Payload) -> Piece {
         match payload {
             Payload::Inline(b) => Piece {
                 tier: "inline".into(),
                 bytes: b.len() as u64,
                 key: None,
+                chunks: 0,
             },
             Payload::Blob(r) => Piece {
                 tier: r.tier.clone(),
                 bytes: r.len,
                 key: Some(r.key.clone()),
+                chunks: 0,
+            },
+            Payload::Chunked(c) => Piece {
+                tier: c.tier.clone(),
+                bytes: c.len,
+                key: c
+                    .chunks
+                    .first()
+                    .map(|first| c.key_of(instance, first).into()),
+                chunks: c.chunks.len(),
             },
         }
     }
@@ -73,6 +88,13 @@ impl fmt::Display for Piece {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
             None => write!(f, "inline, {}", human(self.bytes)),
+            Some(key) if self.chunks > 0 => write!(
+                f,
+                "tier `{}`, {} in {} chunks from `{key}`",
+                self.tier,
+                human(self.bytes),
+                self.chunks
+            ),
             Some(key) => write!(f, "tier `{}`, {} at `{key}`", self.tier, human(self.bytes)),
         }
     }
@@ -143,8 +165,8 @@ impl Layout {
                     seq: e.seq,
                     input: e.input,
                     output: e.output,
-                    payload: e.payload.as_ref().map(Piece::of),
-                    state: e.state.as_ref().map(Piece::of),
+                    payload: e.payload.as_ref().map(|p| Piece::of(key, p)),
+                    state: e.state.as_ref().map(|p| Piece::of(key, p)),
                 });
             }
         }
@@ -152,8 +174,12 @@ impl Layout {
             instance: key.clone(),
             status: record.record.status,
             seq: record.record.seq,
-            state: Piece::of(&record.record.state),
-            call: record.record.pending.as_ref().map(|p| Piece::of(&p.call)),
+            state: Piece::of(key, &record.record.state),
+            call: record
+                .record
+                .pending
+                .as_ref()
+                .map(|p| Piece::of(key, &p.call)),
             steps,
         }))
     }
@@ -172,8 +198,9 @@ mod tests {
             len: 3 * 1024 * 1024 + 512 * 1024,
             crc: 0,
         });
+        let key = InstanceKey::new("Order", "o-1");
         assert_eq!(
-            Piece::of(&blob).to_string(),
+            Piece::of(&key, &blob).to_string(),
             "tier `nvme`, 3.5 MiB at `Order/o-1/3.s`"
         );
         assert_eq!(human(1023), "1023 B");

@@ -20,6 +20,7 @@ pub mod arena;
 pub mod blob;
 #[cfg(feature = "redis")]
 pub mod bus;
+pub mod chunk;
 pub mod codec;
 pub mod error;
 pub mod fuzz;

@@ -458,3 +458,84 @@ impl KillBrood {
         )
     }
 }
+
+/// The state of a `KillChunks` instance: a large buffer, rewritten in part each round.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ChunkState {
+    pub data: bytes::Bytes,
+    pub round: u32,
+}
+
+/// Rounds each `KillChunks` instance runs.
+pub const CHUNK_ROUNDS: u32 = 40;
+
+/// The size of a `KillChunks` state.
+pub const CHUNK_STATE: usize = 2 << 20;
+
+/// Rewrites 600 bytes of a 2 MiB state each round (one timer step each), so every step
+/// writes a chunk or two and, with history kept for one step, sweeps the ones it dropped.
+#[flow(name = "KillChunks")]
+pub struct KillChunks {
+    #[link]
+    state: ChunkState,
+}
+
+#[flow]
+impl KillChunks {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.round < CHUNK_ROUNDS {
+            Command::sleep(Duration::from_millis(2)).then(|f| {
+                let mut data = f.state.data.to_vec();
+                chunk_edit(&mut data, f.state.round);
+                f.state.data = data.into();
+                f.state.round += 1;
+                Ok(())
+            })
+        } else {
+            Command::finish()
+        }
+    }
+}
+
+/// Round `round`'s edit: 600 bytes somewhere in the state, set to a byte of the round.
+pub fn chunk_edit(data: &mut [u8], round: u32) {
+    let at = (round as usize * 700_001) % (data.len() - 600);
+    data[at..at + 600].fill((round as u8) ^ 0x5a);
+}
+
+/// Pseudo-random bytes (xorshift), so no two chunks are alike.
+pub fn chunk_noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+/// Instance `i`'s state after `rounds` rounds.
+pub fn chunk_data(i: u32, rounds: u32) -> Vec<u8> {
+    let mut data = chunk_noise(CHUNK_STATE, u64::from(i) + 1);
+    for r in 0..rounds {
+        chunk_edit(&mut data, r);
+    }
+    data
+}
+
+/// FNV-1a of `data`, a digest for probes.
+pub fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The ladder of the chunk kill test: every payload of 4 KiB and more on files under
+/// `dir/chunks`, chunked from 1 MiB (the default).
+pub fn chunk_ladder(dir: &std::path::Path) -> flowwire::storage::Ladder {
+    use flowwire::storage::{Ladder, Tier};
+    Ladder::new().default_to(Tier::fs(dir.join("chunks")).named("chunks"))
+}

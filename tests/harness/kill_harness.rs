@@ -3,6 +3,11 @@
 //! `kill_harness timers DATA_DIR N` starts (or resumes) N sleeping flows, waits until all
 //! have finished, prints `DONE` and exits 0.
 //!
+//! `kill_harness chunks DIR N` starts (or resumes) N `KillChunks` flows, each rewriting
+//! part of a 2 MiB state 40 times (data under `DIR/data`, chunks under `DIR/chunks`, history
+//! kept for one step), waits until all finished with the state their rounds computed, prints
+//! `DONE` and exits 0 (`READY` once its engine runs).
+//!
 //! `kill_harness calls DATA_DIR LEDGER RUN N` starts (or resumes) N flows calling `Mail` and
 //! N calling `Vault`; in the run tagged `hang` the drivers hang after noting each call, so
 //! the test kills the process with calls in flight. Any other run waits until every mail
@@ -52,9 +57,9 @@ use flowwire::{Ended, Engine, Error, Flow};
 mod kill_flows;
 
 use kill_flows::{
-    BroodState, CHICKS, FanState, HoldState, KillBrood, KillChick, KillFan, KillHold, KillNap,
-    KillNotes, KillPay, KillRetry, KillTrip, Ledger, NapState, NotesState, PAGES, PayState,
-    RetryState, SEATS, TripState, pay_id,
+    BroodState, CHICKS, ChunkState, FanState, HoldState, KillBrood, KillChick, KillChunks, KillFan,
+    KillHold, KillNap, KillNotes, KillPay, KillRetry, KillTrip, Ledger, NapState, NotesState,
+    PAGES, PayState, RetryState, SEATS, TripState, pay_id,
 };
 
 /// Starts an instance, or reaches it if a killed run started it already.
@@ -395,10 +400,48 @@ async fn retries(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
     println!("DONE");
 }
 
+/// `chunks DIR N`: N `KillChunks` instances on a file tier with history kept for one step.
+async fn chunks(dir: PathBuf, n: u32) {
+    let engine = Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(kill_flows::chunk_ladder(&dir))
+        .history(flowwire::storage::Retention::Last(1))
+        .flow::<KillChunks>()
+        .start()
+        .await
+        .expect("engine starts");
+    println!("READY");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let state = ChunkState {
+            data: kill_flows::chunk_noise(kill_flows::CHUNK_STATE, u64::from(i) + 1).into(),
+            round: 0,
+        };
+        handles.push(start_or_reach::<KillChunks>(&engine, &format!("chunks-{i}"), state).await);
+    }
+    for (i, h) in handles.iter().enumerate() {
+        let ended = tokio::time::timeout(Duration::from_mins(2), h.finished()).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ended::Finished))),
+            "chunks-{i}: {ended:?}"
+        );
+        let state = h.state().await.expect("state");
+        assert!(
+            state.data == kill_flows::chunk_data(i as u32, kill_flows::CHUNK_ROUNDS),
+            "chunks-{i}: the state its rounds computed"
+        );
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
+        Some("chunks") if args.len() == 4 => {
+            chunks(args[2].clone().into(), args[3].parse().expect("N")).await;
+        }
         Some("timers") if args.len() == 4 => {
             timers(args[2].clone().into(), args[3].parse().expect("N")).await;
         }

@@ -4,11 +4,15 @@
 use bytes::Bytes;
 
 use crate::blob::{self, BlobRef, FrameFault, Payload};
+use crate::chunk::Chunked;
 use crate::error::BlobError;
 use crate::record::{InstanceKey, PlacedRecord, Record};
 use crate::tier::{BlobTier, TierError};
 
 use super::{Placement, Put};
+
+/// How many chunks of one payload are read at once.
+pub const CHUNK_READS: usize = 16;
 
 impl Placement {
     /// Writes blobs, all at once; the first failure is returned (the others still finish).
@@ -32,10 +36,15 @@ impl Placement {
         instance: &InstanceKey,
         payload: &Payload,
     ) -> Result<Bytes, BlobError> {
-        let r = match payload {
-            Payload::Inline(b) => return Ok(b.clone()),
-            Payload::Blob(r) => r,
-        };
+        match payload {
+            Payload::Inline(b) => Ok(b.clone()),
+            Payload::Blob(r) => self.fetch_blob(instance, r).await,
+            Payload::Chunked(c) => self.fetch_chunks(instance, c).await,
+        }
+    }
+
+    /// Reads one blob back, checking it against its reference.
+    async fn fetch_blob(&self, instance: &InstanceKey, r: &BlobRef) -> Result<Bytes, BlobError> {
         let names = || (instance.to_string(), r.tier.to_string(), r.key.to_string());
         let Some(tier) = self.by_name.get(&r.tier) else {
             let (instance, tier, key) = names();
@@ -81,6 +90,61 @@ impl Placement {
                 },
             }
         })
+    }
+
+    /// Reads a chunked payload back: its chunks, [`CHUNK_READS`] at a time, each checked
+    /// against its frame, its CRC-32 and its BLAKE3 hash, into one buffer of the length
+    /// the manifest declares (after checking it adds up and is within the decode limit).
+    async fn fetch_chunks(&self, instance: &InstanceKey, c: &Chunked) -> Result<Bytes, BlobError> {
+        let corrupt = |key: String, detail: String| BlobError::Corrupt {
+            instance: instance.to_string(),
+            tier: c.tier.to_string(),
+            key,
+            detail,
+        };
+        let manifest = || format!("manifest of {} chunks", c.chunks.len());
+        let sum: u64 = c.chunks.iter().map(|ch| u64::from(ch.len)).sum();
+        if sum != c.len {
+            return Err(corrupt(
+                manifest(),
+                format!("its chunks add up to {sum} bytes, it declares {}", c.len),
+            ));
+        }
+        let len = usize::try_from(c.len)
+            .ok()
+            .filter(|&l| l <= self.record_limit)
+            .ok_or_else(|| {
+                corrupt(
+                    manifest(),
+                    format!(
+                        "it declares {} bytes, over the decode limit of {} bytes",
+                        c.len, self.record_limit
+                    ),
+                )
+            })?;
+        let mut out = bytes::BytesMut::with_capacity(len);
+        for window in c.chunks.chunks(CHUNK_READS) {
+            let refs: Vec<(BlobRef, [u8; 32])> = window
+                .iter()
+                .map(|ch| (c.blob_of(instance, ch), ch.hash))
+                .collect();
+            let futs = refs.iter().map(|(r, _)| {
+                let fut: crate::join::BoxFuture<'_, Result<Bytes, BlobError>> =
+                    Box::pin(self.fetch_blob(instance, r));
+                fut
+            });
+            for ((r, hash), body) in refs.iter().zip(crate::join::join_all(futs).await) {
+                let body = body?;
+                if blake3::hash(&body).as_bytes() != hash {
+                    return Err(corrupt(
+                        r.key.to_string(),
+                        "its BLAKE3 hash is not the one its key and the manifest name".into(),
+                    ));
+                }
+                out.extend_from_slice(&body);
+            }
+        }
+        Ok(out.freeze())
     }
 
     /// The record with its payloads read back.

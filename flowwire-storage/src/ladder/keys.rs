@@ -5,21 +5,6 @@ use std::fmt::Write as _;
 
 use crate::record::InstanceKey;
 
-/// Percent-escapes `s` into `out`, so that the result names one path segment: every byte
-/// but `[A-Za-z0-9._-]` is escaped, and so is a leading `.` (no segment is `.` or `..`).
-fn escape_into(out: &mut String, s: &str) {
-    for (i, b) in s.bytes().enumerate() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-') || (b == b'.' && i > 0) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-}
-
-/// The longest escaped id spelled out in a key; longer (and empty) ids are hashed.
-const SPELLED_ID: usize = 120;
-
 /// A unique tag for each blob written by this process: a random 64-bit start (drawn
 /// once per process from the operating system's randomness, through std's hasher keys)
 /// stepped by an odd constant, so no two writes of one process share a tag and two
@@ -44,20 +29,8 @@ pub(crate) fn write_tag() -> u64 {
 /// so a key a committed record refers to is never written again with other bytes — not
 /// by a refused duplicate start, nor by a retried step.
 pub fn blob_key(instance: &InstanceKey, seq: u64, role: char, tag: u64) -> String {
-    let mut key = String::with_capacity(instance.flow.len() + SPELLED_ID + 48);
-    escape_into(&mut key, &instance.flow);
-    key.push('/');
-    let mark = key.len();
-    escape_into(&mut key, &instance.id);
-    if key.len() - mark > SPELLED_ID || key.len() == mark {
-        key.truncate(mark);
-        let hash = blake3::hash(instance.id.as_bytes());
-        key.push('~');
-        for b in &hash.as_bytes()[..16] {
-            let _ = write!(key, "{b:02x}");
-        }
-        let _ = write!(key, "-{}", instance.id.len());
-    }
+    let mut key = String::with_capacity(instance.flow.len() + 170);
+    instance.write_prefix(&mut key);
     let _ = write!(key, "/{seq}.{role}-{tag:016x}");
     key
 }

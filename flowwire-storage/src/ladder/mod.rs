@@ -161,6 +161,7 @@ pub enum LadderError {
 #[derive(Debug, Clone)]
 pub struct Ladder {
     inline_below: usize,
+    chunk_from: usize,
     inline_only: bool,
     rungs: Vec<(usize, Tier)>,
     defaults: Vec<Tier>,
@@ -177,6 +178,7 @@ impl Ladder {
     pub fn new() -> Self {
         Self {
             inline_below: 4 * KIB,
+            chunk_from: MIB,
             inline_only: false,
             rungs: Vec::new(),
             defaults: Vec::new(),
@@ -196,6 +198,24 @@ impl Ladder {
     #[must_use]
     pub fn inline_below(mut self, bytes: usize) -> Self {
         self.inline_below = bytes;
+        self
+    }
+
+    /// Payloads of at least `bytes` that go to a tier are stored as content-defined chunks
+    /// (32 KiB to 512 KiB each) under content-addressed keys, so a step that changes a few
+    /// bytes of a large state writes the chunks it changed and a small manifest, and history
+    /// shares every unchanged chunk (see [`crate::chunk`]). Default: 1 MiB; `usize::MAX`
+    /// stores every payload as one blob.
+    ///
+    /// ```
+    /// use flowwire::storage::{Ladder, Tier, MIB};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let ladder = Ladder::new().chunk_from(4 * MIB).default_to(Tier::fs(dir.path()));
+    /// assert!(ladder.validate(64 * MIB).is_ok());
+    /// ```
+    #[must_use]
+    pub fn chunk_from(mut self, bytes: usize) -> Self {
+        self.chunk_from = bytes;
         self
     }
 
@@ -221,7 +241,13 @@ impl Ladder {
                     tier: t.name().to_string(),
                 });
             }
-            return Ok(Placement::new(usize::MAX, Vec::new(), None, record_limit));
+            return Ok(Placement::new(
+                usize::MAX,
+                usize::MAX,
+                Vec::new(),
+                None,
+                record_limit,
+            ));
         }
         if self.inline_below == 0 {
             return Err(LadderError::ZeroThreshold {
@@ -267,6 +293,7 @@ impl Ladder {
         }
         Ok(Placement::new(
             self.inline_below,
+            self.chunk_from,
             self.rungs.clone(),
             Some(default),
             record_limit,
@@ -278,6 +305,7 @@ impl Ladder {
 #[derive(Clone)]
 pub struct Placement {
     inline_below: usize,
+    chunk_from: usize,
     rungs: Vec<(usize, Tier)>,
     default: Option<Tier>,
     by_name: HashMap<Arc<str>, Tier>,
@@ -315,6 +343,7 @@ pub struct Sealed {
 impl Placement {
     fn new(
         inline_below: usize,
+        chunk_from: usize,
         rungs: Vec<(usize, Tier)>,
         default: Option<Tier>,
         record_limit: usize,
@@ -327,6 +356,7 @@ impl Placement {
             .collect();
         Self {
             inline_below,
+            chunk_from,
             rungs,
             default,
             by_name,
@@ -347,6 +377,11 @@ impl Placement {
             let _ = write!(s, ", {}", d.name());
         }
         s
+    }
+
+    /// The size from which a payload that goes to a tier is chunked.
+    pub fn chunk_from(&self) -> usize {
+        self.chunk_from
     }
 
     /// Whether every payload stays in its record.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::blob::{self, BlobRef, Payload};
+use crate::chunk::{self, Chunked};
 use crate::error::BlobError;
 use crate::record::{Draft, HistoryEntryRef, InstanceKey, PlacedRecord, Retired, StepWrite};
 
@@ -14,13 +15,16 @@ use super::{Placement, Put, Retention, Sealed};
 
 impl Placement {
     #[allow(clippy::result_large_err)]
-    /// Places one payload: inline, or a put of a framed blob under `flow/id/seq.role`.
+    /// Places one payload: inline, a put of a framed blob under `flow/id/seq.role-tag`, or,
+    /// from the chunking threshold up, content-defined chunks (the puts of those `prev`,
+    /// the payload of the same role in the previous record, does not already hold).
     pub fn place(
         &self,
         instance: &InstanceKey,
         seq: u64,
         role: char,
         bytes: Bytes,
+        prev: Option<(&Payload, Option<&Bytes>)>,
         puts: &mut Vec<Put>,
     ) -> Result<Payload, BlobError> {
         // What the engine could not read back is never written: the write limit is the
@@ -43,6 +47,11 @@ impl Placement {
             }
             return Ok(Payload::Inline(bytes));
         };
+        if bytes.len() >= self.chunk_from {
+            return Ok(Self::place_chunks(
+                instance, seq, role, &bytes, tier, prev, puts,
+            ));
+        }
         let key: Arc<str> = blob_key(instance, seq, role, write_tag()).into();
         let len = bytes.len() as u64;
         let crc = crc32fast::hash(&bytes);
@@ -57,6 +66,42 @@ impl Placement {
             len,
             crc,
         }))
+    }
+
+    /// Splits a payload into chunks on `tier`, with a put for each one not already stored.
+    fn place_chunks(
+        instance: &InstanceKey,
+        seq: u64,
+        role: char,
+        bytes: &Bytes,
+        tier: &crate::tier::Tier,
+        prev: Option<(&Payload, Option<&Bytes>)>,
+        puts: &mut Vec<Put>,
+    ) -> Payload {
+        let prev = prev.and_then(|(p, b)| {
+            p.chunked()
+                .filter(|c| c.tier == *tier.name_arc() && c.role == role)
+                .map(|c| (c, b))
+        });
+        let split = chunk::split(bytes, seq, prev);
+        let manifest = Chunked {
+            tier: tier.name_arc().clone(),
+            role,
+            len: bytes.len() as u64,
+            chunks: split.chunks.into(),
+        };
+        for (range, c) in split.new {
+            let key: Arc<str> = manifest.key_of(instance, &c).into();
+            puts.push(Put {
+                tier: tier.clone(),
+                parts: [
+                    blob::header(&key, u64::from(c.len), c.crc),
+                    bytes.slice(range),
+                ],
+                key,
+            });
+        }
+        Payload::Chunked(manifest)
     }
 
     #[allow(clippy::result_large_err)] // as for `place`
@@ -91,7 +136,14 @@ impl Placement {
         let mut puts = Vec::new();
         let state = match prev {
             Some((p, Some(bytes))) if same_bytes(bytes, &record.state) => p.record.state.clone(),
-            _ => self.place(key, seq, 's', record.state.clone(), &mut puts)?,
+            _ => self.place(
+                key,
+                seq,
+                's',
+                record.state.clone(),
+                prev.map(|(p, bytes)| (&p.record.state, bytes)),
+                &mut puts,
+            )?,
         };
         let pending = match &record.pending {
             None => None,
@@ -102,14 +154,24 @@ impl Placement {
                     .map(|p| p.call.clone());
                 let call = match kept {
                     Some(call) => call,
-                    None => self.place(key, c.seq, 'c', c.call.clone(), &mut puts)?,
+                    None => self.place(
+                        key,
+                        c.seq,
+                        'c',
+                        c.call.clone(),
+                        prev.and_then(|(p, _)| p.record.pending.as_ref())
+                            .map(|p| (&p.call, None)),
+                        &mut puts,
+                    )?,
                 };
                 Some(c.with_call(call))
             }
         };
         let keep_history = retention != Retention::None;
         let payload = match payload {
-            Some(b) if keep_history => Some(self.place(key, seq, 'i', b.clone(), &mut puts)?),
+            Some(b) if keep_history => {
+                Some(self.place(key, seq, 'i', b.clone(), None, &mut puts)?)
+            }
             _ => None,
         };
 
@@ -117,31 +179,31 @@ impl Placement {
         // drops it, it is garbage. A state the previous record referred to and this one does
         // not is retired at this step (the previous step's snapshot shares it); the input's
         // blob only this step's entry refers to.
+        // A chunked payload counts each of its chunks: the ones the next payload of its role
+        // shares stay, the others are dropped.
         let mut dead: Vec<BlobRef> = Vec::new();
         if let Some((p, _)) = prev
-            && let Some(old) = p.record.pending.as_ref().and_then(|c| c.call.blob())
-            && pending.as_ref().and_then(|c| c.call.blob()) != Some(old)
+            && let Some(old) = p.record.pending.as_ref()
         {
-            dead.push(old.clone());
+            dead = old.call.dropped_by(key, pending.as_ref().map(|c| &c.call));
         }
         let mut retired: Vec<Retired> = Vec::new();
         if retention != Retention::All {
             if let Some((p, _)) = prev {
                 retired.extend(p.retired.iter().cloned());
-                if let Some(old) = p.record.state.blob()
-                    && state.blob() != Some(old)
-                {
-                    retired.push(Retired {
-                        died: seq,
-                        blob: old.clone(),
-                    });
-                }
+                retired.extend(
+                    p.record
+                        .state
+                        .dropped_by(key, Some(&state))
+                        .into_iter()
+                        .map(|blob| Retired { died: seq, blob }),
+                );
             }
-            if let Some(b) = payload.as_ref().and_then(Payload::blob) {
-                retired.push(Retired {
+            if let Some(p) = &payload {
+                retired.extend(p.blobs(key).into_iter().map(|blob| Retired {
                     died: seq + 1,
-                    blob: b.clone(),
-                });
+                    blob,
+                }));
             }
         }
         let keep_from = retention.keep_from(seq);

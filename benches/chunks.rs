@@ -1,0 +1,252 @@
+//! Large states that cost what changed (issue 22): an order flow (start → reserve → charge →
+//! finish, its state read back) with a 2 MiB and a 32 MiB state, against one write and
+//! fdatasync of the state's bytes on the same disk in the same run; and a step that changes
+//! 100 bytes of a 32 MiB state, against a step of a small state.
+//!
+//! `cargo bench --bench chunks` (`FLOWWIRE_BENCH_QUICK=1` for fewer samples). Under
+//! `cargo test --all-targets` it runs once with smaller states.
+//!
+//! Targets: each flow ≤ 2 × the write + fdatasync of its state; the 100-byte step of the
+//! 32 MiB state ≤ 10 × the small-state step.
+
+#![allow(missing_docs)] // bench-local flow
+// A benchmark measures wall-clock time: that is its point.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowwire::Engine;
+use flowwire::prelude::*;
+use flowwire::storage::{Ladder, MIB, Tier};
+
+use support::Mode;
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("out of stock")]
+pub struct OutOfStock;
+
+#[driver]
+pub trait Stock {
+    async fn reserve(&self, n: u32) -> Result<u64, OutOfStock>;
+    async fn charge(&self, cents: u64) -> Result<u64, OutOfStock>;
+}
+
+struct Shop;
+
+#[driver]
+impl Stock for Shop {
+    async fn reserve(&self, n: u32) -> Result<u64, OutOfStock> {
+        Ok(u64::from(n) + 7)
+    }
+    async fn charge(&self, cents: u64) -> Result<u64, OutOfStock> {
+        Ok(cents + 11)
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Cargo {
+    blob: Bytes,
+    reservation: u64,
+    receipt: u64,
+    pokes: u32,
+}
+
+/// The order flow, carrying a large blob in its state.
+#[flow]
+pub struct Freight {
+    #[link]
+    state: Cargo,
+    #[link]
+    stock: impl Stock,
+}
+
+#[flow]
+impl Freight {
+    /// Changes 100 bytes of the blob.
+    #[impulse]
+    fn poke(&mut self, at: u32) {
+        let mut blob = self.state.blob.to_vec();
+        let at = at as usize % blob.len().saturating_sub(100).max(1);
+        let end = (at + 100).min(blob.len());
+        for b in &mut blob[at..end] {
+            *b = b.wrapping_add(1);
+        }
+        self.state.blob = blob.into();
+        self.state.pokes += 1;
+    }
+
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.pokes > 0 || self.state.blob.is_empty() {
+            return Command::wait();
+        }
+        if self.state.reservation == 0 {
+            return Command::drive(self.stock.reserve(1)).then(|f, r| {
+                f.state.reservation = r?;
+                Ok(())
+            });
+        }
+        if self.state.receipt == 0 {
+            return Command::drive(self.stock.charge(100)).then(|f, r| {
+                f.state.receipt = r?;
+                Ok(())
+            });
+        }
+        Command::finish()
+    }
+}
+
+fn noise(len: usize, seed: u64) -> Bytes {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len);
+    v.extend((0..len).map(|_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s as u8
+    }));
+    v.into()
+}
+
+async fn engine(dir: &Path, size: usize) -> Engine {
+    Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(Ladder::new().default_to(Tier::fs(dir.join("chunks")).named("disk")))
+        .history(flowwire::storage::Retention::Last(1))
+        .decode_limit(size + MIB)
+        .flow::<Freight>()
+        .driver::<StockProxy, _>(Shop)
+        .start()
+        .await
+        .expect("engine")
+}
+
+/// One write and fdatasync of `len` fresh bytes to a new file under `dir`.
+fn write_and_sync(dir: &Path, len: usize, n: usize) -> Duration {
+    let data = noise(len, n as u64 + 1000);
+    let path = dir.join(format!("baseline-{n}"));
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).expect("baseline file");
+    f.write_all(&data).expect("write");
+    f.sync_data().expect("fdatasync");
+    let took = t.elapsed();
+    drop(f);
+    std::fs::remove_file(&path).expect("remove");
+    took
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// A sequential order flow with a state of `size` bytes, its state read back.
+async fn order_flows(dir: &Path, size: usize, flows: usize, run: usize) -> Vec<Duration> {
+    let engine = engine(dir, size).await;
+    let mut took = Vec::with_capacity(flows);
+    for i in 0..flows {
+        let blob = noise(size, (run * 1000 + i) as u64);
+        let t = Instant::now();
+        let h = engine
+            .start::<Freight>(
+                format!("o-{run}-{i}"),
+                Cargo {
+                    blob,
+                    ..Cargo::default()
+                },
+            )
+            .await
+            .expect("start");
+        h.finished().await.expect("finished");
+        let state = h.state().await.expect("result");
+        took.push(t.elapsed());
+        assert_eq!((state.blob.len(), state.receipt), (size, 111));
+    }
+    engine.shutdown().await;
+    took
+}
+
+/// Impulse steps that change 100 bytes of a state of `size` bytes.
+async fn pokes(dir: &Path, size: usize, steps: usize, run: usize) -> Vec<Duration> {
+    let engine = engine(dir, size).await;
+    let id = format!("p-{size}-{run}");
+    let h = engine
+        .start::<Freight>(
+            id.as_str(),
+            Cargo {
+                blob: noise(size, 77),
+                pokes: 1,
+                ..Cargo::default()
+            },
+        )
+        .await
+        .expect("start");
+    let mut took = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let t = Instant::now();
+        h.poke((i as u32).wrapping_mul(2_654_435_761))
+            .await
+            .expect("poke");
+        took.push(t.elapsed());
+    }
+    engine.shutdown().await;
+    took
+}
+
+async fn main_async(mode: Mode) {
+    support::print_machine();
+    let runs = if mode == Mode::Test { 1 } else { 3 };
+    let tmp = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+    let (small_flow, large_flow) = match mode {
+        Mode::Test => (MIB + MIB / 2, 3 * MIB),
+        _ => (2 * MIB, 32 * MIB),
+    };
+    for size in [small_flow, large_flow] {
+        let flows = mode.samples(if size > 8 * MIB { 20 } else { 100 }).max(3);
+        for run in 0..runs {
+            let dir = tmp.path().join(format!("flows-{size}-{run}"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let baseline = median((0..7).map(|n| write_and_sync(&dir, size, n)).collect());
+            let flow = median(order_flows(&dir, size, flows, run).await);
+            println!(
+                "order flow, {} MiB state, sequential, state read back   run {run}: median {} = {:.2} × one write + fdatasync of the state ({}; target ≤ 2 ×)",
+                size / MIB,
+                ms(flow),
+                flow.as_secs_f64() / baseline.as_secs_f64(),
+                ms(baseline)
+            );
+        }
+    }
+    let steps = mode.samples(200).max(5);
+    for run in 0..runs {
+        let dir = tmp.path().join(format!("pokes-{run}"));
+        let small = median(pokes(&dir, 64, steps, run).await);
+        let large = median(pokes(&dir, large_flow, steps, run).await);
+        println!(
+            "a step changing 100 bytes of a {} MiB state   run {run}: median {} = {:.1} × a small-state step ({}; target ≤ 10 ×)",
+            large_flow / MIB,
+            ms(large),
+            large.as_secs_f64() / small.as_secs_f64(),
+            ms(small)
+        );
+    }
+}
+
+fn main() {
+    let mode = Mode::current();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(main_async(mode));
+}

@@ -1,0 +1,235 @@
+//! Large payloads as content-defined chunks under content-addressed keys.
+//!
+//! A payload at or above the ladder's chunking threshold is cut into chunks by their content
+//! ([`cdc`]: 32 KiB to 512 KiB, around 128 KiB), and the payload becomes a manifest,
+//! [`Chunked`]: for each chunk its BLAKE3 hash, length, CRC-32 and the step that first wrote
+//! it. The chunks live on the tier the payload's whole size selects, each a framed blob under
+//!
+//! ```text
+//! flow/id/<step that wrote it>.<role>k-<first 128 bits of its BLAKE3, hex>
+//! ```
+//!
+//! so a key names its bytes: "a committed key is never written with other bytes" holds by
+//! construction (a retried step writes the same bytes again; a stale writer with other bytes
+//! writes another key).
+//!
+//! # What a step writes
+//! The state of a step is split against the previous record's ([`split`]): the unchanged
+//! prefix and suffix are found by comparing bytes, the chunks inside them are the previous
+//! ones, and only the changed middle is cut and hashed again, until a cut falls on an old
+//! boundary. A new chunk whose hash the previous manifest holds keeps its key. So a step that
+//! changes a few bytes of a 32 MiB state writes one or two chunks and a manifest of about
+//! 11 KiB, and history snapshots share every chunk they have in common.
+//!
+//! # Why the writing step is in the key
+//! Chunks are collected like blobs (the record's `retired` and `trash`). A key can only be
+//! shared with the previous record's payload of the same role, so every key is live for one
+//! unbroken run of steps: once dropped it is never referred to again, and a delete still in
+//! flight can never remove a chunk a later step wrote again (content that comes back gets a
+//! key with the new step in it). Without the step, an edit and its undo would race the
+//! sweep of the first against the write of the second.
+
+pub mod cdc;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::blob::BlobRef;
+use crate::record::InstanceKey;
+
+/// One chunk of a [`Chunked`] payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Its BLAKE3 hash (checked on every read).
+    pub hash: [u8; 32],
+    /// The step that wrote it (part of its key).
+    pub seq: u64,
+    /// Its length in bytes.
+    pub len: u32,
+    /// Its CRC-32 (checked against the blob's frame).
+    pub crc: u32,
+}
+
+/// A payload stored as content-defined chunks: its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunked {
+    /// The tier holding the chunks.
+    pub tier: Arc<str>,
+    /// The role of the payload (`s` state, `c` call, `i` input): its chunks' namespace.
+    pub role: char,
+    /// The payload's length (the sum of the chunks').
+    pub len: u64,
+    /// The chunks, in order (a chunk may appear more than once).
+    pub chunks: Arc<[ChunkRef]>,
+}
+
+impl Chunked {
+    /// The key of `chunk` of this payload of `instance`.
+    pub fn key_of(&self, instance: &InstanceKey, chunk: &ChunkRef) -> String {
+        chunk_key(instance, chunk.seq, self.role, &chunk.hash)
+    }
+
+    /// The blob reference of `chunk` (to fetch, retire or delete it).
+    pub fn blob_of(&self, instance: &InstanceKey, chunk: &ChunkRef) -> BlobRef {
+        BlobRef {
+            tier: self.tier.clone(),
+            key: self.key_of(instance, chunk).into(),
+            len: u64::from(chunk.len),
+            crc: chunk.crc,
+        }
+    }
+
+    /// Every chunk once, in order of first appearance.
+    pub fn distinct(&self) -> impl Iterator<Item = &ChunkRef> {
+        let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
+        self.chunks
+            .iter()
+            .filter(move |c| seen.insert((c.seq, c.hash)))
+    }
+
+    /// The blobs of this payload that `other` (same instance) does not refer to, each once.
+    pub fn dropped_by(&self, instance: &InstanceKey, other: Option<&Chunked>) -> Vec<BlobRef> {
+        let kept: std::collections::HashSet<(u64, [u8; 32])> = match other {
+            Some(o) if o.tier == self.tier && o.role == self.role => {
+                o.chunks.iter().map(|c| (c.seq, c.hash)).collect()
+            }
+            _ => std::collections::HashSet::default(),
+        };
+        self.distinct()
+            .filter(|c| !kept.contains(&(c.seq, c.hash)))
+            .map(|c| self.blob_of(instance, c))
+            .collect()
+    }
+}
+
+/// The key of a chunk: `flow/id/seq.<role>k-<hex of the hash's first 16 bytes>`.
+pub fn chunk_key(instance: &InstanceKey, seq: u64, role: char, hash: &[u8; 32]) -> String {
+    let mut key = String::with_capacity(instance.flow.len() + 200);
+    instance.write_prefix(&mut key);
+    let _ = write!(key, "/{seq}.{role}k-");
+    for b in &hash[..16] {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+/// A payload split: its chunks, and those of them that must be written (each once, with
+/// its byte range in the payload).
+#[derive(Debug)]
+pub struct Split {
+    /// The manifest's chunks.
+    pub chunks: Vec<ChunkRef>,
+    /// The chunks to write.
+    pub new: Vec<(Range<usize>, ChunkRef)>,
+}
+
+/// Splits `bytes`, written at step `seq`, into chunks, sharing what it can with `prev`
+/// (the previous payload of the same role, with its bytes when they are known).
+pub fn split(bytes: &[u8], seq: u64, prev: Option<(&Chunked, Option<&Bytes>)>) -> Split {
+    let known: HashMap<[u8; 32], ChunkRef> = prev
+        .map(|(m, _)| m.chunks.iter().map(|c| (c.hash, *c)).collect())
+        .unwrap_or_default();
+    let mut out = Split {
+        chunks: Vec::with_capacity(bytes.len() / cdc::AVG + 2),
+        new: Vec::new(),
+    };
+    let mut written: HashMap<[u8; 32], ChunkRef> = HashMap::new();
+    let mut fresh = |range: Range<usize>, out: &mut Split| {
+        let body = &bytes[range.clone()];
+        let hash = *blake3::hash(body).as_bytes();
+        let chunk = match known.get(&hash).or_else(|| written.get(&hash)) {
+            Some(c) => *c,
+            None => {
+                let c = ChunkRef {
+                    hash,
+                    seq,
+                    len: u32::try_from(body.len()).expect("a chunk is at most 512 KiB"),
+                    crc: crc32fast::hash(body),
+                };
+                written.insert(hash, c);
+                out.new.push((range, c));
+                c
+            }
+        };
+        out.chunks.push(chunk);
+    };
+
+    // With the previous bytes: keep the chunks of the unchanged prefix, cut the middle, and
+    // rejoin the old chunks at the first cut on an old boundary in the unchanged suffix.
+    let mut start = 0;
+    let mut tail: &[ChunkRef] = &[];
+    let mut rejoin: Vec<(usize, usize)> = Vec::new(); // (new offset, index of the next old chunk)
+    if let Some((m, Some(old))) = prev
+        && m.len == old.len() as u64
+    {
+        let prefix = common_prefix(old, bytes);
+        let room = old.len().min(bytes.len()) - prefix;
+        let suffix = common_suffix(old, bytes, room);
+        let mut end = 0usize;
+        let last = m.chunks.len().saturating_sub(1);
+        for (i, c) in m.chunks.iter().enumerate() {
+            end += c.len as usize;
+            if i == last {
+                break; // cut by the end of the data, not by its content
+            }
+            if end <= prefix {
+                out.chunks.push(*c);
+                start = end;
+            } else if end >= old.len() - suffix {
+                // The old chunks after `end` lie in the unchanged suffix.
+                rejoin.push((end + bytes.len() - old.len(), i + 1));
+            }
+        }
+        tail = &m.chunks;
+    }
+    let mut at = start;
+    loop {
+        if let Ok(i) = rejoin.binary_search_by_key(&at, |r| r.0) {
+            out.chunks.extend_from_slice(&tail[rejoin[i].1..]);
+            break;
+        }
+        if at >= bytes.len() {
+            break;
+        }
+        let len = cdc::cut(&bytes[at..]);
+        fresh(at..at + len, &mut out);
+        at += len;
+    }
+    out
+}
+
+/// How many leading bytes `a` and `b` share.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// How many trailing bytes `a` and `b` share, at most `room`.
+fn common_suffix(a: &[u8], b: &[u8], room: usize) -> usize {
+    const BLOCK: usize = 4096;
+    let (la, lb) = (a.len(), b.len());
+    let mut i = 0;
+    while i + BLOCK <= room && a[la - i - BLOCK..la - i] == b[lb - i - BLOCK..lb - i] {
+        i += BLOCK;
+    }
+    while i < room && a[la - i - 1] == b[lb - i - 1] {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests;

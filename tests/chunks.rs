@@ -1,0 +1,376 @@
+#![allow(missing_docs)] // test-local flows
+//! Large states as content-defined chunks, through the public API and with real kills.
+//!
+//! * A step that changes a few hundred bytes of a 4 MiB state writes the one to three
+//!   chunks around the change, not the state; history shares every other chunk; a restart
+//!   reads the state back whole.
+//! * With history kept for one step, the chunks no record or kept entry refers to any more
+//!   are swept: the tier holds exactly the current state's chunks.
+//! * A damaged, truncated, missing or swapped chunk is a typed error naming instance, tier
+//!   and key — never another state's bytes.
+//! * Killed again and again while steps write and sweep chunks, the engine ends every flow
+//!   with exactly the state its steps computed, and the tier holds no chunk a record needs
+//!   that is missing (the sweep never deletes a chunk a later step wrote again).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flowwire::prelude::*;
+use flowwire::storage::record::{HistoryEntry, PlacedRecord};
+use flowwire::storage::{
+    BlobError, InstanceKey, InstanceStore, Ladder, MIB, Payload, RedbStore, Retention, Tier,
+};
+use flowwire::{Engine, Error};
+
+#[path = "harness/kill_flows.rs"]
+mod kill_flows;
+#[path = "support/process.rs"]
+mod process;
+
+use kill_flows::{CHUNK_ROUNDS, ChunkState, KillChunks, chunk_data, chunk_noise, fnv};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct QuiltState {
+    data: Bytes,
+}
+
+/// Holds a large state; each `patch` overwrites a few bytes of it.
+#[flow]
+pub struct Quilt {
+    #[link]
+    state: QuiltState,
+}
+
+#[flow]
+impl Quilt {
+    #[impulse]
+    fn patch(&mut self, at: u32, len: u32, byte: u8) {
+        let mut data = self.state.data.to_vec();
+        let at = at as usize;
+        data[at..at + len as usize].fill(byte);
+        self.state.data = data.into();
+    }
+
+    #[probe]
+    fn digest(&self) -> (usize, u64) {
+        (self.state.data.len(), fnv(&self.state.data))
+    }
+
+    #[allow(clippy::unused_self)] // the wire's signature is fixed; this flow only waits
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        Command::wait()
+    }
+}
+
+fn ladder(dir: &Path) -> Ladder {
+    Ladder::new().default_to(Tier::fs(dir.join("disk")).named("disk"))
+}
+
+async fn engine(dir: &Path, retention: Retention) -> Engine {
+    Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(ladder(dir))
+        .history(retention)
+        .flow::<Quilt>()
+        .start()
+        .await
+        .unwrap()
+}
+
+/// The chunk files of a file tier (temporary files of a write in progress left out).
+fn chunk_files(tier: &Path) -> Vec<PathBuf> {
+    let Ok(fans) = std::fs::read_dir(tier) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = fans
+        .flat_map(|f| std::fs::read_dir(f.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .filter(|p| !p.to_string_lossy().contains(".tmp."))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Waits (bounded) until the tier holds `n` chunk files: sweeps run after the commit, off
+/// the runner.
+async fn expect_files(dir: &Path, n: usize) {
+    for _ in 0..300 {
+        if chunk_files(&dir.join("disk")).len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "expected {n} chunk files, found {}",
+        chunk_files(&dir.join("disk")).len()
+    );
+}
+
+const STATE: usize = 4 * MIB;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_to_a_large_state_writes_only_the_chunks_around_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir, Retention::All).await;
+    let data = Bytes::from(chunk_noise(STATE, 3));
+    let quilt = engine
+        .start::<Quilt>("q", QuiltState { data: data.clone() })
+        .await
+        .unwrap();
+    let first = chunk_files(&dir.join("disk")).len();
+    let layout = engine.layout::<Quilt>("q", 10).await.unwrap();
+    assert_eq!(
+        layout.state.bytes,
+        STATE as u64 + 4,
+        "the encoded state: length and bytes"
+    );
+    assert_eq!(
+        layout.state.chunks, first,
+        "the first step writes each chunk of the state once"
+    );
+    assert!((16..=64).contains(&first), "{first} chunks for 4 MiB");
+
+    let mut expect = data.to_vec();
+    for (i, at) in [5_000u32, 1_500_000, 4_000_000].into_iter().enumerate() {
+        let before = chunk_files(&dir.join("disk")).len();
+        quilt.patch(at, 500, i as u8).await.unwrap();
+        expect[at as usize..at as usize + 500].fill(i as u8);
+        let written = chunk_files(&dir.join("disk")).len() - before;
+        assert!(
+            (1..=3).contains(&written),
+            "a 500-byte change wrote {written} chunks"
+        );
+    }
+    assert_eq!(quilt.digest().await.unwrap(), (STATE, fnv(&expect)));
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = self::engine(dir, Retention::All).await;
+    let quilt = engine.handle::<Quilt>("q").await.unwrap();
+    assert_eq!(
+        quilt.digest().await.unwrap(),
+        (STATE, fnv(&expect)),
+        "a restart reads the state back from its chunks"
+    );
+    // Every snapshot is kept, and each one reads back: the first from the first step's
+    // chunks, though three steps changed parts of them since.
+    let first_state = engine.state_at::<Quilt>("q", 1).await.unwrap();
+    assert_eq!(first_state.data, data);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_no_record_or_kept_history_refers_to_are_swept() {
+    for retention in [Retention::Last(1), Retention::None] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let engine = self::engine(dir, retention).await;
+        let quilt = engine
+            .start::<Quilt>(
+                "s",
+                QuiltState {
+                    data: chunk_noise(STATE, 9).into(),
+                },
+            )
+            .await
+            .unwrap();
+        for i in 0..8u32 {
+            quilt.patch(i * 500_000, 300, 1).await.unwrap();
+        }
+        let layout = engine.layout::<Quilt>("s", 10).await.unwrap();
+        // Random bytes: every chunk of the state is distinct, and it is all that is kept.
+        expect_files(dir, layout.state.chunks).await;
+        engine.shutdown().await;
+    }
+}
+
+/// The keys of the chunks an instance's record and history refer to, read from the store.
+async fn referenced(store: &RedbStore, key: &InstanceKey) -> Vec<String> {
+    let stored = store.load(key).await.unwrap().unwrap();
+    let record = PlacedRecord::decode(&stored.bytes, key, 64 * MIB).unwrap();
+    let mut payloads = vec![record.record.state.clone()];
+    for (_, bytes) in store.history(key, 0, 1_000).await.unwrap() {
+        let entry = HistoryEntry::decode(&bytes, key, 64 * MIB).unwrap();
+        payloads.extend(entry.state.into_iter().chain(entry.payload));
+    }
+    let mut keys: Vec<String> = payloads
+        .iter()
+        .flat_map(|p: &Payload| p.blobs(key))
+        .map(|b| b.key.to_string())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
+    type Damage = fn(&Path, &Path);
+    let cases: [(&str, Damage); 4] = [
+        ("corrupt", |p, _| {
+            let mut b = std::fs::read(p).unwrap();
+            let at = b.len() - 1_000;
+            b[at] ^= 0x10;
+            std::fs::write(p, b).unwrap();
+        }),
+        ("truncated", |p, _| {
+            let b = std::fs::read(p).unwrap();
+            std::fs::write(p, &b[..b.len() - 1]).unwrap();
+        }),
+        ("missing", |p, _| std::fs::remove_file(p).unwrap()),
+        ("swapped", |p, other| {
+            std::fs::copy(other, p).map(drop).unwrap();
+        }),
+    ];
+    for (name, damage) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let engine = self::engine(dir, Retention::None).await;
+        engine
+            .start::<Quilt>(
+                "d",
+                QuiltState {
+                    data: chunk_noise(STATE, 4).into(),
+                },
+            )
+            .await
+            .unwrap();
+        engine.shutdown().await;
+        drop(engine);
+        let files = chunk_files(&dir.join("disk"));
+        damage(&files[files.len() / 2], &files[0]);
+
+        let engine = self::engine(dir, Retention::None).await;
+        let err = match engine.handle::<Quilt>("d").await {
+            Err(e) => e,
+            Ok(h) => h.digest().await.unwrap_err(),
+        };
+        let Error::Blob(blob) = &err else {
+            panic!("{name}: expected a blob error, got {err:?}");
+        };
+        let ((instance, tier, key), ..) = match (name, &**blob) {
+            (
+                "corrupt" | "swapped",
+                BlobError::Corrupt {
+                    instance,
+                    tier,
+                    key,
+                    ..
+                },
+            )
+            | (
+                "truncated",
+                BlobError::Truncated {
+                    instance,
+                    tier,
+                    key,
+                    ..
+                },
+            )
+            | (
+                "missing",
+                BlobError::Missing {
+                    instance,
+                    tier,
+                    key,
+                },
+            ) => ((instance, tier, key), ()),
+            _ => panic!("{name}: {blob:?}"),
+        };
+        assert_eq!((instance.as_str(), tier.as_str()), ("Quilt/d", "disk"));
+        assert!(
+            key.starts_with("Quilt/d/") && key.contains(".sk-"),
+            "{name}: {key}"
+        );
+        assert!(err.to_string().contains(key.as_str()), "{err}");
+        engine.shutdown().await;
+    }
+}
+
+const KILLS: u64 = 10;
+const FLOWS: u32 = 4;
+
+fn harness(dir: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kill_harness"))
+        .args(["chunks", dir.to_str().unwrap(), &FLOWS.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the harness starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_steps_write_and_sweep_chunks_every_state_reads_back_whole() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for k in 0..KILLS {
+        let mut child = harness(dir);
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "READY" {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the harness ended early"
+            );
+        }
+        // Kill at varying points of the rounds: while chunks are written, committed, swept.
+        std::thread::sleep(Duration::from_millis(30 + k * 47 % 300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let out = process::run_to_end(harness(dir));
+    assert!(out.contains("DONE"), "{out}");
+
+    // Every flow ended with exactly the state its rounds computed (the harness checked it
+    // too), read back from chunks every one of which is on disk and intact.
+    let engine = Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(kill_flows::chunk_ladder(dir))
+        .history(Retention::Last(1))
+        .flow::<KillChunks>()
+        .start()
+        .await
+        .unwrap();
+    for i in 0..FLOWS {
+        let state: ChunkState = engine
+            .handle::<KillChunks>(format!("chunks-{i}"))
+            .await
+            .unwrap()
+            .state()
+            .await
+            .unwrap();
+        assert_eq!(state.round, CHUNK_ROUNDS);
+        assert!(state.data == chunk_data(i, CHUNK_ROUNDS), "chunks-{i}");
+    }
+    engine.shutdown().await;
+    drop(engine);
+
+    // The sweep kept up: what is on disk beyond the chunks the records and kept history
+    // refer to is at most what a kill can strand (the deletes of the steps committed just
+    // before it).
+    let store = RedbStore::open(dir.join("data").join("instances.redb")).unwrap();
+    let mut wanted = Vec::new();
+    for i in 0..FLOWS {
+        let key = InstanceKey::new("KillChunks", format!("chunks-{i}"));
+        wanted.extend(referenced(&store, &key).await);
+    }
+    let on_disk = chunk_files(&dir.join("chunks"));
+    let names: std::collections::BTreeSet<String> = on_disk
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().replace('@', "/"))
+        .collect();
+    for key in &wanted {
+        assert!(names.contains(key), "a referenced chunk is on disk: {key}");
+    }
+    let stranded = names.len() - wanted.len();
+    let bound = (KILLS as usize) * FLOWS as usize * 4;
+    assert!(
+        stranded <= bound,
+        "{stranded} unreferenced chunk files (bound {bound}); without the sweep every round would leave one"
+    );
+}
