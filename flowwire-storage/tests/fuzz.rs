@@ -106,6 +106,40 @@ fn fuzz_the_record_envelope() {
 }
 
 #[test]
+fn fuzz_a_chunk_manifest_behind_the_checksum() {
+    // The envelope's checksum refuses almost every mutation of a whole record; this feeds
+    // the record decoder itself a record whose state is a manifest of chunks, and checks
+    // that whatever decodes reads as a manifest a fetch can check (lengths that add up are
+    // compared, never trusted, by `Placement::fetch`).
+    use flowwire_storage::chunk::{ChunkRef, Chunked};
+    let mut r = record();
+    let chunk = |seq, len| ChunkRef {
+        hash: [seq as u8; 32],
+        seq,
+        len,
+        crc: 9,
+    };
+    r.record.state = Payload::Chunked(Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 300_000,
+        chunks: vec![chunk(3, 100_000), chunk(4, 150_000), chunk(3, 50_000)].into(),
+    });
+    let mut seed = Vec::new();
+    codec::encode_raw(&r, &mut seed).unwrap();
+    fuzz_bounded("chunk manifest", &[seed], |input| {
+        if let Ok(r) = codec::decode_raw::<PlacedRecord>(input, LIMIT)
+            && let Payload::Chunked(c) = &r.record.state
+        {
+            assert!(
+                c.chunks.len() <= input.len(),
+                "no more chunks than input bytes"
+            );
+        }
+    });
+}
+
+#[test]
 fn fuzz_a_history_entry() {
     let entry = HistoryEntry {
         seq: 4,

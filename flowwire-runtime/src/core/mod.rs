@@ -317,6 +317,9 @@ impl<F: Flow> Instance<F> {
     /// The current state, encoded (a failure to encode is the reason to park).
     fn encoded_state(&self, scratch: &mut Scratch) -> Result<Bytes, String> {
         scratch.state.clear();
+        // A large state is likely about as large as it was: one allocation, not a doubling
+        // series of them (each a copy of what was encoded so far).
+        scratch.state.reserve(self.record.state.len());
         codec::encode_raw(self.flow.state(), &mut scratch.state)
             .map_err(|e| format!("the state could not be encoded: {e}"))?;
         Ok(scratch.arena.take(&mut scratch.state))

@@ -84,6 +84,14 @@ impl Placement {
                 .map(|c| (c, b))
         });
         let split = chunk::split(bytes, seq, prev);
+        if let Some((old, _)) = prev
+            && split.new.is_empty()
+            && old.len == bytes.len() as u64
+            && *old.chunks == *split.chunks
+        {
+            // The same bytes: the same manifest (and nothing for the collector to do).
+            return Payload::Chunked(old.clone());
+        }
         let manifest = Chunked {
             tier: tier.name_arc().clone(),
             role,
@@ -135,7 +143,13 @@ impl Placement {
         let seq = record.seq;
         let mut puts = Vec::new();
         let state = match prev {
-            Some((p, Some(bytes))) if same_bytes(bytes, &record.state) => p.record.state.clone(),
+            // A chunked state is compared by its split (which keeps every chunk of an
+            // unchanged one): comparing it here too would read both states once more.
+            Some((p, Some(bytes)))
+                if same_bytes(bytes, &record.state, p.record.state.chunked().is_none()) =>
+            {
+                p.record.state.clone()
+            }
             _ => self.place(
                 key,
                 seq,
@@ -315,7 +329,8 @@ fn role_name(role: char) -> &'static str {
 }
 
 /// Whether two payloads hold the same bytes: the same buffer (an unchanged state is
-/// shared, not copied) answers without comparing them.
-fn same_bytes(a: &Bytes, b: &Bytes) -> bool {
-    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+/// shared, not copied) answers without comparing them; otherwise they are compared if
+/// `compare`.
+fn same_bytes(a: &Bytes, b: &Bytes, compare: bool) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || (compare && a == b)
 }
