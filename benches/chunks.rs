@@ -50,6 +50,20 @@ impl Stock for Shop {
     }
 }
 
+/// A shop whose reservations wait until `n` of them are in flight at once.
+struct GatedShop(std::sync::Arc<tokio::sync::Barrier>);
+
+#[driver]
+impl Stock for GatedShop {
+    async fn reserve(&self, n: u32) -> Result<u64, OutOfStock> {
+        self.0.wait().await;
+        Ok(u64::from(n) + 7)
+    }
+    async fn charge(&self, cents: u64) -> Result<u64, OutOfStock> {
+        Ok(cents + 11)
+    }
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Cargo {
     blob: Bytes,
@@ -235,7 +249,7 @@ async fn main_async(mode: Mode) {
     let runs = if mode == Mode::Test { 1 } else { 3 };
     let tmp = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let (small_flow, large_flow) = match mode {
-        Mode::Test => (MIB + MIB / 2, 3 * MIB),
+        Mode::Test => (2 * MIB, 3 * MIB),
         _ => (2 * MIB, 32 * MIB),
     };
     for size in [small_flow, large_flow]
@@ -265,19 +279,26 @@ async fn main_async(mode: Mode) {
     let flows = mode.samples(10).max(3);
     for run in (0..runs).filter(|_| support::wanted("reply")) {
         let dir = tmp.path().join(format!("hops-{run}"));
-        let mut per_step = Vec::new();
-        for size in [64, large_flow] {
-            let short = median(order_flows(&dir, size, true, 0, flows).await);
-            let long = median(order_flows(&dir, size, true, HOPS, flows).await);
-            per_step.push(long.saturating_sub(short) / HOPS);
+        let step = |size, chunked| {
+            let dir = dir.clone();
+            async move {
+                let short = median(order_flows(&dir, size, chunked, 0, flows).await);
+                let long = median(order_flows(&dir, size, chunked, HOPS, flows).await);
+                long.saturating_sub(short) / HOPS
+            }
+        };
+        let small = step(64, true).await;
+        for chunked in [true, false] {
+            let large = step(large_flow, chunked).await;
+            println!(
+                "a driver reply that changes 8 bytes of a {} MiB state {}, instance in memory   run {run}: median {} = {:.1} × the same step of a small state ({}; target ≤ 10 ×)",
+                large_flow / MIB,
+                if chunked { "in chunks" } else { "as one blob" },
+                ms(large),
+                large.as_secs_f64() / small.as_secs_f64(),
+                ms(small)
+            );
         }
-        println!(
-            "a driver reply that changes 8 bytes of a {} MiB state, instance in memory   run {run}: median {} = {:.1} × the same step of a small state ({}; target ≤ 10 ×)",
-            large_flow / MIB,
-            ms(per_step[1]),
-            per_step[1].as_secs_f64() / per_step[0].as_secs_f64(),
-            ms(per_step[0])
-        );
     }
     let steps = mode.samples(100).max(5);
     for run in (0..runs).filter(|_| support::wanted("impulse")) {
@@ -294,8 +315,101 @@ async fn main_async(mode: Mode) {
     }
 }
 
+/// Flows in flight at once in the memory case, and their state's size.
+const IN_FLIGHT: usize = 64;
+
+/// The memory case, in a process of its own (peak RSS is the whole process's): `IN_FLIGHT`
+/// order flows with `size`-byte states, all holding their reservation call until every one
+/// of them is in flight. Prints `peak <bytes> base <bytes>`.
+async fn rss_child(size: usize) {
+    let tmp = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(IN_FLIGHT));
+    let engine = Engine::builder()
+        .data_dir(tmp.path().join("data"))
+        .storage(Ladder::new().default_to(Tier::fs(tmp.path().join("chunks")).named("disk")))
+        .history(flowwire::storage::Retention::Last(1))
+        .flow::<Freight>()
+        .driver::<StockProxy, _>(GatedShop(gate))
+        .start()
+        .await
+        .expect("engine");
+    let base = support::rss().unwrap_or(0);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..IN_FLIGHT {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            // Each state exists only in the engine once started: the client keeps none.
+            let h = engine
+                .start::<Freight>(
+                    format!("m-{i}"),
+                    Cargo {
+                        blob: noise(size, i as u64),
+                        ..Cargo::default()
+                    },
+                )
+                .await
+                .expect("start");
+            h.finished().await.expect("finished");
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("a flow task");
+    }
+    engine.shutdown().await;
+    println!("peak {} base {base}", support::peak_rss().unwrap_or(0));
+}
+
+/// Runs the memory case in a child process and prints its row.
+#[allow(clippy::cast_precision_loss)] // display ratios
+fn rss_row(size: usize) {
+    let out = std::process::Command::new(std::env::current_exe().expect("this bench"))
+        .arg("--bench")
+        .env("FLOWWIRE_CHUNKS_RSS_CHILD", size.to_string())
+        .output()
+        .expect("the memory case runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("peak "))
+        .unwrap_or_else(|| panic!("the memory case failed: {text}"));
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (peak, base) = (nums[0], nums[1]);
+    let in_flight = (IN_FLIGHT * size) as f64;
+    println!(
+        "peak RSS, {IN_FLIGHT} order flows × {} MiB state in flight at once: {} MiB = {:.2} × the bytes in flight (target ≤ 1.5 ×); {} MiB over the engine's {} MiB before the flows",
+        size / MIB,
+        peak / (1 << 20),
+        peak as f64 / in_flight,
+        (peak - base) / (1 << 20),
+        base / (1 << 20)
+    );
+}
+
 fn main() {
     let mode = Mode::current();
+    if let Some(size) = std::env::var("FLOWWIRE_CHUNKS_RSS_CHILD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+            .block_on(rss_child(size));
+        return;
+    }
+    if support::wanted("rss") {
+        support::print_machine();
+        rss_row(if mode == Mode::Test {
+            MIB + MIB / 2
+        } else {
+            2 * MIB
+        });
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

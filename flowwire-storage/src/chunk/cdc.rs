@@ -4,26 +4,74 @@
 //! The cut test is `FastCDC`'s (Xia et al., USENIX ATC 2016): a gear hash — shifted left one
 //! bit per byte, plus a random 64-bit value for the byte — is tested against a mask of its
 //! top bits, so a decision depends on the last 64 bytes and on the distance from the
-//! chunk's start. Nothing is tested before `MIN`; up to `AVG` a stricter mask (fewer cuts),
-//! past it a looser one (normalized chunking: sizes bunch around `AVG`); `MAX` forces a cut.
+//! chunk's start. Nothing is tested before the minimum; up to the average a stricter mask
+//! (fewer cuts), past it a looser one (normalized chunking: sizes bunch around the average);
+//! the maximum forces a cut. Each tier has its [`ChunkSize`].
 //!
 //! A chunker that starts at a boundary has no memory of what came before it. So chunking a
 //! changed buffer again from the last boundary before the change, and stopping at the first
 //! cut that falls on an old boundary past it, gives exactly the chunks of chunking it all
 //! (`super::split` relies on this; a property test checks it).
 
-/// The smallest chunk (but the last of a payload).
-pub const MIN: usize = 32 * 1024;
-/// The size chunks bunch around.
-pub const AVG: usize = 128 * 1024;
-/// The largest chunk.
-pub const MAX: usize = 512 * 1024;
+/// The sizes chunks are cut to: at least `min` (but the last of a payload), at most `max`,
+/// bunched around `avg` (a power of two; `min` = `avg`/4, `max` = 4 × `avg`).
+///
+/// ```
+/// use flowwire::storage::chunk::cdc::ChunkSize;
+/// let s = ChunkSize::around(100_000);
+/// assert_eq!((s.min(), s.avg(), s.max()), (32 * 1024, 128 * 1024, 512 * 1024));
+/// assert_eq!(ChunkSize::around(1), ChunkSize::around(16 * 1024));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSize {
+    min: usize,
+    avg: usize,
+    max: usize,
+    small: u64,
+    large: u64,
+}
 
-/// log2(AVG).
-const AVG_BITS: u32 = AVG.trailing_zeros();
-/// Two more bits than AVG before it (a cut is 4× less likely), two fewer after.
-const MASK_SMALL: u64 = !0u64 << (64 - (AVG_BITS + 2));
-const MASK_LARGE: u64 = !0u64 << (64 - (AVG_BITS - 2));
+impl ChunkSize {
+    /// Chunks of 32 KiB to 512 KiB around 128 KiB: local disks, Redis, memory.
+    pub const LOCAL: ChunkSize = ChunkSize::around(128 * 1024);
+    /// Chunks of 1 MiB to 16 MiB around 4 MiB: object stores, where each chunk is a request.
+    pub const OBJECT_STORE: ChunkSize = ChunkSize::around(4 * 1024 * 1024);
+
+    /// Sizes around `avg`, rounded to a power of two between 16 KiB and 16 MiB.
+    pub const fn around(avg: usize) -> ChunkSize {
+        let avg = if avg < 16 * 1024 {
+            16 * 1024
+        } else if avg > 16 * 1024 * 1024 {
+            16 * 1024 * 1024
+        } else {
+            avg.next_power_of_two()
+        };
+        let bits = avg.trailing_zeros();
+        ChunkSize {
+            min: avg / 4,
+            avg,
+            max: avg * 4,
+            // Two more bits than `avg` before it (a cut is 4× less likely), two fewer after.
+            small: !0u64 << (64 - (bits + 2)),
+            large: !0u64 << (64 - (bits - 2)),
+        }
+    }
+
+    /// The smallest chunk but the last.
+    pub const fn min(&self) -> usize {
+        self.min
+    }
+
+    /// The size chunks bunch around.
+    pub const fn avg(&self) -> usize {
+        self.avg
+    }
+
+    /// The largest chunk.
+    pub const fn max(&self) -> usize {
+        self.max
+    }
+}
 
 /// 256 fixed pseudo-random values (splitmix64 from a fixed seed). Changing them changes
 /// every boundary, and with them which stored chunks a new step can share, never what a
@@ -45,25 +93,25 @@ const fn gear() -> [u64; 256] {
     table
 }
 
-/// The length of the chunk that starts at `data[0]`: between `MIN` and `MAX`, or all of
-/// `data` when it is shorter than `MIN` or holds no cut.
-pub fn cut(data: &[u8]) -> usize {
+/// The length of the chunk that starts at `data[0]`: between `size.min()` and
+/// `size.max()`, or all of `data` when it is shorter than the minimum or holds no cut.
+pub fn cut(data: &[u8], size: &ChunkSize) -> usize {
     let n = data.len();
-    if n <= MIN {
+    if n <= size.min {
         return n;
     }
-    let end = n.min(MAX);
-    let normal = end.min(AVG);
+    let end = n.min(size.max);
+    let normal = end.min(size.avg);
     let mut hash = 0u64;
-    for (i, &b) in data[MIN..normal].iter().enumerate() {
+    for (i, &b) in data[size.min..normal].iter().enumerate() {
         hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-        if hash & MASK_SMALL == 0 {
-            return MIN + i + 1;
+        if hash & size.small == 0 {
+            return size.min + i + 1;
         }
     }
     for (i, &b) in data[normal..end].iter().enumerate() {
         hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-        if hash & MASK_LARGE == 0 {
+        if hash & size.large == 0 {
             return normal + i + 1;
         }
     }
@@ -71,11 +119,11 @@ pub fn cut(data: &[u8]) -> usize {
 }
 
 /// The chunk lengths of `data`, chunked from its start.
-pub fn lengths(data: &[u8]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(data.len() / AVG + 1);
+pub fn lengths(data: &[u8], size: &ChunkSize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(data.len() / size.avg + 1);
     let mut at = 0;
     while at < data.len() {
-        let len = cut(&data[at..]);
+        let len = cut(&data[at..], size);
         out.push(len);
         at += len;
     }
@@ -85,6 +133,11 @@ pub fn lengths(data: &[u8]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: ChunkSize = ChunkSize::LOCAL;
+    const MIN: usize = S.min();
+    const AVG: usize = S.avg();
+    const MAX: usize = S.max();
 
     fn noise(len: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
@@ -101,7 +154,7 @@ mod tests {
     #[test]
     fn chunks_stay_within_their_bounds_and_cover_the_data() {
         let data = noise(4 << 20, 7);
-        let lens = lengths(&data);
+        let lens = lengths(&data, &S);
         assert_eq!(lens.iter().sum::<usize>(), data.len());
         let (last, rest) = lens.split_last().unwrap();
         assert!(rest.iter().all(|&l| (MIN..=MAX).contains(&l)), "{rest:?}");
@@ -120,7 +173,7 @@ mod tests {
         edited.splice(2_000_000..2_000_000, *b"inserted!");
         let ends = |d: &[u8]| {
             let mut at = 0;
-            lengths(d)
+            lengths(d, &S)
                 .into_iter()
                 .map(|l| {
                     at += l;
@@ -148,8 +201,8 @@ mod tests {
 
     #[test]
     fn constant_data_is_cut_at_the_largest_size() {
-        assert_eq!(lengths(&vec![0u8; 3 * MAX + 5]), [MAX, MAX, MAX, 5]);
-        assert_eq!(lengths(&[]), Vec::<usize>::new());
-        assert_eq!(lengths(&[1; 10]), [10]);
+        assert_eq!(lengths(&vec![0u8; 3 * MAX + 5], &S), [MAX, MAX, MAX, 5]);
+        assert_eq!(lengths(&[], &S), Vec::<usize>::new());
+        assert_eq!(lengths(&[1; 10], &S), [10]);
     }
 }

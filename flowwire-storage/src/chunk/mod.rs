@@ -1,7 +1,8 @@
 //! Large payloads as content-defined chunks under content-addressed keys.
 //!
 //! A payload at or above the ladder's chunking threshold is cut into chunks by their content
-//! ([`cdc`]: 32 KiB to 512 KiB, around 128 KiB), and the payload becomes a manifest,
+//! ([`cdc`]; the tier's [`ChunkSize`]: around 128 KiB on local tiers, 4 MiB on S3, where each
+//! chunk is a request), and the payload becomes a manifest,
 //! [`Chunked`]: for each chunk its BLAKE3 hash, length, CRC-32 and the step that first wrote
 //! it. The chunks live on the tier the payload's whole size selects, each a framed blob under
 //!
@@ -30,6 +31,8 @@
 //! sweep of the first against the write of the second.
 
 pub mod cdc;
+
+pub use self::cdc::ChunkSize;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -128,14 +131,20 @@ pub struct Split {
     pub new: Vec<(Range<usize>, ChunkRef)>,
 }
 
-/// Splits `bytes`, written at step `seq`, into chunks, sharing what it can with `prev`
-/// (the previous payload of the same role, with its bytes when they are known).
-pub fn split(bytes: &[u8], seq: u64, prev: Option<(&Chunked, Option<&Bytes>)>) -> Split {
+/// Splits `bytes`, written at step `seq`, into chunks of `size`, sharing what it can with
+/// `prev` (the previous payload of the same role on the same tier, with its bytes when they
+/// are known).
+pub fn split(
+    bytes: &[u8],
+    seq: u64,
+    prev: Option<(&Chunked, Option<&Bytes>)>,
+    size: &ChunkSize,
+) -> Split {
     let known: HashMap<[u8; 32], ChunkRef> = prev
         .map(|(m, _)| m.chunks.iter().map(|c| (c.hash, *c)).collect())
         .unwrap_or_default();
     let mut out = Split {
-        chunks: Vec::with_capacity(bytes.len() / cdc::AVG + 2),
+        chunks: Vec::with_capacity(bytes.len() / size.avg() + 2),
         new: Vec::new(),
     };
     let mut written: HashMap<[u8; 32], ChunkRef> = HashMap::new();
@@ -148,7 +157,7 @@ pub fn split(bytes: &[u8], seq: u64, prev: Option<(&Chunked, Option<&Bytes>)>) -
                 let c = ChunkRef {
                     hash,
                     seq,
-                    len: u32::try_from(body.len()).expect("a chunk is at most 512 KiB"),
+                    len: u32::try_from(body.len()).expect("a chunk is at most 64 MiB"),
                     crc: crc32fast::hash(body),
                 };
                 written.insert(hash, c);
@@ -196,7 +205,7 @@ pub fn split(bytes: &[u8], seq: u64, prev: Option<(&Chunked, Option<&Bytes>)>) -
         if at >= bytes.len() {
             break;
         }
-        let len = cdc::cut(&bytes[at..]);
+        let len = cdc::cut(&bytes[at..], size);
         fresh(at..at + len, &mut out);
         at += len;
     }

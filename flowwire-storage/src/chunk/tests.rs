@@ -2,6 +2,8 @@ use bytes::Bytes;
 
 use super::*;
 
+const S: ChunkSize = ChunkSize::LOCAL;
+
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;
     (0..len)
@@ -30,7 +32,7 @@ fn shape(s: &Split) -> Vec<([u8; 32], u32)> {
 #[test]
 fn a_split_against_the_previous_bytes_equals_a_split_from_scratch() {
     let base = noise(3 << 19, 5);
-    let first = split(&base, 1, None);
+    let first = split(&base, 1, None, &S);
     assert_eq!(first.new.len(), first.distinct_len());
     let prev = manifest(&first, base.len());
     let old = Bytes::from(base.clone());
@@ -56,8 +58,8 @@ fn a_split_against_the_previous_bytes_equals_a_split_from_scratch() {
             }
         };
         edited.splice(range, insert);
-        let incremental = split(&edited, 2, Some((&prev, Some(&old))));
-        let scratch = split(&edited, 2, None);
+        let incremental = split(&edited, 2, Some((&prev, Some(&old))), &S);
+        let scratch = split(&edited, 2, None, &S);
         assert_eq!(shape(&incremental), shape(&scratch), "case {case}");
         let total: usize = incremental.chunks.iter().map(|c| c.len as usize).sum();
         assert_eq!(total, edited.len());
@@ -78,19 +80,19 @@ fn a_split_against_the_previous_bytes_equals_a_split_from_scratch() {
 #[test]
 fn without_the_previous_bytes_chunks_are_shared_by_hash() {
     let base = noise(2 << 20, 8);
-    let first = split(&base, 1, None);
+    let first = split(&base, 1, None, &S);
     let prev = manifest(&first, base.len());
     let mut edited = base.clone();
     edited[1_000_000] ^= 0xff;
-    let again = split(&edited, 4, Some((&prev, None)));
+    let again = split(&edited, 4, Some((&prev, None)), &S);
     assert!((1..=2).contains(&again.new.len()), "{}", again.new.len());
-    assert_eq!(shape(&again), shape(&split(&edited, 4, None)));
+    assert_eq!(shape(&again), shape(&split(&edited, 4, None, &S)));
 }
 
 #[test]
 fn repeated_content_is_written_once() {
     let data = vec![7u8; 4 << 20];
-    let s = split(&data, 3, None);
+    let s = split(&data, 3, None, &S);
     assert_eq!(s.chunks.len(), 8);
     assert_eq!(s.new.len(), 1, "eight equal chunks, one write");
 }
@@ -109,12 +111,12 @@ fn chunk_keys_name_step_role_and_content() {
 fn dropped_chunks_are_those_the_next_manifest_does_not_share() {
     let k = InstanceKey::new("F", "a");
     let base = noise(1 << 20, 3);
-    let first = split(&base, 1, None);
+    let first = split(&base, 1, None, &S);
     let prev = manifest(&first, base.len());
     let mut edited = base.clone();
     edited[500_000] ^= 1;
     let next = manifest(
-        &split(&edited, 2, Some((&prev, Some(&Bytes::from(base))))),
+        &split(&edited, 2, Some((&prev, Some(&Bytes::from(base)))), &S),
         edited.len(),
     );
     let dropped = prev.dropped_by(&k, Some(&next));

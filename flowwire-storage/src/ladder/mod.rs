@@ -202,7 +202,7 @@ impl Ladder {
     }
 
     /// Payloads of at least `bytes` that go to a tier are stored as content-defined chunks
-    /// (32 KiB to 512 KiB each) under content-addressed keys, so a step that changes a few
+    /// (of the tier's [`Tier::chunk_size`]) under content-addressed keys, so a step that changes a few
     /// bytes of a large state writes the chunks it changed and a small manifest, and history
     /// shares every unchanged chunk (see [`crate::chunk`]). Default: 1 MiB; `usize::MAX`
     /// stores every payload as one blob.

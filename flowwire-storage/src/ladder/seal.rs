@@ -83,7 +83,7 @@ impl Placement {
                 .filter(|c| c.tier == *tier.name_arc() && c.role == role)
                 .map(|c| (c, b))
         });
-        let split = chunk::split(bytes, seq, prev);
+        let split = chunk::split(bytes, seq, prev, &tier.chunk_sizes());
         if let Some((old, _)) = prev
             && split.new.is_empty()
             && old.len == bytes.len() as u64

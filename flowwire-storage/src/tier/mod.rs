@@ -155,6 +155,7 @@ pub struct Tier {
     name: Arc<str>,
     inner: Arc<dyn BlobTier>,
     kind: &'static str,
+    chunk: crate::chunk::ChunkSize,
 }
 
 impl fmt::Debug for Tier {
@@ -163,6 +164,7 @@ impl fmt::Debug for Tier {
             .field("name", &self.name)
             .field("kind", &self.kind)
             .field("shared", &self.inner.is_shared())
+            .field("chunk", &self.chunk.avg())
             .finish()
     }
 }
@@ -219,7 +221,34 @@ impl Tier {
             name: name.into(),
             inner: Arc::new(tier),
             kind,
+            chunk: if kind == "s3" {
+                crate::chunk::ChunkSize::OBJECT_STORE
+            } else {
+                crate::chunk::ChunkSize::LOCAL
+            },
         }
+    }
+
+    /// Sets the size the chunks of large payloads on this tier bunch around (rounded to a
+    /// power of two between 16 KiB and 16 MiB; see [`Ladder::chunk_from`](crate::Ladder::chunk_from)).
+    /// Default: 128 KiB, and 4 MiB on S3, where each chunk is a request. Changing it never
+    /// changes what stored payloads read as; only what a new step can share with the last.
+    ///
+    /// ```
+    /// use flowwire::storage::{Tier, MIB};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let tier = Tier::fs(dir.path()).chunk_size(MIB);
+    /// assert_eq!(tier.chunk_sizes().avg(), MIB);
+    /// ```
+    #[must_use]
+    pub fn chunk_size(mut self, avg: usize) -> Tier {
+        self.chunk = crate::chunk::ChunkSize::around(avg);
+        self
+    }
+
+    /// The sizes large payloads are chunked to on this tier.
+    pub fn chunk_sizes(&self) -> crate::chunk::ChunkSize {
+        self.chunk
     }
 
     /// Renames the tier (the name is recorded in blob references).
