@@ -404,11 +404,7 @@ fn main() {
     }
     if support::wanted("rss") {
         support::print_machine();
-        rss_row(if mode == Mode::Test {
-            MIB + MIB / 2
-        } else {
-            2 * MIB
-        });
+        rss_row(2 * MIB);
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
