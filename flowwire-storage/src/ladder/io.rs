@@ -11,21 +11,45 @@ use crate::tier::{BlobTier, TierError};
 
 use super::{Placement, Put};
 
-/// How many chunks of one payload are read at once.
-pub const CHUNK_READS: usize = 16;
+/// How many chunks of one payload are read at once, at most.
+pub(crate) const CHUNK_READS: usize = 16;
+
+/// How many bytes of chunks of one payload are read at once (when a chunk is smaller).
+const READ_BYTES: u64 = 8 * 1024 * 1024;
+
+/// How many blobs of one step are written at once, at most.
+pub(crate) const PUTS_IN_FLIGHT: usize = 64;
+
+/// How many bytes of blobs of one step are written at once (when the blobs are smaller).
+const PUT_BYTES: usize = 32 * 1024 * 1024;
 
 impl Placement {
-    /// Writes blobs, all at once; the first failure is returned (the others still finish).
+    /// Writes blobs, 64 (and 32 MiB) at a time (a large payload's chunks are many); the
+    /// first failure is returned (the others of its window still finish).
     pub async fn put_all(&self, instance: &InstanceKey, puts: &[Put]) -> Result<(), BlobError> {
-        let futs = puts.iter().map(|p| p.tier.put(&p.key, &p.parts));
-        let results = crate::join::join_all(futs).await;
-        for (p, r) in puts.iter().zip(results) {
-            r.map_err(|source| BlobError::Tier {
-                instance: instance.to_string(),
-                tier: p.tier.name().to_string(),
-                key: p.key.to_string(),
-                source,
-            })?;
+        let mut rest = puts;
+        while !rest.is_empty() {
+            // A window: up to 64 blobs and 32 MiB (at least one blob): a tier may copy a
+            // body while it sends it (S3 joins header and body), so a payload of many chunks
+            // is not copied whole at once.
+            let mut n = 0;
+            let mut bytes = 0usize;
+            while n < rest.len() && n < PUTS_IN_FLIGHT && (n == 0 || bytes < PUT_BYTES) {
+                bytes += rest[n].parts.iter().map(Bytes::len).sum::<usize>();
+                n += 1;
+            }
+            let (window, after) = rest.split_at(n);
+            rest = after;
+            let futs = window.iter().map(|p| p.tier.put(&p.key, &p.parts));
+            let results = crate::join::join_all(futs).await;
+            for (p, r) in window.iter().zip(results) {
+                r.map_err(|source| BlobError::Tier {
+                    instance: instance.to_string(),
+                    tier: p.tier.name().to_string(),
+                    key: p.key.to_string(),
+                    source,
+                })?;
+            }
         }
         Ok(())
     }
@@ -92,7 +116,7 @@ impl Placement {
         })
     }
 
-    /// Reads a chunked payload back: its chunks, [`CHUNK_READS`] at a time, each checked
+    /// Reads a chunked payload back: its chunks, 16 (and 8 MiB) at a time, each checked
     /// against its frame, its CRC-32 and its BLAKE3 hash, into one buffer of the length
     /// the manifest declares (after checking it adds up and is within the decode limit).
     async fn fetch_chunks(&self, instance: &InstanceKey, c: &Chunked) -> Result<Bytes, BlobError> {
@@ -123,7 +147,18 @@ impl Placement {
                 )
             })?;
         let mut out = bytes::BytesMut::with_capacity(len);
-        for window in c.chunks.chunks(CHUNK_READS) {
+        let mut rest: &[crate::chunk::ChunkRef] = &c.chunks;
+        while !rest.is_empty() {
+            // A window: up to 16 chunks and 8 MiB (at least one chunk), so what is read but
+            // not yet copied stays small next to the payload.
+            let mut n = 0;
+            let mut bytes = 0u64;
+            while n < rest.len() && n < CHUNK_READS && (n == 0 || bytes < READ_BYTES) {
+                bytes += u64::from(rest[n].len);
+                n += 1;
+            }
+            let (window, after) = rest.split_at(n);
+            rest = after;
             let refs: Vec<(BlobRef, [u8; 32])> = window
                 .iter()
                 .map(|ch| (c.blob_of(instance, ch), ch.hash))
