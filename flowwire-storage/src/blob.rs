@@ -70,7 +70,10 @@ impl Payload {
                 Some(n) if n == r => Vec::new(),
                 _ => vec![r.clone()],
             },
-            Payload::Chunked(c) => c.dropped_by(instance, next.and_then(Payload::chunked)),
+            Payload::Chunked(c) => c
+                .dropped_by(next.and_then(Payload::chunked))
+                .map(|chunk| c.blob_of(instance, chunk))
+                .collect(),
         }
     }
 
@@ -100,6 +103,19 @@ pub struct BlobRef {
     pub len: u64,
     /// The body's CRC-32.
     pub crc: u32,
+}
+
+impl Chunked {
+    /// The blob reference of `chunk` of this payload of `instance` (to fetch, retire or
+    /// delete it).
+    pub fn blob_of(&self, instance: &InstanceKey, chunk: &crate::chunk::ChunkRef) -> BlobRef {
+        BlobRef {
+            tier: self.tier.clone(),
+            key: self.key_of(instance, chunk).into(),
+            len: u64::from(chunk.len),
+            crc: chunk.crc,
+        }
+    }
 }
 
 /// The blob header's magic.

@@ -42,7 +42,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::blob::BlobRef;
 use crate::record::InstanceKey;
 
 /// One chunk of a [`Chunked`] payload.
@@ -77,16 +76,6 @@ impl Chunked {
         chunk_key(instance, chunk.seq, self.role, &chunk.hash)
     }
 
-    /// The blob reference of `chunk` (to fetch, retire or delete it).
-    pub fn blob_of(&self, instance: &InstanceKey, chunk: &ChunkRef) -> BlobRef {
-        BlobRef {
-            tier: self.tier.clone(),
-            key: self.key_of(instance, chunk).into(),
-            len: u64::from(chunk.len),
-            crc: chunk.crc,
-        }
-    }
-
     /// Every chunk once, in order of first appearance.
     pub fn distinct(&self) -> impl Iterator<Item = &ChunkRef> {
         let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
@@ -95,8 +84,10 @@ impl Chunked {
             .filter(move |c| seen.insert((c.seq, c.hash)))
     }
 
-    /// The blobs of this payload that `other` (same instance) does not refer to, each once.
-    pub fn dropped_by(&self, instance: &InstanceKey, other: Option<&Chunked>) -> Vec<BlobRef> {
+    /// The chunks of this payload that `other` (a payload of the same instance) does not
+    /// refer to, each once: what a record that replaces `self` by `other` stops referring
+    /// to. (Their blob references: `Payload::dropped_by`.)
+    pub fn dropped_by<'a>(&'a self, other: Option<&Chunked>) -> impl Iterator<Item = &'a ChunkRef> {
         let kept: std::collections::HashSet<(u64, [u8; 32])> = match other {
             Some(o) if o.tier == self.tier && o.role == self.role => {
                 o.chunks.iter().map(|c| (c.seq, c.hash)).collect()
@@ -104,9 +95,7 @@ impl Chunked {
             _ => std::collections::HashSet::default(),
         };
         self.distinct()
-            .filter(|c| !kept.contains(&(c.seq, c.hash)))
-            .map(|c| self.blob_of(instance, c))
-            .collect()
+            .filter(move |c| !kept.contains(&(c.seq, c.hash)))
     }
 }
 
