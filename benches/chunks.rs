@@ -131,15 +131,7 @@ impl Freight {
 const HOPS: u32 = 40;
 
 fn noise(len: usize, seed: u64) -> Bytes {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len);
-    v.extend((0..len).map(|_| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s as u8
-    }));
-    v.into()
+    flowwire::storage::fuzz::Rng::new(seed).bytes(len).into()
 }
 
 async fn engine(dir: &Path, size: usize, chunked: bool) -> Engine {

@@ -56,6 +56,23 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.bits() % n.max(1) as u64) as usize
     }
+
+    /// `len` random bytes (test data no two chunks of which are alike).
+    ///
+    /// ```
+    /// use flowwire::storage::fuzz::Rng;
+    /// let a = Rng::new(7).bytes(100);
+    /// assert_eq!(a, Rng::new(7).bytes(100));
+    /// assert_ne!(a, Rng::new(8).bytes(100));
+    /// ```
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.bits().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
 }
 
 /// Writes a mutation of one of `seeds` into `out`.

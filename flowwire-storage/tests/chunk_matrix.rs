@@ -19,15 +19,7 @@ use flowwire_storage::tier::FsTier;
 use flowwire_storage::{BlobError, InstanceKey, Ladder, MIB, Placement, Tier};
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
+    flowwire_storage::fuzz::Rng::new(seed).bytes(len)
 }
 
 /// A manifest rewritten to lie about its chunks.

@@ -504,17 +504,9 @@ pub fn chunk_edit(data: &mut [u8], round: u32) {
     data[at..at + 600].fill((round as u8) ^ 0x5a);
 }
 
-/// Pseudo-random bytes (xorshift), so no two chunks are alike.
+/// Pseudo-random bytes, so no two chunks are alike.
 pub fn chunk_noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
+    flowwire::storage::fuzz::Rng::new(seed).bytes(len)
 }
 
 /// Instance `i`'s state after `rounds` rounds.

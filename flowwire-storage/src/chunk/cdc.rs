@@ -140,15 +140,7 @@ mod tests {
     const MAX: usize = S.max();
 
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect()
+        crate::fuzz::Rng::new(seed).bytes(len)
     }
 
     #[test]

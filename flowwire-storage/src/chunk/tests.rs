@@ -5,15 +5,7 @@ use super::*;
 const S: ChunkSize = ChunkSize::LOCAL;
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
+    crate::fuzz::Rng::new(seed).bytes(len)
 }
 
 fn manifest(split: &Split, len: usize) -> Chunked {
@@ -36,13 +28,9 @@ fn a_split_against_the_previous_bytes_equals_a_split_from_scratch() {
     assert_eq!(first.new.len(), first.distinct_len());
     let prev = manifest(&first, base.len());
     let old = Bytes::from(base.clone());
-    let mut rng = 99u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = crate::fuzz::Rng::new(99);
+    let mut next = || rng.bits();
+    let mut written = 0;
     for case in 0..32 {
         let mut edited = base.clone();
         let at = (next() as usize) % base.len();
@@ -63,18 +51,22 @@ fn a_split_against_the_previous_bytes_equals_a_split_from_scratch() {
         assert_eq!(shape(&incremental), shape(&scratch), "case {case}");
         let total: usize = incremental.chunks.iter().map(|c| c.len as usize).sum();
         assert_eq!(total, edited.len());
+        // Content-defined cuts resynchronize within a chunk or two after an edit, now and
+        // then a few more (cuts are not looked for within the minimum size of a chunk).
         assert!(
-            incremental.new.len() <= 4,
+            incremental.new.len() <= 8,
             "case {case}: an edit of {n} B wrote {} chunks",
             incremental.new.len()
         );
+        written += incremental.new.len();
         for (range, c) in &incremental.new {
             assert_eq!(*blake3::hash(&edited[range.clone()]).as_bytes(), c.hash);
             assert_eq!(c.seq, 2, "a new chunk carries the step that wrote it");
         }
         let reused = incremental.chunks.iter().filter(|c| c.seq == 1).count();
-        assert!(reused + 4 >= incremental.chunks.len(), "case {case}");
+        assert!(reused + 8 >= incremental.chunks.len(), "case {case}");
     }
+    assert!(written <= 3 * 32, "32 edits wrote {written} chunks");
 }
 
 #[test]
