@@ -103,9 +103,11 @@ impl Kind {
             // fan-out in flight, 4 (history) = fan-out inputs and outputs; 6 (records) and 5
             // (history) = the instance's identity and the header bound into the checksum;
             // 7 (records) and 6 (history) = retries (attempt counts of calls and branches,
-            // retry steps) and typed failures. All are read.
-            Kind::Record => 7,
-            Kind::History => 6,
+            // retry steps) and typed failures; 8 (records) and 7 (history) = payloads may be
+            // manifests of chunks (a build that does not know them refuses the record as of an
+            // unknown format instead of failing to decode it). All are read.
+            Kind::Record => 8,
+            Kind::History => 7,
             Kind::State => 1,
         }
     }

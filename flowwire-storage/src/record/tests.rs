@@ -460,3 +460,57 @@ fn a_format_5_history_entry_decodes_its_failure_untyped() {
     );
     assert_eq!((entry.seq, entry.version, entry.at_ms), (4, 4, 17));
 }
+
+#[test]
+fn a_record_and_an_entry_holding_chunks_round_trip_in_the_format_that_knows_them() {
+    use crate::chunk::{ChunkRef, Chunked};
+    let key = InstanceKey::new("Order", "a");
+    let state = Payload::Chunked(Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 5,
+        chunks: vec![ChunkRef {
+            hash: [1; 32],
+            seq: 3,
+            len: 5,
+            crc: 7,
+        }]
+        .into(),
+    });
+    let placed = PlacedRecord {
+        record: Record {
+            flow_version: 1,
+            seq: 3,
+            status: Status::Waiting,
+            state: state.clone(),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: None,
+            error: None,
+            cancel: None,
+        },
+        retired: Vec::new(),
+        trash: Vec::new(),
+    };
+    let version = |kind, buf: &[u8]| codec::open_owned(kind, buf, &key, 1 << 20).unwrap().0;
+    let mut buf = Vec::new();
+    placed.encode(&key, &mut buf).unwrap();
+    assert_eq!(version(Kind::Record, &buf), 8);
+    assert_eq!(PlacedRecord::decode(&buf, &key, 1 << 20).unwrap(), placed);
+    let entry = HistoryEntry {
+        seq: 3,
+        input: StepInput::Start,
+        output: StepOutput::Wait,
+        version: 1,
+        payload: None,
+        state: Some(state),
+        at_ms: 9,
+    };
+    buf.clear();
+    entry.encode(&key, &mut buf).unwrap();
+    assert_eq!(version(Kind::History, &buf), 7);
+    assert_eq!(HistoryEntry::decode(&buf, &key, 1 << 20).unwrap(), entry);
+}
