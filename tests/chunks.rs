@@ -12,7 +12,7 @@
 //!   with exactly the state its steps computed, and the tier holds no chunk a record needs
 //!   that is missing (the sweep never deletes a chunk a later step wrote again).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -79,19 +79,9 @@ async fn engine(dir: &Path, retention: Retention) -> Engine {
         .unwrap()
 }
 
-/// The chunk files of a file tier (temporary files of a write in progress left out).
-fn chunk_files(tier: &Path) -> Vec<PathBuf> {
-    let Ok(fans) = std::fs::read_dir(tier) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = fans
-        .flat_map(|f| std::fs::read_dir(f.unwrap().path()).unwrap())
-        .map(|f| f.unwrap().path())
-        .filter(|p| !p.to_string_lossy().contains(".tmp."))
-        .collect();
-    files.sort();
-    files
-}
+#[path = "support/blob_files.rs"]
+mod blob_files;
+use blob_files::blob_paths as chunk_files;
 
 /// Waits (bounded) until the tier holds `n` chunk files: sweeps run after the commit, off
 /// the runner.
@@ -206,6 +196,40 @@ async fn referenced(store: &RedbStore, key: &InstanceKey) -> Vec<String> {
     keys
 }
 
+/// The instance, tier and key a blob error names, when it is the error damage `name` must
+/// give.
+fn named<'e>(name: &str, e: &'e BlobError) -> Option<(&'e String, &'e String, &'e String)> {
+    match (name, e) {
+        (
+            "corrupt" | "swapped",
+            BlobError::Corrupt {
+                instance,
+                tier,
+                key,
+                ..
+            },
+        )
+        | (
+            "truncated",
+            BlobError::Truncated {
+                instance,
+                tier,
+                key,
+                ..
+            },
+        )
+        | (
+            "missing",
+            BlobError::Missing {
+                instance,
+                tier,
+                key,
+            },
+        ) => Some((instance, tier, key)),
+        _ => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
     type Damage = fn(&Path, &Path);
@@ -251,34 +275,8 @@ async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
         let Error::Blob(blob) = &err else {
             panic!("{name}: expected a blob error, got {err:?}");
         };
-        let ((instance, tier, key), ..) = match (name, &**blob) {
-            (
-                "corrupt" | "swapped",
-                BlobError::Corrupt {
-                    instance,
-                    tier,
-                    key,
-                    ..
-                },
-            )
-            | (
-                "truncated",
-                BlobError::Truncated {
-                    instance,
-                    tier,
-                    key,
-                    ..
-                },
-            )
-            | (
-                "missing",
-                BlobError::Missing {
-                    instance,
-                    tier,
-                    key,
-                },
-            ) => ((instance, tier, key), ()),
-            _ => panic!("{name}: {blob:?}"),
+        let Some((instance, tier, key)) = named(name, blob) else {
+            panic!("{name}: {blob:?}");
         };
         assert_eq!((instance.as_str(), tier.as_str()), ("Quilt/d", "disk"));
         assert!(

@@ -57,9 +57,8 @@ impl Engine {
     /// `F` need not be registered: run it on an engine that does not run the flow (on the
     /// data directory while the old binary is stopped, or as a client of a deployment), so
     /// that nothing is loaded. Every record of the flow is listed and read into memory at
-    /// once ([`InstanceStore::records`](flowwire_storage::InstanceStore::records): a full scan
-    /// of the store, for a tool before a deploy, not a request path); each read is bounded by
-    /// the store timeout.
+    /// once (`flowwire::storage::InstanceStore::records`: a full scan of the store, for a tool
+    /// before a deploy, not a request path); each read is bounded by the store timeout.
     ///
     /// ```
     /// use flowwire::prelude::*;
