@@ -125,7 +125,7 @@ impl<F: Flow> Sim<F> {
     /// A crash and a restart: the instance is rebuilt from the last committed record
     /// alone (its continuations are gone), and its call in flight is sent again.
     fn restart(&mut self) {
-        let record = self.inst.record().clone();
+        let record = self.inst.record().flat();
         *self = rebuild::<F, F>(self, record);
     }
 
@@ -143,7 +143,7 @@ impl<F: Flow> Sim<F> {
     }
 
     fn state(&self) -> F::State {
-        codec::decode_raw(&self.inst.record().state, LIMIT).unwrap()
+        codec::decode_raw(&self.inst.record().state.flat(), LIMIT).unwrap()
     }
 }
 
@@ -561,7 +561,7 @@ fn a_record_of_the_previous_version_is_migrated_and_goes_on_under_the_new_one() 
         },
         0,
     );
-    let record = one.inst.record().clone();
+    let record = one.inst.record().flat();
     assert_eq!(record.flow_version, 1);
     let mut two: Sim<InvoiceTwo> = one.restart_from(record);
     assert_eq!(
@@ -585,7 +585,7 @@ fn a_record_of_the_previous_version_is_migrated_and_goes_on_under_the_new_one() 
 #[test]
 fn a_record_two_versions_behind_is_parked_naming_both() {
     let one = Sim::<InvoiceOne>::start("i", InvoiceV1::default(), 0);
-    let record = one.inst.record().clone();
+    let record = one.inst.record().flat();
     // Version 3 cannot decode version 1's state as its own: the engine parks such a
     // record with `park_unreadable`; one whose state reads as it is parks at recovery.
     let key = one.inst.key().clone();
@@ -600,7 +600,7 @@ fn a_record_two_versions_behind_is_parked_naming_both() {
         Err(e) => {
             let step = Instance::<InvoiceThree>::park_unreadable(
                 one.inst.key().clone(),
-                one.inst.record(),
+                &one.inst.record().flat(),
                 1,
                 &e,
                 0,

@@ -27,7 +27,7 @@ pub enum Ended {
 
 impl Ended {
     /// How the instance of `record` ended, if it has.
-    pub(crate) fn of(record: &flowwire_storage::Record) -> Option<Ended> {
+    pub(crate) fn of<P, S>(record: &flowwire_storage::Record<P, S>) -> Option<Ended> {
         use flowwire_storage::Status;
         match &record.status {
             Status::Finished => Some(Ended::Finished),

@@ -329,12 +329,15 @@ impl<F: Impulses> Handle<F> {
             .await
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<F::State> {
-        flowwire_storage::codec::decode_raw(bytes, self.limit).map_err(|source| Error::Codec {
-            flow: F::NAME,
-            id: self.id.to_string(),
-            what: "the state",
-            source,
+    fn decode(&self, bytes: &Bytes) -> Result<F::State> {
+        // Large blobs in the state share the buffer it was read into.
+        flowwire_storage::rope::codec::decode_shared(bytes, self.limit).map_err(|source| {
+            Error::Codec {
+                flow: F::NAME,
+                id: self.id.to_string(),
+                what: "the state",
+                source,
+            }
         })
     }
 }
@@ -350,7 +353,7 @@ pub(crate) trait SettledReads<F: Impulses>: Send + Sync {
     /// Its state as this version of the flow reads it, encoded.
     fn state(&self, id: &str, record: &flowwire_storage::Record) -> Result<Bytes>;
     /// The flow built on a state of this version, for a probe.
-    fn flow(&self, id: &str, state: &[u8]) -> Result<F>;
+    fn flow(&self, id: &str, state: &Bytes) -> Result<F>;
 }
 
 /// An impulse on its way: `.await` it to apply it; set its id first with

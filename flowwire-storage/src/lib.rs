@@ -31,6 +31,7 @@ pub mod layout;
 pub mod record;
 #[cfg(feature = "redis")]
 mod redis_link;
+pub mod rope;
 pub mod store;
 pub mod tier;
 
@@ -40,8 +41,9 @@ pub use error::{BlobError, CodecError, StoreError};
 pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
     Branch, BranchState, Cancel, Compensation, ErrorValue, Expect, Fan, HistoryEntry, InstanceKey,
-    PendingCall, Record, Status, StepInput, StepOutput, StepResult, StepWrite, Stored, TimeSpec,
-    Timer,
+    LiveRecord, PendingCall, Record, Status, StepInput, StepOutput, StepResult, StepWrite, Stored,
+    TimeSpec, Timer,
 };
+pub use rope::{Blob, Rope};
 pub use store::{BoxFuture, InstanceStore, MemoryStore, RedbStore};
 pub use tier::{BlobTier, Tier, TierError, TierExt};

@@ -88,6 +88,9 @@ pub use flowwire_runtime::{
 /// bounds of the items above, implemented by `#[driver]` and `#[flow]`, never by hand.
 pub use flowwire_runtime::{CallSet, Dispatch, DriverCall, Implements, Reply};
 pub use flowwire_runtime::{Clock, ManualClock, SystemClock};
+/// A large field of a flow's state (a document, an image, a batch of rows) kept by
+/// reference: a step that leaves it as it is neither copies, compares nor hashes it.
+pub use flowwire_storage::Blob;
 
 /// The sans-IO step core, for tests and tools that drive instances without an engine.
 /// Not the user's API: it changes with the engine.

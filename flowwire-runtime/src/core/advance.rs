@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::codec;
-use flowwire_storage::{Compensation, Fan, PendingCall, Status, StepInput, StepOutput, Timer};
+use flowwire_storage::{
+    Compensation, Fan, PendingCall, Rope, Status, StepInput, StepOutput, Timer,
+};
 
 use crate::board::CallSet;
 use crate::command::{Command, CommandKind, Delivered, ThenError, Undo, Wake};
@@ -177,7 +179,7 @@ impl<F: Flow> Instance<F> {
         &mut self,
         input: StepInput,
         mut fan: Fan,
-        state: Bytes,
+        state: Rope,
         scratch: &mut Scratch,
     ) -> Step {
         let dispatch = top_up(&mut fan);
@@ -306,12 +308,10 @@ impl<F: Flow> Instance<F> {
                 Plan::JoinNow(then) => return self.join(input, impulse, then, scratch, joined + 1),
                 Plan::Park(reason) => return self.park(input, reason, scratch),
             };
-        scratch.state.clear();
-        if let Err(e) = codec::encode_raw(self.flow.state(), &mut scratch.state) {
-            let reason = format!("the state could not be encoded: {e}");
-            return self.park(input, reason, scratch);
-        }
-        let state = scratch.arena.take(&mut scratch.state);
+        let state = match self.encoded_state(scratch) {
+            Ok(state) => state,
+            Err(reason) => return self.park(input, reason, scratch),
+        };
         if let Some(failure) = failing {
             let compensations = self.compensations_now();
             // The impulse that led the wire to fail was applied: its id is recorded with
@@ -335,9 +335,8 @@ impl<F: Flow> Instance<F> {
         failure: Failure,
         scratch: &mut Scratch,
     ) -> Step {
-        scratch.state.clear();
-        let state = match codec::encode_raw(self.flow.state(), &mut scratch.state) {
-            Ok(()) => scratch.arena.take(&mut scratch.state),
+        let state = match self.encoded_state(scratch) {
+            Ok(state) => state,
             Err(_) => self.record.state.clone(),
         };
         let compensations = self.compensations_now();

@@ -3,9 +3,9 @@
 //! each of them, one version at a time), one of any other version is parked with a reason
 //! naming both, never run on code it was not written for.
 
-use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+use flowwire_storage::{codec, rope};
 
 use crate::flow::Flow;
 use crate::guard::guard;
@@ -42,7 +42,7 @@ impl<F: Flow> Instance<F> {
                     record.flow_version = F::VERSION;
                     state
                 }
-                Ok(None) => codec::decode_raw(&record.state, limit)?,
+                Ok(None) => rope::codec::decode_shared(&record.state, limit)?,
                 Err(message) => {
                     // A state the new type reads as it is can still be parked (and patched).
                     let Ok(state) = codec::decode_raw(&record.state, limit) else {
@@ -55,13 +55,14 @@ impl<F: Flow> Instance<F> {
                 }
             }
         } else {
-            codec::decode_raw(&record.state, limit)?
+            // Large blobs in the state share the buffer it was read into.
+            rope::codec::decode_shared(&record.state, limit)?
         };
         let mut inst = Self {
             key,
             flow: F::from_state(state),
             version,
-            record,
+            record: record.live(),
             awaiting: Awaiting::Nothing,
             registered: None,
             delivered: None,
@@ -116,7 +117,7 @@ impl<F: Flow> Instance<F> {
             F::NAME,
             F::VERSION
         );
-        let mut parked = record.clone();
+        let mut parked = record.clone().live();
         parked.seq += 1;
         parked.timer = None;
         parked.status = Status::Quarantined {

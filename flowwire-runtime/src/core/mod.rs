@@ -35,12 +35,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::arena::Arena;
-use flowwire_storage::codec;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
-    CodecError, Compensation, Expect, InstanceKey, PendingCall, Record, Status, StepInput,
-    StepOutput, Timer,
+    CodecError, Compensation, Expect, InstanceKey, LiveRecord, PendingCall, Record, Rope, Status,
+    StepInput, StepOutput, Timer,
 };
+use flowwire_storage::{codec, rope};
 use smallvec::{SmallVec, smallvec};
 
 use crate::board::Board;
@@ -115,6 +115,8 @@ pub struct Scratch {
     pub arena: Arena,
     call: Vec<u8>,
     state: Vec<u8>,
+    /// Where the large blobs left out of `state` go.
+    cuts: Vec<flowwire_storage::rope::codec::Cut>,
     /// The runner's buffer for encoding records and history entries.
     pub out: Vec<u8>,
     /// The time of the step being built, in milliseconds since the Unix epoch, as the entry
@@ -135,7 +137,7 @@ pub struct Step {
 
 impl Step {
     /// The record the step writes.
-    pub fn record(&self) -> &Record {
+    pub fn record(&self) -> &LiveRecord {
         &self.draft.record
     }
 }
@@ -165,7 +167,7 @@ pub struct Instance<F: Flow> {
     key: InstanceKey,
     flow: F,
     version: u64,
-    record: Record,
+    record: LiveRecord,
     /// What its continuation waits for.
     awaiting: Awaiting<F>,
     /// The compensation the step being built registers (its drive's call succeeded).
@@ -225,7 +227,7 @@ impl<F: Flow> Instance<F> {
                 flow_version: F::VERSION,
                 seq: 0,
                 status: Status::Waiting,
-                state: Bytes::new(),
+                state: Rope::default(),
                 pending: None,
                 timer: None,
                 compensations: Vec::new(),
@@ -289,7 +291,7 @@ impl<F: Flow> Instance<F> {
     }
 
     /// The committed record.
-    pub fn record(&self) -> &Record {
+    pub fn record(&self) -> &LiveRecord {
         &self.record
     }
 
@@ -299,9 +301,9 @@ impl<F: Flow> Instance<F> {
         &self.flow
     }
 
-    /// The committed state, encoded.
+    /// The committed state, encoded in one buffer (a copy when it is in pieces).
     pub fn state_bytes(&self) -> Bytes {
-        self.record.state.clone()
+        self.record.state.flat()
     }
 
     /// The version of the record this instance was built from, or last committed.
@@ -314,15 +316,20 @@ impl<F: Flow> Instance<F> {
         self.record.pending.as_ref()
     }
 
-    /// The current state, encoded (a failure to encode is the reason to park).
-    fn encoded_state(&self, scratch: &mut Scratch) -> Result<Bytes, String> {
+    /// The current state, encoded, its large blobs by reference (a failure to encode is
+    /// the reason to park).
+    fn encoded_state(&self, scratch: &mut Scratch) -> Result<Rope, String> {
         scratch.state.clear();
+        scratch.cuts.clear();
         // A large state is likely about as large as it was: one allocation, not a doubling
         // series of them (each a copy of what was encoded so far).
-        scratch.state.reserve(self.record.state.len());
-        codec::encode_raw(self.flow.state(), &mut scratch.state)
+        if let Rope::Flat(b) = &self.record.state {
+            scratch.state.reserve(b.len());
+        }
+        rope::codec::encode_rope(self.flow.state(), &mut scratch.state, &mut scratch.cuts)
             .map_err(|e| format!("the state could not be encoded: {e}"))?;
-        Ok(scratch.arena.take(&mut scratch.state))
+        let head = scratch.arena.take(&mut scratch.state);
+        Ok(Rope::assemble(head, &mut scratch.cuts))
     }
 
     /// Adopts a step after the store committed it.
@@ -333,7 +340,7 @@ impl<F: Flow> Instance<F> {
 
     /// Returns to the committed record after a step was not committed.
     pub fn revert(&mut self) -> Result<(), CodecError> {
-        let state: F::State = codec::decode_raw(&self.record.state, self.limit)?;
+        let state: F::State = rope::codec::decode_shared(&self.record.state.flat(), self.limit)?;
         self.flow = F::from_state(state);
         self.awaiting = Awaiting::Nothing;
         Ok(())
@@ -355,7 +362,7 @@ impl<F: Flow> Instance<F> {
         input: StepInput,
         impulse: Option<Arc<str>>,
         status: Status,
-        state: Bytes,
+        state: Rope,
         pending: Option<PendingCall>,
         dispatch: Dispatches,
         timer: Option<Timer>,

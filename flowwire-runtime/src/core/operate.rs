@@ -1,9 +1,8 @@
 //! Parking an instance for an operator, and the operator's operations on a parked one
 //! (patch, rewind, resume).
 
-use bytes::Bytes;
-use flowwire_storage::codec;
-use flowwire_storage::{Status, StepInput, StepOutput};
+use flowwire_storage::{Rope, Status, StepInput, StepOutput};
+use flowwire_storage::{codec, rope};
 
 use crate::flow::Flow;
 use crate::guard::guard;
@@ -30,7 +29,7 @@ impl<F: Flow> Instance<F> {
         let mut step = match op {
             Operation::Resume => self.resume(scratch),
             Operation::Patch(patch) => {
-                let mut state: F::State = codec::decode_raw(&self.record.state, self.limit)
+                let mut state: F::State = codec::decode_raw(&self.record.state.flat(), self.limit)
                     .map_err(|e| {
                         Refused::State(format!("the stored state does not decode: {e}"))
                     })?;
@@ -41,7 +40,7 @@ impl<F: Flow> Instance<F> {
                 })?;
                 self.flow = F::from_state(state);
                 let bytes = scratch.arena.take(&mut scratch.state);
-                self.operated(StepInput::Patch, bytes, None)
+                self.operated(StepInput::Patch, bytes.into(), None)
             }
             Operation::Rewind { to, state } => {
                 let decoded: F::State = codec::decode_raw(&state, self.limit).map_err(|e| {
@@ -53,7 +52,7 @@ impl<F: Flow> Instance<F> {
                 let reason = format!(
                     "rewound to step {to} by an operator: resume it to run the wire from there"
                 );
-                let mut step = self.operated(StepInput::Rewind { to }, state, Some(reason));
+                let mut step = self.operated(StepInput::Rewind { to }, state.into(), Some(reason));
                 step.draft.record.pending = None;
                 step.draft.record.fan = None;
                 step.draft.record.failing = None;
@@ -69,7 +68,7 @@ impl<F: Flow> Instance<F> {
     pub(super) fn operated(
         &mut self,
         input: StepInput,
-        state: Bytes,
+        state: Rope,
         reason: Option<String>,
     ) -> Step {
         let reason = reason.unwrap_or_else(|| match &self.record.status {
@@ -111,11 +110,11 @@ impl<F: Flow> Instance<F> {
             // A start that panicked: park the initial state as given.
             scratch.state.clear();
             let _ = codec::encode_raw(self.flow.state(), &mut scratch.state);
-        } else if let Ok(s) = codec::decode_raw::<F::State>(&state, self.limit) {
+        } else if let Ok(s) = rope::codec::decode_shared::<F::State>(&state.flat(), self.limit) {
             self.flow = F::from_state(s);
         }
         let state = if state.is_empty() {
-            scratch.arena.take(&mut scratch.state)
+            scratch.arena.take(&mut scratch.state).into()
         } else {
             state
         };
@@ -128,7 +127,7 @@ impl<F: Flow> Instance<F> {
 
     /// A parked step: it keeps the call (or fan-out) in flight (an operator may resume it)
     /// but no timer (resuming runs the wire, which arms it again).
-    pub(super) fn quarantined(&mut self, input: StepInput, reason: String, state: Bytes) -> Step {
+    pub(super) fn quarantined(&mut self, input: StepInput, reason: String, state: Rope) -> Step {
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };

@@ -4,7 +4,7 @@
 //! (the time is the step's, given to the entry point); only the scratch buffers are used,
 //! to encode calls. Adding a command kind adds an arm here.
 
-use flowwire_storage::{Fan, PendingCall, Record, Status, StepOutput, TimeSpec, Timer};
+use flowwire_storage::{Fan, LiveRecord, PendingCall, Status, StepOutput, TimeSpec, Timer};
 
 use crate::board::CallSet;
 use crate::command::{CommandKind, Join, Wake};
@@ -49,7 +49,7 @@ pub(super) enum Plan<F: Flow> {
 #[inline]
 pub(super) fn plan<F: Flow>(
     kind: CommandKind<F>,
-    record: &Record,
+    record: &LiveRecord,
     keep_pending: bool,
     seq: u64,
     joined: u32,

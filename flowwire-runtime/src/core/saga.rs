@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use flowwire_storage::{Cancel, Compensation, PendingCall, Status, StepInput, StepOutput};
+use flowwire_storage::{Cancel, Compensation, PendingCall, Rope, Status, StepInput, StepOutput};
 
 use crate::driver::Fault;
 use crate::failure::Failure;
@@ -113,7 +112,7 @@ impl<F: Flow> Instance<F> {
         impulse: Option<Arc<str>>,
         why: Why,
         compensations: Vec<Compensation>,
-        state: Bytes,
+        state: Rope,
         scratch: &mut Scratch,
     ) -> Step {
         self.awaiting = Awaiting::Nothing;

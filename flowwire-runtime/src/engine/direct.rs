@@ -72,15 +72,16 @@ impl<F: Flow> SettledReads<F> for Reader<F> {
             .map_err(|e| super::state_read_error::<F>(id, e))
     }
 
-    fn flow(&self, id: &str, state: &[u8]) -> Result<F> {
-        let state = flowwire_storage::codec::decode_raw(state, self.limit).map_err(|source| {
-            Error::Codec {
-                flow: F::NAME,
-                id: id.to_string(),
-                what: "the state",
-                source,
-            }
-        })?;
+    fn flow(&self, id: &str, state: &Bytes) -> Result<F> {
+        let state =
+            flowwire_storage::rope::codec::decode_shared(state, self.limit).map_err(|source| {
+                Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the state",
+                    source,
+                }
+            })?;
         Ok(F::from_state(state))
     }
 }

@@ -9,6 +9,7 @@ use crate::blob::{self, BlobRef, Payload};
 use crate::chunk::{self, Chunked};
 use crate::error::BlobError;
 use crate::record::{Draft, HistoryEntryRef, InstanceKey, PlacedRecord, Retired, StepWrite};
+use crate::rope::{Rope, split::split_rope};
 
 use super::keys::{blob_key, write_tag};
 use super::{Placement, Put, Retention, Sealed};
@@ -68,6 +69,59 @@ impl Placement {
         }))
     }
 
+    #[allow(clippy::result_large_err)] // as for `place`
+    /// Places a state: as [`place`](Self::place) does its bytes, but a state in pieces
+    /// (large blobs by reference) that is chunked is split piece by piece, so an unchanged
+    /// blob is neither copied, compared nor hashed ([`split_rope`]).
+    pub fn place_state(
+        &self,
+        instance: &InstanceKey,
+        seq: u64,
+        rope: &Rope,
+        prev: Option<(&Payload, Option<&Rope>)>,
+        puts: &mut Vec<Put>,
+    ) -> Result<Payload, BlobError> {
+        let prev_flat = prev.map(|(p, r)| (p, r.and_then(Rope::as_flat)));
+        let pieces = match rope {
+            Rope::Flat(bytes) => {
+                return self.place(instance, seq, 's', bytes.clone(), prev_flat, puts);
+            }
+            Rope::Pieces { pieces, .. } => pieces,
+        };
+        let len = rope.len();
+        let tier = match self.tier_for(len) {
+            Some(tier) if len >= self.chunk_from && len <= self.record_limit => tier,
+            // Inline, one blob, or refused: as contiguous bytes.
+            _ => return self.place(instance, seq, 's', rope.flat(), prev_flat, puts),
+        };
+        let prev = prev
+            .and_then(|(p, _)| p.chunked())
+            .filter(|c| c.tier == *tier.name_arc() && c.role == 's');
+        let split = split_rope(pieces, seq, prev, &tier.chunk_sizes());
+        if let Some(old) = prev
+            && split.new.is_empty()
+            && old.len == len as u64
+            && *old.chunks == *split.chunks
+        {
+            return Ok(Payload::Chunked(old.clone()));
+        }
+        let manifest = Chunked {
+            tier: tier.name_arc().clone(),
+            role: 's',
+            len: len as u64,
+            chunks: split.chunks.into(),
+        };
+        for (bytes, c) in split.new {
+            let key: Arc<str> = manifest.key_of(instance, &c).into();
+            puts.push(Put {
+                tier: tier.clone(),
+                parts: [blob::header(&key, u64::from(c.len), c.crc), bytes],
+                key,
+            });
+        }
+        Ok(Payload::Chunked(manifest))
+    }
+
     /// Splits a payload into chunks on `tier`, with a put for each one not already stored.
     fn place_chunks(
         instance: &InstanceKey,
@@ -115,14 +169,14 @@ impl Placement {
     #[allow(clippy::result_large_err)] // as for `place`
     /// Places a step's payloads and builds its write.
     ///
-    /// `prev` is the committed record: its persisted form, and its state's bytes when they
-    /// are the ones that form holds (`None` after a migration changed them in memory: the
+    /// `prev` is the committed record: its persisted form, and its state when it is the one
+    /// that form holds (`None` after a migration changed them in memory: the
     /// state is then placed anew even when the step leaves it as it is). `None` for a start. `buf` is a reusable encode buffer; the record and the history entry are
     /// carved from `arena`.
     pub fn seal(
         &self,
         draft: &Draft,
-        prev: Option<(&PlacedRecord, Option<&Bytes>)>,
+        prev: Option<(&PlacedRecord, Option<&Rope>)>,
         retention: Retention,
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
@@ -145,17 +199,16 @@ impl Placement {
         let state = match prev {
             // A chunked state is compared by its split (which keeps every chunk of an
             // unchanged one): comparing it here too would read both states once more.
-            Some((p, Some(bytes)))
-                if same_bytes(bytes, &record.state, p.record.state.chunked().is_none()) =>
+            Some((p, Some(rope)))
+                if same_state(rope, &record.state, p.record.state.chunked().is_none()) =>
             {
                 p.record.state.clone()
             }
-            _ => self.place(
+            _ => self.place_state(
                 key,
                 seq,
-                's',
-                record.state.clone(),
-                prev.map(|(p, bytes)| (&p.record.state, bytes)),
+                &record.state,
+                prev.map(|(p, rope)| (&p.record.state, rope)),
                 &mut puts,
             )?,
         };
@@ -328,9 +381,15 @@ fn role_name(role: char) -> &'static str {
     }
 }
 
-/// Whether two payloads hold the same bytes: the same buffer (an unchanged state is
-/// shared, not copied) answers without comparing them; otherwise they are compared if
-/// `compare`.
-fn same_bytes(a: &Bytes, b: &Bytes, compare: bool) -> bool {
-    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || (compare && a == b)
+/// Whether two states hold the same bytes: the same buffer or the same pieces (an
+/// unchanged state is shared, not copied) answers without comparing large bytes; otherwise
+/// one-piece states are compared if `compare`. (A state in pieces that is not the same is
+/// placed again: its split keeps every chunk an unchanged one has.)
+fn same_state(a: &Rope, b: &Rope, compare: bool) -> bool {
+    a.same(b)
+        || (compare
+            && match (a, b) {
+                (Rope::Flat(x), Rope::Flat(y)) => x == y,
+                _ => false,
+            })
 }

@@ -19,8 +19,8 @@ mod tests;
 pub(crate) use self::history::HistoryEntryRef;
 pub use self::history::{HistoryEntry, StepInput, StepOutput};
 pub use self::model::{
-    Branch, BranchState, Cancel, Compensation, ErrorValue, Fan, PendingCall, Record, Status,
-    TimeSpec, Timer,
+    Branch, BranchState, Cancel, Compensation, ErrorValue, Fan, LiveRecord, PendingCall, Record,
+    Status, TimeSpec, Timer,
 };
 pub use self::placed::{PlacedCall, PlacedRecord, Retired};
 pub use self::step::{Draft, Expect, StepResult, StepWrite, Stored};

@@ -220,13 +220,14 @@ pub struct Cancel {
     pub abandoned: Option<u64>,
 }
 
-/// The record of one instance, its payloads (the state and the call in flight) held as
-/// `P`: `Record` (the bytes in memory) is what the runtime sees; `Record<Payload>` (each
-/// payload inline or a reference to a blob on the ladder) is what a
-/// [`PlacedRecord`](crate::record::PlacedRecord) persists, with its garbage lists. The
-/// fields are written once, for both.
+/// The record of one instance, its payloads (the call in flight's as `P`, the state as `S`,
+/// by default the same): `Record` (the bytes as read back) is what a reader sees;
+/// [`LiveRecord`] (the state as a [`Rope`](crate::Rope), its large blobs by reference) is
+/// what the engine keeps and commits; `Record<Payload>` (each payload inline or a
+/// reference to a blob on the ladder) is what a [`PlacedRecord`](crate::record::PlacedRecord)
+/// persists, with its garbage lists. The fields are written once, for all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record<P = Bytes> {
+pub struct Record<P = Bytes, S = P> {
     /// The flow version the instance runs under.
     pub flow_version: u32,
     /// Steps taken so far; the last step's number.
@@ -234,7 +235,7 @@ pub struct Record<P = Bytes> {
     /// Where the instance stands.
     pub status: Status,
     /// The flow state, encoded with postcard.
-    pub state: P,
+    pub state: S,
     /// The call in flight, when [`Status::Running`].
     pub pending: Option<PendingCall<P>>,
     /// The armed timer: when [`Status::Sleeping`] or waiting with a timeout; or, with a call
@@ -257,7 +258,26 @@ pub struct Record<P = Bytes> {
     pub cancel: Option<Cancel>,
 }
 
-impl<P> Record<P> {
+/// A record as the engine keeps it: its state a [`Rope`](crate::Rope).
+pub type LiveRecord = Record<Bytes, crate::Rope>;
+
+impl Record {
+    /// The record as the engine keeps it (no copy: the state becomes a one-piece rope).
+    pub fn live(self) -> LiveRecord {
+        let state = crate::Rope::Flat(self.state.clone());
+        let pending = self.pending.clone();
+        self.with_payloads(state, pending)
+    }
+}
+
+impl LiveRecord {
+    /// The record with its state in one buffer (copied if it is in pieces).
+    pub fn flat(&self) -> Record {
+        self.with_payloads(self.state.flat(), self.pending.clone())
+    }
+}
+
+impl<P, S> Record<P, S> {
     /// Whether the call in flight (or a fan-out branch) waits out a backoff before its next
     /// attempt: the record's timer sends it again.
     pub fn backing_off(&self) -> bool {
@@ -280,7 +300,7 @@ impl<P> Record<P> {
 
     /// The same record with its payloads (the state, and the call in flight's) given anew:
     /// how a record is placed on the ladder and read back from it.
-    pub fn with_payloads<Q>(&self, state: Q, pending: Option<PendingCall<Q>>) -> Record<Q> {
+    pub fn with_payloads<Q, T>(&self, state: T, pending: Option<PendingCall<Q>>) -> Record<Q, T> {
         Record {
             flow_version: self.flow_version,
             seq: self.seq,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::key::InstanceKey;
 
 use super::history::{StepInput, StepOutput};
-use super::model::Record;
+use super::model::LiveRecord;
 
 /// The condition a step write puts on the stored record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,8 +30,8 @@ pub struct Draft {
     pub expect: Expect,
     /// The version the new record gets.
     pub version: u64,
-    /// The new record.
-    pub record: Record,
+    /// The new record (its state a rope: large blobs by reference).
+    pub record: LiveRecord,
     /// The impulse id this step applies.
     pub impulse: Option<Arc<str>>,
     /// What came in.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::Status;
-use flowwire_storage::codec;
 use tokio::sync::oneshot;
 
 use crate::core::{Instance, Operation, Refused, Rejected};
@@ -48,7 +47,7 @@ impl<F: Flow> Runner<F> {
     ) {
         let limit = self.limits.decode_limit;
         tokio::task::spawn_blocking(move || {
-            let answer = codec::decode_raw::<F::State>(&state, limit)
+            let answer = flowwire_storage::rope::codec::decode_shared::<F::State>(&state, limit)
                 .map_err(|source| Error::Codec {
                     flow: F::NAME,
                     id: id.to_string(),

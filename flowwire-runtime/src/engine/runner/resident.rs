@@ -418,11 +418,11 @@ impl<F: Flow> Runner<F> {
             Ok(rebuilt) => rebuilt,
             Err(e) => {
                 let park = self.unreadable(id, &record, stored.version, e)?;
-                return Ok(Some(park.draft.record));
+                return Ok(Some(park.draft.record.flat()));
             }
         };
         if let Some(park) = park {
-            return Ok(Some(park.draft.record));
+            return Ok(Some(park.draft.record.flat()));
         }
         self.install(id, inst, placed);
         Ok(Some(record))

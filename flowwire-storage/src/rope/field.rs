@@ -1,0 +1,263 @@
+//! [`Blob`]: a large field of a flow's state, kept by reference.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::chunk::{ChunkRef, ChunkSize, cdc};
+
+use super::codec::{offer, shared_slice};
+
+/// Immutable, reference-counted bytes for a large field of a flow's state (a document, an
+/// image, a batch of rows), which the engine stores by reference.
+///
+/// A `Blob` is encoded like `Vec<u8>` or [`Bytes`] (a length, then the bytes), so swapping
+/// one for the other keeps every stored state readable. What changes is the cost of a step:
+///
+/// - encoding the state does not copy the blob's bytes: the encoded state refers to them;
+/// - the content-defined chunks of a large state are cut and hashed once per blob, and a
+///   step that leaves the blob as it is writes none of its chunks and compares none of
+///   its bytes;
+/// - decoding a state the engine read back slices the blob out of the read buffer instead
+///   of copying it, so a resident instance holds its large fields once.
+///
+/// Clone it freely (a reference count). To change it, build a new one.
+///
+/// ```
+/// use flowwire::Blob;
+///
+/// let scan = Blob::from(vec![7u8; 3 * 1024 * 1024]);
+/// let copy = scan.clone(); // no copy of the bytes
+/// assert_eq!(copy.len(), 3 * 1024 * 1024);
+/// assert_eq!(&scan[..2], &[7, 7]);
+///
+/// // Encoded as bytes are: a state can move from `Vec<u8>` to `Blob` and back.
+/// let as_blob = postcard::to_allocvec(&Blob::from_static(b"abc")).unwrap();
+/// let as_vec = postcard::to_allocvec(&b"abc".to_vec()).unwrap();
+/// assert_eq!(as_blob, as_vec);
+/// ```
+#[derive(Clone)]
+pub struct Blob(Arc<Inner>);
+
+struct Inner {
+    bytes: Bytes,
+    /// Where the blob is cut into chunks of one size, with each chunk's hash: computed at
+    /// the first step that stores the blob as chunks, then kept while the blob lives.
+    cuts: Mutex<Option<Arc<Cuts>>>,
+}
+
+/// A blob's chunks for one chunk size (the step each was written at is not known here:
+/// it comes from the manifest that stores them).
+#[derive(Debug)]
+pub(crate) struct Cuts {
+    pub(crate) size: ChunkSize,
+    pub(crate) chunks: Vec<ChunkRef>,
+}
+
+impl Blob {
+    /// A blob of `bytes` (no copy).
+    pub fn new(bytes: impl Into<Bytes>) -> Blob {
+        Blob(Arc::new(Inner {
+            bytes: bytes.into(),
+            cuts: Mutex::new(None),
+        }))
+    }
+
+    /// A blob of static bytes.
+    ///
+    /// ```
+    /// assert_eq!(flowwire::Blob::from_static(b"hi").len(), 2);
+    /// ```
+    pub fn from_static(bytes: &'static [u8]) -> Blob {
+        Blob::new(Bytes::from_static(bytes))
+    }
+
+    /// Its bytes, shared.
+    ///
+    /// ```
+    /// let b = flowwire::Blob::from(vec![1u8, 2, 3]);
+    /// let bytes: bytes::Bytes = b.bytes().clone();
+    /// assert_eq!(&bytes[..], &[1, 2, 3]);
+    /// ```
+    pub fn bytes(&self) -> &Bytes {
+        &self.0.bytes
+    }
+
+    /// Its length in bytes.
+    ///
+    /// ```
+    /// assert_eq!(flowwire::Blob::default().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.0.bytes.len()
+    }
+
+    /// Whether it holds no bytes.
+    ///
+    /// ```
+    /// assert!(flowwire::Blob::default().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.0.bytes.is_empty()
+    }
+
+    /// Whether `self` and `other` are the same blob (clones of one another), without
+    /// comparing bytes. Two blobs built apart from equal bytes are equal (`==`) but not
+    /// the same.
+    ///
+    /// ```
+    /// use flowwire::Blob;
+    /// let a = Blob::from(vec![1u8; 10]);
+    /// assert!(a.same(&a.clone()));
+    /// assert!(!a.same(&Blob::from(vec![1u8; 10])));
+    /// assert_eq!(a, Blob::from(vec![1u8; 10]));
+    /// ```
+    pub fn same(&self, other: &Blob) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Its chunks for `size`: cut and hashed the first time, then kept.
+    pub(crate) fn cuts(&self, size: &ChunkSize) -> Arc<Cuts> {
+        let mut cached = self
+            .0
+            .cuts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cached.as_ref()
+            && c.size == *size
+        {
+            return c.clone();
+        }
+        let bytes = &self.0.bytes[..];
+        let mut chunks = Vec::with_capacity(bytes.len() / size.avg() + 1);
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = cdc::cut(&bytes[at..], size);
+            let body = &bytes[at..at + len];
+            chunks.push(ChunkRef {
+                hash: *blake3::hash(body).as_bytes(),
+                seq: 0,
+                len: u32::try_from(len).expect("a chunk is at most 64 MiB"),
+                crc: crc32fast::hash(body),
+            });
+            at += len;
+        }
+        let cuts = Arc::new(Cuts {
+            size: *size,
+            chunks,
+        });
+        *cached = Some(cuts.clone());
+        cuts
+    }
+}
+
+impl Default for Blob {
+    fn default() -> Blob {
+        Blob::new(Bytes::new())
+    }
+}
+
+impl Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl AsRef<[u8]> for Blob {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl From<Bytes> for Blob {
+    fn from(bytes: Bytes) -> Blob {
+        Blob::new(bytes)
+    }
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(bytes: Vec<u8>) -> Blob {
+        Blob::new(bytes)
+    }
+}
+
+impl From<Blob> for Bytes {
+    fn from(blob: Blob) -> Bytes {
+        blob.0.bytes.clone()
+    }
+}
+
+impl PartialEq for Blob {
+    fn eq(&self, other: &Blob) -> bool {
+        self.same(other) || self.0.bytes == other.0.bytes
+    }
+}
+
+impl Eq for Blob {}
+
+impl std::hash::Hash for Blob {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.bytes.hash(state);
+    }
+}
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blob({} bytes)", self.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Inside the engine's encoder this records a reference instead of a copy; anywhere
+        // else it is plain bytes.
+        offer(self);
+        serializer.serialize_bytes(&self.0.bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Blob, D::Error> {
+        deserializer.deserialize_bytes(BlobVisitor)
+    }
+}
+
+struct BlobVisitor;
+
+impl<'de> Visitor<'de> for BlobVisitor {
+    type Value = Blob;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("bytes")
+    }
+
+    fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Blob, E> {
+        // Decoding a buffer the engine shares: a slice of it, not a copy.
+        Ok(Blob::new(
+            shared_slice(v).unwrap_or_else(|| Bytes::copy_from_slice(v)),
+        ))
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+        Ok(Blob::new(Bytes::copy_from_slice(v)))
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+        Ok(Blob::new(v))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Blob, A::Error> {
+        // Formats that write bytes as a list of numbers (JSON). Bounded by the input: each
+        // element is one the deserializer read.
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64 * 1024));
+        while let Some(b) = seq.next_element::<u8>()? {
+            out.push(b);
+        }
+        Ok(Blob::new(out))
+    }
+}

@@ -1,0 +1,214 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::codec::{BY_REFERENCE_FROM, decode_shared, encode_rope};
+use super::split::split_rope;
+use super::{Blob, Piece, Rope};
+use crate::chunk::{ChunkSize, Chunked};
+use crate::fuzz::Rng;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Doc {
+    id: u64,
+    title: String,
+    scan: Blob,
+    pages: Vec<Blob>,
+    note: Option<Blob>,
+    tail: u32,
+}
+
+fn doc(rng: &mut Rng) -> Doc {
+    Doc {
+        id: rng.below(1 << 40) as u64,
+        title: "quarterly report".into(),
+        scan: Blob::from(rng.bytes(300_000)),
+        pages: vec![
+            Blob::from(rng.bytes(BY_REFERENCE_FROM)),
+            Blob::from(rng.bytes(BY_REFERENCE_FROM - 1)),
+            Blob::default(),
+            Blob::from(rng.bytes(70_000)),
+        ],
+        note: Some(Blob::from_static(b"small")),
+        tail: 7,
+    }
+}
+
+fn rope_of<T: Serialize>(value: &T) -> Rope {
+    let (mut head, mut cuts) = (Vec::new(), Vec::new());
+    encode_rope(value, &mut head, &mut cuts).unwrap();
+    Rope::assemble(head.into(), &mut cuts)
+}
+
+#[test]
+fn a_rope_holds_exactly_the_postcard_encoding_with_large_blobs_by_reference() {
+    let mut rng = Rng::new(1);
+    let d = doc(&mut rng);
+    let rope = rope_of(&d);
+    let flat = postcard::to_allocvec(&d).unwrap();
+    assert_eq!(&rope.flat()[..], &flat[..]);
+    assert_eq!(rope.len(), flat.len());
+    assert_eq!(rope, Rope::Flat(flat.into()));
+    let Rope::Pieces { pieces, .. } = &rope else {
+        panic!("a state with large blobs is in pieces");
+    };
+    let blobs: Vec<&Blob> = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Blob(b) => Some(b),
+            Piece::Head(_) => None,
+        })
+        .collect();
+    // The scan and the pages of at least 16 KiB, each the very blob of the state.
+    assert_eq!(blobs.len(), 3);
+    assert!(blobs[0].same(&d.scan));
+    assert!(blobs[1].same(&d.pages[0]));
+    assert!(blobs[2].same(&d.pages[3]));
+}
+
+#[test]
+fn a_state_without_large_blobs_is_one_flat_piece() {
+    let rope = rope_of(&(1u8, Blob::from(vec![1u8; 100]), "x"));
+    assert!(rope.as_flat().is_some());
+}
+
+#[test]
+fn a_blob_decoded_from_a_shared_buffer_is_a_slice_of_it() {
+    let mut rng = Rng::new(2);
+    let d = doc(&mut rng);
+    let bytes = Bytes::from(postcard::to_allocvec(&d).unwrap());
+    let back: Doc = decode_shared(&bytes, usize::MAX).unwrap();
+    assert_eq!(back, d);
+    let range = bytes.as_ptr() as usize..bytes.as_ptr() as usize + bytes.len();
+    assert!(range.contains(&(back.scan.as_ptr() as usize)));
+    assert!(range.contains(&(back.pages[3].as_ptr() as usize)));
+    // Outside a shared decode, a copy.
+    let copied: Doc = crate::codec::decode_raw(&bytes, usize::MAX).unwrap();
+    assert!(!range.contains(&(copied.scan.as_ptr() as usize)));
+    assert_eq!(copied, d);
+}
+
+#[test]
+fn blobs_read_as_bytes_and_bytes_read_as_blobs() {
+    let v = vec![5u8; 20_000];
+    let as_vec = postcard::to_allocvec(&v).unwrap();
+    let blob: Blob = postcard::from_bytes(&as_vec).unwrap();
+    assert_eq!(&blob[..], &v[..]);
+    // Formats that write bytes as a list of numbers.
+    let list = serde::de::value::SeqDeserializer::<_, serde::de::value::Error>::new(
+        vec![1u8, 2].into_iter(),
+    );
+    let back = Blob::deserialize(list).unwrap();
+    assert_eq!(&back[..], b"\x01\x02");
+}
+
+#[test]
+fn a_panicking_encode_leaves_no_capture_behind() {
+    struct Boom;
+    impl Serialize for Boom {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            panic!("boom")
+        }
+    }
+    let big = Blob::from(vec![1u8; BY_REFERENCE_FROM]);
+    let r = std::panic::catch_unwind(|| {
+        let (mut head, mut cuts) = (Vec::new(), Vec::new());
+        let _ = encode_rope(&(big.clone(), Boom), &mut head, &mut cuts);
+    });
+    assert!(r.is_err());
+    // Plain postcard on this thread copies the blob as before.
+    let flat = postcard::to_allocvec(&big).unwrap();
+    assert_eq!(flat.len(), BY_REFERENCE_FROM + 3);
+}
+
+fn bytes_of(
+    split: &super::split::RopeSplit,
+    written: &std::collections::HashMap<[u8; 32], Bytes>,
+) -> Vec<u8> {
+    split
+        .chunks
+        .iter()
+        .flat_map(|c| written[&c.hash].iter().copied())
+        .collect()
+}
+
+fn manifest(split: &super::split::RopeSplit, len: usize) -> Chunked {
+    Chunked {
+        tier: Arc::from("files"),
+        role: 's',
+        len: len as u64,
+        chunks: split.chunks.clone().into(),
+    }
+}
+
+#[test]
+fn a_rope_splits_into_chunks_that_add_up_to_its_bytes_and_an_unchanged_blob_writes_none() {
+    let mut rng = Rng::new(3);
+    let size = ChunkSize::around(16 * 1024);
+    let mut d = doc(&mut rng);
+    d.scan = Blob::from(rng.bytes(2 * 1024 * 1024));
+    let rope = rope_of(&d);
+    let Rope::Pieces { pieces, .. } = &rope else {
+        panic!("in pieces")
+    };
+    let first = split_rope(pieces, 1, None, &size);
+    let mut written = std::collections::HashMap::new();
+    for (bytes, c) in &first.new {
+        assert_eq!(*blake3::hash(bytes).as_bytes(), c.hash);
+        assert_eq!(crc32fast::hash(bytes), c.crc);
+        assert_eq!(c.seq, 1);
+        written.insert(c.hash, bytes.clone());
+    }
+    assert_eq!(bytes_of(&first, &written), rope.flat());
+    assert!(first.chunks.len() > 100);
+
+    // The next step changes the id and the tail: only head chunks are new.
+    d.id += 1;
+    d.tail += 1;
+    let next = rope_of(&d);
+    let Rope::Pieces { pieces, .. } = &next else {
+        panic!("in pieces")
+    };
+    let prev = manifest(&first, rope.len());
+    let second = split_rope(pieces, 2, Some(&prev), &size);
+    assert!(
+        !second.new.is_empty() && second.new.len() <= 2,
+        "{}",
+        second.new.len()
+    );
+    for (bytes, c) in &second.new {
+        assert_eq!(c.seq, 2);
+        written.insert(c.hash, bytes.clone());
+    }
+    assert_eq!(bytes_of(&second, &written), next.flat());
+    // Every chunk not new keeps the key it was written under.
+    let kept = second.chunks.iter().filter(|c| c.seq == 1).count();
+    assert_eq!(kept, second.chunks.len() - second.new.len());
+
+    // A blob equal in bytes but built anew cuts the same chunks (its own hashes).
+    d.scan = Blob::from(d.scan.bytes().to_vec());
+    let again = rope_of(&d);
+    let Rope::Pieces { pieces, .. } = &again else {
+        panic!("in pieces")
+    };
+    let third = split_rope(pieces, 3, Some(&manifest(&second, next.len())), &size);
+    assert!(third.new.is_empty());
+}
+
+#[test]
+fn ropes_compare_by_bytes_whatever_their_cut() {
+    let mut rng = Rng::new(4);
+    let d = doc(&mut rng);
+    let rope = rope_of(&d);
+    assert!(rope.same(&rope.clone()));
+    let flat = Rope::Flat(rope.flat());
+    assert_eq!(rope, flat);
+    let mut other = d.clone();
+    other.tail += 1;
+    assert_ne!(rope, rope_of(&other));
+    let mut shorter = d;
+    shorter.title.pop();
+    assert_ne!(rope, rope_of(&shorter));
+    assert_eq!(Rope::default(), Rope::Flat(Bytes::new()));
+}

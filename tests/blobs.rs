@@ -1,0 +1,181 @@
+#![allow(missing_docs)] // test-local flows
+//! Large fields of a state as `flowwire::Blob`: kept by reference, stored as the chunks of
+//! any large state, and written once.
+//!
+//! * A step that leaves a 4 MiB blob as it is writes only the chunk of the small fields
+//!   around it: none of the blob's chunks, which keep the key of the step that first wrote
+//!   them; after a restart (the blob read back from its chunks), still only that one.
+//! * A step that replaces the blob writes the new blob's chunks.
+//! * What is stored is the state's usual encoding: a `Blob` field reads back as the
+//!   `Bytes` a flow declared before, and every snapshot reads back.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use flowwire::prelude::*;
+use flowwire::storage::record::PlacedRecord;
+use flowwire::storage::{InstanceKey, InstanceStore, Ladder, MIB, Payload, RedbStore, Tier};
+use flowwire::{Blob, Engine};
+
+#[path = "support/blob_files.rs"]
+mod blob_files;
+#[path = "harness/kill_flows.rs"]
+mod kill_flows;
+
+use blob_files::blob_paths as chunk_files;
+use kill_flows::{chunk_noise, fnv};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct LedgerState {
+    scan: Blob,
+    stamps: Vec<u32>,
+}
+
+/// Holds a large scan and a list of stamps; stamping changes a few bytes after the scan.
+#[flow]
+pub struct Ledger {
+    #[link]
+    state: LedgerState,
+}
+
+#[flow]
+impl Ledger {
+    #[impulse]
+    fn stamp(&mut self, n: u32) {
+        self.state.stamps.push(n);
+    }
+
+    #[impulse]
+    fn rescan(&mut self, seed: u64) {
+        self.state.scan = Blob::from(chunk_noise(self.state.scan.len(), seed));
+    }
+
+    #[probe]
+    fn digest(&self) -> (u64, Vec<u32>) {
+        (fnv(&self.state.scan), self.state.stamps.clone())
+    }
+
+    #[allow(clippy::unused_self)] // the wire's signature is fixed; this flow only waits
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        Command::wait()
+    }
+}
+
+/// The same flow as it was declared before its scan became a `Blob`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct LedgerBytes {
+    scan: Bytes,
+    stamps: Vec<u32>,
+}
+
+async fn engine(dir: &Path) -> Engine {
+    Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(ladder(dir))
+        .flow::<Ledger>()
+        .start()
+        .await
+        .unwrap()
+}
+
+fn ladder(dir: &Path) -> Ladder {
+    Ladder::new().default_to(Tier::fs(dir.join("disk")).named("disk"))
+}
+
+fn store(dir: &Path) -> RedbStore {
+    RedbStore::open(dir.join("data").join("instances.redb")).unwrap()
+}
+
+/// The stored state's manifest: each chunk's hash with the step that wrote it (read with
+/// the engine shut down).
+async fn manifest(dir: &Path) -> Vec<(u64, [u8; 32])> {
+    let key = InstanceKey::new("Ledger", "l");
+    let stored = store(dir).load(&key).await.unwrap().unwrap();
+    let record = PlacedRecord::decode(&stored.bytes, &key, 64 * MIB).unwrap();
+    match &record.record.state {
+        Payload::Chunked(c) => c.chunks.iter().map(|c| (c.seq, c.hash)).collect(),
+        other => panic!("a 4 MiB state is chunked, not {other:?}"),
+    }
+}
+
+const SCAN: usize = 4 * MIB;
+
+fn files(dir: &Path) -> usize {
+    chunk_files(&dir.join("disk")).len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir).await;
+    let scan = chunk_noise(SCAN, 11);
+    engine
+        .start::<Ledger>(
+            "l",
+            LedgerState {
+                scan: Blob::from(scan.clone()),
+                stamps: Vec::new(),
+            },
+        )
+        .await
+        .unwrap();
+    let first = files(dir);
+    assert!((16..=64).contains(&first), "{first} chunks for 4 MiB");
+    engine.shutdown().await;
+    drop(engine);
+    let at_start = manifest(dir).await;
+
+    let engine = self::engine(dir).await;
+    let ledger = engine.handle::<Ledger>("l").await.unwrap();
+    let mut stamps = Vec::new();
+    for n in 0..5u32 {
+        let before = files(dir);
+        ledger.stamp(n).await.unwrap();
+        stamps.push(n);
+        assert_eq!(
+            files(dir) - before,
+            1,
+            "a stamp writes one chunk: the small fields after the blob"
+        );
+    }
+    assert_eq!(ledger.digest().await.unwrap(), (fnv(&scan), stamps.clone()));
+    engine.shutdown().await;
+    drop(engine);
+    let now = manifest(dir).await;
+    assert_eq!(now.len(), at_start.len());
+    assert_eq!(
+        now[..now.len() - 1],
+        at_start[..at_start.len() - 1],
+        "the blob's chunks keep the keys the first step wrote them under"
+    );
+    assert!(now[..now.len() - 1].iter().all(|(seq, _)| *seq == 1));
+
+    // A new blob: its chunks are written.
+    let engine = self::engine(dir).await;
+    let ledger = engine.handle::<Ledger>("l").await.unwrap();
+    let before = files(dir);
+    ledger.rescan(12).await.unwrap();
+    let written = files(dir) - before;
+    assert!(written >= first - 1, "a new scan wrote {written} chunks");
+    let rescanned = chunk_noise(SCAN, 12);
+    assert_eq!(
+        ledger.digest().await.unwrap(),
+        (fnv(&rescanned), stamps.clone())
+    );
+    let then: LedgerState = engine.state_at::<Ledger>("l", 1).await.unwrap();
+    assert_eq!(&then.scan[..], &scan[..], "every snapshot reads back");
+    engine.shutdown().await;
+    drop(engine);
+
+    // Stored as bytes are: the state reads as the flow declared it with `Bytes`.
+    let key = InstanceKey::new("Ledger", "l");
+    let stored = store(dir).load(&key).await.unwrap().unwrap();
+    let placed = PlacedRecord::decode(&stored.bytes, &key, 64 * MIB).unwrap();
+    let placement = ladder(dir).validate(64 * MIB).unwrap();
+    let record = placement.resolve(&key, &placed).await.unwrap();
+    let as_bytes: LedgerBytes = postcard::from_bytes(&record.state).unwrap();
+    assert_eq!(&as_bytes.scan[..], &rescanned[..]);
+    assert_eq!(as_bytes.stamps, stamps);
+}
