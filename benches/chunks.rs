@@ -64,68 +64,188 @@ impl Stock for GatedShop {
     }
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct Cargo {
-    blob: Bytes,
-    reservation: u64,
-    receipt: u64,
-    pokes: u32,
-    /// Further calls after the charge, each reply stored in `receipt`.
-    hops: u32,
-    hops_wanted: u32,
+/// The order flow and its runs, once for each way of holding the large field: as `Bytes`
+/// (the whole state encoded, compared and split at each step) and as `flowwire::Blob` (kept
+/// by reference; an unchanged blob is neither copied, compared nor hashed).
+macro_rules! freight {
+    ($module:ident, $blob:ty) => {
+        pub mod $module {
+            use super::*;
+
+            #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+            pub struct Cargo {
+                blob: $blob,
+                reservation: u64,
+                receipt: u64,
+                pokes: u32,
+                /// Further calls after the charge, each reply stored in `receipt`.
+                hops: u32,
+                hops_wanted: u32,
+            }
+
+            /// The order flow, carrying a large blob in its state.
+            #[flow]
+            pub struct Freight {
+                #[link]
+                state: Cargo,
+                #[link]
+                stock: impl Stock,
+            }
+
+            #[flow]
+            impl Freight {
+                /// Changes 100 bytes of the blob.
+                #[impulse]
+                fn poke(&mut self, at: u32) {
+                    let mut blob = self.state.blob.to_vec();
+                    let at = at as usize % blob.len().saturating_sub(100).max(1);
+                    let end = (at + 100).min(blob.len());
+                    for b in &mut blob[at..end] {
+                        *b = b.wrapping_add(1);
+                    }
+                    self.state.blob = blob.into();
+                    self.state.pokes += 1;
+                }
+
+                #[wire]
+                fn run(&mut self) -> Command<Self> {
+                    if self.state.pokes > 0 || self.state.blob.is_empty() {
+                        return Command::wait();
+                    }
+                    if self.state.reservation == 0 {
+                        return Command::drive(self.stock.reserve(1)).then(|f, r| {
+                            f.state.reservation = r?;
+                            Ok(())
+                        });
+                    }
+                    if self.state.receipt == 0 {
+                        return Command::drive(self.stock.charge(100)).then(|f, r| {
+                            f.state.receipt = r?;
+                            Ok(())
+                        });
+                    }
+                    if self.state.hops < self.state.hops_wanted {
+                        return Command::drive(self.stock.charge(u64::from(self.state.hops))).then(
+                            |f, r| {
+                                f.state.receipt = r?;
+                                f.state.hops += 1;
+                                Ok(())
+                            },
+                        );
+                    }
+                    Command::finish()
+                }
+            }
+
+            /// Sequential order flows with a state of `size` bytes and `hops` more calls after the
+            /// charge, each timed with its state read back.
+            pub async fn order_flows(
+                dir: &Path,
+                size: usize,
+                chunked: bool,
+                hops: u32,
+                flows: usize,
+            ) -> Vec<Duration> {
+                let engine = engine::<Freight>(dir, size, chunked).await;
+                let mut took = Vec::with_capacity(flows);
+                for i in 0..flows {
+                    let blob = noise(size, i as u64).into();
+                    let t = Instant::now();
+                    let h = engine
+                        .start::<Freight>(
+                            format!("o-{}-{size}-{chunked}-{hops}-{i}", stringify!($module)),
+                            Cargo {
+                                blob,
+                                hops_wanted: hops,
+                                ..Cargo::default()
+                            },
+                        )
+                        .await
+                        .expect("start");
+                    h.finished().await.expect("finished");
+                    let state = h.state().await.expect("result");
+                    took.push(t.elapsed());
+                    assert_eq!((state.blob.len(), state.hops), (size, hops));
+                }
+                engine.shutdown().await;
+                took
+            }
+
+            /// Impulse steps that change 100 bytes of a state of `size` bytes.
+            pub async fn pokes(dir: &Path, size: usize, steps: usize, run: usize) -> Vec<Duration> {
+                let engine = engine::<Freight>(dir, size, true).await;
+                let id = format!("p-{}-{size}-{run}", stringify!($module));
+                let h = engine
+                    .start::<Freight>(
+                        id.as_str(),
+                        Cargo {
+                            blob: noise(size, 77).into(),
+                            pokes: 1,
+                            ..Cargo::default()
+                        },
+                    )
+                    .await
+                    .expect("start");
+                let mut took = Vec::with_capacity(steps);
+                for i in 0..steps {
+                    let t = Instant::now();
+                    h.poke((i as u32).wrapping_mul(2_654_435_761))
+                        .await
+                        .expect("poke");
+                    took.push(t.elapsed());
+                }
+                engine.shutdown().await;
+                took
+            }
+
+            /// The memory case, in a process of its own (peak RSS is the whole process's): `IN_FLIGHT`
+            /// order flows with `size`-byte states, all holding their reservation call until every one
+            /// of them is in flight. Prints `peak <bytes> base <bytes>`.
+            pub async fn rss_child(size: usize) {
+                let tmp = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+                let gate = std::sync::Arc::new(tokio::sync::Barrier::new(IN_FLIGHT));
+                let engine = Engine::builder()
+                    .data_dir(tmp.path().join("data"))
+                    .storage(
+                        Ladder::new().default_to(Tier::fs(tmp.path().join("chunks")).named("disk")),
+                    )
+                    .history(flowwire::storage::Retention::Last(1))
+                    .flow::<Freight>()
+                    .driver::<StockProxy, _>(GatedShop(gate))
+                    .start()
+                    .await
+                    .expect("engine");
+                let base = support::rss().unwrap_or(0);
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..IN_FLIGHT {
+                    let engine = engine.clone();
+                    tasks.spawn(async move {
+                        // Each state exists only in the engine once started: the client keeps none.
+                        let h = engine
+                            .start::<Freight>(
+                                format!("m-{i}"),
+                                Cargo {
+                                    blob: noise(size, i as u64).into(),
+                                    ..Cargo::default()
+                                },
+                            )
+                            .await
+                            .expect("start");
+                        h.finished().await.expect("finished");
+                    });
+                }
+                while let Some(r) = tasks.join_next().await {
+                    r.expect("a flow task");
+                }
+                engine.shutdown().await;
+                println!("peak {} base {base}", support::peak_rss().unwrap_or(0));
+            }
+        }
+    };
 }
 
-/// The order flow, carrying a large blob in its state.
-#[flow]
-pub struct Freight {
-    #[link]
-    state: Cargo,
-    #[link]
-    stock: impl Stock,
-}
-
-#[flow]
-impl Freight {
-    /// Changes 100 bytes of the blob.
-    #[impulse]
-    fn poke(&mut self, at: u32) {
-        let mut blob = self.state.blob.to_vec();
-        let at = at as usize % blob.len().saturating_sub(100).max(1);
-        let end = (at + 100).min(blob.len());
-        for b in &mut blob[at..end] {
-            *b = b.wrapping_add(1);
-        }
-        self.state.blob = blob.into();
-        self.state.pokes += 1;
-    }
-
-    #[wire]
-    fn run(&mut self) -> Command<Self> {
-        if self.state.pokes > 0 || self.state.blob.is_empty() {
-            return Command::wait();
-        }
-        if self.state.reservation == 0 {
-            return Command::drive(self.stock.reserve(1)).then(|f, r| {
-                f.state.reservation = r?;
-                Ok(())
-            });
-        }
-        if self.state.receipt == 0 {
-            return Command::drive(self.stock.charge(100)).then(|f, r| {
-                f.state.receipt = r?;
-                Ok(())
-            });
-        }
-        if self.state.hops < self.state.hops_wanted {
-            return Command::drive(self.stock.charge(u64::from(self.state.hops))).then(|f, r| {
-                f.state.receipt = r?;
-                f.state.hops += 1;
-                Ok(())
-            });
-        }
-        Command::finish()
-    }
-}
+freight!(as_bytes, Bytes);
+freight!(as_blob, flowwire::Blob);
 
 /// Calls after the charge in the chain that times a step of a resident instance.
 const HOPS: u32 = 40;
@@ -134,7 +254,7 @@ fn noise(len: usize, seed: u64) -> Bytes {
     flowwire::storage::fuzz::Rng::new(seed).bytes(len).into()
 }
 
-async fn engine(dir: &Path, size: usize, chunked: bool) -> Engine {
+async fn engine<F: flowwire::Flow>(dir: &Path, size: usize, chunked: bool) -> Engine {
     let ladder = Ladder::new().default_to(Tier::fs(dir.join("chunks")).named("disk"));
     Engine::builder()
         .data_dir(dir.join("data"))
@@ -145,7 +265,7 @@ async fn engine(dir: &Path, size: usize, chunked: bool) -> Engine {
         })
         .history(flowwire::storage::Retention::Last(1))
         .decode_limit(size + MIB)
-        .flow::<Freight>()
+        .flow::<F>()
         .driver::<StockProxy, _>(Shop)
         .start()
         .await
@@ -175,66 +295,29 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Sequential order flows with a state of `size` bytes and `hops` more calls after the
-/// charge, each timed with its state read back.
-async fn order_flows(
-    dir: &Path,
-    size: usize,
-    chunked: bool,
-    hops: u32,
-    flows: usize,
-) -> Vec<Duration> {
-    let engine = engine(dir, size, chunked).await;
-    let mut took = Vec::with_capacity(flows);
-    for i in 0..flows {
-        let blob = noise(size, i as u64);
-        let t = Instant::now();
-        let h = engine
-            .start::<Freight>(
-                format!("o-{size}-{chunked}-{hops}-{i}"),
-                Cargo {
-                    blob,
-                    hops_wanted: hops,
-                    ..Cargo::default()
-                },
-            )
-            .await
-            .expect("start");
-        h.finished().await.expect("finished");
-        let state = h.state().await.expect("result");
-        took.push(t.elapsed());
-        assert_eq!((state.blob.len(), state.hops), (size, hops));
-    }
-    engine.shutdown().await;
-    took
+/// How the flow holds its large field.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Blob,
+    Bytes,
 }
 
-/// Impulse steps that change 100 bytes of a state of `size` bytes.
-async fn pokes(dir: &Path, size: usize, steps: usize, run: usize) -> Vec<Duration> {
-    let engine = engine(dir, size, true).await;
-    let id = format!("p-{size}-{run}");
-    let h = engine
-        .start::<Freight>(
-            id.as_str(),
-            Cargo {
-                blob: noise(size, 77),
-                pokes: 1,
-                ..Cargo::default()
-            },
-        )
-        .await
-        .expect("start");
-    let mut took = Vec::with_capacity(steps);
-    for i in 0..steps {
-        let t = Instant::now();
-        h.poke((i as u32).wrapping_mul(2_654_435_761))
-            .await
-            .expect("poke");
-        took.push(t.elapsed());
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::Blob => "Blob field",
+            Field::Bytes => "Bytes field",
+        }
     }
-    engine.shutdown().await;
-    took
 }
+
+/// The cases compared: the field as a `Blob` in chunks, as `Bytes` in chunks, and as
+/// `Bytes` in one blob (chunking off).
+const HOWS: [(Field, bool); 3] = [
+    (Field::Blob, true),
+    (Field::Bytes, true),
+    (Field::Bytes, false),
+];
 
 async fn main_async(mode: Mode) {
     support::print_machine();
@@ -253,11 +336,15 @@ async fn main_async(mode: Mode) {
             let dir = tmp.path().join(format!("flows-{size}-{run}"));
             std::fs::create_dir_all(&dir).expect("dir");
             let baseline = median((0..7).map(|n| write_and_sync(&dir, size, n)).collect());
-            for chunked in [true, false] {
-                let flow = median(order_flows(&dir, size, chunked, 0, flows).await);
+            for (how, chunked) in HOWS {
+                let flow = median(match how {
+                    Field::Blob => as_blob::order_flows(&dir, size, chunked, 0, flows).await,
+                    Field::Bytes => as_bytes::order_flows(&dir, size, chunked, 0, flows).await,
+                });
                 println!(
-                    "order flow, {} MiB state {}, sequential, state read back   run {run}: median {} = {:.2} × one write + fdatasync of the state ({}; target ≤ 2 ×)",
+                    "order flow, {} MiB {} {}, sequential, state read back   run {run}: median {} = {:.2} × one write + fdatasync of the state ({}; target ≤ 2 ×)",
                     size / MIB,
+                    how.name(),
                     if chunked { "in chunks" } else { "as one blob" },
                     ms(flow),
                     flow.as_secs_f64() / baseline.as_secs_f64(),
@@ -271,20 +358,29 @@ async fn main_async(mode: Mode) {
     let flows = mode.samples(10).max(3);
     for run in (0..runs).filter(|_| support::wanted("reply")) {
         let dir = tmp.path().join(format!("hops-{run}"));
-        let step = |size, chunked| {
+        let step = |how, size, chunked| {
             let dir = dir.clone();
             async move {
-                let short = median(order_flows(&dir, size, chunked, 0, flows).await);
-                let long = median(order_flows(&dir, size, chunked, HOPS, flows).await);
-                long.saturating_sub(short) / HOPS
+                let (short, long) = match how {
+                    Field::Blob => (
+                        as_blob::order_flows(&dir, size, chunked, 0, flows).await,
+                        as_blob::order_flows(&dir, size, chunked, HOPS, flows).await,
+                    ),
+                    Field::Bytes => (
+                        as_bytes::order_flows(&dir, size, chunked, 0, flows).await,
+                        as_bytes::order_flows(&dir, size, chunked, HOPS, flows).await,
+                    ),
+                };
+                median(long).saturating_sub(median(short)) / HOPS
             }
         };
-        let small = step(64, true).await;
-        for chunked in [true, false] {
-            let large = step(large_flow, chunked).await;
+        let small = step(Field::Bytes, 64, true).await;
+        for (how, chunked) in HOWS {
+            let large = step(how, large_flow, chunked).await;
             println!(
-                "a driver reply that changes 8 bytes of a {} MiB state {}, instance in memory   run {run}: median {} = {:.1} × the same step of a small state ({}; target ≤ 10 ×)",
+                "a driver reply that changes 8 bytes of a {} MiB {} {}, instance in memory   run {run}: median {} = {:.1} × the same step of a small state ({}; target ≤ 10 ×)",
                 large_flow / MIB,
+                how.name(),
                 if chunked { "in chunks" } else { "as one blob" },
                 ms(large),
                 large.as_secs_f64() / small.as_secs_f64(),
@@ -295,68 +391,33 @@ async fn main_async(mode: Mode) {
     let steps = mode.samples(100).max(5);
     for run in (0..runs).filter(|_| support::wanted("impulse")) {
         let dir = tmp.path().join(format!("pokes-{run}"));
-        let small = median(pokes(&dir, 64, steps, run).await);
-        let large = median(pokes(&dir, large_flow, steps, run).await);
-        println!(
-            "an impulse that changes 100 bytes of a {} MiB state, instance waiting (read back from its chunks for each step)   run {run}: median {} = {:.1} × the same step of a small state ({})",
-            large_flow / MIB,
-            ms(large),
-            large.as_secs_f64() / small.as_secs_f64(),
-            ms(small)
-        );
+        let small = median(as_bytes::pokes(&dir, 64, steps, run).await);
+        for how in [Field::Blob, Field::Bytes] {
+            let large = median(match how {
+                Field::Blob => as_blob::pokes(&dir, large_flow, steps, run).await,
+                Field::Bytes => as_bytes::pokes(&dir, large_flow, steps, run).await,
+            });
+            println!(
+                "an impulse that changes 100 bytes of a {} MiB {} (a new one each time), instance waiting (read back from its chunks for each step)   run {run}: median {} = {:.1} × the same step of a small state ({})",
+                large_flow / MIB,
+                how.name(),
+                ms(large),
+                large.as_secs_f64() / small.as_secs_f64(),
+                ms(small)
+            );
+        }
     }
 }
 
 /// Flows in flight at once in the memory case, and their state's size.
 const IN_FLIGHT: usize = 64;
 
-/// The memory case, in a process of its own (peak RSS is the whole process's): `IN_FLIGHT`
-/// order flows with `size`-byte states, all holding their reservation call until every one
-/// of them is in flight. Prints `peak <bytes> base <bytes>`.
-async fn rss_child(size: usize) {
-    let tmp = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(IN_FLIGHT));
-    let engine = Engine::builder()
-        .data_dir(tmp.path().join("data"))
-        .storage(Ladder::new().default_to(Tier::fs(tmp.path().join("chunks")).named("disk")))
-        .history(flowwire::storage::Retention::Last(1))
-        .flow::<Freight>()
-        .driver::<StockProxy, _>(GatedShop(gate))
-        .start()
-        .await
-        .expect("engine");
-    let base = support::rss().unwrap_or(0);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..IN_FLIGHT {
-        let engine = engine.clone();
-        tasks.spawn(async move {
-            // Each state exists only in the engine once started: the client keeps none.
-            let h = engine
-                .start::<Freight>(
-                    format!("m-{i}"),
-                    Cargo {
-                        blob: noise(size, i as u64),
-                        ..Cargo::default()
-                    },
-                )
-                .await
-                .expect("start");
-            h.finished().await.expect("finished");
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.expect("a flow task");
-    }
-    engine.shutdown().await;
-    println!("peak {} base {base}", support::peak_rss().unwrap_or(0));
-}
-
 /// Runs the memory case in a child process and prints its row.
 #[allow(clippy::cast_precision_loss)] // display ratios
-fn rss_row(size: usize) {
+fn rss_row(how: Field, size: usize) {
     let out = std::process::Command::new(std::env::current_exe().expect("this bench"))
         .arg("--bench")
-        .env("FLOWWIRE_CHUNKS_RSS_CHILD", size.to_string())
+        .env("FLOWWIRE_CHUNKS_RSS_CHILD", format!("{how:?}:{size}"))
         .output()
         .expect("the memory case runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -371,8 +432,9 @@ fn rss_row(size: usize) {
     let (peak, base) = (nums[0], nums[1]);
     let in_flight = (IN_FLIGHT * size) as f64;
     println!(
-        "peak RSS, {IN_FLIGHT} order flows × {} MiB state in flight at once: {} MiB = {:.2} × the bytes in flight (target ≤ 1.5 ×); {} MiB over the engine's {} MiB before the flows",
+        "peak RSS, {IN_FLIGHT} order flows × {} MiB {} in flight at once: {} MiB = {:.2} × the bytes in flight (target ≤ 1.5 ×); {} MiB over the engine's {} MiB before the flows",
         size / MIB,
+        how.name(),
         peak / (1 << 20),
         peak as f64 / in_flight,
         (peak - base) / (1 << 20),
@@ -382,21 +444,24 @@ fn rss_row(size: usize) {
 
 fn main() {
     let mode = Mode::current();
-    if let Some(size) = std::env::var("FLOWWIRE_CHUNKS_RSS_CHILD")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        tokio::runtime::Builder::new_multi_thread()
+    if let Ok(child) = std::env::var("FLOWWIRE_CHUNKS_RSS_CHILD") {
+        let (how, size) = child.split_once(':').expect("how:size");
+        let size: usize = size.parse().expect("a size");
+        let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .expect("a tokio runtime")
-            .block_on(rss_child(size));
+            .expect("a tokio runtime");
+        match how {
+            "Blob" => rt.block_on(as_blob::rss_child(size)),
+            _ => rt.block_on(as_bytes::rss_child(size)),
+        }
         return;
     }
     if support::wanted("rss") {
         support::print_machine();
-        rss_row(2 * MIB);
+        rss_row(Field::Blob, 2 * MIB);
+        rss_row(Field::Bytes, 2 * MIB);
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
