@@ -25,9 +25,10 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A manifest rewritten to lie about its chunks.
 type Lie = fn(&mut Chunked);
 
+/// Chunks of around 128 KiB: a few MiB make enough of them for the matrix.
 fn placement(dir: &Path) -> Placement {
     Ladder::new()
-        .default_to(Tier::fs(dir).named("disk"))
+        .default_to(Tier::fs(dir).named("disk").chunk_size(128 * 1024))
         .validate(64 * MIB)
         .unwrap()
 }

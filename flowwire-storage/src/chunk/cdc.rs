@@ -32,8 +32,10 @@ pub struct ChunkSize {
 }
 
 impl ChunkSize {
-    /// Chunks of 32 KiB to 512 KiB around 128 KiB: local disks, Redis, memory.
-    pub const LOCAL: ChunkSize = ChunkSize::around(128 * 1024);
+    /// Chunks of 128 KiB to 2 MiB around 512 KiB: local disks, Redis, memory (each chunk is
+    /// a file to create and fsync on a local disk: 512 KiB writes 32 MiB at about the cost
+    /// of one write and fdatasync of it, where 128 KiB took 3.6 times as long).
+    pub const LOCAL: ChunkSize = ChunkSize::around(512 * 1024);
     /// Chunks of 1 MiB to 16 MiB around 4 MiB: object stores, where each chunk is a request.
     pub const OBJECT_STORE: ChunkSize = ChunkSize::around(4 * 1024 * 1024);
 
@@ -134,7 +136,8 @@ pub fn lengths(data: &[u8], size: &ChunkSize) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    const S: ChunkSize = ChunkSize::LOCAL;
+    /// The sizes these tests were written for (the local default until 512 KiB).
+    const S: ChunkSize = ChunkSize::around(128 * 1024);
     const MIN: usize = S.min();
     const AVG: usize = S.avg();
     const MAX: usize = S.max();

@@ -1,7 +1,7 @@
 //! Large payloads as content-defined chunks under content-addressed keys.
 //!
 //! A payload at or above the ladder's chunking threshold is cut into chunks by their content
-//! ([`cdc`]; the tier's [`ChunkSize`]: around 128 KiB on local tiers, 4 MiB on S3, where each
+//! ([`cdc`]; the tier's [`ChunkSize`]: around 512 KiB on local tiers, 4 MiB on S3, where each
 //! chunk is a request), and the payload becomes a manifest,
 //! [`Chunked`]: for each chunk its BLAKE3 hash, length, CRC-32 and the step that first wrote
 //! it. The chunks live on the tier the payload's whole size selects, each a framed blob under
@@ -31,6 +31,7 @@
 //! sweep of the first against the write of the second.
 
 pub mod cdc;
+pub mod parallel;
 
 pub use self::cdc::ChunkSize;
 

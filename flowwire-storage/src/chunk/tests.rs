@@ -2,7 +2,8 @@ use bytes::Bytes;
 
 use super::*;
 
-const S: ChunkSize = ChunkSize::LOCAL;
+/// The sizes these tests were written for (the local default until 512 KiB).
+const S: ChunkSize = ChunkSize::around(128 * 1024);
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     crate::fuzz::Rng::new(seed).bytes(len)

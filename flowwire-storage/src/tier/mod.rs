@@ -231,7 +231,7 @@ impl Tier {
 
     /// Sets the size the chunks of large payloads on this tier bunch around (rounded to a
     /// power of two between 16 KiB and 16 MiB; see [`Ladder::chunk_from`](crate::Ladder::chunk_from)).
-    /// Default: 128 KiB, and 4 MiB on S3, where each chunk is a request. Changing it never
+    /// Default: 512 KiB, and 4 MiB on S3, where each chunk is a request. Changing it never
     /// changes what stored payloads read as; only what a new step can share with the last.
     ///
     /// ```
