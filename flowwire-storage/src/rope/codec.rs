@@ -27,6 +27,9 @@ thread_local! {
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
     /// The blob whose bytes the flavor is about to be handed.
     static OFFERED: RefCell<Option<Blob>> = const { RefCell::new(None) };
+    /// Where the offered blob's bytes are (address, length; 0 for none): the flavor's test
+    /// on every write it is handed, cheaper than looking at `OFFERED`.
+    static OFFERED_AT: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
     /// The buffer a [`decode_shared`] decodes from.
     static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
@@ -34,6 +37,7 @@ thread_local! {
 /// Called by `Blob::serialize` before it hands its bytes to the serializer.
 pub(super) fn offer(blob: &Blob) {
     if blob.len() >= BY_REFERENCE_FROM && CAPTURING.with(Cell::get) {
+        OFFERED_AT.with(|at| at.set((blob.as_ptr() as usize, blob.len())));
         OFFERED.with(|o| *o.borrow_mut() = Some(blob.clone()));
     }
 }
@@ -85,7 +89,10 @@ pub fn encode_rope<T: Serialize + ?Sized>(
     let was = CAPTURING.with(|c| c.replace(true));
     let _restore = Restore(move || {
         CAPTURING.with(|c| c.set(was));
-        OFFERED.with(|o| o.borrow_mut().take());
+        // An offer no write took (a blob serialized through something that copied it).
+        if OFFERED_AT.with(|at| at.replace((0, 0))) != (0, 0) {
+            OFFERED.with(|o| o.borrow_mut().take());
+        }
     });
     postcard::serialize_with_flavor(value, RopeFlavor { head, cuts })
         .map_err(|e| CodecError::Encode(e.to_string()))
@@ -107,14 +114,10 @@ impl postcard::ser_flavors::Flavor for RopeFlavor<'_> {
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
         // The offered blob's own bytes (its length, before them, is written through here
         // too): a cut, not a copy.
-        let offered = OFFERED.with(|o| {
-            let mut o = o.borrow_mut();
-            o.as_ref()
-                .is_some_and(|b| b.as_ptr() == data.as_ptr() && b.len() == data.len())
-                .then(|| o.take())
-                .flatten()
-        });
-        if let Some(blob) = offered {
+        if OFFERED_AT.with(Cell::get) == (data.as_ptr() as usize, data.len())
+            && let Some(blob) = OFFERED.with(|o| o.borrow_mut().take())
+        {
+            OFFERED_AT.with(|at| at.set((0, 0)));
             self.cuts.push((self.head.len(), blob));
             return Ok(());
         }
