@@ -8,6 +8,8 @@
 //! * A step that replaces the blob writes the new blob's chunks.
 //! * What is stored is the state's usual encoding: a `Blob` field reads back as the
 //!   `Bytes` a flow declared before, and every snapshot reads back.
+//! * A finished flow's state reads back whole, before and after a restart (from its
+//!   chunks, into a new buffer).
 
 use std::path::Path;
 
@@ -29,6 +31,7 @@ use kill_flows::{chunk_noise, fnv};
 pub struct LedgerState {
     scan: Blob,
     stamps: Vec<u32>,
+    closed: bool,
 }
 
 /// Holds a large scan and a list of stamps; stamping changes a few bytes after the scan.
@@ -46,6 +49,11 @@ impl Ledger {
     }
 
     #[impulse]
+    fn close(&mut self) {
+        self.state.closed = true;
+    }
+
+    #[impulse]
     fn rescan(&mut self, seed: u64) {
         self.state.scan = Blob::from(chunk_noise(self.state.scan.len(), seed));
     }
@@ -55,9 +63,11 @@ impl Ledger {
         (fnv(&self.state.scan), self.state.stamps.clone())
     }
 
-    #[allow(clippy::unused_self)] // the wire's signature is fixed; this flow only waits
     #[wire]
     fn run(&mut self) -> Command<Self> {
+        if self.state.closed {
+            return Command::finish();
+        }
         Command::wait()
     }
 }
@@ -67,6 +77,7 @@ impl Ledger {
 pub struct LedgerBytes {
     scan: Bytes,
     stamps: Vec<u32>,
+    closed: bool,
 }
 
 async fn engine(dir: &Path) -> Engine {
@@ -117,6 +128,7 @@ async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
             LedgerState {
                 scan: Blob::from(scan.clone()),
                 stamps: Vec::new(),
+                closed: false,
             },
         )
         .await
@@ -181,4 +193,43 @@ async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
     let as_bytes: LedgerBytes = postcard::from_bytes(&record.state).unwrap();
     assert_eq!(&as_bytes.scan[..], &rescanned[..]);
     assert_eq!(as_bytes.stamps, stamps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_flow_reads_its_blob_back_whole_before_and_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir).await;
+    let scan = Blob::from(chunk_noise(SCAN, 21));
+    let ledger = engine
+        .start::<Ledger>(
+            "l",
+            LedgerState {
+                scan: scan.clone(),
+                ..LedgerState::default()
+            },
+        )
+        .await
+        .unwrap();
+    ledger.stamp(1).await.unwrap();
+    ledger.close().await.unwrap();
+    assert_eq!(ledger.finished().await.unwrap(), flowwire::Ended::Finished);
+    let state = ledger.state().await.unwrap();
+    assert_eq!(state.stamps, vec![1]);
+    assert_eq!(state.scan, scan);
+    engine.shutdown().await;
+    drop(engine);
+
+    // From the store after a restart: read back from its chunks, equal in bytes.
+    let engine = self::engine(dir).await;
+    let state = engine
+        .handle::<Ledger>("l")
+        .await
+        .unwrap()
+        .state()
+        .await
+        .unwrap();
+    assert_eq!(state.scan, scan);
+    assert!(!state.scan.same(&scan));
+    engine.shutdown().await;
 }

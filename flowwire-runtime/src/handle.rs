@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flowwire_storage::Rope;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::ended::Ended;
@@ -37,7 +38,7 @@ struct Direct<F: Impulses> {
     settled: Arc<AtomicBool>,
     /// The final state of an instance this handle saw finish or be cancelled (an end no
     /// operator undoes), as the runner gave it with the end.
-    last: Arc<std::sync::Mutex<Option<Bytes>>>,
+    last: Arc<std::sync::Mutex<Option<Rope>>>,
 }
 
 impl<F: Impulses> Clone for Direct<F> {
@@ -111,18 +112,15 @@ impl<F: Impulses> Handle<F> {
 
     /// Notes that the instance has ended, with its final state when the end gave it: later
     /// reads use that state, or go to the store.
-    fn ended(&self, state: Option<Bytes>) {
+    fn ended(&self, state: Option<Rope>) {
         let Some(direct) = &self.direct else {
             return;
         };
         direct.settled.store(true, Ordering::Relaxed);
         if let Some(state) = state {
-            // A small state is a view of the runner's shared buffer: keep a copy of its own.
-            let state = if state.len() < flowwire_storage::arena::Arena::LARGE {
-                Bytes::copy_from_slice(&state)
-            } else {
-                state
-            };
+            // A small state (or piece) is a view of the runner's shared buffer: keep a copy
+            // of its own.
+            let state = state.detached();
             *direct
                 .last
                 .lock()
@@ -131,7 +129,7 @@ impl<F: Impulses> Handle<F> {
     }
 
     /// The final state this handle was given with the instance's end, if any.
-    fn last_state(&self) -> Option<(Bytes, &Arc<dyn SettledReads<F>>)> {
+    fn last_state(&self) -> Option<(Rope, &Arc<dyn SettledReads<F>>)> {
         let direct = self.direct.as_ref()?;
         let last = direct
             .last
@@ -243,9 +241,10 @@ impl<F: Impulses> Handle<F> {
         let settled = match self.last_state() {
             Some((state, reads)) => Some((state, reads.clone())),
             None => match (self.settled().await, &self.direct) {
-                (Some(record), Some(direct)) => {
-                    Some((direct.reads.state(&self.id, &record)?, direct.reads.clone()))
-                }
+                (Some(record), Some(direct)) => Some((
+                    direct.reads.state(&self.id, &record)?.into(),
+                    direct.reads.clone(),
+                )),
                 _ => None,
             },
         };
@@ -317,21 +316,22 @@ impl<F: Impulses> Handle<F> {
         Ok(self.impulse(impulse))
     }
 
-    async fn state_bytes(&self) -> Result<Bytes> {
+    async fn state_bytes(&self) -> Result<Rope> {
         if let Some((state, _)) = self.last_state() {
             return Ok(state);
         }
         if let (Some(record), Some(direct)) = (self.settled().await, &self.direct) {
-            return direct.reads.state(&self.id, &record);
+            return direct.reads.state(&self.id, &record).map(Rope::from);
         }
         let id = self.id.clone();
         self.request("state", |reply| Msg::State { id, reply })
             .await
     }
 
-    fn decode(&self, bytes: &Bytes) -> Result<F::State> {
-        // Large blobs in the state share the buffer it was read into.
-        flowwire_storage::rope::codec::decode_shared(bytes, self.limit).map_err(|source| {
+    fn decode(&self, state: &Rope) -> Result<F::State> {
+        // Large blobs in the state share the buffer it was read into (or are the engine's
+        // own blobs).
+        flowwire_storage::rope::read::decode_rope(state, self.limit).map_err(|source| {
             Error::Codec {
                 flow: F::NAME,
                 id: self.id.to_string(),
@@ -353,7 +353,7 @@ pub(crate) trait SettledReads<F: Impulses>: Send + Sync {
     /// Its state as this version of the flow reads it, encoded.
     fn state(&self, id: &str, record: &flowwire_storage::Record) -> Result<Bytes>;
     /// The flow built on a state of this version, for a probe.
-    fn flow(&self, id: &str, state: &Bytes) -> Result<F>;
+    fn flow(&self, id: &str, state: &Rope) -> Result<F>;
 }
 
 /// An impulse on its way: `.await` it to apply it; set its id first with

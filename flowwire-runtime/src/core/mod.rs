@@ -340,7 +340,7 @@ impl<F: Flow> Instance<F> {
 
     /// Returns to the committed record after a step was not committed.
     pub fn revert(&mut self) -> Result<(), CodecError> {
-        let state: F::State = rope::codec::decode_shared(&self.record.state.flat(), self.limit)?;
+        let state: F::State = rope::read::decode_rope(&self.record.state, self.limit)?;
         self.flow = F::from_state(state);
         self.awaiting = Awaiting::Nothing;
         Ok(())

@@ -29,10 +29,10 @@ impl<F: Flow> Instance<F> {
         let mut step = match op {
             Operation::Resume => self.resume(scratch),
             Operation::Patch(patch) => {
-                let mut state: F::State = codec::decode_raw(&self.record.state.flat(), self.limit)
+                let mut state: F::State = rope::read::decode_rope(&self.record.state, self.limit)
                     .map_err(|e| {
-                        Refused::State(format!("the stored state does not decode: {e}"))
-                    })?;
+                    Refused::State(format!("the stored state does not decode: {e}"))
+                })?;
                 guard(|| patch(&mut state)).map_err(Refused::PatchPanicked)?;
                 scratch.state.clear();
                 codec::encode_raw(&state, &mut scratch.state).map_err(|e| {
@@ -110,7 +110,7 @@ impl<F: Flow> Instance<F> {
             // A start that panicked: park the initial state as given.
             scratch.state.clear();
             let _ = codec::encode_raw(self.flow.state(), &mut scratch.state);
-        } else if let Ok(s) = rope::codec::decode_shared::<F::State>(&state.flat(), self.limit) {
+        } else if let Ok(s) = rope::read::decode_rope::<F::State>(&state, self.limit) {
             self.flow = F::from_state(s);
         }
         let state = if state.is_empty() {

@@ -72,9 +72,9 @@ impl<F: Flow> SettledReads<F> for Reader<F> {
             .map_err(|e| super::state_read_error::<F>(id, e))
     }
 
-    fn flow(&self, id: &str, state: &Bytes) -> Result<F> {
+    fn flow(&self, id: &str, state: &flowwire_storage::Rope) -> Result<F> {
         let state =
-            flowwire_storage::rope::codec::decode_shared(state, self.limit).map_err(|source| {
+            flowwire_storage::rope::read::decode_rope(state, self.limit).map_err(|source| {
                 Error::Codec {
                     flow: F::NAME,
                     id: id.to_string(),

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::ended::Ended;
@@ -14,7 +13,7 @@ use crate::operation::Operation;
 /// What a `finished()` wait gets: how the instance ended and, for one that finished or was
 /// cancelled (ends no operator can undo), its final state as this version wrote it, so
 /// that the caller reads its result without another trip.
-pub(crate) type EndedReply = Result<(Ended, Option<Bytes>)>;
+pub(crate) type EndedReply = Result<(Ended, Option<flowwire_storage::Rope>)>;
 
 /// A probe: runs on the flow and sends its own result.
 pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
@@ -57,7 +56,7 @@ pub(crate) enum Msg<F: Impulses> {
     /// The committed state, encoded.
     State {
         id: Arc<str>,
-        reply: oneshot::Sender<Result<Bytes>>,
+        reply: oneshot::Sender<Result<flowwire_storage::Rope>>,
     },
     Finished {
         id: Arc<str>,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::chunk::{ChunkRef, ChunkSize, parallel};
 
 use super::codec::{offer, shared_slice};
+use super::read::rope_blob;
 
 /// Immutable, reference-counted bytes for a large field of a flow's state (a document, an
 /// image, a batch of rows), which the engine stores by reference.
@@ -225,7 +226,11 @@ impl<'de> Visitor<'de> for BlobVisitor {
     }
 
     fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Blob, E> {
-        // Decoding a buffer the engine shares: a slice of it, not a copy.
+        // Decoding a rope: the rope's own blob. Decoding a buffer the engine shares: a
+        // slice of it. Not a copy either way.
+        if let Some(blob) = rope_blob(v) {
+            return Ok(blob);
+        }
         Ok(Blob::new(
             shared_slice(v).unwrap_or_else(|| Bytes::copy_from_slice(v)),
         ))

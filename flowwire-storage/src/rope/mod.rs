@@ -15,6 +15,7 @@
 
 pub mod codec;
 mod field;
+pub mod read;
 pub mod split;
 
 use std::sync::Arc;
@@ -154,6 +155,33 @@ impl Rope {
                 }
                 out.freeze()
             }
+        }
+    }
+
+    /// The same rope with small pieces copied into buffers of their own: what a reader
+    /// keeps after the engine's buffer it was carved from moves on (a large piece is
+    /// shared as it is).
+    #[must_use]
+    pub fn detached(&self) -> Rope {
+        let own = |b: &Bytes| {
+            if b.len() < crate::arena::Arena::LARGE {
+                Bytes::copy_from_slice(b)
+            } else {
+                b.clone()
+            }
+        };
+        match self {
+            Rope::Flat(b) => Rope::Flat(own(b)),
+            Rope::Pieces { pieces, len } => Rope::Pieces {
+                pieces: pieces
+                    .iter()
+                    .map(|p| match p {
+                        Piece::Head(h) => Piece::Head(own(h)),
+                        Piece::Blob(b) => Piece::Blob(b.clone()),
+                    })
+                    .collect(),
+                len: *len,
+            },
         }
     }
 

@@ -212,3 +212,60 @@ fn ropes_compare_by_bytes_whatever_their_cut() {
     assert_ne!(rope, rope_of(&shorter));
     assert_eq!(Rope::default(), Rope::Flat(Bytes::new()));
 }
+
+#[test]
+fn a_rope_decodes_in_place_with_its_own_blobs() {
+    let mut rng = Rng::new(5);
+    let d = doc(&mut rng);
+    let rope = rope_of(&d);
+    let back: Doc = super::read::decode_rope(&rope, usize::MAX).unwrap();
+    assert_eq!(back, d);
+    assert!(back.scan.same(&d.scan), "the rope's blob, not a copy");
+    assert!(back.pages[3].same(&d.pages[3]));
+    // Small blobs come from the head bytes.
+    assert_eq!(back.pages[1], d.pages[1]);
+    // A one-piece rope decodes as the shared buffer does.
+    let flat = Rope::Flat(rope.flat());
+    let from_flat: Doc = super::read::decode_rope(&flat, usize::MAX).unwrap();
+    assert_eq!(from_flat, d);
+    // Over the limit: refused before reading.
+    assert!(matches!(
+        super::read::decode_rope::<Doc>(&rope, 1000),
+        Err(crate::error::CodecError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_damaged_rope_is_a_typed_error_never_a_panic() {
+    let mut rng = Rng::new(6);
+    let d = doc(&mut rng);
+    let Rope::Pieces { pieces, .. } = rope_of(&d) else {
+        panic!("in pieces")
+    };
+    // Every prefix of the pieces, each blob missing (its length promises more bytes than
+    // the next piece has), and a byte more at the end.
+    let mut cases: Vec<Vec<Piece>> = (0..pieces.len()).map(|n| pieces[..n].to_vec()).collect();
+    for (i, _) in pieces
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Piece::Blob(_)))
+    {
+        let mut v = pieces.to_vec();
+        v.remove(i);
+        cases.push(v);
+    }
+    let mut longer = pieces.to_vec();
+    longer.push(Piece::Head(Bytes::from_static(b"\x00")));
+    cases.push(longer);
+    for (i, case) in cases.into_iter().enumerate() {
+        let len = case.iter().map(|p| p.bytes().len()).sum();
+        let rope = Rope::Pieces {
+            pieces: case.into(),
+            len,
+        };
+        assert!(
+            super::read::decode_rope::<Doc>(&rope, usize::MAX).is_err(),
+            "case {i} decoded"
+        );
+    }
+}

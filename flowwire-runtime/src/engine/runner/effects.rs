@@ -81,7 +81,7 @@ impl<F: Flow> Runner<F> {
             self.slots.remove(&s.id);
             // A failed instance can still be rewound by an operator: its state is not final.
             let state = matches!(ended, Ended::Finished | Ended::Cancelled { .. })
-                .then(|| s.step.draft.record.state.flat());
+                .then(|| s.step.draft.record.state.clone());
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Ok((ended.clone(), state.clone())));
             }

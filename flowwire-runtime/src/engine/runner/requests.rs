@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use flowwire_storage::Status;
+use flowwire_storage::{Rope, Status};
 use tokio::sync::oneshot;
 
 use crate::core::{Instance, Operation, Refused, Rejected};
@@ -41,13 +40,13 @@ impl<F: Flow> Runner<F> {
     pub(super) fn probe_bytes(
         &self,
         id: Arc<str>,
-        state: Bytes,
+        state: Rope,
         ask: Ask<F>,
         reply: oneshot::Sender<Result<()>>,
     ) {
         let limit = self.limits.decode_limit;
         tokio::task::spawn_blocking(move || {
-            let answer = flowwire_storage::rope::codec::decode_shared::<F::State>(&state, limit)
+            let answer = flowwire_storage::rope::read::decode_rope::<F::State>(&state, limit)
                 .map_err(|source| Error::Codec {
                     flow: F::NAME,
                     id: id.to_string(),
@@ -336,7 +335,7 @@ impl<F: Flow> Runner<F> {
                     let _ = reply.send(Err(Self::not_found(&id)));
                 }
                 Some(slot) => {
-                    self.probe_bytes(id.clone(), slot.inst.state_bytes(), ask, reply);
+                    self.probe_bytes(id.clone(), slot.inst.record().state.clone(), ask, reply);
                 }
                 None => {
                     let _ = reply.send(Err(Self::not_found(&id)));
@@ -344,7 +343,7 @@ impl<F: Flow> Runner<F> {
             },
             Ok(Some(record)) => {
                 match crate::core::state_for_read::<F>(&record, self.limits.decode_limit) {
-                    Ok(state) => self.probe_bytes(id, state, ask, reply),
+                    Ok(state) => self.probe_bytes(id, state.into(), ask, reply),
                     Err(e) => {
                         let _ = reply.send(Err(crate::engine::state_read_error::<F>(&id, e)));
                     }
@@ -361,7 +360,7 @@ impl<F: Flow> Runner<F> {
     async fn on_state(
         &mut self,
         id: Arc<str>,
-        reply: oneshot::Sender<Result<Bytes>>,
+        reply: oneshot::Sender<Result<Rope>>,
     ) -> Option<Staged<F>> {
         let answer = match self.locate(&id).await {
             // A start whose first step is not committed yet has no persisted state.
@@ -369,9 +368,10 @@ impl<F: Flow> Runner<F> {
                 .slots
                 .get(&id)
                 .filter(|slot| slot.placed.is_some())
-                .map(|slot| slot.inst.state_bytes())
+                .map(|slot| slot.inst.record().state.clone())
                 .ok_or_else(|| Self::not_found(&id)),
             Ok(Some(record)) => crate::core::state_for_read::<F>(&record, self.limits.decode_limit)
+                .map(Rope::from)
                 .map_err(|e| crate::engine::state_read_error::<F>(&id, e)),
             Err(e) => Err(e),
         };

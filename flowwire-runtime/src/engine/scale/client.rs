@@ -297,7 +297,11 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             let _ = reply.send(answer);
         }
         Msg::State { id, reply } => {
-            let _ = reply.send(read_state::<F>(&remote, &id).await);
+            let _ = reply.send(
+                read_state::<F>(&remote, &id)
+                    .await
+                    .map(flowwire_storage::Rope::from),
+            );
         }
         Msg::Exists { id, reply } => {
             let key = InstanceKey::new(F::NAME, id.clone());
