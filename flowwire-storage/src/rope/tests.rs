@@ -269,3 +269,63 @@ fn a_damaged_rope_is_a_typed_error_never_a_panic() {
         );
     }
 }
+
+#[test]
+fn random_pieces_decode_to_an_error_or_a_value_never_a_panic() {
+    let mut rng = Rng::new(7);
+    let template = rope_of(&doc(&mut rng));
+    let Rope::Pieces { pieces, .. } = &template else {
+        panic!("in pieces")
+    };
+    let mut refused = 0;
+    for case in 0..2_000 {
+        // The real pieces with random bytes flipped, cut short or lengthened, or random
+        // pieces altogether.
+        let mut v: Vec<Piece> = pieces.to_vec();
+        match case % 3 {
+            0 => {
+                let i = rng.below(v.len());
+                if let Piece::Head(h) = &v[i] {
+                    let mut b = h.to_vec();
+                    let at = rng.below(b.len());
+                    b[at] ^= 1 << rng.below(8);
+                    v[i] = Piece::Head(b.into());
+                }
+            }
+            1 => {
+                let i = rng.below(v.len());
+                let b = v[i].bytes();
+                let keep = rng.below(b.len() + 1);
+                v[i] = Piece::Head(Bytes::copy_from_slice(&b[..keep]));
+            }
+            _ => {
+                v = (0..1 + rng.below(4))
+                    .map(|_| {
+                        let n = rng.below(64);
+                        if rng.below(2) == 0 {
+                            Piece::Head(rng.bytes(n).into())
+                        } else {
+                            Piece::Blob(Blob::from(rng.bytes(n * 1000)))
+                        }
+                    })
+                    .collect();
+            }
+        }
+        let len = v.iter().map(|p| p.bytes().len()).sum();
+        let rope = Rope::Pieces {
+            pieces: v.into(),
+            len,
+        };
+        match super::read::decode_rope::<Doc>(&rope, 1 << 20) {
+            Ok(_) => {}
+            Err(
+                crate::error::CodecError::Malformed(_) | crate::error::CodecError::TooLarge { .. },
+            ) => {
+                refused += 1;
+            }
+            Err(other) => panic!("case {case}: {other:?}"),
+        }
+    }
+    // Most damage is refused (a flipped bit inside a string or a number may still decode).
+    assert!(refused > 1_200, "{refused} of 2,000 refused");
+}
