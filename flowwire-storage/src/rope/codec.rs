@@ -9,49 +9,14 @@
 //!
 //! A `Blob` serialized or deserialized anywhere else is plain bytes.
 
-use std::cell::{Cell, RefCell};
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CodecError;
 
-use super::field::Blob;
+use super::field::{self, Blob};
 
-/// Blobs smaller than this are copied into the encoding: a reference to them would cost
-/// more than their bytes.
-pub const BY_REFERENCE_FROM: usize = 16 * 1024;
-
-thread_local! {
-    /// Whether an [`encode_rope`] runs on this thread.
-    static CAPTURING: Cell<bool> = const { Cell::new(false) };
-    /// The blob whose bytes the flavor is about to be handed.
-    static OFFERED: RefCell<Option<Blob>> = const { RefCell::new(None) };
-    /// Where the offered blob's bytes are (address, length; 0 for none): the flavor's test
-    /// on every write it is handed, cheaper than looking at `OFFERED`.
-    static OFFERED_AT: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
-    /// The buffer a [`decode_shared`] decodes from.
-    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
-}
-
-/// Called by `Blob::serialize` before it hands its bytes to the serializer.
-pub(super) fn offer(blob: &Blob) {
-    if blob.len() >= BY_REFERENCE_FROM && CAPTURING.with(Cell::get) {
-        OFFERED_AT.with(|at| at.set((blob.as_ptr() as usize, blob.len())));
-        OFFERED.with(|o| *o.borrow_mut() = Some(blob.clone()));
-    }
-}
-
-/// A slice of the buffer a [`decode_shared`] decodes, if `v` lies within it.
-pub(super) fn shared_slice(v: &[u8]) -> Option<Bytes> {
-    SOURCE.with(|s| {
-        let s = s.borrow();
-        let src = s.as_ref()?;
-        let (start, end) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
-        let at = v.as_ptr() as usize;
-        (at >= start && at + v.len() <= end && !v.is_empty()).then(|| src.slice_ref(v))
-    })
-}
+pub use super::field::BY_REFERENCE_FROM;
 
 /// Restores a thread-local on drop (a panicking `Serialize` leaves nothing behind).
 struct Restore<F: FnMut()>(F);
@@ -86,14 +51,8 @@ pub fn encode_rope<T: Serialize + ?Sized>(
     head: &mut Vec<u8>,
     cuts: &mut Vec<Cut>,
 ) -> Result<(), CodecError> {
-    let was = CAPTURING.with(|c| c.replace(true));
-    let _restore = Restore(move || {
-        CAPTURING.with(|c| c.set(was));
-        // An offer no write took (a blob serialized through something that copied it).
-        if OFFERED_AT.with(|at| at.replace((0, 0))) != (0, 0) {
-            OFFERED.with(|o| o.borrow_mut().take());
-        }
-    });
+    let was = field::capture(true);
+    let _restore = Restore(move || field::end_capture(was));
     postcard::serialize_with_flavor(value, RopeFlavor { head, cuts })
         .map_err(|e| CodecError::Encode(e.to_string()))
 }
@@ -114,10 +73,7 @@ impl postcard::ser_flavors::Flavor for RopeFlavor<'_> {
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
         // The offered blob's own bytes (its length, before them, is written through here
         // too): a cut, not a copy.
-        if OFFERED_AT.with(Cell::get) == (data.as_ptr() as usize, data.len())
-            && let Some(blob) = OFFERED.with(|o| o.borrow_mut().take())
-        {
-            OFFERED_AT.with(|at| at.set((0, 0)));
+        if let Some(blob) = field::take_offered(data) {
             self.cuts.push((self.head.len(), blob));
             return Ok(());
         }
@@ -145,7 +101,9 @@ pub fn decode_shared<T: for<'de> Deserialize<'de>>(
     bytes: &Bytes,
     limit: usize,
 ) -> Result<T, CodecError> {
-    let mut was = SOURCE.with(|s| s.replace(Some(bytes.clone())));
-    let _restore = Restore(move || SOURCE.with(|s| *s.borrow_mut() = was.take()));
+    let mut was = field::share_source(Some(bytes.clone()));
+    let _restore = Restore(move || {
+        field::share_source(was.take());
+    });
     crate::codec::decode_raw(bytes, limit)
 }

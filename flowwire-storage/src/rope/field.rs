@@ -1,5 +1,6 @@
 //! [`Blob`]: a large field of a flow's state, kept by reference.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
@@ -9,9 +10,6 @@ use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::chunk::{ChunkRef, ChunkSize, parallel};
-
-use super::codec::{offer, shared_slice};
-use super::read::rope_blob;
 
 /// Immutable, reference-counted bytes for a large field of a flow's state (a document, an
 /// image, a batch of rows), which the engine stores by reference.
@@ -253,4 +251,88 @@ impl<'de> Visitor<'de> for BlobVisitor {
         }
         Ok(Blob::new(out))
     }
+}
+
+// The thread-local hand-overs between a `Blob` and the engine's encoder and decoders
+// (`super::codec`, `super::read`), kept here so that those depend on this file and not the
+// other way round.
+
+/// Blobs smaller than this are copied into the encoding: a reference to them would cost
+/// more than their bytes.
+pub const BY_REFERENCE_FROM: usize = 16 * 1024;
+
+thread_local! {
+    /// Whether an `encode_rope` runs on this thread.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    /// The blob whose bytes the encoder's flavor is about to be handed.
+    static OFFERED: RefCell<Option<Blob>> = const { RefCell::new(None) };
+    /// Where the offered blob's bytes are (address, length; 0 for none): the flavor's test
+    /// on every write it is handed, cheaper than looking at `OFFERED`.
+    static OFFERED_AT: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// The buffer a `decode_shared` decodes from.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    /// The blobs of the rope a `decode_rope` decodes from.
+    static ROPE_BLOBS: RefCell<Vec<Blob>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Called by `Blob::serialize` before it hands its bytes to the serializer.
+fn offer(blob: &Blob) {
+    if blob.len() >= BY_REFERENCE_FROM && CAPTURING.with(Cell::get) {
+        OFFERED_AT.with(|at| at.set((blob.as_ptr() as usize, blob.len())));
+        OFFERED.with(|o| *o.borrow_mut() = Some(blob.clone()));
+    }
+}
+
+/// Starts (or stops) taking offers on this thread; returns whether it was on.
+pub(super) fn capture(on: bool) -> bool {
+    CAPTURING.with(|c| c.replace(on))
+}
+
+/// Ends an encode: capturing as it `was`, and an offer no write took dropped (a blob
+/// serialized through something that copied it).
+pub(super) fn end_capture(was: bool) {
+    CAPTURING.with(|c| c.set(was));
+    if OFFERED_AT.with(|at| at.replace((0, 0))) != (0, 0) {
+        OFFERED.with(|o| o.borrow_mut().take());
+    }
+}
+
+/// The offered blob, if `data` is its very bytes (same address, same length).
+pub(super) fn take_offered(data: &[u8]) -> Option<Blob> {
+    if OFFERED_AT.with(Cell::get) != (data.as_ptr() as usize, data.len()) {
+        return None;
+    }
+    OFFERED_AT.with(|at| at.set((0, 0)));
+    OFFERED.with(|o| o.borrow_mut().take())
+}
+
+/// Sets the buffer decodes share; returns the one set before.
+pub(super) fn share_source(source: Option<Bytes>) -> Option<Bytes> {
+    SOURCE.with(|s| s.replace(source))
+}
+
+/// Sets the blobs of the rope being decoded; returns the ones set before.
+pub(super) fn share_rope_blobs(blobs: Vec<Blob>) -> Vec<Blob> {
+    ROPE_BLOBS.with(|b| b.replace(blobs))
+}
+
+/// A slice of the buffer a `decode_shared` decodes, if `v` lies within it.
+fn shared_slice(v: &[u8]) -> Option<Bytes> {
+    SOURCE.with(|s| {
+        let s = s.borrow();
+        let src = s.as_ref()?;
+        let (start, end) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
+        let at = v.as_ptr() as usize;
+        (at >= start && at + v.len() <= end && !v.is_empty()).then(|| src.slice_ref(v))
+    })
+}
+
+/// The rope's own blob whose bytes are exactly `v`, while a `decode_rope` runs.
+fn rope_blob(v: &[u8]) -> Option<Blob> {
+    ROPE_BLOBS.with(|b| {
+        b.borrow()
+            .iter()
+            .find(|b| b.as_ptr() == v.as_ptr() && b.len() == v.len())
+            .cloned()
+    })
 }

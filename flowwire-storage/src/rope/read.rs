@@ -1,30 +1,14 @@
 //! Decoding a value straight from a [`Rope`]'s pieces, with no contiguous copy: each large
 //! [`Blob`] of the value is the very blob of the rope (its chunk list kept).
 
-use std::cell::RefCell;
-
 use postcard::de_flavors::Flavor;
 use serde::Deserialize;
 
 use crate::error::CodecError;
 
 use super::codec::decode_shared;
-use super::{Blob, Piece, Rope};
-
-thread_local! {
-    /// The pieces a [`decode_rope`] decodes from.
-    static PIECES: RefCell<Option<std::sync::Arc<[Piece]>>> = const { RefCell::new(None) };
-}
-
-/// The rope's own blob whose bytes are exactly `v`, while a [`decode_rope`] runs.
-pub(super) fn rope_blob(v: &[u8]) -> Option<Blob> {
-    PIECES.with(|p| {
-        p.borrow().as_ref()?.iter().find_map(|piece| match piece {
-            Piece::Blob(b) if b.as_ptr() == v.as_ptr() && b.len() == v.len() => Some(b.clone()),
-            _ => None,
-        })
-    })
-}
+use super::field::share_rope_blobs;
+use super::{Piece, Rope};
 
 /// Decodes a value written by postcard from `rope`, the whole of it, within `limit`. A
 /// one-piece rope is decoded as [`decode_shared`] does; a rope in pieces is read piece by
@@ -56,7 +40,15 @@ pub fn decode_rope<T: for<'de> Deserialize<'de>>(
             limit,
         });
     }
-    let was = PIECES.with(|p| p.replace(Some(pieces.clone())));
+    let was = share_rope_blobs(
+        pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Blob(b) => Some(b.clone()),
+                Piece::Head(_) => None,
+            })
+            .collect(),
+    );
     let value = (|| {
         let mut de = postcard::Deserializer::from_flavor(Reader {
             pieces,
@@ -72,7 +64,7 @@ pub fn decode_rope<T: for<'de> Deserialize<'de>>(
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         }
     })();
-    PIECES.with(|p| *p.borrow_mut() = was);
+    share_rope_blobs(was);
     value
 }
 
