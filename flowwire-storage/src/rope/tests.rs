@@ -299,7 +299,7 @@ fn random_pieces_decode_to_an_error_or_a_value_never_a_panic() {
                 v[i] = Piece::Head(Bytes::copy_from_slice(&b[..keep]));
             }
             _ => {
-                v = (0..1 + rng.below(4))
+                v = (0..=rng.below(4))
                     .map(|_| {
                         let n = rng.below(64);
                         if rng.below(2) == 0 {
