@@ -17,10 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire::prelude::*;
-use flowwire::storage::record::{HistoryEntry, PlacedRecord};
-use flowwire::storage::{
-    BlobError, InstanceKey, InstanceStore, Ladder, MIB, Payload, RedbStore, Retention, Tier,
-};
+use flowwire::storage::{BlobError, InstanceKey, Ladder, MIB, RedbStore, Retention, Tier};
 use flowwire::{Engine, Error};
 
 #[path = "harness/kill_flows.rs"]
@@ -81,7 +78,7 @@ async fn engine(dir: &Path, retention: Retention) -> Engine {
 
 #[path = "support/blob_files.rs"]
 mod blob_files;
-use blob_files::blob_paths as chunk_files;
+use blob_files::{blob_paths as chunk_files, referenced};
 
 /// Waits (bounded) until the tier holds `n` chunk files: sweeps run after the commit, off
 /// the runner.
@@ -178,24 +175,6 @@ async fn chunks_no_record_or_kept_history_refers_to_are_swept() {
 }
 
 /// The keys of the chunks an instance's record and history refer to, read from the store.
-async fn referenced(store: &RedbStore, key: &InstanceKey) -> Vec<String> {
-    let stored = store.load(key).await.unwrap().unwrap();
-    let record = PlacedRecord::decode(&stored.bytes, key, 64 * MIB).unwrap();
-    let mut payloads = vec![record.record.state.clone()];
-    for (_, bytes) in store.history(key, 0, 1_000).await.unwrap() {
-        let entry = HistoryEntry::decode(&bytes, key, 64 * MIB).unwrap();
-        payloads.extend(entry.state.into_iter().chain(entry.payload));
-    }
-    let mut keys: Vec<String> = payloads
-        .iter()
-        .flat_map(|p: &Payload| p.blobs(key))
-        .map(|b| b.key.to_string())
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
 /// The instance, tier and key a blob error names, when it is the error damage `name` must
 /// give.
 fn named<'e>(name: &str, e: &'e BlobError) -> Option<(&'e String, &'e String, &'e String)> {

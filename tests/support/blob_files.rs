@@ -26,3 +26,28 @@ pub fn blob_paths(dir: &Path) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// The keys of the blobs (chunks included) that `key`'s record and kept history entries
+/// refer to, sorted, each once.
+pub async fn referenced(
+    store: &flowwire::storage::RedbStore,
+    key: &flowwire::storage::InstanceKey,
+) -> Vec<String> {
+    use flowwire::storage::record::{HistoryEntry, PlacedRecord};
+    use flowwire::storage::{InstanceStore, MIB, Payload};
+    let stored = store.load(key).await.unwrap().unwrap();
+    let record = PlacedRecord::decode(&stored.bytes, key, 64 * MIB).unwrap();
+    let mut payloads = vec![record.record.state.clone()];
+    for (_, bytes) in store.history(key, 0, 1_000).await.unwrap() {
+        let entry = HistoryEntry::decode(&bytes, key, 64 * MIB).unwrap();
+        payloads.extend(entry.state.into_iter().chain(entry.payload));
+    }
+    let mut keys: Vec<String> = payloads
+        .iter()
+        .flat_map(|p: &Payload| p.blobs(key))
+        .map(|b| b.key.to_string())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
