@@ -531,3 +531,46 @@ pub fn chunk_ladder(dir: &std::path::Path) -> flowwire::storage::Ladder {
     use flowwire::storage::{Ladder, Tier};
     Ladder::new().default_to(Tier::fs(dir.join("chunks")).named("chunks"))
 }
+
+/// The state of a `KillBlobs` instance: a large blob, replaced every fifth round and kept
+/// as it is between.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct BlobState {
+    pub id: u32,
+    pub scan: flowwire::Blob,
+    pub sum: u64,
+    pub round: u32,
+}
+
+/// Each round (one timer step) adds to a small field; every fifth also replaces the 2 MiB
+/// blob, whose old chunks the sweep then removes (history is kept for one step).
+#[flow(name = "KillBlobs")]
+pub struct KillBlobs {
+    #[link]
+    state: BlobState,
+}
+
+#[flow]
+impl KillBlobs {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.round < CHUNK_ROUNDS {
+            Command::sleep(Duration::from_millis(2)).then(|f| {
+                f.state.round += 1;
+                f.state.sum += u64::from(f.state.round);
+                if f.state.round % 5 == 0 {
+                    f.state.scan = blob_scan(f.state.id, f.state.round);
+                }
+                Ok(())
+            })
+        } else {
+            Command::finish()
+        }
+    }
+}
+
+/// Instance `id`'s blob as of round `round` (replaced every fifth round).
+pub fn blob_scan(id: u32, round: u32) -> flowwire::Blob {
+    let seed = 10_000 + u64::from(id) * 100 + u64::from(round / 5);
+    flowwire::Blob::from(chunk_noise(CHUNK_STATE, seed))
+}

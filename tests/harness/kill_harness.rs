@@ -8,6 +8,9 @@
 //! kept for one step), waits until all finished with the state their rounds computed, prints
 //! `DONE` and exits 0 (`READY` once its engine runs).
 //!
+//! `kill_harness blobs DIR N` does the same with N `KillBlobs` flows, whose 2 MiB
+//! `flowwire::Blob` is kept as it is for four rounds and replaced on the fifth.
+//!
 //! `kill_harness calls DATA_DIR LEDGER RUN N` starts (or resumes) N flows calling `Mail` and
 //! N calling `Vault`; in the run tagged `hang` the drivers hang after noting each call, so
 //! the test kills the process with calls in flight. Any other run waits until every mail
@@ -435,12 +438,55 @@ async fn chunks(dir: PathBuf, n: u32) {
     println!("DONE");
 }
 
+/// `blobs DIR N`: N `KillBlobs` instances, as `chunks` runs `KillChunks`.
+async fn blobs(dir: PathBuf, n: u32) {
+    let engine = Engine::builder()
+        .data_dir(dir.join("data"))
+        .storage(kill_flows::chunk_ladder(&dir))
+        .history(flowwire::storage::Retention::Last(1))
+        .flow::<kill_flows::KillBlobs>()
+        .start()
+        .await
+        .expect("engine starts");
+    println!("READY");
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let state = kill_flows::BlobState {
+            id: i,
+            scan: kill_flows::blob_scan(i, 0),
+            ..kill_flows::BlobState::default()
+        };
+        handles.push(
+            start_or_reach::<kill_flows::KillBlobs>(&engine, &format!("blobs-{i}"), state).await,
+        );
+    }
+    let rounds = kill_flows::CHUNK_ROUNDS;
+    for (i, h) in handles.iter().enumerate() {
+        let ended = tokio::time::timeout(Duration::from_mins(2), h.finished()).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ended::Finished))),
+            "blobs-{i}: {ended:?}"
+        );
+        let state = h.state().await.expect("state");
+        assert!(
+            state.scan == kill_flows::blob_scan(i as u32, rounds)
+                && state.sum == u64::from(rounds * (rounds + 1) / 2),
+            "blobs-{i}: the state its rounds computed"
+        );
+    }
+    engine.shutdown().await;
+    println!("DONE");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("chunks") if args.len() == 4 => {
             chunks(args[2].clone().into(), args[3].parse().expect("N")).await;
+        }
+        Some("blobs") if args.len() == 4 => {
+            blobs(args[2].clone().into(), args[3].parse().expect("N")).await;
         }
         Some("timers") if args.len() == 4 => {
             timers(args[2].clone().into(), args[3].parse().expect("N")).await;
