@@ -4,6 +4,9 @@
 //!
 //! `cargo run --example image_pipeline`
 //!
+//! The pixels are `flowwire::Blob`s: a step that leaves them as they are neither copies
+//! nor re-hashes them, and handing them to a driver call clones a reference.
+//!
 //! The ladder: payloads under 16 KiB inline in the record, under 1 MiB in files on the fast
 //! local disk (`nvme`), the rest in files on the bulk disk (`bulk`). Built with the `s3`
 //! feature and `FLOWWIRE_S3_ENDPOINT` set (plus `FLOWWIRE_S3_BUCKET`, default `flowwire`, and
@@ -14,8 +17,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flowwire::Engine;
 use flowwire::prelude::*;
+use flowwire::{Blob, Engine};
 use flowwire::storage::layout::{Layout, Piece};
 use flowwire::storage::{KIB, Ladder, MIB, Retention, Tier};
 
@@ -28,7 +31,7 @@ pub struct CameraError(String);
 #[driver(timeout = "30s", retries = 2)]
 pub trait Camera {
     /// Captures a `width` × `height` RGB frame.
-    async fn capture(&self, width: u32, height: u32) -> Result<Vec<u8>, CameraError>;
+    async fn capture(&self, width: u32, height: u32) -> Result<Blob, CameraError>;
 }
 
 /// The lab refused the job.
@@ -42,11 +45,11 @@ pub trait Lab {
     /// Shrinks an RGB image by `factor` in each direction (box filter).
     async fn downscale(
         &self,
-        pixels: Vec<u8>,
+        pixels: Blob,
         width: u32,
         height: u32,
         factor: u32,
-    ) -> Result<Vec<u8>, LabError>;
+    ) -> Result<Blob, LabError>;
 }
 
 /// One photo on its way from the sensor to a thumbnail.
@@ -54,9 +57,9 @@ pub trait Lab {
 pub struct Photo {
     width: u32,
     height: u32,
-    raw: Vec<u8>,
-    preview: Vec<u8>,
-    thumbnail: Vec<u8>,
+    raw: Blob,
+    preview: Blob,
+    thumbnail: Blob,
 }
 
 const PREVIEW: u32 = 4;
@@ -92,7 +95,7 @@ impl Darkroom {
             return Command::drive(self.lab.downscale(p.preview.clone(), w, h, THUMBNAIL)).then(
                 |f, r| {
                     f.photo.thumbnail = r?;
-                    f.photo.preview = Vec::new();
+                    f.photo.preview = Blob::default();
                     Ok(())
                 },
             );
@@ -104,7 +107,7 @@ impl Darkroom {
             )
             .then(|f, r| {
                 f.photo.preview = r?;
-                f.photo.raw = Vec::new();
+                f.photo.raw = Blob::default();
                 Ok(())
             });
         }
@@ -121,7 +124,7 @@ struct TestPattern;
 
 #[driver]
 impl Camera for TestPattern {
-    async fn capture(&self, width: u32, height: u32) -> Result<Vec<u8>, CameraError> {
+    async fn capture(&self, width: u32, height: u32) -> Result<Blob, CameraError> {
         let (w, h) = (width as usize, height as usize);
         let mut pixels = Vec::with_capacity(w * h * 3);
         for y in 0..h {
@@ -135,7 +138,7 @@ impl Camera for TestPattern {
         }
         // A sensor takes its time: long enough to watch the call in flight.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok(pixels)
+        Ok(pixels.into())
     }
 }
 
@@ -147,11 +150,11 @@ struct BoxFilter;
 impl Lab for BoxFilter {
     async fn downscale(
         &self,
-        pixels: Vec<u8>,
+        pixels: Blob,
         width: u32,
         height: u32,
         factor: u32,
-    ) -> Result<Vec<u8>, LabError> {
+    ) -> Result<Blob, LabError> {
         let (w, h, f) = (width as usize, height as usize, factor.max(1) as usize);
         if pixels.len() != w * h * 3 {
             return Err(LabError(format!(
@@ -175,7 +178,7 @@ impl Lab for BoxFilter {
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok(out)
+        Ok(out.into())
     }
 }
 
