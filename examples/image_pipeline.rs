@@ -18,9 +18,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use flowwire::prelude::*;
-use flowwire::{Blob, Engine};
 use flowwire::storage::layout::{Layout, Piece};
 use flowwire::storage::{KIB, Ladder, MIB, Retention, Tier};
+use flowwire::{Blob, Engine};
 
 /// The camera could not deliver.
 #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
