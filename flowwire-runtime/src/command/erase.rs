@@ -35,7 +35,7 @@ pub type Each<F, R> = fn(&mut F, usize, Outcome<R>) -> Result<(), Failure>;
 
 /// What reached the continuation: the encoded reply or the runtime's fault.
 pub(crate) enum Delivered<'a> {
-    Reply(&'a [u8]),
+    Reply(&'a bytes::Bytes),
     Fault(&'a Fault),
 }
 
@@ -139,10 +139,13 @@ fn run_each<F: Board, R: Reply>(
 
 fn outcome<R: Reply>(delivered: Delivered<'_>, limit: usize) -> Result<Outcome<R>, ThenError> {
     Ok(match delivered {
-        Delivered::Reply(bytes) => match flowwire_storage::codec::decode_raw::<R>(bytes, limit) {
-            Ok(reply) => reply.into_result().map_err(DriveError::Driver),
-            Err(e) => return Err(ThenError::Decode(e.to_string())),
-        },
+        // A large `Blob` in the reply is a slice of the reply's buffer, not a copy.
+        Delivered::Reply(bytes) => {
+            match flowwire_storage::rope::codec::decode_shared::<R>(bytes, limit) {
+                Ok(reply) => reply.into_result().map_err(DriveError::Driver),
+                Err(e) => return Err(ThenError::Decode(e.to_string())),
+            }
+        }
         Delivered::Fault(fault) => Err(DriveError::Runtime(fault.clone())),
     })
 }

@@ -151,7 +151,7 @@ impl<F: Flow> Instance<F> {
             });
         }
         let delivered = match outcome {
-            Ok(bytes) => Delivered::Reply(&bytes[..]),
+            Ok(bytes) => Delivered::Reply(bytes),
             Err(fault) => Delivered::Fault(fault),
         };
         let limit = self.limit;

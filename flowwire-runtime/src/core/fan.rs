@@ -61,7 +61,7 @@ impl<F: Flow> Instance<F> {
             .iter()
             .any(|b| !matches!(b.state, BranchState::Done { .. }));
         let delivered = match outcome {
-            Ok(bytes) => Delivered::Reply(&bytes[..]),
+            Ok(bytes) => Delivered::Reply(bytes),
             Err(fault) => Delivered::Fault(fault),
         };
         let (k, then) = match join {

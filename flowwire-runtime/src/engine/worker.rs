@@ -133,10 +133,12 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
 ) -> (Result<Bytes, Fault>, Option<Duration>) {
     let policy = job.policy;
     let attempt = job.attempt.max(1);
-    let call: D::Call = match flowwire_storage::codec::decode_raw(&job.call, limits.decode_limit) {
-        Ok(call) => call,
-        Err(e) => return (Err(Fault::Codec(e.to_string())), None),
-    };
+    // A large `Blob` argument is a slice of the job's buffer, not a copy.
+    let call: D::Call =
+        match flowwire_storage::rope::codec::decode_shared(&job.call, limits.decode_limit) {
+            Ok(call) => call,
+            Err(e) => return (Err(Fault::Codec(e.to_string())), None),
+        };
     debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
     buf.clear();
     let ctx = CallContext::new(
