@@ -30,7 +30,7 @@ mod kill_flows;
 #[path = "support/process.rs"]
 mod process;
 
-use blob_files::{blob_paths as chunk_files, referenced};
+use blob_files::{blob_paths as chunk_files, referenced, unreferenced};
 use kill_flows::{BlobState, CHUNK_ROUNDS, KillBlobs, blob_scan, chunk_noise, fnv};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -244,35 +244,20 @@ const KILLS: u64 = 10;
 const FLOWS: u32 = 4;
 
 fn harness(dir: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kill_harness"))
-        .args(["blobs", dir.to_str().unwrap(), &FLOWS.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("the harness starts")
+    process::kill_harness(&["blobs", dir.to_str().unwrap(), &FLOWS.to_string()])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_steps_keep_replace_and_sweep_blobs_every_state_reads_back_whole() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     for k in 0..KILLS {
         let mut child = harness(dir);
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "READY" {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "the harness ended early"
-            );
-        }
+        let _out = process::await_line(&mut child, "READY");
         // Kill at varying points: while a blob's chunks are written, a step commits, the
         // sweep deletes a replaced blob's chunks.
         std::thread::sleep(Duration::from_millis(30 + k * 53 % 300));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        process::kill(child);
     }
     let out = process::run_to_end(harness(dir));
     assert!(out.contains("DONE"), "{out}");
@@ -308,17 +293,10 @@ async fn killed_while_steps_keep_replace_and_sweep_blobs_every_state_reads_back_
         let key = InstanceKey::new("KillBlobs", format!("blobs-{i}"));
         wanted.extend(referenced(&store, &key).await);
     }
-    let names: std::collections::BTreeSet<String> = chunk_files(&dir.join("chunks"))
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().replace('@', "/"))
-        .collect();
-    for key in &wanted {
-        assert!(names.contains(key), "a referenced chunk is on disk: {key}");
-    }
     // A kill can strand a step's new chunks and the deletes of the steps committed just
     // before it: 11 measured. Without the sweep, about 270 (each flow writes some 77 chunk
     // files: a head piece each round, four chunks for each of its nine blobs).
-    let stranded = names.len() - wanted.len();
+    let stranded = unreferenced(&dir.join("chunks"), &wanted);
     let bound = (KILLS as usize) * FLOWS as usize * 3;
     eprintln!("{stranded} unreferenced chunk files after {KILLS} kills (bound {bound})");
     assert!(

@@ -78,7 +78,7 @@ async fn engine(dir: &Path, retention: Retention) -> Engine {
 
 #[path = "support/blob_files.rs"]
 mod blob_files;
-use blob_files::{blob_paths as chunk_files, referenced};
+use blob_files::{blob_paths as chunk_files, referenced, unreferenced};
 
 /// Waits (bounded) until the tier holds `n` chunk files: sweeps run after the commit, off
 /// the runner.
@@ -271,34 +271,19 @@ const KILLS: u64 = 10;
 const FLOWS: u32 = 4;
 
 fn harness(dir: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kill_harness"))
-        .args(["chunks", dir.to_str().unwrap(), &FLOWS.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("the harness starts")
+    process::kill_harness(&["chunks", dir.to_str().unwrap(), &FLOWS.to_string()])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_steps_write_and_sweep_chunks_every_state_reads_back_whole() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     for k in 0..KILLS {
         let mut child = harness(dir);
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "READY" {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "the harness ended early"
-            );
-        }
+        let _out = process::await_line(&mut child, "READY");
         // Kill at varying points of the rounds: while chunks are written, committed, swept.
         std::thread::sleep(Duration::from_millis(30 + k * 47 % 300));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        process::kill(child);
     }
     let out = process::run_to_end(harness(dir));
     assert!(out.contains("DONE"), "{out}");
@@ -336,15 +321,7 @@ async fn killed_while_steps_write_and_sweep_chunks_every_state_reads_back_whole(
         let key = InstanceKey::new("KillChunks", format!("chunks-{i}"));
         wanted.extend(referenced(&store, &key).await);
     }
-    let on_disk = chunk_files(&dir.join("chunks"));
-    let names: std::collections::BTreeSet<String> = on_disk
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().replace('@', "/"))
-        .collect();
-    for key in &wanted {
-        assert!(names.contains(key), "a referenced chunk is on disk: {key}");
-    }
-    let stranded = names.len() - wanted.len();
+    let stranded = unreferenced(&dir.join("chunks"), &wanted);
     let bound = (KILLS as usize) * FLOWS as usize * 4;
     assert!(
         stranded <= bound,

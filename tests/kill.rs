@@ -28,15 +28,13 @@
 //!   count is in the record), with the same key and never counted as redelivered.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[path = "support/process.rs"]
 mod process;
 
-use process::run_to_end;
+use process::{await_line, kill, kill_harness as harness, run_to_end};
 
 use flowwire::storage::{
     HistoryEntry, InstanceKey, InstanceStore, RedbStore, StepInput, StepOutput,
@@ -51,34 +49,6 @@ const BROODS: u32 = 10;
 const RETRIES: u32 = 10;
 const HOLDS: u32 = 10;
 const NOTES: u32 = 200;
-
-fn harness(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kill_harness"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the harness starts")
-}
-
-/// Waits for the harness to print `line` (it prints it once its engine runs).
-fn await_line(child: &mut Child, line: &str) -> BufReader<std::process::ChildStdout> {
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut got = String::new();
-    loop {
-        got.clear();
-        let n = out.read_line(&mut got).unwrap();
-        assert!(n > 0, "the harness ended before printing {line}");
-        if got.trim() == line {
-            return out;
-        }
-    }
-}
-
-fn kill(mut child: Child) {
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
-}
 
 async fn history(dir: &Path, flow: &str, id: &str) -> Vec<HistoryEntry> {
     let store = RedbStore::open(dir.join("instances.redb")).unwrap();

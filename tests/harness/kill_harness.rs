@@ -405,73 +405,74 @@ async fn retries(dir: PathBuf, ledger: PathBuf, run: String, n: u32) {
 
 /// `chunks DIR N`: N `KillChunks` instances on a file tier with history kept for one step.
 async fn chunks(dir: PathBuf, n: u32) {
-    let engine = Engine::builder()
-        .data_dir(dir.join("data"))
-        .storage(kill_flows::chunk_ladder(&dir))
-        .history(flowwire::storage::Retention::Last(1))
-        .flow::<KillChunks>()
-        .start()
-        .await
-        .expect("engine starts");
-    println!("READY");
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let state = ChunkState {
+    large::<KillChunks>(
+        &dir,
+        n,
+        "chunks",
+        |i| ChunkState {
             data: kill_flows::chunk_noise(kill_flows::CHUNK_STATE, u64::from(i) + 1).into(),
             round: 0,
-        };
-        handles.push(start_or_reach::<KillChunks>(&engine, &format!("chunks-{i}"), state).await);
-    }
-    for (i, h) in handles.iter().enumerate() {
-        let ended = tokio::time::timeout(Duration::from_mins(2), h.finished()).await;
-        assert!(
-            matches!(ended, Ok(Ok(Ended::Finished))),
-            "chunks-{i}: {ended:?}"
-        );
-        let state = h.state().await.expect("state");
-        assert!(
-            state.data == kill_flows::chunk_data(i as u32, kill_flows::CHUNK_ROUNDS),
-            "chunks-{i}: the state its rounds computed"
-        );
-    }
-    engine.shutdown().await;
-    println!("DONE");
+        },
+        |i, state| state.data == kill_flows::chunk_data(i, kill_flows::CHUNK_ROUNDS),
+    )
+    .await;
 }
 
 /// `blobs DIR N`: N `KillBlobs` instances, as `chunks` runs `KillChunks`.
 async fn blobs(dir: PathBuf, n: u32) {
+    let rounds = kill_flows::CHUNK_ROUNDS;
+    large::<kill_flows::KillBlobs>(
+        &dir,
+        n,
+        "blobs",
+        |i| kill_flows::BlobState {
+            id: i,
+            scan: kill_flows::blob_scan(i, 0),
+            ..kill_flows::BlobState::default()
+        },
+        |i, state| {
+            state.scan == kill_flows::blob_scan(i, rounds)
+                && state.sum == u64::from(rounds * (rounds + 1) / 2)
+        },
+    )
+    .await;
+}
+
+/// Starts (or resumes) N instances `<name>-<i>` of a flow with a large state on a file tier
+/// (history kept for one step), waits until each finished with the state `computed` expects,
+/// prints `DONE` (`READY` once the engine runs).
+async fn large<F: Flow>(
+    dir: &std::path::Path,
+    n: u32,
+    name: &str,
+    initial: impl Fn(u32) -> F::State,
+    computed: impl Fn(u32, &F::State) -> bool,
+) where
+    F::Handle: std::ops::Deref<Target = flowwire::Handle<F>>,
+{
     let engine = Engine::builder()
         .data_dir(dir.join("data"))
-        .storage(kill_flows::chunk_ladder(&dir))
+        .storage(kill_flows::chunk_ladder(dir))
         .history(flowwire::storage::Retention::Last(1))
-        .flow::<kill_flows::KillBlobs>()
+        .flow::<F>()
         .start()
         .await
         .expect("engine starts");
     println!("READY");
     let mut handles = Vec::new();
     for i in 0..n {
-        let state = kill_flows::BlobState {
-            id: i,
-            scan: kill_flows::blob_scan(i, 0),
-            ..kill_flows::BlobState::default()
-        };
-        handles.push(
-            start_or_reach::<kill_flows::KillBlobs>(&engine, &format!("blobs-{i}"), state).await,
-        );
+        handles.push(start_or_reach::<F>(&engine, &format!("{name}-{i}"), initial(i)).await);
     }
-    let rounds = kill_flows::CHUNK_ROUNDS;
-    for (i, h) in handles.iter().enumerate() {
+    for (i, h) in (0..n).zip(&handles) {
         let ended = tokio::time::timeout(Duration::from_mins(2), h.finished()).await;
         assert!(
             matches!(ended, Ok(Ok(Ended::Finished))),
-            "blobs-{i}: {ended:?}"
+            "{name}-{i}: {ended:?}"
         );
         let state = h.state().await.expect("state");
         assert!(
-            state.scan == kill_flows::blob_scan(i as u32, rounds)
-                && state.sum == u64::from(rounds * (rounds + 1) / 2),
-            "blobs-{i}: the state its rounds computed"
+            computed(i, &state),
+            "{name}-{i}: the state its rounds computed"
         );
     }
     engine.shutdown().await;

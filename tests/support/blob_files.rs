@@ -51,3 +51,16 @@ pub async fn referenced(
     keys.dedup();
     keys
 }
+
+/// How many chunk files under a file tier at `dir` no key of `wanted` names, after checking
+/// that every key of `wanted` has its file.
+pub fn unreferenced(dir: &Path, wanted: &[String]) -> usize {
+    let names: std::collections::BTreeSet<String> = blob_paths(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().replace('@', "/"))
+        .collect();
+    for key in wanted {
+        assert!(names.contains(key), "a referenced chunk is on disk: {key}");
+    }
+    names.len() - wanted.len()
+}
