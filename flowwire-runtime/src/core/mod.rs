@@ -33,7 +33,6 @@ mod upgrade;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use flowwire_storage::arena::Arena;
 use flowwire_storage::record::Draft;
 use flowwire_storage::{
@@ -299,11 +298,6 @@ impl<F: Flow> Instance<F> {
     /// way to the store).
     pub fn flow(&self) -> &F {
         &self.flow
-    }
-
-    /// The committed state, encoded in one buffer (a copy when it is in pieces).
-    pub fn state_bytes(&self) -> Bytes {
-        self.record.state.flat()
     }
 
     /// The version of the record this instance was built from, or last committed.

@@ -98,28 +98,16 @@ impl Placement {
             .and_then(|(p, _)| p.chunked())
             .filter(|c| c.tier == *tier.name_arc() && c.role == 's');
         let split = split_rope(pieces, seq, prev, &tier.chunk_sizes());
-        if let Some(old) = prev
-            && split.new.is_empty()
-            && old.len == len as u64
-            && *old.chunks == *split.chunks
-        {
-            return Ok(Payload::Chunked(old.clone()));
-        }
-        let manifest = Chunked {
-            tier: tier.name_arc().clone(),
-            role: 's',
-            len: len as u64,
-            chunks: split.chunks.into(),
-        };
-        for (bytes, c) in split.new {
-            let key: Arc<str> = manifest.key_of(instance, &c).into();
-            puts.push(Put {
-                tier: tier.clone(),
-                parts: [blob::header(&key, u64::from(c.len), c.crc), bytes],
-                key,
-            });
-        }
-        Ok(Payload::Chunked(manifest))
+        Ok(chunked(
+            instance,
+            's',
+            tier,
+            len,
+            prev,
+            split.chunks,
+            split.new,
+            puts,
+        ))
     }
 
     /// Splits a payload into chunks on `tier`, with a put for each one not already stored.
@@ -138,32 +126,20 @@ impl Placement {
                 .map(|c| (c, b))
         });
         let split = chunk::split(bytes, seq, prev, &tier.chunk_sizes());
-        if let Some((old, _)) = prev
-            && split.new.is_empty()
-            && old.len == bytes.len() as u64
-            && *old.chunks == *split.chunks
-        {
-            // The same bytes: the same manifest (and nothing for the collector to do).
-            return Payload::Chunked(old.clone());
-        }
-        let manifest = Chunked {
-            tier: tier.name_arc().clone(),
+        let new = split
+            .new
+            .into_iter()
+            .map(|(range, c)| (bytes.slice(range), c));
+        chunked(
+            instance,
             role,
-            len: bytes.len() as u64,
-            chunks: split.chunks.into(),
-        };
-        for (range, c) in split.new {
-            let key: Arc<str> = manifest.key_of(instance, &c).into();
-            puts.push(Put {
-                tier: tier.clone(),
-                parts: [
-                    blob::header(&key, u64::from(c.len), c.crc),
-                    bytes.slice(range),
-                ],
-                key,
-            });
-        }
-        Payload::Chunked(manifest)
+            tier,
+            bytes.len(),
+            prev.map(|(old, _)| old),
+            split.chunks,
+            new,
+            puts,
+        )
     }
 
     #[allow(clippy::result_large_err)] // as for `place`
@@ -369,6 +345,45 @@ impl Placement {
             puts,
         })
     }
+}
+
+/// The manifest of a payload of `len` bytes split into `chunks`, with a put for each of
+/// `new`; the previous manifest `prev` itself when nothing changed (nothing for the collector
+/// to do then).
+#[allow(clippy::too_many_arguments)]
+fn chunked(
+    instance: &InstanceKey,
+    role: char,
+    tier: &crate::tier::Tier,
+    len: usize,
+    prev: Option<&Chunked>,
+    chunks: Vec<chunk::ChunkRef>,
+    new: impl IntoIterator<Item = (Bytes, chunk::ChunkRef)>,
+    puts: &mut Vec<Put>,
+) -> Payload {
+    let mut new = new.into_iter().peekable();
+    if let Some(old) = prev
+        && new.peek().is_none()
+        && old.len == len as u64
+        && *old.chunks == *chunks
+    {
+        return Payload::Chunked(old.clone());
+    }
+    let manifest = Chunked {
+        tier: tier.name_arc().clone(),
+        role,
+        len: len as u64,
+        chunks: chunks.into(),
+    };
+    for (bytes, c) in new {
+        let key: Arc<str> = manifest.key_of(instance, &c).into();
+        puts.push(Put {
+            tier: tier.clone(),
+            parts: [blob::header(&key, u64::from(c.len), c.crc), bytes],
+            key,
+        });
+    }
+    Payload::Chunked(manifest)
 }
 
 /// What a blob role holds, for people.

@@ -264,9 +264,34 @@ pub type LiveRecord = Record<Bytes, crate::Rope>;
 impl Record {
     /// The record as the engine keeps it (no copy: the state becomes a one-piece rope).
     pub fn live(self) -> LiveRecord {
-        let state = crate::Rope::Flat(self.state.clone());
-        let pending = self.pending.clone();
-        self.with_payloads(state, pending)
+        let Record {
+            flow_version,
+            seq,
+            status,
+            state,
+            pending,
+            timer,
+            compensations,
+            failing,
+            correlation,
+            fan,
+            error,
+            cancel,
+        } = self;
+        Record {
+            flow_version,
+            seq,
+            status,
+            state: crate::Rope::Flat(state),
+            pending,
+            timer,
+            compensations,
+            failing,
+            correlation,
+            fan,
+            error,
+            cancel,
+        }
     }
 }
 
