@@ -116,58 +116,6 @@ struct Uploaded<F: Flow> {
     result: Result<()>,
 }
 
-impl<F: Flow> Input<F> {
-    /// Whether handling this input loads its instance when it is not in memory (those
-    /// reads run off the runner's task: `Runner::fetch`).
-    fn faults_in(&self) -> bool {
-        matches!(
-            self,
-            Input::Msg(
-                Msg::Impulse { .. }
-                    | Msg::StartOrImpulse { .. }
-                    | Msg::Cancel { .. }
-                    | Msg::Probe { .. }
-                    | Msg::State { .. }
-                    | Msg::Exists { .. }
-                    | Msg::Finished { .. }
-            ) | Input::Fire { .. }
-                | Input::Outcome(_)
-        )
-    }
-
-    /// The instance an input is about, if any: while that instance is being read, every
-    /// input about it waits behind the read (one that loaded it on its own would make it
-    /// resident over the read and drop the inputs waiting for it).
-    fn instance(&self) -> Option<&Arc<str>> {
-        match self {
-            Input::Msg(Msg::Exists { id, .. } | Msg::Finished { id, .. }) => Some(id),
-            other => other.serial_on(),
-        }
-    }
-
-    /// The instance a message writes to or reads the committed flow of: at most one such
-    /// message per instance in a round, after the steps of the rounds before are committed.
-    fn serial_on(&self) -> Option<&Arc<str>> {
-        match self {
-            Input::Msg(
-                Msg::Start { id, .. }
-                | Msg::Impulse { id, .. }
-                | Msg::StartOrImpulse { id, .. }
-                | Msg::Cancel { id, .. }
-                | Msg::Probe { id, .. }
-                | Msg::State { id, .. }
-                | Msg::Operate { id, .. },
-            )
-            | Input::Reload { id, .. }
-            | Input::Verify { id, .. }
-            | Input::Fire { id, .. }
-            | Input::Redeliver { id } => Some(id),
-            Input::Outcome(o) => Some(&o.id),
-            Input::Msg(_) => None,
-        }
-    }
-}
-
 enum Ack<F: Flow> {
     Start(oneshot::Sender<Result<()>>),
     Impulse(oneshot::Sender<Result<()>>, Arc<str>),
