@@ -6,6 +6,8 @@
 //!   around it: none of the blob's chunks, which keep the key of the step that first wrote
 //!   them; after a restart (the blob read back from its chunks), still only that one.
 //! * A step that replaces the blob writes the new blob's chunks.
+//! * A new blob its tier cannot take fails its step (a start takes no id) and changes
+//!   nothing: the instance goes on from its last state once the tier is back.
 //! * What is stored is the state's usual encoding: a `Blob` field reads back as the
 //!   `Bytes` a flow declared before, and every snapshot reads back.
 //! * Killed again and again while steps keep, replace and sweep blobs, the engine ends
@@ -199,6 +201,50 @@ async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
     let as_bytes: LedgerBytes = postcard::from_bytes(&record.state).unwrap();
     assert_eq!(&as_bytes.scan[..], &rescanned[..]);
     assert_eq!(as_bytes.stamps, stamps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_blob_its_tier_cannot_take_fails_its_step_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let engine = self::engine(dir).await;
+    let ledger_state = |seed| LedgerState {
+        scan: Blob::from(chunk_noise(SCAN, seed)),
+        stamps: Vec::new(),
+        closed: false,
+    };
+    let ledger = engine.start::<Ledger>("l", ledger_state(21)).await.unwrap();
+    // The tier's directory is gone, a file in its place: every write to it fails.
+    let disk = dir.join("disk");
+    std::fs::rename(&disk, dir.join("away")).unwrap();
+    std::fs::write(&disk, b"not a directory").unwrap();
+
+    let err = ledger.rescan(22).await.unwrap_err();
+    assert!(err.to_string().contains("tier `disk`"), "{err}");
+    let err = engine
+        .start::<Ledger>("m", ledger_state(23))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tier `disk`"), "{err}");
+    assert!(
+        matches!(
+            engine.handle::<Ledger>("m").await,
+            Err(flowwire::Error::NotFound { .. })
+        ),
+        "a start whose blob could not be written takes no id"
+    );
+
+    // With the tier back, the instance is as it was and takes steps; the id is free.
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(dir.join("away"), &disk).unwrap();
+    ledger.stamp(1).await.unwrap();
+    assert_eq!(
+        ledger.digest().await.unwrap(),
+        (fnv(&chunk_noise(SCAN, 21)), vec![1])
+    );
+    let m = engine.start::<Ledger>("m", ledger_state(23)).await.unwrap();
+    assert_eq!(m.digest().await.unwrap().0, fnv(&chunk_noise(SCAN, 23)));
+    engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,11 +29,13 @@
 //!
 //! # The files
 //! This one holds the builder, its validation and the [`Placement`] it yields; `seal.rs`
-//! places and seals a step's payloads (and does the retention accounting); `io.rs` writes,
+//! places and seals a step's payloads (and does the retention accounting); `precut.rs` cuts a
+//! step's new blobs and writes their chunks before the seal, overlapping the two; `io.rs` writes,
 //! reads, resolves and deletes blobs on their tiers; `keys.rs` makes blob keys.
 
 mod io;
 mod keys;
+mod precut;
 mod seal;
 
 use crate::record::{PlacedRecord, StepWrite};
@@ -44,6 +46,7 @@ use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 pub use self::keys::blob_key;
+pub use self::precut::{Precut, Written};
 
 /// 1024 bytes.
 pub const KIB: usize = 1024;

@@ -88,11 +88,9 @@ impl Placement {
             }
             Rope::Pieces { pieces, .. } => pieces,
         };
-        let len = rope.len();
-        let tier = match self.tier_for(len) {
-            Some(tier) if len >= self.chunk_from && len <= self.record_limit => tier,
+        let Some(tier) = self.chunked_state_tier(rope.len()) else {
             // Inline, one blob, or refused: as contiguous bytes.
-            _ => return self.place(instance, seq, 's', rope.flat(), prev_flat, puts),
+            return self.place(instance, seq, 's', rope.flat(), prev_flat, puts);
         };
         let prev = prev
             .and_then(|(p, _)| p.chunked())
@@ -102,12 +100,18 @@ impl Placement {
             instance,
             's',
             tier,
-            len,
+            rope.len(),
             prev,
             split.chunks,
             split.new,
             puts,
         ))
+    }
+
+    /// The tier a state of `len` bytes in pieces is stored on as chunks, if it is.
+    pub(super) fn chunked_state_tier(&self, len: usize) -> Option<&crate::tier::Tier> {
+        self.tier_for(len)
+            .filter(|_| len >= self.chunk_from && len <= self.record_limit)
     }
 
     /// Splits a payload into chunks on `tier`, with a put for each one not already stored.

@@ -119,13 +119,39 @@ impl Blob {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// Its chunks for `size`: cut and hashed the first time, then kept.
-    pub(crate) fn cuts(&self, size: &ChunkSize) -> Arc<Cuts> {
-        let mut cached = self
-            .0
+    /// Whether its chunks for `size` are known (cut and hashed before).
+    pub(crate) fn is_cut(&self, size: &ChunkSize) -> bool {
+        self.cached(size).is_some()
+    }
+
+    /// Keeps `chunks`, found by cutting and hashing the blob with `size` elsewhere (see
+    /// `ladder::precut`), as its cuts.
+    pub(crate) fn keep_cuts(&self, size: ChunkSize, chunks: Vec<ChunkRef>) {
+        debug_assert_eq!(
+            chunks.iter().map(|c| c.len as usize).sum::<usize>(),
+            self.len(),
+            "a blob's cuts cover it"
+        );
+        *self.lock_cuts() = Some(Arc::new(Cuts { size, chunks }));
+    }
+
+    fn lock_cuts(&self) -> std::sync::MutexGuard<'_, Option<Arc<Cuts>>> {
+        self.0
             .cuts
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cached(&self, size: &ChunkSize) -> Option<Arc<Cuts>> {
+        self.lock_cuts()
+            .as_ref()
+            .filter(|c| c.size == *size)
+            .cloned()
+    }
+
+    /// Its chunks for `size`: cut and hashed the first time, then kept.
+    pub(crate) fn cuts(&self, size: &ChunkSize) -> Arc<Cuts> {
+        let mut cached = self.lock_cuts();
         if let Some(c) = cached.as_ref()
             && c.size == *size
         {

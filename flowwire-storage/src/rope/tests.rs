@@ -329,3 +329,132 @@ fn random_pieces_decode_to_an_error_or_a_value_never_a_panic() {
     // Most damage is refused (a flipped bit inside a string or a number may still decode).
     assert!(refused > 1_200, "{refused} of 2,000 refused");
 }
+
+/// A state at step `seq`, sealed without a precut: its payload and the keys and bytes of
+/// its puts.
+fn placed_plainly(
+    placement: &crate::Placement,
+    key: &crate::InstanceKey,
+    seq: u64,
+    rope: &Rope,
+    prev: Option<(&crate::Payload, Option<&Rope>)>,
+) -> (crate::Payload, std::collections::HashMap<String, Vec<u8>>) {
+    let mut puts = Vec::new();
+    let payload = placement
+        .place_state(key, seq, rope, prev, &mut puts)
+        .unwrap();
+    let puts = puts
+        .iter()
+        .map(|p| (p.key.to_string(), p.parts.concat()))
+        .collect();
+    (payload, puts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precut_writes_exactly_the_chunks_the_seal_would_and_the_seal_then_writes_none() {
+    use crate::tier::{BlobTier, Tier};
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Tier::fs(dir.path()).named("disk");
+    let placement = crate::Ladder::new()
+        .default_to(tier.clone())
+        .validate(64 * 1024 * 1024)
+        .unwrap();
+    let key = crate::InstanceKey::new("Doc", "d");
+    let mut rng = Rng::new(5);
+    let mut d = doc(&mut rng);
+    d.scan = Blob::from(rng.bytes(3 * 1024 * 1024));
+    // A copy of the state whose blobs are built anew has no cuts: it is sealed plainly.
+    let fresh = |d: &Doc| postcard::from_bytes::<Doc>(&postcard::to_allocvec(d).unwrap()).unwrap();
+
+    let rope = rope_of(&d);
+    let (unplanned, unplanned_puts) =
+        placed_plainly(&placement, &key, 1, &rope_of(&fresh(&d)), None);
+    let plan = placement.precut(&rope, None).expect("a new blob to cut");
+    let written = placement.cut_and_put(&key, 1, plan).await.unwrap();
+    assert!(
+        placement.precut(&rope, None).is_none(),
+        "the blob keeps its cuts"
+    );
+    let (sealed, puts) = placed_plainly(&placement, &key, 1, &rope, None);
+    assert_eq!(
+        sealed, unplanned,
+        "the same manifest as sealing without a precut"
+    );
+    assert_eq!(
+        puts, unplanned_puts,
+        "the same puts before the written ones are left out"
+    );
+    let left = puts.keys().filter(|k| !written.contains(k)).count();
+    assert!(
+        written.len() >= 3,
+        "{} chunks of 3 MiB written",
+        written.len()
+    );
+    let Rope::Pieces { pieces, .. } = &rope else {
+        panic!("in pieces")
+    };
+    let head_chunks: usize = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Head(h) => crate::chunk::cdc::lengths(h, &tier.chunk_sizes()).len(),
+            Piece::Blob(_) => 0,
+        })
+        .sum();
+    assert_eq!(
+        left, head_chunks,
+        "only the head pieces' chunks are left to put"
+    );
+    for (k, bytes) in puts.iter().filter(|(k, _)| written.contains(k)) {
+        let on_disk = tier.get(k, None).await.unwrap().expect("written");
+        assert_eq!(
+            &on_disk[..],
+            &bytes[..],
+            "{k} holds what the seal would put"
+        );
+    }
+
+    // The next step inserts 100 bytes into the blob: chunks the committed manifest holds
+    // are neither written nor given new keys.
+    let mut next = d.clone();
+    let old = d.scan.bytes();
+    next.scan = Blob::from(
+        [
+            &old[..1024 * 1024],
+            &rng.bytes(100)[..],
+            &old[1024 * 1024..],
+        ]
+        .concat(),
+    );
+    next.tail += 1;
+    let next_rope = rope_of(&next);
+    let prev = Some((&sealed, Some(&rope)));
+    let (unplanned, unplanned_puts) =
+        placed_plainly(&placement, &key, 2, &rope_of(&fresh(&next)), prev);
+    let plan = placement
+        .precut(&next_rope, prev)
+        .expect("a new blob to cut");
+    let written = placement.cut_and_put(&key, 2, plan).await.unwrap();
+    let (sealed, puts) = placed_plainly(&placement, &key, 2, &next_rope, prev);
+    assert_eq!((&sealed, &puts), (&unplanned, &unplanned_puts));
+    let crate::Payload::Chunked(m) = &sealed else {
+        panic!("chunked")
+    };
+    let kept = m.chunks.iter().filter(|c| c.seq == 1).count();
+    assert!(kept >= 2, "{kept} chunks kept from step 1");
+    assert_eq!(
+        written.len() + puts.keys().filter(|k| !written.contains(k)).count(),
+        puts.len()
+    );
+    assert!(
+        written.len() <= 2,
+        "{} chunks written for 100 bytes",
+        written.len()
+    );
+
+    // A state that is the committed one is not cut again.
+    assert!(
+        placement
+            .precut(&rope, Some((&sealed, Some(&rope))))
+            .is_none()
+    );
+}

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::mem;
 
-use flowwire_storage::ladder::Sealed;
+use flowwire_storage::ladder::Written;
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{StepResult, StoreError};
 use tokio::sync::oneshot;
@@ -15,7 +15,8 @@ use crate::error::Error;
 use crate::flow::Flow;
 
 use super::{
-    Ack, Committed, InFlight, Input, Internal, Phase, Runner, Staged, Uploaded, poll_once,
+    Ack, Committed, InFlight, Input, Internal, Phase, Result, Runner, Staged, Upload, Uploaded,
+    poll_once,
 };
 
 impl<F: Flow> Runner<F> {
@@ -108,9 +109,17 @@ impl<F: Flow> Runner<F> {
     }
 
     /// Places a step's payloads and adds it to the batch being built. A step with blobs
-    /// to write starts their upload and joins a later batch once they land; one whose
-    /// payloads cannot be placed fails now.
+    /// to write starts their upload and joins a later batch once they land (a step with
+    /// new blobs to cut has them cut and written first, off the runner: see
+    /// [`Placement::precut`](flowwire_storage::Placement::precut)); one whose payloads
+    /// cannot be placed fails now.
     pub(super) fn stage(&mut self, s: Staged<F>) {
+        self.place(s, None);
+    }
+
+    /// [`stage`](Self::stage), for a step whose precut wrote `written` (`Some`: the step
+    /// comes back from its task, so its instance joins the batch being built here).
+    fn place(&mut self, s: Staged<F>, written: Option<&Written>) {
         let prev = self.slots.get(&s.id).and_then(|slot| {
             let committed = slot.inst.record();
             slot.placed.as_ref().map(|p| {
@@ -120,6 +129,20 @@ impl<F: Flow> Runner<F> {
                 (p, stored.then_some(&committed.state))
             })
         });
+        if written.is_none()
+            && let Some(plan) = self.placement.precut(
+                &s.step.draft.record.state,
+                prev.map(|(p, rope)| (&p.record.state, rope)),
+            )
+        {
+            let placement = self.placement.clone();
+            let (key, seq) = (s.step.draft.key.clone(), s.step.draft.record.seq);
+            self.upload(s, true, async move {
+                let written = placement.cut_and_put(&key, seq, plan).await?;
+                Ok(Upload::Cut(written))
+            });
+            return;
+        }
         let scratch = &mut self.scratch;
         let sealed = self.placement.seal(
             &s.step.draft,
@@ -136,46 +159,71 @@ impl<F: Flow> Runner<F> {
                 .map(|r| std::sync::Arc::from(r.entry.as_str())),
             _ => None,
         };
+        let back = written.is_some();
         match sealed {
-            Ok(mut sealed) if sealed.puts.is_empty() => {
-                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
-                sealed.write.acknowledges = acknowledges;
-                let b = &mut self.building;
-                b.writes.push(sealed.write);
-                b.placed.push(sealed.placed);
-                b.staged.push(s);
-            }
-            // Rare (a blob to write, a payload too large): not in this batch.
             Ok(mut sealed) => {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
                 sealed.write.acknowledges = acknowledges;
-                self.upload(s, sealed);
+                if let Some(written) = written {
+                    sealed.skip_written(written);
+                }
+                if sealed.puts.is_empty() {
+                    if back {
+                        self.joins(&s.id);
+                    }
+                    let b = &mut self.building;
+                    b.writes.push(sealed.write);
+                    b.placed.push(sealed.placed);
+                    b.staged.push(s);
+                } else {
+                    // Rare (a blob to write, a payload too large): not in this batch. A
+                    // start's id was checked before its precut.
+                    let placement = self.placement.clone();
+                    self.upload(s, !back, async move {
+                        let key = &sealed.write.key;
+                        placement.put_all(key, &sealed.puts).await?;
+                        // The bytes are on their tier; the step needs only the record now.
+                        drop(mem::take(&mut sealed.puts));
+                        Ok(Upload::Sealed(sealed))
+                    });
+                }
             }
-            Err(e) => self.failed(s, &Error::from(e)),
+            Err(e) => {
+                if back {
+                    self.joins(&s.id);
+                }
+                self.failed(s, &Error::from(e));
+            }
         }
     }
 
-    /// A step whose blobs were written (or not): it joins the batch being built, and its
-    /// instance's held messages wait for that batch's commit.
+    /// A step's task is done: a sealed step joins the batch being built, and its
+    /// instance's held messages wait for that batch's commit; a precut step is sealed.
     pub(super) fn landed(&mut self, u: Uploaded<F>) {
-        let Uploaded {
-            staged: s,
-            sealed,
-            result,
-        } = u;
+        let Uploaded { staged: s, result } = u;
         self.uploading = self.uploading.saturating_sub(1);
-        if let Some(slot) = self.slots.get_mut(&s.id) {
-            slot.phase = Phase::Batched { round: self.round };
-            self.requeue.extend(slot.held.drain(..));
-        }
         match result {
-            Ok(()) => {
+            Ok(Upload::Cut(written)) => self.place(s, Some(&written)),
+            Ok(Upload::Sealed(sealed)) => {
+                self.joins(&s.id);
                 let b = &mut self.building;
                 b.writes.push(sealed.write);
                 b.placed.push(sealed.placed);
                 b.staged.push(s);
             }
-            Err(e) => self.failed(s, &e),
+            Err(e) => {
+                self.joins(&s.id);
+                self.failed(s, &e);
+            }
+        }
+    }
+
+    /// The instance `id`, back from a task of its step's, joins the batch being built;
+    /// the messages it held go back to the backlog.
+    fn joins(&mut self, id: &str) {
+        if let Some(slot) = self.slots.get_mut(id) {
+            slot.phase = Phase::Batched { round: self.round };
+            self.requeue.extend(slot.held.drain(..));
         }
     }
 
@@ -329,49 +377,44 @@ impl<F: Flow> Runner<F> {
         self.requeue.extend(self.waiting.drain(..));
     }
 
-    /// Writes a step's blobs on a task of its own (bounded by the store timeout) and
-    /// reports back through the inbox. The instance holds its next inputs until then.
-    pub(super) fn upload(&mut self, s: Staged<F>, mut sealed: Sealed) {
+    /// Runs `work` (writing a step's blobs) on a task of its own, bounded by the store
+    /// timeout, and reports back through the inbox. The instance holds its next inputs
+    /// until then. `check`: a start is refused before anything is written if its id is
+    /// taken (the commit's `Expect::Absent` still decides a race; the blob keys are unique
+    /// per write, so a losing start's blobs can never replace the winner's).
+    pub(super) fn upload(
+        &mut self,
+        s: Staged<F>,
+        check: bool,
+        work: impl Future<Output = Result<Upload>> + Send + 'static,
+    ) {
         if let Some(slot) = self.slots.get_mut(&s.id) {
             slot.phase = Phase::Uploading {
                 round: slot.phase.round(),
             };
         }
         self.uploading += 1;
-        let placement = self.placement.clone();
         let inbox = self.inbox.clone();
         let limit = self.limits.store_timeout;
-        // A start is refused before anything is placed if its id is taken (the commit's
-        // `Expect::Absent` still decides a race; the blob keys are unique per write, so a
-        // losing start's blobs can never replace the winner's).
-        let taken = matches!(s.ack, Ack::Start(_)).then(|| self.store.clone());
+        let taken = (check && matches!(s.ack, Ack::Start(_))).then(|| self.store.clone());
+        let key = s.step.draft.key.clone();
         tokio::spawn(async move {
-            let key = &sealed.write.key;
-            let put = async {
+            let run = async {
                 if let Some(store) = taken
-                    && store.load(key).await?.is_some()
+                    && store.load(&key).await?.is_some()
                 {
                     return Err(Error::AlreadyExists {
                         flow: F::NAME,
                         id: key.id.to_string(),
                     });
                 }
-                placement
-                    .put_all(key, &sealed.puts)
-                    .await
-                    .map_err(Error::from)
+                work.await
             };
-            let result = match tokio::time::timeout(limit, put).await {
+            let result = match tokio::time::timeout(limit, run).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::Store(StoreError::Timeout(limit))),
             };
-            // The bytes are on their tier (or not); the step needs only the record now.
-            drop(mem::take(&mut sealed.puts));
-            let _ = inbox.send(Internal::Uploaded(Box::new(Uploaded {
-                staged: s,
-                sealed,
-                result,
-            })));
+            let _ = inbox.send(Internal::Uploaded(Box::new(Uploaded { staged: s, result })));
         });
     }
 }

@@ -13,10 +13,10 @@
 //! is still acknowledged only after its own commit. A store that commits at once (the
 //! in-memory one) has its batch acted on in the same round.
 //!
-//! A step whose payloads go to a blob tier is not committed in its round: its blobs are
-//! written by a task of its own, and the step joins the commit of the round after they
-//! land. Until then its instance holds further inputs back, and every other instance goes
-//! on — a slow or unreachable tier stalls only the instances whose data lives there.
+//! A step whose payloads go to a blob tier is not committed in its round: a task of its
+//! own writes its blobs (first cutting its new `Blob`s, each chunk written as it is cut),
+//! and the step joins the commit of the round after they land. Until then its instance
+//! holds inputs back; the others go on (a slow tier stalls only instances stored there).
 //!
 //! Only instances with a driver call in flight stay in memory. One that sleeps, waits or
 //! is parked leaves memory once its step is committed; an impulse, a probe or its timer
@@ -25,10 +25,9 @@
 //! reaches the end of this one, and adds timers armed within the window as their steps
 //! commit.
 //!
-//! Where an instance stands is named: it is being read or resident (`phase::Presence`),
-//! and a resident one's place in this pipeline is its slot's [`Phase`]: in a batch (being
-//! built, being written, or committed, by the batch's number) or uploading. An instance
-//! the runner does not know of is only in the store.
+//! Where an instance stands is named: being read or resident (`phase::Presence`), and a
+//! resident one's place in this pipeline is its slot's [`Phase`]: in a batch (being built,
+//! written, or committed, by the batch's number) or uploading; else it is only stored.
 //!
 //! The files: this one holds the runner's state and its select loop; [`requests`] what
 //! each input does; [`commit`] the batch pipeline; [`effects`] what a committed (or
@@ -46,7 +45,7 @@ mod timers;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use flowwire_storage::ladder::Sealed;
+use flowwire_storage::ladder::{Sealed, Written};
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{InstanceKey, InstanceStore, Placement, Retention, StepResult, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -93,7 +92,7 @@ enum Input<F: Flow> {
 
 /// What the runner's own tasks report back.
 enum Internal<F: Flow> {
-    /// A step's blobs are written (or could not be): commit it in the next round.
+    /// A step's blobs are written (or could not be): seal or commit it.
     Uploaded(Box<Uploaded<F>>),
     /// Time to try loading an instance again.
     Reload {
@@ -112,8 +111,15 @@ enum Internal<F: Flow> {
 
 struct Uploaded<F: Flow> {
     staged: Staged<F>,
-    sealed: Sealed,
-    result: Result<()>,
+    result: Result<Upload>,
+}
+
+/// What a step's task wrote: its blobs (`Sealed`: it joins the next batch), or the chunks
+/// of its new blobs (`Cut`, by `Placement::cut_and_put`: it is sealed now, without them).
+#[allow(clippy::large_enum_variant)] // it travels in `Uploaded`, boxed
+enum Upload {
+    Sealed(Sealed),
+    Cut(Written),
 }
 
 enum Ack<F: Flow> {
