@@ -2,9 +2,9 @@
 //! Large fields of a state as `flowwire::Blob`: kept by reference, stored as the chunks of
 //! any large state, and written once.
 //!
-//! * A step that leaves a 4 MiB blob as it is writes only the chunk of the small fields
-//!   around it: none of the blob's chunks, which keep the key of the step that first wrote
-//!   them; after a restart (the blob read back from its chunks), still only that one.
+//! * A step that leaves a 4 MiB blob as it is writes no chunk: the small fields around it
+//!   live in the manifest, and the blob's chunks keep the key of the step that first wrote
+//!   them; after a restart (the blob read back from its chunks), still none.
 //! * A step that replaces the blob writes the new blob's chunks.
 //! * A new blob its tier cannot take fails its step (a start takes no id) and changes
 //!   nothing: the instance goes on from its last state once the tier is back.
@@ -106,14 +106,21 @@ fn store(dir: &Path) -> RedbStore {
     RedbStore::open(dir.join("data").join("instances.redb")).unwrap()
 }
 
-/// The stored state's manifest: each chunk's hash with the step that wrote it (read with
-/// the engine shut down).
-async fn manifest(dir: &Path) -> Vec<(u64, [u8; 32])> {
+/// The stored state's manifest: each chunk in a file, its hash with the step that wrote
+/// it, and how many small pieces it holds inline (read with the engine shut down).
+async fn manifest(dir: &Path) -> (Vec<(u64, [u8; 32])>, usize) {
     let key = InstanceKey::new("Ledger", "l");
     let stored = store(dir).load(&key).await.unwrap().unwrap();
     let record = PlacedRecord::decode(&stored.bytes, &key, 64 * MIB).unwrap();
     match &record.record.state {
-        Payload::Chunked(c) => c.chunks.iter().map(|c| (c.seq, c.hash)).collect(),
+        Payload::Chunked(c) => (
+            c.chunks
+                .iter()
+                .filter(|c| !c.is_inline())
+                .map(|c| (c.seq, c.hash))
+                .collect(),
+            c.inline.len(),
+        ),
         other => panic!("a 4 MiB state is chunked, not {other:?}"),
     }
 }
@@ -155,22 +162,25 @@ async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
         ledger.stamp(n).await.unwrap();
         stamps.push(n);
         assert_eq!(
-            files(dir) - before,
-            1,
-            "a stamp writes one chunk: the small fields after the blob"
+            files(dir),
+            before,
+            "a stamp writes no chunk: the small fields around the blob live in the manifest"
         );
     }
     assert_eq!(ledger.digest().await.unwrap(), (fnv(&scan), stamps.clone()));
     engine.shutdown().await;
     drop(engine);
     let now = manifest(dir).await;
-    assert_eq!(now.len(), at_start.len());
     assert_eq!(
-        now[..now.len() - 1],
-        at_start[..at_start.len() - 1],
+        now.0, at_start.0,
         "the blob's chunks keep the keys the first step wrote them under"
     );
-    assert!(now[..now.len() - 1].iter().all(|(seq, _)| *seq == 1));
+    assert!(now.0.iter().all(|(seq, _)| *seq == 1));
+    assert_eq!(
+        (at_start.1, now.1),
+        (2, 2),
+        "the blob's length before it and the fields after it, inline"
+    );
 
     // A new blob: its chunks are written.
     let engine = self::engine(dir).await;
@@ -179,8 +189,8 @@ async fn a_step_that_keeps_a_large_blob_writes_none_of_its_chunks() {
     ledger.rescan(12).await.unwrap();
     assert_eq!(
         files(dir) - before,
-        first - 2,
-        "a new scan writes its own chunks: not the length before it nor the stamps after it"
+        first,
+        "a new scan writes its own chunks and nothing else"
     );
     let rescanned = chunk_noise(SCAN, 12);
     assert_eq!(

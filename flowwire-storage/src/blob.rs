@@ -20,7 +20,11 @@ use crate::chunk::Chunked;
 use crate::record::InstanceKey;
 
 /// Where a payload lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Stored as an enum of four forms: a manifest without inline chunks keeps the form of
+/// record format 8 (`Chunked`), one with them has a form of its own (`ChunkedInline`,
+/// format 9), so every payload written before reads as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     /// In the record itself.
     Inline(Bytes),
@@ -90,6 +94,72 @@ impl Payload {
             Payload::Chunked(c) => &c.tier,
         }
     }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // As `derive` writes the variants of `PayloadForm`.
+        match self {
+            Payload::Inline(b) => s.serialize_newtype_variant("Payload", 0, "Inline", b),
+            Payload::Blob(r) => s.serialize_newtype_variant("Payload", 1, "Blob", r),
+            Payload::Chunked(c) if c.inline.is_empty() => s.serialize_newtype_variant(
+                "Payload",
+                2,
+                "Chunked",
+                &ChunkedV8Ref {
+                    tier: &c.tier,
+                    role: c.role,
+                    len: c.len,
+                    chunks: &c.chunks,
+                },
+            ),
+            Payload::Chunked(c) => s.serialize_newtype_variant("Payload", 3, "ChunkedInline", c),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        Ok(match PayloadForm::deserialize(d)? {
+            PayloadForm::Inline(b) => Payload::Inline(b),
+            PayloadForm::Blob(r) => Payload::Blob(r),
+            PayloadForm::Chunked(c) => Payload::Chunked(Chunked {
+                tier: c.tier,
+                role: c.role,
+                len: c.len,
+                chunks: c.chunks,
+                inline: Arc::from([]),
+            }),
+            PayloadForm::ChunkedInline(c) => Payload::Chunked(c),
+        })
+    }
+}
+
+/// How a [`Payload`] is stored.
+#[derive(Deserialize)]
+enum PayloadForm {
+    Inline(Bytes),
+    Blob(BlobRef),
+    Chunked(ChunkedV8),
+    ChunkedInline(Chunked),
+}
+
+/// A manifest as record format 8 stores it (no inline chunks).
+#[derive(Deserialize)]
+struct ChunkedV8 {
+    tier: Arc<str>,
+    role: char,
+    len: u64,
+    chunks: Arc<[crate::chunk::ChunkRef]>,
+}
+
+/// [`ChunkedV8`], to write.
+#[derive(Serialize)]
+struct ChunkedV8Ref<'a> {
+    tier: &'a Arc<str>,
+    role: char,
+    len: u64,
+    chunks: &'a Arc<[crate::chunk::ChunkRef]>,
 }
 
 /// A reference to a blob: which tier holds it, under which key, and what it must contain.

@@ -105,9 +105,10 @@ impl Kind {
             // 7 (records) and 6 (history) = retries (attempt counts of calls and branches,
             // retry steps) and typed failures; 8 (records) and 7 (history) = payloads may be
             // manifests of chunks (a build that does not know them refuses the record as of an
-            // unknown format instead of failing to decode it). All are read.
-            Kind::Record => 8,
-            Kind::History => 7,
+            // unknown format instead of failing to decode it); 9 (records) and 8 (history) =
+            // manifests may hold small chunks inline. All are read.
+            Kind::Record => 9,
+            Kind::History => 8,
             Kind::State => 1,
         }
     }

@@ -19,7 +19,8 @@ pub struct Piece {
     pub tier: Arc<str>,
     /// The payload's length in bytes.
     pub bytes: u64,
-    /// The blob's key on its tier (`None` when inline; a chunked payload's first chunk).
+    /// The blob's key on its tier (`None` when inline; a chunked payload's first chunk in a
+    /// blob).
     pub key: Option<Arc<str>>,
     /// How many chunks hold it (0 unless it is chunked).
     pub chunks: usize,
@@ -55,7 +56,8 @@ impl Piece {
                 bytes: c.len,
                 key: c
                     .chunks
-                    .first()
+                    .iter()
+                    .find(|ch| !ch.is_inline())
                     .map(|first| c.key_of(instance, first).into()),
                 chunks: c.chunks.len(),
             },

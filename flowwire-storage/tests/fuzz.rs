@@ -124,16 +124,37 @@ fn fuzz_a_chunk_manifest_behind_the_checksum() {
         role: 's',
         len: 300_000,
         chunks: vec![chunk(3, 100_000), chunk(4, 150_000), chunk(3, 50_000)].into(),
+        inline: std::sync::Arc::default(),
     });
     let mut seed = Vec::new();
     codec::encode_raw(&r, &mut seed).unwrap();
-    fuzz_bounded("chunk manifest", &[seed], |input| {
+    // And one with a chunk inline (its own stored form).
+    let head = Bytes::from_static(b"the fields around a blob");
+    let mut with_inline = r.clone();
+    with_inline.record.state = Payload::Chunked(Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 100_024,
+        chunks: vec![
+            chunk(flowwire_storage::chunk::INLINE, 24),
+            chunk(3, 100_000),
+        ]
+        .into(),
+        inline: vec![head].into(),
+    });
+    let mut inline_seed = Vec::new();
+    codec::encode_raw(&with_inline, &mut inline_seed).unwrap();
+    fuzz_bounded("chunk manifest", &[seed, inline_seed], |input| {
         if let Ok(r) = codec::decode_raw::<PlacedRecord>(input, LIMIT)
             && let Payload::Chunked(c) = &r.record.state
         {
             assert!(
                 c.chunks.len() <= input.len(),
                 "no more chunks than input bytes"
+            );
+            assert!(
+                c.inline.iter().map(Bytes::len).sum::<usize>() <= input.len(),
+                "no more inline bytes than input bytes"
             );
         }
     });

@@ -45,12 +45,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::InstanceKey;
 
+/// The step of an inline chunk: one whose bytes the manifest holds ([`Chunked::inline`])
+/// instead of a blob. No step has this number (steps count up from 0 by one).
+pub const INLINE: u64 = u64::MAX;
+
 /// One chunk of a [`Chunked`] payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkRef {
     /// Its BLAKE3 hash (checked on every read).
     pub hash: [u8; 32],
-    /// The step that wrote it (part of its key).
+    /// The step that wrote it (part of its key), or [`INLINE`].
     pub seq: u64,
     /// Its length in bytes.
     pub len: u32,
@@ -69,6 +73,18 @@ pub struct Chunked {
     pub len: u64,
     /// The chunks, in order (a chunk may appear more than once).
     pub chunks: Arc<[ChunkRef]>,
+    /// The bytes of the inline chunks (those whose step is [`INLINE`]), one for each in
+    /// the order they appear in `chunks`: the small pieces of a state between its large
+    /// blobs, kept in the record instead of a file each. Empty for a manifest written
+    /// before record format 9.
+    pub inline: Arc<[Bytes]>,
+}
+
+impl ChunkRef {
+    /// Whether the manifest holds this chunk's bytes (no blob holds them).
+    pub fn is_inline(&self) -> bool {
+        self.seq == INLINE
+    }
 }
 
 impl Chunked {
@@ -77,12 +93,13 @@ impl Chunked {
         chunk_key(instance, chunk.seq, self.role, &chunk.hash)
     }
 
-    /// Every chunk once, in order of first appearance.
+    /// Every chunk stored in a blob once, in order of first appearance (inline chunks
+    /// are not: the record holds them).
     pub fn distinct(&self) -> impl Iterator<Item = &ChunkRef> {
         let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
         self.chunks
             .iter()
-            .filter(move |c| seen.insert((c.seq, c.hash)))
+            .filter(move |c| !c.is_inline() && seen.insert((c.seq, c.hash)))
     }
 
     /// The chunks of this payload that `other` (a payload of the same instance) does not
@@ -130,9 +147,7 @@ pub fn split(
     prev: Option<(&Chunked, Option<&Bytes>)>,
     size: &ChunkSize,
 ) -> Split {
-    let known: HashMap<[u8; 32], ChunkRef> = prev
-        .map(|(m, _)| m.chunks.iter().map(|c| (c.hash, *c)).collect())
-        .unwrap_or_default();
+    let known = stored_chunks(prev.map(|(m, _)| m));
     let mut out = Split {
         chunks: Vec::with_capacity(bytes.len() / size.avg() + 2),
         new: Vec::new(),
@@ -165,6 +180,7 @@ pub fn split(
     let mut rejoin: Vec<(usize, usize)> = Vec::new(); // (new offset, index of the next old chunk)
     if let Some((m, Some(old))) = prev
         && m.len == old.len() as u64
+        && m.inline.is_empty()
     {
         let prefix = common_prefix(old, bytes);
         let room = old.len().min(bytes.len()) - prefix;
@@ -200,6 +216,19 @@ pub fn split(
         at += len;
     }
     out
+}
+
+/// The chunks of `prev` stored in blobs, by hash: a new chunk with one of these hashes
+/// keeps its key (an inline chunk's bytes are in `prev`'s record only, never shared).
+pub(crate) fn stored_chunks(prev: Option<&Chunked>) -> HashMap<[u8; 32], ChunkRef> {
+    prev.map(|m| {
+        m.chunks
+            .iter()
+            .filter(|c| !c.is_inline())
+            .map(|c| (c.hash, *c))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// How many leading bytes `a` and `b` share.

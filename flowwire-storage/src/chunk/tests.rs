@@ -15,6 +15,7 @@ fn manifest(split: &Split, len: usize) -> Chunked {
         role: 's',
         len: len as u64,
         chunks: split.chunks.clone().into(),
+        inline: std::sync::Arc::default(),
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 use crate::blob::{self, Payload};
-use crate::chunk::{ChunkRef, ChunkSize, cdc, chunk_key};
+use crate::chunk::{ChunkRef, ChunkSize, cdc, chunk_key, stored_chunks};
 use crate::error::{BlobError, TierError};
 use crate::record::InstanceKey;
 use crate::rope::{Blob, Piece, Rope};
@@ -97,11 +97,10 @@ impl Placement {
         if blobs.is_empty() {
             return None;
         }
-        let known = prev
+        let prev = prev
             .and_then(|(p, _)| p.chunked())
-            .filter(|c| c.tier == *tier.name_arc() && c.role == 's')
-            .map(|c| c.chunks.iter().map(|c| c.hash).collect())
-            .unwrap_or_default();
+            .filter(|c| c.tier == *tier.name_arc() && c.role == 's');
+        let known = stored_chunks(prev).into_keys().collect();
         Some(Precut {
             tier: tier.clone(),
             size,

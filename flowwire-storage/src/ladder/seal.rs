@@ -95,14 +95,14 @@ impl Placement {
         let prev = prev
             .and_then(|(p, _)| p.chunked())
             .filter(|c| c.tier == *tier.name_arc() && c.role == 's');
-        let split = split_rope(pieces, seq, prev, &tier.chunk_sizes());
+        let split = split_rope(pieces, seq, prev, &tier.chunk_sizes(), self.inline_below);
         Ok(chunked(
             instance,
             's',
             tier,
             rope.len(),
             prev,
-            split.chunks,
+            (split.chunks, split.inline),
             split.new,
             puts,
         ))
@@ -140,7 +140,7 @@ impl Placement {
             tier,
             bytes.len(),
             prev.map(|(old, _)| old),
-            split.chunks,
+            (split.chunks, Vec::new()),
             new,
             puts,
         )
@@ -361,11 +361,12 @@ fn chunked(
     tier: &crate::tier::Tier,
     len: usize,
     prev: Option<&Chunked>,
-    chunks: Vec<chunk::ChunkRef>,
+    (chunks, inline): (Vec<chunk::ChunkRef>, Vec<Bytes>),
     new: impl IntoIterator<Item = (Bytes, chunk::ChunkRef)>,
     puts: &mut Vec<Put>,
 ) -> Payload {
     let mut new = new.into_iter().peekable();
+    // Equal chunk lists hold equal inline bytes: an inline chunk carries its hash.
     if let Some(old) = prev
         && new.peek().is_none()
         && old.len == len as u64
@@ -378,6 +379,7 @@ fn chunked(
         role,
         len: len as u64,
         chunks: chunks.into(),
+        inline: inline.into(),
     };
     for (bytes, c) in new {
         let key: Arc<str> = manifest.key_of(instance, &c).into();

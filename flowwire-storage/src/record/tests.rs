@@ -476,6 +476,7 @@ fn a_record_and_an_entry_holding_chunks_round_trip_in_the_format_that_knows_them
             crc: 7,
         }]
         .into(),
+        inline: std::sync::Arc::default(),
     });
     let placed = PlacedRecord {
         record: Record {
@@ -498,7 +499,7 @@ fn a_record_and_an_entry_holding_chunks_round_trip_in_the_format_that_knows_them
     let version = |kind, buf: &[u8]| codec::open_owned(kind, buf, &key, 1 << 20).unwrap().0;
     let mut buf = Vec::new();
     placed.encode(&key, &mut buf).unwrap();
-    assert_eq!(version(Kind::Record, &buf), 8);
+    assert_eq!(version(Kind::Record, &buf), 9);
     assert_eq!(PlacedRecord::decode(&buf, &key, 1 << 20).unwrap(), placed);
     let entry = HistoryEntry {
         seq: 3,
@@ -511,6 +512,75 @@ fn a_record_and_an_entry_holding_chunks_round_trip_in_the_format_that_knows_them
     };
     buf.clear();
     entry.encode(&key, &mut buf).unwrap();
-    assert_eq!(version(Kind::History, &buf), 7);
+    assert_eq!(version(Kind::History, &buf), 8);
     assert_eq!(HistoryEntry::decode(&buf, &key, 1 << 20).unwrap(), entry);
+}
+
+/// A manifest as record format 8 wrote it, to compare with.
+#[derive(serde::Serialize)]
+enum PayloadV8 {
+    #[allow(dead_code)]
+    Inline(bytes::Bytes),
+    #[allow(dead_code)]
+    Blob(crate::BlobRef),
+    Chunked {
+        tier: std::sync::Arc<str>,
+        role: char,
+        len: u64,
+        chunks: Vec<crate::chunk::ChunkRef>,
+    },
+}
+
+#[test]
+fn a_manifest_holding_small_chunks_inline_round_trips_and_one_without_keeps_format_8s_bytes() {
+    use crate::chunk::{ChunkRef, Chunked, INLINE};
+    let stored = ChunkRef {
+        hash: [1; 32],
+        seq: 3,
+        len: 5,
+        crc: 7,
+    };
+    let plain = Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 5,
+        chunks: vec![stored].into(),
+        inline: std::sync::Arc::default(),
+    };
+    let mut ours = Vec::new();
+    codec::encode_raw(&Payload::Chunked(plain.clone()), &mut ours).unwrap();
+    let mut theirs = Vec::new();
+    let old = PayloadV8::Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 5,
+        chunks: vec![stored],
+    };
+    codec::encode_raw(&old, &mut theirs).unwrap();
+    assert_eq!(ours, theirs, "stored as format 8 stored it");
+
+    let head = bytes::Bytes::from_static(b"around the blob");
+    let inline = ChunkRef {
+        hash: *blake3::hash(&head).as_bytes(),
+        seq: INLINE,
+        len: 15,
+        crc: crc32fast::hash(&head),
+    };
+    let with_inline = Payload::Chunked(Chunked {
+        len: 5 + 15 + 15,
+        chunks: vec![inline, stored, inline].into(),
+        inline: vec![head.clone(), head].into(),
+        ..plain
+    });
+    let mut buf = Vec::new();
+    codec::encode_raw(&with_inline, &mut buf).unwrap();
+    assert_ne!(buf[0], ours[0], "a form of its own");
+    let back: Payload = codec::decode_raw(&buf, 1 << 20).unwrap();
+    assert_eq!(back, with_inline);
+    let chunked = back.chunked().unwrap();
+    assert_eq!(
+        chunked.distinct().copied().collect::<Vec<_>>(),
+        vec![stored],
+        "only chunks in blobs are collected"
+    );
 }

@@ -5,17 +5,20 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use crate::chunk::{ChunkRef, ChunkSize, Chunked, cdc};
+use crate::chunk::{ChunkRef, ChunkSize, Chunked, INLINE, cdc, stored_chunks};
 
 use super::Piece;
 
-/// A rope split: its chunks, and the bytes of each that must be written (each once).
+/// A rope split: its chunks, the bytes of each that must be written (each once), and the
+/// bytes of the inline ones.
 #[derive(Debug, Default)]
 pub struct RopeSplit {
     /// The manifest's chunks, in order.
     pub chunks: Vec<ChunkRef>,
     /// The chunks to write, with their bytes.
     pub new: Vec<(Bytes, ChunkRef)>,
+    /// The bytes of the inline chunks, in order ([`Chunked::inline`]).
+    pub inline: Vec<Bytes>,
 }
 
 /// Splits `pieces`, written at step `seq`, into chunks of `size`.
@@ -23,18 +26,21 @@ pub struct RopeSplit {
 /// A chunk whose hash `prev` (the previous manifest of the same role, on the same tier, of
 /// the same instance) holds keeps that chunk's key and is not written again. A blob's
 /// chunks come from the blob ([`Blob`](super::Blob) cuts and hashes itself once), so an
-/// unchanged blob costs a lookup per chunk; head pieces, small, are cut and hashed each time.
+/// unchanged blob costs a lookup per chunk. Head pieces, small, are cut and hashed each
+/// time; those shorter than `inline_below` go inline (the manifest holds their bytes: no
+/// file to write, create and fsync for a few bytes around a blob), while their total stays
+/// below `inline_below` too, so a manifest holds no more bytes inline than the record would.
 pub fn split_rope(
     pieces: &[Piece],
     seq: u64,
     prev: Option<&Chunked>,
     size: &ChunkSize,
+    inline_below: usize,
 ) -> RopeSplit {
-    let known: HashMap<[u8; 32], ChunkRef> = prev
-        .map(|m| m.chunks.iter().map(|c| (c.hash, *c)).collect())
-        .unwrap_or_default();
+    let known = stored_chunks(prev);
     let mut written: HashMap<[u8; 32], ChunkRef> = HashMap::new();
     let mut out = RopeSplit::default();
+    let mut room = inline_below;
     let mut take = |bytes: &Bytes, at: usize, c: ChunkRef, out: &mut RopeSplit| {
         let chunk = match known.get(&c.hash).or_else(|| written.get(&c.hash)) {
             Some(old) => *old,
@@ -49,6 +55,16 @@ pub fn split_rope(
     };
     for piece in pieces {
         match piece {
+            Piece::Head(bytes) if !bytes.is_empty() && bytes.len() < room => {
+                room -= bytes.len();
+                out.chunks.push(ChunkRef {
+                    hash: *blake3::hash(bytes).as_bytes(),
+                    seq: INLINE,
+                    len: u32::try_from(bytes.len()).expect("below the inline threshold"),
+                    crc: crc32fast::hash(bytes),
+                });
+                out.inline.push(bytes.clone());
+            }
             Piece::Head(bytes) => {
                 let mut at = 0;
                 while at < bytes.len() {

@@ -139,6 +139,7 @@ fn manifest(split: &super::split::RopeSplit, len: usize) -> Chunked {
         role: 's',
         len: len as u64,
         chunks: split.chunks.clone().into(),
+        inline: split.inline.clone().into(),
     }
 }
 
@@ -152,7 +153,7 @@ fn a_rope_splits_into_chunks_that_add_up_to_its_bytes_and_an_unchanged_blob_writ
     let Rope::Pieces { pieces, .. } = &rope else {
         panic!("in pieces")
     };
-    let first = split_rope(pieces, 1, None, &size);
+    let first = split_rope(pieces, 1, None, &size, 0);
     let mut written = std::collections::HashMap::new();
     for (bytes, c) in &first.new {
         assert_eq!(*blake3::hash(bytes).as_bytes(), c.hash);
@@ -171,7 +172,7 @@ fn a_rope_splits_into_chunks_that_add_up_to_its_bytes_and_an_unchanged_blob_writ
         panic!("in pieces")
     };
     let prev = manifest(&first, rope.len());
-    let second = split_rope(pieces, 2, Some(&prev), &size);
+    let second = split_rope(pieces, 2, Some(&prev), &size, 0);
     assert!(
         !second.new.is_empty() && second.new.len() <= 2,
         "{}",
@@ -192,7 +193,7 @@ fn a_rope_splits_into_chunks_that_add_up_to_its_bytes_and_an_unchanged_blob_writ
     let Rope::Pieces { pieces, .. } = &again else {
         panic!("in pieces")
     };
-    let third = split_rope(pieces, 3, Some(&manifest(&second, next.len())), &size);
+    let third = split_rope(pieces, 3, Some(&manifest(&second, next.len())), &size, 0);
     assert!(third.new.is_empty());
 }
 
@@ -384,7 +385,6 @@ async fn a_precut_writes_exactly_the_chunks_the_seal_would_and_the_seal_then_wri
         puts, unplanned_puts,
         "the same puts before the written ones are left out"
     );
-    let left = puts.keys().filter(|k| !written.contains(k)).count();
     assert!(
         written.len() >= 3,
         "{} chunks of 3 MiB written",
@@ -393,17 +393,19 @@ async fn a_precut_writes_exactly_the_chunks_the_seal_would_and_the_seal_then_wri
     let Rope::Pieces { pieces, .. } = &rope else {
         panic!("in pieces")
     };
-    let head_chunks: usize = pieces
+    let heads: Vec<&[u8]> = pieces
         .iter()
-        .map(|p| match p {
-            Piece::Head(h) => crate::chunk::cdc::lengths(h, &tier.chunk_sizes()).len(),
-            Piece::Blob(_) => 0,
+        .filter_map(|p| match p {
+            Piece::Head(h) => Some(&h[..]),
+            Piece::Blob(_) => None,
         })
-        .sum();
-    assert_eq!(
-        left, head_chunks,
-        "only the head pieces' chunks are left to put"
-    );
+        .collect();
+    for (k, bytes) in puts.iter().filter(|(k, _)| !written.contains(k)) {
+        assert!(
+            heads.iter().any(|h| bytes.ends_with(h)),
+            "only head pieces are left to put: {k} is not one"
+        );
+    }
     for (k, bytes) in puts.iter().filter(|(k, _)| written.contains(k)) {
         let on_disk = tier.get(k, None).await.unwrap().expect("written");
         assert_eq!(
@@ -457,4 +459,84 @@ async fn a_precut_writes_exactly_the_chunks_the_seal_would_and_the_seal_then_wri
             .precut(&rope, Some((&sealed, Some(&rope))))
             .is_none()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_head_pieces_live_in_the_manifest_and_read_back_between_the_chunks() {
+    use crate::error::BlobError;
+    use crate::tier::Tier;
+    let dir = tempfile::tempdir().unwrap();
+    let placement = crate::Ladder::new()
+        .inline_below(4 * 1024)
+        .default_to(Tier::fs(dir.path()).named("disk"))
+        .validate(64 * 1024 * 1024)
+        .unwrap();
+    let key = crate::InstanceKey::new("Doc", "d");
+    let mut rng = Rng::new(8);
+    let mut d = doc(&mut rng);
+    d.scan = Blob::from(rng.bytes(3 * 1024 * 1024));
+    let rope = rope_of(&d);
+    let Rope::Pieces { pieces, .. } = &rope else {
+        panic!("in pieces")
+    };
+    let small_heads: Vec<Bytes> = pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Head(h) if h.len() < 4 * 1024 => Some(h.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(small_heads.len() >= 2);
+
+    let mut puts = Vec::new();
+    let first = placement
+        .place_state(&key, 1, &rope, None, &mut puts)
+        .unwrap();
+    let crate::Payload::Chunked(m) = &first else {
+        panic!("chunked")
+    };
+    assert_eq!(&m.inline[..], &small_heads[..], "the small heads, in order");
+    assert!(
+        puts.iter().all(|p| !small_heads.contains(&p.parts[1])),
+        "no file for a small head"
+    );
+    placement.put_all(&key, &puts).await.unwrap();
+    assert_eq!(placement.fetch(&key, &first).await.unwrap(), rope.flat());
+
+    // A step that changes only small fields writes nothing but its record.
+    d.id += 1;
+    d.tail += 1;
+    let next = rope_of(&d);
+    let mut puts = Vec::new();
+    let second = placement
+        .place_state(&key, 2, &next, Some((&first, Some(&rope))), &mut puts)
+        .unwrap();
+    assert!(puts.is_empty(), "{} puts", puts.len());
+    assert_ne!(second, first);
+    assert_eq!(placement.fetch(&key, &second).await.unwrap(), next.flat());
+
+    // A manifest that does not hold together is a typed error naming it, never bytes.
+    let damaged = |change: &dyn Fn(&mut crate::chunk::Chunked)| {
+        let crate::Payload::Chunked(mut m) = second.clone() else {
+            unreachable!()
+        };
+        change(&mut m);
+        crate::Payload::Chunked(m)
+    };
+    let flipped = damaged(&|m| {
+        let mut body = m.inline[0].to_vec();
+        body[0] ^= 1;
+        let mut all = m.inline.to_vec();
+        all[0] = body.into();
+        m.inline = all.into();
+    });
+    let dropped = damaged(&|m| m.inline = m.inline[1..].to_vec().into());
+    for bad in [flipped, dropped] {
+        match placement.fetch(&key, &bad).await {
+            Err(BlobError::Corrupt { key, detail, .. }) => {
+                assert!(key.starts_with("manifest of"), "{key}: {detail}");
+            }
+            other => panic!("a damaged manifest read as {other:?}"),
+        }
+    }
 }
