@@ -335,6 +335,9 @@ async fn main_async(mode: Mode) {
         for run in 0..runs {
             let dir = tmp.path().join(format!("flows-{size}-{run}"));
             std::fs::create_dir_all(&dir).expect("dir");
+            // Each run starts with nothing of the runs before still to write back: their
+            // gigabytes of dirty pages would land in this run's fsyncs.
+            let _ = std::process::Command::new("sync").status();
             let baseline = median((0..7).map(|n| write_and_sync(&dir, size, n)).collect());
             for (how, chunked) in HOWS {
                 let flow = median(match how {

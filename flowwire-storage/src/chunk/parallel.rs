@@ -100,6 +100,79 @@ fn chunk_at(data: &[u8], at: usize, size: &ChunkSize) -> ChunkRef {
     }
 }
 
+/// Hands `emit` the chunks of `data` as `(start, length)`, in order, as they are found
+/// (it stops when `emit` answers `false`): the cuts of [`cdc::lengths`] exactly. A buffer
+/// large enough for [`cut_and_hash`] to split is cut from its middle on a second thread
+/// meanwhile; once the cuts from the start fall on one of that thread's, its later cuts
+/// follow at once. So the first half's chunks come one by one while they are cut (a
+/// writer can start on them), and the whole is cut in about half the time.
+pub fn cut_each(data: &[u8], size: &ChunkSize, mut emit: impl FnMut(usize, usize) -> bool) {
+    let n = data.len();
+    let two = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) >= 2;
+    let mid = if two && n >= SPLIT_FROM * size.max() * 2 {
+        n / 2
+    } else {
+        n
+    };
+    std::thread::scope(|s| {
+        let mut ahead = (mid < n).then(|| s.spawn(move || ends_from(data, mid, size)));
+        let mut at = 0;
+        while at < n {
+            if at >= mid
+                && let Some(handle) = ahead.take()
+            {
+                // A thread that panicked (it cannot: cutting does not) leaves the rest to
+                // be cut here.
+                let ends = handle.join().unwrap_or_default();
+                // Where the second thread's chunks start: `mid`, then each end.
+                let mut from = at;
+                loop {
+                    let synced = if from == mid {
+                        Some(0)
+                    } else {
+                        ends.binary_search(&from).ok().map(|j| j + 1)
+                    };
+                    if let Some(next) = synced {
+                        for &end in &ends[next..] {
+                            if !emit(from, end - from) {
+                                return;
+                            }
+                            from = end;
+                        }
+                        break;
+                    }
+                    if from >= n {
+                        break;
+                    }
+                    let len = cdc::cut(&data[from..], size);
+                    if !emit(from, len) {
+                        return;
+                    }
+                    from += len;
+                }
+                at = from;
+                continue;
+            }
+            let len = cdc::cut(&data[at..], size);
+            if !emit(at, len) {
+                return;
+            }
+            at += len;
+        }
+    });
+}
+
+/// Where each chunk cut from `from` ends, to the end of `data`.
+fn ends_from(data: &[u8], from: usize, size: &ChunkSize) -> Vec<usize> {
+    let mut ends = Vec::with_capacity((data.len() - from) / size.avg() + 2);
+    let mut at = from;
+    while at < data.len() {
+        at += cdc::cut(&data[at..], size);
+        ends.push(at);
+    }
+    ends
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +192,42 @@ mod tests {
             assert_eq!(cut_and_hash(&data, &size), one, "len {len}");
             assert_eq!(one.iter().map(|c| c.len as usize).sum::<usize>(), len);
         }
+    }
+
+    #[test]
+    fn cutting_as_they_come_gives_the_cuts_of_one_thread_in_order() {
+        let size = ChunkSize::around(16 * 1024);
+        let mut rng = Rng::new(10);
+        for len in [
+            0,
+            1,
+            100_000,
+            4 * 64 * 1024 * 2 - 1,
+            4 * 64 * 1024 * 2,
+            3 << 20,
+        ] {
+            let mut data = rng.bytes(len);
+            if len > 1 << 20 {
+                // A run without a cut across the middle: the sync comes late.
+                data[len / 2 - 200_000..len / 2 + 200_000].fill(7);
+            }
+            let mut got = Vec::new();
+            let mut next = 0;
+            cut_each(&data, &size, |at, len| {
+                assert_eq!(at, next, "in order, without gaps");
+                next = at + len;
+                got.push(len);
+                true
+            });
+            assert_eq!(got, cdc::lengths(&data, &size), "len {len}");
+        }
+        // `emit` can stop it.
+        let data = rng.bytes(3 << 20);
+        let mut seen = 0;
+        cut_each(&data, &size, |_, _| {
+            seen += 1;
+            seen < 3
+        });
+        assert_eq!(seen, 3);
     }
 }

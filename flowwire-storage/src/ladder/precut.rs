@@ -4,8 +4,10 @@
 //! Sealing a state that holds a [`Blob`] no earlier step cut (a new blob, or one read back
 //! from the store) cuts and hashes the whole blob first, then writes its new chunks: at
 //! 2 MiB, 2.5 ms of cutting on the runner's thread and then 2 ms of writes. A
-//! [`Precut`] does the same work off the runner, as a pipeline: one blocking thread finds
-//! the cuts; each chunk is hashed and, when new, written as soon as it is cut. The blob
+//! [`Precut`] does the same work off the runner, as a pipeline: a blocking thread finds
+//! the cuts (a large blob's second half on another thread meanwhile:
+//! [`parallel::cut_each`]); each chunk is hashed and, when new, written as soon as it is
+//! cut. The blob
 //! keeps its cuts, so the seal that follows finds them and only leaves out the puts of
 //! the chunks written here ([`Sealed::skip_written`]). The chunks, their keys and what
 //! is written are exactly those of sealing without a precut: the same cuts (one
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 use crate::blob::{self, Payload};
-use crate::chunk::{ChunkRef, ChunkSize, cdc, chunk_key, stored_chunks};
+use crate::chunk::{ChunkRef, ChunkSize, chunk_key, parallel, stored_chunks};
 use crate::error::{BlobError, TierError};
 use crate::record::InstanceKey;
 use crate::rope::{Blob, Piece, Rope};
@@ -155,14 +157,7 @@ async fn cut_blob(
     let data = blob.bytes().clone();
     // The cuts go out as they are found; the cutter stops once nobody listens.
     let cutter = tokio::task::spawn_blocking(move || {
-        let mut at = 0;
-        while at < data.len() {
-            let len = cdc::cut(&data[at..], &size);
-            if tx.send((at, len)).is_err() {
-                return;
-            }
-            at += len;
-        }
+        parallel::cut_each(&data, &size, |at, len| tx.send((at, len)).is_ok());
     });
     let mut chunks = Vec::with_capacity(blob.len() / size.avg().max(1) + 1);
     let mut flying = VecDeque::with_capacity(IN_FLIGHT);
