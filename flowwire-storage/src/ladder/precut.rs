@@ -80,6 +80,28 @@ impl Placement {
     /// are not known yet. `None` when there are none, or when the state is the one `prev`
     /// (the committed state payload, and the state it holds when it is in memory) holds:
     /// its seal keeps the payload as it is.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+    /// use flowwire::Blob;
+    /// use flowwire::storage::rope::{Rope, codec::encode_rope};
+    /// use flowwire::storage::{InstanceKey, Ladder, MIB, Tier};
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let placement = Ladder::new().default_to(Tier::fs(dir.path())).validate(64 * MIB)?;
+    /// // A state of a few small fields and a 3 MiB blob, encoded as the engine does.
+    /// let scan = Blob::from((0..3 * MIB).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+    /// let (mut head, mut cuts) = (Vec::new(), Vec::new());
+    /// encode_rope(&(42u32, scan, "open"), &mut head, &mut cuts)?;
+    /// let state = Rope::assemble(head.into(), &mut cuts);
+    ///
+    /// let key = InstanceKey::new("Claim", "c-1");
+    /// let plan = placement.precut(&state, None).expect("a new blob to cut");
+    /// let written = placement.cut_and_put(&key, 1, plan).await?;
+    /// assert!(!written.is_empty(), "its chunks are on the tier");
+    /// assert!(placement.precut(&state, None).is_none(), "the blob keeps its cuts");
+    /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+    /// ```
     pub fn precut(&self, state: &Rope, prev: Option<(&Payload, Option<&Rope>)>) -> Option<Precut> {
         let Rope::Pieces { pieces, .. } = state else {
             return None;
