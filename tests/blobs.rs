@@ -299,23 +299,17 @@ async fn a_finished_flow_reads_its_blob_back_whole_before_and_after_a_restart() 
 const KILLS: u64 = 10;
 const FLOWS: u32 = 4;
 
-fn harness(dir: &Path) -> std::process::Child {
-    process::kill_harness(&["blobs", dir.to_str().unwrap(), &FLOWS.to_string()])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_steps_keep_replace_and_sweep_blobs_every_state_reads_back_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    for k in 0..KILLS {
-        let mut child = harness(dir);
-        let _out = process::await_line(&mut child, "READY");
-        // Kill at varying points: while a blob's chunks are written, a step commits, the
-        // sweep deletes a replaced blob's chunks.
-        std::thread::sleep(Duration::from_millis(30 + k * 53 % 300));
-        process::kill(child);
-    }
-    let out = process::run_to_end(harness(dir));
+    // Kill at varying points: while a blob's chunks are written, a step commits, the
+    // sweep deletes a replaced blob's chunks.
+    let flows = FLOWS.to_string();
+    let out = process::kill_at_each(
+        &["blobs", dir.to_str().unwrap(), &flows],
+        (0..KILLS).map(|k| Duration::from_millis(30 + k * 53 % 300)),
+    );
     assert!(out.contains("DONE"), "{out}");
 
     let engine = Engine::builder()

@@ -270,22 +270,16 @@ async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
 const KILLS: u64 = 10;
 const FLOWS: u32 = 4;
 
-fn harness(dir: &Path) -> std::process::Child {
-    process::kill_harness(&["chunks", dir.to_str().unwrap(), &FLOWS.to_string()])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_steps_write_and_sweep_chunks_every_state_reads_back_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    for k in 0..KILLS {
-        let mut child = harness(dir);
-        let _out = process::await_line(&mut child, "READY");
-        // Kill at varying points of the rounds: while chunks are written, committed, swept.
-        std::thread::sleep(Duration::from_millis(30 + k * 47 % 300));
-        process::kill(child);
-    }
-    let out = process::run_to_end(harness(dir));
+    // Kill at varying points of the rounds: while chunks are written, committed, swept.
+    let flows = FLOWS.to_string();
+    let out = process::kill_at_each(
+        &["chunks", dir.to_str().unwrap(), &flows],
+        (0..KILLS).map(|k| Duration::from_millis(30 + k * 47 % 300)),
+    );
     assert!(out.contains("DONE"), "{out}");
 
     // Every flow ended with exactly the state its rounds computed (the harness checked it

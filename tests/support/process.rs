@@ -48,3 +48,18 @@ pub fn kill(mut child: Child) {
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
 }
+
+/// Starts `kill_harness` with `args` once for each pause, SIGKILLs it that long after it
+/// prints READY, then runs it once more to its end and returns that run's output.
+pub fn kill_at_each(
+    args: &[&str],
+    pauses: impl IntoIterator<Item = std::time::Duration>,
+) -> String {
+    for pause in pauses {
+        let mut child = kill_harness(args);
+        let _out = await_line(&mut child, "READY");
+        std::thread::sleep(pause);
+        kill(child);
+    }
+    run_to_end(kill_harness(args))
+}

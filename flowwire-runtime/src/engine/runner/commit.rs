@@ -111,8 +111,7 @@ impl<F: Flow> Runner<F> {
     /// Places a step's payloads and adds it to the batch being built. A step with blobs
     /// to write starts their upload and joins a later batch once they land (a step with
     /// new blobs to cut has them cut and written first, off the runner: see
-    /// [`Placement::precut`](flowwire_storage::Placement::precut)); one whose payloads
-    /// cannot be placed fails now.
+    /// `Placement::precut`); one whose payloads cannot be placed fails now.
     pub(super) fn stage(&mut self, s: Staged<F>) {
         self.place(s, None);
     }
