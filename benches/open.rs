@@ -39,6 +39,7 @@ fn step(i: u64) -> StepWrite {
         prune_below: None,
         fence: None,
         acknowledges: None,
+        sends: Vec::new(),
         key,
     }
 }

@@ -407,6 +407,7 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             prune_below: None,
             fence: None,
             acknowledges: None,
+            sends: Vec::new(),
         }])
         .await
         .unwrap();
@@ -517,6 +518,7 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             prune_below: None,
             fence: None,
             acknowledges: None,
+            sends: Vec::new(),
         }])
         .await
         .unwrap();

@@ -238,6 +238,7 @@ async fn a_record_stored_under_another_instances_key_is_refused_not_served() {
             prune_below: None,
             fence: None,
             acknowledges: None,
+            sends: Vec::new(),
         }])
         .await
         .unwrap();

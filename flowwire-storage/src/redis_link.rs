@@ -68,6 +68,12 @@ impl RedisLink {
         })
     }
 
+    /// Whether the link goes to a Redis Cluster (keys of different slots cannot meet in
+    /// one script there).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
     /// The connection (a cheap clone of the shared one).
     pub(crate) async fn conn(&self) -> Result<Conn, redis::RedisError> {
         let conn = self.conn.get_or_try_init(|| self.connect()).await?;

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire_storage::InstanceStore;
+use flowwire_storage::StoreError;
 use flowwire_storage::bus::RedisBus;
-use flowwire_storage::record::{Expect, InstanceKey, StepResult, StepWrite};
+use flowwire_storage::record::{BusSend, Expect, InstanceKey, StepResult, StepWrite};
 use flowwire_storage::store::RedisStore;
 use servers::{Redis, RedisCluster};
 
@@ -55,6 +56,7 @@ fn write(key: &InstanceKey, expect: Expect, version: u64, fence: u64) -> StepWri
         prune_below: None,
         fence: Some(fence),
         acknowledges: None,
+        sends: Vec::new(),
     }
 }
 
@@ -333,6 +335,98 @@ async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
     assert_eq!(bus.backlog(&stream, ORCHESTRATORS).await.unwrap(), (1, 1));
 }
 
+/// On one server a step's commit carries what the step sends (its driver calls, its end's
+/// announcement): each is out if and only if the step is written. A refused step — a
+/// conflict, an older owner, data the server lost — sends nothing.
+async fn a_commit_carries_what_its_step_sends(store: &RedisStore, url: &str, prefix: &str) {
+    assert!(store.carries_sends());
+    let bus = store.bus();
+    let key = InstanceKey::new("Order", "o-1");
+    let jobs = bus.jobs("Payments");
+    bus.ensure_group(&jobs, "workers").await.unwrap();
+    let ended = bus.ended("Order");
+    let mut sub = bus.subscribe(&ended).await.unwrap();
+    let sending = |mut w: StepWrite, tag: &'static str| {
+        w.sends = vec![
+            BusSend::Append {
+                stream: jobs.clone(),
+                body: Bytes::from_static(b"charge"),
+            },
+            BusSend::Publish {
+                channel: ended.clone(),
+                body: Bytes::from(tag),
+            },
+        ];
+        w
+    };
+    let next = async |sub: &mut flowwire_storage::bus::Subscription| {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a message within 5 s")
+    };
+
+    let first = sending(write(&key, Expect::Absent, 1, 1), "committed");
+    assert_eq!(
+        store.commit(vec![first]).await.unwrap(),
+        vec![StepResult::Committed]
+    );
+    assert_eq!(
+        bus.backlog(&jobs, "workers").await.unwrap(),
+        (1, 0),
+        "the call is out"
+    );
+    assert_eq!(next(&mut sub).await.as_deref(), Some(&b"committed"[..]));
+
+    // Refused steps: a conflict, then an owner older than the shard's newest token.
+    let conflict = sending(write(&key, Expect::Absent, 1, 1), "conflict");
+    assert!(matches!(
+        store.commit(vec![conflict]).await.unwrap()[..],
+        [StepResult::Conflict { .. }]
+    ));
+    let shard = store.shard_of("o-1");
+    let newer = bus
+        .acquire("Order", shard, "b", TTL)
+        .await
+        .unwrap()
+        .expect("free");
+    let fenced = sending(
+        write(&key, Expect::Version(1), 2, newer.token - 1),
+        "fenced",
+    );
+    assert!(matches!(
+        store.commit(vec![fenced]).await.unwrap()[..],
+        [StepResult::Fenced { .. }]
+    ));
+    // The server loses the key that marks the store's data (as a flush or a restart
+    // without persistence would): the step is refused with why, and sends nothing.
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL")
+        .arg(format!("{prefix}:epoch"))
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let lost = sending(write(&key, Expect::Version(1), 2, newer.token), "lost");
+    let err = store.commit(vec![lost]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Lost { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("{prefix}:epoch")),
+        "{err}"
+    );
+
+    assert_eq!(
+        bus.backlog(&jobs, "workers").await.unwrap(),
+        (1, 0),
+        "no refused step put its call on the bus"
+    );
+    bus.publish(&ended, b"marker").await.unwrap();
+    assert_eq!(
+        next(&mut sub).await.as_deref(),
+        Some(&b"marker"[..]),
+        "no refused step announced anything"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bus_works_on_one_server() {
     leases_hand_out_rising_tokens(&on_server("bus-lease").bus()).await;
@@ -343,6 +437,8 @@ async fn the_bus_works_on_one_server() {
     processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
     heartbeats_count_the_live(&on_server("bus-members").bus()).await;
     a_commit_settles_the_outcome_it_applies(&on_server("bus-settle")).await;
+    a_commit_carries_what_its_step_sends(&on_server("bus-sends"), &server().url(), "bus-sends")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -356,4 +452,7 @@ async fn the_bus_works_on_a_three_master_cluster() {
         .await;
     heartbeats_count_the_live(&on_cluster("cbus-members").bus()).await;
     a_commit_settles_the_outcome_it_applies(&on_cluster("cbus-settle").with_shards(4)).await;
+    // A cluster keeps the bus's streams in other slots than a step's keys: the runtime
+    // sends what a step sends, after its commit.
+    assert!(!on_cluster("cbus-sends").carries_sends());
 }

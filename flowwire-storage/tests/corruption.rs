@@ -54,6 +54,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 prune_below: None,
                 fence: None,
                 acknowledges: None,
+                sends: Vec::new(),
                 key,
             }
         })

@@ -239,6 +239,7 @@ fn fuzz_a_logged_batch() {
         prune_below: Some(2),
         fence: Some(7),
         acknowledges: None,
+        sends: Vec::new(),
     }];
     let seed = postcard::to_allocvec(&batch).unwrap();
     // As the store's recovery decodes a logged batch.

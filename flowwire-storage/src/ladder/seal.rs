@@ -344,6 +344,7 @@ impl Placement {
                 prune_below,
                 fence: None,
                 acknowledges: None,
+                sends: Vec::new(),
             },
             placed,
             puts,

@@ -23,5 +23,5 @@ pub use self::model::{
     Status, TimeSpec, Timer,
 };
 pub use self::placed::{PlacedCall, PlacedRecord, Retired};
-pub use self::step::{Draft, Expect, StepResult, StepWrite, Stored};
+pub use self::step::{BusSend, Draft, Expect, StepResult, StepWrite, Stored};
 pub use crate::key::InstanceKey;

@@ -97,6 +97,40 @@ pub struct StepWrite {
     /// atomic write, so an outcome is settled exactly when its step is durable. `None`
     /// elsewhere (other stores have no streams).
     pub acknowledges: Option<Arc<str>>,
+    /// Multi-process mode: messages to put on the bus with the step — the driver calls it
+    /// dispatches, the announcement that it ended its instance — when the store carries
+    /// them ([`InstanceStore::carries_sends`](crate::InstanceStore::carries_sends)). Such a
+    /// store sends them in the step's own atomic write: each is on the bus if and only if
+    /// the step committed. Empty elsewhere; never logged by the embedded stores.
+    #[serde(skip)]
+    pub sends: Vec<BusSend>,
+}
+
+/// A message a [`StepWrite`] puts on the deployment's bus when it commits (see
+/// [`StepWrite::sends`]).
+///
+/// ```
+/// use flowwire::storage::record::BusSend;
+/// let call = BusSend::Append { stream: "fw:jobs:{Payments}".into(), body: b"call".as_slice().into() };
+/// let ended = BusSend::Publish { channel: "fw:ended:Order".into(), body: b"order-1".as_slice().into() };
+/// assert_ne!(call, ended);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusSend {
+    /// An entry appended to a stream (its one field `m` holds the body).
+    Append {
+        /// The stream's key.
+        stream: String,
+        /// The entry's bytes.
+        body: Bytes,
+    },
+    /// A message published on a channel (for whoever listens now; not kept).
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The message's bytes.
+        body: Bytes,
+    },
 }
 
 /// The fate of one [`StepWrite`] in a committed batch.

@@ -37,6 +37,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         prune_below: None,
         fence: None,
         acknowledges: None,
+        sends: Vec::new(),
     }
 }
 

@@ -139,6 +139,13 @@ pub trait InstanceStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether the store puts a step's [`StepWrite::sends`] on the bus in the step's own
+    /// atomic write (each message is out if and only if its step committed). When it does
+    /// not (the default), the runtime sends them itself after the commit.
+    fn carries_sends(&self) -> bool {
+        false
+    }
+
     /// How many shards the store splits each flow's instances into (multi-process mode:
     /// each shard is owned by one orchestrator at a time). Embedded stores have one.
     fn shards(&self) -> u16 {
@@ -290,6 +297,10 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).retime(key, stale, actual)
     }
+    fn carries_sends(&self) -> bool {
+        (**self).carries_sends()
+    }
+
     fn shards(&self) -> u16 {
         (**self).shards()
     }

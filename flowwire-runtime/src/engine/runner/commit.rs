@@ -163,6 +163,7 @@ impl<F: Flow> Runner<F> {
             Ok(mut sealed) => {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
                 sealed.write.acknowledges = acknowledges;
+                self.carry(&s, &mut sealed.write.sends);
                 if let Some(written) = written {
                     sealed.skip_written(written);
                 }

@@ -68,12 +68,15 @@ impl<F: Flow> Runner<F> {
             Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
         for out in &s.step.dispatch {
-            self.dispatch(&s.id, out);
+            if !self.carried(out) {
+                self.dispatch(&s.id, out);
+            }
         }
         let ended = Ended::of(&s.step.draft.record);
         let status = s.step.draft.record.status;
         if let Some(owned) = &self.owned
-            && (status.is_terminal() || matches!(status, Status::Quarantined { .. }))
+            && owned.outbox.is_none()
+            && Self::announced(&status)
         {
             let _ = owned.ended.send(s.id.clone());
         }
@@ -90,6 +93,38 @@ impl<F: Flow> Runner<F> {
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
             }
+        }
+    }
+
+    /// Whether a step's end is announced to callers of `finished()` in other processes.
+    fn announced(status: &Status) -> bool {
+        status.is_terminal() || matches!(status, Status::Quarantined { .. })
+    }
+
+    /// Whether the step's commit carries this call to its driver's stream (see
+    /// [`Owned::outbox`](super::Owned::outbox)): a call to a driver this flow links, when
+    /// the store carries sends.
+    fn carried(&self, out: &Outgoing) -> bool {
+        let link = out.call.link;
+        self.owned.as_ref().is_some_and(|o| o.outbox.is_some())
+            && link != crate::child::CHILD_LINK
+            && usize::from(link) < F::LINKS.len()
+    }
+
+    /// Adds to a step's write the bus messages its commit carries (nothing unless the
+    /// store carries them): its driver calls, and the announcement that it ended.
+    pub(super) fn carry(&self, s: &Staged<F>, sends: &mut Vec<flowwire_storage::record::BusSend>) {
+        let Some(outbox) = self.owned.as_ref().and_then(|o| o.outbox.as_ref()) else {
+            return;
+        };
+        for out in &s.step.dispatch {
+            if self.carried(out) {
+                let driver = Self::names(out.call.link, out.call.method).0;
+                sends.extend(outbox.call(F::NAME, &s.id, out, driver));
+            }
+        }
+        if Self::announced(&s.step.draft.record.status) {
+            sends.push(outbox.ended(&s.id));
         }
     }
 

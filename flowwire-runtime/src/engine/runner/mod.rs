@@ -216,6 +216,37 @@ pub(crate) struct Owned {
     pub acks: mpsc::UnboundedSender<String>,
     /// Instances that ended (or were parked), to announce to waiting callers elsewhere.
     pub ended: mpsc::UnboundedSender<Arc<str>>,
+    /// When the store carries a step's bus messages in its commit: the calls a step
+    /// dispatches to drivers, and the announcement of its end, go out with the step (not
+    /// through `ended` and the driver ports).
+    pub outbox: Option<Outbox>,
+}
+
+#[cfg(feature = "redis")]
+pub(crate) use crate::engine::scale::messages::Outbox;
+
+/// No outbox without the bus (multi-process mode needs the `redis` feature).
+#[cfg(not(feature = "redis"))]
+#[derive(Debug)]
+pub(crate) enum Outbox {}
+
+#[cfg(not(feature = "redis"))]
+impl Outbox {
+    #[allow(clippy::unused_self, reason = "the same calls as the bus's outbox")]
+    fn call(
+        &self,
+        _: &str,
+        _: &str,
+        _: &crate::core::Outgoing,
+        _: &str,
+    ) -> Option<flowwire_storage::record::BusSend> {
+        match *self {}
+    }
+
+    #[allow(clippy::unused_self, reason = "the same calls as the bus's outbox")]
+    fn ended(&self, _: &str) -> flowwire_storage::record::BusSend {
+        match *self {}
+    }
 }
 
 /// How far ahead the runner reads the timer index.

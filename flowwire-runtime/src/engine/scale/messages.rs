@@ -3,8 +3,12 @@
 //! does not decode is logged and acknowledged (it can never succeed), never retried forever.
 
 use bytes::Bytes;
+use flowwire_storage::bus::RedisBus;
+use flowwire_storage::codec;
+use flowwire_storage::record::BusSend;
 use serde::{Deserialize, Serialize};
 
+use crate::core::Outgoing;
 use crate::driver::Fault;
 use crate::error::Error;
 
@@ -21,6 +25,75 @@ pub(crate) struct JobMsg {
     /// Which attempt this is, from 1.
     pub attempt: u32,
     pub call: Bytes,
+}
+
+impl JobMsg {
+    /// The call's bytes as its stream entry holds them; `None` (logged) if it does not
+    /// encode.
+    pub(crate) fn encode(&self) -> Option<Bytes> {
+        let mut out = Vec::new();
+        match codec::encode_raw(self, &mut out) {
+            Ok(()) => Some(Bytes::from(out)),
+            Err(e) => {
+                tracing::error!(flow = %self.flow, id = %self.id, error = %e, "call not encodable");
+                None
+            }
+        }
+    }
+}
+
+/// The bus messages a shard runner's steps put on the bus in their own commits, when the
+/// store carries them (`InstanceStore::carries_sends`: one Redis server): the calls each
+/// step dispatches, and the announcement that it ended its instance. Each is then out if
+/// and only if its step committed, with no round trip of its own.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    bus: RedisBus,
+    shard: u16,
+    /// The channel ended instances are announced on.
+    ended: String,
+}
+
+impl Outbox {
+    pub(crate) fn new(bus: RedisBus, flow: &str, shard: u16) -> Outbox {
+        let ended = bus.ended(flow);
+        Outbox { bus, shard, ended }
+    }
+
+    /// A call to the workers of `driver`, as its stream entry; `None` (logged) if it does
+    /// not encode.
+    pub(crate) fn call(
+        &self,
+        flow: &str,
+        id: &str,
+        out: &Outgoing,
+        driver: &str,
+    ) -> Option<BusSend> {
+        let p = &out.call;
+        let msg = JobMsg {
+            flow: flow.to_string(),
+            shard: self.shard,
+            id: id.to_string(),
+            seq: p.seq,
+            branch: out.branch,
+            method: p.method,
+            redelivered: p.redelivered,
+            attempt: p.attempts.saturating_add(1),
+            call: p.call.clone(),
+        };
+        Some(BusSend::Append {
+            stream: self.bus.jobs(driver),
+            body: msg.encode()?,
+        })
+    }
+
+    /// The announcement that instance `id` ended (or was parked).
+    pub(crate) fn ended(&self, id: &str) -> BusSend {
+        BusSend::Publish {
+            channel: self.ended.clone(),
+            body: Bytes::copy_from_slice(id.as_bytes()),
+        }
+    }
 }
 
 /// A call's outcome, from a worker to the owner of the instance's shard.

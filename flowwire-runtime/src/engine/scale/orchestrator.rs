@@ -24,13 +24,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire_storage::bus::{Lease, RedisBus};
-use flowwire_storage::{InstanceStore, Placement, Retention, codec};
+use flowwire_storage::{InstanceStore, Placement, Retention};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::feed::{Acker, GROUP, PAGE, pump};
-use super::messages::JobMsg;
+use super::messages::{JobMsg, Outbox};
 use super::server_time::ServerTime;
 use crate::engine::Limits;
 use crate::engine::health::HeldShard;
@@ -336,6 +336,10 @@ async fn start_shard<F: Flow>(
         clean: lease.clean,
         acks: acks_tx,
         ended: ended_tx,
+        outbox: o
+            .store
+            .carries_sends()
+            .then(|| Outbox::new(o.bus.clone(), F::NAME, shard)),
     });
     let outcomes = runner.outcome_port();
     let acker = Acker::new(o.bus.clone(), o.limits.store_timeout);
@@ -485,12 +489,5 @@ fn encode_job(bus: &RedisBus, flow: &str, shard: u16, job: &Job) -> Option<(Stri
         attempt: job.attempt,
         call: job.call.clone(),
     };
-    let mut out = Vec::new();
-    match codec::encode_raw(&msg, &mut out) {
-        Ok(()) => Some((bus.jobs(job.names.0), Bytes::from(out))),
-        Err(e) => {
-            tracing::error!(flow, id = %job.id, error = %e, "call not encodable");
-            None
-        }
-    }
+    Some((bus.jobs(job.names.0), msg.encode()?))
 }

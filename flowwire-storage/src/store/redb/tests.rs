@@ -28,6 +28,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
         prune_below: None,
         fence: None,
         acknowledges: None,
+        sends: Vec::new(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! one round trip (or one request per script on a cluster).
 
 use crate::error::StoreError;
-use crate::record::{Expect, StepResult, StepWrite};
+use crate::record::{BusSend, Expect, StepResult, StepWrite};
 use crate::redis_link::Conn;
 
 use super::{RedisStore, backend, is_no_script, shard_key};
@@ -10,14 +10,19 @@ use super::{RedisStore, backend, is_no_script, shard_key};
 /// The commit script (one step of one instance).
 pub const COMMIT: &str = r"
 -- KEYS: record, impulses, history index, history entries, write audit, shard's token counter,
---       shard's active set, shard's timer set, shard's outcome stream
+--       shard's active set, shard's timer set, shard's outcome stream, the epoch key (on a
+--       cluster: any key of the slot, unread), then the key of each message to send
 -- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
 --       has history ('1'/'0'), history entry, prune below ('' = none), parked,
 --       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0'),
---       ended with key ('' = none), instance id, has timer ('1'/'0'),
---       outcome entry to acknowledge ('' = none), the orchestrators' group
+--       ended with key ('' = none), instance id, timer due in ms ('' = none),
+--       outcome entry to acknowledge ('' = none), the orchestrators' group,
+--       the data's epoch token ('' = not checked here), how many messages to send,
+--       then each message's kind ('a' append to a stream, 'p' publish) and bytes
 -- Returns {0, 1 if the record was parked before} when written; {1, version} on a
--- conflict; {2, step} for an impulse id seen; {3, token} when fenced.
+-- conflict; {2, step} for an impulse id seen; {3, token} when fenced; {4, 0} when the
+-- epoch key does not hold the token (the server lost or swapped the data).
+if ARGV[19] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[19] then return {4, 0} end
 local newest = 0
 if ARGV[12] ~= '' then
   local mine = tonumber(ARGV[12])
@@ -40,9 +45,17 @@ if ARGV[6] ~= '' then
 end
 local was_parked = redis.call('HGET', KEYS[1], 'p')
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
--- The shard's indexes leave with the step that leaves them (the others are in other slots).
-if ARGV[5] == '0' then redis.call('SREM', KEYS[7], ARGV[15]) end
-if ARGV[16] == '0' then redis.call('ZREM', KEYS[8], ARGV[15]) end
+-- The shard's indexes change with the step (the flow's others are in other slots).
+if ARGV[5] == '0' then
+  redis.call('SREM', KEYS[7], ARGV[15])
+else
+  redis.call('SADD', KEYS[7], ARGV[15])
+end
+if ARGV[16] == '' then
+  redis.call('ZREM', KEYS[8], ARGV[15])
+else
+  redis.call('ZADD', KEYS[8], ARGV[16], ARGV[15])
+end
 -- The outcome this step applies is settled with it.
 if ARGV[17] ~= '' then
   redis.call('XACK', KEYS[9], ARGV[18], ARGV[17])
@@ -64,6 +77,15 @@ if ARGV[9] ~= '' then
     redis.call('ZREM', KEYS[3], unpack(old))
   end
 end
+-- What the step sends goes out with it, and only with it.
+for i = 1, tonumber(ARGV[20]) do
+  local kind, body = ARGV[19 + 2 * i], ARGV[20 + 2 * i]
+  if kind == 'a' then
+    redis.call('XADD', KEYS[10 + i], '*', 'm', body)
+  else
+    redis.call('PUBLISH', KEYS[10 + i], body)
+  end
+end
 if was_parked == '1' then return {0, 1} end
 return {0, 0}
 ";
@@ -83,20 +105,15 @@ return 0
 ";
 
 impl RedisStore {
-    /// The index entries a batch needs before it commits (see the module docs).
+    /// The index entries a batch needs before it commits: those of the flow's sets, which
+    /// live in other slots than the step's keys (see the module docs; the shard's active
+    /// and timer sets change inside the script).
     pub(super) fn index_adds(&self, batch: &[StepWrite]) -> Vec<redis::Cmd> {
         let mut adds = Vec::new();
         for s in batch {
             let (flow, id) = (&*s.key.flow, &*s.key.id);
-            let shard = self.shard(id);
-            if s.active {
-                adds.push(redis::Cmd::sadd(self.active_key(flow, shard), id));
-            }
             if s.parked {
                 adds.push(redis::Cmd::zadd(self.parked_key(flow), id, 0));
-            }
-            if let Some(due) = s.timer {
-                adds.push(redis::Cmd::zadd(self.timers_key(flow, shard), id, due));
             }
             if let Some(k) = &s.correlation {
                 adds.push(redis::Cmd::sadd(self.corr_key(flow, k), id));
@@ -108,9 +125,12 @@ impl RedisStore {
         adds
     }
 
-    /// The commit script of each step.
-    pub(super) fn scripts(&self, batch: &[StepWrite]) -> Vec<redis::Cmd> {
+    /// The commit script of each step. `epoch`: the data's epoch token, checked by each
+    /// script (one server: the key is reachable from every script); `None` on a cluster,
+    /// where it is read before the batch.
+    pub(super) fn scripts(&self, batch: &[StepWrite], epoch: Option<&str>) -> Vec<redis::Cmd> {
         let mut scripts = Vec::with_capacity(batch.len());
+        let epoch_key = format!("{}:epoch", self.prefix);
         for s in batch {
             let keys = self.keys(&s.key);
             let shard = self.shard(&s.key.id);
@@ -126,12 +146,21 @@ impl RedisStore {
             let mut script = redis::cmd("EVALSHA");
             script
                 .arg(&self.sha)
-                .arg(9)
+                .arg(10 + s.sends.len())
                 .arg(&keys[..])
                 .arg(&token)
                 .arg(self.active_key(&s.key.flow, shard))
                 .arg(self.timers_key(&s.key.flow, shard))
-                .arg(shard_key(&self.prefix, "out", &s.key.flow, shard))
+                .arg(shard_key(&self.prefix, "out", &s.key.flow, shard));
+            // On a cluster the tenth key only keeps the script in its slot.
+            script.arg(if epoch.is_some() { &epoch_key } else { &token });
+            for send in &s.sends {
+                script.arg(match send {
+                    BusSend::Append { stream, .. } => stream.as_str(),
+                    BusSend::Publish { channel, .. } => channel.as_str(),
+                });
+            }
+            script
                 .arg(expect)
                 .arg(s.version)
                 .arg(s.seq)
@@ -147,9 +176,18 @@ impl RedisStore {
                 .arg(if self.audit { "1" } else { "0" })
                 .arg(s.ended_key.as_deref().unwrap_or(""))
                 .arg(&*s.key.id)
-                .arg(if s.timer.is_some() { "1" } else { "0" })
+                .arg(s.timer.map(|due| due.to_string()).unwrap_or_default())
                 .arg(s.acknowledges.as_deref().unwrap_or(""))
-                .arg(crate::bus::ORCHESTRATORS);
+                .arg(crate::bus::ORCHESTRATORS)
+                .arg(epoch.unwrap_or(""))
+                .arg(s.sends.len());
+            for send in &s.sends {
+                let (kind, body) = match send {
+                    BusSend::Append { body, .. } => ("a", body),
+                    BusSend::Publish { body, .. } => ("p", body),
+                };
+                script.arg(kind).arg(&body[..]);
+            }
             scripts.push(script);
         }
         scripts
@@ -176,13 +214,14 @@ impl RedisStore {
         &self,
         c: &mut Conn,
         batch: &[StepWrite],
+        epoch: Option<&str>,
     ) -> Result<Vec<redis::Value>, StoreError> {
         let no_script = |r: &redis::RedisResult<redis::Value>| r.as_ref().is_err_and(is_no_script);
         if matches!(c, Conn::Cluster(_)) {
             c.batch(self.index_adds(batch))
                 .await
                 .map_err(|e| backend(&e))?;
-            let scripts = self.scripts(batch);
+            let scripts = self.scripts(batch, None);
             let mut results = c.each(&scripts).await;
             if results.iter().any(no_script) {
                 Self::load_script(c).await?;
@@ -200,7 +239,7 @@ impl RedisStore {
         let all = |this: &Self| {
             let mut all = this.index_adds(batch);
             let n = all.len();
-            all.extend(this.scripts(batch));
+            all.extend(this.scripts(batch, epoch));
             (all, n)
         };
         let (cmds, n) = all(self);
@@ -221,14 +260,38 @@ impl RedisStore {
         batch: &[StepWrite],
     ) -> Result<Vec<StepResult>, StoreError> {
         let mut c = self.conn().await?;
-        // A wiped server must not take steps that build on records it no longer holds.
-        self.check_epoch(&mut c).await?;
-        let values = self.add_and_commit(&mut c, batch).await?;
+        // A wiped server must not take steps that build on records it no longer holds. On
+        // one server, once the token is known, each script checks it (no round trip of
+        // its own); on a cluster, and at first use, it is read before the batch.
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
+        let in_script = match &c {
+            Conn::Server(_) => self.known_epoch(),
+            Conn::Cluster(_) => None,
+        };
+        if in_script.is_none() {
+            self.check_epoch(&mut c).await?;
+        }
+        let values = self
+            .add_and_commit(&mut c, batch, in_script.as_deref())
+            .await?;
         let mut replies = Vec::with_capacity(values.len());
         for v in values {
             let reply: (i64, i64) = redis::from_redis_value(v)
                 .map_err(|e| StoreError::Backend(format!("redis: unexpected commit reply: {e}")))?;
             replies.push(reply);
+        }
+        if replies.iter().any(|(code, _)| *code == 4) {
+            // The epoch key is gone or holds another token: read it to say which (and to
+            // stop the store); the steps the scripts refused wrote nothing.
+            self.check_epoch(&mut c).await?;
+            return Err(StoreError::Lost {
+                detail: format!(
+                    "the key {}:epoch that marked its data changed during a commit",
+                    self.prefix
+                ),
+            });
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut removes = Vec::new();

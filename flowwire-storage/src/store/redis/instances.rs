@@ -256,6 +256,12 @@ impl InstanceStore for RedisStore {
         self.shards
     }
 
+    /// On one server, yes: the commit script appends and publishes them. A cluster keeps
+    /// the bus's streams in other slots than a step's keys, so there the runtime sends them.
+    fn carries_sends(&self) -> bool {
+        !self.link.is_cluster()
+    }
+
     fn active_in<'a>(
         &'a self,
         flow: &'a str,

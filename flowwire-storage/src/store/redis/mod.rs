@@ -20,18 +20,22 @@
 //! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
 //! | `P:retired:{flow}:key` | set | ids of (possibly) ended instances that carried that key (record field `e`) |
 //!
-//! A step is one `EVALSHA` of [`COMMIT`]: the fencing check (multi-process mode: a step
-//! written under a token older than the newest one granted for its shard is refused, as is
-//! one older than the token its record was last written under), compare-and-swap on the version, insert-if-absent of the impulse id, the record, the history entry and the pruning, all or nothing. A batch
-//! is one pipeline of those scripts (one round trip); each step is atomic on its own.
+//! A step is one `EVALSHA` of [`COMMIT`]: on one server the check of the data's epoch
+//! token, the fencing check (multi-process mode: a step written under a token older than
+//! the newest one granted for its shard is refused, as is one older than the token its
+//! record was last written under), compare-and-swap on the version, insert-if-absent of the
+//! impulse id, the record, the shard's active and timer indexes, the acknowledgement of the
+//! outcome it applies, the history entry and the pruning, and the messages the step puts on
+//! the bus (its driver calls, the announcement that it ended: [`StepWrite::sends`](crate::record::StepWrite::sends)), all or
+//! nothing. A batch is one pipeline of those scripts (one round trip); each step is atomic
+//! on its own. (A cluster keeps the epoch key and the bus's streams in other slots: there
+//! the epoch is read before the batch, and the runtime sends the messages.)
 //!
-//! The active, timer, parked and correlation sets live in other slots, so they cannot be in the script.
-//! They are kept *conservative*: an entry is added before the step that needs it is
-//! committed and removed after the step that drops it, so a crash in between leaves an
-//! extra entry, never a missing one. Extra active, parked and correlated ids are filtered
-//! out by the record's own fields (and dropped when found); an extra timer entry is found by the runtime when it fires (the
-//! record says otherwise) and repaired with
-//! [`InstanceStore::retime`](crate::InstanceStore::retime).
+//! The parked, correlation and retired sets live in the flow's slot, not the shard's, so
+//! they cannot be in the script. They are kept *conservative*: an entry is added before
+//! the step that needs it is committed and removed after the step that drops it, so a crash
+//! in between leaves an extra entry, never a missing one. Extra ids are filtered out by the
+//! record's own fields (and dropped when found).
 //!
 //! The files: this one holds the store, its keys and the data's epoch; `commit.rs` the
 //! step scripts and a batch's round trip; `instances.rs` the reads, listings and operator
@@ -174,6 +178,15 @@ impl RedisStore {
         self.epoch.lost.get().map(|detail| StoreError::Lost {
             detail: detail.clone(),
         })
+    }
+
+    /// The data's epoch token, once read or written by [`Self::check_epoch`].
+    pub(super) fn known_epoch(&self) -> Option<String> {
+        self.epoch
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Checks that the server still holds this store's data: at first use the epoch token
