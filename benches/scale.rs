@@ -3,15 +3,23 @@
 //! this binary on a loopback port) with its append-only file on — `appendfsync always`
 //! (every write fsynced before its reply: the setting comparable with durable peers) and
 //! `everysec` (fsynced once a second: up to a second of acknowledged steps lost in a power
-//! cut) — at concurrency 1, 64 and 1024, three runs of each, the setting and the CPU model
-//! beside each row.
+//! cut) — at concurrency 1, 64 and 1024, three sustained runs of each (10 s each; 3 s in a
+//! quick run), the setting and the CPU model beside each row.
 //!
 //! `cargo bench --bench scale --features flowwire-suite/redis` (`FLOWWIRE_BENCH_QUICK=1`
-//! for a smoke run). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
+//! for a quick run). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
 //! start, two driver calls (answered at once), finish — three durable steps, each a Redis
 //! commit by the shard's owner, the calls and outcomes over Redis Streams. This process is
-//! the client: it starts `concurrency` workflows at a time and measures each from the
-//! start request to `finished()` reporting it (pushed by the owner over pub/sub).
+//! the client: `concurrency` callers each start a workflow, wait for `finished()` (pushed
+//! by the owner over pub/sub), read its end state, and start the next, until the run's
+//! time is up; each workflow is timed from its start request to its state read.
+//!
+//! With `FLOWWIRE_BENCH_RESTATE=1`, Restate 1.7 runs beside it as the durable peer
+//! (`scripts/restate-peer serve`: installed from the npm registry on first use, on
+//! loopback, its log's WAL fsynced on every write): at concurrency 1 and 64 of the
+//! `appendfsync always`, 1 + 1 setup, each flowwire run is followed by a Restate run of the
+//! same length with the same workflow (two journaled steps, its result returned to the
+//! waiting caller), and the ratio of each pair is printed.
 
 #[path = "../tests/support/servers.rs"]
 mod servers;
@@ -23,6 +31,8 @@ mod scale_flows;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use flowwire::{Ended, Engine};
 use scale_flows::{Relay, RelayState, bench_shared};
@@ -73,12 +83,77 @@ impl Drop for Proc {
     }
 }
 
-/// Workflows per case: enough for a p99 at each concurrency.
-fn workflows(mode: Mode, concurrency: usize) -> usize {
+/// How long each run lasts: sustained runs, a few thousand workflows at the least.
+fn run_time(mode: Mode) -> Duration {
     match mode {
-        Mode::Test => concurrency.min(8),
-        Mode::Quick => (concurrency * 2).max(100),
-        Mode::Full => (concurrency * 8).max(1_000),
+        Mode::Test => Duration::from_millis(300),
+        Mode::Quick => Duration::from_secs(3),
+        Mode::Full => Duration::from_secs(10),
+    }
+}
+
+/// Restate as the durable peer (`scripts/restate-peer serve`), stopped when dropped.
+struct Restate(Child);
+
+impl Restate {
+    /// Starts the peer if `FLOWWIRE_BENCH_RESTATE=1` asks for it.
+    fn wanted() -> Option<Restate> {
+        if std::env::var_os("FLOWWIRE_BENCH_RESTATE").is_none_or(|v| v == "0") {
+            return None;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/restate-peer");
+        let mut child = Command::new(script)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("scripts/restate-peer starts (it needs node, npm and curl)");
+        let out = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(out).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l == "READY" => break,
+                Some(Ok(_)) => {}
+                _ => panic!("the Restate peer did not start"),
+            }
+        }
+        Some(Restate(child))
+    }
+
+    /// One sustained run of `concurrency` callers for `time`: workflows/s and the line
+    /// its client printed.
+    fn run(concurrency: usize, time: Duration) -> (f64, String) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = Command::new("node")
+            .arg(format!("{root}/benches/restate/client.cjs"))
+            .arg(concurrency.to_string())
+            .arg(format!("{}", time.as_secs_f64()))
+            .env("NODE_PATH", format!("{root}/target/restate/node_modules"))
+            .output()
+            .expect("node runs the Restate client");
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            out.status.success(),
+            "the Restate client failed: {line} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // "… workflows in 10.0 s = 113/s, p50 …"
+        let rate = line
+            .split(" = ")
+            .nth(1)
+            .and_then(|r| r.split("/s").next())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no rate in the Restate client's line {line:?}"));
+        (rate, line)
+    }
+}
+
+impl Drop for Restate {
+    fn drop(&mut self) {
+        // SIGTERM: the script stops the server and the service it started.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
     }
 }
 
@@ -104,14 +179,18 @@ async fn run(mode: Mode) {
         "cmds/wf",
         "reads/wf"
     );
+    let restate = Restate::wanted();
     for &fsync in fsyncs {
         let redis = servers::Redis::start_with_fsync(fsync);
-        setups(mode, &redis.url(), fsync, &cpu).await;
+        let peer = restate.as_ref().filter(|_| fsync == "always");
+        setups(mode, &redis.url(), fsync, &cpu, peer).await;
     }
 }
 
-/// Every setup and concurrency on one Redis (`appendfsync fsync`), three runs each.
-async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
+/// Every setup and concurrency on one Redis (`appendfsync fsync`), three runs each; with
+/// `restate`, a Restate run after each flowwire run at concurrency 1 and 64 of the 1 + 1
+/// setup.
+async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&Restate>) {
     let setups: &[(usize, usize)] = if mode == Mode::Test {
         &[(1, 1)]
     } else {
@@ -142,14 +221,16 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
             .await
             .expect("the client joins");
         settle(&url, &prefix, orchestrators).await;
-        case(&client, "warm", 16, 64).await;
+        warm(&client).await;
         for &c in concurrencies {
-            let n = workflows(mode, c);
+            let side = restate.is_some() && (orchestrators, workers) == (1, 1) && c <= 64;
             let mut rates = Vec::new();
+            let mut ratios = Vec::new();
             for run in 0..runs {
                 let before = server_counts(&url);
-                let s = case(&client, &format!("c{c}-{run}"), c, n).await;
+                let s = case(&client, &format!("c{c}-{run}"), c, run_time(mode)).await;
                 let after = server_counts(&url);
+                let n = s.len().max(1);
                 #[allow(clippy::cast_precision_loss)]
                 let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 / n as f64;
                 println!(
@@ -162,12 +243,24 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str) {
                     per(1),
                 );
                 rates.push(s.per_second());
+                if side {
+                    let (restate_rate, line) = Restate::run(c, run_time(mode));
+                    println!("{:>9} {line}", "");
+                    ratios.push(s.per_second() / restate_rate);
+                }
             }
-            let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = rates.iter().copied().fold(0.0, f64::max);
+            let (lo, hi) = range(&rates);
             println!(
-                "appendfsync {fsync}, {orchestrators} orchestrator(s), {workers} worker(s), concurrency {c}: {lo:.0}–{hi:.0} workflows/s over {runs} run(s), {cpu}"
+                "appendfsync {fsync}, {orchestrators} orchestrator(s), {workers} worker(s), concurrency {c}: {lo:.0}–{hi:.0} workflows/s over {runs} run(s) of {:?}, {cpu}",
+                run_time(mode)
             );
+            if !ratios.is_empty() {
+                let (lo, hi) = range(&ratios);
+                println!(
+                    "flowwire ÷ Restate 1.7 (its WAL fsynced per write), appendfsync {fsync}, concurrency {c}: {lo:.1}–{hi:.1} × over {} pair(s) of runs, {cpu}",
+                    ratios.len()
+                );
+            }
         }
         client.shutdown().await;
         drop(procs);
@@ -225,23 +318,65 @@ async fn settle(url: &str, prefix: &str, orchestrators: usize) {
     panic!("the orchestrators did not share the shards within 30 s");
 }
 
-/// Runs `n` workflows, `concurrency` at a time; each is timed from its start request to
-/// its `finished()` answer.
-async fn case(client: &Engine, tag: &str, concurrency: usize, n: usize) -> Samples {
-    support::concurrent(n, concurrency, |i| {
+/// The lowest and highest of some figures.
+fn range(xs: &[f64]) -> (f64, f64) {
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(0.0, f64::max);
+    (lo, hi)
+}
+
+/// A few workflows first, so that no run times the processes' warm-up.
+async fn warm(client: &Engine) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
         let client = client.clone();
-        let id = format!("{tag}-{i}");
-        async move {
-            let h = client
-                .start::<Relay>(id.as_str(), RelayState::default())
-                .await
-                .expect("started");
-            let ended = tokio::time::timeout(Duration::from_mins(1), h.finished())
-                .await
-                .expect("finished within a minute")
-                .expect("finished");
-            assert_eq!(ended, Ended::Finished);
-        }
-    })
-    .await
+        tasks.spawn(async move { relay(&client, &format!("warm-{i}")).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a warm-up workflow panicked");
+    }
+}
+
+/// `concurrency` callers run workflows one after the other until `time` is up; each is
+/// timed from its start request to its end state read back.
+async fn case(client: &Engine, tag: &str, concurrency: usize, time: Duration) -> Samples {
+    let start = Instant::now();
+    let deadline = start + time;
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..concurrency {
+        let client = client.clone();
+        let tag = format!("{tag}-{caller}");
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            for i in 0.. {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let t = Instant::now();
+                relay(&client, &format!("{tag}-{i}")).await;
+                latencies.push(t.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.expect("a caller panicked"));
+    }
+    Samples::from_latencies(latencies, start.elapsed())
+}
+
+/// One workflow: started, waited for, its end state read (the peers return their result).
+async fn relay(client: &Engine, id: &str) {
+    let h = client
+        .start::<Relay>(id, RelayState::default())
+        .await
+        .expect("started");
+    let ended = tokio::time::timeout(Duration::from_mins(1), h.finished())
+        .await
+        .expect("finished within a minute")
+        .expect("finished");
+    assert_eq!(ended, Ended::Finished);
+    let state = h.state().await.expect("the end state reads back");
+    assert_eq!(state.hops, 2, "both calls were applied");
 }
