@@ -56,24 +56,30 @@ struct Proc(Child);
 
 impl Proc {
     fn start(role: &str, url: &str, prefix: &str, name: &str) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_scale_harness"))
-            .args([role, url, prefix, name, "bench"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the harness starts");
-        let out = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(out).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l == "READY" => break,
-                Some(Ok(_)) => {}
-                _ => panic!("{role} {name} did not start"),
-            }
-        }
-        Proc(child)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scale_harness"));
+        cmd.args([role, url, prefix, name, "bench"]);
+        Proc(spawn_ready(&mut cmd, &format!("{role} {name}")))
     }
+}
+
+/// Starts a process and waits until it prints `READY` on its standard output.
+fn spawn_ready(cmd: &mut Command, what: &str) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    let out = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l == "READY" => break,
+            Some(Ok(_)) => {}
+            _ => panic!("{what} did not start"),
+        }
+    }
+    child
 }
 
 impl Drop for Proc {
@@ -102,23 +108,12 @@ impl Restate {
             return None;
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/restate-peer");
-        let mut child = Command::new(script)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("scripts/restate-peer starts (it needs node, npm and curl)");
-        let out = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(out).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l == "READY" => break,
-                Some(Ok(_)) => {}
-                _ => panic!("the Restate peer did not start"),
-            }
-        }
-        Some(Restate(child))
+        let mut cmd = Command::new(script);
+        cmd.arg("serve");
+        Some(Restate(spawn_ready(
+            &mut cmd,
+            "the Restate peer (scripts/restate-peer serve: it needs node, npm and curl)",
+        )))
     }
 
     /// One sustained run of `concurrency` callers for `time`: workflows/s and the line
