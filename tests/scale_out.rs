@@ -371,6 +371,58 @@ async fn share_the_work(p: &str) {
     }
 }
 
+/// A client that waited for an instance's end got its final state with the end, as in the
+/// embedded engine: reading the result then needs no trip to Redis (frozen here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_brings_its_state_to_the_client_that_waited_for_it() {
+    let redis = servers::Redis::start();
+    let on = |name: Option<&str>| {
+        let s = Shared::redis(&redis.url(), "endstate").unwrap().shards(8);
+        match name {
+            Some(n) => s.node_name(n),
+            None => s,
+        }
+    };
+    let o = Engine::builder()
+        .shared(on(Some("orch")))
+        .flow::<Parcel>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let w = Engine::builder()
+        .shared(on(Some("worker")))
+        .driver(Counter::default())
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let c = Engine::builder()
+        .shared(on(None))
+        .flow::<Parcel>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
+    eventually("packed", async || h.weight().await.unwrap() == Some(3)).await;
+    h.address("home".into()).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+        .await
+        .expect("finished in time")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+
+    redis.pause();
+    let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
+    redis.resume();
+    let state = read.expect("the state is read without Redis").unwrap();
+    assert_eq!(state.address.as_deref(), Some("home"));
+    c.shutdown().await;
+    w.shutdown().await;
+    o.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancellation_from_a_client_applies_once_across_a_shard_move() {
     let p = "scale-cancel";

@@ -446,7 +446,26 @@ async fn finished<F: Flow>(
     let ended = wait_ended::<F>(remote, &notify, pushed, id, &mut reply).await;
     watch.unregister(id, notify);
     if let Some(ended) = ended {
-        let _ = reply.send(ended.map(|e| (e, None)));
+        let _ = reply.send(ended.map(|(e, record)| (e, final_state::<F>(remote, id, record))));
+    }
+}
+
+/// The final state of an instance that finished or was cancelled (ends no operator can
+/// undo), from the record its end was read in, as this flow version reads it: handed back
+/// with the end, so that the caller reads its result without another trip. `None` when
+/// it has none to give, or cannot read it now (the caller then reads the store).
+fn final_state<F: Flow>(
+    remote: &Remote,
+    id: &Arc<str>,
+    record: Option<Record>,
+) -> Option<flowwire_storage::Rope> {
+    let record = record?;
+    match crate::core::state_for_read::<F>(&record, remote.limits.decode_limit) {
+        Ok(state) => Some(flowwire_storage::Rope::from(state)),
+        Err(e) => {
+            tracing::debug!(flow = F::NAME, %id, error = ?e, "final state not handed back with the end");
+            None
+        }
     }
 }
 
@@ -456,7 +475,7 @@ async fn wait_ended<F: Flow>(
     pushed: bool,
     id: &Arc<str>,
     reply: &mut oneshot::Sender<crate::engine::msg::EndedReply>,
-) -> Option<Result<Ended>> {
+) -> Option<Result<(Ended, Option<Record>)>> {
     let key = InstanceKey::new(F::NAME, id.clone());
     let mut delay = Duration::from_millis(5);
     loop {
@@ -467,10 +486,10 @@ async fn wait_ended<F: Flow>(
         if reply.is_closed() {
             return None;
         }
-        let status = match remote.store.load(&key).await {
+        let placed = match remote.store.load(&key).await {
             Ok(Some(stored)) => {
                 PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit)
-                    .map(|p| Some(p.record))
+                    .map(Some)
                     .map_err(|e| Error::Codec {
                         flow: F::NAME,
                         id: id.to_string(),
@@ -481,15 +500,21 @@ async fn wait_ended<F: Flow>(
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
-        match status.map(|r| r.map(|r| (r.status, r.error))) {
-            Ok(Some((Status::Finished, _))) => return Some(Ok(Ended::Finished)),
-            Ok(Some((Status::Failed { reason }, error))) => {
-                return Some(Ok(Ended::Failed { reason, error }));
+        // The record of an end no operator can undo comes back with it (its state is the
+        // caller's result); a payload that cannot be read now only costs the caller a read.
+        let with_state =
+            async |placed: &PlacedRecord| remote.placement.resolve(&key, placed).await.ok();
+        match placed.map(|p| p.map(|p| (p.record.status.clone(), p.record.error.clone(), p))) {
+            Ok(Some((Status::Finished, _, p))) => {
+                return Some(Ok((Ended::Finished, with_state(&p).await)));
             }
-            Ok(Some((Status::Cancelled { reason }, _))) => {
-                return Some(Ok(Ended::Cancelled { reason }));
+            Ok(Some((Status::Failed { reason }, error, _))) => {
+                return Some(Ok((Ended::Failed { reason, error }, None)));
             }
-            Ok(Some((Status::Quarantined { reason }, _))) => {
+            Ok(Some((Status::Cancelled { reason }, _, p))) => {
+                return Some(Ok((Ended::Cancelled { reason }, with_state(&p).await)));
+            }
+            Ok(Some((Status::Quarantined { reason }, _, _))) => {
                 return Some(Err(Error::Quarantined {
                     flow: F::NAME,
                     id: id.to_string(),

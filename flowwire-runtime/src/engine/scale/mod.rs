@@ -278,6 +278,15 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
 pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEntry {
     use tokio::sync::oneshot;
 
+    // Ended instances are read straight from the shared store, as the embedded engine
+    // reads them: a handle that saw its instance end reads its state there (or keeps the
+    // one `finished()` handed back), with no message to the router.
+    let reads: Arc<dyn crate::handle::SettledReads<F>> = Arc::new(super::direct::Reader::<F>::new(
+        &d.remote.store,
+        d.remote.placement.clone(),
+        d.remote.limits.store_timeout,
+        d.remote.limits.decode_limit,
+    ));
     let (tx, router) = client::spawn_router::<F>(d.remote.clone());
     let stop = d
         .orchestra
@@ -306,7 +315,7 @@ pub(super) fn start_flow<F: crate::flow::Flow>(d: &Deployment) -> super::FlowEnt
     });
     super::FlowEntry {
         sender: Box::new(tx),
-        reads: None,
+        reads: Some(Box::new(reads)),
         task: std::sync::Mutex::new(Some(router)),
         shutdown,
     }
