@@ -8,6 +8,8 @@
 //! new one moved on as they are; child flows run across processes, and a parent's child
 //! calls follow its shard when it moves.
 //! The sharing test runs again on a 3-master Redis Cluster started by the test.
+//! (Over 600 lines: one scenario per test, each starting the engines it needs; they share
+//! the flows, the driver and the helpers, which splitting the file would copy.)
 #![cfg(feature = "redis")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -229,6 +231,15 @@ fn state(id: &str) -> ParcelState {
     }
 }
 
+/// Waits (up to 15 s) for the instance to end, and checks that it finished.
+async fn finishes<F: flowwire::Flow>(h: &flowwire::Handle<F>) {
+    let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
+        .await
+        .expect("finished in time")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+}
+
 /// Waits (bounded) until `check` holds.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..300 {
@@ -329,11 +340,7 @@ async fn share_the_work(p: &str) {
     }
     for id in &ids {
         let h = c.handle::<Parcel>(id.as_str()).await.unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
-            .await
-            .expect("finished in time")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
+        finishes(&*h).await;
         assert_eq!(h.state().await.unwrap().address.as_deref(), Some("home"));
         // The client reads the history the orchestrators wrote: start, packed, address,
         // rested, delivered.
@@ -407,11 +414,7 @@ async fn the_end_brings_its_state_to_the_client_that_waited_for_it() {
     let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
     eventually("packed", async || h.weight().await.unwrap() == Some(3)).await;
     h.address("home".into()).await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
-        .await
-        .expect("finished in time")
-        .unwrap();
-    assert_eq!(ended, Ended::Finished);
+    finishes(&*h).await;
 
     redis.pause();
     let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
@@ -675,11 +678,7 @@ async fn through_a_rolling_deploy_an_old_orchestrator_leaves_migrated_instances_
         let h = v2.handle::<ParcelTwo>(id.as_str()).await.unwrap();
         assert_eq!(h.state().await.unwrap().address.as_deref(), Some("home"));
         h.done().await.unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
-            .await
-            .expect("finished in time")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
+        finishes(&*h).await;
     }
     audit(p, &ids).await;
     v2.shutdown().await;
@@ -716,11 +715,7 @@ async fn shards_move_to_a_joining_orchestrator_and_back_from_a_leaving_one() {
     for id in &ids {
         let h = b.handle::<Parcel>(id.as_str()).await.unwrap();
         h.address("home".into()).await.unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(15), h.finished())
-            .await
-            .expect("finished in time")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
+        finishes(&*h).await;
     }
     let calls = counter.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 48, "{calls:?}");
