@@ -504,26 +504,29 @@ async fn wait_ended<F: Flow>(
         // caller's result); a payload that cannot be read now only costs the caller a read.
         let with_state =
             async |placed: &PlacedRecord| remote.placement.resolve(&key, placed).await.ok();
-        match placed.map(|p| p.map(|p| (p.record.status.clone(), p.record.error.clone(), p))) {
-            Ok(Some((Status::Finished, _, p))) => {
-                return Some(Ok((Ended::Finished, with_state(&p).await)));
-            }
-            Ok(Some((Status::Failed { reason }, error, _))) => {
-                return Some(Ok((Ended::Failed { reason, error }, None)));
-            }
-            Ok(Some((Status::Cancelled { reason }, _, p))) => {
-                return Some(Ok((Ended::Cancelled { reason }, with_state(&p).await)));
-            }
-            Ok(Some((Status::Quarantined { reason }, _, _))) => {
-                return Some(Err(Error::Quarantined {
-                    flow: F::NAME,
-                    id: id.to_string(),
-                    reason,
-                }));
-            }
+        match placed {
+            Ok(Some(p)) => match &p.record.status {
+                Status::Finished => return Some(Ok((Ended::Finished, with_state(&p).await))),
+                Status::Failed { reason } => {
+                    let (reason, error) = (reason.clone(), p.record.error.clone());
+                    return Some(Ok((Ended::Failed { reason, error }, None)));
+                }
+                Status::Cancelled { reason } => {
+                    let reason = reason.clone();
+                    return Some(Ok((Ended::Cancelled { reason }, with_state(&p).await)));
+                }
+                Status::Quarantined { reason } => {
+                    return Some(Err(Error::Quarantined {
+                        flow: F::NAME,
+                        id: id.to_string(),
+                        reason: reason.clone(),
+                    }));
+                }
+                _ => {}
+            },
             Ok(None) => return Some(Err(not_found::<F>(id))),
             Err(e) if !e.is_transient() => return Some(Err(e)),
-            Ok(Some(_)) | Err(_) => {}
+            Err(_) => {}
         }
         let wait = if pushed {
             Duration::from_secs(1)

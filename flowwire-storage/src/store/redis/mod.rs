@@ -197,13 +197,7 @@ impl RedisStore {
             return Err(lost);
         }
         let key = format!("{}:epoch", self.prefix);
-        let known = self
-            .epoch
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        match known {
+        match self.known_epoch() {
             None => {
                 let token = format!(
                     "{LAYOUT}{:016x}",
