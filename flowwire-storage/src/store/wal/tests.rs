@@ -3,7 +3,8 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::{HEADER, OpenError, Run, START, TRAILER, Wal};
+use super::format::{HEADER, START, TRAILER};
+use super::{OpenError, Run, Wal};
 use crate::store::disk::Fs;
 
 fn payloads(entries: &[(u64, Vec<u8>)]) -> Vec<(u64, &[u8])> {
@@ -197,7 +198,7 @@ fn the_file_is_filled_ahead_so_appends_do_not_grow_it() {
     let mut wal = Wal::create(&Fs, &path, Run::fresh(1)).unwrap();
     wal.append(1, b"x").unwrap();
     let len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(len, super::GROW);
+    assert_eq!(len, super::format::GROW);
     for seq in 2..100 {
         wal.append(seq, &[0u8; 1000]).unwrap();
     }
