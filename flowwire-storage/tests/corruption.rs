@@ -1,6 +1,9 @@
 //! The corruption matrix: damage of many kinds at many offsets of both files of the
-//! embedded store — `instances.redb` and its log `instances.redb.log` — after a clean stop
-//! and after a SIGKILL of a real process that was committing.
+//! embedded store — `instances.redb` and its log `instances.redb.log` — after a clean stop,
+//! after a SIGKILL of a real process that was committing, and after a SIGKILL of one that
+//! had its last batch acknowledged and wrote nothing more. The log's tail (the end of its
+//! last entry, where damage looks most like a torn write) is damaged in every run, on top
+//! of the spread of offsets.
 //!
 //! Every case must end one of two ways: the store opens and every acknowledged step reads
 //! back intact (a damaged record may be refused on read, never served as another's), or
@@ -24,6 +27,8 @@ use flowwire_storage::{Expect, InstanceKey, InstanceStore, RedbStore, StepWrite,
 const INSTANCES: u64 = 40;
 const BATCHES: u64 = 150;
 const CHILD: &str = "FLOWWIRE_CORRUPTION_CHILD";
+/// Set for a child that stops committing after `BATCHES` acknowledged batches.
+const IDLE: &str = "FLOWWIRE_CORRUPTION_IDLE";
 
 /// The steps of batch `b`: two instances, each one version further, with a record of a
 /// size that varies, bound to its key, and an impulse id.
@@ -105,9 +110,15 @@ fn child_commits_until_killed() {
     runtime().block_on(async {
         let store = RedbStore::open(Path::new(&dir).join("instances.redb")).unwrap();
         let mut versions = BTreeMap::new();
+        let idle = std::env::var(IDLE).is_ok();
         for b in 0.. {
             store.commit(batch(b, &mut versions)).await.unwrap();
             println!("ack {b}");
+            if idle && b + 1 == BATCHES {
+                // Killed while idle: the last entry of the log is acknowledged, and no
+                // later one covers it.
+                std::future::pending::<()>().await;
+            }
         }
     });
 }
@@ -124,10 +135,14 @@ fn clean_baseline(dir: &Path) -> u64 {
     BATCHES
 }
 
-/// A store whose writer was killed (SIGKILL) after at least `BATCHES` acknowledged batches;
-/// returns how many were acknowledged.
-fn killed_baseline(dir: &Path) -> u64 {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+/// A store whose writer was killed (SIGKILL) after at least `BATCHES` acknowledged batches
+/// (exactly that many, and idle since, if `idle`); returns how many were acknowledged.
+fn killed_baseline(dir: &Path, idle: bool) -> u64 {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if idle {
+        command.env(IDLE, "1");
+    }
+    let mut child = command
         .args([
             "--exact",
             "child_commits_until_killed",
@@ -309,9 +324,22 @@ fn run_matrix(name: &str, baseline: &Path, acked: u64) -> BTreeMap<(String, Endi
             ("zeroed page", Damage::ZeroPage),
             ("truncation", Damage::Truncate),
         ];
+        // The end of the log's last entry: its trailer and the bytes before it.
+        let used = span.saturating_sub(4096);
+        let tail = [1, 8, 17, 40, 64, 100]
+            .into_iter()
+            .filter(|_| file == "instances.redb.log")
+            .map(|back| used.saturating_sub(back));
         for (k, (kind, make)) in kinds.into_iter().enumerate() {
-            for at in offsets(cases, 0x9e37_79b9 + k as u64 * 7919 + file.len() as u64) {
-                let damage = make(at);
+            let spread = offsets(cases, 0x9e37_79b9 + k as u64 * 7919 + file.len() as u64);
+            for at in spread.chain(tail.clone()) {
+                let damage = match make(0) {
+                    // The page that holds the last entry's end.
+                    Damage::ZeroPage(_) if at >= used.saturating_sub(100) => {
+                        Damage::ZeroPage(at / 4096)
+                    }
+                    _ => make(at),
+                };
                 let tmp = tempfile::tempdir().unwrap();
                 copy_dir(baseline, tmp.path());
                 damage.apply(&tmp.path().join(file), span);
@@ -359,7 +387,7 @@ fn every_damage_after_a_kill_opens_intact_or_is_refused_naming_the_file() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let acked = killed_baseline(dir.path());
+    let acked = killed_baseline(dir.path(), false);
     let counts = run_matrix("kill", dir.path(), acked);
     // The log mattered: some damage to it was refused.
     assert!(
@@ -367,5 +395,23 @@ fn every_damage_after_a_kill_opens_intact_or_is_refused_naming_the_file() {
             .keys()
             .any(|(case, ending)| case.contains(".log") && *ending == Ending::RefusedLog),
         "no damage of the log was refused after a kill: {counts:?}"
+    );
+}
+
+#[test]
+fn every_damage_after_a_kill_while_idle_opens_intact_or_is_refused_naming_the_file() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let acked = killed_baseline(dir.path(), true);
+    assert_eq!(acked, BATCHES);
+    let counts = run_matrix("kill while idle", dir.path(), acked);
+    // Damage at the end of the last acknowledged entry was read from its copy.
+    assert!(
+        counts
+            .keys()
+            .any(|(case, ending)| case.contains(".log") && *ending == Ending::Intact),
+        "no damage of the log opened intact: {counts:?}"
     );
 }

@@ -9,12 +9,14 @@
 //! often a batch is committed to redb durably instead (a checkpoint) and the log starts a
 //! new *run* from the start of its entry area.
 //!
-//! # Layout
+//! # Layout (format 3)
 //! ```text
-//! offset 0     floor slot A ┐ "FWLS" | run salt u64 | run's first batch u64 | floor u64 | CRC-32
-//! offset 4096  floor slot B ┘ (even batches write A, odd ones B)
+//! offset 0     slot A ┐ "FWS3" | run salt u64 | run's first batch u64 | floor u64
+//! offset 4096  slot B ┘   | batch u64 | its offset u64 | its size u64 | CRC-32 [| copy of a small entry]
+//!                         (even batches write A, odd ones B)
 //! offset 8192  entries, back to back:
-//!              "FWL2" | length u32 | batch u64 | run salt u64 | CRC-32 | payload | batch u64 | !salt u64
+//!              "FWL3" | length u32 | batch u64 | run salt u64 | CRC-32 | payload | batch u64 | !salt u64
+//!              [zeros to the next page | copy of a large entry]
 //! ```
 //! - The CRC covers the whole entry but itself: magic, length, batch, salt and payload.
 //! - Each run has a random salt, recorded in redb by the checkpoint that starts the run.
@@ -23,20 +25,37 @@
 //! - The trailer (`batch`, `!salt`) is written last. A torn write is a prefix of the
 //!   entry, so it has no trailer; an entry with its trailer whose CRC fails was written
 //!   whole and damaged afterwards.
-//! - Each append also writes the *floor* — the last batch acknowledged before it — into
-//!   the slot of its parity, in the same sync. The floor is true once written, whatever
-//!   order the disk persists the two writes in, so a lost power never makes it lie. The
-//!   slot also names its run (salt and first batch), so a log that is on a later run than
-//!   the one redb records shows that redb lost durable commits.
+//! - Each append also writes the slot of its parity, in the same sync. The slot holds the
+//!   *floor* — the last batch acknowledged before this one. The floor is true once
+//!   written, whatever order the disk persists the two writes in, so a lost power never
+//!   makes it lie. The slot also names its run (salt and first batch), so a log that is on
+//!   a later run than the one redb records shows that redb lost durable commits.
+//! - **Every entry is written twice.** Nothing written in the same sync as the last entry
+//!   can prove that the sync completed, so damage that takes the end of the last
+//!   acknowledged entry and its trailer looks exactly like the torn write of a batch that
+//!   was never acknowledged. So the slot also says where its batch lies, and a copy of
+//!   the entry is kept where no single damaged page or run of bytes reaches both: in the
+//!   slot's page, right after the slot, when it fits (the page is written anyway), or
+//!   else in the entry area from the next page boundary after the entry, in the same
+//!   write. An entry that cannot be read is read from its copy: the last two batches
+//!   always have one, and older ones are covered by the floor and by the entries after
+//!   them. A whole copy is the batch as it was written, so reading it after a power cut
+//!   that took the entry but not the slot gives a batch that was durable, if not yet
+//!   acknowledged.
 //! - The file is zero-filled ahead of the writes, and always by at least one header past
 //!   the last entry, so an append changes no file metadata (`fdatasync` writes the
 //!   entry's blocks only) and a file shorter than that was cut.
+//! - A log of format 2 (`"FWL2"` entries with no copies, `"FWLS"` slots with the floor
+//!   only) is still read, by the same rules without copies: a crash before an upgrade
+//!   leaves one behind. The run that follows its recovery is written in format 3.
 //!
 //! # Reading rules ([`Wal::open`])
 //! Entries are read from the start of the entry area while they are whole, of this run and
-//! numbered one after another. Where that stops, the log ends there if what stops it is a
-//! torn write of the next batch, and is **damaged** ([`LogDamage`](read::LogDamage)) if any of these holds:
-//! - an entry written whole fails its checksum, or holds another number than the next;
+//! numbered one after another, each from its copy where it cannot be read itself. Where
+//! that stops, the log ends there if what stops it is a torn write of the next batch, and
+//! is **damaged** ([`LogDamage`](read::LogDamage)) if any of these holds:
+//! - an entry written whole fails its checksum and has no whole copy, or an entry holds
+//!   another number than the next;
 //! - any entry of this run numbered after the last one read lies further on (a bad entry
 //!   followed by valid ones is corruption, never a torn tail);
 //! - an entry's length runs past the end of the file, or the file ends within a header's
@@ -45,6 +64,9 @@
 //!   missing);
 //! - a slot belongs to a run that starts after `run` ([`OpenError::RunAhead`]: the store
 //!   file, not the log, went back).
+//!
+//! Damage to both an entry and its copy (two damages) can still look like a torn write;
+//! one damaged page or run of bytes anywhere in the file cannot.
 
 mod format;
 mod read;
@@ -54,7 +76,7 @@ use std::path::{Path, PathBuf};
 
 use super::disk::{Disk, LogFile};
 pub(crate) use format::{Entry, Run, START};
-use format::{GROW, HEADER, MAGIC, SLOTS, slot_bytes};
+use format::{GROW, HEADER, MAGIC, Placed, SLOTS, after, copy_at, slot_bytes};
 use read::read_run;
 #[cfg(test)]
 pub(crate) use read::{LogDamage, read_bytes};
@@ -124,35 +146,58 @@ impl Wal {
         self.end - START
     }
 
-    /// Appends batch `seq` of the current run and syncs it, with the floor `seq - 1` in
-    /// its slot: when this returns `Ok`, the entry survives a crash.
+    /// Appends batch `seq` of the current run and syncs it, with the floor `seq - 1` and
+    /// the entry's copy (see the module documentation): when this returns `Ok`, the entry
+    /// survives a crash, and so does one of its two copies whatever single block of the
+    /// file is damaged later.
     ///
     /// On an error the entry may be in the file in part or whole; the log stays positioned
     /// where it was, so the next append (of the same batch number) writes over it.
     pub(crate) fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
-        let size = u32::try_from(payload.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a batch over 4 GiB"))?;
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "a batch over 4 GiB");
+        let size = u32::try_from(payload.len()).map_err(|_| too_big())?;
         let salt = self.run.salt;
-        self.buf.clear();
-        self.buf.extend_from_slice(&MAGIC.to_le_bytes());
-        self.buf.extend_from_slice(&size.to_le_bytes());
-        self.buf.extend_from_slice(&seq.to_le_bytes());
-        self.buf.extend_from_slice(&salt.to_le_bytes());
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.extend_from_slice(&MAGIC.to_le_bytes());
+        buf.extend_from_slice(&size.to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&salt.to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&self.buf);
+        crc.update(buf);
         crc.update(payload);
-        self.buf.extend_from_slice(&crc.finalize().to_le_bytes());
-        self.buf.extend_from_slice(payload);
-        self.buf.extend_from_slice(&seq.to_le_bytes());
-        self.buf.extend_from_slice(&(!salt).to_le_bytes());
-        let end = self.end + self.buf.len() as u64;
+        buf.extend_from_slice(&crc.finalize().to_le_bytes());
+        buf.extend_from_slice(payload);
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&(!salt).to_le_bytes());
+        let placed = Placed {
+            batch: seq,
+            at: self.end,
+            size: buf.len() as u64,
+        };
+        let (Some(copy), Some(end)) = (copy_at(placed), after(placed)) else {
+            return Err(too_big());
+        };
+        let slot = slot_bytes(self.run, seq.saturating_sub(1), placed);
+        // The entry and, in the entry area, its copy: one write. The slot and, in its
+        // page, the copy of a small entry: the other.
+        let entry = buf.len();
+        if copy > self.end {
+            buf.resize(usize::try_from(copy - self.end).map_err(|_| too_big())?, 0);
+            buf.extend_from_within(..entry);
+        }
+        let appended = buf.len();
+        buf.extend_from_slice(&slot);
+        if copy < self.end {
+            buf.extend_from_within(..entry);
+        }
         // One header's length past the last entry is always written: a shorter file was cut.
         if end + HEADER as u64 > self.filled {
             self.fill(end + HEADER as u64)?;
         }
-        self.file.write_at(&self.buf, self.end)?;
-        let slot = slot_bytes(self.run, seq.saturating_sub(1));
-        self.file.write_at(&slot, SLOTS[(seq % 2) as usize])?;
+        self.file.write_at(&self.buf[..appended], self.end)?;
+        self.file
+            .write_at(&self.buf[appended..], SLOTS[(seq % 2) as usize])?;
         self.file.sync_data()?;
         self.end = end;
         // A long-lived buffer does not keep one huge batch's size.

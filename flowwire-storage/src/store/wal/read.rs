@@ -6,7 +6,8 @@ use std::io;
 use std::path::Path;
 
 use super::format::{
-    Entry, HEADER, MAGIC, Run, SLOT, SLOT_MAGIC, SLOTS, START, TRAILER, le32, le64,
+    Entry, HEADER, MAGIC, MAGIC_V2, Placed, Run, SLOT, SLOTS, START, Slot, TRAILER, after, copy_at,
+    le32, le64, parse_slot,
 };
 use crate::store::disk::{Disk, LogFile};
 
@@ -83,11 +84,13 @@ pub(crate) fn read_bytes(bytes: &[u8], run: Run) -> Result<Vec<Entry>, OpenError
 
 /// What lies at an offset of the entry area.
 enum Found {
-    /// A whole entry of the run, and where the next one starts.
+    /// A whole entry of the run: its batch, its payload, where it ends, and whether it is
+    /// of the third format (its copy is kept).
     Entry {
         seq: u64,
         payload: Vec<u8>,
-        next: u64,
+        end: u64,
+        copied: bool,
     },
     /// Zeros, another run's bytes, or the torn start of an entry.
     Nothing,
@@ -97,23 +100,18 @@ enum Found {
     Cut { seq: u64, size: u64 },
 }
 
-/// The valid floor slots of the file: each one's run and floor (a slot that is torn or
-/// damaged says nothing).
-fn slots(file: &(impl ReadAt + ?Sized), len: u64) -> io::Result<Vec<(Run, u64)>> {
+/// The valid slots of the file (a slot that is torn or damaged says nothing).
+fn slots(file: &(impl ReadAt + ?Sized), len: u64) -> io::Result<Vec<Slot>> {
     let mut found = Vec::new();
     for at in SLOTS {
-        if at + SLOT as u64 > len {
+        let n = len.saturating_sub(at).min(SLOT as u64);
+        if n == 0 {
             continue;
         }
-        let mut slot = [0u8; SLOT];
-        file.fill_at(&mut slot, at)?;
-        if le32(&slot) == SLOT_MAGIC && le32(&slot[28..]) == crc32fast::hash(&slot[..28]) {
-            let run = Run {
-                salt: le64(&slot[4..]),
-                first: le64(&slot[12..]),
-            };
-            found.push((run, le64(&slot[20..])));
-        }
+        let mut bytes = [0u8; SLOT];
+        let bytes = &mut bytes[..usize::try_from(n).unwrap_or(SLOT)];
+        file.fill_at(bytes, at)?;
+        found.extend(parse_slot(bytes));
     }
     Ok(found)
 }
@@ -129,17 +127,22 @@ pub(crate) fn has_runs(disk: &dyn Disk, path: &Path) -> io::Result<bool> {
 /// What lies at offset `at` of a file of `len` bytes.
 fn entry_at(file: &(impl ReadAt + ?Sized), len: u64, at: u64, run: Run) -> io::Result<Found> {
     let mut header = [0u8; HEADER];
-    if at + HEADER as u64 > len {
+    if at.saturating_add(HEADER as u64) > len {
         return Ok(Found::Nothing);
     }
     file.fill_at(&mut header, at)?;
-    if le32(&header) != MAGIC || le64(&header[16..]) != run.salt {
+    let copied = match le32(&header) {
+        MAGIC => true,
+        MAGIC_V2 => false,
+        _ => return Ok(Found::Nothing),
+    };
+    if le64(&header[16..]) != run.salt {
         return Ok(Found::Nothing);
     }
     let seq = le64(&header[8..]);
     let size = u64::from(le32(&header[4..]));
-    let next = at + HEADER as u64 + size + TRAILER as u64;
-    if next > len {
+    let end = at + HEADER as u64 + size + TRAILER as u64;
+    if end > len {
         return Ok(Found::Cut { seq, size });
     }
     let mut payload = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
@@ -148,15 +151,53 @@ fn entry_at(file: &(impl ReadAt + ?Sized), len: u64, at: u64, run: Run) -> io::R
     crc.update(&header[..24]);
     crc.update(&payload);
     if crc.finalize() == le32(&header[24..]) {
-        return Ok(Found::Entry { seq, payload, next });
+        return Ok(Found::Entry {
+            seq,
+            payload,
+            end,
+            copied,
+        });
     }
     let mut trailer = [0u8; TRAILER];
-    file.fill_at(&mut trailer, next - TRAILER as u64)?;
+    file.fill_at(&mut trailer, end - TRAILER as u64)?;
     if le64(&trailer) == seq && le64(&trailer[8..]) == !run.salt {
         Ok(Found::Damaged { seq })
     } else {
         Ok(Found::Nothing)
     }
+}
+
+/// The copy of batch `batch`, which belongs at offset `at`, as a slot of `run` keeps it:
+/// its payload and where the entry after it starts, if the copy is whole.
+fn copy_of(
+    file: &(impl ReadAt + ?Sized),
+    len: u64,
+    slots: &[Slot],
+    run: Run,
+    batch: u64,
+    at: u64,
+) -> io::Result<Option<(Vec<u8>, u64)>> {
+    for slot in slots {
+        let Some(placed) = slot.placed else { continue };
+        if slot.run != run || placed.batch != batch || placed.at != at {
+            continue;
+        }
+        let (Some(copy), Some(next)) = (copy_at(placed), after(placed)) else {
+            continue;
+        };
+        if let Found::Entry {
+            seq,
+            payload,
+            end,
+            copied: true,
+        } = entry_at(file, len, copy, run)?
+            && seq == batch
+            && end - copy == placed.size
+        {
+            return Ok(Some((payload, next)));
+        }
+    }
+    Ok(None)
 }
 
 /// The first trailer of `run` at or after `from` that names a batch numbered `min` or
@@ -206,25 +247,52 @@ pub(super) fn read_run(
             detail,
         })
     };
+    let slots = slots(file, len)?;
     loop {
-        match entry_at(file, len, at, run)? {
-            Found::Entry { seq, payload, next } if seq == expect => {
-                entries.push((seq, payload));
-                at = next;
-                expect += 1;
-            }
-            Found::Entry { seq, .. } => {
+        let found = entry_at(file, len, at, run)?;
+        if let Found::Entry {
+            seq,
+            payload,
+            end,
+            copied,
+        } = found
+        {
+            if seq != expect {
                 return Err(damaged(
                     expect,
                     at,
                     format!("batch {seq} lies where batch {expect} belongs"),
                 ));
             }
+            entries.push((seq, payload));
+            let placed = Placed {
+                batch: seq,
+                at,
+                size: end - at,
+            };
+            at = if copied {
+                after(placed).unwrap_or(u64::MAX)
+            } else {
+                end
+            };
+            expect += 1;
+            continue;
+        }
+        // Whatever lies here, a whole copy of the batch that belongs here is the batch.
+        if let Some((payload, next)) = copy_of(file, len, &slots, run, expect, at)? {
+            entries.push((expect, payload));
+            at = next;
+            expect += 1;
+            continue;
+        }
+        match found {
             Found::Damaged { seq } => {
                 return Err(damaged(
                     expect,
                     at,
-                    format!("the entry of batch {seq} was written whole but fails its checksum"),
+                    format!(
+                        "the entry of batch {seq} was written whole but fails its checksum, and no slot keeps a whole copy of it"
+                    ),
                 ));
             }
             Found::Cut { seq, size } => {
@@ -236,10 +304,10 @@ pub(super) fn read_run(
                     ),
                 ));
             }
-            Found::Nothing => break,
+            Found::Nothing | Found::Entry { .. } => break,
         }
     }
-    if len < at + HEADER as u64 {
+    if len < at.saturating_add(HEADER as u64) {
         return Err(damaged(
             expect,
             at,
@@ -257,15 +325,12 @@ pub(super) fn read_run(
             ),
         ));
     }
-    let slots = slots(file, len)?;
-    if let Some(&(ahead, _)) = slots.iter().find(|(r, _)| r.first > run.first) {
-        return Err(OpenError::RunAhead { first: ahead.first });
+    if let Some(ahead) = slots.iter().find(|s| s.run.first > run.first) {
+        return Err(OpenError::RunAhead {
+            first: ahead.run.first,
+        });
     }
-    let floor = slots
-        .iter()
-        .filter(|(r, _)| *r == run)
-        .map(|(_, floor)| *floor)
-        .max();
+    let floor = slots.iter().filter(|s| s.run == run).map(|s| s.floor).max();
     if let Some(floor) = floor
         && floor >= expect
     {
