@@ -15,12 +15,19 @@ use super::{ChunkRef, ChunkSize, cdc};
 /// 2 MiB two threads gained nothing).
 const SPLIT_FROM: usize = 2;
 
+/// The cores this process may use, asked once: `available_parallelism` reads the cgroup's
+/// CPU quota from files each time (six system calls), and a blob is cut on every step
+/// that writes one.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES
+        .get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
 /// The chunks of `data` (each with its hash and CRC-32; the step is left 0), cut from its
 /// start with `size`.
 pub fn cut_and_hash(data: &[u8], size: &ChunkSize) -> Vec<ChunkRef> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(4);
+    let threads = cores().min(4);
     if threads < 2 || data.len() < SPLIT_FROM * size.max() * threads {
         return stretch(data, 0, data.len(), size);
     }
@@ -108,8 +115,7 @@ fn chunk_at(data: &[u8], at: usize, size: &ChunkSize) -> ChunkRef {
 /// writer can start on them), and the whole is cut in about half the time.
 pub fn cut_each(data: &[u8], size: &ChunkSize, mut emit: impl FnMut(usize, usize) -> bool) {
     let n = data.len();
-    let two = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) >= 2;
-    let mid = if two && n >= SPLIT_FROM * size.max() * 2 {
+    let mid = if n >= SPLIT_FROM * size.max() * 2 && cores() >= 2 {
         n / 2
     } else {
         n
