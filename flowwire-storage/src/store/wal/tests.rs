@@ -405,6 +405,35 @@ fn another_runs_entries_are_not_read() {
 }
 
 #[test]
+fn a_new_runs_entries_are_read_from_their_own_copies_never_from_an_old_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let old = Run::fresh(1);
+    let mut wal = Wal::create(&Fs, &path, old).unwrap();
+    for seq in 1..=5 {
+        wal.append(seq, b"old run").unwrap();
+    }
+    // A checkpoint: the new run starts over the old one's entries; slot B still holds the
+    // old run's batch 5 and its copy.
+    let new = Run::fresh(6);
+    wal.restart(new);
+    wal.append(6, b"new six").unwrap();
+    drop(wal);
+    // The end of batch 6's payload and its trailer damaged.
+    poke(&path, START + HEADER as u64 + 3, &[0xee; 4 + TRAILER]);
+    let (_, entries) = Wal::open(&Fs, &path, new).unwrap();
+    assert_eq!(payloads(&entries), [(6, &b"new six"[..])]);
+    // With the new run's slot gone too (two damages), the old run's slot offers no copy:
+    // nothing of the old run is ever read as the new one's.
+    poke(&path, SLOTS[0], &[0u8; PAGE as usize]);
+    match Wal::open(&Fs, &path, new) {
+        Ok((_, entries)) => assert!(entries.is_empty(), "{entries:?}"),
+        Err(OpenError::Damaged(_)) => {}
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+#[test]
 fn a_wrong_number_where_the_next_batch_belongs_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
