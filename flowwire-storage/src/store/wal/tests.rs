@@ -386,39 +386,34 @@ fn a_cut_file_is_refused() {
     }
 }
 
-#[test]
-fn another_runs_entries_are_not_read() {
+/// A log with batches 1 to 5 of one run, then a checkpoint and `new` as the entries of
+/// the next run, from batch 6 (written over the first run's).
+fn after_checkpoint(new: &[&[u8]]) -> (tempfile::TempDir, std::path::PathBuf, Run) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
-    let old = Run::fresh(1);
-    let mut wal = Wal::create(&Fs, &path, old).unwrap();
+    let mut wal = Wal::create(&Fs, &path, Run::fresh(1)).unwrap();
     for seq in 1..=5 {
         wal.append(seq, b"old run").unwrap();
     }
-    let new = Run::fresh(6);
-    wal.restart(new);
-    wal.append(6, b"new").unwrap();
-    wal.append(7, b"new").unwrap();
-    drop(wal);
+    let run = Run::fresh(6);
+    wal.restart(run);
+    for (seq, payload) in (6..).zip(new) {
+        wal.append(seq, payload).unwrap();
+    }
+    (dir, path, run)
+}
+
+#[test]
+fn another_runs_entries_are_not_read() {
+    let (_dir, path, new) = after_checkpoint(&[b"new", b"new"]);
     let (_, entries) = Wal::open(&Fs, &path, new).unwrap();
     assert_eq!(payloads(&entries), [(6, &b"new"[..]), (7, &b"new"[..])]);
 }
 
 #[test]
 fn a_new_runs_entries_are_read_from_their_own_copies_never_from_an_old_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log");
-    let old = Run::fresh(1);
-    let mut wal = Wal::create(&Fs, &path, old).unwrap();
-    for seq in 1..=5 {
-        wal.append(seq, b"old run").unwrap();
-    }
-    // A checkpoint: the new run starts over the old one's entries; slot B still holds the
-    // old run's batch 5 and its copy.
-    let new = Run::fresh(6);
-    wal.restart(new);
-    wal.append(6, b"new six").unwrap();
-    drop(wal);
+    // Slot B still holds the old run's batch 5 and its copy.
+    let (_dir, path, new) = after_checkpoint(&[b"new six"]);
     // The end of batch 6's payload and its trailer damaged.
     poke(&path, START + HEADER as u64 + 3, &[0xee; 4 + TRAILER]);
     let (_, entries) = Wal::open(&Fs, &path, new).unwrap();
