@@ -324,22 +324,28 @@ fn run_matrix(name: &str, baseline: &Path, acked: u64) -> BTreeMap<(String, Endi
             ("zeroed page", Damage::ZeroPage),
             ("truncation", Damage::Truncate),
         ];
-        // The end of the log's last entry: its trailer and the bytes before it.
+        // Damage aimed at the end of the log's last entry (its trailer and the bytes
+        // before it), beside the spread: each kind that many bytes before the end, a
+        // zeroed page at the page that holds them (its argument is a page, not an offset).
         let used = span.saturating_sub(4096);
-        let tail = [1, 8, 17, 40, 64, 100]
-            .into_iter()
-            .filter(|_| file == "instances.redb.log")
-            .map(|back| used.saturating_sub(back));
+        let aimed = |make: MakeDamage| -> Vec<Damage> {
+            if file != "instances.redb.log" {
+                return Vec::new();
+            }
+            [1, 8, 17, 40, 64, 100]
+                .into_iter()
+                .map(|back| {
+                    let at = used.saturating_sub(back);
+                    match make(at) {
+                        Damage::ZeroPage(_) => Damage::ZeroPage(at / 4096),
+                        damage => damage,
+                    }
+                })
+                .collect()
+        };
         for (k, (kind, make)) in kinds.into_iter().enumerate() {
             let spread = offsets(cases, 0x9e37_79b9 + k as u64 * 7919 + file.len() as u64);
-            for at in spread.chain(tail.clone()) {
-                let damage = match make(0) {
-                    // The page that holds the last entry's end.
-                    Damage::ZeroPage(_) if at >= used.saturating_sub(100) => {
-                        Damage::ZeroPage(at / 4096)
-                    }
-                    _ => make(at),
-                };
+            for damage in spread.map(make).chain(aimed(make)) {
                 let tmp = tempfile::tempdir().unwrap();
                 copy_dir(baseline, tmp.path());
                 damage.apply(&tmp.path().join(file), span);
