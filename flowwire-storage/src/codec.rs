@@ -209,10 +209,30 @@ fn checksum(head: &[u8], owner: Option<&InstanceKey>, payload: &[u8]) -> u32 {
         return crc32fast::hash(payload);
     };
     let mut crc = crc32fast::Hasher::new();
-    crc.update(head);
-    for part in [&*owner.flow, &*owner.id] {
-        crc.update(&(part.len() as u64).to_le_bytes());
-        crc.update(part.as_bytes());
+    // The same bytes as updating part by part, in one update when they fit on the stack:
+    // each update has a fixed cost (two records are encoded a step, six parts each).
+    let (flow, id) = (owner.flow.as_bytes(), owner.id.as_bytes());
+    let mut prefix = [0u8; 256];
+    let n = head.len() + 16 + flow.len() + id.len();
+    if let Some(buf) = prefix.get_mut(..n) {
+        let mut at = 0;
+        for part in [
+            head,
+            &(flow.len() as u64).to_le_bytes(),
+            flow,
+            &(id.len() as u64).to_le_bytes(),
+            id,
+        ] {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        crc.update(buf);
+    } else {
+        crc.update(head);
+        for part in [flow, id] {
+            crc.update(&(part.len() as u64).to_le_bytes());
+            crc.update(part);
+        }
     }
     crc.update(payload);
     crc.finalize()
@@ -399,6 +419,30 @@ mod tests {
                 let err = decode::<(u64, Vec<u8>, String)>(Kind::Record, &bad, 1024).unwrap_err();
                 assert!(matches!(err, CodecError::Checksum { .. }), "{err}");
             }
+        }
+    }
+
+    #[test]
+    fn an_owned_checksum_covers_the_header_the_owner_and_the_payload_in_order() {
+        // The stored checksums stay what they were: the CRC of the header's first ten
+        // bytes, each of the owner's names after its length, then the payload, however
+        // long the names (the short ones are hashed from one buffer).
+        let head = [7u8; 10];
+        let payload = b"the payload";
+        for id_len in [0, 1, 200, 229, 230, 231, 4_000] {
+            let owner = InstanceKey::new("Order", "x".repeat(id_len));
+            let mut reference = crc32fast::Hasher::new();
+            reference.update(&head);
+            for part in [&*owner.flow, &*owner.id] {
+                reference.update(&(part.len() as u64).to_le_bytes());
+                reference.update(part.as_bytes());
+            }
+            reference.update(payload);
+            assert_eq!(
+                checksum(&head, Some(&owner), payload),
+                reference.finalize(),
+                "id of {id_len} bytes"
+            );
         }
     }
 
