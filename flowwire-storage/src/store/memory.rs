@@ -6,8 +6,11 @@
 //! record is rewritten in place, its history appended to one buffer — so a steady step
 //! allocates nothing here, and nothing it keeps pins the caller's buffers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+
+// Keyed by instance ids, looked up on every commit: foldhash, randomly seeded per process.
+use foldhash::{HashMap, HashSet};
 
 use bytes::Bytes;
 

@@ -42,7 +42,11 @@ mod requests;
 mod resident;
 mod timers;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+// Keyed by instance ids, looked up several times a step: foldhash, randomly seeded per
+// process, at a fraction of SipHash's cost on short keys.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use flowwire_storage::ladder::{Sealed, Written};

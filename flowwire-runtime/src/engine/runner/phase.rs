@@ -1,7 +1,9 @@
 //! Where an instance stands in the runner: [`Presence`] (being read, or resident) kept
 //! in [`Instances`], and a resident one's [`Phase`] in the pipeline.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 /// Where a resident instance stands in the runner's pipeline. Each carries the number of
