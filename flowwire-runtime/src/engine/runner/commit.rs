@@ -328,11 +328,23 @@ impl<F: Flow> Runner<F> {
         result: Committed,
     ) {
         match result {
+            Ok(results)
+                if results.len() == staged.len()
+                    && results.iter().all(|r| matches!(r, StepResult::Committed)) =>
+            {
+                // The usual batch, every step committed: each is acted on where it lies (a
+                // step is several hundred bytes; moving it out only to drop it is most of
+                // what acting on it would copy).
+                for (s, placed) in staged.iter_mut().zip(placed.drain(..)) {
+                    self.committed(s, placed);
+                }
+                staged.clear();
+            }
             Ok(results) => {
                 let mut results = results.into_iter();
-                for (s, placed) in staged.drain(..).zip(placed.drain(..)) {
+                for (mut s, placed) in staged.drain(..).zip(placed.drain(..)) {
                     match results.next() {
-                        Some(StepResult::Committed) => self.committed(s, placed),
+                        Some(StepResult::Committed) => self.committed(&mut s, placed),
                         Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
                         Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
                         Some(StepResult::Fenced { token }) => {

@@ -24,11 +24,11 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(super) fn committed(&mut self, s: Staged<F>, placed: PlacedRecord) {
+    pub(super) fn committed(&mut self, s: &mut Staged<F>, placed: PlacedRecord) {
         let Some(slot) = self.slots.get_mut(&s.id) else {
             // A step of an instance that is not in memory (parking a record another
             // version wrote): nothing to adopt.
-            self.announce(&s);
+            self.announce(s);
             return;
         };
         let before = slot.inst.record().timer.map(|t| t.due_ms);
@@ -56,8 +56,8 @@ impl<F: Flow> Runner<F> {
                 self.timers.insert((due, s.id.clone()));
             }
         }
-        self.announce(&s);
-        match s.ack {
+        self.announce(s);
+        match std::mem::replace(&mut s.ack, Ack::Quiet) {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 let _ = reply.send(Ok(()));
             }
@@ -73,10 +73,10 @@ impl<F: Flow> Runner<F> {
             }
         }
         let ended = Ended::of(&s.step.draft.record);
-        let status = s.step.draft.record.status;
+        let status = &s.step.draft.record.status;
         if let Some(owned) = &self.owned
             && owned.outbox.is_none()
-            && Self::announced(&status)
+            && Self::announced(status)
         {
             let _ = owned.ended.send(s.id.clone());
         }
