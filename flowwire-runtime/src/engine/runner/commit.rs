@@ -44,6 +44,8 @@ impl<F: Flow> Runner<F> {
                 held.push_back(input);
                 continue;
             }
+            // Whether the input's instance is in memory (found by the lookup below, once).
+            let mut resident = false;
             if let Some(id) = input.serial_on() {
                 // A probe need not wait for an upload: it reads the committed bytes.
                 let probe = matches!(input, Input::Msg(Msg::Probe { .. }));
@@ -51,7 +53,9 @@ impl<F: Flow> Runner<F> {
                 // A resident instance is marked with the batch that took a message for it
                 // (no set to hash into); any other goes in `busy` (an empty set answers
                 // without hashing).
-                let taken = match self.slots.get_mut(id) {
+                let slot = self.slots.get_mut(id);
+                resident = slot.is_some();
+                let taken = match slot {
                     Some(slot) if slot.phase.uploading() && !probe => {
                         slot.held.push_back(input);
                         continue;
@@ -88,7 +92,7 @@ impl<F: Flow> Runner<F> {
             }
             if let Some(id) = input.serial_on()
                 && input.faults_in()
-                && !self.slots.contains_key(id)
+                && !resident
                 && !self.reads.contains_key(id)
             {
                 // It took no message for this batch: only its read is under way.

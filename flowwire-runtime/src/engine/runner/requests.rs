@@ -139,7 +139,12 @@ impl<F: Flow> Runner<F> {
     /// Takes one input: each kind has its function below.
     pub(super) async fn handle(&mut self, input: Input<F>) -> Option<Staged<F>> {
         match input {
-            Input::Outcome(o) => self.on_outcome(o).await,
+            Input::Outcome(o) => {
+                // Staged where it is made: a step is several hundred bytes, and each
+                // return through an async function moves it once more.
+                self.on_outcome(o).await;
+                None
+            }
             Input::Msg(Msg::Start { id, state, reply }) => self.on_start(id, state, reply),
             Input::Msg(Msg::Impulse {
                 id,
@@ -178,14 +183,29 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// An outcome: applied to its instance (read first if it is not in memory), or settled when no call of the instance waits for it.
-    async fn on_outcome(&mut self, o: OutcomeMsg) -> Option<Staged<F>> {
-        let o = if self.slots.contains_key(&o.id) {
-            o
-        } else {
-            self.fault_in_for(o).await?
+    /// An outcome: applied to its instance (read first if it is not in memory) and its
+    /// step staged, or settled when no call of the instance waits for it.
+    async fn on_outcome(&mut self, o: OutcomeMsg) {
+        let Err(o) = self.apply_outcome(o) else {
+            return;
         };
-        let step = self.slots.get_mut(&o.id).and_then(|slot| match o.retry_ms {
+        let Some(o) = self.fault_in_for(o).await else {
+            return;
+        };
+        if let Err(o) = self.apply_outcome(o) {
+            self.settle(&o);
+        }
+    }
+
+    /// Applies an outcome to its resident instance and stages the step it makes (there,
+    /// not returned: a step is several hundred bytes, and each return moves it), or
+    /// settles it when no call of the instance waits for it. `Err` gives it back when the
+    /// instance is not in memory.
+    fn apply_outcome(&mut self, o: OutcomeMsg) -> std::result::Result<(), OutcomeMsg> {
+        let Some(slot) = self.slots.get_mut(&o.id) else {
+            return Err(o);
+        };
+        let step = match o.retry_ms {
             // A failed attempt the call's policy retries: recorded, and the next one sent
             // when its backoff timer fires.
             Some(delay_ms) => slot.inst.retry(
@@ -203,17 +223,18 @@ impl<F: Flow> Runner<F> {
                 self.now_ms,
                 &mut self.scratch,
             ),
-        });
+        };
         let Some(step) = step else {
             // Not in flight any more (applied before, or abandoned).
             self.settle(&o);
-            return None;
+            return Ok(());
         };
-        Some(Staged {
+        self.stage(Staged {
             id: o.id.clone(),
             step,
             ack: Ack::Outcome(o),
-        })
+        });
+        Ok(())
     }
 
     /// A start: the instance's first step, unless the id is in memory already.
