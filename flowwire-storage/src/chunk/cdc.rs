@@ -104,20 +104,76 @@ pub fn cut(data: &[u8], size: &ChunkSize) -> usize {
     }
     let end = n.min(size.max);
     let normal = end.min(size.avg);
-    let mut hash = 0u64;
-    for (i, &b) in data[size.min..normal].iter().enumerate() {
-        hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-        if hash & size.small == 0 {
-            return size.min + i + 1;
-        }
+    if let Some(at) = first_cut(data, size.min, size.min, normal, size.small) {
+        return at + 1;
     }
-    for (i, &b) in data[normal..end].iter().enumerate() {
-        hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
-        if hash & size.large == 0 {
-            return normal + i + 1;
-        }
+    if let Some(at) = first_cut(data, size.min, normal, end, size.large) {
+        return at + 1;
     }
     end
+}
+
+/// Bytes a lane of [`first_cut`] scans per block.
+const STRIDE: usize = 4 * 1024;
+/// Lanes scanned side by side.
+const LANES: usize = 4;
+
+/// The first position `p` in `from..to` where the gear hash of `data[start..=p]` has no
+/// bit of `mask` set.
+///
+/// The hash shifts one bit per byte, so a byte 64 or more places back has left it: the
+/// hash at `p` is that of `data[max(start, p - 63)..=p]`. One hash is a chain of
+/// dependent additions, about a byte a cycle; four lanes, each over its own stretch of a
+/// block and starting 63 bytes early, keep four chains in flight. A block in which any
+/// lane sees a cut is scanned again byte by byte for the first one (once a chunk).
+fn first_cut(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Option<usize> {
+    let mut at = from;
+    while to - at >= LANES * STRIDE {
+        let mut hashes = [0u64; LANES];
+        let mut lanes: [&[u8; STRIDE]; LANES] = [&[0; STRIDE]; LANES];
+        for l in 0..LANES {
+            let q = at + l * STRIDE;
+            let warm = q.saturating_sub(63).max(start);
+            hashes[l] = data[warm..q]
+                .iter()
+                .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[usize::from(b)]));
+            lanes[l] = data[q..q + STRIDE]
+                .try_into()
+                .expect("a lane is STRIDE bytes");
+        }
+        let mut hit = false;
+        for i in 0..STRIDE {
+            let mut any = false;
+            for l in 0..LANES {
+                hashes[l] = (hashes[l] << 1).wrapping_add(GEAR[usize::from(lanes[l][i])]);
+                any |= hashes[l] & mask == 0;
+            }
+            if any {
+                hit = true;
+                break;
+            }
+        }
+        if hit {
+            return scan(data, start, at, at + LANES * STRIDE, mask);
+        }
+        at += LANES * STRIDE;
+    }
+    scan(data, start, at, to, mask)
+}
+
+/// [`first_cut`] over `from..to`, one byte after another.
+fn scan(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Option<usize> {
+    let warm = from.saturating_sub(63).max(start);
+    let mut hash = data[warm..from]
+        .iter()
+        .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[usize::from(b)]));
+    for (i, &b) in data[from..to].iter().enumerate() {
+        hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
+        if hash & mask == 0 {
+            return Some(from + i);
+        }
+    }
+    None
 }
 
 /// The chunk lengths of `data`, chunked from its start.
@@ -192,6 +248,72 @@ mod tests {
             after.is_subset(&moved),
             "boundaries after the edit shift by its length"
         );
+    }
+
+    /// The cut as first written: one hash from the minimum on, byte by byte.
+    fn reference_cut(data: &[u8], size: &ChunkSize) -> usize {
+        let n = data.len();
+        if n <= size.min {
+            return n;
+        }
+        let end = n.min(size.max);
+        let normal = end.min(size.avg);
+        let mut hash = 0u64;
+        for (i, &b) in data[size.min..normal].iter().enumerate() {
+            hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
+            if hash & size.small == 0 {
+                return size.min + i + 1;
+            }
+        }
+        for (i, &b) in data[normal..end].iter().enumerate() {
+            hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
+            if hash & size.large == 0 {
+                return normal + i + 1;
+            }
+        }
+        end
+    }
+
+    #[test]
+    fn the_lanes_cut_exactly_where_one_hash_does() {
+        // Every chunk of noise, of noise with runs of one byte (no cut for a while, then
+        // a cut just past the run), and of every length around the sizes' bounds and the
+        // lanes' blocks, at three chunk sizes.
+        for (k, size) in [S, ChunkSize::LOCAL, ChunkSize::around(64 * 1024)]
+            .iter()
+            .enumerate()
+        {
+            for seed in 0..6u64 {
+                let mut data = noise(3 * size.max() + 12_345, seed * 10 + k as u64);
+                if seed % 2 == 1 {
+                    let from = size.min() + (seed as usize * 7_919) % size.avg();
+                    data[from..from + 3 * STRIDE].fill(9);
+                }
+                let mut at = 0;
+                while at < data.len() {
+                    let want = reference_cut(&data[at..], size);
+                    assert_eq!(
+                        cut(&data[at..], size),
+                        want,
+                        "size {size:?} seed {seed} at {at}"
+                    );
+                    at += want;
+                }
+                for len in [
+                    size.min() + 1,
+                    size.min() + LANES * STRIDE - 1,
+                    size.min() + LANES * STRIDE + 63,
+                    size.avg(),
+                    size.avg() + 1,
+                    size.max() - 1,
+                    size.max(),
+                    size.max() + 1,
+                ] {
+                    let d = &data[..len.min(data.len())];
+                    assert_eq!(cut(d, size), reference_cut(d, size), "len {len}");
+                }
+            }
+        }
     }
 
     #[test]
