@@ -23,15 +23,17 @@ pub const COMMIT: &str = r"
 -- conflict; {2, step} for an impulse id seen; {3, token} when fenced; {4, 0} when the
 -- epoch key does not hold the token (the server lost or swapped the data).
 if ARGV[19] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[19] then return {4, 0} end
+-- The record's fencing token, version and parked flag, in one read.
+local cur = redis.call('HMGET', KEYS[1], 'f', 'v', 'p')
 local newest = 0
 if ARGV[12] ~= '' then
   local mine = tonumber(ARGV[12])
   newest = tonumber(redis.call('GET', KEYS[6]) or '0')
   if newest > mine then return {3, newest} end
-  local last = redis.call('HGET', KEYS[1], 'f')
+  local last = cur[1]
   if last and tonumber(last) > mine then return {3, tonumber(last)} end
 end
-local found = redis.call('HGET', KEYS[1], 'v')
+local found = cur[2]
 if ARGV[1] == '' then
   if found then return {1, tonumber(found)} end
 elseif found ~= ARGV[1] then
@@ -43,8 +45,18 @@ if ARGV[6] ~= '' then
   if seen then return {2, tonumber(seen)} end
   redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
 end
-local was_parked = redis.call('HGET', KEYS[1], 'p')
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11])
+local was_parked = cur[3]
+-- The record's fields in one write: with the fencing token and the end's key when given.
+local fields = {'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11]}
+if ARGV[12] ~= '' then
+  fields[#fields + 1] = 'f'
+  fields[#fields + 1] = ARGV[12]
+end
+if ARGV[14] ~= '' then
+  fields[#fields + 1] = 'e'
+  fields[#fields + 1] = ARGV[14]
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 -- The shard's indexes change with the step (the flow's others are in other slots).
 if ARGV[5] == '0' then
   redis.call('SREM', KEYS[7], ARGV[15])
@@ -61,8 +73,6 @@ if ARGV[17] ~= '' then
   redis.call('XACK', KEYS[9], ARGV[18], ARGV[17])
   redis.call('XDEL', KEYS[9], ARGV[17])
 end
-if ARGV[12] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[12]) end
-if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'e', ARGV[14]) end
 if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
 if ARGV[7] == '1' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
