@@ -38,6 +38,7 @@ mod commit;
 mod effects;
 mod lifecycle;
 mod phase;
+mod refusals;
 mod requests;
 mod resident;
 mod timers;
