@@ -133,10 +133,7 @@ fn first_cut(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Op
         let mut lanes: [&[u8; STRIDE]; LANES] = [&[0; STRIDE]; LANES];
         for l in 0..LANES {
             let q = at + l * STRIDE;
-            let warm = q.saturating_sub(63).max(start);
-            hashes[l] = data[warm..q]
-                .iter()
-                .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[usize::from(b)]));
+            hashes[l] = hash_before(data, start, q);
             lanes[l] = data[q..q + STRIDE]
                 .try_into()
                 .expect("a lane is STRIDE bytes");
@@ -163,10 +160,7 @@ fn first_cut(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Op
 
 /// [`first_cut`] over `from..to`, one byte after another.
 fn scan(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Option<usize> {
-    let warm = from.saturating_sub(63).max(start);
-    let mut hash = data[warm..from]
-        .iter()
-        .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[usize::from(b)]));
+    let mut hash = hash_before(data, start, from);
     for (i, &b) in data[from..to].iter().enumerate() {
         hash = (hash << 1).wrapping_add(GEAR[usize::from(b)]);
         if hash & mask == 0 {
@@ -174,6 +168,14 @@ fn scan(data: &[u8], start: usize, from: usize, to: usize, mask: u64) -> Option<
         }
     }
     None
+}
+
+/// The gear hash of the bytes from `start` up to `at` (not included), from the last 63
+/// of them: those before have left it.
+fn hash_before(data: &[u8], start: usize, at: usize) -> u64 {
+    data[at.saturating_sub(63).max(start)..at]
+        .iter()
+        .fold(0u64, |h, &b| (h << 1).wrapping_add(GEAR[usize::from(b)]))
 }
 
 /// The chunk lengths of `data`, chunked from its start.

@@ -44,11 +44,11 @@ mod resident;
 mod timers;
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 
 // Keyed by instance ids, looked up several times a step: foldhash, randomly seeded per
 // process, at a fraction of SipHash's cost on short keys.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::sync::Arc;
 
 use flowwire_storage::ladder::{Sealed, Written};
 use flowwire_storage::record::PlacedRecord;

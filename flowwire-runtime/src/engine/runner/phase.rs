@@ -2,9 +2,9 @@
 //! in [`Instances`], and a resident one's [`Phase`] in the pipeline.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
-use std::sync::Arc;
 
 /// Where a resident instance stands in the runner's pipeline. Each carries the number of
 /// the last batch that took a message for it (at most one message per instance a batch):
