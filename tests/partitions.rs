@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flowwire::prelude::*;
 use flowwire::storage::InstanceStore as _;
-use flowwire::{Ended, Engine, Shared};
+use flowwire::{Ended, Engine, Error, Shared};
 
 #[path = "support/servers.rs"]
 mod servers;
@@ -182,8 +182,10 @@ async fn an_entry_another_reader_took_is_claimed_and_applied() {
 }
 
 /// An acknowledgement lost with its connection (the owner's reads go on undisturbed on a
-/// connection of their own) is tried again: the applied impulse does not stay on the
-/// owner's pending list, where nobody would read it while the owner keeps the shard.
+/// connection of their own) is tried again: the answered impulse does not stay on the
+/// owner's pending list, where nobody would read it while the owner keeps the shard. (An
+/// impulse that makes a step is settled by that step's commit on one server, so the lost
+/// acknowledgement is that of an impulse answered without a step: one applied before.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledgement_lost_with_its_connection_is_sent_again() {
     let redis = servers::Redis::start();
@@ -222,14 +224,37 @@ async fn an_acknowledgement_lost_with_its_connection_is_sent_again() {
     link.close_on(&[b"XACK", requests.as_bytes()]);
     tally.add().id("add-1").await.unwrap();
     assert_eq!(tally.finished().await.unwrap(), Ended::Finished);
-    assert!(link.fired(), "the impulse's acknowledgement was lost");
-    for _ in 0..250 {
+    for _ in 0..100 {
         left = bus.backlog(&requests, "orchestrators").await.unwrap();
         if left == (0, 0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(left, (0, 0), "the impulse was settled with its step");
+    assert!(
+        !link.fired(),
+        "the applied impulse's entry was acknowledged by its step's commit, not on its own"
+    );
+
+    // The same impulse again is answered without a step; its entry's acknowledgement goes
+    // out on its own, and is lost with its connection.
+    let again = tally.add().id("add-1").await;
+    assert!(
+        matches!(again, Err(Error::ImpulseAlreadyApplied { .. })),
+        "{again:?}"
+    );
+    for _ in 0..250 {
+        left = bus.backlog(&requests, "orchestrators").await.unwrap();
+        if link.fired() && left == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        link.fired(),
+        "the retried impulse's acknowledgement was lost"
+    );
     assert_eq!(
         left,
         (0, 0),

@@ -215,8 +215,13 @@ impl<F: Impulses> Handle<F> {
     pub async fn cancel(&self, reason: impl Into<String>) -> Result<()> {
         let id = self.id.clone();
         let reason = reason.into();
-        self.request("cancel", |reply| Msg::Cancel { id, reason, reply })
-            .await
+        self.request("cancel", |reply| Msg::Cancel {
+            id,
+            reason,
+            reply,
+            via: None,
+        })
+        .await
     }
 
     /// The last persisted state.
@@ -401,6 +406,7 @@ where
                     impulse_id,
                     impulse,
                     reply,
+                    via: None,
                 })
                 .await
         })

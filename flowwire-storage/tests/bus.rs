@@ -335,6 +335,90 @@ async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
     assert_eq!(bus.backlog(&stream, ORCHESTRATORS).await.unwrap(), (1, 1));
 }
 
+/// On one server a step can settle a request it applies: the entry of the shard's request
+/// stream is acknowledged and deleted in the step's own write, with the reply published in
+/// it; a refused step leaves the request pending (its owner replies and settles it).
+async fn a_commit_settles_the_request_it_applies(store: &RedisStore) {
+    use flowwire_storage::bus::ORCHESTRATORS;
+    let bus = store.bus();
+    let key = InstanceKey::new("Order", "o-1");
+    let requests = bus.requests("Order", store.shard_of("o-1"));
+    bus.ensure_group(&requests, ORCHESTRATORS).await.unwrap();
+    for body in [&b"start"[..], &b"start again"[..]] {
+        bus.push(&[(requests.clone(), Bytes::copy_from_slice(body))])
+            .await
+            .unwrap();
+    }
+    let mut reader = bus.reader().await.unwrap();
+    let got = reader
+        .read(
+            std::slice::from_ref(&requests),
+            ORCHESTRATORS,
+            "o1",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    let reply_to = "bus-settle-req:reply:caller".to_string();
+    let mut replies = bus.subscribe(&reply_to).await.unwrap();
+    let settling = |entry: &str, reply: &'static [u8]| {
+        let mut w = write(&key, Expect::Absent, 1, 1);
+        w.fence = None;
+        w.sends = vec![
+            BusSend::Publish {
+                channel: reply_to.clone(),
+                body: Bytes::from_static(reply),
+            },
+            BusSend::Settle {
+                stream: requests.clone(),
+                entry: entry.to_string(),
+            },
+        ];
+        w
+    };
+
+    assert_eq!(
+        store
+            .commit(vec![settling(&got[0].id, b"started")])
+            .await
+            .unwrap(),
+        vec![StepResult::Committed]
+    );
+    assert_eq!(
+        bus.backlog(&requests, ORCHESTRATORS).await.unwrap(),
+        (1, 1),
+        "the applied request is settled with its step"
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+        .await
+        .expect("the reply within 5 s");
+    assert_eq!(reply.as_deref(), Some(&b"started"[..]));
+
+    assert!(matches!(
+        store
+            .commit(vec![settling(&got[1].id, b"refused")])
+            .await
+            .unwrap()[..],
+        [StepResult::Conflict { .. }]
+    ));
+    assert_eq!(
+        bus.backlog(&requests, ORCHESTRATORS).await.unwrap(),
+        (1, 1),
+        "a refused step leaves its request pending"
+    );
+    bus.publish(&reply_to, b"marker").await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), replies.next())
+        .await
+        .expect("the marker within 5 s");
+    assert_eq!(
+        next.as_deref(),
+        Some(&b"marker"[..]),
+        "a refused step published no reply"
+    );
+}
+
 /// On one server a step's commit carries what the step sends (its driver calls, its end's
 /// announcement): each is out if and only if the step is written. A refused step — a
 /// conflict, an older owner, data the server lost — sends nothing.
@@ -437,6 +521,7 @@ async fn the_bus_works_on_one_server() {
     processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
     heartbeats_count_the_live(&on_server("bus-members").bus()).await;
     a_commit_settles_the_outcome_it_applies(&on_server("bus-settle")).await;
+    a_commit_settles_the_request_it_applies(&on_server("bus-settle-req")).await;
     a_commit_carries_what_its_step_sends(&on_server("bus-sends"), &server().url(), "bus-sends")
         .await;
 }

@@ -365,7 +365,12 @@ impl Engine {
         let handle = self.raw_handle::<F>(id.into())?;
         let id = handle.id().into();
         handle
-            .request("start", |reply| Msg::Start { id, state, reply })
+            .request("start", |reply| Msg::Start {
+                id,
+                state,
+                reply,
+                via: None,
+            })
             .await?;
         Ok(F::Handle::from(handle))
     }

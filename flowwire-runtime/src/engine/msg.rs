@@ -2,7 +2,9 @@
 //! request, each with the channel its answer goes back on.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::ended::Ended;
@@ -15,6 +17,50 @@ use crate::operation::Operation;
 /// that the caller reads its result without another trip.
 pub(crate) type EndedReply = Result<(Ended, Option<flowwire_storage::Rope>)>;
 
+/// A request that came over the bus (multi-process mode), as the step that applies it
+/// settles it: on a store that carries sends (one Redis server), the commit publishes the
+/// reply and acknowledges the request's entry in the step's own write, instead of two more
+/// round trips after it.
+pub(crate) struct BusRequest {
+    /// The shard's request stream.
+    pub stream: String,
+    /// The request's entry in it.
+    pub entry: String,
+    /// The caller's reply channel.
+    pub reply_to: String,
+    /// The reply that says the request was applied, encoded.
+    pub applied: Bytes,
+    settled: AtomicBool,
+}
+
+// Made by the multi-process feed (feature `redis`); read by the runner everywhere.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl BusRequest {
+    pub(crate) fn new(stream: String, entry: String, reply_to: String, applied: Bytes) -> Self {
+        BusRequest {
+            stream,
+            entry,
+            reply_to,
+            applied,
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// Records that a committed step settled the request (set before the runner replies).
+    pub(crate) fn mark_settled(&self) {
+        self.settled.store(true, Ordering::Release);
+    }
+
+    /// Whether a committed step settled the request: its reply is out and its entry
+    /// acknowledged, so the feed does neither.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+}
+
+/// Where a request came from: `Some` over the bus, `None` from this process.
+pub(crate) type Via = Option<Arc<BusRequest>>;
+
 /// A probe: runs on the flow and sends its own result.
 pub(crate) type Ask<F> = Box<dyn FnOnce(&F) + Send>;
 
@@ -25,12 +71,14 @@ pub(crate) enum Msg<F: Impulses> {
         id: Arc<str>,
         state: F::State,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     },
     Impulse {
         id: Arc<str>,
         impulse_id: Arc<str>,
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     },
     /// Applies an impulse to the live instance, or starts it with the impulse applied to its
     /// initial state when there is none (one step).
@@ -40,12 +88,14 @@ pub(crate) enum Msg<F: Impulses> {
         impulse_id: Arc<str>,
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     },
     /// Cancels the instance (see `Instance::cancel`): `Ok` also when it was cancelled before.
     Cancel {
         id: Arc<str>,
         reason: String,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     },
     /// Runs a probe on the flow (which sends its own result) and then replies.
     Probe {

@@ -121,6 +121,7 @@ where
                     impulse_id,
                     impulse,
                     reply,
+                    via: None,
                 })
                 .await?;
             Ok(F::Handle::from(handle))

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use flowwire_storage::Status;
-use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::record::{BusSend, PlacedRecord};
 
 use crate::core::{CANCEL_ID, Outgoing};
 use crate::ended::Ended;
@@ -59,6 +59,12 @@ impl<F: Flow> Runner<F> {
         self.announce(s);
         match std::mem::replace(&mut s.ack, Ack::Quiet) {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
+                // The commit replied and settled the bus request with the step (`carry`).
+                if let Some(via) = &s.via
+                    && self.carries()
+                {
+                    via.mark_settled();
+                }
                 let _ = reply.send(Ok(()));
             }
             Ack::Operate(reply) => {
@@ -106,17 +112,32 @@ impl<F: Flow> Runner<F> {
     /// the store carries sends.
     fn carried(&self, out: &Outgoing) -> bool {
         let link = out.call.link;
+        self.carries() && link != crate::child::CHILD_LINK && usize::from(link) < F::LINKS.len()
+    }
+
+    /// Whether the store carries a step's bus messages in its commit (see
+    /// [`Owned::outbox`](super::Owned::outbox)).
+    fn carries(&self) -> bool {
         self.owned.as_ref().is_some_and(|o| o.outbox.is_some())
-            && link != crate::child::CHILD_LINK
-            && usize::from(link) < F::LINKS.len()
     }
 
     /// Adds to a step's write the bus messages its commit carries (nothing unless the
-    /// store carries them): its driver calls, and the announcement that it ended.
+    /// store carries them): its driver calls, the announcement that it ended, and for a
+    /// request that came over the bus, its reply and its entry's acknowledgement.
     pub(super) fn carry(&self, s: &Staged<F>, sends: &mut Vec<flowwire_storage::record::BusSend>) {
         let Some(outbox) = self.owned.as_ref().and_then(|o| o.outbox.as_ref()) else {
             return;
         };
+        if let Some(via) = &s.via {
+            sends.push(BusSend::Publish {
+                channel: via.reply_to.clone(),
+                body: via.applied.clone(),
+            });
+            sends.push(BusSend::Settle {
+                stream: via.stream.clone(),
+                entry: via.entry.clone(),
+            });
+        }
         for out in &s.step.dispatch {
             if self.carried(out) {
                 let driver = Self::names(out.call.link, out.call.method).0;
@@ -260,6 +281,7 @@ impl<F: Flow> Runner<F> {
                         id: s.id,
                         step,
                         ack,
+                        via: None,
                     });
                     return;
                 }

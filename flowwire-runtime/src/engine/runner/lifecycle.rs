@@ -8,6 +8,7 @@ use flowwire_storage::Status;
 use tokio::sync::oneshot;
 
 use crate::core::{CANCEL_ID, Instance, Rejected};
+use crate::engine::msg::Via;
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 
@@ -24,6 +25,7 @@ impl<F: Flow> Runner<F> {
         impulse_id: Arc<str>,
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     ) -> Option<Staged<F>> {
         if !self.slots.contains_key(&id) {
             match self.locate(&id).await {
@@ -43,6 +45,7 @@ impl<F: Flow> Runner<F> {
                         id,
                         step,
                         ack: Ack::Impulse(reply, impulse_id),
+                        via,
                     });
                 }
                 // Live and now in memory, or ended (the impulse path refuses it, or says
@@ -54,7 +57,7 @@ impl<F: Flow> Runner<F> {
                 }
             }
         }
-        self.on_impulse(id, impulse_id, impulse, reply).await
+        self.on_impulse(id, impulse_id, impulse, reply, via).await
     }
 
     /// A cancellation: applied once (under the reserved impulse id), `Ok` when it was
@@ -64,6 +67,7 @@ impl<F: Flow> Runner<F> {
         id: Arc<str>,
         reason: String,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     ) -> Option<Staged<F>> {
         let cancel_id: Arc<str> = Arc::from(CANCEL_ID);
         if !self.slots.contains_key(&id) {
@@ -107,6 +111,7 @@ impl<F: Flow> Runner<F> {
                     id,
                     step,
                     ack: Ack::Impulse(reply, cancel_id),
+                    via,
                 });
             }
             Err(Rejected::Ended("cancelled")) => {

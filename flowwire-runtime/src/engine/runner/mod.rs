@@ -64,7 +64,7 @@ use crate::flow::Flow;
 use phase::{Instances, Phase};
 
 /// A probe, type-erased: runs on a flow and sends its result through a channel it owns.
-use crate::engine::msg::Msg;
+use crate::engine::msg::{Msg, Via};
 
 enum Input<F: Flow> {
     Msg(Msg<F>),
@@ -143,6 +143,9 @@ struct Staged<F: Flow> {
     id: Arc<str>,
     step: Step,
     ack: Ack<F>,
+    /// The bus request the step applies, which its commit settles where the store carries
+    /// sends (multi-process mode on one Redis server).
+    via: Via,
 }
 
 /// Steps with their placed records and store writes, index for index: a step is a few

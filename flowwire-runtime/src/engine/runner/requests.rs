@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use crate::core::{Instance, Operation, Rejected};
 use crate::ended::Ended;
 use crate::engine::job::OutcomeMsg;
-use crate::engine::msg::{Ask, Msg};
+use crate::engine::msg::{Ask, Msg, Via};
 use crate::error::{Error, Result};
 use crate::flow::Flow;
 use crate::guard::guard;
@@ -55,24 +55,34 @@ impl<F: Flow> Runner<F> {
                 self.on_outcome(o).await;
                 None
             }
-            Input::Msg(Msg::Start { id, state, reply }) => self.on_start(id, state, reply),
+            Input::Msg(Msg::Start {
+                id,
+                state,
+                reply,
+                via,
+            }) => self.on_start(id, state, reply, via),
             Input::Msg(Msg::Impulse {
                 id,
                 impulse_id,
                 impulse,
                 reply,
-            }) => self.on_impulse(id, impulse_id, impulse, reply).await,
-            Input::Msg(Msg::Cancel { id, reason, reply }) => {
-                self.on_cancel(id, reason, reply).await
-            }
+                via,
+            }) => self.on_impulse(id, impulse_id, impulse, reply, via).await,
+            Input::Msg(Msg::Cancel {
+                id,
+                reason,
+                reply,
+                via,
+            }) => self.on_cancel(id, reason, reply, via).await,
             Input::Msg(Msg::StartOrImpulse {
                 id,
                 state,
                 impulse_id,
                 impulse,
                 reply,
+                via,
             }) => {
-                self.on_start_or_impulse(id, state, impulse_id, impulse, reply)
+                self.on_start_or_impulse(id, state, impulse_id, impulse, reply, via)
                     .await
             }
             Input::Msg(Msg::Probe { id, ask, reply }) => self.on_probe(id, ask, reply).await,
@@ -143,6 +153,7 @@ impl<F: Flow> Runner<F> {
             id: o.id.clone(),
             step,
             ack: Ack::Outcome(o),
+            via: None,
         });
         Ok(())
     }
@@ -153,6 +164,7 @@ impl<F: Flow> Runner<F> {
         id: Arc<str>,
         state: F::State,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     ) -> Option<Staged<F>> {
         if self.slots.contains_key(&id) {
             let _ = reply.send(Err(Error::AlreadyExists {
@@ -174,6 +186,7 @@ impl<F: Flow> Runner<F> {
             id,
             step,
             ack: Ack::Start(reply),
+            via,
         })
     }
 
@@ -184,6 +197,7 @@ impl<F: Flow> Runner<F> {
         impulse_id: Arc<str>,
         impulse: F::Impulse,
         reply: oneshot::Sender<Result<()>>,
+        via: Via,
     ) -> Option<Staged<F>> {
         if !self.slots.contains_key(&id) {
             let key = self.key(&id);
@@ -232,6 +246,7 @@ impl<F: Flow> Runner<F> {
                         id,
                         step,
                         ack: Ack::Impulse(reply, impulse_id),
+                        via,
                     });
                 }
                 Err(Rejected::Ended(status)) => Error::Ended {
@@ -381,6 +396,7 @@ impl<F: Flow> Runner<F> {
                 }),
                 id,
                 step,
+                via: None,
             }),
             None => {
                 let actual = slot.inst.record().timer.map(|t| t.due_ms);
@@ -401,6 +417,7 @@ impl<F: Flow> Runner<F> {
             ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
             id,
             step,
+            via: None,
         })
     }
 
@@ -455,6 +472,7 @@ impl<F: Flow> Runner<F> {
                 id,
                 step,
                 ack: Ack::Operate(reply),
+                via: None,
             }),
             Err(refused) => {
                 let _ = reply.send(Err(Self::refused(&id, name, refused)));

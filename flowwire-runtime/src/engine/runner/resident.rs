@@ -227,7 +227,12 @@ impl<F: Flow> Runner<F> {
             StepInput::Redeliver { .. } => Ack::Retry(Input::Redeliver { id: id.clone() }),
             _ => Ack::Quiet,
         };
-        Staged { id, step, ack }
+        Staged {
+            id,
+            step,
+            ack,
+            via: None,
+        }
     }
 
     /// The step that sends an instance's call in flight again, or parks it when its

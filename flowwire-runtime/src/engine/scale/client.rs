@@ -228,7 +228,9 @@ async fn announcements(
 
 async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
     match msg {
-        Msg::Start { id, state, reply } => {
+        Msg::Start {
+            id, state, reply, ..
+        } => {
             let sent = encode(&state).map(|state| RequestKind::Start { state });
             let r = match sent {
                 Ok(kind) => ask::<F>(&remote, &id, kind, "").await,
@@ -241,6 +243,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             impulse_id,
             impulse,
             reply,
+            ..
         } => {
             let sent = encode(&impulse).map(|impulse| RequestKind::Impulse {
                 impulse_id: impulse_id.to_string(),
@@ -258,6 +261,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             impulse_id,
             impulse,
             reply,
+            ..
         } => {
             let sent = encode(&state).and_then(|state| {
                 encode(&impulse).map(|impulse| RequestKind::StartOrImpulse {
@@ -272,7 +276,9 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             };
             let _ = reply.send(r);
         }
-        Msg::Cancel { id, reason, reply } => {
+        Msg::Cancel {
+            id, reason, reply, ..
+        } => {
             let kind = RequestKind::Cancel { reason };
             let _ = reply.send(ask::<F>(&remote, &id, kind, crate::core::CANCEL_ID).await);
         }

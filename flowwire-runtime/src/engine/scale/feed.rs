@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::messages::{OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
 use crate::engine::job::{OutcomeMsg, Receipt};
-use crate::engine::msg::Msg;
+use crate::engine::msg::{BusRequest, Msg};
 use crate::error::Error;
 use crate::flow::Flow;
 
@@ -276,6 +276,20 @@ impl<F: Flow> Feed<F> {
         let stream = self.streams[0].clone();
         let tx = self.tx.clone();
         let limit = self.limit;
+        // What the step that applies it needs to reply and settle it in its own commit.
+        let applied = Reply {
+            req: request.req,
+            result: Ok(()),
+        };
+        let mut out = Vec::new();
+        let via = codec::encode_raw(&applied, &mut out).ok().map(|()| {
+            Arc::new(BusRequest::new(
+                stream.clone(),
+                e.id.clone(),
+                request.reply_to.clone(),
+                out.into(),
+            ))
+        });
         // Both ends on Redis's clock: when it appended the request, and now.
         let deadline = appended_ms(&e.id).map(|at| at.saturating_add(request.timeout_ms));
         let now = self.server_time.now_ms();
@@ -290,9 +304,16 @@ impl<F: Flow> Feed<F> {
             }
             let id: Arc<str> = request.id.as_str().into();
             let (reply, answer) = oneshot::channel();
+            let settled = via.clone();
             let msg = match request.kind {
-                RequestKind::Start { state } => codec::decode_raw::<F::State>(&state, limit)
-                    .map(|state| Msg::Start { id, state, reply }),
+                RequestKind::Start { state } => {
+                    codec::decode_raw::<F::State>(&state, limit).map(|state| Msg::Start {
+                        id,
+                        state,
+                        reply,
+                        via,
+                    })
+                }
                 RequestKind::Impulse {
                     impulse_id,
                     impulse,
@@ -301,8 +322,14 @@ impl<F: Flow> Feed<F> {
                     impulse_id: impulse_id.into(),
                     impulse,
                     reply,
+                    via,
                 }),
-                RequestKind::Cancel { reason } => Ok(Msg::Cancel { id, reason, reply }),
+                RequestKind::Cancel { reason } => Ok(Msg::Cancel {
+                    id,
+                    reason,
+                    reply,
+                    via,
+                }),
                 RequestKind::StartOrImpulse {
                     state,
                     impulse_id,
@@ -315,6 +342,7 @@ impl<F: Flow> Feed<F> {
                             impulse_id: impulse_id.into(),
                             impulse,
                             reply,
+                            via,
                         }
                     })
                 }),
@@ -325,6 +353,10 @@ impl<F: Flow> Feed<F> {
                         return; // the runner stopped: the next owner answers
                     }
                     match answer.await {
+                        // The step's commit replied and acknowledged it.
+                        Ok(r) if r.is_ok() && settled.as_ref().is_some_and(|v| v.is_settled()) => {
+                            return;
+                        }
                         Ok(r) => r,
                         Err(_) => return,
                     }

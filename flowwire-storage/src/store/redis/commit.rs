@@ -18,7 +18,8 @@ pub const COMMIT: &str = r"
 --       ended with key ('' = none), instance id, timer due in ms ('' = none),
 --       outcome entry to acknowledge ('' = none), the orchestrators' group,
 --       the data's epoch token ('' = not checked here), how many messages to send,
---       then each message's kind ('a' append to a stream, 'p' publish) and bytes
+--       then each message's kind ('a' append to a stream, 'p' publish, 's' settle an
+--       entry: acknowledge it in the orchestrators' group and delete it) and bytes
 -- Returns {0, 1 if the record was parked before} when written; {1, version} on a
 -- conflict; {2, step} for an impulse id seen; {3, token} when fenced; {4, 0} when the
 -- epoch key does not hold the token (the server lost or swapped the data).
@@ -92,6 +93,9 @@ for i = 1, tonumber(ARGV[20]) do
   local kind, body = ARGV[19 + 2 * i], ARGV[20 + 2 * i]
   if kind == 'a' then
     redis.call('XADD', KEYS[10 + i], '*', 'm', body)
+  elseif kind == 's' then
+    redis.call('XACK', KEYS[10 + i], ARGV[18], body)
+    redis.call('XDEL', KEYS[10 + i], body)
   else
     redis.call('PUBLISH', KEYS[10 + i], body)
   end
@@ -166,7 +170,9 @@ impl RedisStore {
             script.arg(if epoch.is_some() { &epoch_key } else { &token });
             for send in &s.sends {
                 script.arg(match send {
-                    BusSend::Append { stream, .. } => stream.as_str(),
+                    BusSend::Append { stream, .. } | BusSend::Settle { stream, .. } => {
+                        stream.as_str()
+                    }
                     BusSend::Publish { channel, .. } => channel.as_str(),
                 });
             }
@@ -193,10 +199,11 @@ impl RedisStore {
                 .arg(s.sends.len());
             for send in &s.sends {
                 let (kind, body) = match send {
-                    BusSend::Append { body, .. } => ("a", body),
-                    BusSend::Publish { body, .. } => ("p", body),
+                    BusSend::Append { body, .. } => ("a", &body[..]),
+                    BusSend::Publish { body, .. } => ("p", &body[..]),
+                    BusSend::Settle { entry, .. } => ("s", entry.as_bytes()),
                 };
-                script.arg(kind).arg(&body[..]);
+                script.arg(kind).arg(body);
             }
             scripts.push(script);
         }
