@@ -373,6 +373,7 @@ async fn a_commit_settles_the_request_it_applies(store: &RedisStore) {
             },
             BusSend::Settle {
                 stream: requests.clone(),
+                group: ORCHESTRATORS.to_string(),
                 entry: entry.to_string(),
             },
         ];

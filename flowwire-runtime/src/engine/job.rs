@@ -59,14 +59,37 @@ impl CallPolicy {
     }
 }
 
+/// The consumer group of the workers on a driver's stream.
+pub(crate) const WORKERS: &str = "workers";
+
 /// Where a call or an outcome came from on the multi-process bus, so that it is
 /// acknowledged once it is done with: the stream entry, and (for a call) the outcome
 /// stream its result goes to.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) struct Receipt {
     pub entry: String,
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub reply_to: String,
+    /// A call's: the channel its outcome is handed to the shard's owner on, when the
+    /// commit that applies it settles the call (one Redis server); `None`: the outcome
+    /// goes to the outcome stream `reply_to`.
+    pub handoff: Option<String>,
+    /// An outcome's, when it was handed over: the call's stream, which holds `entry` (in
+    /// the workers' group) until the commit that applies the outcome settles it.
+    pub handed_from: Option<String>,
+}
+
+impl Receipt {
+    /// The call's entry a handed-over outcome's commit settles, as a bus send.
+    pub(crate) fn settles(&self) -> Option<flowwire_storage::record::BusSend> {
+        self.handed_from
+            .as_ref()
+            .map(|stream| flowwire_storage::record::BusSend::Settle {
+                stream: stream.clone(),
+                group: WORKERS.to_string(),
+                entry: self.entry.clone(),
+            })
+    }
 }
 
 /// One driver call to run.

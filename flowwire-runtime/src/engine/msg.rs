@@ -22,8 +22,9 @@ pub(crate) type EndedReply = Result<(Ended, Option<flowwire_storage::Rope>)>;
 /// reply and acknowledges the request's entry in the step's own write, instead of two more
 /// round trips after it.
 pub(crate) struct BusRequest {
-    /// The shard's request stream.
+    /// The shard's request stream, and the consumer group that acknowledges its entries.
     pub stream: String,
+    pub group: &'static str,
     /// The request's entry in it.
     pub entry: String,
     /// The caller's reply channel.
@@ -36,9 +37,15 @@ pub(crate) struct BusRequest {
 // Made by the multi-process feed (feature `redis`); read by the runner everywhere.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl BusRequest {
-    pub(crate) fn new(stream: String, entry: String, reply_to: String, applied: Bytes) -> Self {
+    pub(crate) fn new(
+        (stream, group): (String, &'static str),
+        entry: String,
+        reply_to: String,
+        applied: Bytes,
+    ) -> Self {
         BusRequest {
             stream,
+            group,
             entry,
             reply_to,
             applied,

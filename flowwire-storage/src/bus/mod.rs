@@ -15,6 +15,7 @@
 //! | `P:req:{flow#s}` | stream | starts and impulses for the shard's owner |
 //! | `P:out:{flow#s}` | stream | driver outcomes for the shard's owner |
 //! | `P:jobs:{driver}` | stream | calls for the workers of one driver trait |
+//! | `P:handoff:{flow#s}` | channel | outcomes a worker hands to a shard's owner directly (one server) |
 //!
 //! A shard's lease, counter, streams share its hash tag, so each lease script runs in one
 //! Redis Cluster slot. Stream entries carry one field, `m`, holding bytes the runtime
@@ -316,6 +317,13 @@ impl RedisBus {
         self.shard_key("out", flow, shard)
     }
 
+    /// The channel a worker hands a call's outcome over on to a shard's owner, when the
+    /// commit that applies the outcome settles the call (one server): nothing is written
+    /// for it, and a worker whose outcome no owner took writes it to the outcome stream.
+    pub fn handoffs(&self, flow: &str, shard: u16) -> String {
+        self.shard_key("handoff", flow, shard)
+    }
+
     /// The stream of calls for the workers of a driver trait.
     pub fn jobs(&self, driver: &str) -> String {
         format!("{}:jobs:{{{driver}}}", self.prefix)
@@ -358,6 +366,20 @@ impl RedisBus {
             .await
             .map_err(|e| backend(&e))?;
         Ok(())
+    }
+
+    /// Publishes each `(channel, bytes)` message, in one round trip; returns how many
+    /// subscribers received each (`0`: nobody listened, the message is gone).
+    pub async fn publish_each(&self, messages: &[(String, Bytes)]) -> Result<Vec<u64>, StoreError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for (channel, body) in messages {
+            pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
+        }
+        pipe.query_async(&mut c).await.map_err(|e| backend(&e))
     }
 
     /// Subscribes to a channel.

@@ -232,6 +232,30 @@ impl RedisBus {
         Ok((entries, next))
     }
 
+    /// The ids of the entries of a stream pending on `consumer` of `group` (delivered to
+    /// it, not acknowledged), oldest first, at most `count`; the list is whole when it is
+    /// shorter than `count`.
+    pub async fn pending_of(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        let page: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(count.max(1))
+            .arg(consumer)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))?;
+        Ok(page.ids.into_iter().map(|p| p.id).collect())
+    }
+
     /// Tells the group that `consumer` is still working on these entries (resets their
     /// idle time, so they are not claimed by another).
     pub async fn touch(

@@ -113,7 +113,11 @@ pub struct StepWrite {
 /// use flowwire::storage::record::BusSend;
 /// let call = BusSend::Append { stream: "fw:jobs:{Payments}".into(), body: b"call".as_slice().into() };
 /// let ended = BusSend::Publish { channel: "fw:ended:Order".into(), body: b"order-1".as_slice().into() };
-/// let done = BusSend::Settle { stream: "fw:req:{Order#3}".into(), entry: "1700000000000-0".into() };
+/// let done = BusSend::Settle {
+///     stream: "fw:req:{Order#3}".into(),
+///     group: "orchestrators".into(),
+///     entry: "1700000000000-0".into(),
+/// };
 /// assert_ne!(call, ended);
 /// assert_ne!(ended, done);
 /// ```
@@ -133,12 +137,14 @@ pub enum BusSend {
         /// The message's bytes.
         body: Bytes,
     },
-    /// An entry of a shard's stream that the step settles: acknowledged in the
-    /// orchestrators' group and deleted, with the step (a request the step applies: its
-    /// entry is done with exactly when the step is durable).
+    /// A stream entry the step settles: acknowledged in `group` and deleted, with the
+    /// step (a request the step applies, or the call whose outcome it applies: the entry
+    /// is done with exactly when the step is durable).
     Settle {
         /// The stream's key.
         stream: String,
+        /// The consumer group that acknowledges it (no spaces).
+        group: String,
         /// The entry's id.
         entry: String,
     },

@@ -155,10 +155,12 @@ impl<F: Flow> Runner<F> {
             &mut scratch.arena,
         );
         // An outcome from the bus is acknowledged by the write that applies it.
+        // (One handed over by its worker settles its call instead: `carry`.)
         let acknowledges = match &s.ack {
             Ack::Outcome(o) => o
                 .receipt
                 .as_ref()
+                .filter(|r| r.handed_from.is_none())
                 .map(|r| std::sync::Arc::from(r.entry.as_str())),
             _ => None,
         };

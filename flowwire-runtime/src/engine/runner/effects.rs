@@ -18,8 +18,13 @@ use super::{Ack, Input, Internal, Runner, Staged, backoff};
 
 impl<F: Flow> Runner<F> {
     /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
+    ///
+    /// One its worker handed over is not: its call stays pending, and the worker, seeing
+    /// that no commit settled it, writes the outcome to the stream, where it is settled.
     pub(super) fn settle(&self, o: &OutcomeMsg) {
-        if let (Some(r), Some(owned)) = (&o.receipt, &self.owned) {
+        if let (Some(r), Some(owned)) = (&o.receipt, &self.owned)
+            && r.handed_from.is_none()
+        {
             let _ = owned.acks.send(r.entry.clone());
         }
     }
@@ -135,8 +140,15 @@ impl<F: Flow> Runner<F> {
             });
             sends.push(BusSend::Settle {
                 stream: via.stream.clone(),
+                group: via.group.to_string(),
                 entry: via.entry.clone(),
             });
+        }
+        // An outcome handed over by its worker settles its call.
+        if let Ack::Outcome(o) = &s.ack
+            && let Some(settle) = o.receipt.as_ref().and_then(|r| r.settles())
+        {
+            sends.push(settle);
         }
         for out in &s.step.dispatch {
             if self.carried(out) {

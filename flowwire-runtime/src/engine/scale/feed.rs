@@ -1,7 +1,8 @@
 //! A shard's feed: what its runner takes from the shard's two streams (requests from
 //! clients, outcomes from workers), decoded and handed over in stream order — first the
 //! entries left pending (by an earlier owner, or by a read of this one that failed), then
-//! new ones.
+//! new ones — and, on one Redis server, the outcomes workers hand over on the shard's
+//! handoff channel.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::messages::{OutcomeWire, Refusal, Reply, Request, RequestKind};
+use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
 use crate::engine::job::{OutcomeMsg, Receipt};
 use crate::engine::msg::{BusRequest, Msg};
@@ -90,11 +91,14 @@ impl Acker {
 /// the shard's pending list (a blocked read registered before the shard changed hands
 /// is still served), and those would otherwise wait for the next change of owner — an
 /// outcome among them leaves its flow waiting, a request its caller.
+///
+/// With `handoff` (a channel), the outcomes handed over on it are fed too, for as long as
+/// the pump runs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn pump<F: Flow>(
     bus: RedisBus,
     node: Arc<str>,
-    streams: [String; 2],
+    (streams, handoff): ([String; 2], Option<String>),
     tx: mpsc::Sender<Msg<F>>,
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
@@ -102,10 +106,82 @@ pub(crate) async fn pump<F: Flow>(
     acker: Acker,
     sweep: Duration,
 ) {
+    let handed = async {
+        match handoff {
+            Some(channel) => handed_over(&bus, &channel, &outcomes, limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = read_streams::<F>(&bus, &node, &streams, tx, &outcomes, (limit, server_time), &acker, sweep) => {}
+        () = handed => {}
+    }
+}
+
+/// Feeds the outcomes handed over on `channel` (subscribed again when its connection is
+/// lost; a message lost meanwhile is written to the stream by its worker).
+async fn handed_over(
+    bus: &RedisBus,
+    channel: &str,
+    outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
+    limit: usize,
+) {
+    let mut failures = 0u32;
+    loop {
+        let mut sub = match bus.subscribe(channel).await {
+            Ok(s) => s,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(channel, error = %e, "handoff channel not subscribed yet");
+                tokio::time::sleep(super::pause(failures)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        while let Some(body) = sub.next().await {
+            let decoded = codec::decode_raw::<Handoff>(&body, limit)
+                .and_then(|h| codec::decode_raw::<OutcomeWire>(&h.outcome, limit).map(|o| (h, o)));
+            let (h, o) = match decoded {
+                Ok(d) => d,
+                Err(e) => {
+                    // Its worker writes it to the stream when no commit settles its call.
+                    tracing::warn!(channel, error = %e, "handed-over outcome does not decode; left to its worker");
+                    continue;
+                }
+            };
+            let _ = outcomes.send(OutcomeMsg {
+                id: o.id.into(),
+                seq: o.seq,
+                branch: o.branch,
+                result: o.result,
+                retry_ms: o.retry_ms,
+                receipt: Some(Box::new(Receipt {
+                    entry: h.entry,
+                    reply_to: String::new(),
+                    handoff: None,
+                    handed_from: Some(h.jobs),
+                })),
+            });
+        }
+    }
+}
+
+/// Feeds the shard's streams (see [`pump`]).
+#[allow(clippy::too_many_arguments)]
+async fn read_streams<F: Flow>(
+    bus: &RedisBus,
+    node: &Arc<str>,
+    streams: &[String; 2],
+    tx: mpsc::Sender<Msg<F>>,
+    outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
+    (limit, server_time): (usize, ServerTime),
+    acker: &Acker,
+    sweep: Duration,
+) {
     let feed = Feed {
         streams: streams.clone(),
         tx,
-        outcomes,
+        outcomes: outcomes.clone(),
         limit,
         server_time,
         acker: acker.clone(),
@@ -123,7 +199,7 @@ pub(crate) async fn pump<F: Flow>(
                 continue;
             }
         };
-        if let Err(e) = claim_pending(&bus, &node, &streams, &feed).await {
+        if let Err(e) = claim_pending(bus, node, streams, &feed).await {
             failures = failures.saturating_add(1);
             tracing::warn!(error = %e, "entries left pending not claimed yet");
             tokio::time::sleep(super::pause(failures)).await;
@@ -132,7 +208,7 @@ pub(crate) async fn pump<F: Flow>(
         let mut next_sweep = Instant::now() + sweep;
         loop {
             match reader
-                .read(&streams, GROUP, &node, PAGE, Duration::from_secs(1))
+                .read(streams, GROUP, node, PAGE, Duration::from_secs(1))
                 .await
             {
                 Ok(entries) => {
@@ -144,7 +220,7 @@ pub(crate) async fn pump<F: Flow>(
                         break;
                     }
                     if Instant::now() >= next_sweep {
-                        if let Err(e) = claim_others(&bus, &node, &streams, &feed).await {
+                        if let Err(e) = claim_others(bus, node, streams, &feed).await {
                             failures = failures.saturating_add(1);
                             tracing::warn!(error = %e, "entries pending elsewhere not claimed");
                             tokio::time::sleep(super::pause(failures)).await;
@@ -260,6 +336,8 @@ impl<F: Flow> Feed<F> {
                     receipt: Some(Box::new(Receipt {
                         entry: e.id,
                         reply_to: String::new(),
+                        handoff: None,
+                        handed_from: None,
                     })),
                 });
             }
@@ -284,7 +362,7 @@ impl<F: Flow> Feed<F> {
         let mut out = Vec::new();
         let via = codec::encode_raw(&applied, &mut out).ok().map(|()| {
             Arc::new(BusRequest::new(
-                stream.clone(),
+                (stream.clone(), GROUP),
                 e.id.clone(),
                 request.reply_to.clone(),
                 out.into(),

@@ -107,6 +107,19 @@ pub(crate) struct OutcomeWire {
     pub retry_ms: Option<u64>,
 }
 
+/// A call's outcome handed by its worker to the shard's owner over pub/sub (one Redis
+/// server): the commit that applies it settles the call's entry, so nothing is written
+/// for the outcome itself. A worker whose outcome nobody received, or whose call no
+/// commit settled within a second, writes the outcome to the shard's outcome stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Handoff {
+    /// The call's stream and its entry there.
+    pub jobs: String,
+    pub entry: String,
+    /// The encoded [`OutcomeWire`].
+    pub outcome: Bytes,
+}
+
 /// A request any process may send to a shard's owner.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Request {

@@ -214,6 +214,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     let workers = Arc::new(workers::WorkerCtx {
         bus: bus.clone(),
         node: node.clone(),
+        handoff: store.carries_sends(),
         limits: b.limits.clone(),
         visibility: shared.visibility,
     });

@@ -357,10 +357,14 @@ async fn start_shard<F: Flow>(
         o.limits.store_timeout,
         acker.clone(),
     ));
+    let handoff = o
+        .store
+        .carries_sends()
+        .then(|| o.bus.handoffs(F::NAME, shard));
     let pump = tokio::spawn(pump::<F>(
         o.bus.clone(),
         o.node.clone(),
-        streams,
+        (streams, handoff),
         tx.clone(),
         outcomes,
         o.limits.decode_limit,

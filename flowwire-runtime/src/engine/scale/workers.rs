@@ -10,10 +10,19 @@
 //! * An outcome written but not acknowledged (the worker died in between) makes the call
 //!   run again; the second outcome is dropped by the owner, whose record no longer has
 //!   the call in flight.
+//! * On one Redis server (whose commits carry bus messages) an outcome is first *handed
+//!   over*: published on the shard's handoff channel, with the call left pending, for
+//!   the owner's commit that applies it to settle the call. Nothing is written for the
+//!   outcome, and no fsynced turn of Redis waits for it. A worker checks its pending
+//!   calls every quarter second: a handed-over call no commit settled within a second
+//!   (the owner was gone, or lost the message) has its outcome written to the stream as
+//!   above; one nobody received (no subscriber) is written at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use flowwire_storage::bus::{Entry, RedisBus};
@@ -21,18 +30,20 @@ use flowwire_storage::codec;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use super::messages::{JobMsg, OutcomeWire};
+use super::messages::{Handoff, JobMsg, OutcomeWire};
 use crate::engine::Limits;
 use crate::engine::job::{CallPolicy, Job, OutcomeMsg, Receipt};
 use crate::meta::DriverMeta;
 
 /// The consumer group of the workers on a driver's stream.
-pub(crate) const GROUP: &str = "workers";
+pub(crate) const GROUP: &str = crate::engine::job::WORKERS;
 
 /// What a driver's pump needs.
 pub(crate) struct WorkerCtx {
     pub bus: RedisBus,
     pub node: Arc<str>,
+    /// Whether outcomes are handed over (the store's commits settle calls: one server).
+    pub handoff: bool,
     pub limits: Limits,
     pub visibility: Duration,
 }
@@ -47,17 +58,24 @@ pub(crate) fn spawn(
     let stream = ctx.bus.jobs(meta.name);
     let slots = Arc::new(Semaphore::new(ctx.limits.driver_concurrency.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let handed: Arc<Mutex<Handed>> = Arc::default();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<OutcomeMsg>();
     let writer = tokio::spawn(writer(
         ctx.clone(),
         stream.clone(),
         done_rx,
         slots.clone(),
-        running.clone(),
+        (running.clone(), handed.clone()),
     ));
     let keeper = tokio::spawn(keep_alive(ctx.clone(), stream.clone(), running.clone()));
+    let checker = tokio::spawn(handed_over(
+        ctx.clone(),
+        stream.clone(),
+        running.clone(),
+        handed,
+    ));
     let pump = tokio::spawn(pump(ctx, meta, stream, port, done_tx, slots, running));
-    vec![pump, writer, keeper]
+    vec![pump, writer, keeper, checker]
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -220,17 +238,33 @@ fn job(
         receipt: Some(Box::new(Receipt {
             entry: entry.id,
             reply_to: ctx.bus.outcomes(&msg.flow, msg.shard),
+            handoff: ctx.handoff.then(|| ctx.bus.handoffs(&msg.flow, msg.shard)),
+            handed_from: None,
         })),
     })
 }
 
-/// Writes outcomes to their shards' streams, then acknowledges their calls.
+/// Outcomes handed over, by their call's entry: the outcome stream and the outcome's
+/// bytes (to write them if no commit settles the call), and when.
+type Handed = HashMap<String, (String, Bytes, Instant)>;
+
+/// How long a handed-over call may stay unsettled before its outcome is written.
+const HANDOFF_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a worker looks for its handed-over calls that were settled.
+const HANDOFF_CHECK: Duration = Duration::from_millis(250);
+
+/// At most how many of its pending calls a worker lists in one check.
+const PENDING_PAGE: usize = 4096;
+
+/// Hands outcomes over (one server) or writes them to their shards' streams, then
+/// acknowledges their calls.
 async fn writer(
     ctx: Arc<WorkerCtx>,
     stream: String,
     mut done: mpsc::UnboundedReceiver<OutcomeMsg>,
     slots: Arc<Semaphore>,
-    running: Arc<Mutex<HashSet<String>>>,
+    (running, handed): (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Handed>>),
 ) {
     while let Some(first) = done.recv().await {
         let mut batch = vec![first];
@@ -243,6 +277,9 @@ async fn writer(
         let taken = batch.len();
         let mut entries: Vec<(String, Bytes)> = Vec::with_capacity(batch.len());
         let mut ids = Vec::with_capacity(batch.len());
+        // (call's entry, outcome stream, outcome) of each outcome offered, and its message.
+        let mut offered: Vec<(String, String, Bytes)> = Vec::new();
+        let mut offers: Vec<(String, Bytes)> = Vec::new();
         for o in batch {
             let Some(receipt) = o.receipt else { continue };
             let wire = OutcomeWire {
@@ -257,24 +294,153 @@ async fn writer(
                 tracing::error!(error = %e, "outcome not encodable");
                 continue;
             }
-            entries.push((receipt.reply_to, Bytes::from(out)));
-            ids.push(receipt.entry);
-        }
-        // The outcome is durable before (or with) its call's acknowledgement. If either
-        // fails, the call stays pending, stops being touched, and runs again after the
-        // visibility timeout.
-        let written = ctx.bus.push_then_ack(&entries, &stream, GROUP, &ids);
-        if let Err(e) = written.await {
-            tracing::warn!(error = %e, "outcomes not written; their calls run again later");
-        }
-        {
-            let mut running = lock(&running);
-            for id in &ids {
-                running.remove(id);
+            let out = Bytes::from(out);
+            let Receipt {
+                entry,
+                reply_to,
+                handoff,
+                ..
+            } = *receipt;
+            let offer = handoff.and_then(|channel| {
+                let msg = Handoff {
+                    jobs: stream.clone(),
+                    entry: entry.clone(),
+                    outcome: out.clone(),
+                };
+                let mut bytes = Vec::new();
+                codec::encode_raw(&msg, &mut bytes)
+                    .ok()
+                    .map(|()| (channel, Bytes::from(bytes)))
+            });
+            match offer {
+                Some(offer) => {
+                    offers.push(offer);
+                    offered.push((entry, reply_to, out));
+                }
+                None => {
+                    entries.push((reply_to, out));
+                    ids.push(entry);
+                }
             }
+        }
+        if !offers.is_empty() {
+            // An outcome nobody received is written at once; so are all of them when
+            // the publishing failed.
+            let heard = ctx.bus.publish_each(&offers).await.unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "outcomes not handed over; written instead");
+                Vec::new()
+            });
+            let now = Instant::now();
+            let mut h = lock(&handed);
+            for (i, (entry, reply_to, out)) in offered.into_iter().enumerate() {
+                if heard.get(i).is_some_and(|&n| n > 0) {
+                    h.insert(entry, (reply_to, out, now));
+                } else {
+                    entries.push((reply_to, out));
+                    ids.push(entry);
+                }
+            }
+        }
+        if !entries.is_empty() {
+            write_outcomes(&ctx, &stream, &entries, &ids, &running).await;
         }
         slots.add_permits(taken);
     }
+}
+
+/// Writes outcomes to their shards' streams, then acknowledges their calls (which leave
+/// the calls in progress).
+async fn write_outcomes(
+    ctx: &WorkerCtx,
+    stream: &str,
+    entries: &[(String, Bytes)],
+    ids: &[String],
+    running: &Mutex<HashSet<String>>,
+) {
+    // The outcome is durable before (or with) its call's acknowledgement. If either
+    // fails, the call stays pending, stops being touched, and runs again after the
+    // visibility timeout.
+    let written = ctx.bus.push_then_ack(entries, stream, GROUP, ids);
+    if let Err(e) = written.await {
+        tracing::warn!(error = %e, "outcomes not written; their calls run again later");
+    }
+    let mut running = lock(running);
+    for id in ids {
+        running.remove(id);
+    }
+}
+
+/// Settles the handed-over calls: every quarter second, this worker's pending calls are
+/// listed; a handed-over call no longer among them was settled by its commit, and one
+/// still there a second after it was handed over has its outcome written to the stream.
+async fn handed_over(
+    ctx: Arc<WorkerCtx>,
+    stream: String,
+    running: Arc<Mutex<HashSet<String>>>,
+    handed: Arc<Mutex<Handed>>,
+) {
+    loop {
+        tokio::time::sleep(HANDOFF_CHECK).await;
+        if lock(&handed).is_empty() {
+            continue;
+        }
+        let pending = match ctx
+            .bus
+            .pending_of(&stream, GROUP, &ctx.node, PENDING_PAGE)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "calls handed over not checked yet");
+                continue;
+            }
+        };
+        // A call past the end of a full page is neither settled nor pending as far as
+        // this page shows: it waits for the next check.
+        let last = (pending.len() >= PENDING_PAGE)
+            .then(|| pending.last().and_then(|id| entry_order(id)))
+            .flatten();
+        let pending: HashSet<String> = pending.into_iter().collect();
+        let mut settled = Vec::new();
+        let mut late: Vec<(String, String, Bytes)> = Vec::new();
+        lock(&handed).retain(|entry, (reply_to, out, at)| {
+            if pending.contains(entry) {
+                if at.elapsed() < HANDOFF_WAIT {
+                    return true;
+                }
+                late.push((entry.clone(), reply_to.clone(), out.clone()));
+                return false;
+            }
+            if last.is_some_and(|last| entry_order(entry).is_none_or(|e| e > last)) {
+                return true;
+            }
+            settled.push(entry.clone());
+            false
+        });
+        {
+            let mut running = lock(&running);
+            for id in &settled {
+                running.remove(id);
+            }
+        }
+        if !late.is_empty() {
+            tracing::debug!(
+                calls = late.len(),
+                "handed-over outcomes not applied within a second; written to the stream"
+            );
+            let (ids, entries): (Vec<String>, Vec<(String, Bytes)>) = late
+                .into_iter()
+                .map(|(entry, reply_to, out)| (entry, (reply_to, out)))
+                .unzip();
+            write_outcomes(&ctx, &stream, &entries, &ids, &running).await;
+        }
+    }
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a sortable pair.
+fn entry_order(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Touches the calls in progress so no other worker claims them.

@@ -19,7 +19,8 @@ pub const COMMIT: &str = r"
 --       outcome entry to acknowledge ('' = none), the orchestrators' group,
 --       the data's epoch token ('' = not checked here), how many messages to send,
 --       then each message's kind ('a' append to a stream, 'p' publish, 's' settle an
---       entry: acknowledge it in the orchestrators' group and delete it) and bytes
+--       entry: acknowledge it in a group and delete it, its bytes '<group> <entry id>')
+--       and bytes
 -- Returns {0, 1 if the record was parked before} when written; {1, version} on a
 -- conflict; {2, step} for an impulse id seen; {3, token} when fenced; {4, 0} when the
 -- epoch key does not hold the token (the server lost or swapped the data).
@@ -94,8 +95,10 @@ for i = 1, tonumber(ARGV[20]) do
   if kind == 'a' then
     redis.call('XADD', KEYS[10 + i], '*', 'm', body)
   elseif kind == 's' then
-    redis.call('XACK', KEYS[10 + i], ARGV[18], body)
-    redis.call('XDEL', KEYS[10 + i], body)
+    local sp = string.find(body, ' ', 1, true)
+    local entry = string.sub(body, sp + 1)
+    redis.call('XACK', KEYS[10 + i], string.sub(body, 1, sp - 1), entry)
+    redis.call('XDEL', KEYS[10 + i], entry)
   else
     redis.call('PUBLISH', KEYS[10 + i], body)
   end
@@ -198,12 +201,13 @@ impl RedisStore {
                 .arg(epoch.unwrap_or(""))
                 .arg(s.sends.len());
             for send in &s.sends {
-                let (kind, body) = match send {
-                    BusSend::Append { body, .. } => ("a", &body[..]),
-                    BusSend::Publish { body, .. } => ("p", &body[..]),
-                    BusSend::Settle { entry, .. } => ("s", entry.as_bytes()),
+                match send {
+                    BusSend::Append { body, .. } => script.arg("a").arg(&body[..]),
+                    BusSend::Publish { body, .. } => script.arg("p").arg(&body[..]),
+                    BusSend::Settle { group, entry, .. } => {
+                        script.arg("s").arg(format!("{group} {entry}"))
+                    }
                 };
-                script.arg(kind).arg(body);
             }
             scripts.push(script);
         }

@@ -1,0 +1,248 @@
+//! Outcomes handed over (multi-process mode on one Redis server): a worker publishes a
+//! call's outcome to the shard's owner, whose commit applying it settles the call, so
+//! nothing is written for the outcome itself; an outcome no commit settles within a second
+//! is written to the shard's outcome stream, and applied from there.
+
+#![allow(missing_docs)] // test-local flows
+#![cfg(feature = "redis")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowwire::prelude::*;
+use flowwire::{Ended, Engine, Shared};
+
+#[path = "support/servers.rs"]
+mod servers;
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+#[error("closed")]
+pub struct Closed;
+
+#[driver]
+pub trait Gate {
+    async fn pass(&self, n: u32) -> Result<u32, Closed>;
+}
+
+/// A gate that lets a call through per permit.
+#[derive(Clone)]
+pub struct Gated(Arc<tokio::sync::Semaphore>);
+
+#[driver]
+impl Gate for Gated {
+    async fn pass(&self, n: u32) -> Result<u32, Closed> {
+        let permit = self.0.acquire().await.map_err(|_| Closed)?;
+        permit.forget();
+        Ok(n + 1)
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct TripState {
+    calls: u32,
+    sum: u32,
+}
+
+/// Two calls through the gate, then the end.
+#[flow]
+pub struct Trip {
+    #[link]
+    state: TripState,
+    #[link]
+    gate: impl Gate,
+}
+
+#[flow]
+impl Trip {
+    #[wire]
+    fn run(&mut self) -> Command<Self> {
+        if self.state.calls == 2 {
+            return Command::finish();
+        }
+        Command::drive(self.gate.pass(self.state.calls)).then(|f, r| {
+            f.state.sum += r?;
+            f.state.calls += 1;
+            Ok(())
+        })
+    }
+}
+
+fn shared(url: &str, prefix: &str, node: &str) -> Shared {
+    Shared::redis(url, prefix)
+        .unwrap()
+        .shards(1)
+        .lease_ttl(Duration::from_secs(2))
+        .node_name(node)
+}
+
+/// What Redis says of a stream: (entries ever added, entries in it).
+async fn stream_info(url: &str, key: &str) -> (u64, u64) {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let num = |k: &str| match info.get(k) {
+        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap(),
+        other => panic!("XINFO STREAM {key}: {k} is {other:?}"),
+    };
+    (num("entries-added"), num("length"))
+}
+
+/// Waits until `channel` has a subscriber (the owner subscribes to its shard's handoff
+/// channel once it holds the shard).
+async fn subscribed(url: &str, channel: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..500 {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("nobody subscribed to {channel} within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_handed_over_and_settled_by_the_commits_that_apply_them() {
+    let redis = servers::Redis::start();
+    let prefix = "handed";
+    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(1_000)));
+    let orchestrator = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "o"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w"))
+        .driver(gate)
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
+    for i in 0..20 {
+        let trip = client
+            .start::<Trip>(format!("t-{i}"), TripState::default())
+            .await
+            .unwrap();
+        assert_eq!(trip.finished().await.unwrap(), Ended::Finished);
+        let state = trip.state().await.unwrap();
+        assert_eq!((state.calls, state.sum), (2, 3), "each outcome applied once");
+    }
+
+    assert_eq!(
+        stream_info(&redis.url(), &bus.outcomes("Trip", 0)).await,
+        (0, 0),
+        "no outcome was written to the stream: all 40 were handed over"
+    );
+    assert_eq!(
+        bus.backlog(&bus.jobs("Gate"), "workers").await.unwrap(),
+        (0, 0),
+        "every call was settled (acknowledged and deleted) by its outcome's commit"
+    );
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
+    let redis = servers::Redis::start();
+    let prefix = "unheard";
+    let first = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "a"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w"))
+        .driver(gate.clone())
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let trip = client
+        .start::<Trip>("t", TripState::default())
+        .await
+        .unwrap();
+
+    // The owner leaves with the first call in flight; a listener that applies nothing
+    // takes the handed-over outcome in its place.
+    first.shutdown().await;
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    let mut ghost = bus.subscribe(&bus.handoffs("Trip", 0)).await.unwrap();
+    gate.0.add_permits(1);
+    let heard = tokio::time::timeout(Duration::from_secs(10), ghost.next())
+        .await
+        .expect("the outcome is handed over within 10 s");
+    assert!(heard.is_some(), "the ghost heard the outcome");
+
+    // No commit settles the call: a second later its worker writes the outcome to the
+    // shard's outcome stream, where the next owner finds it.
+    let outcomes = bus.outcomes("Trip", 0);
+    let mut written = (0, 0);
+    for _ in 0..150 {
+        written = stream_info(&redis.url(), &outcomes).await;
+        if written.0 == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(written, (1, 1), "the unsettled outcome was written once");
+    drop(ghost);
+
+    gate.0.add_permits(1);
+    let second = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "b"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+        .await
+        .expect("the flow ends once the next owner reads the outcome")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+    let state = trip.state().await.unwrap();
+    assert_eq!((state.calls, state.sum), (2, 3), "each outcome applied once");
+    assert_eq!(
+        bus.backlog(&bus.jobs("Gate"), "workers").await.unwrap(),
+        (0, 0),
+        "both calls are settled"
+    );
+    for engine in [client, worker, second] {
+        engine.shutdown().await;
+    }
+}
