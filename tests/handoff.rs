@@ -148,7 +148,11 @@ async fn outcomes_are_handed_over_and_settled_by_the_commits_that_apply_them() {
             .unwrap();
         assert_eq!(trip.finished().await.unwrap(), Ended::Finished);
         let state = trip.state().await.unwrap();
-        assert_eq!((state.calls, state.sum), (2, 3), "each outcome applied once");
+        assert_eq!(
+            (state.calls, state.sum),
+            (2, 3),
+            "each outcome applied once"
+        );
     }
 
     assert_eq!(
@@ -236,12 +240,92 @@ async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
         .unwrap();
     assert_eq!(ended, Ended::Finished);
     let state = trip.state().await.unwrap();
-    assert_eq!((state.calls, state.sum), (2, 3), "each outcome applied once");
+    assert_eq!(
+        (state.calls, state.sum),
+        (2, 3),
+        "each outcome applied once"
+    );
     assert_eq!(
         bus.backlog(&bus.jobs("Gate"), "workers").await.unwrap(),
         (0, 0),
         "both calls are settled"
     );
+    for engine in [client, worker, second] {
+        engine.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_gracefully_writes_the_outcomes_no_commit_settled_yet() {
+    let redis = servers::Redis::start();
+    let prefix = "stopped";
+    let first = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "a"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w"))
+        .driver(gate.clone())
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let trip = client
+        .start::<Trip>("t", TripState::default())
+        .await
+        .unwrap();
+    first.shutdown().await;
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    let mut ghost = bus.subscribe(&bus.handoffs("Trip", 0)).await.unwrap();
+    gate.0.add_permits(1);
+    let heard = tokio::time::timeout(Duration::from_secs(10), ghost.next())
+        .await
+        .expect("the outcome is handed over within 10 s");
+    assert!(heard.is_some(), "the ghost heard the outcome");
+
+    // A graceful stop re-runs no finished work: the outcome no commit settled is on the
+    // stream when the worker's shutdown returns (it does not wait out the second).
+    worker.shutdown().await;
+    let outcomes = bus.outcomes("Trip", 0);
+    assert_eq!(
+        stream_info(&redis.url(), &outcomes).await,
+        (1, 1),
+        "the outcome was written at the stop"
+    );
+    drop(ghost);
+
+    let second = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "b"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w2"))
+        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1))))
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+        .await
+        .expect("the flow ends")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+    let state = trip.state().await.unwrap();
+    assert_eq!((state.calls, state.sum), (2, 3), "each call ran once");
     for engine in [client, worker, second] {
         engine.shutdown().await;
     }

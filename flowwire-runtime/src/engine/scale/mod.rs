@@ -215,16 +215,22 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         bus: bus.clone(),
         node: node.clone(),
         handoff: store.carries_sends(),
+        stopping: tokio::sync::watch::Sender::new(false),
         limits: b.limits.clone(),
         visibility: shared.visibility,
     });
+    let mut settlers = Vec::new();
     for d in b.drivers {
         drivers.push(d.meta);
         if b.roles.worker {
             let port = (d.spawn)(&b.limits, &drain);
-            background.extend(workers::spawn(workers.clone(), d.meta, port));
+            let (tasks, settler) = workers::spawn(workers.clone(), d.meta, port);
+            background.extend(tasks);
+            settlers.push(settler);
         }
     }
+    let settlers = std::sync::Mutex::new(settlers);
+    let settle_limit = b.limits.store_timeout;
     let deployment = Deployment { remote, orchestra };
     let mut flows = std::collections::HashMap::new();
     for f in &b.flows {
@@ -262,7 +268,22 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             finish: Some(Box::new(move || {
                 let bus = leave_bus.clone();
                 let node = leave_node.clone();
+                // The outcomes handed over that no commit settled yet are written out
+                // (bounded by the store timeout), then this process leaves.
+                workers.stopping.send_replace(true);
+                let settlers = std::mem::take(
+                    &mut *settlers
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
                 Box::pin(async move {
+                    for settler in settlers {
+                        if tokio::time::timeout(settle_limit, settler).await.is_err() {
+                            tracing::warn!(
+                                "outcomes handed over not all written at shutdown; their calls run again later"
+                            );
+                        }
+                    }
                     let _ = bus.leave(&node).await;
                 })
             })),

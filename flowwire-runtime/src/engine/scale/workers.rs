@@ -44,17 +44,21 @@ pub(crate) struct WorkerCtx {
     pub node: Arc<str>,
     /// Whether outcomes are handed over (the store's commits settle calls: one server).
     pub handoff: bool,
+    /// Set when the engine stops: the outcomes handed over that no commit settled yet
+    /// are written to the stream then, without waiting (see [`handed_over`]).
+    pub stopping: tokio::sync::watch::Sender<bool>,
     pub limits: Limits,
     pub visibility: Duration,
 }
 
 /// Starts the pump, writer and keep-alive of one driver; the pool behind `port` runs the
-/// calls. Returns the tasks (aborted when the engine shuts down).
+/// calls. Returns the tasks aborted when the engine shuts down, and the one it waits for
+/// (which settles the outcomes handed over once `stopping` is set).
 pub(crate) fn spawn(
     ctx: Arc<WorkerCtx>,
     meta: &'static DriverMeta,
     port: crate::engine::queue::Port,
-) -> Vec<JoinHandle<()>> {
+) -> (Vec<JoinHandle<()>>, JoinHandle<()>) {
     let stream = ctx.bus.jobs(meta.name);
     let slots = Arc::new(Semaphore::new(ctx.limits.driver_concurrency.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -75,7 +79,7 @@ pub(crate) fn spawn(
         handed,
     ));
     let pump = tokio::spawn(pump(ctx, meta, stream, port, done_tx, slots, running));
-    vec![pump, writer, keeper, checker]
+    (vec![pump, writer, keeper], checker)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -373,15 +377,28 @@ async fn write_outcomes(
 /// Settles the handed-over calls: every quarter second, this worker's pending calls are
 /// listed; a handed-over call no longer among them was settled by its commit, and one
 /// still there a second after it was handed over has its outcome written to the stream.
+/// When the engine stops, a last pass writes every one still pending at once (a graceful
+/// stop re-runs no finished work), and the task ends.
 async fn handed_over(
     ctx: Arc<WorkerCtx>,
     stream: String,
     running: Arc<Mutex<HashSet<String>>>,
     handed: Arc<Mutex<Handed>>,
 ) {
+    let mut stopping = ctx.stopping.subscribe();
     loop {
-        tokio::time::sleep(HANDOFF_CHECK).await;
+        let finale = *stopping.borrow();
+        if !finale {
+            tokio::select! {
+                () = tokio::time::sleep(HANDOFF_CHECK) => {}
+                _ = stopping.changed() => {}
+            }
+        }
+        let finale = finale || *stopping.borrow();
         if lock(&handed).is_empty() {
+            if finale {
+                return;
+            }
             continue;
         }
         let pending = match ctx
@@ -390,6 +407,9 @@ async fn handed_over(
             .await
         {
             Ok(p) => p,
+            // On the last pass every one is written: a copy of an outcome already applied
+            // is settled by its owner as no longer needed.
+            Err(_) if finale => lock(&handed).keys().cloned().collect(),
             Err(e) => {
                 tracing::debug!(error = %e, "calls handed over not checked yet");
                 continue;
@@ -405,7 +425,7 @@ async fn handed_over(
         let mut late: Vec<(String, String, Bytes)> = Vec::new();
         lock(&handed).retain(|entry, (reply_to, out, at)| {
             if pending.contains(entry) {
-                if at.elapsed() < HANDOFF_WAIT {
+                if !finale && at.elapsed() < HANDOFF_WAIT {
                     return true;
                 }
                 late.push((entry.clone(), reply_to.clone(), out.clone()));
@@ -433,6 +453,9 @@ async fn handed_over(
                 .map(|(entry, reply_to, out)| (entry, (reply_to, out)))
                 .unzip();
             write_outcomes(&ctx, &stream, &entries, &ids, &running).await;
+        }
+        if finale {
+            return;
         }
     }
 }
