@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
-use crate::engine::job::{OutcomeMsg, Receipt};
+use crate::engine::job::OutcomeMsg;
 use crate::engine::msg::{BusRequest, Msg};
 use crate::error::Error;
 use crate::flow::Flow;
@@ -149,19 +149,7 @@ async fn handed_over(
                     continue;
                 }
             };
-            let _ = outcomes.send(OutcomeMsg {
-                id: o.id.into(),
-                seq: o.seq,
-                branch: o.branch,
-                result: o.result,
-                retry_ms: o.retry_ms,
-                receipt: Some(Box::new(Receipt {
-                    entry: h.entry,
-                    reply_to: String::new(),
-                    handoff: None,
-                    handed_from: Some(h.jobs),
-                })),
-            });
+            let _ = outcomes.send(o.received(h.entry, Some(h.jobs)));
         }
     }
 }
@@ -327,19 +315,7 @@ impl<F: Flow> Feed<F> {
     fn outcome(&self, e: Entry) {
         match codec::decode_raw::<OutcomeWire>(&e.body, self.limit) {
             Ok(o) => {
-                let _ = self.outcomes.send(OutcomeMsg {
-                    id: o.id.into(),
-                    seq: o.seq,
-                    branch: o.branch,
-                    result: o.result,
-                    retry_ms: o.retry_ms,
-                    receipt: Some(Box::new(Receipt {
-                        entry: e.id,
-                        reply_to: String::new(),
-                        handoff: None,
-                        handed_from: None,
-                    })),
-                });
+                let _ = self.outcomes.send(o.received(e.id, None));
             }
             Err(err) => self.discard(1, e.id, &err.to_string()),
         }

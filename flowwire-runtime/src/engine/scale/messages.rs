@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::Outgoing;
 use crate::driver::Fault;
+use crate::engine::job::{OutcomeMsg, Receipt};
 use crate::error::Error;
 
 /// A driver call, from a shard's owner to the workers of its driver trait.
@@ -105,6 +106,26 @@ pub(crate) struct OutcomeWire {
     pub result: Result<Bytes, Fault>,
     /// The wait before the next attempt, when this one failed and the policy retries it.
     pub retry_ms: Option<u64>,
+}
+
+impl OutcomeWire {
+    /// The outcome as its shard's runner takes it: `entry` in the outcome stream, or (when
+    /// `handed_from` names the call's stream) the call's entry there, settled by the commit.
+    pub(crate) fn received(self, entry: String, handed_from: Option<String>) -> OutcomeMsg {
+        OutcomeMsg {
+            id: self.id.into(),
+            seq: self.seq,
+            branch: self.branch,
+            result: self.result,
+            retry_ms: self.retry_ms,
+            receipt: Some(Box::new(Receipt {
+                entry,
+                reply_to: String::new(),
+                handoff: None,
+                handed_from,
+            })),
+        }
+    }
 }
 
 /// A call's outcome handed by its worker to the shard's owner over pub/sub (one Redis
