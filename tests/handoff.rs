@@ -170,12 +170,21 @@ async fn outcomes_are_handed_over_and_settled_by_the_commits_that_apply_them() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
-    let redis = servers::Redis::start();
-    let prefix = "unheard";
+/// A trip whose first call's outcome was handed over to a listener that applies nothing:
+/// the owner left with the call in flight, and the ghost took the owner's place on the
+/// shard's handoff channel.
+struct Ghosted {
+    client: Engine,
+    worker: Engine,
+    gate: Gated,
+    trip: <Trip as flowwire::Flow>::Handle,
+    bus: flowwire::storage::bus::RedisBus,
+    ghost: flowwire::storage::bus::Subscription,
+}
+
+async fn ghosted(url: &str, prefix: &str) -> Ghosted {
     let first = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "a"))
+        .shared(shared(url, prefix, "a"))
         .flow::<Trip>()
         .orchestrator()
         .start()
@@ -183,14 +192,14 @@ async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
         .unwrap();
     let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
     let worker = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "w"))
+        .shared(shared(url, prefix, "w"))
         .driver(gate.clone())
         .worker()
         .start()
         .await
         .unwrap();
     let client = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "c"))
+        .shared(shared(url, prefix, "c"))
         .flow::<Trip>()
         .client()
         .start()
@@ -201,16 +210,47 @@ async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
         .await
         .unwrap();
 
-    // The owner leaves with the first call in flight; a listener that applies nothing
-    // takes the handed-over outcome in its place.
     first.shutdown().await;
-    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    let bus = shared(url, prefix, "t").store().bus();
     let mut ghost = bus.subscribe(&bus.handoffs("Trip", 0)).await.unwrap();
     gate.0.add_permits(1);
     let heard = tokio::time::timeout(Duration::from_secs(10), ghost.next())
         .await
         .expect("the outcome is handed over within 10 s");
     assert!(heard.is_some(), "the ghost heard the outcome");
+    Ghosted {
+        client,
+        worker,
+        gate,
+        trip,
+        bus,
+        ghost,
+    }
+}
+
+/// Starts the next owner of the shard.
+async fn next_owner(url: &str, prefix: &str) -> Engine {
+    Engine::builder()
+        .shared(shared(url, prefix, "b"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
+    let redis = servers::Redis::start();
+    let prefix = "unheard";
+    let Ghosted {
+        client,
+        worker,
+        gate,
+        trip,
+        bus,
+        ghost,
+    } = ghosted(&redis.url(), prefix).await;
 
     // No commit settles the call: a second later its worker writes the outcome to the
     // shard's outcome stream, where the next owner finds it.
@@ -227,13 +267,7 @@ async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
     drop(ghost);
 
     gate.0.add_permits(1);
-    let second = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "b"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
+    let second = next_owner(&redis.url(), prefix).await;
     let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
         .await
         .expect("the flow ends once the next owner reads the outcome")
@@ -259,59 +293,27 @@ async fn an_outcome_no_commit_settles_is_written_to_the_stream_and_applied() {
 async fn a_worker_stopped_gracefully_writes_the_outcomes_no_commit_settled_yet() {
     let redis = servers::Redis::start();
     let prefix = "stopped";
-    let first = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "a"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
-    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
-    let worker = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "w"))
-        .driver(gate.clone())
-        .worker()
-        .start()
-        .await
-        .unwrap();
-    let client = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "c"))
-        .flow::<Trip>()
-        .client()
-        .start()
-        .await
-        .unwrap();
-    let trip = client
-        .start::<Trip>("t", TripState::default())
-        .await
-        .unwrap();
-    first.shutdown().await;
-    let bus = shared(&redis.url(), prefix, "t").store().bus();
-    let mut ghost = bus.subscribe(&bus.handoffs("Trip", 0)).await.unwrap();
-    gate.0.add_permits(1);
-    let heard = tokio::time::timeout(Duration::from_secs(10), ghost.next())
-        .await
-        .expect("the outcome is handed over within 10 s");
-    assert!(heard.is_some(), "the ghost heard the outcome");
+    let Ghosted {
+        client,
+        worker,
+        trip,
+        bus,
+        ghost,
+        ..
+    } = ghosted(&redis.url(), prefix).await;
 
     // A graceful stop re-runs no finished work: the outcome no commit settled is on the
     // stream when the worker's shutdown returns (it does not wait out the second).
     worker.shutdown().await;
-    let outcomes = bus.outcomes("Trip", 0);
     assert_eq!(
-        stream_info(&redis.url(), &outcomes).await,
+        stream_info(&redis.url(), &bus.outcomes("Trip", 0)).await,
         (1, 1),
         "the outcome was written at the stop"
     );
     drop(ghost);
 
-    let second = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "b"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
+    let second = next_owner(&redis.url(), prefix).await;
+    // One permit: were the first call run again, the second would never pass.
     let worker = Engine::builder()
         .shared(shared(&redis.url(), prefix, "w2"))
         .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1))))

@@ -44,16 +44,16 @@ pub(crate) struct WorkerCtx {
     pub node: Arc<str>,
     /// Whether outcomes are handed over (the store's commits settle calls: one server).
     pub handoff: bool,
-    /// Set when the engine stops: the outcomes handed over that no commit settled yet
-    /// are written to the stream then, without waiting (see [`handed_over`]).
+    /// Set when the engine stops: the writer finishes, and writes to the stream the
+    /// outcomes handed over that no commit settled yet, without waiting (see [`writer`]).
     pub stopping: tokio::sync::watch::Sender<bool>,
     pub limits: Limits,
     pub visibility: Duration,
 }
 
-/// Starts the pump, writer and keep-alive of one driver; the pool behind `port` runs the
-/// calls. Returns the tasks aborted when the engine shuts down, and the one it waits for
-/// (which settles the outcomes handed over once `stopping` is set).
+/// Starts the pump, writer, checker and keep-alive of one driver; the pool behind `port`
+/// runs the calls. Returns the tasks aborted when the engine shuts down, and the one it
+/// waits for: the writer, which ends once `stopping` is set and what it holds is out.
 pub(crate) fn spawn(
     ctx: Arc<WorkerCtx>,
     meta: &'static DriverMeta,
@@ -79,7 +79,7 @@ pub(crate) fn spawn(
         handed,
     ));
     let pump = tokio::spawn(pump(ctx, meta, stream, port, done_tx, slots, running));
-    (vec![pump, writer, keeper], checker)
+    (vec![pump, keeper, checker], writer)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -262,7 +262,9 @@ const HANDOFF_CHECK: Duration = Duration::from_millis(250);
 const PENDING_PAGE: usize = 4096;
 
 /// Hands outcomes over (one server) or writes them to their shards' streams, then
-/// acknowledges their calls.
+/// acknowledges their calls. When the engine stops, it finishes the batch at hand, writes
+/// what is left in its queue (not handed over), then every handed-over outcome no commit
+/// settled yet (a graceful stop re-runs no finished work), and ends.
 async fn writer(
     ctx: Arc<WorkerCtx>,
     stream: String,
@@ -270,7 +272,20 @@ async fn writer(
     slots: Arc<Semaphore>,
     (running, handed): (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Handed>>),
 ) {
-    while let Some(first) = done.recv().await {
+    let mut stopping = ctx.stopping.subscribe();
+    loop {
+        let stop = *stopping.borrow_and_update();
+        let first = if stop {
+            done.try_recv().ok()
+        } else {
+            tokio::select! {
+                o = done.recv() => o,
+                _ = stopping.changed() => continue,
+            }
+        };
+        let Some(first) = first else {
+            break;
+        };
         let mut batch = vec![first];
         while batch.len() < 256 {
             match done.try_recv() {
@@ -316,7 +331,7 @@ async fn writer(
                     .ok()
                     .map(|()| (channel, Bytes::from(bytes)))
             });
-            match offer {
+            match offer.filter(|_| !stop) {
                 Some(offer) => {
                     offers.push(offer);
                     offered.push((entry, reply_to, out));
@@ -350,6 +365,7 @@ async fn writer(
         }
         slots.add_permits(taken);
     }
+    settle(&ctx, &stream, &running, &handed, true).await;
 }
 
 /// Writes outcomes to their shards' streams, then acknowledges their calls (which leave
@@ -374,89 +390,85 @@ async fn write_outcomes(
     }
 }
 
-/// Settles the handed-over calls: every quarter second, this worker's pending calls are
-/// listed; a handed-over call no longer among them was settled by its commit, and one
-/// still there a second after it was handed over has its outcome written to the stream.
-/// When the engine stops, a last pass writes every one still pending at once (a graceful
-/// stop re-runs no finished work), and the task ends.
+/// Settles the handed-over calls, every quarter second (see [`settle`]).
 async fn handed_over(
     ctx: Arc<WorkerCtx>,
     stream: String,
     running: Arc<Mutex<HashSet<String>>>,
     handed: Arc<Mutex<Handed>>,
 ) {
-    let mut stopping = ctx.stopping.subscribe();
     loop {
-        let finale = *stopping.borrow();
-        if !finale {
-            tokio::select! {
-                () = tokio::time::sleep(HANDOFF_CHECK) => {}
-                _ = stopping.changed() => {}
-            }
-        }
-        let finale = finale || *stopping.borrow();
-        if lock(&handed).is_empty() {
-            if finale {
-                return;
-            }
-            continue;
-        }
-        let pending = match ctx
-            .bus
-            .pending_of(&stream, GROUP, &ctx.node, PENDING_PAGE)
-            .await
-        {
-            Ok(p) => p,
-            // On the last pass every one is written: a copy of an outcome already applied
-            // is settled by its owner as no longer needed.
-            Err(_) if finale => lock(&handed).keys().cloned().collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, "calls handed over not checked yet");
-                continue;
-            }
-        };
-        // A call past the end of a full page is neither settled nor pending as far as
-        // this page shows: it waits for the next check.
-        let last = (pending.len() >= PENDING_PAGE)
-            .then(|| pending.last().and_then(|id| entry_order(id)))
-            .flatten();
-        let pending: HashSet<String> = pending.into_iter().collect();
-        let mut settled = Vec::new();
-        let mut late: Vec<(String, String, Bytes)> = Vec::new();
-        lock(&handed).retain(|entry, (reply_to, out, at)| {
-            if pending.contains(entry) {
-                if !finale && at.elapsed() < HANDOFF_WAIT {
-                    return true;
-                }
-                late.push((entry.clone(), reply_to.clone(), out.clone()));
-                return false;
-            }
-            if last.is_some_and(|last| entry_order(entry).is_none_or(|e| e > last)) {
-                return true;
-            }
-            settled.push(entry.clone());
-            false
-        });
-        {
-            let mut running = lock(&running);
-            for id in &settled {
-                running.remove(id);
-            }
-        }
-        if !late.is_empty() {
-            tracing::debug!(
-                calls = late.len(),
-                "handed-over outcomes not applied within a second; written to the stream"
-            );
-            let (ids, entries): (Vec<String>, Vec<(String, Bytes)>) = late
-                .into_iter()
-                .map(|(entry, reply_to, out)| (entry, (reply_to, out)))
-                .unzip();
-            write_outcomes(&ctx, &stream, &entries, &ids, &running).await;
-        }
-        if finale {
+        tokio::time::sleep(HANDOFF_CHECK).await;
+        settle(&ctx, &stream, &running, &handed, false).await;
+    }
+}
+
+/// One pass over the handed-over calls: this worker's pending calls are listed; a
+/// handed-over call no longer among them was settled by its commit, and one still there
+/// a second after it was handed over (at once on the `last` pass, when the engine stops)
+/// has its outcome written to the stream.
+async fn settle(
+    ctx: &WorkerCtx,
+    stream: &str,
+    running: &Mutex<HashSet<String>>,
+    handed: &Mutex<Handed>,
+    last: bool,
+) {
+    if lock(handed).is_empty() {
+        return;
+    }
+    let pending = match ctx
+        .bus
+        .pending_of(stream, GROUP, &ctx.node, PENDING_PAGE)
+        .await
+    {
+        Ok(p) => p,
+        // On the last pass every one is written: a copy of an outcome already applied is
+        // settled by its owner as no longer needed.
+        Err(_) if last => lock(handed).keys().cloned().collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "calls handed over not checked yet");
             return;
         }
+    };
+    // A call past the end of a full page is neither settled nor pending as far as this
+    // page shows: it waits for the next check.
+    let page_end = (pending.len() >= PENDING_PAGE)
+        .then(|| pending.last().and_then(|id| entry_order(id)))
+        .flatten();
+    let pending: HashSet<String> = pending.into_iter().collect();
+    let mut settled = Vec::new();
+    let mut late: Vec<(String, String, Bytes)> = Vec::new();
+    lock(handed).retain(|entry, (reply_to, out, at)| {
+        if pending.contains(entry) {
+            if !last && at.elapsed() < HANDOFF_WAIT {
+                return true;
+            }
+            late.push((entry.clone(), reply_to.clone(), out.clone()));
+            return false;
+        }
+        if page_end.is_some_and(|end| entry_order(entry).is_none_or(|e| e > end)) {
+            return true;
+        }
+        settled.push(entry.clone());
+        false
+    });
+    {
+        let mut running = lock(running);
+        for id in &settled {
+            running.remove(id);
+        }
+    }
+    if !late.is_empty() {
+        tracing::debug!(
+            calls = late.len(),
+            "handed-over outcomes not applied; written to the stream"
+        );
+        let (ids, entries): (Vec<String>, Vec<(String, Bytes)>) = late
+            .into_iter()
+            .map(|(entry, reply_to, out)| (entry, (reply_to, out)))
+            .unzip();
+        write_outcomes(ctx, stream, &entries, &ids, running).await;
     }
 }
 
