@@ -283,6 +283,35 @@ async fn heartbeats_count_the_live(bus: &RedisBus) {
     assert_eq!(bus.heartbeat("c", TTL).await.unwrap().live, 1);
 }
 
+/// Appends `bodies` to `stream` and delivers them to consumer `o1` of the orchestrators'
+/// group: the entries, pending now.
+async fn delivered(
+    bus: &flowwire_storage::bus::RedisBus,
+    stream: &str,
+    bodies: &[&'static [u8]],
+) -> Vec<flowwire_storage::bus::Entry> {
+    use flowwire_storage::bus::ORCHESTRATORS;
+    bus.ensure_group(stream, ORCHESTRATORS).await.unwrap();
+    for body in bodies {
+        bus.push(&[(stream.to_string(), Bytes::from_static(body))])
+            .await
+            .unwrap();
+    }
+    let mut reader = bus.reader().await.unwrap();
+    let got = reader
+        .read(
+            &[stream.to_string()],
+            ORCHESTRATORS,
+            "o1",
+            10,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), bodies.len());
+    got
+}
+
 /// A step that applies an outcome from its shard's stream acknowledges (and deletes) that
 /// entry in its own write; a step refused (a conflict) leaves it pending.
 async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
@@ -291,25 +320,7 @@ async fn a_commit_settles_the_outcome_it_applies(store: &RedisStore) {
     let key = InstanceKey::new("Order", "o-1");
     let shard = store.shard_of("o-1");
     let stream = bus.outcomes("Order", shard);
-    bus.ensure_group(&stream, ORCHESTRATORS).await.unwrap();
-    bus.push(&[(stream.clone(), Bytes::from_static(b"outcome-1"))])
-        .await
-        .unwrap();
-    bus.push(&[(stream.clone(), Bytes::from_static(b"outcome-2"))])
-        .await
-        .unwrap();
-    let mut reader = bus.reader().await.unwrap();
-    let got = reader
-        .read(
-            std::slice::from_ref(&stream),
-            ORCHESTRATORS,
-            "o1",
-            10,
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
-    assert_eq!(got.len(), 2);
+    let got = delivered(&bus, &stream, &[b"outcome-1", b"outcome-2"]).await;
     assert_eq!(bus.backlog(&stream, ORCHESTRATORS).await.unwrap(), (2, 2));
 
     let mut first = write(&key, Expect::Absent, 1, 1);
@@ -343,24 +354,7 @@ async fn a_commit_settles_the_request_it_applies(store: &RedisStore) {
     let bus = store.bus();
     let key = InstanceKey::new("Order", "o-1");
     let requests = bus.requests("Order", store.shard_of("o-1"));
-    bus.ensure_group(&requests, ORCHESTRATORS).await.unwrap();
-    for body in [&b"start"[..], &b"start again"[..]] {
-        bus.push(&[(requests.clone(), Bytes::copy_from_slice(body))])
-            .await
-            .unwrap();
-    }
-    let mut reader = bus.reader().await.unwrap();
-    let got = reader
-        .read(
-            std::slice::from_ref(&requests),
-            ORCHESTRATORS,
-            "o1",
-            10,
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
-    assert_eq!(got.len(), 2);
+    let got = delivered(&bus, &requests, &[b"start", b"start again"]).await;
     let reply_to = "bus-settle-req:reply:caller".to_string();
     let mut replies = bus.subscribe(&reply_to).await.unwrap();
     let settling = |entry: &str, reply: &'static [u8]| {

@@ -80,6 +80,12 @@ pub(crate) struct Receipt {
 }
 
 impl Receipt {
+    /// An outcome's entry in its shard's outcome stream, which the commit that applies it
+    /// acknowledges (`StepWrite::acknowledges`); `None` for one handed over.
+    pub(crate) fn stream_entry(&self) -> Option<&str> {
+        self.handed_from.is_none().then_some(self.entry.as_str())
+    }
+
     /// The call's entry a handed-over outcome's commit settles, as a bus send.
     pub(crate) fn settles(&self) -> Option<flowwire_storage::record::BusSend> {
         self.handed_from

@@ -38,7 +38,8 @@ pub(crate) struct BusRequest {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl BusRequest {
     pub(crate) fn new(
-        (stream, group): (String, &'static str),
+        stream: String,
+        group: &'static str,
         entry: String,
         reply_to: String,
         applied: Bytes,

@@ -160,8 +160,8 @@ impl<F: Flow> Runner<F> {
             Ack::Outcome(o) => o
                 .receipt
                 .as_ref()
-                .filter(|r| r.handed_from.is_none())
-                .map(|r| std::sync::Arc::from(r.entry.as_str())),
+                .and_then(|r| r.stream_entry())
+                .map(std::sync::Arc::from),
             _ => None,
         };
         let back = written.is_some();

@@ -22,10 +22,11 @@ impl<F: Flow> Runner<F> {
     /// One its worker handed over is not: its call stays pending, and the worker, seeing
     /// that no commit settled it, writes the outcome to the stream, where it is settled.
     pub(super) fn settle(&self, o: &OutcomeMsg) {
-        if let (Some(r), Some(owned)) = (&o.receipt, &self.owned)
-            && r.handed_from.is_none()
-        {
-            let _ = owned.acks.send(r.entry.clone());
+        if let (Some(entry), Some(owned)) = (
+            o.receipt.as_ref().and_then(|r| r.stream_entry()),
+            &self.owned,
+        ) {
+            let _ = owned.acks.send(entry.to_string());
         }
     }
 

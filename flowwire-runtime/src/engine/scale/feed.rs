@@ -106,21 +106,22 @@ pub(crate) async fn pump<F: Flow>(
     acker: Acker,
     sweep: Duration,
 ) {
+    let carries = handoff.is_some();
     let handed = async {
         match handoff {
-            Some(channel) => handed_over(&bus, &channel, &outcomes, limit).await,
+            Some(channel) => take_handoffs(&bus, &channel, &outcomes, limit).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
-        () = read_streams::<F>(&bus, &node, &streams, tx, &outcomes, (limit, server_time), &acker, sweep) => {}
+        () = read_streams::<F>(&bus, &node, &streams, tx, &outcomes, (limit, server_time, carries), &acker, sweep) => {}
         () = handed => {}
     }
 }
 
 /// Feeds the outcomes handed over on `channel` (subscribed again when its connection is
 /// lost; a message lost meanwhile is written to the stream by its worker).
-async fn handed_over(
+async fn take_handoffs(
     bus: &RedisBus,
     channel: &str,
     outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
@@ -162,7 +163,7 @@ async fn read_streams<F: Flow>(
     streams: &[String; 2],
     tx: mpsc::Sender<Msg<F>>,
     outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
-    (limit, server_time): (usize, ServerTime),
+    (limit, server_time, carries): (usize, ServerTime, bool),
     acker: &Acker,
     sweep: Duration,
 ) {
@@ -172,6 +173,7 @@ async fn read_streams<F: Flow>(
         outcomes: outcomes.clone(),
         limit,
         server_time,
+        carries,
         acker: acker.clone(),
     };
     let mut failures = 0u32;
@@ -290,6 +292,9 @@ struct Feed<F: Flow> {
     outcomes: mpsc::UnboundedSender<OutcomeMsg>,
     limit: usize,
     server_time: ServerTime,
+    /// Whether the store's commits carry bus messages (one server): a request's step then
+    /// replies to it and settles it.
+    carries: bool,
     acker: Acker,
 }
 
@@ -330,15 +335,17 @@ impl<F: Flow> Feed<F> {
         let stream = self.streams[0].clone();
         let tx = self.tx.clone();
         let limit = self.limit;
-        // What the step that applies it needs to reply and settle it in its own commit.
+        // What the step that applies it needs to reply and settle it in its own commit
+        // (only where commits carry bus messages).
         let applied = Reply {
             req: request.req,
             result: Ok(()),
         };
         let mut out = Vec::new();
-        let via = codec::encode_raw(&applied, &mut out).ok().map(|()| {
+        let via = (self.carries && codec::encode_raw(&applied, &mut out).is_ok()).then(|| {
             Arc::new(BusRequest::new(
-                (stream.clone(), GROUP),
+                stream.clone(),
+                GROUP,
                 e.id.clone(),
                 request.reply_to.clone(),
                 out.into(),

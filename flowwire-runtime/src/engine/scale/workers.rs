@@ -320,7 +320,7 @@ async fn writer(
                 handoff,
                 ..
             } = *receipt;
-            let offer = handoff.and_then(|channel| {
+            let offer = handoff.filter(|_| !stop).and_then(|channel| {
                 let msg = Handoff {
                     jobs: stream.clone(),
                     entry: entry.clone(),
@@ -331,7 +331,7 @@ async fn writer(
                     .ok()
                     .map(|()| (channel, Bytes::from(bytes)))
             });
-            match offer.filter(|_| !stop) {
+            match offer {
                 Some(offer) => {
                     offers.push(offer);
                     offered.push((entry, reply_to, out));
