@@ -438,14 +438,15 @@ async fn settle(
         .flatten();
     let pending: HashSet<String> = pending.into_iter().collect();
     let mut settled = Vec::new();
+    // A late one stays on the list until it is written: a pass cut short (the checker is
+    // stopped with the engine) leaves it for the writer's last pass.
     let mut late: Vec<(String, String, Bytes)> = Vec::new();
     lock(handed).retain(|entry, (reply_to, out, at)| {
         if pending.contains(entry) {
-            if !last && at.elapsed() < HANDOFF_WAIT {
-                return true;
+            if last || at.elapsed() >= HANDOFF_WAIT {
+                late.push((entry.clone(), reply_to.clone(), out.clone()));
             }
-            late.push((entry.clone(), reply_to.clone(), out.clone()));
-            return false;
+            return true;
         }
         if page_end.is_some_and(|end| entry_order(entry).is_none_or(|e| e > end)) {
             return true;
@@ -469,6 +470,10 @@ async fn settle(
             .map(|(entry, reply_to, out)| (entry, (reply_to, out)))
             .unzip();
         write_outcomes(ctx, stream, &entries, &ids, running).await;
+        let mut handed = lock(handed);
+        for id in &ids {
+            handed.remove(id);
+        }
     }
 }
 
