@@ -48,6 +48,50 @@ pub async fn run_all(tier: &dyn BlobTier, prefix: &str, sizes: &[usize]) {
     every_instance_id_has_a_blob_of_its_own(tier, prefix).await;
     bad_keys_are_refused_before_any_io(tier).await;
     concurrent_puts_of_distinct_keys_all_land(tier, prefix).await;
+    a_range_reads_those_bytes_and_stops_at_the_end(tier, prefix).await;
+}
+
+/// A ranged read gives exactly the bytes asked for, fewer where the blob ends first, none
+/// from past its end, and `None` for a missing key.
+pub async fn a_range_reads_those_bytes_and_stops_at_the_end(tier: &dyn BlobTier, prefix: &str) {
+    let key = format!("{prefix}/range");
+    let data = pattern(300_000, 7);
+    tier.put_bytes(&key, data.clone()).await.expect("put");
+    for (offset, len) in [
+        (0u64, 300_000u64),
+        (0, 1),
+        (1, 10),
+        (131_072, 65_536),
+        (299_999, 1),
+        (299_990, 100),
+        (300_000, 5),
+        (400_000, 5),
+        (5, 0),
+        (0, u64::MAX),
+        (u64::MAX - 1, 2),
+    ] {
+        let got = tier
+            .get_range(&key, offset, len)
+            .await
+            .unwrap_or_else(|e| panic!("range {offset}+{len} failed: {e}"))
+            .unwrap_or_else(|| panic!("range {offset}+{len} of a stored blob read as none"));
+        let (start, end) = super::clamp(data.len(), offset, len);
+        assert!(
+            got == data.slice(start..end),
+            "range {offset}+{len}: {} bytes read, {} expected",
+            got.len(),
+            end - start
+        );
+    }
+    let missing = format!("{prefix}/range-missing");
+    assert!(
+        tier.get_range(&missing, 0, 10)
+            .await
+            .expect("range of a missing key")
+            .is_none(),
+        "a range of a missing key reads as none"
+    );
+    tier.delete(&key).await.expect("delete");
 }
 
 /// Every size in `sizes` is stored and read back byte for byte, then deleted.

@@ -144,6 +144,38 @@ impl BlobTier for FsTier {
         })
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        self.blocking(key, move |path| {
+            use std::os::unix::fs::FileExt;
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // The buffer is sized by the file, never by the caller's length alone.
+            let size = f.metadata()?.len();
+            let (start, end) =
+                super::clamp(usize::try_from(size).unwrap_or(usize::MAX), offset, len);
+            let mut buf = vec![0u8; end - start];
+            let mut at = 0;
+            while at < buf.len() {
+                match f.read_at(&mut buf[at..], (start + at) as u64) {
+                    Ok(0) => break, // the file shrank meanwhile
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(at);
+            Ok(Some(Bytes::from(buf)))
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         self.blocking(key, |path| match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),

@@ -94,12 +94,40 @@ pub trait BlobTier: Send + Sync + 'static {
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>>;
 
+    /// Reads `len` bytes of the blob under `key` from byte `offset`: fewer when the blob
+    /// ends first, none from past its end. `Ok(None)` when there is no blob. A chunk in a
+    /// pack is read this way; the default reads the whole blob and keeps the range, a tier
+    /// that can read a range by itself (a file, Redis, S3) overrides it.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        Box::pin(async move {
+            Ok(self.get(key, None).await?.map(|b| {
+                let (start, end) = clamp(b.len(), offset, len);
+                b.slice(start..end)
+            }))
+        })
+    }
+
     /// Deletes the blob under `key`, if there is one.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>>;
 
     /// Whether every process of a deployment sees the same blobs (S3, Redis, a mount that
     /// every node shares). A node-local tier cannot serve several processes.
     fn is_shared(&self) -> bool;
+}
+
+/// The part of a blob of `total` bytes that a read of `len` bytes from `offset` covers, as
+/// indexes into it.
+pub(crate) fn clamp(total: usize, offset: u64, len: u64) -> (usize, usize) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(total);
+    let end = usize::try_from(offset.saturating_add(len))
+        .unwrap_or(usize::MAX)
+        .min(total);
+    (start, end)
 }
 
 /// Conveniences on every tier.

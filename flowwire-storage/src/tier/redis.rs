@@ -88,6 +88,40 @@ impl BlobTier for RedisTier {
         })
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        Box::pin(async move {
+            let key = self.key(key)?;
+            let mut c = self.conn().await?;
+            if len == 0 {
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| redis_error(&e))?;
+                return Ok(exists.then(Bytes::new));
+            }
+            // `GETRANGE` ends inclusively and reads a missing key as empty: an empty answer
+            // is told apart by `EXISTS`, in the same round trip.
+            let last = offset.saturating_add(len - 1).min(i64::MAX as u64);
+            let (v, exists): (Vec<u8>, bool) = redis::pipe()
+                .cmd("GETRANGE")
+                .arg(&key)
+                .arg(offset.min(i64::MAX as u64))
+                .arg(last)
+                .cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| redis_error(&e))?;
+            Ok(exists.then(|| Bytes::from(v)))
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         Box::pin(async move {
             let key = self.key(key)?;

@@ -453,6 +453,55 @@ impl BlobTier for S3Tier {
         })
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(self.get(key, None).await?.map(|_| Bytes::new()));
+            }
+            let object = self.object_key(key)?;
+            let got = self
+                .client()
+                .await
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&object)
+                .range(format!("bytes={offset}-{}", offset.saturating_add(len - 1)))
+                .send()
+                .await;
+            let mut out = match got {
+                Ok(out) => out,
+                Err(e)
+                    if e.as_service_error().is_some_and(
+                        aws_sdk_s3::operation::get_object::GetObjectError::is_no_such_key,
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                // 416: the object exists and ends before `offset`.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                    return Ok(Some(Bytes::new()));
+                }
+                Err(e) => return Err(sdk_error(&e)),
+            };
+            // At most `len` bytes, whatever the server sends.
+            let cap = usize::try_from(len).unwrap_or(usize::MAX);
+            let mut buf = Vec::with_capacity(cap.min(64 << 20));
+            while let Some(chunk) = out.body.next().await {
+                let chunk = chunk.map_err(|e| TierError::unavailable("s3", e))?;
+                buf.extend_from_slice(&chunk[..chunk.len().min(cap - buf.len())]);
+                if buf.len() >= cap {
+                    break;
+                }
+            }
+            Ok(Some(Bytes::from(buf)))
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         Box::pin(async move {
             let key = self.object_key(key)?;
