@@ -165,6 +165,7 @@ fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
                 .seal(
                     &s.draft,
                     prev,
+                    None,
                     Retention::All,
                     &mut scratch.out,
                     &mut scratch.arena,
@@ -364,6 +365,7 @@ fn bytes_per_step<F: flowwire::Flow>(
         .seal(
             &first.draft,
             None,
+            None,
             Retention::All,
             &mut scratch.out,
             &mut scratch.arena,
@@ -381,6 +383,7 @@ fn bytes_per_step<F: flowwire::Flow>(
                 .seal(
                     &s.draft,
                     Some((&placed, Some(&inst.record().state))),
+                    None,
                     Retention::All,
                     &mut scratch.out,
                     &mut scratch.arena,

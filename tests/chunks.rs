@@ -115,20 +115,35 @@ async fn a_small_change_to_a_large_state_writes_only_the_chunks_around_it() {
         "the encoded state: length and bytes"
     );
     assert_eq!(
-        layout.state.chunks, first,
-        "the first step writes each chunk of the state once"
+        (layout.state.blobs, first),
+        (1, 1),
+        "the first step writes the state's chunks as one pack"
     );
-    assert!((4..=16).contains(&first), "{first} chunks for 4 MiB");
+    let chunks = layout.state.chunks;
+    assert!((4..=16).contains(&chunks), "{chunks} chunks for 4 MiB");
+    assert_eq!(
+        std::fs::metadata(&chunk_files(&dir.join("disk"))[0])
+            .unwrap()
+            .len(),
+        STATE as u64 + 4,
+        "each chunk once, back to back"
+    );
 
     let mut expect = data.to_vec();
     for (i, at) in [5_000u32, 1_500_000, 4_000_000].into_iter().enumerate() {
-        let before = chunk_files(&dir.join("disk")).len();
+        let before = chunk_files(&dir.join("disk"));
         quilt.patch(at, 500, i as u8).await.unwrap();
         expect[at as usize..at as usize + 500].fill(i as u8);
-        let written = chunk_files(&dir.join("disk")).len() - before;
+        let new: Vec<_> = chunk_files(&dir.join("disk"))
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        assert_eq!(new.len(), 1, "a step writes one pack");
+        let written = std::fs::metadata(&new[0]).unwrap().len();
+        // The chunk or two around the change (512 KiB on average), not the state.
         assert!(
-            (1..=3).contains(&written),
-            "a 500-byte change wrote {written} chunks"
+            written <= STATE as u64 / 4,
+            "a 500-byte change wrote {written} bytes"
         );
     }
     assert_eq!(quilt.digest().await.unwrap(), (STATE, fnv(&expect)));
@@ -168,8 +183,9 @@ async fn chunks_no_record_or_kept_history_refers_to_are_swept() {
             quilt.patch(i * 500_000, 300, 1).await.unwrap();
         }
         let layout = engine.layout::<Quilt>("s", 10).await.unwrap();
-        // Random bytes: every chunk of the state is distinct, and it is all that is kept.
-        expect_files(dir, layout.state.chunks).await;
+        // Random bytes: every chunk of the state is distinct, and the packs holding them
+        // are all that is kept.
+        expect_files(dir, layout.state.blobs).await;
         engine.shutdown().await;
     }
 }
@@ -232,19 +248,28 @@ async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let engine = self::engine(dir, Retention::None).await;
-        engine
-            .start::<Quilt>(
-                "d",
-                QuiltState {
-                    data: chunk_noise(STATE, 4).into(),
-                },
-            )
-            .await
-            .unwrap();
+        for (id, seed) in [("d", 4), ("e", 5)] {
+            engine
+                .start::<Quilt>(
+                    id,
+                    QuiltState {
+                        data: chunk_noise(STATE, seed).into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
         engine.shutdown().await;
         drop(engine);
+        // The pack of `d`'s state, and one of another instance's to swap in.
         let files = chunk_files(&dir.join("disk"));
-        damage(&files[files.len() / 2], &files[0]);
+        let of = |id: &str| {
+            files
+                .iter()
+                .find(|f| f.to_string_lossy().contains(&format!("Quilt@{id}@")))
+                .unwrap_or_else(|| panic!("a pack of {id} in {files:?}"))
+        };
+        damage(of("d"), of("e"));
 
         let engine = self::engine(dir, Retention::None).await;
         let err = match engine.handle::<Quilt>("d").await {
@@ -259,7 +284,7 @@ async fn a_damaged_chunk_is_a_typed_error_naming_instance_tier_and_key() {
         };
         assert_eq!((instance.as_str(), tier.as_str()), ("Quilt/d", "disk"));
         assert!(
-            key.starts_with("Quilt/d/") && key.contains(".sk-"),
+            key.starts_with("Quilt/d/") && key.contains(".sp-"),
             "{name}: {key}"
         );
         assert!(err.to_string().contains(key.as_str()), "{err}");

@@ -2,10 +2,12 @@
 //!
 //! A [`Payload`] is the bytes themselves (inline in the record), a [`BlobRef`] (the tier
 //! that holds it, its key there, its length and its CRC-32), or, for a large one, a
-//! manifest of content-defined chunks ([`Chunked`], see [`crate::chunk`]), each a blob. The blob itself is
-//! framed with a small header that repeats the length and checksum and names its own key,
-//! so a blob read back is checked three ways — against its header, against the reference
-//! in the record, and against its own key — before a single byte reaches user code.
+//! manifest of content-defined chunks ([`Chunked`], see [`crate::chunk`]) stored in packs.
+//! A blob is framed with a small header that repeats the length and checksum and names its
+//! own key, so a blob read back is checked three ways — against its header, against the
+//! reference in the record, and against its own key — before a single byte reaches user
+//! code. A pack has no frame: it is read by ranges, and each chunk in it is checked against
+//! the manifest's length, CRC-32 and BLAKE3 hash.
 //!
 //! ```text
 //! "FWB" 1 | body length u64 LE | body crc32 u32 LE | key length u16 LE | key | body
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::Chunked;
+use crate::chunk::{ChunkRef, ChunkRefV8, Chunked};
 use crate::record::InstanceKey;
 
 /// Where a payload lives.
@@ -30,7 +32,7 @@ pub enum Payload {
     Inline(Bytes),
     /// In a blob on a tier.
     Blob(BlobRef),
-    /// In content-addressed chunks on a tier (one blob each).
+    /// In content-addressed chunks on a tier (in packs, or one blob each before format 10).
     Chunked(Chunked),
 }
 
@@ -98,28 +100,45 @@ impl Payload {
 
 impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // As `derive` writes the variants of `PayloadForm`.
+        // As `derive` writes the variants of `PayloadForm`: a manifest without packs in the
+        // form of the format that introduced it (byte for byte as that format stored it).
         match self {
             Payload::Inline(b) => s.serialize_newtype_variant("Payload", 0, "Inline", b),
             Payload::Blob(r) => s.serialize_newtype_variant("Payload", 1, "Blob", r),
-            Payload::Chunked(c) if c.inline.is_empty() => s.serialize_newtype_variant(
+            Payload::Chunked(c) if c.without_packs() && c.inline.is_empty() => s
+                .serialize_newtype_variant(
+                    "Payload",
+                    2,
+                    "Chunked",
+                    &ChunkedV8Ref {
+                        tier: &c.tier,
+                        role: c.role,
+                        len: c.len,
+                        chunks: OwnChunks(&c.chunks),
+                    },
+                ),
+            Payload::Chunked(c) if c.without_packs() => s.serialize_newtype_variant(
                 "Payload",
-                2,
-                "Chunked",
-                &ChunkedV8Ref {
+                3,
+                "ChunkedInline",
+                &ChunkedV9Ref {
                     tier: &c.tier,
                     role: c.role,
                     len: c.len,
-                    chunks: &c.chunks,
+                    chunks: OwnChunks(&c.chunks),
+                    inline: &c.inline,
                 },
             ),
-            Payload::Chunked(c) => s.serialize_newtype_variant("Payload", 3, "ChunkedInline", c),
+            Payload::Chunked(c) => s.serialize_newtype_variant("Payload", 4, "Packed", c),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Payload, D::Error> {
+        let own = |chunks: Vec<ChunkRefV8>| -> Arc<[ChunkRef]> {
+            chunks.into_iter().map(ChunkRef::from).collect()
+        };
         Ok(match PayloadForm::deserialize(d)? {
             PayloadForm::Inline(b) => Payload::Inline(b),
             PayloadForm::Blob(r) => Payload::Blob(r),
@@ -127,10 +146,17 @@ impl<'de> Deserialize<'de> for Payload {
                 tier: c.tier,
                 role: c.role,
                 len: c.len,
-                chunks: c.chunks,
+                chunks: own(c.chunks),
                 inline: Arc::from([]),
             }),
-            PayloadForm::ChunkedInline(c) => Payload::Chunked(c),
+            PayloadForm::ChunkedInline(c) => Payload::Chunked(Chunked {
+                tier: c.tier,
+                role: c.role,
+                len: c.len,
+                chunks: own(c.chunks),
+                inline: c.inline,
+            }),
+            PayloadForm::Packed(c) => Payload::Chunked(c),
         })
     }
 }
@@ -141,16 +167,18 @@ enum PayloadForm {
     Inline(Bytes),
     Blob(BlobRef),
     Chunked(ChunkedV8),
-    ChunkedInline(Chunked),
+    ChunkedInline(ChunkedV9),
+    /// Record format 10: chunks may be in packs.
+    Packed(Chunked),
 }
 
-/// A manifest as record format 8 stores it (no inline chunks).
+/// A manifest as record format 8 stores it (no inline chunks, each chunk its own blob).
 #[derive(Deserialize)]
 struct ChunkedV8 {
     tier: Arc<str>,
     role: char,
     len: u64,
-    chunks: Arc<[crate::chunk::ChunkRef]>,
+    chunks: Vec<ChunkRefV8>,
 }
 
 /// [`ChunkedV8`], to write.
@@ -159,7 +187,37 @@ struct ChunkedV8Ref<'a> {
     tier: &'a Arc<str>,
     role: char,
     len: u64,
-    chunks: &'a Arc<[crate::chunk::ChunkRef]>,
+    chunks: OwnChunks<'a>,
+}
+
+/// A manifest as record format 9 stores it (inline chunks, each other chunk its own blob).
+#[derive(Deserialize)]
+struct ChunkedV9 {
+    tier: Arc<str>,
+    role: char,
+    len: u64,
+    chunks: Vec<ChunkRefV8>,
+    inline: Arc<[Bytes]>,
+}
+
+/// [`ChunkedV9`], to write.
+#[derive(Serialize)]
+struct ChunkedV9Ref<'a> {
+    tier: &'a Arc<str>,
+    role: char,
+    len: u64,
+    chunks: OwnChunks<'a>,
+    inline: &'a Arc<[Bytes]>,
+}
+
+/// Chunks none of which is in a pack (`Chunked::without_packs`), written as formats 8
+/// and 9 write them.
+struct OwnChunks<'a>(&'a [ChunkRef]);
+
+impl Serialize for OwnChunks<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(ChunkRef::v8))
+    }
 }
 
 /// A reference to a blob: which tier holds it, under which key, and what it must contain.
@@ -178,12 +236,20 @@ pub struct BlobRef {
 impl Chunked {
     /// The blob reference of `chunk` of this payload of `instance` (to fetch, retire or
     /// delete it).
-    pub fn blob_of(&self, instance: &InstanceKey, chunk: &crate::chunk::ChunkRef) -> BlobRef {
+    ///
+    /// A pack's reference names the pack alone (length and CRC 0, the same for every chunk
+    /// in it): it serves to retire and delete the pack; its chunks are read by range.
+    pub fn blob_of(&self, instance: &InstanceKey, chunk: &ChunkRef) -> BlobRef {
+        let (len, crc) = if chunk.in_pack() {
+            (0, 0)
+        } else {
+            (u64::from(chunk.len), chunk.crc)
+        };
         BlobRef {
             tier: self.tier.clone(),
             key: self.key_of(instance, chunk).into(),
-            len: u64::from(chunk.len),
-            crc: chunk.crc,
+            len,
+            crc,
         }
     }
 }

@@ -106,9 +106,10 @@ impl Kind {
             // retry steps) and typed failures; 8 (records) and 7 (history) = payloads may be
             // manifests of chunks (a build that does not know them refuses the record as of an
             // unknown format instead of failing to decode it); 9 (records) and 8 (history) =
-            // manifests may hold small chunks inline. All are read.
-            Kind::Record => 9,
-            Kind::History => 8,
+            // manifests may hold small chunks inline; 10 (records) and 9 (history) = chunks
+            // may be in packs. All are read.
+            Kind::Record => 10,
+            Kind::History => 9,
             Kind::State => 1,
         }
     }

@@ -19,11 +19,14 @@ pub struct Piece {
     pub tier: Arc<str>,
     /// The payload's length in bytes.
     pub bytes: u64,
-    /// The blob's key on its tier (`None` when inline; a chunked payload's first chunk in a
-    /// blob).
+    /// The blob's key on its tier (`None` when inline; for a chunked payload, the blob of
+    /// its first chunk that is not inline).
     pub key: Option<Arc<str>>,
     /// How many chunks hold it (0 unless it is chunked).
     pub chunks: usize,
+    /// How many blobs on its tier hold those chunks: packs, or chunks of their own (0
+    /// unless it is chunked).
+    pub blobs: usize,
 }
 
 impl Piece {
@@ -44,12 +47,14 @@ impl Piece {
                 bytes: b.len() as u64,
                 key: None,
                 chunks: 0,
+                blobs: 0,
             },
             Payload::Blob(r) => Piece {
                 tier: r.tier.clone(),
                 bytes: r.len,
                 key: Some(r.key.clone()),
                 chunks: 0,
+                blobs: 0,
             },
             Payload::Chunked(c) => Piece {
                 tier: c.tier.clone(),
@@ -60,6 +65,7 @@ impl Piece {
                     .find(|ch| !ch.is_inline())
                     .map(|first| c.key_of(instance, first).into()),
                 chunks: c.chunks.len(),
+                blobs: c.distinct().count(),
             },
         }
     }

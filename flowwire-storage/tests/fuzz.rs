@@ -118,6 +118,8 @@ fn fuzz_a_chunk_manifest_behind_the_checksum() {
         seq,
         len,
         crc: 9,
+        pack: 0,
+        at: 0,
     };
     r.record.state = Payload::Chunked(Chunked {
         tier: "fs".into(),
@@ -144,20 +146,47 @@ fn fuzz_a_chunk_manifest_behind_the_checksum() {
     });
     let mut inline_seed = Vec::new();
     codec::encode_raw(&with_inline, &mut inline_seed).unwrap();
-    fuzz_bounded("chunk manifest", &[seed, inline_seed], |input| {
-        if let Ok(r) = codec::decode_raw::<PlacedRecord>(input, LIMIT)
-            && let Payload::Chunked(c) = &r.record.state
-        {
-            assert!(
-                c.chunks.len() <= input.len(),
-                "no more chunks than input bytes"
-            );
-            assert!(
-                c.inline.iter().map(Bytes::len).sum::<usize>() <= input.len(),
-                "no more inline bytes than input bytes"
-            );
-        }
+    // And one with chunks in a pack (record format 10).
+    let mut packed = r.clone();
+    packed.record.state = Payload::Chunked(Chunked {
+        tier: "fs".into(),
+        role: 's',
+        len: 250_000,
+        chunks: vec![
+            ChunkRef {
+                pack: 0xfeed,
+                at: 0,
+                ..chunk(5, 100_000)
+            },
+            ChunkRef {
+                pack: 0xfeed,
+                at: 100_000,
+                ..chunk(6, 150_000)
+            },
+        ]
+        .into(),
+        inline: std::sync::Arc::default(),
     });
+    let mut packed_seed = Vec::new();
+    codec::encode_raw(&packed, &mut packed_seed).unwrap();
+    fuzz_bounded(
+        "chunk manifest",
+        &[seed, inline_seed, packed_seed],
+        |input| {
+            if let Ok(r) = codec::decode_raw::<PlacedRecord>(input, LIMIT)
+                && let Payload::Chunked(c) = &r.record.state
+            {
+                assert!(
+                    c.chunks.len() <= input.len(),
+                    "no more chunks than input bytes"
+                );
+                assert!(
+                    c.inline.iter().map(Bytes::len).sum::<usize>() <= input.len(),
+                    "no more inline bytes than input bytes"
+                );
+            }
+        },
+    );
 }
 
 #[test]

@@ -162,6 +162,7 @@ impl Engine {
             .seal(
                 &draft,
                 None,
+                None,
                 Retention::All,
                 &mut scratch.out,
                 &mut scratch.arena,

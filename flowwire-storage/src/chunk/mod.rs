@@ -1,34 +1,45 @@
-//! Large payloads as content-defined chunks under content-addressed keys.
+//! Large payloads as content-defined chunks, addressed by their content and stored in
+//! packs.
 //!
 //! A payload at or above the ladder's chunking threshold is cut into chunks by their content
-//! ([`cdc`]; the tier's [`ChunkSize`]: around 512 KiB on local tiers, 4 MiB on S3, where each
-//! chunk is a request), and the payload becomes a manifest,
-//! [`Chunked`]: for each chunk its BLAKE3 hash, length, CRC-32 and the step that first wrote
-//! it. The chunks live on the tier the payload's whole size selects, each a framed blob under
+//! ([`cdc`]; the tier's [`ChunkSize`]: around 512 KiB on local tiers, 4 MiB on S3), and the
+//! payload becomes a manifest, [`Chunked`]: for each chunk its BLAKE3 hash, length, CRC-32,
+//! the step that first wrote it, and its place. The new chunks of a payload at a step are
+//! written back to back as one blob, the step's *pack*, on the tier the payload's whole size
+//! selects, under
 //!
 //! ```text
-//! flow/id/<step that wrote it>.<role>k-<first 128 bits of its BLAKE3, hex>
+//! flow/id/<step that wrote it>.<role>p-<64-bit nonce, hex>
 //! ```
 //!
-//! so a key names its bytes: "a committed key is never written with other bytes" holds by
-//! construction (a retried step writes the same bytes again; a stale writer with other bytes
-//! writes another key).
+//! and a chunk's place is its pack's nonce and its offset there (a run of chunks of one
+//! pack is read with one ranged read). One blob, created and fsynced once, costs less than
+//! one per chunk, and a new blob's bytes can be written as they are while they are being
+//! cut (`Placement::cut_and_put`). The nonce is fresh for every pack written, so "a
+//! committed key is never written with other bytes" holds by construction (a retried step
+//! writes a new pack; a stale writer writes another key). Every chunk is checked against
+//! its length, CRC-32 and BLAKE3 hash, which its manifest holds, on every read: bytes that
+//! are not the chunk's are refused whatever blob they come from.
+//!
+//! Records of formats 8 and 9 stored each chunk as a framed blob of its own, under
+//! `flow/id/<step>.<role>k-<first 128 bits of its BLAKE3, hex>` ([`chunk_key`]); their
+//! chunks have the place [`OWN`] and are read as they were.
 //!
 //! # What a step writes
 //! The state of a step is split against the previous record's ([`split`]): the unchanged
 //! prefix and suffix are found by comparing bytes, the chunks inside them are the previous
 //! ones, and only the changed middle is cut and hashed again, until a cut falls on an old
-//! boundary. A new chunk whose hash the previous manifest holds keeps its key. So a step that
-//! changes a few bytes of a 32 MiB state writes one or two chunks and a manifest of about
-//! 11 KiB, and history snapshots share every chunk they have in common.
+//! boundary. A new chunk whose hash the previous manifest holds keeps its place. So a step
+//! that changes a few bytes of a 32 MiB state writes a pack of one or two chunks and a
+//! manifest of about 11 KiB, and history snapshots share every chunk they have in common.
 //!
 //! # Why the writing step is in the key
-//! Chunks are collected like blobs (the record's `retired` and `trash`). A key can only be
-//! shared with the previous record's payload of the same role, so every key is live for one
-//! unbroken run of steps: once dropped it is never referred to again, and a delete still in
-//! flight can never remove a chunk a later step wrote again (content that comes back gets a
-//! key with the new step in it). Without the step, an edit and its undo would race the
-//! sweep of the first against the write of the second.
+//! Packs are collected like blobs (the record's `retired` and `trash`): a pack is dropped
+//! once the payload that replaces one referring to it refers to none of its chunks
+//! ([`Chunked::dropped_by`]). Chunks are only shared with the previous record's payload of
+//! the same role, so every pack is live for one unbroken run of steps: once dropped it is
+//! never referred to again, and a delete still in flight can never remove a pack a later
+//! step wrote (content that comes back is written to that step's own pack).
 
 pub mod cdc;
 pub mod parallel;
@@ -49,6 +60,10 @@ use crate::record::InstanceKey;
 /// instead of a blob. No step has this number (steps count up from 0 by one).
 pub const INLINE: u64 = u64::MAX;
 
+/// The pack of a chunk that is a blob of its own (records of formats 8 and 9 wrote only
+/// those): its key names its content ([`chunk_key`]).
+pub const OWN: u64 = 0;
+
 /// One chunk of a [`Chunked`] payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkRef {
@@ -58,8 +73,90 @@ pub struct ChunkRef {
     pub seq: u64,
     /// Its length in bytes.
     pub len: u32,
-    /// Its CRC-32 (checked against the blob's frame).
+    /// Its CRC-32 (checked on every read).
     pub crc: u32,
+    /// The pack holding it: the nonce in the key of the blob its step wrote the new chunks
+    /// of the payload into ([`pack_key`]), or [`OWN`] for a chunk stored as a blob of its own.
+    pub pack: u64,
+    /// Where its bytes start in its pack (0 for a chunk of its own).
+    pub at: u64,
+}
+
+/// A chunk as records of formats 8 and 9 store it (each chunk a blob of its own).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct ChunkRefV8 {
+    pub hash: [u8; 32],
+    pub seq: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+impl From<ChunkRefV8> for ChunkRef {
+    fn from(c: ChunkRefV8) -> ChunkRef {
+        ChunkRef {
+            hash: c.hash,
+            seq: c.seq,
+            len: c.len,
+            crc: c.crc,
+            pack: OWN,
+            at: 0,
+        }
+    }
+}
+
+impl ChunkRef {
+    /// The chunk of `body` (step 0, not placed in any pack yet): what a cut knows.
+    pub fn of(body: &[u8]) -> ChunkRef {
+        ChunkRef {
+            hash: *blake3::hash(body).as_bytes(),
+            seq: 0,
+            len: u32::try_from(body.len()).expect("a chunk is at most 64 MiB"),
+            crc: crc32fast::hash(body),
+            pack: OWN,
+            at: 0,
+        }
+    }
+
+    /// The chunk as formats 8 and 9 store it (for a chunk that is a blob of its own: its
+    /// place is not kept).
+    pub(crate) fn v8(&self) -> ChunkRefV8 {
+        ChunkRefV8 {
+            hash: self.hash,
+            seq: self.seq,
+            len: self.len,
+            crc: self.crc,
+        }
+    }
+
+    /// The blob holding it: its pack's `(step, nonce)`, or its own `(step, hash)`.
+    fn home(&self) -> (u64, u64, Option<[u8; 32]>) {
+        if self.pack == OWN {
+            (self.seq, OWN, Some(self.hash))
+        } else {
+            (self.seq, self.pack, None)
+        }
+    }
+}
+
+/// A fresh pack nonce: never [`OWN`], and (64 random-looking bits seeded per process,
+/// a counter under them) never the same twice in a process and as good as never across
+/// processes for the same instance and step, so a pack key is written once.
+pub fn pack_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let nonce = SEED.get_or_init(std::hash::RandomState::new).hash_one(n);
+    if nonce == OWN { 1 } else { nonce }
+}
+
+/// The key of a pack: `flow/id/seq.<role>p-<nonce, 16 hex digits>`.
+pub fn pack_key(instance: &InstanceKey, seq: u64, role: char, nonce: u64) -> String {
+    let mut key = String::with_capacity(instance.flow.len() + 200);
+    instance.write_prefix(&mut key);
+    let _ = write!(key, "/{seq}.{role}p-{nonce:016x}");
+    key
 }
 
 /// A payload stored as content-defined chunks: its manifest.
@@ -85,35 +182,51 @@ impl ChunkRef {
     pub fn is_inline(&self) -> bool {
         self.seq == INLINE
     }
+
+    /// Whether it is stored in a pack (with other chunks of its step).
+    pub fn in_pack(&self) -> bool {
+        self.pack != OWN
+    }
 }
 
 impl Chunked {
-    /// The key of `chunk` of this payload of `instance`.
+    /// The key of the blob holding `chunk` of this payload of `instance`: its pack, or its
+    /// own.
     pub fn key_of(&self, instance: &InstanceKey, chunk: &ChunkRef) -> String {
-        chunk_key(instance, chunk.seq, self.role, &chunk.hash)
+        if chunk.in_pack() {
+            pack_key(instance, chunk.seq, self.role, chunk.pack)
+        } else {
+            chunk_key(instance, chunk.seq, self.role, &chunk.hash)
+        }
     }
 
-    /// Every chunk stored in a blob once, in order of first appearance (inline chunks
-    /// are not: the record holds them).
+    /// One chunk of each blob the payload's chunks are stored in (a pack, or a chunk's
+    /// own), in order of first appearance (inline chunks are not: the record holds them).
     pub fn distinct(&self) -> impl Iterator<Item = &ChunkRef> {
         let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
         self.chunks
             .iter()
-            .filter(move |c| !c.is_inline() && seen.insert((c.seq, c.hash)))
+            .filter(move |c| !c.is_inline() && seen.insert(c.home()))
     }
 
-    /// The chunks of this payload that `other` (a payload of the same instance) does not
-    /// refer to, each once: what a record that replaces `self` by `other` stops referring
-    /// to. (Their blob references: `Payload::dropped_by`.)
+    /// The blobs of this payload that `other` (a payload of the same instance) does not
+    /// refer to, one chunk of each: what a record that replaces `self` by `other` stops
+    /// referring to. A pack is kept while `other` refers to any chunk in it. (Their blob
+    /// references: `Payload::dropped_by`.)
     pub fn dropped_by<'a>(&'a self, other: Option<&Chunked>) -> impl Iterator<Item = &'a ChunkRef> {
-        let kept: std::collections::HashSet<(u64, [u8; 32])> = match other {
+        let kept: std::collections::HashSet<(u64, u64, Option<[u8; 32]>)> = match other {
             Some(o) if o.tier == self.tier && o.role == self.role => {
-                o.chunks.iter().map(|c| (c.seq, c.hash)).collect()
+                o.chunks.iter().map(ChunkRef::home).collect()
             }
             _ => std::collections::HashSet::default(),
         };
-        self.distinct()
-            .filter(move |c| !kept.contains(&(c.seq, c.hash)))
+        self.distinct().filter(move |c| !kept.contains(&c.home()))
+    }
+
+    /// Whether every chunk is inline or a blob of its own: the manifest is stored as
+    /// formats 8 and 9 store it.
+    pub(crate) fn without_packs(&self) -> bool {
+        self.chunks.iter().all(|c| !c.in_pack())
     }
 }
 
@@ -164,6 +277,8 @@ pub fn split(
                     seq,
                     len: u32::try_from(body.len()).expect("a chunk is at most 64 MiB"),
                     crc: crc32fast::hash(body),
+                    pack: OWN,
+                    at: 0,
                 };
                 written.insert(hash, c);
                 out.new.push((range, c));

@@ -98,13 +98,7 @@ fn stretch(data: &[u8], from: usize, to: usize, size: &ChunkSize) -> Vec<ChunkRe
 /// The chunk that starts at `at`.
 fn chunk_at(data: &[u8], at: usize, size: &ChunkSize) -> ChunkRef {
     let len = cdc::cut(&data[at..], size);
-    let body = &data[at..at + len];
-    ChunkRef {
-        hash: *blake3::hash(body).as_bytes(),
-        seq: 0,
-        len: u32::try_from(len).expect("a chunk is at most 64 MiB"),
-        crc: crc32fast::hash(body),
-    }
+    ChunkRef::of(&data[at..at + len])
 }
 
 /// Hands `emit` the chunks of `data` as `(start, length)`, in order, as they are found

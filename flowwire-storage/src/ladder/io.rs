@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use crate::blob::{self, BlobRef, FrameFault, Payload};
-use crate::chunk::Chunked;
+use crate::chunk::{ChunkRef, Chunked};
 use crate::error::BlobError;
 use crate::record::{InstanceKey, PlacedRecord, Record};
 use crate::tier::{BlobTier, TierError};
@@ -149,7 +149,7 @@ impl Placement {
         let inline = inline_chunks(c).map_err(|detail| corrupt(manifest(), detail))?;
         let mut inline = inline.iter();
         let mut out = bytes::BytesMut::with_capacity(len);
-        let mut rest: &[crate::chunk::ChunkRef] = &c.chunks;
+        let mut rest: &[ChunkRef] = &c.chunks;
         while !rest.is_empty() {
             // A window: up to 16 chunks and 8 MiB (at least one chunk), so what is read but
             // not yet copied stays small next to the payload.
@@ -161,35 +161,107 @@ impl Placement {
             }
             let (window, after) = rest.split_at(n);
             rest = after;
-            let refs: Vec<(BlobRef, [u8; 32])> = window
-                .iter()
-                .filter(|ch| !ch.is_inline())
-                .map(|ch| (c.blob_of(instance, ch), ch.hash))
-                .collect();
-            let futs = refs.iter().map(|(r, _)| {
-                let fut: crate::join::BoxFuture<'_, Result<Bytes, BlobError>> =
-                    Box::pin(self.fetch_blob(instance, r));
+            let reads = reads_of(window);
+            let futs = reads.iter().map(|r| {
+                let fut: crate::join::BoxFuture<'_, Result<Bytes, BlobError>> = match r {
+                    Read::Inline => Box::pin(async { Ok(Bytes::new()) }),
+                    Read::Own(ch) => {
+                        let r = c.blob_of(instance, ch);
+                        Box::pin(async move { self.fetch_blob(instance, &r).await })
+                    }
+                    Read::Run { first, len, .. } => {
+                        Box::pin(self.fetch_range(instance, c, first, *len))
+                    }
+                };
                 fut
             });
-            let mut fetched = refs.iter().zip(crate::join::join_all(futs).await);
-            for ch in window {
-                if ch.is_inline() {
-                    // Checked against the manifest above.
-                    out.extend_from_slice(inline.next().expect("one body per inline chunk"));
-                    continue;
-                }
-                let ((r, hash), body) = fetched.next().expect("one read per stored chunk");
+            let fetched = crate::join::join_all(futs).await;
+            let mut window = window.iter();
+            for (read, body) in reads.iter().zip(fetched) {
                 let body = body?;
-                if blake3::hash(&body).as_bytes() != hash {
-                    return Err(corrupt(
-                        r.key.to_string(),
-                        "its BLAKE3 hash is not the one its key and the manifest name".into(),
-                    ));
+                let (key, count) = match read {
+                    Read::Inline => {
+                        let ch = window.next().expect("one chunk per read");
+                        debug_assert!(ch.is_inline());
+                        // Checked against the manifest above.
+                        out.extend_from_slice(inline.next().expect("one body per inline chunk"));
+                        continue;
+                    }
+                    Read::Own(ch) => (c.key_of(instance, ch), 1),
+                    Read::Run { first, count, .. } => (c.key_of(instance, first), *count),
+                };
+                let mut at = 0usize;
+                for _ in 0..count {
+                    let ch = window
+                        .next()
+                        .expect("the chunks of a read are in the window");
+                    let part = &body[at..at + ch.len as usize];
+                    at += ch.len as usize;
+                    if ch.in_pack() && crc32fast::hash(part) != ch.crc {
+                        return Err(corrupt(
+                            key,
+                            format!("the chunk at offset {} fails its CRC-32", ch.at),
+                        ));
+                    }
+                    if blake3::hash(part).as_bytes() != &ch.hash {
+                        let at = if ch.in_pack() {
+                            format!("the chunk at offset {}", ch.at)
+                        } else {
+                            "its".into()
+                        };
+                        return Err(corrupt(
+                            key,
+                            format!("{at} BLAKE3 hash is not the one the manifest names"),
+                        ));
+                    }
+                    out.extend_from_slice(part);
                 }
-                out.extend_from_slice(&body);
             }
         }
         Ok(out.freeze())
+    }
+
+    /// Reads `len` bytes of the pack of `first` (a chunk of `c`) from where `first` starts:
+    /// exactly that many, or a typed error naming the pack.
+    async fn fetch_range(
+        &self,
+        instance: &InstanceKey,
+        c: &Chunked,
+        first: &ChunkRef,
+        len: u64,
+    ) -> Result<Bytes, BlobError> {
+        let key = c.key_of(instance, first);
+        let Some(tier) = self.by_name.get(&c.tier) else {
+            return Err(BlobError::UnknownTier {
+                instance: instance.to_string(),
+                tier: c.tier.to_string(),
+                key,
+            });
+        };
+        let got = tier
+            .get_range(&key, first.at, len)
+            .await
+            .map_err(|source| BlobError::Tier {
+                instance: instance.to_string(),
+                tier: c.tier.to_string(),
+                key: key.clone(),
+                source,
+            })?;
+        match got {
+            None => Err(BlobError::Missing {
+                instance: instance.to_string(),
+                tier: c.tier.to_string(),
+                key,
+            }),
+            Some(b) if b.len() as u64 != len => Err(BlobError::Truncated {
+                instance: instance.to_string(),
+                tier: c.tier.to_string(),
+                key,
+                expected: first.at + len,
+                found: first.at + b.len() as u64,
+            }),
+            Some(b) => Ok(b),
+        }
     }
 
     /// The record with its payloads read back.
@@ -230,6 +302,49 @@ impl Placement {
         }
         failed
     }
+}
+
+/// One read of a window of chunks.
+enum Read<'a> {
+    /// An inline chunk: nothing to read.
+    Inline,
+    /// A chunk that is a blob of its own.
+    Own(&'a ChunkRef),
+    /// `count` chunks back to back in one pack, from `first`: `len` bytes.
+    Run {
+        first: &'a ChunkRef,
+        count: usize,
+        len: u64,
+    },
+}
+
+/// The reads of `window`, in order: chunks back to back in one pack are read at once.
+fn reads_of(window: &[ChunkRef]) -> Vec<Read<'_>> {
+    let mut reads: Vec<Read<'_>> = Vec::with_capacity(window.len());
+    for ch in window {
+        if ch.is_inline() {
+            reads.push(Read::Inline);
+            continue;
+        }
+        if !ch.in_pack() {
+            reads.push(Read::Own(ch));
+            continue;
+        }
+        if let Some(Read::Run { first, count, len }) = reads.last_mut()
+            && (first.seq, first.pack) == (ch.seq, ch.pack)
+            && first.at.checked_add(*len) == Some(ch.at)
+        {
+            *count += 1;
+            *len += u64::from(ch.len);
+            continue;
+        }
+        reads.push(Read::Run {
+            first: ch,
+            count: 1,
+            len: u64::from(ch.len),
+        });
+    }
+    reads
 }
 
 /// The bodies of a manifest's inline chunks, checked against their chunks: one body each,

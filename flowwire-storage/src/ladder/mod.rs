@@ -30,8 +30,9 @@
 //! # The files
 //! This one holds the builder, its validation and the [`Placement`] it yields; `seal.rs`
 //! places and seals a step's payloads (and does the retention accounting); `precut.rs` cuts a
-//! step's new blobs and writes their chunks before the seal, overlapping the two; `io.rs` writes,
-//! reads, resolves and deletes blobs on their tiers; `keys.rs` makes blob keys.
+//! step's new blobs and writes their chunks as one pack before the seal, overlapping the
+//! two; `io.rs` writes, reads (packs by range), resolves and deletes blobs on their tiers;
+//! `keys.rs` makes blob keys.
 
 mod io;
 mod keys;
@@ -328,8 +329,8 @@ pub struct Put {
     pub tier: Tier,
     /// The blob's key.
     pub key: Arc<str>,
-    /// Header and body.
-    pub parts: [Bytes; 2],
+    /// Its bytes, in parts: a blob's header and body, or the chunks of a pack.
+    pub parts: Vec<Bytes>,
 }
 
 /// A step with its payloads placed.

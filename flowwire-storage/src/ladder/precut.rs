@@ -1,36 +1,36 @@
-//! Cutting a step's new blobs and writing their chunks before the step is sealed, each
-//! chunk written while the rest are still being cut.
+//! Cutting a step's new blobs and writing their chunks before the step is sealed, as one
+//! pack.
 //!
 //! Sealing a state that holds a [`Blob`] no earlier step cut (a new blob, or one read back
 //! from the store) cuts and hashes the whole blob first, then writes its new chunks: at
-//! 2 MiB, 2.5 ms of cutting on the runner's thread and then 2 ms of writes. A
-//! [`Precut`] does the same work off the runner, as a pipeline: a blocking thread finds
-//! the cuts (a large blob's second half on another thread meanwhile:
-//! [`parallel::cut_each`]); each chunk is hashed and, when new, written as soon as it is
-//! cut. The blob
-//! keeps its cuts, so the seal that follows finds them and only leaves out the puts of
-//! the chunks written here ([`Sealed::skip_written`]). The chunks, their keys and what
-//! is written are exactly those of sealing without a precut: the same cuts (one
-//! chunker), the same rule for keeping a key (the hash is in the previous manifest), the
-//! same key for a new chunk (`chunk_key` at the step's sequence number).
-
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+//! 2 MiB, 0.85 ms of cutting and hashing and then the write. A [`Precut`] does the work
+//! off the runner, and writes the step's new chunks as one pack (one file, one fsync, on
+//! a local disk):
+//! - when the state shares no chunk with the previous one (a start, a state replaced
+//!   whole), the pack is the new blobs' bytes as they are: its write starts at once, while
+//!   a blocking thread cuts and hashes them ([`parallel::cut_and_hash`]), and each chunk is
+//!   then named by its offset in the pack (a chunk found twice is written twice, once for
+//!   each place);
+//! - otherwise the blobs are cut and hashed first, and the pack holds the chunks the
+//!   previous manifest does not (each once).
+//!
+//! A blob keeps its cuts (content only, no place), so the seal that follows finds them,
+//! and the chunks' places come from [`Written`] (`Placement::seal` takes it). The chunks
+//! are exactly those of sealing without a precut: the same cuts (one chunker), the same
+//! rule for keeping a chunk (its hash is in the previous manifest).
 
 use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
 
-use crate::blob::{self, Payload};
-use crate::chunk::{ChunkRef, ChunkSize, chunk_key, parallel, stored_chunks};
+use crate::blob::Payload;
+use crate::chunk::{ChunkRef, ChunkSize, pack_key, pack_nonce, parallel, stored_chunks};
 use crate::error::{BlobError, TierError};
 use crate::record::InstanceKey;
 use crate::rope::{Blob, Piece, Rope};
 use crate::tier::{BlobTier, Tier};
 
-use super::{Placement, Sealed};
-
-/// Chunks hashed or written at once, per blob: enough to keep both cores and the disk's
-/// queue busy, few enough that a 1 GiB blob does not start 2,000 writes.
-const IN_FLIGHT: usize = 16;
+use super::seal::{PACK_MAX, packs};
+use super::{Placement, Put};
 
 /// The blobs of a state that its seal would cut and hash first, and what to write them
 /// to: see [`Placement::precut`].
@@ -39,19 +39,19 @@ pub struct Precut {
     tier: Tier,
     size: ChunkSize,
     blobs: Vec<Blob>,
-    /// The hashes the previous manifest of the state holds: those chunks keep their keys
+    /// The hashes the previous manifest of the state holds: those chunks keep their places
     /// and are not written again.
     known: HashSet<[u8; 32]>,
 }
 
-/// The keys of the chunks a [`Precut`] wrote.
+/// The chunks a [`Precut`] wrote, by hash, each with its step and its place in its pack.
 #[derive(Debug, Default)]
-pub struct Written(HashSet<Arc<str>>);
+pub struct Written(HashMap<[u8; 32], ChunkRef>);
 
 impl Written {
-    /// Whether the chunk under `key` was written.
-    pub fn contains(&self, key: &str) -> bool {
-        self.0.contains(key)
+    /// The chunks, by hash.
+    pub fn chunks(&self) -> &HashMap<[u8; 32], ChunkRef> {
+        &self.0
     }
 
     /// How many chunks were written.
@@ -62,15 +62,6 @@ impl Written {
     /// Whether none was.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-}
-
-impl Sealed {
-    /// Leaves out the puts of the chunks a precut already wrote.
-    pub fn skip_written(&mut self, written: &Written) {
-        if !written.is_empty() {
-            self.puts.retain(|p| !written.contains(&p.key));
-        }
     }
 }
 
@@ -133,10 +124,10 @@ impl Placement {
         })
     }
 
-    /// Cuts and hashes the blobs of `plan` for the state of `instance` at step `seq`,
-    /// writing each new chunk durably to the plan's tier while the rest are cut. Each
-    /// blob keeps its cuts. Dropped before it ends, the chunks written so far stay (no
-    /// record refers to them; their keys are the step's own).
+    /// Cuts and hashes the blobs of `plan` for the state of `instance` at step `seq`, and
+    /// writes their new chunks durably to the plan's tier as one pack (see the module's
+    /// documentation). Each blob keeps its cuts. Dropped before it ends, the pack may stay
+    /// (no record refers to it; its key is never written again).
     pub async fn cut_and_put(
         &self,
         instance: &InstanceKey,
@@ -149,120 +140,95 @@ impl Placement {
             blobs,
             known,
         } = plan;
-        let seen = Arc::new(Mutex::new(known));
+        let total: u64 = blobs.iter().map(|b| b.len() as u64).sum();
+        let failed = |key: String, source: TierError| BlobError::Tier {
+            instance: instance.to_string(),
+            tier: tier.name().to_string(),
+            key,
+            source,
+        };
+        let cut = || cut_all(blobs.clone(), size);
+        let cut_failed = |e: String| {
+            failed(
+                format!("{instance}/{seq}.s (chunks)"),
+                TierError::unavailable(tier.name(), format!("cutting failed: {e}")),
+            )
+        };
         let mut written = Written::default();
-        for blob in blobs {
-            let chunks = cut_blob(instance, seq, &tier, size, &blob, &seen, &mut written).await?;
+        if known.is_empty() && total <= PACK_MAX {
+            // Nothing to share: the pack is the blobs as they are, written while they are cut
+            // (the write is started first: it is the longer of the two).
+            let nonce = pack_nonce();
+            let key = pack_key(instance, seq, 's', nonce);
+            let parts: Vec<Bytes> = blobs.iter().map(|b| b.bytes().clone()).collect();
+            let writing = {
+                let (tier, key) = (tier.clone(), key.clone());
+                tokio::spawn(async move { tier.put(&key, &parts).await })
+            };
+            let cuts = cut().await;
+            match writing.await {
+                Ok(put) => put.map_err(|source| failed(key.clone(), source))?,
+                Err(e) => {
+                    return Err(failed(
+                        key,
+                        TierError::unavailable(tier.name(), format!("writing failed: {e}")),
+                    ));
+                }
+            }
+            let cuts = cuts.map_err(cut_failed)?;
+            let mut base = 0u64;
+            for (blob, chunks) in blobs.iter().zip(cuts) {
+                let mut at = base;
+                for c in &chunks {
+                    written.0.entry(c.hash).or_insert(ChunkRef {
+                        seq,
+                        pack: nonce,
+                        at,
+                        ..*c
+                    });
+                    at += u64::from(c.len);
+                }
+                base += blob.len() as u64;
+                blob.keep_cuts(size, chunks);
+            }
+            return Ok(written);
+        }
+        let cuts = cut().await.map_err(cut_failed)?;
+        let mut new = Vec::new();
+        let mut fresh = HashSet::new();
+        for (blob, chunks) in blobs.iter().zip(&cuts) {
+            let mut at = 0usize;
+            for c in chunks {
+                if !known.contains(&c.hash) && fresh.insert(c.hash) {
+                    let body = blob.bytes().slice(at..at + c.len as usize);
+                    new.push((body, ChunkRef { seq, ..*c }));
+                }
+                at += c.len as usize;
+            }
+        }
+        let mut puts: Vec<Put> = Vec::new();
+        let placed = packs(instance, 's', &tier, new.iter().cloned(), &mut puts);
+        self.put_all(instance, &puts).await?;
+        for (_, c) in new {
+            if let Some(&(pack, at)) = placed.get(&c.hash) {
+                written.0.insert(c.hash, ChunkRef { pack, at, ..c });
+            }
+        }
+        for (blob, chunks) in blobs.iter().zip(cuts) {
             blob.keep_cuts(size, chunks);
         }
         Ok(written)
     }
 }
 
-/// One blob through the pipeline: its chunks, in order.
-async fn cut_blob(
-    instance: &InstanceKey,
-    seq: u64,
-    tier: &Tier,
-    size: ChunkSize,
-    blob: &Blob,
-    seen: &Arc<Mutex<HashSet<[u8; 32]>>>,
-    written: &mut Written,
-) -> Result<Vec<ChunkRef>, BlobError> {
-    let failed = |detail: String| BlobError::Tier {
-        instance: instance.to_string(),
-        tier: tier.name().to_string(),
-        key: format!("{instance}/{seq}.s (chunks)"),
-        source: TierError::unavailable(tier.name(), detail),
-    };
-    let (tx, mut cuts) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
-    let data = blob.bytes().clone();
-    // The cuts go out as they are found; the cutter stops once nobody listens.
-    let cutter = tokio::task::spawn_blocking(move || {
-        parallel::cut_each(&data, &size, |at, len| tx.send((at, len)).is_ok());
-    });
-    let mut chunks = Vec::with_capacity(blob.len() / size.avg().max(1) + 1);
-    let mut flying = VecDeque::with_capacity(IN_FLIGHT);
-    loop {
-        let next = if flying.len() < IN_FLIGHT {
-            cuts.recv().await
-        } else {
-            None
-        };
-        let Some((at, len)) = next else {
-            let Some(task) = flying.pop_front() else {
-                break;
-            };
-            let (chunk, key) = finish(task, &failed).await?;
-            chunks.push(chunk);
-            written.0.extend(key);
-            continue;
-        };
-        let body = blob.bytes().slice(at..at + len);
-        flying.push_back(tokio::spawn(chunk(
-            instance.clone(),
-            seq,
-            tier.clone(),
-            body,
-            seen.clone(),
-        )));
-    }
-    cutter
-        .await
-        .map_err(|e| failed(format!("cutting failed: {e}")))?;
-    Ok(chunks)
-}
-
-type ChunkTask = tokio::task::JoinHandle<Result<(ChunkRef, Option<Arc<str>>), BlobError>>;
-
-/// Waits for one chunk's task.
-async fn finish(
-    task: ChunkTask,
-    failed: &impl Fn(String) -> BlobError,
-) -> Result<(ChunkRef, Option<Arc<str>>), BlobError> {
-    task.await
-        .map_err(|e| failed(format!("a chunk's task failed: {e}")))?
-}
-
-/// Hashes one chunk and, when no earlier chunk has its hash, writes it. The chunk's step
-/// is left 0, as in a blob's cuts.
-async fn chunk(
-    instance: InstanceKey,
-    seq: u64,
-    tier: Tier,
-    body: Bytes,
-    seen: Arc<Mutex<HashSet<[u8; 32]>>>,
-) -> Result<(ChunkRef, Option<Arc<str>>), BlobError> {
-    let hashed = body.clone();
-    let c = tokio::task::spawn_blocking(move || ChunkRef {
-        hash: *blake3::hash(&hashed).as_bytes(),
-        seq: 0,
-        len: u32::try_from(hashed.len()).expect("a chunk is at most 64 MiB"),
-        crc: crc32fast::hash(&hashed),
+/// Cuts and hashes `blobs` on a blocking thread.
+async fn cut_all(blobs: Vec<Blob>, size: ChunkSize) -> Result<Vec<Vec<ChunkRef>>, String> {
+    tokio::task::spawn_blocking(move || {
+        blobs
+            .iter()
+            .map(|b| parallel::cut_and_hash(b.bytes(), &size))
+            .collect::<Vec<_>>()
     })
     .await
-    .map_err(|e| BlobError::Tier {
-        instance: instance.to_string(),
-        tier: tier.name().to_string(),
-        key: format!("{instance}/{seq}.s (a chunk)"),
-        source: TierError::unavailable(tier.name(), format!("hashing failed: {e}")),
-    })?;
-    let new = seen
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(c.hash);
-    if !new {
-        return Ok((c, None));
-    }
-    let key: Arc<str> = chunk_key(&instance, seq, 's', &c.hash).into();
-    let parts = [blob::header(&key, u64::from(c.len), c.crc), body];
-    tier.put(&key, &parts)
-        .await
-        .map_err(|source| BlobError::Tier {
-            instance: instance.to_string(),
-            tier: tier.name().to_string(),
-            key: key.to_string(),
-            source,
-        })?;
-    Ok((c, Some(key)))
+    .map_err(|e| e.to_string())
 }

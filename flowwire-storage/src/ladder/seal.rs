@@ -59,7 +59,7 @@ impl Placement {
         puts.push(Put {
             tier: tier.clone(),
             key: key.clone(),
-            parts: [blob::header(&key, len, crc), bytes],
+            parts: vec![blob::header(&key, len, crc), bytes],
         });
         Ok(Payload::Blob(BlobRef {
             tier: tier.name_arc().clone(),
@@ -72,13 +72,15 @@ impl Placement {
     #[allow(clippy::result_large_err)] // as for `place`
     /// Places a state: as [`place`](Self::place) does its bytes, but a state in pieces
     /// (large blobs by reference) that is chunked is split piece by piece, so an unchanged
-    /// blob is neither copied, compared nor hashed ([`split_rope`]).
+    /// blob is neither copied, compared nor hashed ([`split_rope`]). The chunks `written`
+    /// holds (this step's precut wrote them) keep the places it gave them.
     pub fn place_state(
         &self,
         instance: &InstanceKey,
         seq: u64,
         rope: &Rope,
         prev: Option<(&Payload, Option<&Rope>)>,
+        written: Option<&super::Written>,
         puts: &mut Vec<Put>,
     ) -> Result<Payload, BlobError> {
         let prev_flat = prev.map(|(p, r)| (p, r.and_then(Rope::as_flat)));
@@ -95,7 +97,14 @@ impl Placement {
         let prev = prev
             .and_then(|(p, _)| p.chunked())
             .filter(|c| c.tier == *tier.name_arc() && c.role == 's');
-        let split = split_rope(pieces, seq, prev, &tier.chunk_sizes(), self.inline_below);
+        let split = split_rope(
+            pieces,
+            seq,
+            prev,
+            &tier.chunk_sizes(),
+            self.inline_below,
+            written.map(super::Written::chunks),
+        );
         Ok(chunked(
             instance,
             's',
@@ -151,12 +160,14 @@ impl Placement {
     ///
     /// `prev` is the committed record: its persisted form, and its state when it is the one
     /// that form holds (`None` after a migration changed them in memory: the
-    /// state is then placed anew even when the step leaves it as it is). `None` for a start. `buf` is a reusable encode buffer; the record and the history entry are
-    /// carved from `arena`.
+    /// state is then placed anew even when the step leaves it as it is). `None` for a start.
+    /// `written`: the chunks this step's precut wrote, if it had one. `buf` is a reusable
+    /// encode buffer; the record and the history entry are carved from `arena`.
     pub fn seal(
         &self,
         draft: &Draft,
         prev: Option<(&PlacedRecord, Option<&Rope>)>,
+        written: Option<&super::Written>,
         retention: Retention,
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
@@ -189,6 +200,7 @@ impl Placement {
                 seq,
                 &record.state,
                 prev.map(|(p, rope)| (&p.record.state, rope)),
+                written,
                 &mut puts,
             )?,
         };
@@ -352,9 +364,10 @@ impl Placement {
     }
 }
 
-/// The manifest of a payload of `len` bytes split into `chunks`, with a put for each of
-/// `new`; the previous manifest `prev` itself when nothing changed (nothing for the collector
-/// to do then).
+/// The manifest of a payload of `len` bytes split into `chunks`, with one put of a pack
+/// that holds every chunk of `new` back to back (each chunk then names the pack and where
+/// in it it starts); the previous manifest `prev` itself when nothing changed (nothing for
+/// the collector to do then).
 #[allow(clippy::too_many_arguments)]
 fn chunked(
     instance: &InstanceKey,
@@ -362,7 +375,7 @@ fn chunked(
     tier: &crate::tier::Tier,
     len: usize,
     prev: Option<&Chunked>,
-    (chunks, inline): (Vec<chunk::ChunkRef>, Vec<Bytes>),
+    (mut chunks, inline): (Vec<chunk::ChunkRef>, Vec<Bytes>),
     new: impl IntoIterator<Item = (Bytes, chunk::ChunkRef)>,
     puts: &mut Vec<Put>,
 ) -> Payload {
@@ -375,22 +388,70 @@ fn chunked(
     {
         return Payload::Chunked(old.clone());
     }
-    let manifest = Chunked {
+    let placed = packs(instance, role, tier, new, puts);
+    // The new chunks are the ones no pack holds yet (a chunk of the previous manifest
+    // with the same hash is never new).
+    for c in &mut chunks {
+        if !c.is_inline()
+            && !c.in_pack()
+            && let Some(&(pack, at)) = placed.get(&c.hash)
+        {
+            c.pack = pack;
+            c.at = at;
+        }
+    }
+    Payload::Chunked(Chunked {
         tier: tier.name_arc().clone(),
         role,
         len: len as u64,
         chunks: chunks.into(),
         inline: inline.into(),
+    })
+}
+
+/// The most bytes of chunks one pack holds (a tier may cap a blob's size: Redis at 512 MB).
+pub(super) const PACK_MAX: u64 = 64 * 1024 * 1024;
+
+/// Puts the chunks of `new` (each once) into packs of the step of their chunks, back to
+/// back, a new pack from [`PACK_MAX`] bytes on; returns where each went, by hash: its
+/// pack's nonce and its offset there.
+pub(super) fn packs(
+    instance: &InstanceKey,
+    role: char,
+    tier: &crate::tier::Tier,
+    new: impl IntoIterator<Item = (Bytes, chunk::ChunkRef)>,
+    puts: &mut Vec<Put>,
+) -> std::collections::HashMap<[u8; 32], (u64, u64)> {
+    let mut placed = std::collections::HashMap::new();
+    let mut open: Option<(u64, u64, Vec<Bytes>)> = None; // (step, nonce, parts)
+    let mut at = 0u64;
+    let close = |open: Option<(u64, u64, Vec<Bytes>)>, puts: &mut Vec<Put>| {
+        if let Some((seq, nonce, parts)) = open {
+            puts.push(Put {
+                tier: tier.clone(),
+                key: chunk::pack_key(instance, seq, role, nonce).into(),
+                parts,
+            });
+        }
     };
     for (bytes, c) in new {
-        let key: Arc<str> = manifest.key_of(instance, &c).into();
-        puts.push(Put {
-            tier: tier.clone(),
-            parts: [blob::header(&key, u64::from(c.len), c.crc), bytes],
-            key,
+        let len = bytes.len() as u64;
+        let full = open.as_ref().is_some_and(|(seq, _, parts)| {
+            *seq != c.seq || (!parts.is_empty() && at + len > PACK_MAX)
         });
+        if full {
+            close(open.take(), puts);
+        }
+        let (_, nonce, parts) = open.get_or_insert_with(|| {
+            at = 0;
+            (c.seq, chunk::pack_nonce(), Vec::new())
+        });
+        placed.insert(c.hash, (*nonce, at));
+        at += len;
+        parts.push(bytes);
     }
-    Payload::Chunked(manifest)
+    close(open, puts);
+    placed
 }
 
 /// What a blob role holds, for people.

@@ -10,6 +10,8 @@
 //! older formats; `history.rs` history entries; `step.rs` the step write a store commits.
 
 mod history;
+#[cfg(test)]
+mod manifest_tests;
 mod model;
 mod placed;
 mod step;

@@ -24,29 +24,36 @@ pub struct RopeSplit {
 /// Splits `pieces`, written at step `seq`, into chunks of `size`.
 ///
 /// A chunk whose hash `prev` (the previous manifest of the same role, on the same tier, of
-/// the same instance) holds keeps that chunk's key and is not written again. A blob's
+/// the same instance) holds keeps that chunk's place and is not written again; so does one
+/// `written` holds (written by this step already, in a pack of its own: see
+/// `Placement::cut_and_put`). A blob's
 /// chunks come from the blob ([`Blob`](super::Blob) cuts and hashes itself once), so an
 /// unchanged blob costs a lookup per chunk. Head pieces, small, are cut and hashed each
 /// time; those shorter than `inline_below` go inline (the manifest holds their bytes: no
 /// file to write, create and fsync for a few bytes around a blob), while their total stays
 /// below `inline_below` too, so a manifest holds no more bytes inline than the record would.
-pub fn split_rope(
+pub fn split_rope<S: std::hash::BuildHasher>(
     pieces: &[Piece],
     seq: u64,
     prev: Option<&Chunked>,
     size: &ChunkSize,
     inline_below: usize,
+    written: Option<&HashMap<[u8; 32], ChunkRef, S>>,
 ) -> RopeSplit {
     let known = stored_chunks(prev);
-    let mut written: HashMap<[u8; 32], ChunkRef> = HashMap::new();
+    let mut fresh: HashMap<[u8; 32], ChunkRef> = HashMap::new();
     let mut out = RopeSplit::default();
     let mut room = inline_below;
     let mut take = |bytes: &Bytes, at: usize, c: ChunkRef, out: &mut RopeSplit| {
-        let chunk = match known.get(&c.hash).or_else(|| written.get(&c.hash)) {
+        let placed = known
+            .get(&c.hash)
+            .or_else(|| written.and_then(|w| w.get(&c.hash)))
+            .or_else(|| fresh.get(&c.hash));
+        let chunk = match placed {
             Some(old) => *old,
             None => {
                 let c = ChunkRef { seq, ..c };
-                written.insert(c.hash, c);
+                fresh.insert(c.hash, c);
                 out.new.push((bytes.slice(at..at + c.len as usize), c));
                 c
             }
@@ -58,10 +65,8 @@ pub fn split_rope(
             Piece::Head(bytes) if !bytes.is_empty() && bytes.len() < room => {
                 room -= bytes.len();
                 out.chunks.push(ChunkRef {
-                    hash: *blake3::hash(bytes).as_bytes(),
                     seq: INLINE,
-                    len: u32::try_from(bytes.len()).expect("below the inline threshold"),
-                    crc: crc32fast::hash(bytes),
+                    ..ChunkRef::of(bytes)
                 });
                 out.inline.push(bytes.clone());
             }
@@ -69,12 +74,9 @@ pub fn split_rope(
                 let mut at = 0;
                 while at < bytes.len() {
                     let len = cdc::cut(&bytes[at..], size);
-                    let body = &bytes[at..at + len];
                     let c = ChunkRef {
-                        hash: *blake3::hash(body).as_bytes(),
                         seq,
-                        len: u32::try_from(len).expect("a chunk is at most 64 MiB"),
-                        crc: crc32fast::hash(body),
+                        ..ChunkRef::of(&bytes[at..at + len])
                     };
                     take(bytes, at, c, &mut out);
                     at += len;

@@ -150,6 +150,7 @@ impl<F: Flow> Runner<F> {
         let sealed = self.placement.seal(
             &s.step.draft,
             prev,
+            written,
             self.retention,
             &mut scratch.out,
             &mut scratch.arena,
@@ -170,9 +171,6 @@ impl<F: Flow> Runner<F> {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
                 sealed.write.acknowledges = acknowledges;
                 self.carry(&s, &mut sealed.write.sends);
-                if let Some(written) = written {
-                    sealed.skip_written(written);
-                }
                 if sealed.puts.is_empty() {
                     if back {
                         self.joins(&s.id);
