@@ -5,6 +5,8 @@
 //! file systems list quickly). A put writes `<name>.tmp.<pid>.<n>`, fsyncs it, renames it
 //! over the final name and fsyncs the directory: a reader sees the old blob or the new one,
 //! and a crash leaves at most a stray temp file, whose name never collides with a blob's.
+//! A directory the put creates (the root, a fan-out directory) is fsynced into its parent
+//! first.
 //! All file I/O runs on tokio's blocking pool.
 
 use std::fs::{self, File};
@@ -94,9 +96,31 @@ fn io_error(e: io::Error) -> TierError {
     }
 }
 
+/// Creates `dir` and its missing ancestors, each made durable in its parent: a directory
+/// entry is data of the directory that holds it, and an fsync of a file in a new directory
+/// does not make the directory's own entry durable on every file system.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.exists()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 fn write_blob(path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
     let dir = path.parent().expect("blob paths have a fan-out directory");
-    fs::create_dir_all(dir)?;
+    ensure_dir(dir)?;
     let written = (|| {
         let mut f = File::create(tmp)?;
         for p in parts {
