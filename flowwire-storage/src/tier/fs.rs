@@ -6,7 +6,7 @@
 //! over the final name and fsyncs the directory: a reader sees the old blob or the new one,
 //! and a crash leaves at most a stray temp file, whose name never collides with a blob's.
 //! A directory the put creates (the root, a fan-out directory) is fsynced into its parent
-//! first.
+//! first; a handle's first put makes all 256 fan-out directories at once.
 //! All file I/O runs on tokio's blocking pool.
 
 use std::fs::{self, File};
@@ -36,6 +36,8 @@ pub struct FsTier {
     root: Arc<PathBuf>,
     shared: bool,
     seq: Arc<AtomicU64>,
+    /// Whether every fan-out directory exists (made by this handle's first put).
+    fanned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FsTier {
@@ -45,6 +47,7 @@ impl FsTier {
             root: Arc::new(root.into()),
             shared: false,
             seq: Arc::new(AtomicU64::new(0)),
+            fanned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -118,6 +121,26 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the root and its 256 fan-out directories, durably, with one fsync of the root for
+/// all of them: otherwise the first put into each directory would make it and fsync the
+/// root for it, on the step's path (traced under strace: the `mkdir` alone took 0.13 ms of
+/// a 2 MiB pack's put).
+fn fan_out(root: &Path) -> io::Result<()> {
+    ensure_dir(root)?;
+    let mut made = false;
+    for fan in 0..=0xffu32 {
+        match fs::create_dir(root.join(format!("{fan:02x}"))) {
+            Ok(()) => made = true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if made {
+        File::open(root)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn write_blob(path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
     let dir = path.parent().expect("blob paths have a fan-out directory");
     ensure_dir(dir)?;
@@ -140,7 +163,12 @@ impl BlobTier for FsTier {
     fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>> {
         let parts: Vec<Bytes> = parts.to_vec();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (root, fanned) = (self.root.clone(), self.fanned.clone());
         self.blocking(key, move |path| {
+            if !fanned.load(Ordering::Acquire) {
+                fan_out(&root)?;
+                fanned.store(true, Ordering::Release);
+            }
             let mut tmp = path.clone().into_os_string();
             tmp.push(format!(".tmp.{}.{n}", std::process::id()));
             write_blob(&path, Path::new(&tmp), &parts)
