@@ -322,6 +322,14 @@ impl BlobTier for Tier {
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
         self.inner.get(key, expect)
     }
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        self.inner.get_range(key, offset, len)
+    }
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         self.inner.delete(key)
     }
