@@ -203,8 +203,8 @@ impl BlobTier for FsTier {
         len: u64,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
         self.blocking(key, move |path| {
-            use std::os::unix::fs::FileExt;
-            let f = match File::open(&path) {
+            use std::io::{Seek, SeekFrom};
+            let mut f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
@@ -213,17 +213,9 @@ impl BlobTier for FsTier {
             let size = f.metadata()?.len();
             let (start, end) =
                 super::clamp(usize::try_from(size).unwrap_or(usize::MAX), offset, len);
-            let mut buf = vec![0u8; end - start];
-            let mut at = 0;
-            while at < buf.len() {
-                match f.read_at(&mut buf[at..], (start + at) as u64) {
-                    Ok(0) => break, // the file shrank meanwhile
-                    Ok(n) => at += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            buf.truncate(at);
+            let mut buf = Vec::with_capacity(end - start);
+            f.seek(SeekFrom::Start(start as u64))?;
+            f.take((end - start) as u64).read_to_end(&mut buf)?;
             Ok(Some(Bytes::from(buf)))
         })
     }
