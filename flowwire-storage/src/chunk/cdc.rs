@@ -32,9 +32,10 @@ pub struct ChunkSize {
 }
 
 impl ChunkSize {
-    /// Chunks of 128 KiB to 2 MiB around 512 KiB: local disks, Redis, memory (each chunk is
-    /// a file to create and fsync on a local disk: 512 KiB writes 32 MiB at about the cost
-    /// of one write and fdatasync of it, where 128 KiB took 3.6 times as long).
+    /// Chunks of 128 KiB to 2 MiB around 512 KiB: local disks, Redis, memory (chosen when
+    /// each chunk was a file to create and fsync: 512 KiB wrote 32 MiB at about the cost of
+    /// one write and fdatasync of it, where 128 KiB took 3.6 times as long; a step's chunks
+    /// are one pack since record format 10, and 1 MiB chunks measured no better).
     pub const LOCAL: ChunkSize = ChunkSize::around(512 * 1024);
     /// Chunks of 1 MiB to 16 MiB around 4 MiB: object stores, where each chunk is a request.
     pub const OBJECT_STORE: ChunkSize = ChunkSize::around(4 * 1024 * 1024);

@@ -14,7 +14,7 @@
 //! in-memory one) has its batch acted on in the same round.
 //!
 //! A step whose payloads go to a blob tier is not committed in its round: a task of its
-//! own writes its blobs (first cutting its new `Blob`s, each chunk written as it is cut),
+//! own writes its blobs (a new `Blob` written as one pack while it is cut into chunks),
 //! and the step joins the commit of the round after they land. Until then its instance
 //! holds inputs back; the others go on (a slow tier stalls only instances stored there).
 //!
