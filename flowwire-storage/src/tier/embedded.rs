@@ -109,6 +109,23 @@ impl BlobTier for EmbeddedTier {
         }))
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
+        Box::pin(self.blocking(key, move |db, key| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(BLOBS)?;
+            Ok(t.get(key)?.map(|g| {
+                let value = g.value();
+                let (start, end) = super::clamp(value.len(), offset, len);
+                Bytes::copy_from_slice(&value[start..end])
+            }))
+        }))
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
         Box::pin(self.blocking(key, |db, key| {
             let txn = db.begin_write()?;
