@@ -98,6 +98,18 @@ pub trait BlobTier: Send + Sync + 'static {
     /// ends first, none from past its end. `Ok(None)` when there is no blob. A chunk in a
     /// pack is read this way; the default reads the whole blob and keeps the range, a tier
     /// that can read a range by itself (a file, Redis, S3) overrides it.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use flowwire::storage::tier::{BlobTier, FsTier, TierExt};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let tier = FsTier::new(dir.path());
+    /// tier.put_bytes("order/o-1/2.sp-1", "0123456789".into()).await?;
+    /// let got = tier.get_range("order/o-1/2.sp-1", 6, 10).await?.expect("stored");
+    /// assert_eq!(&got[..], b"6789", "fewer bytes where the blob ends");
+    /// assert!(tier.get_range("order/o-1/9.sp-1", 0, 1).await?.is_none());
+    /// # Ok::<(), flowwire::storage::tier::TierError>(()) }).unwrap();
+    /// ```
     fn get_range<'a>(
         &'a self,
         key: &'a str,
