@@ -391,7 +391,7 @@ fn chunked(
     let placed = packs(instance, role, tier, new, puts);
     // The new chunks are the ones no pack holds yet (a chunk of the previous manifest
     // with the same hash is never new).
-    for c in &mut chunks {
+    for c in chunks.iter_mut().filter(|_| !placed.is_empty()) {
         if !c.is_inline()
             && !c.in_pack()
             && let Some(&(pack, at)) = placed.get(&c.hash)

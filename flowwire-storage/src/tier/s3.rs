@@ -236,6 +236,60 @@ impl S3Tier {
         })
     }
 
+    /// Reads the object under `key`, or the bytes `first..=last` of it, keeping at most
+    /// `cap` bytes whatever the server sends (and reserving no more than 64 MiB up front
+    /// whatever it declares). `None` when there is no object; a range that starts past its
+    /// end (416) reads as empty.
+    async fn read(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        cap: u64,
+    ) -> Result<Option<Bytes>, TierError> {
+        let object = self.object_key(key)?;
+        let got = self
+            .client()
+            .await
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(&object)
+            .set_range(range.map(|(first, last)| format!("bytes={first}-{last}")))
+            .send()
+            .await;
+        let mut out = match got {
+            Ok(out) => out,
+            Err(e)
+                if e.as_service_error().is_some_and(
+                    aws_sdk_s3::operation::get_object::GetObjectError::is_no_such_key,
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e)
+                if range.is_some()
+                    && e.raw_response().is_some_and(|r| r.status().as_u16() == 416) =>
+            {
+                return Ok(Some(Bytes::new()));
+            }
+            Err(e) => return Err(sdk_error(&e)),
+        };
+        let declared = out
+            .content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        let reserve = declared.min(cap).min(64 << 20);
+        let mut buf = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
+        while let Some(chunk) = out.body.next().await {
+            let chunk = chunk.map_err(|e| TierError::unavailable("s3", e))?;
+            let room = usize::try_from(cap - buf.len() as u64).unwrap_or(usize::MAX);
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() as u64 >= cap {
+                break;
+            }
+        }
+        Ok(Some(Bytes::from(buf)))
+    }
+
     /// Creates the bucket if it does not exist (for tests and first-time setup; production
     /// buckets are usually created by infrastructure code).
     pub async fn create_bucket_if_missing(&self) -> Result<(), TierError> {
@@ -412,44 +466,9 @@ impl BlobTier for S3Tier {
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
         Box::pin(async move {
-            let key = self.object_key(key)?;
-            let got = self
-                .client()
-                .await
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(&key)
-                .send()
-                .await;
-            let mut out = match got {
-                Ok(out) => out,
-                Err(e)
-                    if e.as_service_error().is_some_and(
-                        aws_sdk_s3::operation::get_object::GetObjectError::is_no_such_key,
-                    ) =>
-                {
-                    return Ok(None);
-                }
-                Err(e) => return Err(sdk_error(&e)),
-            };
-            let declared = out
-                .content_length()
-                .and_then(|n| u64::try_from(n).ok())
-                .unwrap_or(0);
-            // Read at most one byte past the expected length; without an expectation, reserve
-            // no more than 64 MiB up front whatever the server declares.
+            // Read at most one byte past the expected length.
             let cap = expect.map_or(u64::MAX, |e| e.saturating_add(1));
-            let reserve = expect.map_or(declared.min(64 << 20), |_| declared.min(cap));
-            let mut buf = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
-            while let Some(chunk) = out.body.next().await {
-                let chunk = chunk.map_err(|e| TierError::unavailable("s3", e))?;
-                let room = usize::try_from(cap - buf.len() as u64).unwrap_or(usize::MAX);
-                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if buf.len() as u64 >= cap {
-                    break;
-                }
-            }
-            Ok(Some(Bytes::from(buf)))
+            self.read(key, None, cap).await
         })
     }
 
@@ -460,45 +479,10 @@ impl BlobTier for S3Tier {
         len: u64,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
         Box::pin(async move {
-            if len == 0 {
-                return Ok(self.get(key, None).await?.map(|_| Bytes::new()));
-            }
-            let object = self.object_key(key)?;
-            let got = self
-                .client()
-                .await
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(&object)
-                .range(format!("bytes={offset}-{}", offset.saturating_add(len - 1)))
-                .send()
-                .await;
-            let mut out = match got {
-                Ok(out) => out,
-                Err(e)
-                    if e.as_service_error().is_some_and(
-                        aws_sdk_s3::operation::get_object::GetObjectError::is_no_such_key,
-                    ) =>
-                {
-                    return Ok(None);
-                }
-                // 416: the object exists and ends before `offset`.
-                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
-                    return Ok(Some(Bytes::new()));
-                }
-                Err(e) => return Err(sdk_error(&e)),
-            };
-            // At most `len` bytes, whatever the server sends.
-            let cap = usize::try_from(len).unwrap_or(usize::MAX);
-            let mut buf = Vec::with_capacity(cap.min(64 << 20));
-            while let Some(chunk) = out.body.next().await {
-                let chunk = chunk.map_err(|e| TierError::unavailable("s3", e))?;
-                buf.extend_from_slice(&chunk[..chunk.len().min(cap - buf.len())]);
-                if buf.len() >= cap {
-                    break;
-                }
-            }
-            Ok(Some(Bytes::from(buf)))
+            // An empty range asks for one byte: whether the object exists, without its body.
+            let asked = len.max(1);
+            let last = offset.saturating_add(asked - 1);
+            self.read(key, Some((offset, last)), len).await
         })
     }
 
