@@ -9,16 +9,18 @@
 //! first; a handle's first put makes all 256 fan-out directories at once.
 //! All file I/O runs on tokio's blocking pool.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use self::files::{Files, Real};
 use super::{BlobTier, TierError, check_key};
 use crate::join::BoxFuture;
+
+mod files;
 
 /// Blobs as files in a directory on a local (fast) disk.
 ///
@@ -33,21 +35,28 @@ use crate::join::BoxFuture;
 /// ```
 #[derive(Debug, Clone)]
 pub struct FsTier {
+    files: Arc<dyn Files>,
     root: Arc<PathBuf>,
     shared: bool,
     seq: Arc<AtomicU64>,
     /// Whether every fan-out directory exists (made by this handle's first put).
-    fanned: Arc<std::sync::atomic::AtomicBool>,
+    fanned: Arc<AtomicBool>,
 }
 
 impl FsTier {
     /// A tier rooted at `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::on(Arc::new(Real), root.into())
+    }
+
+    /// A tier rooted at `root` on `files` (the real file system, or a simulated disk).
+    fn on(files: Arc<dyn Files>, root: PathBuf) -> Self {
         Self {
-            root: Arc::new(root.into()),
+            files,
+            root: Arc::new(root),
             shared: false,
             seq: Arc::new(AtomicU64::new(0)),
-            fanned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fanned: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -74,12 +83,13 @@ impl FsTier {
     fn blocking<T: Send + 'static>(
         &self,
         key: &str,
-        f: impl FnOnce(PathBuf) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn Files, PathBuf) -> io::Result<T> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, TierError>> {
         let checked = check_key(key).map(|()| self.path_of(key));
+        let files = self.files.clone();
         Box::pin(async move {
             let path = checked?;
-            match tokio::task::spawn_blocking(move || f(path)).await {
+            match tokio::task::spawn_blocking(move || f(&*files, path)).await {
                 Ok(r) => r.map_err(io_error),
                 Err(e) => Err(TierError::unavailable(
                     "fs",
@@ -102,41 +112,48 @@ fn io_error(e: io::Error) -> TierError {
 /// Creates `dir` and its missing ancestors, each made durable in its parent: a directory
 /// entry is data of the directory that holds it, and an fsync of a file in a new directory
 /// does not make the directory's own entry durable on every file system.
-fn ensure_dir(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+fn ensure_dir(files: &dyn Files, dir: &Path) -> io::Result<()> {
+    if files.is_dir(dir) {
         return Ok(());
     }
     let mut missing = Vec::new();
     let mut at = Some(dir);
-    while let Some(d) = at.filter(|d| !d.exists()) {
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !files.is_dir(d)) {
         missing.push(d);
         at = d.parent();
     }
-    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        make_dir(files, d)?;
+    }
     for d in missing.iter().rev() {
         if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)?.sync_all()?;
+            files.sync_dir(parent)?;
         }
     }
     Ok(())
+}
+
+/// Makes the directory `dir`, which another put may have made first.
+fn make_dir(files: &dyn Files, dir: &Path) -> io::Result<bool> {
+    match files.create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && files.is_dir(dir) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Makes the root and its 256 fan-out directories, durably, with one fsync of the root for
 /// all of them: otherwise the first put into each directory would make it and fsync the
 /// root for it, on the step's path (traced under strace: the `mkdir` alone took 0.13 ms of
 /// a 2 MiB pack's put).
-fn fan_out(root: &Path) -> io::Result<()> {
-    ensure_dir(root)?;
+fn fan_out(files: &dyn Files, root: &Path) -> io::Result<()> {
+    ensure_dir(files, root)?;
     let mut made = false;
     for fan in 0..=0xffu32 {
-        match fs::create_dir(root.join(format!("{fan:02x}"))) {
-            Ok(()) => made = true,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
+        made |= make_dir(files, &root.join(format!("{fan:02x}")))?;
     }
     if made {
-        File::open(root)?.sync_all()?;
+        files.sync_dir(root)?;
     }
     Ok(())
 }
@@ -149,22 +166,23 @@ fn fan_out(root: &Path) -> io::Result<()> {
 /// host reclaimed is a guess); pieces cost nothing measurable either way.
 const WRITE_PIECE: usize = 512 * 1024;
 
-fn write_blob(path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
+fn write_blob(files: &dyn Files, path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
     let dir = path.parent().expect("blob paths have a fan-out directory");
-    ensure_dir(dir)?;
+    ensure_dir(files, dir)?;
     let written = (|| {
-        let mut f = File::create(tmp)?;
+        let mut f = files.create(tmp)?;
         for p in parts {
             for piece in p.chunks(WRITE_PIECE) {
                 f.write_all(piece)?;
             }
         }
         f.sync_all()?;
-        fs::rename(tmp, path)?;
-        File::open(dir)?.sync_all()
+        drop(f);
+        files.rename(tmp, path)?;
+        files.sync_dir(dir)
     })();
     if written.is_err() {
-        let _ = fs::remove_file(tmp);
+        let _ = files.remove(tmp);
     }
     written
 }
@@ -174,14 +192,14 @@ impl BlobTier for FsTier {
         let parts: Vec<Bytes> = parts.to_vec();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let (root, fanned) = (self.root.clone(), self.fanned.clone());
-        self.blocking(key, move |path| {
+        self.blocking(key, move |files, path| {
             if !fanned.load(Ordering::Acquire) {
-                fan_out(&root)?;
+                fan_out(files, &root)?;
                 fanned.store(true, Ordering::Release);
             }
             let mut tmp = path.clone().into_os_string();
             tmp.push(format!(".tmp.{}.{n}", std::process::id()));
-            write_blob(&path, Path::new(&tmp), &parts)
+            write_blob(files, &path, Path::new(&tmp), &parts)
         })
     }
 
@@ -190,19 +208,15 @@ impl BlobTier for FsTier {
         key: &'a str,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
-        self.blocking(key, move |path| {
-            let f = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
+        self.blocking(key, move |files, path| {
+            let Some(mut f) = files.open(&path)? else {
+                return Ok(None);
             };
-            let size = f.metadata()?.len();
+            let size = f.len()?;
             // Read at most one byte past what the caller expects: a longer file is damage,
             // and reading it whole would trust a length the caller did not give.
             let cap = expect.map_or(size, |e| size.min(e.saturating_add(1)));
-            let mut buf = Vec::with_capacity(usize::try_from(cap).unwrap_or(usize::MAX));
-            f.take(cap).read_to_end(&mut buf)?;
-            Ok(Some(Bytes::from(buf)))
+            Ok(Some(Bytes::from(f.read(0, cap)?)))
         })
     }
 
@@ -212,26 +226,21 @@ impl BlobTier for FsTier {
         offset: u64,
         len: u64,
     ) -> BoxFuture<'a, Result<Option<Bytes>, TierError>> {
-        self.blocking(key, move |path| {
-            use std::io::{Seek, SeekFrom};
-            let mut f = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
+        self.blocking(key, move |files, path| {
+            let Some(mut f) = files.open(&path)? else {
+                return Ok(None);
             };
-            // The buffer is sized by the file, never by the caller's length alone.
-            let size = f.metadata()?.len();
+            let size = f.len()?;
             let (start, end) =
                 super::clamp(usize::try_from(size).unwrap_or(usize::MAX), offset, len);
-            let mut buf = Vec::with_capacity(end - start);
-            f.seek(SeekFrom::Start(start as u64))?;
-            f.take((end - start) as u64).read_to_end(&mut buf)?;
-            Ok(Some(Bytes::from(buf)))
+            Ok(Some(Bytes::from(
+                f.read(start as u64, (end - start) as u64)?,
+            )))
         })
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
-        self.blocking(key, |path| match fs::remove_file(&path) {
+        self.blocking(key, |files, path| match files.remove(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         })

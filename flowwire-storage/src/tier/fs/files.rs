@@ -1,0 +1,109 @@
+//! The file-system calls the file tier makes, behind one seam: the real file system
+//! ([`Real`]), or — in the power-loss tests — a simulated disk that keeps only what a
+//! completed sync covered, directory entries included.
+//!
+//! The seam is as narrow as the tier's protocol: make a directory, write a new file and
+//! sync it, rename it, sync a directory, remove, read. Each call is one step a power cut can
+//! fall between, so the tests can cut the tier's put at every point.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// A file being written: appends, then one sync.
+pub(crate) trait NewFile: Send {
+    /// Appends all of `buf`.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes the written bytes and the file's length durable (`fsync`).
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+/// A file opened for reading.
+pub(crate) trait ReadFile: Send {
+    /// The file's length.
+    fn len(&mut self) -> io::Result<u64>;
+    /// Reads up to `cap` bytes from `offset`: fewer where the file ends.
+    fn read(&mut self, offset: u64, cap: u64) -> io::Result<Vec<u8>>;
+}
+
+/// The calls the file tier makes on its disk.
+pub(crate) trait Files: Send + Sync + fmt::Debug + 'static {
+    /// Whether a directory exists at `path`.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Makes the directory `path` (its parent must exist); `AlreadyExists` if there is one.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of the directory `path` durable (`fsync` of the directory).
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// Creates the file at `path`, emptying any file there.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn NewFile>>;
+    /// Renames `from` to `to` in the same directory, replacing `to` atomically.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes the file at `path` (`NotFound` if there is none).
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Opens the file at `path` for reading; `None` if there is none.
+    fn open(&self, path: &Path) -> io::Result<Option<Box<dyn ReadFile>>>;
+}
+
+/// The real file system.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Real;
+
+impl NewFile for File {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        Write::write_all(self, buf)
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+impl ReadFile for File {
+    fn len(&mut self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn read(&mut self, offset: u64, cap: u64) -> io::Result<Vec<u8>> {
+        // The buffer is sized by the file, never by the caller's length alone.
+        let size = ReadFile::len(self)?;
+        let n = cap.min(size.saturating_sub(offset));
+        let mut buf = Vec::with_capacity(usize::try_from(n).unwrap_or(usize::MAX));
+        if n > 0 {
+            self.seek(SeekFrom::Start(offset))?;
+            Read::by_ref(self).take(n).read_to_end(&mut buf)?;
+        }
+        Ok(buf)
+    }
+}
+
+impl Files for Real {
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn NewFile>> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Box::new(file))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn open(&self, path: &Path) -> io::Result<Option<Box<dyn ReadFile>>> {
+        match File::open(path) {
+            Ok(f) => Ok(Some(Box::new(f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
