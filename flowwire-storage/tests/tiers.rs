@@ -3,6 +3,7 @@
 //! 1 MB + 1 and 64 MB. Redis (one server, and a three-master Redis Cluster) and S3 are real
 //! servers started by this test binary.
 
+use bytes::Bytes;
 use flowwire_storage::tier::{BlobTier, EmbeddedTier, FsTier, MemoryTier, conformance};
 
 #[cfg(any(feature = "redis", feature = "s3"))]
@@ -93,6 +94,41 @@ async fn the_fs_tier_conforms_and_leaves_no_temp_files() {
     assert!(
         left.is_empty(),
         "files left behind after every delete: {left:?}"
+    );
+}
+
+/// Before temp names left the key alphabet, a put of `k` wrote its temp file at the name of
+/// the key `k.tmp.<pid>.<n>` when both fell in one fan-out directory: it emptied that blob
+/// and renamed it away, losing an acknowledged put of another key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_never_writes_into_the_file_of_another_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let fan = |key: &str| crc32fast::hash(key.as_bytes()) & 0xff;
+    let (key, neighbour) = (0..100_000)
+        .map(|i| (format!("k{i}"), format!("k{i}.tmp.{pid}.0")))
+        .find(|(k, n)| fan(k) == fan(n))
+        .expect("one pair in 256 shares a fan-out directory");
+    FsTier::new(dir.path())
+        .put(&neighbour, &[Bytes::from_static(b"the neighbour's")])
+        .await
+        .unwrap();
+    // A fresh handle numbers its puts from 0 again, as a restarted process does.
+    let tier = FsTier::new(dir.path());
+    tier.put(&key, &[Bytes::from_static(b"mine")])
+        .await
+        .unwrap();
+    assert_eq!(
+        tier.get(&neighbour, None).await.unwrap().as_deref(),
+        Some(&b"the neighbour's"[..])
+    );
+    assert_eq!(
+        tier.get(&key, None).await.unwrap().as_deref(),
+        Some(&b"mine"[..])
+    );
+    assert!(
+        flowwire_storage::tier::check_key("k0+0000000000000000").is_err(),
+        "a temp name is never a key"
     );
 }
 

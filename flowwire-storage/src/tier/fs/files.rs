@@ -35,8 +35,8 @@ pub(crate) trait Files: Send + Sync + fmt::Debug + 'static {
     fn create_dir(&self, path: &Path) -> io::Result<()>;
     /// Makes the entries of the directory `path` durable (`fsync` of the directory).
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
-    /// Creates the file at `path`, emptying any file there.
-    fn create(&self, path: &Path) -> io::Result<Box<dyn NewFile>>;
+    /// Creates a new file at `path`, never opening one that exists (`AlreadyExists`).
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn NewFile>>;
     /// Renames `from` to `to` in the same directory, replacing `to` atomically.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes the file at `path` (`NotFound` if there is none).
@@ -85,12 +85,8 @@ impl Files for Real {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         File::open(path)?.sync_all()
     }
-    fn create(&self, path: &Path) -> io::Result<Box<dyn NewFile>> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn NewFile>> {
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
         Ok(Box::new(file))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -2,9 +2,12 @@
 //!
 //! Layout: `root/<fan-out>/<key with '/' written as '@'>`, where the fan-out directory is
 //! two hex digits of the key's CRC-32 (256 directories, so no directory grows past what
-//! file systems list quickly). A put writes `<name>.tmp.<pid>.<n>`, fsyncs it, renames it
-//! over the final name and fsyncs the directory: a reader sees the old blob or the new one,
-//! and a crash leaves at most a stray temp file, whose name never collides with a blob's.
+//! file systems list quickly). A put writes a new file `<name>+<64 random bits in hex>`,
+//! fsyncs it, renames it over the final name and fsyncs the directory: a reader sees the
+//! old blob or the new one, and a crash leaves at most a stray temp file. A temp name holds
+//! a `+`, which no key may, so it is never a blob's name; and a temp file is only ever
+//! created new, so a put never writes into a file it did not make (two processes on a
+//! shared mount, or a stray file of a crashed one).
 //! A directory the put creates (the root, a fan-out directory) is fsynced into its parent
 //! first; a handle's first put makes all 256 fan-out directories at once.
 //! All file I/O runs on tokio's blocking pool.
@@ -39,6 +42,8 @@ pub struct FsTier {
     root: Arc<PathBuf>,
     shared: bool,
     seq: Arc<AtomicU64>,
+    /// Turns `seq` into this handle's temp names.
+    salt: Arc<std::hash::RandomState>,
     /// Whether every fan-out directory exists (made by this handle's first put).
     fanned: Arc<AtomicBool>,
 }
@@ -56,6 +61,7 @@ impl FsTier {
             root: Arc::new(root),
             shared: false,
             seq: Arc::new(AtomicU64::new(0)),
+            salt: Arc::new(std::hash::RandomState::new()),
             fanned: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -169,8 +175,9 @@ const WRITE_PIECE: usize = 512 * 1024;
 fn write_blob(files: &dyn Files, path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
     let dir = path.parent().expect("blob paths have a fan-out directory");
     ensure_dir(files, dir)?;
+    // Outside the clean-up below: a file this put did not create is not its to remove.
+    let mut f = files.create_new(tmp)?;
     let written = (|| {
-        let mut f = files.create(tmp)?;
         for p in parts {
             for piece in p.chunks(WRITE_PIECE) {
                 f.write_all(piece)?;
@@ -191,6 +198,7 @@ impl BlobTier for FsTier {
     fn put<'a>(&'a self, key: &'a str, parts: &'a [Bytes]) -> BoxFuture<'a, Result<(), TierError>> {
         let parts: Vec<Bytes> = parts.to_vec();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let nonce = std::hash::BuildHasher::hash_one(&*self.salt, n);
         let (root, fanned) = (self.root.clone(), self.fanned.clone());
         self.blocking(key, move |files, path| {
             if !fanned.load(Ordering::Acquire) {
@@ -198,7 +206,7 @@ impl BlobTier for FsTier {
                 fanned.store(true, Ordering::Release);
             }
             let mut tmp = path.clone().into_os_string();
-            tmp.push(format!(".tmp.{}.{n}", std::process::id()));
+            tmp.push(format!("+{nonce:016x}"));
             write_blob(files, &path, Path::new(&tmp), &parts)
         })
     }
