@@ -10,7 +10,10 @@
 //! shared mount, or a stray file of a crashed one).
 //! A directory the put creates (the root, a fan-out directory) is fsynced into its parent
 //! first; a handle's first put makes all 256 fan-out directories at once.
-//! All file I/O runs on tokio's blocking pool.
+//! A delete is not synced: after a power cut a deleted blob may be back (the ladder deletes
+//! only what no kept record refers to, so it is a leak, never a wrong read). All file I/O
+//! runs on tokio's blocking pool, through the seam in `files.rs`; `power_loss.rs` cuts the
+//! power under every call of a put.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,8 @@ use super::{BlobTier, TierError, check_key};
 use crate::join::BoxFuture;
 
 mod files;
+#[cfg(test)]
+mod power_loss;
 
 /// Blobs as files in a directory on a local (fast) disk.
 ///
