@@ -175,10 +175,7 @@ impl<F: Flow> Runner<F> {
                     if back {
                         self.joins(&s.id);
                     }
-                    let b = &mut self.building;
-                    b.writes.push(sealed.write);
-                    b.placed.push(sealed.placed);
-                    b.staged.push(s);
+                    self.building.push(s, sealed.write, sealed.placed);
                 } else {
                     // Rare (a blob to write, a payload too large): not in this batch. A
                     // start's id was checked before its precut.
@@ -210,10 +207,7 @@ impl<F: Flow> Runner<F> {
             Ok(Upload::Cut(written)) => self.place(s, Some(&written)),
             Ok(Upload::Sealed(sealed)) => {
                 self.joins(&s.id);
-                let b = &mut self.building;
-                b.writes.push(sealed.write);
-                b.placed.push(sealed.placed);
-                b.staged.push(s);
+                self.building.push(s, sealed.write, sealed.placed);
             }
             Err(e) => {
                 self.joins(&s.id);
@@ -246,6 +240,7 @@ impl<F: Flow> Runner<F> {
         // The vectors alternate between the two batches and keep their capacity; the
         // store takes the writes (a remote one sends them elsewhere): one allocation.
         let writes = mem::take(&mut self.building.writes);
+        self.building.hint = writes.len();
         let staged = mem::replace(&mut self.building.staged, mem::take(&mut self.spare.0));
         let placed = mem::replace(&mut self.building.placed, mem::take(&mut self.spare.1));
         self.flight_round = self.round;
