@@ -22,6 +22,7 @@ pub mod blob;
 pub mod bus;
 pub mod chunk;
 pub mod codec;
+pub mod dirs;
 pub mod error;
 pub mod fuzz;
 pub mod join;

@@ -302,7 +302,9 @@ impl EngineBuilder {
         let mut data_dir = None;
         let store: Arc<dyn InstanceStore> = match self.store.ok_or(Error::NoStore)? {
             StoreChoice::DataDir(dir) => {
-                std::fs::create_dir_all(&dir).map_err(|source| Error::DataDir {
+                // Durably: a store file's name in a directory a power cut can take is lost
+                // with it.
+                flowwire_storage::dirs::create(&dir).map_err(|source| Error::DataDir {
                     path: dir.clone(),
                     source,
                 })?;

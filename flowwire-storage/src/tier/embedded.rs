@@ -43,13 +43,17 @@ impl EmbeddedTier {
         self.db
             .get_or_try_init(|| async move {
                 let opened = tokio::task::spawn_blocking(move || -> Result<Database, String> {
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        crate::dirs::create(dir).map_err(|e| e.to_string())?;
                     }
                     let db = Database::create(&*path).map_err(|e| e.to_string())?;
                     let txn = db.begin_write().map_err(|e| e.to_string())?;
                     txn.open_table(BLOBS).map_err(|e| e.to_string())?;
                     txn.commit().map_err(|e| e.to_string())?;
+                    // redb makes the file but syncs only its contents: its name is made
+                    // durable here, before any put is acknowledged (every open, since a
+                    // process killed before this sync leaves a file it did not sync).
+                    crate::dirs::sync_parent(&path).map_err(|e| e.to_string())?;
                     Ok(db)
                 })
                 .await

@@ -27,7 +27,7 @@ use crate::join::BoxFuture;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod embedded;
-mod fs;
+pub(crate) mod fs;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

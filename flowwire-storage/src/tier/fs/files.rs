@@ -103,3 +103,64 @@ impl Files for Real {
         }
     }
 }
+
+/// Creates `dir` and its missing ancestors, each made durable in its parent: a directory
+/// entry is data of the directory that holds it, and an fsync of a file in a new directory
+/// does not make the directory's own entry durable on every file system. A directory that
+/// exists is taken as durable (on a put's path); see [`make_durable_dir`] for where it may
+/// not be.
+pub(crate) fn ensure_dir(files: &dyn Files, dir: &Path) -> io::Result<()> {
+    if files.is_dir(dir) {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !files.is_dir(d)) {
+        missing.push(d);
+        at = d.parent();
+    }
+    for d in missing.iter().rev() {
+        make_dir(files, d)?;
+    }
+    for d in missing.iter().rev() {
+        files.sync_dir(parent_of(d))?;
+    }
+    Ok(())
+}
+
+/// Makes the directory `dir`, which another put may have made first; whether this call
+/// made it.
+pub(crate) fn make_dir(files: &dyn Files, dir: &Path) -> io::Result<bool> {
+    match files.create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && files.is_dir(dir) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes `dir` and its missing ancestors, then syncs every directory that holds one of
+/// them, up to the file system's root (or the working directory, for a relative path):
+/// when it returns, `dir` survives a power cut even if a process killed earlier made part
+/// of the path and never synced it. For what is opened once (a tier's first put, a data
+/// directory), never on a step's path.
+pub(crate) fn make_durable_dir(files: &dyn Files, dir: &Path) -> io::Result<()> {
+    ensure_dir(files, dir)?;
+    let mut at = dir;
+    loop {
+        let parent = parent_of(at);
+        if parent == at {
+            return Ok(());
+        }
+        files.sync_dir(parent)?;
+        at = parent;
+    }
+}
+
+/// The directory holding `path`: `.` for a relative path of one component, `/` for `/`.
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => path,
+    }
+}
