@@ -50,8 +50,8 @@ pub(crate) trait Disk: Send + Sync + fmt::Debug {
     fn store_backend(&self, path: &Path) -> io::Result<Option<Box<dyn redb::StorageBackend>>>;
     /// Whether a file exists at `path`.
     fn exists(&self, path: &Path) -> io::Result<bool>;
-    /// Opens the log at `path`; with `create`, a new empty file whose name is durable
-    /// (replacing any file there).
+    /// Opens the log at `path`, its name (and those of the other files in its directory)
+    /// durable; with `create`, a new empty file (replacing any file there).
     fn open_log(&self, path: &Path, create: bool) -> io::Result<Box<dyn LogFile>>;
     /// Renames `from` to `to` (replacing it), atomically and durably.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
@@ -89,10 +89,12 @@ impl Disk for Fs {
             .create(create)
             .truncate(create)
             .open(path)?;
-        if create {
-            // A new file's name must survive a crash too.
-            sync_dir(path)?;
-        }
+        // A new file's name must survive a power cut too. An existing one's as well: a
+        // process killed after it made the log (or renamed a new store file into place)
+        // and before it synced their directory left names the disk may not hold, and
+        // this process is about to acknowledge commits in them. The log is opened once
+        // per open of the store, so the sync is off every step's path.
+        sync_dir(path)?;
         Ok(Box::new(file))
     }
 
