@@ -7,6 +7,9 @@
 //! `Sim` plays the runner and the store: it commits every step the core returns (the
 //! record the instance adopts is the one a store would hold), keeps the history, and
 //! holds the calls sent until the test answers them.
+//!
+//! (Over 600 lines: one test per behaviour of the core, all on the same `Sim`, flows and
+//! drivers; split in files, each would copy them.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

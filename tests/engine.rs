@@ -2,6 +2,9 @@
 //! The engine's contract, through the public API: the loop, impulses exactly once, probes
 //! from persisted state, quarantine of panicking wires, failures, and every bad input as a
 //! typed error; start-or-impulse.
+//!
+//! (Over 600 lines: one test per clause of the contract, sharing the flows and drivers;
+//! split in files, each would copy them.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

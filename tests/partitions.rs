@@ -3,6 +3,9 @@
 //! Partitions between processes and their Redis, with a loopback TCP proxy per process
 //! that the test freezes, cuts and heals (issue 23). Each test states what must hold when
 //! the network misbehaves.
+//!
+//! (Over 600 lines: one partition scenario per test, sharing the proxy, the flows and the
+//! helpers that start and stop processes; split in files, each would copy them.)
 
 use std::time::Duration;
 

@@ -29,6 +29,8 @@ use crate::join::BoxFuture;
 pub(crate) mod files;
 #[cfg(test)]
 mod power_loss;
+#[cfg(test)]
+mod sim;
 
 /// Blobs as files in a directory on a local (fast) disk.
 ///
