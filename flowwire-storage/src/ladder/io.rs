@@ -25,9 +25,24 @@ const PUT_BYTES: usize = 32 * 1024 * 1024;
 
 impl Placement {
     /// Writes blobs, 64 (and 32 MiB) at a time (a large payload's chunks are many); the
-    /// first failure is returned (the others of its window still finish).
+    /// first failure is returned (the others of its window still finish). On a failure
+    /// the blobs already tried are deleted again, best effort: each key is this write's
+    /// own (a fresh tag or pack nonce), so no record refers to one, and the step they were
+    /// for is not committed; left, they would stay on their tier for good (a step retried
+    /// through a tier outage writes new ones each time).
     pub async fn put_all(&self, instance: &InstanceKey, puts: &[Put]) -> Result<(), BlobError> {
+        let (tried, result) = Self::put_windows(instance, puts).await;
+        if result.is_err() {
+            let deletes = puts[..tried].iter().map(|p| p.tier.delete(&p.key));
+            let _ = crate::join::join_all(deletes).await;
+        }
+        result
+    }
+
+    /// [`put_all`](Self::put_all)'s writes, with how many of `puts` were tried.
+    async fn put_windows(instance: &InstanceKey, puts: &[Put]) -> (usize, Result<(), BlobError>) {
         let mut rest = puts;
+        let mut tried = 0;
         while !rest.is_empty() {
             // A window: up to 64 blobs and 32 MiB (at least one blob): a tier may copy a
             // body while it sends it (S3 joins header and body), so a payload of many chunks
@@ -40,18 +55,22 @@ impl Placement {
             }
             let (window, after) = rest.split_at(n);
             rest = after;
+            tried += n;
             let futs = window.iter().map(|p| p.tier.put(&p.key, &p.parts));
             let results = crate::join::join_all(futs).await;
             for (p, r) in window.iter().zip(results) {
-                r.map_err(|source| BlobError::Tier {
-                    instance: instance.to_string(),
-                    tier: p.tier.name().to_string(),
-                    key: p.key.to_string(),
-                    source,
-                })?;
+                if let Err(source) = r {
+                    let e = BlobError::Tier {
+                        instance: instance.to_string(),
+                        tier: p.tier.name().to_string(),
+                        key: p.key.to_string(),
+                        source,
+                    };
+                    return (tried, Err(e));
+                }
             }
         }
-        Ok(())
+        (tried, Ok(()))
     }
 
     /// Reads a payload back, checking it against its reference.

@@ -166,16 +166,26 @@ impl Placement {
                 tokio::spawn(async move { tier.put(&key, &parts).await })
             };
             let cuts = cut().await;
-            match writing.await {
-                Ok(put) => put.map_err(|source| failed(key.clone(), source))?,
+            let done = match writing.await {
+                Ok(put) => put.map_err(|source| failed(key.clone(), source)),
+                Err(e) => Err(failed(
+                    key.clone(),
+                    TierError::unavailable(tier.name(), format!("writing failed: {e}")),
+                )),
+            };
+            let cuts = match done {
+                Ok(()) => cuts.map_err(cut_failed),
+                Err(e) => Err(e),
+            };
+            let cuts = match cuts {
+                Ok(cuts) => cuts,
                 Err(e) => {
-                    return Err(failed(
-                        key,
-                        TierError::unavailable(tier.name(), format!("writing failed: {e}")),
-                    ));
+                    // The pack is this write's own and no record will refer to it (see
+                    // `put_all`): best effort, it goes (a failed put may have landed).
+                    let _ = tier.delete(&key).await;
+                    return Err(e);
                 }
-            }
-            let cuts = cuts.map_err(cut_failed)?;
+            };
             let mut base = 0u64;
             for (blob, chunks) in blobs.iter().zip(cuts) {
                 let mut at = base;
