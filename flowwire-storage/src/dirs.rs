@@ -9,7 +9,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::tier::fs::files::{Files, Real, make_durable_dir};
+use crate::tier::fs::files::{Files, Real, make_durable_dir, parent_of};
 
 /// Makes `dir` and its missing ancestors, then fsyncs every directory that holds one of
 /// them, up to the file system's root (or the working directory, for a relative path). When
@@ -40,10 +40,5 @@ pub fn create(dir: &Path) -> io::Result<()> {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub fn sync_parent(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if p.as_os_str().is_empty() => Path::new("."),
-        Some(p) => p,
-        None => path,
-    };
-    Real.sync_dir(dir)
+    Real.sync_dir(parent_of(path))
 }

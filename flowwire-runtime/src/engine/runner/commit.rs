@@ -15,9 +15,28 @@ use crate::error::Error;
 use crate::flow::Flow;
 
 use super::{
-    Ack, Committed, InFlight, Input, Internal, Phase, Result, Runner, Staged, Upload, Uploaded,
-    poll_once,
+    Ack, Batch, Committed, InFlight, Input, Internal, Phase, Result, Runner, Staged, Upload,
+    Uploaded, poll_once,
 };
+
+impl<F: Flow> Batch<F> {
+    /// Adds a step, with its placed record and its write. The store takes `writes` with
+    /// each batch, so the next one is allocated at the last batch's length at once rather
+    /// than grown by doubling (each doubling copied the writes so far).
+    pub(super) fn push(
+        &mut self,
+        s: Staged<F>,
+        write: flowwire_storage::StepWrite,
+        placed: PlacedRecord,
+    ) {
+        if self.writes.capacity() == 0 {
+            self.writes.reserve(self.hint);
+        }
+        self.writes.push(write);
+        self.placed.push(placed);
+        self.staged.push(s);
+    }
+}
 
 impl<F: Flow> Runner<F> {
     /// Takes messages from the backlog into the batch being built, at most one per

@@ -154,9 +154,7 @@ struct Batch<F: Flow> {
     staged: Vec<Staged<F>>,
     placed: Vec<PlacedRecord>,
     writes: Vec<flowwire_storage::StepWrite>,
-    /// The length of the last batch sent: the store takes `writes` with each batch, so the
-    /// next one is allocated at this size at once rather than grown by doubling (each
-    /// doubling copied the writes so far).
+    /// The last batch's length: the next `writes` is allocated at it (see `Batch::push`).
     hint: usize,
 }
 
@@ -168,18 +166,6 @@ impl<F: Flow> Default for Batch<F> {
             writes: Vec::new(),
             hint: 0,
         }
-    }
-}
-
-impl<F: Flow> Batch<F> {
-    /// Adds a step, with its placed record and its write.
-    fn push(&mut self, s: Staged<F>, write: flowwire_storage::StepWrite, placed: PlacedRecord) {
-        if self.writes.capacity() == 0 {
-            self.writes.reserve(self.hint);
-        }
-        self.writes.push(write);
-        self.placed.push(placed);
-        self.staged.push(s);
     }
 }
 

@@ -23,7 +23,8 @@ pub(crate) trait NewFile: Send {
 pub(crate) trait ReadFile: Send {
     /// The file's length.
     fn len(&mut self) -> io::Result<u64>;
-    /// Reads up to `cap` bytes from `offset`: fewer where the file ends.
+    /// Reads up to `cap` bytes from `offset`: fewer where the file ends. The caller bounds
+    /// `cap` by [`len`](Self::len): it sizes the buffer.
     fn read(&mut self, offset: u64, cap: u64) -> io::Result<Vec<u8>>;
 }
 
@@ -63,13 +64,11 @@ impl ReadFile for File {
         Ok(self.metadata()?.len())
     }
     fn read(&mut self, offset: u64, cap: u64) -> io::Result<Vec<u8>> {
-        // The buffer is sized by the file, never by the caller's length alone.
-        let size = ReadFile::len(self)?;
-        let n = cap.min(size.saturating_sub(offset));
-        let mut buf = Vec::with_capacity(usize::try_from(n).unwrap_or(usize::MAX));
-        if n > 0 {
+        // `cap` comes from the tier, already bounded by the file's length.
+        let mut buf = Vec::with_capacity(usize::try_from(cap).unwrap_or(usize::MAX));
+        if cap > 0 {
             self.seek(SeekFrom::Start(offset))?;
-            Read::by_ref(self).take(n).read_to_end(&mut buf)?;
+            Read::by_ref(self).take(cap).read_to_end(&mut buf)?;
         }
         Ok(buf)
     }
@@ -157,7 +156,7 @@ pub(crate) fn make_durable_dir(files: &dyn Files, dir: &Path) -> io::Result<()> 
 }
 
 /// The directory holding `path`: `.` for a relative path of one component, `/` for `/`.
-fn parent_of(path: &Path) -> &Path {
+pub(crate) fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if p.as_os_str().is_empty() => Path::new("."),
         Some(p) => p,
