@@ -17,6 +17,10 @@ pub(crate) trait NewFile: Send {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Makes the written bytes and the file's length durable (`fsync`).
     fn sync_all(&mut self) -> io::Result<()>;
+    /// Asks the disk to start writing the bytes appended so far, without waiting for it and
+    /// without promising anything: only [`sync_all`](Self::sync_all) makes them durable, and
+    /// reports what went wrong. The default (a disk with no such call) does nothing.
+    fn start_writeback(&mut self) {}
 }
 
 /// A file opened for reading.
@@ -57,6 +61,23 @@ impl NewFile for File {
     fn sync_all(&mut self) -> io::Result<()> {
         File::sync_all(self)
     }
+    #[cfg(target_os = "linux")]
+    fn start_writeback(&mut self) {
+        start_writeback(self);
+    }
+}
+
+/// `sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`: starts the writeback of the file's
+/// dirty pages that are not being written yet, and returns (it waits only where the disk's
+/// request queue is full). It makes nothing durable: no metadata, no disk cache flush. Its
+/// result is not looked at: the `fsync` that follows reports any failure to write.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the call reads no memory of this process: it takes a descriptor, which
+    // `file` keeps open for the call's duration, and three integers.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 impl ReadFile for File {

@@ -143,6 +143,12 @@ fn fan_out(files: &dyn Files, root: &Path) -> io::Result<()> {
 /// other files were deleted); written 512 KiB at a time, 8 ms throughout. Why one large
 /// call is slow there is not established (large page-cache folios taken from memory the
 /// host reclaimed is a guess); pieces cost nothing measurable either way.
+///
+/// Each piece's writeback is started once it is copied, so the disk writes it while the
+/// next is copied and the closing `fsync` waits for little more than the last piece. The
+/// same VM, a 2 MiB blob (the pieces, `fsync`, rename, directory `fsync`; medians of 40,
+/// four rounds): 1.4-1.8 ms with writeback started per piece, 2.0-2.3 ms without, and
+/// 1.7-1.9 ms for one `write` and `fdatasync` of a new file.
 const WRITE_PIECE: usize = 512 * 1024;
 
 fn write_blob(files: &dyn Files, path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
@@ -151,9 +157,18 @@ fn write_blob(files: &dyn Files, path: &Path, tmp: &Path, parts: &[Bytes]) -> io
     // Outside the clean-up below: a file this put did not create is not its to remove.
     let mut f = files.create_new(tmp)?;
     let written = (|| {
+        // Bytes written since the last writeback was started.
+        let mut unstarted = 0;
         for p in parts {
             for piece in p.chunks(WRITE_PIECE) {
                 f.write_all(piece)?;
+                unstarted += piece.len();
+                if unstarted >= WRITE_PIECE {
+                    // The disk writes these bytes while the next are copied, and the sync
+                    // waits for the last piece only (see [`WRITE_PIECE`]).
+                    f.start_writeback();
+                    unstarted = 0;
+                }
             }
         }
         f.sync_all()?;
