@@ -132,6 +132,75 @@ async fn a_put_never_writes_into_the_file_of_another_key() {
     );
 }
 
+/// A put that a crash cuts short leaves its temp file (`<name>+<16 hex digits>`). A later
+/// handle sweeps it once it has gone unwritten for `FsTier::STRAY_AFTER`: when asked, and by
+/// itself after its first put. A temp file written since (a put that may be in progress)
+/// and a file that is not a temp file stay, and so do the blobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_handle_sweeps_the_temp_files_of_puts_a_crash_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crashed process left, laid out by hand: a handle that puts sweeps by itself.
+    let layout = FsTier::new(dir.path());
+    let kept = layout.path_of("order/o-1/1.s");
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::write(&kept, b"kept").unwrap();
+    let fan = layout
+        .path_of("order/o-1/2.s")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    std::fs::create_dir_all(&fan).unwrap();
+    let file = |suffix: &str| fan.join(format!("order@o-1@2.s{suffix}"));
+    // Written long ago (a file's time is set, not the clock read).
+    let leftover = |path: &std::path::Path| {
+        std::fs::write(path, b"half a blob").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_hours(24))
+            .unwrap();
+    };
+    let (stale, recent, other) = (
+        file("+0123456789abcdef"),
+        file("+fedcba9876543210"),
+        file("+not-a-temp-file"),
+    );
+    leftover(&stale);
+    leftover(&other);
+    std::fs::write(&recent, b"a put in progress").unwrap();
+
+    let later = FsTier::new(dir.path());
+    assert_eq!(later.sweep_strays().await.unwrap(), 1);
+    assert!(!stale.exists(), "the crashed put's temp file is swept");
+    assert!(recent.exists(), "a temp file written within the hour stays");
+    assert!(other.exists(), "a file that is not a temp file stays");
+    assert_eq!(
+        later.get("order/o-1/1.s", None).await.unwrap().as_deref(),
+        Some(&b"kept"[..])
+    );
+    assert_eq!(
+        later.sweep_strays().await.unwrap(),
+        0,
+        "a second sweep finds none"
+    );
+
+    // A handle sweeps by itself, in the background, after its first put.
+    leftover(&stale);
+    let third = FsTier::new(dir.path());
+    third
+        .put("order/o-2/1.s", &[Bytes::from_static(b"new")])
+        .await
+        .unwrap();
+    let mut polls = 0;
+    while stale.exists() {
+        polls += 1;
+        assert!(polls < 400, "the first put's sweep did not run within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(recent.exists() && other.exists());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fs_tier_reports_an_unwritable_root_as_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();

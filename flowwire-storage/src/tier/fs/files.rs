@@ -9,7 +9,8 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A file being written: appends, then one sync.
 pub(crate) trait NewFile: Send {
@@ -48,6 +49,9 @@ pub(crate) trait Files: Send + Sync + fmt::Debug + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Opens the file at `path` for reading; `None` if there is none.
     fn open(&self, path: &Path) -> io::Result<Option<Box<dyn ReadFile>>>;
+    /// The files in the directory `dir` whose names hold a `+` (the tier's temp files; no
+    /// key holds one), each with how long ago it was last written. Blobs are not looked at.
+    fn temp_files(&self, dir: &Path) -> io::Result<Vec<(PathBuf, Duration)>>;
 }
 
 /// The real file system.
@@ -121,6 +125,24 @@ impl Files for Real {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+    fn temp_files(&self, dir: &Path) -> io::Result<Vec<(PathBuf, Duration)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if !entry.file_name().as_encoded_bytes().contains(&b'+') {
+                continue;
+            }
+            // A temp file its put renamed or removed since the listing is not a stray. Its
+            // age is by the wall clock, the clock file times are kept in; a time ahead of
+            // the clock reads as just written.
+            match entry.metadata().and_then(|m| m.modified()) {
+                Ok(written) => out.push((entry.path(), written.elapsed().unwrap_or_default())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 }
 

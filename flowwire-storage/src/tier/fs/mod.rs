@@ -4,7 +4,8 @@
 //! two hex digits of the key's CRC-32 (256 directories, so no directory grows past what
 //! file systems list quickly). A put writes a new file `<name>+<64 random bits in hex>`,
 //! fsyncs it, renames it over the final name and fsyncs the directory: a reader sees the
-//! old blob or the new one, and a crash leaves at most a stray temp file. A temp name holds
+//! old blob or the new one, and a crash leaves at most a stray temp file, which the first
+//! put of a later handle sweeps once it is [an hour](FsTier::STRAY_AFTER) old. A temp name holds
 //! a `+`, which no key may, so it is never a blob's name; and a temp file is only ever
 //! created new, so a put never writes into a file it did not make (two processes on a
 //! shared mount, or a stray file of a crashed one).
@@ -19,6 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -53,9 +55,16 @@ pub struct FsTier {
     salt: Arc<std::hash::RandomState>,
     /// Whether every fan-out directory exists (made by this handle's first put).
     fanned: Arc<AtomicBool>,
+    /// Whether this handle has started its sweep of stray temp files.
+    swept: Arc<AtomicBool>,
 }
 
 impl FsTier {
+    /// How long a temp file must have gone unwritten before a sweep takes it for the
+    /// leftover of a put a crash cut short. A put writes its temp file from start to end and
+    /// renames it within its own timeout; an hour is far past any.
+    pub const STRAY_AFTER: Duration = Duration::from_hours(1);
+
     /// A tier rooted at `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self::on(Arc::new(Real), root.into())
@@ -70,6 +79,7 @@ impl FsTier {
             seq: Arc::new(AtomicU64::new(0)),
             salt: Arc::new(std::hash::RandomState::new()),
             fanned: Arc::new(AtomicBool::new(false)),
+            swept: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -91,6 +101,51 @@ impl FsTier {
         self.root
             .join(format!("{fan:02x}"))
             .join(key.replace('/', "@"))
+    }
+
+    /// Removes the temp files that puts cut short by a crash left behind (`<name>+<16 hex
+    /// digits>`, unwritten for [`STRAY_AFTER`](Self::STRAY_AFTER)), and returns how many it removed. A handle's
+    /// first put starts this in the background; it is public for operators and tests. A
+    /// temp file written more recently may be a put in progress (of this process or, on a
+    /// shared mount, another) and is left alone.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_multi_thread().build().unwrap().block_on(async {
+    /// use flowwire::storage::tier::{FsTier, TierExt};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let tier = FsTier::new(dir.path());
+    /// tier.put_bytes("order/o-1/2.s", "state".into()).await?;
+    /// assert_eq!(tier.sweep_strays().await?, 0);
+    /// # Ok::<(), flowwire::storage::tier::TierError>(()) }).unwrap();
+    /// ```
+    pub async fn sweep_strays(&self) -> Result<usize, TierError> {
+        let (files, root) = (self.files.clone(), self.root.clone());
+        match tokio::task::spawn_blocking(move || sweep(&*files, &root, Self::STRAY_AFTER)).await {
+            Ok(r) => r.map_err(io_error),
+            Err(e) => Err(TierError::unavailable(
+                "fs",
+                format!("I/O task failed: {e}"),
+            )),
+        }
+    }
+
+    /// Starts [`sweep_strays`](Self::sweep_strays) in the background, once per handle.
+    fn sweep_once(&self) {
+        if self.swept.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tier = self.clone();
+        tokio::spawn(async move {
+            match tier.sweep_strays().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(root = %tier.root.display(), removed = n, "stray temp files of interrupted puts removed");
+                }
+                Err(e) => {
+                    tracing::warn!(root = %tier.root.display(), error = %e, "stray temp files not swept");
+                }
+            }
+        });
     }
 
     fn blocking<T: Send + 'static>(
@@ -151,6 +206,39 @@ fn fan_out(files: &dyn Files, root: &Path) -> io::Result<()> {
 /// 1.7-1.9 ms for one `write` and `fdatasync` of a new file.
 const WRITE_PIECE: usize = 512 * 1024;
 
+/// Whether `name` is a temp file's: a key's name (no `+` in it), `+`, 16 hex digits.
+fn is_temp(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.len() > 17
+        && name[name.len() - 17] == b'+'
+        && name[name.len() - 16..].iter().all(u8::is_ascii_hexdigit)
+        && !name[..name.len() - 17].contains(&b'+')
+}
+
+/// Removes the temp files in the fan-out directories under `root` unwritten for at least
+/// `after`; how many it removed. A root with no fan-out yet has none.
+fn sweep(files: &dyn Files, root: &Path, after: Duration) -> io::Result<usize> {
+    let mut removed = 0;
+    for fan in 0..=0xffu32 {
+        let dir = root.join(format!("{fan:02x}"));
+        if !files.is_dir(&dir) {
+            continue;
+        }
+        for (path, age) in files.temp_files(&dir)? {
+            if age < after || !path.file_name().is_some_and(is_temp) {
+                continue;
+            }
+            match files.remove(&path) {
+                Ok(()) => removed += 1,
+                // Renamed or removed by its put, or by another sweep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
 fn write_blob(files: &dyn Files, path: &Path, tmp: &Path, parts: &[Bytes]) -> io::Result<()> {
     let dir = path.parent().expect("blob paths have a fan-out directory");
     ensure_dir(files, dir)?;
@@ -188,7 +276,7 @@ impl BlobTier for FsTier {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let nonce = std::hash::BuildHasher::hash_one(&*self.salt, n);
         let (root, fanned) = (self.root.clone(), self.fanned.clone());
-        self.blocking(key, move |files, path| {
+        let put = self.blocking(key, move |files, path| {
             if !fanned.load(Ordering::Acquire) {
                 fan_out(files, &root)?;
                 fanned.store(true, Ordering::Release);
@@ -196,6 +284,12 @@ impl BlobTier for FsTier {
             let mut tmp = path.clone().into_os_string();
             tmp.push(format!("+{nonce:016x}"));
             write_blob(files, &path, Path::new(&tmp), &parts)
+        });
+        Box::pin(async move {
+            put.await?;
+            // After the first put, off its path: the fan-out directories exist by then.
+            self.sweep_once();
+            Ok(())
         })
     }
 

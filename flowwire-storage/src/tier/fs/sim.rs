@@ -18,6 +18,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use super::files::{Files, NewFile, ReadFile};
 use crate::fuzz::Rng;
@@ -316,6 +317,23 @@ impl Files for SimDisk {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The simulated disk keeps no clock: each temp file reads as just written, so no
+    /// sweep takes one (the power-loss tests' puts run while their handle sweeps).
+    fn temp_files(&self, dir: &Path) -> io::Result<Vec<(PathBuf, Duration)>> {
+        let sim = self.sim();
+        if sim.dark {
+            return Err(dark());
+        }
+        let dir_entries = &sim.dirs.get(dir).ok_or(io::ErrorKind::NotFound)?.current;
+        Ok(dir_entries
+            .iter()
+            .filter(|(name, node)| {
+                matches!(node, Node::File(_)) && name.as_encoded_bytes().contains(&b'+')
+            })
+            .map(|(name, _)| (dir.join(name), Duration::ZERO))
+            .collect())
     }
 }
 
