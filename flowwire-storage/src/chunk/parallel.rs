@@ -4,7 +4,7 @@
 //! Each thread cuts one stretch of the buffer, starting at the stretch's first byte (not a
 //! boundary in general) and going on past the stretch's end. The first thread's cuts are
 //! the true ones. A chunker has no memory of what came before the boundary it starts at
-//! (see [`cdc`](super::cdc)), so once the true cuts reach a boundary another thread also
+//! (see [`cdc`]), so once the true cuts reach a boundary another thread also
 //! cut, that thread's later cuts are the true ones too; until then (usually a chunk or
 //! two), the true cuts go on one by one.
 

@@ -178,6 +178,6 @@ pub enum StepResult {
 pub struct Stored {
     /// Its version (for compare-and-swap).
     pub version: u64,
-    /// The encoded [`Record`].
+    /// The encoded [`Record`](crate::Record).
     pub bytes: Bytes,
 }

@@ -1,5 +1,5 @@
 //! Decoding a value straight from a [`Rope`]'s pieces, with no contiguous copy: each large
-//! [`Blob`] of the value is the very blob of the rope (its chunk list kept).
+//! [`Blob`](crate::Blob) of the value is the very blob of the rope (its chunk list kept).
 
 use postcard::de_flavors::Flavor;
 use serde::Deserialize;
