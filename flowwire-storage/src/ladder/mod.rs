@@ -342,6 +342,33 @@ pub struct Sealed {
     pub placed: PlacedRecord,
     /// Blobs to write, durably, before the commit.
     pub puts: Vec<Put>,
+    /// Its state and input as placed, when either is in chunks: what a retry of the step
+    /// may refer to if its commit fails after its blobs were written ([`Reuse::attempt`]).
+    pub attempt: Option<Attempt>,
+}
+
+/// The payloads of a step whose blobs were written durably and whose commit then failed
+/// (or went unanswered): a retry of the same step refers to their chunks instead of
+/// writing them again, so a store outage does not leave a pack behind per attempt.
+///
+/// Safe to refer to while no later commit of the instance has succeeded: no record refers
+/// to these chunks (or, if the commit landed after all, the record of this very step
+/// does), and chunks are deleted only after a committed record drops them.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The state as placed.
+    pub state: crate::blob::Payload,
+    /// The input as placed (`None`: none kept, or inline).
+    pub input: Option<crate::blob::Payload>,
+}
+
+/// What a step's seal may refer to instead of writing it again.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reuse<'a> {
+    /// The chunks the step's precut wrote ([`Placement::cut_and_put`]).
+    pub written: Option<&'a Written>,
+    /// An earlier attempt of the same step whose commit failed (see [`Attempt`]).
+    pub attempt: Option<&'a Attempt>,
 }
 
 impl Placement {

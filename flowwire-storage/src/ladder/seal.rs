@@ -167,11 +167,13 @@ impl Placement {
         &self,
         draft: &Draft,
         prev: Option<(&PlacedRecord, Option<&Rope>)>,
-        written: Option<&super::Written>,
+        reuse: Option<&super::Reuse<'_>>,
         retention: Retention,
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
     ) -> Result<Sealed, BlobError> {
+        let written = reuse.and_then(|r| r.written);
+        let attempt = reuse.and_then(|r| r.attempt);
         // Borrowed, not cloned: only what the placed record and the write keep is copied
         // (reference counts for payloads).
         let Draft {
@@ -195,11 +197,15 @@ impl Placement {
             {
                 p.record.state.clone()
             }
+            // The chunks of a failed attempt of this step cover all of its state (the
+            // committed state's chunks it shared included): it is where they are found.
             _ => self.place_state(
                 key,
                 seq,
                 &record.state,
-                prev.map(|(p, rope)| (&p.record.state, rope)),
+                attempt
+                    .map(|a| (&a.state, None))
+                    .or_else(|| prev.map(|(p, rope)| (&p.record.state, rope))),
                 written,
                 &mut puts,
             )?,
@@ -228,9 +234,14 @@ impl Placement {
         };
         let keep_history = retention != Retention::None;
         let payload = match payload {
-            Some(b) if keep_history => {
-                Some(self.place(key, seq, 'i', b.clone(), None, &mut puts)?)
-            }
+            Some(b) if keep_history => Some(self.place(
+                key,
+                seq,
+                'i',
+                b.clone(),
+                attempt.and_then(|a| a.input.as_ref()).map(|p| (p, None)),
+                &mut puts,
+            )?),
             _ => None,
         };
 
@@ -358,6 +369,13 @@ impl Placement {
                 acknowledges: None,
                 sends: Vec::new(),
             },
+            // Only chunks are ever referred to again (a whole blob's key is the write's own).
+            attempt: (placed.record.state.chunked().is_some()
+                || payload.as_ref().and_then(Payload::chunked).is_some())
+            .then(|| super::Attempt {
+                state: placed.record.state.clone(),
+                input: payload,
+            }),
             placed,
             puts,
         })

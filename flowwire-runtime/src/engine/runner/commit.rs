@@ -142,7 +142,8 @@ impl<F: Flow> Runner<F> {
     /// [`stage`](Self::stage), for a step whose precut wrote `written` (`Some`: the step
     /// comes back from its task, so its instance joins the batch being built here).
     fn place(&mut self, s: Staged<F>, written: Option<&Written>) {
-        let prev = self.slots.get(&s.id).and_then(|slot| {
+        let slot = self.slots.get(&s.id);
+        let prev = slot.and_then(|slot| {
             let committed = slot.inst.record();
             slot.placed.as_ref().map(|p| {
                 // A record migrated on load holds the upgraded state in memory, not the
@@ -151,10 +152,15 @@ impl<F: Flow> Runner<F> {
                 (p, stored.then_some(&committed.state))
             })
         });
+        // An earlier attempt of this step whose commit failed: its chunks are where the
+        // retry finds its own (the committed state's it shared included).
+        let attempt = slot.and_then(|slot| slot.attempt.as_ref());
         if written.is_none()
             && let Some(plan) = self.placement.precut(
                 &s.step.draft.record.state,
-                prev.map(|(p, rope)| (&p.record.state, rope)),
+                attempt
+                    .map(|a| (&a.state, None))
+                    .or_else(|| prev.map(|(p, rope)| (&p.record.state, rope))),
             )
         {
             let placement = self.placement.clone();
@@ -169,7 +175,7 @@ impl<F: Flow> Runner<F> {
         let sealed = self.placement.seal(
             &s.step.draft,
             prev,
-            written,
+            Some(&flowwire_storage::ladder::Reuse { written, attempt }),
             self.retention,
             &mut scratch.out,
             &mut scratch.arena,
@@ -194,6 +200,7 @@ impl<F: Flow> Runner<F> {
                     if back {
                         self.joins(&s.id);
                     }
+                    self.attempting(&s.id, sealed.attempt);
                     self.building.push(s, sealed.write, sealed.placed);
                 } else {
                     // Rare (a blob to write, a payload too large): not in this batch. A
@@ -217,6 +224,26 @@ impl<F: Flow> Runner<F> {
         }
     }
 
+    /// The step of `id` joins a batch with its blobs written: a retry after a failed
+    /// commit may refer to them. A step with none in chunks keeps an earlier attempt's:
+    /// only a commit's answer (`forget_attempt`) ends what the blobs are safe for.
+    fn attempting(&mut self, id: &str, attempt: Option<flowwire_storage::ladder::Attempt>) {
+        if let Some(attempt) = attempt
+            && let Some(slot) = self.slots.get_mut(id)
+        {
+            slot.attempt = Some(attempt);
+        }
+    }
+
+    /// The store answered a step of `id` other than with a transient failure: its blobs
+    /// are referred to by the record it committed, or by none (and may be collected), so
+    /// no later step may refer to them as an attempt's.
+    pub(super) fn forget_attempt(&mut self, id: &str) {
+        if let Some(slot) = self.slots.get_mut(id) {
+            slot.attempt = None;
+        }
+    }
+
     /// A step's task is done: a sealed step joins the batch being built, and its
     /// instance's held messages wait for that batch's commit; a precut step is sealed.
     pub(super) fn landed(&mut self, u: Uploaded<F>) {
@@ -226,6 +253,7 @@ impl<F: Flow> Runner<F> {
             Ok(Upload::Cut(written)) => self.place(s, Some(&written)),
             Ok(Upload::Sealed(sealed)) => {
                 self.joins(&s.id);
+                self.attempting(&s.id, sealed.attempt);
                 self.building.push(s, sealed.write, sealed.placed);
             }
             Err(e) => {
@@ -361,6 +389,7 @@ impl<F: Flow> Runner<F> {
             Ok(results) => {
                 let mut results = results.into_iter();
                 for (mut s, placed) in staged.drain(..).zip(placed.drain(..)) {
+                    self.forget_attempt(&s.id);
                     match results.next() {
                         Some(StepResult::Committed) => self.committed(&mut s, placed),
                         Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
@@ -397,6 +426,7 @@ impl<F: Flow> Runner<F> {
                 let e = Error::Store(e);
                 tracing::error!(flow = F::NAME, error = %e, "commit failed");
                 for s in staged.drain(..) {
+                    self.forget_attempt(&s.id);
                     self.failed(s, &e);
                 }
             }

@@ -40,6 +40,8 @@ impl<F: Flow> Runner<F> {
         let before = slot.inst.record().timer.map(|t| t.due_ms);
         slot.inst.commit(&s.step);
         slot.failures = 0;
+        // Its blobs are the committed record's now (see `forget_attempt`).
+        slot.attempt = None;
         let trash = placed.trash.clone();
         slot.placed = Some(placed);
         self.collect(&trash);

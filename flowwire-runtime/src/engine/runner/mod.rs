@@ -199,6 +199,10 @@ struct Slot<F: Flow> {
     phase: Phase,
     /// Inputs waiting for its upload to land.
     held: VecDeque<Input<F>>,
+    /// Its step in the batch being built or in flight, as placed; kept when the commit
+    /// fails transiently, so the retry refers to the blobs it wrote (see
+    /// `flowwire_storage::ladder::Attempt`). Cleared by any other answer of the store.
+    attempt: Option<flowwire_storage::ladder::Attempt>,
 }
 
 impl<F: Flow> Slot<F> {
@@ -209,6 +213,7 @@ impl<F: Flow> Slot<F> {
             failures: 0,
             phase: Phase::Batched { round: 0 },
             held: VecDeque::new(),
+            attempt: None,
         }
     }
 }
