@@ -12,7 +12,9 @@
 //! commit by the shard's owner, the calls and outcomes over Redis Streams. This process is
 //! the client: `concurrency` callers each start a workflow, wait for `finished()` (pushed
 //! by the owner over pub/sub), read its end state, and start the next, until the run's
-//! time is up; each workflow is timed from its start request to its state read.
+//! time is up; each workflow is timed from its start request to its state read. Beside
+//! each row, what a workflow cost the server, from its own counters: commands, socket
+//! reads (round trips) and CPU time (`INFO stats`, `INFO cpu`).
 //!
 //! With `FLOWWIRE_BENCH_RESTATE=1`, Restate 1.7 runs beside it as the durable peer
 //! (`scripts/restate-peer serve`: installed from the npm registry on first use, on
@@ -161,7 +163,7 @@ async fn run(mode: Mode) {
         &["always", "everysec"]
     };
     println!(
-        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11}",
         "fsync",
         "orch",
         "workers",
@@ -172,7 +174,8 @@ async fn run(mode: Mode) {
         "p99",
         "max",
         "cmds/wf",
-        "reads/wf"
+        "reads/wf",
+        "redis µs/wf"
     );
     let restate = Restate::wanted();
     for &fsync in fsyncs {
@@ -229,13 +232,14 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
                 #[allow(clippy::cast_precision_loss)]
                 let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 / n as f64;
                 println!(
-                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1}  {cpu}",
+                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1} {:>11.1}  {cpu}",
                     s.per_second(),
                     fmt_duration(s.median()),
                     fmt_duration(s.p99()),
                     fmt_duration(s.quantile(1.0)),
                     per(0),
                     per(1),
+                    per(2),
                 );
                 rates.push(s.per_second());
                 if side {
@@ -262,11 +266,13 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
     }
 }
 
-/// Redis's own counters, `[commands processed, reads processed]` (a read is one socket
-/// read of a client's requests: a round trip, however many commands it pipelines). Per
+/// Redis's own counters, `[commands processed, reads processed, CPU time in µs]` (a read
+/// is one socket read of a client's requests: a round trip, however many commands it
+/// pipelines; the CPU time is the server's, user and system, all its threads). Per
 /// workflow they count what a step costs Redis, whatever the machine's speed (lease
-/// renewals and heartbeats of the idle processes add a little).
-fn server_counts(url: &str) -> [u64; 2] {
+/// renewals and heartbeats of the idle processes add a little): the CPU time is what bounds
+/// the workflows one server carries, since its one thread runs every command.
+fn server_counts(url: &str) -> [u64; 3] {
     let port = url
         .trim_end_matches('/')
         .rsplit(':')
@@ -274,20 +280,24 @@ fn server_counts(url: &str) -> [u64; 2] {
         .unwrap_or("6379")
         .to_string();
     let out = Command::new("redis-cli")
-        .args(["-p", &port, "INFO", "stats"])
+        .args(["-p", &port, "INFO", "stats", "cpu"])
         .output()
         .expect("redis-cli runs (it comes with redis-server)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
+    let field = |name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(0.0)
     };
-    [
-        field("total_commands_processed"),
-        field("total_reads_processed"),
-    ]
+    let cpu_s = field("used_cpu_user") + field("used_cpu_sys");
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let counts = [
+        field("total_commands_processed") as u64,
+        field("total_reads_processed") as u64,
+        (cpu_s * 1e6) as u64,
+    ];
+    counts
 }
 
 /// Waits (up to 30 s) until the orchestrators hold every shard between them, each at
