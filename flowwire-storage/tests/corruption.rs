@@ -14,15 +14,16 @@
 //! long run in docs/architecture.md uses 400).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire_storage::codec::{self, Kind};
 use flowwire_storage::{Expect, InstanceKey, InstanceStore, RedbStore, StepWrite, StoreError};
+
+#[path = "support/child.rs"]
+mod child;
 
 const INSTANCES: u64 = 40;
 const BATCHES: u64 = 150;
@@ -138,40 +139,14 @@ fn clean_baseline(dir: &Path) -> u64 {
 /// A store whose writer was killed (SIGKILL) after at least `BATCHES` acknowledged batches
 /// (exactly that many, and idle since, if `idle`); returns how many were acknowledged.
 fn killed_baseline(dir: &Path, idle: bool) -> u64 {
-    let mut command = Command::new(std::env::current_exe().unwrap());
+    let mut env = vec![(CHILD, dir.as_os_str())];
     if idle {
-        command.env(IDLE, "1");
+        env.push((IDLE, std::ffi::OsStr::new("1")));
     }
-    let mut child = command
-        .args([
-            "--exact",
-            "child_commits_until_killed",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut acked = 0;
-    while let Some(Ok(line)) = lines.next() {
-        if let Some(n) = line.strip_prefix("ack ") {
-            acked = n.parse::<u64>().unwrap() + 1;
-            if acked >= BATCHES {
-                child.kill().unwrap();
-                break;
-            }
-        }
-    }
+    let mut child = child::Acking::spawn("child_commits_until_killed", &env);
+    child.until_acked(BATCHES);
     // Acknowledgements printed before the kill landed count too.
-    for line in lines.map_while(Result::ok) {
-        if let Some(n) = line.strip_prefix("ack ") {
-            acked = acked.max(n.parse::<u64>().unwrap() + 1);
-        }
-    }
-    child.wait().unwrap();
+    let acked = child.kill();
     assert!(acked >= BATCHES, "the child acknowledged {acked} batches");
     acked
 }

@@ -4,13 +4,14 @@
 //! sweep recognises and removes (once it is old enough; the test ages it by setting its
 //! time, not by waiting an hour).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire_storage::tier::{BlobTier, FsTier};
+
+#[path = "support/child.rs"]
+mod child;
 
 const CHILD: &str = "FLOWWIRE_FS_KILL_CHILD";
 const BLOB: usize = 16 << 20;
@@ -66,28 +67,8 @@ fn temps(root: &Path) -> Vec<std::path::PathBuf> {
 /// Runs a child that puts blobs into `root` and kills it once `acks` puts were acknowledged
 /// and a temp file of the next one is on disk; returns how many were acknowledged.
 fn kill_mid_put(root: &Path, acks: u64) -> u64 {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_puts_until_killed",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, root)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut acked = 0;
-    while let Some(Ok(line)) = lines.next() {
-        if let Some(n) = line.strip_prefix("ack ") {
-            acked = n.parse::<u64>().unwrap() + 1;
-            if acked >= acks {
-                break;
-            }
-        }
-    }
+    let mut child = child::Acking::spawn("child_puts_until_killed", &[(CHILD, root.as_os_str())]);
+    child.until_acked(acks);
     // The next put's temp file: killed while it is being written (bounded wait).
     for _ in 0..2_000 {
         if !temps(root).is_empty() {
@@ -95,14 +76,7 @@ fn kill_mid_put(root: &Path, acks: u64) -> u64 {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    child.kill().unwrap();
-    for line in lines.map_while(Result::ok) {
-        if let Some(n) = line.strip_prefix("ack ") {
-            acked = acked.max(n.parse::<u64>().unwrap() + 1);
-        }
-    }
-    child.wait().unwrap();
-    acked
+    child.kill()
 }
 
 #[tokio::test(flavor = "multi_thread")]
