@@ -272,6 +272,7 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
 /// workflow they count what a step costs Redis, whatever the machine's speed (lease
 /// renewals and heartbeats of the idle processes add a little): the CPU time is what bounds
 /// the workflows one server carries, since its one thread runs every command.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // counters, as floats
 fn server_counts(url: &str) -> [u64; 3] {
     let port = url
         .trim_end_matches('/')
@@ -291,13 +292,11 @@ fn server_counts(url: &str) -> [u64; 3] {
             .unwrap_or(0.0)
     };
     let cpu_s = field("used_cpu_user") + field("used_cpu_sys");
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let counts = [
+    [
         field("total_commands_processed") as u64,
         field("total_reads_processed") as u64,
         (cpu_s * 1e6) as u64,
-    ];
-    counts
+    ]
 }
 
 /// Waits (up to 30 s) until the orchestrators hold every shard between them, each at

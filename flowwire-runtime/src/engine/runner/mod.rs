@@ -201,7 +201,7 @@ struct Slot<F: Flow> {
     held: VecDeque<Input<F>>,
     /// Its step in the batch being built or in flight, as placed; kept when the commit
     /// fails transiently, so the retry refers to the blobs it wrote (see
-    /// `flowwire_storage::ladder::Attempt`). Cleared by any other answer of the store.
+    /// `flowwire::storage::ladder::Attempt`). Cleared by any other answer of the store.
     attempt: Option<flowwire_storage::ladder::Attempt>,
 }
 
