@@ -50,6 +50,7 @@ pub async fn run_all(make: impl Fn() -> Box<dyn InstanceStore>) {
     every_record_of_a_flow_is_listed_whatever_its_status(&*make()).await;
     history_pages_in_step_order(&*make()).await;
     one_batch_commits_many_instances_and_reports_each(&*make()).await;
+    a_large_batch_reports_every_step_in_its_place(&*make()).await;
     history_is_pruned_below_a_step(&*make()).await;
     an_impulse_without_history_records_its_step(&*make()).await;
     timers_are_listed_by_due_time_and_follow_the_records(&*make()).await;
@@ -302,6 +303,49 @@ pub async fn one_batch_commits_many_instances_and_reports_each(store: &dyn Insta
         ]
     );
     assert_eq!(&store.load(&a).await.unwrap().unwrap().bytes[..], b"a2");
+}
+
+/// A batch longer than any backend's share of one request (the Redis store writes 128 steps
+/// per script) reports each step in its place, and a step refused among them leaves its
+/// neighbours to their own checks.
+pub async fn a_large_batch_reports_every_step_in_its_place(store: &dyn InstanceStore) {
+    let keys: Vec<InstanceKey> = (0..300)
+        .map(|i| InstanceKey::new("flow", format!("big-{i}")))
+        .collect();
+    // Every seventh instance exists already: its start in the big batch is a conflict.
+    let early = keys
+        .iter()
+        .step_by(7)
+        .map(|k| step(k, Expect::Absent, 1, b"early"))
+        .collect();
+    store.commit(early).await.unwrap();
+    let r = store
+        .commit(
+            keys.iter()
+                .map(|k| step(k, Expect::Absent, 1, b"late"))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let want: Vec<StepResult> = (0..300)
+        .map(|i| {
+            if i % 7 == 0 {
+                StepResult::Conflict { found: Some(1) }
+            } else {
+                StepResult::Committed
+            }
+        })
+        .collect();
+    assert_eq!(r, want, "each step's result is reported in its place");
+    for (i, k) in keys.iter().enumerate() {
+        let stored = store.load(k).await.unwrap().expect("every instance exists");
+        let wanted: &[u8] = if i % 7 == 0 { b"early" } else { b"late" };
+        assert_eq!(
+            &stored.bytes[..],
+            wanted,
+            "instance {i} holds its own bytes"
+        );
+    }
 }
 
 /// A step with `prune_below` deletes the instance's earlier history entries, and only those.

@@ -7,104 +7,129 @@ use crate::redis_link::Conn;
 
 use super::{RedisStore, backend, is_no_script, shard_key};
 
-/// The commit script (one step of one instance).
+/// The commit script: the steps of one batch (on a cluster, one step), each checked and
+/// written on its own.
 pub const COMMIT: &str = r"
--- KEYS: record, impulses, history index, history entries, write audit, shard's token counter,
---       shard's active set, shard's timer set, shard's outcome stream, the epoch key (on a
---       cluster: any key of the slot, unread), then the key of each message to send
--- ARGV: expect ('' = absent), version, seq, record, active, impulse id ('' = none),
---       has history ('1'/'0'), history entry, prune below ('' = none), parked,
---       correlation key ('' = none), fencing token ('' = none), audit ('1'/'0'),
---       ended with key ('' = none), instance id, timer due in ms ('' = none),
---       outcome entry to acknowledge ('' = none), the orchestrators' group,
---       the data's epoch token ('' = not checked here), how many messages to send,
---       then each message's kind ('a' append to a stream, 'p' publish, 's' settle an
---       entry: acknowledge it in a group and delete it, its bytes '<group> <entry id>')
---       and bytes
--- Returns {0, 1 if the record was parked before} when written; {1, version} on a
--- conflict; {2, step} for an impulse id seen; {3, token} when fenced; {4, 0} when the
--- epoch key does not hold the token (the server lost or swapped the data).
-if ARGV[19] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[19] then return {4, 0} end
--- The record's fencing token, version and parked flag, in one read.
-local cur = redis.call('HMGET', KEYS[1], 'f', 'v', 'p')
-local newest = 0
-if ARGV[12] ~= '' then
-  local mine = tonumber(ARGV[12])
-  newest = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if newest > mine then return {3, newest} end
-  local last = cur[1]
-  if last and tonumber(last) > mine then return {3, tonumber(last)} end
-end
-local found = cur[2]
-if ARGV[1] == '' then
-  if found then return {1, tonumber(found)} end
-elseif found ~= ARGV[1] then
-  if found then return {1, tonumber(found)} end
-  return {1, -1}
-end
-if ARGV[6] ~= '' then
-  local seen = redis.call('HGET', KEYS[2], ARGV[6])
-  if seen then return {2, tonumber(seen)} end
-  redis.call('HSET', KEYS[2], ARGV[6], ARGV[3])
-end
-local was_parked = cur[3]
--- The record's fields in one write: with the fencing token and the end's key when given.
-local fields = {'v', ARGV[2], 'b', ARGV[4], 'a', ARGV[5], 'p', ARGV[10], 'k', ARGV[11]}
-if ARGV[12] ~= '' then
-  fields[#fields + 1] = 'f'
-  fields[#fields + 1] = ARGV[12]
-end
-if ARGV[14] ~= '' then
-  fields[#fields + 1] = 'e'
-  fields[#fields + 1] = ARGV[14]
-end
-redis.call('HSET', KEYS[1], unpack(fields))
--- The shard's indexes change with the step (the flow's others are in other slots).
-if ARGV[5] == '0' then
-  redis.call('SREM', KEYS[7], ARGV[15])
-else
-  redis.call('SADD', KEYS[7], ARGV[15])
-end
-if ARGV[16] == '' then
-  redis.call('ZREM', KEYS[8], ARGV[15])
-else
-  redis.call('ZADD', KEYS[8], ARGV[16], ARGV[15])
-end
--- The outcome this step applies is settled with it.
-if ARGV[17] ~= '' then
-  redis.call('XACK', KEYS[9], ARGV[18], ARGV[17])
-  redis.call('XDEL', KEYS[9], ARGV[17])
-end
-if ARGV[13] == '1' then redis.call('RPUSH', KEYS[5], ARGV[3] .. ':' .. ARGV[12] .. ':' .. newest) end
-if ARGV[7] == '1' then
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[3])
-  redis.call('HSET', KEYS[4], ARGV[3], ARGV[8])
-end
-if ARGV[9] ~= '' then
-  local bound = '(' .. ARGV[9]
-  while true do
-    local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', bound, 'LIMIT', 0, 500)
-    if #old == 0 then break end
-    redis.call('HDEL', KEYS[4], unpack(old))
-    redis.call('ZREM', KEYS[3], unpack(old))
+-- KEYS[1]: the epoch key (on a cluster: any key of the slot, unread); then, per step:
+--   record, impulses, history index, history entries, write audit, shard's token counter,
+--   shard's active set, shard's timer set, shard's outcome stream, then the key of each
+--   message it sends
+-- ARGV[1]: the data's epoch token ('' = not checked here); ARGV[2]: audit ('1'/'0');
+-- ARGV[3]: the orchestrators' group; ARGV[4]: how many steps; then, per step:
+--   expect ('' = absent), version, seq, record, active, impulse id ('' = none),
+--   has history ('1'/'0'), history entry, prune below ('' = none), parked,
+--   correlation key ('' = none), fencing token ('' = none), ended with key ('' = none),
+--   instance id, timer due in ms ('' = none), outcome entry to acknowledge ('' = none),
+--   how many messages to send, then each message's kind ('a' append to a stream,
+--   'p' publish, 's' settle an entry: acknowledge it in a group and delete it, its bytes
+--   '<group> <entry id>') and bytes
+-- Returns, per step, two numbers: 0 and 1 if the record was parked before, when written;
+-- 1 and the version found on a conflict; 2 and the step for an impulse id seen; 3 and the
+-- token when fenced. {4, 0} alone when the epoch key does not hold the token (the server
+-- lost or swapped the data): nothing was written.
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return {4, 0} end
+local audit, group = ARGV[2] == '1', ARGV[3]
+-- The newest token granted per shard, read once per script (nothing changes it meanwhile).
+local tokens = {}
+
+-- One step: its keys from KEYS[k + 1], its arguments from ARGV[a + 1].
+local function step(k, a)
+  -- The record's fencing token, version and parked flag, in one read.
+  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p')
+  local newest = 0
+  if ARGV[a + 12] ~= '' then
+    local mine = tonumber(ARGV[a + 12])
+    newest = tokens[KEYS[k + 6]]
+    if not newest then
+      newest = tonumber(redis.call('GET', KEYS[k + 6]) or '0')
+      tokens[KEYS[k + 6]] = newest
+    end
+    if newest > mine then return 3, newest end
+    local last = cur[1]
+    if last and tonumber(last) > mine then return 3, tonumber(last) end
   end
-end
--- What the step sends goes out with it, and only with it.
-for i = 1, tonumber(ARGV[20]) do
-  local kind, body = ARGV[19 + 2 * i], ARGV[20 + 2 * i]
-  if kind == 'a' then
-    redis.call('XADD', KEYS[10 + i], '*', 'm', body)
-  elseif kind == 's' then
-    local sp = string.find(body, ' ', 1, true)
-    local entry = string.sub(body, sp + 1)
-    redis.call('XACK', KEYS[10 + i], string.sub(body, 1, sp - 1), entry)
-    redis.call('XDEL', KEYS[10 + i], entry)
+  local found = cur[2]
+  if ARGV[a + 1] == '' then
+    if found then return 1, tonumber(found) end
+  elseif found ~= ARGV[a + 1] then
+    if found then return 1, tonumber(found) end
+    return 1, -1
+  end
+  if ARGV[a + 6] ~= '' then
+    local seen = redis.call('HGET', KEYS[k + 2], ARGV[a + 6])
+    if seen then return 2, tonumber(seen) end
+    redis.call('HSET', KEYS[k + 2], ARGV[a + 6], ARGV[a + 3])
+  end
+  -- The record's fields in one write: with the fencing token and the end's key when given.
+  local fields = {'v', ARGV[a + 2], 'b', ARGV[a + 4], 'a', ARGV[a + 5], 'p', ARGV[a + 10],
+    'k', ARGV[a + 11]}
+  if ARGV[a + 12] ~= '' then
+    fields[#fields + 1] = 'f'
+    fields[#fields + 1] = ARGV[a + 12]
+  end
+  if ARGV[a + 13] ~= '' then
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = ARGV[a + 13]
+  end
+  redis.call('HSET', KEYS[k + 1], unpack(fields))
+  -- The shard's indexes change with the step (the flow's others are in other slots).
+  if ARGV[a + 5] == '0' then
+    redis.call('SREM', KEYS[k + 7], ARGV[a + 14])
   else
-    redis.call('PUBLISH', KEYS[10 + i], body)
+    redis.call('SADD', KEYS[k + 7], ARGV[a + 14])
   end
+  if ARGV[a + 15] == '' then
+    redis.call('ZREM', KEYS[k + 8], ARGV[a + 14])
+  else
+    redis.call('ZADD', KEYS[k + 8], ARGV[a + 15], ARGV[a + 14])
+  end
+  -- The outcome this step applies is settled with it.
+  if ARGV[a + 16] ~= '' then
+    redis.call('XACK', KEYS[k + 9], group, ARGV[a + 16])
+    redis.call('XDEL', KEYS[k + 9], ARGV[a + 16])
+  end
+  if audit then redis.call('RPUSH', KEYS[k + 5], ARGV[a + 3] .. ':' .. ARGV[a + 12] .. ':' .. newest) end
+  if ARGV[a + 7] == '1' then
+    redis.call('ZADD', KEYS[k + 3], ARGV[a + 3], ARGV[a + 3])
+    redis.call('HSET', KEYS[k + 4], ARGV[a + 3], ARGV[a + 8])
+  end
+  if ARGV[a + 9] ~= '' then
+    local bound = '(' .. ARGV[a + 9]
+    while true do
+      local old = redis.call('ZRANGEBYSCORE', KEYS[k + 3], '-inf', bound, 'LIMIT', 0, 500)
+      if #old == 0 then break end
+      redis.call('HDEL', KEYS[k + 4], unpack(old))
+      redis.call('ZREM', KEYS[k + 3], unpack(old))
+    end
+  end
+  -- What the step sends goes out with it, and only with it.
+  for i = 1, tonumber(ARGV[a + 17]) do
+    local kind, body = ARGV[a + 16 + 2 * i], ARGV[a + 17 + 2 * i]
+    if kind == 'a' then
+      redis.call('XADD', KEYS[k + 9 + i], '*', 'm', body)
+    elseif kind == 's' then
+      local sp = string.find(body, ' ', 1, true)
+      local entry = string.sub(body, sp + 1)
+      redis.call('XACK', KEYS[k + 9 + i], string.sub(body, 1, sp - 1), entry)
+      redis.call('XDEL', KEYS[k + 9 + i], entry)
+    else
+      redis.call('PUBLISH', KEYS[k + 9 + i], body)
+    end
+  end
+  if cur[3] == '1' then return 0, 1 end
+  return 0, 0
 end
-if was_parked == '1' then return {0, 1} end
-return {0, 0}
+
+local replies, k, a = {}, 1, 4
+for s = 1, tonumber(ARGV[4]) do
+  local sends = tonumber(ARGV[a + 17])
+  local code, n = step(k, a)
+  replies[2 * s - 1] = code
+  replies[2 * s] = n
+  k = k + 9 + sends
+  a = a + 17 + 2 * sends
+end
+return replies
 ";
 
 /// Repairs one timer entry: `KEYS[1]` the timer set; `ARGV`: id, stale due, actual due
@@ -120,6 +145,47 @@ if s and tonumber(s) == tonumber(ARGV[2]) then
 end
 return 0
 ";
+
+/// Steps written by one commit script on one server: a script runs alone on the server,
+/// so a batch of a thousand steps is cut into scripts of about a millisecond each.
+const STEPS_PER_SCRIPT: usize = 128;
+
+/// One step's arguments to [`COMMIT`], in the order its header lists them.
+fn step_args(script: &mut redis::Cmd, s: &StepWrite) {
+    let expect = match s.expect {
+        Expect::Absent => String::new(),
+        Expect::Version(v) => v.to_string(),
+    };
+    let (has_hist, hist) = match &s.history {
+        Some((_, h)) => ("1", &h[..]),
+        None => ("0", &[][..]),
+    };
+    script
+        .arg(expect)
+        .arg(s.version)
+        .arg(s.seq)
+        .arg(&s.record[..])
+        .arg(if s.active { "1" } else { "0" })
+        .arg(s.impulse.as_deref().unwrap_or(""))
+        .arg(has_hist)
+        .arg(hist)
+        .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
+        .arg(if s.parked { "1" } else { "0" })
+        .arg(s.correlation.as_deref().unwrap_or(""))
+        .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
+        .arg(s.ended_key.as_deref().unwrap_or(""))
+        .arg(&*s.key.id)
+        .arg(s.timer.map(|due| due.to_string()).unwrap_or_default())
+        .arg(s.acknowledges.as_deref().unwrap_or(""))
+        .arg(s.sends.len());
+    for send in &s.sends {
+        match send {
+            BusSend::Append { body, .. } => script.arg("a").arg(&body[..]),
+            BusSend::Publish { body, .. } => script.arg("p").arg(&body[..]),
+            BusSend::Settle { group, entry, .. } => script.arg("s").arg(format!("{group} {entry}")),
+        };
+    }
+}
 
 impl RedisStore {
     /// The index entries a batch needs before it commits: those of the flow's sets, which
@@ -142,76 +208,57 @@ impl RedisStore {
         adds
     }
 
-    /// The commit script of each step. `epoch`: the data's epoch token, checked by each
-    /// script (one server: the key is reachable from every script); `None` on a cluster,
-    /// where it is read before the batch.
+    /// The commit scripts of a batch: on one server one script per [`STEPS_PER_SCRIPT`]
+    /// steps, each checking the data's epoch token `epoch` once (the key is reachable from
+    /// every script); on a cluster (`epoch` is `None`: it is read before the batch) one
+    /// script per step, as the steps' keys live in their shards' slots.
     pub(super) fn scripts(&self, batch: &[StepWrite], epoch: Option<&str>) -> Vec<redis::Cmd> {
-        let mut scripts = Vec::with_capacity(batch.len());
+        let per = if epoch.is_some() { STEPS_PER_SCRIPT } else { 1 };
         let epoch_key = format!("{}:epoch", self.prefix);
-        for s in batch {
-            let keys = self.keys(&s.key);
-            let shard = self.shard(&s.key.id);
-            let token = shard_key(&self.prefix, "token", &s.key.flow, shard);
-            let expect = match s.expect {
-                Expect::Absent => String::new(),
-                Expect::Version(v) => v.to_string(),
-            };
-            let (has_hist, hist) = match &s.history {
-                Some((_, h)) => ("1", &h[..]),
-                None => ("0", &[][..]),
-            };
-            let mut script = redis::cmd("EVALSHA");
-            script
-                .arg(&self.sha)
-                .arg(10 + s.sends.len())
-                .arg(&keys[..])
-                .arg(&token)
-                .arg(self.active_key(&s.key.flow, shard))
-                .arg(self.timers_key(&s.key.flow, shard))
-                .arg(shard_key(&self.prefix, "out", &s.key.flow, shard));
-            // On a cluster the tenth key only keeps the script in its slot.
-            script.arg(if epoch.is_some() { &epoch_key } else { &token });
-            for send in &s.sends {
-                script.arg(match send {
-                    BusSend::Append { stream, .. } | BusSend::Settle { stream, .. } => {
-                        stream.as_str()
-                    }
-                    BusSend::Publish { channel, .. } => channel.as_str(),
-                });
-            }
-            script
-                .arg(expect)
-                .arg(s.version)
-                .arg(s.seq)
-                .arg(&s.record[..])
-                .arg(if s.active { "1" } else { "0" })
-                .arg(s.impulse.as_deref().unwrap_or(""))
-                .arg(has_hist)
-                .arg(hist)
-                .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
-                .arg(if s.parked { "1" } else { "0" })
-                .arg(s.correlation.as_deref().unwrap_or(""))
-                .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
-                .arg(if self.audit { "1" } else { "0" })
-                .arg(s.ended_key.as_deref().unwrap_or(""))
-                .arg(&*s.key.id)
-                .arg(s.timer.map(|due| due.to_string()).unwrap_or_default())
-                .arg(s.acknowledges.as_deref().unwrap_or(""))
-                .arg(crate::bus::ORCHESTRATORS)
-                .arg(epoch.unwrap_or(""))
-                .arg(s.sends.len());
-            for send in &s.sends {
-                match send {
-                    BusSend::Append { body, .. } => script.arg("a").arg(&body[..]),
-                    BusSend::Publish { body, .. } => script.arg("p").arg(&body[..]),
-                    BusSend::Settle { group, entry, .. } => {
-                        script.arg("s").arg(format!("{group} {entry}"))
-                    }
+        batch
+            .chunks(per)
+            .map(|steps| {
+                let keys: usize = steps.iter().map(|s| 9 + s.sends.len()).sum();
+                let mut script = redis::cmd("EVALSHA");
+                script.arg(&self.sha).arg(1 + keys);
+                match epoch {
+                    Some(_) => script.arg(&epoch_key),
+                    // On a cluster the first key only keeps the script in its step's slot.
+                    None => script.arg(shard_key(
+                        &self.prefix,
+                        "token",
+                        &steps[0].key.flow,
+                        self.shard(&steps[0].key.id),
+                    )),
                 };
-            }
-            scripts.push(script);
-        }
-        scripts
+                for s in steps {
+                    let shard = self.shard(&s.key.id);
+                    script
+                        .arg(&self.keys(&s.key)[..])
+                        .arg(shard_key(&self.prefix, "token", &s.key.flow, shard))
+                        .arg(self.active_key(&s.key.flow, shard))
+                        .arg(self.timers_key(&s.key.flow, shard))
+                        .arg(shard_key(&self.prefix, "out", &s.key.flow, shard));
+                    for send in &s.sends {
+                        script.arg(match send {
+                            BusSend::Append { stream, .. } | BusSend::Settle { stream, .. } => {
+                                stream.as_str()
+                            }
+                            BusSend::Publish { channel, .. } => channel.as_str(),
+                        });
+                    }
+                }
+                script
+                    .arg(epoch.unwrap_or(""))
+                    .arg(if self.audit { "1" } else { "0" })
+                    .arg(crate::bus::ORCHESTRATORS)
+                    .arg(steps.len());
+                for s in steps {
+                    step_args(&mut script, s);
+                }
+                script
+            })
+            .collect()
     }
 
     /// Loads the commit script (on a cluster, on every master).
@@ -297,13 +344,21 @@ impl RedisStore {
         let values = self
             .add_and_commit(&mut c, batch, in_script.as_deref())
             .await?;
-        let mut replies = Vec::with_capacity(values.len());
+        let mut replies = Vec::with_capacity(batch.len());
         for v in values {
-            let reply: (i64, i64) = redis::from_redis_value(v)
+            let reply: Vec<i64> = redis::from_redis_value(v)
                 .map_err(|e| StoreError::Backend(format!("redis: unexpected commit reply: {e}")))?;
-            replies.push(reply);
+            replies.extend(reply.chunks_exact(2).map(|p| (p[0], p[1])));
         }
-        if replies.iter().any(|(code, _)| *code == 4) {
+        let lost = replies.iter().any(|(code, _)| *code == 4);
+        if !lost && replies.len() != batch.len() {
+            return Err(StoreError::Backend(format!(
+                "redis: {} commit replies for {} steps",
+                replies.len(),
+                batch.len()
+            )));
+        }
+        if lost {
             // The epoch key is gone or holds another token: read it to say which (and to
             // stop the store); the steps the scripts refused wrote nothing.
             self.check_epoch(&mut c).await?;

@@ -20,16 +20,21 @@
 //! | `P:corr:{flow}:key` | set | ids of (possibly) live instances with that correlation key |
 //! | `P:retired:{flow}:key` | set | ids of (possibly) ended instances that carried that key (record field `e`) |
 //!
-//! A step is one `EVALSHA` of [`COMMIT`]: on one server the check of the data's epoch
-//! token, the fencing check (multi-process mode: a step written under a token older than
-//! the newest one granted for its shard is refused, as is one older than the token its
-//! record was last written under), compare-and-swap on the version, insert-if-absent of the
-//! impulse id, the record, the shard's active and timer indexes, the acknowledgement of the
-//! outcome it applies, the history entry and the pruning, and the messages the step puts on
-//! the bus (its driver calls, the announcement that it ended: [`StepWrite::sends`](crate::record::StepWrite::sends)), all or
-//! nothing. A batch is one pipeline of those scripts (one round trip); each step is atomic
-//! on its own. (A cluster keeps the epoch key and the bus's streams in other slots: there
-//! the epoch is read before the batch, and the runtime sends the messages.)
+//! A batch of steps is one `EVALSHA` of [`COMMIT`] (per 128 steps) after the index entries
+//! it adds, all in one pipeline (one round trip). The script checks the data's epoch token
+//! once, then each step on its own: the fencing check (multi-process mode: a step written
+//! under a token older than the newest one granted for its shard is refused, as is one older
+//! than the token its record was last written under), compare-and-swap on the version,
+//! insert-if-absent of the impulse id, the record, the shard's active and timer indexes, the
+//! acknowledgement of the outcome it applies, the history entry and the pruning, and the
+//! messages the step puts on the bus (its driver calls, the announcement that it ended:
+//! [`StepWrite::sends`](crate::record::StepWrite::sends)), all or nothing. A step refused
+//! (a conflict, an impulse seen, fenced) writes nothing and leaves the others of its batch
+//! to their own checks. One script for many steps rather than one each: the per-call cost of
+//! a script (its lookup, its tables, its replication wrapper) was most of Redis's time in a
+//! step. (A cluster keeps the epoch key, the bus's streams and each shard in other slots:
+//! there the epoch is read before the batch, each step is a script of its own, and the
+//! runtime sends the messages.)
 //!
 //! The parked, correlation and retired sets live in the flow's slot, not the shard's, so
 //! they cannot be in the script. They are kept *conservative*: an entry is added before
