@@ -1,6 +1,6 @@
 //! The multi-process bus on a real Redis (one server, and a three-master Redis Cluster):
 //! shard leases with fencing tokens, fenced commits, streams with consumer groups, replies
-//! by publish/subscribe, outcomes settled by the commits that apply them.
+//! by publish/subscribe (many channels on one connection), outcomes settled by the commits that apply them.
 
 #![cfg(feature = "redis")]
 
@@ -261,6 +261,98 @@ async fn replies_reach_the_subscriber(bus: &RedisBus) {
     }
 }
 
+/// The channels a bus listens on share one subscriber connection: each message reaches its
+/// own channel's listener, a dropped listener's channel is unsubscribed (a publish on it
+/// counts no receiver), and a lost connection ends every listener until it listens again.
+async fn listeners_share_one_connection(bus: &RedisBus, url: &str) {
+    let mut admin = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut subscribers = || -> usize {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query(&mut admin)
+            .unwrap();
+        list.lines().count()
+    };
+    let before = subscribers();
+    let channels: Vec<String> = (0..4).map(|s| bus.handoffs("Order", s)).collect();
+    let mut listeners = Vec::new();
+    for c in &channels {
+        listeners.push(bus.listen(c).await.unwrap());
+    }
+    assert_eq!(subscribers(), before + 1, "four channels, one connection");
+    let message = |c: &String, i: usize| (c.clone(), Bytes::from(format!("m{i}")));
+    let all: Vec<_> = channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| message(c, i))
+        .collect();
+    assert_eq!(bus.publish_each(&all).await.unwrap(), vec![1; 4]);
+    for (i, l) in listeners.iter_mut().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(5), l.next())
+            .await
+            .unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("m{i}").as_bytes()),
+            "each to its own"
+        );
+    }
+
+    // A dropped listener's channel is unsubscribed; the others stay.
+    drop(listeners.remove(0));
+    let first = [message(&channels[0], 9)];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while bus.publish_each(&first).await.unwrap() != vec![0] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still subscribed after its drop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        bus.publish_each(&[message(&channels[1], 1)]).await.unwrap(),
+        vec![1]
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), listeners[0].next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"m1"[..]));
+    // Listened to again, on the same connection.
+    let mut again = bus.listen(&channels[0]).await.unwrap();
+    assert_eq!(subscribers(), before + 1);
+    assert_eq!(bus.publish_each(&first).await.unwrap(), vec![1]);
+    let got = tokio::time::timeout(Duration::from_secs(5), again.next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"m9"[..]));
+
+    // The connection is lost: every listener ends; listening again opens a new one.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut admin)
+        .unwrap();
+    assert!(killed >= 1);
+    for l in listeners.iter_mut().chain(std::iter::once(&mut again)) {
+        let got = tokio::time::timeout(Duration::from_secs(5), l.next())
+            .await
+            .expect("a listener of a lost connection ends");
+        assert_eq!(got, None);
+    }
+    let mut renewed = bus.listen(&channels[2]).await.unwrap();
+    assert_eq!(
+        bus.publish_each(&[message(&channels[2], 2)]).await.unwrap(),
+        vec![1]
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), renewed.next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"m2"[..]));
+}
+
 async fn processes_must_agree_on_the_shard_count(a: RedisStore, b: RedisStore) {
     a.with_shards(8).bus().agree_shards().await.unwrap();
     let err = b.with_shards(16).bus().agree_shards().await.unwrap_err();
@@ -513,6 +605,7 @@ async fn the_bus_works_on_one_server() {
     streams_deliver_claim_and_acknowledge(&on_server("bus-stream").bus()).await;
     one_read_covers_a_shards_streams(&on_server("bus-shard").bus()).await;
     replies_reach_the_subscriber(&on_server("bus-reply").bus()).await;
+    listeners_share_one_connection(&on_server("bus-listen").bus(), &server().url()).await;
     processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
     heartbeats_count_the_live(&on_server("bus-members").bus()).await;
     a_commit_settles_the_outcome_it_applies(&on_server("bus-settle")).await;

@@ -21,7 +21,10 @@
 //! Redis Cluster slot. Stream entries carry one field, `m`, holding bytes the runtime
 //! encodes; an entry is deleted once acknowledged, so streams hold only work in progress.
 
+mod channels;
 mod streams;
+
+pub use self::channels::Listener;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -131,6 +134,8 @@ pub struct RedisBus {
     link: RedisLink,
     prefix: String,
     shards: u16,
+    /// The subscriber connection its clones' listeners share.
+    channels: channels::Channels,
 }
 
 impl RedisStore {
@@ -141,6 +146,7 @@ impl RedisStore {
             link: link.clone(),
             prefix: prefix.to_string(),
             shards: crate::store::InstanceStore::shards(self),
+            channels: channels::Channels::new(link.clone()),
         }
     }
 }
@@ -382,7 +388,13 @@ impl RedisBus {
         pipe.query_async(&mut c).await.map_err(|e| backend(&e))
     }
 
-    /// Subscribes to a channel.
+    /// Listens on a channel over the subscriber connection this bus and its clones share
+    /// (one connection for many channels; see [`Listener`]).
+    pub async fn listen(&self, channel: &str) -> Result<Listener, StoreError> {
+        self.channels.listen(channel).await
+    }
+
+    /// Subscribes to a channel, on a connection of its own.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
         let mut pubsub = self.link.pubsub().await.map_err(|e| backend(&e))?;
         pubsub.subscribe(channel).await.map_err(|e| backend(&e))?;

@@ -119,8 +119,9 @@ pub(crate) async fn pump<F: Flow>(
     }
 }
 
-/// Feeds the outcomes handed over on `channel` (subscribed again when its connection is
-/// lost; a message lost meanwhile is written to the stream by its worker).
+/// Feeds the outcomes handed over on `channel` (listened to on the connection the
+/// process's shards share, again when it is lost; a message lost meanwhile is written to
+/// the stream by its worker).
 async fn take_handoffs(
     bus: &RedisBus,
     channel: &str,
@@ -129,7 +130,7 @@ async fn take_handoffs(
 ) {
     let mut failures = 0u32;
     loop {
-        let mut sub = match bus.subscribe(channel).await {
+        let mut sub = match bus.listen(channel).await {
             Ok(s) => s,
             Err(e) => {
                 failures = failures.saturating_add(1);
