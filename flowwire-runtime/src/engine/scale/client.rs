@@ -34,7 +34,7 @@ impl Replies {
     /// is published before someone listens), and keeps the subscription up.
     pub(crate) async fn start(bus: RedisBus, node: &str, limit: usize) -> Result<Arc<Replies>> {
         let channel = bus.replies(node);
-        let sub = bus.subscribe(&channel).await?;
+        let sub = bus.listen(&channel).await?;
         let replies = Arc::new(Replies {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
@@ -65,7 +65,7 @@ impl Replies {
 async fn listen(
     replies: Weak<Replies>,
     bus: RedisBus,
-    mut sub: flowwire_storage::bus::Subscription,
+    mut sub: flowwire_storage::bus::Listener,
     limit: usize,
 ) {
     let mut failures = 0u32;
@@ -101,14 +101,14 @@ async fn listen(
     }
 }
 
-/// Subscribes to `channel` again after its connection was lost, waiting longer after each
+/// Listens on `channel` again after its connection was lost, waiting longer after each
 /// failure (`failures` counts them); `None` once `gone()` says nobody listens any more.
 async fn resubscribe(
     bus: &RedisBus,
     channel: &str,
     failures: &mut u32,
     gone: impl Fn() -> bool,
-) -> Option<flowwire_storage::bus::Subscription> {
+) -> Option<flowwire_storage::bus::Listener> {
     loop {
         *failures = failures.saturating_add(1);
         let delay = super::pause(*failures);
@@ -116,7 +116,7 @@ async fn resubscribe(
         if gone() {
             return None;
         }
-        match bus.subscribe(channel).await {
+        match bus.listen(channel).await {
             Ok(s) => return Some(s),
             Err(e) => tracing::warn!(channel, error = %e, retry_in = ?delay, "not subscribed"),
         }
@@ -173,7 +173,7 @@ impl Watch {
         self.subscribed
             .get_or_try_init(|| async {
                 let channel = bus.ended(flow);
-                let sub = bus.subscribe(&channel).await?;
+                let sub = bus.listen(&channel).await?;
                 tokio::spawn(announcements(watch, bus.clone(), channel, sub, limit));
                 Ok::<(), flowwire_storage::StoreError>(())
             })
@@ -199,7 +199,7 @@ async fn announcements(
     watch: Weak<Watch>,
     bus: RedisBus,
     channel: String,
-    mut sub: flowwire_storage::bus::Subscription,
+    mut sub: flowwire_storage::bus::Listener,
     limit: usize,
 ) {
     let mut failures = 0u32;
