@@ -353,6 +353,44 @@ async fn listeners_share_one_connection(bus: &RedisBus, url: &str) {
     assert_eq!(got.as_deref(), Some(&b"m2"[..]));
 }
 
+/// The shared subscriber connection closes with the last clone of its bus and the last
+/// listener: a process that stopped leaves no connection open behind it.
+async fn the_shared_connection_closes_with_its_bus(store: RedisStore, url: &str) {
+    let mut admin = redis::Client::open(url).unwrap().get_connection().unwrap();
+    // Every connection's id and last command, subscribed or not: one that unsubscribed its
+    // last channel is no longer listed as a subscriber, but may still be open.
+    let mut clients = || -> Vec<(String, String)> {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
+        let field = |line: &str, name: &str| {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        list.lines()
+            .map(|l| (field(l, "id="), field(l, "cmd=")))
+            .collect()
+    };
+    let before: Vec<String> = clients().into_iter().map(|(id, _)| id).collect();
+    let bus = store.bus();
+    let listener = bus.clone().listen(&bus.handoffs("Order", 0)).await.unwrap();
+    let ours: Vec<String> = clients()
+        .into_iter()
+        .filter(|(id, cmd)| !before.contains(id) && cmd == "subscribe")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ours.len(), 1, "one subscriber connection opened");
+    drop((listener, bus, store));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while clients().iter().any(|(id, _)| *id == ours[0]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection outlived its bus"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn processes_must_agree_on_the_shard_count(a: RedisStore, b: RedisStore) {
     a.with_shards(8).bus().agree_shards().await.unwrap();
     let err = b.with_shards(16).bus().agree_shards().await.unwrap_err();
@@ -606,6 +644,7 @@ async fn the_bus_works_on_one_server() {
     one_read_covers_a_shards_streams(&on_server("bus-shard").bus()).await;
     replies_reach_the_subscriber(&on_server("bus-reply").bus()).await;
     listeners_share_one_connection(&on_server("bus-listen").bus(), &server().url()).await;
+    the_shared_connection_closes_with_its_bus(on_server("bus-listen-close"), &server().url()).await;
     processes_must_agree_on_the_shard_count(on_server("bus-count"), on_server("bus-count")).await;
     heartbeats_count_the_live(&on_server("bus-members").bus()).await;
     a_commit_settles_the_outcome_it_applies(&on_server("bus-settle")).await;

@@ -48,6 +48,14 @@ impl Live {
     }
 }
 
+impl Drop for Live {
+    /// The connection closes with its last holder (a new one replacing it, or the last
+    /// clone of the bus gone): its reader would otherwise keep it open.
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// Channels that share one subscriber connection (see the module docs). Clones share it.
 #[derive(Clone)]
 pub(crate) struct Channels {
