@@ -328,6 +328,33 @@ async fn listeners_share_one_connection(bus: &RedisBus, url: &str) {
         .unwrap();
     assert_eq!(got.as_deref(), Some(&b"m9"[..]));
 
+    // A channel listened to twice: each listener gets each message, and the channel stays
+    // subscribed until the last of them goes.
+    let mut twice = bus.listen(&channels[3]).await.unwrap();
+    let fourth = [message(&channels[3], 3)];
+    assert_eq!(
+        bus.publish_each(&fourth).await.unwrap(),
+        vec![1],
+        "one connection"
+    );
+    for l in [&mut listeners[2], &mut twice] {
+        let got = tokio::time::timeout(Duration::from_secs(5), l.next())
+            .await
+            .unwrap();
+        assert_eq!(got.as_deref(), Some(&b"m3"[..]));
+    }
+    drop(twice);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        bus.publish_each(&fourth).await.unwrap(),
+        vec![1],
+        "still listened to"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), listeners[2].next())
+        .await
+        .unwrap();
+    assert_eq!(got.as_deref(), Some(&b"m3"[..]));
+
     // The connection is lost: every listener ends; listening again opens a new one.
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")

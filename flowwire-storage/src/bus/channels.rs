@@ -15,6 +15,9 @@
 //!   settled it within a second.
 //! - Subscribing and unsubscribing go out in order under one lock, so a channel listened
 //!   to again before the old listener's unsubscription ran stays subscribed.
+//! - A channel may have several listeners at once (a shard's new pump starting before the
+//!   old one is dropped): each gets every message, and the channel is unsubscribed when
+//!   the last one goes, rather than one listener ending another's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,8 +29,10 @@ use tokio::sync::{Mutex, mpsc};
 use crate::error::StoreError;
 use crate::redis_link::RedisLink;
 
-/// Each channel's listener: its number and where its messages go.
-type Routes = HashMap<String, (u64, mpsc::UnboundedSender<Bytes>)>;
+/// Each channel's listeners: their numbers and where their messages go. (Usually one; a
+/// channel listened to twice gets each message twice rather than one listener ending the
+/// other.)
+type Routes = HashMap<String, Vec<(u64, mpsc::UnboundedSender<Bytes>)>>;
 
 /// One open subscriber connection.
 struct Live {
@@ -75,6 +80,21 @@ fn lock(routes: &SyncMutex<Routes>) -> MutexGuard<'_, Routes> {
     routes.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Removes listener `id`'s route of `channel`; `true` if that left the channel without
+/// listeners (time to unsubscribe it).
+fn unroute(routes: &mut Routes, channel: &str, id: u64) -> bool {
+    let Some(listeners) = routes.get_mut(channel) else {
+        return false;
+    };
+    let before = listeners.len();
+    listeners.retain(|(i, _)| *i != id);
+    if listeners.len() == before || !listeners.is_empty() {
+        return false;
+    }
+    routes.remove(channel);
+    true
+}
+
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::unavailable("redis", e)
 }
@@ -94,20 +114,17 @@ impl Channels {
     pub(crate) async fn listen(&self, channel: &str) -> Result<Listener, StoreError> {
         let timeout = self.link.timeout();
         let mut live = self.live.lock().await;
-        if live
-            .as_ref()
-            .is_none_or(|l| l.closed.load(Ordering::Acquire))
-        {
-            *live = Some(self.open().await?);
-        }
-        let Some(l) = live.as_ref() else {
-            unreachable!("opened above");
+        let l = match live.take() {
+            Some(l) if !l.closed.load(Ordering::Acquire) => live.insert(l),
+            _ => live.insert(self.open().await?),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // The route is in place before the subscription: no message after it is missed. A
-        // listener of the same channel still in place (its pump not dropped yet) ends.
-        lock(&l.routes).insert(channel.to_string(), (id, tx));
+        // The route is in place before the subscription: no message after it is missed.
+        lock(&l.routes)
+            .entry(channel.to_string())
+            .or_default()
+            .push((id, tx));
         let listener = Listener {
             rx,
             channel: channel.to_string(),
@@ -142,13 +159,16 @@ impl Channels {
                 while let Some(msg) =
                     std::future::poll_fn(|cx| std::pin::Pin::new(&mut stream).poll_next(cx)).await
                 {
-                    let to = lock(&routes)
-                        .get(msg.get_channel_name())
-                        .map(|(_, tx)| tx.clone());
-                    if let Some(tx) = to {
-                        // A listener dropped meanwhile: its message is lost, as any
-                        // message of a channel nobody listens to.
-                        let _ = tx.send(Bytes::copy_from_slice(msg.get_payload_bytes()));
+                    let routes = lock(&routes);
+                    let Some(to) = routes.get(msg.get_channel_name()) else {
+                        // Nobody listens any more: lost, as any message of a channel
+                        // nobody listens to.
+                        continue;
+                    };
+                    let body = Bytes::copy_from_slice(msg.get_payload_bytes());
+                    for (_, tx) in to {
+                        // A listener dropped meanwhile: lost for it alike.
+                        let _ = tx.send(body.clone());
                     }
                 }
                 closed.store(true, Ordering::Release);
@@ -205,27 +225,16 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        // Only this listener's own route goes; the unsubscription follows on a task (it
-        // waits for the connection's lock).
-        let mine = {
+        // Only this listener's own route goes; the unsubscription of a channel left
+        // without listeners follows on a task (it waits for the connection's lock).
+        let last = {
             let Ok(live) = self.hub.live.try_lock() else {
                 return self.forget_later(true);
             };
-            match live.as_ref() {
-                Some(l) => {
-                    let mut routes = lock(&l.routes);
-                    let mine = routes
-                        .get(&self.channel)
-                        .is_some_and(|(id, _)| *id == self.id);
-                    if mine {
-                        routes.remove(&self.channel);
-                    }
-                    mine
-                }
-                None => false,
-            }
+            live.as_ref()
+                .is_some_and(|l| unroute(&mut lock(&l.routes), &self.channel, self.id))
         };
-        if mine {
+        if last {
             self.forget_later(false);
         }
     }
@@ -242,11 +251,11 @@ impl Listener {
         rt.spawn(async move {
             if route {
                 let live = hub.live.lock().await;
-                if let Some(l) = live.as_ref() {
-                    let mut routes = lock(&l.routes);
-                    if routes.get(&channel).is_some_and(|(i, _)| *i == id) {
-                        routes.remove(&channel);
-                    }
+                let last = live
+                    .as_ref()
+                    .is_some_and(|l| unroute(&mut lock(&l.routes), &channel, id));
+                if !last {
+                    return;
                 }
             }
             hub.forget(channel).await;
