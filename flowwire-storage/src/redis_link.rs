@@ -68,13 +68,13 @@ impl RedisLink {
         })
     }
 
-    /// Whether the link goes to a Redis Cluster (keys of different slots cannot meet in
-    /// one script there).
     /// How long a command or a connection attempt may take.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
+    /// Whether the link goes to a Redis Cluster (keys of different slots cannot meet in
+    /// one script there).
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self.target, Target::Cluster(_))
     }

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex as SyncMutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc};
 
+use super::backend;
 use crate::error::StoreError;
 use crate::redis_link::RedisLink;
 
@@ -95,10 +96,6 @@ fn unroute(routes: &mut Routes, channel: &str, id: u64) -> bool {
     true
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::unavailable("redis", e)
-}
-
 impl Channels {
     pub(crate) fn new(link: RedisLink) -> Self {
         Self {
@@ -136,11 +133,11 @@ impl Channels {
             Ok(Ok(())) => Ok(listener),
             Ok(Err(e)) => {
                 l.close();
-                Err(unavailable(e))
+                Err(backend(&e))
             }
             Err(_) => {
                 l.close();
-                Err(unavailable(redis::RedisError::from(std::io::Error::new(
+                Err(backend(&redis::RedisError::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("the subscription to {channel} was not confirmed within {timeout:?}"),
                 ))))
@@ -149,7 +146,7 @@ impl Channels {
     }
 
     async fn open(&self) -> Result<Live, StoreError> {
-        let (sink, mut stream) = self.link.pubsub().await.map_err(unavailable)?.split();
+        let (sink, mut stream) = self.link.pubsub().await.map_err(|e| backend(&e))?.split();
         let routes = Arc::new(SyncMutex::new(Routes::new()));
         let closed = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn({
@@ -221,26 +218,7 @@ impl Listener {
     pub async fn next(&mut self) -> Option<Bytes> {
         self.rx.recv().await
     }
-}
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        // Only this listener's own route goes; the unsubscription of a channel left
-        // without listeners follows on a task (it waits for the connection's lock).
-        let last = {
-            let Ok(live) = self.hub.live.try_lock() else {
-                return self.forget_later(true);
-            };
-            live.as_ref()
-                .is_some_and(|l| unroute(&mut lock(&l.routes), &self.channel, self.id))
-        };
-        if last {
-            self.forget_later(false);
-        }
-    }
-}
-
-impl Listener {
     /// Unsubscribes on a task of the current runtime (none: the process is ending, and the
     /// connection with it). With `route`, this listener's route is removed there first.
     fn forget_later(&self, route: bool) {
@@ -260,5 +238,22 @@ impl Listener {
             }
             hub.forget(channel).await;
         });
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Only this listener's own route goes; the unsubscription of a channel left
+        // without listeners follows on a task (it waits for the connection's lock).
+        let last = {
+            let Ok(live) = self.hub.live.try_lock() else {
+                return self.forget_later(true);
+            };
+            live.as_ref()
+                .is_some_and(|l| unroute(&mut lock(&l.routes), &self.channel, self.id))
+        };
+        if last {
+            self.forget_later(false);
+        }
     }
 }

@@ -390,6 +390,18 @@ impl RedisBus {
 
     /// Listens on a channel over the subscriber connection this bus and its clones share
     /// (one connection for many channels; see [`Listener`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
+    /// use flowwire::storage::store::RedisStore;
+    /// let bus = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.bus();
+    /// let mut replies = bus.listen(&bus.replies("node-a")).await?;
+    /// while let Some(body) = replies.next().await {
+    ///     println!("{} bytes", body.len());
+    /// }
+    /// // `None`: the connection was lost; listen again.
+    /// # Ok(()) }
+    /// ```
     pub async fn listen(&self, channel: &str) -> Result<Listener, StoreError> {
         self.channels.listen(channel).await
     }

@@ -208,12 +208,16 @@ impl RedisStore {
         adds
     }
 
-    /// The commit scripts of a batch: on one server one script per [`STEPS_PER_SCRIPT`]
-    /// steps, each checking the data's epoch token `epoch` once (the key is reachable from
-    /// every script); on a cluster (`epoch` is `None`: it is read before the batch) one
-    /// script per step, as the steps' keys live in their shards' slots.
-    pub(super) fn scripts(&self, batch: &[StepWrite], epoch: Option<&str>) -> Vec<redis::Cmd> {
-        let per = if epoch.is_some() { STEPS_PER_SCRIPT } else { 1 };
+    /// The commit scripts of a batch, `per` steps a script: [`STEPS_PER_SCRIPT`] on one
+    /// server, one on a cluster (the steps' keys live in their shards' slots). With `epoch`,
+    /// each script checks the data's epoch token once (one server, once the token is
+    /// known); without, it was read before the batch.
+    pub(super) fn scripts(
+        &self,
+        batch: &[StepWrite],
+        epoch: Option<&str>,
+        per: usize,
+    ) -> Vec<redis::Cmd> {
         let epoch_key = format!("{}:epoch", self.prefix);
         batch
             .chunks(per)
@@ -289,7 +293,7 @@ impl RedisStore {
             c.batch(self.index_adds(batch))
                 .await
                 .map_err(|e| backend(&e))?;
-            let scripts = self.scripts(batch, None);
+            let scripts = self.scripts(batch, None, 1);
             let mut results = c.each(&scripts).await;
             if results.iter().any(no_script) {
                 Self::load_script(c).await?;
@@ -307,7 +311,7 @@ impl RedisStore {
         let all = |this: &Self| {
             let mut all = this.index_adds(batch);
             let n = all.len();
-            all.extend(this.scripts(batch, epoch));
+            all.extend(this.scripts(batch, epoch, STEPS_PER_SCRIPT));
             (all, n)
         };
         let (cmds, n) = all(self);
