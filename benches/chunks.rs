@@ -360,16 +360,16 @@ impl Field {
 }
 
 /// The most state the flows of one round and their kept baselines write (warm-up included)
-/// before their files are removed and the next round starts on an empty directory. On this project's VM, once a
-/// process has written about 0.4 GiB more than it freed, each new MiB it writes costs about
-/// 3 ms more: a plain writer of 32 MiB files, each fdatasynced and kept, took 25-27 ms a file
-/// for the first 12-14 and 115-140 ms for each after (2026-12-03; no reclaim in
-/// `/proc/vmstat`: the guest's free memory is handed back to the host and comes back
-/// slowly). A baseline written and removed never pays that; the 32 MiB flows did from about
-/// their 13th on (100-115 ms each), and the figure would be the VM's, not the engine's. The
-/// kept baseline pays it as the flow does (see [`Baseline`]); rounds keep both off that
-/// slope where they can. (With the earlier runs' gigabytes left in place, 2026-12-02, the 32 MiB flow of
-/// runs 1 and 2 took twice as long as that of run 0.)
+/// before their files are removed and the next round starts on an empty directory. On this
+/// project's VM, once a process has written about 0.4 GiB more than it freed, each new MiB
+/// it writes costs about 3 ms more: a plain writer of 32 MiB files, each fdatasynced and
+/// kept, took 25-27 ms a file for the first 12-14 and 115-140 ms for each after
+/// (2026-12-03; no reclaim in `/proc/vmstat`: the guest's free memory is handed back to the
+/// host and comes back slowly). A baseline written and removed never pays that; the 32 MiB
+/// flows did from about their 13th on (100-115 ms each), and the figure would be the VM's,
+/// not the engine's. The kept baseline pays it as the flow does (see [`Baseline`]); rounds
+/// keep both off that slope where they can. (With the earlier runs' gigabytes left in
+/// place, 2026-12-02, the 32 MiB flow of runs 1 and 2 took twice as long as that of run 0.)
 const ROUND: usize = 256 * MIB;
 
 /// The cases compared: the field as a `Blob` in chunks, as `Bytes` in chunks, and as
