@@ -552,29 +552,6 @@ impl<F: Flow> Runner<F> {
             }
         }
     }
-
-    /// The driver and method names of a call.
-    fn names(link: u16, method: u16) -> (&'static str, &'static str) {
-        if link == crate::child::CHILD_LINK {
-            return (
-                "child",
-                if method == crate::child::CANCEL {
-                    "cancel"
-                } else {
-                    "start"
-                },
-            );
-        }
-        F::LINKS.get(usize::from(link)).map_or(("?", "?"), |l| {
-            (
-                l.driver.name,
-                l.driver
-                    .methods
-                    .get(usize::from(method))
-                    .map_or("?", |m| m.name),
-            )
-        })
-    }
 }
 
 /// The policy of a call, by its link and method.
