@@ -1,7 +1,7 @@
 //! The runner: one task per flow type, owning its instances.
 //!
 //! Each round it takes the messages waiting (its own tasks' reports first, then outcomes,
-//! then requests, at most `max_batch`), runs the steps through the sans-IO [`Instance`]
+//! then requests, at most `max_batch`, or fewer for a store that commits at once), runs the steps through the sans-IO [`Instance`]
 //! core, commits all their writes in one store transaction (group commit), and only then
 //! acts: replies to callers, dispatches new calls, wakes waiters. A batch holds at most one
 //! step per instance; a second message for the same instance waits for the next round.
@@ -333,6 +333,8 @@ pub(crate) struct Runner<F: Flow> {
     owned: Option<Owned>,
     /// A write was refused because a newer owner holds the shard: stop.
     lost: bool,
+    /// The store answered the last commit at once (see `Runner::round_max`).
+    instant: bool,
 }
 
 impl<F: Flow> Runner<F> {
@@ -391,6 +393,7 @@ impl<F: Flow> Runner<F> {
             children: None,
             owned: None,
             lost: false,
+            instant: false,
         };
         (runner, orx)
     }
@@ -456,8 +459,8 @@ impl<F: Flow> Runner<F> {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         // Second messages for instances already in the batch being built.
         let mut deferred: VecDeque<Input<F>> = VecDeque::new();
-        let max = self.limits.max_batch;
         loop {
+            let max = self.round_max();
             while let Some(i) = self.requeue.pop_back() {
                 backlog.push_front(i);
             }
