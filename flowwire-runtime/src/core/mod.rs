@@ -332,6 +332,15 @@ impl<F: Flow> Instance<F> {
         self.record = step.draft.record.clone();
     }
 
+    /// Adopts a step after the store committed it, as [`commit`](Self::commit) does, by
+    /// taking its record instead of copying it: `step` is left holding the record the
+    /// instance had before, for the caller to drop with it. (A record's payloads are shared
+    /// buffers: a copy costs an atomic count update for each, and again when it is dropped.)
+    pub fn adopt(&mut self, step: &mut Step) {
+        self.version = step.draft.version;
+        std::mem::swap(&mut self.record, &mut step.draft.record);
+    }
+
     /// Returns to the committed record after a step was not committed.
     pub fn revert(&mut self) -> Result<(), CodecError> {
         let state: F::State = rope::read::decode_rope(&self.record.state, self.limit)?;

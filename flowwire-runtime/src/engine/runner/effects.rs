@@ -38,7 +38,6 @@ impl<F: Flow> Runner<F> {
             return;
         };
         let before = slot.inst.record().timer.map(|t| t.due_ms);
-        slot.inst.commit(&s.step);
         slot.failures = 0;
         // Its blobs are the committed record's now (see `forget_attempt`).
         slot.attempt = None;
@@ -102,11 +101,18 @@ impl<F: Flow> Runner<F> {
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Ok((ended.clone(), state.clone())));
             }
-        } else if let Status::Quarantined { reason } = status {
+            return;
+        }
+        if let Status::Quarantined { reason } = status {
             tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
             }
+        }
+        // Last, as nothing above reads the step's record after this: the instance takes
+        // it (an ended one has left memory above).
+        if let Some(slot) = self.slots.get_mut(&s.id) {
+            slot.inst.adopt(&mut s.step);
         }
     }
 
