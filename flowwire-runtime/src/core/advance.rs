@@ -79,8 +79,8 @@ impl<F: Flow> Instance<F> {
         if let Some(branch) = branch {
             return self.branch_outcome(seq, branch, outcome, scratch);
         }
-        let pending = self.record.pending.clone()?;
-        if pending.seq != seq {
+        // Not copied here: the call's arguments are a shared buffer (a count update).
+        if self.record.pending.as_ref()?.seq != seq {
             return None;
         }
         let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
@@ -100,10 +100,13 @@ impl<F: Flow> Instance<F> {
         }
         let armed = match self.awaiting.take() {
             Awaiting::Call(a) if a.seq == seq => a,
-            _ => match self.rederive(&pending, scratch) {
-                Ok(a) => a,
-                Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
-            },
+            _ => {
+                let pending = self.record.pending.clone()?;
+                match self.rederive(&pending, scratch) {
+                    Ok(a) => a,
+                    Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+                }
+            }
         };
         let built;
         let undo = match (&armed.undo, outcome) {
