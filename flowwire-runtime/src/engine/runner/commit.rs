@@ -137,6 +137,15 @@ impl<F: Flow> Runner<F> {
                 self.fetch(id.clone(), input);
                 continue;
             }
+            let input = match input {
+                // An outcome for an instance in memory (the usual input) is applied here,
+                // without building the future of `handle`, which is several KiB.
+                Input::Outcome(o) if resident => match self.apply_outcome(o) {
+                    Ok(()) => continue,
+                    Err(o) => Input::Outcome(o),
+                },
+                other => other,
+            };
             if let Some(s) = self.handle(input).await {
                 self.stage(s);
             }
