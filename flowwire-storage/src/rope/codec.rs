@@ -101,9 +101,5 @@ pub fn decode_shared<T: for<'de> Deserialize<'de>>(
     bytes: &Bytes,
     limit: usize,
 ) -> Result<T, CodecError> {
-    let mut was = field::share_source(Some(bytes.clone()));
-    let _restore = Restore(move || {
-        field::share_source(was.take());
-    });
-    crate::codec::decode_raw(bytes, limit)
+    field::sharing(bytes, || crate::codec::decode_raw(bytes, limit))
 }

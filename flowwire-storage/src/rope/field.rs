@@ -295,8 +295,10 @@ thread_local! {
     /// Where the offered blob's bytes are (address, length; 0 for none): the flavor's test
     /// on every write it is handed, cheaper than looking at `OFFERED`.
     static OFFERED_AT: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
-    /// The buffer a `decode_shared` decodes from.
-    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    /// The buffer a `decode_shared` decodes from, while it runs (null otherwise): see
+    /// [`sharing`]. Borrowed, not cloned: a clone and its drop are two atomic count updates
+    /// on every decode, and most decodes (a driver's arguments, a reply) hold no blob.
+    static SOURCE: Cell<*const Bytes> = const { Cell::new(std::ptr::null()) };
     /// The blobs of the rope a `decode_rope` decodes from.
     static ROPE_BLOBS: RefCell<Vec<Blob>> = const { RefCell::new(Vec::new()) };
 }
@@ -332,9 +334,17 @@ pub(super) fn take_offered(data: &[u8]) -> Option<Blob> {
     OFFERED.with(|o| o.borrow_mut().take())
 }
 
-/// Sets the buffer decodes share; returns the one set before.
-pub(super) fn share_source(source: Option<Bytes>) -> Option<Bytes> {
-    SOURCE.with(|s| s.replace(source))
+/// Runs `decode` with `source` as the buffer its blobs are sliced from.
+pub(super) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
+    /// Puts back the source set before, also when `decode` unwinds.
+    struct Restore(*const Bytes);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SOURCE.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SOURCE.with(|s| s.replace(source)));
+    decode()
 }
 
 /// Sets the blobs of the rope being decoded; returns the ones set before.
@@ -343,14 +353,18 @@ pub(super) fn share_rope_blobs(blobs: Vec<Blob>) -> Vec<Blob> {
 }
 
 /// A slice of the buffer a `decode_shared` decodes, if `v` lies within it.
+#[allow(unsafe_code)] // a thread-local borrow (see `SOURCE`), checked as the SAFETY note says
 fn shared_slice(v: &[u8]) -> Option<Bytes> {
-    SOURCE.with(|s| {
-        let s = s.borrow();
-        let src = s.as_ref()?;
-        let (start, end) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
-        let at = v.as_ptr() as usize;
-        (at >= start && at + v.len() <= end && !v.is_empty()).then(|| src.slice_ref(v))
-    })
+    let src = SOURCE.with(Cell::get);
+    // SAFETY: `SOURCE` is not null only while a `sharing` call runs on this thread: it was
+    // set from a reference that outlives that call, and the call's guard puts back the
+    // value before (null, or the reference of the `sharing` call it is nested in, which
+    // outlives it in turn) when it returns or unwinds. So a non-null pointer read here
+    // points at a live `Bytes`, only read through a shared reference.
+    let src = unsafe { src.as_ref() }?;
+    let (start, end) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
+    let at = v.as_ptr() as usize;
+    (at >= start && at + v.len() <= end && !v.is_empty()).then(|| src.slice_ref(v))
 }
 
 /// The rope's own blob whose bytes are exactly `v`, while a `decode_rope` runs.
