@@ -296,16 +296,16 @@ impl Placement {
             .and_then(|(p, _)| p.record.correlation.as_deref())
             .filter(|old| correlation.as_deref() != Some(*old))
             .map(Arc::from);
-        let mut placed_record = record.with_payloads(state, pending);
-        placed_record.correlation = correlation.as_deref().map(str::to_owned);
-        let placed = PlacedRecord {
-            record: placed_record,
+        // Built where it stays (a record is several hundred bytes: each move copies it).
+        let mut placed = PlacedRecord {
+            record: record.with_payloads(state, pending),
             retired: kept,
             trash: dead
                 .into_iter()
                 .chain(gone.into_iter().map(|r| r.blob))
                 .collect(),
         };
+        placed.record.correlation = correlation.as_deref().map(str::to_owned);
         buf.clear();
         placed.encode(key, buf).map_err(|e| BlobError::Corrupt {
             instance: key.to_string(),

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::mem;
 
-use flowwire_storage::ladder::Written;
+use flowwire_storage::ladder::{Sealed, Written};
 use flowwire_storage::record::PlacedRecord;
 use flowwire_storage::{StepResult, StoreError};
 use tokio::sync::oneshot;
@@ -23,17 +23,14 @@ impl<F: Flow> Batch<F> {
     /// Adds a step, with its placed record and its write. The store takes `writes` with
     /// each batch, so the next one is allocated at the last batch's length at once rather
     /// than grown by doubling (each doubling copied the writes so far).
-    pub(super) fn push(
-        &mut self,
-        s: Staged<F>,
-        write: flowwire_storage::StepWrite,
-        placed: PlacedRecord,
-    ) {
+    /// (The sealed step comes whole, its parts moved from where it lies: each move of a
+    /// part through an argument of its own copied it once more.)
+    pub(super) fn push(&mut self, s: Staged<F>, sealed: Sealed) {
         if self.writes.capacity() == 0 {
             self.writes.reserve(self.hint);
         }
-        self.writes.push(write);
-        self.placed.push(placed);
+        self.writes.push(sealed.write);
+        self.placed.push(sealed.placed);
         self.staged.push(s);
     }
 }
@@ -227,8 +224,8 @@ impl<F: Flow> Runner<F> {
                     if back {
                         self.joins(&s.id);
                     }
-                    self.attempting(&s.id, sealed.attempt);
-                    self.building.push(s, sealed.write, sealed.placed);
+                    self.attempting(&s.id, sealed.attempt.take());
+                    self.building.push(s, sealed);
                 } else {
                     // Rare (a blob to write, a payload too large): not in this batch. A
                     // start's id was checked before its precut.
@@ -278,10 +275,10 @@ impl<F: Flow> Runner<F> {
         self.uploading = self.uploading.saturating_sub(1);
         match result {
             Ok(Upload::Cut(written)) => self.place(s, Some(&written)),
-            Ok(Upload::Sealed(sealed)) => {
+            Ok(Upload::Sealed(mut sealed)) => {
                 self.joins(&s.id);
-                self.attempting(&s.id, sealed.attempt);
-                self.building.push(s, sealed.write, sealed.placed);
+                self.attempting(&s.id, sealed.attempt.take());
+                self.building.push(s, sealed);
             }
             Err(e) => {
                 self.joins(&s.id);
