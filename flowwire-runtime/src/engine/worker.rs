@@ -94,7 +94,18 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
             let mut buf = Vec::new();
             let mut arena = Arena::default();
             let mut burst = 0;
-            while let Some(job) = jobs.recv().await {
+            loop {
+                let job = match jobs.try_recv() {
+                    Some(job) => job,
+                    None => {
+                        // A wait ends the run of jobs back to back.
+                        burst = 0;
+                        match jobs.recv().await {
+                            Some(job) => job,
+                            None => break,
+                        }
+                    }
+                };
                 if !drain.begin() {
                     // Stopping: the call is sent again after the restart.
                     continue;
