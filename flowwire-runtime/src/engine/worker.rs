@@ -47,7 +47,11 @@ impl Drain {
     /// A call's outcome was handed to its runner.
     fn end(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.running.fetch_sub(1, SeqCst) == 1 {
+        // Only a stop waits for the last one (`notify_waiters` takes a lock: not on every
+        // call). The count falls before the flag is read, and `stop` raises the flag
+        // before it reads the count: either `stop` sees no call running, or this sees the
+        // flag and wakes it.
+        if self.running.fetch_sub(1, SeqCst) == 1 && self.stopping.load(SeqCst) {
             self.idle.notify_waiters();
         }
     }

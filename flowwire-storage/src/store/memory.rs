@@ -262,12 +262,19 @@ impl InstanceStore for MemoryStore {
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         let mut inner = self.lock();
         let mut results = Vec::with_capacity(batch.len());
-        for step in batch {
-            let flow = match inner.flows.get_mut(&step.key.flow) {
+        let mut batch = batch.into_iter().peekable();
+        while let Some(first) = batch.next() {
+            // A runner's batch is one flow's: its steps after the first find the flow's
+            // data without a lookup (their flow is the same shared name).
+            let name = first.key.flow.clone();
+            let flow = match inner.flows.get_mut(&name) {
                 Some(f) => f,
-                None => inner.flows.entry(step.key.flow.clone()).or_default(),
+                None => inner.flows.entry(name.clone()).or_default(),
             };
-            results.push(flow.apply(step));
+            results.push(flow.apply(first));
+            while let Some(step) = batch.next_if(|s| Arc::ptr_eq(&s.key.flow, &name)) {
+                results.push(flow.apply(step));
+            }
         }
         Box::pin(std::future::ready(Ok(results)))
     }

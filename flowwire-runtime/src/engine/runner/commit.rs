@@ -399,6 +399,9 @@ impl<F: Flow> Runner<F> {
         mut placed: Vec<PlacedRecord>,
         result: Committed,
     ) {
+        // Whether anyone listens to the engine's events: asked once a batch (the question
+        // takes a lock).
+        let listening = self.events.wanted();
         match result {
             Ok(results)
                 if results.len() == staged.len()
@@ -408,7 +411,7 @@ impl<F: Flow> Runner<F> {
                 // step is several hundred bytes; moving it out only to drop it is most of
                 // what acting on it would copy).
                 for (s, placed) in staged.iter_mut().zip(placed.drain(..)) {
-                    self.committed(s, placed);
+                    self.committed(s, placed, listening);
                 }
                 staged.clear();
             }
@@ -417,7 +420,7 @@ impl<F: Flow> Runner<F> {
                 for (mut s, placed) in staged.drain(..).zip(placed.drain(..)) {
                     self.forget_attempt(&s.id);
                     match results.next() {
-                        Some(StepResult::Committed) => self.committed(&mut s, placed),
+                        Some(StepResult::Committed) => self.committed(&mut s, placed, listening),
                         Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
                         Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
                         Some(StepResult::Fenced { token }) => {

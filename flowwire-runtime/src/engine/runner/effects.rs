@@ -30,11 +30,12 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(super) fn committed(&mut self, s: &mut Staged<F>, placed: PlacedRecord) {
+    /// Acts on a committed step; `listening`: whether anyone listens to the engine's events.
+    pub(super) fn committed(&mut self, s: &mut Staged<F>, placed: PlacedRecord, listening: bool) {
         let Some(slot) = self.slots.get_mut(&s.id) else {
             // A step of an instance that is not in memory (parking a record another
             // version wrote): nothing to adopt.
-            self.announce(s);
+            self.announce(s, listening);
             return;
         };
         let before = slot.inst.record().timer.map(|t| t.due_ms);
@@ -63,7 +64,7 @@ impl<F: Flow> Runner<F> {
                 self.timers.insert((due, s.id.clone()));
             }
         }
-        self.announce(s);
+        self.announce(s, listening);
         match std::mem::replace(&mut s.ack, Ack::Quiet) {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 // The commit replied and settled the bus request with the step (`carry`).
@@ -170,10 +171,10 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// Sends the lifecycle events of a committed step (only if anyone listens); what they
-    /// are is `events::of_step`'s.
-    pub(super) fn announce(&self, s: &Staged<F>) {
-        if !self.events.wanted() {
+    /// Sends the lifecycle events of a committed step (only if anyone listens: `listening`,
+    /// asked once a batch); what they are is `events::of_step`'s.
+    pub(super) fn announce(&self, s: &Staged<F>, listening: bool) {
+        if !listening {
             return;
         }
         let d = &s.step.draft;
