@@ -131,22 +131,34 @@ impl FlowData {
     }
 
     fn apply(&mut self, step: StepWrite) -> StepResult {
-        let id = step.key.id;
-        // One lookup: the entry is checked, then written (a new one only if expected absent).
-        let slot = self.instances.entry(id);
-        let found = match &slot {
-            std::collections::hash_map::Entry::Occupied(e) => Some(e.get().version),
-            std::collections::hash_map::Entry::Vacant(_) => None,
-        };
-        let ok = match step.expect {
-            Expect::Absent => found.is_none(),
-            Expect::Version(v) => found == Some(v),
+        let FlowData {
+            instances,
+            active,
+            parked,
+            timers,
+            correlated,
+            ended_keys,
+            ..
+        } = self;
+        let id = &step.key.id;
+        // One lookup for a step of an instance stored (a second one only to add a new one);
+        // the step's own id stands for the map's key in the indexes (the same string), so
+        // neither is cloned unless an index takes it.
+        let found = instances.get_mut(&**id);
+        let ok = match (step.expect, &found) {
+            (Expect::Absent, found) => found.is_none(),
+            (Expect::Version(v), Some(e)) => e.version == v,
+            (Expect::Version(_), None) => false,
         };
         if !ok {
-            return StepResult::Conflict { found };
+            return StepResult::Conflict {
+                found: found.map(|e| e.version),
+            };
         }
-        let id = slot.key().clone();
-        let entry = slot.or_default();
+        let entry = match found {
+            Some(entry) => entry,
+            None => instances.entry(id.clone()).or_default(),
+        };
         if let Some(impulse) = step.impulse {
             if let Some(seq) = entry.impulses.get(&impulse) {
                 return StepResult::ImpulseSeen { seq: *seq };
@@ -171,28 +183,28 @@ impl FlowData {
         if entry.active != step.active {
             entry.active = step.active;
             if step.active {
-                self.active.insert(id.clone());
+                active.insert(id.clone());
             } else {
-                self.active.remove(&id);
+                active.remove(id);
             }
         }
         if entry.parked != step.parked {
             entry.parked = step.parked;
             if step.parked {
-                self.parked.insert(id.clone());
+                parked.insert(id.clone());
             } else {
-                self.parked.remove(&id);
+                parked.remove(id);
             }
         }
-        retime(&mut self.timers, &id, &mut entry.timer, step.timer);
+        retime(timers, id, &mut entry.timer, step.timer);
         if let Some(old) = step.uncorrelate {
-            self.correlated.remove(&(old, id.clone()));
+            correlated.remove(&(old, id.clone()));
         }
         if let Some(ended) = step.ended_key {
-            self.ended_keys.insert((ended, id.clone()));
+            ended_keys.insert((ended, id.clone()));
         }
         if let Some(new) = step.correlation {
-            self.correlated.insert((new, id));
+            correlated.insert((new, id.clone()));
         }
         StepResult::Committed
     }
