@@ -277,8 +277,12 @@ impl Placement {
             }
         }
         let keep_from = retention.keep_from(seq);
-        let (gone, kept): (Vec<Retired>, Vec<Retired>) =
-            retired.into_iter().partition(|r| r.died <= keep_from);
+        // Most steps retire nothing: no iterator machinery for them.
+        let (gone, kept): (Vec<Retired>, Vec<Retired>) = if retired.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            retired.into_iter().partition(|r| r.died <= keep_from)
+        };
         let active = record.has_call_out();
         let parked = matches!(record.status, crate::record::Status::Quarantined { .. });
         let timer = record.timer.map(|t| t.due_ms);
@@ -300,10 +304,13 @@ impl Placement {
         let mut placed = PlacedRecord {
             record: record.with_payloads(state, pending),
             retired: kept,
-            trash: dead
-                .into_iter()
-                .chain(gone.into_iter().map(|r| r.blob))
-                .collect(),
+            trash: if gone.is_empty() {
+                dead
+            } else {
+                dead.into_iter()
+                    .chain(gone.into_iter().map(|r| r.blob))
+                    .collect()
+            },
         };
         placed.record.correlation = correlation.as_deref().map(str::to_owned);
         buf.clear();
