@@ -14,18 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CodecError;
 
-use super::field::{self, Blob};
+use super::field::{self, Blob, Restore};
 
 pub use super::field::BY_REFERENCE_FROM;
-
-/// Restores a thread-local on drop (a panicking `Serialize` leaves nothing behind).
-struct Restore<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Restore<F> {
-    fn drop(&mut self) {
-        (self.0)();
-    }
-}
 
 /// Where the bytes of a blob left out of an encoding go: at `at` in the head buffer.
 pub type Cut = (usize, Blob);

@@ -334,16 +334,21 @@ pub(super) fn take_offered(data: &[u8]) -> Option<Blob> {
     OFFERED.with(|o| o.borrow_mut().take())
 }
 
-/// Runs `decode` with `source` as the buffer its blobs are sliced from.
-pub(super) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
-    /// Puts back the source set before, also when `decode` unwinds.
-    struct Restore(*const Bytes);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SOURCE.with(|s| s.set(self.0));
-        }
+/// Restores a thread-local on drop (a panicking `Serialize` or `Deserialize` leaves
+/// nothing behind).
+pub(super) struct Restore<F: FnMut()>(pub(super) F);
+
+impl<F: FnMut()> Drop for Restore<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
-    let _restore = Restore(SOURCE.with(|s| s.replace(source)));
+}
+
+/// Runs `decode` with `source` as the buffer its blobs are sliced from; the source set
+/// before is put back after it, also when it unwinds.
+pub(super) fn sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
+    let was = SOURCE.with(|s| s.replace(source));
+    let _restore = Restore(move || SOURCE.with(|s| s.set(was)));
     decode()
 }
 
