@@ -243,4 +243,6 @@ impl PartialEq for Rope {
 impl Eq for Rope {}
 
 #[cfg(test)]
+mod shared_tests;
+#[cfg(test)]
 mod tests;
