@@ -34,8 +34,9 @@ local tokens = {}
 
 -- One step: its keys from KEYS[k + 1], its arguments from ARGV[a + 1].
 local function step(k, a)
-  -- The record's fencing token, version and parked flag, in one read.
-  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p')
+  -- The record's fencing token, version, parked flag, and the shard's index entries it
+  -- was written with (active flag, timer due), in one read.
+  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't')
   local newest = 0
   if ARGV[a + 12] ~= '' then
     local mine = tonumber(ARGV[a + 12])
@@ -62,7 +63,7 @@ local function step(k, a)
   end
   -- The record's fields in one write: with the fencing token and the end's key when given.
   local fields = {'v', ARGV[a + 2], 'b', ARGV[a + 4], 'a', ARGV[a + 5], 'p', ARGV[a + 10],
-    'k', ARGV[a + 11]}
+    'k', ARGV[a + 11], 't', ARGV[a + 15]}
   if ARGV[a + 12] ~= '' then
     fields[#fields + 1] = 'f'
     fields[#fields + 1] = ARGV[a + 12]
@@ -72,16 +73,24 @@ local function step(k, a)
     fields[#fields + 1] = ARGV[a + 13]
   end
   redis.call('HSET', KEYS[k + 1], unpack(fields))
-  -- The shard's indexes change with the step (the flow's others are in other slots).
-  if ARGV[a + 5] == '0' then
-    redis.call('SREM', KEYS[k + 7], ARGV[a + 14])
-  else
-    redis.call('SADD', KEYS[k + 7], ARGV[a + 14])
+  -- The shard's indexes change with the step (the flow's others are in other slots),
+  -- where the record says the step changes its entry: a steady step (a call answered,
+  -- the next one sent) touches neither. A record written before it kept its timer ('t'
+  -- absent) has both written. Nothing else adds these entries, and what removes them
+  -- (a deletion, dropping entries their record disowns) checks the record atomically.
+  if cur[4] ~= ARGV[a + 5] then
+    if ARGV[a + 5] == '0' then
+      redis.call('SREM', KEYS[k + 7], ARGV[a + 14])
+    else
+      redis.call('SADD', KEYS[k + 7], ARGV[a + 14])
+    end
   end
-  if ARGV[a + 15] == '' then
-    redis.call('ZREM', KEYS[k + 8], ARGV[a + 14])
-  else
-    redis.call('ZADD', KEYS[k + 8], ARGV[a + 15], ARGV[a + 14])
+  if cur[5] ~= ARGV[a + 15] then
+    if ARGV[a + 15] == '' then
+      redis.call('ZREM', KEYS[k + 8], ARGV[a + 14])
+    else
+      redis.call('ZADD', KEYS[k + 8], ARGV[a + 15], ARGV[a + 14])
+    end
   end
   -- The outcome this step applies is settled with it.
   if ARGV[a + 16] ~= '' then
@@ -132,8 +141,22 @@ end
 return replies
 ";
 
-/// Repairs one timer entry: `KEYS[1]` the timer set; `ARGV`: id, stale due, actual due
-/// (`''` = none). Changes nothing unless the entry is still at the stale time.
+/// Drops entries of a shard's active set whose record is gone or no longer active, each
+/// checked and dropped in one atomic step (a commit that makes the instance active again
+/// in between keeps its entry). `KEYS[1]`: the set, then each id's record; `ARGV`: the ids.
+pub(super) const DROP_INACTIVE: &str = r"
+for i = 1, #ARGV do
+  if redis.call('HGET', KEYS[i + 1], 'a') ~= '1' then
+    redis.call('SREM', KEYS[1], ARGV[i])
+  end
+end
+return 0
+";
+
+/// Repairs one timer entry: `KEYS[1]` the timer set, `KEYS[2]` the instance's record;
+/// `ARGV`: id, stale due, actual due (`''` = none). Changes nothing unless the entry is
+/// still at the stale time. The record's copy of its entry (`t`, which tells a commit
+/// whether the entry changes) follows it.
 pub(super) const RETIME: &str = r"
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) == tonumber(ARGV[2]) then
@@ -141,6 +164,9 @@ if s and tonumber(s) == tonumber(ARGV[2]) then
     redis.call('ZREM', KEYS[1], ARGV[1])
   else
     redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  end
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HSET', KEYS[2], 't', ARGV[3])
   end
 end
 return 0

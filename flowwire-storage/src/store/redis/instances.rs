@@ -93,8 +93,28 @@ impl RedisStore {
                     }
                 }
             }
-            drop_stale(&mut c, &set, &stale).await;
+            self.drop_inactive(&mut c, flow, &set, &stale).await;
             Ok(out)
+        }
+    }
+
+    /// Drops entries of a shard's active set whose record is not active, best effort (an
+    /// entry left is filtered again by the next reader), each checked against its record
+    /// in the same atomic step: commits touch the set only when a record's active flag
+    /// changes, so an entry dropped after its instance became active again would be
+    /// missing until it changes again.
+    async fn drop_inactive(&self, c: &mut Conn, flow: &str, set: &str, stale: &[String]) {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(super::commit::DROP_INACTIVE));
+        for page in stale.chunks(PAGE) {
+            let mut script = SCRIPT.prepare_invoke();
+            script.key(set);
+            for id in page {
+                let [r, ..] = self.keys(&InstanceKey::new(flow, id.as_str()));
+                script.key(r);
+            }
+            script.arg(page);
+            let _ = script.invoke_async::<i64>(c).await;
         }
     }
 
@@ -194,10 +214,22 @@ impl InstanceStore for RedisStore {
                 .await
                 .map_err(|e| backend(&e))?;
             let shard = self.shard(id);
+            // The record and its shard's index entries go together (one slot): commits
+            // touch those entries only when the record's own copy of them changes, so an
+            // entry removed after a new instance of the id wrote its record would stay
+            // missing.
+            redis::pipe()
+                .atomic()
+                .del(&keys[..])
+                .ignore()
+                .srem(self.active_key(flow, shard), id)
+                .ignore()
+                .zrem(self.timers_key(flow, shard), id)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(|e| backend(&e))?;
             let mut cmds = vec![
-                redis::Cmd::del(&keys[..]),
-                redis::Cmd::srem(self.active_key(flow, shard), id),
-                redis::Cmd::zrem(self.timers_key(flow, shard), id),
                 redis::Cmd::zrem(self.parked_key(flow), id),
                 redis::Cmd::hdel(self.damaged_key(flow), id),
             ];
@@ -360,6 +392,7 @@ impl InstanceStore for RedisStore {
             let mut c = self.conn().await?;
             redis::Script::new(super::commit::RETIME)
                 .key(self.timers_key(&key.flow, self.shard(&key.id)))
+                .key(&self.keys(key)[0])
                 .arg(&*key.id)
                 .arg(stale)
                 .arg(actual.map(|a| a.to_string()).unwrap_or_default())
