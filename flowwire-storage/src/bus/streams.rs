@@ -29,6 +29,31 @@ return 0
 static PUSH_THEN_ACK_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(PUSH_THEN_ACK));
 
+/// The most entries [`RedisBus::backlog`] counts that were not delivered yet.
+const BACKLOG_COUNTED: u64 = 100_000;
+
+/// `KEYS[1]`: a stream; `ARGV`: a group, the most waiting entries to count. Returns the
+/// entries the group did not acknowledge (pending, and after its last delivered one) and
+/// the pending ones, read in one atomic step.
+const BACKLOG: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local last
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, lid
+  for i = 1, #g - 1, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then lid = g[i + 1] end
+  end
+  if name == ARGV[1] then last = lid end
+end
+if not last then return {redis.call('XLEN', KEYS[1]), 0} end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
+return {pending + waiting, pending}
+";
+
+static BACKLOG_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(BACKLOG));
+
 impl RedisBus {
     /// Creates a consumer group reading a stream from its start (and the stream), unless
     /// it exists.
@@ -113,32 +138,21 @@ impl RedisBus {
             .map_err(|e| backend(&e))
     }
 
-    /// What a stream still holds: `(entries, delivered to a consumer of `group` and not
-    /// acknowledged)`. Entries are deleted once acknowledged, so a deployment at rest
-    /// answers `(0, 0)` for every stream.
+    /// What a stream still holds for `group`: `(entries not acknowledged, of them delivered
+    /// to a consumer)`, counting at most 100,000 entries not delivered yet. Settled entries
+    /// are trimmed in bulk, not one by one (a stream may keep a few the group acknowledged,
+    /// which are not counted), so a deployment at rest answers `(0, 0)` for every stream.
+    /// A stream the group does not read yet answers its length.
     pub async fn backlog(&self, stream: &str, group: &str) -> Result<(u64, u64), StoreError> {
         let mut c = self.conn().await?;
-        let len: u64 = redis::cmd("XLEN")
-            .arg(stream)
-            .query_async(&mut c)
+        let (left, pending): (u64, u64) = BACKLOG_SCRIPT
+            .key(stream)
+            .arg(group)
+            .arg(BACKLOG_COUNTED)
+            .invoke_async(&mut c)
             .await
             .map_err(|e| backend(&e))?;
-        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .query_async(&mut c)
-            .await;
-        let pending = match pending {
-            Ok(redis::Value::Array(summary)) => match summary.first() {
-                Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
-                _ => 0,
-            },
-            Ok(_) => 0,
-            // No such stream or group: nothing pending.
-            Err(e) if e.code() == Some("NOGROUP") => 0,
-            Err(e) => return Err(backend(&e)),
-        };
-        Ok((len, pending))
+        Ok((left, pending))
     }
 
     /// Takes over up to `count` entries of a stream that were delivered to some consumer

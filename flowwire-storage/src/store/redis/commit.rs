@@ -13,7 +13,7 @@ pub const COMMIT: &str = r"
 -- KEYS[1]: the epoch key (on a cluster: any key of the slot, unread); then, per step:
 --   record, impulses, history index, history entries, write audit, shard's token counter,
 --   shard's active set, shard's timer set, shard's outcome stream, then the key of each
---   message it sends
+--   message it sends; after the steps' keys, streams to trim (see `trim`)
 -- ARGV[1]: the data's epoch token ('' = not checked here); ARGV[2]: audit ('1'/'0');
 -- ARGV[3]: the orchestrators' group; ARGV[4]: how many steps; then, per step:
 --   expect ('' = absent), version, seq, record, active, impulse id ('' = none),
@@ -21,7 +21,7 @@ pub const COMMIT: &str = r"
 --   correlation key ('' = none), fencing token ('' = none), ended with key ('' = none),
 --   instance id, timer due in ms ('' = none), outcome entry to acknowledge ('' = none),
 --   how many messages to send, then each message's kind ('a' append to a stream,
---   'p' publish, 's' settle an entry: acknowledge it in a group and delete it, its bytes
+--   'p' publish, 's' settle an entry: acknowledge it in a group, its bytes
 --   '<group> <entry id>') and bytes
 -- Returns, per step, two numbers: 0 and 1 if the record was parked before, when written;
 -- 1 and the version found on a conflict; 2 and the step for an impulse id seen; 3 and the
@@ -92,10 +92,11 @@ local function step(k, a)
       redis.call('ZADD', KEYS[k + 8], ARGV[a + 15], ARGV[a + 14])
     end
   end
-  -- The outcome this step applies is settled with it.
+  -- The outcome this step applies is settled with it. A settled entry is acknowledged,
+  -- not deleted: deleting one entry from the middle of a stream costs more than all the
+  -- rest of its settling, and settled entries are trimmed from the front in bulk.
   if ARGV[a + 16] ~= '' then
     redis.call('XACK', KEYS[k + 9], group, ARGV[a + 16])
-    redis.call('XDEL', KEYS[k + 9], ARGV[a + 16])
   end
   if audit then redis.call('RPUSH', KEYS[k + 5], ARGV[a + 3] .. ':' .. ARGV[a + 12] .. ':' .. newest) end
   if ARGV[a + 7] == '1' then
@@ -118,15 +119,49 @@ local function step(k, a)
       redis.call('XADD', KEYS[k + 9 + i], '*', 'm', body)
     elseif kind == 's' then
       local sp = string.find(body, ' ', 1, true)
-      local entry = string.sub(body, sp + 1)
-      redis.call('XACK', KEYS[k + 9 + i], string.sub(body, 1, sp - 1), entry)
-      redis.call('XDEL', KEYS[k + 9 + i], entry)
+      redis.call('XACK', KEYS[k + 9 + i], string.sub(body, 1, sp - 1), string.sub(body, sp + 1))
     else
       redis.call('PUBLISH', KEYS[k + 9 + i], body)
     end
   end
   if cur[3] == '1' then return 0, 1 end
   return 0, 0
+end
+
+-- A stream's id as two numbers, for comparing.
+local function order(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+-- Trims from the front of a stream the entries every consumer group is done with: those
+-- before the oldest entry pending in any group and before the first entry any group has
+-- not been delivered. Reads and trims only (errors are ignored: a trim never fails the
+-- commit it rides on).
+local function trim(stream)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if type(groups) ~= 'table' or groups.err or #groups == 0 then return end
+  local floor_ms, floor_seq
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g - 1, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    if not name or not last then return end
+    local ms, seq
+    local oldest = redis.pcall('XPENDING', stream, name, '-', '+', 1)
+    if type(oldest) ~= 'table' or oldest.err then return end
+    if #oldest > 0 then
+      ms, seq = order(oldest[1][1])
+    else
+      ms, seq = order(last)
+      seq = seq + 1
+    end
+    if not floor_ms or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+      floor_ms, floor_seq = ms, seq
+    end
+  end
+  redis.pcall('XTRIM', stream, 'MINID', '~', string.format('%d-%d', floor_ms, floor_seq))
 end
 
 local replies, k, a = {}, 1, 4
@@ -137,6 +172,9 @@ for s = 1, tonumber(ARGV[4]) do
   replies[2 * s] = n
   k = k + 9 + sends
   a = a + 17 + 2 * sends
+end
+for t = k + 1, #KEYS do
+  trim(KEYS[t])
 end
 return replies
 ";
@@ -175,6 +213,52 @@ return 0
 /// Steps written by one commit script on one server: a script runs alone on the server,
 /// so a batch of a thousand steps is cut into scripts of about a millisecond each.
 const STEPS_PER_SCRIPT: usize = 128;
+
+/// Entries a commit settles in a stream before one of its scripts trims the stream: a
+/// settled entry is acknowledged, not deleted (see [`COMMIT`]), so a stream keeps at most
+/// about this many settled entries, plus those in its last node (trimming with `~` drops
+/// whole nodes of up to 100 entries).
+const TRIM_EVERY: u32 = 64;
+
+/// How many entries this store's commits settled in each stream since its last trim.
+#[derive(Debug, Default)]
+pub(super) struct Settled(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Settled {
+    /// Counts the entries `steps` settle, stream by stream; returns the streams due for a
+    /// trim (their counts start again).
+    fn due(&self, steps: &[StepWrite], out_stream: impl Fn(&StepWrite) -> String) -> Vec<String> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut due = Vec::new();
+        let mut settle = |stream: &str, due: &mut Vec<String>| {
+            let n = match counts.get_mut(stream) {
+                Some(n) => n,
+                None => counts.entry(stream.to_string()).or_insert(0),
+            };
+            *n += 1;
+            if *n >= TRIM_EVERY {
+                *n = 0;
+                due.push(stream.to_string());
+            }
+        };
+        for s in steps {
+            if s.acknowledges.is_some() {
+                settle(&out_stream(s), &mut due);
+            }
+            for send in &s.sends {
+                if let BusSend::Settle { stream, .. } = send {
+                    settle(stream, &mut due);
+                }
+            }
+        }
+        due.sort_unstable();
+        due.dedup();
+        due
+    }
+}
 
 /// One step's arguments to [`COMMIT`], in the order its header lists them.
 fn step_args(script: &mut redis::Cmd, s: &StepWrite) {
@@ -248,9 +332,12 @@ impl RedisStore {
         batch
             .chunks(per)
             .map(|steps| {
+                let trims = self.settled.due(steps, |s| {
+                    shard_key(&self.prefix, "out", &s.key.flow, self.shard(&s.key.id))
+                });
                 let keys: usize = steps.iter().map(|s| 9 + s.sends.len()).sum();
                 let mut script = redis::cmd("EVALSHA");
-                script.arg(&self.sha).arg(1 + keys);
+                script.arg(&self.sha).arg(1 + keys + trims.len());
                 match epoch {
                     Some(_) => script.arg(&epoch_key),
                     // On a cluster the first key only keeps the script in its step's slot.
@@ -278,6 +365,9 @@ impl RedisStore {
                         });
                     }
                 }
+                // In the script's slot: a step's outcome stream is in its shard's, and
+                // only a single server carries sends.
+                script.arg(&trims[..]);
                 script
                     .arg(epoch.unwrap_or(""))
                     .arg(if self.audit { "1" } else { "0" })

@@ -94,6 +94,8 @@ pub struct RedisStore {
     shards: u16,
     audit: bool,
     epoch: std::sync::Arc<Epoch>,
+    /// Entries settled per stream since its last trim (shared by clones).
+    settled: std::sync::Arc<commit::Settled>,
 }
 
 /// The identity of the data a store writes to: a random token the first store to use the
@@ -176,6 +178,7 @@ impl RedisStore {
             shards: 1,
             audit: false,
             epoch: std::sync::Arc::default(),
+            settled: std::sync::Arc::default(),
         }
     }
 

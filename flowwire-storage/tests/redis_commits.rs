@@ -1,6 +1,9 @@
-//! The Redis store's per-shard indexes (active instances, armed timers) are written by a
-//! commit only where the step changes the instance's entry, as the record's own copy of
-//! it says; every writer keeps that copy and the entry together.
+//! What the Redis store's commit writes beside a step's record:
+//! - the shard's indexes (active instances, armed timers), only where the step changes
+//!   the instance's entry, as the record's own copy of it says; every writer keeps that
+//!   copy and the entry together;
+//! - the stream entries a step settles, acknowledged with it and trimmed from the front of
+//!   their stream in bulk, never one a group has not acknowledged.
 #![cfg(feature = "redis")]
 
 #[path = "../../tests/support/servers.rs"]
@@ -10,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flowwire_storage::InstanceStore;
-use flowwire_storage::record::{Expect, InstanceKey, StepResult, StepWrite};
+use flowwire_storage::record::{BusSend, Expect, InstanceKey, StepResult, StepWrite};
 use flowwire_storage::store::RedisStore;
 
 use servers::Redis;
@@ -189,5 +192,124 @@ async fn an_active_entry_is_dropped_only_while_its_record_is_not_active() {
         store.active("orders").await.unwrap().len(),
         1,
         "the live one kept"
+    );
+}
+
+/// Appends `n` entries to `stream` (read by `groups`, created first), returning their ids.
+fn fill(redis: &Redis, stream: &str, groups: &[&str], n: usize) -> Vec<String> {
+    for g in groups {
+        redis.cli(&["XGROUP", "CREATE", stream, g, "0", "MKSTREAM"]);
+    }
+    (0..n)
+        .map(|i| {
+            redis
+                .cli(&["XADD", stream, "*", "m", &format!("entry {i}")])
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Delivers up to `n` entries of `stream` to a consumer of `group`.
+fn deliver(redis: &Redis, stream: &str, group: &str, n: usize) {
+    redis.cli(&[
+        "XREADGROUP",
+        "GROUP",
+        group,
+        "c",
+        "COUNT",
+        &n.to_string(),
+        "STREAMS",
+        stream,
+        ">",
+    ]);
+}
+
+/// Commits one new instance a step, each settling one entry of `stream` for `group`.
+async fn settle(store: &RedisStore, flow: &str, stream: &str, group: &str, entries: &[String]) {
+    for chunk in entries.chunks(10) {
+        let steps: Vec<StepWrite> = chunk
+            .iter()
+            .map(|entry| {
+                let mut s = step(
+                    &InstanceKey::new(flow, format!("i-{entry}").as_str()),
+                    Expect::Absent,
+                    1,
+                    true,
+                    None,
+                );
+                s.sends = vec![BusSend::Settle {
+                    stream: stream.to_string(),
+                    group: group.to_string(),
+                    entry: entry.clone(),
+                }];
+                s
+            })
+            .collect();
+        let n = steps.len();
+        assert_eq!(
+            store.commit(steps).await.unwrap(),
+            vec![StepResult::Committed; n]
+        );
+    }
+}
+
+fn len(redis: &Redis, stream: &str) -> usize {
+    redis.cli(&["XLEN", stream]).trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settled_entries_are_trimmed_in_bulk_and_every_unsettled_one_is_kept() {
+    let redis = Redis::start();
+    let store = RedisStore::open(&redis.url(), "trim").unwrap();
+    let bus = store.bus();
+    let stream = "trim:req:{Order#0}";
+    let ids = fill(&redis, stream, &["orchestrators"], 300);
+    // 250 delivered, of which the first 200 are settled; 50 never delivered.
+    deliver(&redis, stream, "orchestrators", 250);
+    settle(&store, "Order", stream, "orchestrators", &ids[..200]).await;
+    assert_eq!(
+        bus.backlog(stream, "orchestrators").await.unwrap(),
+        (100, 50),
+        "50 delivered and not settled, 50 waiting"
+    );
+    // Trimmed a node (100 entries by default) at a time, and only below the oldest
+    // pending entry: what is left starts at or before it.
+    let left = len(&redis, stream);
+    assert!(left <= 200 && left >= 100, "{left} entries left of 300");
+    let kept = redis.cli(&["XRANGE", stream, &ids[200], "+"]);
+    let kept = kept.lines().filter(|l| l.starts_with("entry ")).count();
+    assert_eq!(kept, 100, "every entry from the oldest unsettled one on");
+    // The rest settled: a deployment at rest holds nothing for the group.
+    deliver(&redis, stream, "orchestrators", 50);
+    settle(&store, "Order", stream, "orchestrators", &ids[200..]).await;
+    assert_eq!(bus.backlog(stream, "orchestrators").await.unwrap(), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trim_keeps_the_entries_another_group_has_not_read() {
+    let redis = Redis::start();
+    let store = RedisStore::open(&redis.url(), "groups").unwrap();
+    let stream = "groups:req:{Order#0}";
+    let ids = fill(&redis, stream, &["orchestrators", "audit"], 300);
+    deliver(&redis, stream, "orchestrators", 300);
+    settle(&store, "Order", stream, "orchestrators", &ids).await;
+    assert_eq!(
+        len(&redis, stream),
+        300,
+        "the second group has read none of them"
+    );
+    deliver(&redis, stream, "audit", 300);
+    redis.cli(&["XACK", stream, "audit", &ids[0]]);
+    redis.cli(&["XACK", stream, "audit", &ids[1]]);
+    // The next trim is the next 64 settles away; the oldest pending entry of the second
+    // group, the third, bounds it.
+    let more = fill(&redis, stream, &[], 64);
+    deliver(&redis, stream, "orchestrators", 64);
+    settle(&store, "Order", stream, "orchestrators", &more).await;
+    let first = redis.cli(&["XRANGE", stream, "-", "+", "COUNT", "1"]);
+    assert!(
+        first.lines().next().is_some_and(|id| id <= ids[2].as_str()),
+        "the first entry kept is at or before the oldest one pending: {first}"
     );
 }
