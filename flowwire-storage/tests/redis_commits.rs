@@ -83,9 +83,20 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     let redis = Redis::start();
     let store = RedisStore::open(&redis.url(), "steady").unwrap();
     let k = InstanceKey::new("orders", "o-1");
-    commit(&store, step(&k, Expect::Absent, 1, true, None)).await;
     let counts = |r: &Redis| ["sadd", "srem", "zadd", "zrem"].map(|c| calls(r, c));
+    let fresh = counts(&redis);
+    commit(&store, step(&k, Expect::Absent, 1, true, None)).await;
     let before = counts(&redis);
+    assert_eq!(
+        [
+            before[0] - fresh[0],
+            before[1] - fresh[1],
+            before[2] - fresh[2],
+            before[3] - fresh[3]
+        ],
+        [1, 0, 1, 0],
+        "a new instance adds its active entry (and its history's), and removes nothing"
+    );
     // A call answered, the next one sent: still active, still no timer.
     commit(&store, step(&k, Expect::Version(1), 2, true, None)).await;
     commit(&store, step(&k, Expect::Version(2), 3, true, None)).await;

@@ -75,17 +75,20 @@ local function step(k, a)
   redis.call('HSET', KEYS[k + 1], unpack(fields))
   -- The shard's indexes change with the step (the flow's others are in other slots),
   -- where the record says the step changes its entry: a steady step (a call answered,
-  -- the next one sent) touches neither. A record written before it kept its timer ('t'
+  -- the next one sent) touches neither, and a new record has none to remove (a deleted
+  -- instance's went with its record). A record written before it kept its timer ('t'
   -- absent) has both written. Nothing else adds these entries, and what removes them
   -- (a deletion, dropping entries their record disowns) checks the record atomically.
-  if cur[4] ~= ARGV[a + 5] then
+  local was_active, was_due = cur[4], cur[5]
+  if not found then was_active, was_due = '0', '' end
+  if was_active ~= ARGV[a + 5] then
     if ARGV[a + 5] == '0' then
       redis.call('SREM', KEYS[k + 7], ARGV[a + 14])
     else
       redis.call('SADD', KEYS[k + 7], ARGV[a + 14])
     end
   end
-  if cur[5] ~= ARGV[a + 15] then
+  if was_due ~= ARGV[a + 15] then
     if ARGV[a + 15] == '' then
       redis.call('ZREM', KEYS[k + 8], ARGV[a + 14])
     else
