@@ -32,11 +32,19 @@ local audit, group = ARGV[2] == '1', ARGV[3]
 -- The newest token granted per shard, read once per script (nothing changes it meanwhile).
 local tokens = {}
 
+-- Adds field `name` with `value` to a write of `fields` unless the record has it (`was`).
+local function changed(fields, was, name, value)
+  if was ~= value then
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+end
+
 -- One step: its keys from KEYS[k + 1], its arguments from ARGV[a + 1].
 local function step(k, a)
   -- The record's fencing token, version, parked flag, and the shard's index entries it
-  -- was written with (active flag, timer due), in one read.
-  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't')
+  -- was written with (active flag, timer due), and its correlation key, in one read.
+  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't', 'k')
   local newest = 0
   if ARGV[a + 12] ~= '' then
     local mine = tonumber(ARGV[a + 12])
@@ -61,13 +69,16 @@ local function step(k, a)
     if seen then return 2, tonumber(seen) end
     redis.call('HSET', KEYS[k + 2], ARGV[a + 6], ARGV[a + 3])
   end
-  -- The record's fields in one write: with the fencing token and the end's key when given.
-  local fields = {'v', ARGV[a + 2], 'b', ARGV[a + 4], 'a', ARGV[a + 5], 'p', ARGV[a + 10],
-    'k', ARGV[a + 11], 't', ARGV[a + 15]}
-  if ARGV[a + 12] ~= '' then
-    fields[#fields + 1] = 'f'
-    fields[#fields + 1] = ARGV[a + 12]
-  end
+  -- The record's fields in one write: its version and bytes, and of the others those the
+  -- step changes (every argument of a write is parsed, handed to the command and
+  -- appended to the append-only file again: a steady step writes 2 fields, not 7). A new
+  -- record has none, so all are written.
+  local fields = {'v', ARGV[a + 2], 'b', ARGV[a + 4]}
+  changed(fields, cur[4], 'a', ARGV[a + 5])
+  changed(fields, cur[3], 'p', ARGV[a + 10])
+  changed(fields, cur[6], 'k', ARGV[a + 11])
+  changed(fields, cur[5], 't', ARGV[a + 15])
+  if ARGV[a + 12] ~= '' then changed(fields, cur[1], 'f', ARGV[a + 12]) end
   if ARGV[a + 13] ~= '' then
     fields[#fields + 1] = 'e'
     fields[#fields + 1] = ARGV[a + 13]
