@@ -16,6 +16,10 @@
 //! each row, what a workflow cost the server, from its own counters: commands, socket
 //! reads (round trips) and CPU time (`INFO stats`, `INFO cpu`).
 //!
+//! First, what a workflow's commits cost the server itself, on a fixed workload (commands,
+//! and instructions counted under callgrind when valgrind is installed: see
+//! `scale/commit_cost.rs`).
+//!
 //! With `FLOWWIRE_BENCH_RESTATE=1`, Restate 1.7 runs beside it as the durable peer
 //! (`scripts/restate-peer serve`: installed from the npm registry on first use, on
 //! loopback, its log's WAL fsynced on every write): at concurrency 1 and 64 of the
@@ -29,6 +33,9 @@ mod support;
 
 #[path = "../tests/harness/scale_flows.rs"]
 mod scale_flows;
+
+#[path = "scale/commit_cost.rs"]
+mod commit_cost;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -157,6 +164,7 @@ impl Drop for Restate {
 async fn run(mode: Mode) {
     support::print_machine();
     let cpu = support::cpu_model();
+    commit_cost::run(mode, &cpu).await;
     let fsyncs: &[&'static str] = if mode == Mode::Test {
         &["always"]
     } else {
