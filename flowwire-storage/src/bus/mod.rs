@@ -19,7 +19,10 @@
 //!
 //! A shard's lease, counter, streams share its hash tag, so each lease script runs in one
 //! Redis Cluster slot. Stream entries carry one field, `m`, holding bytes the runtime
-//! encodes; an entry is deleted once acknowledged, so streams hold only work in progress.
+//! encodes. An entry a worker settles is deleted with its acknowledgement; one a commit
+//! settles is acknowledged, and the commits trim settled entries from the stream's front
+//! in bulk (see the Redis store's commit), so streams hold work in progress and at most a
+//! few hundred settled entries.
 
 mod channels;
 mod streams;

@@ -93,8 +93,8 @@ pub struct StepWrite {
     /// instance).
     pub fence: Option<u64>,
     /// Multi-process mode: the entry of the shard's outcome stream whose outcome this step
-    /// applies. A shared store acknowledges and deletes it with the step, in the same
-    /// atomic write, so an outcome is settled exactly when its step is durable. `None`
+    /// applies. A shared store acknowledges it with the step, in the same atomic write,
+    /// so an outcome is settled exactly when its step is durable. `None`
     /// elsewhere (other stores have no streams).
     pub acknowledges: Option<Arc<str>>,
     /// Multi-process mode: messages to put on the bus with the step — the driver calls it
@@ -137,9 +137,10 @@ pub enum BusSend {
         /// The message's bytes.
         body: Bytes,
     },
-    /// A stream entry the step settles: acknowledged in `group` and deleted, with the
-    /// step (a request the step applies, or the call whose outcome it applies: the entry
-    /// is done with exactly when the step is durable).
+    /// A stream entry the step settles: acknowledged in `group` with the step (a request
+    /// the step applies, or the call whose outcome it applies: the entry is done with
+    /// exactly when the step is durable). The store trims settled entries from the
+    /// stream's front in bulk.
     Settle {
         /// The stream's key.
         stream: String,
