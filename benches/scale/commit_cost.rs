@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flowwire::storage::InstanceStore;
-use flowwire::storage::store::RedisStore;
 use flowwire::storage::record::{BusSend, Expect, InstanceKey, StepResult, StepWrite};
+use flowwire::storage::store::RedisStore;
 
 use crate::servers;
 
