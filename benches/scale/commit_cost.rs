@@ -12,7 +12,7 @@
 //! CPU time of this VM moves by 15 %. (Kernel time, the fdatasyncs and the sockets, is not
 //! counted.)
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,88 +20,11 @@ use flowwire::storage::InstanceStore;
 use flowwire::storage::record::{BusSend, Expect, InstanceKey, StepResult, StepWrite};
 use flowwire::storage::store::RedisStore;
 
-use crate::servers;
+use crate::servers::Redis;
 
-/// A `redis-server` with its append-only file fsynced on every write, optionally under
-/// callgrind (writing its counts to `out`), stopped by `SHUTDOWN NOSAVE`.
-struct Server {
-    port: u16,
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(callgrind: bool) -> Server {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let port = servers::free_port();
-        let mut cmd = if callgrind {
-            let mut c = Command::new("valgrind");
-            c.arg("--tool=callgrind")
-                .arg(format!(
-                    "--callgrind-out-file={}",
-                    dir.path().join("cg.out").display()
-                ))
-                .arg("redis-server");
-            c
-        } else {
-            Command::new("redis-server")
-        };
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let child = cmd.spawn().expect("redis-server (or valgrind) starts");
-        let server = Server { port, child, dir };
-        for _ in 0..300 {
-            if server.cli(&["PING"]).trim() == "PONG" {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("redis-server did not answer on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    }
-
-    /// Stops the server; under callgrind, its instruction total.
-    fn stop(mut self) -> Option<u64> {
-        self.cli(&["SHUTDOWN", "NOSAVE"]);
-        let _ = self.child.wait();
-        let counts = std::fs::read_to_string(self.dir.path().join("cg.out")).ok()?;
-        counts
-            .lines()
-            .find_map(|l| l.strip_prefix("summary: "))
-            .and_then(|n| n.trim().parse().ok())
-    }
-
-    /// Commands the server ran so far.
-    fn commands(&self) -> u64 {
-        self.cli(&["INFO", "stats"])
-            .lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    }
+/// Commands the server ran so far.
+fn commands(server: &Redis) -> u64 {
+    crate::server_counts(&server.url())[0]
 }
 
 fn step(
@@ -134,7 +57,7 @@ fn step(
 
 /// Commits `n` workflows on the server, `per_script` steps a commit; returns the commands
 /// the commits took (the requests appended and the calls read for them are left out).
-async fn workload(server: &Server, n: usize, per_script: usize) -> u64 {
+async fn workload(server: &Redis, n: usize, per_script: usize) -> u64 {
     let store = RedisStore::open(&server.url(), "cost").expect("the store");
     let bus = store.bus();
     let (requests, jobs) = (
@@ -182,10 +105,10 @@ async fn workload(server: &Server, n: usize, per_script: usize) -> u64 {
         stream: jobs.clone(),
         body: Bytes::from(vec![1u8; 60]),
     };
-    let mut commands = 0;
+    let mut made = 0;
     let mut settled = request_ids;
     for round in 0..3u64 {
-        let before = server.commands();
+        let before = commands(server);
         for chunk in (0..n).collect::<Vec<_>>().chunks(per_script) {
             let steps: Vec<StepWrite> = chunk
                 .iter()
@@ -228,12 +151,12 @@ async fn workload(server: &Server, n: usize, per_script: usize) -> u64 {
                 "{results:?}"
             );
         }
-        commands += server.commands().saturating_sub(before + 1);
+        made += commands(server).saturating_sub(before + 1);
         if round < 2 {
             settled = read(&jobs, "workers", n).await;
         }
     }
-    commands
+    made
 }
 
 /// Runs the case and prints its rows.
@@ -253,16 +176,17 @@ pub async fn run(mode: crate::support::Mode, cpu: &str) {
         "commit cost, one Redis", "steps/script", "commands/wf", "instructions/wf"
     );
     for per_script in [2, 16] {
-        let server = Server::start(false);
+        let server = Redis::start_with_fsync("always");
         #[allow(clippy::cast_precision_loss)]
-        let commands = workload(&server, large, per_script).await as f64 / large as f64;
-        server.stop();
+        let per_workflow = workload(&server, large, per_script).await as f64 / large as f64;
+        drop(server);
         let instructions = if callgrind {
             let mut totals = Vec::new();
             for n in [small, large] {
-                let server = Server::start(true);
+                let mut server = Redis::start_counted();
                 workload(&server, n, per_script).await;
-                totals.push(server.stop());
+                server.shutdown();
+                totals.push(server.instructions());
             }
             match totals[..] {
                 #[allow(clippy::cast_precision_loss)]
@@ -276,7 +200,7 @@ pub async fn run(mode: crate::support::Mode, cpu: &str) {
             "(no valgrind)".to_string()
         };
         println!(
-            "{:>28} {per_script:>10} {commands:>14.1} {instructions:>22}  {cpu}",
+            "{:>28} {per_script:>10} {per_workflow:>14.1} {instructions:>22}  {cpu}",
             "appendfsync always"
         );
     }

@@ -84,16 +84,14 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     let store = RedisStore::open(&redis.url(), "steady").unwrap();
     let k = InstanceKey::new("orders", "o-1");
     let counts = |r: &Redis| ["sadd", "srem", "zadd", "zrem"].map(|c| calls(r, c));
+    // The calls of each command between two counts.
+    let made =
+        |from: [u64; 4], to: [u64; 4]| -> [u64; 4] { std::array::from_fn(|i| to[i] - from[i]) };
     let fresh = counts(&redis);
     commit(&store, step(&k, Expect::Absent, 1, true, None)).await;
     let before = counts(&redis);
     assert_eq!(
-        [
-            before[0] - fresh[0],
-            before[1] - fresh[1],
-            before[2] - fresh[2],
-            before[3] - fresh[3]
-        ],
+        made(fresh, before),
         [1, 0, 1, 0],
         "a new instance adds its active entry (and its history's), and removes nothing"
     );
@@ -103,12 +101,7 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     let after = counts(&redis);
     // The history index is a sorted set too: one ZADD a step, nothing else.
     assert_eq!(
-        [
-            after[0] - before[0],
-            after[1] - before[1],
-            after[2] - before[2],
-            after[3] - before[3]
-        ],
+        made(before, after),
         [0, 0, 2, 0],
         "SADD, SREM, ZADD, ZREM by two steady steps"
     );
@@ -121,12 +114,7 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     commit(&store, step(&k, Expect::Version(4), 5, false, None)).await;
     let end = counts(&redis);
     assert_eq!(
-        [
-            end[0] - after[0],
-            end[1] - after[1],
-            end[2] - after[2],
-            end[3] - after[3]
-        ],
+        made(after, end),
         [0, 1, 3, 1],
         "the timer armed (ZADD) then cleared (ZREM), the instance ended (SREM)"
     );
@@ -405,25 +393,8 @@ async fn over_random_appends_deliveries_and_settles_no_entry_a_group_still_needs
                 if take.is_empty() {
                     continue;
                 }
-                let steps: Vec<StepWrite> = take
-                    .iter()
-                    .map(|entry| {
-                        settles += 1;
-                        let key = InstanceKey::new("Order", format!("m-{settles}").as_str());
-                        let mut s = step(&key, Expect::Absent, 1, true, None);
-                        s.sends = vec![BusSend::Settle {
-                            stream: stream.clone(),
-                            group: "orchestrators".into(),
-                            entry: entry.clone(),
-                        }];
-                        s
-                    })
-                    .collect();
-                let n = steps.len();
-                assert_eq!(
-                    store.commit(steps).await.unwrap(),
-                    vec![StepResult::Committed; n]
-                );
+                settle(&store, "Order", &stream, "orchestrators", &take).await;
+                settles += take.len();
                 acked.entry("orchestrators").or_default().extend(take);
             }
             _ => {

@@ -60,7 +60,10 @@ pub fn signal(pid: u32, sig: &str) {
     if pid == 0 {
         return;
     }
-    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn alive(pid: u32) -> bool {
@@ -80,6 +83,9 @@ pub struct Redis {
     /// `appendfsync` of the append-only file, when it is on.
     aof: Option<&'static str>,
     cluster: bool,
+    /// Run under valgrind's callgrind, which counts the instructions it executes (see
+    /// [`Redis::start_counted`]).
+    counted: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -102,12 +108,23 @@ impl Redis {
         Self::start_as(Some(policy), false)
     }
 
+    /// Starts a durable server (`appendfsync always`) under valgrind's callgrind, which
+    /// counts the instructions the server executes: read them with
+    /// [`Redis::instructions`] after [`Redis::shutdown`]. Needs valgrind.
+    pub fn start_counted() -> Redis {
+        Self::start_with(Some("always"), false, true)
+    }
+
     /// Starts a server with cluster mode on (a node of a [`RedisCluster`]).
     fn start_node() -> Redis {
         Self::start_as(None, true)
     }
 
     fn start_as(aof: Option<&'static str>, cluster: bool) -> Redis {
+        Self::start_with(aof, cluster, false)
+    }
+
+    fn start_with(aof: Option<&'static str>, cluster: bool, counted: bool) -> Redis {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut r = Redis {
@@ -116,6 +133,7 @@ impl Redis {
             pid: 0,
             aof,
             cluster,
+            counted,
             _tmp: tmp,
         };
         r.launch();
@@ -125,7 +143,20 @@ impl Redis {
     fn launch(&mut self) {
         let pidfile = self.dir.join("redis.pid");
         let _ = std::fs::remove_file(&pidfile);
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = if self.counted {
+            // The daemon is the process forked after start-up: its counts go to
+            // `cg.<its pid>`.
+            let mut c = Command::new("valgrind");
+            c.args(["-q", "--tool=callgrind"])
+                .arg(format!(
+                    "--callgrind-out-file={}",
+                    self.dir.join("cg.%p").display()
+                ))
+                .arg("redis-server");
+            c
+        } else {
+            Command::new("redis-server")
+        };
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--dir", self.dir.to_str().expect("utf-8 temp dir")])
@@ -154,7 +185,8 @@ impl Redis {
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
         };
-        wait_until("redis-server", Duration::from_secs(10), || {
+        let limit = Duration::from_secs(if self.counted { 60 } else { 10 });
+        wait_until("redis-server", limit, || {
             port_open(self.port) && read_pid().is_some()
         });
         self.pid = read_pid().expect("a pid in the pid file");
@@ -172,6 +204,26 @@ impl Redis {
         wait_until("redis-server to stop", Duration::from_secs(10), || {
             !alive(self.pid) && !port_open(self.port)
         });
+    }
+
+    /// Stops the server the way an operator does (`SHUTDOWN NOSAVE`), and waits for it.
+    pub fn shutdown(&mut self) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SHUTDOWN", "NOSAVE"])
+            .output();
+        wait_until("redis-server to shut down", Duration::from_mins(1), || {
+            !alive(self.pid)
+        });
+    }
+
+    /// The instructions a server started by [`Redis::start_counted`] executed, once it
+    /// was [`shut down`](Redis::shutdown); `None` before, or if callgrind wrote no count.
+    pub fn instructions(&self) -> Option<u64> {
+        let counts = std::fs::read_to_string(self.dir.join(format!("cg.{}", self.pid))).ok()?;
+        counts
+            .lines()
+            .find_map(|l| l.strip_prefix("summary: "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// Starts it again on the same port (and data directory).
