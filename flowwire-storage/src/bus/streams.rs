@@ -34,21 +34,26 @@ const BACKLOG_COUNTED: u64 = 100_000;
 
 /// `KEYS[1]`: a stream; `ARGV`: a group, the most waiting entries to count. Returns the
 /// entries the group did not acknowledge (pending, and after its last delivered one) and
-/// the pending ones, read in one atomic step.
+/// the pending ones, read in one atomic step. The waiting ones are the group's `lag` when
+/// the server knows it (it does not after some deletions), else counted.
 const BACKLOG: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
-local last
+local last, lag
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, lid
+  local name, lid, behind
   for i = 1, #g - 1, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then lid = g[i + 1] end
+    if g[i] == 'name' then name = g[i + 1]
+    elseif g[i] == 'last-delivered-id' then lid = g[i + 1]
+    elseif g[i] == 'lag' then behind = g[i + 1] end
   end
-  if name == ARGV[1] then last = lid end
+  if name == ARGV[1] then last, lag = lid, behind end
 end
 if not last then return {redis.call('XLEN', KEYS[1]), 0} end
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
-local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
-return {pending + waiting, pending}
+if type(lag) ~= 'number' then
+  lag = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[2])
+end
+return {pending + lag, pending}
 ";
 
 static BACKLOG_SCRIPT: std::sync::LazyLock<redis::Script> =
