@@ -3,7 +3,9 @@
 //!   the instance's entry, as the record's own copy of it says; every writer keeps that
 //!   copy and the entry together;
 //! - the stream entries a step settles, acknowledged with it and trimmed from the front of
-//!   their stream in bulk, never one a group has not acknowledged.
+//!   their stream in bulk, never one a group has not acknowledged;
+//! - the history, in the record's own hash: read back in step order across gaps of any
+//!   length, pruned by at most a bounded number of entries per step.
 #![cfg(feature = "redis")]
 
 #[path = "../../tests/support/servers.rs"]
@@ -83,27 +85,28 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     let redis = Redis::start();
     let store = RedisStore::open(&redis.url(), "steady").unwrap();
     let k = InstanceKey::new("orders", "o-1");
-    let counts = |r: &Redis| ["sadd", "srem", "zadd", "zrem"].map(|c| calls(r, c));
+    let counts = |r: &Redis| ["sadd", "srem", "zadd", "zrem", "hset"].map(|c| calls(r, c));
     // The calls of each command between two counts.
     let made =
-        |from: [u64; 4], to: [u64; 4]| -> [u64; 4] { std::array::from_fn(|i| to[i] - from[i]) };
+        |from: [u64; 5], to: [u64; 5]| -> [u64; 5] { std::array::from_fn(|i| to[i] - from[i]) };
     let fresh = counts(&redis);
     commit(&store, step(&k, Expect::Absent, 1, true, None)).await;
     let before = counts(&redis);
     assert_eq!(
         made(fresh, before),
-        [1, 0, 1, 0],
-        "a new instance adds its active entry (and its history's), and removes nothing"
+        [1, 0, 0, 0, 1],
+        "a new instance adds its active entry, removes nothing, and writes its record and \
+         its history entry in one HSET"
     );
     // A call answered, the next one sent: still active, still no timer.
     commit(&store, step(&k, Expect::Version(1), 2, true, None)).await;
     commit(&store, step(&k, Expect::Version(2), 3, true, None)).await;
     let after = counts(&redis);
-    // The history index is a sorted set too: one ZADD a step, nothing else.
+    // The history is in the record's hash: one HSET a step, nothing else.
     assert_eq!(
         made(before, after),
-        [0, 0, 2, 0],
-        "SADD, SREM, ZADD, ZREM by two steady steps"
+        [0, 0, 0, 0, 2],
+        "SADD, SREM, ZADD, ZREM, HSET by two steady steps"
     );
     // Arming a timer and ending write exactly the entries they change.
     commit(&store, step(&k, Expect::Version(3), 4, true, Some(5_000))).await;
@@ -115,7 +118,7 @@ async fn a_steady_step_writes_neither_index_and_a_change_writes_its_own() {
     let end = counts(&redis);
     assert_eq!(
         made(after, end),
-        [0, 1, 3, 1],
+        [0, 1, 1, 1, 2],
         "the timer armed (ZADD) then cleared (ZREM), the instance ended (SREM)"
     );
     assert!(store.active("orders").await.unwrap().is_empty());
@@ -450,4 +453,137 @@ async fn over_random_appends_deliveries_and_settles_no_entry_a_group_still_needs
         len(&redis, &stream),
         appended.len()
     );
+}
+
+/// The steps of the history entries `store` reads for `k` from `from`, at most `limit`.
+async fn history_steps(store: &RedisStore, k: &InstanceKey, from: u64, limit: usize) -> Vec<u64> {
+    let entries = store.history(k, from, limit).await.unwrap();
+    for (step, bytes) in &entries {
+        assert_eq!(
+            &bytes[..],
+            format!("entry {step}").as_bytes(),
+            "each entry is its own step's"
+        );
+    }
+    entries.into_iter().map(|(step, _)| step).collect()
+}
+
+/// A step of `k` at `version`, numbered `seq`, keeping a history entry of its own unless
+/// `history` is false.
+fn numbered(k: &InstanceKey, version: u64, seq: u64, history: bool) -> StepWrite {
+    let expect = if version == 1 {
+        Expect::Absent
+    } else {
+        Expect::Version(version - 1)
+    };
+    let mut s = step(k, expect, version, true, None);
+    s.seq = seq;
+    s.history = history.then(|| (seq, Bytes::from(format!("entry {seq}"))));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_history_with_gaps_longer_than_one_read_reads_back_in_step_order() {
+    let redis = Redis::start();
+    let store = RedisStore::open(&redis.url(), "gaps").unwrap();
+    let k = InstanceKey::new("orders", "o-1");
+    // Steps 1-3 keep history, 4-6 do not (a retention of none), then the steps jump to
+    // 20,000 (farther than one read looks), and a last gap of one.
+    let steps = [
+        (1, true),
+        (2, true),
+        (3, true),
+        (4, false),
+        (5, false),
+        (6, false),
+        (20_000, true),
+        (20_001, true),
+        (20_003, true),
+    ];
+    for (version, (seq, keep)) in (1..).zip(steps) {
+        commit(&store, numbered(&k, version, seq, keep)).await;
+    }
+    let all = vec![1, 2, 3, 20_000, 20_001, 20_003];
+    assert_eq!(history_steps(&store, &k, 0, 100).await, all);
+    assert_eq!(history_steps(&store, &k, 2, 2).await, vec![2, 3]);
+    assert_eq!(
+        history_steps(&store, &k, 4, 2).await,
+        vec![20_000, 20_001],
+        "a page starting in a gap skips it"
+    );
+    assert_eq!(history_steps(&store, &k, 20_002, 10).await, vec![20_003]);
+    assert!(history_steps(&store, &k, 20_004, 10).await.is_empty());
+    // Paged one entry at a time, from each last step + 1, the pages add up to the whole.
+    let mut paged = Vec::new();
+    let mut from = 0;
+    while let [step] = history_steps(&store, &k, from, 1).await[..] {
+        paged.push(step);
+        from = step + 1;
+    }
+    assert_eq!(paged, all);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retention_shortened_by_far_prunes_a_bounded_number_of_entries_per_step() {
+    let redis = Redis::start();
+    let store = RedisStore::open(&redis.url(), "prune").unwrap();
+    let k = InstanceKey::new("orders", "o-1");
+    for v in 1..=3_000 {
+        commit(&store, numbered(&k, v, v, true)).await;
+    }
+    let fields = |r: &Redis, key: &str| -> u64 { r.cli(&["HLEN", key]).trim().parse().unwrap() };
+    let key = record_key(&redis, "prune", "o-1");
+    // Version, bytes, active flag, parked flag, correlation, timer, the two bounds and
+    // 3,000 entries.
+    assert_eq!(fields(&redis, &key), 8 + 3_000);
+    // From here on, the last 10 steps are kept: step 3,001 may drop 2,991 entries, but
+    // drops the oldest 1,024 only, and the next steps go on where it stopped.
+    let pruned = |s: StepWrite, below: u64| {
+        let mut s = s;
+        s.prune_below = Some(below);
+        s
+    };
+    commit(&store, pruned(numbered(&k, 3_001, 3_001, true), 2_992)).await;
+    assert_eq!(history_steps(&store, &k, 0, 1).await, vec![1_025]);
+    assert_eq!(fields(&redis, &key), 8 + 3_001 - 1_024);
+    commit(&store, pruned(numbered(&k, 3_002, 3_002, true), 2_993)).await;
+    assert_eq!(history_steps(&store, &k, 0, 1).await, vec![2_049]);
+    commit(&store, pruned(numbered(&k, 3_003, 3_003, true), 2_994)).await;
+    assert_eq!(
+        history_steps(&store, &k, 0, 100).await,
+        (2_994..=3_003).collect::<Vec<_>>(),
+        "caught up: the last 10 steps are left"
+    );
+    assert_eq!(fields(&redis, &key), 8 + 10);
+    // A steady retention prunes the one entry that falls out.
+    commit(&store, pruned(numbered(&k, 3_004, 3_004, true), 2_995)).await;
+    assert_eq!(
+        history_steps(&store, &k, 0, 100).await,
+        (2_995..=3_004).collect::<Vec<_>>()
+    );
+    // Deleting the instance deletes its history with its record.
+    store.delete(&k).await.unwrap();
+    assert!(history_steps(&store, &k, 0, 100).await.is_empty());
+    assert_eq!(redis.cli(&["EXISTS", &key]).trim(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_written_with_the_history_beside_the_record_is_refused_not_read_as_empty() {
+    let redis = Redis::start();
+    // What a store of layout 2 (an instance's history in a sorted set and a hash of its
+    // own) marked its data with.
+    redis.cli(&["SET", "two:epoch", "layout2:00c0ffee00c0ffee"]);
+    let store = RedisStore::open(&redis.url(), "two").unwrap();
+    let k = InstanceKey::new("orders", "o-1");
+    let e = store
+        .commit(vec![step(&k, Expect::Absent, 1, true, None)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, flowwire_storage::StoreError::Incompatible { .. }),
+        "{e:?}"
+    );
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("this build writes layout3"), "{e}");
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "1", "nothing was written");
 }

@@ -218,8 +218,17 @@ impl Redis {
 
     /// The instructions a server started by [`Redis::start_counted`] executed, once it
     /// was [`shut down`](Redis::shutdown); `None` before, or if callgrind wrote no count.
+    /// With `FLOWWIRE_KEEP_CALLGRIND=<path>` set, the profile is also copied to
+    /// `<path>.<pid>` (for `callgrind_annotate`).
     pub fn instructions(&self) -> Option<u64> {
-        let counts = std::fs::read_to_string(self.dir.join(format!("cg.{}", self.pid))).ok()?;
+        let file = self.dir.join(format!("cg.{}", self.pid));
+        let counts = std::fs::read_to_string(&file).ok()?;
+        // Kept for `callgrind_annotate` when asked: the directory goes with the server.
+        if let Some(keep) = std::env::var_os("FLOWWIRE_KEEP_CALLGRIND") {
+            let mut to = std::path::PathBuf::from(keep);
+            to.as_mut_os_string().push(format!(".{}", self.pid));
+            let _ = std::fs::copy(&file, to);
+        }
         counts
             .lines()
             .find_map(|l| l.strip_prefix("summary: "))

@@ -11,8 +11,8 @@ use super::{RedisStore, backend, is_no_script, shard_key};
 /// written on its own.
 pub const COMMIT: &str = r"
 -- KEYS[1]: the epoch key (on a cluster: any key of the slot, unread); then, per step:
---   record, impulses, history index, history entries, write audit, shard's token counter,
---   shard's active set, shard's timer set, shard's outcome stream, then the key of each
+--   record, impulses, write audit, shard's token counter, shard's active set, shard's
+--   timer set, shard's outcome stream, then the key of each
 --   message it sends; after the steps' keys, streams to trim (see `trim`)
 -- ARGV[1]: the data's epoch token ('' = not checked here); ARGV[2]: audit ('1'/'0');
 -- ARGV[3]: the orchestrators' group; ARGV[4]: how many steps; then, per step:
@@ -29,6 +29,8 @@ pub const COMMIT: &str = r"
 -- lost or swapped the data): nothing was written.
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return {4, 0} end
 local audit, group = ARGV[2] == '1', ARGV[3]
+-- The most history entries one step prunes (see `step`).
+local PRUNE_MAX = 1024
 -- The newest token granted per shard, read once per script (nothing changes it meanwhile).
 local tokens = {}
 
@@ -43,15 +45,16 @@ end
 -- One step: its keys from KEYS[k + 1], its arguments from ARGV[a + 1].
 local function step(k, a)
   -- The record's fencing token, version, parked flag, and the shard's index entries it
-  -- was written with (active flag, timer due), and its correlation key, in one read.
-  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't', 'k')
+  -- was written with (active flag, timer due), its correlation key, and the bounds of
+  -- its history entries (lowest kept, one past the highest), in one read.
+  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't', 'k', 'hl', 'hn')
   local newest = 0
   if ARGV[a + 12] ~= '' then
     local mine = tonumber(ARGV[a + 12])
-    newest = tokens[KEYS[k + 6]]
+    newest = tokens[KEYS[k + 4]]
     if not newest then
-      newest = tonumber(redis.call('GET', KEYS[k + 6]) or '0')
-      tokens[KEYS[k + 6]] = newest
+      newest = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+      tokens[KEYS[k + 4]] = newest
     end
     if newest > mine then return 3, newest end
     local last = cur[1]
@@ -83,6 +86,37 @@ local function step(k, a)
     fields[#fields + 1] = 'e'
     fields[#fields + 1] = ARGV[a + 13]
   end
+  -- The history lives in the record's hash too, an entry per step under 'h<step>', with
+  -- the bounds of the steps that may hold one: 'hl' the lowest kept, 'hn' one past the
+  -- highest written. Written with the record, in its one command (a separate index and
+  -- hash cost two more commands per step). Pruning deletes from 'hl' up, at most
+  -- PRUNE_MAX entries per step, so a retention shortened by far catches up over the next
+  -- steps and no script runs long.
+  local seq = tonumber(ARGV[a + 3])
+  local lo = tonumber(cur[7] or '')
+  local below = 0
+  if ARGV[a + 9] ~= '' then below = tonumber(ARGV[a + 9]) end
+  if lo and below > lo then
+    local stop = math.min(below, lo + PRUNE_MAX)
+    local dead = {}
+    for s = lo, stop - 1 do dead[#dead + 1] = string.format('h%d', s) end
+    redis.call('HDEL', KEYS[k + 1], unpack(dead))
+    lo = stop
+    fields[#fields + 1] = 'hl'
+    fields[#fields + 1] = string.format('%d', lo)
+  end
+  if ARGV[a + 7] == '1' and seq >= below and (not lo or seq >= lo) then
+    fields[#fields + 1] = 'h' .. ARGV[a + 3]
+    fields[#fields + 1] = ARGV[a + 8]
+    if not lo then
+      fields[#fields + 1] = 'hl'
+      fields[#fields + 1] = ARGV[a + 3]
+    end
+    if not cur[8] or tonumber(cur[8]) <= seq then
+      fields[#fields + 1] = 'hn'
+      fields[#fields + 1] = string.format('%d', seq + 1)
+    end
+  end
   redis.call('HSET', KEYS[k + 1], unpack(fields))
   -- The shard's indexes change with the step (the flow's others are in other slots),
   -- where the record says the step changes its entry: a steady step (a call answered,
@@ -94,48 +128,35 @@ local function step(k, a)
   if not found then was_active, was_due = '0', '' end
   if was_active ~= ARGV[a + 5] then
     if ARGV[a + 5] == '0' then
-      redis.call('SREM', KEYS[k + 7], ARGV[a + 14])
+      redis.call('SREM', KEYS[k + 5], ARGV[a + 14])
     else
-      redis.call('SADD', KEYS[k + 7], ARGV[a + 14])
+      redis.call('SADD', KEYS[k + 5], ARGV[a + 14])
     end
   end
   if was_due ~= ARGV[a + 15] then
     if ARGV[a + 15] == '' then
-      redis.call('ZREM', KEYS[k + 8], ARGV[a + 14])
+      redis.call('ZREM', KEYS[k + 6], ARGV[a + 14])
     else
-      redis.call('ZADD', KEYS[k + 8], ARGV[a + 15], ARGV[a + 14])
+      redis.call('ZADD', KEYS[k + 6], ARGV[a + 15], ARGV[a + 14])
     end
   end
   -- The outcome this step applies is settled with it. A settled entry is acknowledged,
   -- not deleted: deleting one entry from the middle of a stream costs more than all the
   -- rest of its settling, and settled entries are trimmed from the front in bulk.
   if ARGV[a + 16] ~= '' then
-    redis.call('XACK', KEYS[k + 9], group, ARGV[a + 16])
+    redis.call('XACK', KEYS[k + 7], group, ARGV[a + 16])
   end
-  if audit then redis.call('RPUSH', KEYS[k + 5], ARGV[a + 3] .. ':' .. ARGV[a + 12] .. ':' .. newest) end
-  if ARGV[a + 7] == '1' then
-    redis.call('ZADD', KEYS[k + 3], ARGV[a + 3], ARGV[a + 3])
-    redis.call('HSET', KEYS[k + 4], ARGV[a + 3], ARGV[a + 8])
-  end
-  if ARGV[a + 9] ~= '' then
-    local bound = '(' .. ARGV[a + 9]
-    while true do
-      local old = redis.call('ZRANGEBYSCORE', KEYS[k + 3], '-inf', bound, 'LIMIT', 0, 500)
-      if #old == 0 then break end
-      redis.call('HDEL', KEYS[k + 4], unpack(old))
-      redis.call('ZREM', KEYS[k + 3], unpack(old))
-    end
-  end
+  if audit then redis.call('RPUSH', KEYS[k + 3], ARGV[a + 3] .. ':' .. ARGV[a + 12] .. ':' .. newest) end
   -- What the step sends goes out with it, and only with it.
   for i = 1, tonumber(ARGV[a + 17]) do
     local kind, body = ARGV[a + 16 + 2 * i], ARGV[a + 17 + 2 * i]
     if kind == 'a' then
-      redis.call('XADD', KEYS[k + 9 + i], '*', 'm', body)
+      redis.call('XADD', KEYS[k + 7 + i], '*', 'm', body)
     elseif kind == 's' then
       local sp = string.find(body, ' ', 1, true)
-      redis.call('XACK', KEYS[k + 9 + i], string.sub(body, 1, sp - 1), string.sub(body, sp + 1))
+      redis.call('XACK', KEYS[k + 7 + i], string.sub(body, 1, sp - 1), string.sub(body, sp + 1))
     else
-      redis.call('PUBLISH', KEYS[k + 9 + i], body)
+      redis.call('PUBLISH', KEYS[k + 7 + i], body)
     end
   end
   if cur[3] == '1' then return 0, 1 end
@@ -184,7 +205,7 @@ for s = 1, tonumber(ARGV[4]) do
   local code, n = step(k, a)
   replies[2 * s - 1] = code
   replies[2 * s] = n
-  k = k + 9 + sends
+  k = k + 7 + sends
   a = a + 17 + 2 * sends
 end
 for t = k + 1, #KEYS do
@@ -349,7 +370,7 @@ impl RedisStore {
                 let trims = self.settled.due(steps, |s| {
                     shard_key(&self.prefix, "out", &s.key.flow, self.shard(&s.key.id))
                 });
-                let keys: usize = steps.iter().map(|s| 9 + s.sends.len()).sum();
+                let keys: usize = steps.iter().map(|s| 7 + s.sends.len()).sum();
                 let mut script = redis::cmd("EVALSHA");
                 script.arg(&self.sha).arg(1 + keys + trims.len());
                 match epoch {

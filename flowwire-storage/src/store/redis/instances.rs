@@ -320,31 +320,37 @@ impl InstanceStore for RedisStore {
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            let [_, _, hz, hh, _] = self.keys(key);
-            let seqs: Vec<u64> = redis::cmd("ZRANGEBYSCORE")
-                .arg(&hz)
-                .arg(from)
-                .arg("+inf")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            if seqs.is_empty() {
-                return Ok(Vec::new());
+            let [r, ..] = self.keys(key);
+            let script = redis::Script::new(HISTORY);
+            let mut out = Vec::new();
+            let mut next = from;
+            // Bounded: each script reads forward from `next` and moves it on by at least
+            // one step, up to the highest step written.
+            while out.len() < limit {
+                let want = (limit - out.len()).min(HISTORY_PAGE);
+                let (moved, entries): (u64, Vec<redis::Value>) = script
+                    .key(&r)
+                    .arg(next)
+                    .arg(want)
+                    .arg(HISTORY_PROBES)
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(|e| backend(&e))?;
+                let unexpected =
+                    |e| StoreError::Backend(format!("redis: unexpected history reply: {e}"));
+                let mut entries = entries.into_iter();
+                while let (Some(step), Some(bytes)) = (entries.next(), entries.next()) {
+                    let step: u64 = redis::from_redis_value(step).map_err(unexpected)?;
+                    let bytes: Vec<u8> = redis::from_redis_value(bytes).map_err(unexpected)?;
+                    out.push((step, Bytes::from(bytes)));
+                }
+                if moved <= next {
+                    break;
+                }
+                next = moved;
             }
-            let entries: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
-                .arg(&hh)
-                .arg(&seqs)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| backend(&e))?;
-            Ok(seqs
-                .into_iter()
-                .zip(entries)
-                .filter_map(|(s, e)| e.map(|e| (s, Bytes::from(e))))
-                .collect())
+            out.truncate(limit);
+            Ok(out)
         })
     }
 
@@ -465,6 +471,41 @@ impl InstanceStore for RedisStore {
         Box::pin(self.keyed(self.ended_key(flow, key), "e", flow, key, limit))
     }
 }
+
+/// Reads an instance's history from its record's hash (see [`COMMIT`](super::COMMIT)):
+/// `KEYS[1]` the record; `ARGV`: the first step wanted, how many entries at most, how many
+/// steps to look at at most (a history may have gaps: steps taken with none kept). Returns
+/// the step to go on from (past the highest written when done) and the entries found, in
+/// step order, flat: step, bytes, step, bytes….
+const HISTORY: &str = r"
+local bounds = redis.call('HMGET', KEYS[1], 'hl', 'hn')
+if not bounds[1] or not bounds[2] then return {0, {}} end
+local s = math.max(tonumber(ARGV[1]), tonumber(bounds[1]))
+local stop, want, probes = tonumber(bounds[2]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+while s < stop and #out < 2 * want and probes > 0 do
+  local n = math.min(stop - s, want - #out / 2, probes, 256)
+  local names = {}
+  for i = 0, n - 1 do names[i + 1] = string.format('h%d', s + i) end
+  local found = redis.call('HMGET', KEYS[1], unpack(names))
+  for i = 1, n do
+    if found[i] then
+      out[#out + 1] = s + i - 1
+      out[#out + 1] = found[i]
+    end
+  end
+  s, probes = s + n, probes - n
+end
+if s >= stop then s = stop end
+return {s, out}
+";
+
+/// The most entries one [`HISTORY`] script returns.
+const HISTORY_PAGE: usize = 256;
+
+/// The most steps one [`HISTORY`] script looks at (entries or gaps): a script runs alone
+/// on the server.
+const HISTORY_PROBES: u64 = 4096;
 
 /// Drops index entries their records disown, best effort (an entry left is filtered again
 /// by the next reader).

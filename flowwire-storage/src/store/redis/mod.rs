@@ -7,13 +7,11 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `k` correlation key, `e` the key it ended with, `f` last fencing token |
+//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `t` its timer entry's due time, `k` correlation key, `e` the key it ended with, `f` last fencing token; the history: `h<step>` each step's encoded history entry, `hl` the lowest step that may hold one, `hn` one past the highest written |
 //! | `P:{flow#s}:i:id` | hash | impulse id → step that applied it |
-//! | `P:{flow#s}:hz:id` | sorted set | history step numbers |
-//! | `P:{flow#s}:hh:id` | hash | step number → encoded history entry |
 //! | `P:{flow#s}:w:id` | list | `step:token:newest` per write, when writes are audited ([`RedisStore::audit_writes`]) |
 //! | `P:token:{flow#s}` | counter | the newest fencing token granted for the shard (written by the bus) |
-//! | `P:epoch` | string | `layout2:` and a random token: the data's identity and key layout |
+//! | `P:epoch` | string | `layout3:` and a random token: the data's identity and key layout |
 //! | `P:active:{flow#shard}` | set | ids of (possibly) active instances of a shard |
 //! | `P:timers:{flow#shard}` | sorted set | id scored by its timer's due time (ms), per shard |
 //! | `P:parked:{flow}` | sorted set | ids of (possibly) parked instances, all scored 0 (listed by id) |
@@ -67,10 +65,13 @@ pub(crate) fn shard_key(prefix: &str, what: &str, flow: &str, shard: u16) -> Str
     format!("{prefix}:{what}:{{{flow}#{shard}}}")
 }
 
-/// The key layout this build writes, recorded in the epoch token (`layout2:…`). Layout 1
-/// tagged each instance's keys with its own id, so that a commit could not read its
-/// shard's fencing token on a cluster; its data is refused, not read as empty.
-const LAYOUT: &str = "layout2:";
+/// The key layout this build writes, recorded in the epoch token (`layout3:…`); data of
+/// another layout is refused, not read as empty. Layout 1 tagged each instance's keys with
+/// its own id, so that a commit could not read its shard's fencing token on a cluster.
+/// Layout 2 kept an instance's history in a sorted set of step numbers and a hash of
+/// entries beside its record: two more commands per step than layout 3, which keeps the
+/// entries in the record's hash.
+const LAYOUT: &str = "layout3:";
 
 /// A record hash as read back: version, bytes, active flag.
 type RecordRow = (Option<u64>, Option<Vec<u8>>, Option<String>);
@@ -273,16 +274,14 @@ impl RedisStore {
         (&self.link, &self.prefix)
     }
 
-    /// An instance's keys (record, impulses, history index, history entries, write audit),
-    /// tagged with its shard.
-    pub(super) fn keys(&self, key: &InstanceKey) -> [String; 5] {
+    /// An instance's keys (record with its history, impulses, write audit), tagged with
+    /// its shard.
+    pub(super) fn keys(&self, key: &InstanceKey) -> [String; 3] {
         let shard = self.shard(&key.id);
         let (prefix, flow, id) = (&self.prefix, &key.flow, &key.id);
         [
             format!("{prefix}:{{{flow}#{shard}}}:r:{id}"),
             format!("{prefix}:{{{flow}#{shard}}}:i:{id}"),
-            format!("{prefix}:{{{flow}#{shard}}}:hz:{id}"),
-            format!("{prefix}:{{{flow}#{shard}}}:hh:{id}"),
             format!("{prefix}:{{{flow}#{shard}}}:w:{id}"),
         ]
     }
