@@ -7,14 +7,17 @@
 //! quick run), the setting and the CPU model beside each row.
 //!
 //! `cargo bench --bench scale --features flowwire-suite/redis` (`FLOWWIRE_BENCH_QUICK=1`
-//! for a quick run). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
+//! for a quick run; `FLOWWIRE_SCALE_CASE=always,1x1,64` for one case alone). A workflow is the `Relay` flow of `tests/harness/scale_flows.rs`:
 //! start, two driver calls (answered at once), finish — three durable steps, each a Redis
 //! commit by the shard's owner, the calls and outcomes over Redis Streams. This process is
 //! the client: `concurrency` callers each start a workflow, wait for `finished()` (pushed
 //! by the owner over pub/sub), read its end state, and start the next, until the run's
 //! time is up; each workflow is timed from its start request to its state read. Beside
 //! each row, what a workflow cost the server, from its own counters: commands, socket
-//! reads (round trips) and CPU time (`INFO stats`, `INFO cpu`).
+//! reads (round trips) and CPU time (`INFO stats`, `INFO cpu`); and the CPU time per
+//! workflow of the orchestrators, the workers and this client (`/proc/<pid>/stat`, user
+//! and system): on a machine of few cores every process's CPU bounds the throughput, not
+//! the server's alone.
 //!
 //! First, what a workflow's commits cost the server itself, on a fixed workload (commands,
 //! and instructions counted under callgrind when valgrind is installed: see
@@ -69,6 +72,53 @@ impl Proc {
         cmd.args([role, url, prefix, name, "bench"]);
         Proc(spawn_ready(&mut cmd, &format!("{role} {name}")))
     }
+
+    /// The CPU time it has used so far.
+    fn cpu(&self) -> Duration {
+        cpu_time(self.0.id())
+    }
+}
+
+/// The CPU time (user and system, all threads) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (zero where there is none to read).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces, in parentheses): the
+    // 12th and 13th of them are utime and stime, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    let hz = clock_ticks();
+    Duration::from_secs(ticks / hz) + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 where it cannot say).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// The CPU time the orchestrators, the workers and this process (the client) have used.
+fn cpu_by_role(orchestrators: &[Proc], workers: &[Proc]) -> [Duration; 3] {
+    [
+        orchestrators.iter().map(Proc::cpu).sum(),
+        workers.iter().map(Proc::cpu).sum(),
+        cpu_time(std::process::id()),
+    ]
 }
 
 /// Starts a process and waits until it prints `READY` on its standard output.
@@ -95,6 +145,37 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// One case to run alone, from `FLOWWIRE_SCALE_CASE=<fsync>,<orchestrators>x<workers>,
+/// <concurrency>` (for example `always,1x1,64`): its three runs, without the commit-cost
+/// case, for comparing two builds run after one another.
+struct Only {
+    fsync: String,
+    setup: (usize, usize),
+    concurrency: usize,
+}
+
+impl Only {
+    fn from_env() -> Option<Only> {
+        let spec = std::env::var("FLOWWIRE_SCALE_CASE").ok()?;
+        let parsed = (|| {
+            let mut parts = spec.split(',');
+            let fsync = parts.next()?.trim().to_string();
+            let (o, w) = parts.next()?.trim().split_once('x')?;
+            let concurrency = parts.next()?.trim().parse().ok()?;
+            let setup = (o.parse().ok()?, w.parse().ok()?);
+            let known = ["always", "everysec"].contains(&fsync.as_str());
+            (known && parts.next().is_none()).then_some(Only {
+                fsync,
+                setup,
+                concurrency,
+            })
+        })();
+        Some(parsed.unwrap_or_else(|| {
+            panic!("FLOWWIRE_SCALE_CASE={spec:?}: expected <always|everysec>,<o>x<w>,<concurrency>")
+        }))
     }
 }
 
@@ -164,14 +245,17 @@ impl Drop for Restate {
 async fn run(mode: Mode) {
     support::print_machine();
     let cpu = support::cpu_model();
-    commit_cost::run(mode, &cpu).await;
+    let only = Only::from_env();
+    if only.is_none() {
+        commit_cost::run(mode, &cpu).await;
+    }
     let fsyncs: &[&'static str] = if mode == Mode::Test {
         &["always"]
     } else {
         &["always", "everysec"]
     };
     println!(
-        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11}",
+        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>10} {:>10}",
         "fsync",
         "orch",
         "workers",
@@ -183,41 +267,57 @@ async fn run(mode: Mode) {
         "max",
         "cmds/wf",
         "reads/wf",
-        "redis µs/wf"
+        "redis µs/wf",
+        "orch µs/wf",
+        "work µs/wf",
+        "client µs/wf"
     );
     let restate = Restate::wanted();
     for &fsync in fsyncs {
+        if only.as_ref().is_some_and(|o| o.fsync != fsync) {
+            continue;
+        }
         let redis = servers::Redis::start_with_fsync(fsync);
         let peer = restate.as_ref().filter(|_| fsync == "always");
-        setups(mode, &redis.url(), fsync, &cpu, peer).await;
+        setups(mode, &redis.url(), fsync, &cpu, peer, only.as_ref()).await;
     }
 }
 
 /// Every setup and concurrency on one Redis (`appendfsync fsync`), three runs each; with
 /// `restate`, a Restate run after each flowwire run at concurrency 1 and 64 of the 1 + 1
 /// setup.
-async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&Restate>) {
-    let setups: &[(usize, usize)] = if mode == Mode::Test {
+async fn setups(
+    mode: Mode,
+    url: &str,
+    fsync: &str,
+    cpu: &str,
+    restate: Option<&Restate>,
+    only: Option<&Only>,
+) {
+    let mut setups: &[(usize, usize)] = if mode == Mode::Test {
         &[(1, 1)]
     } else {
         &[(1, 1), (2, 2)]
     };
-    let concurrencies: &[usize] = if mode == Mode::Test {
+    let mut concurrencies: &[usize] = if mode == Mode::Test {
         &[1, 8]
     } else {
         &[1, 64, 1024]
     };
+    if let Some(o) = only {
+        setups = std::slice::from_ref(&o.setup);
+        concurrencies = std::slice::from_ref(&o.concurrency);
+    }
     let runs = if mode == Mode::Test { 1 } else { 3 };
     let url = url.to_string();
     for &(orchestrators, workers) in setups {
         let prefix = format!("bench-{fsync}-o{orchestrators}w{workers}");
-        let mut procs = Vec::new();
-        for i in 0..orchestrators {
-            procs.push(Proc::start("orchestrator", &url, &prefix, &format!("o{i}")));
-        }
-        for i in 0..workers {
-            procs.push(Proc::start("worker", &url, &prefix, &format!("w{i}")));
-        }
+        let orchestrator_procs: Vec<Proc> = (0..orchestrators)
+            .map(|i| Proc::start("orchestrator", &url, &prefix, &format!("o{i}")))
+            .collect();
+        let worker_procs: Vec<Proc> = (0..workers)
+            .map(|i| Proc::start("worker", &url, &prefix, &format!("w{i}")))
+            .collect();
         let client = Engine::builder()
             .shared(bench_shared(&url, &prefix, None))
             .flow::<Relay>()
@@ -234,13 +334,19 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
             let mut ratios = Vec::new();
             for run in 0..runs {
                 let before = server_counts(&url);
+                let cpu_before = cpu_by_role(&orchestrator_procs, &worker_procs);
                 let s = case(&client, &format!("c{c}-{run}"), c, run_time(mode)).await;
+                let cpu_after = cpu_by_role(&orchestrator_procs, &worker_procs);
                 let after = server_counts(&url);
                 let n = s.len().max(1);
                 #[allow(clippy::cast_precision_loss)]
                 let per = |i: usize| (after[i].saturating_sub(before[i])) as f64 / n as f64;
+                #[allow(clippy::cast_precision_loss)]
+                let cpu_per = |i: usize| {
+                    cpu_after[i].saturating_sub(cpu_before[i]).as_secs_f64() * 1e6 / n as f64
+                };
                 println!(
-                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1} {:>11.1}  {cpu}",
+                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1} {:>11.1} {:>10.1} {:>10.1} {:>10.1}  {cpu}",
                     s.per_second(),
                     fmt_duration(s.median()),
                     fmt_duration(s.p99()),
@@ -248,6 +354,9 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
                     per(0),
                     per(1),
                     per(2),
+                    cpu_per(0),
+                    cpu_per(1),
+                    cpu_per(2),
                 );
                 rates.push(s.per_second());
                 if side {
@@ -270,7 +379,7 @@ async fn setups(mode: Mode, url: &str, fsync: &str, cpu: &str, restate: Option<&
             }
         }
         client.shutdown().await;
-        drop(procs);
+        drop((orchestrator_procs, worker_procs));
     }
 }
 
