@@ -337,7 +337,7 @@ impl StreamReader {
             .count(count.max(1))
             .block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
         let ids = vec![">"; streams.len()];
-        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+        let reply: redis::Value = redis::cmd("XREADGROUP")
             .arg(&opts)
             .arg("STREAMS")
             .arg(streams)
@@ -345,13 +345,208 @@ impl StreamReader {
             .query_async(&mut self.conn)
             .await
             .map_err(|e| backend(&e))?;
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            let Some(i) = streams.iter().position(|s| *s == key.key) else {
-                continue;
+        read_reply(reply, streams)
+    }
+}
+
+/// The entries of an `XREADGROUP` reply, moved out of it: a body's bytes are not copied.
+/// (The client library's own reply type clones the whole reply first, then puts each
+/// entry's fields in a map of their own: three copies of every body.) An entry without
+/// a body (deleted since it was delivered) is skipped, as is a stream not asked for.
+fn read_reply(reply: redis::Value, streams: &[String]) -> Result<Vec<Entry>, StoreError> {
+    use redis::Value;
+    let unexpected =
+        |what: &str| StoreError::Backend(format!("redis: unexpected XREADGROUP reply: {what}"));
+    // Per stream, its name and its entries: an array of pairs, or a map (RESP3).
+    let rows: Vec<(Value, Value)> = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(rows) => rows,
+        Value::Array(rows) => rows
+            .into_iter()
+            .map(|row| match row {
+                Value::Array(pair) => {
+                    let mut pair = pair.into_iter();
+                    match (pair.next(), pair.next(), pair.next()) {
+                        (Some(key), Some(entries), None) => Ok((key, entries)),
+                        _ => Err(unexpected("a stream's row is not [name, entries]")),
+                    }
+                }
+                _ => Err(unexpected("a stream's row is not an array")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(unexpected("not an array")),
+    };
+    let mut out = Vec::new();
+    for (key, entries) in rows {
+        let Some(key) = text(key) else {
+            return Err(unexpected("a stream's name is not a string"));
+        };
+        let Some(stream) = streams.iter().position(|s| *s == key) else {
+            continue;
+        };
+        let Value::Array(entries) = entries else {
+            return Err(unexpected("a stream's entries are not an array"));
+        };
+        out.reserve(entries.len());
+        for e in entries {
+            let Value::Array(e) = e else {
+                return Err(unexpected("an entry is not an array"));
             };
-            out.extend(key.ids.into_iter().filter_map(|e| entry(i, e)));
+            let mut e = e.into_iter();
+            let (Some(id), fields) = (e.next().and_then(text), e.next()) else {
+                return Err(unexpected("an entry has no id"));
+            };
+            if let Some(body) = fields.and_then(body) {
+                out.push(Entry { stream, id, body });
+            }
         }
-        Ok(out)
+    }
+    Ok(out)
+}
+
+/// A string reply's text.
+fn text(v: redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+        redis::Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The `m` field of an entry's fields (`[field, value, …]`, or a map in RESP3).
+fn body(fields: redis::Value) -> Option<Bytes> {
+    use redis::Value;
+    let pairs: Vec<(Value, Value)> = match fields {
+        Value::Map(pairs) => pairs,
+        Value::Array(flat) => {
+            let mut flat = flat.into_iter();
+            std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+        }
+        _ => return None,
+    };
+    pairs
+        .into_iter()
+        .find_map(|(name, value)| match (name, value) {
+            (Value::BulkString(n), Value::BulkString(b)) if n == b"m" => Some(Bytes::from(b)),
+            (Value::SimpleString(n), Value::BulkString(b)) if n == "m" => Some(Bytes::from(b)),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    use super::read_reply;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: Value) -> Value {
+        Value::Array(vec![bulk(id), fields])
+    }
+
+    #[test]
+    fn a_reply_yields_each_body_of_the_streams_asked_for_in_order() {
+        let streams = ["req".to_string(), "out".to_string()];
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("out"),
+                Value::Array(vec![
+                    entry("1-0", Value::Array(vec![bulk("m"), bulk("first")])),
+                    // Deleted after it was delivered: no fields.
+                    entry("1-1", Value::Nil),
+                    entry(
+                        "1-2",
+                        Value::Array(vec![bulk("x"), bulk("?"), bulk("m"), bulk("second")]),
+                    ),
+                ]),
+            ]),
+            Value::Array(vec![
+                bulk("other"),
+                Value::Array(vec![entry("2-0", Value::Nil)]),
+            ]),
+            Value::Array(vec![
+                bulk("req"),
+                Value::Array(vec![entry(
+                    "3-0",
+                    Value::Map(vec![(bulk("m"), bulk("third"))]),
+                )]),
+            ]),
+        ]);
+        let got: Vec<(usize, String, Vec<u8>)> = read_reply(reply, &streams)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.stream, e.id, e.body.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "1-0".into(), b"first".to_vec()),
+                (1, "1-2".into(), b"second".to_vec()),
+                (0, "3-0".into(), b"third".to_vec()),
+            ]
+        );
+        assert!(read_reply(Value::Nil, &streams).unwrap().is_empty());
+    }
+
+    /// Mutated replies, as the server's bytes: whatever the protocol parser makes of them,
+    /// reading entries out of it never panics.
+    #[test]
+    fn fuzz_read_reply() {
+        let streams = ["req".to_string(), "out".to_string()];
+        let seeds = [
+            b"*2\r\n*2\r\n$3\r\nreq\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\nm\r\n$2\r\nhi\r\n*2\r\n$3\r\n1-1\r\n*-1\r\n*2\r\n$3\r\nout\r\n*1\r\n*2\r\n$3\r\n2-0\r\n*4\r\n$1\r\nx\r\n$0\r\n\r\n$1\r\nm\r\n$3\r\nyes\r\n".to_vec(),
+            b"%1\r\n$3\r\nreq\r\n*1\r\n*2\r\n$3\r\n1-0\r\n%1\r\n$1\r\nm\r\n$2\r\nhi\r\n".to_vec(),
+            b"*-1\r\n".to_vec(),
+        ];
+        let mut parsed = 0u64;
+        crate::fuzz::run(
+            "xreadgroup reply",
+            &seeds,
+            crate::fuzz::iterations(20_000),
+            |input| {
+                if let Ok(value) = redis::parse_redis_value(input) {
+                    parsed += 1;
+                    let _ = read_reply(value, &streams);
+                }
+            },
+        );
+        assert!(
+            parsed > 0,
+            "some mutated replies parse, so the reader saw them"
+        );
+        let value = redis::parse_redis_value(&seeds[0]).unwrap();
+        assert_eq!(read_reply(value, &streams).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_malformed_reply_is_an_error_not_a_panic() {
+        let streams = ["req".to_string()];
+        for reply in [
+            Value::Int(3),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![bulk("req")])]),
+            Value::Array(vec![Value::Array(vec![
+                Value::Int(1),
+                Value::Array(vec![]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![bulk("req"), Value::Int(2)])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk("req"),
+                Value::Array(vec![Value::Int(2)]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk("req"),
+                Value::Array(vec![Value::Array(vec![])]),
+            ])]),
+        ] {
+            let e = read_reply(reply.clone(), &streams).unwrap_err();
+            assert!(
+                e.to_string().contains("unexpected XREADGROUP reply"),
+                "{reply:?}: {e}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@ use crate::error::StoreError;
 use crate::record::{BusSend, Expect, StepResult, StepWrite};
 use crate::redis_link::Conn;
 
-use super::{RedisStore, backend, is_no_script, shard_key};
+use super::{RedisStore, backend, is_no_script};
 
 /// The commit script: the steps of one batch (on a cluster, one step), each checked and
 /// written on its own.
@@ -260,9 +260,14 @@ const TRIM_EVERY: u32 = 64;
 pub(super) struct Settled(std::sync::Mutex<std::collections::HashMap<String, u32>>);
 
 impl Settled {
-    /// Counts the entries `steps` settle, stream by stream; returns the streams due for a
-    /// trim (their counts start again).
-    fn due(&self, steps: &[StepWrite], out_stream: impl Fn(&StepWrite) -> String) -> Vec<String> {
+    /// Counts the entries `steps` settle, stream by stream (`out_stream(i)`: the outcome
+    /// stream of step `i`); returns the streams due for a trim (their counts start again).
+    fn due<K: std::fmt::Display>(
+        &self,
+        steps: &[StepWrite],
+        out_stream: impl Fn(usize) -> K,
+    ) -> Vec<String> {
+        use std::fmt::Write as _;
         let mut counts = self
             .0
             .lock()
@@ -279,9 +284,13 @@ impl Settled {
                 due.push(stream.to_string());
             }
         };
-        for s in steps {
+        // One buffer for the outcome streams' names, written again for each step.
+        let mut name = String::new();
+        for (i, s) in steps.iter().enumerate() {
             if s.acknowledges.is_some() {
-                settle(&out_stream(s), &mut due);
+                name.clear();
+                let _ = write!(name, "{}", out_stream(i));
+                settle(&name, &mut due);
             }
             for send in &s.sends {
                 if let BusSend::Settle { stream, .. } = send {
@@ -297,38 +306,75 @@ impl Settled {
 
 /// One step's arguments to [`COMMIT`], in the order its header lists them.
 fn step_args(script: &mut redis::Cmd, s: &StepWrite) {
+    use redis::RedisWrite as _;
+    // A number, or `''` for none.
+    fn number(script: &mut redis::Cmd, n: Option<u64>) -> &mut redis::Cmd {
+        match n {
+            Some(n) => script.arg(n),
+            None => script.arg(""),
+        }
+    }
     let expect = match s.expect {
-        Expect::Absent => String::new(),
-        Expect::Version(v) => v.to_string(),
+        Expect::Absent => None,
+        Expect::Version(v) => Some(v),
     };
     let (has_hist, hist) = match &s.history {
         Some((_, h)) => ("1", &h[..]),
         None => ("0", &[][..]),
     };
-    script
-        .arg(expect)
+    number(script, expect)
         .arg(s.version)
         .arg(s.seq)
         .arg(&s.record[..])
         .arg(if s.active { "1" } else { "0" })
         .arg(s.impulse.as_deref().unwrap_or(""))
         .arg(has_hist)
-        .arg(hist)
-        .arg(s.prune_below.map(|p| p.to_string()).unwrap_or_default())
+        .arg(hist);
+    number(script, s.prune_below)
         .arg(if s.parked { "1" } else { "0" })
-        .arg(s.correlation.as_deref().unwrap_or(""))
-        .arg(s.fence.map(|f| f.to_string()).unwrap_or_default())
+        .arg(s.correlation.as_deref().unwrap_or(""));
+    number(script, s.fence)
         .arg(s.ended_key.as_deref().unwrap_or(""))
-        .arg(&*s.key.id)
-        .arg(s.timer.map(|due| due.to_string()).unwrap_or_default())
+        .arg(&*s.key.id);
+    number(script, s.timer)
         .arg(s.acknowledges.as_deref().unwrap_or(""))
         .arg(s.sends.len());
     for send in &s.sends {
         match send {
-            BusSend::Append { body, .. } => script.arg("a").arg(&body[..]),
-            BusSend::Publish { body, .. } => script.arg("p").arg(&body[..]),
-            BusSend::Settle { group, entry, .. } => script.arg("s").arg(format!("{group} {entry}")),
-        };
+            BusSend::Append { body, .. } => {
+                script.arg("a").arg(&body[..]);
+            }
+            BusSend::Publish { body, .. } => {
+                script.arg("p").arg(&body[..]);
+            }
+            BusSend::Settle { group, entry, .. } => {
+                script
+                    .arg("s")
+                    .write_arg_fmt(format_args!("{group} {entry}"));
+            }
+        }
+    }
+}
+
+/// The bytes a message adds to a script's arguments: its key and its bytes.
+fn send_bytes(send: &BusSend) -> usize {
+    match send {
+        BusSend::Append { stream, body } => stream.len() + body.len() + 1,
+        BusSend::Publish { channel, body } => channel.len() + body.len() + 1,
+        BusSend::Settle {
+            stream,
+            group,
+            entry,
+        } => stream.len() + group.len() + entry.len() + 2,
+    }
+}
+
+/// The key of the data's epoch token, written into a command's buffer.
+struct EpochKey<'a>(&'a str);
+
+impl redis::ToRedisArgs for EpochKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(format_args!("{}:epoch", self.0));
     }
 }
 
@@ -357,40 +403,50 @@ impl RedisStore {
     /// server, one on a cluster (the steps' keys live in their shards' slots). With `epoch`,
     /// each script checks the data's epoch token once (one server, once the token is
     /// known); without, it was read before the batch.
+    ///
+    /// Each script is written into one buffer sized for it up front, its keys formatted
+    /// straight into it (seven per step: a string apiece, formatted again for each use,
+    /// was a tenth of an orchestrator's time in a step).
     pub(super) fn scripts(
         &self,
         batch: &[StepWrite],
         epoch: Option<&str>,
         per: usize,
     ) -> Vec<redis::Cmd> {
-        let epoch_key = format!("{}:epoch", self.prefix);
         batch
             .chunks(per)
             .map(|steps| {
-                let trims = self.settled.due(steps, |s| {
-                    shard_key(&self.prefix, "out", &s.key.flow, self.shard(&s.key.id))
-                });
+                let shards: Vec<u16> = steps.iter().map(|s| self.shard(&s.key.id)).collect();
+                let out = |i: usize| self.shard_key("out", &steps[i].key.flow, shards[i]);
+                let trims = self.settled.due(steps, out);
                 let keys: usize = steps.iter().map(|s| 7 + s.sends.len()).sum();
-                let mut script = redis::cmd("EVALSHA");
-                script.arg(&self.sha).arg(1 + keys + trims.len());
+                let (args, bytes) = steps.iter().fold((8 + keys + trims.len(), 0), |(n, b), s| {
+                    let sends: usize = s.sends.iter().map(send_bytes).sum();
+                    let own = 7 * (self.prefix.len() + s.key.flow.len() + s.key.id.len() + 16);
+                    let history = s.history.as_ref().map_or(0, |(_, h)| h.len());
+                    (
+                        n + 17 + 2 * s.sends.len(),
+                        b + own + s.record.len() + history + sends + 96,
+                    )
+                });
+                let mut script = redis::Cmd::with_capacity(args, bytes + 128);
+                script
+                    .arg("EVALSHA")
+                    .arg(&self.sha)
+                    .arg(1 + keys + trims.len());
                 match epoch {
-                    Some(_) => script.arg(&epoch_key),
+                    Some(_) => script.arg(EpochKey(&self.prefix)),
                     // On a cluster the first key only keeps the script in its step's slot.
-                    None => script.arg(shard_key(
-                        &self.prefix,
-                        "token",
-                        &steps[0].key.flow,
-                        self.shard(&steps[0].key.id),
-                    )),
+                    None => script.arg(self.shard_key("token", &steps[0].key.flow, shards[0])),
                 };
-                for s in steps {
-                    let shard = self.shard(&s.key.id);
+                for (s, &shard) in steps.iter().zip(&shards) {
+                    let flow = &*s.key.flow;
                     script
-                        .arg(&self.keys(&s.key)[..])
-                        .arg(shard_key(&self.prefix, "token", &s.key.flow, shard))
-                        .arg(self.active_key(&s.key.flow, shard))
-                        .arg(self.timers_key(&s.key.flow, shard))
-                        .arg(shard_key(&self.prefix, "out", &s.key.flow, shard));
+                        .arg(&self.own_keys(&s.key, shard)[..])
+                        .arg(self.shard_key("token", flow, shard))
+                        .arg(self.shard_key("active", flow, shard))
+                        .arg(self.shard_key("timers", flow, shard))
+                        .arg(self.shard_key("out", flow, shard));
                     for send in &s.sends {
                         script.arg(match send {
                             BusSend::Append { stream, .. } | BusSend::Settle { stream, .. } => {

@@ -62,7 +62,72 @@ pub use self::commit::COMMIT;
 /// The key of one of a shard's keys of `what` (its lease, token counter, streams, active
 /// and timer indexes), tagged `{flow#shard}` like the keys of the shard's instances.
 pub(crate) fn shard_key(prefix: &str, what: &str, flow: &str, shard: u16) -> String {
-    format!("{prefix}:{what}:{{{flow}#{shard}}}")
+    ShardKey {
+        prefix,
+        what,
+        flow,
+        shard,
+    }
+    .to_string()
+}
+
+/// A shard's key of `what` (see [`shard_key`]), written where it goes: into a command's
+/// own buffer as its argument, with no string of its own (a commit names four per step).
+#[derive(Clone, Copy)]
+pub(super) struct ShardKey<'a> {
+    pub prefix: &'a str,
+    pub what: &'a str,
+    pub flow: &'a str,
+    pub shard: u16,
+}
+
+impl std::fmt::Display for ShardKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            prefix,
+            what,
+            flow,
+            shard,
+        } = self;
+        write!(f, "{prefix}:{what}:{{{flow}#{shard}}}")
+    }
+}
+
+impl redis::ToRedisArgs for ShardKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
+/// One of an instance's keys, `what` being `r` (its record), `i` (its impulses) or `w`
+/// (its write audit), tagged with its shard; written into a command's buffer like a
+/// [`ShardKey`].
+#[derive(Clone, Copy)]
+pub(super) struct OwnKey<'a> {
+    pub prefix: &'a str,
+    pub flow: &'a str,
+    pub shard: u16,
+    pub what: &'a str,
+    pub id: &'a str,
+}
+
+impl std::fmt::Display for OwnKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            prefix,
+            flow,
+            shard,
+            what,
+            id,
+        } = self;
+        write!(f, "{prefix}:{{{flow}#{shard}}}:{what}:{id}")
+    }
+}
+
+impl redis::ToRedisArgs for OwnKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
 }
 
 /// The key layout this build writes, recorded in the epoch token (`layout3:…`); data of
@@ -277,13 +342,34 @@ impl RedisStore {
     /// An instance's keys (record with its history, impulses, write audit), tagged with
     /// its shard.
     pub(super) fn keys(&self, key: &InstanceKey) -> [String; 3] {
-        let shard = self.shard(&key.id);
-        let (prefix, flow, id) = (&self.prefix, &key.flow, &key.id);
-        [
-            format!("{prefix}:{{{flow}#{shard}}}:r:{id}"),
-            format!("{prefix}:{{{flow}#{shard}}}:i:{id}"),
-            format!("{prefix}:{{{flow}#{shard}}}:w:{id}"),
-        ]
+        self.own_keys(key, self.shard(&key.id))
+            .map(|k| k.to_string())
+    }
+
+    /// [`Self::keys`], unwritten: for a command's arguments.
+    pub(super) fn own_keys<'a>(&'a self, key: &'a InstanceKey, shard: u16) -> [OwnKey<'a>; 3] {
+        ["r", "i", "w"].map(|what| OwnKey {
+            prefix: &self.prefix,
+            flow: &key.flow,
+            shard,
+            what,
+            id: &key.id,
+        })
+    }
+
+    /// A shard's key of `what`, unwritten: for a command's arguments.
+    pub(super) fn shard_key<'a>(
+        &'a self,
+        what: &'a str,
+        flow: &'a str,
+        shard: u16,
+    ) -> ShardKey<'a> {
+        ShardKey {
+            prefix: &self.prefix,
+            what,
+            flow,
+            shard,
+        }
     }
 
     pub(super) fn shard(&self, id: &str) -> u16 {
