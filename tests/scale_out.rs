@@ -4,6 +4,7 @@
 //! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
 //! when orchestrators join or leave, a worker's calls are taken over when it stops; a
 //! cancellation sent by a client applies once, also when sent again after the shard moved;
+//! a client waiting on an instance takes its end's record from the announcement;
 //! through a rolling deploy, an orchestrator of the old flow version leaves the instances a
 //! new one moved on as they are; child flows run across processes, and a parent's child
 //! calls follow its shard when it moves.
@@ -419,6 +420,64 @@ async fn the_end_brings_its_state_to_the_client_that_waited_for_it() {
     redis.pause();
     let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
     redis.resume();
+    let state = read.expect("the state is read without Redis").unwrap();
+    assert_eq!(state.address.as_deref(), Some("home"));
+    c.shutdown().await;
+    w.shutdown().await;
+    o.shutdown().await;
+}
+
+/// A client waiting when its instance ends takes the end's record from the announcement
+/// (a small record rides along with it): after the read it makes before it starts
+/// waiting, it reads the record no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_takes_the_end_from_its_announcement_without_reading_the_record_again() {
+    let prefix = "announce";
+    let o = orchestrator(prefix, "o").await;
+    let w = worker(prefix, "w", Counter::default()).await;
+    let c = client(prefix).await;
+    let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
+    eventually("packed", async || h.weight().await.unwrap() == Some(3)).await;
+    let waiting = c.handle::<Parcel>("p-1").await.unwrap();
+    let waiter = tokio::spawn(async move { (waiting.finished().await, waiting) });
+    // Its read before waiting is long done by then.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let monitor = redis().monitor();
+    h.address("home".into()).await.unwrap();
+    let (ended, same) = tokio::time::timeout(Duration::from_secs(15), waiter)
+        .await
+        .expect("finished in time")
+        .unwrap();
+    let ended = ended.unwrap();
+    let seen = monitor.stop();
+    assert_eq!(ended, Ended::Finished);
+    // The client's connection: the one its impulse request came on (the orchestrator reads
+    // the record too, on its own).
+    let from = |l: &str| {
+        l.split_once(" [")
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(c, _)| c.to_string())
+    };
+    let client = seen
+        .lines()
+        .find(|l| l.contains("\"XADD\" \"announce:req:"))
+        .and_then(from)
+        .expect("the impulse request was watched");
+    let reads: Vec<&str> = seen
+        .lines()
+        .filter(|l| from(l).as_deref() == Some(client.as_str()))
+        .filter(|l| l.contains("\"HMGET\" \"announce:{Parcel#") && l.contains(":r:p-1\""))
+        .collect();
+    assert!(
+        seen.lines()
+            .any(|l| l.contains("\"PUBLISH\" \"announce:ended:Parcel\"")),
+        "the end was announced while watched"
+    );
+    assert!(reads.is_empty(), "the record was read again: {reads:?}");
+    // And the result came with it.
+    redis().pause();
+    let read = tokio::time::timeout(Duration::from_secs(5), same.state()).await;
+    redis().resume();
     let state = read.expect("the state is read without Redis").unwrap();
     assert_eq!(state.address.as_deref(), Some("home"));
     c.shutdown().await;

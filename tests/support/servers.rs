@@ -74,6 +74,22 @@ fn alive(pid: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A `MONITOR` of a server ([`Redis::monitor`]).
+pub struct Monitor {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl Monitor {
+    /// Stops watching; the commands seen, one a line (`… [0 lua] "HSET" …` for a
+    /// script's, `… [0 127.0.0.1:port] "GET" …` for a client's).
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
 /// A `redis-server` on a loopback port.
 pub struct Redis {
     /// Its port.
@@ -248,6 +264,25 @@ impl Redis {
     /// Lets a paused server run again (SIGCONT).
     pub fn resume(&self) {
         signal(self.pid, "-CONT");
+    }
+
+    /// Watches every command the server runs from now on (`MONITOR`, into a file) until
+    /// [`Monitor::stop`].
+    pub fn monitor(&self) -> Monitor {
+        let path = self.dir.join(format!("monitor-{}", free_port()));
+        let out = std::fs::File::create(&path).expect("the monitor's file");
+        let child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "monitor"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli runs (it comes with redis-server)");
+        // It answers `OK` once it watches.
+        wait_until("MONITOR", Duration::from_secs(10), || {
+            std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with("OK"))
+        });
+        Monitor { child, path }
     }
 
     /// Runs a command with `redis-cli` against this server; panics if it fails.

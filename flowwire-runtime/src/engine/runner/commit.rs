@@ -219,7 +219,7 @@ impl<F: Flow> Runner<F> {
             Ok(mut sealed) => {
                 sealed.write.fence = self.owned.as_ref().map(|o| o.token);
                 sealed.write.acknowledges = acknowledges;
-                self.carry(&s, &mut sealed.write.sends);
+                self.carry(&s, &sealed.write.record, &mut sealed.write.sends);
                 if sealed.puts.is_empty() {
                     if back {
                         self.joins(&s.id);

@@ -137,9 +137,15 @@ impl<F: Flow> Runner<F> {
     }
 
     /// Adds to a step's write the bus messages its commit carries (nothing unless the
-    /// store carries them): its driver calls, the announcement that it ended, and for a
-    /// request that came over the bus, its reply and its entry's acknowledgement.
-    pub(super) fn carry(&self, s: &Staged<F>, sends: &mut Vec<flowwire_storage::record::BusSend>) {
+    /// store carries them): its driver calls, the announcement that it ended (with
+    /// `record`, the step's encoded record, when small), and for a request that came over
+    /// the bus, its reply and its entry's acknowledgement.
+    pub(super) fn carry(
+        &self,
+        s: &Staged<F>,
+        record: &[u8],
+        sends: &mut Vec<flowwire_storage::record::BusSend>,
+    ) {
         let Some(outbox) = self.owned.as_ref().and_then(|o| o.outbox.as_ref()) else {
             return;
         };
@@ -167,7 +173,7 @@ impl<F: Flow> Runner<F> {
             }
         }
         if Self::announced(&s.step.draft.record.status) {
-            sends.push(outbox.ended(&s.id));
+            sends.push(outbox.ended(&s.id, record));
         }
     }
 

@@ -260,7 +260,7 @@ impl Outbox {
     }
 
     #[allow(clippy::unused_self, reason = "the same calls as the bus's outbox")]
-    fn ended(&self, _: &str) -> flowwire_storage::record::BusSend {
+    fn ended(&self, _: &str, _: &[u8]) -> flowwire_storage::record::BusSend {
         match *self {}
     }
 }

@@ -155,12 +155,30 @@ pub(crate) fn spawn_router<F: Flow>(
 /// ended instances (one subscription per flow, taken at the first wait).
 #[derive(Default)]
 pub(crate) struct Watch {
-    waiting: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    waiting: Mutex<HashMap<Arc<str>, Arc<Waiting>>>,
     subscribed: tokio::sync::OnceCell<()>,
 }
 
+/// The callers waiting on one instance: woken by its announcements, each of which may
+/// carry the record its step wrote (read instead of the store's).
+#[derive(Default)]
+struct Waiting {
+    notify: Notify,
+    record: Mutex<Option<Bytes>>,
+}
+
+impl Waiting {
+    /// The record the last announcement carried, once.
+    fn take(&self) -> Option<Bytes> {
+        self.record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 impl Watch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Notify>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Waiting>>> {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -181,11 +199,11 @@ impl Watch {
             .is_ok()
     }
 
-    fn register(&self, id: &Arc<str>) -> Arc<Notify> {
+    fn register(&self, id: &Arc<str>) -> Arc<Waiting> {
         self.lock().entry(id.clone()).or_default().clone()
     }
 
-    fn unregister(&self, id: &Arc<str>, notify: Arc<Notify>) {
+    fn unregister(&self, id: &Arc<str>, notify: Arc<Waiting>) {
         let mut waiting = self.lock();
         drop(notify);
         if waiting.get(id).is_some_and(|n| Arc::strong_count(n) == 1) {
@@ -212,11 +230,16 @@ async fn announcements(
             if body.len() > limit {
                 continue;
             }
-            let Ok(id) = std::str::from_utf8(&body) else {
+            let Some((id, record)) = super::messages::parse_announcement(&body) else {
                 continue;
             };
-            if let Some(n) = watch.lock().get(id) {
-                n.notify_waiters();
+            if let Some(w) = watch.lock().get(id) {
+                if let Some(record) = record {
+                    *w.record
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(record);
+                }
+                w.notify.notify_waiters();
             }
         }
         match resubscribe(&bus, &channel, &mut failures, || watch.strong_count() == 0).await {
@@ -477,7 +500,7 @@ fn final_state<F: Flow>(
 
 async fn wait_ended<F: Flow>(
     remote: &Remote,
-    notify: &Notify,
+    waiting: &Waiting,
     pushed: bool,
     id: &Arc<str>,
     reply: &mut oneshot::Sender<crate::engine::msg::EndedReply>,
@@ -486,23 +509,27 @@ async fn wait_ended<F: Flow>(
     let mut delay = Duration::from_millis(5);
     loop {
         // Listening before reading: an announcement made meanwhile is not missed.
-        let announced = notify.notified();
+        let announced = waiting.notify.notified();
         tokio::pin!(announced);
         announced.as_mut().enable();
         if reply.is_closed() {
             return None;
         }
-        let placed = match remote.store.load(&key).await {
-            Ok(Some(stored)) => {
-                PlacedRecord::decode(&stored.bytes, &key, remote.limits.decode_limit)
-                    .map(Some)
-                    .map_err(|e| Error::Codec {
-                        flow: F::NAME,
-                        id: id.to_string(),
-                        what: "the record",
-                        source: e,
-                    })
-            }
+        // The record an announcement carried is the one its step committed (decoded
+        // against this instance's key like any read): no trip to the store for it.
+        let stored = match waiting.take() {
+            Some(bytes) => Ok(Some(bytes)),
+            None => remote.store.load(&key).await.map(|s| s.map(|s| s.bytes)),
+        };
+        let placed = match stored {
+            Ok(Some(bytes)) => PlacedRecord::decode(&bytes, &key, remote.limits.decode_limit)
+                .map(Some)
+                .map_err(|e| Error::Codec {
+                    flow: F::NAME,
+                    id: id.to_string(),
+                    what: "the record",
+                    source: e,
+                }),
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };

@@ -88,13 +88,55 @@ impl Outbox {
         })
     }
 
-    /// The announcement that instance `id` ended (or was parked).
-    pub(crate) fn ended(&self, id: &str) -> BusSend {
+    /// The announcement that instance `id` ended (or was parked), with the record its step
+    /// wrote when that is small (see [`announcement`]).
+    pub(crate) fn ended(&self, id: &str, record: &[u8]) -> BusSend {
         BusSend::Publish {
             channel: self.ended.clone(),
-            body: Bytes::copy_from_slice(id.as_bytes()),
+            body: announcement(id, Some(record)),
         }
     }
+}
+
+/// The largest record an announcement carries: every process waiting on the flow
+/// receives every announcement, so a larger one is announced by its id alone (and read
+/// from the store by whoever waits on it).
+pub(crate) const ANNOUNCED_RECORD_MAX: usize = 2048;
+
+/// Marks an announcement that carries its record. An announcement of an id alone is the
+/// id's UTF-8 bytes (what earlier versions publish and read), and UTF-8 never holds 0xFF.
+const WITH_RECORD: u8 = 0xff;
+
+/// The body announcing that instance `id` ended: with `record` (the encoded record its
+/// step committed, so that a waiter need not read it back) when that is at most
+/// [`ANNOUNCED_RECORD_MAX`] bytes — `0xFF`, the id's length (`u32`, little-endian), the
+/// id, the record — or else the id alone.
+pub(crate) fn announcement(id: &str, record: Option<&[u8]>) -> Bytes {
+    let Some(record) = record.filter(|r| r.len() <= ANNOUNCED_RECORD_MAX) else {
+        return Bytes::copy_from_slice(id.as_bytes());
+    };
+    let Ok(len) = u32::try_from(id.len()) else {
+        return Bytes::copy_from_slice(id.as_bytes());
+    };
+    let mut body = Vec::with_capacity(5 + id.len() + record.len());
+    body.push(WITH_RECORD);
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(id.as_bytes());
+    body.extend_from_slice(record);
+    Bytes::from(body)
+}
+
+/// An announcement's id, and the record it carries if any; `None` if it is neither form
+/// (its lengths are checked, never trusted).
+pub(crate) fn parse_announcement(body: &Bytes) -> Option<(&str, Option<Bytes>)> {
+    let Some((&WITH_RECORD, rest)) = body.split_first() else {
+        return Some((std::str::from_utf8(body).ok()?, None));
+    };
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    let id = std::str::from_utf8(rest.get(..len)?).ok()?;
+    let record = body.slice(5 + len..);
+    Some((id, Some(record)))
 }
 
 /// A call's outcome, from a worker to the owner of the instance's shard.
@@ -262,7 +304,10 @@ fn static_status(name: &str) -> &'static str {
 mod tests {
     use flowwire_storage::{codec, fuzz};
 
-    use super::{JobMsg, OutcomeWire, Refusal, Reply, Request, RequestKind};
+    use super::{
+        ANNOUNCED_RECORD_MAX, JobMsg, OutcomeWire, Refusal, Reply, Request, RequestKind,
+        announcement, parse_announcement,
+    };
     use crate::driver::Fault;
 
     /// Every message a process reads off the bus, fuzzed: a hostile or damaged entry is an
@@ -345,12 +390,47 @@ mod tests {
             enc(&impulse),
             enc(&cancel),
             enc(&reply),
+            announcement("o-1", Some(b"record")).to_vec(),
+            announcement("o-1", None).to_vec(),
         ];
         fuzz::run("bus messages", &seeds, fuzz::iterations(20_000), |input| {
             let _ = codec::decode_raw::<JobMsg>(input, LIMIT);
             let _ = codec::decode_raw::<OutcomeWire>(input, LIMIT);
             let _ = codec::decode_raw::<Request>(input, LIMIT);
             let _ = codec::decode_raw::<Reply>(input, LIMIT);
+            let body = bytes::Bytes::copy_from_slice(input);
+            if let Some((id, record)) = parse_announcement(&body) {
+                // What parses is a part of what came, never more.
+                assert!(id.len() + record.map_or(0, |r| r.len()) <= input.len());
+            }
         });
+    }
+
+    #[test]
+    fn an_announcement_carries_a_small_record_and_reads_back_in_either_form() {
+        let with = announcement("o-1", Some(b"the record"));
+        let (id, record) = parse_announcement(&with).unwrap();
+        assert_eq!(id, "o-1");
+        assert_eq!(record.as_deref(), Some(&b"the record"[..]));
+        // An id alone: what earlier versions publish (and a record too large to carry).
+        let bare = bytes::Bytes::from_static("ö-2".as_bytes());
+        assert_eq!(parse_announcement(&bare), Some(("ö-2", None)));
+        let big = vec![7u8; ANNOUNCED_RECORD_MAX + 1];
+        let alone = announcement("o-3", Some(&big));
+        assert_eq!(&alone[..], b"o-3");
+        assert_eq!(parse_announcement(&alone), Some(("o-3", None)));
+        // Lengths are checked, not trusted: an id longer than the body, a cut length, an
+        // id that is not UTF-8.
+        let mut lying = with.to_vec();
+        lying[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_announcement(&bytes::Bytes::from(lying)), None);
+        assert_eq!(
+            parse_announcement(&bytes::Bytes::from_static(&[0xff, 1, 0])),
+            None
+        );
+        assert_eq!(
+            parse_announcement(&bytes::Bytes::from_static(&[0xff, 1, 0, 0, 0, 0xc3])),
+            None
+        );
     }
 }
