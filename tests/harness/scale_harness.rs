@@ -17,7 +17,12 @@ mod log;
 
 use scale_flows::{FrontDesk, Hopper, Relay, Ticket, bench_shared, shared};
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+// One thread per process: an orchestrator's or a worker's tasks then never wake one
+// another across threads. On two cores, beside Redis and the client, that cost an
+// orchestrator 16 % and a worker 14 % more CPU per workflow on a two-thread runtime
+// (benches/scale.rs, its per-process columns; see docs/architecture.md). A machine with
+// cores to spare runs more processes rather than more threads in one.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let (role, url, prefix, name, bench) = match args.as_slice() {
