@@ -34,6 +34,12 @@ local PRUNE_MAX = 1024
 -- The newest token granted per shard, read once per script (nothing changes it meanwhile).
 local tokens = {}
 
+-- Whether the number `x` is less than `y`, both in decimal as this store writes them (no
+-- sign, no leading zeros): compared as strings, with no conversion.
+local function lt(x, y)
+  return #x < #y or (#x == #y and x < y)
+end
+
 -- Adds field `name` with `value` to a write of `fields` unless the record has it (`was`).
 local function changed(fields, was, name, value)
   if was ~= value then
@@ -46,19 +52,19 @@ end
 local function step(k, a)
   -- The record's fencing token, version, parked flag, and the shard's index entries it
   -- was written with (active flag, timer due), its correlation key, and the bounds of
-  -- its history entries (lowest kept, one past the highest), in one read.
-  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't', 'k', 'hl', 'hn')
-  local newest = 0
+  -- its history entries (lowest kept, highest written), in one read.
+  local cur = redis.call('HMGET', KEYS[k + 1], 'f', 'v', 'p', 'a', 't', 'k', 'hl', 'hh')
+  local newest = '0'
   if ARGV[a + 12] ~= '' then
-    local mine = tonumber(ARGV[a + 12])
+    local mine = ARGV[a + 12]
     newest = tokens[KEYS[k + 4]]
     if not newest then
-      newest = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+      newest = redis.call('GET', KEYS[k + 4]) or '0'
       tokens[KEYS[k + 4]] = newest
     end
-    if newest > mine then return 3, newest end
+    if lt(mine, newest) then return 3, tonumber(newest) end
     local last = cur[1]
-    if last and tonumber(last) > mine then return 3, tonumber(last) end
+    if last and lt(mine, last) then return 3, tonumber(last) end
   end
   local found = cur[2]
   if ARGV[a + 1] == '' then
@@ -87,34 +93,33 @@ local function step(k, a)
     fields[#fields + 1] = ARGV[a + 13]
   end
   -- The history lives in the record's hash too, an entry per step under 'h<step>', with
-  -- the bounds of the steps that may hold one: 'hl' the lowest kept, 'hn' one past the
-  -- highest written. Written with the record, in its one command (a separate index and
+  -- the bounds of the steps that may hold one: 'hl' the lowest kept, 'hh' the highest
+  -- written (compared as decimal strings: a conversion to a number costs as much as a
+  -- call into a command). Written with the record, in its one command (a separate index and
   -- hash cost two more commands per step). Pruning deletes from 'hl' up, at most
   -- PRUNE_MAX entries per step, so a retention shortened by far catches up over the next
   -- steps and no script runs long.
-  local seq = tonumber(ARGV[a + 3])
-  local lo = tonumber(cur[7] or '')
-  local below = 0
-  if ARGV[a + 9] ~= '' then below = tonumber(ARGV[a + 9]) end
-  if lo and below > lo then
-    local stop = math.min(below, lo + PRUNE_MAX)
+  local seq, lo, cut = ARGV[a + 3], cur[7], ARGV[a + 9]
+  if lo and cut ~= '' and lt(lo, cut) then
+    local from = tonumber(lo)
+    local stop = math.min(tonumber(cut), from + PRUNE_MAX)
     local dead = {}
-    for s = lo, stop - 1 do dead[#dead + 1] = string.format('h%d', s) end
+    for s = from, stop - 1 do dead[#dead + 1] = string.format('h%d', s) end
     redis.call('HDEL', KEYS[k + 1], unpack(dead))
-    lo = stop
+    lo = string.format('%d', stop)
     fields[#fields + 1] = 'hl'
-    fields[#fields + 1] = string.format('%d', lo)
+    fields[#fields + 1] = lo
   end
-  if ARGV[a + 7] == '1' and seq >= below and (not lo or seq >= lo) then
-    fields[#fields + 1] = 'h' .. ARGV[a + 3]
+  if ARGV[a + 7] == '1' and (cut == '' or not lt(seq, cut)) and not (lo and lt(seq, lo)) then
+    fields[#fields + 1] = 'h' .. seq
     fields[#fields + 1] = ARGV[a + 8]
     if not lo then
       fields[#fields + 1] = 'hl'
-      fields[#fields + 1] = ARGV[a + 3]
+      fields[#fields + 1] = seq
     end
-    if not cur[8] or tonumber(cur[8]) <= seq then
-      fields[#fields + 1] = 'hn'
-      fields[#fields + 1] = string.format('%d', seq + 1)
+    if not cur[8] or lt(cur[8], seq) then
+      fields[#fields + 1] = 'hh'
+      fields[#fields + 1] = seq
     end
   end
   redis.call('HSET', KEYS[k + 1], unpack(fields))

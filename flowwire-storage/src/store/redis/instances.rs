@@ -478,10 +478,10 @@ impl InstanceStore for RedisStore {
 /// the step to go on from (past the highest written when done) and the entries found, in
 /// step order, flat: step, bytes, step, bytes….
 const HISTORY: &str = r"
-local bounds = redis.call('HMGET', KEYS[1], 'hl', 'hn')
+local bounds = redis.call('HMGET', KEYS[1], 'hl', 'hh')
 if not bounds[1] or not bounds[2] then return {0, {}} end
 local s = math.max(tonumber(ARGV[1]), tonumber(bounds[1]))
-local stop, want, probes = tonumber(bounds[2]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local stop, want, probes = tonumber(bounds[2]) + 1, tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 while s < stop and #out < 2 * want and probes > 0 do
   local n = math.min(stop - s, want - #out / 2, probes, 256)

@@ -7,7 +7,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `t` its timer entry's due time, `k` correlation key, `e` the key it ended with, `f` last fencing token; the history: `h<step>` each step's encoded history entry, `hl` the lowest step that may hold one, `hn` one past the highest written |
+//! | `P:{flow#s}:r:id` | hash | `v` version, `b` encoded record, `a` active flag, `p` parked flag, `t` its timer entry's due time, `k` correlation key, `e` the key it ended with, `f` last fencing token; the history: `h<step>` each step's encoded history entry, `hl` the lowest step that may hold one, `hh` the highest written |
 //! | `P:{flow#s}:i:id` | hash | impulse id → step that applied it |
 //! | `P:{flow#s}:w:id` | list | `step:token:newest` per write, when writes are audited ([`RedisStore::audit_writes`]) |
 //! | `P:token:{flow#s}` | counter | the newest fencing token granted for the shard (written by the bus) |
