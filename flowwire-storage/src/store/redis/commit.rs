@@ -311,7 +311,6 @@ impl Settled {
 
 /// One step's arguments to [`COMMIT`], in the order its header lists them.
 fn step_args(script: &mut redis::Cmd, s: &StepWrite) {
-    use redis::RedisWrite as _;
     // A number, or `''` for none.
     fn number(script: &mut redis::Cmd, n: Option<u64>) -> &mut redis::Cmd {
         match n {
@@ -353,9 +352,7 @@ fn step_args(script: &mut redis::Cmd, s: &StepWrite) {
                 script.arg("p").arg(&body[..]);
             }
             BusSend::Settle { group, entry, .. } => {
-                script
-                    .arg("s")
-                    .write_arg_fmt(format_args!("{group} {entry}"));
+                super::write_pieces(script.arg("s"), &[group, " ", entry]);
             }
         }
     }
@@ -379,7 +376,7 @@ struct EpochKey<'a>(&'a str);
 
 impl redis::ToRedisArgs for EpochKey<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(format_args!("{}:epoch", self.0));
+        super::write_pieces(out, &[self.0, ":epoch"]);
     }
 }
 

@@ -95,8 +95,47 @@ impl std::fmt::Display for ShardKey<'_> {
 
 impl redis::ToRedisArgs for ShardKey<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(self);
+        // Piece by piece: the formatting machinery cost more than the copying.
+        let mut shard = [0; 5];
+        write_pieces(
+            out,
+            &[
+                self.prefix,
+                ":",
+                self.what,
+                ":{",
+                self.flow,
+                "#",
+                decimal(self.shard, &mut shard),
+                "}",
+            ],
+        );
     }
+}
+
+/// Writes `pieces` as one argument of a command.
+pub(super) fn write_pieces<W: ?Sized + redis::RedisWrite>(out: &mut W, pieces: &[&str]) {
+    use std::io::Write as _;
+    let mut w = out.writer_for_next_arg();
+    for p in pieces {
+        // Into the command's own buffer: it cannot fail.
+        let _ = w.write_all(p.as_bytes());
+    }
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut at = buf.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
 }
 
 /// One of an instance's keys, `what` being `r` (its record), `i` (its impulses) or `w`
@@ -126,7 +165,21 @@ impl std::fmt::Display for OwnKey<'_> {
 
 impl redis::ToRedisArgs for OwnKey<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(self);
+        let mut shard = [0; 5];
+        write_pieces(
+            out,
+            &[
+                self.prefix,
+                ":{",
+                self.flow,
+                "#",
+                decimal(self.shard, &mut shard),
+                "}:",
+                self.what,
+                ":",
+                self.id,
+            ],
+        );
     }
 }
 
@@ -402,5 +455,35 @@ impl RedisStore {
 
     pub(super) async fn conn(&self) -> Result<Conn, StoreError> {
         self.link.conn().await.map_err(|e| backend(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::ToRedisArgs as _;
+
+    use super::{OwnKey, ShardKey};
+
+    #[test]
+    fn a_key_written_as_an_argument_is_the_key_it_displays() {
+        for shard in [0, 7, 10, 99, 4095, u16::MAX] {
+            let k = ShardKey {
+                prefix: "fw",
+                what: "out",
+                flow: "Order",
+                shard,
+            };
+            assert_eq!(k.to_redis_args(), vec![k.to_string().into_bytes()]);
+            assert_eq!(k.to_string(), format!("fw:out:{{Order#{shard}}}"));
+            let k = OwnKey {
+                prefix: "fw",
+                flow: "Order",
+                shard,
+                what: "r",
+                id: "o-1:ü",
+            };
+            assert_eq!(k.to_redis_args(), vec![k.to_string().into_bytes()]);
+            assert_eq!(k.to_string(), format!("fw:{{Order#{shard}}}:r:o-1:ü"));
+        }
     }
 }
