@@ -55,8 +55,8 @@ static GLOBAL: support::Counting = support::Counting;
 
 fn main() {
     let mode = Mode::current();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread, like the orchestrator and worker processes (see scale_harness.rs).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
