@@ -19,6 +19,7 @@ mod feed;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
 mod server_time;
+mod watch;
 pub(crate) mod workers;
 
 /// Where the processes of a multi-process deployment meet: one Redis or Redis Cluster,
