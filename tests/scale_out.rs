@@ -4,7 +4,8 @@
 //! take the calls from streams, a client starts instances and sends impulses through the bus; shards move on
 //! when orchestrators join or leave, a worker's calls are taken over when it stops; a
 //! cancellation sent by a client applies once, also when sent again after the shard moved;
-//! a client waiting on an instance takes its end's record from the announcement;
+//! a client waiting on an instance takes its end's record from the announcement, and
+//! reads nothing to see the end of an instance it started;
 //! through a rolling deploy, an orchestrator of the old flow version leaves the instances a
 //! new one moved on as they are; child flows run across processes, and a parent's child
 //! calls follow its shard when it moves.
@@ -477,6 +478,50 @@ async fn a_waiter_takes_the_end_from_its_announcement_without_reading_the_record
     // And the result came with it.
     redis().pause();
     let read = tokio::time::timeout(Duration::from_secs(5), same.state()).await;
+    redis().resume();
+    let state = read.expect("the state is read without Redis").unwrap();
+    assert_eq!(state.address.as_deref(), Some("home"));
+    c.shutdown().await;
+    w.shutdown().await;
+    o.shutdown().await;
+}
+
+/// A client waiting on an instance it started itself (listening for ends since before the
+/// start went out) reads nothing from the store to see it end: the start's reply says it
+/// runs, and the announcement brings the end and the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_on_an_instance_it_started_reads_nothing_to_see_it_end() {
+    let prefix = "started";
+    let o = orchestrator(prefix, "o").await;
+    let w = worker(prefix, "w", Counter::default()).await;
+    let c = client(prefix).await;
+    let monitor = redis().monitor();
+    let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
+    let (ended, addressed) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(15), h.finished()),
+        h.address("home".into())
+    );
+    addressed.unwrap();
+    let seen = monitor.stop();
+    assert_eq!(ended.expect("finished in time").unwrap(), Ended::Finished);
+    let from = |l: &str| {
+        l.split_once(" [")
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(c, _)| c.to_string())
+    };
+    let client = seen
+        .lines()
+        .find(|l| l.contains("\"XADD\" \"started:req:"))
+        .and_then(from)
+        .expect("the start request was watched");
+    let reads: Vec<&str> = seen
+        .lines()
+        .filter(|l| from(l).as_deref() == Some(client.as_str()))
+        .filter(|l| l.contains("\"HMGET\"") || l.contains("\"HGET\""))
+        .collect();
+    assert!(reads.is_empty(), "the client read: {reads:?}");
+    redis().pause();
+    let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
     redis().resume();
     let state = read.expect("the state is read without Redis").unwrap();
     assert_eq!(state.address.as_deref(), Some("home"));

@@ -15,7 +15,7 @@ use flowwire_storage::{InstanceKey, InstanceStore, Placement, Record, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use super::messages::{Reply, Request, RequestKind};
-use super::watch::{Waiting, Watch, resubscribe};
+use super::watch::{Since, Waiting, Watch, resubscribe};
 use crate::ended::Ended;
 use crate::engine::Limits;
 use crate::engine::msg::Msg;
@@ -136,10 +136,21 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             id, state, reply, ..
         } => {
             let sent = encode(&state).map(|state| RequestKind::Start { state });
+            // Listening before the start goes out: its end will be heard, so a caller
+            // waiting on it here need not read the store first.
+            let listening = watch
+                .subscribe(&remote.bus, F::NAME, remote.limits.decode_limit)
+                .await;
+            if listening {
+                watch.expect(&id);
+            }
             let r = match sent {
                 Ok(kind) => ask::<F>(&remote, &id, kind, "").await,
                 Err(e) => Err(codec_error::<F>(&id, "the state", e)),
             };
+            if r.is_err() {
+                watch.forget(&id);
+            }
             let _ = reply.send(r);
         }
         Msg::Impulse {
@@ -352,9 +363,9 @@ async fn finished<F: Flow>(
     let pushed = watch
         .subscribe(&remote.bus, F::NAME, remote.limits.decode_limit)
         .await;
-    let notify = watch.register(id);
-    let ended = wait_ended::<F>(remote, &notify, pushed, id, &mut reply).await;
-    watch.unregister(id, notify);
+    let (waiting, since) = watch.wait_on(id);
+    let ended = wait_ended::<F>(remote, &waiting, pushed, since, id, &mut reply).await;
+    watch.unregister(id, waiting);
     if let Some(ended) = ended {
         let _ = reply.send(ended.map(|(e, record)| (e, final_state::<F>(remote, id, record))));
     }
@@ -383,11 +394,15 @@ async fn wait_ended<F: Flow>(
     remote: &Remote,
     waiting: &Waiting,
     pushed: bool,
+    since: Since,
     id: &Arc<str>,
     reply: &mut oneshot::Sender<crate::engine::msg::EndedReply>,
 ) -> Option<Result<(Ended, Option<Record>)>> {
     let key = InstanceKey::new(F::NAME, id.clone());
     let mut delay = Duration::from_millis(5);
+    // Started here while the watch listened, its end not yet heard: the first look is
+    // for its announcement, not at the store.
+    let mut unheard = matches!(since, Since::NotYet);
     loop {
         // Listening before reading: an announcement made meanwhile is not missed.
         let announced = waiting.notify.notified();
@@ -396,9 +411,21 @@ async fn wait_ended<F: Flow>(
         if reply.is_closed() {
             return None;
         }
+        let carried = waiting.take();
+        let seen = waiting.seen();
+        if carried.is_none() && std::mem::take(&mut unheard) && !seen {
+            // Not read: the store holds nothing newer than "running" until the end is
+            // announced. A wait of a second at most, then the store as usual.
+            tokio::select! {
+                () = announced => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = reply.closed() => return None,
+            }
+            continue;
+        }
         // The record an announcement carried is the one its step committed (decoded
         // against this instance's key like any read): no trip to the store for it.
-        let stored = match waiting.take() {
+        let stored = match carried {
             Some(bytes) => Ok(Some(bytes)),
             None => remote.store.load(&key).await.map(|s| s.map(|s| s.bytes)),
         };
