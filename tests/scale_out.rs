@@ -242,6 +242,33 @@ async fn finishes<F: flowwire::Flow>(h: &flowwire::Handle<F>) {
     assert_eq!(ended, Ended::Finished);
 }
 
+/// The commands a `MONITOR` saw from the client's connection: the one a request to the
+/// flow's owners (`XADD` to `<prefix>:req:…`) came on.
+fn client_commands<'a>(seen: &'a str, prefix: &str) -> Vec<&'a str> {
+    let from = |l: &str| {
+        l.split_once(" [")
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(c, _)| c.to_string())
+    };
+    let request = format!("\"XADD\" \"{prefix}:req:");
+    let client = seen
+        .lines()
+        .find(|l| l.contains(&request))
+        .and_then(from)
+        .expect("a request of the client was watched");
+    seen.lines()
+        .filter(|l| from(l).as_deref() == Some(client.as_str()))
+        .collect()
+}
+
+/// The instance's state, read with Redis frozen: from what the handle already holds.
+async fn state_without_redis(h: &flowwire::Handle<Parcel>) -> ParcelState {
+    redis().pause();
+    let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
+    redis().resume();
+    read.expect("the state is read without Redis").unwrap()
+}
+
 /// Waits (bounded) until `check` holds.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..300 {
@@ -452,21 +479,9 @@ async fn a_waiter_takes_the_end_from_its_announcement_without_reading_the_record
     let ended = ended.unwrap();
     let seen = monitor.stop();
     assert_eq!(ended, Ended::Finished);
-    // The client's connection: the one its impulse request came on (the orchestrator reads
-    // the record too, on its own).
-    let from = |l: &str| {
-        l.split_once(" [")
-            .and_then(|(_, r)| r.split_once(']'))
-            .map(|(c, _)| c.to_string())
-    };
-    let client = seen
-        .lines()
-        .find(|l| l.contains("\"XADD\" \"announce:req:"))
-        .and_then(from)
-        .expect("the impulse request was watched");
-    let reads: Vec<&str> = seen
-        .lines()
-        .filter(|l| from(l).as_deref() == Some(client.as_str()))
+    // The client's commands (the orchestrator reads the record too, on its own).
+    let reads: Vec<&str> = client_commands(&seen, "announce")
+        .into_iter()
         .filter(|l| l.contains("\"HMGET\" \"announce:{Parcel#") && l.contains(":r:p-1\""))
         .collect();
     assert!(
@@ -476,10 +491,7 @@ async fn a_waiter_takes_the_end_from_its_announcement_without_reading_the_record
     );
     assert!(reads.is_empty(), "the record was read again: {reads:?}");
     // And the result came with it.
-    redis().pause();
-    let read = tokio::time::timeout(Duration::from_secs(5), same.state()).await;
-    redis().resume();
-    let state = read.expect("the state is read without Redis").unwrap();
+    let state = state_without_redis(&same).await;
     assert_eq!(state.address.as_deref(), Some("home"));
     c.shutdown().await;
     w.shutdown().await;
@@ -504,26 +516,12 @@ async fn a_client_waiting_on_an_instance_it_started_reads_nothing_to_see_it_end(
     addressed.unwrap();
     let seen = monitor.stop();
     assert_eq!(ended.expect("finished in time").unwrap(), Ended::Finished);
-    let from = |l: &str| {
-        l.split_once(" [")
-            .and_then(|(_, r)| r.split_once(']'))
-            .map(|(c, _)| c.to_string())
-    };
-    let client = seen
-        .lines()
-        .find(|l| l.contains("\"XADD\" \"started:req:"))
-        .and_then(from)
-        .expect("the start request was watched");
-    let reads: Vec<&str> = seen
-        .lines()
-        .filter(|l| from(l).as_deref() == Some(client.as_str()))
+    let reads: Vec<&str> = client_commands(&seen, "started")
+        .into_iter()
         .filter(|l| l.contains("\"HMGET\"") || l.contains("\"HGET\""))
         .collect();
     assert!(reads.is_empty(), "the client read: {reads:?}");
-    redis().pause();
-    let read = tokio::time::timeout(Duration::from_secs(5), h.state()).await;
-    redis().resume();
-    let state = read.expect("the state is read without Redis").unwrap();
+    let state = state_without_redis(&h).await;
     assert_eq!(state.address.as_deref(), Some("home"));
     c.shutdown().await;
     w.shutdown().await;

@@ -78,12 +78,22 @@ fn alive(pid: u32) -> bool {
 pub struct Monitor {
     child: std::process::Child,
     path: PathBuf,
+    port: u16,
 }
 
 impl Monitor {
     /// Stops watching; the commands seen, one a line (`… [0 lua] "HSET" …` for a
-    /// script's, `… [0 127.0.0.1:port] "GET" …` for a client's).
+    /// script's, `… [0 127.0.0.1:port] "GET" …` for a client's): every command the server
+    /// ran before this call (a marker sent last must reach the file first).
     pub fn stop(mut self) -> String {
+        let marker = format!("monitor-end-{}", free_port());
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ECHO", &marker])
+            .stdout(Stdio::null())
+            .status();
+        wait_until("the MONITOR's last line", Duration::from_secs(10), || {
+            std::fs::read_to_string(&self.path).is_ok_and(|t| t.contains(&marker))
+        });
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::fs::read_to_string(&self.path).unwrap_or_default()
@@ -271,8 +281,9 @@ impl Redis {
     pub fn monitor(&self) -> Monitor {
         let path = self.dir.join(format!("monitor-{}", free_port()));
         let out = std::fs::File::create(&path).expect("the monitor's file");
-        let child = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "monitor"])
+        // Line-buffered, so that each command is in the file as soon as it is printed.
+        let child = Command::new("stdbuf")
+            .args(["-oL", "redis-cli", "-p", &self.port.to_string(), "monitor"])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::null())
@@ -282,7 +293,11 @@ impl Redis {
         wait_until("MONITOR", Duration::from_secs(10), || {
             std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with("OK"))
         });
-        Monitor { child, path }
+        Monitor {
+            child,
+            path,
+            port: self.port,
+        }
     }
 
     /// Runs a command with `redis-cli` against this server; panics if it fails.

@@ -105,7 +105,7 @@ impl RedisStore {
     /// missing until it changes again.
     async fn drop_inactive(&self, c: &mut Conn, flow: &str, set: &str, stale: &[String]) {
         static SCRIPT: std::sync::LazyLock<redis::Script> =
-            std::sync::LazyLock::new(|| redis::Script::new(super::commit::DROP_INACTIVE));
+            std::sync::LazyLock::new(|| redis::Script::new(super::scripts::DROP_INACTIVE));
         for page in stale.chunks(PAGE) {
             let mut script = SCRIPT.prepare_invoke();
             script.key(set);
@@ -318,10 +318,12 @@ impl InstanceStore for RedisStore {
         from: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<(u64, Bytes)>, StoreError>> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(super::scripts::HISTORY));
         Box::pin(async move {
             let mut c = self.conn().await?;
             let [r, ..] = self.keys(key);
-            let script = redis::Script::new(HISTORY);
+            let script = &*SCRIPT;
             let mut out = Vec::new();
             let mut next = from;
             // Bounded: each script reads forward from `next` and moves it on by at least
@@ -396,7 +398,7 @@ impl InstanceStore for RedisStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut c = self.conn().await?;
-            redis::Script::new(super::commit::RETIME)
+            redis::Script::new(super::scripts::RETIME)
                 .key(self.timers_key(&key.flow, self.shard(&key.id)))
                 .key(&self.keys(key)[0])
                 .arg(&*key.id)
@@ -472,38 +474,10 @@ impl InstanceStore for RedisStore {
     }
 }
 
-/// Reads an instance's history from its record's hash (see [`COMMIT`](super::COMMIT)):
-/// `KEYS[1]` the record; `ARGV`: the first step wanted, how many entries at most, how many
-/// steps to look at at most (a history may have gaps: steps taken with none kept). Returns
-/// the step to go on from (past the highest written when done) and the entries found, in
-/// step order, flat: step, bytes, step, bytes….
-const HISTORY: &str = r"
-local bounds = redis.call('HMGET', KEYS[1], 'hl', 'hh')
-if not bounds[1] or not bounds[2] then return {0, {}} end
-local s = math.max(tonumber(ARGV[1]), tonumber(bounds[1]))
-local stop, want, probes = tonumber(bounds[2]) + 1, tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
-while s < stop and #out < 2 * want and probes > 0 do
-  local n = math.min(stop - s, want - #out / 2, probes, 256)
-  local names = {}
-  for i = 0, n - 1 do names[i + 1] = string.format('h%d', s + i) end
-  local found = redis.call('HMGET', KEYS[1], unpack(names))
-  for i = 1, n do
-    if found[i] then
-      out[#out + 1] = s + i - 1
-      out[#out + 1] = found[i]
-    end
-  end
-  s, probes = s + n, probes - n
-end
-if s >= stop then s = stop end
-return {s, out}
-";
-
-/// The most entries one [`HISTORY`] script returns.
+/// The most entries one [`HISTORY`](super::scripts::HISTORY) script returns.
 const HISTORY_PAGE: usize = 256;
 
-/// The most steps one [`HISTORY`] script looks at (entries or gaps): a script runs alone
+/// The most steps one [`HISTORY`](super::scripts::HISTORY) script looks at (entries or gaps): a script runs alone
 /// on the server.
 const HISTORY_PROBES: u64 = 4096;
 

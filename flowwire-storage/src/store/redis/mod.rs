@@ -40,15 +40,16 @@
 //! in between leaves an extra entry, never a missing one. Extra ids are filtered out by the
 //! record's own fields (and dropped when found).
 //!
-//! The files: this one holds the store, its keys and the data's epoch; `commit.rs` the
-//! step scripts and a batch's round trip; `instances.rs` the reads, listings and operator
-//! writes (the [`InstanceStore`](crate::InstanceStore) implementation); `audit.rs` the
-//! write audit.
+//! The files: this one holds the store, its keys and the data's epoch; `scripts.rs` the
+//! Lua the server runs; `commit.rs` the commit script's arguments and a batch's round
+//! trip; `instances.rs` the reads, listings and operator writes (the
+//! [`InstanceStore`](crate::InstanceStore) implementation); `audit.rs` the write audit.
 
 mod audit;
 mod commit;
 mod instances;
 mod scan;
+mod scripts;
 
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ use crate::record::InstanceKey;
 use crate::redis_link::{Conn, RedisLink};
 
 pub use self::audit::AuditedWrite;
-pub use self::commit::COMMIT;
+pub use self::scripts::COMMIT;
 
 /// The key of one of a shard's keys of `what` (its lease, token counter, streams, active
 /// and timer indexes), tagged `{flow#shard}` like the keys of the shard's instances.
