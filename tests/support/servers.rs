@@ -24,16 +24,24 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+fn wait_until(what: &str, limit: Duration, ready: impl FnMut() -> bool) {
+    assert!(
+        poll(limit, ready),
+        "{what} did not become ready within {limit:?}"
+    );
+}
+
+/// Whether `ready` held within `limit`, asked every 50 ms.
 #[allow(clippy::disallowed_methods)] // tests wait on wall-clock time for a server to start
-fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+fn poll(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while !ready() {
-        assert!(
-            start.elapsed() < limit,
-            "{what} did not become ready within {limit:?}"
-        );
+        if start.elapsed() >= limit {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 fn port_open(port: u16) -> bool {
@@ -108,7 +116,11 @@ pub struct Redis {
     pid: u32,
     /// `appendfsync` of the append-only file, when it is on.
     aof: Option<&'static str>,
-    cluster: bool,
+    /// The cluster bus port, for a node of a [`RedisCluster`]. Chosen freely and passed
+    /// as `--cluster-port`: the default (the port + 10,000) can be taken, and Redis
+    /// refuses to start as a node on a port above 55,535 without it, which a quarter of
+    /// the ephemeral ports are.
+    cluster: Option<u16>,
     /// Run under valgrind's callgrind, which counts the instructions it executes (see
     /// [`Redis::start_counted`]).
     counted: bool,
@@ -118,39 +130,39 @@ pub struct Redis {
 impl Redis {
     /// Starts a server without persistence (a fast, throwaway server).
     pub fn start() -> Redis {
-        Self::start_as(None, false)
+        Self::start_as(None, None)
     }
 
     /// Starts a server with the append-only file on (`appendfsync always`), so a restart
     /// keeps everything acknowledged.
     pub fn start_durable() -> Redis {
-        Self::start_as(Some("always"), false)
+        Self::start_as(Some("always"), None)
     }
 
     /// Starts a server with the append-only file on and `appendfsync` set to `policy`
     /// (`always`: each write is fsynced before its reply; `everysec`: once a second).
     #[allow(dead_code)] // the scale bench's
     pub fn start_with_fsync(policy: &'static str) -> Redis {
-        Self::start_as(Some(policy), false)
+        Self::start_as(Some(policy), None)
     }
 
     /// Starts a durable server (`appendfsync always`) under valgrind's callgrind, which
     /// counts the instructions the server executes: read them with
     /// [`Redis::instructions`] after [`Redis::shutdown`]. Needs valgrind.
     pub fn start_counted() -> Redis {
-        Self::start_with(Some("always"), false, true)
+        Self::start_with(Some("always"), None, true)
     }
 
     /// Starts a server with cluster mode on (a node of a [`RedisCluster`]).
     fn start_node() -> Redis {
-        Self::start_as(None, true)
+        Self::start_as(None, Some(free_port()))
     }
 
-    fn start_as(aof: Option<&'static str>, cluster: bool) -> Redis {
+    fn start_as(aof: Option<&'static str>, cluster: Option<u16>) -> Redis {
         Self::start_with(aof, cluster, false)
     }
 
-    fn start_with(aof: Option<&'static str>, cluster: bool, counted: bool) -> Redis {
+    fn start_with(aof: Option<&'static str>, cluster: Option<u16>, counted: bool) -> Redis {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut r = Redis {
@@ -189,8 +201,9 @@ impl Redis {
             .args(["--daemonize", "yes", "--pidfile"])
             .arg(&pidfile)
             .args(["--logfile", "redis.log"]);
-        if self.cluster {
+        if let Some(bus) = self.cluster {
             cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-port", &bus.to_string()])
                 .args(["--cluster-config-file", "nodes.conf"]);
         }
         match self.aof {
@@ -212,9 +225,14 @@ impl Redis {
                 .and_then(|p| p.trim().parse::<u32>().ok())
         };
         let limit = Duration::from_secs(if self.counted { 60 } else { 10 });
-        wait_until("redis-server", limit, || {
-            port_open(self.port) && read_pid().is_some()
-        });
+        if !poll(limit, || port_open(self.port) && read_pid().is_some()) {
+            let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            panic!(
+                "redis-server on port {} did not become ready within {limit:?}; the end of its log, last line first: {tail:#?}",
+                self.port
+            );
+        }
         self.pid = read_pid().expect("a pid in the pid file");
         reap_on_exit(self.pid);
     }
