@@ -36,6 +36,7 @@
 
 mod io;
 mod keys;
+mod place;
 mod precut;
 mod seal;
 

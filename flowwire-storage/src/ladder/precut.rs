@@ -29,7 +29,7 @@ use crate::record::InstanceKey;
 use crate::rope::{Blob, Piece, Rope};
 use crate::tier::{BlobTier, Tier};
 
-use super::seal::{PACK_MAX, packs};
+use super::place::{PACK_MAX, packs};
 use super::{Placement, Put};
 
 /// The blobs of a state that its seal would cut and hash first, and what to write them
