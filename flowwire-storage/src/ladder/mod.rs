@@ -348,6 +348,16 @@ pub struct Sealed {
     pub attempt: Option<Attempt>,
 }
 
+/// What [`Placement::seal_into`] leaves with its caller: the step's write and placed
+/// record went to the caller's vectors.
+#[derive(Debug)]
+pub struct SealedRest {
+    /// Blobs to write, durably, before the commit.
+    pub puts: Vec<Put>,
+    /// As [`Sealed::attempt`].
+    pub attempt: Option<Attempt>,
+}
+
 /// The payloads of a step whose blobs were written durably and whose commit then failed
 /// (or went unanswered): a retry of the same step refers to their chunks instead of
 /// writing them again, so a store outage does not leave a pack behind per attempt.

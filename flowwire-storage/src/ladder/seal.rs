@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::blob::{BlobRef, Payload};
 use crate::error::BlobError;
 use crate::record::{Draft, HistoryEntryRef, PlacedRecord, Retired, StepWrite};
@@ -29,6 +31,106 @@ impl Placement {
         buf: &mut Vec<u8>,
         arena: &mut crate::arena::Arena,
     ) -> Result<Sealed, BlobError> {
+        let (mut write, mut placed) = (None, None);
+        let rest = self.seal_with(
+            draft,
+            prev,
+            reuse,
+            retention,
+            (buf, arena),
+            (&mut placed, |w| write = Some(w)),
+        )?;
+        let (Some(write), Some(placed)) = (write, placed) else {
+            return Err(BlobError::Corrupt {
+                instance: draft.key.to_string(),
+                tier: "record".into(),
+                key: draft.key.to_string(),
+                detail: "a sealed step gave no write".into(),
+            });
+        };
+        Ok(Sealed {
+            write,
+            placed,
+            puts: rest.puts,
+            attempt: rest.attempt,
+        })
+    }
+
+    #[allow(clippy::result_large_err)] // as for `place`
+    /// As [`seal`](Self::seal), with the step's write pushed onto `writes` and its placed
+    /// record onto `placed`, where a batch keeps them: each is built where it stays,
+    /// instead of moving (a copy of several hundred bytes each time) through a returned
+    /// [`Sealed`]. Nothing is pushed when it fails.
+    ///
+    /// ```
+    /// use flowwire::storage::arena::Arena;
+    /// use flowwire::storage::record::{Draft, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+    /// use flowwire::storage::{Ladder, Retention};
+    ///
+    /// let placement = Ladder::inline_only().validate(1 << 20).expect("a valid ladder");
+    /// let record = Record {
+    ///     flow_version: 1,
+    ///     seq: 0,
+    ///     status: Status::Waiting,
+    ///     state: b"state".as_slice().into(),
+    ///     pending: None,
+    ///     timer: None,
+    ///     compensations: Vec::new(),
+    ///     failing: None,
+    ///     correlation: None,
+    ///     fan: None,
+    ///     error: None,
+    ///     cancel: None,
+    /// };
+    /// let draft = Draft {
+    ///     key: InstanceKey::new("Order", "order-1"),
+    ///     expect: Expect::Absent,
+    ///     version: 1,
+    ///     record: record.live(),
+    ///     impulse: None,
+    ///     input: StepInput::Start,
+    ///     output: StepOutput::Wait,
+    ///     payload: None,
+    ///     at_ms: 0,
+    /// };
+    /// let (mut writes, mut placed) = (Vec::new(), Vec::new());
+    /// let (mut buf, mut arena) = (Vec::new(), Arena::default());
+    /// let rest = placement
+    ///     .seal_into(&draft, None, None, Retention::All, (&mut buf, &mut arena), (&mut writes, &mut placed))
+    ///     .expect("a small step seals");
+    /// assert!(rest.puts.is_empty()); // nothing to write before the commit: all inline
+    /// assert_eq!((writes.len(), placed.len()), (1, 1));
+    /// assert_eq!(writes[0].version, 1);
+    /// ```
+    pub fn seal_into(
+        &self,
+        draft: &Draft,
+        prev: Option<(&PlacedRecord, Option<&Rope>)>,
+        reuse: Option<&super::Reuse<'_>>,
+        retention: Retention,
+        (buf, arena): (&mut Vec<u8>, &mut crate::arena::Arena),
+        (writes, placed): (&mut Vec<StepWrite>, &mut Vec<PlacedRecord>),
+    ) -> Result<super::SealedRest, BlobError> {
+        self.seal_with(
+            draft,
+            prev,
+            reuse,
+            retention,
+            (buf, arena),
+            (placed, |w| writes.push(w)),
+        )
+    }
+
+    #[allow(clippy::result_large_err)] // as for `place`
+    fn seal_with(
+        &self,
+        draft: &Draft,
+        prev: Option<(&PlacedRecord, Option<&Rope>)>,
+        reuse: Option<&super::Reuse<'_>>,
+        retention: Retention,
+        (buf, arena): (&mut Vec<u8>, &mut crate::arena::Arena),
+        (slot, emit): (&mut impl PlacedSlot, impl FnOnce(StepWrite)),
+    ) -> Result<super::SealedRest, BlobError> {
         let written = reuse.and_then(|r| r.written);
         let attempt = reuse.and_then(|r| r.attempt);
         // Borrowed, not cloned: only what the placed record and the write keep is copied
@@ -39,10 +141,8 @@ impl Placement {
             version,
             record,
             impulse,
-            input,
-            output,
             payload,
-            at_ms,
+            ..
         } = draft;
         let seq = record.seq;
         let mut puts = Vec::new();
@@ -157,8 +257,9 @@ impl Placement {
             .and_then(|(p, _)| p.record.correlation.as_deref())
             .filter(|old| correlation.as_deref() != Some(*old))
             .map(Arc::from);
-        // Built where it stays (a record is several hundred bytes: each move copies it).
-        let mut placed = PlacedRecord {
+        // Built where it stays (a record is several hundred bytes: each move copies it),
+        // and taken back out if the step cannot be sealed.
+        let Some(placed) = slot.put(PlacedRecord {
             record: record.with_payloads(state, pending),
             retired: kept,
             trash: if gone.is_empty() {
@@ -168,8 +269,75 @@ impl Placement {
                     .chain(gone.into_iter().map(|r| r.blob))
                     .collect()
             },
+        }) else {
+            return Err(BlobError::Corrupt {
+                instance: key.to_string(),
+                tier: "record".into(),
+                key: key.to_string(),
+                detail: "no place to build the record in".into(),
+            });
         };
         placed.record.correlation = correlation.as_deref().map(str::to_owned);
+        let encoded = self.encode_step(draft, placed, payload.as_ref(), keep_history, (buf, arena));
+        let (record_bytes, history) = match encoded {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                slot.take_back();
+                return Err(e);
+            }
+        };
+        let prune_below = match retention {
+            Retention::Last(_) if keep_from > 0 => Some(keep_from),
+            _ => None,
+        };
+        // Only chunks are ever referred to again (a whole blob's key is the write's own).
+        let attempt = (placed.record.state.chunked().is_some()
+            || payload.as_ref().and_then(Payload::chunked).is_some())
+        .then(|| super::Attempt {
+            state: placed.record.state.clone(),
+            input: payload,
+        });
+        emit(StepWrite {
+            key: key.clone(),
+            expect: *expect,
+            version: *version,
+            seq,
+            record: record_bytes,
+            active,
+            parked,
+            timer,
+            correlation,
+            uncorrelate,
+            ended_key,
+            impulse: impulse.clone(),
+            history,
+            prune_below,
+            fence: None,
+            acknowledges: None,
+            sends: Vec::new(),
+        });
+        Ok(super::SealedRest { puts, attempt })
+    }
+
+    #[allow(clippy::result_large_err)] // as for `place`
+    /// A step's record and, when history is kept, its history entry, encoded into `arena`.
+    fn encode_step(
+        &self,
+        draft: &Draft,
+        placed: &PlacedRecord,
+        payload: Option<&Payload>,
+        keep_history: bool,
+        (buf, arena): (&mut Vec<u8>, &mut crate::arena::Arena),
+    ) -> Result<(Bytes, Option<(u64, Bytes)>), BlobError> {
+        let Draft {
+            key,
+            version,
+            input,
+            output,
+            at_ms,
+            ..
+        } = draft;
+        let seq = draft.record.seq;
         buf.clear();
         placed.encode(key, buf).map_err(|e| BlobError::Corrupt {
             instance: key.to_string(),
@@ -188,61 +356,56 @@ impl Placement {
             });
         }
         let record_bytes = arena.copy(buf);
-        let history = if keep_history {
-            let entry = HistoryEntryRef {
-                seq,
-                input,
-                output,
-                version: *version,
-                payload: payload.as_ref(),
-                state: Some(&placed.record.state),
-                at_ms: *at_ms,
-            };
-            buf.clear();
-            entry.encode(key, buf).map_err(|e| BlobError::Corrupt {
-                instance: key.to_string(),
-                tier: "history".into(),
-                key: key.to_string(),
-                detail: e.to_string(),
-            })?;
-            Some((seq, arena.copy(buf)))
-        } else {
-            None
+        if !keep_history {
+            return Ok((record_bytes, None));
+        }
+        let entry = HistoryEntryRef {
+            seq,
+            input,
+            output,
+            version: *version,
+            payload,
+            state: Some(&placed.record.state),
+            at_ms: *at_ms,
         };
-        let prune_below = match retention {
-            Retention::Last(_) if keep_from > 0 => Some(keep_from),
-            _ => None,
-        };
-        Ok(Sealed {
-            write: StepWrite {
-                key: key.clone(),
-                expect: *expect,
-                version: *version,
-                seq,
-                record: record_bytes,
-                active,
-                parked,
-                timer,
-                correlation,
-                uncorrelate,
-                ended_key,
-                impulse: impulse.clone(),
-                history,
-                prune_below,
-                fence: None,
-                acknowledges: None,
-                sends: Vec::new(),
-            },
-            // Only chunks are ever referred to again (a whole blob's key is the write's own).
-            attempt: (placed.record.state.chunked().is_some()
-                || payload.as_ref().and_then(Payload::chunked).is_some())
-            .then(|| super::Attempt {
-                state: placed.record.state.clone(),
-                input: payload,
-            }),
-            placed,
-            puts,
-        })
+        buf.clear();
+        entry.encode(key, buf).map_err(|e| BlobError::Corrupt {
+            instance: key.to_string(),
+            tier: "history".into(),
+            key: key.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok((record_bytes, Some((seq, arena.copy(buf)))))
+    }
+}
+
+/// Where a sealed step's placed record is built: in place, where it stays, so that it is
+/// not copied by each move (several hundred bytes each time).
+trait PlacedSlot {
+    /// Puts `p` in its place; the record there.
+    fn put(&mut self, p: PlacedRecord) -> Option<&mut PlacedRecord>;
+    /// Takes back the record put last (the step could not be sealed).
+    fn take_back(&mut self);
+}
+
+impl PlacedSlot for Option<PlacedRecord> {
+    fn put(&mut self, p: PlacedRecord) -> Option<&mut PlacedRecord> {
+        Some(self.insert(p))
+    }
+
+    fn take_back(&mut self) {
+        *self = None;
+    }
+}
+
+impl PlacedSlot for Vec<PlacedRecord> {
+    fn put(&mut self, p: PlacedRecord) -> Option<&mut PlacedRecord> {
+        self.push(p);
+        self.last_mut()
+    }
+
+    fn take_back(&mut self) {
+        self.pop();
     }
 }
 
@@ -257,4 +420,80 @@ fn same_state(a: &Rope, b: &Rope, compare: bool) -> bool {
                 (Rope::Flat(x), Rope::Flat(y)) => x == y,
                 _ => false,
             })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arena::Arena;
+    use crate::record::{Draft, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
+    use crate::{Ladder, Retention};
+
+    fn start(id: &str, correlation: Option<String>) -> Draft {
+        let record = Record {
+            flow_version: 1,
+            seq: 0,
+            status: Status::Waiting,
+            state: bytes::Bytes::from_static(b"state"),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation,
+            fan: None,
+            error: None,
+            cancel: None,
+        };
+        Draft {
+            key: InstanceKey::new("Order", id),
+            expect: Expect::Absent,
+            version: 1,
+            record: record.live(),
+            impulse: None,
+            input: StepInput::Start,
+            output: StepOutput::Wait,
+            payload: None,
+            at_ms: 0,
+        }
+    }
+
+    /// A batch keeps its steps, their writes and their placed records index for index: a
+    /// step that cannot be sealed must leave nothing behind in the batch's vectors, or the
+    /// next step's write would be paired with another instance's record.
+    #[test]
+    fn a_step_that_cannot_be_sealed_leaves_the_batch_as_it_was() {
+        let placement = Ladder::inline_only().validate(256).expect("a valid ladder");
+        let (mut writes, mut placed) = (Vec::new(), Vec::new());
+        let (mut buf, mut arena) = (Vec::new(), Arena::default());
+        placement
+            .seal_into(
+                &start("small", None),
+                None,
+                None,
+                Retention::All,
+                (&mut buf, &mut arena),
+                (&mut writes, &mut placed),
+            )
+            .expect("a small step seals");
+        // Its state is small, but its correlation key takes its record over the 256-byte limit.
+        let err = placement
+            .seal_into(
+                &start("keyed", Some("k".repeat(300))),
+                None,
+                None,
+                Retention::All,
+                (&mut buf, &mut arena),
+                (&mut writes, &mut placed),
+            )
+            .expect_err("a record over the limit is refused");
+        assert!(
+            matches!(err, crate::BlobError::OverLimit { what: "record", .. }),
+            "{err}"
+        );
+        assert_eq!((writes.len(), placed.len()), (1, 1));
+        assert_eq!(&*writes[0].key.id, "small");
+        let decoded =
+            crate::record::PlacedRecord::decode(&writes[0].record, &writes[0].key, 1 << 20)
+                .expect("the first step's record decodes");
+        assert_eq!(decoded, placed[0]);
+    }
 }

@@ -26,12 +26,17 @@ impl<F: Flow> Batch<F> {
     /// (The sealed step comes whole, its parts moved from where it lies: each move of a
     /// part through an argument of its own copied it once more.)
     pub(super) fn push(&mut self, s: Staged<F>, sealed: Sealed) {
-        if self.writes.capacity() == 0 {
-            self.writes.reserve(self.hint);
-        }
+        self.reserve();
         self.writes.push(sealed.write);
         self.placed.push(sealed.placed);
         self.staged.push(s);
+    }
+
+    /// Allocates the writes of a new batch at the last batch's length (see [`Batch::push`]).
+    pub(super) fn reserve(&mut self) {
+        if self.writes.capacity() == 0 {
+            self.writes.reserve(self.hint);
+        }
     }
 }
 
@@ -195,15 +200,6 @@ impl<F: Flow> Runner<F> {
             });
             return;
         }
-        let scratch = &mut self.scratch;
-        let sealed = self.placement.seal(
-            &s.step.draft,
-            prev,
-            Some(&flowwire_storage::ladder::Reuse { written, attempt }),
-            self.retention,
-            &mut scratch.out,
-            &mut scratch.arena,
-        );
         // An outcome from the bus is acknowledged by the write that applies it.
         // (One handed over by its worker settles its call instead: `carry`.)
         let acknowledges = match &s.ack {
@@ -215,20 +211,56 @@ impl<F: Flow> Runner<F> {
             _ => None,
         };
         let back = written.is_some();
+        // The write and the placed record are built in the batch's vectors, where they
+        // stay (see `Placement::seal_into`).
+        self.building.reserve();
+        let sealed = self.placement.seal_into(
+            &s.step.draft,
+            prev,
+            Some(&flowwire_storage::ladder::Reuse { written, attempt }),
+            self.retention,
+            (&mut self.scratch.out, &mut self.scratch.arena),
+            (&mut self.building.writes, &mut self.building.placed),
+        );
         match sealed {
-            Ok(mut sealed) => {
-                sealed.write.fence = self.owned.as_ref().map(|o| o.token);
-                sealed.write.acknowledges = acknowledges;
-                self.carry(&s, &sealed.write.record, &mut sealed.write.sends);
-                if sealed.puts.is_empty() {
+            Ok(mut rest) => {
+                let mut sends = Vec::new();
+                if let Some(write) = self.building.writes.last() {
+                    self.carry(&s, &write.record, &mut sends);
+                }
+                if let Some(write) = self.building.writes.last_mut() {
+                    write.fence = self.owned.as_ref().map(|o| o.token);
+                    write.acknowledges = acknowledges;
+                    write.sends = sends;
+                }
+                if rest.puts.is_empty() {
                     if back {
                         self.joins(&s.id);
                     }
-                    self.attempting(&s.id, sealed.attempt.take());
-                    self.building.push(s, sealed);
+                    self.attempting(&s.id, rest.attempt.take());
+                    self.building.staged.push(s);
                 } else {
+                    let (Some(write), Some(placed)) =
+                        (self.building.writes.pop(), self.building.placed.pop())
+                    else {
+                        // `seal_into` pushes both when it succeeds: never here.
+                        let e = flowwire_storage::BlobError::Corrupt {
+                            instance: s.id.to_string(),
+                            tier: "record".into(),
+                            key: s.id.to_string(),
+                            detail: "a sealed step left no write in the batch".into(),
+                        };
+                        self.failed(s, &Error::from(e));
+                        return;
+                    };
                     // Rare (a blob to write, a payload too large): not in this batch. A
                     // start's id was checked before its precut.
+                    let mut sealed = Sealed {
+                        write,
+                        placed,
+                        puts: rest.puts,
+                        attempt: rest.attempt,
+                    };
                     let placement = self.placement.clone();
                     self.upload(s, !back, async move {
                         let key = &sealed.write.key;
