@@ -108,6 +108,14 @@ impl Monitor {
     }
 }
 
+/// Why a `redis-server` did not start.
+struct LaunchError {
+    /// Its port (or its cluster bus port) was taken: it may start on others.
+    port_taken: bool,
+    /// What went wrong, with the end of its log.
+    message: String,
+}
+
 /// A `redis-server` on a loopback port.
 pub struct Redis {
     /// Its port.
@@ -130,55 +138,72 @@ pub struct Redis {
 impl Redis {
     /// Starts a server without persistence (a fast, throwaway server).
     pub fn start() -> Redis {
-        Self::start_as(None, None)
+        Self::start_as(None, false)
     }
 
     /// Starts a server with the append-only file on (`appendfsync always`), so a restart
     /// keeps everything acknowledged.
     pub fn start_durable() -> Redis {
-        Self::start_as(Some("always"), None)
+        Self::start_as(Some("always"), false)
     }
 
     /// Starts a server with the append-only file on and `appendfsync` set to `policy`
     /// (`always`: each write is fsynced before its reply; `everysec`: once a second).
     #[allow(dead_code)] // the scale bench's
     pub fn start_with_fsync(policy: &'static str) -> Redis {
-        Self::start_as(Some(policy), None)
+        Self::start_as(Some(policy), false)
     }
 
     /// Starts a durable server (`appendfsync always`) under valgrind's callgrind, which
     /// counts the instructions the server executes: read them with
     /// [`Redis::instructions`] after [`Redis::shutdown`]. Needs valgrind.
     pub fn start_counted() -> Redis {
-        Self::start_with(Some("always"), None, true)
+        Self::start_with(Some("always"), false, true)
     }
 
     /// Starts a server with cluster mode on (a node of a [`RedisCluster`]).
     fn start_node() -> Redis {
-        Self::start_as(None, Some(free_port()))
+        Self::start_as(None, true)
     }
 
-    fn start_as(aof: Option<&'static str>, cluster: Option<u16>) -> Redis {
+    fn start_as(aof: Option<&'static str>, cluster: bool) -> Redis {
         Self::start_with(aof, cluster, false)
     }
 
-    fn start_with(aof: Option<&'static str>, cluster: Option<u16>, counted: bool) -> Redis {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().to_path_buf();
-        let mut r = Redis {
-            port: free_port(),
-            dir,
-            pid: 0,
-            aof,
-            cluster,
-            counted,
-            _tmp: tmp,
-        };
-        r.launch();
-        r
+    fn start_with(aof: Option<&'static str>, cluster: bool, counted: bool) -> Redis {
+        // A free port can be taken by another server between `free_port` and the server's
+        // bind (the tests start servers in parallel): a server that finds its port taken
+        // starts again on other ports, in a fresh directory.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tmp = tempfile::tempdir().expect("temp dir");
+            let dir = tmp.path().to_path_buf();
+            let mut r = Redis {
+                port: free_port(),
+                dir,
+                pid: 0,
+                aof,
+                cluster: cluster.then(free_port),
+                counted,
+                _tmp: tmp,
+            };
+            match r.try_launch() {
+                Ok(()) => return r,
+                Err(e) if e.port_taken && attempt < 5 => {}
+                Err(e) => panic!("{}", e.message),
+            }
+        }
     }
 
+    /// Starts the server on its port; panics if it does not start.
     fn launch(&mut self) {
+        if let Err(e) = self.try_launch() {
+            panic!("{}", e.message);
+        }
+    }
+
+    fn try_launch(&mut self) -> Result<(), LaunchError> {
         let pidfile = self.dir.join("redis.pid");
         let _ = std::fs::remove_file(&pidfile);
         let mut cmd = if self.counted {
@@ -225,16 +250,31 @@ impl Redis {
                 .and_then(|p| p.trim().parse::<u32>().ok())
         };
         let limit = Duration::from_secs(if self.counted { 60 } else { 10 });
-        if !poll(limit, || port_open(self.port) && read_pid().is_some()) {
-            let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        let log = || std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        // Taken by another process: the server logs it and exits (the port may well be
+        // open: the other process listens on it).
+        let taken = |log: &str| {
+            log.contains("Address already in use") || log.contains("port number too high")
+        };
+        let mut port_taken = false;
+        let ready = poll(limit, || {
+            port_taken = taken(&log());
+            port_taken || (port_open(self.port) && read_pid().is_some())
+        });
+        if !ready || port_taken {
+            let log = log();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            panic!(
-                "redis-server on port {} did not become ready within {limit:?}; the end of its log, last line first: {tail:#?}",
-                self.port
-            );
+            return Err(LaunchError {
+                port_taken,
+                message: format!(
+                    "redis-server on port {} did not become ready within {limit:?}; the end of its log, last line first: {tail:#?}",
+                    self.port
+                ),
+            });
         }
         self.pid = read_pid().expect("a pid in the pid file");
         reap_on_exit(self.pid);
+        Ok(())
     }
 
     /// The URL to connect to.
@@ -392,6 +432,20 @@ impl RedisCluster {
     }
 }
 
+/// Whether an S3 server answers on `port`: its bucket list, to an anonymous `GET /`.
+fn speaks_s3(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reply = String::new();
+    conn.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_ok()
+        && conn.read_to_string(&mut reply).is_ok()
+        && reply.contains("ListAllMyBucketsResult")
+}
+
 /// Where `./scripts/test` installs moto: `.venv-s3` at the workspace root.
 fn moto_binary() -> PathBuf {
     let mut dir = Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
@@ -415,19 +469,32 @@ pub struct S3 {
 }
 
 impl S3 {
-    /// Starts the server.
+    /// Starts the server. A port taken between `free_port` and moto's bind makes moto
+    /// exit (while the port answers, for whoever took it): it then starts on another.
     pub fn start() -> S3 {
-        let port = free_port();
-        let child = Command::new(moto_binary())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        reap_on_exit(child.id());
-        wait_until("moto_server", Duration::from_secs(30), || port_open(port));
-        S3 { port, child }
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(moto_binary())
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start moto_server");
+            reap_on_exit(child.id());
+            let mut exited = false;
+            // Ready once it answers as S3 does: another process may hold the port.
+            let ready = poll(Duration::from_secs(30), || {
+                exited = child.try_wait().is_ok_and(|s| s.is_some());
+                exited || speaks_s3(port)
+            });
+            if ready && !exited {
+                return S3 { port, child };
+            }
+            assert!(exited, "moto_server did not become ready within 30s");
+            let _ = child.wait();
+        }
+        panic!("moto_server exited on start five times (its ports taken?)");
     }
 
     /// The endpoint URL.
