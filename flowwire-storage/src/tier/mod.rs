@@ -124,7 +124,9 @@ pub trait BlobTier: Send + Sync + 'static {
         })
     }
 
-    /// Deletes the blob under `key`, if there is one.
+    /// Deletes the blob under `key`, if there is one. Once it returns `Ok`, the deletion
+    /// is as durable as the tier's puts: a tier that loses an acknowledged delete in a
+    /// crash brings back a blob nothing refers to any more, which then stays for good.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>>;
 
     /// Whether every process of a deployment sees the same blobs (S3, Redis, a mount that

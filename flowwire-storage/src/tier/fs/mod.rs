@@ -11,10 +11,12 @@
 //! shared mount, or a stray file of a crashed one).
 //! A directory the put creates (the root, a fan-out directory) is fsynced into its parent
 //! first; a handle's first put makes all 256 fan-out directories at once.
-//! A delete is not synced: after a power cut a deleted blob may be back (the ladder deletes
-//! only what no kept record refers to, so it is a leak, never a wrong read). All file I/O
-//! runs on tokio's blocking pool, through the seam in `files.rs`; `power_loss.rs` cuts the
-//! power under every call of a put.
+//! A delete removes the file and fsyncs its directory, also when the file was already gone
+//! (an earlier delete may have been interrupted before its sync): once it returns, a power
+//! cut does not bring the blob back. (The ladder deletes what no kept record refers to and
+//! then forgets it: a blob that came back would stay on disk for good.) All file I/O runs
+//! on tokio's blocking pool, through the seam in `files.rs`; `power_loss.rs` cuts the
+//! power under every call of a put and of a delete.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -330,9 +332,19 @@ impl BlobTier for FsTier {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), TierError>> {
-        self.blocking(key, |files, path| match files.remove(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        self.blocking(key, |files, path| {
+            match files.remove(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            // The removal is an entry of the directory: durable once the directory is
+            // synced. Synced even when the file was gone already, which an earlier delete
+            // interrupted between the two may have left unsynced.
+            match files.sync_dir(files::parent_of(&path)) {
+                // No directory: the blob was never written.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                synced => synced,
+            }
         })
     }
 

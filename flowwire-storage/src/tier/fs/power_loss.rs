@@ -3,14 +3,14 @@
 //! read again.
 //!
 //! After each cut, every put the tier acknowledged reads back exactly, a key whose last
-//! acknowledged call was a delete reads as deleted or as the blob before it (a delete is
-//! not made durable: a blob it removed can come back, see below), the calls the cut
-//! interrupted read as done or not done, never torn, and the tier takes new puts. The same
+//! acknowledged call was a delete reads as deleted, the calls the cut interrupted read as
+//! done or not done, never torn, and the tier takes new puts. The same
 //! holds when a process is killed first (the disk keeps all it wrote) and the power goes
 //! out under the next one.
 //!
-//! Two more tests show the simulation has teeth: a disk that ignores directory syncs, and
-//! one that ignores file syncs, each lose an acknowledged put within a few cuts.
+//! Three more tests show the simulation has teeth: a disk that ignores directory syncs, and
+//! one that ignores file syncs, each lose an acknowledged put within a few cuts, and a
+//! disk that ignores directory syncs brings an acknowledged delete's blob back.
 //!
 //! `FLOWWIRE_POWER_CUTS=N` sets the cuts per model (default 40); the long run:
 //! `FLOWWIRE_POWER_CUTS=1000 cargo test --release -p flowwire-storage tier::fs::power_loss`.
@@ -103,10 +103,9 @@ fn run(rt: &tokio::runtime::Runtime, disk: &SimDisk, seed: u64, allowed: &mut [A
             };
             let was = &mut allowed[k].0;
             match (result.is_ok(), &after) {
-                // Acknowledged: a put is the one thing the key may read as.
-                (true, Some(_)) => *was = vec![after],
-                // An acknowledged delete is not durable: what it removed may come back.
-                (true, None) => was.push(None),
+                // Acknowledged: a put, or a delete's absence, is the one thing the key
+                // may read as.
+                (true, _) => *was = vec![after],
                 // Interrupted: done or not done.
                 (false, _) => {
                     failed = true;
@@ -284,4 +283,29 @@ fn a_disk_that_ignores_file_syncs_loses_acknowledged_puts() {
     let lost = (0..20)
         .find(|seed| cut_once(&rt, *seed, false, |sim| sim.ignores_file_syncs = true).is_err());
     assert!(lost.is_some(), "20 cuts found no lost put");
+}
+
+/// A delete the tier acknowledged stays done after a power cut that drops every unsynced
+/// change. On a disk that ignores directory syncs, from the delete on, the blob comes back:
+/// what a delete without its directory sync did before, and what the cuts above would see.
+#[test]
+fn an_acknowledged_delete_survives_a_power_cut() {
+    let rt = runtime();
+    for lying in [false, true] {
+        let disk = SimDisk::new();
+        let tier = FsTier::on(Arc::new(disk.clone()), PathBuf::from(BASE).join("tier"));
+        let blob = Bytes::from_static(b"kept until deleted");
+        rt.block_on(tier.put(&key(0), std::slice::from_ref(&blob)))
+            .expect("put");
+        disk.sim().ignores_dir_syncs = lying;
+        rt.block_on(tier.delete(&key(0))).expect("delete");
+        let after = disk.after_cut(&mut Rng::new(7), false);
+        let tier = FsTier::on(Arc::new(after), PathBuf::from(BASE).join("tier"));
+        let got = rt.block_on(tier.get(&key(0), None)).expect("get");
+        if lying {
+            assert_eq!(got, Some(blob), "an unsynced delete is undone by the cut");
+        } else {
+            assert_eq!(got, None, "an acknowledged delete survives the cut");
+        }
+    }
 }
