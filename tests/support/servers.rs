@@ -48,6 +48,23 @@ fn port_open(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
+/// Kills the process whose pid is in `pidfile` when this process exits, if the file is
+/// still there then (a detached shell that polls for our PID). Started before the daemon
+/// has written its pid: a test killed while its server starts leaves none behind.
+fn reap_pidfile_on_exit(pidfile: &Path) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; pid=$(cat '{file}' 2>/dev/null) && kill -9 \"$pid\" 2>/dev/null",
+        me = std::process::id(),
+        file = pidfile.display()
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 /// Kills `pid` when this process exits (a detached shell that polls for our PID).
 fn reap_on_exit(pid: u32) {
     let script = format!(
@@ -243,6 +260,7 @@ impl Redis {
             panic!("cannot run redis-server ({e}); install it: apt-get install -y redis-server (./scripts/test does)")
         });
         assert!(status.success(), "redis-server failed to start: {status}");
+        reap_pidfile_on_exit(&pidfile);
         // The pid file can exist before the server has written its pid into it.
         let read_pid = || {
             std::fs::read_to_string(&pidfile)
@@ -273,7 +291,6 @@ impl Redis {
             });
         }
         self.pid = read_pid().expect("a pid in the pid file");
-        reap_on_exit(self.pid);
         Ok(())
     }
 
