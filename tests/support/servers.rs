@@ -49,26 +49,25 @@ fn port_open(port: u16) -> bool {
 }
 
 /// Kills the process whose pid is in `pidfile` when this process exits, if the file is
-/// still there then (a detached shell that polls for our PID). Started before the daemon
-/// has written its pid: a test killed while its server starts leaves none behind.
+/// still there then. Started before the daemon has written its pid: a test killed while
+/// its server starts leaves none behind.
 fn reap_pidfile_on_exit(pidfile: &Path) {
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; pid=$(cat '{file}' 2>/dev/null) && kill -9 \"$pid\" 2>/dev/null",
-        me = std::process::id(),
-        file = pidfile.display()
-    );
-    let _ = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    on_exit(&format!(
+        "pid=$(cat '{}' 2>/dev/null) && kill -9 \"$pid\" 2>/dev/null",
+        pidfile.display()
+    ));
 }
 
-/// Kills `pid` when this process exits (a detached shell that polls for our PID).
+/// Kills `pid` when this process exits.
 fn reap_on_exit(pid: u32) {
+    on_exit(&format!("kill -9 {pid} 2>/dev/null"));
+}
+
+/// Runs the shell command `then` once this process has exited (a detached shell that polls
+/// for our PID).
+fn on_exit(then: &str) {
     let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null",
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; {then}",
         me = std::process::id()
     );
     let _ = Command::new("sh")
