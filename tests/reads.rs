@@ -188,3 +188,39 @@ async fn a_handle_that_saw_its_instance_finish_holds_its_result() {
     assert_eq!(h.state().await.unwrap().doubled, Some(10));
     assert_eq!(copy.doubled().await.unwrap(), Some(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_that_asks_after_the_end_holds_the_result_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = Arc::new(Semaphore::new(0));
+    let engine = Engine::builder()
+        .data_dir(dir.path())
+        .flow::<Doubler>()
+        .driver(Turnstile { open: open.clone() })
+        .start()
+        .await
+        .unwrap();
+    let h = engine
+        .start::<Doubler>(
+            "late",
+            Count {
+                n: 0,
+                doubled: None,
+            },
+        )
+        .await
+        .unwrap();
+    // Taken while the instance is live, so it asks the runner, not the store.
+    let late = engine.handle::<Doubler>("late").await.unwrap();
+    open.add_permits(1);
+    assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+    // The instance has ended and left the runner's memory before this wait: the runner
+    // answers from the store, with the final state.
+    assert_eq!(late.finished().await.unwrap(), Ended::Finished);
+    // A handle taken after the end learns it from the store, and keeps the state too.
+    let after = engine.handle::<Doubler>("late").await.unwrap();
+    assert_eq!(after.finished().await.unwrap(), Ended::Finished);
+    engine.shutdown().await;
+    assert_eq!(late.state().await.unwrap().doubled, Some(0));
+    assert_eq!(after.doubled().await.unwrap(), Some(0));
+}

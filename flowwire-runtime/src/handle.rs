@@ -172,6 +172,12 @@ impl<F: Impulses> Handle<F> {
         if let Some(record) = self.settled().await
             && let Some(ended) = Ended::of(&record)
         {
+            // Kept like an end the runner gives: later reads need neither it nor the store.
+            if let Some(direct) = &self.direct
+                && matches!(ended, Ended::Finished | Ended::Cancelled { .. })
+            {
+                self.ended(direct.reads.state(&self.id, &record).ok().map(Rope::from));
+            }
             return Ok(ended);
         }
         let (tx, rx) = oneshot::channel();

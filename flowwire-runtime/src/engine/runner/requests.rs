@@ -350,7 +350,19 @@ impl<F: Flow> Runner<F> {
             Ok(None) => {}
             Ok(Some(record)) => {
                 let answer = match Ended::of(&record) {
-                    Some(ended) => Ok((ended, None)),
+                    Some(ended) => {
+                        // Ended before this wait came: its final state goes with the end, as
+                        // it does to a waiter (a state this version cannot read is left to
+                        // the reads, which report why).
+                        let state = Self::final_state(&ended)
+                            .then(|| {
+                                crate::core::state_for_read::<F>(&record, self.limits.decode_limit)
+                                    .ok()
+                            })
+                            .flatten()
+                            .map(Rope::from);
+                        Ok((ended, state))
+                    }
                     None => Err(Self::not_live(&id, record.status)),
                 };
                 let _ = reply.send(answer);
