@@ -14,7 +14,8 @@
 //! by the owner over pub/sub), read its end state, and start the next, until the run's
 //! time is up; each workflow is timed from its start request to its state read. Beside
 //! each row, what a workflow cost the server, from its own counters: commands, socket
-//! reads (round trips) and CPU time (`INFO stats`, `INFO cpu`); and the CPU time per
+//! reads (round trips), commit scripts and CPU time (`INFO stats`, `INFO commandstats`,
+//! `INFO cpu`); and the CPU time per
 //! workflow of the orchestrators, the workers and this client (`/proc/<pid>/stat`, user
 //! and system): on a machine of few cores every process's CPU bounds the throughput, not
 //! the server's alone.
@@ -255,7 +256,7 @@ async fn run(mode: Mode) {
         &["always", "everysec"]
     };
     println!(
-        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>10} {:>10}",
+        "{:>9} {:>4} {:>7} {:>5} {:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10} {:>10} {:>10}",
         "fsync",
         "orch",
         "workers",
@@ -267,6 +268,7 @@ async fn run(mode: Mode) {
         "max",
         "cmds/wf",
         "reads/wf",
+        "scripts/wf",
         "redis µs/wf",
         "orch µs/wf",
         "work µs/wf",
@@ -346,13 +348,14 @@ async fn setups(
                     cpu_after[i].saturating_sub(cpu_before[i]).as_secs_f64() * 1e6 / n as f64
                 };
                 println!(
-                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1} {:>11.1} {:>10.1} {:>10.1} {:>10.1}  {cpu}",
+                    "{fsync:>9} {orchestrators:>4} {workers:>7} {c:>5} {n:>6} {:>12.0} {:>10} {:>10} {:>10} {:>9.1} {:>9.1} {:>10.2} {:>11.1} {:>10.1} {:>10.1} {:>10.1}  {cpu}",
                     s.per_second(),
                     fmt_duration(s.median()),
                     fmt_duration(s.p99()),
                     fmt_duration(s.quantile(1.0)),
                     per(0),
                     per(1),
+                    per(3),
                     per(2),
                     cpu_per(0),
                     cpu_per(1),
@@ -383,14 +386,15 @@ async fn setups(
     }
 }
 
-/// Redis's own counters, `[commands processed, reads processed, CPU time in µs]` (a read
-/// is one socket read of a client's requests: a round trip, however many commands it
-/// pipelines; the CPU time is the server's, user and system, all its threads). Per
+/// Redis's own counters, `[commands processed, reads processed, CPU time in µs, commit
+/// scripts run]` (a read is one socket read of a client's requests: a round trip, however
+/// many commands it pipelines; the CPU time is the server's, user and system, all its
+/// threads; a commit script carries the steps of one round of an orchestrator's runners). Per
 /// workflow they count what a step costs Redis, whatever the machine's speed (lease
 /// renewals and heartbeats of the idle processes add a little): the CPU time is what bounds
 /// the workflows one server carries, since its one thread runs every command.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // counters, as floats
-fn server_counts(url: &str) -> [u64; 3] {
+fn server_counts(url: &str) -> [u64; 4] {
     let port = url
         .trim_end_matches('/')
         .rsplit(':')
@@ -398,7 +402,7 @@ fn server_counts(url: &str) -> [u64; 3] {
         .unwrap_or("6379")
         .to_string();
     let out = Command::new("redis-cli")
-        .args(["-p", &port, "INFO", "stats", "cpu"])
+        .args(["-p", &port, "INFO", "stats", "cpu", "commandstats"])
         .output()
         .expect("redis-cli runs (it comes with redis-server)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -409,10 +413,17 @@ fn server_counts(url: &str) -> [u64; 3] {
             .unwrap_or(0.0)
     };
     let cpu_s = field("used_cpu_user") + field("used_cpu_sys");
+    // `cmdstat_evalsha:calls=N,usec=…`
+    let scripts = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0);
     [
         field("total_commands_processed") as u64,
         field("total_reads_processed") as u64,
         (cpu_s * 1e6) as u64,
+        scripts,
     ]
 }
 

@@ -41,6 +41,8 @@ impl RedisStore {
     #[must_use]
     pub fn audit_writes(mut self) -> Self {
         self.audit = true;
+        // A round runs with the settings of the store that started it.
+        self.lane = std::sync::Arc::default();
         self
     }
 

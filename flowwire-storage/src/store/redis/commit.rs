@@ -295,10 +295,10 @@ impl RedisStore {
         Ok(replies.split_off(n))
     }
 
-    pub(super) async fn commit_batch(
-        &self,
-        batch: &[StepWrite],
-    ) -> Result<Vec<StepResult>, StoreError> {
+    /// Commits a batch: each step's result, or the error that stopped it on the server (see
+    /// [`COMMIT`]); an error of the whole batch (the connection, the data lost) is the
+    /// outer one.
+    pub(super) async fn commit_steps(&self, batch: &[StepWrite]) -> Result<Vec<Step>, StoreError> {
         let mut c = self.conn().await?;
         // A wiped server must not take steps that build on records it no longer holds. On
         // one server, once the token is known, each script checks it (no round trip of
@@ -318,11 +318,9 @@ impl RedisStore {
             .await?;
         let mut replies = Vec::with_capacity(batch.len());
         for v in values {
-            let reply: Vec<i64> = redis::from_redis_value(v)
-                .map_err(|e| StoreError::Backend(format!("redis: unexpected commit reply: {e}")))?;
-            replies.extend(reply.chunks_exact(2).map(|p| (p[0], p[1])));
+            replies.extend(script_replies(v)?);
         }
-        let lost = replies.iter().any(|(code, _)| *code == 4);
+        let lost = replies.iter().any(|r| matches!(r, Reply::Lost));
         if !lost && replies.len() != batch.len() {
             return Err(StoreError::Backend(format!(
                 "redis: {} commit replies for {} steps",
@@ -343,9 +341,9 @@ impl RedisStore {
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut removes = Vec::new();
-        for (s, (code, n)) in batch.iter().zip(replies) {
-            results.push(match code {
-                0 => {
+        for (s, reply) in batch.iter().zip(replies) {
+            results.push(match reply {
+                Reply::Step(0, n) => {
                     // The script left the shard's indexes itself; these live in the flow's
                     // slot, and are touched only when the step leaves them.
                     let (flow, id) = (&*s.key.flow, &*s.key.id);
@@ -355,17 +353,25 @@ impl RedisStore {
                     if let Some(old) = &s.uncorrelate {
                         removes.push(redis::Cmd::srem(self.corr_key(flow, old), id));
                     }
-                    StepResult::Committed
+                    Ok(StepResult::Committed)
                 }
-                1 => StepResult::Conflict {
+                Reply::Step(1, n) => Ok(StepResult::Conflict {
                     found: u64::try_from(n).ok(),
-                },
-                3 => StepResult::Fenced {
+                }),
+                Reply::Step(3, n) => Ok(StepResult::Fenced {
                     token: u64::try_from(n).unwrap_or(0),
-                },
-                _ => StepResult::ImpulseSeen {
+                }),
+                Reply::Step(_, n) => Ok(StepResult::ImpulseSeen {
                     seq: u64::try_from(n).unwrap_or(0),
-                },
+                }),
+                Reply::Failed(error) => Err(StoreError::Backend(format!(
+                    "redis: the commit of instance {:?} of flow {:?} failed on the server ({error}); \
+                     the step may be written in part: its record is read again before the \
+                     next one. A key of another type than the store writes is damage: see \
+                     what wrote it",
+                    &*s.key.id, &*s.key.flow
+                ))),
+                Reply::Lost => unreachable!("handled above"),
             });
         }
         // Best effort: an entry left behind is filtered by its record's flags. Most batches
@@ -373,4 +379,50 @@ impl RedisStore {
         let _ = c.batch(removes).await;
         Ok(results)
     }
+
+    /// Commits a batch: its steps' results, or the first error that stopped one of them.
+    pub(super) async fn commit_batch(
+        &self,
+        batch: &[StepWrite],
+    ) -> Result<Vec<StepResult>, StoreError> {
+        self.commit_steps(batch).await?.into_iter().collect()
+    }
+}
+
+/// One step's outcome in a batch: its result, or the error that stopped it on the server.
+pub(super) type Step = Result<StepResult, StoreError>;
+
+/// A commit script's answer for one step (see [`COMMIT`]).
+enum Reply {
+    /// Its code and number.
+    Step(i64, i64),
+    /// A command of the step failed, with the server's error.
+    Failed(String),
+    /// The data's epoch token changed: nothing was written.
+    Lost,
+}
+
+/// The per-step answers of one commit script.
+fn script_replies(v: redis::Value) -> Result<Vec<Reply>, StoreError> {
+    let unexpected = |what: &dyn std::fmt::Debug| {
+        StoreError::Backend(format!("redis: unexpected commit reply: {what:?}"))
+    };
+    let redis::Value::Array(items) = v else {
+        return Err(unexpected(&v));
+    };
+    let mut out = Vec::with_capacity(items.len() / 2);
+    for pair in items.chunks(2) {
+        let [code, n] = pair else {
+            return Err(unexpected(&pair));
+        };
+        out.push(match (code, n) {
+            (redis::Value::Int(4), _) => Reply::Lost,
+            (redis::Value::Int(5), redis::Value::BulkString(e)) => {
+                Reply::Failed(String::from_utf8_lossy(e).into_owned())
+            }
+            (redis::Value::Int(code), redis::Value::Int(n)) => Reply::Step(*code, *n),
+            _ => return Err(unexpected(&pair)),
+        });
+    }
+    Ok(out)
 }

@@ -152,8 +152,8 @@ impl InstanceStore for RedisStore {
         batch: Vec<StepWrite>,
     ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
         // The commit outlives the borrow of the store (see the trait): it holds a clone.
-        let this = self.clone();
-        Box::pin(async move { this.commit_batch(&batch).await })
+        // Batches of the store's callers go together, a round at a time (`lane.rs`).
+        Box::pin(self.clone().commit_in_lane(batch))
     }
 
     fn fault(&self) -> Option<StoreError> {

@@ -42,12 +42,14 @@
 //!
 //! The files: this one holds the store, its keys and the data's epoch; `scripts.rs` the
 //! Lua the server runs; `commit.rs` the commit script's arguments and a batch's round
-//! trip; `instances.rs` the reads, listings and operator writes (the
+//! trip; `lane.rs` the rounds that take the batches of all the store's callers together
+//! (one orchestrator's shard runners: one commit on its way at a time); `instances.rs` the reads, listings and operator writes (the
 //! [`InstanceStore`](crate::InstanceStore) implementation); `audit.rs` the write audit.
 
 mod audit;
 mod commit;
 mod instances;
+mod lane;
 mod scan;
 mod scripts;
 
@@ -216,6 +218,8 @@ pub struct RedisStore {
     epoch: std::sync::Arc<Epoch>,
     /// Entries settled per stream since its last trim (shared by clones).
     settled: std::sync::Arc<commit::Settled>,
+    /// The callers' batches waiting for the next commit round (shared by clones).
+    lane: std::sync::Arc<lane::Lane>,
 }
 
 /// The identity of the data a store writes to: a random token the first store to use the
@@ -299,6 +303,7 @@ impl RedisStore {
             audit: false,
             epoch: std::sync::Arc::default(),
             settled: std::sync::Arc::default(),
+            lane: std::sync::Arc::default(),
         }
     }
 
@@ -385,6 +390,8 @@ impl RedisStore {
     #[must_use]
     pub fn with_shards(mut self, n: u16) -> Self {
         self.shards = n.clamp(1, 4096);
+        // A round runs with the settings of the store that started it.
+        self.lane = std::sync::Arc::default();
         self
     }
 

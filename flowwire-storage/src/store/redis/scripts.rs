@@ -19,9 +19,11 @@ pub const COMMIT: &str = r"
 --   how many messages to send, then each message's kind ('a' append to a stream,
 --   'p' publish, 's' settle an entry: acknowledge it in a group, its bytes
 --   '<group> <entry id>') and bytes
--- Returns, per step, two numbers: 0 and 1 if the record was parked before, when written;
+-- Returns, per step, two values: 0 and 1 if the record was parked before, when written;
 -- 1 and the version found on a conflict; 2 and the step for an impulse id seen; 3 and the
--- token when fenced. {4, 0} alone when the epoch key does not hold the token (the server
+-- token when fenced; 5 and the server's error when a command of the step failed (a key of
+-- another type than the store writes there): the step may be written in part, and the
+-- other steps go on. {4, 0} alone when the epoch key does not hold the token (the server
 -- lost or swapped the data): nothing was written.
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return {4, 0} end
 local audit, group = ARGV[2] == '1', ARGV[3]
@@ -203,7 +205,13 @@ end
 local replies, k, a = {}, 1, 4
 for s = 1, tonumber(ARGV[4]) do
   local sends = tonumber(ARGV[a + 17])
-  local code, n = step(k, a)
+  -- A step that fails stops itself, not the steps after it: a script's batch may hold
+  -- the batches of several callers (see `lane.rs`), each with its own answer.
+  local ok, code, n = pcall(step, k, a)
+  if not ok then
+    if type(code) == 'table' and code.err then code = code.err end
+    code, n = 5, tostring(code)
+  end
   replies[2 * s - 1] = code
   replies[2 * s] = n
   k = k + 7 + sends
