@@ -26,6 +26,12 @@ pub enum Ended {
 }
 
 impl Ended {
+    /// Whether the state the instance ended with is final: it finished or was cancelled.
+    /// A failed instance can still be rewound by an operator.
+    pub(crate) fn state_is_final(&self) -> bool {
+        matches!(self, Ended::Finished | Ended::Cancelled { .. })
+    }
+
     /// How the instance of `record` ended, if it has.
     pub(crate) fn of<P, S>(record: &flowwire_storage::Record<P, S>) -> Option<Ended> {
         use flowwire_storage::Status;

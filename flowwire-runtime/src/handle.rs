@@ -174,7 +174,7 @@ impl<F: Impulses> Handle<F> {
         {
             // Kept like an end the runner gives: later reads need neither it nor the store.
             if let Some(direct) = &self.direct
-                && matches!(ended, Ended::Finished | Ended::Cancelled { .. })
+                && ended.state_is_final()
             {
                 self.ended(direct.reads.state(&self.id, &record).ok().map(Rope::from));
             }

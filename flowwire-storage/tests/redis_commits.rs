@@ -27,24 +27,12 @@ fn step(
     active: bool,
     timer: Option<u64>,
 ) -> StepWrite {
+    let record = Bytes::from(format!("record {version}"));
     StepWrite {
-        key: key.clone(),
-        expect,
-        version,
-        seq: version,
-        record: Bytes::from(format!("record {version}")),
         active,
-        parked: false,
         timer,
-        correlation: None,
-        uncorrelate: None,
-        ended_key: None,
-        impulse: None,
         history: Some((version, Bytes::from_static(b"entry"))),
-        prune_below: None,
-        fence: None,
-        acknowledges: None,
-        sends: Vec::new(),
+        ..StepWrite::new(key.clone(), expect, version, record)
     }
 }
 

@@ -17,24 +17,11 @@ use flowwire_storage::store::RedisStore;
 use servers::Redis;
 
 fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
+    let record = Bytes::from(format!("{} at {version}", key.id));
     StepWrite {
-        key: key.clone(),
-        expect,
-        version,
-        seq: version,
-        record: Bytes::from(format!("{} at {version}", key.id)),
         active: true,
-        parked: false,
-        timer: None,
-        correlation: None,
-        uncorrelate: None,
-        ended_key: None,
-        impulse: None,
         history: Some((version, Bytes::from_static(b"entry"))),
-        prune_below: None,
-        fence: None,
-        acknowledges: None,
-        sends: Vec::new(),
+        ..StepWrite::new(key.clone(), expect, version, record)
     }
 }
 

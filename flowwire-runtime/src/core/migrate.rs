@@ -7,6 +7,7 @@ use flowwire_storage::record::Draft;
 use flowwire_storage::{CodecError, Expect, InstanceKey, Record, Status, StepInput, StepOutput};
 use flowwire_storage::{codec, rope};
 
+use crate::ended::Ended;
 use crate::flow::Flow;
 use crate::guard::guard;
 
@@ -195,6 +196,29 @@ pub fn state_for_read<F: Flow>(record: &Record, limit: usize) -> Result<bytes::B
     let mut out = Vec::new();
     codec::encode_raw(&migrated, &mut out).map_err(StateRead::Codec)?;
     Ok(bytes::Bytes::from(out))
+}
+
+/// The final state of instance `id`, which ended as `ended`, from the record its end was
+/// read in, as this version of `F` reads it: handed back with the end, so that whoever
+/// waited reads the result without another trip. `None` when the end is not final (see
+/// [`Ended::state_is_final`]) or the state cannot be read here (the reader then goes to the
+/// store, which says why).
+pub(crate) fn final_state<F: Flow>(
+    id: &str,
+    ended: &Ended,
+    record: &Record,
+    limit: usize,
+) -> Option<rope::Rope> {
+    if !ended.state_is_final() {
+        return None;
+    }
+    match state_for_read::<F>(record, limit) {
+        Ok(state) => Some(rope::Rope::from(state)),
+        Err(e) => {
+            tracing::debug!(flow = F::NAME, %id, error = ?e, "final state not handed back with the end");
+            None
+        }
+    }
 }
 
 /// A state written by version `written` of flow `F` (a child's initial state, as its

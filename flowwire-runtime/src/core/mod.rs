@@ -47,8 +47,8 @@ use crate::command::{Join, Then, Undo, Wake};
 use crate::flow::Flow;
 pub use crate::operation::{Operation, Patch};
 pub use cancel::CANCEL_ID;
-pub(crate) use migrate::decode_written;
 pub use migrate::{StateRead, state_for_read};
+pub(crate) use migrate::{decode_written, final_state};
 pub use upgrade::{Upgrade, check_upgrade};
 
 /// The continuation (and compensation) of the call in flight, as the wire returned them.

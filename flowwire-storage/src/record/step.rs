@@ -106,6 +106,48 @@ pub struct StepWrite {
     pub sends: Vec<BusSend>,
 }
 
+impl StepWrite {
+    /// A step that writes `record` as version `version` of the instance `key` when the
+    /// stored record meets `expect`, numbered `version`, and nothing else: no index entry
+    /// (not active, not parked, no timer or correlation key), no impulse id, no history
+    /// entry, no fencing token, no bus message. Set the other fields on it, with struct
+    /// update syntax or one by one.
+    ///
+    /// ```
+    /// use flowwire::storage::record::{Expect, InstanceKey, StepWrite};
+    /// let key = InstanceKey::new("Order", "order-1");
+    /// let first = StepWrite {
+    ///     active: true,
+    ///     history: Some((1, b"entry".as_slice().into())),
+    ///     ..StepWrite::new(key, Expect::Absent, 1, b"record".as_slice().into())
+    /// };
+    /// assert_eq!((first.version, first.seq), (1, 1));
+    /// assert!(first.timer.is_none() && first.sends.is_empty());
+    /// ```
+    #[must_use]
+    pub fn new(key: InstanceKey, expect: Expect, version: u64, record: Bytes) -> Self {
+        Self {
+            key,
+            expect,
+            version,
+            seq: version,
+            record,
+            active: false,
+            parked: false,
+            timer: None,
+            correlation: None,
+            uncorrelate: None,
+            ended_key: None,
+            impulse: None,
+            history: None,
+            prune_below: None,
+            fence: None,
+            acknowledges: None,
+            sends: Vec::new(),
+        }
+    }
+}
+
 /// A message a [`StepWrite`] puts on the deployment's bus when it commits (see
 /// [`StepWrite::sends`]).
 ///

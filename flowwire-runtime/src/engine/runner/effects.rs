@@ -96,7 +96,9 @@ impl<F: Flow> Runner<F> {
         }
         if let Some(ended) = ended {
             self.slots.remove(&s.id);
-            let state = Self::final_state(&ended).then(|| s.step.draft.record.state.clone());
+            let state = ended
+                .state_is_final()
+                .then(|| s.step.draft.record.state.clone());
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Ok((ended.clone(), state.clone())));
             }
@@ -113,12 +115,6 @@ impl<F: Flow> Runner<F> {
         if let Some(slot) = self.slots.get_mut(&s.id) {
             slot.inst.adopt(&mut s.step);
         }
-    }
-
-    /// Whether an end's state is final, and so goes to those waiting for the end: a failed
-    /// instance can still be rewound by an operator.
-    pub(super) fn final_state(ended: &Ended) -> bool {
-        matches!(ended, Ended::Finished | Ended::Cancelled { .. })
     }
 
     /// Whether a step's end is announced to callers of `finished()` in other processes.

@@ -352,15 +352,13 @@ impl<F: Flow> Runner<F> {
                 let answer = match Ended::of(&record) {
                     Some(ended) => {
                         // Ended before this wait came: its final state goes with the end, as
-                        // it does to a waiter (a state this version cannot read is left to
-                        // the reads, which report why).
-                        let state = Self::final_state(&ended)
-                            .then(|| {
-                                crate::core::state_for_read::<F>(&record, self.limits.decode_limit)
-                                    .ok()
-                            })
-                            .flatten()
-                            .map(Rope::from);
+                        // it does to a waiter.
+                        let state = crate::core::final_state::<F>(
+                            &id,
+                            &ended,
+                            &record,
+                            self.limits.decode_limit,
+                        );
                         Ok((ended, state))
                     }
                     None => Err(Self::not_live(&id, record.status)),

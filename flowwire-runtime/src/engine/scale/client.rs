@@ -367,26 +367,12 @@ async fn finished<F: Flow>(
     let ended = wait_ended::<F>(remote, &waiting, pushed, since, id, &mut reply).await;
     watch.unregister(id, waiting);
     if let Some(ended) = ended {
-        let _ = reply.send(ended.map(|(e, record)| (e, final_state::<F>(remote, id, record))));
-    }
-}
-
-/// The final state of an instance that finished or was cancelled (ends no operator can
-/// undo), from the record its end was read in, as this flow version reads it: handed back
-/// with the end, so that the caller reads its result without another trip. `None` when
-/// it has none to give, or cannot read it now (the caller then reads the store).
-fn final_state<F: Flow>(
-    remote: &Remote,
-    id: &Arc<str>,
-    record: Option<Record>,
-) -> Option<flowwire_storage::Rope> {
-    let record = record?;
-    match crate::core::state_for_read::<F>(&record, remote.limits.decode_limit) {
-        Ok(state) => Some(flowwire_storage::Rope::from(state)),
-        Err(e) => {
-            tracing::debug!(flow = F::NAME, %id, error = ?e, "final state not handed back with the end");
-            None
-        }
+        let _ = reply.send(ended.map(|(e, record)| {
+            let state = record.and_then(|r| {
+                crate::core::final_state::<F>(id, &e, &r, remote.limits.decode_limit)
+            });
+            (e, state)
+        }));
     }
 }
 

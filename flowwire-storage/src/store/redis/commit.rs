@@ -317,10 +317,13 @@ impl RedisStore {
             .add_and_commit(&mut c, batch, in_script.as_deref())
             .await?;
         let mut replies = Vec::with_capacity(batch.len());
+        let mut lost = false;
         for v in values {
-            replies.extend(script_replies(v)?);
+            match script_replies(v)? {
+                Some(steps) => replies.extend(steps),
+                None => lost = true,
+            }
         }
-        let lost = replies.iter().any(|r| matches!(r, Reply::Lost));
         if !lost && replies.len() != batch.len() {
             return Err(StoreError::Backend(format!(
                 "redis: {} commit replies for {} steps",
@@ -371,7 +374,6 @@ impl RedisStore {
                      what wrote it",
                     &*s.key.id, &*s.key.flow
                 ))),
-                Reply::Lost => unreachable!("handled above"),
             });
         }
         // Best effort: an entry left behind is filtered by its record's flags. Most batches
@@ -398,12 +400,11 @@ enum Reply {
     Step(i64, i64),
     /// A command of the step failed, with the server's error.
     Failed(String),
-    /// The data's epoch token changed: nothing was written.
-    Lost,
 }
 
-/// The per-step answers of one commit script.
-fn script_replies(v: redis::Value) -> Result<Vec<Reply>, StoreError> {
+/// The per-step answers of one commit script; `None` when it found the data's epoch token
+/// changed (and wrote nothing).
+fn script_replies(v: redis::Value) -> Result<Option<Vec<Reply>>, StoreError> {
     let unexpected = |what: &dyn std::fmt::Debug| {
         StoreError::Backend(format!("redis: unexpected commit reply: {what:?}"))
     };
@@ -416,7 +417,7 @@ fn script_replies(v: redis::Value) -> Result<Vec<Reply>, StoreError> {
             return Err(unexpected(&pair));
         };
         out.push(match (code, n) {
-            (redis::Value::Int(4), _) => Reply::Lost,
+            (redis::Value::Int(4), _) => return Ok(None),
             (redis::Value::Int(5), redis::Value::BulkString(e)) => {
                 Reply::Failed(String::from_utf8_lossy(e).into_owned())
             }
@@ -424,5 +425,5 @@ fn script_replies(v: redis::Value) -> Result<Vec<Reply>, StoreError> {
             _ => return Err(unexpected(&pair)),
         });
     }
-    Ok(out)
+    Ok(Some(out))
 }

@@ -271,18 +271,16 @@ impl RedisStore {
 
     /// Commits one round's batches together, and answers each.
     async fn round(&self, round: Vec<Ticket>) {
-        let mut sizes = Vec::with_capacity(round.len());
         let mut replies = Vec::with_capacity(round.len());
         let mut merged = Vec::with_capacity(round.iter().map(|t| t.batch.len()).sum());
         for t in round {
-            sizes.push(t.batch.len());
-            replies.push(t.reply);
+            replies.push((t.reply, t.batch.len()));
             merged.extend(t.batch);
         }
         match self.commit_steps(&merged).await {
             Ok(steps) => {
                 let mut steps = steps.into_iter();
-                for (reply, n) in replies.into_iter().zip(sizes) {
+                for (reply, n) in replies {
                     // A batch with a step that failed on the server fails (with its first
                     // error), as it would alone; the others are answered step by step.
                     let answer = steps.by_ref().take(n).collect();
@@ -290,7 +288,7 @@ impl RedisStore {
                 }
             }
             Err(e) => {
-                for reply in replies {
+                for (reply, _) in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
@@ -306,25 +304,8 @@ mod tests {
     use crate::record::StepWrite;
 
     fn steps(n: usize) -> Vec<StepWrite> {
-        let step = StepWrite {
-            key: crate::record::InstanceKey::new("F", "i"),
-            expect: crate::record::Expect::Absent,
-            version: 1,
-            seq: 1,
-            record: bytes::Bytes::new(),
-            active: false,
-            parked: false,
-            timer: None,
-            correlation: None,
-            uncorrelate: None,
-            ended_key: None,
-            impulse: None,
-            history: None,
-            prune_below: None,
-            fence: None,
-            acknowledges: None,
-            sends: Vec::new(),
-        };
+        let key = crate::record::InstanceKey::new("F", "i");
+        let step = StepWrite::new(key, crate::record::Expect::Absent, 1, bytes::Bytes::new());
         vec![step; n]
     }
 
