@@ -1,7 +1,8 @@
 //! Outcomes handed over (multi-process mode on one Redis server): a worker publishes a
 //! call's outcome to the shard's owner, whose commit applying it settles the call, so
 //! nothing is written for the outcome itself; an outcome no commit settles within a second
-//! is written to the shard's outcome stream, and applied from there.
+//! is written to the shard's outcome stream, and applied from there. An orchestrator reads
+//! the streams of all the shards it holds on one connection.
 
 #![allow(missing_docs)] // test-local flows
 #![cfg(feature = "redis")]
@@ -329,6 +330,95 @@ async fn a_worker_stopped_gracefully_writes_the_outcomes_no_commit_settled_yet()
     let state = trip.state().await.unwrap();
     assert_eq!((state.calls, state.sum), (2, 3), "each call ran once");
     for engine in [client, worker, second] {
+        engine.shutdown().await;
+    }
+}
+
+/// The connections whose last command was a stream read: the readers waiting for entries.
+async fn stream_readers(url: &str) -> usize {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f == "cmd=xreadgroup"))
+        .count()
+}
+
+/// An orchestrator process reads the request and outcome streams of every shard it holds
+/// in one `XREADGROUP` on one connection (eight shards here, not eight readers), and hands
+/// each entry to its own shard: the instances started on all of them finish, each call
+/// applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reader_serves_every_shard_an_orchestrator_holds() {
+    let redis = servers::Redis::start();
+    let prefix = "joint";
+    let sharded = |node: &str| shared(&redis.url(), prefix, node).shards(8);
+    let orchestrator = Engine::builder()
+        .shared(sharded("o"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let bus = sharded("t").store().bus();
+    for shard in 0..8 {
+        subscribed(&redis.url(), &bus.handoffs("Trip", shard)).await;
+    }
+    // The shards' runners are up; their reads go out on the one connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        stream_readers(&redis.url()).await,
+        1,
+        "one stream reader for the eight shards"
+    );
+
+    let worker = Engine::builder()
+        .shared(sharded("w"))
+        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(sharded("c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let mut trips = Vec::new();
+    for i in 0..32 {
+        trips.push(
+            client
+                .start::<Trip>(format!("j-{i}"), TripState::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut shards = std::collections::BTreeSet::new();
+    for trip in trips {
+        shards.insert(flowwire::storage::store::shard_of(trip.id(), 8));
+        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+            .await
+            .expect("every instance finishes")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+        let state = trip.state().await.unwrap();
+        assert_eq!(
+            (state.calls, state.sum),
+            (2, 3),
+            "each outcome applied once"
+        );
+    }
+    assert!(
+        shards.len() > 4,
+        "the instances spread over the shards: {shards:?}"
+    );
+    for engine in [client, worker, orchestrator] {
         engine.shutdown().await;
     }
 }

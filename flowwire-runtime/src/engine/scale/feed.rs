@@ -13,6 +13,7 @@ use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::joint::Joint;
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
 use crate::engine::job::OutcomeMsg;
@@ -39,6 +40,8 @@ pub(crate) struct Acker {
     bus: RedisBus,
     limit: Duration,
     reclaim: Arc<AtomicBool>,
+    /// Told when `reclaim` is set.
+    wanted: Arc<tokio::sync::Notify>,
 }
 
 impl Acker {
@@ -47,6 +50,7 @@ impl Acker {
             bus,
             limit,
             reclaim: Arc::new(AtomicBool::new(false)),
+            wanted: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -66,6 +70,7 @@ impl Acker {
                 Err(e) => {
                     tracing::warn!(stream, error = %e, "entries not acknowledged; they are claimed and fed again");
                     self.reclaim.store(true, Ordering::Release);
+                    self.wanted.notify_one();
                     return false;
                 }
             }
@@ -75,6 +80,16 @@ impl Acker {
     /// Whether an acknowledgement was given up since the last call.
     fn must_reclaim(&self) -> bool {
         self.reclaim.swap(false, Ordering::AcqRel)
+    }
+
+    /// Resolves once an acknowledgement was given up (see [`Acker::must_reclaim`]).
+    async fn reclaim_wanted(&self) {
+        loop {
+            if self.must_reclaim() {
+                return;
+            }
+            self.wanted.notified().await;
+        }
     }
 }
 
@@ -105,6 +120,7 @@ pub(crate) async fn pump<F: Flow>(
     server_time: ServerTime,
     acker: Acker,
     sweep: Duration,
+    joint: Option<Arc<Joint>>,
 ) {
     let carries = handoff.is_some();
     let handed = async {
@@ -113,8 +129,23 @@ pub(crate) async fn pump<F: Flow>(
             None => std::future::pending().await,
         }
     };
+    let feed = Arc::new(Feed {
+        streams: streams.clone(),
+        tx,
+        outcomes: outcomes.clone(),
+        limit,
+        server_time,
+        carries,
+        acker: acker.clone(),
+    });
+    let read = async {
+        match joint {
+            Some(joint) => read_joined(&bus, &node, &joint, feed, &acker, sweep).await,
+            None => read_streams(&bus, &node, &feed, &acker, sweep).await,
+        }
+    };
     tokio::select! {
-        () = read_streams::<F>(&bus, &node, &streams, tx, &outcomes, (limit, server_time, carries), &acker, sweep) => {}
+        () = read => {}
         () = handed => {}
     }
 }
@@ -156,27 +187,15 @@ async fn take_handoffs(
     }
 }
 
-/// Feeds the shard's streams (see [`pump`]).
-#[allow(clippy::too_many_arguments)]
+/// Feeds the shard's streams (see [`pump`]), read on a connection of its own.
 async fn read_streams<F: Flow>(
     bus: &RedisBus,
     node: &Arc<str>,
-    streams: &[String; 2],
-    tx: mpsc::Sender<Msg<F>>,
-    outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
-    (limit, server_time, carries): (usize, ServerTime, bool),
+    feed: &Feed<F>,
     acker: &Acker,
     sweep: Duration,
 ) {
-    let feed = Feed {
-        streams: streams.clone(),
-        tx,
-        outcomes: outcomes.clone(),
-        limit,
-        server_time,
-        carries,
-        acker: acker.clone(),
-    };
+    let streams = &feed.streams;
     let mut failures = 0u32;
     // Each reader starts by claiming the pending entries (the first one, and each one
     // after a failed read): no new entry is read before a claim succeeded.
@@ -190,7 +209,7 @@ async fn read_streams<F: Flow>(
                 continue;
             }
         };
-        if let Err(e) = claim_pending(bus, node, streams, &feed).await {
+        if let Err(e) = claim_pending(bus, node, streams, feed).await {
             failures = failures.saturating_add(1);
             tracing::warn!(error = %e, "entries left pending not claimed yet");
             tokio::time::sleep(super::pause(failures)).await;
@@ -211,7 +230,7 @@ async fn read_streams<F: Flow>(
                         break;
                     }
                     if Instant::now() >= next_sweep {
-                        if let Err(e) = claim_others(bus, node, streams, &feed).await {
+                        if let Err(e) = claim_others(bus, node, streams, feed).await {
                             failures = failures.saturating_add(1);
                             tracing::warn!(error = %e, "entries pending elsewhere not claimed");
                             tokio::time::sleep(super::pause(failures)).await;
@@ -225,6 +244,58 @@ async fn read_streams<F: Flow>(
                     tracing::warn!(error = %e, "shard streams not readable");
                     tokio::time::sleep(super::pause(failures)).await;
                     break;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds the shard's streams read by the process's [`Joint`] (one server): claims the
+/// entries left pending, has the joint read the new ones, and claims again after a read
+/// or an acknowledgement that failed (see the joint's module docs); every `sweep`, claims
+/// the entries pending on other consumers, as [`read_streams`] does.
+async fn read_joined<F: Flow>(
+    bus: &RedisBus,
+    node: &Arc<str>,
+    joint: &Arc<Joint>,
+    feed: Arc<Feed<F>>,
+    acker: &Acker,
+    sweep: Duration,
+) {
+    let streams = feed.streams.clone();
+    let take: super::joint::Take = {
+        let feed = feed.clone();
+        Arc::new(move |e| feed.take(e))
+    };
+    let joined = joint.join(streams.clone(), take);
+    let mut failures = 0u32;
+    loop {
+        // Inactive here: no read of the joint covers the shard until the claim is done.
+        joined.settle().await;
+        if let Err(e) = claim_pending(bus, node, &streams, &feed).await {
+            failures = failures.saturating_add(1);
+            tracing::warn!(error = %e, "entries left pending not claimed yet");
+            tokio::time::sleep(super::pause(failures)).await;
+            continue;
+        }
+        joined.activate();
+        let mut next_sweep = Instant::now() + sweep;
+        loop {
+            tokio::select! {
+                () = joined.must_reclaim() => break,
+                () = acker.reclaim_wanted() => {
+                    joined.deactivate();
+                    break;
+                }
+                () = tokio::time::sleep_until(next_sweep) => {
+                    if let Err(e) = claim_others(bus, node, &streams, &feed).await {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(error = %e, "entries pending elsewhere not claimed");
+                        tokio::time::sleep(super::pause(failures)).await;
+                    } else {
+                        failures = 0;
+                    }
+                    next_sweep = Instant::now() + sweep;
                 }
             }
         }

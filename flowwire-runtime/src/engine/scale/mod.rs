@@ -6,6 +6,7 @@
 //! * [`workers`] — driver calls from streams, outcomes back to the shards' streams.
 //! * [`client`] — what handles ask, sent to the owning shard or read from the store.
 //! * [`messages`] — what travels between them.
+//! * `joint` — on one Redis server, one stream reader for all the shards a process holds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::error::Result;
 
 pub(crate) mod client;
 mod feed;
+mod joint;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
 mod server_time;
@@ -207,6 +209,10 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             lease_ttl: shared.lease_ttl,
             held: held.clone(),
             server_time: server_time::ServerTime::default(),
+            // One server: one reader for every shard held (see `joint`).
+            joint: store
+                .carries_sends()
+                .then(|| joint::Joint::new(bus.clone(), node.clone())),
         })
     });
     let mut background = Vec::new();

@@ -14,8 +14,9 @@
 //!   every call it committed is on the bus, and marks the release clean: the next owner
 //!   then sends no call again. After a crash (a lease that ran out), the next owner sends
 //!   the calls in flight again, with the same idempotency keys.
-//! * **Inputs.** A pump per shard reads the shard's request and outcome streams (what the
-//!   previous owner left unacknowledged first). An outcome is acknowledged once its step is
+//! * **Inputs.** A pump per shard feeds the shard's request and outcome streams (what the
+//!   previous owner left unacknowledged first), read for all the shards together on one
+//!   server (`joint`). An outcome is acknowledged once its step is
 //!   committed or it is no longer needed; a request once it is answered.
 
 use std::collections::BTreeMap;
@@ -58,6 +59,9 @@ pub(crate) struct Orchestra {
     pub held: crate::engine::health::Held,
     /// Redis's clock, read at every heartbeat (request deadlines are on it).
     pub server_time: ServerTime,
+    /// On one server, the reader of every held shard's streams (`None`: each shard reads
+    /// its own).
+    pub joint: Option<Arc<super::joint::Joint>>,
 }
 
 impl Orchestra {
@@ -371,6 +375,7 @@ async fn start_shard<F: Flow>(
         o.server_time.clone(),
         acker,
         o.lease_ttl / 2,
+        o.joint.clone(),
     ));
     Ok(ShardRun {
         token: lease.token,
