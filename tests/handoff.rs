@@ -422,3 +422,151 @@ async fn one_reader_serves_every_shard_an_orchestrator_holds() {
         engine.shutdown().await;
     }
 }
+
+/// Counts the messages published on the deployment's handoff channels from now on (a
+/// subscriber of its own, on a thread, until the server goes away).
+fn handoffs_published(url: &str, prefix: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let pattern = format!("{prefix}:handoff*");
+    let (ready, subscribed) = std::sync::mpsc::channel();
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        let mut pubsub = conn.as_pubsub();
+        pubsub.psubscribe(&pattern).unwrap();
+        ready.send(()).unwrap();
+        while pubsub.get_message().is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    subscribed.recv().unwrap();
+    seen
+}
+
+/// Runs `n` trips from `client`, each to its end with both calls applied once.
+async fn trips(client: &Engine, tag: &str, n: usize) {
+    for i in 0..n {
+        let trip = client
+            .start::<Trip>(format!("{tag}-{i}"), TripState::default())
+            .await
+            .unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+            .await
+            .expect("the trip finishes")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+        let state = trip.state().await.unwrap();
+        assert_eq!(
+            (state.calls, state.sum),
+            (2, 3),
+            "each outcome applied once"
+        );
+    }
+}
+
+/// A worker sends each outcome to the shard's owner over a connection of its own, at the
+/// address the owner advertised: nothing is published through Redis for it, and nothing
+/// is written to the outcome stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_go_to_their_owner_directly_not_through_redis() {
+    let redis = servers::Redis::start();
+    let prefix = "direct";
+    let orchestrator = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "o"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w"))
+        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
+    // The owner advertises its address once it holds the shard.
+    let channel = bus.handoffs("Trip", 0);
+    for _ in 0..500 {
+        if bus.endpoints(std::slice::from_ref(&channel)).await.unwrap()[0].is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let published = handoffs_published(&redis.url(), prefix);
+
+    trips(&client, "d", 10).await;
+    assert_eq!(
+        published.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "all 20 outcomes went to the owner directly"
+    );
+    assert_eq!(
+        stream_info(&redis.url(), &bus.outcomes("Trip", 0)).await,
+        (0, 0),
+        "none was written to the outcome stream"
+    );
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+/// Where the owner cannot be reached directly — it listens nowhere (`direct_handoffs(None)`)
+/// and the address advertised is dead — the worker publishes the outcomes as before, and
+/// each is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() {
+    let redis = servers::Redis::start();
+    let prefix = "undirect";
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    // An address nobody listens at (a port just freed), advertised as the shard's.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    bus.advertise(&bus.handoffs("Trip", 0), &format!("{dead}|o"))
+        .await
+        .unwrap();
+    let orchestrator = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "o").direct_handoffs(None))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let worker = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "w"))
+        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(shared(&redis.url(), prefix, "c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
+    let published = handoffs_published(&redis.url(), prefix);
+
+    trips(&client, "u", 5).await;
+    assert_eq!(
+        published.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "the 10 outcomes were published"
+    );
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}

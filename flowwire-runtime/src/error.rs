@@ -320,6 +320,18 @@ pub enum Error {
         "a multi-process engine stores instances in the Redis given to `.shared(..)`; remove `.data_dir(..)`, `.in_memory()` or `.store(..)`"
     )]
     SharedStore,
+    /// An orchestrator could not listen where workers send it outcomes directly
+    /// ([`Shared::direct_handoffs`](crate::Shared::direct_handoffs)).
+    #[error(
+        "the orchestrator cannot listen at {addr} for the outcomes workers send it directly: {source}; give `Shared::direct_handoffs` a free address of this host, or `None` to publish them through Redis"
+    )]
+    DirectHandoffs {
+        /// The address asked for.
+        addr: String,
+        /// Why it could not listen there.
+        #[source]
+        source: std::io::Error,
+    },
     /// An operation that a multi-process engine does not route between processes yet.
     #[error(
         "{op} is not available on a multi-process engine yet; run it on a single-process engine over the same store"

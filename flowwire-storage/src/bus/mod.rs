@@ -333,6 +333,44 @@ impl RedisBus {
         self.shard_key("handoff", flow, shard)
     }
 
+    /// Advertises `endpoint` as where the owner of the shard whose handoff channel is
+    /// `channel` takes its outcomes directly (the runtime's direct handoffs: an address
+    /// and a node's name); the shard's next owner overwrites it.
+    pub async fn advertise(&self, channel: &str, endpoint: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        redis::cmd("HSET")
+            .arg(format!("{}:direct", self.prefix))
+            .arg(channel)
+            .arg(endpoint)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
+    /// The endpoints advertised for `channels` (see [`RedisBus::advertise`]), in order.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), flowwire::storage::StoreError> {
+    /// use flowwire::storage::store::RedisStore;
+    /// let bus = RedisStore::open("redis://127.0.0.1:6379/", "fw")?.bus();
+    /// let channel = bus.handoffs("Order", 3);
+    /// bus.advertise(&channel, "127.0.0.1:7400|node-a").await?;
+    /// assert_eq!(bus.endpoints(&[channel]).await?, [Some("127.0.0.1:7400|node-a".to_string())]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn endpoints(&self, channels: &[String]) -> Result<Vec<Option<String>>, StoreError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        redis::cmd("HMGET")
+            .arg(format!("{}:direct", self.prefix))
+            .arg(channels)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| backend(&e))
+    }
+
     /// The stream of calls for the workers of a driver trait.
     pub fn jobs(&self, driver: &str) -> String {
         format!("{}:jobs:{{{driver}}}", self.prefix)

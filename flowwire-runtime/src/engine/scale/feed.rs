@@ -13,7 +13,8 @@ use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::joint::Joint;
+use super::direct::Inbox;
+use super::joint::{Joint, PAGE};
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
 use crate::engine::job::OutcomeMsg;
@@ -23,8 +24,6 @@ use crate::flow::Flow;
 
 /// The consumer group of the orchestrators on a shard's streams.
 pub(crate) const GROUP: &str = flowwire_storage::bus::ORCHESTRATORS;
-/// Entries taken from a stream at once.
-pub(crate) const PAGE: usize = 256;
 
 /// Acknowledges (and deletes) the entries a shard's owner is done with.
 ///
@@ -120,12 +119,24 @@ pub(crate) async fn pump<F: Flow>(
     server_time: ServerTime,
     acker: Acker,
     sweep: Duration,
-    joint: Option<Arc<Joint>>,
+    (joint, inbox): (Option<Arc<Joint>>, Option<Arc<Inbox>>),
 ) {
     let carries = handoff.is_some();
     let handed = async {
         match handoff {
-            Some(channel) => take_handoffs(&bus, &channel, &outcomes, limit).await,
+            Some(channel) => {
+                // Routed here for as long as the pump runs, and advertised for the workers
+                // (by the pump itself: a pump stopped advertises nothing late).
+                let _route = inbox
+                    .as_ref()
+                    .map(|inbox| inbox.route(channel.clone(), outcomes.clone()));
+                let advertised = async {
+                    if let Some(inbox) = &inbox {
+                        advertise(&bus, &channel, inbox.endpoint()).await;
+                    }
+                };
+                tokio::join!(advertised, take_handoffs(&bus, &channel, &outcomes, limit));
+            }
             None => std::future::pending().await,
         }
     };
@@ -147,6 +158,17 @@ pub(crate) async fn pump<F: Flow>(
     tokio::select! {
         () = read => {}
         () = handed => {}
+    }
+}
+
+/// Advertises where this process takes the shard's outcomes directly, trying again until
+/// it could (meanwhile, and if it never can, workers publish them).
+async fn advertise(bus: &RedisBus, channel: &str, endpoint: &str) {
+    let mut failures = 0u32;
+    while let Err(e) = bus.advertise(channel, endpoint).await {
+        failures = failures.saturating_add(1);
+        tracing::warn!(channel, error = %e, "direct handoff address not advertised yet");
+        tokio::time::sleep(super::pause(failures)).await;
     }
 }
 

@@ -25,7 +25,10 @@ use std::time::Duration;
 use flowwire_storage::bus::{Entry, RedisBus};
 use tokio::sync::{Notify, watch};
 
-use super::feed::{GROUP, PAGE};
+use flowwire_storage::bus::ORCHESTRATORS as GROUP;
+
+/// Entries taken from a stream at once (by a read or a claim).
+pub(crate) const PAGE: usize = 256;
 
 /// How long one read blocks on the server: a shard activated meanwhile is read from the
 /// next read on (and an idle process reads ten times a second).

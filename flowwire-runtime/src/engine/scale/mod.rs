@@ -7,6 +7,7 @@
 //! * [`client`] — what handles ask, sent to the owning shard or read from the store.
 //! * [`messages`] — what travels between them.
 //! * `joint` — on one Redis server, one stream reader for all the shards a process holds.
+//! * `direct` — on one Redis server, outcomes sent from worker to owner over TCP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use flowwire_storage::store::RedisStore;
 use crate::error::Result;
 
 pub(crate) mod client;
+mod direct;
 mod feed;
 mod joint;
 pub(crate) mod messages;
@@ -47,6 +49,7 @@ pub struct Shared {
     pub(crate) visibility: Duration,
     pub(crate) node: Option<String>,
     pub(crate) audit: bool,
+    pub(crate) direct: Option<std::net::SocketAddr>,
 }
 
 impl Shared {
@@ -69,7 +72,31 @@ impl Shared {
             visibility: Duration::from_mins(1),
             node: None,
             audit: false,
+            direct: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         }
+    }
+
+    /// Where an orchestrator process takes the outcomes workers send its shards directly,
+    /// on one Redis server (default: a free port on loopback, `127.0.0.1:0`, for workers on
+    /// the same host). A worker looks the address up under the shard and sends the outcome
+    /// there, instead of publishing it through Redis, where it would wait for the server's
+    /// next `fdatasync`; an outcome the owner does not take is published, as with `None`.
+    /// Workers on other hosts need an address they reach: bind one of this host's (not
+    /// `0.0.0.0`), where only the deployment's processes reach it. A process that cannot
+    /// listen there does not start ([`Error::DirectHandoffs`](crate::Error::DirectHandoffs)).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> flowwire::Result<()> {
+    /// use flowwire::{Engine, Shared};
+    /// let shared = Shared::redis("redis://10.0.0.5:6379/", "shop")?
+    ///     .direct_handoffs(Some("10.0.0.7:7400".parse().unwrap()));
+    /// let engine = Engine::builder().shared(shared).orchestrator().start().await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn direct_handoffs(mut self, bind: Option<std::net::SocketAddr>) -> Self {
+        self.direct = bind;
+        self
     }
 
     /// How many shards each flow's instances are split into (1 to 4,096; default 16): the
@@ -196,6 +223,26 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     });
     let held = super::health::Held::default();
     let (children, child_jobs) = super::children::ChildPort::new();
+    // One server: outcomes reach this process's shards directly (see `direct`).
+    let mut background = Vec::new();
+    let inbox = match shared
+        .direct
+        .filter(|_| b.roles.orchestrator && store.carries_sends())
+    {
+        Some(addr) => match direct::Inbox::bind(addr, node.clone(), b.limits.decode_limit).await {
+            Ok((inbox, task)) => {
+                background.push(task);
+                Some(inbox)
+            }
+            Err(source) => {
+                return Err(Error::DirectHandoffs {
+                    addr: addr.to_string(),
+                    source,
+                });
+            }
+        },
+        None => None,
+    };
     let orchestra = b.roles.orchestrator.then(|| {
         Arc::new(orchestrator::Orchestra {
             children,
@@ -213,15 +260,17 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             joint: store
                 .carries_sends()
                 .then(|| joint::Joint::new(bus.clone(), node.clone())),
+            inbox,
         })
     });
-    let mut background = Vec::new();
     let mut drivers = Vec::new();
     let drain = Arc::new(super::worker::Drain::default());
     let workers = Arc::new(workers::WorkerCtx {
         bus: bus.clone(),
         node: node.clone(),
         handoff: store.carries_sends(),
+        outlet: (shared.direct.is_some() && store.carries_sends())
+            .then(|| direct::Outlet::new(bus.clone(), b.limits.decode_limit)),
         stopping: tokio::sync::watch::Sender::new(false),
         limits: b.limits.clone(),
         visibility: shared.visibility,

@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::feed::{Acker, GROUP, PAGE, pump};
+use super::feed::{Acker, GROUP, pump};
+use super::joint::PAGE;
 use super::messages::{JobMsg, Outbox};
 use super::server_time::ServerTime;
 use crate::engine::Limits;
@@ -62,6 +63,8 @@ pub(crate) struct Orchestra {
     /// On one server, the reader of every held shard's streams (`None`: each shard reads
     /// its own).
     pub joint: Option<Arc<super::joint::Joint>>,
+    /// On one server, where workers send this process's shards their outcomes directly.
+    pub inbox: Option<Arc<super::direct::Inbox>>,
 }
 
 impl Orchestra {
@@ -375,7 +378,7 @@ async fn start_shard<F: Flow>(
         o.server_time.clone(),
         acker,
         o.lease_ttl / 2,
-        o.joint.clone(),
+        (o.joint.clone(), o.inbox.clone()),
     ));
     Ok(ShardRun {
         token: lease.token,

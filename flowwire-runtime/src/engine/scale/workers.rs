@@ -44,6 +44,8 @@ pub(crate) struct WorkerCtx {
     pub node: Arc<str>,
     /// Whether outcomes are handed over (the store's commits settle calls: one server).
     pub handoff: bool,
+    /// Sends outcomes to their owners directly (one server; see `direct`).
+    pub outlet: Option<super::direct::Outlet>,
     /// Set when the engine stops: the writer finishes, and writes to the stream the
     /// outcomes handed over that no commit settled yet, without waiting (see [`writer`]).
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -345,10 +347,32 @@ async fn writer(
         if !offers.is_empty() {
             // An outcome nobody received is written at once; so are all of them when
             // the publishing failed.
-            let heard = ctx.bus.publish_each(&offers).await.unwrap_or_else(|e| {
+            // Directly to their owners where they can be; published where not.
+            let direct = match &ctx.outlet {
+                Some(outlet) => outlet.offer(&offers).await,
+                None => vec![false; offers.len()],
+            };
+            let rest: Vec<(String, Bytes)> = offers
+                .iter()
+                .zip(&direct)
+                .filter(|(_, taken)| !**taken)
+                .map(|(o, _)| o.clone())
+                .collect();
+            let published = ctx.bus.publish_each(&rest).await.unwrap_or_else(|e| {
                 tracing::debug!(error = %e, "outcomes not handed over; written instead");
                 Vec::new()
             });
+            let mut published = published.into_iter();
+            let heard: Vec<u64> = direct
+                .iter()
+                .map(|&taken| {
+                    if taken {
+                        1
+                    } else {
+                        published.next().unwrap_or(0)
+                    }
+                })
+                .collect();
             let now = Instant::now();
             let mut h = lock(&handed);
             for (i, (entry, reply_to, out)) in offered.into_iter().enumerate() {

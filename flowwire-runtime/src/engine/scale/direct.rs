@@ -1,0 +1,412 @@
+//! Outcomes handed to their shard's owner directly, over a TCP connection from the worker
+//! to the owner's process (one Redis server).
+//!
+//! Handed over on pub/sub, an outcome crosses the server: the worker's `PUBLISH` lands in a
+//! turn of the server's loop, and Redis delivers it only after that turn's `fdatasync` —
+//! a wait on the disk for a message that needs no durability. A workflow of two calls
+//! waits for two such turns. Sent directly, it waits for none.
+//!
+//! * **The owner's side ([`Inbox`]).** Each orchestrator process listens on one address
+//!   (`Shared::direct_handoffs`, loopback by default). A shard's pump routes the outcomes
+//!   that name its handoff channel to its runner, and advertises the address under that
+//!   channel (`RedisBus::advertise`): the shard's next owner overwrites it.
+//! * **The worker's side ([`Outlet`]).** For each outcome's channel the worker looks up the
+//!   address once (then keeps it), connects, checks the greeting (a magic and the node
+//!   the address was advertised with), and sends its outcomes; the owner answers each
+//!   with whether it routes that channel.
+//! * **Fallbacks.** An outcome the owner did not take — the shard moved on, the address is
+//!   stale or unreachable, the answer did not come within a second — is published as
+//!   before; one nobody received is written to the shard's outcome stream, and one no
+//!   commit settles within a second too (`workers.rs`). An outcome that arrives twice is
+//!   applied once, by its step.
+//!
+//! Frames are length-prefixed (`u32`, little-endian) and bounded by the decode limit: a
+//! longer one closes the connection. Anything that can reach the address can offer
+//! outcomes for calls in flight, as anything that can reach Redis can publish them: bind
+//! it where only the deployment's processes reach it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flowwire_storage::bus::RedisBus;
+use flowwire_storage::codec;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::messages::{Handoff, OutcomeWire};
+use crate::engine::job::OutcomeMsg;
+
+/// What an owner's process says first on every connection, before its node's name.
+const MAGIC: &[u8; 8] = b"fwdirect";
+
+/// How long a connection, a greeting, a frame or the answers to a batch may take.
+const WAIT: Duration = Duration::from_secs(1);
+
+/// How long a channel with no usable address is published on before it is looked up again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// An outcome on its way to the owner of `channel`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Frame {
+    /// The shard's handoff channel: which runner it is for.
+    channel: String,
+    /// The encoded [`Handoff`].
+    handoff: Bytes,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An orchestrator process's listener for outcomes (see the module docs).
+pub(crate) struct Inbox {
+    /// What is advertised: the address, `|`, the node's name.
+    endpoint: String,
+    node: Arc<str>,
+    limit: usize,
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<OutcomeMsg>>>,
+}
+
+impl Inbox {
+    /// Listens on `bind` (port 0: any free one). Fails if it cannot, or if `bind`'s IP is
+    /// unspecified (`0.0.0.0`): workers need an address they can reach.
+    pub(crate) async fn bind(
+        bind: SocketAddr,
+        node: Arc<str>,
+        limit: usize,
+    ) -> std::io::Result<(Arc<Inbox>, tokio::task::JoinHandle<()>)> {
+        if bind.ip().is_unspecified() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{bind} is no address a worker can reach; bind a specific one"),
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let inbox = Arc::new(Inbox {
+            endpoint: format!("{addr}|{node}"),
+            node,
+            limit,
+            routes: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(accept(listener, Arc::downgrade(&inbox)));
+        Ok((inbox, task))
+    }
+
+    /// What a shard's pump advertises under its handoff channel.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Routes the outcomes offered for `channel` to `outcomes` until the guard is dropped.
+    pub(crate) fn route(
+        self: &Arc<Self>,
+        channel: String,
+        outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    ) -> Route {
+        lock(&self.routes).insert(channel.clone(), outcomes.clone());
+        Route {
+            inbox: self.clone(),
+            channel,
+            outcomes,
+        }
+    }
+
+    /// Hands one frame's outcome to its runner; whether it was routed.
+    fn take(&self, frame: &[u8]) -> bool {
+        let decoded = codec::decode_raw::<Frame>(frame, self.limit).and_then(|f| {
+            let h = codec::decode_raw::<Handoff>(&f.handoff, self.limit)?;
+            let o = codec::decode_raw::<OutcomeWire>(&h.outcome, self.limit)?;
+            Ok((f.channel, h, o))
+        });
+        let (channel, h, o) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
+                return false;
+            }
+        };
+        let routes = lock(&self.routes);
+        routes
+            .get(&channel)
+            .is_some_and(|tx| tx.send(o.received(h.entry, Some(h.jobs))).is_ok())
+    }
+}
+
+/// A shard's route in the [`Inbox`]; removed when dropped (unless a later one replaced it).
+pub(crate) struct Route {
+    inbox: Arc<Inbox>,
+    channel: String,
+    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        let mut routes = lock(&self.inbox.routes);
+        if routes
+            .get(&self.channel)
+            .is_some_and(|tx| tx.same_channel(&self.outcomes))
+        {
+            routes.remove(&self.channel);
+        }
+    }
+}
+
+async fn accept(listener: tokio::net::TcpListener, inbox: Weak<Inbox>) {
+    loop {
+        let accepted = listener.accept().await;
+        let Some(inbox) = inbox.upgrade() else {
+            return;
+        };
+        match accepted {
+            Ok((sock, _)) => {
+                let _ = sock.set_nodelay(true);
+                tokio::spawn(serve(sock, inbox));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "direct handoff connection not accepted");
+                drop(inbox);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one worker's connection until it closes (or sends what is not a frame).
+async fn serve(sock: TcpStream, inbox: Arc<Inbox>) {
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::new(r);
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&u16::try_from(inbox.node.len()).unwrap_or(0).to_le_bytes());
+    hello.extend_from_slice(inbox.node.as_bytes());
+    if w.write_all(&hello).await.is_err() {
+        return;
+    }
+    let mut answers = Vec::new();
+    let mut frame = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+        if len > inbox.limit {
+            tracing::warn!(
+                len,
+                limit = inbox.limit,
+                "direct handoff frame over the decode limit; connection closed"
+            );
+            return;
+        }
+        frame.resize(len, 0);
+        match tokio::time::timeout(WAIT, r.read_exact(&mut frame)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        answers.push(u8::from(inbox.take(&frame)));
+        // One write for all the frames that came together.
+        if r.buffer().is_empty() {
+            if w.write_all(&answers).await.is_err() {
+                return;
+            }
+            answers.clear();
+        }
+    }
+}
+
+/// A worker's connections to the owners it hands outcomes to (see the module docs).
+pub(crate) struct Outlet {
+    bus: RedisBus,
+    limit: usize,
+    /// Per handoff channel, the owner's endpoint as advertised, or until when to publish.
+    ends: Mutex<HashMap<String, End>>,
+    /// Open connections, by endpoint.
+    conns: tokio::sync::Mutex<HashMap<String, Conn>>,
+}
+
+#[derive(Clone)]
+enum End {
+    At(String),
+    Publish(Instant),
+}
+
+struct Conn {
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+}
+
+impl Outlet {
+    pub(crate) fn new(bus: RedisBus, limit: usize) -> Outlet {
+        Outlet {
+            bus,
+            limit,
+            ends: Mutex::new(HashMap::new()),
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Offers each `(channel, encoded Handoff)` to the channel's owner directly; says per
+    /// offer whether the owner took it (`false`: publish it).
+    pub(crate) async fn offer(&self, offers: &[(String, Bytes)]) -> Vec<bool> {
+        let mut took = vec![false; offers.len()];
+        self.resolve(offers).await;
+        // The offers by endpoint, in order.
+        let mut by_end: Vec<(String, Vec<usize>)> = Vec::new();
+        {
+            let ends = lock(&self.ends);
+            for (i, (channel, _)) in offers.iter().enumerate() {
+                let Some(End::At(end)) = ends.get(channel) else {
+                    continue;
+                };
+                match by_end.iter_mut().find(|(e, _)| e == end) {
+                    Some((_, is)) => is.push(i),
+                    None => by_end.push((end.clone(), vec![i])),
+                }
+            }
+        }
+        let mut conns = self.conns.lock().await;
+        for (end, is) in by_end {
+            let mut frames = Vec::new();
+            for &i in &is {
+                let (channel, handoff) = &offers[i];
+                let frame = Frame {
+                    channel: channel.clone(),
+                    handoff: handoff.clone(),
+                };
+                let at = frames.len();
+                frames.extend_from_slice(&[0; 4]);
+                if codec::encode_raw(&frame, &mut frames).is_err() {
+                    frames.truncate(at);
+                    continue;
+                }
+                let len = u32::try_from(frames.len() - at - 4).unwrap_or(u32::MAX);
+                frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            }
+            let answers = match self.send(&mut conns, &end, &frames, is.len()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(endpoint = %end, error = %e, "outcomes not offered directly; published");
+                    let until = Instant::now() + RETRY;
+                    let mut ends = lock(&self.ends);
+                    for &i in &is {
+                        ends.insert(offers[i].0.clone(), End::Publish(until));
+                    }
+                    continue;
+                }
+            };
+            let mut ends = lock(&self.ends);
+            for (&i, &a) in is.iter().zip(&answers) {
+                took[i] = a == 1;
+                if a != 1 {
+                    // The shard moved on: look its owner up again next time.
+                    ends.remove(&offers[i].0);
+                }
+            }
+        }
+        took
+    }
+
+    /// Looks up, in one round trip, the channels with no endpoint known yet.
+    async fn resolve(&self, offers: &[(String, Bytes)]) {
+        let now = Instant::now();
+        let mut unknown: Vec<String> = Vec::new();
+        {
+            let ends = lock(&self.ends);
+            for (channel, _) in offers {
+                let known = match ends.get(channel) {
+                    Some(End::At(_)) => true,
+                    Some(End::Publish(until)) => *until > now,
+                    None => false,
+                };
+                if !known && !unknown.contains(channel) {
+                    unknown.push(channel.clone());
+                }
+            }
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        let found = match tokio::time::timeout(WAIT, self.bus.endpoints(&unknown)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "owners' addresses not read; outcomes published");
+                vec![None; unknown.len()]
+            }
+            Err(_) => vec![None; unknown.len()],
+        };
+        let mut ends = lock(&self.ends);
+        for (channel, end) in unknown.into_iter().zip(found) {
+            let end = end.map_or(End::Publish(now + RETRY), End::At);
+            ends.insert(channel, end);
+        }
+    }
+
+    /// Sends `frames` (`count` of them) on the connection to `end`, opening it if needed;
+    /// the owner's answer to each. The connection is out of the map while in use: if
+    /// this is cancelled mid-exchange, it is dropped, not reused out of step.
+    async fn send(
+        &self,
+        conns: &mut HashMap<String, Conn>,
+        end: &str,
+        frames: &[u8],
+        count: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut conn = match conns.remove(end) {
+            Some(c) => c,
+            None => connect(end, self.limit).await?,
+        };
+        let mut answers = vec![0u8; count];
+        let exchange = async {
+            conn.w.write_all(frames).await?;
+            conn.r.read_exact(&mut answers).await?;
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout(WAIT, exchange).await {
+            Ok(Ok(())) => {
+                conns.insert(end.to_string(), conn);
+                Ok(answers)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+/// Connects to an advertised endpoint (`address|node`) and checks its greeting.
+async fn connect(end: &str, limit: usize) -> std::io::Result<Conn> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let (addr, node) = end
+        .split_once('|')
+        .ok_or_else(|| bad("an endpoint is an address, '|' and a node's name"))?;
+    let greeted = async {
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let (mut r, w) = sock.into_split();
+        let mut head = [0u8; 10];
+        r.read_exact(&mut head).await?;
+        if head[..8] != MAGIC[..] {
+            return Err(bad("not an owner's direct handoff listener"));
+        }
+        let len = usize::from(u16::from_le_bytes([head[8], head[9]]));
+        if len > limit {
+            return Err(bad("a node's name over the decode limit"));
+        }
+        let mut name = vec![0u8; len];
+        r.read_exact(&mut name).await?;
+        if name != node.as_bytes() {
+            return Err(bad("another node listens at the address advertised"));
+        }
+        Ok(Conn { r, w })
+    };
+    match tokio::time::timeout(WAIT, greeted).await {
+        Ok(c) => c,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
