@@ -13,7 +13,7 @@ use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::direct::Inbox;
+use super::handoff::Inbox;
 use super::joint::{Joint, PAGE};
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};

@@ -7,7 +7,7 @@
 //! * [`client`] — what handles ask, sent to the owning shard or read from the store.
 //! * [`messages`] — what travels between them.
 //! * `joint` — on one Redis server, one stream reader for all the shards a process holds.
-//! * `direct` — on one Redis server, outcomes sent from worker to owner over TCP.
+//! * `handoff` — on one Redis server, outcomes sent from worker to owner over TCP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,8 @@ use flowwire_storage::store::RedisStore;
 use crate::error::Result;
 
 pub(crate) mod client;
-mod direct;
 mod feed;
+mod handoff;
 mod joint;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
@@ -223,13 +223,13 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     });
     let held = super::health::Held::default();
     let (children, child_jobs) = super::children::ChildPort::new();
-    // One server: outcomes reach this process's shards directly (see `direct`).
+    // One server: outcomes reach this process's shards directly (see `handoff`).
     let mut background = Vec::new();
     let inbox = match shared
         .direct
         .filter(|_| b.roles.orchestrator && store.carries_sends())
     {
-        Some(addr) => match direct::Inbox::bind(addr, node.clone(), b.limits.decode_limit).await {
+        Some(addr) => match handoff::Inbox::bind(addr, node.clone(), b.limits.decode_limit).await {
             Ok((inbox, task)) => {
                 background.push(task);
                 Some(inbox)
@@ -270,7 +270,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         node: node.clone(),
         handoff: store.carries_sends(),
         outlet: (shared.direct.is_some() && store.carries_sends())
-            .then(|| direct::Outlet::new(bus.clone(), b.limits.decode_limit)),
+            .then(|| handoff::Outlet::new(bus.clone(), b.limits.decode_limit)),
         stopping: tokio::sync::watch::Sender::new(false),
         limits: b.limits.clone(),
         visibility: shared.visibility,

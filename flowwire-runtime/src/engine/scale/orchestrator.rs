@@ -64,7 +64,7 @@ pub(crate) struct Orchestra {
     /// its own).
     pub joint: Option<Arc<super::joint::Joint>>,
     /// On one server, where workers send this process's shards their outcomes directly.
-    pub inbox: Option<Arc<super::direct::Inbox>>,
+    pub inbox: Option<Arc<super::handoff::Inbox>>,
 }
 
 impl Orchestra {
