@@ -1,8 +1,12 @@
 //! Outcomes handed over (multi-process mode on one Redis server): a worker publishes a
 //! call's outcome to the shard's owner, whose commit applying it settles the call, so
 //! nothing is written for the outcome itself; an outcome no commit settles within a second
-//! is written to the shard's outcome stream, and applied from there. An orchestrator reads
-//! the streams of all the shards it holds on one connection.
+//! is written to the shard's outcome stream, and applied from there. Where the owner
+//! listens for them, a worker sends its outcomes there directly instead, and publishes
+//! what the owner cannot be reached for or refuses (it gave the shard away). An
+//! orchestrator reads the streams of all the shards it holds on one connection.
+//! (Over 600 lines: one scenario per test; they share the flow, the gated driver and the
+//! helpers that ask Redis what it holds and publishes, which splitting the file would copy.)
 
 #![allow(missing_docs)] // test-local flows
 #![cfg(feature = "redis")]
@@ -567,6 +571,124 @@ async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() 
         "the 10 outcomes were published"
     );
     for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+/// Ids of `n` instances in each of two shards.
+fn ids_in_two_shards(tag: &str, n: usize) -> Vec<String> {
+    let mut per_shard = [0usize; 2];
+    let mut ids = Vec::new();
+    for i in 0.. {
+        let id = format!("{tag}-{i}");
+        let shard = usize::from(flowwire::storage::store::shard_of(&id, 2));
+        if per_shard[shard] < n {
+            per_shard[shard] += 1;
+            ids.push(id);
+        }
+        if per_shard == [n, n] {
+            break;
+        }
+    }
+    ids
+}
+
+/// A worker keeps the address an owner advertised. When that owner gives the shard to
+/// another orchestrator, it refuses the outcomes it is offered for it (it no longer routes
+/// the shard); the worker publishes them, and the new owner applies each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_offered_to_a_former_owner_is_published_to_the_new_one() {
+    let redis = servers::Redis::start();
+    let prefix = "moved";
+    let two = |node: &str| shared(&redis.url(), prefix, node).shards(2);
+    let a = Engine::builder()
+        .shared(two("a"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
+    let worker = Engine::builder()
+        .shared(two("w"))
+        .driver(gate.clone())
+        .worker()
+        .start()
+        .await
+        .unwrap();
+    let client = Engine::builder()
+        .shared(two("c"))
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap();
+    let bus = two("t").store().bus();
+    for shard in 0..2 {
+        subscribed(&redis.url(), &bus.handoffs("Trip", shard)).await;
+    }
+    // A trip on each shard, so the worker has looked up and keeps `a`'s address for both.
+    gate.0.add_permits(4);
+    for id in ids_in_two_shards("warm", 1) {
+        let trip = client
+            .start::<Trip>(id, TripState::default())
+            .await
+            .unwrap();
+        assert_eq!(trip.finished().await.unwrap(), Ended::Finished);
+    }
+
+    // Trips on both shards wait at the gate while `b` joins and `a` gives one shard back.
+    let mut trips = Vec::new();
+    for id in ids_in_two_shards("moved", 3) {
+        trips.push(
+            client
+                .start::<Trip>(id, TripState::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let b = Engine::builder()
+        .shared(two("b"))
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap();
+    let mut owners = std::collections::BTreeSet::new();
+    for _ in 0..500 {
+        owners.clear();
+        for shard in 0..2 {
+            if let Some((node, _)) = bus.owner("Trip", shard).await.unwrap() {
+                owners.insert(node);
+            }
+        }
+        if owners.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owners.len(), 2, "b took a shard");
+    let published = handoffs_published(&redis.url(), prefix);
+
+    gate.0.add_permits(1_000);
+    for trip in trips {
+        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+            .await
+            .expect("every trip finishes")
+            .unwrap();
+        assert_eq!(ended, Ended::Finished);
+        let state = trip.state().await.unwrap();
+        assert_eq!(
+            (state.calls, state.sum),
+            (2, 3),
+            "each outcome applied once"
+        );
+    }
+    assert!(
+        published.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the outcomes `a` refused were published"
+    );
+    for engine in [client, worker, b, a] {
         engine.shutdown().await;
     }
 }
