@@ -338,6 +338,54 @@ async fn a_worker_stopped_gracefully_writes_the_outcomes_no_commit_settled_yet()
     }
 }
 
+/// Waits (up to 20 s) for `trip` to finish with both its calls applied once.
+async fn ends_with_each_call_once(trip: &<Trip as flowwire::Flow>::Handle) {
+    let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
+        .await
+        .expect("the trip finishes")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+    let state = trip.state().await.unwrap();
+    assert_eq!(
+        (state.calls, state.sum),
+        (2, 3),
+        "each outcome applied once"
+    );
+}
+
+/// An orchestrator of trips in the deployment `shared` describes.
+async fn trip_orchestrator(shared: Shared) -> Engine {
+    Engine::builder()
+        .shared(shared)
+        .flow::<Trip>()
+        .orchestrator()
+        .start()
+        .await
+        .unwrap()
+}
+
+/// A worker of the deployment whose calls pass `gate`.
+async fn gate_worker(shared: Shared, gate: Gated) -> Engine {
+    Engine::builder()
+        .shared(shared)
+        .driver(gate)
+        .worker()
+        .start()
+        .await
+        .unwrap()
+}
+
+/// A client of the deployment that starts trips.
+async fn trip_client(shared: Shared) -> Engine {
+    Engine::builder()
+        .shared(shared)
+        .flow::<Trip>()
+        .client()
+        .start()
+        .await
+        .unwrap()
+}
+
 /// The connections whose last command was a stream read: the readers waiting for entries.
 async fn stream_readers(url: &str) -> usize {
     let client = redis::Client::open(url).unwrap();
@@ -361,13 +409,7 @@ async fn one_reader_serves_every_shard_an_orchestrator_holds() {
     let redis = servers::Redis::start();
     let prefix = "joint";
     let sharded = |node: &str| shared(&redis.url(), prefix, node).shards(8);
-    let orchestrator = Engine::builder()
-        .shared(sharded("o"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
+    let orchestrator = trip_orchestrator(sharded("o")).await;
     let bus = sharded("t").store().bus();
     for shard in 0..8 {
         subscribed(&redis.url(), &bus.handoffs("Trip", shard)).await;
@@ -380,20 +422,12 @@ async fn one_reader_serves_every_shard_an_orchestrator_holds() {
         "one stream reader for the eight shards"
     );
 
-    let worker = Engine::builder()
-        .shared(sharded("w"))
-        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
-        .worker()
-        .start()
-        .await
-        .unwrap();
-    let client = Engine::builder()
-        .shared(sharded("c"))
-        .flow::<Trip>()
-        .client()
-        .start()
-        .await
-        .unwrap();
+    let worker = gate_worker(
+        sharded("w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(sharded("c")).await;
     let mut trips = Vec::new();
     for i in 0..32 {
         trips.push(
@@ -406,17 +440,7 @@ async fn one_reader_serves_every_shard_an_orchestrator_holds() {
     let mut shards = std::collections::BTreeSet::new();
     for trip in trips {
         shards.insert(flowwire::storage::store::shard_of(trip.id(), 8));
-        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
-            .await
-            .expect("every instance finishes")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
-        let state = trip.state().await.unwrap();
-        assert_eq!(
-            (state.calls, state.sum),
-            (2, 3),
-            "each outcome applied once"
-        );
+        ends_with_each_call_once(&trip).await;
     }
     assert!(
         shards.len() > 4,
@@ -454,17 +478,7 @@ async fn trips(client: &Engine, tag: &str, n: usize) {
             .start::<Trip>(format!("{tag}-{i}"), TripState::default())
             .await
             .unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
-            .await
-            .expect("the trip finishes")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
-        let state = trip.state().await.unwrap();
-        assert_eq!(
-            (state.calls, state.sum),
-            (2, 3),
-            "each outcome applied once"
-        );
+        ends_with_each_call_once(&trip).await;
     }
 }
 
@@ -475,27 +489,13 @@ async fn trips(client: &Engine, tag: &str, n: usize) {
 async fn outcomes_go_to_their_owner_directly_not_through_redis() {
     let redis = servers::Redis::start();
     let prefix = "direct";
-    let orchestrator = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "o"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
-    let worker = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "w"))
-        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
-        .worker()
-        .start()
-        .await
-        .unwrap();
-    let client = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "c"))
-        .flow::<Trip>()
-        .client()
-        .start()
-        .await
-        .unwrap();
+    let orchestrator = trip_orchestrator(shared(&redis.url(), prefix, "o")).await;
+    let worker = gate_worker(
+        shared(&redis.url(), prefix, "w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(shared(&redis.url(), prefix, "c")).await;
     let bus = shared(&redis.url(), prefix, "t").store().bus();
     subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
     // The owner advertises its address once it holds the shard.
@@ -540,27 +540,14 @@ async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() 
     bus.advertise(&bus.handoffs("Trip", 0), &format!("{dead}|o"))
         .await
         .unwrap();
-    let orchestrator = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "o").direct_handoffs(None))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
-    let worker = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "w"))
-        .driver(Gated(Arc::new(tokio::sync::Semaphore::new(1_000))))
-        .worker()
-        .start()
-        .await
-        .unwrap();
-    let client = Engine::builder()
-        .shared(shared(&redis.url(), prefix, "c"))
-        .flow::<Trip>()
-        .client()
-        .start()
-        .await
-        .unwrap();
+    let orchestrator =
+        trip_orchestrator(shared(&redis.url(), prefix, "o").direct_handoffs(None)).await;
+    let worker = gate_worker(
+        shared(&redis.url(), prefix, "w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(shared(&redis.url(), prefix, "c")).await;
     subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
     let published = handoffs_published(&redis.url(), prefix);
 
@@ -601,28 +588,10 @@ async fn an_outcome_offered_to_a_former_owner_is_published_to_the_new_one() {
     let redis = servers::Redis::start();
     let prefix = "moved";
     let two = |node: &str| shared(&redis.url(), prefix, node).shards(2);
-    let a = Engine::builder()
-        .shared(two("a"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
+    let a = trip_orchestrator(two("a")).await;
     let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
-    let worker = Engine::builder()
-        .shared(two("w"))
-        .driver(gate.clone())
-        .worker()
-        .start()
-        .await
-        .unwrap();
-    let client = Engine::builder()
-        .shared(two("c"))
-        .flow::<Trip>()
-        .client()
-        .start()
-        .await
-        .unwrap();
+    let worker = gate_worker(two("w"), gate.clone()).await;
+    let client = trip_client(two("c")).await;
     let bus = two("t").store().bus();
     for shard in 0..2 {
         subscribed(&redis.url(), &bus.handoffs("Trip", shard)).await;
@@ -647,13 +616,7 @@ async fn an_outcome_offered_to_a_former_owner_is_published_to_the_new_one() {
                 .unwrap(),
         );
     }
-    let b = Engine::builder()
-        .shared(two("b"))
-        .flow::<Trip>()
-        .orchestrator()
-        .start()
-        .await
-        .unwrap();
+    let b = trip_orchestrator(two("b")).await;
     let mut owners = std::collections::BTreeSet::new();
     for _ in 0..500 {
         owners.clear();
@@ -672,17 +635,7 @@ async fn an_outcome_offered_to_a_former_owner_is_published_to_the_new_one() {
 
     gate.0.add_permits(1_000);
     for trip in trips {
-        let ended = tokio::time::timeout(Duration::from_secs(20), trip.finished())
-            .await
-            .expect("every trip finishes")
-            .unwrap();
-        assert_eq!(ended, Ended::Finished);
-        let state = trip.state().await.unwrap();
-        assert_eq!(
-            (state.calls, state.sum),
-            (2, 3),
-            "each outcome applied once"
-        );
+        ends_with_each_call_once(&trip).await;
     }
     assert!(
         published.load(std::sync::atomic::Ordering::SeqCst) > 0,
