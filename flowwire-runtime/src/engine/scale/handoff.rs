@@ -229,6 +229,9 @@ pub(crate) struct Outlet {
     ends: Mutex<HashMap<String, End>>,
     /// Open connections, by endpoint.
     conns: tokio::sync::Mutex<HashMap<String, Conn>>,
+    /// The endpoints whose failure was logged as a warning (later ones are logged at
+    /// debug level: a worker that cannot reach an owner would otherwise warn every second).
+    warned: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Clone)]
@@ -249,6 +252,7 @@ impl Outlet {
             limit,
             ends: Mutex::new(HashMap::new()),
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -271,43 +275,38 @@ impl Outlet {
                 }
             }
         }
+        // One exchange per owner, all at once: an owner slow to answer does not hold up
+        // the others' exchanges. A connection is out of the map while in use, so
+        // an exchange cut short (this call cancelled) drops it rather than reuse it out of
+        // step.
         let mut conns = self.conns.lock().await;
+        let mut exchanges = tokio::task::JoinSet::new();
+        let mut here = None;
         for (end, is) in by_end {
-            let mut frames = Vec::new();
-            for &i in &is {
-                let (channel, handoff) = &offers[i];
-                let frame = Frame {
-                    channel: channel.clone(),
-                    handoff: handoff.clone(),
-                };
-                let at = frames.len();
-                frames.extend_from_slice(&[0; 4]);
-                if codec::encode_raw(&frame, &mut frames).is_err() {
-                    frames.truncate(at);
-                    continue;
-                }
-                let len = u32::try_from(frames.len() - at - 4).unwrap_or(u32::MAX);
-                frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            let (frames, is) = frames_of(offers, &is);
+            if is.is_empty() {
+                continue;
             }
-            let answers = match self.send(&mut conns, &end, &frames, is.len()).await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(endpoint = %end, error = %e, "outcomes not offered directly; published");
-                    let until = Instant::now() + RETRY;
-                    let mut ends = lock(&self.ends);
-                    for &i in &is {
-                        ends.insert(offers[i].0.clone(), End::Publish(until));
-                    }
-                    continue;
-                }
+            let (conn, limit) = (conns.remove(&end), self.limit);
+            let sent = async move {
+                let answered = exchange(conn, &end, limit, &frames, is.len()).await;
+                (end, is, answered)
             };
-            let mut ends = lock(&self.ends);
-            for (&i, &a) in is.iter().zip(&answers) {
-                took[i] = a == 1;
-                if a != 1 {
-                    // The shard moved on: look its owner up again next time.
-                    ends.remove(&offers[i].0);
-                }
+            // The first on this task (one owner is the common case), the others beside it.
+            if here.is_none() {
+                here = Some(sent);
+            } else {
+                exchanges.spawn(sent);
+            }
+        }
+        if let Some(sent) = here {
+            let (end, is, answered) = sent.await;
+            self.answered(&mut conns, offers, &mut took, (end, is, answered));
+        }
+        while let Some(joined) = exchanges.join_next().await {
+            // A panicked exchange's offers stay untaken: published.
+            if let Ok(done) = joined {
+                self.answered(&mut conns, offers, &mut took, done);
             }
         }
         took
@@ -348,34 +347,105 @@ impl Outlet {
         }
     }
 
-    /// Sends `frames` (`count` of them) on the connection to `end`, opening it if needed;
-    /// the owner's answer to each. The connection is out of the map while in use: if
-    /// this is cancelled mid-exchange, it is dropped, not reused out of step.
-    async fn send(
+    /// Takes in one owner's answers (or why there are none).
+    fn answered(
         &self,
         conns: &mut HashMap<String, Conn>,
-        end: &str,
-        frames: &[u8],
-        count: usize,
-    ) -> std::io::Result<Vec<u8>> {
-        let mut conn = match conns.remove(end) {
-            Some(c) => c,
-            None => connect(end, self.limit).await?,
-        };
-        let mut answers = vec![0u8; count];
-        let exchange = async {
-            conn.w.write_all(frames).await?;
-            conn.r.read_exact(&mut answers).await?;
-            Ok::<(), std::io::Error>(())
-        };
-        match tokio::time::timeout(WAIT, exchange).await {
-            Ok(Ok(())) => {
-                conns.insert(end.to_string(), conn);
-                Ok(answers)
+        offers: &[(String, Bytes)],
+        took: &mut [bool],
+        (end, is, answered): Answered,
+    ) {
+        match answered {
+            Ok((conn, answers)) => {
+                conns.insert(end, conn);
+                let mut ends = lock(&self.ends);
+                for (&i, &a) in is.iter().zip(&answers) {
+                    took[i] = a == 1;
+                    if a != 1 {
+                        // The shard moved on: look its owner up again next time.
+                        ends.remove(&offers[i].0);
+                    }
+                }
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            Err(e) => {
+                self.failed(&end, &e);
+                let until = Instant::now() + RETRY;
+                let mut ends = lock(&self.ends);
+                for &i in &is {
+                    ends.insert(offers[i].0.clone(), End::Publish(until));
+                }
+            }
         }
+    }
+
+    /// Logs that `end` could not be reached: as a warning the first time.
+    fn failed(&self, end: &str, e: &std::io::Error) {
+        let first = {
+            let mut warned = lock(&self.warned);
+            if warned.len() >= 1024 {
+                warned.clear();
+            }
+            warned.insert(end.to_string())
+        };
+        if first {
+            tracing::warn!(endpoint = %end, error = %e, "outcomes cannot be sent to their owner directly; they are published through Redis instead (give the orchestrator an address this worker reaches: `Shared::direct_handoffs`)");
+        } else {
+            tracing::debug!(endpoint = %end, error = %e, "outcomes not offered directly; published");
+        }
+    }
+}
+
+/// One owner's exchange: its endpoint, the offers sent to it, and the connection with
+/// the answer to each (or why there are none).
+type Answered = (String, Vec<usize>, std::io::Result<(Conn, Vec<u8>)>);
+
+/// The frames of the offers `is`, and which of them are in (an offer that does not encode
+/// is left out, and published).
+fn frames_of(offers: &[(String, Bytes)], is: &[usize]) -> (Vec<u8>, Vec<usize>) {
+    let mut frames = Vec::new();
+    let mut included = Vec::with_capacity(is.len());
+    for &i in is {
+        let (channel, handoff) = &offers[i];
+        let frame = Frame {
+            channel: channel.clone(),
+            handoff: handoff.clone(),
+        };
+        let at = frames.len();
+        frames.extend_from_slice(&[0; 4]);
+        let encoded = codec::encode_raw(&frame, &mut frames).ok();
+        let Some(len) = encoded.and_then(|()| u32::try_from(frames.len() - at - 4).ok()) else {
+            frames.truncate(at);
+            continue;
+        };
+        frames[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        included.push(i);
+    }
+    (frames, included)
+}
+
+/// Sends `frames` (`count` of them) on `conn` (opened to `end` if `None`); the connection
+/// and the owner's answer to each.
+async fn exchange(
+    conn: Option<Conn>,
+    end: &str,
+    limit: usize,
+    frames: &[u8],
+    count: usize,
+) -> std::io::Result<(Conn, Vec<u8>)> {
+    let mut conn = match conn {
+        Some(c) => c,
+        None => connect(end, limit).await?,
+    };
+    let mut answers = vec![0u8; count];
+    let sent = async {
+        conn.w.write_all(frames).await?;
+        conn.r.read_exact(&mut answers).await?;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(WAIT, sent).await {
+        Ok(Ok(())) => Ok((conn, answers)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 
