@@ -52,6 +52,10 @@ const WAIT: Duration = Duration::from_secs(1);
 /// How long a channel with no usable address is published on before it is looked up again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// The most connections an owner serves at once (a worker keeps one per owner): past it,
+/// a new one is closed at once, and its worker publishes.
+const CONNECTIONS_MAX: usize = 1024;
+
 /// An outcome on its way to the owner of `channel`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Frame {
@@ -160,15 +164,23 @@ impl Drop for Route {
 }
 
 async fn accept(listener: tokio::net::TcpListener, inbox: Weak<Inbox>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = listener.accept().await;
         let Some(inbox) = inbox.upgrade() else {
             return;
         };
         match accepted {
-            Ok((sock, _)) => {
+            Ok((sock, peer)) => {
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, max = CONNECTIONS_MAX, "direct handoff connection refused: too many open");
+                    continue;
+                };
                 let _ = sock.set_nodelay(true);
-                tokio::spawn(serve(sock, inbox));
+                tokio::spawn(async move {
+                    serve(sock, inbox).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "direct handoff connection not accepted");
