@@ -194,17 +194,15 @@ async fn take_handoffs(
         };
         failures = 0;
         while let Some(body) = sub.next().await {
-            let decoded = codec::decode_raw::<Handoff>(&body, limit)
-                .and_then(|h| codec::decode_raw::<OutcomeWire>(&h.outcome, limit).map(|o| (h, o)));
-            let (h, o) = match decoded {
-                Ok(d) => d,
-                Err(e) => {
-                    // Its worker writes it to the stream when no commit settles its call.
-                    tracing::warn!(channel, error = %e, "handed-over outcome does not decode; left to its worker");
-                    continue;
+            match Handoff::open(&body, limit) {
+                Ok(o) => {
+                    let _ = outcomes.send(o);
                 }
-            };
-            let _ = outcomes.send(o.received(h.entry, Some(h.jobs)));
+                // Its worker writes it to the stream when no commit settles its call.
+                Err(e) => {
+                    tracing::warn!(channel, error = %e, "handed-over outcome does not decode; left to its worker");
+                }
+            }
         }
     }
 }

@@ -40,7 +40,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::messages::{Handoff, OutcomeWire};
+use super::messages::Handoff;
 use crate::engine::job::OutcomeMsg;
 
 /// What an owner's process says first on every connection, before its node's name.
@@ -125,12 +125,9 @@ impl Inbox {
 
     /// Hands one frame's outcome to its runner; whether it was routed.
     fn take(&self, frame: &[u8]) -> bool {
-        let decoded = codec::decode_raw::<Frame>(frame, self.limit).and_then(|f| {
-            let h = codec::decode_raw::<Handoff>(&f.handoff, self.limit)?;
-            let o = codec::decode_raw::<OutcomeWire>(&h.outcome, self.limit)?;
-            Ok((f.channel, h, o))
-        });
-        let (channel, h, o) = match decoded {
+        let decoded = codec::decode_raw::<Frame>(frame, self.limit)
+            .and_then(|f| Ok((f.channel, Handoff::open(&f.handoff, self.limit)?)));
+        let (channel, o) = match decoded {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
@@ -138,9 +135,7 @@ impl Inbox {
             }
         };
         let routes = lock(&self.routes);
-        routes
-            .get(&channel)
-            .is_some_and(|tx| tx.send(o.received(h.entry, Some(h.jobs))).is_ok())
+        routes.get(&channel).is_some_and(|tx| tx.send(o).is_ok())
     }
 }
 

@@ -183,6 +183,19 @@ pub(crate) struct Handoff {
     pub outcome: Bytes,
 }
 
+impl Handoff {
+    /// The outcome a handoff's bytes carry, as its shard's runner takes it (settling the
+    /// call's entry with its commit); fails if either layer does not decode under `limit`.
+    pub(crate) fn open(
+        bytes: &[u8],
+        limit: usize,
+    ) -> Result<OutcomeMsg, flowwire_storage::CodecError> {
+        let h = codec::decode_raw::<Handoff>(bytes, limit)?;
+        let o = codec::decode_raw::<OutcomeWire>(&h.outcome, limit)?;
+        Ok(o.received(h.entry, Some(h.jobs)))
+    }
+}
+
 /// A request any process may send to a shard's owner.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Request {

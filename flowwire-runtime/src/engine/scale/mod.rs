@@ -223,12 +223,11 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     });
     let held = super::health::Held::default();
     let (children, child_jobs) = super::children::ChildPort::new();
-    // One server: outcomes reach this process's shards directly (see `handoff`).
+    // On one server, the commits carry bus messages, and the shards of a process are read
+    // together (`joint`) and take their outcomes directly (`handoff`).
+    let one_server = store.carries_sends();
     let mut background = Vec::new();
-    let inbox = match shared
-        .direct
-        .filter(|_| b.roles.orchestrator && store.carries_sends())
-    {
+    let inbox = match shared.direct.filter(|_| b.roles.orchestrator && one_server) {
         Some(addr) => match handoff::Inbox::bind(addr, node.clone(), b.limits.decode_limit).await {
             Ok((inbox, task)) => {
                 background.push(task);
@@ -256,10 +255,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
             lease_ttl: shared.lease_ttl,
             held: held.clone(),
             server_time: server_time::ServerTime::default(),
-            // One server: one reader for every shard held (see `joint`).
-            joint: store
-                .carries_sends()
-                .then(|| joint::Joint::new(bus.clone(), node.clone())),
+            joint: one_server.then(|| joint::Joint::new(bus.clone(), node.clone())),
             inbox,
         })
     });
@@ -268,8 +264,8 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     let workers = Arc::new(workers::WorkerCtx {
         bus: bus.clone(),
         node: node.clone(),
-        handoff: store.carries_sends(),
-        outlet: (shared.direct.is_some() && store.carries_sends())
+        handoff: one_server,
+        outlet: (shared.direct.is_some() && one_server)
             .then(|| handoff::Outlet::new(bus.clone(), b.limits.decode_limit)),
         stopping: tokio::sync::watch::Sender::new(false),
         limits: b.limits.clone(),
