@@ -18,7 +18,7 @@ use crate::guard::guard;
 
 use super::fan::{fan_output, fan_timer, top_up};
 use super::plan::{Plan, plan};
-use super::{Armed, Awaiting, Dispatches, Instance, Rejected, Scratch, Step};
+use super::{Armed, Awaiting, Dispatches, Extra, Instance, Rejected, Scratch, Step, carrying};
 
 impl<F: Flow> Instance<F> {
     /// Applies an impulse and runs the wire.
@@ -54,9 +54,7 @@ impl<F: Flow> Instance<F> {
             step.draft.payload = payload;
             return Ok(step);
         }
-        let mut step = self.advance(input, Some(impulse_id), true, scratch);
-        step.draft.payload = payload;
-        Ok(step)
+        Ok(self.advance_carrying(input, Some(impulse_id), true, payload, scratch))
     }
 
     /// Applies a driver outcome for the call issued at step `seq` (for a fan-out: of its
@@ -162,7 +160,9 @@ impl<F: Flow> Instance<F> {
         self.delivered = Some((seq, None));
         let ran = guard(|| then.call(&mut self.flow, delivered, limit, 0));
         let mut step = match ran {
-            Ok(Ok(())) => self.advance(input, None, false, scratch),
+            // The usual outcome: the step is built where it is returned (each move of a
+            // step, several hundred bytes, is a copy).
+            Ok(Ok(())) => return Some(self.advance_carrying(input, None, false, payload, scratch)),
             Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
@@ -188,7 +188,8 @@ impl<F: Flow> Instance<F> {
         let dispatch = top_up(&mut fan);
         let output = fan_output(&fan);
         let timer = fan_timer(&fan);
-        let mut step = self.build(
+        let at_ms = scratch.now_ms;
+        self.build(
             input,
             None,
             Status::Running,
@@ -197,10 +198,12 @@ impl<F: Flow> Instance<F> {
             dispatch,
             timer,
             output,
-        );
-        step.draft.record.fan = Some(fan);
-        step.draft.at_ms = scratch.now_ms;
-        step
+            Extra {
+                fan: Some(fan),
+                payload: None,
+                at_ms,
+            },
+        )
     }
 
     /// Runs the wire; a panic comes back as the reason to park the instance.
@@ -266,22 +269,36 @@ impl<F: Flow> Instance<F> {
         keep_pending: bool,
         scratch: &mut Scratch,
     ) -> Step {
-        self.advance_from(input, impulse, keep_pending, scratch, 0)
+        self.advance_from(input, impulse, keep_pending, None, scratch, 0)
     }
 
-    /// [`Instance::advance`], after `joined` fan-outs without calls joined at once.
+    /// [`Instance::advance`], for a step whose input carries `payload` (an outcome's reply,
+    /// an impulse) to its history entry.
+    pub(super) fn advance_carrying(
+        &mut self,
+        input: StepInput,
+        impulse: Option<Arc<str>>,
+        keep_pending: bool,
+        payload: Option<Bytes>,
+        scratch: &mut Scratch,
+    ) -> Step {
+        self.advance_from(input, impulse, keep_pending, payload, scratch, 0)
+    }
+
+    /// [`Instance::advance_carrying`], after `joined` fan-outs without calls joined at once.
     pub(super) fn advance_from(
         &mut self,
         input: StepInput,
         impulse: Option<Arc<str>>,
         keep_pending: bool,
+        payload: Option<Bytes>,
         scratch: &mut Scratch,
         joined: u32,
     ) -> Step {
         let seq = self.record.seq + 1;
         let cmd = match self.run_wire() {
             Ok(cmd) => cmd,
-            Err(reason) => return self.park(input, reason, scratch),
+            Err(reason) => return carrying(self.park(input, reason, scratch), payload),
         };
         let (status, pending, dispatch, output, timer, fan, failing) =
             match plan(cmd.kind, &self.record, keep_pending, seq, joined, scratch) {
@@ -308,26 +325,40 @@ impl<F: Flow> Instance<F> {
                     None,
                     Some(failure),
                 ),
-                Plan::JoinNow(then) => return self.join(input, impulse, then, scratch, joined + 1),
-                Plan::Park(reason) => return self.park(input, reason, scratch),
+                Plan::JoinNow(then) => {
+                    let step = self.join(input, impulse, then, scratch, joined + 1);
+                    return carrying(step, payload);
+                }
+                Plan::Park(reason) => return carrying(self.park(input, reason, scratch), payload),
             };
         let state = match self.encoded_state(scratch) {
             Ok(state) => state,
-            Err(reason) => return self.park(input, reason, scratch),
+            Err(reason) => return carrying(self.park(input, reason, scratch), payload),
         };
         if let Some(failure) = failing {
             let compensations = self.compensations_now();
             // The impulse that led the wire to fail was applied: its id is recorded with
             // the step, as with any other.
             let why = self.why(failure);
-            return self.unwind(input, impulse, why, compensations, state, scratch);
+            let step = self.unwind(input, impulse, why, compensations, state, scratch);
+            return carrying(step, payload);
         }
-        let mut step = self.build(
-            input, impulse, status, state, pending, dispatch, timer, output,
-        );
-        step.draft.record.fan = fan;
-        step.draft.at_ms = scratch.now_ms;
-        step
+        let at_ms = scratch.now_ms;
+        self.build(
+            input,
+            impulse,
+            status,
+            state,
+            pending,
+            dispatch,
+            timer,
+            output,
+            Extra {
+                fan,
+                payload,
+                at_ms,
+            },
+        )
     }
 
     /// The step after a continuation failed the flow: its changed state is kept, and the

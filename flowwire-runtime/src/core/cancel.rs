@@ -117,6 +117,7 @@ impl<F: Flow> Instance<F> {
             Dispatches::new(),
             timer,
             output,
+            super::Extra::default(),
         );
         step.draft.payload = Some(match outcome {
             Ok(bytes) => bytes.clone(),

@@ -125,7 +125,7 @@ impl<F: Flow> Instance<F> {
         joined: u32,
     ) -> Step {
         match guard(|| then(&mut self.flow)) {
-            Ok(Ok(())) => self.advance_from(input, impulse, false, scratch, joined),
+            Ok(Ok(())) => self.advance_from(input, impulse, false, None, scratch, joined),
             Ok(Err(failure)) => self.end(input, failure, scratch),
             Err(panic) => {
                 let reason = format!("the fan-out's join continuation panicked: {panic}");

@@ -266,16 +266,16 @@ impl<F: Flow> Instance<F> {
             id: impulse_id.to_string(),
             name: name.to_string(),
         };
-        let mut step = match crate::guard::guard(|| inst.flow.apply_impulse(impulse)) {
-            Ok(()) => inst.advance(input, Some(impulse_id), false, scratch),
+        let step = match crate::guard::guard(|| inst.flow.apply_impulse(impulse)) {
+            Ok(()) => inst.advance_carrying(input, Some(impulse_id), false, payload, scratch),
             Err(panic) => {
                 let reason = format!("impulse `{name}` panicked: {panic}");
                 let mut step = inst.park(input, reason, scratch);
                 step.draft.impulse = Some(impulse_id);
+                step.draft.payload = payload;
                 step
             }
         };
-        step.draft.payload = payload;
         (inst, step)
     }
 
@@ -370,6 +370,7 @@ impl<F: Flow> Instance<F> {
         dispatch: Dispatches,
         timer: Option<Timer>,
         output: StepOutput,
+        extra: Extra,
     ) -> Step {
         // An ended flow has nothing left to undo and no failure in progress.
         let ended = status.is_terminal();
@@ -403,7 +404,7 @@ impl<F: Flow> Instance<F> {
             pending,
             timer,
             compensations,
-            fan: None,
+            fan: extra.fan,
         };
         let expect = if self.version == 0 {
             Expect::Absent
@@ -419,10 +420,26 @@ impl<F: Flow> Instance<F> {
                 impulse,
                 input,
                 output,
-                payload: None,
-                at_ms: 0,
+                payload: extra.payload,
+                at_ms: extra.at_ms,
             },
             dispatch,
         }
     }
+}
+
+/// What a step is built with beyond its record's usual parts, by the builders that know it
+/// then (a step is several hundred bytes: setting a field after it is built, then returning
+/// it, copies it once more).
+#[derive(Default)]
+struct Extra {
+    fan: Option<flowwire_storage::Fan>,
+    payload: Option<bytes::Bytes>,
+    at_ms: u64,
+}
+
+/// `step`, carrying `payload` to its history entry (for the paths off the usual one).
+fn carrying(mut step: Step, payload: Option<bytes::Bytes>) -> Step {
+    step.draft.payload = payload;
+    step
 }

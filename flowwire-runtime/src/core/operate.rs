@@ -141,6 +141,7 @@ impl<F: Flow> Instance<F> {
             Dispatches::new(),
             None,
             output,
+            super::Extra::default(),
         );
         step.draft.record.fan.clone_from(&self.record.fan);
         step

@@ -78,6 +78,7 @@ impl<F: Flow> Instance<F> {
             one(again),
             None,
             output,
+            super::Extra::default(),
         )
     }
 

@@ -104,6 +104,7 @@ impl<F: Flow> Instance<F> {
                     Dispatches::new(),
                     Some(timer),
                     output,
+                    super::Extra::default(),
                 );
                 step.draft.at_ms = now_ms;
                 step
@@ -142,6 +143,7 @@ impl<F: Flow> Instance<F> {
             one(pending),
             None,
             output,
+            super::Extra::default(),
         );
         step.draft.at_ms = scratch.now_ms;
         Some(step)

@@ -147,6 +147,7 @@ impl<F: Flow> Instance<F> {
                     Dispatches::new(),
                     None,
                     output,
+                    super::Extra::default(),
                 );
                 step.draft.record.cancel = cancel;
                 step
@@ -166,6 +167,7 @@ impl<F: Flow> Instance<F> {
                     Dispatches::new(),
                     None,
                     output,
+                    super::Extra::default(),
                 );
                 step.draft.record.error = error;
                 step
@@ -194,6 +196,7 @@ impl<F: Flow> Instance<F> {
                     one(call),
                     None,
                     output,
+                    super::Extra::default(),
                 );
                 step.draft.record.failing = Some(reason);
                 step.draft.record.error = error;

@@ -442,17 +442,19 @@ impl<F: Flow> Runner<F> {
                 // The usual batch, every step committed: each is acted on where it lies (a
                 // step is several hundred bytes; moving it out only to drop it is most of
                 // what acting on it would copy).
-                for (s, placed) in staged.iter_mut().zip(placed.drain(..)) {
+                for (s, placed) in staged.iter_mut().zip(placed.iter_mut()) {
                     self.committed(s, placed, listening);
                 }
                 staged.clear();
             }
             Ok(results) => {
                 let mut results = results.into_iter();
-                for (mut s, placed) in staged.drain(..).zip(placed.drain(..)) {
+                for (mut s, mut placed) in staged.drain(..).zip(placed.drain(..)) {
                     self.forget_attempt(&s.id);
                     match results.next() {
-                        Some(StepResult::Committed) => self.committed(&mut s, placed, listening),
+                        Some(StepResult::Committed) => {
+                            self.committed(&mut s, &mut placed, listening);
+                        }
                         Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
                         Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
                         Some(StepResult::Fenced { token }) => {

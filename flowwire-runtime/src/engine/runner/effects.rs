@@ -31,29 +31,55 @@ impl<F: Flow> Runner<F> {
     }
 
     /// Acts on a committed step; `listening`: whether anyone listens to the engine's events.
-    pub(super) fn committed(&mut self, s: &mut Staged<F>, placed: PlacedRecord, listening: bool) {
+    ///
+    /// The instance takes `placed` by a swap: `placed` is left holding the record it had
+    /// before, for the batch to drop (a placed record is several hundred bytes, and each
+    /// move of it is a copy).
+    pub(super) fn committed(
+        &mut self,
+        s: &mut Staged<F>,
+        placed: &mut PlacedRecord,
+        listening: bool,
+    ) {
+        let record = &s.step.draft.record;
+        let (seq, after) = (record.seq, record.timer.map(|t| t.due_ms));
+        let ended = Ended::of(record);
+        let announced = Self::announced(&record.status);
+        let quarantined = match &record.status {
+            Status::Quarantined { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        let leaves = !record.has_call_out();
         let Some(slot) = self.slots.get_mut(&s.id) else {
             // A step of an instance that is not in memory (parking a record another
             // version wrote): nothing to adopt.
-            self.announce(s, listening);
+            self.announce(s, seq, listening);
             return;
         };
         let before = slot.inst.record().timer.map(|t| t.due_ms);
         slot.failures = 0;
         // Its blobs are the committed record's now (see `forget_attempt`).
         slot.attempt = None;
-        let trash = placed.trash.clone();
-        slot.placed = Some(placed);
-        self.collect(&trash);
-        if !s.step.draft.record.has_call_out() {
+        match &mut slot.placed {
+            Some(held) => std::mem::swap(held, placed),
+            None => slot.placed = Some(std::mem::replace(placed, super::vacant())),
+        }
+        if let Some(held) = &slot.placed {
+            super::resident::collect(&self.placement, &held.trash);
+        }
+        if ended.is_none() {
+            // The instance takes the step's record (found once: an ended one leaves memory
+            // below). From here, the step holds the record the instance had before: what
+            // is read of the committed one was read above.
+            slot.inst.adopt(&mut s.step);
+        }
+        if leaves {
             // It may leave memory at the end of the round (one with a call in flight stays).
             self.touched.push(s.id.clone());
         }
-        let record = &s.step.draft.record;
-        tracing::debug!(flow = F::NAME, id = %s.id, step = record.seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
+        tracing::debug!(flow = F::NAME, id = %s.id, step = seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
         // The timer set follows the records: a moved or dropped timer leaves it, a timer
         // armed within the window read from the index joins it.
-        let after = record.timer.map(|t| t.due_ms);
         if before != after {
             if let Some(old) = before {
                 self.timers.remove(&(old, s.id.clone()));
@@ -64,7 +90,7 @@ impl<F: Flow> Runner<F> {
                 self.timers.insert((due, s.id.clone()));
             }
         }
-        self.announce(s, listening);
+        self.announce(s, seq, listening);
         match std::mem::replace(&mut s.ack, Ack::Quiet) {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 // The commit replied and settled the bus request with the step (`carry`).
@@ -76,7 +102,7 @@ impl<F: Flow> Runner<F> {
                 let _ = reply.send(Ok(()));
             }
             Ack::Operate(reply) => {
-                let _ = reply.send(Ok(s.step.draft.record.seq));
+                let _ = reply.send(Ok(seq));
             }
             // Acknowledged by the write itself (`StepWrite::acknowledges`).
             Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
@@ -86,15 +112,14 @@ impl<F: Flow> Runner<F> {
                 self.dispatch(&s.id, out);
             }
         }
-        let ended = Ended::of(&s.step.draft.record);
-        let status = &s.step.draft.record.status;
         if let Some(owned) = &self.owned
             && owned.outbox.is_none()
-            && Self::announced(status)
+            && announced
         {
             let _ = owned.ended.send(s.id.clone());
         }
         if let Some(ended) = ended {
+            // Not adopted above: the step holds the committed record.
             self.slots.remove(&s.id);
             let state = ended
                 .state_is_final()
@@ -104,16 +129,11 @@ impl<F: Flow> Runner<F> {
             }
             return;
         }
-        if let Status::Quarantined { reason } = status {
+        if let Some(reason) = quarantined {
             tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
             for w in self.waiters.remove(&s.id).unwrap_or_default() {
                 let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
             }
-        }
-        // Last, as nothing above reads the step's record after this: the instance takes
-        // it (an ended one has left memory above).
-        if let Some(slot) = self.slots.get_mut(&s.id) {
-            slot.inst.adopt(&mut s.step);
         }
     }
 
@@ -179,12 +199,11 @@ impl<F: Flow> Runner<F> {
 
     /// Sends the lifecycle events of a committed step (only if anyone listens: `listening`,
     /// asked once a batch); what they are is `events::of_step`'s.
-    pub(super) fn announce(&self, s: &Staged<F>, listening: bool) {
+    pub(super) fn announce(&self, s: &Staged<F>, seq: u64, listening: bool) {
         if !listening {
             return;
         }
         let d = &s.step.draft;
-        let seq = d.record.seq;
         let sent = s
             .step
             .dispatch

@@ -218,6 +218,29 @@ impl<F: Flow> Slot<F> {
     }
 }
 
+/// A placed record that stands for none, left behind where a committed one was taken by a
+/// swap (see `Runner::committed`): built without a copy or an allocation.
+fn vacant() -> PlacedRecord {
+    PlacedRecord {
+        record: flowwire_storage::Record {
+            flow_version: 0,
+            seq: 0,
+            status: flowwire_storage::Status::Waiting,
+            state: flowwire_storage::blob::Payload::Inline(bytes::Bytes::new()),
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: None,
+            error: None,
+            cancel: None,
+        },
+        retired: Vec::new(),
+        trash: Vec::new(),
+    }
+}
+
 /// The shard a runner owns in multi-process mode, under a lease.
 pub(crate) struct Owned {
     pub shard: u16,

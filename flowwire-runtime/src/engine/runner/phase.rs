@@ -123,6 +123,11 @@ impl<S, I> Instances<S, I> {
 
     /// The inputs waiting for the instance's read, if it is being read.
     pub(super) fn loading_mut(&mut self, id: &str) -> Option<&mut VecDeque<I>> {
+        // Asked for every input taken: with no read under way (the steady state), the
+        // answer needs no lookup.
+        if self.loading == 0 {
+            return None;
+        }
         match self.map.get_mut(id) {
             Some(Presence::Loading(held)) => Some(held),
             _ => None,

@@ -132,18 +132,7 @@ impl<F: Flow> Runner<F> {
 
     /// Deletes blobs no record refers to any more, off the runner's path.
     pub(super) fn collect(&self, trash: &[BlobRef]) {
-        if trash.is_empty() {
-            return;
-        }
-        let placement = self.placement.clone();
-        let trash = trash.to_vec();
-        tokio::spawn(async move {
-            for (blob, e) in placement.delete_all(&trash).await {
-                // Left for an operator: the record that dropped it is committed, so the
-                // blob is garbage, never data.
-                tracing::warn!(tier = %blob.tier, key = %blob.key, error = %e, "unreferenced blob not deleted");
-            }
-        });
+        collect(&self.placement, trash);
     }
 
     /// Loads the instances with a call in flight, parks those of another version, sends
@@ -572,4 +561,21 @@ impl<F: Flow> Runner<F> {
             }
         }
     }
+}
+
+/// Deletes blobs no record refers to any more, off the runner's path (nothing to do, and
+/// no task, when `trash` is empty: most steps).
+pub(super) fn collect(placement: &Arc<Placement>, trash: &[BlobRef]) {
+    if trash.is_empty() {
+        return;
+    }
+    let placement = placement.clone();
+    let trash = trash.to_vec();
+    tokio::spawn(async move {
+        for (blob, e) in placement.delete_all(&trash).await {
+            // Left for an operator: the record that dropped it is committed, so the
+            // blob is garbage, never data.
+            tracing::warn!(tier = %blob.tier, key = %blob.key, error = %e, "unreferenced blob not deleted");
+        }
+    });
 }
