@@ -15,6 +15,19 @@ use super::keys::{blob_key, write_tag};
 use super::{Placement, Put};
 
 impl Placement {
+    /// Whether [`place`](Self::place) keeps a payload of `len` bytes inline (and refuses
+    /// none of that size).
+    ///
+    /// ```
+    /// use flowwire::storage::Ladder;
+    /// let placement = Ladder::inline_only().validate(1 << 20).expect("a valid ladder");
+    /// assert!(placement.stays_inline(100));
+    /// assert!(!placement.stays_inline(1 << 20)); // refused: over half the record limit
+    /// ```
+    pub fn stays_inline(&self, len: usize) -> bool {
+        self.tier_for(len).is_none() && len <= self.record_limit / 2
+    }
+
     #[allow(clippy::result_large_err)]
     /// Places one payload: inline, a put of a framed blob under `flow/id/seq.role-tag`, or,
     /// from the chunking threshold up, content-defined chunks (the puts of those `prev`,

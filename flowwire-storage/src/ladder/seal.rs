@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::blob::{BlobRef, Payload};
 use crate::error::BlobError;
-use crate::record::{Draft, HistoryEntryRef, PlacedRecord, Retired, StepWrite};
+use crate::record::{Draft, HistoryEntryRef, PayloadRef, PlacedRecord, Retired, StepWrite};
 use crate::rope::Rope;
 
 use super::{Placement, Retention, Sealed};
@@ -148,9 +148,15 @@ impl Placement {
         let mut puts = Vec::new();
         let state = match prev {
             // A chunked state is compared by its split (which keeps every chunk of an
-            // unchanged one): comparing it here too would read both states once more.
+            // unchanged one): comparing it here too would read both states once more. An
+            // inline one is not compared either: placing it anew costs no more than the
+            // comparison, and writes nothing.
             Some((p, Some(rope)))
-                if same_state(rope, &record.state, p.record.state.chunked().is_none()) =>
+                if same_state(
+                    rope,
+                    &record.state,
+                    p.record.state.chunked().is_none() && !self.stays_inline(record.state.len()),
+                ) =>
             {
                 p.record.state.clone()
             }
@@ -190,7 +196,14 @@ impl Placement {
             }
         };
         let keep_history = retention != Retention::None;
+        // The input's payload, for the history entry: one that stays inline (most) is
+        // encoded from where it is, not placed (a placed copy is a reference count taken
+        // and given back, for nothing).
+        let inline_input = payload
+            .as_ref()
+            .filter(|b| keep_history && self.stays_inline(b.len()));
         let payload = match payload {
+            Some(_) if inline_input.is_some() => None,
             Some(b) if keep_history => Some(self.place(
                 key,
                 seq,
@@ -278,7 +291,16 @@ impl Placement {
             });
         };
         placed.record.correlation = correlation.as_deref().map(str::to_owned);
-        let encoded = self.encode_step(draft, placed, payload.as_ref(), keep_history, (buf, arena));
+        let encoded = self.encode_step(
+            draft,
+            placed,
+            match inline_input {
+                Some(b) => Some(PayloadRef::Inline(b)),
+                None => payload.as_ref().map(PayloadRef::Placed),
+            },
+            keep_history,
+            (buf, arena),
+        );
         let (record_bytes, history) = match encoded {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -325,7 +347,7 @@ impl Placement {
         &self,
         draft: &Draft,
         placed: &PlacedRecord,
-        payload: Option<&Payload>,
+        payload: Option<PayloadRef<'_>>,
         keep_history: bool,
         (buf, arena): (&mut Vec<u8>, &mut crate::arena::Arena),
     ) -> Result<(Bytes, Option<(u64, Bytes)>), BlobError> {

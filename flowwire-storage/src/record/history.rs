@@ -195,9 +195,27 @@ pub(crate) struct HistoryEntryRef<'a> {
     pub input: &'a StepInput,
     pub output: &'a StepOutput,
     pub version: u64,
-    pub payload: Option<&'a Payload>,
+    pub payload: Option<PayloadRef<'a>>,
     pub state: Option<&'a Payload>,
     pub at_ms: u64,
+}
+
+/// A payload as an entry refers to it: bytes that stay inline, written as
+/// [`Payload::Inline`] is (without being one), or a placed payload.
+#[derive(Clone, Copy)]
+pub(crate) enum PayloadRef<'a> {
+    Inline(&'a bytes::Bytes),
+    Placed(&'a Payload),
+}
+
+impl Serialize for PayloadRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // As `Payload` writes its inline form.
+            PayloadRef::Inline(b) => s.serialize_newtype_variant("Payload", 0, "Inline", b),
+            PayloadRef::Placed(p) => p.serialize(s),
+        }
+    }
 }
 
 impl HistoryEntryRef<'_> {
@@ -330,7 +348,7 @@ impl HistoryEntry {
             input: &self.input,
             output: &self.output,
             version: self.version,
-            payload: self.payload.as_ref(),
+            payload: self.payload.as_ref().map(PayloadRef::Placed),
             state: self.state.as_ref(),
             at_ms: self.at_ms,
         }

@@ -18,8 +18,8 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use self::history::HistoryEntryRef;
 pub use self::history::{HistoryEntry, StepInput, StepOutput};
+pub(crate) use self::history::{HistoryEntryRef, PayloadRef};
 pub use self::model::{
     Branch, BranchState, Cancel, Compensation, ErrorValue, Fan, LiveRecord, PendingCall, Record,
     Status, TimeSpec, Timer,

@@ -32,7 +32,7 @@ fn a_borrowed_history_entry_encodes_to_the_bytes_of_the_owned_one() {
         input: &owned.input,
         output: &owned.output,
         version: owned.version,
-        payload: owned.payload.as_ref(),
+        payload: owned.payload.as_ref().map(PayloadRef::Placed),
         state: owned.state.as_ref(),
         at_ms: owned.at_ms,
     };
@@ -42,6 +42,16 @@ fn a_borrowed_history_entry_encodes_to_the_bytes_of_the_owned_one() {
     borrowed.encode(&key, &mut b).unwrap();
     assert_eq!(a, b);
     assert_eq!(HistoryEntry::decode(&b, &key, 1 << 20).unwrap(), owned);
+    // Sealing refers to an input that stays inline by its bytes, not as a placed payload:
+    // the entry is the same, byte for byte.
+    let reply = Bytes::from_static(b"reply");
+    let by_bytes = HistoryEntryRef {
+        payload: Some(PayloadRef::Inline(&reply)),
+        ..borrowed
+    };
+    let mut c = Vec::new();
+    by_bytes.encode(&key, &mut c).unwrap();
+    assert_eq!(a, c);
 }
 
 /// Format 3 as it was written (no failure reason, no correlation key).
