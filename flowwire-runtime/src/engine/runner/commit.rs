@@ -26,16 +26,17 @@ impl<F: Flow> Batch<F> {
     /// (The sealed step comes whole, its parts moved from where it lies: each move of a
     /// part through an argument of its own copied it once more.)
     pub(super) fn push(&mut self, s: Staged<F>, sealed: Sealed) {
-        self.reserve();
+        Self::reserve(&mut self.writes, self.hint);
         self.writes.push(sealed.write);
         self.placed.push(sealed.placed);
         self.staged.push(s);
     }
 
-    /// Allocates the writes of a new batch at the last batch's length (see [`Batch::push`]).
-    pub(super) fn reserve(&mut self) {
-        if self.writes.capacity() == 0 {
-            self.writes.reserve(self.hint);
+    /// Allocates `writes`, a new batch's, at the last batch's length, `hint` (see
+    /// [`Batch::push`]). (Given the batch's parts: its steps may be borrowed meanwhile.)
+    fn reserve(writes: &mut Vec<flowwire_storage::StepWrite>, hint: usize) {
+        if writes.capacity() == 0 {
+            writes.reserve(hint);
         }
     }
 }
@@ -164,13 +165,22 @@ impl<F: Flow> Runner<F> {
     /// to write starts their upload and joins a later batch once they land (a step with
     /// new blobs to cut has them cut and written first, off the runner: see
     /// `Placement::precut`); one whose payloads cannot be placed fails now.
+    ///
+    /// The step goes into the batch first and is placed where it lies: a step is several
+    /// hundred bytes, and each move of it is a copy (a move into the batch is two).
     pub(super) fn stage(&mut self, s: Staged<F>) {
-        self.place(s, None);
+        self.building.staged.push(s);
+        self.place(None);
     }
 
-    /// [`stage`](Self::stage), for a step whose precut wrote `written` (`Some`: the step
-    /// comes back from its task, so its instance joins the batch being built here).
-    fn place(&mut self, s: Staged<F>, written: Option<&Written>) {
+    /// Places the step last added to the batch being built (see [`stage`](Self::stage));
+    /// `written`: its precut wrote these (`Some`: the step comes back from its task, so its
+    /// instance joins the batch being built here). A step that does not join the batch now
+    /// is taken back out of it.
+    fn place(&mut self, written: Option<&Written>) {
+        let Some(s) = self.building.staged.last() else {
+            return;
+        };
         let slot = self.slots.get(&s.id);
         let prev = slot.and_then(|slot| {
             let committed = slot.inst.record();
@@ -194,6 +204,9 @@ impl<F: Flow> Runner<F> {
         {
             let placement = self.placement.clone();
             let (key, seq) = (s.step.draft.key.clone(), s.step.draft.record.seq);
+            let Some(s) = self.building.staged.pop() else {
+                return;
+            };
             self.upload(s, true, async move {
                 let written = placement.cut_and_put(&key, seq, plan).await?;
                 Ok(Upload::Cut(written))
@@ -213,7 +226,7 @@ impl<F: Flow> Runner<F> {
         let back = written.is_some();
         // The write and the placed record are built in the batch's vectors, where they
         // stay (see `Placement::seal_into`).
-        self.building.reserve();
+        Batch::<F>::reserve(&mut self.building.writes, self.building.hint);
         let sealed = self.placement.seal_into(
             &s.step.draft,
             prev,
@@ -222,62 +235,73 @@ impl<F: Flow> Runner<F> {
             (&mut self.scratch.out, &mut self.scratch.arena),
             (&mut self.building.writes, &mut self.building.placed),
         );
-        match sealed {
-            Ok(mut rest) => {
-                let mut sends = Vec::new();
-                if let Some(write) = self.building.writes.last() {
-                    self.carry(&s, &write.record, &mut sends);
-                }
-                if let Some(write) = self.building.writes.last_mut() {
-                    write.fence = self.owned.as_ref().map(|o| o.token);
-                    write.acknowledges = acknowledges;
-                    write.sends = sends;
-                }
-                if rest.puts.is_empty() {
-                    if back {
-                        self.joins(&s.id);
-                    }
-                    self.attempting(&s.id, rest.attempt.take());
-                    self.building.staged.push(s);
-                } else {
-                    let (Some(write), Some(placed)) =
-                        (self.building.writes.pop(), self.building.placed.pop())
-                    else {
-                        // `seal_into` pushes both when it succeeds: never here.
-                        let e = flowwire_storage::BlobError::Corrupt {
-                            instance: s.id.to_string(),
-                            tier: "record".into(),
-                            key: s.id.to_string(),
-                            detail: "a sealed step left no write in the batch".into(),
-                        };
-                        self.failed(s, &Error::from(e));
-                        return;
-                    };
-                    // Rare (a blob to write, a payload too large): not in this batch. A
-                    // start's id was checked before its precut.
-                    let mut sealed = Sealed {
-                        write,
-                        placed,
-                        puts: rest.puts,
-                        attempt: rest.attempt,
-                    };
-                    let placement = self.placement.clone();
-                    self.upload(s, !back, async move {
-                        let key = &sealed.write.key;
-                        placement.put_all(key, &sealed.puts).await?;
-                        // The bytes are on their tier; the step needs only the record now.
-                        drop(mem::take(&mut sealed.puts));
-                        Ok(Upload::Sealed(sealed))
-                    });
-                }
-            }
+        let mut rest = match sealed {
+            Ok(rest) => rest,
             Err(e) => {
+                let Some(s) = self.building.staged.pop() else {
+                    return;
+                };
                 if back {
                     self.joins(&s.id);
                 }
                 self.failed(s, &Error::from(e));
+                return;
             }
+        };
+        let mut sends = Vec::new();
+        if let Some(write) = self.building.writes.last() {
+            self.carry(s, &write.record, &mut sends);
         }
+        let fence = self.owned.as_ref().map(|o| o.token);
+        if let Some(write) = self.building.writes.last_mut() {
+            write.fence = fence;
+            write.acknowledges = acknowledges;
+            write.sends = sends;
+        }
+        if rest.puts.is_empty() {
+            // It stays in the batch. (Its id is cloned only on the rare paths below.)
+            if back || rest.attempt.is_some() {
+                let id = self.building.staged.last().map(|s| s.id.clone());
+                if let Some(id) = id {
+                    if back {
+                        self.joins(&id);
+                    }
+                    self.attempting(&id, rest.attempt.take());
+                }
+            }
+            return;
+        }
+        let Some(s) = self.building.staged.pop() else {
+            return;
+        };
+        let (Some(write), Some(placed)) = (self.building.writes.pop(), self.building.placed.pop())
+        else {
+            // `seal_into` pushes both when it succeeds: never here.
+            let e = flowwire_storage::BlobError::Corrupt {
+                instance: s.id.to_string(),
+                tier: "record".into(),
+                key: s.id.to_string(),
+                detail: "a sealed step left no write in the batch".into(),
+            };
+            self.failed(s, &Error::from(e));
+            return;
+        };
+        // Rare (a blob to write, a payload too large): not in this batch. A start's id was
+        // checked before its precut.
+        let mut sealed = Sealed {
+            write,
+            placed,
+            puts: rest.puts,
+            attempt: rest.attempt,
+        };
+        let placement = self.placement.clone();
+        self.upload(s, !back, async move {
+            let key = &sealed.write.key;
+            placement.put_all(key, &sealed.puts).await?;
+            // The bytes are on their tier; the step needs only the record now.
+            drop(mem::take(&mut sealed.puts));
+            Ok(Upload::Sealed(sealed))
+        });
     }
 
     /// The step of `id` joins a batch with its blobs written: a retry after a failed
@@ -306,7 +330,10 @@ impl<F: Flow> Runner<F> {
         let Uploaded { staged: s, result } = u;
         self.uploading = self.uploading.saturating_sub(1);
         match result {
-            Ok(Upload::Cut(written)) => self.place(s, Some(&written)),
+            Ok(Upload::Cut(written)) => {
+                self.building.staged.push(s);
+                self.place(Some(&written));
+            }
             Ok(Upload::Sealed(mut sealed)) => {
                 self.joins(&s.id);
                 self.attempting(&s.id, sealed.attempt.take());
