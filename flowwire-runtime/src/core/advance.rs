@@ -54,7 +54,7 @@ impl<F: Flow> Instance<F> {
             step.draft.payload = payload;
             return Ok(step);
         }
-        Ok(self.advance_carrying(input, Some(impulse_id), true, payload, scratch))
+        Ok(self.advance_from(input, Some(impulse_id), true, payload, scratch, 0))
     }
 
     /// Applies a driver outcome for the call issued at step `seq` (for a fan-out: of its
@@ -162,7 +162,7 @@ impl<F: Flow> Instance<F> {
         let mut step = match ran {
             // The usual outcome: the step is built where it is returned (each move of a
             // step, several hundred bytes, is a copy).
-            Ok(Ok(())) => return Some(self.advance_carrying(input, None, false, payload, scratch)),
+            Ok(Ok(())) => return Some(self.advance_from(input, None, false, payload, scratch, 0)),
             Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
@@ -272,20 +272,9 @@ impl<F: Flow> Instance<F> {
         self.advance_from(input, impulse, keep_pending, None, scratch, 0)
     }
 
-    /// [`Instance::advance`], for a step whose input carries `payload` (an outcome's reply,
-    /// an impulse) to its history entry.
-    pub(super) fn advance_carrying(
-        &mut self,
-        input: StepInput,
-        impulse: Option<Arc<str>>,
-        keep_pending: bool,
-        payload: Option<Bytes>,
-        scratch: &mut Scratch,
-    ) -> Step {
-        self.advance_from(input, impulse, keep_pending, payload, scratch, 0)
-    }
-
-    /// [`Instance::advance_carrying`], after `joined` fan-outs without calls joined at once.
+    /// [`Instance::advance`], after `joined` fan-outs without calls joined at once, for a
+    /// step whose input carries `payload` (an outcome's reply, an impulse) to its history
+    /// entry.
     pub(super) fn advance_from(
         &mut self,
         input: StepInput,

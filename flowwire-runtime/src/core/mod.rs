@@ -222,20 +222,7 @@ impl<F: Flow> Instance<F> {
             key,
             flow: F::from_state(state),
             version: 0,
-            record: Record {
-                flow_version: F::VERSION,
-                seq: 0,
-                status: Status::Waiting,
-                state: Rope::default(),
-                pending: None,
-                timer: None,
-                compensations: Vec::new(),
-                failing: None,
-                correlation: None,
-                fan: None,
-                error: None,
-                cancel: None,
-            },
+            record: Record::unwritten(F::VERSION, Rope::default()),
             awaiting: Awaiting::Nothing,
             registered: None,
             delivered: None,
@@ -267,7 +254,7 @@ impl<F: Flow> Instance<F> {
             name: name.to_string(),
         };
         let step = match crate::guard::guard(|| inst.flow.apply_impulse(impulse)) {
-            Ok(()) => inst.advance_carrying(input, Some(impulse_id), false, payload, scratch),
+            Ok(()) => inst.advance_from(input, Some(impulse_id), false, payload, scratch, 0),
             Err(panic) => {
                 let reason = format!("impulse `{name}` panicked: {panic}");
                 let mut step = inst.park(input, reason, scratch);

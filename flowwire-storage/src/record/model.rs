@@ -261,6 +261,34 @@ pub struct Record<P = Bytes, S = P> {
 /// A record as the engine keeps it: its state a [`Rope`](crate::Rope).
 pub type LiveRecord = Record<Bytes, crate::Rope>;
 
+impl<P, S> Record<P, S> {
+    /// The record of an instance before its first step: no step taken, waiting, holding
+    /// `state` and nothing else.
+    ///
+    /// ```
+    /// use flowwire::storage::record::{Record, Status};
+    /// let r: Record = Record::unwritten(3, bytes::Bytes::from_static(b"state"));
+    /// assert_eq!((r.flow_version, r.seq, &r.status), (3, 0, &Status::Waiting));
+    /// assert!(r.pending.is_none() && r.compensations.is_empty());
+    /// ```
+    pub fn unwritten(flow_version: u32, state: S) -> Self {
+        Record {
+            flow_version,
+            seq: 0,
+            status: Status::Waiting,
+            state,
+            pending: None,
+            timer: None,
+            compensations: Vec::new(),
+            failing: None,
+            correlation: None,
+            fan: None,
+            error: None,
+            cancel: None,
+        }
+    }
+}
+
 impl Record {
     /// The record as the engine keeps it (no copy: the state becomes a one-piece rope).
     pub fn live(self) -> LiveRecord {

@@ -222,20 +222,10 @@ impl<F: Flow> Slot<F> {
 /// swap (see `Runner::committed`): built without a copy or an allocation.
 fn vacant() -> PlacedRecord {
     PlacedRecord {
-        record: flowwire_storage::Record {
-            flow_version: 0,
-            seq: 0,
-            status: flowwire_storage::Status::Waiting,
-            state: flowwire_storage::blob::Payload::Inline(bytes::Bytes::new()),
-            pending: None,
-            timer: None,
-            compensations: Vec::new(),
-            failing: None,
-            correlation: None,
-            fan: None,
-            error: None,
-            cancel: None,
-        },
+        record: flowwire_storage::Record::unwritten(
+            0,
+            flowwire_storage::blob::Payload::Inline(bytes::Bytes::new()),
+        ),
         retired: Vec::new(),
         trash: Vec::new(),
     }
