@@ -206,16 +206,24 @@ fn encode_inner<T: Serialize + ?Sized>(
 /// The CRC of an envelope: of the payload alone, or, for an owned value, of the header's
 /// first ten bytes, the owner's identity and the payload.
 fn checksum(head: &[u8], owner: Option<&InstanceKey>, payload: &[u8]) -> u32 {
+    let mut crc = hasher();
     let Some(owner) = owner else {
-        return crc32fast::hash(payload);
+        crc.update(payload);
+        return crc.finalize();
     };
-    let mut crc = crc32fast::Hasher::new();
-    // The same bytes as updating part by part, in one update when they fit on the stack:
-    // each update has a fixed cost (two records are encoded a step, six parts each).
+    // The same bytes as updating part by part, in one update when they fit on the stack
+    // (the payload too, when it fits with them): each update has a fixed cost, and two
+    // values are encoded a step, six parts each.
     let (flow, id) = (owner.flow.as_bytes(), owner.id.as_bytes());
-    let mut prefix = [0u8; 256];
+    let mut joined = [0u8; 256];
     let n = head.len() + 16 + flow.len() + id.len();
-    if let Some(buf) = prefix.get_mut(..n) {
+    let with_payload = n + payload.len();
+    let (parts, rest): (usize, &[u8]) = if with_payload <= joined.len() {
+        (with_payload, &[])
+    } else {
+        (n, payload)
+    };
+    if let Some(buf) = joined.get_mut(..parts) {
         let mut at = 0;
         for part in [
             head,
@@ -223,20 +231,31 @@ fn checksum(head: &[u8], owner: Option<&InstanceKey>, payload: &[u8]) -> u32 {
             flow,
             &(id.len() as u64).to_le_bytes(),
             id,
+            if rest.is_empty() { payload } else { &[] },
         ] {
             buf[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
         crc.update(buf);
+        if !rest.is_empty() {
+            crc.update(rest);
+        }
     } else {
         crc.update(head);
         for part in [flow, id] {
             crc.update(&(part.len() as u64).to_le_bytes());
             crc.update(part);
         }
+        crc.update(payload);
     }
-    crc.update(payload);
     crc.finalize()
+}
+
+/// A CRC-32 hasher, cloned from one made once: making one asks which instructions the CPU
+/// has, each time.
+fn hasher() -> crc32fast::Hasher {
+    static MADE: std::sync::OnceLock<crc32fast::Hasher> = std::sync::OnceLock::new();
+    MADE.get_or_init(crc32fast::Hasher::new).clone()
 }
 
 /// Checks the envelope around `bytes` and returns its payload.
@@ -443,6 +462,44 @@ mod tests {
                 checksum(&head, Some(&owner), payload),
                 reference.finalize(),
                 "id of {id_len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn an_owned_checksum_is_the_same_whether_the_payload_fits_beside_the_owner_or_not() {
+        // Short values are hashed in one update with the header and the owner: the bytes
+        // hashed, and so the checksum, must not depend on where the payload was put.
+        let head = [3u8; 10];
+        let owner = InstanceKey::new("Order", "order-17");
+        let prefix = head.len() + 16 + owner.flow.len() + owner.id.len();
+        for len in [
+            0,
+            1,
+            60,
+            255 - prefix,
+            256 - prefix,
+            257 - prefix,
+            1_000,
+            70_000,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut reference = crc32fast::Hasher::new();
+            reference.update(&head);
+            for part in [&*owner.flow, &*owner.id] {
+                reference.update(&(part.len() as u64).to_le_bytes());
+                reference.update(part.as_bytes());
+            }
+            reference.update(&payload);
+            assert_eq!(
+                checksum(&head, Some(&owner), &payload),
+                reference.finalize(),
+                "payload of {len} bytes"
+            );
+            assert_eq!(
+                checksum(&head, None, &payload),
+                crc32fast::hash(&payload),
+                "unowned, {len} bytes"
             );
         }
     }
