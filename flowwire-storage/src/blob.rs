@@ -98,12 +98,16 @@ impl Payload {
     }
 }
 
+/// How inline bytes are written, as a [`Payload`] or a [`PayloadRef`]: the enum's name,
+/// then the variant's index and name.
+pub(crate) const INLINE: (&str, u32, &str) = ("Payload", 0, "Inline");
+
 impl Serialize for Payload {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // As `derive` writes the variants of `PayloadForm`: a manifest without packs in the
         // form of the format that introduced it (byte for byte as that format stored it).
         match self {
-            Payload::Inline(b) => s.serialize_newtype_variant("Payload", 0, "Inline", b),
+            Payload::Inline(b) => s.serialize_newtype_variant(INLINE.0, INLINE.1, INLINE.2, b),
             Payload::Blob(r) => s.serialize_newtype_variant("Payload", 1, "Blob", r),
             Payload::Chunked(c) if c.without_packs() && c.inline.is_empty() => s
                 .serialize_newtype_variant(

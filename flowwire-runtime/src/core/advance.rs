@@ -50,9 +50,7 @@ impl<F: Flow> Instance<F> {
         };
         if let Err(panic) = guard(|| self.flow.apply_impulse(impulse)) {
             let reason = format!("impulse `{name}` panicked: {panic}");
-            let mut step = self.park(input, reason, scratch);
-            step.draft.payload = payload;
-            return Ok(step);
+            return Ok(carrying(self.park(input, reason, scratch), payload));
         }
         Ok(self.advance_from(input, Some(impulse_id), true, payload, scratch, 0))
     }

@@ -108,7 +108,12 @@ impl<F: Flow> Instance<F> {
             r.pending.clone(),
             r.timer,
         );
-        let mut step = self.build(
+        let payload = Some(match outcome {
+            Ok(bytes) => bytes.clone(),
+            Err(fault) => Bytes::from(fault.to_string()),
+        });
+        let at_ms = scratch.now_ms;
+        self.build(
             input,
             None,
             status,
@@ -117,13 +122,11 @@ impl<F: Flow> Instance<F> {
             Dispatches::new(),
             timer,
             output,
-            super::Extra::default(),
-        );
-        step.draft.payload = Some(match outcome {
-            Ok(bytes) => bytes.clone(),
-            Err(fault) => Bytes::from(fault.to_string()),
-        });
-        step.draft.at_ms = scratch.now_ms;
-        step
+            super::Extra {
+                fan: None,
+                payload,
+                at_ms,
+            },
+        )
     }
 }

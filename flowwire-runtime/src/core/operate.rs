@@ -131,8 +131,8 @@ impl<F: Flow> Instance<F> {
         let output = StepOutput::Quarantine {
             reason: reason.clone(),
         };
-        let pending = self.record.pending.clone();
-        let mut step = self.build(
+        let (pending, fan) = (self.record.pending.clone(), self.record.fan.clone());
+        self.build(
             input,
             None,
             Status::Quarantined { reason },
@@ -141,9 +141,10 @@ impl<F: Flow> Instance<F> {
             Dispatches::new(),
             None,
             output,
-            super::Extra::default(),
-        );
-        step.draft.record.fan.clone_from(&self.record.fan);
-        step
+            super::Extra {
+                fan,
+                ..super::Extra::default()
+            },
+        )
     }
 }

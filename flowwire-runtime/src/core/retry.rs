@@ -95,7 +95,7 @@ impl<F: Flow> Instance<F> {
                     ok: false,
                 };
                 let (status, state) = (self.record.status.clone(), self.record.state.clone());
-                let mut step = self.build(
+                self.build(
                     input,
                     None,
                     status,
@@ -104,10 +104,11 @@ impl<F: Flow> Instance<F> {
                     Dispatches::new(),
                     Some(timer),
                     output,
-                    super::Extra::default(),
-                );
-                step.draft.at_ms = now_ms;
-                step
+                    super::Extra {
+                        at_ms: now_ms,
+                        ..super::Extra::default()
+                    },
+                )
             }
         };
         step.draft.payload = payload;
@@ -134,7 +135,8 @@ impl<F: Flow> Instance<F> {
         let pending = self.record.pending.clone()?;
         let output = self.resend_output(&pending);
         let (status, state) = (self.record.status.clone(), self.record.state.clone());
-        let mut step = self.build(
+        let at_ms = scratch.now_ms;
+        Some(self.build(
             input,
             None,
             status,
@@ -143,9 +145,10 @@ impl<F: Flow> Instance<F> {
             one(pending),
             None,
             output,
-            super::Extra::default(),
-        );
-        step.draft.at_ms = scratch.now_ms;
-        Some(step)
+            super::Extra {
+                at_ms,
+                ..super::Extra::default()
+            },
+        ))
     }
 }

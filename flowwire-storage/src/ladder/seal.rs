@@ -197,14 +197,13 @@ impl Placement {
         };
         let keep_history = retention != Retention::None;
         // The input's payload, for the history entry: one that stays inline (most) is
-        // encoded from where it is, not placed (a placed copy is a reference count taken
-        // and given back, for nothing).
+        // encoded from where it is (`inline_input`), not placed (a placed copy is a
+        // reference count taken and given back, for nothing); any other is placed.
         let inline_input = payload
             .as_ref()
             .filter(|b| keep_history && self.stays_inline(b.len()));
         let payload = match payload {
-            Some(_) if inline_input.is_some() => None,
-            Some(b) if keep_history => Some(self.place(
+            Some(b) if keep_history && inline_input.is_none() => Some(self.place(
                 key,
                 seq,
                 'i',

@@ -200,8 +200,9 @@ pub(crate) struct HistoryEntryRef<'a> {
     pub at_ms: u64,
 }
 
-/// A payload as an entry refers to it: bytes that stay inline, written as
-/// [`Payload::Inline`] is (without being one), or a placed payload.
+/// A payload as a history entry refers to it: bytes that stay inline, written as
+/// [`Payload::Inline`] is (without being one: see `Placement::seal_into`), or a placed
+/// payload.
 #[derive(Clone, Copy)]
 pub(crate) enum PayloadRef<'a> {
     Inline(&'a bytes::Bytes),
@@ -211,8 +212,12 @@ pub(crate) enum PayloadRef<'a> {
 impl Serialize for PayloadRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            // As `Payload` writes its inline form.
-            PayloadRef::Inline(b) => s.serialize_newtype_variant("Payload", 0, "Inline", b),
+            PayloadRef::Inline(b) => s.serialize_newtype_variant(
+                crate::blob::INLINE.0,
+                crate::blob::INLINE.1,
+                crate::blob::INLINE.2,
+                b,
+            ),
             PayloadRef::Placed(p) => p.serialize(s),
         }
     }

@@ -267,7 +267,7 @@ impl<P, S> Record<P, S> {
     ///
     /// ```
     /// use flowwire::storage::record::{Record, Status};
-    /// let r: Record = Record::unwritten(3, bytes::Bytes::from_static(b"state"));
+    /// let r: Record = Record::unwritten(3, b"state".as_slice().into());
     /// assert_eq!((r.flow_version, r.seq, &r.status), (3, 0, &Status::Waiting));
     /// assert!(r.pending.is_none() && r.compensations.is_empty());
     /// ```

@@ -130,11 +130,6 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// Deletes blobs no record refers to any more, off the runner's path.
-    pub(super) fn collect(&self, trash: &[BlobRef]) {
-        collect(&self.placement, trash);
-    }
-
     /// Loads the instances with a call in flight, parks those of another version, sends
     /// their calls again (or parks them, per their driver's policy). Runs before the runner
     /// takes any request.
@@ -184,7 +179,7 @@ impl<F: Flow> Runner<F> {
         resend: bool,
     ) -> Result<Option<Step>> {
         let (record, placed) = bounded(self.limits.store_timeout, self.open(id, stored)).await?;
-        self.collect(&placed.trash);
+        collect(&self.placement, &placed.trash);
         if !record.status.is_active() {
             return Ok(None);
         }
