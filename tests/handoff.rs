@@ -4,7 +4,9 @@
 //! is written to the shard's outcome stream, and applied from there. Where the owner
 //! listens for them, a worker sends its outcomes there directly instead, and publishes
 //! what the owner cannot be reached for or refuses (it gave the shard away). An
-//! orchestrator reads the streams of all the shards it holds on one connection.
+//! orchestrator reads the streams of all the shards it holds on one connection. A caller
+//! hands its requests to the owner directly too, where it listens, and appends to the
+//! request stream what the owner cannot take.
 //! (Over 600 lines: one scenario per test; they share the flow, the gated driver and the
 //! helpers that ask Redis what it holds and publishes, which splitting the file would copy.)
 
@@ -556,6 +558,117 @@ async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() 
         published.load(std::sync::atomic::Ordering::SeqCst),
         10,
         "the 10 outcomes were published"
+    );
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+/// How many entries were ever appended to a stream (none if it does not exist).
+async fn appended(url: &str, key: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if exists == 0 {
+        return 0;
+    }
+    stream_info(url, key).await.0
+}
+
+/// Waits until an address is advertised under `name` (a handoff channel or a request
+/// stream).
+async fn advertised(bus: &flowwire::storage::bus::RedisBus, name: &str) {
+    for _ in 0..500 {
+        if bus.endpoints(&[name.to_string()]).await.unwrap()[0].is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no address advertised under {name} within 10 s");
+}
+
+/// A caller hands its requests to the shard's owner directly, at the address the owner
+/// advertised under the shard's request stream: starts, a refused start and a
+/// cancellation are each answered as through the stream, and nothing is appended to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_to_their_owner_directly_not_through_the_request_stream() {
+    let redis = servers::Redis::start();
+    let prefix = "directreq";
+    let orchestrator = trip_orchestrator(shared(&redis.url(), prefix, "o")).await;
+    // Permits for the ten trips' twenty calls: the next trip waits at the gate.
+    let worker = gate_worker(
+        shared(&redis.url(), prefix, "w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(20))),
+    )
+    .await;
+    let client = trip_client(shared(&redis.url(), prefix, "c")).await;
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    let requests = bus.requests("Trip", 0);
+    advertised(&bus, &requests).await;
+
+    trips(&client, "r", 10).await;
+    let held = client
+        .start::<Trip>("held", TripState::default())
+        .await
+        .unwrap();
+    let again = client.start::<Trip>("held", TripState::default()).await;
+    assert!(
+        matches!(again, Err(flowwire::Error::AlreadyExists { .. })),
+        "a second start of an id is refused: {again:?}"
+    );
+    client.cancel::<Trip>("held", "no more").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), held.finished())
+        .await
+        .expect("the held trip ends")
+        .unwrap();
+    assert!(
+        matches!(ended, Ended::Cancelled { .. }),
+        "cancelled: {ended:?}"
+    );
+    assert_eq!(
+        appended(&redis.url(), &requests).await,
+        0,
+        "no request was appended to the request stream"
+    );
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+/// Where the owner cannot take a request directly — it listens nowhere and the address
+/// advertised under the request stream is dead — the caller appends it to the stream, and
+/// each is applied once from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_owner_cannot_take_directly_goes_through_the_stream() {
+    let redis = servers::Redis::start();
+    let prefix = "undirectreq";
+    let bus = shared(&redis.url(), prefix, "t").store().bus();
+    let requests = bus.requests("Trip", 0);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    bus.advertise(&requests, &format!("{dead}|o"))
+        .await
+        .unwrap();
+    let orchestrator =
+        trip_orchestrator(shared(&redis.url(), prefix, "o").direct_handoffs(None)).await;
+    let worker = gate_worker(
+        shared(&redis.url(), prefix, "w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(shared(&redis.url(), prefix, "c")).await;
+
+    trips(&client, "s", 5).await;
+    assert_eq!(
+        appended(&redis.url(), &requests).await,
+        5,
+        "the five starts were appended to the request stream"
     );
     for engine in [client, worker, orchestrator] {
         engine.shutdown().await;

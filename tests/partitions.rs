@@ -68,7 +68,9 @@ async fn an_entry_delivered_during_a_stalled_read_is_read_again() {
         .await
         .unwrap();
     let client = Engine::builder()
-        .shared(shared(&redis.url()))
+        // Its requests go through the request stream, which this test is about (not
+        // to the owner directly).
+        .shared(shared(&redis.url()).direct_handoffs(None))
         .flow::<Tally>()
         .client()
         .request_timeout(Duration::from_mins(1))
@@ -123,7 +125,9 @@ async fn an_entry_another_reader_took_is_claimed_and_applied() {
         .await
         .unwrap();
     let client = Engine::builder()
-        .shared(shared(&redis.url()))
+        // Its requests go through the request stream, which this test is about (not
+        // to the owner directly).
+        .shared(shared(&redis.url()).direct_handoffs(None))
         .flow::<Tally>()
         .client()
         .request_timeout(Duration::from_secs(30))
@@ -202,7 +206,9 @@ async fn an_acknowledgement_lost_with_its_connection_is_sent_again() {
         .await
         .unwrap();
     let client = Engine::builder()
-        .shared(shared(&redis.url()))
+        // Its requests go through the request stream, which this test is about (not
+        // to the owner directly).
+        .shared(shared(&redis.url()).direct_handoffs(None))
         .flow::<Tally>()
         .client()
         .start()

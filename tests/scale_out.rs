@@ -217,8 +217,18 @@ async fn worker(prefix: &str, name: &str, counter: Counter) -> Engine {
 }
 
 async fn client(prefix: &str) -> Engine {
+    client_on(shared(prefix)).await
+}
+
+/// A client whose requests go through the request stream, not to their owner directly:
+/// the `XADD` of its first request shows which connection is its (`client_commands`).
+async fn client_via_streams(prefix: &str) -> Engine {
+    client_on(shared(prefix).direct_handoffs(None)).await
+}
+
+async fn client_on(shared: Shared) -> Engine {
     Engine::builder()
-        .shared(shared(prefix))
+        .shared(shared)
         .flow::<Parcel>()
         .client()
         .start()
@@ -463,7 +473,7 @@ async fn a_waiter_takes_the_end_from_its_announcement_without_reading_the_record
     let prefix = "announce";
     let o = orchestrator(prefix, "o").await;
     let w = worker(prefix, "w", Counter::default()).await;
-    let c = client(prefix).await;
+    let c = client_via_streams(prefix).await;
     let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
     eventually("packed", async || h.weight().await.unwrap() == Some(3)).await;
     let waiting = c.handle::<Parcel>("p-1").await.unwrap();
@@ -506,7 +516,7 @@ async fn a_client_waiting_on_an_instance_it_started_reads_nothing_to_see_it_end(
     let prefix = "started";
     let o = orchestrator(prefix, "o").await;
     let w = worker(prefix, "w", Counter::default()).await;
-    let c = client(prefix).await;
+    let c = client_via_streams(prefix).await;
     let monitor = redis().monitor();
     let h = c.start::<Parcel>("p-1", state("p-1")).await.unwrap();
     let (ended, addressed) = tokio::join!(

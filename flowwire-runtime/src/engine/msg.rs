@@ -22,11 +22,9 @@ pub(crate) type EndedReply = Result<(Ended, Option<flowwire_storage::Rope>)>;
 /// reply and acknowledges the request's entry in the step's own write, instead of two more
 /// round trips after it.
 pub(crate) struct BusRequest {
-    /// The shard's request stream, and the consumer group that acknowledges its entries.
-    pub stream: String,
-    pub group: &'static str,
-    /// The request's entry in it.
-    pub entry: String,
+    /// The request's entry in the shard's request stream; `None` for a request its caller
+    /// handed to the shard's owner directly (there is no entry to acknowledge).
+    pub entry: Option<StreamEntry>,
     /// The caller's reply channel.
     pub reply_to: String,
     /// The reply that says the request was applied, encoded.
@@ -34,19 +32,20 @@ pub(crate) struct BusRequest {
     settled: AtomicBool,
 }
 
+/// A request's entry in a shard's request stream.
+pub(crate) struct StreamEntry {
+    /// The shard's request stream, and the consumer group that acknowledges its entries.
+    pub stream: String,
+    pub group: &'static str,
+    /// The entry's id.
+    pub id: String,
+}
+
 // Made by the multi-process feed (feature `redis`); read by the runner everywhere.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 impl BusRequest {
-    pub(crate) fn new(
-        stream: String,
-        group: &'static str,
-        entry: String,
-        reply_to: String,
-        applied: Bytes,
-    ) -> Self {
+    pub(crate) fn new(entry: Option<StreamEntry>, reply_to: String, applied: Bytes) -> Self {
         BusRequest {
-            stream,
-            group,
             entry,
             reply_to,
             applied,
@@ -59,8 +58,8 @@ impl BusRequest {
         self.settled.store(true, Ordering::Release);
     }
 
-    /// Whether a committed step settled the request: its reply is out and its entry
-    /// acknowledged, so the feed does neither.
+    /// Whether a committed step settled the request: its reply is out and its entry (if
+    /// it has one) acknowledged, so the feed does neither.
     pub(crate) fn is_settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
     }

@@ -159,7 +159,8 @@ impl<F: Flow> Runner<F> {
     /// Adds to a step's write the bus messages its commit carries (nothing unless the
     /// store carries them): its driver calls, the announcement that it ended (with
     /// `record`, the step's encoded record, when small), and for a request that came over
-    /// the bus, its reply and its entry's acknowledgement.
+    /// the bus, its reply and (one read from the request stream) its entry's
+    /// acknowledgement.
     pub(super) fn carry(
         &self,
         s: &Staged<F>,
@@ -174,11 +175,13 @@ impl<F: Flow> Runner<F> {
                 channel: via.reply_to.clone(),
                 body: via.applied.clone(),
             });
-            sends.push(BusSend::Settle {
-                stream: via.stream.clone(),
-                group: via.group.to_string(),
-                entry: via.entry.clone(),
-            });
+            if let Some(entry) = &via.entry {
+                sends.push(BusSend::Settle {
+                    stream: entry.stream.clone(),
+                    group: entry.group.to_string(),
+                    entry: entry.id.clone(),
+                });
+            }
         }
         // An outcome handed over by its worker settles its call.
         if let Ack::Outcome(o) = &s.ack

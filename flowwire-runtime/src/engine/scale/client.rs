@@ -102,13 +102,59 @@ async fn listen(
     }
 }
 
-/// What a router needs: the bus, the store and tiers for reads, this process's replies.
+/// What a router needs: the bus, the store and tiers for reads, this process's replies,
+/// and (on one server with direct handoffs) the way to hand requests to their owners.
 pub(crate) struct Remote {
     pub bus: RedisBus,
     pub store: Arc<dyn InstanceStore>,
     pub placement: Arc<Placement>,
     pub replies: Arc<Replies>,
     pub limits: Limits,
+    pub direct: Option<Direct>,
+}
+
+/// Requests handed to their shard's owner directly, over the connection a worker's
+/// outcomes take (`handoff.rs`), not appended to the shard's request stream: a stream
+/// entry reaches the owner only after the `fdatasync` of the server's turn that appended
+/// it (with `appendfsync always`), a wait on the disk for a message that needs no
+/// durability — nothing is acknowledged before the step that applies it is committed.
+///
+/// The requests of concurrent callers are offered together: one exchange with each owner
+/// for all those that came while the last one was under way.
+#[derive(Clone)]
+pub(crate) struct Direct {
+    tx: mpsc::UnboundedSender<(String, Bytes, oneshot::Sender<bool>)>,
+}
+
+impl Direct {
+    /// Starts offering through `outlet`; it stops once every copy is dropped.
+    pub(crate) fn spawn(outlet: super::handoff::Outlet) -> (Direct, tokio::task::JoinHandle<()>) {
+        /// The most requests offered in one exchange.
+        const BATCH: usize = 256;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes, oneshot::Sender<bool>)>();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, BATCH).await > 0 {
+                let (offers, answers): (Vec<_>, Vec<_>) =
+                    batch.drain(..).map(|(c, b, a)| ((c, b), a)).unzip();
+                let took = outlet.offer(&offers).await;
+                for (answer, took) in answers.into_iter().zip(took) {
+                    let _ = answer.send(took);
+                }
+            }
+        });
+        (Direct { tx }, task)
+    }
+
+    /// Offers `body` (an encoded request) to the owner of the shard whose request stream
+    /// is `stream`; whether it took it (`false`: append it to the stream).
+    async fn offer(&self, stream: &str, body: &Bytes) -> bool {
+        let (answer, took) = oneshot::channel();
+        self.tx
+            .send((stream.to_string(), body.clone(), answer))
+            .is_ok()
+            && took.await.unwrap_or(false)
+    }
 }
 
 /// Serves a flow's handles in a multi-process engine; returns the port handles send to.
@@ -303,7 +349,17 @@ async fn ask<F: Flow>(
     };
     let stream = remote.bus.requests(F::NAME, remote.store.shard_of(id));
     let fut = async {
-        remote.bus.push(&[(stream, body)]).await?;
+        // Handed to the owner directly where it can be, else appended to the stream. (An
+        // owner that took it and died before the step that applies it was committed
+        // leaves it unanswered: the caller times out, and may ask again with the same
+        // id, as after any request its owner did not answer.)
+        let taken = match &remote.direct {
+            Some(direct) => direct.offer(&stream, &body).await,
+            None => false,
+        };
+        if !taken {
+            remote.bus.push(&[(stream, body)]).await?;
+        }
         rx.await.map_err(|_| Error::Shutdown)
     };
     let reply = tokio::time::timeout(limit, fut).await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use flowwire_storage::bus::{Entry, RedisBus};
 use flowwire_storage::codec;
 use tokio::sync::{mpsc, oneshot};
@@ -18,7 +19,7 @@ use super::joint::{Joint, PAGE};
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
 use crate::engine::job::OutcomeMsg;
-use crate::engine::msg::{BusRequest, Msg};
+use crate::engine::msg::{BusRequest, Msg, StreamEntry};
 use crate::error::Error;
 use crate::flow::Flow;
 
@@ -107,7 +108,8 @@ impl Acker {
 /// outcome among them leaves its flow waiting, a request its caller.
 ///
 /// With `handoff` (a channel), the outcomes handed over on it are fed too, for as long as
-/// the pump runs.
+/// the pump runs; and with `inbox` too, the outcomes and the requests handed over
+/// directly (`handoff.rs`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn pump<F: Flow>(
     bus: RedisBus,
@@ -122,24 +124,6 @@ pub(crate) async fn pump<F: Flow>(
     (joint, inbox): (Option<Arc<Joint>>, Option<Arc<Inbox>>),
 ) {
     let carries = handoff.is_some();
-    let handed = async {
-        match handoff {
-            Some(channel) => {
-                // Routed here for as long as the pump runs, and advertised for the workers
-                // (by the pump itself: a pump stopped advertises nothing late).
-                let _route = inbox
-                    .as_ref()
-                    .map(|inbox| inbox.route(channel.clone(), outcomes.clone()));
-                let advertised = async {
-                    if let Some(inbox) = &inbox {
-                        advertise(&bus, &channel, inbox.endpoint()).await;
-                    }
-                };
-                tokio::join!(advertised, take_handoffs(&bus, &channel, &outcomes, limit));
-            }
-            None => std::future::pending().await,
-        }
-    };
     let feed = Arc::new(Feed {
         streams: streams.clone(),
         tx,
@@ -149,6 +133,34 @@ pub(crate) async fn pump<F: Flow>(
         carries,
         acker: acker.clone(),
     });
+    let direct = feed.clone();
+    let handed = async {
+        match handoff {
+            Some(channel) => {
+                // Routed here for as long as the pump runs, and advertised for the workers
+                // and the callers (by the pump itself: a pump stopped advertises nothing
+                // late): outcomes under the handoff channel, requests under the request
+                // stream's name.
+                let _routes = inbox.as_ref().map(|inbox| {
+                    (
+                        inbox.route(channel.clone(), outcomes.clone()),
+                        inbox.route_requests(
+                            streams[0].clone(),
+                            Arc::new(move |request, body| direct.direct(request, body)),
+                        ),
+                    )
+                });
+                let advertised = async {
+                    if let Some(inbox) = &inbox {
+                        advertise(&bus, &channel, inbox.endpoint()).await;
+                        advertise(&bus, &streams[0], inbox.endpoint()).await;
+                    }
+                };
+                tokio::join!(advertised, take_handoffs(&bus, &channel, &outcomes, limit));
+            }
+            None => std::future::pending().await,
+        }
+    };
     let read = async {
         match joint {
             Some(joint) => read_joined(&bus, &node, &joint, feed, &acker, sweep).await,
@@ -378,6 +390,14 @@ async fn claim_others<F: Flow>(
     Ok(())
 }
 
+/// Where a request came from.
+enum Origin {
+    /// Read from the shard's request stream.
+    Stream(StreamEntry),
+    /// Handed over directly by its caller: the request as encoded.
+    Direct(Bytes),
+}
+
 struct Feed<F: Flow> {
     streams: [String; 2],
     tx: mpsc::Sender<Msg<F>>,
@@ -423,8 +443,47 @@ impl<F: Flow> Feed<F> {
             Ok(r) => r,
             Err(err) => return self.discard(0, e.id, &err.to_string()),
         };
-        let acker = self.acker.clone();
+        // Both ends on Redis's clock: when it appended the request, and now.
+        let deadline = appended_ms(&e.id).map(|at| at.saturating_add(request.timeout_ms));
+        let now = self.server_time.now_ms();
         let stream = self.streams[0].clone();
+        if let (Some(deadline), Some(now)) = (deadline, now)
+            && now > deadline
+        {
+            // The caller gave up: applying it now would surprise it.
+            tracing::info!(flow = F::NAME, id = %request.id, late_ms = now - deadline, "request dropped: its caller gave up on it");
+            let acker = self.acker.clone();
+            tokio::spawn(async move {
+                acker.ack(&stream, &[e.id]).await;
+            });
+            return;
+        }
+        self.apply(
+            request,
+            Origin::Stream(StreamEntry {
+                stream,
+                group: GROUP,
+                id: e.id,
+            }),
+        );
+    }
+
+    /// A request its caller handed over directly (`handoff.rs`; `body` as it came):
+    /// applied at once (it was sent just now), and replied to as one read from the stream
+    /// is, with no entry to acknowledge. If the runner has stopped (the shard is being
+    /// given away), it is appended to the stream for the next owner.
+    pub(super) fn direct(&self, request: Request, body: Bytes) {
+        self.apply(request, Origin::Direct(body));
+    }
+
+    /// Hands a request to the runner, and replies to it unless the step that applied it
+    /// did (then its entry, if it has one, was acknowledged by that step too).
+    fn apply(&self, request: Request, origin: Origin) {
+        let (entry, direct) = match origin {
+            Origin::Stream(entry) => (Some(entry), None),
+            Origin::Direct(body) => (None, Some((self.streams[0].clone(), body))),
+        };
+        let acker = self.acker.clone();
         let tx = self.tx.clone();
         let limit = self.limit;
         // What the step that applies it needs to reply and settle it in its own commit
@@ -434,27 +493,10 @@ impl<F: Flow> Feed<F> {
             result: Ok(()),
         };
         let mut out = Vec::new();
-        let via = (self.carries && codec::encode_raw(&applied, &mut out).is_ok()).then(|| {
-            Arc::new(BusRequest::new(
-                stream.clone(),
-                GROUP,
-                e.id.clone(),
-                request.reply_to.clone(),
-                out.into(),
-            ))
-        });
-        // Both ends on Redis's clock: when it appended the request, and now.
-        let deadline = appended_ms(&e.id).map(|at| at.saturating_add(request.timeout_ms));
-        let now = self.server_time.now_ms();
+        let settles = entry.as_ref().map(|e| (e.stream.clone(), e.id.clone()));
+        let via = (self.carries && codec::encode_raw(&applied, &mut out).is_ok())
+            .then(|| Arc::new(BusRequest::new(entry, request.reply_to.clone(), out.into())));
         tokio::spawn(async move {
-            if let (Some(deadline), Some(now)) = (deadline, now)
-                && now > deadline
-            {
-                // The caller gave up: applying it now would surprise it.
-                tracing::info!(flow = F::NAME, id = %request.id, late_ms = now - deadline, "request dropped: its caller gave up on it");
-                acker.ack(&stream, &[e.id]).await;
-                return;
-            }
             let id: Arc<str> = request.id.as_str().into();
             let (reply, answer) = oneshot::channel();
             let settled = via.clone();
@@ -503,7 +545,14 @@ impl<F: Flow> Feed<F> {
             let result = match msg {
                 Ok(msg) => {
                     if tx.send(msg).await.is_err() {
-                        return; // the runner stopped: the next owner answers
+                        // The runner stopped: the next owner answers, one read from the
+                        // stream as it is; one handed over is appended there for it.
+                        if let Some((stream, body)) = direct
+                            && let Err(err) = acker.bus.push(&[(stream, body)]).await
+                        {
+                            tracing::warn!(error = %err, "request not passed on; the caller times out");
+                        }
+                        return;
                     }
                     match answer.await {
                         // The step's commit replied and acknowledged it.
@@ -530,7 +579,9 @@ impl<F: Flow> Feed<F> {
             {
                 tracing::warn!(error = %err, "reply not published; the caller times out");
             }
-            acker.ack(&stream, &[e.id]).await;
+            if let Some((stream, id)) = settles {
+                acker.ack(&stream, &[id]).await;
+            }
         });
     }
 }

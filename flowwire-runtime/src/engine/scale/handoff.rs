@@ -1,29 +1,38 @@
-//! Outcomes handed to their shard's owner directly, over a TCP connection from the worker
-//! to the owner's process (one Redis server).
+//! Outcomes and requests handed to their shard's owner directly, over a TCP connection
+//! from the worker or the caller to the owner's process (one Redis server).
 //!
 //! Handed over on pub/sub, an outcome crosses the server: the worker's `PUBLISH` lands in a
 //! turn of the server's loop, and Redis delivers it only after that turn's `fdatasync` —
 //! a wait on the disk for a message that needs no durability. A workflow of two calls
-//! waits for two such turns. Sent directly, it waits for none.
+//! waits for two such turns. Sent directly, it waits for none. A request (a start, an
+//! impulse, a cancellation) appended to the shard's request stream waits for one turn
+//! too, and needs no durability either: its caller hears nothing before the step that
+//! applies it is committed.
 //!
 //! * **The owner's side ([`Inbox`]).** Each orchestrator process listens on one address
 //!   (`Shared::direct_handoffs`, loopback by default). A shard's pump routes the outcomes
-//!   that name its handoff channel to its runner, and advertises the address under that
-//!   channel (`RedisBus::advertise`): the shard's next owner overwrites it.
-//! * **The worker's side ([`Outlet`]).** For each outcome's channel the worker looks up the
-//!   address once (then keeps it), connects, checks the greeting (a magic and the node
-//!   the address was advertised with), and sends its outcomes; the owner answers each
-//!   with whether it routes that channel.
+//!   that name its handoff channel to its runner and the requests that name its request
+//!   stream to its feed, and advertises the address under both names
+//!   (`RedisBus::advertise`): the shard's next owner overwrites them.
+//! * **The sender's side ([`Outlet`]).** For each frame's channel, a worker (or a caller)
+//!   looks up the address once (then keeps it), connects, checks the greeting (a magic
+//!   and the node the address was advertised with), and sends its frames; the owner
+//!   answers each with whether it routes that channel.
 //! * **Fallbacks.** An outcome the owner did not take — the shard moved on, the address is
 //!   stale or unreachable, the answer did not come within a second — is published as
 //!   before; one nobody received is written to the shard's outcome stream, and one no
 //!   commit settles within a second too (`workers.rs`). An outcome that arrives twice is
-//!   applied once, by its step.
+//!   applied once, by its step. A request the owner did not take is appended to the
+//!   request stream (`client.rs`); one it took while its runner was stopping is appended
+//!   there by the owner (`feed.rs`). A request applied twice is applied once, by its id
+//!   (a start, an impulse) or its effect (a cancellation). One an owner took and died
+//!   with before its step was committed is lost, as one sent to any server that dies is:
+//!   its caller times out, having been told nothing, and may ask again.
 //!
 //! Frames are length-prefixed (`u32`, little-endian) and bounded by the decode limit: a
 //! longer one closes the connection. Anything that can reach the address can offer
-//! outcomes for calls in flight, as anything that can reach Redis can publish them: bind
-//! it where only the deployment's processes reach it.
+//! outcomes for calls in flight and requests, as anything that can reach Redis can
+//! publish or append them: bind it where only the deployment's processes reach it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,7 +49,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::messages::Handoff;
+use super::messages::{Handoff, Request};
 use crate::engine::job::OutcomeMsg;
 
 /// What an owner's process says first on every connection, before its node's name.
@@ -56,14 +65,19 @@ const RETRY: Duration = Duration::from_secs(1);
 /// a new one is closed at once, and its worker publishes.
 const CONNECTIONS_MAX: usize = 1024;
 
-/// An outcome on its way to the owner of `channel`.
+/// An outcome or a request on its way to the owner of `channel`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Frame {
-    /// The shard's handoff channel: which runner it is for.
+    /// Which runner it is for: an outcome names the shard's handoff channel, a request the
+    /// shard's request stream.
     channel: String,
-    /// The encoded [`Handoff`].
+    /// The encoded [`Handoff`] (an outcome) or [`Request`].
     handoff: Bytes,
 }
+
+/// What takes the requests handed over for a shard: the request as it decoded, and as it
+/// came (to pass it on to the stream if the shard's runner has stopped).
+pub(crate) type TakeRequest = Arc<dyn Fn(Request, Bytes) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -76,6 +90,8 @@ pub(crate) struct Inbox {
     node: Arc<str>,
     limit: usize,
     routes: Mutex<HashMap<String, mpsc::UnboundedSender<OutcomeMsg>>>,
+    /// Per shard's request stream, what takes the requests handed over for it.
+    requests: Mutex<HashMap<String, TakeRequest>>,
 }
 
 impl Inbox {
@@ -99,6 +115,7 @@ impl Inbox {
             node,
             limit,
             routes: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(accept(listener, Arc::downgrade(&inbox)));
         Ok((inbox, task))
@@ -123,19 +140,54 @@ impl Inbox {
         }
     }
 
-    /// Hands one frame's outcome to its runner; whether it was routed.
+    /// Routes the requests offered for `stream` (a shard's request stream) to `take`
+    /// until the guard is dropped.
+    pub(crate) fn route_requests(
+        self: &Arc<Self>,
+        stream: String,
+        take: TakeRequest,
+    ) -> RequestRoute {
+        lock(&self.requests).insert(stream.clone(), take.clone());
+        RequestRoute {
+            inbox: self.clone(),
+            stream,
+            take,
+        }
+    }
+
+    /// Hands one frame's outcome to its runner, or its request to its shard's feed;
+    /// whether it was routed.
     fn take(&self, frame: &[u8]) -> bool {
-        let decoded = codec::decode_raw::<Frame>(frame, self.limit)
-            .and_then(|f| Ok((f.channel, Handoff::open(&f.handoff, self.limit)?)));
-        let (channel, o) = match decoded {
-            Ok(d) => d,
+        let f = match codec::decode_raw::<Frame>(frame, self.limit) {
+            Ok(f) => f,
             Err(e) => {
-                tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
+                tracing::warn!(error = %e, "frame offered directly does not decode; left to its sender");
                 return false;
             }
         };
-        let routes = lock(&self.routes);
-        routes.get(&channel).is_some_and(|tx| tx.send(o).is_ok())
+        let outcomes = lock(&self.routes).get(&f.channel).cloned();
+        if let Some(tx) = outcomes {
+            return match Handoff::open(&f.handoff, self.limit) {
+                Ok(o) => tx.send(o).is_ok(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
+                    false
+                }
+            };
+        }
+        let Some(take) = lock(&self.requests).get(&f.channel).cloned() else {
+            return false;
+        };
+        match codec::decode_raw::<Request>(&f.handoff, self.limit) {
+            Ok(request) => {
+                take(request, f.handoff);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request offered directly does not decode; left to its caller");
+                false
+            }
+        }
     }
 }
 
@@ -154,6 +206,26 @@ impl Drop for Route {
             .is_some_and(|tx| tx.same_channel(&self.outcomes))
         {
             routes.remove(&self.channel);
+        }
+    }
+}
+
+/// A shard's request route in the [`Inbox`]; removed when dropped (unless a later one
+/// replaced it).
+pub(crate) struct RequestRoute {
+    inbox: Arc<Inbox>,
+    stream: String,
+    take: TakeRequest,
+}
+
+impl Drop for RequestRoute {
+    fn drop(&mut self) {
+        let mut requests = lock(&self.inbox.requests);
+        if requests
+            .get(&self.stream)
+            .is_some_and(|t| Arc::ptr_eq(t, &self.take))
+        {
+            requests.remove(&self.stream);
         }
     }
 }
@@ -395,9 +467,9 @@ impl Outlet {
             warned.insert(end.to_string())
         };
         if first {
-            tracing::warn!(endpoint = %end, error = %e, "outcomes cannot be sent to their owner directly; they are published through Redis instead (give the orchestrator an address this worker reaches: `Shared::direct_handoffs`)");
+            tracing::warn!(endpoint = %end, error = %e, "outcomes and requests cannot be sent to their owner directly; they go through Redis instead (give the orchestrator an address this process reaches: `Shared::direct_handoffs`)");
         } else {
-            tracing::debug!(endpoint = %end, error = %e, "outcomes not offered directly; published");
+            tracing::debug!(endpoint = %end, error = %e, "not offered directly; sent through Redis");
         }
     }
 }

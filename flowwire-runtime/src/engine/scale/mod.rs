@@ -77,11 +77,20 @@ impl Shared {
     }
 
     /// Where an orchestrator process takes the outcomes workers send its shards directly,
-    /// on one Redis server (default: a free port on loopback, `127.0.0.1:0`, for workers on
-    /// the same host). A worker looks the address up under the shard and sends the outcome
-    /// there, instead of publishing it through Redis, where it would wait for the server's
-    /// next `fdatasync`; an outcome the owner does not take is published, as with `None`.
-    /// Workers on other hosts need an address they reach: bind one of this host's (not
+    /// and the requests callers send them (starts, impulses, cancellations), on one Redis
+    /// server (default: a free port on loopback, `127.0.0.1:0`, for processes on the same
+    /// host). A worker or a caller looks the address up under the shard and sends there,
+    /// instead of going through Redis, where each message would wait for the server's next
+    /// `fdatasync`; what the owner does not take goes through Redis, as with `None`. In a
+    /// worker's or a client's process, `None` sends everything through Redis.
+    ///
+    /// Nothing acknowledged changes: a caller is answered once the step that applies its
+    /// request is committed. A request its owner took and died with before that commit is
+    /// not answered (the caller times out and may ask again with the same id, which
+    /// applies it once), where one appended to the request stream would be applied by the
+    /// shard's next owner.
+    ///
+    /// Processes on other hosts need an address they reach: bind one of this host's (not
     /// `0.0.0.0`), where only the deployment's processes reach it. A process that cannot
     /// listen there does not start ([`Error::DirectHandoffs`](crate::Error::DirectHandoffs)).
     ///
@@ -214,19 +223,26 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     let events = crate::events::Emitter::new(b.limits.event_capacity);
     let node: Arc<str> = shared.node().into();
     let replies = client::Replies::start(bus.clone(), &node, b.limits.decode_limit).await?;
+    let held = super::health::Held::default();
+    let (children, child_jobs) = super::children::ChildPort::new();
+    // On one server, the commits carry bus messages, and the shards of a process are read
+    // together (`joint`) and take their outcomes and requests directly (`handoff`).
+    let one_server = store.carries_sends();
+    let mut background = Vec::new();
+    let direct = (shared.direct.is_some() && one_server).then(|| {
+        let outlet = handoff::Outlet::new(bus.clone(), b.limits.decode_limit);
+        let (direct, task) = client::Direct::spawn(outlet);
+        background.push(task);
+        direct
+    });
     let remote = Arc::new(client::Remote {
         bus: bus.clone(),
         store: store.clone(),
         placement: placement.clone(),
         replies,
         limits: b.limits.clone(),
+        direct,
     });
-    let held = super::health::Held::default();
-    let (children, child_jobs) = super::children::ChildPort::new();
-    // On one server, the commits carry bus messages, and the shards of a process are read
-    // together (`joint`) and take their outcomes directly (`handoff`).
-    let one_server = store.carries_sends();
-    let mut background = Vec::new();
     let inbox = match shared.direct.filter(|_| b.roles.orchestrator && one_server) {
         Some(addr) => match handoff::Inbox::bind(addr, node.clone(), b.limits.decode_limit).await {
             Ok((inbox, task)) => {
