@@ -534,14 +534,7 @@ async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() 
     let redis = servers::Redis::start();
     let prefix = "undirect";
     let bus = shared(&redis.url(), prefix, "t").store().bus();
-    // An address nobody listens at (a port just freed), advertised as the shard's.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    bus.advertise(&bus.handoffs("Trip", 0), &format!("{dead}|o"))
-        .await
-        .unwrap();
+    advertise_dead(&bus, &bus.handoffs("Trip", 0)).await;
     let orchestrator =
         trip_orchestrator(shared(&redis.url(), prefix, "o").direct_handoffs(None)).await;
     let worker = gate_worker(
@@ -562,6 +555,16 @@ async fn an_owner_that_cannot_be_reached_directly_gets_its_outcomes_published() 
     for engine in [client, worker, orchestrator] {
         engine.shutdown().await;
     }
+}
+
+/// Advertises under `name` (a handoff channel or a request stream) an address nobody
+/// listens at: a port just freed.
+async fn advertise_dead(bus: &flowwire::storage::bus::RedisBus, name: &str) {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    bus.advertise(name, &format!("{dead}|o")).await.unwrap();
 }
 
 /// How many entries were ever appended to a stream (none if it does not exist).
@@ -648,13 +651,7 @@ async fn a_request_its_owner_cannot_take_directly_goes_through_the_stream() {
     let prefix = "undirectreq";
     let bus = shared(&redis.url(), prefix, "t").store().bus();
     let requests = bus.requests("Trip", 0);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    bus.advertise(&requests, &format!("{dead}|o"))
-        .await
-        .unwrap();
+    advertise_dead(&bus, &requests).await;
     let orchestrator =
         trip_orchestrator(shared(&redis.url(), prefix, "o").direct_handoffs(None)).await;
     let worker = gate_worker(
