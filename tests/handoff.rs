@@ -755,3 +755,77 @@ async fn an_outcome_offered_to_a_former_owner_is_published_to_the_new_one() {
         engine.shutdown().await;
     }
 }
+
+/// A caller keeps the address an owner advertised under a shard's request stream. When
+/// that owner gives the shard to another orchestrator, it refuses the requests it is
+/// offered for it; the caller appends them to the stream, and the new owner applies each
+/// once (and the caller looks the new owner's address up for the next).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_offered_to_a_former_owner_goes_through_the_stream_to_the_new_one() {
+    let redis = servers::Redis::start();
+    let prefix = "movedreq";
+    let two = |node: &str| shared(&redis.url(), prefix, node).shards(2);
+    let a = trip_orchestrator(two("a")).await;
+    let worker = gate_worker(
+        two("w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(two("c")).await;
+    let bus = two("t").store().bus();
+    for shard in 0..2 {
+        advertised(&bus, &bus.requests("Trip", shard)).await;
+    }
+    // A trip on each shard, so the client has looked up and keeps `a`'s address for both.
+    for id in ids_in_two_shards("warm", 1) {
+        let trip = client
+            .start::<Trip>(id, TripState::default())
+            .await
+            .unwrap();
+        ends_with_each_call_once(&trip).await;
+    }
+    for shard in 0..2 {
+        assert_eq!(
+            appended(&redis.url(), &bus.requests("Trip", shard)).await,
+            0,
+            "the first starts went to `a` directly"
+        );
+    }
+
+    let b = trip_orchestrator(two("b")).await;
+    let mut moved = None;
+    for _ in 0..500 {
+        for shard in 0..2 {
+            if let Some((node, _)) = bus.owner("Trip", shard).await.unwrap()
+                && node == "b"
+            {
+                moved = Some(shard);
+            }
+        }
+        if moved.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let moved = moved.expect("b took a shard");
+    let mut trips = Vec::new();
+    for id in ids_in_two_shards("moved", 3) {
+        trips.push(
+            client
+                .start::<Trip>(id, TripState::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for trip in trips {
+        ends_with_each_call_once(&trip).await;
+    }
+    let through_stream = appended(&redis.url(), &bus.requests("Trip", moved)).await;
+    assert!(
+        (1..=3).contains(&through_stream),
+        "the start `a` refused went through the stream, the next to `b` directly ({through_stream} appended)"
+    );
+    for engine in [client, worker, b, a] {
+        engine.shutdown().await;
+    }
+}
