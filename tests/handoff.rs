@@ -501,13 +501,7 @@ async fn outcomes_go_to_their_owner_directly_not_through_redis() {
     let bus = shared(&redis.url(), prefix, "t").store().bus();
     subscribed(&redis.url(), &bus.handoffs("Trip", 0)).await;
     // The owner advertises its address once it holds the shard.
-    let channel = bus.handoffs("Trip", 0);
-    for _ in 0..500 {
-        if bus.endpoints(std::slice::from_ref(&channel)).await.unwrap()[0].is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    advertised(&bus, &bus.handoffs("Trip", 0)).await;
     let published = handoffs_published(&redis.url(), prefix);
 
     trips(&client, "d", 10).await;

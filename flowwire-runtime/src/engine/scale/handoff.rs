@@ -165,16 +165,20 @@ impl Inbox {
                 return false;
             }
         };
-        let outcomes = lock(&self.routes).get(&f.channel).cloned();
-        if let Some(tx) = outcomes {
-            return match Handoff::open(&f.handoff, self.limit) {
-                Ok(o) => tx.send(o).is_ok(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
-                    false
-                }
-            };
+        {
+            // An outcome is sent under the lock, as found: no copy of its runner's sender.
+            let routes = lock(&self.routes);
+            if let Some(tx) = routes.get(&f.channel) {
+                return match Handoff::open(&f.handoff, self.limit) {
+                    Ok(o) => tx.send(o).is_ok(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outcome offered directly does not decode; left to its worker");
+                        false
+                    }
+                };
+            }
         }
+        // A request's feed is called outside the lock (it spawns the request's task).
         let Some(take) = lock(&self.requests).get(&f.channel).cloned() else {
             return false;
         };
