@@ -5,10 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
-
 use crate::driver::Fault;
+use crate::engine::outcomes::OutcomeTx;
+use bytes::Bytes;
 
 /// A driver method's policy with every fallback applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +112,7 @@ pub(crate) struct Job {
     pub attempt: u32,
     pub policy: CallPolicy,
     pub names: (&'static str, &'static str),
-    pub reply: mpsc::UnboundedSender<OutcomeMsg>,
+    pub reply: OutcomeTx,
     /// Set when the call came over the bus (multi-process mode).
     pub receipt: Option<Box<Receipt>>,
 }

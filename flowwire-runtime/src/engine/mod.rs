@@ -27,6 +27,7 @@ pub(crate) mod job;
 pub(crate) mod lease;
 pub(crate) mod msg;
 mod operate;
+pub(crate) mod outcomes;
 pub(crate) mod queue;
 pub(crate) mod runner;
 #[cfg(feature = "redis")]

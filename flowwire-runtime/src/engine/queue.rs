@@ -255,7 +255,7 @@ mod tests {
     use crate::engine::job::{CallPolicy, Job};
 
     fn job(seq: u64) -> Job {
-        let (reply, _) = mpsc::unbounded_channel();
+        let (reply, _) = crate::engine::outcomes::channel();
         Job {
             flow: "f",
             id: Arc::from("i"),

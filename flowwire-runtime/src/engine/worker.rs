@@ -2,6 +2,10 @@
 //! one bounded queue, run one attempt of each with a timeout and panic guard, and send the
 //! outcome back to the flow's runner, with the wait before the next attempt when the call's
 //! policy retries a failed one (the runner makes that wait a durable timer).
+//!
+//! Calls that answer at once are run back to back, and their outcomes handed to their
+//! runner together ([`Held`]): a few at a time, and always before the worker waits for
+//! anything (a job, a call that did not answer at once, its turn on the thread).
 
 use std::future::Future;
 use std::pin::pin;
@@ -46,12 +50,17 @@ impl Drain {
 
     /// A call's outcome was handed to its runner.
     fn end(&self) {
+        self.end_many(1);
+    }
+
+    /// The outcomes of `n` calls were handed to their runner.
+    fn end_many(&self, n: usize) {
         use std::sync::atomic::Ordering::SeqCst;
         // Only a stop waits for the last one (`notify_waiters` takes a lock: not on every
         // call). The count falls before the flag is read, and `stop` raises the flag
         // before it reads the count: either `stop` sees no call running, or this sees the
         // flag and wakes it.
-        if self.running.fetch_sub(1, SeqCst) == 1 && self.stopping.load(SeqCst) {
+        if n > 0 && self.running.fetch_sub(n, SeqCst) == n && self.stopping.load(SeqCst) {
             self.idle.notify_waiters();
         }
     }
@@ -82,6 +91,49 @@ impl Drain {
 /// anything that would yield.
 const BURST: u32 = 128;
 
+/// Outcomes a worker holds before it hands them over: enough that a runner is woken once
+/// for many, few enough that a runner on another thread applies the first while the
+/// worker runs the next ones.
+const HOLD: usize = 32;
+
+/// Outcomes of calls run back to back, not yet handed to their runner (all to the same
+/// one: an outcome for another runner hands these over first). Each counts as a call
+/// still running for [`Drain`] until it is handed over.
+#[derive(Default)]
+struct Held {
+    to: Option<crate::engine::outcomes::OutcomeTx>,
+    outcomes: std::collections::VecDeque<OutcomeMsg>,
+}
+
+impl Held {
+    /// Holds `o` for the runner behind `to`, handing over what is held first when that is
+    /// another runner, and everything once [`HOLD`] are held.
+    fn hold(&mut self, to: crate::engine::outcomes::OutcomeTx, o: OutcomeMsg, drain: &Drain) {
+        match &self.to {
+            Some(held) if held.same_channel(&to) => {}
+            _ => {
+                self.hand_over(drain);
+                self.to = Some(to);
+            }
+        }
+        self.outcomes.push_back(o);
+        if self.outcomes.len() >= HOLD {
+            self.hand_over(drain);
+        }
+    }
+
+    /// Hands every held outcome to its runner.
+    fn hand_over(&mut self, drain: &Drain) {
+        let n = self.outcomes.len();
+        if let Some(to) = &self.to {
+            to.send_all(&mut self.outcomes);
+        }
+        // Handed over, or dropped with a runner that is gone (as a single send's would be).
+        self.outcomes.clear();
+        drain.end_many(n);
+    }
+}
+
 /// Spawns the pool for one driver implementation and returns its queue.
 pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
@@ -98,12 +150,14 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
             let mut buf = Vec::new();
             let mut arena = Arena::default();
             let mut burst = 0;
+            let mut held = Held::default();
             loop {
                 let job = match jobs.try_recv() {
                     Some(job) => job,
                     None => {
                         // A wait ends the run of jobs back to back.
                         burst = 0;
+                        held.hand_over(&drain);
                         match jobs.recv().await {
                             Some(job) => job,
                             None => break,
@@ -112,25 +166,37 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                 };
                 if !drain.begin() {
                     // Stopping: the call is sent again after the restart.
+                    held.hand_over(&drain);
                     continue;
                 }
-                let (result, retry) =
-                    run_job::<D, S>(&svc, &job, (&mut buf, &mut arena), &limits).await;
-                let _ = job.reply.send(OutcomeMsg {
-                    id: job.id,
-                    seq: job.seq,
-                    branch: job.branch,
-                    result,
-                    retry_ms: retry.map(|d| d.as_millis() as u64),
-                    receipt: job.receipt,
-                });
-                drain.end();
+                let (result, retry) = run_job::<D, S>(
+                    &svc,
+                    &job,
+                    (&mut buf, &mut arena),
+                    &limits,
+                    (&mut held, &drain),
+                )
+                .await;
+                held.hold(
+                    job.reply,
+                    OutcomeMsg {
+                        id: job.id,
+                        seq: job.seq,
+                        branch: job.branch,
+                        result,
+                        retry_ms: retry.map(|d| d.as_millis() as u64),
+                        receipt: job.receipt,
+                    },
+                    &drain,
+                );
                 burst += 1;
                 if burst >= BURST {
                     burst = 0;
+                    held.hand_over(&drain);
                     tokio::task::yield_now().await;
                 }
             }
+            held.hand_over(&drain);
         });
     }
     port
@@ -145,6 +211,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     job: &Job,
     (buf, arena): (&mut Vec<u8>, &mut Arena),
     limits: &Limits,
+    (held, drain): (&mut Held, &Drain),
 ) -> (Result<Bytes, Fault>, Option<Duration>) {
     let policy = job.policy;
     let attempt = job.attempt.max(1);
@@ -171,7 +238,11 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         // first poll is the driver's own code, which no timer could interrupt either.
         match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
             Poll::Ready(r) => Ok(r),
-            Poll::Pending => tokio::time::timeout(policy.timeout, run).await,
+            Poll::Pending => {
+                // The outcomes held are not kept waiting for this call.
+                held.hand_over(drain);
+                tokio::time::timeout(policy.timeout, run).await
+            }
         }
     };
     let (result, transient) = match ran {

@@ -58,6 +58,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::core::{Instance, Scratch, Step};
 use crate::engine::Limits;
 use crate::engine::job::{CallPolicy, OutcomeMsg};
+use crate::engine::outcomes::{OutcomeRx, OutcomeTx};
 use crate::error::Result;
 use crate::events::Emitter;
 use crate::flow::Flow;
@@ -305,7 +306,7 @@ pub(crate) struct Runner<F: Flow> {
     placement: Arc<Placement>,
     retention: Retention,
     ports: Vec<crate::engine::queue::Port>,
-    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    outcomes: OutcomeTx,
     limits: Limits,
     scratch: Scratch,
     /// The time of the round's steps (ms since the Unix epoch), read once a round and
@@ -358,8 +359,8 @@ impl<F: Flow> Runner<F> {
         ports: Vec<crate::engine::queue::Port>,
         limits: Limits,
         events: Emitter,
-    ) -> (Self, mpsc::UnboundedReceiver<OutcomeMsg>) {
-        let (outcomes, orx) = mpsc::unbounded_channel();
+    ) -> (Self, OutcomeRx) {
+        let (outcomes, orx) = crate::engine::outcomes::channel();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let policies = F::LINKS
             .iter()
@@ -420,7 +421,7 @@ impl<F: Flow> Runner<F> {
 
     /// Where outcomes for this runner go (the bus feeds them in, in multi-process mode).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn outcome_port(&self) -> mpsc::UnboundedSender<OutcomeMsg> {
+    pub(crate) fn outcome_port(&self) -> OutcomeTx {
         self.outcomes.clone()
     }
 
@@ -460,11 +461,7 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(crate) async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Msg<F>>,
-        mut orx: mpsc::UnboundedReceiver<OutcomeMsg>,
-    ) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Msg<F>>, mut orx: OutcomeRx) {
         let Some(mut inbox) = self.inbox_rx.take() else {
             return;
         };
@@ -514,8 +511,8 @@ impl<F: Flow> Runner<F> {
             }
             while backlog.len() < max {
                 match orx.try_recv() {
-                    Ok(o) => backlog.push_back(Input::Outcome(o)),
-                    Err(_) => break,
+                    Some(o) => backlog.push_back(Input::Outcome(o)),
+                    None => break,
                 }
             }
             while backlog.len() < max {

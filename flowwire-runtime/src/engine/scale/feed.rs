@@ -18,8 +18,8 @@ use super::handoff::Inbox;
 use super::joint::{Joint, PAGE};
 use super::messages::{Handoff, OutcomeWire, Refusal, Reply, Request, RequestKind};
 use super::server_time::{ServerTime, appended_ms};
-use crate::engine::job::OutcomeMsg;
 use crate::engine::msg::{BusRequest, Msg, StreamEntry};
+use crate::engine::outcomes::OutcomeTx;
 use crate::error::Error;
 use crate::flow::Flow;
 
@@ -116,7 +116,7 @@ pub(crate) async fn pump<F: Flow>(
     node: Arc<str>,
     (streams, handoff): ([String; 2], Option<String>),
     tx: mpsc::Sender<Msg<F>>,
-    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    outcomes: OutcomeTx,
     limit: usize,
     server_time: ServerTime,
     acker: Acker,
@@ -187,12 +187,7 @@ async fn advertise(bus: &RedisBus, channel: &str, endpoint: &str) {
 /// Feeds the outcomes handed over on `channel` (listened to on the connection the
 /// process's shards share, again when it is lost; a message lost meanwhile is written to
 /// the stream by its worker).
-async fn take_handoffs(
-    bus: &RedisBus,
-    channel: &str,
-    outcomes: &mpsc::UnboundedSender<OutcomeMsg>,
-    limit: usize,
-) {
+async fn take_handoffs(bus: &RedisBus, channel: &str, outcomes: &OutcomeTx, limit: usize) {
     let mut failures = 0u32;
     loop {
         let mut sub = match bus.listen(channel).await {
@@ -401,7 +396,7 @@ enum Origin {
 struct Feed<F: Flow> {
     streams: [String; 2],
     tx: mpsc::Sender<Msg<F>>,
-    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    outcomes: OutcomeTx,
     limit: usize,
     server_time: ServerTime,
     /// Whether the store's commits carry bus messages (one server): a request's step then

@@ -46,11 +46,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::messages::{Handoff, Request};
-use crate::engine::job::OutcomeMsg;
+use crate::engine::outcomes::OutcomeTx;
 
 /// What an owner's process says first on every connection, before its node's name.
 const MAGIC: &[u8; 8] = b"fwdirect";
@@ -89,7 +88,7 @@ pub(crate) struct Inbox {
     endpoint: String,
     node: Arc<str>,
     limit: usize,
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<OutcomeMsg>>>,
+    routes: Mutex<HashMap<String, OutcomeTx>>,
     /// Per shard's request stream, what takes the requests handed over for it.
     requests: Mutex<HashMap<String, TakeRequest>>,
 }
@@ -127,11 +126,7 @@ impl Inbox {
     }
 
     /// Routes the outcomes offered for `channel` to `outcomes` until the guard is dropped.
-    pub(crate) fn route(
-        self: &Arc<Self>,
-        channel: String,
-        outcomes: mpsc::UnboundedSender<OutcomeMsg>,
-    ) -> Route {
+    pub(crate) fn route(self: &Arc<Self>, channel: String, outcomes: OutcomeTx) -> Route {
         lock(&self.routes).insert(channel.clone(), outcomes.clone());
         Route {
             inbox: self.clone(),
@@ -199,7 +194,7 @@ impl Inbox {
 pub(crate) struct Route {
     inbox: Arc<Inbox>,
     channel: String,
-    outcomes: mpsc::UnboundedSender<OutcomeMsg>,
+    outcomes: OutcomeTx,
 }
 
 impl Drop for Route {

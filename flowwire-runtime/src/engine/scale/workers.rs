@@ -27,12 +27,13 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use flowwire_storage::bus::{Entry, RedisBus};
 use flowwire_storage::codec;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::messages::{Handoff, JobMsg, OutcomeWire};
 use crate::engine::Limits;
-use crate::engine::job::{CallPolicy, Job, OutcomeMsg, Receipt};
+use crate::engine::job::{CallPolicy, Job, Receipt};
+use crate::engine::outcomes::{OutcomeRx, OutcomeTx};
 use crate::meta::DriverMeta;
 
 /// The consumer group of the workers on a driver's stream.
@@ -65,7 +66,7 @@ pub(crate) fn spawn(
     let slots = Arc::new(Semaphore::new(ctx.limits.driver_concurrency.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let handed: Arc<Mutex<Handed>> = Arc::default();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<OutcomeMsg>();
+    let (done_tx, done_rx) = crate::engine::outcomes::channel();
     let writer = tokio::spawn(writer(
         ctx.clone(),
         stream.clone(),
@@ -109,7 +110,7 @@ async fn pump(
     meta: &'static DriverMeta,
     stream: String,
     port: crate::engine::queue::Port,
-    done: mpsc::UnboundedSender<OutcomeMsg>,
+    done: OutcomeTx,
     slots: Arc<Semaphore>,
     running: Arc<Mutex<HashSet<String>>>,
 ) {
@@ -211,7 +212,7 @@ fn job(
     meta: &'static DriverMeta,
     entry: Entry,
     claimed: bool,
-    done: &mpsc::UnboundedSender<OutcomeMsg>,
+    done: &OutcomeTx,
 ) -> Option<Job> {
     let msg = match codec::decode_raw::<JobMsg>(&entry.body, ctx.limits.decode_limit) {
         Ok(m) => m,
@@ -270,7 +271,7 @@ const PENDING_PAGE: usize = 4096;
 async fn writer(
     ctx: Arc<WorkerCtx>,
     stream: String,
-    mut done: mpsc::UnboundedReceiver<OutcomeMsg>,
+    mut done: OutcomeRx,
     slots: Arc<Semaphore>,
     (running, handed): (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Handed>>),
 ) {
@@ -278,7 +279,7 @@ async fn writer(
     loop {
         let stop = *stopping.borrow_and_update();
         let first = if stop {
-            done.try_recv().ok()
+            done.try_recv()
         } else {
             tokio::select! {
                 o = done.recv() => o,
@@ -291,8 +292,8 @@ async fn writer(
         let mut batch = vec![first];
         while batch.len() < 256 {
             match done.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
+                Some(o) => batch.push(o),
+                None => break,
             }
         }
         let taken = batch.len();
