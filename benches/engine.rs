@@ -18,6 +18,11 @@
 //!   without and with the result read back (`state()` after `finished()`), the CPU model
 //!   beside each row and the range over the runs after them.
 //! * `start`, `impulse`, `probe`: one request each on the durable engine, one at a time.
+//! * `memory flow, 1 core`: order flows at concurrency 1,024 on the in-memory engine, the
+//!   engine, its drivers and the callers on one thread.
+//! * `memory steps, 1 core` (select with `steps, 1 core`): waves of 1,024 instances each
+//!   taking 1,000 driver-call steps on one thread, each run at least 10 s on a fresh
+//!   engine, three runs, the CPU model beside each row and the range over the runs after.
 
 #![allow(missing_docs)] // bench-local flows and drivers
 // A benchmark measures wall-clock time: that is its point.
@@ -369,45 +374,66 @@ async fn one_core_flows(mode: Mode) {
     memory.shutdown().await;
 }
 
-/// Sustained steps on one core: 1,024 instances each taking `limit` driver-call steps.
+/// Sustained steps on one core: waves of 1,024 instances each taking `limit` driver-call
+/// steps, until the run has lasted `min_time` (a full run: 10 s, three runs, each on a
+/// fresh engine, the CPU model beside each row and the range over the runs after them).
 async fn one_core_steps(mode: Mode) {
-    let memory = memory_engine::<Run>().await;
-    let limit: u32 = match mode {
-        Mode::Test => 4,
-        Mode::Quick => 100,
-        Mode::Full => 1_000,
+    let (limit, min_time, runs): (u32, _, usize) = match mode {
+        Mode::Test => (4, std::time::Duration::ZERO, 1),
+        Mode::Quick => (100, std::time::Duration::ZERO, 1),
+        Mode::Full => (1_000, std::time::Duration::from_secs(10), 3),
     };
-    let mark = support::Mark::now();
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..1024 {
-        let h = memory
-            .start::<Run>(format!("run-{i}"), RunState { n: 0, limit })
-            .await
-            .expect("started");
-        tasks.spawn(async move { h.finished().await.expect("finished") });
+    let cpu = support::cpu_model();
+    let mut rates = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let memory = memory_engine::<Run>().await;
+        let mark = support::Mark::now();
+        let t = Instant::now();
+        let mut steps = 0u64;
+        for wave in 0.. {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..1024 {
+                let h = memory
+                    .start::<Run>(format!("run-{run}-{wave}-{i}"), RunState { n: 0, limit })
+                    .await
+                    .expect("started");
+                tasks.spawn(async move { h.finished().await.expect("finished") });
+            }
+            while let Some(done) = tasks.join_next().await {
+                assert_eq!(done.expect("a waiter"), Ended::Finished);
+            }
+            steps += 1024 * (u64::from(limit) + 1);
+            if t.elapsed() >= min_time {
+                break;
+            }
+        }
+        let wall = t.elapsed();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = steps as f64 / wall.as_secs_f64();
+        let s = Samples::from_latencies(vec![wall / u32::try_from(steps).unwrap_or(1); 1], wall)
+            .with_allocs(mark.per_op(steps));
+        println!(
+            "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12.0} {:>10.2} {:>11}  {:.1} s, {cpu}",
+            "memory steps, 1 core",
+            1024,
+            steps,
+            fmt_duration(s.median()),
+            "",
+            rate,
+            s.allocs,
+            fmt_bytes(s.alloc_bytes),
+            wall.as_secs_f64(),
+        );
+        rates.push(rate);
+        memory.shutdown().await;
     }
-    while let Some(done) = tasks.join_next().await {
-        assert_eq!(done.expect("a waiter"), Ended::Finished);
-    }
-    let wall = t.elapsed();
-    let steps = 1024 * (u64::from(limit) + 1);
-    #[allow(clippy::cast_precision_loss)]
-    let rate = steps as f64 / wall.as_secs_f64();
-    let s = Samples::from_latencies(vec![wall / u32::try_from(steps).unwrap_or(1); 1], wall)
-        .with_allocs(mark.per_op(steps));
+    let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = rates.iter().copied().fold(0.0, f64::max);
     println!(
-        "{:<22} {:>5} {:>7} {:>10} {:>10} {:>12.0} {:>10.2} {:>11}",
-        "memory steps, 1 core",
-        1024,
-        steps,
-        fmt_duration(s.median()),
-        "",
-        rate,
-        s.allocs,
-        fmt_bytes(s.alloc_bytes)
+        "memory steps/s on one core: {:.0}–{:.0} K over {runs} run(s), {cpu}",
+        lo / 1e3,
+        hi / 1e3
     );
-    memory.shutdown().await;
 }
 
 /// Runs `n` order flows, `conc` at a time, each timed from its start to `finished()` (and,
