@@ -104,7 +104,9 @@ impl Drop for Port {
 }
 
 impl Port {
-    /// Queues a job if there is room, without waiting.
+    /// Queues a job if there is room, without waiting (the runners queue a round's calls
+    /// with [`Port::try_send_all`]).
+    #[cfg(test)]
     #[allow(
         clippy::result_large_err,
         reason = "the job is handed back, as tokio's channels do: boxing it would allocate"
@@ -141,6 +143,36 @@ impl Port {
         }
         q.ready.notify_one();
         Ok(())
+    }
+
+    /// Queues jobs from the front of `jobs`, as many as there is room for, under one lock
+    /// and with at most one wake-up; what did not fit stays in `jobs`, in order. `false`
+    /// if the queue is closed (nothing is queued then).
+    pub(crate) fn try_send_all(&self, jobs: &mut VecDeque<Job>) -> bool {
+        let q = &self.queue;
+        {
+            let mut state = q.lock();
+            if state.closed {
+                return false;
+            }
+            let room = q.cap.saturating_sub(state.jobs.len());
+            if room == 0 || jobs.is_empty() {
+                return true;
+            }
+            if room >= jobs.len() && state.jobs.is_empty() {
+                // The usual case (the workers kept up): a swap, not a copy.
+                std::mem::swap(&mut state.jobs, jobs);
+            } else {
+                let n = room.min(jobs.len());
+                state.jobs.extend(jobs.drain(..n));
+            }
+            if std::mem::replace(&mut state.waking, true) {
+                // A taker is on its way: it takes these too, or wakes another for them.
+                return true;
+            }
+        }
+        q.ready.notify_one();
+        true
     }
 
     /// Queues a job, waiting for room; hands it back if the queue closed. Cancel-safe: a
@@ -292,6 +324,47 @@ mod tests {
         assert_eq!(jobs.try_recv().map(|j| j.seq), Some(2));
         assert_eq!(jobs.try_recv().map(|j| j.seq), Some(3));
         assert!(jobs.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_round_of_jobs_is_queued_in_order_as_far_as_there_is_room_and_the_rest_kept() {
+        let (port, jobs) = channel(3);
+        assert!(port.try_send(job(1)).is_ok());
+        let mut round: std::collections::VecDeque<_> = (2..=4).map(job).collect();
+        assert!(port.try_send_all(&mut round));
+        assert_eq!(
+            round.iter().map(|j| j.seq).collect::<Vec<_>>(),
+            [4],
+            "what did not fit stays with the sender"
+        );
+        let taken: Vec<_> = std::iter::from_fn(|| jobs.try_recv().map(|j| j.seq)).collect();
+        assert_eq!(taken, [1, 2, 3]);
+        assert!(port.try_send_all(&mut round));
+        assert!(round.is_empty());
+        assert_eq!(jobs.recv().await.map(|j| j.seq), Some(4));
+        drop(jobs);
+    }
+
+    #[tokio::test]
+    async fn a_round_of_jobs_wakes_a_waiting_taker_which_takes_them_all() {
+        let (port, jobs) = channel(8);
+        let taker = tokio::spawn({
+            let jobs = jobs.clone();
+            async move {
+                let first = jobs.recv().await.map(|j| j.seq);
+                let rest: Vec<_> = std::iter::from_fn(|| jobs.try_recv().map(|j| j.seq)).collect();
+                (first, rest)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut round: std::collections::VecDeque<_> = (1..=3).map(job).collect();
+        assert!(port.try_send_all(&mut round));
+        let (first, rest) = tokio::time::timeout(Duration::from_secs(5), taker)
+            .await
+            .expect("the taker is woken")
+            .expect("the taker's task");
+        assert_eq!((first, rest), (Some(1), vec![2, 3]));
+        drop((port, jobs));
     }
 
     #[tokio::test]

@@ -521,6 +521,7 @@ impl<F: Flow> Runner<F> {
                 }
             }
         }
+        self.send_jobs();
         placed.clear();
         self.spare = (staged, placed);
         self.flight_busy.clear();

@@ -1,6 +1,7 @@
 //! The effects of a step after its commit, or of its failure: replies, dispatches,
 //! events, timers, waiters, and what a conflict, a seen impulse or a failed write does.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use flowwire_storage::Status;
@@ -408,7 +409,10 @@ impl<F: Flow> Runner<F> {
         self.children = Some(port);
     }
 
-    pub(super) fn dispatch(&self, id: &Arc<str>, out: &Outgoing) {
+    /// Sends a step's driver call: queued in the runner's outbox for its driver, which
+    /// [`send_jobs`](Self::send_jobs) hands to the driver's queue once the round's steps
+    /// are acted on (one lock and at most one wake-up for the round's calls).
+    pub(super) fn dispatch(&mut self, id: &Arc<str>, out: &Outgoing) {
         let link = out.call.link;
         if link == crate::child::CHILD_LINK {
             match &self.children {
@@ -419,18 +423,40 @@ impl<F: Flow> Runner<F> {
             }
             return;
         }
-        let Some(port) = self.ports.get(usize::from(link)) else {
+        if self.ports.get(usize::from(link)).is_none() {
             tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
             return;
-        };
-        // A full queue must not stall the runner: hand the job to a task that waits.
-        // A closed queue means the engine is shutting down; the call runs after restart.
-        if let Err(crate::engine::queue::TrySendError::Full(job)) = port.try_send(self.job(id, out))
-        {
-            let port = port.clone();
-            tokio::spawn(async move {
-                let _ = port.send(job).await;
-            });
+        }
+        let job = self.job(id, out);
+        let link = usize::from(link);
+        if self.outbox.len() <= link {
+            self.outbox.resize_with(self.ports.len(), VecDeque::new);
+        }
+        self.outbox[link].push_back(job);
+    }
+
+    /// Hands the calls in the outbox to their drivers' queues. A full queue must not stall
+    /// the runner: what does not fit goes to a task that waits for room, in order. A
+    /// closed queue means the engine is shutting down; the calls run after the restart.
+    pub(super) fn send_jobs(&mut self) {
+        for (port, jobs) in self.ports.iter().zip(self.outbox.iter_mut()) {
+            if jobs.is_empty() {
+                continue;
+            }
+            if !port.try_send_all(jobs) {
+                jobs.clear();
+                continue;
+            }
+            if !jobs.is_empty() {
+                let (port, rest) = (port.clone(), std::mem::take(jobs));
+                tokio::spawn(async move {
+                    for job in rest {
+                        if port.send(job).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
         }
     }
 

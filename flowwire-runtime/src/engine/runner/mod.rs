@@ -306,6 +306,8 @@ pub(crate) struct Runner<F: Flow> {
     placement: Arc<Placement>,
     retention: Retention,
     ports: Vec<crate::engine::queue::Port>,
+    /// Calls of steps acted on this round, by link, for [`Runner::send_jobs`].
+    outbox: Vec<VecDeque<crate::engine::job::Job>>,
     outcomes: OutcomeTx,
     limits: Limits,
     scratch: Scratch,
@@ -386,6 +388,7 @@ impl<F: Flow> Runner<F> {
             placement,
             retention,
             ports,
+            outbox: Vec::new(),
             outcomes,
             limits,
             scratch: Scratch::default(),
@@ -474,6 +477,8 @@ impl<F: Flow> Runner<F> {
             while let Some(i) = self.requeue.pop_back() {
                 backlog.push_front(i);
             }
+            // Calls of steps acted on go out before the runner waits for anything.
+            self.send_jobs();
             // A full batch waits for the one in flight; so does a runner with nothing to take.
             let full = self.building.staged.len() >= max && self.inflight.is_some();
             if backlog.is_empty() || full {
