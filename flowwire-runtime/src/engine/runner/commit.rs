@@ -482,7 +482,11 @@ impl<F: Flow> Runner<F> {
                         Some(StepResult::Committed) => {
                             self.committed(&mut s, &mut placed, listening);
                         }
-                        Some(StepResult::Conflict { .. }) => self.conflicted(s).await,
+                        Some(StepResult::Conflict { .. }) => {
+                            // It reads the store: the calls of the steps before it go first.
+                            self.send_jobs();
+                            self.conflicted(s).await;
+                        }
                         Some(StepResult::ImpulseSeen { seq }) => self.seen(s, seq),
                         Some(StepResult::Fenced { token }) => {
                             // Nothing of it is kept: its caller sees the runner stop, and
