@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::driver::Fault;
 use crate::engine::outcomes::OutcomeTx;
-use bytes::Bytes;
 
 /// A driver method's policy with every fallback applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

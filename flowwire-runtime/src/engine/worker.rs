@@ -7,6 +7,7 @@
 //! runner together ([`Held`]): a few at a time, and always before the worker waits for
 //! anything (a job, a call that did not answer at once, its turn on the thread).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::context::CallContext;
 use crate::driver::{Dispatch, Fault, Verdict};
 use crate::engine::Limits;
 use crate::engine::job::{Job, OutcomeMsg};
+use crate::engine::outcomes::OutcomeTx;
 use crate::engine::queue::{self, Port};
 use crate::guard::guard_future;
 
@@ -98,17 +100,18 @@ const HOLD: usize = 32;
 
 /// Outcomes of calls run back to back, not yet handed to their runner (all to the same
 /// one: an outcome for another runner hands these over first). Each counts as a call
-/// still running for [`Drain`] until it is handed over.
+/// still running for [`Drain`] until it is handed over, and the runner's sender is kept
+/// only as long as outcomes are held for it, as each job's own copy was before.
 #[derive(Default)]
 struct Held {
-    to: Option<crate::engine::outcomes::OutcomeTx>,
-    outcomes: std::collections::VecDeque<OutcomeMsg>,
+    to: Option<OutcomeTx>,
+    outcomes: VecDeque<OutcomeMsg>,
 }
 
 impl Held {
     /// Holds `o` for the runner behind `to`, handing over what is held first when that is
     /// another runner, and everything once [`HOLD`] are held.
-    fn hold(&mut self, to: crate::engine::outcomes::OutcomeTx, o: OutcomeMsg, drain: &Drain) {
+    fn hold(&mut self, to: OutcomeTx, o: OutcomeMsg, drain: &Drain) {
         match &self.to {
             Some(held) if held.same_channel(&to) => {}
             _ => {
@@ -125,7 +128,7 @@ impl Held {
     /// Hands every held outcome to its runner.
     fn hand_over(&mut self, drain: &Drain) {
         let n = self.outcomes.len();
-        if let Some(to) = &self.to {
+        if let Some(to) = self.to.take() {
             to.send_all(&mut self.outcomes);
         }
         // Handed over, or dropped with a runner that is gone (as a single send's would be).

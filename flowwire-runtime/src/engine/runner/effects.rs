@@ -1,7 +1,6 @@
 //! The effects of a step after its commit, or of its failure: replies, dispatches,
 //! events, timers, waiters, and what a conflict, a seen impulse or a failed write does.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use flowwire_storage::Status;
@@ -423,16 +422,12 @@ impl<F: Flow> Runner<F> {
             }
             return;
         }
-        if self.ports.get(usize::from(link)).is_none() {
+        let job = self.job(id, out);
+        let Some(jobs) = self.outbox.get_mut(usize::from(link)) else {
             tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
             return;
-        }
-        let job = self.job(id, out);
-        let link = usize::from(link);
-        if self.outbox.len() <= link {
-            self.outbox.resize_with(self.ports.len(), VecDeque::new);
-        }
-        self.outbox[link].push_back(job);
+        };
+        jobs.push_back(job);
     }
 
     /// Hands the calls in the outbox to their drivers' queues. A full queue must not stall

@@ -306,7 +306,8 @@ pub(crate) struct Runner<F: Flow> {
     placement: Arc<Placement>,
     retention: Retention,
     ports: Vec<crate::engine::queue::Port>,
-    /// Calls of steps acted on this round, by link, for [`Runner::send_jobs`].
+    /// Calls of steps acted on this round, one queue per link (index for index with
+    /// `ports`), for [`Runner::send_jobs`].
     outbox: Vec<VecDeque<crate::engine::job::Job>>,
     outcomes: OutcomeTx,
     limits: Limits,
@@ -363,6 +364,9 @@ impl<F: Flow> Runner<F> {
         events: Emitter,
     ) -> (Self, OutcomeRx) {
         let (outcomes, orx) = crate::engine::outcomes::channel();
+        let outbox = std::iter::repeat_with(VecDeque::new)
+            .take(ports.len())
+            .collect();
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let policies = F::LINKS
             .iter()
@@ -388,7 +392,7 @@ impl<F: Flow> Runner<F> {
             placement,
             retention,
             ports,
-            outbox: Vec::new(),
+            outbox,
             outcomes,
             limits,
             scratch: Scratch::default(),
