@@ -823,3 +823,82 @@ async fn a_request_offered_to_a_former_owner_goes_through_the_stream_to_the_new_
         engine.shutdown().await;
     }
 }
+
+/// A caller whose requests go to two owners, one of which does not answer (its address
+/// takes connections and says nothing, as a stopped process's does): the request to the
+/// other owner is answered while the silent one is still waited for, and the silent
+/// one's request goes through the stream once the wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_does_not_answer_holds_up_only_the_requests_made_to_it() {
+    let redis = servers::Redis::start();
+    let prefix = "pausedreq";
+    let two = |node: &str| shared(&redis.url(), prefix, node).shards(2);
+    let orchestrator = trip_orchestrator(two("o")).await;
+    let worker = gate_worker(
+        two("w"),
+        Gated(Arc::new(tokio::sync::Semaphore::new(1_000))),
+    )
+    .await;
+    let client = trip_client(two("c")).await;
+    let bus = two("t").store().bus();
+    for shard in 0..2 {
+        advertised(&bus, &bus.requests("Trip", shard)).await;
+    }
+    // Shard 1's owner, as the client will find it: connections are taken, nothing is said.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    bus.advertise(
+        &bus.requests("Trip", 1),
+        &format!("{}|o", silent.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let ids = ids_in_two_shards("paused", 1);
+    let in_shard = |shard: u16| {
+        ids.iter()
+            .find(|id| flowwire::storage::store::shard_of(id, 2) == shard)
+            .unwrap()
+            .clone()
+    };
+    let (to_silent, to_answering) = (in_shard(1), in_shard(0));
+
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.start::<Trip>(to_silent, TripState::default()).await }
+    });
+    let (conn, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+        .await
+        .expect("the client connects to the silent owner")
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.start::<Trip>(to_answering, TripState::default()),
+    )
+    .await
+    .expect("the start for the answering owner returns")
+    .unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the start for the answering owner returned while the silent owner was still waited for"
+    );
+    let held = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the start for the silent owner returns")
+        .unwrap()
+        .unwrap();
+    for trip in [answered, held] {
+        ends_with_each_call_once(&trip).await;
+    }
+    assert_eq!(
+        (
+            appended(&redis.url(), &bus.requests("Trip", 0)).await,
+            appended(&redis.url(), &bus.requests("Trip", 1)).await,
+        ),
+        (0, 1),
+        "the start for the silent owner went through its stream, the other directly"
+    );
+    drop(conn);
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}

@@ -120,28 +120,52 @@ pub(crate) struct Remote {
 /// durability — nothing is acknowledged before the step that applies it is committed.
 ///
 /// The requests of concurrent callers are offered together: one exchange with each owner
-/// for all those that came while the last one was under way.
+/// for all those that came while the last one was under way. Each caller is answered as
+/// soon as its owner's exchange ends, and the next requests do not wait for the last
+/// exchange: an owner that does not answer (a paused process) holds up only the requests
+/// made to it, each for at most two seconds, after which they go through the stream.
 #[derive(Clone)]
 pub(crate) struct Direct {
     tx: mpsc::UnboundedSender<(String, Bytes, oneshot::Sender<bool>)>,
 }
 
 impl Direct {
-    /// Starts offering through `outlet`; it stops once every copy is dropped.
+    /// Starts offering through `outlet`; it stops once every copy is dropped (and the
+    /// offers under way are answered).
     pub(crate) fn spawn(outlet: super::handoff::Outlet) -> (Direct, tokio::task::JoinHandle<()>) {
         /// The most requests offered in one exchange.
         const BATCH: usize = 256;
+        /// The most batches under way at once; more requests wait in the queue.
+        const UNDER_WAY: usize = 64;
+        let outlet = Arc::new(outlet);
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes, oneshot::Sender<bool>)>();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
-            while rx.recv_many(&mut batch, BATCH).await > 0 {
-                let (offers, answers): (Vec<_>, Vec<_>) =
-                    batch.drain(..).map(|(c, b, a)| ((c, b), a)).unzip();
-                let took = outlet.offer(&offers).await;
-                for (answer, took) in answers.into_iter().zip(took) {
-                    let _ = answer.send(took);
+            let mut under_way = tokio::task::JoinSet::new();
+            loop {
+                while under_way.try_join_next().is_some() {}
+                if under_way.len() >= UNDER_WAY {
+                    under_way.join_next().await;
+                    continue;
                 }
+                if rx.recv_many(&mut batch, BATCH).await == 0 {
+                    break;
+                }
+                let (offers, answers): (Vec<_>, Vec<_>) =
+                    batch.drain(..).map(|(c, b, a)| ((c, b), Some(a))).unzip();
+                let outlet = outlet.clone();
+                under_way.spawn(async move {
+                    let mut answers = answers;
+                    outlet
+                        .offer_each(&offers, |i, took| {
+                            if let Some(answer) = answers.get_mut(i).and_then(Option::take) {
+                                let _ = answer.send(took);
+                            }
+                        })
+                        .await;
+                });
             }
+            while under_way.join_next().await.is_some() {}
         });
         (Direct { tx }, task)
     }

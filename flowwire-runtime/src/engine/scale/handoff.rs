@@ -17,7 +17,9 @@
 //! * **The sender's side ([`Outlet`]).** For each frame's channel, a worker (or a caller)
 //!   looks up the address once (then keeps it), connects, checks the greeting (a magic
 //!   and the node the address was advertised with), and sends its frames; the owner
-//!   answers each with whether it routes that channel.
+//!   answers each with whether it routes that channel. Each owner's connection is a lane
+//!   of its own, and each owner's answers are given as its exchange ends: an owner that
+//!   does not answer holds up only what is offered to it.
 //! * **Fallbacks.** An outcome the owner did not take — the shard moved on, the address is
 //!   stale or unreachable, the answer did not come within a second — is published as
 //!   before; one nobody received is written to the shard's outcome stream, and one no
@@ -305,8 +307,8 @@ pub(crate) struct Outlet {
     limit: usize,
     /// Per handoff channel, the owner's endpoint as advertised, or until when to publish.
     ends: Mutex<HashMap<String, End>>,
-    /// Open connections, by endpoint.
-    conns: tokio::sync::Mutex<HashMap<String, Conn>>,
+    /// Per endpoint, the connection to it (see [`Lane`]).
+    lanes: Mutex<HashMap<String, Lane>>,
     /// The endpoints whose failure was logged as a warning (later ones are logged at
     /// debug level: a worker that cannot reach an owner would otherwise warn every second).
     warned: Mutex<std::collections::HashSet<String>>,
@@ -323,13 +325,19 @@ struct Conn {
     w: OwnedWriteHalf,
 }
 
+/// One owner's connection: one exchange at a time on it (its answers come back in the
+/// order of its frames), while exchanges with other owners go on beside it. The
+/// connection is out of its lane while in use, so an exchange cut short (its offer
+/// cancelled) drops it rather than leave it for the next one out of step.
+type Lane = Arc<tokio::sync::Mutex<Option<Conn>>>;
+
 impl Outlet {
     pub(crate) fn new(bus: RedisBus, limit: usize) -> Outlet {
         Outlet {
             bus,
             limit,
             ends: Mutex::new(HashMap::new()),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
             warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
@@ -338,6 +346,22 @@ impl Outlet {
     /// offer whether the owner took it (`false`: publish it).
     pub(crate) async fn offer(&self, offers: &[(String, Bytes)]) -> Vec<bool> {
         let mut took = vec![false; offers.len()];
+        self.offer_each(offers, |i, t| took[i] = t).await;
+        took
+    }
+
+    /// As [`offer`](Self::offer), with each offer's answer given to `answer` (its index,
+    /// whether the owner took it) as soon as its owner's exchange ends: an owner slow to
+    /// answer (a paused process, one gone without closing its connections) holds up only
+    /// the offers made to it, for at most [`WAIT`] on its connection and [`WAIT`] for it.
+    /// Every offer is answered once, also when this future is dropped part way (then with
+    /// `false` for those not answered yet).
+    pub(crate) async fn offer_each(
+        &self,
+        offers: &[(String, Bytes)],
+        answer: impl FnMut(usize, bool),
+    ) {
+        let mut answer = AnswerOnce::new(offers.len(), answer);
         self.resolve(offers).await;
         // The offers by endpoint, in order.
         let mut by_end: Vec<(String, Vec<usize>)> = Vec::new();
@@ -353,41 +377,48 @@ impl Outlet {
                 }
             }
         }
-        // One exchange per owner, all at once: an owner slow to answer does not hold up
-        // the others' exchanges. A connection is out of the map while in use, so
-        // an exchange cut short (this call cancelled) drops it rather than reuse it out of
-        // step.
-        let mut conns = self.conns.lock().await;
-        let mut exchanges = tokio::task::JoinSet::new();
-        let mut here = None;
+        let mut sends = Vec::with_capacity(by_end.len());
         for (end, is) in by_end {
             let (frames, is) = frames_of(offers, &is);
             if is.is_empty() {
                 continue;
             }
-            let (conn, limit) = (conns.remove(&end), self.limit);
-            let sent = async move {
-                let answered = exchange(conn, &end, limit, &frames, is.len()).await;
+            let (lane, limit) = (self.lane(&end), self.limit);
+            sends.push(async move {
+                let answered = on_lane(&lane, &end, limit, &frames, is.len()).await;
                 (end, is, answered)
-            };
-            // The first on this task (one owner is the common case), the others beside it.
-            if here.is_none() {
-                here = Some(sent);
-            } else {
+            });
+        }
+        if sends.len() == 1 {
+            // One owner (the common case): on this task.
+            if let Some(sent) = sends.pop() {
+                self.answered(offers, &mut answer, sent.await);
+            }
+        } else {
+            // Each owner's exchange on its own task, answered as it ends.
+            let mut exchanges = tokio::task::JoinSet::new();
+            for sent in sends {
                 exchanges.spawn(sent);
             }
-        }
-        if let Some(sent) = here {
-            let (end, is, answered) = sent.await;
-            self.answered(&mut conns, offers, &mut took, (end, is, answered));
-        }
-        while let Some(joined) = exchanges.join_next().await {
-            // A panicked exchange's offers stay untaken: published.
-            if let Ok(done) = joined {
-                self.answered(&mut conns, offers, &mut took, done);
+            while let Some(joined) = exchanges.join_next().await {
+                // A panicked exchange's offers stay untaken: published.
+                if let Ok(done) = joined {
+                    self.answered(offers, &mut answer, done);
+                }
             }
         }
-        took
+        // The offers no owner is known for, and those that did not encode: published.
+    }
+
+    /// The lane of `end`, made on first use.
+    fn lane(&self, end: &str) -> Lane {
+        let mut lanes = lock(&self.lanes);
+        if let Some(lane) = lanes.get(end) {
+            return lane.clone();
+        }
+        let lane = Lane::default();
+        lanes.insert(end.to_string(), lane.clone());
+        lane
     }
 
     /// Looks up, in one round trip, the channels with no endpoint known yet.
@@ -428,25 +459,30 @@ impl Outlet {
     /// Takes in one owner's answers (or why there are none).
     fn answered(
         &self,
-        conns: &mut HashMap<String, Conn>,
         offers: &[(String, Bytes)],
-        took: &mut [bool],
+        answer: &mut AnswerOnce<impl FnMut(usize, bool)>,
         (end, is, answered): Answered,
     ) {
         match answered {
-            Ok((conn, answers)) => {
-                conns.insert(end, conn);
-                let mut ends = lock(&self.ends);
+            Ok(answers) => {
+                let mut moved = Vec::new();
                 for (&i, &a) in is.iter().zip(&answers) {
-                    took[i] = a == 1;
+                    answer.give(i, a == 1);
                     if a != 1 {
-                        // The shard moved on: look its owner up again next time.
-                        ends.remove(&offers[i].0);
+                        moved.push(i);
                     }
+                }
+                // The shards that moved on: their owners are looked up again next time.
+                let mut ends = lock(&self.ends);
+                for i in moved {
+                    ends.remove(&offers[i].0);
                 }
             }
             Err(e) => {
                 self.failed(&end, &e);
+                // Its connection is gone; a new owner at this address gets a lane afresh
+                // (so lanes of addresses no longer used do not pile up).
+                lock(&self.lanes).remove(&end);
                 let until = Instant::now() + RETRY;
                 let mut ends = lock(&self.ends);
                 for &i in &is {
@@ -473,9 +509,59 @@ impl Outlet {
     }
 }
 
-/// One owner's exchange: its endpoint, the offers sent to it, and the connection with
-/// the answer to each (or why there are none).
-type Answered = (String, Vec<usize>, std::io::Result<(Conn, Vec<u8>)>);
+/// One owner's exchange: its endpoint, the offers sent to it, and the answer to each (or
+/// why there are none).
+type Answered = (String, Vec<usize>, std::io::Result<Vec<u8>>);
+
+/// Gives each offer's answer once; those not given by the time it is dropped are given
+/// `false` then (published).
+struct AnswerOnce<A: FnMut(usize, bool)> {
+    given: Vec<bool>,
+    answer: A,
+}
+
+impl<A: FnMut(usize, bool)> AnswerOnce<A> {
+    fn new(n: usize, answer: A) -> Self {
+        Self {
+            given: vec![false; n],
+            answer,
+        }
+    }
+
+    fn give(&mut self, i: usize, took: bool) {
+        if let Some(given) = self.given.get_mut(i)
+            && !std::mem::replace(given, true)
+        {
+            (self.answer)(i, took);
+        }
+    }
+}
+
+impl<A: FnMut(usize, bool)> Drop for AnswerOnce<A> {
+    fn drop(&mut self) {
+        for i in 0..self.given.len() {
+            self.give(i, false);
+        }
+    }
+}
+
+/// An exchange on `end`'s lane: it waits for the exchange before it there (at most
+/// [`WAIT`]: an owner that does not answer holds its lane that long), then sends
+/// `frames` on the lane's connection, opening one if there is none.
+async fn on_lane(
+    lane: &Lane,
+    end: &str,
+    limit: usize,
+    frames: &[u8],
+    count: usize,
+) -> std::io::Result<Vec<u8>> {
+    let Ok(mut held) = tokio::time::timeout(WAIT, lane.lock()).await else {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    };
+    let (conn, answers) = exchange(held.take(), end, limit, frames, count).await?;
+    *held = Some(conn);
+    Ok(answers)
+}
 
 /// The frames of the offers `is`, and which of them are in (an offer that does not encode
 /// is left out, and published).
