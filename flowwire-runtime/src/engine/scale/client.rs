@@ -132,7 +132,7 @@ pub(crate) struct Direct {
 impl Direct {
     /// Starts offering through `outlet`; it stops once every copy is dropped (and the
     /// offers under way are answered).
-    pub(crate) fn spawn(outlet: super::handoff::Outlet) -> (Direct, tokio::task::JoinHandle<()>) {
+    pub(crate) fn spawn(outlet: super::outlet::Outlet) -> (Direct, tokio::task::JoinHandle<()>) {
         /// The most requests offered in one exchange.
         const BATCH: usize = 256;
         /// The most batches under way at once; more requests wait in the queue.

@@ -22,6 +22,7 @@ mod handoff;
 mod joint;
 pub(crate) mod messages;
 pub(crate) mod orchestrator;
+mod outlet;
 mod server_time;
 mod watch;
 pub(crate) mod workers;
@@ -230,7 +231,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
     let one_server = store.carries_sends();
     let mut background = Vec::new();
     let direct = (shared.direct.is_some() && one_server).then(|| {
-        let outlet = handoff::Outlet::new(bus.clone(), b.limits.decode_limit);
+        let outlet = outlet::Outlet::new(bus.clone(), b.limits.decode_limit);
         let (direct, task) = client::Direct::spawn(outlet);
         background.push(task);
         direct
@@ -282,7 +283,7 @@ pub(super) async fn start(b: super::EngineBuilder, shared: Shared) -> Result<sup
         node: node.clone(),
         handoff: one_server,
         outlet: (shared.direct.is_some() && one_server)
-            .then(|| handoff::Outlet::new(bus.clone(), b.limits.decode_limit)),
+            .then(|| outlet::Outlet::new(bus.clone(), b.limits.decode_limit)),
         stopping: tokio::sync::watch::Sender::new(false),
         limits: b.limits.clone(),
         visibility: shared.visibility,

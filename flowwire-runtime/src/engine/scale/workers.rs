@@ -46,7 +46,7 @@ pub(crate) struct WorkerCtx {
     /// Whether outcomes are handed over (the store's commits settle calls: one server).
     pub handoff: bool,
     /// Sends outcomes to their owners directly (one server; see `handoff`).
-    pub outlet: Option<super::handoff::Outlet>,
+    pub outlet: Option<super::outlet::Outlet>,
     /// Set when the engine stops: the writer finishes, and writes to the stream the
     /// outcomes handed over that no commit settled yet, without waiting (see [`writer`]).
     pub stopping: tokio::sync::watch::Sender<bool>,
