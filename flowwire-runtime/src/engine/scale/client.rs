@@ -123,7 +123,8 @@ pub(crate) struct Remote {
 /// for all those that came while the last one was under way. Each caller is answered as
 /// soon as its owner's exchange ends, and the next requests do not wait for the last
 /// exchange: an owner that does not answer (a paused process) holds up only the requests
-/// made to it, each for at most two seconds, after which they go through the stream.
+/// made to it, each for at most three seconds (a second for the owner's lane, one to
+/// connect, one for the answer), after which they go through the stream.
 #[derive(Clone)]
 pub(crate) struct Direct {
     tx: mpsc::UnboundedSender<(String, Bytes, oneshot::Sender<bool>)>,

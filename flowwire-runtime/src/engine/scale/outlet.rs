@@ -67,7 +67,8 @@ impl Outlet {
     /// As [`offer`](Self::offer), with each offer's answer given to `answer` (its index,
     /// whether the owner took it) as soon as its owner's exchange ends: an owner slow to
     /// answer (a paused process, one gone without closing its connections) holds up only
-    /// the offers made to it, for at most [`WAIT`] on its connection and [`WAIT`] for it.
+    /// the offers made to it: each waits at most [`WAIT`] for the owner's lane, [`WAIT`]
+    /// to connect (when the lane has no connection) and [`WAIT`] for the answer.
     /// Every offer is answered once, also when this future is dropped part way (then with
     /// `false` for those not answered yet).
     pub(crate) async fn offer_each(
