@@ -195,9 +195,18 @@ impl Outlet {
             }
             Err(e) => {
                 self.failed(&end, &e);
-                // Its connection is gone; a new owner at this address gets a lane afresh
-                // (so lanes of addresses no longer used do not pile up).
-                lock(&self.lanes).remove(&end);
+                // A lane left with no connection and no exchange on it goes (so lanes of
+                // addresses no longer used do not pile up). One still in use stays: this
+                // offer timed out waiting for it behind a slow exchange, which keeps its
+                // connection for the next.
+                let mut lanes = lock(&self.lanes);
+                if lanes
+                    .get(&end)
+                    .is_some_and(|lane| lane.try_lock().is_ok_and(|conn| conn.is_none()))
+                {
+                    lanes.remove(&end);
+                }
+                drop(lanes);
                 let until = Instant::now() + RETRY;
                 let mut ends = lock(&self.ends);
                 for &i in &is {
