@@ -68,7 +68,7 @@ impl postcard::ser_flavors::Flavor for RopeFlavor<'_> {
             self.cuts.push((self.head.len(), blob));
             return Ok(());
         }
-        self.head.extend_from_slice(data);
+        crate::codec::push_small(self.head, data);
         Ok(())
     }
 
