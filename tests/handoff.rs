@@ -6,7 +6,8 @@
 //! what the owner cannot be reached for or refuses (it gave the shard away). An
 //! orchestrator reads the streams of all the shards it holds on one connection. A caller
 //! hands its requests to the owner directly too, where it listens, and appends to the
-//! request stream what the owner cannot take.
+//! request stream what the owner cannot take. An owner that does not answer holds up only
+//! what is offered to it, requests and outcomes alike.
 //! (Over 600 lines: one scenario per test; they share the flow, the gated driver and the
 //! helpers that ask Redis what it holds and publishes, which splitting the file would copy.)
 
@@ -897,6 +898,77 @@ async fn an_owner_that_does_not_answer_holds_up_only_the_requests_made_to_it() {
         (0, 1),
         "the start for the silent owner went through its stream, the other directly"
     );
+    drop(conn);
+    for engine in [client, worker, orchestrator] {
+        engine.shutdown().await;
+    }
+}
+
+/// A worker whose outcomes go to two owners, one of which does not answer (its address
+/// takes connections and says nothing): while the silent owner is still waited for, the
+/// outcomes the worker has for the other owner after it are delivered, and that owner's
+/// trip ends; the silent owner's outcomes are published once the wait is over, and its
+/// trip ends too, each call applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_does_not_answer_holds_up_only_the_outcomes_offered_to_it() {
+    let redis = servers::Redis::start();
+    let prefix = "pausedout";
+    let two = |node: &str| shared(&redis.url(), prefix, node).shards(2);
+    let orchestrator = trip_orchestrator(two("o")).await;
+    let gate = Gated(Arc::new(tokio::sync::Semaphore::new(0)));
+    let worker = gate_worker(two("w"), gate.clone()).await;
+    let client = trip_client(two("c")).await;
+    let bus = two("t").store().bus();
+    for shard in 0..2 {
+        subscribed(&redis.url(), &bus.handoffs("Trip", shard)).await;
+        advertised(&bus, &bus.handoffs("Trip", shard)).await;
+    }
+    // Shard 1's owner, as the worker will find it: connections are taken, nothing is said.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    bus.advertise(
+        &bus.handoffs("Trip", 1),
+        &format!("{}|o", silent.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let ids = ids_in_two_shards("pausedout", 1);
+    let in_shard = |shard: u16| {
+        ids.iter()
+            .find(|id| flowwire::storage::store::shard_of(id, 2) == shard)
+            .unwrap()
+            .clone()
+    };
+
+    // The first call of the trip on shard 1 passes the gate alone: its outcome is offered
+    // to the silent owner.
+    let held = client
+        .start::<Trip>(in_shard(1), TripState::default())
+        .await
+        .unwrap();
+    gate.0.add_permits(1);
+    let (conn, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+        .await
+        .expect("the worker connects to the silent owner")
+        .unwrap();
+    // Then a trip on shard 0: its outcomes come after, in batches of their own.
+    let answered = client
+        .start::<Trip>(in_shard(0), TripState::default())
+        .await
+        .unwrap();
+    gate.0.add_permits(1_000);
+    let ended = tokio::time::timeout(Duration::from_secs(10), answered.finished())
+        .await
+        .expect("the trip on the answering owner's shard ends")
+        .unwrap();
+    assert_eq!(ended, Ended::Finished);
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(conn.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the trip on the answering owner's shard ended while the silent owner was still waited for"
+    );
+    for trip in [answered, held] {
+        ends_with_each_call_once(&trip).await;
+    }
     drop(conn);
     for engine in [client, worker, orchestrator] {
         engine.shutdown().await;

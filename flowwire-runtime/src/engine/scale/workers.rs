@@ -264,10 +264,17 @@ const HANDOFF_CHECK: Duration = Duration::from_millis(250);
 /// At most how many of its pending calls a worker lists in one check.
 const PENDING_PAGE: usize = 4096;
 
+/// At most how many batches of outcomes a worker has under way at once (see [`writer`]).
+const BATCHES_UNDER_WAY: usize = 64;
+
 /// Hands outcomes over (one server) or writes them to their shards' streams, then
-/// acknowledges their calls. When the engine stops, it finishes the batch at hand, writes
-/// what is left in its queue (not handed over), then every handed-over outcome no commit
-/// settled yet (a graceful stop re-runs no finished work), and ends.
+/// acknowledges their calls. Each batch is delivered by a task of its own, so that an
+/// owner slow to answer (a paused process: up to a second each for its lane, the
+/// connection and the answer) holds up only the outcomes offered to it, not the batches
+/// after them; at most [`BATCHES_UNDER_WAY`] are under way. When the engine stops, it
+/// finishes the batches at hand, writes what is left in its queue (not handed over), waits
+/// for every batch under way, then writes every handed-over outcome no commit settled yet
+/// (a graceful stop re-runs no finished work), and ends.
 async fn writer(
     ctx: Arc<WorkerCtx>,
     stream: String,
@@ -276,7 +283,13 @@ async fn writer(
     (running, handed): (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Handed>>),
 ) {
     let mut stopping = ctx.stopping.subscribe();
+    let mut under_way = tokio::task::JoinSet::new();
     loop {
+        // Finished deliveries are reaped as they end; a full set is waited on.
+        while under_way.try_join_next().is_some() {}
+        if under_way.len() >= BATCHES_UNDER_WAY {
+            under_way.join_next().await;
+        }
         let stop = *stopping.borrow_and_update();
         let first = if stop {
             done.try_recv()
@@ -296,101 +309,120 @@ async fn writer(
                 None => break,
             }
         }
-        let taken = batch.len();
-        let mut entries: Vec<(String, Bytes)> = Vec::with_capacity(batch.len());
-        let mut ids = Vec::with_capacity(batch.len());
-        // (call's entry, outcome stream, outcome) of each outcome offered, and its message.
-        let mut offered: Vec<(String, String, Bytes)> = Vec::new();
-        let mut offers: Vec<(String, Bytes)> = Vec::new();
-        for o in batch {
-            let Some(receipt) = o.receipt else { continue };
-            let wire = OutcomeWire {
-                id: o.id.to_string(),
-                seq: o.seq,
-                branch: o.branch,
-                result: o.result,
-                retry_ms: o.retry_ms,
-            };
-            let mut out = Vec::new();
-            if let Err(e) = codec::encode_raw(&wire, &mut out) {
-                tracing::error!(error = %e, "outcome not encodable");
-                continue;
-            }
-            let out = Bytes::from(out);
-            let Receipt {
-                entry,
-                reply_to,
-                handoff,
-                ..
-            } = *receipt;
-            let offer = handoff.filter(|_| !stop).and_then(|channel| {
-                let msg = Handoff {
-                    jobs: stream.clone(),
-                    entry: entry.clone(),
-                    outcome: out.clone(),
-                };
-                let mut bytes = Vec::new();
-                codec::encode_raw(&msg, &mut bytes)
-                    .ok()
-                    .map(|()| (channel, Bytes::from(bytes)))
-            });
-            match offer {
-                Some(offer) => {
-                    offers.push(offer);
-                    offered.push((entry, reply_to, out));
-                }
-                None => {
-                    entries.push((reply_to, out));
-                    ids.push(entry);
-                }
-            }
-        }
-        if !offers.is_empty() {
-            // An outcome nobody received is written at once; so are all of them when
-            // the publishing failed.
-            // Directly to their owners where they can be; published where not.
-            let direct = match &ctx.outlet {
-                Some(outlet) => outlet.offer(&offers).await,
-                None => vec![false; offers.len()],
-            };
-            let rest: Vec<(String, Bytes)> = offers
-                .iter()
-                .zip(&direct)
-                .filter(|(_, taken)| !**taken)
-                .map(|(o, _)| o.clone())
-                .collect();
-            let published = ctx.bus.publish_each(&rest).await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "outcomes not handed over; written instead");
-                Vec::new()
-            });
-            let mut published = published.into_iter();
-            let heard: Vec<u64> = direct
-                .iter()
-                .map(|&taken| {
-                    if taken {
-                        1
-                    } else {
-                        published.next().unwrap_or(0)
-                    }
-                })
-                .collect();
-            let now = Instant::now();
-            let mut h = lock(&handed);
-            for (i, (entry, reply_to, out)) in offered.into_iter().enumerate() {
-                if heard.get(i).is_some_and(|&n| n > 0) {
-                    h.insert(entry, (reply_to, out, now));
-                } else {
-                    entries.push((reply_to, out));
-                    ids.push(entry);
-                }
-            }
-        }
-        if !entries.is_empty() {
-            write_outcomes(&ctx, &stream, &entries, &ids, &running).await;
-        }
-        slots.add_permits(taken);
+        let (ctx, stream, slots) = (ctx.clone(), stream.clone(), slots.clone());
+        let (running, handed) = (running.clone(), handed.clone());
+        under_way.spawn(async move {
+            let taken = batch.len();
+            deliver(&ctx, &stream, batch, stop, (&running, &handed)).await;
+            slots.add_permits(taken);
+        });
     }
+    while under_way.join_next().await.is_some() {}
     settle(&ctx, &stream, &running, &handed, true).await;
+}
+
+/// Delivers one batch of outcomes: each offered to its owner directly where it can be,
+/// published on its shard's handoff channel where not (`stop`: neither, the engine is
+/// stopping), and written to its shard's stream if nobody took it; handed-over ones are
+/// kept in `handed` until a commit settles their calls.
+async fn deliver(
+    ctx: &WorkerCtx,
+    stream: &str,
+    batch: Vec<crate::engine::job::OutcomeMsg>,
+    stop: bool,
+    (running, handed): (&Mutex<HashSet<String>>, &Mutex<Handed>),
+) {
+    let mut entries: Vec<(String, Bytes)> = Vec::with_capacity(batch.len());
+    let mut ids = Vec::with_capacity(batch.len());
+    // (call's entry, outcome stream, outcome) of each outcome offered, and its message.
+    let mut offered: Vec<(String, String, Bytes)> = Vec::new();
+    let mut offers: Vec<(String, Bytes)> = Vec::new();
+    for o in batch {
+        let Some(receipt) = o.receipt else { continue };
+        let wire = OutcomeWire {
+            id: o.id.to_string(),
+            seq: o.seq,
+            branch: o.branch,
+            result: o.result,
+            retry_ms: o.retry_ms,
+        };
+        let mut out = Vec::new();
+        if let Err(e) = codec::encode_raw(&wire, &mut out) {
+            tracing::error!(error = %e, "outcome not encodable");
+            continue;
+        }
+        let out = Bytes::from(out);
+        let Receipt {
+            entry,
+            reply_to,
+            handoff,
+            ..
+        } = *receipt;
+        let offer = handoff.filter(|_| !stop).and_then(|channel| {
+            let msg = Handoff {
+                jobs: stream.to_owned(),
+                entry: entry.clone(),
+                outcome: out.clone(),
+            };
+            let mut bytes = Vec::new();
+            codec::encode_raw(&msg, &mut bytes)
+                .ok()
+                .map(|()| (channel, Bytes::from(bytes)))
+        });
+        match offer {
+            Some(offer) => {
+                offers.push(offer);
+                offered.push((entry, reply_to, out));
+            }
+            None => {
+                entries.push((reply_to, out));
+                ids.push(entry);
+            }
+        }
+    }
+    if !offers.is_empty() {
+        // An outcome nobody received is written at once; so are all of them when
+        // the publishing failed.
+        // Directly to their owners where they can be; published where not.
+        let direct = match &ctx.outlet {
+            Some(outlet) => outlet.offer(&offers).await,
+            None => vec![false; offers.len()],
+        };
+        let rest: Vec<(String, Bytes)> = offers
+            .iter()
+            .zip(&direct)
+            .filter(|(_, taken)| !**taken)
+            .map(|(o, _)| o.clone())
+            .collect();
+        let published = ctx.bus.publish_each(&rest).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "outcomes not handed over; written instead");
+            Vec::new()
+        });
+        let mut published = published.into_iter();
+        let heard: Vec<u64> = direct
+            .iter()
+            .map(|&taken| {
+                if taken {
+                    1
+                } else {
+                    published.next().unwrap_or(0)
+                }
+            })
+            .collect();
+        let now = Instant::now();
+        let mut h = lock(handed);
+        for (i, (entry, reply_to, out)) in offered.into_iter().enumerate() {
+            if heard.get(i).is_some_and(|&n| n > 0) {
+                h.insert(entry, (reply_to, out, now));
+            } else {
+                entries.push((reply_to, out));
+                ids.push(entry);
+            }
+        }
+    }
+    if !entries.is_empty() {
+        write_outcomes(ctx, stream, &entries, &ids, running).await;
+    }
 }
 
 /// Writes outcomes to their shards' streams, then acknowledges their calls (which leave
