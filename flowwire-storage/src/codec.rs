@@ -378,11 +378,16 @@ impl postcard::ser_flavors::Flavor for Tail<'_> {
     }
 }
 
-/// Appends `data` to `out`; one byte (most varints) is pushed, not copied.
+/// Appends `data` to `out`; a few bytes (varints, short strings) are pushed one by one,
+/// not copied with a call of `memcpy`.
 pub(crate) fn push_small(out: &mut Vec<u8>, data: &[u8]) {
-    match data {
-        [b] => out.push(*b),
-        _ => out.extend_from_slice(data),
+    if data.len() <= 16 {
+        out.reserve(data.len());
+        for &b in data {
+            out.push(b);
+        }
+    } else {
+        out.extend_from_slice(data);
     }
 }
 
