@@ -685,6 +685,28 @@ fn ids_in_two_shards(tag: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// An id of shard `shard` of two, made from `tag`.
+fn id_in_shard(tag: &str, shard: u16) -> String {
+    ids_in_two_shards(tag, 1)
+        .into_iter()
+        .find(|id| flowwire::storage::store::shard_of(id, 2) == shard)
+        .unwrap()
+}
+
+/// Advertises under `name` (a handoff channel or a request stream) the address of an owner
+/// that does not answer: its connections are taken and nothing is said on them, as a
+/// stopped process's are.
+async fn silent_owner(
+    bus: &flowwire::storage::bus::RedisBus,
+    name: &str,
+) -> tokio::net::TcpListener {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    bus.advertise(name, &format!("{}|o", silent.local_addr().unwrap()))
+        .await
+        .unwrap();
+    silent
+}
+
 /// A worker keeps the address an owner advertised. When that owner gives the shard to
 /// another orchestrator, it refuses the outcomes it is offered for it (it no longer routes
 /// the shard); the worker publishes them, and the new owner applies each once.
@@ -846,20 +868,8 @@ async fn an_owner_that_does_not_answer_holds_up_only_the_requests_made_to_it() {
         advertised(&bus, &bus.requests("Trip", shard)).await;
     }
     // Shard 1's owner, as the client will find it: connections are taken, nothing is said.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    bus.advertise(
-        &bus.requests("Trip", 1),
-        &format!("{}|o", silent.local_addr().unwrap()),
-    )
-    .await
-    .unwrap();
-    let ids = ids_in_two_shards("paused", 1);
-    let in_shard = |shard: u16| {
-        ids.iter()
-            .find(|id| flowwire::storage::store::shard_of(id, 2) == shard)
-            .unwrap()
-            .clone()
-    };
+    let silent = silent_owner(&bus, &bus.requests("Trip", 1)).await;
+    let in_shard = |shard: u16| id_in_shard("paused", shard);
     let (to_silent, to_answering) = (in_shard(1), in_shard(0));
 
     let held = tokio::spawn({
@@ -924,20 +934,8 @@ async fn an_owner_that_does_not_answer_holds_up_only_the_outcomes_offered_to_it(
         advertised(&bus, &bus.handoffs("Trip", shard)).await;
     }
     // Shard 1's owner, as the worker will find it: connections are taken, nothing is said.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    bus.advertise(
-        &bus.handoffs("Trip", 1),
-        &format!("{}|o", silent.local_addr().unwrap()),
-    )
-    .await
-    .unwrap();
-    let ids = ids_in_two_shards("pausedout", 1);
-    let in_shard = |shard: u16| {
-        ids.iter()
-            .find(|id| flowwire::storage::store::shard_of(id, 2) == shard)
-            .unwrap()
-            .clone()
-    };
+    let silent = silent_owner(&bus, &bus.handoffs("Trip", 1)).await;
+    let in_shard = |shard: u16| id_in_shard("pausedout", shard);
 
     // The first call of the trip on shard 1 passes the gate alone: its outcome is offered
     // to the silent owner.
