@@ -122,8 +122,8 @@ pub(crate) struct Remote {
 /// The requests of concurrent callers are offered together: one exchange with each owner
 /// for all those that came while the last one was under way. Each caller is answered as
 /// soon as its owner's exchange ends, and the next requests do not wait for the last
-/// exchange: an owner that does not answer (a paused process) holds up only the requests
-/// made to it, each for at most three seconds (a second for the owner's lane, one to
+/// exchange (up to `outlet::UNDER_WAY` batches under way): an owner that does not answer
+/// (a paused process) holds up only the requests made to it, each for at most three seconds (a second for the owner's lane, one to
 /// connect, one for the answer), after which they go through the stream.
 #[derive(Clone)]
 pub(crate) struct Direct {
@@ -136,19 +136,13 @@ impl Direct {
     pub(crate) fn spawn(outlet: super::outlet::Outlet) -> (Direct, tokio::task::JoinHandle<()>) {
         /// The most requests offered in one exchange.
         const BATCH: usize = 256;
-        /// The most batches under way at once; more requests wait in the queue.
-        const UNDER_WAY: usize = 64;
         let outlet = Arc::new(outlet);
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes, oneshot::Sender<bool>)>();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut under_way = tokio::task::JoinSet::new();
             loop {
-                while under_way.try_join_next().is_some() {}
-                if under_way.len() >= UNDER_WAY {
-                    under_way.join_next().await;
-                    continue;
-                }
+                super::outlet::make_room(&mut under_way).await;
                 if rx.recv_many(&mut batch, BATCH).await == 0 {
                     break;
                 }

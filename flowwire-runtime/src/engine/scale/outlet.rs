@@ -15,6 +15,19 @@ use tokio::time::Instant;
 
 use super::handoff::{Frame, MAGIC, RETRY, WAIT, lock};
 
+/// At most how many batches of offers a sender has under way at once (a client's
+/// requests, a worker's outcomes); more wait in its queue.
+pub(super) const UNDER_WAY: usize = 64;
+
+/// Makes room for one more batch among those `under_way`: the finished ones are reaped,
+/// and when [`UNDER_WAY`] are still running, the first to end is waited for.
+pub(super) async fn make_room(under_way: &mut tokio::task::JoinSet<()>) {
+    while under_way.try_join_next().is_some() {}
+    if under_way.len() >= UNDER_WAY {
+        under_way.join_next().await;
+    }
+}
+
 /// A worker's connections to the owners it hands outcomes to (see the module docs).
 pub(crate) struct Outlet {
     bus: RedisBus,

@@ -264,14 +264,11 @@ const HANDOFF_CHECK: Duration = Duration::from_millis(250);
 /// At most how many of its pending calls a worker lists in one check.
 const PENDING_PAGE: usize = 4096;
 
-/// At most how many batches of outcomes a worker has under way at once (see [`writer`]).
-const BATCHES_UNDER_WAY: usize = 64;
-
 /// Hands outcomes over (one server) or writes them to their shards' streams, then
 /// acknowledges their calls. Each batch is delivered by a task of its own, so that an
 /// owner slow to answer (a paused process: up to a second each for its lane, the
 /// connection and the answer) holds up only the outcomes offered to it, not the batches
-/// after them; at most [`BATCHES_UNDER_WAY`] are under way. When the engine stops, it
+/// after them; at most `outlet::UNDER_WAY` are under way. When the engine stops, it
 /// finishes the batches at hand, writes what is left in its queue (not handed over), waits
 /// for every batch under way, then writes every handed-over outcome no commit settled yet
 /// (a graceful stop re-runs no finished work), and ends.
@@ -285,11 +282,7 @@ async fn writer(
     let mut stopping = ctx.stopping.subscribe();
     let mut under_way = tokio::task::JoinSet::new();
     loop {
-        // Finished deliveries are reaped as they end; a full set is waited on.
-        while under_way.try_join_next().is_some() {}
-        if under_way.len() >= BATCHES_UNDER_WAY {
-            under_way.join_next().await;
-        }
+        super::outlet::make_room(&mut under_way).await;
         let stop = *stopping.borrow_and_update();
         let first = if stop {
             done.try_recv()

@@ -32,6 +32,9 @@
 //! # Ok::<(), flowwire::storage::CodecError>(())
 //! ```
 
+mod tail;
+pub(crate) use tail::push_small;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::CodecError;
@@ -185,7 +188,7 @@ fn encode_inner<T: Serialize + ?Sized>(
     out.push(kind.tag());
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&[0; 8]);
-    if let Err(e) = postcard::serialize_with_flavor(value, Tail(out)) {
+    if let Err(e) = postcard::serialize_with_flavor(value, tail::Tail(out)) {
         return Err(CodecError::Encode(e.to_string()));
     }
     let payload_len = out.len() - start - HEADER_LEN;
@@ -352,43 +355,8 @@ pub fn decode<'de, T: Deserialize<'de>>(
 /// Encodes a value without an envelope (for payloads nested in an enveloped record, and
 /// for values in transit between an instance and its drivers).
 pub fn encode_raw<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    postcard::serialize_with_flavor(value, Tail(out)).map_err(|e| CodecError::Encode(e.to_string()))
-}
-
-/// Postcard's output appended to a `Vec`. Most of what postcard writes is one-byte
-/// varints and tags: those are pushed, not copied (a copy is a call of `memcpy` each, and
-/// a record or history entry is a dozen or two of them).
-pub(crate) struct Tail<'a>(pub(crate) &'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for Tail<'_> {
-    type Output = ();
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        push_small(self.0, data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
-/// Appends `data` to `out`; a few bytes (varints, short strings) are pushed one by one,
-/// not copied with a call of `memcpy`.
-pub(crate) fn push_small(out: &mut Vec<u8>, data: &[u8]) {
-    if data.len() <= 16 {
-        out.reserve(data.len());
-        for &b in data {
-            out.push(b);
-        }
-    } else {
-        out.extend_from_slice(data);
-    }
+    postcard::serialize_with_flavor(value, tail::Tail(out))
+        .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 /// Decodes a value written by [`encode_raw`]; the whole input must be consumed.
@@ -471,56 +439,6 @@ mod tests {
                 let err = decode::<(u64, Vec<u8>, String)>(Kind::Record, &bad, 1024).unwrap_err();
                 assert!(matches!(err, CodecError::Checksum { .. }), "{err}");
             }
-        }
-    }
-
-    /// Stored bytes do not depend on how they were appended: what `encode_raw` writes is
-    /// what postcard writes on its own, for one-byte and longer varints, signed ones,
-    /// strings, byte strings short and long, options, enums and nested structures.
-    #[test]
-    fn values_are_appended_byte_for_byte_as_postcard_writes_them() {
-        #[derive(serde::Serialize)]
-        enum Shape {
-            Unit,
-            Tuple(u8, i64),
-            Named { name: String, bytes: Vec<u8> },
-        }
-        #[derive(serde::Serialize)]
-        struct Sample {
-            small: u64,
-            wide: u64,
-            signed: i32,
-            flag: bool,
-            text: String,
-            blob: Vec<u8>,
-            maybe: Option<u16>,
-            shapes: Vec<Shape>,
-            float: f64,
-        }
-        for n in [0u64, 1, 127, 128, 300, 1 << 35, u64::MAX] {
-            let sample = Sample {
-                small: n % 100,
-                wide: n,
-                signed: -(n as i32),
-                flag: n % 2 == 0,
-                text: "é".repeat((n % 70) as usize),
-                blob: (0..(n % 5_000) as usize).map(|i| i as u8).collect(),
-                maybe: (n % 3 != 0).then_some(n as u16),
-                shapes: vec![
-                    Shape::Unit,
-                    Shape::Tuple(n as u8, n.cast_signed().wrapping_neg()),
-                    Shape::Named {
-                        name: format!("shape-{n}"),
-                        bytes: vec![7; (n % 300) as usize],
-                    },
-                ],
-                float: f64::from((n % 1_000) as u32) / 3.0,
-            };
-            let mut appended = b"kept".to_vec();
-            encode_raw(&sample, &mut appended).unwrap();
-            let expected = postcard::to_allocvec(&sample).unwrap();
-            assert_eq!(&appended[..4], b"kept", "for {n}");
-            assert_eq!(&appended[4..], &expected[..], "for {n}");
         }
     }
 
