@@ -182,13 +182,45 @@ fn encode_inner<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    enveloped(kind, version, owner, out, |out| {
+        postcard::serialize_with_flavor(value, tail::Tail(out))
+    })
+}
+
+/// Encodes what `body` writes (a value's postcard bytes) in an envelope of the current
+/// format of `kind`, bound to `owner`: for the values every step encodes, written
+/// without serde (`record/direct.rs`), byte for byte as [`encode_owned`] writes them.
+pub(crate) fn encode_owned_by(
+    kind: Kind,
+    owner: &InstanceKey,
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
+) -> Result<(), CodecError> {
+    enveloped(kind, kind.current_version(), Some(owner), out, body)
+}
+
+/// Postcard's bytes for `value`, appended to `out` as the envelopes append them.
+pub(crate) fn append_postcard<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> postcard::Result<()> {
+    postcard::serialize_with_flavor(value, tail::Tail(out))
+}
+
+fn enveloped(
+    kind: Kind,
+    version: u16,
+    owner: Option<&InstanceKey>,
+    out: &mut Vec<u8>,
+    body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
+) -> Result<(), CodecError> {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(CODEC_POSTCARD);
     out.push(kind.tag());
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&[0; 8]);
-    if let Err(e) = postcard::serialize_with_flavor(value, tail::Tail(out)) {
+    if let Err(e) = body(out) {
         return Err(CodecError::Encode(e.to_string()));
     }
     let payload_len = out.len() - start - HEADER_LEN;

@@ -226,7 +226,10 @@ impl Serialize for PayloadRef<'_> {
 impl HistoryEntryRef<'_> {
     /// Encodes the entry of instance `key` in its envelope, appending to `out`.
     pub(crate) fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        codec::encode_owned(Kind::History, key, self, out)
+        // Postcard's bytes, written without serde for the common parts (`direct.rs`).
+        codec::encode_owned_by(Kind::History, key, out, |out| {
+            super::direct::history_entry(self, out)
+        })
     }
 }
 

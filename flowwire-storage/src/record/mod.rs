@@ -9,6 +9,7 @@
 //! The files: `model.rs` the logical record; `placed.rs` the persisted record and its
 //! older formats; `history.rs` history entries; `step.rs` the step write a store commits.
 
+mod direct;
 mod history;
 #[cfg(test)]
 mod manifest_tests;

@@ -193,7 +193,10 @@ impl PlacedRecord {
     /// Encodes the record of instance `key` in its envelope (its checksum binds `key`),
     /// appending to `out`.
     pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
-        codec::encode_owned(Kind::Record, key, self, out)
+        // Postcard's bytes, written without serde for the common parts (`direct.rs`).
+        codec::encode_owned_by(Kind::Record, key, out, |out| {
+            super::direct::placed_record(self, out)
+        })
     }
 
     /// Decodes the record of instance `key` from its envelope (current format, or formats
