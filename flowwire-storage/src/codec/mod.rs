@@ -33,7 +33,7 @@
 //! ```
 
 mod tail;
-pub(crate) use tail::push_small;
+pub(crate) use tail::{append_postcard, push_small};
 
 use serde::{Deserialize, Serialize};
 
@@ -182,9 +182,7 @@ fn encode_inner<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    enveloped(kind, version, owner, out, |out| {
-        postcard::serialize_with_flavor(value, tail::Tail(out))
-    })
+    enveloped(kind, version, owner, out, |out| append_postcard(value, out))
 }
 
 /// Encodes what `body` writes (a value's postcard bytes) in an envelope of the current
@@ -197,14 +195,6 @@ pub(crate) fn encode_owned_by(
     body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
 ) -> Result<(), CodecError> {
     enveloped(kind, kind.current_version(), Some(owner), out, body)
-}
-
-/// Postcard's bytes for `value`, appended to `out` as the envelopes append them.
-pub(crate) fn append_postcard<T: Serialize + ?Sized>(
-    value: &T,
-    out: &mut Vec<u8>,
-) -> postcard::Result<()> {
-    postcard::serialize_with_flavor(value, tail::Tail(out))
 }
 
 fn enveloped(

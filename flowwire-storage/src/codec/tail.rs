@@ -25,6 +25,14 @@ impl postcard::ser_flavors::Flavor for Tail<'_> {
     }
 }
 
+/// Postcard's bytes for `value`, appended to `out` as the envelopes append them.
+pub(crate) fn append_postcard<T: serde::Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> postcard::Result<()> {
+    postcard::serialize_with_flavor(value, Tail(out))
+}
+
 /// Appends `data` to `out`; a few bytes (varints, short strings) are pushed one by one,
 /// not copied with a call of `memcpy`.
 pub(crate) fn push_small(out: &mut Vec<u8>, data: &[u8]) {

@@ -288,18 +288,8 @@ mod tests {
     fn plain(status: Status, state: Payload) -> PlacedRecord {
         PlacedRecord {
             record: Record {
-                flow_version: 1,
-                seq: 0,
                 status,
-                state,
-                pending: None,
-                timer: None,
-                compensations: Vec::new(),
-                failing: None,
-                correlation: None,
-                fan: None,
-                error: None,
-                cancel: None,
+                ..Record::unwritten(1, state)
             },
             retired: Vec::new(),
             trash: Vec::new(),
