@@ -305,13 +305,30 @@ async fn writer(
         let (ctx, stream, slots) = (ctx.clone(), stream.clone(), slots.clone());
         let (running, handed) = (running.clone(), handed.clone());
         under_way.spawn(async move {
-            let taken = batch.len();
+            // The batch's slots go back to the pump however its delivery ends, a panic
+            // included: a worker whose deliveries failed must not run out of slots.
+            let _back = SlotsBack {
+                slots,
+                taken: batch.len(),
+            };
             deliver(&ctx, &stream, batch, stop, (&running, &handed)).await;
-            slots.add_permits(taken);
         });
     }
     while under_way.join_next().await.is_some() {}
     settle(&ctx, &stream, &running, &handed, true).await;
+}
+
+/// The pump's slots a batch of outcomes took, given back when it is dropped: when its
+/// delivery ends, returns early, panics or is aborted.
+struct SlotsBack {
+    slots: Arc<Semaphore>,
+    taken: usize,
+}
+
+impl Drop for SlotsBack {
+    fn drop(&mut self) {
+        self.slots.add_permits(self.taken);
+    }
 }
 
 /// Delivers one batch of outcomes: each offered to its owner directly where it can be,
@@ -543,5 +560,40 @@ async fn keep_alive(ctx: Arc<WorkerCtx>, stream: String, running: Arc<Mutex<Hash
                 tracing::warn!(error = %e, "calls in progress not touched");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Semaphore;
+
+    use super::SlotsBack;
+
+    /// A batch whose delivery panics gives its slots back, as one delivered does: the pump
+    /// does not lose a slot per failed delivery until it takes no more calls.
+    #[tokio::test]
+    async fn a_batch_gives_its_slots_back_when_its_delivery_panics() {
+        let slots = Arc::new(Semaphore::new(0));
+        let panicked = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let _back = SlotsBack { slots, taken: 3 };
+                panic!("a delivery that fails");
+            }
+        })
+        .await;
+        assert!(panicked.is_err_and(|e| e.is_panic()));
+        assert_eq!(slots.available_permits(), 3);
+        let delivered = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                let _back = SlotsBack { slots, taken: 2 };
+            }
+        })
+        .await;
+        assert!(delivered.is_ok());
+        assert_eq!(slots.available_permits(), 5);
     }
 }
