@@ -219,10 +219,18 @@ fn enveloped(
         limit: u32::MAX as usize,
     })?;
     out[start + 6..start + 10].copy_from_slice(&len.to_le_bytes());
-    let binds = owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v));
-    let crc = checksum(&out[start..start + 10], binds, &out[start + HEADER_LEN..]);
+    let crc = checksum(
+        &out[start..start + 10],
+        binds(kind, version, owner),
+        &out[start + HEADER_LEN..],
+    );
     out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// The owner a checksum binds: `owner`, from the first format of `kind` that binds one.
+fn binds(kind: Kind, version: u16, owner: Option<&InstanceKey>) -> Option<&InstanceKey> {
+    owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v))
 }
 
 /// The CRC of an envelope: of the payload alone, or, for an owned value, of the header's
@@ -313,6 +321,19 @@ fn open_inner<'b>(
     owner: Option<&InstanceKey>,
     limit: usize,
 ) -> Result<(u16, &'b [u8]), CodecError> {
+    let version = header(kind, bytes, limit)?;
+    let payload = &bytes[HEADER_LEN..];
+    let stored = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
+    let computed = checksum(&bytes[..10], binds(kind, version, owner), payload);
+    if stored != computed {
+        return Err(CodecError::Checksum { stored, computed });
+    }
+    Ok((version, payload))
+}
+
+/// Checks every field of the envelope header of `bytes` but its checksum, as a value of
+/// `kind` of at most `limit` bytes; its format version.
+fn header(kind: Kind, bytes: &[u8], limit: usize) -> Result<u16, CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Truncated {
             needed: HEADER_LEN,
@@ -355,14 +376,7 @@ fn open_inner<'b>(
             available,
         });
     }
-    let payload = &bytes[HEADER_LEN..];
-    let stored = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
-    let binds = owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v));
-    let computed = checksum(&bytes[..10], binds, payload);
-    if stored != computed {
-        return Err(CodecError::Checksum { stored, computed });
-    }
-    Ok((version, payload))
+    Ok(version)
 }
 
 /// Decodes a value of the given kind from its envelope, refusing payloads above `limit`.
