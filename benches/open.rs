@@ -40,6 +40,7 @@ fn step(i: u64) -> StepWrite {
         fence: None,
         acknowledges: None,
         sends: Vec::new(),
+        checksums: flowwire::storage::codec::Checksums::Written,
         key,
     }
 }

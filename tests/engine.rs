@@ -411,6 +411,7 @@ async fn a_record_of_an_unknown_format_version_is_a_typed_error_and_is_kept() {
             fence: None,
             acknowledges: None,
             sends: Vec::new(),
+            checksums: flowwire::storage::codec::Checksums::Written,
         }])
         .await
         .unwrap();
@@ -522,6 +523,7 @@ async fn an_instance_of_another_flow_version_is_never_run() {
             fence: None,
             acknowledges: None,
             sends: Vec::new(),
+            checksums: flowwire::storage::codec::Checksums::Written,
         }])
         .await
         .unwrap();

@@ -4,9 +4,20 @@
 //! them; `Engine::state_at` reads the state after any step the history keeps; retention
 //! decides how much is kept, and a step outside it is a typed error naming what is kept.
 
+use std::sync::{Arc, Mutex};
+
 use flowwire::Error;
 use flowwire::prelude::*;
-use flowwire::storage::{Retention, StepInput, StepOutput};
+use flowwire::storage::codec::Checksums;
+use flowwire::storage::record::PlacedRecord;
+use flowwire::storage::{
+    BoxFuture, InstanceKey, InstanceStore, MemoryStore, RedbStore, Retention, StepInput,
+    StepOutput, StepResult, StepWrite, StoreError,
+};
+
+#[macro_use]
+#[path = "support/forward.rs"]
+mod forward;
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TallyState {
@@ -139,4 +150,70 @@ async fn history_of_an_unknown_instance_is_not_found() {
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
     let err = engine.state_at::<Tally>("nope", 1).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+/// A store layer that notes, of each step it is given, when its checksums are computed.
+struct Noting {
+    inner: Arc<dyn InstanceStore>,
+    seen: Arc<Mutex<Vec<Checksums>>>,
+}
+
+impl InstanceStore for Noting {
+    fn commit(
+        &self,
+        batch: Vec<StepWrite>,
+    ) -> BoxFuture<'static, Result<Vec<StepResult>, StoreError>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|w| w.checksums));
+        self.inner.commit(batch)
+    }
+
+    forward_to_inner!();
+}
+
+/// The in-memory store computes checksums when it hands values out: an engine on it seals
+/// its steps without them, an engine on any other store with them, and on both every
+/// value read back (the history, the states after each step, the ended instance's
+/// record) has its checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksums_are_left_to_a_store_that_computes_them_on_read_and_only_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores: [(Arc<dyn InstanceStore>, Checksums); 2] = [
+        (Arc::new(MemoryStore::new()), Checksums::OnRead),
+        (
+            Arc::new(RedbStore::open(dir.path().join("instances.redb")).unwrap()),
+            Checksums::Written,
+        ),
+    ];
+    for (inner, expected) in stores {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let engine = Engine::builder()
+            .store(Noting {
+                inner: inner.clone(),
+                seen: seen.clone(),
+            })
+            .flow::<Tally>()
+            .start()
+            .await
+            .unwrap();
+        let h = engine
+            .start::<Tally>("t", TallyState::default())
+            .await
+            .unwrap();
+        h.add().await.unwrap();
+        h.stop().await.unwrap();
+        assert_eq!(h.finished().await.unwrap(), Ended::Finished);
+        assert_eq!(*seen.lock().unwrap(), vec![expected; 3]);
+        let page = engine.history::<Tally>("t", 0, 100).await.unwrap();
+        assert_eq!(page.steps.len(), 3);
+        assert_eq!(engine.state_at::<Tally>("t", 2).await.unwrap().count, 1);
+        assert!(h.state().await.unwrap().done);
+        let key = InstanceKey::new("Tally", "t");
+        let found = inner.load(&key).await.unwrap().expect("stored");
+        let record = PlacedRecord::decode(&found.bytes, &key, 1 << 20).expect("it decodes");
+        assert_eq!(record.record.seq, 3);
+        engine.shutdown().await;
+    }
 }

@@ -239,6 +239,7 @@ async fn a_record_stored_under_another_instances_key_is_refused_not_served() {
             fence: None,
             acknowledges: None,
             sends: Vec::new(),
+            checksums: flowwire::storage::codec::Checksums::Written,
         }])
         .await
         .unwrap();

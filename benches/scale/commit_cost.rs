@@ -52,6 +52,7 @@ fn step(
         fence: Some(1),
         acknowledges: None,
         sends,
+        checksums: flowwire::storage::codec::Checksums::Written,
     }
 }
 

@@ -61,6 +61,7 @@ fn write(key: &InstanceKey, expect: Expect, version: u64, fence: u64) -> StepWri
         fence: Some(fence),
         acknowledges: None,
         sends: Vec::new(),
+        checksums: flowwire_storage::codec::Checksums::Written,
     }
 }
 

@@ -61,6 +61,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 fence: None,
                 acknowledges: None,
                 sends: Vec::new(),
+                checksums: flowwire_storage::codec::Checksums::Written,
                 key,
             }
         })

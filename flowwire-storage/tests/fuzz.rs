@@ -105,6 +105,30 @@ fn fuzz_the_record_envelope() {
     });
 }
 
+/// A stamp (the checksum the in-memory store computes on read) never panics, leaves what
+/// is no envelope as it was, and changes nothing of an envelope but its checksum, after
+/// which it opens.
+#[test]
+fn fuzz_a_stamp() {
+    use flowwire_storage::codec::{self, Checksums, Kind};
+    let mut seed = Vec::new();
+    record()
+        .encode_with(&key(), &mut seed, Checksums::OnRead)
+        .unwrap();
+    fuzz_bounded("stamp", &[seed], |input| {
+        let mut stamped = input.to_vec();
+        match codec::stamp_owned(Kind::Record, &mut stamped, &key()) {
+            Err(_) => assert_eq!(stamped, input),
+            Ok(()) => {
+                assert_eq!(stamped[..10], input[..10]);
+                assert_eq!(stamped[14..], input[14..]);
+                codec::open_owned(Kind::Record, &stamped, &key(), usize::MAX)
+                    .expect("a stamped envelope opens");
+            }
+        }
+    });
+}
+
 #[test]
 fn fuzz_a_chunk_manifest_behind_the_checksum() {
     // The envelope's checksum refuses almost every mutation of a whole record; this feeds
@@ -269,6 +293,7 @@ fn fuzz_a_logged_batch() {
         fence: Some(7),
         acknowledges: None,
         sends: Vec::new(),
+        checksums: flowwire_storage::codec::Checksums::Written,
     }];
     let seed = postcard::to_allocvec(&batch).unwrap();
     // As the store's recovery decodes a logged batch.

@@ -2,9 +2,13 @@
 //! layer writes `forward_to_inner!();` in its `InstanceStore` impl and implements only
 //! what it changes (`commit`, and `fault` if it has one).
 
-/// Forwards every `InstanceStore` method but `commit` and `fault` to `self.inner`.
+/// Forwards every `InstanceStore` method but `commit` and `fault` to `self.inner` (among
+/// them whether it computes checksums on read: a layer hands its writes on unchanged).
 macro_rules! forward_to_inner {
     () => {
+        fn checksums_on_read(&self) -> bool {
+            self.inner.checksums_on_read()
+        }
         fn load<'a>(
             &'a self,
             key: &'a ::flowwire::storage::InstanceKey,

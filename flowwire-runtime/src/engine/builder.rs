@@ -331,7 +331,13 @@ impl EngineBuilder {
                 .default_to(Tier::fs(dir.join("blobs"))),
             (None, None) => Ladder::inline_only(),
         };
-        let placement = Arc::new(ladder.validate(self.limits.decode_limit)?);
+        let mut placement = ladder.validate(self.limits.decode_limit)?;
+        if store.checksums_on_read() {
+            // A store that keeps what it is given in memory computes checksums when it
+            // hands values out: its steps are sealed without them.
+            placement = placement.with_checksums(flowwire_storage::codec::Checksums::OnRead);
+        }
+        let placement = Arc::new(placement);
         tracing::info!(ladder = %placement.describe(), "storage");
         let events = Emitter::new(self.limits.event_capacity);
         let drain = Arc::new(super::worker::Drain::default());

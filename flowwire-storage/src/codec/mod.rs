@@ -32,7 +32,9 @@
 //! # Ok::<(), flowwire::storage::CodecError>(())
 //! ```
 
+mod stamp;
 mod tail;
+pub use stamp::{Checksums, stamp_owned};
 pub(crate) use tail::{append_postcard, push_small};
 
 use serde::{Deserialize, Serialize};
@@ -182,19 +184,30 @@ fn encode_inner<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    enveloped(kind, version, owner, out, |out| append_postcard(value, out))
+    enveloped(kind, version, owner, out, Checksums::Written, |out| {
+        append_postcard(value, out)
+    })
 }
 
 /// Encodes what `body` writes (a value's postcard bytes) in an envelope of the current
 /// format of `kind`, bound to `owner`: for the values every step encodes, written
-/// without serde (`record/direct.rs`), byte for byte as [`encode_owned`] writes them.
+/// without serde (`record/direct.rs`), byte for byte as [`encode_owned`] writes them
+/// (with `Checksums::OnRead`, but for the checksum, left for [`stamp_owned`]).
 pub(crate) fn encode_owned_by(
     kind: Kind,
     owner: &InstanceKey,
     out: &mut Vec<u8>,
+    checksums: Checksums,
     body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
 ) -> Result<(), CodecError> {
-    enveloped(kind, kind.current_version(), Some(owner), out, body)
+    enveloped(
+        kind,
+        kind.current_version(),
+        Some(owner),
+        out,
+        checksums,
+        body,
+    )
 }
 
 fn enveloped(
@@ -202,6 +215,7 @@ fn enveloped(
     version: u16,
     owner: Option<&InstanceKey>,
     out: &mut Vec<u8>,
+    checksums: Checksums,
     body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
 ) -> Result<(), CodecError> {
     let start = out.len();
@@ -219,12 +233,14 @@ fn enveloped(
         limit: u32::MAX as usize,
     })?;
     out[start + 6..start + 10].copy_from_slice(&len.to_le_bytes());
-    let crc = checksum(
-        &out[start..start + 10],
-        binds(kind, version, owner),
-        &out[start + HEADER_LEN..],
-    );
-    out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
+    if checksums == Checksums::Written {
+        let crc = checksum(
+            &out[start..start + 10],
+            binds(kind, version, owner),
+            &out[start + HEADER_LEN..],
+        );
+        out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
+    }
     Ok(())
 }
 

@@ -40,6 +40,7 @@ mod place;
 mod precut;
 mod seal;
 
+use crate::codec::Checksums;
 use crate::record::{PlacedRecord, StepWrite};
 use crate::tier::Tier;
 use bytes::Bytes;
@@ -315,6 +316,7 @@ pub struct Placement {
     default: Option<Tier>,
     by_name: HashMap<Arc<str>, Tier>,
     record_limit: usize,
+    checksums: Checksums,
 }
 
 impl fmt::Debug for Placement {
@@ -403,7 +405,39 @@ impl Placement {
             default,
             by_name,
             record_limit,
+            checksums: Checksums::Written,
         }
+    }
+
+    /// The same placement, sealing steps whose records and history entries have their
+    /// checksums computed as `checksums` says: [`Checksums::OnRead`] only for a store
+    /// whose [`checksums_on_read`](crate::InstanceStore::checksums_on_read) is true (the
+    /// engine sets it from its store).
+    ///
+    /// ```
+    /// use flowwire::storage::codec::Checksums;
+    /// use flowwire::storage::{InstanceStore, Ladder, MemoryStore};
+    ///
+    /// let store = MemoryStore::new();
+    /// let placement = Ladder::inline_only().validate(1 << 20)?;
+    /// let placement = if store.checksums_on_read() {
+    ///     placement.with_checksums(Checksums::OnRead)
+    /// } else {
+    ///     placement
+    /// };
+    /// assert_eq!(placement.checksums(), Checksums::OnRead);
+    /// # Ok::<(), flowwire::storage::LadderError>(())
+    /// ```
+    #[must_use]
+    pub fn with_checksums(mut self, checksums: Checksums) -> Self {
+        self.checksums = checksums;
+        self
+    }
+
+    /// When the checksums of the steps this placement seals are computed (see
+    /// [`with_checksums`](Self::with_checksums)).
+    pub fn checksums(&self) -> Checksums {
+        self.checksums
     }
 
     /// One line for logs: `inline < 4096 B, fs < 1000000 B, s3`.

@@ -336,6 +336,7 @@ impl Placement {
             fence: None,
             acknowledges: None,
             sends: Vec::new(),
+            checksums: self.checksums(),
         });
         Ok(super::SealedRest { puts, attempt })
     }
@@ -360,12 +361,14 @@ impl Placement {
         } = draft;
         let seq = draft.record.seq;
         buf.clear();
-        placed.encode(key, buf).map_err(|e| BlobError::Corrupt {
-            instance: key.to_string(),
-            tier: "record".into(),
-            key: key.to_string(),
-            detail: e.to_string(),
-        })?;
+        placed
+            .encode_with(key, buf, self.checksums())
+            .map_err(|e| BlobError::Corrupt {
+                instance: key.to_string(),
+                tier: "record".into(),
+                key: key.to_string(),
+                detail: e.to_string(),
+            })?;
         // The envelope's header is not counted by the decode limit; the payload is.
         let payload_len = buf.len().saturating_sub(crate::codec::HEADER_LEN);
         if payload_len > self.record_limit {
@@ -390,12 +393,14 @@ impl Placement {
             at_ms: *at_ms,
         };
         buf.clear();
-        entry.encode(key, buf).map_err(|e| BlobError::Corrupt {
-            instance: key.to_string(),
-            tier: "history".into(),
-            key: key.to_string(),
-            detail: e.to_string(),
-        })?;
+        entry
+            .encode_with(key, buf, self.checksums())
+            .map_err(|e| BlobError::Corrupt {
+                instance: key.to_string(),
+                tier: "history".into(),
+                key: key.to_string(),
+                detail: e.to_string(),
+            })?;
         Ok((record_bytes, Some((seq, arena.copy(buf)))))
     }
 }

@@ -226,8 +226,19 @@ impl Serialize for PayloadRef<'_> {
 impl HistoryEntryRef<'_> {
     /// Encodes the entry of instance `key` in its envelope, appending to `out`.
     pub(crate) fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        self.encode_with(key, out, codec::Checksums::Written)
+    }
+
+    /// Like [`encode`](Self::encode), its checksum computed now or left for the store
+    /// ([`codec::stamp_owned`]).
+    pub(crate) fn encode_with(
+        &self,
+        key: &InstanceKey,
+        out: &mut Vec<u8>,
+        checksums: codec::Checksums,
+    ) -> Result<(), CodecError> {
         // Postcard's bytes, written without serde for the common parts (`direct.rs`).
-        codec::encode_owned_by(Kind::History, key, out, |out| {
+        codec::encode_owned_by(Kind::History, key, out, checksums, |out| {
             super::direct::history_entry(self, out)
         })
     }

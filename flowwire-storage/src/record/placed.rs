@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobRef, Payload};
-use crate::codec::{self, Kind};
+use crate::codec::{self, Checksums, Kind};
 use crate::error::CodecError;
 use crate::key::InstanceKey;
 
@@ -193,8 +193,19 @@ impl PlacedRecord {
     /// Encodes the record of instance `key` in its envelope (its checksum binds `key`),
     /// appending to `out`.
     pub fn encode(&self, key: &InstanceKey, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        self.encode_with(key, out, Checksums::Written)
+    }
+
+    /// Like [`encode`](Self::encode), with its checksum computed now or left for the store
+    /// to compute when it hands the record out ([`codec::stamp_owned`]).
+    pub fn encode_with(
+        &self,
+        key: &InstanceKey,
+        out: &mut Vec<u8>,
+        checksums: Checksums,
+    ) -> Result<(), CodecError> {
         // Postcard's bytes, written without serde for the common parts (`direct.rs`).
-        codec::encode_owned_by(Kind::Record, key, out, |out| {
+        codec::encode_owned_by(Kind::Record, key, out, checksums, |out| {
             super::direct::placed_record(self, out)
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::codec::Checksums;
 use crate::key::InstanceKey;
 
 use super::history::{StepInput, StepOutput};
@@ -104,6 +105,14 @@ pub struct StepWrite {
     /// the step committed. Empty elsewhere; never logged by the embedded stores.
     #[serde(skip)]
     pub sends: Vec<BusSend>,
+    /// When the checksums of [`StepWrite::record`] and [`StepWrite::history`] are
+    /// computed: when they were encoded ([`Checksums::Written`], what every store is
+    /// given), or when the store hands them out ([`Checksums::OnRead`], only for a store
+    /// whose [`InstanceStore::checksums_on_read`](crate::InstanceStore::checksums_on_read)
+    /// is true, which stamps them with [`codec::stamp_owned`](crate::codec::stamp_owned)).
+    /// Never logged: a logged write is always one with its checksums written.
+    #[serde(skip)]
+    pub checksums: Checksums,
 }
 
 impl StepWrite {
@@ -144,6 +153,7 @@ impl StepWrite {
             fence: None,
             acknowledges: None,
             sends: Vec::new(),
+            checksums: Checksums::Written,
         }
     }
 }

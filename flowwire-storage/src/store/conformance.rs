@@ -38,6 +38,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64, body: &'static [u8]) ->
         fence: None,
         acknowledges: None,
         sends: Vec::new(),
+        checksums: crate::codec::Checksums::Written,
     }
 }
 

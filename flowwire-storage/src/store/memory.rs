@@ -5,6 +5,11 @@
 //! longer than an id. What a step writes is copied into buffers the instance owns — its
 //! record is rewritten in place, its history appended to one buffer — so a steady step
 //! allocates nothing here, and nothing it keeps pins the caller's buffers.
+//!
+//! The store computes checksums when it hands values out
+//! ([`InstanceStore::checksums_on_read`]): the engine's steps come with theirs left zero
+//! ([`Checksums::OnRead`]), and each is stamped in the copy a read answers. Values written
+//! with their checksums are kept and answered as they were given.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,6 +20,7 @@ use foldhash::{HashMap, HashSet};
 use bytes::Bytes;
 
 use super::{BoxFuture, DamagedList, InstanceStore};
+use crate::codec::{self, Checksums, Kind};
 use crate::error::StoreError;
 use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
 
@@ -58,6 +64,8 @@ struct Entry {
     version: u64,
     /// The record's bytes, rewritten in place by each step.
     record: Vec<u8>,
+    /// Whether `record` was given with its checksum left for the store to compute.
+    record_on_read: bool,
     timer: Option<u64>,
     /// Whether the instance is in the flow's active index, and in its parked index: a
     /// step touches an index only when its membership changes.
@@ -76,12 +84,39 @@ struct History {
     start: usize,
     /// Each entry's step and where it ends in `bytes`, oldest first.
     ends: VecDeque<(u64, usize)>,
+    /// Whether the entries kept were given with their checksums left for the store to
+    /// compute (all of them, or none: see [`History::push`]).
+    on_read: bool,
 }
 
 impl History {
-    fn push(&mut self, seq: u64, entry: &[u8]) {
+    /// Appends the entry of step `seq` of instance `key`, given with its checksum
+    /// computed or not as `checksums` says. The entries kept are all of one kind: an entry
+    /// of the other kind has the ones without a checksum stamped here (only an instance
+    /// whose steps come from more than one writer sees this).
+    fn push(&mut self, key: &InstanceKey, seq: u64, entry: &[u8], checksums: Checksums) {
+        let on_read = checksums == Checksums::OnRead;
+        if self.ends.is_empty() {
+            self.on_read = on_read;
+        } else if self.on_read != on_read && self.on_read {
+            self.stamp_all(key);
+        }
+        let begin = self.bytes.len();
         self.bytes.extend_from_slice(entry);
         self.ends.push_back((seq, self.bytes.len()));
+        if on_read && !self.on_read {
+            stamp(Kind::History, &mut self.bytes[begin..], key);
+        }
+    }
+
+    /// Stamps every entry kept, which were all given without their checksums.
+    fn stamp_all(&mut self, key: &InstanceKey) {
+        let mut begin = self.start;
+        for &(_, end) in &self.ends {
+            stamp(Kind::History, &mut self.bytes[begin..end], key);
+            begin = end;
+        }
+        self.on_read = false;
     }
 
     /// Drops the entries of steps below `below`; the buffer is compacted once most of it
@@ -104,7 +139,9 @@ impl History {
         }
     }
 
-    fn read(&self, from: u64, limit: usize) -> Vec<(u64, Bytes)> {
+    /// The entries of steps from `from` on, at most `limit`, of instance `key`, each with
+    /// its checksum.
+    fn read(&self, key: &InstanceKey, from: u64, limit: usize) -> Vec<(u64, Bytes)> {
         let first = self.ends.partition_point(|(seq, _)| *seq < from);
         let mut begin = match first.checked_sub(1) {
             Some(i) => self.ends[i].1,
@@ -115,11 +152,31 @@ impl History {
             .skip(first)
             .take(limit)
             .map(|&(seq, end)| {
-                let entry = Bytes::copy_from_slice(&self.bytes[begin..end]);
+                let entry = stamped(Kind::History, &self.bytes[begin..end], self.on_read, key);
                 begin = end;
                 (seq, entry)
             })
             .collect()
+    }
+}
+
+/// A copy of `bytes`, a value of `kind` of instance `key`, stamped with its checksum when
+/// it was given without one (`on_read`).
+fn stamped(kind: Kind, bytes: &[u8], on_read: bool, key: &InstanceKey) -> Bytes {
+    if !on_read {
+        return Bytes::copy_from_slice(bytes);
+    }
+    let mut copy = bytes.to_vec();
+    stamp(kind, &mut copy, key);
+    Bytes::from(copy)
+}
+
+/// Stamps `bytes`, a value of `kind` of instance `key` given without its checksum. Bytes
+/// that are no envelope of `kind` (never sealed by the engine) are left as they are: a
+/// reader refuses them, as it would have.
+fn stamp(kind: Kind, bytes: &mut [u8], key: &InstanceKey) {
+    if let Err(e) = codec::stamp_owned(kind, bytes, key) {
+        tracing::warn!(instance = %key, error = %e, "a value given without its checksum is not an envelope");
     }
 }
 
@@ -168,12 +225,13 @@ impl FlowData {
         entry.version = step.version;
         entry.record.clear();
         entry.record.extend_from_slice(&step.record);
+        entry.record_on_read = step.checksums == Checksums::OnRead;
         if entry.record.capacity() > 4 * 1024 && entry.record.capacity() > 4 * entry.record.len() {
             // A record that shrank a lot does not keep its largest size.
             entry.record.shrink_to_fit();
         }
         if let Some((seq, bytes)) = &step.history {
-            entry.history.push(*seq, bytes);
+            entry.history.push(&step.key, *seq, bytes, step.checksums);
         }
         if let Some(below) = step.prune_below {
             entry.history.prune(below);
@@ -248,7 +306,6 @@ impl MemoryStore {
     }
 }
 
-/// The stored form of an entry, as `load` answers it.
 /// The ids a `(key, id)` index holds under `key`, in id order, at most `limit`.
 fn under(index: &BTreeSet<(Arc<str>, Arc<str>)>, key: &str, limit: usize) -> Vec<Arc<str>> {
     let k: Arc<str> = key.into();
@@ -260,14 +317,19 @@ fn under(index: &BTreeSet<(Arc<str>, Arc<str>)>, key: &str, limit: usize) -> Vec
         .collect()
 }
 
-fn stored(e: &Entry) -> Stored {
+/// The stored form of instance `key`'s entry, as `load` answers it.
+fn stored(e: &Entry, key: &InstanceKey) -> Stored {
     Stored {
         version: e.version,
-        bytes: Bytes::copy_from_slice(&e.record),
+        bytes: stamped(Kind::Record, &e.record, e.record_on_read, key),
     }
 }
 
 impl InstanceStore for MemoryStore {
+    fn checksums_on_read(&self) -> bool {
+        true
+    }
+
     fn commit(
         &self,
         batch: Vec<StepWrite>,
@@ -300,7 +362,7 @@ impl InstanceStore for MemoryStore {
             .flows
             .get(&key.flow)
             .and_then(|f| f.instances.get(&key.id))
-            .map(stored);
+            .map(|e| stored(e, key));
         Box::pin(std::future::ready(Ok(found)))
     }
 
@@ -311,11 +373,14 @@ impl InstanceStore for MemoryStore {
         let inner = self.lock();
         let mut out: super::ActiveList = inner
             .flows
-            .get(flow)
-            .map(|f| {
+            .get_key_value(flow)
+            .map(|(name, f)| {
                 f.instances
                     .iter()
-                    .map(|(id, e)| (id.clone(), stored(e)))
+                    .map(|(id, e)| {
+                        let key = InstanceKey::new(name.clone(), id.clone());
+                        (id.clone(), stored(e, &key))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -327,11 +392,15 @@ impl InstanceStore for MemoryStore {
         let inner = self.lock();
         let mut out: super::ActiveList = inner
             .flows
-            .get(flow)
-            .map(|f| {
+            .get_key_value(flow)
+            .map(|(name, f)| {
                 f.active
                     .iter()
-                    .filter_map(|id| f.instances.get(id).map(|e| (id.clone(), stored(e))))
+                    .filter_map(|id| {
+                        let e = f.instances.get(id)?;
+                        let key = InstanceKey::new(name.clone(), id.clone());
+                        Some((id.clone(), stored(e, &key)))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -350,7 +419,7 @@ impl InstanceStore for MemoryStore {
             .flows
             .get(&key.flow)
             .and_then(|f| f.instances.get(&key.id))
-            .map(|e| e.history.read(from, limit))
+            .map(|e| e.history.read(key, from, limit))
             .unwrap_or_default();
         Box::pin(std::future::ready(Ok(out)))
     }
@@ -512,15 +581,23 @@ impl InstanceStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::History;
+    use crate::codec::Checksums;
+    use crate::record::InstanceKey;
 
     #[test]
     fn history_reads_from_a_step_and_prunes_without_losing_later_entries() {
         let mut h = History::default();
+        let key = InstanceKey::new("Order", "order-1");
         for seq in 1..=6u64 {
-            h.push(seq, format!("entry-{seq}").as_bytes());
+            h.push(
+                &key,
+                seq,
+                format!("entry-{seq}").as_bytes(),
+                Checksums::Written,
+            );
         }
         let read = |h: &History, from, limit| {
-            h.read(from, limit)
+            h.read(&key, from, limit)
                 .into_iter()
                 .map(|(s, b)| (s, String::from_utf8(b.to_vec()).unwrap()))
                 .collect::<Vec<_>>()
@@ -535,7 +612,7 @@ mod tests {
             read(&h, 0, 10),
             vec![(5, "entry-5".to_owned()), (6, "entry-6".to_owned())]
         );
-        h.push(7, b"entry-7");
+        h.push(&key, 7, b"entry-7", Checksums::Written);
         assert_eq!(read(&h, 6, 10).len(), 2);
         assert_eq!(read(&h, 8, 10), vec![]);
     }

@@ -139,6 +139,20 @@ pub trait InstanceStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether the store computes the checksums of the records and history entries it is
+    /// given when it hands them out rather than being given them computed: a store that
+    /// keeps them in this process's memory, where nothing at rest needs one (see
+    /// [`codec::Checksums`](crate::codec::Checksums)). When it does, the engine seals its
+    /// steps with [`Checksums::OnRead`](crate::codec::Checksums::OnRead), and the store
+    /// stamps each value of such a step ([`codec::stamp_owned`](crate::codec::stamp_owned))
+    /// before it answers it from [`load`](Self::load), [`records`](Self::records),
+    /// [`active`](Self::active) or [`history`](Self::history), so that what it hands out is
+    /// what it would have been given. `false` by default: every other store is given
+    /// every step with its checksums written, as [`StepWrite::checksums`] says.
+    fn checksums_on_read(&self) -> bool {
+        false
+    }
+
     /// Whether the store puts a step's [`StepWrite::sends`] on the bus in the step's own
     /// atomic write (each message is out if and only if its step committed). When it does
     /// not (the default), the runtime sends them itself after the commit.
@@ -299,6 +313,9 @@ impl<S: InstanceStore + ?Sized> InstanceStore for Arc<S> {
     }
     fn carries_sends(&self) -> bool {
         (**self).carries_sends()
+    }
+    fn checksums_on_read(&self) -> bool {
+        (**self).checksums_on_read()
     }
 
     fn shards(&self) -> u16 {

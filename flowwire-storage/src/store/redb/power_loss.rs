@@ -319,6 +319,7 @@ fn batch(b: u64, versions: &mut BTreeMap<u64, u64>) -> Vec<StepWrite> {
                 fence: None,
                 acknowledges: None,
                 sends: Vec::new(),
+                checksums: crate::codec::Checksums::Written,
                 key,
             }
         })

@@ -29,6 +29,7 @@ fn step(key: &InstanceKey, expect: Expect, version: u64) -> StepWrite {
         fence: None,
         acknowledges: None,
         sends: Vec::new(),
+        checksums: crate::codec::Checksums::Written,
     }
 }
 
