@@ -32,9 +32,10 @@
 //! # Ok::<(), flowwire::storage::CodecError>(())
 //! ```
 
-mod stamp;
+mod checksum;
 mod tail;
-pub use stamp::{Checksums, stamp_owned};
+pub use checksum::{Checksums, stamp_owned};
+use checksum::{binds, checksum};
 pub(crate) use tail::{append_postcard, push_small};
 
 use serde::{Deserialize, Serialize};
@@ -242,67 +243,6 @@ fn enveloped(
         out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
     }
     Ok(())
-}
-
-/// The owner a checksum binds: `owner`, from the first format of `kind` that binds one.
-fn binds(kind: Kind, version: u16, owner: Option<&InstanceKey>) -> Option<&InstanceKey> {
-    owner.filter(|_| kind.owned_since().is_some_and(|v| version >= v))
-}
-
-/// The CRC of an envelope: of the payload alone, or, for an owned value, of the header's
-/// first ten bytes, the owner's identity and the payload.
-fn checksum(head: &[u8], owner: Option<&InstanceKey>, payload: &[u8]) -> u32 {
-    let mut crc = hasher();
-    let Some(owner) = owner else {
-        crc.update(payload);
-        return crc.finalize();
-    };
-    // The same bytes as updating part by part, in one update when they fit on the stack
-    // (the payload too, when it fits with them): each update has a fixed cost, and two
-    // values are encoded a step, six parts each.
-    let (flow, id) = (owner.flow.as_bytes(), owner.id.as_bytes());
-    let mut joined = [0u8; 256];
-    let n = head.len() + 16 + flow.len() + id.len();
-    let with_payload = n + payload.len();
-    let (parts, rest): (usize, &[u8]) = if with_payload <= joined.len() {
-        (with_payload, &[])
-    } else {
-        (n, payload)
-    };
-    if let Some(buf) = joined.get_mut(..parts) {
-        // Part by part; each length is copied as the eight bytes it is (a copy of a slice
-        // whose length is known only here is a call of `memcpy`).
-        let mut at = head.len();
-        buf[..at].copy_from_slice(head);
-        for part in [flow, id] {
-            buf[at..at + 8].copy_from_slice(&(part.len() as u64).to_le_bytes());
-            at += 8;
-            buf[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        if rest.is_empty() {
-            buf[at..].copy_from_slice(payload);
-        }
-        crc.update(buf);
-        if !rest.is_empty() {
-            crc.update(rest);
-        }
-    } else {
-        crc.update(head);
-        for part in [flow, id] {
-            crc.update(&(part.len() as u64).to_le_bytes());
-            crc.update(part);
-        }
-        crc.update(payload);
-    }
-    crc.finalize()
-}
-
-/// A CRC-32 hasher, cloned from one made once: making one asks which instructions the CPU
-/// has, each time.
-fn hasher() -> crc32fast::Hasher {
-    static MADE: std::sync::OnceLock<crc32fast::Hasher> = std::sync::OnceLock::new();
-    MADE.get_or_init(crc32fast::Hasher::new).clone()
 }
 
 /// Checks the envelope around `bytes` and returns its payload.
