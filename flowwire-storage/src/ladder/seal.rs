@@ -360,15 +360,20 @@ impl Placement {
             ..
         } = draft;
         let seq = draft.record.seq;
+        // A value this build cannot encode (its error, for the value named `tier`).
+        // (Nothing is allocated unless it fails: this runs every step.)
+        let corrupt = |tier: &'static str| {
+            move |e: crate::CodecError| BlobError::Corrupt {
+                instance: key.to_string(),
+                tier: tier.into(),
+                key: key.to_string(),
+                detail: e.to_string(),
+            }
+        };
         buf.clear();
         placed
             .encode_with(key, buf, self.checksums())
-            .map_err(|e| BlobError::Corrupt {
-                instance: key.to_string(),
-                tier: "record".into(),
-                key: key.to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(corrupt("record"))?;
         // The envelope's header is not counted by the decode limit; the payload is.
         let payload_len = buf.len().saturating_sub(crate::codec::HEADER_LEN);
         if payload_len > self.record_limit {
@@ -395,12 +400,7 @@ impl Placement {
         buf.clear();
         entry
             .encode_with(key, buf, self.checksums())
-            .map_err(|e| BlobError::Corrupt {
-                instance: key.to_string(),
-                tier: "history".into(),
-                key: key.to_string(),
-                detail: e.to_string(),
-            })?;
+            .map_err(corrupt("history"))?;
         Ok((record_bytes, Some((seq, arena.copy(buf)))))
     }
 }

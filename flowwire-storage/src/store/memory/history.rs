@@ -30,7 +30,7 @@ impl History {
         let on_read = checksums == Checksums::OnRead;
         if self.ends.is_empty() {
             self.on_read = on_read;
-        } else if self.on_read != on_read && self.on_read {
+        } else if self.on_read && !on_read {
             self.stamp_all(key);
         }
         let begin = self.bytes.len();
