@@ -160,7 +160,7 @@ fn in_memory_steps_allocate_well_under_once_each_in_steady_state() {
                         .unwrap()
                 }
             };
-            let prev = placed.as_ref().map(|p| (p, Some(&inst.record().state)));
+            let prev = placed.as_ref().map(|p| (p, inst.record()));
             let sealed = placement
                 .seal(
                     &s.draft,
@@ -388,7 +388,7 @@ fn bytes_per_step<F: flowwire::Flow>(
             let sealed = placement
                 .seal(
                     &s.draft,
-                    Some((&placed, Some(&inst.record().state))),
+                    Some((&placed, inst.record())),
                     None,
                     Retention::All,
                     &mut scratch.out,

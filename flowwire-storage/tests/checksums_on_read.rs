@@ -60,7 +60,8 @@ fn seal(placement: &Placement, draft: &Draft) -> (StepWrite, PlacedRecord) {
             (&mut writes, &mut placed),
         )
         .expect("an inline step seals");
-    (writes.remove(0), placed.remove(0))
+    let placed: flowwire_storage::record::Persisted = placed.remove(0);
+    (writes.remove(0), placed.to_placed(&draft.record))
 }
 
 fn placements() -> (Placement, Placement) {

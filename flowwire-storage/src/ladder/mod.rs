@@ -29,19 +29,24 @@
 //!
 //! # The files
 //! This one holds the builder, its validation and the [`Placement`] it yields; `seal.rs`
-//! places and seals a step's payloads (and does the retention accounting); `precut.rs` cuts a
+//! seals a step: from its live record when every payload stays inline (most steps: nothing
+//! placed, and only [`Persisted::Inline`] kept), or through `placed.rs`, which places its
+//! payloads (`place.rs`) and does the retention accounting; `encode.rs` encodes the
+//! record and history entry of either; `precut.rs` cuts a
 //! step's new blobs and writes their chunks as one pack before the seal, overlapping the
 //! two; `io.rs` writes, reads (packs by range), resolves and deletes blobs on their tiers;
 //! `keys.rs` makes blob keys.
 
+mod encode;
 mod io;
 mod keys;
 mod place;
+mod placed;
 mod precut;
 mod seal;
 
 use crate::codec::Checksums;
-use crate::record::{PlacedRecord, StepWrite};
+use crate::record::{Persisted, StepWrite};
 use crate::tier::Tier;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -342,7 +347,7 @@ pub struct Sealed {
     /// What the store commits.
     pub write: StepWrite,
     /// The persisted form of the new record (the next step's `prev`).
-    pub placed: PlacedRecord,
+    pub placed: Persisted,
     /// Blobs to write, durably, before the commit.
     pub puts: Vec<Put>,
     /// Its state and input as placed, when either is in chunks: what a retry of the step

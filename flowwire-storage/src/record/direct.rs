@@ -16,10 +16,11 @@
 use bytes::Bytes;
 
 use super::history::{HistoryEntryRef, PayloadRef, StepInput, StepOutput};
-use super::model::{PendingCall, Status};
-use super::placed::PlacedRecord;
-use crate::blob::Payload;
+use super::model::{PendingCall, Record, Status};
+use super::placed::{PlacedRecord, Retired};
+use crate::blob::{BlobRef, Payload};
 use crate::codec::{append_postcard, push_small};
+use crate::rope::Rope;
 
 /// Appends `v` as a postcard varint (LEB128: seven bits a byte, lowest first).
 #[inline]
@@ -54,6 +55,58 @@ fn payload(out: &mut Vec<u8>, p: &Payload) -> postcard::Result<()> {
             Ok(())
         }
         other => append_postcard(other, out),
+    }
+}
+
+/// A record's payload as it is written: placed ([`Payload`]), or bytes that stay inline,
+/// written as [`Payload::Inline`] is (a record all of whose payloads stay inline is written
+/// from the live record, without a placed copy of it: `Placement::seal_into`).
+pub(super) trait PutPayload {
+    /// The bytes written inline (0 for a payload elsewhere).
+    fn inline_len(&self) -> usize;
+    /// Appends the payload.
+    fn put(&self, out: &mut Vec<u8>) -> postcard::Result<()>;
+}
+
+impl PutPayload for Payload {
+    fn inline_len(&self) -> usize {
+        match self {
+            Payload::Inline(b) => b.len(),
+            _ => 0,
+        }
+    }
+
+    #[inline]
+    fn put(&self, out: &mut Vec<u8>) -> postcard::Result<()> {
+        payload(out, self)
+    }
+}
+
+impl PutPayload for Bytes {
+    fn inline_len(&self) -> usize {
+        self.len()
+    }
+
+    #[inline]
+    fn put(&self, out: &mut Vec<u8>) -> postcard::Result<()> {
+        inline(out, self);
+        Ok(())
+    }
+}
+
+impl PutPayload for Rope {
+    fn inline_len(&self) -> usize {
+        self.len()
+    }
+
+    #[inline]
+    fn put(&self, out: &mut Vec<u8>) -> postcard::Result<()> {
+        match self {
+            Rope::Flat(b) => inline(out, b),
+            // Its bytes, contiguous (a state in pieces is placed, not written from here).
+            Rope::Pieces { .. } => inline(out, &self.flat()),
+        }
+        Ok(())
     }
 }
 
@@ -108,7 +161,7 @@ fn status(out: &mut Vec<u8>, s: &Status) -> postcard::Result<()> {
 }
 
 #[inline]
-fn pending(out: &mut Vec<u8>, c: Option<&PendingCall<Payload>>) -> postcard::Result<()> {
+fn pending<P: PutPayload>(out: &mut Vec<u8>, c: Option<&PendingCall<P>>) -> postcard::Result<()> {
     let Some(c) = c else {
         out.push(0);
         return Ok(());
@@ -117,39 +170,57 @@ fn pending(out: &mut Vec<u8>, c: Option<&PendingCall<Payload>>) -> postcard::Res
     varint(out, c.seq);
     varint(out, u64::from(c.link));
     varint(out, u64::from(c.method));
-    payload(out, &c.call)?;
+    c.call.put(out)?;
     varint(out, u64::from(c.redelivered));
     varint(out, u64::from(c.attempts));
     Ok(())
 }
 
+/// A persisted record's parts, as [`PlacedRecord`] holds them: its record (its payloads
+/// written as `P` and `S` say), its correlation key as persisted, and its lists of blobs.
+pub(super) struct RecordParts<'a, P, S> {
+    pub record: &'a Record<P, S>,
+    pub correlation: Option<&'a str>,
+    pub retired: &'a [Retired],
+    pub trash: &'a [BlobRef],
+}
+
 /// Writes `p`'s postcard bytes (what `PlacedRecord`'s derived `Serialize` writes).
 pub(super) fn placed_record(p: &PlacedRecord, out: &mut Vec<u8>) -> postcard::Result<()> {
-    let r = &p.record;
+    record_parts(
+        &RecordParts {
+            record: &p.record,
+            correlation: p.record.correlation.as_deref(),
+            retired: &p.retired,
+            trash: &p.trash,
+        },
+        out,
+    )
+}
+
+/// Writes the postcard bytes of the [`PlacedRecord`] whose parts `p` are.
+pub(super) fn record_parts<P: PutPayload, S: PutPayload>(
+    p: &RecordParts<'_, P, S>,
+    out: &mut Vec<u8>,
+) -> postcard::Result<()> {
+    let r = p.record;
     // Room for every fixed part at its widest, and the payloads inline: one growth at
     // most for the common record.
-    out.reserve(96 + inline_len(&r.state) + r.pending.as_ref().map_or(0, |c| inline_len(&c.call)));
+    out.reserve(96 + r.state.inline_len() + r.pending.as_ref().map_or(0, |c| c.call.inline_len()));
     varint(out, u64::from(r.flow_version));
     varint(out, r.seq);
     status(out, &r.status)?;
-    payload(out, &r.state)?;
+    r.state.put(out)?;
     pending(out, r.pending.as_ref())?;
     rare(out, r.timer.as_ref())?;
     list(out, &r.compensations)?;
     string(out, r.failing.as_deref());
-    string(out, r.correlation.as_deref());
+    string(out, p.correlation);
     rare(out, r.fan.as_ref())?;
     rare(out, r.error.as_ref())?;
     rare(out, r.cancel.as_ref())?;
-    list(out, &p.retired)?;
-    list(out, &p.trash)
-}
-
-fn inline_len(p: &Payload) -> usize {
-    match p {
-        Payload::Inline(b) => b.len(),
-        _ => 0,
-    }
+    list(out, p.retired)?;
+    list(out, p.trash)
 }
 
 #[inline]
@@ -185,12 +256,12 @@ fn step_output(out: &mut Vec<u8>, output: &StepOutput) -> postcard::Result<()> {
 
 /// Writes `e`'s postcard bytes (what `HistoryEntryRef`'s derived `Serialize` writes).
 pub(super) fn history_entry(e: &HistoryEntryRef<'_>, out: &mut Vec<u8>) -> postcard::Result<()> {
-    let payload_len = match e.payload {
+    let payload_len = |p: Option<PayloadRef<'_>>| match p {
         Some(PayloadRef::Inline(b)) => b.len(),
-        Some(PayloadRef::Placed(p)) => inline_len(p),
+        Some(PayloadRef::Placed(p)) => p.inline_len(),
         None => 0,
     };
-    out.reserve(96 + payload_len + e.state.map_or(0, inline_len));
+    out.reserve(96 + payload_len(e.payload) + payload_len(e.state));
     varint(out, e.seq);
     step_input(out, e.input)?;
     step_output(out, e.output)?;
@@ -208,7 +279,11 @@ pub(super) fn history_entry(e: &HistoryEntryRef<'_>, out: &mut Vec<u8>) -> postc
     }
     match e.state {
         None => out.push(0),
-        Some(p) => {
+        Some(PayloadRef::Inline(b)) => {
+            out.push(1);
+            inline(out, b);
+        }
+        Some(PayloadRef::Placed(p)) => {
             out.push(1);
             payload(out, p)?;
         }
@@ -491,8 +566,9 @@ mod tests {
         let placed = payloads();
         let mut forms: Vec<Option<PayloadRef<'_>>> = vec![None, Some(PayloadRef::Inline(&reply))];
         forms.extend(placed.iter().map(|p| Some(PayloadRef::Placed(p))));
-        let states: Vec<Option<&Payload>> = std::iter::once(None)
-            .chain(placed.iter().map(Some))
+        let states: Vec<Option<PayloadRef<'_>>> = [None, Some(PayloadRef::Inline(&reply))]
+            .into_iter()
+            .chain(placed.iter().map(|p| Some(PayloadRef::Placed(p))))
             .collect();
         let (inputs, outputs) = (inputs(), outputs());
         let mut checked = 0;

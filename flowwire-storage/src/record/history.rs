@@ -196,7 +196,7 @@ pub(crate) struct HistoryEntryRef<'a> {
     pub output: &'a StepOutput,
     pub version: u64,
     pub payload: Option<PayloadRef<'a>>,
-    pub state: Option<&'a Payload>,
+    pub state: Option<PayloadRef<'a>>,
     pub at_ms: u64,
 }
 
@@ -368,7 +368,7 @@ impl HistoryEntry {
             output: &self.output,
             version: self.version,
             payload: self.payload.as_ref().map(PayloadRef::Placed),
-            state: self.state.as_ref(),
+            state: self.state.as_ref().map(PayloadRef::Placed),
             at_ms: self.at_ms,
         }
         .encode(key, out)

@@ -7,13 +7,14 @@
 //! one durable transaction (group commit) and reports a [`StepResult`] for each.
 //!
 //! The files: `model.rs` the logical record; `placed.rs` the persisted record and its
-//! older formats; `history.rs` history entries; `step.rs` the step write a store commits.
+//! older formats; `persisted.rs` what a writer keeps of it between steps; `history.rs` history entries; `step.rs` the step write a store commits.
 
 mod direct;
 mod history;
 #[cfg(test)]
 mod manifest_tests;
 mod model;
+mod persisted;
 mod placed;
 mod step;
 #[cfg(test)]
@@ -25,6 +26,8 @@ pub use self::model::{
     Branch, BranchState, Cancel, Compensation, ErrorValue, Fan, LiveRecord, PendingCall, Record,
     Status, TimeSpec, Timer,
 };
+pub use self::persisted::Persisted;
+pub(crate) use self::persisted::persisted_correlation;
 pub use self::placed::{PlacedCall, PlacedRecord, Retired};
 pub use self::step::{BusSend, Draft, Expect, StepResult, StepWrite, Stored};
 pub use crate::key::InstanceKey;

@@ -33,7 +33,7 @@ fn a_borrowed_history_entry_encodes_to_the_bytes_of_the_owned_one() {
         output: &owned.output,
         version: owned.version,
         payload: owned.payload.as_ref().map(PayloadRef::Placed),
-        state: owned.state.as_ref(),
+        state: owned.state.as_ref().map(PayloadRef::Placed),
         at_ms: owned.at_ms,
     };
     let key = InstanceKey::new("F", "i");

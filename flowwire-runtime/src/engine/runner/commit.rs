@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::mem;
 
 use flowwire_storage::ladder::{Sealed, Written};
-use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::record::Persisted;
 use flowwire_storage::{StepResult, StoreError};
 use tokio::sync::oneshot;
 
@@ -182,15 +182,8 @@ impl<F: Flow> Runner<F> {
             return;
         };
         let slot = self.slots.get(&s.id);
-        let prev = slot.and_then(|slot| {
-            let committed = slot.inst.record();
-            slot.placed.as_ref().map(|p| {
-                // A record migrated on load holds the upgraded state in memory, not the
-                // stored one: it is written anew, even by a step that does not change it.
-                let stored = p.record.flow_version == committed.flow_version;
-                (p, stored.then_some(&committed.state))
-            })
-        });
+        // The committed record: as persisted, and as the instance holds it.
+        let prev = slot.and_then(|slot| slot.placed.as_ref().map(|p| (p, slot.inst.record())));
         // An earlier attempt of this step whose commit failed: its chunks are where the
         // retry finds its own (the committed state's it shared included).
         let attempt = slot.and_then(|slot| slot.attempt.as_ref());
@@ -199,7 +192,7 @@ impl<F: Flow> Runner<F> {
                 &s.step.draft.record.state,
                 attempt
                     .map(|a| (&a.state, None))
-                    .or_else(|| prev.map(|(p, rope)| (&p.record.state, rope))),
+                    .or_else(|| prev.and_then(|(p, live)| p.placed_state(live))),
             )
         {
             let placement = self.placement.clone();
@@ -455,7 +448,7 @@ impl<F: Flow> Runner<F> {
     pub(super) async fn act(
         &mut self,
         mut staged: Vec<Staged<F>>,
-        mut placed: Vec<PlacedRecord>,
+        mut placed: Vec<Persisted>,
         result: Committed,
     ) {
         // Whether anyone listens to the engine's events: asked once a batch (the question

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use flowwire_storage::Status;
-use flowwire_storage::record::{BusSend, PlacedRecord};
+use flowwire_storage::record::{BusSend, Persisted};
 
 use crate::core::{CANCEL_ID, Outgoing};
 use crate::ended::Ended;
@@ -32,15 +32,9 @@ impl<F: Flow> Runner<F> {
 
     /// Acts on a committed step; `listening`: whether anyone listens to the engine's events.
     ///
-    /// The instance takes `placed` by a swap: `placed` is left holding the record it had
-    /// before, for the batch to drop (a placed record is several hundred bytes, and each
-    /// move of it is a copy).
-    pub(super) fn committed(
-        &mut self,
-        s: &mut Staged<F>,
-        placed: &mut PlacedRecord,
-        listening: bool,
-    ) {
+    /// The instance takes `placed` by a swap: `placed` is left holding the form it had
+    /// before, for the batch to drop.
+    pub(super) fn committed(&mut self, s: &mut Staged<F>, placed: &mut Persisted, listening: bool) {
         let record = &s.step.draft.record;
         let (seq, after) = (record.seq, record.timer.map(|t| t.due_ms));
         let ended = Ended::of(record);
@@ -62,9 +56,9 @@ impl<F: Flow> Runner<F> {
         slot.attempt = None;
         match &mut slot.placed {
             Some(held) => std::mem::swap(held, placed),
-            None => slot.placed = Some(std::mem::replace(placed, super::vacant())),
+            None => slot.placed = Some(std::mem::replace(placed, Persisted::Inline)),
         }
-        if let Some(held) = &slot.placed {
+        if let Some(Persisted::Placed(held)) = &slot.placed {
             super::resident::collect(&self.placement, &held.trash);
         }
         if ended.is_none() {

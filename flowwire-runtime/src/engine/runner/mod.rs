@@ -51,7 +51,7 @@ use std::sync::Arc;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use flowwire_storage::ladder::{Sealed, Written};
-use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::record::Persisted;
 use flowwire_storage::{InstanceKey, InstanceStore, Placement, Retention, StepResult, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -149,11 +149,11 @@ struct Staged<F: Flow> {
     via: Via,
 }
 
-/// Steps with their placed records and store writes, index for index: a step is a few
-/// hundred bytes, so the three go side by side rather than moving into tuples.
+/// Steps with their records' persisted forms and store writes, index for index: a step
+/// is a few hundred bytes, so the three go side by side rather than moving into tuples.
 struct Batch<F: Flow> {
     staged: Vec<Staged<F>>,
-    placed: Vec<PlacedRecord>,
+    placed: Vec<Persisted>,
     writes: Vec<flowwire_storage::StepWrite>,
     /// The last batch's length: the next `writes` is allocated at it (see `Batch::push`).
     hint: usize,
@@ -176,7 +176,7 @@ type Committed = std::result::Result<Vec<StepResult>, StoreError>;
 /// A batch whose commit is on its way; its steps are acted on when it lands.
 struct InFlight<F: Flow> {
     staged: Vec<Staged<F>>,
-    placed: Vec<PlacedRecord>,
+    placed: Vec<Persisted>,
     commit:
         std::pin::Pin<Box<tokio::time::Timeout<flowwire_storage::BoxFuture<'static, Committed>>>>,
 }
@@ -194,7 +194,7 @@ async fn poll_once<T>(fut: impl Future<Output = T>) -> Option<T> {
 struct Slot<F: Flow> {
     inst: Instance<F>,
     /// The committed record as persisted (`None` until the first step is committed).
-    placed: Option<PlacedRecord>,
+    placed: Option<Persisted>,
     /// Consecutive steps that could not be persisted (for the retry backoff).
     failures: u32,
     phase: Phase,
@@ -207,7 +207,7 @@ struct Slot<F: Flow> {
 }
 
 impl<F: Flow> Slot<F> {
-    fn new(inst: Instance<F>, placed: Option<PlacedRecord>) -> Self {
+    fn new(inst: Instance<F>, placed: Option<Persisted>) -> Self {
         Self {
             inst,
             placed,
@@ -216,19 +216,6 @@ impl<F: Flow> Slot<F> {
             held: VecDeque::new(),
             attempt: None,
         }
-    }
-}
-
-/// A placed record that stands for none, left behind where a committed one was taken by a
-/// swap (see `Runner::committed`): built without a copy or an allocation.
-fn vacant() -> PlacedRecord {
-    PlacedRecord {
-        record: flowwire_storage::Record::unwritten(
-            0,
-            flowwire_storage::blob::Payload::Inline(bytes::Bytes::new()),
-        ),
-        retired: Vec::new(),
-        trash: Vec::new(),
     }
 }
 
@@ -325,7 +312,7 @@ pub(crate) struct Runner<F: Flow> {
     building: Batch<F>,
     /// The step and placed-record vectors of the batch before the one in flight, kept for
     /// their capacity (the store takes a batch's writes, so those are not kept).
-    spare: (Vec<Staged<F>>, Vec<PlacedRecord>),
+    spare: (Vec<Staged<F>>, Vec<Persisted>),
     /// The batch whose commit is under way (at most one).
     inflight: Option<InFlight<F>>,
     /// The number of the batch being built: a resident instance that took a message for

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use flowwire_storage::record::PlacedRecord;
+use flowwire_storage::record::{Persisted, PlacedRecord};
 use flowwire_storage::{
     BlobRef, InstanceKey, InstanceStore, Placement, Record, StepInput, StoreError, Stored,
 };
@@ -199,7 +199,8 @@ impl<F: Flow> Runner<F> {
                 None
             }
         };
-        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.slots
+            .insert(id.clone(), Slot::new(inst, Some(Persisted::of(placed))));
         self.touched.push(id.clone());
         Ok(step)
     }
@@ -293,7 +294,8 @@ impl<F: Flow> Runner<F> {
         if inst.record().has_call_out() {
             self.requeue.push_back(Input::Redeliver { id: id.clone() });
         }
-        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.slots
+            .insert(id.clone(), Slot::new(inst, Some(Persisted::of(placed))));
         self.touched.push(id.clone());
     }
 
@@ -437,7 +439,8 @@ impl<F: Flow> Runner<F> {
                 status,
             });
         }
-        self.slots.insert(id.clone(), Slot::new(inst, Some(placed)));
+        self.slots
+            .insert(id.clone(), Slot::new(inst, Some(Persisted::of(placed))));
         self.touched.push(id.clone());
         Ok(())
     }
