@@ -96,7 +96,17 @@ impl CallContext {
         }
     }
 
-    pub(crate) async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
-        CONTEXT.scope(self, f).await
+    /// `f`, run with this context as the current one; the context can be taken back out
+    /// of the returned future ([`tokio::task::futures::TaskLocalFuture::take_value`]).
+    pub(crate) fn scope<F: std::future::Future>(
+        self,
+        f: F,
+    ) -> tokio::task::futures::TaskLocalFuture<CallContext, F> {
+        CONTEXT.scope(self, f)
+    }
+
+    /// The instance id, given back (the context is done with).
+    pub(crate) fn into_instance(self) -> Arc<str> {
+        self.instance
     }
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
 use flowwire_storage::arena::Arena;
 
 use crate::context::CallContext;
@@ -172,26 +171,15 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                     held.hand_over(&drain);
                     continue;
                 }
-                let (result, retry) = run_job::<D, S>(
+                let (reply, outcome) = run_job::<D, S>(
                     &svc,
-                    &job,
+                    job,
                     (&mut buf, &mut arena),
                     &limits,
                     (&mut held, &drain),
                 )
                 .await;
-                held.hold(
-                    job.reply,
-                    OutcomeMsg {
-                        id: job.id,
-                        seq: job.seq,
-                        branch: job.branch,
-                        result,
-                        retry_ms: retry.map(|d| d.as_millis() as u64),
-                        receipt: job.receipt,
-                    },
-                    &drain,
-                );
+                held.hold(reply, outcome, &drain);
                 burst += 1;
                 if burst >= BURST {
                     burst = 0;
@@ -205,53 +193,87 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     port
 }
 
-/// Runs one attempt of a call: its reply (or the runtime's fault), and the wait before the
-/// next attempt when it failed and the call's policy retries it. Retries are not waited
-/// out here: the runner records each failed attempt and arms a durable timer for the next
-/// one, so a backoff survives restarts and costs no memory while it runs.
+/// Runs one attempt of a call: its outcome (its reply, or the runtime's fault) for the
+/// runner that `reply` reaches, with the wait before the next attempt when it failed and
+/// the call's policy retries it. Retries are not waited out here: the runner records each
+/// failed attempt and arms a durable timer for the next one, so a backoff survives
+/// restarts and costs no memory while it runs.
 async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: &S,
-    job: &Job,
+    job: Job,
     (buf, arena): (&mut Vec<u8>, &mut Arena),
     limits: &Limits,
     (held, drain): (&mut Held, &Drain),
-) -> (Result<Bytes, Fault>, Option<Duration>) {
-    let policy = job.policy;
-    let attempt = job.attempt.max(1);
-    // A large `Blob` argument is a slice of the job's buffer, not a copy.
-    let call: D::Call =
-        match flowwire_storage::rope::codec::decode_shared(&job.call, limits.decode_limit) {
-            Ok(call) => call,
-            Err(e) => return (Err(Fault::Codec(e.to_string())), None),
-        };
-    debug_assert_eq!(crate::driver::DriverCall::method(&call), job.method);
-    buf.clear();
-    let ctx = CallContext::new(
-        job.flow,
-        job.id.clone(),
-        job.seq,
-        job.branch,
+) -> (OutcomeTx, OutcomeMsg) {
+    let Job {
+        flow,
+        id,
+        seq,
+        branch,
+        method,
+        call,
+        redelivered,
         attempt,
-        job.redelivered,
-    );
-    let ran = {
+        policy,
+        names,
+        reply,
+        receipt,
+    } = job;
+    let attempt = attempt.max(1);
+    let outcome = |id, result, retry: Option<Duration>| OutcomeMsg {
+        id,
+        seq,
+        branch,
+        result,
+        retry_ms: retry.map(|d| d.as_millis() as u64),
+        receipt,
+    };
+    // A large `Blob` argument is a slice of the job's buffer, not a copy.
+    let decoded: Result<D::Call, _> =
+        flowwire_storage::rope::codec::decode_shared(&call, limits.decode_limit);
+    let call = match decoded {
+        Ok(call) => call,
+        Err(e) => return (reply, outcome(id, Err(Fault::Codec(e.to_string())), None)),
+    };
+    debug_assert_eq!(crate::driver::DriverCall::method(&call), method);
+    buf.clear();
+    // The context owns the instance id while the call runs, and gives it back after
+    // (a clone would be a reference count taken and given back for every call).
+    let ctx = CallContext::new(flow, id, seq, branch, attempt, redelivered);
+    let (ran, id) = {
         let mut run = pin!(ctx.scope(guard_future(D::dispatch(svc, call, buf))));
         // A call that answers at its first poll (a cache, an in-process service) needs
         // no timer: the timeout is armed only once the call waits. Time spent in the
         // first poll is the driver's own code, which no timer could interrupt either.
-        match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+        let ran = match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
             Poll::Ready(r) => Ok(r),
             Poll::Pending => {
                 // The outcomes held are not kept waiting for this call.
                 held.hand_over(drain);
-                tokio::time::timeout(policy.timeout, run).await
+                tokio::time::timeout(policy.timeout, run.as_mut()).await
             }
-        }
+        };
+        // The future gives its context back whenever it is not being polled: the `None`
+        // arm never runs (were it to, the outcome would reach no instance, and the call
+        // would be sent again when the engine restarts, as after a crash).
+        let id = match run.as_mut().take_value() {
+            Some(ctx) => ctx.into_instance(),
+            None => {
+                debug_assert!(false, "a call's context was not given back");
+                tracing::error!(
+                    flow,
+                    step = seq,
+                    "a driver call's context was not given back"
+                );
+                Arc::from("")
+            }
+        };
+        (ran, id)
     };
     let (result, transient) = match ran {
-        Ok(Ok(Ok(Verdict::Ok))) => return (Ok(arena.copy(buf)), None),
+        Ok(Ok(Ok(Verdict::Ok))) => return (reply, outcome(id, Ok(arena.copy(buf)), None)),
         Ok(Ok(Ok(Verdict::Err { transient }))) => (Ok(arena.copy(buf)), transient),
-        Ok(Ok(Err(e))) => return (Err(Fault::Codec(e.to_string())), None),
+        Ok(Ok(Err(e))) => return (reply, outcome(id, Err(Fault::Codec(e.to_string())), None)),
         Ok(Err(message)) => (
             Err(Fault::Panicked {
                 attempts: attempt,
@@ -278,16 +300,16 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
             Err(fault) => fault.to_string(),
         };
         tracing::debug!(
-            flow = job.flow,
-            id = %job.id,
-            step = job.seq,
-            branch = job.branch,
-            driver = job.names.0,
-            method = job.names.1,
+            flow,
+            id = %id,
+            step = seq,
+            branch,
+            driver = names.0,
+            method = names.1,
             attempt,
             retry_in = ?delay,
             "{why}; the call is retried"
         );
     }
-    (result, retry)
+    (reply, outcome(id, result, retry))
 }
