@@ -101,8 +101,10 @@ impl<F: Flow> Runner<F> {
             // Acknowledged by the write itself (`StepWrite::acknowledges`).
             Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
         }
-        for out in &s.step.dispatch {
-            if !self.carried(out) {
+        // The step is done with its calls: each is handed to its job (the arguments'
+        // buffer moves, where a clone would take a reference count and give it back).
+        for out in std::mem::take(&mut s.step.dispatch) {
+            if !self.carried(&out) {
                 self.dispatch(&s.id, out);
             }
         }
@@ -377,15 +379,15 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(super) fn job(&self, id: &Arc<str>, out: &Outgoing) -> Job {
-        let p = &out.call;
+    pub(super) fn job(&self, id: &Arc<str>, out: Outgoing) -> Job {
+        let p = out.call;
         Job {
             flow: F::NAME,
             id: id.clone(),
             seq: p.seq,
             branch: out.branch,
             method: p.method,
-            call: p.call.clone(),
+            call: p.call,
             redelivered: p.redelivered,
             attempt: p.attempts.saturating_add(1),
             policy: self.policy(p.link, p.method).unwrap_or_else(|| {
@@ -405,7 +407,7 @@ impl<F: Flow> Runner<F> {
     /// Sends a step's driver call: queued in the runner's outbox for its driver, which
     /// [`send_jobs`](Self::send_jobs) hands to the driver's queue once the round's steps
     /// are acted on (one lock and at most one wake-up for the round's calls).
-    pub(super) fn dispatch(&mut self, id: &Arc<str>, out: &Outgoing) {
+    pub(super) fn dispatch(&mut self, id: &Arc<str>, out: Outgoing) {
         let link = out.call.link;
         if link == crate::child::CHILD_LINK {
             match &self.children {
