@@ -155,15 +155,10 @@ impl Placement {
                 // to no blob. The record is written from the live one; nothing is placed,
                 // accounted or kept.
                 Some(state) => {
-                    let payload = draft
-                        .payload
-                        .as_ref()
-                        .filter(|_| keep_history)
-                        .map(PayloadRef::Inline);
                     let encoded = self.encode_step(
                         draft,
                         Written::Inline(record),
-                        payload,
+                        draft.payload.as_ref().map(PayloadRef::Inline),
                         PayloadRef::Inline(state),
                         keep_history,
                         (buf, arena),
@@ -180,14 +175,13 @@ impl Placement {
                     let materialized;
                     let prev = match prev {
                         None => None,
-                        Some((Persisted::Placed(p), live)) => Some((
-                            &**p,
-                            (p.record.flow_version == live.flow_version).then_some(&live.state),
-                        )),
-                        Some((Persisted::Inline, live)) => {
-                            materialized = Persisted::Inline.to_placed(live);
-                            Some((&materialized, Some(&live.state)))
-                        }
+                        Some((p, live)) => match p.placed_with_state(live) {
+                            Some(placed) => Some(placed),
+                            None => {
+                                materialized = p.to_placed(live);
+                                Some((&materialized, Some(&live.state)))
+                            }
+                        },
                     };
                     let (encoded, rest, persisted) =
                         self.seal_placed(draft, prev, reuse, retention, (buf, arena))?;

@@ -59,9 +59,24 @@ impl Persisted {
         }
     }
 
-    /// The state as placed, with the live record's when that is the one persisted (not
-    /// after a migration on load changed the flow version in memory): what a step's state
-    /// is compared with, and shares chunks with
+    /// The placed record, with the live record's state when that is the one it persists
+    /// (not after a migration on load changed the flow version in memory); `None` for an
+    /// inline record, which has no placed copy.
+    pub(crate) fn placed_with_state<'a>(
+        &'a self,
+        live: &'a LiveRecord,
+    ) -> Option<(&'a PlacedRecord, Option<&'a Rope>)> {
+        match self {
+            Persisted::Inline => None,
+            Persisted::Placed(p) => Some((
+                &**p,
+                (p.record.flow_version == live.flow_version).then_some(&live.state),
+            )),
+        }
+    }
+
+    /// The state as placed, with the live record's when that is the one persisted (see
+    /// `placed_with_state`): what a step's state is compared with, and shares chunks with
     /// ([`Placement::precut`](crate::ladder::Placement::precut)). `None` for an inline
     /// record: its state has no chunk to share, and a state in pieces is never the same as
     /// a flat one.
@@ -69,13 +84,8 @@ impl Persisted {
         &'a self,
         live: &'a LiveRecord,
     ) -> Option<(&'a Payload, Option<&'a Rope>)> {
-        match self {
-            Persisted::Inline => None,
-            Persisted::Placed(p) => Some((
-                &p.record.state,
-                (p.record.flow_version == live.flow_version).then_some(&live.state),
-            )),
-        }
+        self.placed_with_state(live)
+            .map(|(p, state)| (&p.record.state, state))
     }
 
     /// `p`, or [`Persisted::Inline`] when that is what `p` is (see
