@@ -181,7 +181,7 @@ impl<F: Flow> Runner<F> {
         let Some(s) = self.building.staged.last() else {
             return;
         };
-        let slot = self.slots.get(&s.id);
+        let slot = self.slots.get(&s.id());
         // The committed record: as persisted, and as the instance holds it.
         let prev = slot.and_then(|slot| slot.placed.as_ref().map(|p| (p, slot.inst.record())));
         // An earlier attempt of this step whose commit failed: its chunks are where the
@@ -235,7 +235,7 @@ impl<F: Flow> Runner<F> {
                     return;
                 };
                 if back {
-                    self.joins(&s.id);
+                    self.joins(&s.id());
                 }
                 self.failed(s, &Error::from(e));
                 return;
@@ -254,7 +254,7 @@ impl<F: Flow> Runner<F> {
         if rest.puts.is_empty() {
             // It stays in the batch. (Its id is cloned only on the rare paths below.)
             if back || rest.attempt.is_some() {
-                let id = self.building.staged.last().map(|s| s.id.clone());
+                let id = self.building.staged.last().map(|s| s.id().clone());
                 if let Some(id) = id {
                     if back {
                         self.joins(&id);
@@ -271,9 +271,9 @@ impl<F: Flow> Runner<F> {
         else {
             // `seal_into` pushes both when it succeeds: never here.
             let e = flowwire_storage::BlobError::Corrupt {
-                instance: s.id.to_string(),
+                instance: s.id().to_string(),
                 tier: "record".into(),
-                key: s.id.to_string(),
+                key: s.id().to_string(),
                 detail: "a sealed step left no write in the batch".into(),
             };
             self.failed(s, &Error::from(e));
@@ -328,12 +328,12 @@ impl<F: Flow> Runner<F> {
                 self.place(Some(&written));
             }
             Ok(Upload::Sealed(mut sealed)) => {
-                self.joins(&s.id);
-                self.attempting(&s.id, sealed.attempt.take());
+                self.joins(&s.id());
+                self.attempting(&s.id(), sealed.attempt.take());
                 self.building.push(s, sealed);
             }
             Err(e) => {
-                self.joins(&s.id);
+                self.joins(&s.id());
                 self.failed(s, &e);
             }
         }
@@ -470,7 +470,7 @@ impl<F: Flow> Runner<F> {
             Ok(results) => {
                 let mut results = results.into_iter();
                 for (mut s, mut placed) in staged.drain(..).zip(placed.drain(..)) {
-                    self.forget_attempt(&s.id);
+                    self.forget_attempt(&s.id());
                     match results.next() {
                         Some(StepResult::Committed) => {
                             self.committed(&mut s, &mut placed, listening);
@@ -484,7 +484,7 @@ impl<F: Flow> Runner<F> {
                         Some(StepResult::Fenced { token }) => {
                             // Nothing of it is kept: its caller sees the runner stop, and
                             // the new owner takes the input from the bus.
-                            tracing::warn!(flow = F::NAME, id = %s.id, token, "shard lost to a newer owner; stopping");
+                            tracing::warn!(flow = F::NAME, id = %s.id(), token, "shard lost to a newer owner; stopping");
                             self.lost = true;
                         }
                         None => {
@@ -504,7 +504,7 @@ impl<F: Flow> Runner<F> {
                 let e = Error::Store(e);
                 tracing::error!(flow = F::NAME, error = %e, "commit failed or unanswered");
                 for s in staged.drain(..) {
-                    let id = s.id.clone();
+                    let id = s.id().clone();
                     self.failed(s, &e);
                     self.again(Input::Verify { id, attempt: 0 }, 0);
                 }
@@ -513,7 +513,7 @@ impl<F: Flow> Runner<F> {
                 let e = Error::Store(e);
                 tracing::error!(flow = F::NAME, error = %e, "commit failed");
                 for s in staged.drain(..) {
-                    self.forget_attempt(&s.id);
+                    self.forget_attempt(&s.id());
                     self.failed(s, &e);
                 }
             }
@@ -536,7 +536,7 @@ impl<F: Flow> Runner<F> {
         check: bool,
         work: impl Future<Output = Result<Upload>> + Send + 'static,
     ) {
-        if let Some(slot) = self.slots.get_mut(&s.id) {
+        if let Some(slot) = self.slots.get_mut(&s.id()) {
             slot.phase = Phase::Uploading {
                 round: slot.phase.round(),
             };

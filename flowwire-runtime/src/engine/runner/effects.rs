@@ -44,7 +44,7 @@ impl<F: Flow> Runner<F> {
             _ => None,
         };
         let leaves = !record.has_call_out();
-        let Some(slot) = self.slots.get_mut(&s.id) else {
+        let Some(slot) = self.slots.get_mut(&s.id()) else {
             // A step of an instance that is not in memory (parking a record another
             // version wrote): nothing to adopt.
             self.announce(s, seq, listening);
@@ -69,19 +69,19 @@ impl<F: Flow> Runner<F> {
         }
         if leaves {
             // It may leave memory at the end of the round (one with a call in flight stays).
-            self.touched.push(s.id.clone());
+            self.touched.push(s.id().clone());
         }
-        tracing::debug!(flow = F::NAME, id = %s.id, step = seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
+        tracing::debug!(flow = F::NAME, id = %s.id(), step = seq, input = ?s.step.draft.input, output = ?s.step.draft.output, "step");
         // The timer set follows the records: a moved or dropped timer leaves it, a timer
         // armed within the window read from the index joins it.
         if before != after {
             if let Some(old) = before {
-                self.timers.remove(&(old, s.id.clone()));
+                self.timers.remove(&(old, s.id().clone()));
             }
             if let Some(due) = after
                 && due <= self.horizon
             {
-                self.timers.insert((due, s.id.clone()));
+                self.timers.insert((due, s.id().clone()));
             }
         }
         self.announce(s, seq, listening);
@@ -105,30 +105,30 @@ impl<F: Flow> Runner<F> {
         // buffer moves, where a clone would take a reference count and give it back).
         for out in std::mem::take(&mut s.step.dispatch) {
             if !self.carried(&out) {
-                self.dispatch(&s.id, out);
+                self.dispatch(&s.id(), out);
             }
         }
         if let Some(owned) = &self.owned
             && owned.outbox.is_none()
             && announced
         {
-            let _ = owned.ended.send(s.id.clone());
+            let _ = owned.ended.send(s.id().clone());
         }
         if let Some(ended) = ended {
             // Not adopted above: the step holds the committed record.
-            self.slots.remove(&s.id);
+            self.slots.remove(&s.id());
             let state = ended
                 .state_is_final()
                 .then(|| s.step.draft.record.state.clone());
-            for w in self.waiters.remove(&s.id).unwrap_or_default() {
+            for w in self.waiters.remove(s.id()).unwrap_or_default() {
                 let _ = w.send(Ok((ended.clone(), state.clone())));
             }
             return;
         }
         if let Some(reason) = quarantined {
-            tracing::error!(flow = F::NAME, id = %s.id, %reason, "instance quarantined");
-            for w in self.waiters.remove(&s.id).unwrap_or_default() {
-                let _ = w.send(Err(Self::quarantined(&s.id, reason.clone())));
+            tracing::error!(flow = F::NAME, id = %s.id(), %reason, "instance quarantined");
+            for w in self.waiters.remove(s.id()).unwrap_or_default() {
+                let _ = w.send(Err(Self::quarantined(&s.id(), reason.clone())));
             }
         }
     }
@@ -188,11 +188,11 @@ impl<F: Flow> Runner<F> {
         for out in &s.step.dispatch {
             if self.carried(out) {
                 let driver = Self::names(out.call.link, out.call.method).0;
-                sends.extend(outbox.call(F::NAME, &s.id, out, driver));
+                sends.extend(outbox.call(F::NAME, &s.id(), out, driver));
             }
         }
         if Self::announced(&s.step.draft.record.status) {
-            sends.push(outbox.ended(&s.id, record));
+            sends.push(outbox.ended(&s.id(), record));
         }
     }
 
@@ -209,7 +209,7 @@ impl<F: Flow> Runner<F> {
             .iter()
             .map(|o| (o.call.link, o.call.method, o.call.seq, o.branch));
         crate::events::of_step(&d.input, &d.output, sent, Self::names, |kind| {
-            self.events.send(F::NAME, &s.id, seq, kind);
+            self.events.send(F::NAME, &s.id(), seq, kind);
         });
     }
 
@@ -225,21 +225,23 @@ impl<F: Flow> Runner<F> {
     }
 
     pub(super) async fn conflicted(&mut self, s: Staged<F>) {
+        // (The id is the step's: `s.ack` moves out below, `s.step` stays.)
+        let id = &s.step.draft.key.id;
         match s.ack {
             Ack::Start(reply) => {
-                self.slots.remove(&s.id);
+                self.slots.remove(id);
                 let _ = reply.send(Err(Error::AlreadyExists {
                     flow: F::NAME,
-                    id: s.id.to_string(),
+                    id: id.to_string(),
                 }));
             }
             ack => {
                 // Someone else wrote the record: the store is the truth, reload it.
-                self.slots.remove(&s.id);
-                let _ = self.fault_in(&s.id).await;
+                self.slots.remove(id);
+                let _ = self.fault_in(id).await;
                 let conflict = Error::Conflict {
                     flow: F::NAME,
-                    id: s.id.to_string(),
+                    id: id.to_string(),
                 };
                 match ack {
                     Ack::Impulse(reply, _) => {
@@ -258,11 +260,13 @@ impl<F: Flow> Runner<F> {
     }
 
     pub(super) fn seen(&mut self, s: Staged<F>, step: u64) {
-        if let Some(slot) = self.slots.get_mut(&s.id)
+        if let Some(slot) = self.slots.get_mut(&s.id())
             && slot.inst.revert().is_err()
         {
-            tracing::error!(flow = F::NAME, id = %s.id, "committed state no longer decodes");
+            tracing::error!(flow = F::NAME, id = %s.id(), "committed state no longer decodes");
         }
+        // (The id is the step's: `s.ack` moves out below, `s.step` stays.)
+        let id = &s.step.draft.key.id;
         if let Ack::Impulse(reply, impulse_id) = s.ack {
             if &*impulse_id == CANCEL_ID {
                 // Cancelled before (by another process, or before a restart): done.
@@ -271,7 +275,7 @@ impl<F: Flow> Runner<F> {
             }
             let _ = reply.send(Err(Error::ImpulseAlreadyApplied {
                 flow: F::NAME,
-                id: s.id.to_string(),
+                id: id.to_string(),
                 impulse_id: impulse_id.to_string(),
                 step,
             }));
@@ -283,24 +287,26 @@ impl<F: Flow> Runner<F> {
     /// same id); an outcome is applied again after a backoff, until it sticks — the
     /// instance waits, the others go on.
     pub(super) fn failed(&mut self, s: Staged<F>, err: &Error) {
+        // (The id is the step's: `s.ack` moves out below, `s.step` stays.)
+        let id = &s.step.draft.key.id;
         match s.ack {
             Ack::Start(reply) => {
-                self.slots.remove(&s.id);
+                self.slots.remove(id);
                 let _ = reply.send(Err(err.clone_for_caller()));
             }
             ack => {
-                let Some(slot) = self.slots.get_mut(&s.id) else {
+                let Some(slot) = self.slots.get_mut(id) else {
                     return;
                 };
                 let _ = slot.inst.revert();
                 if let Error::Store(e) = err
                     && !e.is_transient()
                 {
-                    self.store_failed(&s.id, err);
+                    self.store_failed(id, err);
                     // The store is damaged or stopped: retrying cannot help, and
                     // `Engine::health` reports it. Callers get the error; an outcome is not
                     // sent again (its call is redelivered when the store is opened again).
-                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step not persisted: the store failed for good");
+                    tracing::error!(flow = F::NAME, id = %id, error = %err, "step not persisted: the store failed for good");
                     match ack {
                         Ack::Impulse(reply, _) => {
                             let _ = reply.send(Err(err.clone_for_caller()));
@@ -321,10 +327,9 @@ impl<F: Flow> Runner<F> {
                     let reason = format!(
                         "{err}; an operator can patch the state or raise the limit, then resume it"
                     );
-                    tracing::error!(flow = F::NAME, id = %s.id, error = %err, "step too large; parking the instance");
+                    tracing::error!(flow = F::NAME, id = %id, error = %err, "step too large; parking the instance");
                     let step = slot.inst.quarantine(reason, self.now_ms, &mut self.scratch);
                     self.stage(Staged {
-                        id: s.id,
                         step,
                         ack,
                         via: None,
@@ -333,7 +338,7 @@ impl<F: Flow> Runner<F> {
                 }
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = backoff(slot.failures);
-                tracing::warn!(flow = F::NAME, id = %s.id, error = %err, retry_in = ?delay, "step not persisted");
+                tracing::warn!(flow = F::NAME, id = %id, error = %err, retry_in = ?delay, "step not persisted");
                 match ack {
                     Ack::Impulse(reply, _) => {
                         let _ = reply.send(Err(err.clone_for_caller()));

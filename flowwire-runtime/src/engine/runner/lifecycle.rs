@@ -42,7 +42,6 @@ impl<F: Flow> Runner<F> {
                     );
                     self.slots.insert(id.clone(), Slot::new(inst, None));
                     return Some(Staged {
-                        id,
                         step,
                         ack: Ack::Impulse(reply, impulse_id),
                         via,
@@ -108,7 +107,6 @@ impl<F: Flow> Runner<F> {
         let refusal = match slot.inst.cancel(reason, self.now_ms, &mut self.scratch) {
             Ok(step) => {
                 return Some(Staged {
-                    id,
                     step,
                     ack: Ack::Impulse(reply, cancel_id),
                     via,

@@ -141,12 +141,20 @@ enum Ack<F: Flow> {
 }
 
 struct Staged<F: Flow> {
-    id: Arc<str>,
+    /// The step (its draft's key names the instance: see [`Staged::id`]).
     step: Step,
     ack: Ack<F>,
     /// The bus request the step applies, which its commit settles where the store carries
     /// sends (multi-process mode on one Redis server).
     via: Via,
+}
+
+impl<F: Flow> Staged<F> {
+    /// The instance's id: its step's key's (one string for both, so a step costs no
+    /// reference count of its own for it).
+    fn id(&self) -> &Arc<str> {
+        &self.step.draft.key.id
+    }
 }
 
 /// Steps with their records' persisted forms and store writes, index for index: a step

@@ -150,7 +150,6 @@ impl<F: Flow> Runner<F> {
             return Ok(());
         };
         self.stage(Staged {
-            id: o.id.clone(),
             step,
             ack: Ack::Outcome(o),
             via: None,
@@ -183,7 +182,6 @@ impl<F: Flow> Runner<F> {
         );
         self.slots.insert(id.clone(), Slot::new(inst, None));
         Some(Staged {
-            id,
             step,
             ack: Ack::Start(reply),
             via,
@@ -243,7 +241,6 @@ impl<F: Flow> Runner<F> {
             {
                 Ok(step) => {
                     return Some(Staged {
-                        id,
                         step,
                         ack: Ack::Impulse(reply, impulse_id),
                         via,
@@ -404,7 +401,6 @@ impl<F: Flow> Runner<F> {
                     id: id.clone(),
                     due_ms,
                 }),
-                id,
                 step,
                 via: None,
             }),
@@ -425,7 +421,6 @@ impl<F: Flow> Runner<F> {
         self.slots.insert(id.clone(), slot);
         step.map(|step| Staged {
             ack: Ack::Retry(Input::Redeliver { id: id.clone() }),
-            id,
             step,
             via: None,
         })
@@ -479,7 +474,6 @@ impl<F: Flow> Runner<F> {
         let name = op.name();
         match slot.inst.operate(op, self.now_ms, &mut self.scratch) {
             Ok(step) => Some(Staged {
-                id,
                 step,
                 ack: Ack::Operate(reply),
                 via: None,

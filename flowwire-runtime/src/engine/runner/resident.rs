@@ -213,7 +213,6 @@ impl<F: Flow> Runner<F> {
             _ => Ack::Quiet,
         };
         Staged {
-            id,
             step,
             ack,
             via: None,
