@@ -242,6 +242,7 @@ fn answer(job: &Job, result: Bytes) {
         result: Ok(result),
         retry_ms: None,
         receipt: None,
+        back: None,
     });
 }
 

@@ -130,6 +130,11 @@ pub(crate) struct OutcomeMsg {
     pub retry_ms: Option<u64>,
     /// Set when the call or the outcome came over the bus (multi-process mode).
     pub receipt: Option<Box<Receipt>>,
+    /// The job's handle on the channel this outcome travels on, carried back by the
+    /// worker so that the runner gives it to its next job: a new handle costs two atomic
+    /// count updates, and dropping one two more (see `Runner::job`). `None` when the
+    /// worker kept it to send with, and for outcomes that did not come from a worker.
+    pub back: Option<OutcomeTx>,
 }
 
 #[cfg(test)]

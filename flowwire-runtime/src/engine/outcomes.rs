@@ -229,6 +229,7 @@ mod tests {
             result: Ok(bytes::Bytes::new()),
             retry_ms: None,
             receipt: None,
+            back: None,
         }
     }
 

@@ -230,6 +230,7 @@ fn send(job: Job, answer: Answer) {
         result,
         retry_ms,
         receipt: job.receipt,
+        back: None,
     });
 }
 

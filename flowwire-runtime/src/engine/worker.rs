@@ -110,9 +110,11 @@ struct Held {
 impl Held {
     /// Holds `o` for the runner behind `to`, handing over what is held first when that is
     /// another runner, and everything once [`HOLD`] are held.
-    fn hold(&mut self, to: OutcomeTx, o: OutcomeMsg, drain: &Drain) {
+    /// A handle on a channel already held for goes back with its outcome, for the
+    /// runner's next job (see [`OutcomeMsg::back`]).
+    fn hold(&mut self, to: OutcomeTx, mut o: OutcomeMsg, drain: &Drain) {
         match &self.to {
-            Some(held) if held.same_channel(&to) => {}
+            Some(held) if held.same_channel(&to) => o.back = Some(to),
             _ => {
                 self.hand_over(drain);
                 self.to = Some(to);
@@ -227,6 +229,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         result,
         retry_ms: retry.map(|d| d.as_millis() as u64),
         receipt,
+        back: None,
     };
     // A large `Blob` argument is a slice of the job's buffer, not a copy.
     let decoded: Result<D::Call, _> =
@@ -312,4 +315,60 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         );
     }
     (reply, outcome(id, result, retry))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Drain, Held};
+    use crate::engine::job::OutcomeMsg;
+    use crate::engine::outcomes::channel;
+
+    fn outcome(seq: u64) -> OutcomeMsg {
+        OutcomeMsg {
+            id: Arc::from("i"),
+            seq,
+            branch: None,
+            result: Ok(bytes::Bytes::new()),
+            retry_ms: None,
+            receipt: None,
+            back: None,
+        }
+    }
+
+    #[test]
+    fn an_outcome_for_the_runner_held_for_carries_its_jobs_reply_handle_back() {
+        let (a, mut from_a) = channel();
+        let (b, mut from_b) = channel();
+        let drain = Drain::default();
+        let mut held = Held::default();
+        for _ in 0..4 {
+            assert!(drain.begin());
+        }
+        // The first job's handle is the one held to send with; the next one for the same
+        // runner goes back with its outcome, for the runner's next job.
+        held.hold(a.clone(), outcome(1), &drain);
+        held.hold(a.clone(), outcome(2), &drain);
+        // An outcome for another runner hands the held ones over first.
+        held.hold(b.clone(), outcome(3), &drain);
+        held.hold(b.clone(), outcome(4), &drain);
+        held.hand_over(&drain);
+        let back = |o: OutcomeMsg, to: &crate::engine::outcomes::OutcomeTx| {
+            (o.seq, o.back.is_some_and(|h| h.same_channel(to)))
+        };
+        let from_a: Vec<_> = std::iter::from_fn(|| from_a.try_recv())
+            .map(|o| back(o, &a))
+            .collect();
+        let from_b: Vec<_> = std::iter::from_fn(|| from_b.try_recv())
+            .map(|o| back(o, &b))
+            .collect();
+        assert_eq!(from_a, [(1, false), (2, true)]);
+        assert_eq!(from_b, [(3, false), (4, true)]);
+        assert_eq!(
+            drain.running.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "every outcome handed over ends its call"
+        );
+    }
 }

@@ -98,8 +98,10 @@ impl<F: Flow> Runner<F> {
             Ack::Operate(reply) => {
                 let _ = reply.send(Ok(seq));
             }
-            // Acknowledged by the write itself (`StepWrite::acknowledges`).
-            Ack::Outcome(_) | Ack::Retry(_) | Ack::Quiet => {}
+            // Acknowledged by the write itself (`StepWrite::acknowledges`); its reply handle
+            // goes to the next job.
+            Ack::Outcome(o) => self.reuse_reply(o),
+            Ack::Retry(_) | Ack::Quiet => {}
         }
         // The step is done with its calls: each is handed to its job (the arguments'
         // buffer moves, where a clone would take a reference count and give it back).
@@ -384,7 +386,10 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    pub(super) fn job(&self, id: &Arc<str>, out: Outgoing) -> Job {
+    /// The job for a call: its reply handle is one an earlier outcome brought back, when
+    /// there is one (see [`OutcomeMsg::back`]).
+    pub(super) fn job(&mut self, id: &Arc<str>, out: Outgoing) -> Job {
+        let reply = self.replies.pop().unwrap_or_else(|| self.outcomes.clone());
         let p = out.call;
         Job {
             flow: F::NAME,
@@ -399,8 +404,17 @@ impl<F: Flow> Runner<F> {
                 CallPolicy::resolve(Policy::NONE, Policy::NONE, self.limits.call_policy)
             }),
             names: Self::names(p.link, p.method),
-            reply: self.outcomes.clone(),
+            reply,
             receipt: None,
+        }
+    }
+
+    /// Keeps the reply handle `o` carried back, for the next job.
+    pub(super) fn reuse_reply(&mut self, o: OutcomeMsg) {
+        if let Some(back) = o.back
+            && self.replies.len() < super::SPARE_REPLIES
+        {
+            self.replies.push(back);
         }
     }
 
@@ -415,11 +429,13 @@ impl<F: Flow> Runner<F> {
     pub(super) fn dispatch(&mut self, id: &Arc<str>, out: Outgoing) {
         let link = out.call.link;
         if link == crate::child::CHILD_LINK {
-            match &self.children {
-                Some(children) => children.send(self.job(id, out)),
-                None => {
-                    tracing::error!(flow = F::NAME, id = %id, "a child call, but no child service");
-                }
+            if self.children.is_none() {
+                tracing::error!(flow = F::NAME, id = %id, "a child call, but no child service");
+                return;
+            }
+            let job = self.job(id, out);
+            if let Some(children) = &self.children {
+                children.send(job);
             }
             return;
         }

@@ -278,6 +278,9 @@ impl Outbox {
 const LOOKAHEAD_MS: u64 = 30_000;
 /// Timers read from the index at once.
 const TIMER_PAGE: usize = 1024;
+/// Reply handles kept for the next jobs (more come back only when more calls were out at
+/// once: the rest are dropped).
+const SPARE_REPLIES: usize = 4096;
 
 pub(crate) struct Runner<F: Flow> {
     flow: Arc<str>,
@@ -305,6 +308,10 @@ pub(crate) struct Runner<F: Flow> {
     /// `ports`), for [`Runner::send_jobs`].
     outbox: Vec<VecDeque<crate::engine::job::Job>>,
     outcomes: OutcomeTx,
+    /// Handles on `outcomes` that outcomes carried back from their workers, for the next
+    /// jobs (see [`OutcomeMsg::back`](crate::engine::job::OutcomeMsg)); at most
+    /// [`SPARE_REPLIES`].
+    replies: Vec<OutcomeTx>,
     limits: Limits,
     scratch: Scratch,
     /// The time of the round's steps (ms since the Unix epoch), read once a round and
@@ -389,6 +396,7 @@ impl<F: Flow> Runner<F> {
             ports,
             outbox,
             outcomes,
+            replies: Vec::new(),
             limits,
             scratch: Scratch::default(),
             now_ms: 0,

@@ -147,6 +147,7 @@ impl<F: Flow> Runner<F> {
         let Some(step) = step else {
             // Not in flight any more (applied before, or abandoned).
             self.settle(&o);
+            self.reuse_reply(o);
             return Ok(());
         };
         self.stage(Staged {

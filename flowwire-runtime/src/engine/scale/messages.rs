@@ -166,6 +166,7 @@ impl OutcomeWire {
                 handoff: None,
                 handed_from,
             })),
+            back: None,
         }
     }
 }
