@@ -181,7 +181,7 @@ impl<F: Flow> Runner<F> {
         let Some(s) = self.building.staged.last() else {
             return;
         };
-        let slot = self.slots.get(&s.id());
+        let slot = self.slots.get(s.id());
         // The committed record: as persisted, and as the instance holds it.
         let prev = slot.and_then(|slot| slot.placed.as_ref().map(|p| (p, slot.inst.record())));
         // An earlier attempt of this step whose commit failed: its chunks are where the
@@ -235,7 +235,7 @@ impl<F: Flow> Runner<F> {
                     return;
                 };
                 if back {
-                    self.joins(&s.id());
+                    self.joins(s.id());
                 }
                 self.failed(s, &Error::from(e));
                 return;
@@ -328,12 +328,12 @@ impl<F: Flow> Runner<F> {
                 self.place(Some(&written));
             }
             Ok(Upload::Sealed(mut sealed)) => {
-                self.joins(&s.id());
-                self.attempting(&s.id(), sealed.attempt.take());
+                self.joins(s.id());
+                self.attempting(s.id(), sealed.attempt.take());
                 self.building.push(s, sealed);
             }
             Err(e) => {
-                self.joins(&s.id());
+                self.joins(s.id());
                 self.failed(s, &e);
             }
         }
@@ -470,7 +470,7 @@ impl<F: Flow> Runner<F> {
             Ok(results) => {
                 let mut results = results.into_iter();
                 for (mut s, mut placed) in staged.drain(..).zip(placed.drain(..)) {
-                    self.forget_attempt(&s.id());
+                    self.forget_attempt(s.id());
                     match results.next() {
                         Some(StepResult::Committed) => {
                             self.committed(&mut s, &mut placed, listening);
@@ -513,7 +513,7 @@ impl<F: Flow> Runner<F> {
                 let e = Error::Store(e);
                 tracing::error!(flow = F::NAME, error = %e, "commit failed");
                 for s in staged.drain(..) {
-                    self.forget_attempt(&s.id());
+                    self.forget_attempt(s.id());
                     self.failed(s, &e);
                 }
             }
@@ -536,7 +536,7 @@ impl<F: Flow> Runner<F> {
         check: bool,
         work: impl Future<Output = Result<Upload>> + Send + 'static,
     ) {
-        if let Some(slot) = self.slots.get_mut(&s.id()) {
+        if let Some(slot) = self.slots.get_mut(s.id()) {
             slot.phase = Phase::Uploading {
                 round: slot.phase.round(),
             };

@@ -44,7 +44,7 @@ impl<F: Flow> Runner<F> {
             _ => None,
         };
         let leaves = !record.has_call_out();
-        let Some(slot) = self.slots.get_mut(&s.id()) else {
+        let Some(slot) = self.slots.get_mut(s.id()) else {
             // A step of an instance that is not in memory (parking a record another
             // version wrote): nothing to adopt.
             self.announce(s, seq, listening);
@@ -107,7 +107,7 @@ impl<F: Flow> Runner<F> {
         // buffer moves, where a clone would take a reference count and give it back).
         for out in std::mem::take(&mut s.step.dispatch) {
             if !self.carried(&out) {
-                self.dispatch(&s.id(), out);
+                self.dispatch(s.id(), out);
             }
         }
         if let Some(owned) = &self.owned
@@ -118,7 +118,7 @@ impl<F: Flow> Runner<F> {
         }
         if let Some(ended) = ended {
             // Not adopted above: the step holds the committed record.
-            self.slots.remove(&s.id());
+            self.slots.remove(s.id());
             let state = ended
                 .state_is_final()
                 .then(|| s.step.draft.record.state.clone());
@@ -130,7 +130,7 @@ impl<F: Flow> Runner<F> {
         if let Some(reason) = quarantined {
             tracing::error!(flow = F::NAME, id = %s.id(), %reason, "instance quarantined");
             for w in self.waiters.remove(s.id()).unwrap_or_default() {
-                let _ = w.send(Err(Self::quarantined(&s.id(), reason.clone())));
+                let _ = w.send(Err(Self::quarantined(s.id(), reason.clone())));
             }
         }
     }
@@ -190,11 +190,11 @@ impl<F: Flow> Runner<F> {
         for out in &s.step.dispatch {
             if self.carried(out) {
                 let driver = Self::names(out.call.link, out.call.method).0;
-                sends.extend(outbox.call(F::NAME, &s.id(), out, driver));
+                sends.extend(outbox.call(F::NAME, s.id(), out, driver));
             }
         }
         if Self::announced(&s.step.draft.record.status) {
-            sends.push(outbox.ended(&s.id(), record));
+            sends.push(outbox.ended(s.id(), record));
         }
     }
 
@@ -211,7 +211,7 @@ impl<F: Flow> Runner<F> {
             .iter()
             .map(|o| (o.call.link, o.call.method, o.call.seq, o.branch));
         crate::events::of_step(&d.input, &d.output, sent, Self::names, |kind| {
-            self.events.send(F::NAME, &s.id(), seq, kind);
+            self.events.send(F::NAME, s.id(), seq, kind);
         });
     }
 
@@ -262,7 +262,7 @@ impl<F: Flow> Runner<F> {
     }
 
     pub(super) fn seen(&mut self, s: Staged<F>, step: u64) {
-        if let Some(slot) = self.slots.get_mut(&s.id())
+        if let Some(slot) = self.slots.get_mut(s.id())
             && slot.inst.revert().is_err()
         {
             tracing::error!(flow = F::NAME, id = %s.id(), "committed state no longer decodes");
