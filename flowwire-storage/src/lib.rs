@@ -41,9 +41,9 @@ pub use codec::{DEFAULT_DECODE_LIMIT, Kind};
 pub use error::{BlobError, CodecError, StoreError};
 pub use ladder::{GIB, KB, KIB, Ladder, LadderError, MB, MIB, Placement, Retention};
 pub use record::{
-    Branch, BranchState, Cancel, Compensation, ErrorValue, Expect, Fan, HistoryEntry, InstanceKey,
-    LiveRecord, PendingCall, Record, Status, StepInput, StepOutput, StepResult, StepWrite, Stored,
-    TimeSpec, Timer,
+    Branch, BranchState, Cancel, Compensation, ErrorValue, Expect, Fan, FlowName, HistoryEntry,
+    InstanceKey, LiveRecord, PendingCall, Record, Status, StepInput, StepOutput, StepResult,
+    StepWrite, Stored, TimeSpec, Timer,
 };
 pub use rope::{Blob, Rope};
 pub use store::{BoxFuture, InstanceStore, MemoryStore, RedbStore};

@@ -60,7 +60,7 @@ impl Engine {
         self.sender::<F>()?;
         let id: Arc<str> = id.into();
         let store = self.store_for_reads()?;
-        let key = InstanceKey::new(F::NAME, id.clone());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
         if !self.is_damaged::<F>(&id).await? {
             let Some(stored) = self.timed(store.load(&key)).await? else {
                 return Err(Error::NotFound {
@@ -122,7 +122,7 @@ impl Engine {
             });
         }
         let store = self.store_for_reads()?;
-        let key = InstanceKey::new(F::NAME, id.clone());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
         let version = self
             .timed(store.load(&key))
             .await?

@@ -50,7 +50,7 @@ impl<F: Flow> SettledReads<F> for Reader<F> {
         let (timeout, limit) = (self.timeout, self.limit);
         Box::pin(async move {
             let store = store?;
-            let key = InstanceKey::new(F::NAME, id);
+            let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id);
             let stored = tokio::time::timeout(timeout, store.load(&key))
                 .await
                 .ok()?

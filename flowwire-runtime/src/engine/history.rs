@@ -91,7 +91,7 @@ impl Engine {
     ) -> Result<HistoryPage> {
         self.sender::<F>()?;
         let store = self.store_for_reads()?;
-        let key = InstanceKey::new(F::NAME, id.into());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.into());
         if self.timed(store.load(&key)).await?.is_none() {
             return Err(Error::NotFound {
                 flow: F::NAME,
@@ -133,7 +133,7 @@ impl Engine {
     /// ```
     pub async fn state_at<F: Flow>(&self, id: impl Into<Arc<str>>, step: u64) -> Result<F::State> {
         self.sender::<F>()?;
-        let key = InstanceKey::new(F::NAME, id.into());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.into());
         let bytes = self.state_bytes_at(F::NAME, &key, step).await?;
         flowwire_storage::codec::decode_raw(&bytes, self.inner.limits.decode_limit).map_err(
             |source| Error::Codec {

@@ -131,13 +131,13 @@ impl Engine {
 
     async fn exists<F: Flow>(&self, id: &Arc<str>) -> Result<bool> {
         let store = self.store_for_reads()?;
-        let key = InstanceKey::new(F::NAME, id.clone());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
         Ok(self.timed(store.load(&key)).await?.is_some())
     }
 
     async fn parked_one<F: Flow>(&self, id: &Arc<str>) -> Result<Option<Parked>> {
         let store = self.store_for_reads()?;
-        let key = InstanceKey::new(F::NAME, id.clone());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
         let Some(stored) = self.timed(store.load(&key)).await? else {
             return Ok(None);
         };
@@ -225,7 +225,7 @@ impl Engine {
     pub async fn rewind<F: Flow>(&self, id: impl Into<Arc<str>>, step: u64) -> Result<u64> {
         self.sender::<F>()?;
         let id = id.into();
-        let key = InstanceKey::new(F::NAME, id.clone());
+        let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
         let state = self.state_bytes_at(F::NAME, &key, step).await?;
         self.operate::<F>(id, Operation::Rewind { to: step, state })
             .await

@@ -30,4 +30,4 @@ pub use self::persisted::Persisted;
 pub(crate) use self::persisted::persisted_correlation;
 pub use self::placed::{PlacedCall, PlacedRecord, Retired};
 pub use self::step::{BusSend, Draft, Expect, StepResult, StepWrite, Stored};
-pub use crate::key::InstanceKey;
+pub use crate::key::{FlowName, InstanceKey};

@@ -283,7 +283,8 @@ const TIMER_PAGE: usize = 1024;
 const SPARE_REPLIES: usize = 4096;
 
 pub(crate) struct Runner<F: Flow> {
-    flow: Arc<str>,
+    /// The flow's name, as its instances' keys hold it (copied, not counted).
+    flow: flowwire_storage::record::FlowName,
     /// The instances it knows of: being read, or resident (see `Presence`).
     slots: Instances<Slot<F>, Input<F>>,
     /// Callers of `finished()`, by instance (the instance may be out of memory meanwhile).
@@ -381,7 +382,7 @@ impl<F: Flow> Runner<F> {
             })
             .collect();
         let runner = Self {
-            flow: F::NAME.into(),
+            flow: flowwire_storage::record::FlowName::from_static(F::NAME),
             slots: Instances::default(),
             waiters: HashMap::new(),
             store_down: false,

@@ -290,7 +290,7 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             );
         }
         Msg::Exists { id, reply } => {
-            let key = InstanceKey::new(F::NAME, id.clone());
+            let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
             let r = match remote.store.load(&key).await {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err(not_found::<F>(&id)),
@@ -397,7 +397,7 @@ async fn ask<F: Flow>(
 
 /// The committed record of an instance, with its payloads read from their tiers.
 async fn read<F: Flow>(remote: &Remote, id: &Arc<str>) -> Result<Record> {
-    let key = InstanceKey::new(F::NAME, id.clone());
+    let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
     let limit = remote.limits.store_timeout;
     let load = tokio::time::timeout(limit, remote.store.load(&key))
         .await
@@ -459,7 +459,7 @@ async fn wait_ended<F: Flow>(
     id: &Arc<str>,
     reply: &mut oneshot::Sender<crate::engine::msg::EndedReply>,
 ) -> Option<Result<(Ended, Option<Record>)>> {
-    let key = InstanceKey::new(F::NAME, id.clone());
+    let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
     let mut delay = Duration::from_millis(5);
     // Started here while the watch listened, its end not yet heard: the first look is
     // for its announcement, not at the store.

@@ -26,7 +26,7 @@ use history::{History, stamped};
 use super::{BoxFuture, DamagedList, InstanceStore};
 use crate::codec::{Checksums, Kind};
 use crate::error::StoreError;
-use crate::record::{Expect, InstanceKey, StepResult, StepWrite, Stored};
+use crate::record::{Expect, FlowName, InstanceKey, StepResult, StepWrite, Stored};
 
 /// An instance store that keeps everything in memory. Nothing survives the process.
 ///
@@ -42,7 +42,7 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    flows: HashMap<Arc<str>, FlowData>,
+    flows: HashMap<FlowName, FlowData>,
 }
 
 /// One flow's instances and indexes.
@@ -241,14 +241,14 @@ impl InstanceStore for MemoryStore {
         let mut steps = batch.iter().peekable();
         while let Some(first) = steps.next() {
             // A runner's batch is one flow's: its steps after the first find the flow's
-            // data without a lookup (their flow is the same shared name).
+            // data without a lookup (their flow is the same name).
             let name = &first.key.flow;
             let flow = match inner.flows.get_mut(name) {
                 Some(f) => f,
                 None => inner.flows.entry(name.clone()).or_default(),
             };
             results.push(flow.apply(first));
-            while let Some(step) = steps.next_if(|s| Arc::ptr_eq(&s.key.flow, name)) {
+            while let Some(step) = steps.next_if(|s| s.key.flow == *name) {
                 results.push(flow.apply(step));
             }
         }
