@@ -104,7 +104,8 @@ impl Engine {
             .timed(store.ended_with_key(F::NAME, key, SHOWN))
             .await?;
         for id in ended {
-            let instance = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
+            let instance =
+                InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
             if let Some(step) = self
                 .timed(store.impulse_applied(&instance, impulse_id))
                 .await?

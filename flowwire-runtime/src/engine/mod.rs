@@ -432,7 +432,10 @@ impl Engine {
     ) -> Result<flowwire_storage::layout::Layout> {
         self.sender::<F>()?;
         let store = self.store_for_reads()?;
-        let key = flowwire_storage::InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.into());
+        let key = flowwire_storage::InstanceKey::new(
+            flowwire_storage::FlowName::from_static(F::NAME),
+            id.into(),
+        );
         let read = flowwire_storage::layout::Layout::read(
             &*store,
             &key,

@@ -13,6 +13,9 @@
 //! the queue emptied by the first.
 //!
 //! Closed when the last [`Port`] is dropped: takers get the jobs still queued, then `None`.
+//!
+//! (Over 600 lines: most of it is the tests, which spell out the wake-up protocol case by
+//! case.)
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -210,7 +213,9 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
-    /// The next job, if one is queued.
+    /// The next job, if one is queued (the bus publisher's; workers take runs of jobs
+    /// with [`try_recv_many`](Self::try_recv_many)).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn try_recv(&self) -> Option<Job> {
         self.take(false)
     }
@@ -240,6 +245,55 @@ impl Jobs {
             q.ready.notify_one();
         }
         job
+    }
+
+    /// The next job, if one is queued, and up to `more` of the jobs after it into `ahead`
+    /// (which the caller has emptied): one lock for a run of jobs, where a taker that
+    /// runs calls back to back took the lock once a job. A taker that leaves jobs behind
+    /// wakes one more for them, as [`take`](Self::take) does; a taker that will wait on
+    /// something puts what it took ahead back first ([`put_back`](Self::put_back)).
+    pub(crate) fn try_recv_many(&self, ahead: &mut VecDeque<Job>, more: usize) -> Option<Job> {
+        debug_assert!(ahead.is_empty());
+        let q = &self.queue;
+        let mut state = q.lock();
+        let job = state.jobs.pop_front()?;
+        let n = more.min(state.jobs.len());
+        ahead.extend(state.jobs.drain(..n));
+        let wake = !state.jobs.is_empty() && !state.waking;
+        if wake {
+            state.waking = true;
+        }
+        let waiting = state.waiting > 0;
+        drop(state);
+        if waiting {
+            // Room for as many jobs as were taken: every waiting sender looks again.
+            q.space.notify_waiters();
+        }
+        if wake {
+            q.ready.notify_one();
+        }
+        Some(job)
+    }
+
+    /// Puts jobs taken ahead ([`try_recv_many`](Self::try_recv_many)) back at the front
+    /// of the queue, in their order, and wakes a taker for them: they are not kept behind
+    /// a call that waits. The queue may hold up to that many jobs more than its capacity
+    /// for a while (senders queued into the room they left).
+    pub(crate) fn put_back(&self, ahead: &mut VecDeque<Job>) {
+        if ahead.is_empty() {
+            return;
+        }
+        let q = &self.queue;
+        let mut state = q.lock();
+        while let Some(job) = ahead.pop_back() {
+            state.jobs.push_front(job);
+        }
+        if std::mem::replace(&mut state.waking, true) {
+            // A taker is on its way: it takes these too, or wakes another for them.
+            return;
+        }
+        drop(state);
+        q.ready.notify_one();
     }
 
     /// The next job, waiting for one; `None` once the queue is closed and empty.
@@ -365,6 +419,40 @@ mod tests {
             .expect("the taker's task");
         assert_eq!((first, rest), (Some(1), vec![2, 3]));
         drop((port, jobs));
+    }
+
+    #[tokio::test]
+    async fn a_run_of_jobs_taken_ahead_goes_back_in_order_and_wakes_a_taker_for_it() {
+        use std::collections::VecDeque;
+        let (port, jobs) = channel(8);
+        let mut round: VecDeque<_> = (1..=6).map(job).collect();
+        assert!(port.try_send_all(&mut round));
+        let seqs = |q: &VecDeque<Job>| q.iter().map(|j| j.seq).collect::<Vec<_>>();
+        let mut ahead = VecDeque::new();
+        let first = jobs.try_recv_many(&mut ahead, 2).map(|j| j.seq);
+        assert_eq!(
+            (first, seqs(&ahead)),
+            (Some(1), vec![2, 3]),
+            "at most 2 ahead"
+        );
+        jobs.put_back(&mut ahead);
+        let first = jobs.try_recv_many(&mut ahead, 8).map(|j| j.seq);
+        assert_eq!(
+            (first, seqs(&ahead)),
+            (Some(2), vec![3, 4, 5, 6]),
+            "back in order"
+        );
+        // A taker waiting on the emptied queue is woken for what is put back.
+        let other = jobs.clone();
+        let taker = tokio::spawn(async move { other.recv().await.map(|j| j.seq) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        jobs.put_back(&mut ahead);
+        assert!(ahead.is_empty());
+        let woken = tokio::time::timeout(Duration::from_secs(5), taker).await;
+        assert_eq!(woken.expect("a taker is woken").expect("its task"), Some(3));
+        let rest: Vec<_> = std::iter::from_fn(|| jobs.try_recv().map(|j| j.seq)).collect();
+        assert_eq!(rest, [4, 5, 6]);
+        assert!(jobs.try_recv_many(&mut ahead, 3).is_none() && ahead.is_empty());
     }
 
     #[tokio::test]

@@ -101,7 +101,8 @@ impl Engine {
         // Every record: waiting and sleeping instances are in no index a check could use.
         let all = self.timed(store.records(F::NAME)).await?;
         for (id, stored) in all {
-            let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
+            let key =
+                InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
             let record = match PlacedRecord::decode(&stored.bytes, &key, limit) {
                 Ok(placed) if !placed.record.status.is_active() => continue,
                 Ok(placed) => {

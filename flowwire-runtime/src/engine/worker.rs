@@ -21,7 +21,7 @@ use crate::driver::{Dispatch, Fault, Verdict};
 use crate::engine::Limits;
 use crate::engine::job::{Job, OutcomeMsg};
 use crate::engine::outcomes::OutcomeTx;
-use crate::engine::queue::{self, Port};
+use crate::engine::queue::{self, Jobs, Port};
 use crate::guard::guard_future;
 
 /// The graceful stop of an engine's driver pools: once [`Drain::stop`] is called, workers
@@ -92,6 +92,12 @@ impl Drain {
 /// anything that would yield.
 const BURST: u32 = 128;
 
+/// Jobs a worker takes from the queue with the one it runs, under the same lock: a run of
+/// calls that answer at once takes the lock once for many. They go back to the queue
+/// before the worker waits on anything (a call that did not answer at once, its turn on
+/// the thread), so no job waits behind a slow call while another worker is free.
+const AHEAD: usize = 15;
+
 /// Outcomes a worker holds before it hands them over: enough that a runner is woken once
 /// for many, few enough that a runner on another thread applies the first while the
 /// worker runs the next ones.
@@ -138,6 +144,22 @@ impl Held {
     }
 }
 
+/// What a worker does before it waits: it hands over the outcomes it holds, and puts back
+/// the jobs it took ahead of the one it runs.
+struct BeforeWait<'a> {
+    held: &'a mut Held,
+    drain: &'a Drain,
+    jobs: &'a Jobs,
+    ahead: &'a mut VecDeque<Job>,
+}
+
+impl BeforeWait<'_> {
+    fn now(&mut self) {
+        self.held.hand_over(self.drain);
+        self.jobs.put_back(self.ahead);
+    }
+}
+
 /// Spawns the pool for one driver implementation and returns its queue.
 pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
     svc: Arc<S>,
@@ -155,37 +177,47 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
             let mut arena = Arena::default();
             let mut burst = 0;
             let mut held = Held::default();
+            let mut ahead = VecDeque::new();
             loop {
-                let job = match jobs.try_recv() {
+                let job = match ahead.pop_front() {
                     Some(job) => job,
-                    None => {
-                        // A wait ends the run of jobs back to back.
-                        burst = 0;
-                        held.hand_over(&drain);
-                        match jobs.recv().await {
-                            Some(job) => job,
-                            None => break,
+                    None => match jobs.try_recv_many(&mut ahead, AHEAD) {
+                        Some(job) => job,
+                        None => {
+                            // A wait ends the run of jobs back to back.
+                            burst = 0;
+                            held.hand_over(&drain);
+                            match jobs.recv().await {
+                                Some(job) => job,
+                                None => break,
+                            }
                         }
-                    }
+                    },
                 };
                 if !drain.begin() {
                     // Stopping: the call is sent again after the restart.
                     held.hand_over(&drain);
                     continue;
                 }
-                let (reply, outcome) = run_job::<D, S>(
-                    &svc,
-                    job,
-                    (&mut buf, &mut arena),
-                    &limits,
-                    (&mut held, &drain),
-                )
-                .await;
+                let before_wait = BeforeWait {
+                    held: &mut held,
+                    drain: &drain,
+                    jobs: &jobs,
+                    ahead: &mut ahead,
+                };
+                let (reply, outcome) =
+                    run_job::<D, S>(&svc, job, (&mut buf, &mut arena), &limits, before_wait).await;
                 held.hold(reply, outcome, &drain);
                 burst += 1;
                 if burst >= BURST {
                     burst = 0;
-                    held.hand_over(&drain);
+                    BeforeWait {
+                        held: &mut held,
+                        drain: &drain,
+                        jobs: &jobs,
+                        ahead: &mut ahead,
+                    }
+                    .now();
                     tokio::task::yield_now().await;
                 }
             }
@@ -205,7 +237,7 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
     job: Job,
     (buf, arena): (&mut Vec<u8>, &mut Arena),
     limits: &Limits,
-    (held, drain): (&mut Held, &Drain),
+    mut before_wait: BeforeWait<'_>,
 ) -> (OutcomeTx, OutcomeMsg) {
     let Job {
         flow,
@@ -251,8 +283,9 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
         let ran = match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
             Poll::Ready(r) => Ok(r),
             Poll::Pending => {
-                // The outcomes held are not kept waiting for this call.
-                held.hand_over(drain);
+                // The outcomes held and the jobs taken ahead are not kept waiting for
+                // this call.
+                before_wait.now();
                 tokio::time::timeout(policy.timeout, run.as_mut()).await
             }
         };

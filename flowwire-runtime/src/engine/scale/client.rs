@@ -290,7 +290,8 @@ async fn serve<F: Flow>(remote: Arc<Remote>, watch: Arc<Watch>, msg: Msg<F>) {
             );
         }
         Msg::Exists { id, reply } => {
-            let key = InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
+            let key =
+                InstanceKey::new(flowwire_storage::FlowName::from_static(F::NAME), id.clone());
             let r = match remote.store.load(&key).await {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err(not_found::<F>(&id)),
