@@ -138,6 +138,23 @@ pub(crate) struct OutcomeMsg {
 }
 
 #[cfg(test)]
+impl OutcomeMsg {
+    /// An empty reply to step `seq` of instance `i`, from no worker (the channel's and the
+    /// workers' tests).
+    pub(crate) fn ok_for_test(seq: u64) -> Self {
+        Self {
+            id: Arc::from("i"),
+            seq,
+            branch: None,
+            result: Ok(Bytes::new()),
+            retry_ms: None,
+            receipt: None,
+            back: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::CallPolicy;
     use crate::meta::Policy;

@@ -215,22 +215,13 @@ impl OutcomeRx {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::channel;
     use crate::engine::job::OutcomeMsg;
 
     fn outcome(seq: u64) -> OutcomeMsg {
-        OutcomeMsg {
-            id: Arc::from("i"),
-            seq,
-            branch: None,
-            result: Ok(bytes::Bytes::new()),
-            retry_ms: None,
-            receipt: None,
-            back: None,
-        }
+        OutcomeMsg::ok_for_test(seq)
     }
 
     #[tokio::test]

@@ -352,22 +352,12 @@ async fn run_job<D: Dispatch<S>, S: Send + Sync + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::{Drain, Held};
     use crate::engine::job::OutcomeMsg;
     use crate::engine::outcomes::channel;
 
     fn outcome(seq: u64) -> OutcomeMsg {
-        OutcomeMsg {
-            id: Arc::from("i"),
-            seq,
-            branch: None,
-            result: Ok(bytes::Bytes::new()),
-            retry_ms: None,
-            receipt: None,
-            back: None,
-        }
+        OutcomeMsg::ok_for_test(seq)
     }
 
     #[test]
