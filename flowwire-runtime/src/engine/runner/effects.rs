@@ -16,6 +16,10 @@ use crate::meta::Policy;
 
 use super::{Ack, Input, Internal, Runner, Staged, backoff};
 
+/// Reply handles a runner keeps for its next jobs (more come back only when more calls
+/// were out at once: the rest are dropped).
+const SPARE_REPLIES: usize = 4096;
+
 impl<F: Flow> Runner<F> {
     /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
     ///
@@ -412,7 +416,7 @@ impl<F: Flow> Runner<F> {
     /// Keeps the reply handle `o` carried back, for the next job.
     pub(super) fn reuse_reply(&mut self, o: OutcomeMsg) {
         if let Some(back) = o.back
-            && self.replies.len() < super::SPARE_REPLIES
+            && self.replies.len() < SPARE_REPLIES
         {
             self.replies.push(back);
         }

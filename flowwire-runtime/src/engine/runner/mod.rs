@@ -278,9 +278,6 @@ impl Outbox {
 const LOOKAHEAD_MS: u64 = 30_000;
 /// Timers read from the index at once.
 const TIMER_PAGE: usize = 1024;
-/// Reply handles kept for the next jobs (more come back only when more calls were out at
-/// once: the rest are dropped).
-const SPARE_REPLIES: usize = 4096;
 
 pub(crate) struct Runner<F: Flow> {
     /// The flow's name, as its instances' keys hold it (copied, not counted).
@@ -311,7 +308,7 @@ pub(crate) struct Runner<F: Flow> {
     outcomes: OutcomeTx,
     /// Handles on `outcomes` that outcomes carried back from their workers, for the next
     /// jobs (see [`OutcomeMsg::back`](crate::engine::job::OutcomeMsg)); at most
-    /// [`SPARE_REPLIES`].
+    /// `effects::SPARE_REPLIES`.
     replies: Vec<OutcomeTx>,
     limits: Limits,
     scratch: Scratch,
