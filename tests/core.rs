@@ -312,6 +312,40 @@ fn an_outcome_answered_twice_or_for_another_call_writes_nothing() {
 }
 
 #[test]
+fn an_outcome_taken_moves_its_reply_into_its_step_and_one_not_applied_keeps_it() {
+    let mut o = Sim::<Order>::start("o", order(), 0);
+    let mut out = Vec::new();
+    codec::encode_raw(&Ok::<u32, Declined>(42), &mut out).unwrap();
+    let sent = bytes::Bytes::from(out);
+
+    let mut reply = Ok(sent.clone());
+    let none = o.inst.take_outcome(9, None, &mut reply, 0, &mut o.scratch);
+    assert!(none.is_none(), "no call was sent at step 9");
+    assert_eq!(
+        reply,
+        Ok(sent.clone()),
+        "an outcome not applied keeps its reply"
+    );
+
+    let step = o
+        .inst
+        .take_outcome(1, None, &mut reply, 0, &mut o.scratch)
+        .expect("the reservation is awaited");
+    assert_eq!(
+        step.draft.payload.as_ref(),
+        Some(&sent),
+        "the step records the reply as its input's payload"
+    );
+    assert_eq!(
+        reply,
+        Ok(bytes::Bytes::new()),
+        "and the outcome holds it no more"
+    );
+    o.commit(step);
+    assert_eq!(o.inst.status(), &Status::Waiting, "the reply was applied");
+}
+
+#[test]
 fn a_restart_from_the_last_record_sends_the_call_in_flight_again_and_goes_on() {
     let mut o = Sim::<Order>::start("o", order(), 0);
     o.restart();

@@ -68,32 +68,66 @@ impl<F: Flow> Instance<F> {
         now_ms: u64,
         scratch: &mut Scratch,
     ) -> Option<Step> {
+        let mut reply = outcome.cloned().map_err(Fault::clone);
+        self.take_outcome(seq, branch, &mut reply, now_ms, scratch)
+    }
+
+    /// As [`outcome`](Self::outcome), but the reply's bytes move into the step, as the
+    /// history payload of its input, rather than being shared with it: when the step
+    /// returned records them, `reply` is left `Ok` with no bytes. Whoever applies the
+    /// outcome again (its step could not be persisted) restores them from
+    /// `step.draft.payload` first. (A shared buffer's count costs two atomic updates.)
+    ///
+    /// ```
+    /// use flowwire::core::{Instance, Scratch};
+    ///
+    /// // Applies the reply to the call sent at step `seq`.
+    /// fn apply<F: flowwire::Flow>(inst: &mut Instance<F>, seq: u64, scratch: &mut Scratch) {
+    ///     let mut reply = Ok(bytes::Bytes::from_static(&[0]));
+    ///     if let Some(step) = inst.take_outcome(seq, None, &mut reply, 0, scratch) {
+    ///         // The step carries the reply; `reply` holds it no more.
+    ///         assert!(reply.is_ok_and(|b| b.is_empty()) && step.draft.payload.is_some());
+    ///     }
+    /// }
+    /// ```
+    pub fn take_outcome(
+        &mut self,
+        seq: u64,
+        branch: Option<u32>,
+        reply: &mut Result<Bytes, Fault>,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> Option<Step> {
         scratch.now_ms = now_ms;
         if self.abandoned(seq) {
-            return Some(self.late(seq, branch, outcome, scratch));
+            return Some(self.late(seq, branch, reply.as_ref(), scratch));
         }
         if let Some(branch) = branch {
-            return self.branch_outcome(seq, branch, outcome, scratch);
+            return self.branch_outcome(seq, branch, reply.as_ref(), scratch);
         }
         // Not copied here: the call's arguments are a shared buffer (a count update).
         if self.record.pending.as_ref()?.seq != seq {
             return None;
         }
-        let ok = outcome.is_ok_and(|b| codec::reply_is_ok(b));
-        let payload = Some(match outcome {
-            Ok(bytes) => bytes.clone(),
-            Err(fault) => Bytes::from(fault.to_string()),
-        });
+        let ok = reply.as_ref().is_ok_and(|b| codec::reply_is_ok(b));
+        // The input's payload for history, taken once the reply is no longer read.
+        let payload = |reply: &mut Result<Bytes, Fault>| {
+            Some(match reply {
+                Ok(bytes) => std::mem::take(bytes),
+                Err(fault) => Bytes::from(fault.to_string()),
+            })
+        };
         let input = StepInput::Outcome { call_seq: seq, ok };
         match self.record.status {
             Status::Running => {}
             Status::Compensating => {
-                let mut step = self.compensated(input, ok, outcome.err(), scratch);
-                step.draft.payload = payload;
+                let mut step = self.compensated(input, ok, reply.as_ref().err(), scratch);
+                step.draft.payload = payload(reply);
                 return Some(step);
             }
             _ => return None,
         }
+        let outcome = reply.as_ref();
         let armed = match self.awaiting.take() {
             Awaiting::Call(a) if a.seq == seq => a,
             _ => {
@@ -107,9 +141,9 @@ impl<F: Flow> Instance<F> {
         let built;
         let undo = match (&armed.undo, outcome) {
             (Some(Undo::Call(call)), _) if ok => Some(call),
-            (Some(Undo::With(with)), Ok(reply)) if ok => {
+            (Some(Undo::With(with)), Ok(bytes)) if ok => {
                 let limit = self.limit;
-                match guard(|| with.build(reply, limit)) {
+                match guard(|| with.build(bytes, limit)) {
                     Ok(Ok(call)) => {
                         built = call;
                         built.as_ref()
@@ -118,7 +152,7 @@ impl<F: Flow> Instance<F> {
                         let reason =
                             format!("the reply of the call at step {seq} does not decode: {e}");
                         let mut step = self.park(input, reason, scratch);
-                        step.draft.payload = payload;
+                        step.draft.payload = payload(reply);
                         return Some(step);
                     }
                     Err(panic) => {
@@ -126,7 +160,7 @@ impl<F: Flow> Instance<F> {
                             "the compensation of the call at step {seq} panicked while built from its reply: {panic}"
                         );
                         let mut step = self.park(input, reason, scratch);
-                        step.draft.payload = payload;
+                        step.draft.payload = payload(reply);
                         return Some(step);
                     }
                 }
@@ -160,7 +194,10 @@ impl<F: Flow> Instance<F> {
         let mut step = match ran {
             // The usual outcome: the step is built where it is returned (each move of a
             // step, several hundred bytes, is a copy).
-            Ok(Ok(())) => return Some(self.advance_from(input, None, false, payload, scratch, 0)),
+            Ok(Ok(())) => {
+                let payload = payload(reply);
+                return Some(self.advance_from(input, None, false, payload, scratch, 0));
+            }
             Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
                 let reason = format!("the reply of the call at step {seq} does not decode: {e}");
@@ -171,7 +208,7 @@ impl<F: Flow> Instance<F> {
                 self.park(input, reason, scratch)
             }
         };
-        step.draft.payload = payload;
+        step.draft.payload = payload(reply);
         Some(step)
     }
 

@@ -230,7 +230,8 @@ impl<F: Flow> Runner<F> {
         });
     }
 
-    pub(super) async fn conflicted(&mut self, s: Staged<F>) {
+    pub(super) async fn conflicted(&mut self, mut s: Staged<F>) {
+        s.restore_reply();
         // (The id is the step's: `s.ack` moves out below, `s.step` stays.)
         let id = &s.step.draft.key.id;
         match s.ack {
@@ -292,7 +293,8 @@ impl<F: Flow> Runner<F> {
     /// kept. A start or an impulse reports the error to its caller (who may retry with the
     /// same id); an outcome is applied again after a backoff, until it sticks — the
     /// instance waits, the others go on.
-    pub(super) fn failed(&mut self, s: Staged<F>, err: &Error) {
+    pub(super) fn failed(&mut self, mut s: Staged<F>, err: &Error) {
+        s.restore_reply();
         // (The id is the step's: `s.ack` moves out below, `s.step` stays.)
         let id = &s.step.draft.key.id;
         match s.ack {

@@ -121,7 +121,10 @@ impl<F: Flow> Runner<F> {
     /// not returned: a step is several hundred bytes, and each return moves it), or
     /// settles it when no call of the instance waits for it. `Err` gives it back when the
     /// instance is not in memory.
-    pub(super) fn apply_outcome(&mut self, o: OutcomeMsg) -> std::result::Result<(), OutcomeMsg> {
+    pub(super) fn apply_outcome(
+        &mut self,
+        mut o: OutcomeMsg,
+    ) -> std::result::Result<(), OutcomeMsg> {
         let Some(slot) = self.slots.get_mut(&o.id) else {
             return Err(o);
         };
@@ -136,10 +139,11 @@ impl<F: Flow> Runner<F> {
                 self.now_ms,
                 &mut self.scratch,
             ),
-            None => slot.inst.outcome(
+            // The reply's bytes move into the step (see `Staged::restore_reply`).
+            None => slot.inst.take_outcome(
                 o.seq,
                 o.branch,
-                o.result.as_ref(),
+                &mut o.result,
                 self.now_ms,
                 &mut self.scratch,
             ),
