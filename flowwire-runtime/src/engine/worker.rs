@@ -37,21 +37,27 @@ pub(crate) struct Drain {
 
 impl Drain {
     /// A worker is about to run a call: `false` once the engine is stopping (then the call
-    /// is not run).
+    /// is not run). (Workers count their calls a run at a time: `Held::begin`.)
+    #[cfg(test)]
     fn begin(&self) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
-        // Counted before the check: `stop` sees every call that passed it.
-        self.running.fetch_add(1, SeqCst);
-        if self.stopping.load(SeqCst) {
-            self.end();
+        self.count(1);
+        if self.stopping() {
+            self.end_many(1);
             return false;
         }
         true
     }
 
-    /// A call's outcome was handed to its runner.
-    fn end(&self) {
-        self.end_many(1);
+    /// Counts `n` calls as running, before the check of [`Drain::stopping`] that lets them
+    /// start: `stop` sees every call that passed it.
+    fn count(&self, n: usize) {
+        self.running
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the engine is stopping (no call starts once it is).
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The outcomes of `n` calls were handed to their runner.
@@ -111,9 +117,32 @@ const HOLD: usize = 32;
 struct Held {
     to: Option<OutcomeTx>,
     outcomes: VecDeque<OutcomeMsg>,
+    /// Calls counted as running for [`Drain`] and not started yet (see [`Held::begin`]).
+    credit: usize,
 }
 
 impl Held {
+    /// The worker is about to run a call, with `ahead` more taken from the queue: `false`
+    /// once the engine is stopping (then the call is not run).
+    ///
+    /// Calls are counted as running a run at a time: the first of a run counts itself and
+    /// the ones taken with it, with one atomic update (one a call cost about 1.5 % of a
+    /// step on one core), and each checks [`Drain::stopping`] before it starts. What was
+    /// counted and not started is given back when the worker hands over its outcomes,
+    /// which it does before it waits on anything.
+    fn begin(&mut self, drain: &Drain, ahead: usize) -> bool {
+        if self.credit == 0 {
+            self.credit = 1 + ahead;
+            drain.count(self.credit);
+        }
+        if drain.stopping() {
+            drain.end_many(std::mem::take(&mut self.credit));
+            return false;
+        }
+        self.credit -= 1;
+        true
+    }
+
     /// Holds `o` for the runner behind `to`, handing over what is held first when that is
     /// another runner, and everything once [`HOLD`] are held.
     /// A handle on a channel already held for goes back with its outcome, for the
@@ -132,9 +161,10 @@ impl Held {
         }
     }
 
-    /// Hands every held outcome to its runner.
+    /// Hands every held outcome to its runner, and gives back the count of calls not
+    /// started (see [`Held::begin`]).
     fn hand_over(&mut self, drain: &Drain) {
-        let n = self.outcomes.len();
+        let n = self.outcomes.len() + std::mem::take(&mut self.credit);
         if let Some(to) = self.to.take() {
             to.send_all(&mut self.outcomes);
         }
@@ -194,7 +224,7 @@ pub(crate) fn spawn_pool<D: Dispatch<S>, S: Send + Sync + 'static>(
                         }
                     },
                 };
-                if !drain.begin() {
+                if !held.begin(&drain, ahead.len()) {
                     // Stopping: the call is sent again after the restart.
                     held.hand_over(&drain);
                     continue;
@@ -358,6 +388,38 @@ mod tests {
 
     fn outcome(seq: u64) -> OutcomeMsg {
         OutcomeMsg::ok_for_test(seq)
+    }
+
+    fn running(drain: &Drain) -> usize {
+        drain.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_run_of_calls_is_counted_at_once_and_what_did_not_start_is_given_back() {
+        let (a, _from_a) = channel();
+        let drain = Drain::default();
+        let mut held = Held::default();
+        assert!(held.begin(&drain, 3), "one call, three more taken with it");
+        assert_eq!(running(&drain), 4, "the four are counted at once");
+        held.hold(a.clone(), outcome(1), &drain);
+        assert!(held.begin(&drain, 2));
+        assert_eq!(
+            running(&drain),
+            4,
+            "the second call was counted with the first"
+        );
+        held.hold(a.clone(), outcome(2), &drain);
+        // Before the worker waits: its two outcomes are handed over, and the two calls it
+        // counted and did not start are given back (they go back to the queue).
+        held.hand_over(&drain);
+        assert_eq!(running(&drain), 0);
+
+        // Once the engine is stopping, no call starts and none stays counted.
+        drain
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!held.begin(&drain, 5));
+        assert_eq!(running(&drain), 0);
     }
 
     #[test]
