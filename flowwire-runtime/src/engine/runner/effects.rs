@@ -89,6 +89,9 @@ impl<F: Flow> Runner<F> {
             }
         }
         self.announce(s, seq, listening);
+        // An outcome's own handle on the instance's id, for the job of the call its step
+        // sends (the same id: its step is the instance's).
+        let mut id_back = None;
         match std::mem::replace(&mut s.ack, Ack::Quiet) {
             Ack::Start(reply) | Ack::Impulse(reply, _) => {
                 // The commit replied and settled the bus request with the step (`carry`).
@@ -104,14 +107,15 @@ impl<F: Flow> Runner<F> {
             }
             // Acknowledged by the write itself (`StepWrite::acknowledges`); its reply handle
             // goes to the next job.
-            Ack::Outcome(o) => self.reuse_reply(o),
+            Ack::Outcome(o) => id_back = Some(self.reuse_reply(o)),
             Ack::Retry(_) | Ack::Quiet => {}
         }
         // The step is done with its calls: each is handed to its job (the arguments'
-        // buffer moves, where a clone would take a reference count and give it back).
+        // buffer moves, and the first job takes the outcome's id: where a clone would take
+        // a reference count and give it back).
         for out in std::mem::take(&mut s.step.dispatch) {
             if !self.carried(&out) {
-                self.dispatch(s.id(), out);
+                self.dispatch(s.id(), id_back.take(), out);
             }
         }
         if let Some(owned) = &self.owned
@@ -394,12 +398,14 @@ impl<F: Flow> Runner<F> {
 
     /// The job for a call: its reply handle is one an earlier outcome brought back, when
     /// there is one (see [`OutcomeMsg::back`]).
-    pub(super) fn job(&mut self, id: &Arc<str>, out: Outgoing) -> Job {
+    /// `owned`: a handle on the id the job may take rather than clone `id`.
+    pub(super) fn job(&mut self, id: &Arc<str>, owned: Option<Arc<str>>, out: Outgoing) -> Job {
         let reply = self.replies.pop().unwrap_or_else(|| self.outcomes.clone());
         let p = out.call;
+        debug_assert!(owned.as_ref().is_none_or(|o| o == id));
         Job {
             flow: F::NAME,
-            id: id.clone(),
+            id: owned.unwrap_or_else(|| id.clone()),
             seq: p.seq,
             branch: out.branch,
             method: p.method,
@@ -415,13 +421,14 @@ impl<F: Flow> Runner<F> {
         }
     }
 
-    /// Keeps the reply handle `o` carried back, for the next job.
-    pub(super) fn reuse_reply(&mut self, o: OutcomeMsg) {
+    /// Keeps the reply handle `o` carried back, for the next job; gives back `o`'s id.
+    pub(super) fn reuse_reply(&mut self, o: OutcomeMsg) -> Arc<str> {
         if let Some(back) = o.back
             && self.replies.len() < SPARE_REPLIES
         {
             self.replies.push(back);
         }
+        o.id
     }
 
     /// Sends this runner's child calls to the engine's child service.
@@ -432,20 +439,21 @@ impl<F: Flow> Runner<F> {
     /// Sends a step's driver call: queued in the runner's outbox for its driver, which
     /// [`send_jobs`](Self::send_jobs) hands to the driver's queue once the round's steps
     /// are acted on (one lock and at most one wake-up for the round's calls).
-    pub(super) fn dispatch(&mut self, id: &Arc<str>, out: Outgoing) {
+    /// `owned`: a handle on `id` the job may take (see [`job`](Self::job)).
+    pub(super) fn dispatch(&mut self, id: &Arc<str>, owned: Option<Arc<str>>, out: Outgoing) {
         let link = out.call.link;
         if link == crate::child::CHILD_LINK {
             if self.children.is_none() {
                 tracing::error!(flow = F::NAME, id = %id, "a child call, but no child service");
                 return;
             }
-            let job = self.job(id, out);
+            let job = self.job(id, owned, out);
             if let Some(children) = &self.children {
                 children.send(job);
             }
             return;
         }
-        let job = self.job(id, out);
+        let job = self.job(id, owned, out);
         let Some(jobs) = self.outbox.get_mut(usize::from(link)) else {
             tracing::error!(flow = F::NAME, id = %id, link, "call for an unknown link");
             return;

@@ -194,7 +194,7 @@ impl<F: Flow> Runner<F> {
                 // A clean handover: driver calls wait on the bus, child calls were served
                 // by the process that let the shard go, and are sent here again.
                 for out in inst.child_calls() {
-                    self.dispatch(id, out);
+                    self.dispatch(id, None, out);
                 }
                 None
             }
