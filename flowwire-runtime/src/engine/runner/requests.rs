@@ -121,14 +121,25 @@ impl<F: Flow> Runner<F> {
     /// not returned: a step is several hundred bytes, and each return moves it), or
     /// settles it when no call of the instance waits for it. `Err` gives it back when the
     /// instance is not in memory.
-    pub(super) fn apply_outcome(
-        &mut self,
-        mut o: OutcomeMsg,
-    ) -> std::result::Result<(), OutcomeMsg> {
+    pub(super) fn apply_outcome(&mut self, o: OutcomeMsg) -> std::result::Result<(), OutcomeMsg> {
         let Some(slot) = self.slots.get_mut(&o.id) else {
             return Err(o);
         };
-        let step = match o.retry_ms {
+        let mut o = o;
+        let step = Self::outcome_step(slot, &mut o, self.now_ms, &mut self.scratch);
+        self.stage_outcome(step, o);
+        Ok(())
+    }
+
+    /// The step an outcome makes on its instance's slot, if any. (A function of the slot,
+    /// not of the runner: the take loop applies an outcome with the slot it looked up.)
+    pub(super) fn outcome_step(
+        slot: &mut super::Slot<F>,
+        o: &mut OutcomeMsg,
+        now_ms: u64,
+        scratch: &mut crate::core::Scratch,
+    ) -> Option<crate::core::Step> {
+        match o.retry_ms {
             // A failed attempt the call's policy retries: recorded, and the next one sent
             // when its backoff timer fires.
             Some(delay_ms) => slot.inst.retry(
@@ -136,30 +147,29 @@ impl<F: Flow> Runner<F> {
                 o.branch,
                 o.result.as_ref(),
                 delay_ms,
-                self.now_ms,
-                &mut self.scratch,
+                now_ms,
+                scratch,
             ),
             // The reply's bytes move into the step (see `Staged::restore_reply`).
-            None => slot.inst.take_outcome(
-                o.seq,
-                o.branch,
-                &mut o.result,
-                self.now_ms,
-                &mut self.scratch,
-            ),
-        };
+            None => slot
+                .inst
+                .take_outcome(o.seq, o.branch, &mut o.result, now_ms, scratch),
+        }
+    }
+
+    /// Stages the step an outcome made, or settles the outcome when it made none (no call
+    /// of the instance waits for it: applied before, or abandoned).
+    pub(super) fn stage_outcome(&mut self, step: Option<crate::core::Step>, o: OutcomeMsg) {
         let Some(step) = step else {
-            // Not in flight any more (applied before, or abandoned).
             self.settle(&o);
             self.reuse_reply(o);
-            return Ok(());
+            return;
         };
         self.stage(Staged {
             step,
             ack: Ack::Outcome(o),
             via: None,
         });
-        Ok(())
     }
 
     /// A start: the instance's first step, unless the id is in memory already.
