@@ -117,6 +117,15 @@ impl<F: Flow> Runner<F> {
                     }
                     Some(slot) => {
                         slot.phase = slot.phase.taken_for(self.round);
+                        // An outcome for an instance in memory (the usual input) is applied
+                        // here, with the slot just found (one lookup the fewer), and
+                        // without building the future of `handle`, which is several KiB.
+                        if let Input::Outcome(mut o) = input {
+                            let step =
+                                Self::outcome_step(slot, &mut o, self.now_ms, &mut self.scratch);
+                            self.stage_outcome(step, o);
+                            continue;
+                        }
                         false
                     }
                     None => !self.busy.insert(id.clone()),
@@ -140,15 +149,6 @@ impl<F: Flow> Runner<F> {
                 self.fetch(id.clone(), input);
                 continue;
             }
-            let input = match input {
-                // An outcome for an instance in memory (the usual input) is applied here,
-                // without building the future of `handle`, which is several KiB.
-                Input::Outcome(o) if resident => match self.apply_outcome(o) {
-                    Ok(()) => continue,
-                    Err(o) => Input::Outcome(o),
-                },
-                other => other,
-            };
             if let Some(s) = self.handle(input).await {
                 self.stage(s);
             }
