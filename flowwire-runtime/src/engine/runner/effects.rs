@@ -20,6 +20,24 @@ use super::{Ack, Input, Internal, Runner, Staged, backoff};
 /// were out at once: the rest are dropped).
 const SPARE_REPLIES: usize = 4096;
 
+impl<F: Flow> Staged<F> {
+    /// Gives an outcome back the reply its step took (`Instance::take_outcome` moves the
+    /// reply's bytes into the step's history payload, leaving the outcome empty bytes):
+    /// called before the outcome is parted from its step to be applied again. A reply
+    /// that was empty gets back the same empty bytes; a failed attempt's outcome
+    /// (`retry_ms`) is applied by `Instance::retry`, which takes nothing.
+    fn restore_reply(&mut self) {
+        if let Ack::Outcome(o) = &mut self.ack
+            && o.retry_ms.is_none()
+            && let Ok(reply) = &mut o.result
+            && reply.is_empty()
+            && let Some(payload) = &mut self.step.draft.payload
+        {
+            *reply = std::mem::take(payload);
+        }
+    }
+}
+
 impl<F: Flow> Runner<F> {
     /// Acknowledges an outcome that came over the bus: it is applied or no longer needed.
     ///

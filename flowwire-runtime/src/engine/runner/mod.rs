@@ -155,22 +155,6 @@ impl<F: Flow> Staged<F> {
     fn id(&self) -> &Arc<str> {
         &self.step.draft.key.id
     }
-
-    /// Gives an outcome back the reply its step took (`Instance::take_outcome` moves the
-    /// reply's bytes into the step's history payload, leaving the outcome empty bytes):
-    /// called before the outcome is parted from its step to be applied again. A reply
-    /// that was empty gets back the same empty bytes; a failed attempt's outcome
-    /// (`retry_ms`) is applied by `Instance::retry`, which takes nothing.
-    fn restore_reply(&mut self) {
-        if let Ack::Outcome(o) = &mut self.ack
-            && o.retry_ms.is_none()
-            && let Ok(reply) = &mut o.result
-            && reply.is_empty()
-            && let Some(payload) = &mut self.step.draft.payload
-        {
-            *reply = std::mem::take(payload);
-        }
-    }
 }
 
 /// Steps with their records' persisted forms and store writes, index for index: a step

@@ -150,7 +150,7 @@ impl<F: Flow> Runner<F> {
                 now_ms,
                 scratch,
             ),
-            // The reply's bytes move into the step (see `Staged::restore_reply`).
+            // The reply's bytes move into the step (see `Staged::restore_reply`, effects.rs).
             None => slot
                 .inst
                 .take_outcome(o.seq, o.branch, &mut o.result, now_ms, scratch),
