@@ -105,10 +105,35 @@ impl<F: Flow> Instance<F> {
         if let Some(branch) = branch {
             return self.branch_outcome(seq, branch, reply.as_ref(), scratch);
         }
-        // Not copied here: the call's arguments are a shared buffer (a count update).
-        if self.record.pending.as_ref()?.seq != seq {
+        if !self.awaits_reply(seq) {
             return None;
         }
+        Some(self.take_reply(seq, reply, now_ms, scratch))
+    }
+
+    /// Whether the reply to the call sent at step `seq` (not a fan-out branch's) is what
+    /// the instance waits for: its call in flight, while it runs or compensates. Then
+    /// [`take_outcome`](Self::take_outcome) applies it as [`take_reply`](Self::take_reply)
+    /// does (a call in flight is never an abandoned one).
+    pub(crate) fn awaits_reply(&self, seq: u64) -> bool {
+        // Not copied here: the call's arguments are a shared buffer (a count update).
+        self.record.pending.as_ref().is_some_and(|p| p.seq == seq)
+            && matches!(self.record.status, Status::Running | Status::Compensating)
+    }
+
+    /// Applies the reply to the call in flight, sent at step `seq`, as
+    /// [`take_outcome`](Self::take_outcome) does, for an instance that
+    /// [`awaits_reply`](Self::awaits_reply): the step is returned as it is built, not
+    /// wrapped (a step is several hundred bytes, and the `Option` around it was a copy of
+    /// it, the runner's usual outcome's). Called otherwise, the step parks the instance.
+    pub(crate) fn take_reply(
+        &mut self,
+        seq: u64,
+        reply: &mut Result<Bytes, Fault>,
+        now_ms: u64,
+        scratch: &mut Scratch,
+    ) -> Step {
+        scratch.now_ms = now_ms;
         let ok = reply.as_ref().is_ok_and(|b| codec::reply_is_ok(b));
         // The input's payload for history, taken once the reply is no longer read.
         let payload = |reply: &mut Result<Bytes, Fault>| {
@@ -118,23 +143,36 @@ impl<F: Flow> Instance<F> {
             })
         };
         let input = StepInput::Outcome { call_seq: seq, ok };
+        let pending = match &self.record.pending {
+            Some(p) if p.seq == seq => p,
+            _ => {
+                let reason = format!("a reply to step {seq}, whose call is not in flight");
+                return self.park(StepInput::Park, reason, scratch);
+            }
+        };
         match self.record.status {
             Status::Running => {}
             Status::Compensating => {
                 let mut step = self.compensated(input, ok, reply.as_ref().err(), scratch);
                 step.draft.payload = payload(reply);
-                return Some(step);
+                return step;
             }
-            _ => return None,
+            _ => {
+                let reason = format!(
+                    "a reply to step {seq} while the instance is {:?}",
+                    self.record.status
+                );
+                return self.park(StepInput::Park, reason, scratch);
+            }
         }
         let outcome = reply.as_ref();
         let armed = match self.awaiting.take() {
             Awaiting::Call(a) if a.seq == seq => a,
             _ => {
-                let pending = self.record.pending.clone()?;
+                let pending = pending.clone();
                 match self.rederive(&pending, scratch) {
                     Ok(a) => a,
-                    Err(reason) => return Some(self.park(StepInput::Park, reason, scratch)),
+                    Err(reason) => return self.park(StepInput::Park, reason, scratch),
                 }
             }
         };
@@ -153,7 +191,7 @@ impl<F: Flow> Instance<F> {
                             format!("the reply of the call at step {seq} does not decode: {e}");
                         let mut step = self.park(input, reason, scratch);
                         step.draft.payload = payload(reply);
-                        return Some(step);
+                        return step;
                     }
                     Err(panic) => {
                         let reason = format!(
@@ -161,7 +199,7 @@ impl<F: Flow> Instance<F> {
                         );
                         let mut step = self.park(input, reason, scratch);
                         step.draft.payload = payload(reply);
-                        return Some(step);
+                        return step;
                     }
                 }
             }
@@ -174,7 +212,7 @@ impl<F: Flow> Instance<F> {
             if let Err(e) = undo.encode(&mut scratch.call) {
                 let reason =
                     format!("the compensation of the call at step {seq} could not be encoded: {e}");
-                return Some(self.park(input, reason, scratch));
+                return self.park(input, reason, scratch);
             }
             self.registered = Some(Compensation {
                 seq,
@@ -196,7 +234,7 @@ impl<F: Flow> Instance<F> {
             // step, several hundred bytes, is a copy).
             Ok(Ok(())) => {
                 let payload = payload(reply);
-                return Some(self.advance_from(input, None, false, payload, scratch, 0));
+                return self.advance_from(input, None, false, payload, scratch, 0);
             }
             Ok(Err(ThenError::Failed(failure))) => self.end(input, failure, scratch),
             Ok(Err(ThenError::Decode(e))) => {
@@ -209,7 +247,7 @@ impl<F: Flow> Instance<F> {
             }
         };
         step.draft.payload = payload(reply);
-        Some(step)
+        step
     }
 
     /// A step of a fan-out in progress: the fan-out with the next queued branches sent.

@@ -121,9 +121,32 @@ impl<F: Flow> Runner<F> {
                         // here, with the slot just found (one lookup the fewer), and
                         // without building the future of `handle`, which is several KiB.
                         if let Input::Outcome(mut o) = input {
-                            let step =
-                                Self::outcome_step(slot, &mut o, self.now_ms, &mut self.scratch);
-                            self.stage_outcome(step, o);
+                            if o.retry_ms.is_none()
+                                && o.branch.is_none()
+                                && slot.inst.awaits_reply(o.seq)
+                            {
+                                // The usual one, the reply its wire waits for: its step
+                                // comes unwrapped (see `Instance::take_reply`).
+                                let step = slot.inst.take_reply(
+                                    o.seq,
+                                    &mut o.result,
+                                    self.now_ms,
+                                    &mut self.scratch,
+                                );
+                                self.stage(Staged {
+                                    step,
+                                    ack: Ack::Outcome(o),
+                                    via: None,
+                                });
+                            } else {
+                                let step = Self::outcome_step(
+                                    slot,
+                                    &mut o,
+                                    self.now_ms,
+                                    &mut self.scratch,
+                                );
+                                self.stage_outcome(step, o);
+                            }
                             continue;
                         }
                         false
