@@ -36,18 +36,6 @@ pub(crate) struct Drain {
 }
 
 impl Drain {
-    /// A worker is about to run a call: `false` once the engine is stopping (then the call
-    /// is not run). (Workers count their calls a run at a time: `Held::begin`.)
-    #[cfg(test)]
-    fn begin(&self) -> bool {
-        self.count(1);
-        if self.stopping() {
-            self.end_many(1);
-            return false;
-        }
-        true
-    }
-
     /// Counts `n` calls as running, before the check of [`Drain::stopping`] that lets them
     /// start: `stop` sees every call that passed it.
     fn count(&self, n: usize) {
@@ -429,7 +417,7 @@ mod tests {
         let drain = Drain::default();
         let mut held = Held::default();
         for _ in 0..4 {
-            assert!(drain.begin());
+            assert!(held.begin(&drain, 0));
         }
         // The first job's handle is the one held to send with; the next one for the same
         // runner goes back with its outcome, for the runner's next job.

@@ -121,11 +121,13 @@ impl<F: Flow> Runner<F> {
     /// not returned: a step is several hundred bytes, and each return moves it), or
     /// settles it when no call of the instance waits for it. `Err` gives it back when the
     /// instance is not in memory.
-    pub(super) fn apply_outcome(&mut self, o: OutcomeMsg) -> std::result::Result<(), OutcomeMsg> {
+    pub(super) fn apply_outcome(
+        &mut self,
+        mut o: OutcomeMsg,
+    ) -> std::result::Result<(), OutcomeMsg> {
         let Some(slot) = self.slots.get_mut(&o.id) else {
             return Err(o);
         };
-        let mut o = o;
         let step = Self::outcome_step(slot, &mut o, self.now_ms, &mut self.scratch);
         self.stage_outcome(step, o);
         Ok(())
