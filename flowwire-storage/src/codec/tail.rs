@@ -33,22 +33,32 @@ pub(crate) fn append_postcard<T: serde::Serialize + ?Sized>(
     postcard::serialize_with_flavor(value, Tail(out))
 }
 
-/// Appends `data` to `out`; a few bytes (varints, short strings) are pushed one by one,
-/// not copied with a call of `memcpy`.
+/// Appends `data` to `out`: one byte (a one-byte varint, a tag) pushed, more copied.
+#[inline]
 pub(crate) fn push_small(out: &mut Vec<u8>, data: &[u8]) {
-    if data.len() <= 16 {
-        out.reserve(data.len());
-        for &b in data {
-            out.push(b);
-        }
-    } else {
-        out.extend_from_slice(data);
+    match data {
+        [b] => out.push(*b),
+        _ => out.extend_from_slice(data),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::encode_raw;
+    use super::push_small;
+
+    /// Every length from empty to past the short copies appends exactly its bytes, after
+    /// what was there.
+    #[test]
+    fn a_short_copy_appends_exactly_its_bytes_at_every_length() {
+        let data: Vec<u8> = (1..=40u8).collect();
+        for n in 0..=data.len() {
+            let mut out = b"head".to_vec();
+            push_small(&mut out, &data[..n]);
+            assert_eq!(&out[..4], b"head", "length {n}");
+            assert_eq!(&out[4..], &data[..n], "length {n}");
+        }
+    }
 
     /// Stored bytes do not depend on how they were appended: what `encode_raw` writes is
     /// what postcard writes on its own, for one-byte and longer varints, signed ones,
