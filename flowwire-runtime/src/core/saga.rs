@@ -91,8 +91,13 @@ impl<F: Flow> Instance<F> {
 
     /// The committed compensations, with the one the step being built registers.
     pub(super) fn compensations_now(&mut self) -> Vec<Compensation> {
+        let registered = self.registered.take();
+        if self.record.compensations.is_empty() {
+            // The usual step: none committed, so no list to copy.
+            return registered.into_iter().collect();
+        }
         let mut all = self.record.compensations.clone();
-        all.extend(self.registered.take());
+        all.extend(registered);
         all
     }
 
