@@ -1,10 +1,10 @@
 //! How postcard's output is appended to a `Vec`: the flavor every envelope and raw
 //! encoding writes through (`encode_raw`, `encode_owned`, …), and the short copy the
 //! rope's own flavor shares. It changes nothing of the bytes, only how they are appended
-//! (a call of `memcpy` per varint costs more than the varint).
+//! (a call of `memcpy` for a one-byte varint costs more than the varint).
 
-/// Postcard's output appended to a `Vec`. Most of what postcard writes is varints, tags
-/// and short strings: those are pushed ([`push_small`]), not copied.
+/// Postcard's output appended to a `Vec`. Most of what postcard writes is one-byte varints
+/// and tags: those are pushed ([`push_small`]); anything longer is copied.
 pub(super) struct Tail<'a>(pub(super) &'a mut Vec<u8>);
 
 impl postcard::ser_flavors::Flavor for Tail<'_> {
